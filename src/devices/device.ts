@@ -1,0 +1,40 @@
+// How devices are described and instantiated on every thread. A DeviceSpec is plain,
+// cloneable data: its register state lives in `state`, a SharedArrayBuffer whose first
+// Int32 is the device's lock. Each vCPU thread builds its own BusDevice objects from the
+// same specs (registry.ts), so a vCPU exit is handled on the vCPU's own thread with no
+// hand-off, and all threads see one device state.
+import type { BusDevice } from '../bus/bus.js';
+
+export type DeviceOptions = Readonly<Record<string, number | string | boolean>>;
+
+export interface DeviceSpec {
+  /** Unique within a VM, e.g. "com1". */
+  readonly id: string;
+  readonly kind: string;
+  readonly bus: 'pio' | 'mmio';
+  readonly base: number;
+  readonly size: number;
+  readonly state: SharedArrayBuffer;
+  readonly options: DeviceOptions;
+}
+
+/** What a device may ask of the thread it runs on. */
+export interface DeviceContext {
+  /** Ends the VM with this exit status (the guest asked for it). */
+  requestExit(code: number, cause: string): void;
+}
+
+export interface DeviceModel {
+  /** Bytes of shared state after the lock word. */
+  stateBytes(options: DeviceOptions): number;
+  create(state: SharedArrayBuffer, options: DeviceOptions, ctx: DeviceContext): BusDevice;
+}
+
+/** Device state starts after the 8-byte lock header (8 keeps 64-bit fields aligned). */
+export const STATE_HEADER_BYTES = 8;
+export const LOCK_INDEX = 0;
+
+export function numberOption(options: DeviceOptions, name: string, fallback: number): number {
+  const value = options[name];
+  return typeof value === 'number' ? value : fallback;
+}

@@ -1,0 +1,228 @@
+// Puts a vCPU straight into a CPU mode and privilege level, as a loader would leave it:
+// real mode, 32-bit protected mode or 64-bit long mode, at CPL0 or CPL3. The VMM
+// writes the GDT, TSS and identity page tables into guest memory and sets the
+// registers itself, so no guest code runs at CPL0 to get there (CPL0 is emulated,
+// and slow, on software KVM). Ring-3 guests get IOPL 3, so `in`/`out` work there.
+import { KilnError } from '../errors.js';
+import type { VcpuFd } from '../kvm/kvm.js';
+import type { Decoded } from '../kvm/struct.js';
+import {
+  KIT_CODE,
+  KIT_GDT,
+  KIT_IDENTITY_MAP_SIZE,
+  KIT_IDT,
+  KIT_KERNEL_STACK_TOP,
+  KIT_PD,
+  KIT_PDPT,
+  KIT_PML4,
+  KIT_TSS,
+  KIT_USER_STACK_TOP,
+  PAGE_SIZE,
+} from '../layout.js';
+import type { GuestMemory } from '../memory/guest-memory.js';
+
+export type CpuMode = 'real' | 'protected32' | 'long64';
+export type Cpl = 0 | 3;
+
+// Control and feature bits (Intel SDM vol. 3, 2.5 and 2.2.1).
+export const CR0_PE = 1 << 0;
+export const CR0_ET = 1 << 4;
+export const CR0_NE = 1 << 5;
+export const CR0_PG = 0x8000_0000;
+export const CR4_PAE = 1 << 5;
+export const EFER_LME = 1 << 8;
+export const EFER_LMA = 1 << 10;
+export const RFLAGS_RESERVED_1 = 1 << 1;
+export const RFLAGS_IOPL3 = 3 << 12;
+
+// Page-table entry bits.
+const PTE_PRESENT = 1n << 0n;
+const PTE_WRITABLE = 1n << 1n;
+const PTE_USER = 1n << 2n;
+const PDE_HUGE = 1n << 7n;
+const PD_ENTRY_SPAN = 2 * 1024 * 1024;
+
+// Segment types (SDM 3.4.5.1) and the kit's GDT.
+const TYPE_CODE_EXEC_READ_ACCESSED = 0xb;
+const TYPE_DATA_READ_WRITE_ACCESSED = 0x3;
+const TYPE_TSS_BUSY = 0xb;
+export const SEL_KERNEL_CODE64 = 0x08;
+export const SEL_KERNEL_DATA = 0x10;
+export const SEL_KERNEL_CODE32 = 0x18;
+export const SEL_USER_CODE32 = 0x20;
+export const SEL_USER_DATA = 0x28;
+export const SEL_USER_CODE64 = 0x30;
+export const SEL_TSS = 0x38;
+const GDT_ENTRIES = 9; // null, six segments, and the 16-byte TSS descriptor
+const TSS_SIZE = 104;
+const TSS_RSP0 = 4;
+const TSS32_SS0 = 8;
+const TSS_IOMAP_BASE = 102;
+
+interface Segment {
+  readonly base: number;
+  readonly limit: number;
+  readonly selector: number;
+  readonly type: number;
+  readonly s: 0 | 1;
+  readonly dpl: number;
+  readonly l: 0 | 1;
+  readonly db: 0 | 1;
+  readonly g: 0 | 1;
+}
+
+/** The 8-byte GDT descriptor for a segment (limit given in its own granularity). */
+export function gdtDescriptor(seg: Segment): bigint {
+  const limit = seg.g ? Math.floor(seg.limit / PAGE_SIZE) : seg.limit;
+  const base = BigInt(seg.base);
+  const access = BigInt(seg.type | (seg.s << 4) | (seg.dpl << 5) | (1 << 7));
+  const flags = BigInt((seg.l << 1) | (seg.db << 2) | (seg.g << 3));
+  return (
+    BigInt(limit & 0xffff) |
+    ((base & 0xffffffn) << 16n) |
+    (access << 40n) |
+    (BigInt((limit >>> 16) & 0xf) << 48n) |
+    (flags << 52n) |
+    (((base >> 24n) & 0xffn) << 56n)
+  );
+}
+
+/** The kvm_segment form KVM_SET_SREGS takes. */
+function kvmSegment(seg: Segment, rpl: number): Decoded {
+  return {
+    base: BigInt(seg.base),
+    limit: seg.limit,
+    selector: seg.selector | rpl,
+    type: seg.type,
+    present: 1,
+    dpl: seg.dpl,
+    db: seg.db,
+    s: seg.s,
+    l: seg.l,
+    g: seg.g,
+    avl: 0,
+    unusable: 0,
+  };
+}
+
+const flat = (selector: number, type: number, dpl: number, l: 0 | 1, db: 0 | 1): Segment => ({
+  base: 0,
+  limit: 0xffff_ffff,
+  selector,
+  type,
+  s: 1,
+  dpl,
+  l,
+  db,
+  g: 1,
+});
+
+const SEGMENTS = {
+  kernelCode64: flat(SEL_KERNEL_CODE64, TYPE_CODE_EXEC_READ_ACCESSED, 0, 1, 0),
+  kernelData: flat(SEL_KERNEL_DATA, TYPE_DATA_READ_WRITE_ACCESSED, 0, 0, 1),
+  kernelCode32: flat(SEL_KERNEL_CODE32, TYPE_CODE_EXEC_READ_ACCESSED, 0, 0, 1),
+  userCode32: flat(SEL_USER_CODE32, TYPE_CODE_EXEC_READ_ACCESSED, 3, 0, 1),
+  userData: flat(SEL_USER_DATA, TYPE_DATA_READ_WRITE_ACCESSED, 3, 0, 1),
+  userCode64: flat(SEL_USER_CODE64, TYPE_CODE_EXEC_READ_ACCESSED, 3, 1, 0),
+};
+const TSS_SEGMENT: Segment = { base: KIT_TSS, limit: TSS_SIZE - 1, selector: SEL_TSS, type: TYPE_TSS_BUSY, s: 0, dpl: 0, l: 0, db: 0, g: 0 };
+
+/** Writes the kit's GDT and a TSS whose ring-0 stack is KIT_KERNEL_STACK_TOP. */
+function writeGdtAndTss(memory: GuestMemory, mode: CpuMode): void {
+  memory.fill(KIT_GDT, GDT_ENTRIES * 8, 0);
+  for (const seg of Object.values(SEGMENTS)) memory.writeU64(KIT_GDT + seg.selector, gdtDescriptor(seg));
+  memory.writeU64(KIT_GDT + SEL_TSS, gdtDescriptor(TSS_SEGMENT));
+  memory.writeU64(KIT_GDT + SEL_TSS + 8, 0n); // base bits 63:32 of the 16-byte long-mode TSS descriptor
+  memory.fill(KIT_TSS, TSS_SIZE, 0);
+  if (mode === 'long64') {
+    memory.writeU64(KIT_TSS + TSS_RSP0, BigInt(KIT_KERNEL_STACK_TOP));
+  } else {
+    memory.writeU32(KIT_TSS + TSS_RSP0, KIT_KERNEL_STACK_TOP);
+    memory.writeU16(KIT_TSS + TSS32_SS0, SEL_KERNEL_DATA);
+  }
+  memory.writeU16(KIT_TSS + TSS_IOMAP_BASE, TSS_SIZE); // no I/O bitmap: IOPL alone decides
+}
+
+/** Identity-maps [0, KIT_IDENTITY_MAP_SIZE) with 2 MiB user-accessible pages. */
+export function writeIdentityPageTables(memory: GuestMemory): void {
+  const directories = KIT_IDENTITY_MAP_SIZE / (512 * PD_ENTRY_SPAN);
+  const flags = PTE_PRESENT | PTE_WRITABLE | PTE_USER;
+  memory.fill(KIT_PML4, PAGE_SIZE, 0);
+  memory.fill(KIT_PDPT, PAGE_SIZE, 0);
+  memory.writeU64(KIT_PML4, BigInt(KIT_PDPT) | flags);
+  for (let d = 0; d < directories; d++) {
+    const pd = KIT_PD + d * PAGE_SIZE;
+    memory.writeU64(KIT_PDPT + d * 8, BigInt(pd) | flags);
+    for (let e = 0; e < 512; e++) {
+      memory.writeU64(pd + e * 8, BigInt((d * 512 + e) * PD_ENTRY_SPAN) | flags | PDE_HUGE);
+    }
+  }
+}
+
+export interface EntryState {
+  readonly mode: CpuMode;
+  readonly cpl: Cpl;
+  /** Guest-physical (and, with the identity map, linear) address of the first instruction. */
+  readonly entry: number;
+  /** Initial stack pointer; defaults to the kit's ring-3 or ring-0 stack. */
+  readonly stackTop?: number;
+  /** Extra general registers (e.g. rdi = vCPU index). */
+  readonly regs?: Readonly<Record<string, bigint>>;
+}
+
+/**
+ * Sets a vCPU's registers (and, outside real mode, the GDT, TSS and page tables in
+ * guest memory) so that it starts at `entry` in the given mode and privilege level.
+ * Real mode runs at CPL0 with CS:IP = (entry >> 4):(entry & 0xf).
+ */
+export function enterMode(vcpu: VcpuFd, memory: GuestMemory, state: EntryState): void {
+  const { mode, cpl, entry } = state;
+  if (mode === 'real' && cpl !== 0) throw new KilnError('real mode has no ring 3');
+  if (mode === 'real' && entry >= 0x10_0000) throw new KilnError('a real-mode entry point must lie below 1 MiB');
+  const stack = state.stackTop ?? (cpl === 3 ? KIT_USER_STACK_TOP : KIT_KERNEL_STACK_TOP);
+  let rip = entry;
+  let rsp = stack;
+
+  if (mode === 'real') {
+    const segment = entry >>> 4;
+    rip = entry & 0xf;
+    rsp = stack & 0xffff;
+    vcpu.updateSregs((s) => {
+      const realSeg = (type: number) => ({ base: BigInt(segment << 4), limit: 0xffff, selector: segment, type, present: 1, dpl: 0, db: 0, s: 1, l: 0, g: 0, avl: 0, unusable: 0 });
+      const ss = { ...realSeg(TYPE_DATA_READ_WRITE_ACCESSED), base: BigInt(stack & ~0xffff), selector: (stack & ~0xffff) >>> 4 };
+      return { ...s, cs: realSeg(TYPE_CODE_EXEC_READ_ACCESSED), ds: realSeg(TYPE_DATA_READ_WRITE_ACCESSED), es: realSeg(TYPE_DATA_READ_WRITE_ACCESSED), fs: realSeg(TYPE_DATA_READ_WRITE_ACCESSED), gs: realSeg(TYPE_DATA_READ_WRITE_ACCESSED), ss };
+    });
+  } else {
+    writeGdtAndTss(memory, mode);
+    const long = mode === 'long64';
+    if (long) writeIdentityPageTables(memory);
+    const code = long ? (cpl === 3 ? SEGMENTS.userCode64 : SEGMENTS.kernelCode64) : cpl === 3 ? SEGMENTS.userCode32 : SEGMENTS.kernelCode32;
+    const data = cpl === 3 ? SEGMENTS.userData : SEGMENTS.kernelData;
+    vcpu.updateSregs((s) => ({
+      ...s,
+      cs: kvmSegment(code, cpl),
+      ds: kvmSegment(data, cpl),
+      es: kvmSegment(data, cpl),
+      fs: kvmSegment(data, cpl),
+      gs: kvmSegment(data, cpl),
+      ss: kvmSegment(data, cpl),
+      tr: kvmSegment(TSS_SEGMENT, 0),
+      gdt: { base: BigInt(KIT_GDT), limit: GDT_ENTRIES * 8 - 1 },
+      idt: { base: BigInt(KIT_IDT), limit: 0 },
+      cr0: BigInt(CR0_PE | CR0_ET | CR0_NE | (long ? CR0_PG : 0)) & 0xffff_ffffn,
+      cr3: long ? BigInt(KIT_PML4) : 0n,
+      cr4: long ? BigInt(CR4_PAE) : 0n,
+      efer: long ? BigInt(EFER_LME | EFER_LMA) : 0n,
+    }));
+  }
+  vcpu.setRegs({
+    ...Object.fromEntries(['rax', 'rbx', 'rcx', 'rdx', 'rsi', 'rdi', 'rbp', 'r8', 'r9', 'r10', 'r11', 'r12', 'r13', 'r14', 'r15'].map((r) => [r, 0n])),
+    ...state.regs,
+    rip: BigInt(rip),
+    rsp: BigInt(rsp),
+    rflags: BigInt(RFLAGS_RESERVED_1 | (cpl === 3 ? RFLAGS_IOPL3 : 0)),
+  });
+}
+
+/** Where kit code is loaded unless a test says otherwise. */
+export const DEFAULT_ENTRY = KIT_CODE;

@@ -1,0 +1,262 @@
+// Thin, typed wrappers over the three kinds of KVM file descriptor: the system
+// (/dev/kvm), a VM and a vCPU. Every failing ioctl becomes a KvmIoctlError that names it.
+import { KilnError, KvmIoctlError, SyscallError } from '../errors.js';
+import { KVM, KVM_API_VERSION, KVM_CAP, type KvmIoctlName } from './ioctl.js';
+import * as libc from './libc.js';
+import { dataView, type Decoded, type StructType } from './struct.js';
+import * as s from './structs.js';
+
+/** Where Kiln looks for KVM; KILN_KVM_DEVICE overrides it (used by tests of bad hosts). */
+export function kvmDevicePath(): string {
+  return process.env.KILN_KVM_DEVICE ?? '/dev/kvm';
+}
+
+/** Rejects any KVM API version but the stable one (12, since Linux 2.6.22). */
+export function checkApiVersion(version: number, path: string): void {
+  if (version !== KVM_API_VERSION) {
+    throw new KilnError(`${path} speaks KVM API version ${version}; Kiln needs version ${KVM_API_VERSION}`);
+  }
+}
+
+function ioctlFailed(name: KvmIoctlName, context?: string): never {
+  throw new KvmIoctlError(`KVM_${name}`, libc.errno(), context);
+}
+
+/** ioctl with an integer argument; returns the kernel's non-negative result. */
+export function ioctlInt(fd: number, name: KvmIoctlName, arg = 0): number {
+  const r = libc.ioctlInt(fd, KVM[name], arg);
+  if (r < 0) ioctlFailed(name);
+  return r;
+}
+
+/** ioctl with a pointer to a buffer the kernel reads and/or fills. */
+export function ioctlBuf(fd: number, name: KvmIoctlName, buf: libc.PointerArg, context?: string): number {
+  const r = libc.ioctlPtr(fd, KVM[name], buf);
+  if (r < 0) ioctlFailed(name, context);
+  return r;
+}
+
+/** Encodes `value` into a fresh struct buffer and passes it to the ioctl. */
+function ioctlIn(fd: number, name: KvmIoctlName, type: StructType, value: Decoded): void {
+  const buf = type.alloc();
+  type.encode(dataView(buf), 0, value);
+  ioctlBuf(fd, name, buf);
+}
+
+/** Passes a zeroed struct buffer to the ioctl and decodes what the kernel wrote. */
+function ioctlOut(fd: number, name: KvmIoctlName, type: StructType): Decoded {
+  const buf = type.alloc();
+  ioctlBuf(fd, name, buf);
+  return type.decode(dataView(buf));
+}
+
+export class KvmSystem {
+  private constructor(
+    readonly fd: number,
+    readonly path: string,
+  ) {}
+
+  static open(path = kvmDevicePath()): KvmSystem {
+    const fd = libc.open(path, libc.O_RDWR | libc.O_CLOEXEC, 0);
+    if (fd < 0) {
+      const e = libc.errno();
+      if (e === libc.ENOENT) {
+        throw new KilnError(`${path} does not exist: this host has no KVM (load kvm_intel or kvm_amd, or enable virtualization in the firmware)`);
+      }
+      if (e === libc.EACCES || e === libc.EPERM) {
+        throw new KilnError(`permission denied opening ${path}: run as root or add your user to the group that owns it (usually 'kvm')`);
+      }
+      throw new SyscallError('open', e, path);
+    }
+    const system = new KvmSystem(fd, path);
+    try {
+      const version = libc.ioctlInt(fd, KVM.GET_API_VERSION, 0);
+      if (version < 0) {
+        const e = libc.errno();
+        if (e === libc.ENOTTY || e === libc.EINVAL) throw new KilnError(`${path} is not a KVM device (it does not answer KVM_GET_API_VERSION)`);
+        throw new KvmIoctlError('KVM_GET_API_VERSION', e, path);
+      }
+      checkApiVersion(version, path);
+    } catch (err) {
+      system.close();
+      throw err;
+    }
+    return system;
+  }
+
+  checkExtension(cap: number): number {
+    const r = libc.ioctlInt(this.fd, KVM.CHECK_EXTENSION, cap);
+    return r < 0 ? 0 : r;
+  }
+
+  /** Recommended and hard vCPU limits per VM (KVM_CAP_NR_VCPUS, KVM_CAP_MAX_VCPUS). */
+  vcpuLimits(): { recommended: number; max: number } {
+    const recommended = this.checkExtension(KVM_CAP.NR_VCPUS) || 4;
+    const max = this.checkExtension(KVM_CAP.MAX_VCPUS) || recommended;
+    return { recommended, max };
+  }
+
+  vcpuMmapSize(): number {
+    return ioctlInt(this.fd, 'GET_VCPU_MMAP_SIZE');
+  }
+
+  createVm(): VmFd {
+    return new VmFd(ioctlInt(this.fd, 'CREATE_VM'));
+  }
+
+  close(): void {
+    libc.close(this.fd);
+  }
+}
+
+export class VmFd {
+  constructor(readonly fd: number) {}
+
+  setUserMemoryRegion(region: {
+    slot: number;
+    flags: number;
+    guestPhysAddr: bigint;
+    memorySize: bigint;
+    userspaceAddr: bigint;
+  }): void {
+    const buf = s.kvm_userspace_memory_region.alloc();
+    s.kvm_userspace_memory_region.encode(dataView(buf), 0, {
+      slot: region.slot,
+      flags: region.flags,
+      guest_phys_addr: region.guestPhysAddr,
+      memory_size: region.memorySize,
+      userspace_addr: region.userspaceAddr,
+    });
+    ioctlBuf(this.fd, 'SET_USER_MEMORY_REGION', buf, `slot ${region.slot} at 0x${region.guestPhysAddr.toString(16)}`);
+  }
+
+  createVcpu(id: number): number {
+    return ioctlInt(this.fd, 'CREATE_VCPU', id);
+  }
+
+  setTssAddr(addr: number): void {
+    ioctlInt(this.fd, 'SET_TSS_ADDR', addr);
+  }
+
+  createIrqchip(): void {
+    ioctlInt(this.fd, 'CREATE_IRQCHIP');
+  }
+
+  createPit2(): void {
+    ioctlIn(this.fd, 'CREATE_PIT2', s.kvm_pit_config, { flags: 0 });
+  }
+
+  irqLine(irq: number, level: 0 | 1): void {
+    ioctlIn(this.fd, 'IRQ_LINE', s.kvm_irq_level, { irq, level });
+  }
+
+  irqfd(fd: number, gsi: number, flags = 0): void {
+    ioctlIn(this.fd, 'IRQFD', s.kvm_irqfd, { fd, gsi, flags });
+  }
+
+  ioeventfd(value: { fd: number; addr: bigint; len: number; flags: number; datamatch?: bigint }): void {
+    ioctlIn(this.fd, 'IOEVENTFD', s.kvm_ioeventfd, {
+      fd: value.fd,
+      addr: value.addr,
+      len: value.len,
+      flags: value.flags,
+      datamatch: value.datamatch ?? 0n,
+    });
+  }
+
+  signalMsi(addressLo: number, addressHi: number, data: number): number {
+    const buf = s.kvm_msi.alloc();
+    s.kvm_msi.encode(dataView(buf), 0, { address_lo: addressLo, address_hi: addressHi, data });
+    return ioctlBuf(this.fd, 'SIGNAL_MSI', buf);
+  }
+
+  close(): void {
+    libc.close(this.fd);
+  }
+}
+
+/** Register-level access to a vCPU; used while its thread is not inside KVM_RUN. */
+export class VcpuFd {
+  constructor(readonly fd: number) {}
+
+  getRegs(): Decoded {
+    return ioctlOut(this.fd, 'GET_REGS', s.kvm_regs);
+  }
+
+  setRegs(regs: Decoded): void {
+    ioctlIn(this.fd, 'SET_REGS', s.kvm_regs, regs);
+  }
+
+  getSregs(): Decoded {
+    return ioctlOut(this.fd, 'GET_SREGS', s.kvm_sregs);
+  }
+
+  /** Read-modify-write: fields not given keep the values KVM reports. */
+  updateSregs(change: (sregs: Decoded) => Decoded): void {
+    ioctlIn(this.fd, 'SET_SREGS', s.kvm_sregs, change(this.getSregs()));
+  }
+
+  getFpu(): Decoded {
+    return ioctlOut(this.fd, 'GET_FPU', s.kvm_fpu);
+  }
+
+  setFpu(fpu: Decoded): void {
+    ioctlIn(this.fd, 'SET_FPU', s.kvm_fpu, fpu);
+  }
+
+  getVcpuEvents(): Decoded {
+    return ioctlOut(this.fd, 'GET_VCPU_EVENTS', s.kvm_vcpu_events);
+  }
+
+  setVcpuEvents(events: Decoded): void {
+    ioctlIn(this.fd, 'SET_VCPU_EVENTS', s.kvm_vcpu_events, events);
+  }
+
+  getMpState(): number {
+    return Number(ioctlOut(this.fd, 'GET_MP_STATE', s.kvm_mp_state).mp_state);
+  }
+
+  /** Guest-virtual to guest-physical translation under the vCPU's current paging. */
+  translate(linear: bigint): { physical: bigint; valid: boolean; writeable: boolean; usermode: boolean } {
+    const buf = s.kvm_translation.alloc();
+    s.kvm_translation.encode(dataView(buf), 0, { linear_address: linear });
+    ioctlBuf(this.fd, 'TRANSLATE', buf);
+    const t = s.kvm_translation.decode(dataView(buf));
+    return {
+      physical: t.physical_address as bigint,
+      valid: t.valid === 1,
+      writeable: t.writeable === 1,
+      usermode: t.usermode === 1,
+    };
+  }
+
+  getMsrs(indices: readonly number[]): Map<number, bigint> {
+    const buf = s.kvm_msrs.alloc(indices.length);
+    const dv = dataView(buf);
+    s.kvm_msrs.encode(dv, 0, { nmsrs: indices.length });
+    indices.forEach((index, i) => s.kvm_msr_entry.encode(dv, s.kvm_msrs.flexOffset + i * s.kvm_msr_entry.size, { index }));
+    const got = ioctlBuf(this.fd, 'GET_MSRS', buf);
+    const out = new Map<number, bigint>();
+    for (let i = 0; i < got; i++) {
+      const entry = s.kvm_msr_entry.decode(dv, s.kvm_msrs.flexOffset + i * s.kvm_msr_entry.size);
+      out.set(Number(entry.index), entry.data as bigint);
+    }
+    return out;
+  }
+
+  setMsrs(values: ReadonlyMap<number, bigint>): void {
+    const buf = s.kvm_msrs.alloc(values.size);
+    const dv = dataView(buf);
+    s.kvm_msrs.encode(dv, 0, { nmsrs: values.size });
+    let i = 0;
+    for (const [index, data] of values) {
+      s.kvm_msr_entry.encode(dv, s.kvm_msrs.flexOffset + i++ * s.kvm_msr_entry.size, { index, data });
+    }
+    const set = ioctlBuf(this.fd, 'SET_MSRS', buf);
+    if (set !== values.size) throw new KilnError(`KVM_SET_MSRS set ${set} of ${values.size} MSRs`);
+  }
+
+  close(): void {
+    libc.close(this.fd);
+  }
+}

@@ -1,0 +1,127 @@
+// The libc entry points Kiln calls through koffi. Each is declared with fixed
+// argument types: variadic ioctl(2) is declared twice (pointer argument and integer
+// argument), which is sound on x86-64 SysV because only integer registers carry them.
+import koffi from 'koffi';
+import { constants as osConstants } from 'node:os';
+
+const libc = koffi.load('libc.so.6');
+
+/** A pointer as koffi 3 represents one: a BigInt address, or null. */
+export type Pointer = bigint;
+
+/** Anything koffi can pass for a `void *` parameter: guest views, Buffers, raw addresses. */
+export type PointerArg = Buffer | Uint8Array | ArrayBuffer | bigint | null;
+
+export const open = libc.func('int open(const char *path, int flags, uint32_t mode)') as (
+  path: string,
+  flags: number,
+  mode: number,
+) => number;
+export const close = libc.func('int close(int fd)') as (fd: number) => number;
+export const read = libc.func('intptr_t read(int fd, _Out_ void *buf, size_t count)') as (
+  fd: number,
+  buf: PointerArg,
+  count: number,
+) => number;
+export const write = libc.func('intptr_t write(int fd, const void *buf, size_t count)') as (
+  fd: number,
+  buf: PointerArg,
+  count: number,
+) => number;
+export const ioctlPtr = libc.func('int ioctl(int fd, unsigned long request, _Inout_ void *arg)') as (
+  fd: number,
+  request: number,
+  arg: PointerArg,
+) => number;
+export const ioctlInt = libc.func('int ioctl(int fd, unsigned long request, unsigned long arg)') as (
+  fd: number,
+  request: number,
+  arg: number,
+) => number;
+export const mmap = libc.func(
+  'void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)',
+) as (addr: PointerArg, length: number, prot: number, flags: number, fd: number, offset: number) => Pointer;
+export const munmap = libc.func('int munmap(void *addr, size_t length)') as (
+  addr: Pointer,
+  length: number,
+) => number;
+export const madvise = libc.func('int madvise(void *addr, size_t length, int advice)') as (
+  addr: Pointer,
+  length: number,
+  advice: number,
+) => number;
+export const eventfd = libc.func('int eventfd(unsigned int initval, int flags)') as (
+  initval: number,
+  flags: number,
+) => number;
+export const strerror = libc.func('const char *strerror(int errnum)') as (errnum: number) => string;
+
+// Threads and signals: used to kick a vCPU thread out of KVM_RUN.
+export const pthreadSelf = libc.func('unsigned long pthread_self(void)') as () => number | bigint;
+export const pthreadKill = libc.func('int pthread_kill(unsigned long thread, int sig)') as (
+  thread: number | bigint,
+  sig: number,
+) => number;
+export const pthreadSigmask = libc.func(
+  'int pthread_sigmask(int how, const void *set, _Out_ void *oldset)',
+) as (how: number, set: PointerArg, oldset: PointerArg) => number;
+export const sigemptyset = libc.func('int sigemptyset(_Out_ void *set)') as (set: PointerArg) => number;
+export const sigaddset = libc.func('int sigaddset(_Inout_ void *set, int signum)') as (
+  set: PointerArg,
+  signum: number,
+) => number;
+export const sigtimedwait = libc.func(
+  'int sigtimedwait(const void *set, _Out_ void *info, const void *timeout)',
+) as (set: PointerArg, info: PointerArg, timeout: PointerArg) => number;
+export const gettid = libc.func('int gettid(void)') as () => number;
+export const pthreadSetnameNp = libc.func('int pthread_setname_np(unsigned long thread, const char *name)') as (
+  thread: number | bigint,
+  name: string,
+) => number;
+
+/** errno of the last failed libc call made on this thread through koffi. */
+export function errno(): number {
+  return koffi.errno();
+}
+
+/** Maps an address to an ArrayBuffer without copying (valid until munmap). */
+export function view(address: Pointer, length: number): ArrayBuffer {
+  return koffi.view(address, length);
+}
+
+export const O_RDONLY = 0o0;
+export const O_RDWR = 0o2;
+export const O_CLOEXEC = 0o2000000;
+export const PROT_READ = 0x1;
+export const PROT_WRITE = 0x2;
+export const MAP_SHARED = 0x01;
+export const MAP_PRIVATE = 0x02;
+export const MAP_ANONYMOUS = 0x20;
+export const MAP_NORESERVE = 0x4000;
+/** mmap(2) returns this on failure; koffi hands it back as an address. */
+export const MAP_FAILED = 0xffff_ffff_ffff_ffffn;
+export const MADV_DONTNEED = 4;
+export const EFD_CLOEXEC = 0o2000000;
+export const EFD_NONBLOCK = 0o4000;
+export const SIG_BLOCK = 0;
+/** glibc's sigset_t is 1024 bits; the kernel's (what KVM_SET_SIGNAL_MASK takes) is 64. */
+export const GLIBC_SIGSET_BYTES = 128;
+export const KERNEL_SIGSET_BYTES = 8;
+
+const errnoNames = new Map<number, string>(
+  Object.entries(osConstants.errno).map(([name, value]) => [value, name]),
+);
+
+/** "EINVAL" for 22, or "errno 1234" for numbers this platform has no name for. */
+export function errnoName(code: number): string {
+  return errnoNames.get(code) ?? `errno ${code}`;
+}
+
+export const EINTR = osConstants.errno.EINTR;
+export const EAGAIN = osConstants.errno.EAGAIN;
+export const ENOENT = osConstants.errno.ENOENT;
+export const EACCES = osConstants.errno.EACCES;
+export const EPERM = osConstants.errno.EPERM;
+export const ENOMEM = osConstants.errno.ENOMEM;
+export const ENOTTY = osConstants.errno.ENOTTY;
+export const EINVAL = osConstants.errno.EINVAL;

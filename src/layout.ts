@@ -1,0 +1,69 @@
+// The guest physical memory map and every fixed address or port Kiln uses.
+// Nothing else in Kiln names a guest address as a literal.
+
+export const KiB = 1024;
+export const MiB = 1024 * KiB;
+export const GiB = 1024 * MiB;
+export const PAGE_SIZE = 4 * KiB;
+
+// ---- RAM and the 32-bit hole ----
+/** RAM starts at guest-physical 0. */
+export const RAM_START = 0;
+/**
+ * RAM below 4 GiB stops here; [MMIO_HOLE_START, 4 GiB) holds device MMIO, the
+ * LAPIC/IOAPIC and the firmware area, and RAM beyond it continues at HIGH_RAM_START.
+ */
+export const MMIO_HOLE_START = 3 * GiB;
+export const MMIO_HOLE_END = 4 * GiB;
+export const HIGH_RAM_START = 4 * GiB;
+
+// ---- Platform MMIO inside the hole ----
+/** Kiln's own platform devices (test device, later virtio-mmio) live in this window. */
+export const PLATFORM_MMIO_START = 0xd000_0000;
+export const PLATFORM_MMIO_SIZE = 0x0100_0000;
+/** The MMIO test device of the guest kit: a scratch register file and access recorder. */
+export const TEST_DEVICE_MMIO_BASE = PLATFORM_MMIO_START;
+export const TEST_DEVICE_MMIO_SIZE = 0x1000;
+export const IOAPIC_START = 0xfec0_0000;
+export const LAPIC_START = 0xfee0_0000;
+/** KVM needs three pages for the real-mode TSS on Intel; Firecracker and kvmtool use this. */
+export const KVM_TSS_ADDRESS = 0xfffb_d000;
+
+// ---- I/O ports ----
+export const PORT_COM1 = 0x3f8;
+export const PORT_COM_SIZE = 8;
+/**
+ * Boot-progress port: test guests and a test init write progress codes here; the
+ * VMM records the last value and the count (see devices/progress.ts).
+ */
+export const PORT_PROGRESS = 0x80;
+export const PORT_PROGRESS_SIZE = 4;
+/**
+ * Guest-requested exit, like QEMU's isa-debug-exit: a write of N ends the VM with exit
+ * status N. Used by test guests and the demo; a Linux guest powers off through ACPI instead.
+ */
+export const PORT_DEBUG_EXIT = 0x501;
+export const PORT_DEBUG_EXIT_SIZE = 4;
+/** The port I/O test device of the guest kit (echo and access recorder). */
+export const PORT_TEST_DEVICE = 0x510;
+export const PORT_TEST_DEVICE_SIZE = 16;
+
+// ---- Test-guest kit (guest/modes.ts): fixed structures in low RAM ----
+export const KIT_GDT = 0x1000;
+export const KIT_IDT = 0x2000;
+export const KIT_TSS = 0x3000;
+/** Identity page tables for long mode: PML4, one PDPT, four page directories of 2 MiB pages. */
+export const KIT_PML4 = 0x8000;
+export const KIT_PDPT = 0x9000;
+export const KIT_PD = 0xa000;
+/** How much the kit's page tables identity-map (the whole 32-bit space, MMIO hole included). */
+export const KIT_IDENTITY_MAP_SIZE = 4 * GiB;
+/** Where kit guest code is loaded and entered. */
+export const KIT_CODE = 0x10000;
+/** Top of the ring-3 stack and of the ring-0 stack (TSS.RSP0). */
+export const KIT_USER_STACK_TOP = 0x80000;
+export const KIT_KERNEL_STACK_TOP = 0x90000;
+/** A data area kit guests use for results the host reads back. */
+export const KIT_DATA = 0x100000;
+/** Smallest RAM the kit needs: code, stacks, tables and the data page. */
+export const KIT_MIN_MEMORY = 2 * MiB;

@@ -1,0 +1,209 @@
+// Guest RAM: anonymous host mappings (MAP_NORESERVE, so untouched guest pages cost
+// nothing), each registered with KVM as one memory slot, and reachable from any thread
+// as typed views over the same memory. A GuestMemoryDescriptor is plain data; a worker
+// rebuilds the same views from it with GuestMemory.attach().
+import { KilnError, SyscallError } from '../errors.js';
+import type { VmFd } from '../kvm/kvm.js';
+import * as libc from '../kvm/libc.js';
+import { GiB, HIGH_RAM_START, MMIO_HOLE_START, PAGE_SIZE, RAM_START } from '../layout.js';
+
+/**
+ * Largest single region (memory slot). koffi cannot view more than 4 GiB at once, and a
+ * view per slot keeps translation a bounds check; 2 GiB slots keep well clear of that.
+ */
+export const MAX_REGION_SIZE = 2 * GiB;
+
+export interface RegionDescriptor {
+  readonly slot: number;
+  readonly guestPhysAddr: number;
+  readonly size: number;
+  /** Host virtual address of the mapping (valid in every thread of this process). */
+  readonly hostAddr: bigint;
+}
+
+export interface GuestMemoryDescriptor {
+  readonly regions: readonly RegionDescriptor[];
+}
+
+export class GuestMemoryError extends KilnError {
+  override readonly name: string = 'GuestMemoryError';
+}
+
+const hex = (n: number) => `0x${n.toString(16)}`;
+
+/** Splits `size` bytes of RAM around the 32-bit MMIO hole into slot-sized ranges. */
+export function ramRanges(size: number): Array<{ guestPhysAddr: number; size: number }> {
+  const ranges: Array<{ guestPhysAddr: number; size: number }> = [];
+  const low = Math.min(size, MMIO_HOLE_START - RAM_START);
+  const push = (start: number, length: number) => {
+    for (let at = 0; at < length; at += MAX_REGION_SIZE) {
+      ranges.push({ guestPhysAddr: start + at, size: Math.min(MAX_REGION_SIZE, length - at) });
+    }
+  };
+  push(RAM_START, low);
+  if (size > low) push(HIGH_RAM_START, size - low);
+  return ranges;
+}
+
+/** Checks a requested guest RAM size; throws one clear line when it cannot be used. */
+export function validateMemorySize(size: number): void {
+  if (!Number.isSafeInteger(size) || size <= 0) throw new GuestMemoryError(`memory size must be a positive number of bytes (got ${size})`);
+  if (size % PAGE_SIZE !== 0) throw new GuestMemoryError(`memory size ${size} bytes is not a multiple of the ${PAGE_SIZE}-byte page size`);
+}
+
+/** Typed access to guest RAM. Every access is checked to lie inside one region. */
+export class GuestMemory {
+  readonly regions: readonly RegionDescriptor[];
+  private readonly bytes: Uint8Array[];
+  private readonly views: DataView[];
+
+  protected constructor(readonly descriptor: GuestMemoryDescriptor) {
+    this.regions = descriptor.regions;
+    const buffers = this.regions.map((r) => libc.view(r.hostAddr, r.size));
+    this.bytes = buffers.map((b) => new Uint8Array(b));
+    this.views = buffers.map((b) => new DataView(b));
+  }
+
+  /** Builds views over memory mapped elsewhere in this process (another thread). */
+  static attach(descriptor: GuestMemoryDescriptor): GuestMemory {
+    return new GuestMemory(descriptor);
+  }
+
+  get totalSize(): number {
+    return this.regions.reduce((sum, r) => sum + r.size, 0);
+  }
+
+  /** Index of the region holding [gpa, gpa+length), or -1. */
+  findRegion(gpa: number, length: number): number {
+    for (let i = 0; i < this.regions.length; i++) {
+      const r = this.regions[i]!;
+      if (gpa >= r.guestPhysAddr && gpa < r.guestPhysAddr + r.size) {
+        return gpa + length <= r.guestPhysAddr + r.size ? i : -1;
+      }
+    }
+    return -1;
+  }
+
+  private locate(gpa: number, length: number): number {
+    if (!Number.isSafeInteger(gpa) || gpa < 0 || !Number.isSafeInteger(length) || length < 0) {
+      throw new GuestMemoryError(`bad guest memory access: ${length} bytes at ${gpa}`);
+    }
+    const index = this.findRegion(gpa, length);
+    if (index >= 0) return index;
+    const start = this.findRegion(gpa, 0);
+    if (start >= 0) {
+      throw new GuestMemoryError(`guest access of ${length} bytes at ${hex(gpa)} crosses the end of the RAM region at ${hex(this.regions[start]!.guestPhysAddr)}`);
+    }
+    throw new GuestMemoryError(`guest address ${hex(gpa)} is not RAM`);
+  }
+
+  /** A zero-copy window onto [gpa, gpa+length). */
+  slice(gpa: number, length: number): Uint8Array {
+    const i = this.locate(gpa, length);
+    const offset = gpa - this.regions[i]!.guestPhysAddr;
+    return this.bytes[i]!.subarray(offset, offset + length);
+  }
+
+  /** A copy of [gpa, gpa+length). */
+  read(gpa: number, length: number): Uint8Array {
+    return Uint8Array.from(this.slice(gpa, length));
+  }
+
+  write(gpa: number, data: Uint8Array): void {
+    this.slice(gpa, data.length).set(data);
+  }
+
+  fill(gpa: number, length: number, value: number): void {
+    this.slice(gpa, length).fill(value);
+  }
+
+  // The scalar accessors below allocate nothing: virtqueue processing calls them per descriptor.
+  private offsetIn(i: number, gpa: number): number {
+    return gpa - this.regions[i]!.guestPhysAddr;
+  }
+
+  readU8(gpa: number): number {
+    const i = this.locate(gpa, 1);
+    return this.views[i]!.getUint8(this.offsetIn(i, gpa));
+  }
+  readU16(gpa: number): number {
+    const i = this.locate(gpa, 2);
+    return this.views[i]!.getUint16(this.offsetIn(i, gpa), true);
+  }
+  readU32(gpa: number): number {
+    const i = this.locate(gpa, 4);
+    return this.views[i]!.getUint32(this.offsetIn(i, gpa), true);
+  }
+  readU64(gpa: number): bigint {
+    const i = this.locate(gpa, 8);
+    return this.views[i]!.getBigUint64(this.offsetIn(i, gpa), true);
+  }
+  writeU8(gpa: number, value: number): void {
+    const i = this.locate(gpa, 1);
+    this.views[i]!.setUint8(this.offsetIn(i, gpa), value);
+  }
+  writeU16(gpa: number, value: number): void {
+    const i = this.locate(gpa, 2);
+    this.views[i]!.setUint16(this.offsetIn(i, gpa), value, true);
+  }
+  writeU32(gpa: number, value: number): void {
+    const i = this.locate(gpa, 4);
+    this.views[i]!.setUint32(this.offsetIn(i, gpa), value, true);
+  }
+  writeU64(gpa: number, value: bigint): void {
+    const i = this.locate(gpa, 8);
+    this.views[i]!.setBigUint64(this.offsetIn(i, gpa), BigInt.asUintN(64, value), true);
+  }
+}
+
+/** Guest memory this thread mapped and registered; destroy() unmaps it. */
+export class OwnedGuestMemory extends GuestMemory {
+  private destroyed = false;
+
+  /**
+   * Maps `size` bytes of RAM (split around the MMIO hole) and registers each region
+   * with the VM. On any failure, everything mapped so far is unmapped again.
+   */
+  static create(vm: VmFd, size: number): OwnedGuestMemory {
+    validateMemorySize(size);
+    const regions: RegionDescriptor[] = [];
+    try {
+      ramRanges(size).forEach((range, slot) => {
+        const hostAddr = libc.mmap(
+          null,
+          range.size,
+          libc.PROT_READ | libc.PROT_WRITE,
+          libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE,
+          -1,
+          0,
+        );
+        if (hostAddr === libc.MAP_FAILED) {
+          const e = libc.errno();
+          if (e === libc.ENOMEM) {
+            throw new GuestMemoryError(`cannot map ${size} bytes of guest memory: the host has no room for it (ENOMEM)`);
+          }
+          throw new SyscallError('mmap', e, `${range.size} bytes of guest memory`);
+        }
+        regions.push({ slot, guestPhysAddr: range.guestPhysAddr, size: range.size, hostAddr });
+        vm.setUserMemoryRegion({
+          slot,
+          flags: 0,
+          guestPhysAddr: BigInt(range.guestPhysAddr),
+          memorySize: BigInt(range.size),
+          userspaceAddr: hostAddr,
+        });
+      });
+    } catch (err) {
+      for (const r of regions) libc.munmap(r.hostAddr, r.size);
+      throw err;
+    }
+    return new OwnedGuestMemory({ regions });
+  }
+
+  /** Unmaps every region. The VM must be closed (or the slots removed) first. */
+  destroy(): void {
+    if (this.destroyed) return;
+    this.destroyed = true;
+    for (const r of this.regions) libc.munmap(r.hostAddr, r.size);
+  }
+}

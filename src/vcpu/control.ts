@@ -1,0 +1,37 @@
+// The control block shared by the main thread and every vCPU thread: one
+// SharedArrayBuffer of Int32 cells, read with Atomics. The main thread writes a vCPU's
+// request cell and kicks the thread; the thread reports its state in its state cell.
+
+export const VM_STATUS = 0;
+export const VM_EXIT_CODE = 1;
+const FIRST_VCPU_CELL = 4;
+const CELLS_PER_VCPU = 2;
+
+export const VM_RUNNING = 0;
+export const VM_EXIT_REQUESTED = 1;
+
+export const REQ_RUN = 0;
+export const REQ_PAUSE = 1;
+export const REQ_STOP = 2;
+
+export const STATE_STARTING = 0;
+export const STATE_RUNNING = 1;
+export const STATE_PAUSED = 2;
+export const STATE_STOPPED = 3;
+
+export const requestCell = (vcpu: number) => FIRST_VCPU_CELL + vcpu * CELLS_PER_VCPU;
+export const stateCell = (vcpu: number) => FIRST_VCPU_CELL + vcpu * CELLS_PER_VCPU + 1;
+
+export function allocateControl(vcpus: number): SharedArrayBuffer {
+  return new SharedArrayBuffer((FIRST_VCPU_CELL + vcpus * CELLS_PER_VCPU) * 4);
+}
+
+/**
+ * Records that the guest asked the VM to end with `code`. The first request wins;
+ * returns whether this one was it.
+ */
+export function requestVmExit(cells: Int32Array, code: number): boolean {
+  if (Atomics.compareExchange(cells, VM_STATUS, VM_RUNNING, VM_EXIT_REQUESTED) !== VM_RUNNING) return false;
+  Atomics.store(cells, VM_EXIT_CODE, code);
+  return true;
+}

@@ -1,0 +1,54 @@
+// What a vCPU thread is started with and what it reports back.
+import type { DeviceSpec } from '../devices/device.js';
+import type { Decoded } from '../kvm/struct.js';
+import type { GuestMemoryDescriptor } from '../memory/guest-memory.js';
+
+export interface VcpuWorkerInit {
+  readonly id: number;
+  readonly vcpuFd: number;
+  readonly runMmapSize: number;
+  readonly control: SharedArrayBuffer;
+  readonly memory: GuestMemoryDescriptor;
+  readonly devices: readonly DeviceSpec[];
+  /** Signal that kicks this thread out of KVM_RUN (blocked outside KVM_RUN). */
+  readonly kickSignal: number;
+  /** Log each unhandled port or MMIO address once. */
+  readonly logUnhandled: boolean;
+}
+
+/**
+ * Why a vCPU thread stopped running its guest:
+ * - stopped: the host asked it to stop;
+ * - guest-exit: a device ended the VM on the guest's request (debug-exit, ACPI poweroff);
+ * - hlt: the guest halted with no in-kernel irqchip to wake it;
+ * - shutdown: triple fault;
+ * - fail-entry / internal-error / unhandled-exit: KVM could not go on;
+ * - error: Kiln itself failed on this thread.
+ */
+export type VcpuExitReason =
+  | 'stopped'
+  | 'guest-exit'
+  | 'hlt'
+  | 'shutdown'
+  | 'fail-entry'
+  | 'internal-error'
+  | 'unhandled-exit'
+  | 'error';
+
+export interface VcpuExit {
+  readonly vcpu: number;
+  readonly reason: VcpuExitReason;
+  /** One line for a human: what happened, with KVM's own codes. */
+  readonly detail: string;
+  /** General registers at the exit, where KVM could still report them. */
+  readonly regs?: Decoded;
+  /** Selected system registers at the exit: cs, ss, cr0, cr3, cr4, efer. */
+  readonly sregs?: Decoded;
+  /** How many exits this vCPU handled (I/O and MMIO). */
+  readonly exits: number;
+}
+
+export type VcpuMessage =
+  | { readonly type: 'ready'; readonly thread: number | bigint; readonly tid: number }
+  | { readonly type: 'paused' }
+  | { readonly type: 'exit'; readonly exit: VcpuExit };

@@ -1,0 +1,165 @@
+// A virtual machine: KVM VM and vCPU file descriptors, guest memory, devices, and one
+// thread per vCPU. Lifecycle: create -> (load guest, set registers, add devices) ->
+// start -> pause/resume -> stop or guest exit -> destroy.
+import { KilnError } from './errors.js';
+import type { DeviceOptions, DeviceSpec } from './devices/device.js';
+import { allocateDeviceState } from './devices/registry.js';
+import { KVM_CAP } from './kvm/ioctl.js';
+import { KvmSystem, VcpuFd, type VmFd } from './kvm/kvm.js';
+import { KVM_TSS_ADDRESS } from './layout.js';
+import { OwnedGuestMemory } from './memory/guest-memory.js';
+import * as ctl from './vcpu/control.js';
+import type { VcpuExit } from './vcpu/messages.js';
+import { KICK_SIGNAL, VcpuThread } from './vcpu/vcpu-thread.js';
+
+export interface VmConfig {
+  readonly memoryBytes: number;
+  readonly vcpus: number;
+  /** Log each unhandled port/MMIO address once (default: off, guests probe a lot). */
+  readonly logUnhandled?: boolean;
+}
+
+export interface VmResult {
+  /** The guest's requested exit status, or null if the VM did not end that way. */
+  readonly exitCode: number | null;
+  /** Why the VM ended: the first vCPU exit that was not a plain stop, else 'stopped'. */
+  readonly reason: VcpuExit['reason'];
+  readonly detail: string;
+  readonly vcpus: readonly VcpuExit[];
+}
+
+const FATAL: ReadonlySet<VcpuExit['reason']> = new Set(['shutdown', 'fail-entry', 'internal-error', 'unhandled-exit', 'error', 'guest-exit']);
+
+export class Vm {
+  readonly memory: OwnedGuestMemory;
+  readonly vcpus: readonly VcpuFd[];
+  readonly devices: DeviceSpec[] = [];
+  private readonly control: SharedArrayBuffer;
+  private readonly cells: Int32Array;
+  private threads: VcpuThread[] = [];
+  private result: Promise<VmResult> | null = null;
+  private destroyed = false;
+
+  private constructor(
+    private readonly kvm: KvmSystem,
+    readonly vmFd: VmFd,
+    memory: OwnedGuestMemory,
+    vcpus: VcpuFd[],
+    private readonly config: VmConfig,
+  ) {
+    this.memory = memory;
+    this.vcpus = vcpus;
+    this.control = ctl.allocateControl(vcpus.length);
+    this.cells = new Int32Array(this.control);
+  }
+
+  /** Opens KVM, creates the VM, its memory and its vCPUs. Undoes everything on failure. */
+  static create(config: VmConfig): Vm {
+    const kvm = KvmSystem.open();
+    let vmFd: VmFd | null = null;
+    let memory: OwnedGuestMemory | null = null;
+    const vcpus: VcpuFd[] = [];
+    try {
+      const { max } = kvm.vcpuLimits();
+      if (!Number.isInteger(config.vcpus) || config.vcpus < 1 || config.vcpus > max) {
+        throw new KilnError(`vCPU count must be between 1 and ${max} (this host's KVM limit); got ${config.vcpus}`);
+      }
+      vmFd = kvm.createVm();
+      if (kvm.checkExtension(KVM_CAP.SET_TSS_ADDR)) vmFd.setTssAddr(KVM_TSS_ADDRESS);
+      memory = OwnedGuestMemory.create(vmFd, config.memoryBytes);
+      for (let i = 0; i < config.vcpus; i++) vcpus.push(new VcpuFd(vmFd.createVcpu(i)));
+      return new Vm(kvm, vmFd, memory, vcpus, config);
+    } catch (err) {
+      vcpus.forEach((v) => v.close());
+      vmFd?.close();
+      memory?.destroy();
+      kvm.close();
+      throw err;
+    }
+  }
+
+  /** Adds a device on a bus; returns its spec (its `state` is readable from the host). */
+  addDevice(device: { id: string; kind: string; bus: 'pio' | 'mmio'; base: number; size: number; options?: DeviceOptions }): DeviceSpec {
+    if (this.threads.length > 0) throw new KilnError('devices must be added before the VM starts');
+    if (this.devices.some((d) => d.id === device.id)) throw new KilnError(`a device named '${device.id}' already exists`);
+    const options = device.options ?? {};
+    const spec: DeviceSpec = { ...device, options, state: allocateDeviceState(device.kind, options) };
+    this.devices.push(spec);
+    return spec;
+  }
+
+  /** Starts one thread per vCPU; resolves when every one is running its guest. */
+  async start(): Promise<void> {
+    if (this.threads.length > 0) throw new KilnError('the VM has already started');
+    const runMmapSize = this.kvm.vcpuMmapSize();
+    this.threads = this.vcpus.map(
+      (vcpu, id) =>
+        new VcpuThread({
+          id,
+          vcpuFd: vcpu.fd,
+          runMmapSize,
+          control: this.control,
+          memory: this.memory.descriptor,
+          devices: this.devices,
+          kickSignal: KICK_SIGNAL,
+          logUnhandled: this.config.logUnhandled ?? false,
+        }),
+    );
+    this.result = this.collect();
+    await Promise.all(this.threads.map((t) => t.ready));
+  }
+
+  /** Linux thread ids of the vCPU threads (valid once started). */
+  get vcpuThreadIds(): number[] {
+    return this.threads.map((t) => t.tid);
+  }
+
+  private async collect(): Promise<VmResult> {
+    // When one vCPU ends the VM (guest exit, triple fault, KVM failure), stop the others.
+    const exits = await Promise.all(
+      this.threads.map(async (thread) => {
+        const exit = await thread.exited;
+        if (FATAL.has(exit.reason)) {
+          Atomics.compareExchange(this.cells, ctl.VM_STATUS, ctl.VM_RUNNING, ctl.VM_EXIT_REQUESTED);
+          for (const other of this.threads) if (other !== thread) void other.stop();
+        }
+        return exit;
+      }),
+    );
+    const decisive = exits.find((e) => e.reason === 'guest-exit') ?? exits.find((e) => FATAL.has(e.reason)) ?? exits.find((e) => e.reason !== 'stopped') ?? exits[0]!;
+    const exitCode = decisive.reason === 'guest-exit' ? Atomics.load(this.cells, ctl.VM_EXIT_CODE) : null;
+    return { exitCode, reason: decisive.reason, detail: decisive.detail, vcpus: exits };
+  }
+
+  /** Resolves when every vCPU has ended. */
+  wait(): Promise<VmResult> {
+    if (!this.result) throw new KilnError('the VM has not started');
+    return this.result;
+  }
+
+  /** Parks every vCPU outside KVM_RUN; resolves once all are parked. */
+  async pause(): Promise<void> {
+    await Promise.all(this.threads.map((t) => t.pause()));
+  }
+
+  resume(): void {
+    this.threads.forEach((t) => t.resume());
+  }
+
+  /** Stops every vCPU and resolves with the VM's result. */
+  async stop(): Promise<VmResult> {
+    await Promise.all(this.threads.map((t) => t.stop()));
+    return this.wait();
+  }
+
+  /** Closes every file descriptor and unmaps guest memory. Stops the VM first if needed. */
+  async destroy(): Promise<void> {
+    if (this.destroyed) return;
+    if (this.threads.length > 0) await this.stop();
+    this.destroyed = true;
+    this.vcpus.forEach((v) => v.close());
+    this.vmFd.close();
+    this.memory.destroy();
+    this.kvm.close();
+  }
+}
