@@ -7,7 +7,7 @@ import { allocateDeviceState } from './devices/registry.js';
 import { KVM_CAP } from './kvm/ioctl.js';
 import { KvmSystem, VcpuFd, type VmFd } from './kvm/kvm.js';
 import { KVM_TSS_ADDRESS } from './layout.js';
-import { OwnedGuestMemory } from './memory/guest-memory.js';
+import { hostMemoryBytes, hostPhysAddrBits, OwnedGuestMemory } from './memory/guest-memory.js';
 import * as ctl from './vcpu/control.js';
 import type { VcpuExit } from './vcpu/messages.js';
 import { KICK_SIGNAL, VcpuThread } from './vcpu/vcpu-thread.js';
@@ -66,7 +66,11 @@ export class Vm {
       }
       vmFd = kvm.createVm();
       if (kvm.checkExtension(KVM_CAP.SET_TSS_ADDR)) vmFd.setTssAddr(KVM_TSS_ADDRESS);
-      memory = OwnedGuestMemory.create(vmFd, config.memoryBytes);
+      memory = OwnedGuestMemory.create(vmFd, config.memoryBytes, {
+        memslots: kvm.checkExtension(KVM_CAP.NR_MEMSLOTS) || 32,
+        physAddrBits: hostPhysAddrBits(),
+        hostBytes: hostMemoryBytes(),
+      });
       for (let i = 0; i < config.vcpus; i++) vcpus.push(new VcpuFd(vmFd.createVcpu(i)));
       return new Vm(kvm, vmFd, memory, vcpus, config);
     } catch (err) {

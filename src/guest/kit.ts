@@ -25,5 +25,5 @@ export function buildProgram(program: KitProgram): Uint8Array {
 /** Loads `program` into the VM's memory and points every vCPU at it. */
 export function loadProgram(vm: Vm, program: KitProgram, image = buildProgram(program)): void {
   vm.memory.write(KIT_CODE, image);
-  vm.vcpus.forEach((vcpu, index) => enterMode(vcpu, vm.memory, { mode: program.mode, cpl: program.cpl, entry: KIT_CODE, regs: { rdi: BigInt(index) } }));
+  vm.vcpus.forEach((vcpu, index) => enterMode(vcpu, vm.memory, { mode: program.mode, cpl: program.cpl, entry: KIT_CODE, regs: { rdi: BigInt(index), rsi: BigInt(vm.vcpus.length) } }));
 }

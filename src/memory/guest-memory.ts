@@ -2,6 +2,7 @@
 // nothing), each registered with KVM as one memory slot, and reachable from any thread
 // as typed views over the same memory. A GuestMemoryDescriptor is plain data; a worker
 // rebuilds the same views from it with GuestMemory.attach().
+import { readFileSync } from 'node:fs';
 import { KilnError, SyscallError } from '../errors.js';
 import type { VmFd } from '../kvm/kvm.js';
 import * as libc from '../kvm/libc.js';
@@ -45,10 +46,63 @@ export function ramRanges(size: number): Array<{ guestPhysAddr: number; size: nu
   return ranges;
 }
 
-/** Checks a requested guest RAM size; throws one clear line when it cannot be used. */
-export function validateMemorySize(size: number): void {
+export interface HostMemoryLimits {
+  /** KVM_CAP_NR_MEMSLOTS. */
+  readonly memslots: number;
+  /** Guest-physical address bits the host can back (the CPU's physical address width). */
+  readonly physAddrBits: number;
+  /**
+   * Host RAM plus swap. One guest larger than this could never be backed, and KVM's own
+   * per-slot bookkeeping for it (rmap arrays under shadow paging) can exhaust the host.
+   */
+  readonly hostBytes: number;
+}
+
+/** MemTotal + SwapTotal from /proc/meminfo (Infinity if it cannot be read). */
+export function hostMemoryBytes(): number {
+  try {
+    const info = readFileSync('/proc/meminfo', 'utf8');
+    const kib = (key: string) => Number(new RegExp(`^${key}:\\s*(\\d+) kB`, 'm').exec(info)?.[1] ?? 0);
+    return (kib('MemTotal') + kib('SwapTotal')) * 1024 || Infinity;
+  } catch (err) {
+    process.emitWarning(`cannot read /proc/meminfo (${(err as Error).message}); not checking guest size against host memory`);
+    return Infinity;
+  }
+}
+
+/** The CPU's physical address width from /proc/cpuinfo (46 if it cannot be read). */
+export function hostPhysAddrBits(): number {
+  try {
+    const m = /address sizes\s*:\s*(\d+) bits physical/.exec(readFileSync('/proc/cpuinfo', 'utf8'));
+    return m ? Number(m[1]) : 46;
+  } catch (err) {
+    process.emitWarning(`cannot read /proc/cpuinfo (${(err as Error).message}); assuming 46 physical address bits`);
+    return 46;
+  }
+}
+
+/**
+ * Checks a requested guest RAM size before anything is mapped; throws one clear line
+ * when it cannot be used.
+ */
+export function validateMemorySize(size: number, limits?: HostMemoryLimits): void {
   if (!Number.isSafeInteger(size) || size <= 0) throw new GuestMemoryError(`memory size must be a positive number of bytes (got ${size})`);
   if (size % PAGE_SIZE !== 0) throw new GuestMemoryError(`memory size ${size} bytes is not a multiple of the ${PAGE_SIZE}-byte page size`);
+  if (!limits) return;
+  const ranges = ramRanges(size);
+  const last = ranges[ranges.length - 1]!;
+  const top = last.guestPhysAddr + last.size;
+  const mib = (n: number) => `${Math.floor(n / 2 ** 20)} MiB`;
+  if (size > limits.hostBytes) {
+    throw new GuestMemoryError(`memory size ${mib(size)} is larger than this host can map: it has ${mib(limits.hostBytes)} of RAM and swap`);
+  }
+  if (top > 2 ** limits.physAddrBits) {
+    const most = 2 ** limits.physAddrBits - (HIGH_RAM_START - MMIO_HOLE_START);
+    throw new GuestMemoryError(`memory size ${mib(size)} is larger than this host can map: its ${limits.physAddrBits}-bit physical addresses allow at most ${mib(most)}`);
+  }
+  if (ranges.length > limits.memslots) {
+    throw new GuestMemoryError(`memory size ${mib(size)} needs ${ranges.length} KVM memory slots; this host allows ${limits.memslots}`);
+  }
 }
 
 /** Typed access to guest RAM. Every access is checked to lie inside one region. */
@@ -164,8 +218,8 @@ export class OwnedGuestMemory extends GuestMemory {
    * Maps `size` bytes of RAM (split around the MMIO hole) and registers each region
    * with the VM. On any failure, everything mapped so far is unmapped again.
    */
-  static create(vm: VmFd, size: number): OwnedGuestMemory {
-    validateMemorySize(size);
+  static create(vm: VmFd, size: number, limits: HostMemoryLimits): OwnedGuestMemory {
+    validateMemorySize(size, limits);
     const regions: RegionDescriptor[] = [];
     try {
       ramRanges(size).forEach((range, slot) => {
