@@ -1,0 +1,61 @@
+// Shared test helpers: the /dev/kvm gate, temporary directories, and a VM with the
+// standard test devices.
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after } from 'node:test';
+import type { DeviceSpec } from '../src/devices/device.js';
+import { loadProgram, type KitProgram } from '../src/guest/kit.js';
+import * as layout from '../src/layout.js';
+import { Vm, type VmResult } from '../src/vm.js';
+
+/** Tests that run guests need /dev/kvm; where it is absent they skip and say why. */
+export const kvmSkip: string | false = existsSync('/dev/kvm') ? false : 'needs /dev/kvm (this host has no KVM)';
+if (kvmSkip) process.stdout.write(`# SKIPPING guest tests: ${kvmSkip}\n`);
+
+/** A temporary directory removed when the test file ends. */
+export function tempDir(): string {
+  const dir = mkdtempSync(join(tmpdir(), 'kiln-test-'));
+  after(() => rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+export interface TestVm {
+  readonly vm: Vm;
+  readonly progress: DeviceSpec;
+  readonly pioTest: DeviceSpec;
+  readonly mmioTest: DeviceSpec;
+}
+
+/** A VM with the progress port, debug-exit, and the kit's test device on both buses. */
+export function createTestVm(options: { vcpus?: number; memoryBytes?: number; serialFd?: number } = {}): TestVm {
+  const vm = Vm.create({ memoryBytes: options.memoryBytes ?? 4 * layout.MiB, vcpus: options.vcpus ?? 1 });
+  const progress = vm.addDevice({ id: 'progress', kind: 'progress', bus: 'pio', base: layout.PORT_PROGRESS, size: layout.PORT_PROGRESS_SIZE });
+  vm.addDevice({ id: 'debug-exit', kind: 'debug-exit', bus: 'pio', base: layout.PORT_DEBUG_EXIT, size: layout.PORT_DEBUG_EXIT_SIZE });
+  if (options.serialFd !== undefined) {
+    vm.addDevice({ id: 'com1', kind: 'serial', bus: 'pio', base: layout.PORT_COM1, size: layout.PORT_COM_SIZE, options: { outFd: options.serialFd } });
+  }
+  const pioTest = vm.addDevice({ id: 'pio-test', kind: 'test-device', bus: 'pio', base: layout.PORT_TEST_DEVICE, size: layout.PORT_TEST_DEVICE_SIZE, options: { registerBytes: layout.PORT_TEST_DEVICE_SIZE } });
+  const mmioTest = vm.addDevice({ id: 'mmio-test', kind: 'test-device', bus: 'mmio', base: layout.TEST_DEVICE_MMIO_BASE, size: layout.TEST_DEVICE_MMIO_SIZE, options: { registerBytes: 64 } });
+  return { vm, progress, pioTest, mmioTest };
+}
+
+/** Runs `program` to its end on a fresh test VM; the VM is destroyed afterwards. */
+export async function runProgram(
+  program: KitProgram,
+  setup: (t: TestVm) => void = () => undefined,
+  check: (t: TestVm, result: VmResult) => void = () => undefined,
+  options: { vcpus?: number } = {},
+): Promise<VmResult> {
+  const t = createTestVm(options);
+  try {
+    loadProgram(t.vm, program);
+    setup(t);
+    await t.vm.start();
+    const result = await t.vm.wait();
+    check(t, result);
+    return result;
+  } finally {
+    await t.vm.destroy();
+  }
+}
