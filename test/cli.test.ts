@@ -1,0 +1,101 @@
+// The `kiln` command as a user runs it.
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { describe, test } from 'node:test';
+import { kvmSkip } from './helpers.js';
+
+const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
+
+function kiln(args: string[], env: Record<string, string> = {}, prefix: string[] = []) {
+  const [cmd, ...rest] = [...prefix, process.execPath, cli, ...args];
+  const r = spawnSync(cmd!, rest, { encoding: 'utf8', env: { ...process.env, ...env }, timeout: 60_000 });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** One line on stderr, starting "kiln: ", with no stack trace. */
+function assertOneLineError(stderr: string, pattern: RegExp): void {
+  const lines = stderr.trim().split('\n');
+  assert.equal(lines.length, 1, `one line, got: ${stderr}`);
+  assert.match(lines[0]!, /^kiln: /);
+  assert.match(lines[0]!, pattern);
+  assert.doesNotMatch(stderr, /\n\s+at /);
+}
+
+describe('kiln run --demo', { skip: kvmSkip }, () => {
+  test('boots the demo guest, shows its serial output and exits 0', () => {
+    const r = kiln(['run', '--demo']);
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stdout, /^Hello from the Kiln demo guest!\nRunning in 32-bit protected mode at ring 3 on 1 vCPU\(s\)/);
+    assert.match(r.stderr, /guest exited with status 0/);
+  });
+
+  test('--cpus 3 brings up three vCPUs that all check in', () => {
+    const r = kiln(['run', '--demo', '--cpus', '3', '--memory', '64M']);
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stdout, /on 3 vCPU\(s\)/);
+  });
+
+  test('--json prints one result object with the serial output', () => {
+    const r = kiln(['run', '--demo', '--json']);
+    assert.equal(r.status, 0, r.stderr);
+    const result = JSON.parse(r.stdout) as { status: number; reason: string; serial: string; progress: { last: number } };
+    assert.equal(result.status, 0);
+    assert.equal(result.reason, 'guest-exit');
+    assert.match(result.serial, /Hello from the Kiln demo guest!/);
+    assert.equal(result.progress.last, 0x600d);
+  });
+
+  for (const [args, pattern, status] of [
+    [['--memory', '0'], /memory size must be a positive number of bytes/, 1],
+    [['--memory', '1001K'], /not a multiple of the 4096-byte page size/, 1],
+    [['--memory', '1048576G'], /larger than this host can map/, 1],
+    [['--memory', 'lots'], /cannot read 'lots' as a memory size/, 1],
+    [['--cpus', '100000'], /vCPU count must be between 1 and \d+ \(this host's KVM limit\)/, 1],
+  ] as const) {
+    test(`refuses ${args.join(' ')} with one clear line`, () => {
+      const r = kiln(['run', '--demo', ...args]);
+      assert.equal(r.status, status);
+      assertOneLineError(r.stderr, pattern);
+      assert.equal(r.stdout, '', 'the guest never ran');
+    });
+  }
+});
+
+describe('kiln on a host without usable KVM', () => {
+  test('no /dev/kvm: one line, exit 1', () => {
+    const r = kiln(['run', '--demo'], { KILN_KVM_DEVICE: '/nonexistent/kvm' });
+    assert.equal(r.status, 1);
+    assertOneLineError(r.stderr, /\/nonexistent\/kvm does not exist: this host has no KVM/);
+  });
+
+  test('a device that is not KVM: one line, exit 1', () => {
+    const r = kiln(['run', '--demo'], { KILN_KVM_DEVICE: '/dev/null' });
+    assert.equal(r.status, 1);
+    assertOneLineError(r.stderr, /is not a KVM device/);
+  });
+
+  const setpriv = ['/usr/bin/setpriv', '/bin/setpriv'].find((p) => existsSync(p));
+  test('no permission on /dev/kvm: one line, exit 1', { skip: !setpriv || kvmSkip ? 'needs setpriv and /dev/kvm' : false }, () => {
+    const r = kiln(['run', '--demo'], {}, [setpriv!, '--reuid=65534', '--regid=65534', '--clear-groups']);
+    assert.equal(r.status, 1, r.stderr);
+    assertOneLineError(r.stderr, /permission denied opening \/dev\/kvm/);
+  });
+});
+
+test('usage errors exit 2 and print the usage', () => {
+  const r = kiln(['frobnicate']);
+  assert.equal(r.status, 2);
+  assert.match(r.stderr, /unknown command 'frobnicate'/);
+  assert.match(r.stderr, /Usage: kiln/);
+  const bad = kiln(['run', '--demo', '--cpus', 'two']);
+  assert.equal(bad.status, 2);
+  assert.match(bad.stderr, /--cpus must be a whole number/);
+});
+
+test('kiln --version prints the version', () => {
+  const r = kiln(['--version']);
+  assert.equal(r.status, 0);
+  assert.match(r.stdout, /^kiln \d+\.\d+\.\d+\n$/);
+});
