@@ -46,6 +46,8 @@ export interface VcpuExit {
   readonly sregs?: Decoded;
   /** How many exits this vCPU handled (I/O and MMIO). */
   readonly exits: number;
+  /** Milliseconds from the first KVM_RUN to the end of the run loop. */
+  readonly runMs: number;
 }
 
 export type VcpuMessage =

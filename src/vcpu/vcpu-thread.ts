@@ -46,11 +46,11 @@ export class VcpuThread {
         }
       });
       this.worker.on('error', (err) => {
-        exit ??= { vcpu: init.id, reason: 'error', detail: err.message, exits: 0 };
+        exit ??= { vcpu: init.id, reason: 'error', detail: err.message, exits: 0, runMs: 0 };
       });
       this.worker.on('exit', () => {
         this.alive = false;
-        exit ??= { vcpu: init.id, reason: 'error', detail: 'the vCPU thread ended without reporting', exits: 0 };
+        exit ??= { vcpu: init.id, reason: 'error', detail: 'the vCPU thread ended without reporting', exits: 0, runMs: 0 };
         rejectReady(new KilnError(`vcpu${init.id} failed to start: ${exit.detail}`));
         const waiters = this.pauseWaiters;
         this.pauseWaiters = [];

@@ -101,11 +101,17 @@ function unhandled(what: string): void {
 
 let exits = 0;
 
+/** A u64 field of kvm_run as a number; getBigUint64 would allocate a BigInt per exit. */
+function readU64(offset: number): number {
+  return run.getUint32(offset, true) + run.getUint32(offset + 4, true) * 2 ** 32;
+}
+let startedAt = 0;
+
 function handleIo(): void {
   const size = run.getUint8(OFF_IO_SIZE);
   const portNumber = run.getUint16(OFF_IO_PORT, true);
   const count = run.getUint32(OFF_IO_COUNT, true);
-  const base = Number(run.getBigUint64(OFF_IO_DATA_OFFSET, true));
+  const base = readU64(OFF_IO_DATA_OFFSET);
   const out = run.getUint8(OFF_IO_DIRECTION) === KVM_EXIT_IO_OUT;
   // String I/O (rep outs/ins) arrives as one exit with `count` elements.
   for (let i = 0; i < count; i++) {
@@ -120,7 +126,7 @@ function handleIo(): void {
 }
 
 function handleMmio(): void {
-  const addr = Number(run.getBigUint64(OFF_MMIO_PHYS_ADDR, true));
+  const addr = readU64(OFF_MMIO_PHYS_ADDR);
   const len = run.getUint32(OFF_MMIO_LEN, true);
   const data = mmioData[len > 8 ? 8 : len]!;
   if (run.getUint8(OFF_MMIO_IS_WRITE) !== 0) {
@@ -175,7 +181,8 @@ function describeExit(reason: number): { reason: VcpuExitReason; detail: string 
 
 function finish(reason: VcpuExitReason, detail: string, withRegs: boolean): void {
   Atomics.store(cells, STATE, ctl.STATE_STOPPED);
-  post({ type: 'exit', exit: { vcpu: init.id, reason, detail, exits, ...(withRegs ? snapshot() : {}) } });
+  const runMs = startedAt === 0 ? 0 : performance.now() - startedAt;
+  post({ type: 'exit', exit: { vcpu: init.id, reason, detail, exits, runMs, ...(withRegs ? snapshot() : {}) } });
   libc.munmap(runAddr, init.runMmapSize);
 }
 
@@ -194,6 +201,7 @@ function parkWhilePaused(): boolean {
 function runLoop(): void {
   const fd = init.vcpuFd;
   const KVM_RUN = KVM.RUN;
+  startedAt = performance.now();
   for (;;) {
     const request = Atomics.load(cells, REQUEST);
     if (request !== ctl.REQ_RUN) {
