@@ -17,6 +17,33 @@ export const MMIO_HOLE_START = 3 * GiB;
 export const MMIO_HOLE_END = 4 * GiB;
 export const HIGH_RAM_START = 4 * GiB;
 
+// ---- Linux boot (loaders in src/boot/) ----
+/** Conventional memory ends here; the EBDA and legacy ROM area follow. */
+export const LOW_RAM_END = 0xa_0000;
+/** Boot GDT and IDT for the 64-bit Linux entry. */
+export const BOOT_GDT = 0x500;
+export const BOOT_IDT = 0x520;
+/** PVH hvm_start_info, its module list and its memory map. */
+export const PVH_START_INFO = 0x6000;
+export const PVH_MODLIST = 0x6040;
+export const PVH_MEMMAP = 0x6080;
+/** The zero page (struct boot_params). */
+export const ZERO_PAGE = 0x7000;
+/** Identity page tables for the 64-bit Linux entry: PML4, PDPT, one PD of 2 MiB pages (1 GiB). */
+export const BOOT_PML4 = 0x9000;
+export const BOOT_PDPT = 0xa000;
+export const BOOT_PD = 0xb000;
+/** Kernel command line; the kernel's own limit (setup header cmdline_size) is usually 2047. */
+export const CMDLINE_START = 0x2_0000;
+export const CMDLINE_MAX = 0x1_0000;
+/** The ACPI tables: RSDP first, then everything it points to, up to the end of the BIOS area. */
+export const ACPI_START = 0xe_0000;
+export const ACPI_END = 0x10_0000;
+/** Where the protected-mode kernel is loaded (bzImage) and the lowest address any kernel may use. */
+export const HIMEM_START = 0x10_0000;
+/** A bzImage's 64-bit entry point, relative to where its protected-mode code is loaded. */
+export const BZIMAGE_64BIT_ENTRY_OFFSET = 0x200;
+
 // ---- Platform MMIO inside the hole ----
 /** Kiln's own platform devices (test device, later virtio-mmio) live in this window. */
 export const PLATFORM_MMIO_START = 0xd000_0000;

@@ -1,6 +1,7 @@
 // A virtual machine: KVM VM and vCPU file descriptors, guest memory, devices, and one
 // thread per vCPU. Lifecycle: create -> (load guest, set registers, add devices) ->
 // start -> pause/resume -> stop or guest exit -> destroy.
+import type { CompatConfig } from './compat/pvm.js';
 import { KilnError } from './errors.js';
 import type { DeviceOptions, DeviceSpec } from './devices/device.js';
 import { allocateDeviceState } from './devices/registry.js';
@@ -17,6 +18,14 @@ export interface VmConfig {
   readonly vcpus: number;
   /** Log each unhandled port/MMIO address once (default: off, guests probe a lot). */
   readonly logUnhandled?: boolean;
+  /**
+   * In-kernel interrupt controllers (PIC, IOAPIC, a LAPIC per vCPU) and PIT. An OS
+   * needs them; with them, HLT waits for an interrupt instead of exiting, and every
+   * vCPU but the first waits for INIT/SIPI. Default: off (test guests).
+   */
+  readonly irqchip?: boolean;
+  /** Software-KVM compatibility for the vCPU threads (compat/pvm.ts). */
+  readonly compat?: CompatConfig | null;
 }
 
 export interface VmResult {
@@ -66,6 +75,11 @@ export class Vm {
       }
       vmFd = kvm.createVm();
       if (kvm.checkExtension(KVM_CAP.SET_TSS_ADDR)) vmFd.setTssAddr(KVM_TSS_ADDRESS);
+      if (config.irqchip) {
+        // Both must exist before the first vCPU is created.
+        vmFd.createIrqchip();
+        vmFd.createPit2();
+      }
       memory = OwnedGuestMemory.create(vmFd, config.memoryBytes, {
         memslots: kvm.checkExtension(KVM_CAP.NR_MEMSLOTS) || 32,
         physAddrBits: hostPhysAddrBits(),
@@ -105,12 +119,19 @@ export class Vm {
           control: this.control,
           memory: this.memory.descriptor,
           devices: this.devices,
+          vmFd: this.vmFd.fd,
           kickSignal: KICK_SIGNAL,
           logUnhandled: this.config.logUnhandled ?? false,
+          compat: this.config.compat ?? null,
         }),
     );
     this.result = this.collect();
     await Promise.all(this.threads.map((t) => t.ready));
+  }
+
+  /** The KVM system handle (for CPUID queries and limits). */
+  get kvmSystem(): KvmSystem {
+    return this.kvm;
   }
 
   /** Linux thread ids of the vCPU threads (valid once started). */

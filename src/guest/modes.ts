@@ -36,16 +36,16 @@ export const RFLAGS_RESERVED_1 = 1 << 1;
 export const RFLAGS_IOPL3 = 3 << 12;
 
 // Page-table entry bits.
-const PTE_PRESENT = 1n << 0n;
-const PTE_WRITABLE = 1n << 1n;
-const PTE_USER = 1n << 2n;
-const PDE_HUGE = 1n << 7n;
-const PD_ENTRY_SPAN = 2 * 1024 * 1024;
+export const PTE_PRESENT = 1n << 0n;
+export const PTE_WRITABLE = 1n << 1n;
+export const PTE_USER = 1n << 2n;
+export const PDE_HUGE = 1n << 7n;
+export const PD_ENTRY_SPAN = 2 * 1024 * 1024;
 
 // Segment types (SDM 3.4.5.1) and the kit's GDT.
-const TYPE_CODE_EXEC_READ_ACCESSED = 0xb;
-const TYPE_DATA_READ_WRITE_ACCESSED = 0x3;
-const TYPE_TSS_BUSY = 0xb;
+export const TYPE_CODE_EXEC_READ_ACCESSED = 0xb;
+export const TYPE_DATA_READ_WRITE_ACCESSED = 0x3;
+export const TYPE_TSS_BUSY = 0xb;
 export const SEL_KERNEL_CODE64 = 0x08;
 export const SEL_KERNEL_DATA = 0x10;
 export const SEL_KERNEL_CODE32 = 0x18;
@@ -59,7 +59,7 @@ const TSS_RSP0 = 4;
 const TSS32_SS0 = 8;
 const TSS_IOMAP_BASE = 102;
 
-interface Segment {
+export interface Segment {
   readonly base: number;
   readonly limit: number;
   readonly selector: number;
@@ -88,7 +88,7 @@ export function gdtDescriptor(seg: Segment): bigint {
 }
 
 /** The kvm_segment form KVM_SET_SREGS takes. */
-function kvmSegment(seg: Segment, rpl: number): Decoded {
+export function kvmSegment(seg: Segment, rpl: number): Decoded {
   return {
     base: BigInt(seg.base),
     limit: seg.limit,
@@ -105,7 +105,7 @@ function kvmSegment(seg: Segment, rpl: number): Decoded {
   };
 }
 
-const flat = (selector: number, type: number, dpl: number, l: 0 | 1, db: 0 | 1): Segment => ({
+export const flat = (selector: number, type: number, dpl: number, l: 0 | 1, db: 0 | 1): Segment => ({
   base: 0,
   limit: 0xffff_ffff,
   selector,

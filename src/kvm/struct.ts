@@ -50,13 +50,15 @@ export class StructType {
     readonly isUnion: boolean,
     members: ReadonlyArray<readonly [string, FieldType]>,
     readonly flex?: readonly [string, FieldType],
+    /** `__attribute__((packed))`: no padding, alignment 1. */
+    readonly packed = false,
   ) {
     let offset = 0;
     let align = 1;
     let size = 0;
     const fields: Field[] = [];
     for (const [fieldName, type] of members) {
-      const fieldAlign = alignOf(type);
+      const fieldAlign = packed ? 1 : alignOf(type);
       align = Math.max(align, fieldAlign);
       const at = isUnion ? 0 : alignUp(offset, fieldAlign);
       fields.push({ name: fieldName, type, offset: at });
@@ -221,6 +223,8 @@ export function writeScalar(type: Scalar, view: DataView, at: number, value: num
 
 export const struct = (name: string, members: ReadonlyArray<readonly [string, FieldType]>, flex?: readonly [string, FieldType]) =>
   new StructType(name, false, members, flex);
+export const packedStruct = (name: string, members: ReadonlyArray<readonly [string, FieldType]>) =>
+  new StructType(name, false, members, undefined, true);
 export const union = (name: string, members: ReadonlyArray<readonly [string, FieldType]>) =>
   new StructType(name, true, members);
 export const array = (element: FieldType, length: number) => new ArrayType(element, length);

@@ -321,6 +321,18 @@ export const kvm_run = struct('kvm_run', [
         ]),
       ],
       [
+        'emulation_failure',
+        struct('kvm_run.emulation_failure', [
+          ['suberror', 'u32'],
+          ['ndata', 'u32'],
+          ['flags', 'u64'],
+          ['', union('kvm_run.emulation_failure.u', [['', struct('kvm_run.emulation_failure.insn', [
+            ['insn_size', 'u8'],
+            ['insn_bytes', array('u8', 15)],
+          ])]])],
+        ]),
+      ],
+      [
         'system_event',
         struct('kvm_run.system_event', [
           ['type', 'u32'],

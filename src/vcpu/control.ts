@@ -4,6 +4,8 @@
 
 export const VM_STATUS = 0;
 export const VM_EXIT_CODE = 1;
+/** Set once by the vCPU thread that installs a VM-wide compatibility fix (compat/pvm.ts). */
+export const VM_COMPAT_CLAIM = 2;
 const FIRST_VCPU_CELL = 4;
 const CELLS_PER_VCPU = 2;
 

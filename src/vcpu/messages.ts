@@ -1,4 +1,5 @@
 // What a vCPU thread is started with and what it reports back.
+import type { CompatConfig } from '../compat/pvm.js';
 import type { DeviceSpec } from '../devices/device.js';
 import type { Decoded } from '../kvm/struct.js';
 import type { GuestMemoryDescriptor } from '../memory/guest-memory.js';
@@ -6,6 +7,8 @@ import type { GuestMemoryDescriptor } from '../memory/guest-memory.js';
 export interface VcpuWorkerInit {
   readonly id: number;
   readonly vcpuFd: number;
+  /** The VM's fd, for KVM_IRQ_LINE from devices. */
+  readonly vmFd: number;
   readonly runMmapSize: number;
   readonly control: SharedArrayBuffer;
   readonly memory: GuestMemoryDescriptor;
@@ -14,6 +17,8 @@ export interface VcpuWorkerInit {
   readonly kickSignal: number;
   /** Log each unhandled port or MMIO address once. */
   readonly logUnhandled: boolean;
+  /** Software-KVM compatibility (compat/pvm.ts); null on hardware KVM. */
+  readonly compat: CompatConfig | null;
 }
 
 /**
@@ -48,6 +53,8 @@ export interface VcpuExit {
   readonly exits: number;
   /** Milliseconds from the first KVM_RUN to the end of the run loop. */
   readonly runMs: number;
+  /** Instructions finished by the software-KVM compatibility layer, by kind. */
+  readonly compat?: Readonly<Record<string, number>>;
 }
 
 export type VcpuMessage =

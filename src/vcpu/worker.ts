@@ -9,11 +9,14 @@
 // EINTR at once. Either way the thread then sees its request cell and consumes the
 // pending signal with sigtimedwait, so there is no window in which a kick is lost.
 import { parentPort, workerData } from 'node:worker_threads';
+import { PvmCompat } from '../compat/pvm.js';
+import { irqLineSetter } from '../devices/irq.js';
 import { buildBuses } from '../devices/registry.js';
 import { KVM, KVM_EXIT, KVM_EXIT_IO_OUT, exitReasonName } from '../kvm/ioctl.js';
 import { ioctlBuf, VcpuFd } from '../kvm/kvm.js';
 import * as libc from '../kvm/libc.js';
 import { dataView } from '../kvm/struct.js';
+import { GuestMemory } from '../memory/guest-memory.js';
 import { kvm_run, kvm_signal_mask } from '../kvm/structs.js';
 import * as ctl from './control.js';
 import type { VcpuExit, VcpuExitReason, VcpuMessage, VcpuWorkerInit } from './messages.js';
@@ -91,6 +94,7 @@ const buses = buildBuses(init.devices, {
   requestExit(code, cause) {
     if (ctl.requestVmExit(cells, code)) guestExitCause = cause;
   },
+  setIrq: irqLineSetter(init.vmFd),
 });
 const reportedUnhandled = new Set<string>();
 function unhandled(what: string): void {
@@ -99,12 +103,17 @@ function unhandled(what: string): void {
   process.stderr.write(`kiln: vcpu${init.id}: ${what} (nothing mapped there; further ones not logged)\n`);
 }
 
-let exits = 0;
-
 /** A u64 field of kvm_run as a number; getBigUint64 would allocate a BigInt per exit. */
 function readU64(offset: number): number {
   return run.getUint32(offset, true) + run.getUint32(offset + 4, true) * 2 ** 32;
 }
+
+const log = (line: string) => process.stderr.write(`kiln: vcpu${init.id}: ${line}\n`);
+const compat = init.compat
+  ? new PvmCompat(init.compat, vcpu, GuestMemory.attach(init.memory), run, () => Atomics.compareExchange(cells, ctl.VM_COMPAT_CLAIM, 0, 1) === 0, log)
+  : null;
+
+let exits = 0;
 let startedAt = 0;
 
 function handleIo(): void {
@@ -182,7 +191,7 @@ function describeExit(reason: number): { reason: VcpuExitReason; detail: string 
 function finish(reason: VcpuExitReason, detail: string, withRegs: boolean): void {
   Atomics.store(cells, STATE, ctl.STATE_STOPPED);
   const runMs = startedAt === 0 ? 0 : performance.now() - startedAt;
-  post({ type: 'exit', exit: { vcpu: init.id, reason, detail, exits, runMs, ...(withRegs ? snapshot() : {}) } });
+  post({ type: 'exit', exit: { vcpu: init.id, reason, detail, exits, runMs, ...(compat ? { compat: compat.counts } : {}), ...(withRegs ? snapshot() : {}) } });
   libc.munmap(runAddr, init.runMmapSize);
 }
 
@@ -225,11 +234,14 @@ function runLoop(): void {
     else if (reason === KVM_EXIT.INTR) {
       consumeKicks();
       continue;
+    } else if (reason === KVM_EXIT.INTERNAL_ERROR && compat?.handleInternalError()) {
+      continue;
     } else {
       const { reason: why, detail } = describeExit(reason);
       return finish(why, detail, true);
     }
     exits++;
+    if (compat) compat.afterExit();
     if (Atomics.load(cells, ctl.VM_STATUS) !== ctl.VM_RUNNING) {
       if (guestExitCause) return finish('guest-exit', guestExitCause, false);
       return finish('stopped', 'another vCPU ended the VM', true);

@@ -1,0 +1,117 @@
+// Reading a vmlinux ELF64 image: its PT_LOAD segments and the Xen PVH entry note.
+import { KilnError } from '../errors.js';
+
+export class KernelImageError extends KilnError {
+  override readonly name: string = 'KernelImageError';
+}
+
+const ELF_MAGIC = 0x464c457f; // "\x7fELF", little-endian
+const ELFCLASS64 = 2;
+const ELFDATA2LSB = 1;
+const EM_X86_64 = 62;
+const PT_LOAD = 1;
+const PT_NOTE = 4;
+/** Xen's ELF note carrying the 32-bit PVH entry point (xen/include/public/elfnote.h). */
+export const XEN_ELFNOTE_PHYS32_ENTRY = 18;
+
+export interface ElfSegment {
+  /** Kernel virtual addresses exceed 2^53: kept exact as BigInt. */
+  readonly vaddr: bigint;
+  readonly paddr: number;
+  readonly fileOffset: number;
+  readonly fileSize: number;
+  readonly memSize: number;
+}
+
+export interface ElfKernel {
+  readonly entry: number;
+  readonly pvhEntry: number | null;
+  readonly segments: readonly ElfSegment[];
+  /**
+   * The end of the kernel's .text (virtual and physical), from the section headers:
+   * the bytes from there to the end of its page are mapped, executable and unused.
+   */
+  readonly textEnd: { readonly vaddr: bigint; readonly paddr: number } | null;
+}
+
+export function isElf(image: Uint8Array): boolean {
+  return image.length >= 4 && new DataView(image.buffer, image.byteOffset, image.byteLength).getUint32(0, true) === ELF_MAGIC;
+}
+
+export function parseElfKernel(image: Uint8Array): ElfKernel {
+  const dv = new DataView(image.buffer, image.byteOffset, image.byteLength);
+  const need = (end: number, what: string) => {
+    if (end > image.length) throw new KernelImageError(`the kernel ELF image is truncated: ${what} ends at byte ${end}, the file has ${image.length}`);
+  };
+  need(64, 'the ELF header');
+  if (dv.getUint8(4) !== ELFCLASS64 || dv.getUint8(5) !== ELFDATA2LSB) throw new KernelImageError('the kernel is an ELF file but not 64-bit little-endian');
+  if (dv.getUint16(18, true) !== EM_X86_64) throw new KernelImageError(`the kernel is an ELF file for machine ${dv.getUint16(18, true)}, not x86-64`);
+  const u64 = (at: number) => Number(dv.getBigUint64(at, true));
+  const entry = u64(24);
+  const phoff = u64(32);
+  const phentsize = dv.getUint16(54, true);
+  const phnum = dv.getUint16(56, true);
+  if (phnum === 0 || phentsize < 56) throw new KernelImageError('the kernel ELF image has no program headers');
+  need(phoff + phnum * phentsize, 'the program headers');
+  const segments: ElfSegment[] = [];
+  let pvhEntry: number | null = null;
+  for (let i = 0; i < phnum; i++) {
+    const ph = phoff + i * phentsize;
+    const type = dv.getUint32(ph, true);
+    const fileOffset = u64(ph + 8);
+    const vaddr = dv.getBigUint64(ph + 16, true);
+    const paddr = u64(ph + 24);
+    const fileSize = u64(ph + 32);
+    const memSize = u64(ph + 40);
+    if (type === PT_LOAD) {
+      need(fileOffset + fileSize, `segment ${i}`);
+      if (memSize < fileSize) throw new KernelImageError(`ELF segment ${i} is smaller in memory than in the file`);
+      segments.push({ vaddr, paddr, fileOffset, fileSize, memSize });
+    } else if (type === PT_NOTE) {
+      need(fileOffset + fileSize, `note segment ${i}`);
+      pvhEntry ??= findPvhNote(dv, fileOffset, fileSize);
+    }
+  }
+  if (segments.length === 0) throw new KernelImageError('the kernel ELF image has nothing to load (no PT_LOAD segment)');
+  return { entry, pvhEntry, segments, textEnd: findTextEnd(dv, segments) };
+}
+
+/** The end of section ".text", mapped to a physical address through the PT_LOAD segments. */
+function findTextEnd(dv: DataView, segments: readonly ElfSegment[]): { vaddr: bigint; paddr: number } | null {
+  const u64 = (at: number) => Number(dv.getBigUint64(at, true));
+  const shoff = u64(0x28);
+  const shentsize = dv.getUint16(0x3a, true);
+  const shnum = dv.getUint16(0x3c, true);
+  const shstrndx = dv.getUint16(0x3e, true);
+  if (shoff === 0 || shentsize < 64 || shstrndx >= shnum || shoff + shnum * shentsize > dv.byteLength) return null;
+  const strtab = u64(shoff + shstrndx * shentsize + 0x18);
+  const name = (offset: number) => {
+    let s = '';
+    for (let at = strtab + offset; at < dv.byteLength && dv.getUint8(at) !== 0 && s.length < 32; at++) s += String.fromCharCode(dv.getUint8(at));
+    return s;
+  };
+  for (let i = 0; i < shnum; i++) {
+    const sh = shoff + i * shentsize;
+    if (name(dv.getUint32(sh, true)) !== '.text') continue;
+    const vaddr = dv.getBigUint64(sh + 0x10, true) + dv.getBigUint64(sh + 0x20, true);
+    const seg = segments.find((s) => vaddr > s.vaddr && vaddr <= s.vaddr + BigInt(s.memSize));
+    return seg ? { vaddr, paddr: seg.paddr + Number(vaddr - seg.vaddr) } : null;
+  }
+  return null;
+}
+
+function findPvhNote(dv: DataView, start: number, size: number): number | null {
+  const align4 = (n: number) => (n + 3) & ~3;
+  for (let at = start; at + 12 <= start + size; ) {
+    const namesz = dv.getUint32(at, true);
+    const descsz = dv.getUint32(at + 4, true);
+    const type = dv.getUint32(at + 8, true);
+    const name = at + 12;
+    const desc = name + align4(namesz);
+    if (desc + descsz > start + size) return null;
+    const isXen = namesz === 4 && dv.getUint32(name, true) === 0x006e6558; // "Xen\0"
+    if (isXen && type === XEN_ELFNOTE_PHYS32_ENTRY && descsz >= 4) return dv.getUint32(desc, true);
+    at = desc + align4(descsz);
+  }
+  return null;
+}

@@ -1,0 +1,85 @@
+// CPU templates: named sets of CPUID changes (and, for software KVM, the kernel
+// command-line flags that hide the same features from Linux when KVM_SET_CPUID2 cannot).
+import { KilnError } from '../errors.js';
+import type { CpuidEntry, CpuidRegister } from './cpuid.js';
+
+export interface FeatureBit {
+  /** The name Linux's clearcpuid= accepts, e.g. "popcnt". */
+  readonly name: string;
+  readonly leaf: number;
+  readonly index: number;
+  readonly register: CpuidRegister;
+  readonly bit: number;
+}
+
+// Feature bits Kiln may hide (Intel SDM vol. 2, CPUID leaves 1 and 7).
+export const FEATURES = {
+  xsave: { name: 'xsave', leaf: 1, index: 0, register: 'ecx', bit: 26 },
+  osxsave: { name: 'osxsave', leaf: 1, index: 0, register: 'ecx', bit: 27 },
+  avx: { name: 'avx', leaf: 1, index: 0, register: 'ecx', bit: 28 },
+  popcnt: { name: 'popcnt', leaf: 1, index: 0, register: 'ecx', bit: 23 },
+  cx16: { name: 'cx16', leaf: 1, index: 0, register: 'ecx', bit: 13 },
+  smep: { name: 'smep', leaf: 7, index: 0, register: 'ebx', bit: 7 },
+  smap: { name: 'smap', leaf: 7, index: 0, register: 'ebx', bit: 20 },
+  avx2: { name: 'avx2', leaf: 7, index: 0, register: 'ebx', bit: 5 },
+  avx512f: { name: 'avx512f', leaf: 7, index: 0, register: 'ebx', bit: 16 },
+} as const satisfies Record<string, FeatureBit>;
+
+export interface CpuTemplate {
+  readonly name: string;
+  readonly description: string;
+  /** Features cleared from CPUID. */
+  readonly hide: readonly FeatureBit[];
+  /** Kernel command-line flags that hide the same features where CPUID changes are ignored. */
+  readonly cmdline: readonly string[];
+}
+
+const hideFlags = (hide: readonly FeatureBit[]): string[] => {
+  const flags: string[] = [];
+  if (hide.some((f) => f.name === 'xsave')) flags.push('noxsave');
+  const rest = hide.filter((f) => f.name !== 'xsave' && f.name !== 'osxsave').map((f) => f.name);
+  if (rest.length) flags.push(`clearcpuid=${rest.join(',')}`);
+  return flags;
+};
+
+function template(name: string, description: string, hide: FeatureBit[]): CpuTemplate {
+  return { name, description, hide, cmdline: hideFlags(hide) };
+}
+
+export const CPU_TEMPLATES: Readonly<Record<string, CpuTemplate>> = {
+  host: template('host', 'everything KVM supports, unchanged', []),
+  /** What Linux needs hidden to boot on kvm_pvm (MACHINE.md): XSAVE, POPCNT, SMAP, SMEP. */
+  pvm: template('pvm', 'hides XSAVE, POPCNT, SMAP and SMEP (needed on software KVM)', [
+    FEATURES.xsave,
+    FEATURES.osxsave,
+    FEATURES.avx,
+    FEATURES.popcnt,
+    FEATURES.smap,
+    FEATURES.smep,
+  ]),
+  /** A conservative baseline for migration between unlike hosts. */
+  baseline: template('baseline', 'hides AVX and later vector extensions, XSAVE and SMAP/SMEP', [
+    FEATURES.xsave,
+    FEATURES.osxsave,
+    FEATURES.avx,
+    FEATURES.avx2,
+    FEATURES.avx512f,
+    FEATURES.smap,
+    FEATURES.smep,
+  ]),
+};
+
+export function cpuTemplate(name: string): CpuTemplate {
+  const t = CPU_TEMPLATES[name];
+  if (!t) throw new KilnError(`unknown CPU template '${name}' (known: ${Object.keys(CPU_TEMPLATES).join(', ')})`);
+  return t;
+}
+
+/** Applies a template's CPUID changes to a table (in place is avoided: returns a copy). */
+export function applyTemplate(entries: readonly CpuidEntry[], t: CpuTemplate): CpuidEntry[] {
+  const out = entries.map((e) => ({ ...e }));
+  for (const f of t.hide) {
+    for (const e of out) if (e.function === f.leaf && e.index === f.index) e[f.register] = (e[f.register] & ~(1 << f.bit)) >>> 0;
+  }
+  return out;
+}
