@@ -71,6 +71,27 @@ export const PORT_PROGRESS_SIZE = 4;
  */
 export const PORT_DEBUG_EXIT = 0x501;
 export const PORT_DEBUG_EXIT_SIZE = 4;
+/** ACPI (hardware-reduced) sleep control, sleep status and reset registers (FADT). */
+export const PORT_ACPI_SLEEP_CONTROL = 0x600;
+export const PORT_ACPI_SLEEP_STATUS = 0x601;
+export const PORT_ACPI_RESET = 0x602;
+export const PORT_ACPI_PM_SIZE = 3;
+/** The value the FADT tells the guest to write to the reset register. */
+export const ACPI_RESET_VALUE = 0x01;
+/** The i8042 keyboard controller: data and status/command ports (reset via command 0xFE). */
+export const PORT_I8042_DATA = 0x60;
+export const PORT_I8042_COMMAND = 0x64;
+/** CMOS RTC index and data ports. */
+export const PORT_RTC = 0x70;
+export const PORT_RTC_SIZE = 2;
+
+// ---- Interrupts (GSIs on the IOAPIC; ISA IRQs map 1:1 but for the PIT's 0 -> 2) ----
+export const IRQ_COM1 = 4;
+export const IRQ_RTC = 8;
+/** The Generic Event Device's interrupt: it delivers the ACPI power button. */
+export const IRQ_GED = 10;
+export const IOAPIC_PINS = 24;
+
 /** The port I/O test device of the guest kit (echo and access recorder). */
 export const PORT_TEST_DEVICE = 0x510;
 export const PORT_TEST_DEVICE_SIZE = 16;

@@ -1,0 +1,188 @@
+// ACPI tables (ACPI 6.5, chapter 5) for a hardware-reduced platform: RSDP -> XSDT ->
+// FADT (-> DSDT), MADT. Pure: build() takes the VM's shape and returns the bytes to
+// place at ACPI_START and the RSDP's address. test/acpi decodes every table with iasl.
+import { KilnError } from '../errors.js';
+import {
+  ACPI_END,
+  ACPI_RESET_VALUE,
+  ACPI_START,
+  IOAPIC_START,
+  IRQ_COM1,
+  IRQ_GED,
+  IRQ_RTC,
+  LAPIC_START,
+  PORT_ACPI_RESET,
+  PORT_ACPI_SLEEP_CONTROL,
+  PORT_ACPI_SLEEP_STATUS,
+  PORT_COM1,
+  PORT_COM_SIZE,
+  PORT_RTC,
+  PORT_RTC_SIZE,
+} from '../layout.js';
+import * as aml from './aml.js';
+
+export const OEM_ID = 'KILN  ';
+const CREATOR_ID = 'KILN';
+const HEADER_SIZE = 36;
+
+/** The _S5 sleep type; the guest writes (SLP_TYP << 2) | SLP_EN to the sleep control register. */
+export const SLP_TYP_S5 = 5;
+export const SLP_EN = 1 << 5;
+export const SLEEP_CONTROL_S5 = (SLP_TYP_S5 << 2) | SLP_EN;
+
+function checksum(table: Uint8Array, from = 0, to = table.length): number {
+  let sum = 0;
+  for (let i = from; i < to; i++) sum = (sum + table[i]!) & 0xff;
+  return (0x100 - sum) & 0xff;
+}
+
+/** A table: the standard header (signature, length, revision, checksum, OEM ids) and a body. */
+function table(signature: string, revision: number, oemTableId: string, body: Uint8Array): Uint8Array {
+  const out = new Uint8Array(HEADER_SIZE + body.length);
+  const dv = new DataView(out.buffer);
+  const ascii = (s: string, at: number) => out.set(new TextEncoder().encode(s), at);
+  ascii(signature, 0);
+  dv.setUint32(4, out.length, true);
+  dv.setUint8(8, revision);
+  ascii(OEM_ID, 10);
+  ascii(oemTableId.padEnd(8, ' '), 16);
+  dv.setUint32(24, 1, true);
+  ascii(CREATOR_ID, 28);
+  dv.setUint32(32, 1, true);
+  out.set(body, HEADER_SIZE);
+  out[9] = checksum(out);
+  return out;
+}
+
+/** Generic Address Structure in system I/O space. */
+function gasIo(dv: DataView, at: number, port: number, bits: number): void {
+  dv.setUint8(at, 1); // SystemIO
+  dv.setUint8(at + 1, bits);
+  dv.setUint8(at + 2, 0);
+  dv.setUint8(at + 3, 1); // byte access
+  dv.setBigUint64(at + 4, BigInt(port), true);
+}
+
+// FADT (5.2.9), revision 6: 276 bytes.
+const FADT_LENGTH = 276;
+const FADT_FLAG_RESET_REG_SUP = 1 << 10;
+const FADT_FLAG_HW_REDUCED_ACPI = 1 << 20;
+const IAPC_BOOT_ARCH_8042 = 1 << 1;
+const IAPC_BOOT_ARCH_VGA_NOT_PRESENT = 1 << 2;
+const FADT_MINOR_VERSION = 5;
+
+function fadt(dsdtAddr: number): Uint8Array {
+  const body = new Uint8Array(FADT_LENGTH - HEADER_SIZE);
+  const dv = new DataView(body.buffer);
+  const at = (offset: number) => offset - HEADER_SIZE;
+  dv.setUint32(at(40), dsdtAddr, true); // DSDT
+  dv.setUint16(at(109), IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT, true);
+  dv.setUint32(at(112), FADT_FLAG_HW_REDUCED_ACPI | FADT_FLAG_RESET_REG_SUP, true);
+  gasIo(dv, at(116), PORT_ACPI_RESET, 8); // RESET_REG
+  dv.setUint8(at(128), ACPI_RESET_VALUE);
+  dv.setUint8(at(131), FADT_MINOR_VERSION);
+  dv.setBigUint64(at(140), BigInt(dsdtAddr), true); // X_DSDT
+  gasIo(dv, at(244), PORT_ACPI_SLEEP_CONTROL, 8);
+  gasIo(dv, at(256), PORT_ACPI_SLEEP_STATUS, 8);
+  body.set(new TextEncoder().encode('KILNKVM\0'), at(268)); // hypervisor vendor identity
+  return table('FACP', 6, 'KILNFACP', body);
+}
+
+// MADT (5.2.12).
+const MADT_PCAT_COMPAT = 1;
+const MADT_LOCAL_APIC = 0;
+const MADT_IO_APIC = 1;
+const MADT_INTERRUPT_OVERRIDE = 2;
+const MADT_LOCAL_APIC_NMI = 4;
+const LOCAL_APIC_ENABLED = 1;
+/** xAPIC ids are 8 bits and 0xff is broadcast. */
+export const MAX_MADT_VCPUS = 254;
+
+function madt(vcpus: number): Uint8Array {
+  if (vcpus > MAX_MADT_VCPUS) throw new KilnError(`ACPI MADT: at most ${MAX_MADT_VCPUS} vCPUs (got ${vcpus})`);
+  const parts: number[] = [];
+  const u32 = (v: number) => [v & 0xff, (v >>> 8) & 0xff, (v >>> 16) & 0xff, v >>> 24];
+  for (let i = 0; i < vcpus; i++) parts.push(MADT_LOCAL_APIC, 8, i, i, ...u32(LOCAL_APIC_ENABLED));
+  parts.push(MADT_IO_APIC, 12, 0, 0, ...u32(IOAPIC_START), ...u32(0));
+  // ISA IRQ 0 (PIT) arrives on GSI 2; COM1's IRQ 4 needs an explicit entry on a
+  // hardware-reduced platform or Linux leaves the port without an interrupt.
+  parts.push(MADT_INTERRUPT_OVERRIDE, 10, 0, 0, ...u32(2), 0, 0);
+  parts.push(MADT_INTERRUPT_OVERRIDE, 10, 0, IRQ_COM1, ...u32(IRQ_COM1), 0, 0);
+  parts.push(MADT_LOCAL_APIC_NMI, 6, 0xff, 0, 0, 1); // all processors: LINT1 is NMI
+  const body = new Uint8Array(8 + parts.length);
+  const dv = new DataView(body.buffer);
+  dv.setUint32(0, LAPIC_START, true);
+  dv.setUint32(4, MADT_PCAT_COMPAT, true);
+  body.set(parts, 8);
+  return table('APIC', 5, 'KILNMADT', body);
+}
+
+/** The DSDT's AML: COM1, the RTC, the power button and its GED, one ACPI0007 per vCPU, _S5. */
+export function dsdtAml(vcpus: number): Uint8Array {
+  const hid = (id: string) => aml.name('_HID', aml.eisaId(id));
+  const uid = (n: number) => aml.name('_UID', aml.integer(n));
+  const sb = aml.scope('\\_SB', [
+    aml.device('COM1', [hid('PNP0501'), uid(1), aml.name('_CRS', aml.resourceTemplate([aml.ioPort(PORT_COM1, PORT_COM_SIZE), aml.irqNoFlags(IRQ_COM1)]))]),
+    aml.device('RTC', [hid('PNP0B00'), aml.name('_CRS', aml.resourceTemplate([aml.ioPort(PORT_RTC, PORT_RTC_SIZE), aml.irqNoFlags(IRQ_RTC)]))]),
+    aml.device('PWRB', [hid('PNP0C0C'), uid(0)]),
+    aml.device('GED', [
+      aml.name('_HID', aml.string('ACPI0013')),
+      uid(0),
+      aml.name('_CRS', aml.resourceTemplate([aml.extendedInterrupt(IRQ_GED)])),
+      // Linux calls _EVT with the GSI that fired; Kiln raises IRQ_GED only for the power button.
+      aml.method('_EVT', 1, [aml.ifThen(aml.lEqual(aml.arg0, aml.integer(IRQ_GED)), [aml.notify('\\_SB.PWRB', 0x80)])]),
+    ]),
+    ...Array.from({ length: vcpus }, (_, i) => aml.device(`C${i.toString(16).toUpperCase().padStart(3, '0')}`, [aml.name('_HID', aml.string('ACPI0007')), uid(i)])),
+  ]);
+  const s5 = aml.name('_S5', aml.packageOf([aml.integer(SLP_TYP_S5), aml.integer(0)]));
+  return aml.amlConcat([sb, s5]);
+}
+
+export interface AcpiTables {
+  /** Bytes to place at `base`. */
+  readonly base: number;
+  readonly bytes: Uint8Array;
+  readonly rsdp: number;
+  /** Each table's guest address, by signature. */
+  readonly addresses: Readonly<Record<string, number>>;
+}
+
+const align = (n: number, a: number) => Math.ceil(n / a) * a;
+
+export function buildAcpiTables(shape: { vcpus: number }): AcpiTables {
+  const base = ACPI_START;
+  const rsdpSize = 36;
+  const dsdtAddr = base + align(rsdpSize, 16);
+  const dsdt = table('DSDT', 6, 'KILNDSDT', dsdtAml(shape.vcpus));
+  const fadtAddr = align(dsdtAddr + dsdt.length, 16);
+  const fadtTable = fadt(dsdtAddr);
+  const madtAddr = align(fadtAddr + fadtTable.length, 16);
+  const madtTable = madt(shape.vcpus);
+  const xsdtAddr = align(madtAddr + madtTable.length, 16);
+  const entries = [fadtAddr, madtAddr];
+  const xsdtBody = new Uint8Array(entries.length * 8);
+  entries.forEach((a, i) => new DataView(xsdtBody.buffer).setBigUint64(i * 8, BigInt(a), true));
+  const xsdt = table('XSDT', 1, 'KILNXSDT', xsdtBody);
+  const end = xsdtAddr + xsdt.length;
+  if (end > ACPI_END) throw new KilnError(`the ACPI tables need ${end - base} bytes; the ACPI area holds ${ACPI_END - base}`);
+
+  // RSDP (5.2.5), revision 2.
+  const rsdp = new Uint8Array(rsdpSize);
+  const rdv = new DataView(rsdp.buffer);
+  rsdp.set(new TextEncoder().encode('RSD PTR '), 0);
+  rsdp.set(new TextEncoder().encode(OEM_ID), 9);
+  rdv.setUint8(15, 2);
+  rdv.setUint32(20, rsdpSize, true);
+  rdv.setBigUint64(24, BigInt(xsdtAddr), true);
+  rsdp[8] = checksum(rsdp, 0, 20);
+  rsdp[32] = checksum(rsdp);
+
+  const bytes = new Uint8Array(end - base);
+  const place = (addr: number, t: Uint8Array) => bytes.set(t, addr - base);
+  place(base, rsdp);
+  place(dsdtAddr, dsdt);
+  place(fadtAddr, fadtTable);
+  place(madtAddr, madtTable);
+  place(xsdtAddr, xsdt);
+  return { base, bytes, rsdp: base, addresses: { RSDP: base, DSDT: dsdtAddr, FACP: fadtAddr, APIC: madtAddr, XSDT: xsdtAddr } };
+}
