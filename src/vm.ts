@@ -31,6 +31,8 @@ export interface VmConfig {
 export interface VmResult {
   /** The guest's requested exit status, or null if the VM did not end that way. */
   readonly exitCode: number | null;
+  /** The guest reset the machine (reboot) rather than exiting. */
+  readonly reset: boolean;
   /** Why the VM ended: the first vCPU exit that was not a plain stop, else 'stopped'. */
   readonly reason: VcpuExit['reason'];
   readonly detail: string;
@@ -152,8 +154,10 @@ export class Vm {
       }),
     );
     const decisive = exits.find((e) => e.reason === 'guest-exit') ?? exits.find((e) => FATAL.has(e.reason)) ?? exits.find((e) => e.reason !== 'stopped') ?? exits[0]!;
-    const exitCode = decisive.reason === 'guest-exit' ? Atomics.load(this.cells, ctl.VM_EXIT_CODE) : null;
-    return { exitCode, reason: decisive.reason, detail: decisive.detail, vcpus: exits };
+    const guestExit = decisive.reason === 'guest-exit';
+    const reset = guestExit && Atomics.load(this.cells, ctl.VM_EXIT_KIND) === ctl.EXIT_KIND_RESET;
+    const exitCode = guestExit && !reset ? Atomics.load(this.cells, ctl.VM_EXIT_CODE) : null;
+    return { exitCode, reset, reason: decisive.reason, detail: decisive.detail, vcpus: exits };
   }
 
   /** Resolves when every vCPU has ended. */

@@ -22,6 +22,8 @@ export interface DeviceSpec {
 export interface DeviceContext {
   /** Ends the VM with this exit status (the guest asked for it). */
   requestExit(code: number, cause: string): void;
+  /** Ends the VM because the guest reset the machine (reboot); the VMM decides what follows. */
+  requestReset(cause: string): void;
   /** Drives an interrupt line of the in-kernel PIC/IOAPIC (KVM_IRQ_LINE). */
   setIrq(irq: number, level: 0 | 1): void;
 }

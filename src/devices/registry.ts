@@ -2,9 +2,12 @@
 import { Bus } from '../bus/bus.js';
 import { SharedLock } from '../bus/shared-lock.js';
 import { KilnError } from '../errors.js';
+import { acpiPmModel } from './acpi-pm.js';
 import { debugExitModel } from './debug-exit.js';
 import { LOCK_INDEX, STATE_HEADER_BYTES, type DeviceContext, type DeviceModel, type DeviceOptions, type DeviceSpec } from './device.js';
+import { i8042Model } from './i8042.js';
 import { progressModel } from './progress.js';
+import { rtcModel } from './rtc.js';
 import { serialModel } from './serial.js';
 import { testDeviceModel } from './test-device.js';
 
@@ -13,6 +16,9 @@ export const deviceModels: Readonly<Record<string, DeviceModel>> = {
   progress: progressModel,
   'debug-exit': debugExitModel,
   'test-device': testDeviceModel,
+  'acpi-pm': acpiPmModel,
+  i8042: i8042Model,
+  rtc: rtcModel,
 };
 
 export function modelFor(kind: string): DeviceModel {

@@ -111,6 +111,7 @@ export const KVM_EXIT_IO_IN = 0;
 export const KVM_EXIT_IO_OUT = 1;
 export const KVM_API_VERSION = 12;
 export const KVM_MEM_READONLY = 1 << 1;
+export const KVM_PIT_SPEAKER_DUMMY = 1;
 
 const exitNames = new Map<number, string>(Object.entries(KVM_EXIT).map(([name, value]) => [value, `KVM_EXIT_${name}`]));
 

@@ -1,7 +1,7 @@
 // Thin, typed wrappers over the three kinds of KVM file descriptor: the system
 // (/dev/kvm), a VM and a vCPU. Every failing ioctl becomes a KvmIoctlError that names it.
 import { KilnError, KvmIoctlError, SyscallError } from '../errors.js';
-import { KVM, KVM_API_VERSION, KVM_CAP, type KvmIoctlName } from './ioctl.js';
+import { KVM, KVM_API_VERSION, KVM_CAP, KVM_PIT_SPEAKER_DUMMY, type KvmIoctlName } from './ioctl.js';
 import * as libc from './libc.js';
 import { dataView, type Decoded, type StructType } from './struct.js';
 import * as s from './structs.js';
@@ -142,8 +142,9 @@ export class VmFd {
     ioctlInt(this.fd, 'CREATE_IRQCHIP');
   }
 
+  /** The in-kernel PIT; with KVM_PIT_SPEAKER_DUMMY KVM also answers port 0x61 itself. */
   createPit2(): void {
-    ioctlIn(this.fd, 'CREATE_PIT2', s.kvm_pit_config, { flags: 0 });
+    ioctlIn(this.fd, 'CREATE_PIT2', s.kvm_pit_config, { flags: KVM_PIT_SPEAKER_DUMMY });
   }
 
   irqLine(irq: number, level: 0 | 1): void {

@@ -6,6 +6,10 @@ export const VM_STATUS = 0;
 export const VM_EXIT_CODE = 1;
 /** Set once by the vCPU thread that installs a VM-wide compatibility fix (compat/pvm.ts). */
 export const VM_COMPAT_CLAIM = 2;
+/** How the guest asked to end: EXIT_KIND_EXIT (status in VM_EXIT_CODE) or EXIT_KIND_RESET. */
+export const VM_EXIT_KIND = 3;
+export const EXIT_KIND_EXIT = 0;
+export const EXIT_KIND_RESET = 1;
 const FIRST_VCPU_CELL = 4;
 const CELLS_PER_VCPU = 2;
 
@@ -32,8 +36,9 @@ export function allocateControl(vcpus: number): SharedArrayBuffer {
  * Records that the guest asked the VM to end with `code`. The first request wins;
  * returns whether this one was it.
  */
-export function requestVmExit(cells: Int32Array, code: number): boolean {
+export function requestVmExit(cells: Int32Array, code: number, kind = EXIT_KIND_EXIT): boolean {
   if (Atomics.compareExchange(cells, VM_STATUS, VM_RUNNING, VM_EXIT_REQUESTED) !== VM_RUNNING) return false;
   Atomics.store(cells, VM_EXIT_CODE, code);
+  Atomics.store(cells, VM_EXIT_KIND, kind);
   return true;
 }

@@ -94,6 +94,9 @@ const buses = buildBuses(init.devices, {
   requestExit(code, cause) {
     if (ctl.requestVmExit(cells, code)) guestExitCause = cause;
   },
+  requestReset(cause) {
+    if (ctl.requestVmExit(cells, 0, ctl.EXIT_KIND_RESET)) guestExitCause = cause;
+  },
   setIrq: irqLineSetter(init.vmFd),
 });
 const reportedUnhandled = new Set<string>();

@@ -1,0 +1,125 @@
+// Assembling a VM that boots Linux: validate the kernel, initrd and command line,
+// then create the VM (in-kernel irqchip and PIT), its devices and ACPI tables, set up
+// every vCPU, and load the kernel. Every check happens before the VM exists.
+import { readFileSync, statSync } from 'node:fs';
+import { buildAcpiTables, MAX_MADT_VCPUS } from '../acpi/tables.js';
+import { isSoftwareKvm, planSyscallFix } from '../compat/pvm.js';
+import { supportedCpuid } from '../cpu/cpuid.js';
+import { configureVcpu, setBootRegisters } from '../cpu/setup.js';
+import { applyTemplate, cpuTemplate, type CpuTemplate } from '../cpu/templates.js';
+import type { DeviceSpec } from '../devices/device.js';
+import { irqLineSetter } from '../devices/irq.js';
+import { SerialHost } from '../devices/serial.js';
+import { KilnError } from '../errors.js';
+import * as layout from '../layout.js';
+import { ramRanges, validateMemorySize } from '../memory/guest-memory.js';
+import { Vm } from '../vm.js';
+import { loadKernel, type BootImage } from './loader.js';
+
+export interface LinuxVmConfig {
+  readonly kernelPath: string;
+  readonly initrdPath?: string;
+  /** The user's command line; Kiln adds the console and, where needed, the template's flags. */
+  readonly cmdline?: string;
+  readonly cpus: number;
+  readonly memoryBytes: number;
+  /** CPU template name; default 'pvm' on software KVM, 'host' elsewhere. */
+  readonly cpuTemplate?: string;
+  readonly serialOutFd: number;
+  readonly logUnhandled?: boolean;
+}
+
+export interface LinuxVm {
+  readonly vm: Vm;
+  readonly serial: SerialHost;
+  readonly progress: DeviceSpec;
+  readonly boot: BootImage;
+  readonly cmdline: string;
+  readonly template: CpuTemplate;
+  readonly softwareKvm: boolean;
+  /** Presses the ACPI power button (a Generic Event Device interrupt). */
+  pressPowerButton(): void;
+}
+
+/** What Kiln puts on every command line: the serial console, and reboot through the i8042. */
+export const BASE_CMDLINE = 'console=ttyS0 reboot=k panic=-1';
+/**
+ * Added on software KVM, where kernel-mode code is emulated: skip the delay-loop
+ * calibration and the TSC's stability watchdog, both slow there.
+ */
+export const SOFTWARE_KVM_CMDLINE = 'lpj=5000000 tsc=reliable';
+
+function readGuestFile(path: string, what: string): Uint8Array {
+  let size: number;
+  try {
+    const st = statSync(path);
+    if (!st.isFile()) throw new KilnError(`the ${what} '${path}' is not a regular file`);
+    size = st.size;
+  } catch (err) {
+    if (err instanceof KilnError) throw err;
+    throw new KilnError(`cannot read the ${what} '${path}': ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+  if (size === 0) throw new KilnError(`the ${what} '${path}' is empty`);
+  return new Uint8Array(readFileSync(path));
+}
+
+export function composeCmdline(user: string | undefined, template: CpuTemplate, softwareKvm: boolean): string {
+  const parts = [BASE_CMDLINE];
+  if (softwareKvm) parts.push(SOFTWARE_KVM_CMDLINE, ...template.cmdline);
+  if (user?.trim()) parts.push(user.trim());
+  return parts.join(' ');
+}
+
+export function createLinuxVm(config: LinuxVmConfig): LinuxVm {
+  const softwareKvm = isSoftwareKvm();
+  const template = cpuTemplate(config.cpuTemplate ?? (softwareKvm ? 'pvm' : 'host'));
+  if (!Number.isInteger(config.cpus) || config.cpus < 1) throw new KilnError(`vCPU count must be at least 1 (got ${config.cpus})`);
+  if (config.cpus > MAX_MADT_VCPUS) throw new KilnError(`vCPU count must be at most ${MAX_MADT_VCPUS} (got ${config.cpus})`);
+  validateMemorySize(config.memoryBytes);
+  const kernel = readGuestFile(config.kernelPath, 'kernel');
+  const initrd = config.initrdPath ? readGuestFile(config.initrdPath, 'initrd') : undefined;
+  const cmdline = composeCmdline(config.cmdline, template, softwareKvm);
+  const acpi = buildAcpiTables({ vcpus: config.cpus });
+  // The whole boot layout is computed (and checked) before the VM exists.
+  const boot = loadKernel({ kernel, initrd, cmdline, ram: ramRanges(config.memoryBytes), rsdp: acpi.rsdp });
+
+  const vm = Vm.create({
+    memoryBytes: config.memoryBytes,
+    vcpus: config.cpus,
+    irqchip: true,
+    logUnhandled: config.logUnhandled ?? false,
+    compat: softwareKvm ? { syscallFix: planSyscallFix(boot.textEnd) } : null,
+  });
+  try {
+    const com1 = vm.addDevice({ id: 'com1', kind: 'serial', bus: 'pio', base: layout.PORT_COM1, size: layout.PORT_COM_SIZE, options: { outFd: config.serialOutFd, irq: layout.IRQ_COM1 } });
+    const progress = vm.addDevice({ id: 'progress', kind: 'progress', bus: 'pio', base: layout.PORT_PROGRESS, size: layout.PORT_PROGRESS_SIZE });
+    vm.addDevice({ id: 'debug-exit', kind: 'debug-exit', bus: 'pio', base: layout.PORT_DEBUG_EXIT, size: layout.PORT_DEBUG_EXIT_SIZE });
+    vm.addDevice({ id: 'acpi-pm', kind: 'acpi-pm', bus: 'pio', base: layout.PORT_ACPI_SLEEP_CONTROL, size: layout.PORT_ACPI_PM_SIZE });
+    vm.addDevice({ id: 'i8042', kind: 'i8042', bus: 'pio', base: layout.PORT_I8042_DATA, size: layout.PORT_I8042_COMMAND - layout.PORT_I8042_DATA + 1 });
+    vm.addDevice({ id: 'rtc', kind: 'rtc', bus: 'pio', base: layout.PORT_RTC, size: layout.PORT_RTC_SIZE });
+
+    const cpuid = applyTemplate(supportedCpuid(vm.kvmSystem), template);
+    vm.vcpus.forEach((vcpu, i) => configureVcpu(vcpu, i, config.cpus, cpuid, true));
+    vm.memory.write(acpi.base, acpi.bytes);
+    for (const w of boot.writes) vm.memory.write(w.gpa, w.bytes);
+    setBootRegisters(vm.vcpus[0]!, vm.memory, boot.entry);
+
+    const setIrq = irqLineSetter(vm.vmFd.fd);
+    return {
+      vm,
+      serial: new SerialHost(com1.state, com1.options, setIrq),
+      progress,
+      boot,
+      cmdline,
+      template,
+      softwareKvm,
+      pressPowerButton() {
+        setIrq(layout.IRQ_GED, 1);
+        setIrq(layout.IRQ_GED, 0);
+      },
+    };
+  } catch (err) {
+    void vm.destroy();
+    throw err;
+  }
+}
