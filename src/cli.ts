@@ -4,9 +4,14 @@ import { closeSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
+import { createLinuxVm } from './boot/linux.js';
+import { CPU_TEMPLATES } from './cpu/templates.js';
 import { addStandardDevices, loadDemo } from './demo.js';
+import type { DeviceSpec } from './devices/device.js';
 import { readProgress } from './devices/progress.js';
+import type { SerialHost } from './devices/serial.js';
 import { KilnError } from './errors.js';
+import { buildCloudKernel, buildInitramfs, buildMinimalKernel, buildRootfs, cacheDir } from './guestkit/build.js';
 import { parseSize } from './size.js';
 import { Vm, type VmResult } from './vm.js';
 
@@ -15,14 +20,26 @@ const VERSION = '0.1.0';
 const USAGE = `Usage: kiln <command> [options]
 
 Commands:
-  run --demo        boot the built-in demo guest and show its serial output
+  run               boot a guest and attach its serial console (Ctrl-A x quits, Ctrl-A p presses the power button)
+  guest build [ARTIFACT...]
+                    build guest kit artifacts into the cache: minimal-kernel, initramfs, rootfs, cloud-kernel
+                    (default: minimal-kernel initramfs)
   version           print Kiln's version
 
-Options for run:
+Options for run (with no guest named, Kiln boots the kit's minimal Linux, building it first if needed):
+  --kernel PATH     a Linux kernel: ELF vmlinux (PVH or 64-bit entry) or bzImage
+  --initrd PATH     an initramfs or initrd
+  --cmdline TEXT    extra kernel command line (Kiln adds console=ttyS0 and what the CPU template needs)
+  --demo            boot the built-in demo guest instead
   --memory SIZE     guest RAM: MiB, or with a unit (128M, 1G); default 128M
   --cpus N          number of vCPUs; default 1
-  --json            print one JSON result (with the serial output) instead of streaming
+  --cpu-template T  ${Object.keys(CPU_TEMPLATES).join(', ')} (default: pvm on software KVM, host elsewhere)
+  --on-reboot WHAT  exit (default) or restart when the guest reboots
+  --json            print one JSON result (with the serial output) instead of attaching the console
   --verbose         log unhandled port and MMIO accesses (once each)
+
+Options for guest build:
+  --json            print the artifacts' paths as JSON
 `;
 
 /** Exit statuses scripts can rely on. */
@@ -33,8 +50,10 @@ const EXIT_VM_FAILED = 3;
 
 class UsageError extends KilnError {}
 
+const progress = (line: string) => process.stderr.write(`kiln: ${line}\n`);
+
 function describe(result: VmResult): string {
-  if (result.reason === 'guest-exit') return `guest exited with status ${result.exitCode}`;
+  if (result.reason === 'guest-exit') return result.reset ? `the guest rebooted (${result.detail})` : `${result.detail}; exit status ${result.exitCode}`;
   const lines = [`VM ended: ${result.detail}`];
   for (const v of result.vcpus) {
     if (!v.regs) continue;
@@ -45,22 +64,85 @@ function describe(result: VmResult): string {
   return lines.join('\n');
 }
 
+function compatSummary(result: VmResult): string | null {
+  const totals: Record<string, number> = {};
+  for (const v of result.vcpus) for (const [k, n] of Object.entries(v.compat ?? {})) totals[k] = (totals[k] ?? 0) + n;
+  const parts = Object.entries(totals).map(([k, n]) => `${k} x${n}`);
+  return parts.length ? `software-KVM compatibility: ${parts.join(', ')}` : null;
+}
+
+interface Prepared {
+  readonly vm: Vm;
+  readonly progress: DeviceSpec;
+  readonly serial: SerialHost | null;
+  pressPowerButton(): void;
+}
+
+/** Connects the terminal to the guest's UART: raw mode, Ctrl-A x quits, Ctrl-A p powers off. */
+function attachConsole(p: Prepared): () => void {
+  const stdin = process.stdin;
+  if (!p.serial) return () => undefined;
+  const serial = p.serial;
+  const raw = stdin.isTTY === true;
+  if (raw) stdin.setRawMode(true);
+  let escape = false;
+  const onData = (chunk: Buffer) => {
+    if (!raw) {
+      serial.input(chunk);
+      return;
+    }
+    for (const byte of chunk) {
+      if (escape) {
+        escape = false;
+        if (byte === 0x78 /* x */) void p.vm.stop();
+        else if (byte === 0x70 /* p */) p.pressPowerButton();
+        else if (byte === 0x01) serial.input(Uint8Array.of(0x01));
+        continue;
+      }
+      if (byte === 0x01) escape = true;
+      else serial.input(Uint8Array.of(byte));
+    }
+  };
+  stdin.on('data', onData);
+  stdin.resume();
+  return () => {
+    stdin.off('data', onData);
+    if (raw) stdin.setRawMode(false);
+    stdin.pause();
+  };
+}
+
 async function run(argv: string[]): Promise<number> {
   const { values } = parseArgs({
     args: argv,
     options: {
       demo: { type: 'boolean', default: false },
+      kernel: { type: 'string' },
+      initrd: { type: 'string' },
+      cmdline: { type: 'string' },
       memory: { type: 'string', default: '128M' },
       cpus: { type: 'string', default: '1' },
+      'cpu-template': { type: 'string' },
+      'on-reboot': { type: 'string', default: 'exit' },
       json: { type: 'boolean', default: false },
       verbose: { type: 'boolean', default: false },
     },
     strict: true,
   });
-  if (!values.demo) throw new UsageError('kiln run needs a guest: use --demo (Linux kernels arrive with --kernel in a later release)');
   const cpus = Number(values.cpus);
   if (!/^\d+$/.test(values.cpus) || cpus < 1) throw new UsageError(`--cpus must be a whole number of at least 1 (got '${values.cpus}')`);
+  if (values['on-reboot'] !== 'exit' && values['on-reboot'] !== 'restart') throw new UsageError(`--on-reboot must be 'exit' or 'restart' (got '${values['on-reboot']}')`);
+  if (values.demo && (values.kernel || values.initrd)) throw new UsageError('--demo and --kernel/--initrd are different guests: choose one');
+  if (!values.kernel && values.initrd) throw new UsageError('--initrd needs --kernel');
   const memoryBytes = parseSize(values.memory);
+
+  let kernelPath = values.kernel;
+  let initrdPath = values.initrd;
+  if (!values.demo && !kernelPath) {
+    // The default guest: the kit's minimal Linux and test init.
+    kernelPath = (await buildMinimalKernel(progress)).vmlinux;
+    initrdPath = (await buildInitramfs(progress)).path;
+  }
 
   let captureDir: string | null = null;
   let serialFd = 1;
@@ -69,32 +151,72 @@ async function run(argv: string[]): Promise<number> {
     serialFd = openSync(join(captureDir, 'serial.log'), 'w');
   }
   try {
-    const vm = Vm.create({ memoryBytes, vcpus: cpus, logUnhandled: values.verbose });
-    try {
-      addStandardDevices(vm, serialFd);
-      const progress = vm.devices.find((d) => d.kind === 'progress')!;
-      loadDemo(vm);
-      await vm.start();
-      const stopOnSignal = () => void vm.stop();
-      process.once('SIGINT', stopOnSignal);
-      process.once('SIGTERM', stopOnSignal);
-      const result = await vm.wait();
-      process.off('SIGINT', stopOnSignal);
-      process.off('SIGTERM', stopOnSignal);
-      const status = result.reason === 'guest-exit' ? result.exitCode! : result.reason === 'stopped' || result.reason === 'hlt' ? 0 : EXIT_VM_FAILED;
-      if (captureDir) {
-        closeSync(serialFd);
-        serialFd = -1;
-        const serial = readFileSync(join(captureDir, 'serial.log'), 'utf8');
-        process.stdout.write(
-          `${JSON.stringify({ status, reason: result.reason, detail: result.detail, exitCode: result.exitCode, progress: readProgress(progress.state), serial, vcpus: result.vcpus.map((v) => ({ vcpu: v.vcpu, reason: v.reason, exits: v.exits })) })}\n`,
-        );
-      } else {
-        process.stderr.write(`kiln: ${describe(result)}\n`);
+    for (;;) {
+      const prepared: Prepared = values.demo
+        ? (() => {
+            const vm = Vm.create({ memoryBytes, vcpus: cpus, logUnhandled: values.verbose });
+            addStandardDevices(vm, serialFd);
+            loadDemo(vm);
+            return { vm, progress: vm.devices.find((d) => d.kind === 'progress')!, serial: null, pressPowerButton: () => undefined };
+          })()
+        : (() => {
+            const lv = createLinuxVm({
+              kernelPath: kernelPath!,
+              initrdPath,
+              cmdline: values.cmdline,
+              cpus,
+              memoryBytes,
+              cpuTemplate: values['cpu-template'],
+              serialOutFd: serialFd,
+              logUnhandled: values.verbose,
+            });
+            if (!values.json) progress(`booting ${kernelPath} (${lv.boot.format}, ${cpus} vCPU, ${values.memory}); Ctrl-A x quits`);
+            return { vm: lv.vm, progress: lv.progress, serial: lv.serial, pressPowerButton: () => lv.pressPowerButton() };
+          })();
+      const { vm } = prepared;
+      let result: VmResult;
+      try {
+        const started = Date.now();
+        await vm.start();
+        const detach = values.json ? () => undefined : attachConsole(prepared);
+        const stopOnSignal = () => void vm.stop();
+        process.once('SIGINT', stopOnSignal);
+        process.once('SIGTERM', stopOnSignal);
+        result = await vm.wait();
+        process.off('SIGINT', stopOnSignal);
+        process.off('SIGTERM', stopOnSignal);
+        detach();
+        const status = result.reason === 'guest-exit' ? (result.exitCode ?? 0) : result.reason === 'stopped' || result.reason === 'hlt' ? 0 : EXIT_VM_FAILED;
+        const summary = compatSummary(result);
+        if (captureDir) {
+          closeSync(serialFd);
+          serialFd = -1;
+          const serial = readFileSync(join(captureDir, 'serial.log'), 'utf8');
+          process.stdout.write(
+            `${JSON.stringify({
+              status,
+              reason: result.reason,
+              reset: result.reset,
+              detail: result.detail,
+              exitCode: result.exitCode,
+              seconds: (Date.now() - started) / 1000,
+              progress: readProgress(prepared.progress.state),
+              serial,
+              vcpus: result.vcpus.map((v) => ({ vcpu: v.vcpu, reason: v.reason, exits: v.exits, compat: v.compat ?? {} })),
+            })}\n`,
+          );
+        } else {
+          process.stderr.write(`\nkiln: ${describe(result)}\n`);
+          if (summary) process.stderr.write(`kiln: ${summary}\n`);
+        }
+        if (result.reset && values['on-reboot'] === 'restart' && !captureDir) {
+          progress('restarting the guest');
+          continue;
+        }
+        return status;
+      } finally {
+        await vm.destroy();
       }
-      return status;
-    } finally {
-      await vm.destroy();
     }
   } finally {
     if (serialFd > 2) closeSync(serialFd);
@@ -102,11 +224,35 @@ async function run(argv: string[]): Promise<number> {
   }
 }
 
+async function guest(argv: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({ args: argv, options: { json: { type: 'boolean', default: false } }, allowPositionals: true, strict: true });
+  const [verb, ...artifacts] = positionals;
+  if (verb !== 'build') throw new UsageError(`unknown guest command '${verb ?? ''}' (try: kiln guest build)`);
+  const wanted = artifacts.length ? artifacts : ['minimal-kernel', 'initramfs'];
+  const builders: Record<string, () => Promise<Record<string, string | boolean>>> = {
+    'minimal-kernel': async () => ({ ...(await buildMinimalKernel(progress)) }),
+    initramfs: async () => ({ ...(await buildInitramfs(progress)) }),
+    rootfs: async () => ({ ...(await buildRootfs(progress)) }),
+    'cloud-kernel': async () => ({ ...(await buildCloudKernel(progress)) }),
+  };
+  for (const a of wanted) if (!builders[a]) throw new UsageError(`unknown guest artifact '${a}' (known: ${Object.keys(builders).join(', ')})`);
+  const out: Record<string, Record<string, string | boolean>> = {};
+  for (const a of wanted) {
+    progress(`guest kit: ${a}`);
+    out[a] = await builders[a]!();
+    if (!values.json) process.stdout.write(`${a}: ${Object.entries(out[a]!).filter(([k]) => k !== 'built').map(([k, v]) => `${k}=${v}`).join(' ')}${out[a]!.built ? '' : ' (cached)'}\n`);
+  }
+  if (values.json) process.stdout.write(`${JSON.stringify({ cache: cacheDir(), artifacts: out })}\n`);
+  return 0;
+}
+
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   switch (command) {
     case 'run':
       return run(rest);
+    case 'guest':
+      return guest(rest);
     case 'version':
     case '--version':
       process.stdout.write(`kiln ${VERSION}\n`);

@@ -167,7 +167,7 @@ export class PvmCompat {
     this.memory.writeU16(gate, Number(plan.vaddr & 0xffffn));
     this.memory.writeU16(gate + 6, Number((plan.vaddr >> 16n) & 0xffffn));
     this.memory.writeU32(gate + 8, Number((plan.vaddr >> 32n) & 0xffff_ffffn));
-    this.count('syscall-fix');
+    this.counts['syscall-fix'] = 1;
     this.log(`kvm_pvm: syscall fix installed at 0x${plan.vaddr.toString(16)} (LSTAR 0x${lstar.toString(16)}, #PF handler 0x${original.toString(16)})`);
   }
 }

@@ -10,7 +10,12 @@ export interface FeatureBit {
   readonly index: number;
   readonly register: CpuidRegister;
   readonly bit: number;
+  /** A bit of KVM's own leaves (0x4000_0000+): KVM_SET_CPUID2 hides it even on software KVM. */
+  readonly kvmOwned?: boolean;
 }
+
+/** KVM's paravirtual feature leaf (Documentation/virt/kvm/x86/cpuid.rst). */
+export const KVM_CPUID_FEATURES = 0x4000_0001;
 
 // Feature bits Kiln may hide (Intel SDM vol. 2, CPUID leaves 1 and 7).
 export const FEATURES = {
@@ -23,6 +28,10 @@ export const FEATURES = {
   smap: { name: 'smap', leaf: 7, index: 0, register: 'ebx', bit: 20 },
   avx2: { name: 'avx2', leaf: 7, index: 0, register: 'ebx', bit: 5 },
   avx512f: { name: 'avx512f', leaf: 7, index: 0, register: 'ebx', bit: 16 },
+  // KVM paravirtual features that work through hypercalls (which never complete on kvm_pvm).
+  kvmPvUnhalt: { name: 'kvm-pv-unhalt', leaf: KVM_CPUID_FEATURES, index: 0, register: 'eax', bit: 7, kvmOwned: true },
+  kvmPvSendIpi: { name: 'kvm-pv-send-ipi', leaf: KVM_CPUID_FEATURES, index: 0, register: 'eax', bit: 11, kvmOwned: true },
+  kvmPvSchedYield: { name: 'kvm-pv-sched-yield', leaf: KVM_CPUID_FEATURES, index: 0, register: 'eax', bit: 13, kvmOwned: true },
 } as const satisfies Record<string, FeatureBit>;
 
 export interface CpuTemplate {
@@ -37,7 +46,7 @@ export interface CpuTemplate {
 const hideFlags = (hide: readonly FeatureBit[]): string[] => {
   const flags: string[] = [];
   if (hide.some((f) => f.name === 'xsave')) flags.push('noxsave');
-  const rest = hide.filter((f) => f.name !== 'xsave' && f.name !== 'osxsave').map((f) => f.name);
+  const rest = hide.filter((f) => !f.kvmOwned && f.name !== 'xsave' && f.name !== 'osxsave').map((f) => f.name);
   if (rest.length) flags.push(`clearcpuid=${rest.join(',')}`);
   return flags;
 };
@@ -48,14 +57,20 @@ function template(name: string, description: string, hide: FeatureBit[]): CpuTem
 
 export const CPU_TEMPLATES: Readonly<Record<string, CpuTemplate>> = {
   host: template('host', 'everything KVM supports, unchanged', []),
-  /** What Linux needs hidden to boot on kvm_pvm (MACHINE.md): XSAVE, POPCNT, SMAP, SMEP. */
-  pvm: template('pvm', 'hides XSAVE, POPCNT, SMAP and SMEP (needed on software KVM)', [
+  /**
+   * What Linux needs hidden to boot on kvm_pvm: XSAVE, POPCNT, SMAP, SMEP (MACHINE.md),
+   * and KVM's hypercall-based PV features (measured: PV send-IPI hangs SMP bring-up).
+   */
+  pvm: template('pvm', 'hides XSAVE, POPCNT, SMAP, SMEP and hypercall-based KVM PV features (software KVM)', [
     FEATURES.xsave,
     FEATURES.osxsave,
     FEATURES.avx,
     FEATURES.popcnt,
     FEATURES.smap,
     FEATURES.smep,
+    FEATURES.kvmPvUnhalt,
+    FEATURES.kvmPvSendIpi,
+    FEATURES.kvmPvSchedYield,
   ]),
   /** A conservative baseline for migration between unlike hosts. */
   baseline: template('baseline', 'hides AVX and later vector extensions, XSAVE and SMAP/SMEP', [
