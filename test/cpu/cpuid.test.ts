@@ -1,0 +1,48 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { CPUID1_ECX_HYPERVISOR, vcpuCpuid, type CpuidEntry } from '../../src/cpu/cpuid.js';
+import { applyTemplate, cpuTemplate, CPU_TEMPLATES, FEATURES, KVM_CPUID_FEATURES } from '../../src/cpu/templates.js';
+
+const base: CpuidEntry[] = [
+  { function: 0, index: 0, flags: 0, eax: 0xd, ebx: 0x68747541, ecx: 0x444d4163, edx: 0x69746e65 },
+  { function: 1, index: 0, flags: 0, eax: 0xa10f11, ebx: 0x00020800, ecx: 0x81a03203 | (1 << 26) | (1 << 23), edx: 0x078bfbff },
+  { function: 7, index: 0, flags: 1, eax: 0, ebx: (1 << 7) | (1 << 20) | (1 << 5), ecx: 0, edx: 0 },
+  { function: 0xb, index: 0, flags: 1, eax: 0, ebx: 0, ecx: 0, edx: 0 },
+  { function: KVM_CPUID_FEATURES, index: 0, flags: 0, eax: (1 << 3) | (1 << 7) | (1 << 11) | (1 << 13), ebx: 0, ecx: 0, edx: 0 },
+];
+
+test('each vCPU sees its own APIC id, the vCPU count and the hypervisor bit', () => {
+  for (const vcpu of [0, 1, 3]) {
+    const t = vcpuCpuid(base, vcpu, 4);
+    const leaf1 = t.find((e) => e.function === 1)!;
+    assert.equal(leaf1.ebx >>> 24, vcpu, 'initial APIC id');
+    assert.equal((leaf1.ebx >>> 16) & 0xff, 4, 'logical processor count');
+    assert.ok(leaf1.ecx & CPUID1_ECX_HYPERVISOR);
+    const b0 = t.find((e) => e.function === 0xb && e.index === 0)!;
+    const b1 = t.find((e) => e.function === 0xb && e.index === 1)!;
+    assert.equal(b0.edx, vcpu, 'x2APIC id');
+    assert.equal(b1.edx, vcpu);
+    assert.equal(b1.ebx, 4, 'processors at the core level');
+    assert.equal(b1.eax, 2, 'bits to shift for 4 cores');
+    assert.equal((b1.ecx >> 8) & 0xff, 2, 'core level type');
+  }
+  assert.equal(base[1]!.ebx >>> 24, 0, 'the base table is not changed');
+});
+
+test('templates clear their CPUID bits and name the kernel flags that hide the same features', () => {
+  const pvm = applyTemplate(base, cpuTemplate('pvm'));
+  const leaf1 = pvm.find((e) => e.function === 1)!;
+  const leaf7 = pvm.find((e) => e.function === 7)!;
+  const kvm = pvm.find((e) => e.function === KVM_CPUID_FEATURES)!;
+  assert.equal(leaf1.ecx & (1 << FEATURES.xsave.bit), 0);
+  assert.equal(leaf1.ecx & (1 << FEATURES.popcnt.bit), 0);
+  assert.equal(leaf7.ebx & ((1 << 7) | (1 << 20)), 0, 'SMEP and SMAP');
+  assert.equal(leaf7.ebx & (1 << 5), 1 << 5, 'AVX2 kept by pvm');
+  assert.equal(kvm.eax, 1 << 3, 'hypercall-based PV features hidden, the rest kept');
+  assert.deepEqual(cpuTemplate('pvm').cmdline, ['noxsave', 'clearcpuid=avx,popcnt,smap,smep']);
+  assert.deepEqual(cpuTemplate('host').cmdline, []);
+  assert.deepEqual(applyTemplate(base, cpuTemplate('host')), base);
+  const baseline = applyTemplate(base, CPU_TEMPLATES.baseline!);
+  assert.equal(baseline.find((e) => e.function === 7)!.ebx & (1 << 5), 0, 'AVX2 hidden by baseline');
+  assert.throws(() => cpuTemplate('T9'), /unknown CPU template 'T9' \(known: host, pvm, baseline\)/);
+});
