@@ -178,6 +178,7 @@ async function run(argv: string[]): Promise<number> {
       try {
         const started = Date.now();
         await vm.start();
+        if (process.env.KILN_TIMING) progress(`timing: first KVM_RUN ${(vm.firstRunAt - performance.timeOrigin).toFixed(1)} ms after process start`);
         const detach = values.json ? () => undefined : attachConsole(prepared);
         const stopOnSignal = () => void vm.stop();
         process.once('SIGINT', stopOnSignal);

@@ -136,6 +136,11 @@ export class Vm {
     return this.kvm;
   }
 
+  /** Epoch milliseconds of the first KVM_RUN on any vCPU (valid once started). */
+  get firstRunAt(): number {
+    return Math.min(...this.threads.map((t) => t.firstRunAt));
+  }
+
   /** Linux thread ids of the vCPU threads (valid once started). */
   get vcpuThreadIds(): number[] {
     return this.threads.map((t) => t.tid);

@@ -58,6 +58,6 @@ export interface VcpuExit {
 }
 
 export type VcpuMessage =
-  | { readonly type: 'ready'; readonly thread: number | bigint; readonly tid: number }
+  | { readonly type: 'ready'; readonly thread: number | bigint; readonly tid: number; /** Epoch ms, just before the first KVM_RUN. */ readonly firstRunAt: number }
   | { readonly type: 'paused' }
   | { readonly type: 'exit'; readonly exit: VcpuExit };

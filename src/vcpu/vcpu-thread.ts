@@ -18,6 +18,8 @@ export class VcpuThread {
   private pauseWaiters: Array<() => void> = [];
   /** Linux thread id of the vCPU thread, once it is running. */
   tid = 0;
+  /** Epoch milliseconds at which the thread first entered KVM_RUN. */
+  firstRunAt = 0;
   readonly ready: Promise<void>;
   readonly exited: Promise<VcpuExit>;
 
@@ -36,6 +38,7 @@ export class VcpuThread {
         if (message.type === 'ready') {
           this.thread = message.thread;
           this.tid = message.tid;
+          this.firstRunAt = message.firstRunAt;
           resolveReady();
         } else if (message.type === 'paused') {
           const waiters = this.pauseWaiters;

@@ -254,7 +254,7 @@ function runLoop(): void {
 
 libc.pthreadSetnameNp(libc.pthreadSelf(), `fc_vcpu ${init.id}`);
 Atomics.store(cells, STATE, ctl.STATE_RUNNING);
-post({ type: 'ready', thread: libc.pthreadSelf(), tid: libc.gettid() });
+post({ type: 'ready', thread: libc.pthreadSelf(), tid: libc.gettid(), firstRunAt: performance.timeOrigin + performance.now() });
 try {
   runLoop();
 } catch (err) {

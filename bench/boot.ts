@@ -1,0 +1,125 @@
+// `npm run bench -- boot`: boot time to the guest's init marker, VMM start-up (process
+// start to first KVM_RUN) and VMM memory overhead, Kiln against QEMU (Debian's
+// qemu-system-x86, -M microvm with the same kernel, initrd, memory and command line).
+//
+// - boot: from spawning the VMM to the init's "KILN_INIT" line on the serial console.
+// - start-up: under strace (both VMMs alike), from the VMM's execve to its first KVM_RUN.
+// - overhead: at the init marker, the VMM's resident memory (smaps) minus the resident
+//   part of the guest-RAM mapping.
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, readFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { composeCmdline } from '../src/boot/linux.js';
+import { isSoftwareKvm } from '../src/compat/pvm.js';
+import { cpuTemplate } from '../src/cpu/templates.js';
+import { buildInitramfs, buildMinimalKernel, ensurePackages } from '../src/guestkit/build.js';
+import type { BenchContext } from './util.js';
+
+const MEMORY_MIB = 128;
+const BOOT_LIMIT_MS = 5 * 60_000;
+const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
+
+interface BootRun {
+  seconds: number | null;
+  overheadMiB: number | null;
+  note: string;
+}
+
+/** Resident MiB of a process, less the resident part of its guest-RAM mapping. */
+function overheadMiB(pid: number): number | null {
+  let smaps: string;
+  try {
+    smaps = readFileSync(`/proc/${pid}/smaps`, 'utf8');
+  } catch {
+    return null;
+  }
+  let total = 0;
+  let guest = 0;
+  for (const block of smaps.split(/\n(?=[0-9a-f]+-[0-9a-f]+ )/)) {
+    const [range] = block.split(' ');
+    const [lo, hi] = range!.split('-').map((h) => parseInt(h, 16));
+    const rss = Number(/^Rss:\s+(\d+) kB/m.exec(block)?.[1] ?? 0);
+    total += rss;
+    // Guest RAM: the anonymous mapping at least as large as the guest's memory.
+    if (hi! - lo! >= MEMORY_MIB * 2 ** 20 && !/\s\//.test(block.split('\n')[0]!)) guest = Math.max(guest, rss);
+  }
+  return (total - guest) / 1024;
+}
+
+/** Runs a VMM until the init marker appears on its stdout (or it fails), then stops it. */
+function bootOnce(cmd: string, args: string[], marker: RegExp): Promise<BootRun> {
+  return new Promise((resolve) => {
+    const started = process.hrtime.bigint();
+    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let done = false;
+    const finish = (run: BootRun) => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      child.kill('SIGKILL');
+      resolve(run);
+    };
+    const timer = setTimeout(() => finish({ seconds: null, overheadMiB: null, note: `no init marker within ${BOOT_LIMIT_MS / 1000} s` }), BOOT_LIMIT_MS);
+    const onData = (chunk: Buffer) => {
+      out += chunk.toString();
+      if (out.length > 1_000_000) out = out.slice(-100_000);
+      if (marker.test(out)) {
+        const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+        finish({ seconds, overheadMiB: overheadMiB(child.pid!), note: 'reached init' });
+      }
+    };
+    child.stdout.on('data', onData);
+    child.stderr.on('data', onData);
+    child.on('exit', (code) => {
+      const tail = out.trim().split('\n').slice(-3).join(' | ');
+      finish({ seconds: null, overheadMiB: null, note: `exited with ${code} before init: ${tail}` });
+    });
+  });
+}
+
+/** Milliseconds from execve to the first KVM_RUN, from an strace of the VMM (killed after). */
+function startupMs(cmd: string, args: string[]): number | null {
+  const r = spawnSync('timeout', ['-s', 'KILL', '20', 'strace', '-f', '-ttt', '-e', 'trace=execve,ioctl', '-o', '/dev/stdout', cmd, ...args], {
+    encoding: 'utf8',
+    maxBuffer: 256 * 2 ** 20,
+  });
+  const lines = (r.stdout ?? '').split('\n');
+  const ts = (line: string | undefined) => (line ? Number(/^\d+\s+(\d+\.\d+)/.exec(line)?.[1] ?? /^(\d+\.\d+)/.exec(line)?.[1]) : NaN);
+  const exec = ts(lines.find((l) => l.includes('execve(')));
+  const run = ts(lines.find((l) => l.includes('KVM_RUN')));
+  return Number.isFinite(exec) && Number.isFinite(run) ? (run - exec) * 1000 : null;
+}
+
+export async function benchBoot(ctx: BenchContext): Promise<void> {
+  const kernel = await buildMinimalKernel(ctx.log);
+  const initrd = await buildInitramfs(ctx.log);
+  ensurePackages(['qemu-system-x86', 'strace'], 'the boot benchmark', ctx.log);
+  const softwareKvm = isSoftwareKvm();
+  const cmdline = composeCmdline('', cpuTemplate(softwareKvm ? 'pvm' : 'host'), softwareKvm);
+  const kilnArgs = [cli, 'run', '--kernel', kernel.vmlinux, '--initrd', initrd.path, '--memory', `${MEMORY_MIB}M`, '--cpus', '1'];
+  const qemuArgs = [
+    '-M', 'microvm,accel=kvm', '-cpu', 'host', '-m', `${MEMORY_MIB}M`, '-smp', '1', '-nodefaults', '-no-user-config', '-nographic',
+    '-serial', 'stdio', '-no-reboot', '-kernel', kernel.vmlinux, '-initrd', initrd.path, '-append', cmdline,
+  ];
+  const marker = /KILN_INIT /;
+
+  ctx.log(`kernel ${kernel.vmlinux}, ${MEMORY_MIB} MiB, 1 vCPU, cmdline: ${cmdline}`);
+  const kiln = await bootOnce(process.execPath, kilnArgs, marker);
+  ctx.log(`  Kiln: ${kiln.seconds === null ? 'failed' : `${kiln.seconds.toFixed(2)} s`} (${kiln.note})`);
+  const qemuPath = '/usr/bin/qemu-system-x86_64';
+  const qemu = existsSync(qemuPath) ? await bootOnce(qemuPath, qemuArgs, marker) : { seconds: null, overheadMiB: null, note: 'qemu-system-x86_64 not installed' };
+  ctx.log(`  QEMU: ${qemu.seconds === null ? 'failed' : `${qemu.seconds.toFixed(2)} s`} (${qemu.note})`);
+  if (qemu.seconds === null && softwareKvm) {
+    ctx.log('  QEMU cannot boot this kernel on software KVM (kvm_pvm): it has none of the emulation-failure, syscall or hypercall workarounds Kiln applies there.');
+  }
+  const kilnStart = startupMs(process.execPath, kilnArgs);
+  const qemuStart = existsSync(qemuPath) ? startupMs(qemuPath, qemuArgs) : null;
+  ctx.log(`  start-up (execve to first KVM_RUN, under strace): Kiln ${kilnStart?.toFixed(1) ?? 'n/a'} ms, QEMU ${qemuStart?.toFixed(1) ?? 'n/a'} ms`);
+  ctx.log(`  VMM memory overhead at the init marker: Kiln ${kiln.overheadMiB?.toFixed(1) ?? 'n/a'} MiB, QEMU ${qemu.overheadMiB?.toFixed(1) ?? 'n/a'} MiB`);
+  const f = (v: number | null, digits: number) => (v === null ? 'failed' : v.toFixed(digits));
+  ctx.result(
+    `boot kiln_s=${f(kiln.seconds, 2)} qemu_s=${f(qemu.seconds, 2)} kiln_startup_ms=${f(kilnStart, 1)} qemu_startup_ms=${f(qemuStart, 1)} kiln_overhead_mib=${f(kiln.overheadMiB, 1)} qemu_overhead_mib=${f(qemu.overheadMiB, 1)}`,
+  );
+}
+

@@ -1,0 +1,94 @@
+// Boots the guest kit's minimal Linux (built from Debian's linux-source-6.1 on first
+// use, ~5 minutes) to its init, which reports CPU count, memory and uptime, then
+// powers off through ACPI. On software KVM this takes about a minute.
+import assert from 'node:assert/strict';
+import { closeSync, openSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { createLinuxVm } from '../../src/boot/linux.js';
+import { loadKernel } from '../../src/boot/loader.js';
+import { isSoftwareKvm } from '../../src/compat/pvm.js';
+import { readProgress } from '../../src/devices/progress.js';
+import { buildInitramfs, buildMinimalKernel } from '../../src/guestkit/build.js';
+import { MiB } from '../../src/layout.js';
+import { ramRanges } from '../../src/memory/guest-memory.js';
+import { kvmSkip, tempDir } from '../helpers.js';
+
+const log = (line: string) => process.stderr.write(`# guest kit: ${line}\n`);
+
+describe('the minimal Linux guest', { skip: kvmSkip, timeout: 30 * 60_000 }, () => {
+  test('boots to init on 2 vCPUs, reports what it sees, and powers off with status 0', async () => {
+    const kernel = await buildMinimalKernel(log);
+    const initrd = await buildInitramfs(log);
+    const dir = tempDir();
+    const serialPath = join(dir, 'serial.log');
+    const fd = openSync(serialPath, 'w');
+    const lv = createLinuxVm({ kernelPath: kernel.vmlinux, initrdPath: initrd.path, cpus: 2, memoryBytes: 128 * MiB, serialOutFd: fd });
+    try {
+      assert.equal(lv.boot.format, 'pvh');
+      assert.match(lv.cmdline, /^console=ttyS0 /);
+      const started = Date.now();
+      await lv.vm.start();
+      // A generous bound so a hang fails the test instead of the CI run.
+      const guard = sleep(10 * 60_000).then(() => null);
+      const result = await Promise.race([lv.vm.wait(), guard]);
+      if (result === null) {
+        await lv.vm.stop();
+        assert.fail(`no poweroff within 10 minutes; console:\n${readFileSync(serialPath, 'utf8').slice(-2000)}`);
+      }
+      const serial = readFileSync(serialPath, 'utf8');
+      process.stderr.write(`# minimal Linux: boot to poweroff in ${((Date.now() - started) / 1000).toFixed(1)} s\n`);
+      assert.equal(result.reason, 'guest-exit', `${result.detail}\n${serial.slice(-2000)}`);
+      assert.equal(result.exitCode, 0);
+      assert.match(serial, /the guest powered off|reboot: Power down/);
+      const report = /KILN_INIT cpus=(\d+) mem_kb=(\d+) uptime=([\d.]+) kernel=(\S+)/.exec(serial);
+      assert.ok(report, `init's report line on the console:\n${serial.slice(-2000)}`);
+      assert.equal(Number(report[1]), 2, 'both vCPUs online');
+      assert.ok(Number(report[2]) > 100 * 1024 && Number(report[2]) < 128 * 1024, `MemTotal ${report[2]} kB of 128 MiB`);
+      assert.ok(Number(report[3]) > 0);
+      assert.match(report[4]!, /^6\.1\./);
+      assert.match(serial, /smp: Brought up 1 node, 2 CPUs/);
+      assert.match(serial, /ttyS0 at I\/O 0x3f8/);
+      assert.match(serial, /ACPI: RSDP 0x00000000000E0000/);
+      assert.deepEqual(readProgress(lv.progress.state).recent, [0x10, 0x20], 'init reached both progress points');
+      if (isSoftwareKvm()) {
+        const compat = result.vcpus[0]!.compat ?? {};
+        assert.equal(compat['syscall-fix'], 1, 'the kvm_pvm syscall fix was installed');
+        assert.ok((compat.int3 ?? 0) >= 1, "the kernel's int3 self-test was finished by Kiln");
+      }
+    } finally {
+      closeSync(fd);
+      await lv.vm.destroy();
+    }
+  });
+
+  test("the kit's bzImage is a 64-bit boot protocol 2.12+ image Kiln can load", async () => {
+    const kernel = await buildMinimalKernel(log);
+    const img = loadKernel({ kernel: new Uint8Array(readFileSync(kernel.bzImage)), cmdline: 'console=ttyS0', ram: ramRanges(128 * MiB) });
+    assert.equal(img.format, 'bzimage');
+    assert.ok(img.protocol! >= 0x20c, `protocol 0x${img.protocol!.toString(16)}`);
+    assert.equal(img.entry.rip, 0x100200);
+  });
+});
+
+describe('bad input to a Linux VM', { skip: kvmSkip }, () => {
+  const fds = () => readdirSync('/proc/self/fd').length;
+  test('a missing kernel, a directory, an empty file and a non-kernel are refused before any VM exists', () => {
+    const dir = tempDir();
+    const empty = join(dir, 'empty');
+    const text = join(dir, 'notes.txt');
+    writeFileSync(empty, '');
+    writeFileSync(text, 'this is not a kernel\n'.repeat(100));
+    const before = fds();
+    const base = { cpus: 1, memoryBytes: 64 * MiB, serialOutFd: -1 };
+    assert.throws(() => createLinuxVm({ ...base, kernelPath: join(dir, 'missing') }), /cannot read the kernel '.*missing': ENOENT/);
+    assert.throws(() => createLinuxVm({ ...base, kernelPath: dir }), /is not a regular file/);
+    assert.throws(() => createLinuxVm({ ...base, kernelPath: empty }), /the kernel '.*empty' is empty/);
+    assert.throws(() => createLinuxVm({ ...base, kernelPath: text }), /not a Linux kernel/);
+    assert.throws(() => createLinuxVm({ ...base, kernelPath: text, cpus: 0 }), /vCPU count must be at least 1/);
+    assert.throws(() => createLinuxVm({ ...base, kernelPath: text, cpus: 300 }), /at most 254/);
+    assert.throws(() => createLinuxVm({ ...base, kernelPath: text, memoryBytes: 1000 }), /not a multiple of the 4096-byte page size/);
+    assert.equal(fds(), before, 'no KVM descriptor was opened');
+  });
+});
