@@ -16,7 +16,7 @@ import { buildInitramfs, buildMinimalKernel, ensurePackages } from '../src/guest
 import type { BenchContext } from './util.js';
 
 const MEMORY_MIB = 128;
-const BOOT_LIMIT_MS = 5 * 60_000;
+const BOOT_LIMIT_MS = 3 * 60_000;
 const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
 
 interface BootRun {

@@ -30,6 +30,7 @@ Options for run (with no guest named, Kiln boots the kit's minimal Linux, buildi
   --kernel PATH     a Linux kernel: ELF vmlinux (PVH or 64-bit entry) or bzImage
   --initrd PATH     an initramfs or initrd
   --cmdline TEXT    extra kernel command line (Kiln adds console=ttyS0 and what the CPU template needs)
+  --host-decompress decompress a bzImage's payload on the host and boot the ELF inside (fast on software KVM)
   --demo            boot the built-in demo guest instead
   --memory SIZE     guest RAM: MiB, or with a unit (128M, 1G); default 128M
   --cpus N          number of vCPUs; default 1
@@ -124,6 +125,7 @@ async function run(argv: string[]): Promise<number> {
       cpus: { type: 'string', default: '1' },
       'cpu-template': { type: 'string' },
       'on-reboot': { type: 'string', default: 'exit' },
+      'host-decompress': { type: 'boolean', default: false },
       json: { type: 'boolean', default: false },
       verbose: { type: 'boolean', default: false },
     },
@@ -169,6 +171,7 @@ async function run(argv: string[]): Promise<number> {
               cpuTemplate: values['cpu-template'],
               serialOutFd: serialFd,
               logUnhandled: values.verbose,
+              hostDecompress: values['host-decompress'],
             });
             if (!values.json) progress(`booting ${kernelPath} (${lv.boot.format}, ${cpus} vCPU, ${values.memory}); Ctrl-A x quits`);
             return { vm: lv.vm, progress: lv.progress, serial: lv.serial, pressPowerButton: () => lv.pressPowerButton() };

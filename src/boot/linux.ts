@@ -14,6 +14,8 @@ import { KilnError } from '../errors.js';
 import * as layout from '../layout.js';
 import { ramRanges, validateMemorySize } from '../memory/guest-memory.js';
 import { Vm } from '../vm.js';
+import { decompressBzImage } from './decompress.js';
+import { isElf } from './elf.js';
 import { loadKernel, type BootImage } from './loader.js';
 
 export interface LinuxVmConfig {
@@ -27,6 +29,8 @@ export interface LinuxVmConfig {
   readonly cpuTemplate?: string;
   readonly serialOutFd: number;
   readonly logUnhandled?: boolean;
+  /** Decompress a bzImage's payload on the host and boot the ELF inside (PVH). */
+  readonly hostDecompress?: boolean;
 }
 
 export interface LinuxVm {
@@ -76,7 +80,8 @@ export function createLinuxVm(config: LinuxVmConfig): LinuxVm {
   if (!Number.isInteger(config.cpus) || config.cpus < 1) throw new KilnError(`vCPU count must be at least 1 (got ${config.cpus})`);
   if (config.cpus > MAX_MADT_VCPUS) throw new KilnError(`vCPU count must be at most ${MAX_MADT_VCPUS} (got ${config.cpus})`);
   validateMemorySize(config.memoryBytes);
-  const kernel = readGuestFile(config.kernelPath, 'kernel');
+  let kernel = readGuestFile(config.kernelPath, 'kernel');
+  if (config.hostDecompress && !isElf(kernel)) kernel = decompressBzImage(kernel).elf;
   const initrd = config.initrdPath ? readGuestFile(config.initrdPath, 'initrd') : undefined;
   const cmdline = composeCmdline(config.cmdline, template, softwareKvm);
   const acpi = buildAcpiTables({ vcpus: config.cpus });

@@ -1,7 +1,10 @@
 // The kernel loaders, on synthetic images built here byte by byte from the ELF and
 // Linux boot-protocol specifications.
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { test } from 'node:test';
+import { gzipSync } from 'node:zlib';
+import { decompressBzImage } from '../../src/boot/decompress.js';
 import { buildE820, E820_RAM, E820_RESERVED } from '../../src/boot/e820.js';
 import { loadKernel, type BootImage } from '../../src/boot/loader.js';
 import { boot_params, hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info, setup_header, XEN_HVM_START_MAGIC_VALUE } from '../../src/boot/structs.js';
@@ -162,4 +165,26 @@ test('bad kernels, initrds and command lines are refused with one clear line eac
   assert.throws(() => loadKernel({ kernel: elf.subarray(0, 0x1800), cmdline: '', ram }), /kernel ELF image is truncated: segment 0 ends at byte 8192/);
   assert.throws(() => loadKernel({ kernel: elfKernel({ paddr: 0x100_0000, code: new Uint8Array(16), memExtra: 64 * MiB }), cmdline: '', ram }), /does not fit in 64\.0 MiB of guest memory/);
   assert.throws(() => loadKernel({ kernel: elf, cmdline: 'y'.repeat(2048), ram }), /accepts at most 2047/);
+});
+
+test('host decompression finds a bzImage payload, gzip or xz (with the appended size), and boots the ELF inside', () => {
+  const elf = elfKernel({ paddr: 0x100_0000, code: new Uint8Array(0x800).fill(0x90), pvhEntry: 0x100_0000 });
+  const withPayload = (payload: Uint8Array) => {
+    const head = new Uint8Array(0x100);
+    const image = bzImage({ payload: new Uint8Array([...head, ...payload]) });
+    setup_header.encode(dataView(image), 0x1f1, { payload_offset: head.length, payload_length: payload.length });
+    return image;
+  };
+  const size = new Uint8Array(4);
+  new DataView(size.buffer).setUint32(0, elf.length, true);
+  const gz = withPayload(new Uint8Array(gzipSync(elf)));
+  const xz = withPayload(new Uint8Array([...execFileSync('xz', ['-c', '--check=crc32'], { input: elf }), ...size]));
+  for (const [image, format] of [[gz, 'gzip'], [xz, 'xz']] as const) {
+    const out = decompressBzImage(image);
+    assert.equal(out.format, format);
+    assert.deepEqual(out.elf, elf);
+    assert.equal(loadKernel({ kernel: out.elf, cmdline: '', ram }).format, 'pvh');
+  }
+  assert.throws(() => decompressBzImage(withPayload(Uint8Array.of(1, 2, 3, 4, 5))), /compressed in a format Kiln does not know \(magic 01 02 03 04\)/);
+  assert.throws(() => decompressBzImage(elf), /only a bzImage can be decompressed/);
 });
