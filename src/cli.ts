@@ -157,9 +157,9 @@ async function run(argv: string[]): Promise<number> {
       const prepared: Prepared = values.demo
         ? (() => {
             const vm = Vm.create({ memoryBytes, vcpus: cpus, logUnhandled: values.verbose });
-            addStandardDevices(vm, serialFd);
+            const { progress: progressPort } = addStandardDevices(vm, serialFd);
             loadDemo(vm);
-            return { vm, progress: vm.devices.find((d) => d.kind === 'progress')!, serial: null, pressPowerButton: () => undefined };
+            return { vm, progress: progressPort, serial: null, pressPowerButton: () => undefined };
           })()
         : (() => {
             const lv = createLinuxVm({

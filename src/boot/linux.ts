@@ -5,6 +5,7 @@ import { readFileSync, statSync } from 'node:fs';
 import { buildAcpiTables, MAX_MADT_VCPUS } from '../acpi/tables.js';
 import { isSoftwareKvm, planSyscallFix } from '../compat/pvm.js';
 import { supportedCpuid } from '../cpu/cpuid.js';
+import { addStandardDevices } from '../demo.js';
 import { configureVcpu, setBootRegisters } from '../cpu/setup.js';
 import { applyTemplate, cpuTemplate, type CpuTemplate } from '../cpu/templates.js';
 import type { DeviceSpec } from '../devices/device.js';
@@ -96,9 +97,7 @@ export function createLinuxVm(config: LinuxVmConfig): LinuxVm {
     compat: softwareKvm ? { syscallFix: planSyscallFix(boot.textEnd) } : null,
   });
   try {
-    const com1 = vm.addDevice({ id: 'com1', kind: 'serial', bus: 'pio', base: layout.PORT_COM1, size: layout.PORT_COM_SIZE, options: { outFd: config.serialOutFd, irq: layout.IRQ_COM1 } });
-    const progress = vm.addDevice({ id: 'progress', kind: 'progress', bus: 'pio', base: layout.PORT_PROGRESS, size: layout.PORT_PROGRESS_SIZE });
-    vm.addDevice({ id: 'debug-exit', kind: 'debug-exit', bus: 'pio', base: layout.PORT_DEBUG_EXIT, size: layout.PORT_DEBUG_EXIT_SIZE });
+    const { com1, progress } = addStandardDevices(vm, config.serialOutFd);
     vm.addDevice({ id: 'acpi-pm', kind: 'acpi-pm', bus: 'pio', base: layout.PORT_ACPI_SLEEP_CONTROL, size: layout.PORT_ACPI_PM_SIZE });
     vm.addDevice({ id: 'i8042', kind: 'i8042', bus: 'pio', base: layout.PORT_I8042_DATA, size: layout.PORT_I8042_COMMAND - layout.PORT_I8042_DATA + 1 });
     vm.addDevice({ id: 'rtc', kind: 'rtc', bus: 'pio', base: layout.PORT_RTC, size: layout.PORT_RTC_SIZE });

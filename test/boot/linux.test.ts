@@ -31,7 +31,7 @@ describe('the minimal Linux guest', { skip: kvmSkip, timeout: 30 * 60_000 }, () 
       const started = Date.now();
       await lv.vm.start();
       // A generous bound so a hang fails the test instead of the CI run.
-      const guard = sleep(10 * 60_000).then(() => null);
+      const guard = sleep(10 * 60_000, null, { ref: false });
       const result = await Promise.race([lv.vm.wait(), guard]);
       if (result === null) {
         await lv.vm.stop();

@@ -26,7 +26,7 @@ function platformVm(vcpus: number, irqchip: boolean) {
 
 /** Waits for the VM to end, failing (and stopping it) if it has not within `limitMs`. */
 async function endWithin(vm: Vm, limitMs: number): Promise<VmResult> {
-  const timeout = sleep(limitMs).then(() => null);
+  const timeout = sleep(limitMs, null, { ref: false });
   const result = await Promise.race([vm.wait(), timeout]);
   if (result === null) {
     await vm.stop();
