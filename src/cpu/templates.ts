@@ -59,13 +59,15 @@ export const CPU_TEMPLATES: Readonly<Record<string, CpuTemplate>> = {
   host: template('host', 'everything KVM supports, unchanged', []),
   /**
    * What Linux needs hidden to boot on kvm_pvm: XSAVE, POPCNT, SMAP, SMEP (MACHINE.md),
-   * and KVM's hypercall-based PV features (measured: PV send-IPI hangs SMP bring-up).
+   * CMPXCHG16B (SLUB's first `lock cmpxchg16b` is an emulation failure there), and KVM's
+   * hypercall-based PV features (measured: PV send-IPI hangs SMP bring-up).
    */
-  pvm: template('pvm', 'hides XSAVE, POPCNT, SMAP, SMEP and hypercall-based KVM PV features (software KVM)', [
+  pvm: template('pvm', 'hides XSAVE, POPCNT, SMAP, SMEP, CX16 and hypercall-based KVM PV features (software KVM)', [
     FEATURES.xsave,
     FEATURES.osxsave,
     FEATURES.avx,
     FEATURES.popcnt,
+    FEATURES.cx16,
     FEATURES.smap,
     FEATURES.smep,
     FEATURES.kvmPvUnhalt,

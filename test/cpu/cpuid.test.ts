@@ -39,7 +39,8 @@ test('templates clear their CPUID bits and name the kernel flags that hide the s
   assert.equal(leaf7.ebx & ((1 << 7) | (1 << 20)), 0, 'SMEP and SMAP');
   assert.equal(leaf7.ebx & (1 << 5), 1 << 5, 'AVX2 kept by pvm');
   assert.equal(kvm.eax, 1 << 3, 'hypercall-based PV features hidden, the rest kept');
-  assert.deepEqual(cpuTemplate('pvm').cmdline, ['noxsave', 'clearcpuid=avx,popcnt,smap,smep']);
+  assert.deepEqual(cpuTemplate('pvm').cmdline, ['noxsave', 'clearcpuid=avx,popcnt,cx16,smap,smep']);
+  assert.equal(leaf1.ecx & (1 << FEATURES.cx16.bit), 0);
   assert.deepEqual(cpuTemplate('host').cmdline, []);
   assert.deepEqual(applyTemplate(base, cpuTemplate('host')), base);
   const baseline = applyTemplate(base, CPU_TEMPLATES.baseline!);
