@@ -34,11 +34,14 @@ export interface LinuxVmConfig {
   readonly hostDecompress?: boolean;
 }
 
+/** What the boot did, without the bytes it wrote (those live in guest memory only). */
+export type BootSummary = Omit<BootImage, 'writes'>;
+
 export interface LinuxVm {
   readonly vm: Vm;
   readonly serial: SerialHost;
   readonly progress: DeviceSpec;
-  readonly boot: BootImage;
+  readonly boot: BootSummary;
   readonly cmdline: string;
   readonly template: CpuTemplate;
   readonly softwareKvm: boolean;
@@ -109,11 +112,14 @@ export function createLinuxVm(config: LinuxVmConfig): LinuxVm {
     setBootRegisters(vm.vcpus[0]!, vm.memory, boot.entry);
 
     const setIrq = irqLineSetter(vm.vmFd.fd);
+    // Keep no reference to the image's bytes: the kernel and initrd (tens of MiB) would
+    // otherwise stay in the VMM's memory for the VM's life.
+    const { writes: _written, ...summary } = boot;
     return {
       vm,
       serial: new SerialHost(com1.state, com1.options, setIrq),
       progress,
-      boot,
+      boot: summary,
       cmdline,
       template,
       softwareKvm,
