@@ -44,6 +44,17 @@ export const HIMEM_START = 0x10_0000;
 /** A bzImage's 64-bit entry point, relative to where its protected-mode code is loaded. */
 export const BZIMAGE_64BIT_ENTRY_OFFSET = 0x200;
 
+// ---- PCI ----
+/** 32-bit BAR window for PCI devices. */
+export const PCI_MMIO_START = 0xc000_0000;
+export const PCI_MMIO_SIZE = 0x1000_0000;
+/** PCI Express enhanced configuration (ECAM) for bus 0: 1 MiB (32 devices x 8 functions x 4 KiB). */
+export const PCI_ECAM_START = 0xe000_0000;
+export const PCI_ECAM_SIZE = 0x10_0000;
+/** Configuration mechanism #1: CONFIG_ADDRESS at 0xcf8, CONFIG_DATA at 0xcfc-0xcff. */
+export const PORT_PCI_CONFIG_ADDRESS = 0xcf8;
+export const PORT_PCI_CONFIG_SIZE = 8;
+
 // ---- Platform MMIO inside the hole ----
 /** Kiln's own platform devices (test device, later virtio-mmio) live in this window. */
 export const PLATFORM_MMIO_START = 0xd000_0000;

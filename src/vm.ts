@@ -98,12 +98,17 @@ export class Vm {
     }
   }
 
-  /** Adds a device on a bus; returns its spec (its `state` is readable from the host). */
-  addDevice(device: { id: string; kind: string; bus: 'pio' | 'mmio'; base: number; size: number; options?: DeviceOptions }): DeviceSpec {
+  /**
+   * Adds a device on a bus; returns its spec (its `state` is readable from the host).
+   * `shareStateWith` maps a second range onto an existing device's state (one device
+   * reached two ways, as PCI configuration space is through ports and through ECAM).
+   */
+  addDevice(device: { id: string; kind: string; bus: 'pio' | 'mmio'; base: number; size: number; options?: DeviceOptions; shareStateWith?: DeviceSpec }): DeviceSpec {
     if (this.threads.length > 0) throw new KilnError('devices must be added before the VM starts');
     if (this.devices.some((d) => d.id === device.id)) throw new KilnError(`a device named '${device.id}' already exists`);
-    const options = device.options ?? {};
-    const spec: DeviceSpec = { ...device, options, state: allocateDeviceState(device.kind, options) };
+    const { shareStateWith, ...rest } = device;
+    const options = rest.options ?? {};
+    const spec: DeviceSpec = { ...rest, options, state: shareStateWith?.state ?? allocateDeviceState(rest.kind, options) };
     this.devices.push(spec);
     return spec;
   }

@@ -6,6 +6,7 @@ import { acpiPmModel } from './acpi-pm.js';
 import { debugExitModel } from './debug-exit.js';
 import { LOCK_INDEX, STATE_HEADER_BYTES, type DeviceContext, type DeviceModel, type DeviceOptions, type DeviceSpec } from './device.js';
 import { i8042Model } from './i8042.js';
+import { pciRootModel } from '../pci/root.js';
 import { progressModel } from './progress.js';
 import { rtcModel } from './rtc.js';
 import { serialModel } from './serial.js';
@@ -19,6 +20,7 @@ export const deviceModels: Readonly<Record<string, DeviceModel>> = {
   'acpi-pm': acpiPmModel,
   i8042: i8042Model,
   rtc: rtcModel,
+  'pci-root': pciRootModel,
 };
 
 export function modelFor(kind: string): DeviceModel {

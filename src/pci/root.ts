@@ -1,0 +1,186 @@
+// PCI bus 0: the configuration space of every function (4 KiB each, PCI Express size),
+// reached through configuration mechanism #1 (CONFIG_ADDRESS at 0xcf8, CONFIG_DATA at
+// 0xcfc-0xcff) and through ECAM (PCIe enhanced configuration, one 4 KiB page per
+// function). Both are one device model over one shared state, so every vCPU thread sees
+// the same registers. Each byte has a write mask: read-only bytes (IDs, class) ignore
+// writes, and a BAR's mask makes the standard sizing probe work (write all-ones, read
+// back the size). Functions that do not exist read as all-ones.
+import type { BusDevice } from '../bus/bus.js';
+import { KilnError } from '../errors.js';
+import { STATE_HEADER_BYTES, type DeviceModel } from '../devices/device.js';
+
+export const PCI_SLOTS = 32;
+export const CONFIG_SPACE_BYTES = 4096;
+
+// Type 0 header offsets (PCI Local Bus 3.0, 6.1).
+export const PCI_VENDOR_ID = 0x00;
+export const PCI_DEVICE_ID = 0x02;
+export const PCI_COMMAND = 0x04;
+export const PCI_STATUS = 0x06;
+export const PCI_REVISION_ID = 0x08;
+export const PCI_CLASS_PROG = 0x09;
+export const PCI_CLASS_DEVICE = 0x0a;
+export const PCI_HEADER_TYPE = 0x0e;
+export const PCI_BASE_ADDRESS_0 = 0x10;
+export const PCI_SUBSYSTEM_VENDOR_ID = 0x2c;
+export const PCI_SUBSYSTEM_ID = 0x2e;
+export const PCI_INTERRUPT_LINE = 0x3c;
+export const PCI_INTERRUPT_PIN = 0x3d;
+export const PCI_COMMAND_IO = 0x1;
+export const PCI_COMMAND_MEMORY = 0x2;
+export const PCI_COMMAND_MASTER = 0x4;
+export const PCI_COMMAND_INTX_DISABLE = 0x400;
+export const PCI_BASE_ADDRESS_SPACE_IO = 0x1;
+const CONFIG_ADDRESS_ENABLE = 0x8000_0000;
+
+// Shared state: CONFIG_ADDRESS, a present flag per slot, then per slot its config
+// space followed by its write masks.
+const ADDRESS_AT = STATE_HEADER_BYTES;
+const PRESENT_AT = ADDRESS_AT + 4;
+const SPACES_AT = PRESENT_AT + PCI_SLOTS;
+const SLOT_BYTES = 2 * CONFIG_SPACE_BYTES;
+const STATE_BYTES = 4 + PCI_SLOTS + PCI_SLOTS * SLOT_BYTES;
+
+export interface PciBar {
+  /** Power of two, at least 16 bytes (memory) or 4 bytes (I/O). */
+  readonly size: number;
+  readonly kind: 'memory32' | 'io';
+  /** The address Kiln places it at (the guest may move it). */
+  readonly address: number;
+}
+
+export interface PciFunctionConfig {
+  readonly vendorId: number;
+  readonly deviceId: number;
+  /** Base class, subclass and programming interface, e.g. 0x060000 for a host bridge. */
+  readonly classCode: number;
+  readonly revision?: number;
+  readonly subsystemVendorId?: number;
+  readonly subsystemId?: number;
+  readonly bars?: readonly PciBar[];
+  /** INTx pin 1-4 (INTA-INTD), 0 for none. */
+  readonly interruptPin?: number;
+}
+
+/** Host-side view of the bus: set functions up before the VM starts, dump them any time. */
+export class PciRoot {
+  private readonly bytes: Uint8Array;
+
+  constructor(readonly state: SharedArrayBuffer) {
+    this.bytes = new Uint8Array(state);
+  }
+
+  private space(slot: number): Uint8Array {
+    return this.bytes.subarray(SPACES_AT + slot * SLOT_BYTES, SPACES_AT + slot * SLOT_BYTES + CONFIG_SPACE_BYTES);
+  }
+
+  private mask(slot: number): Uint8Array {
+    const at = SPACES_AT + slot * SLOT_BYTES + CONFIG_SPACE_BYTES;
+    return this.bytes.subarray(at, at + CONFIG_SPACE_BYTES);
+  }
+
+  /** Places a single-function device at `slot` (device number) on bus 0. */
+  addFunction(slot: number, f: PciFunctionConfig): void {
+    if (!Number.isInteger(slot) || slot < 0 || slot >= PCI_SLOTS) throw new KilnError(`PCI slot ${slot} does not exist (0-${PCI_SLOTS - 1})`);
+    if (this.bytes[PRESENT_AT + slot]) throw new KilnError(`PCI slot ${slot} is already taken`);
+    const space = new DataView(this.space(slot).buffer, this.space(slot).byteOffset, CONFIG_SPACE_BYTES);
+    const mask = new DataView(this.mask(slot).buffer, this.mask(slot).byteOffset, CONFIG_SPACE_BYTES);
+    space.setUint16(PCI_VENDOR_ID, f.vendorId, true);
+    space.setUint16(PCI_DEVICE_ID, f.deviceId, true);
+    space.setUint8(PCI_REVISION_ID, f.revision ?? 0);
+    space.setUint8(PCI_CLASS_PROG, f.classCode & 0xff);
+    space.setUint16(PCI_CLASS_DEVICE, f.classCode >>> 8, true);
+    space.setUint8(PCI_HEADER_TYPE, 0);
+    space.setUint16(PCI_SUBSYSTEM_VENDOR_ID, f.subsystemVendorId ?? 0, true);
+    space.setUint16(PCI_SUBSYSTEM_ID, f.subsystemId ?? 0, true);
+    space.setUint8(PCI_INTERRUPT_PIN, f.interruptPin ?? 0);
+    mask.setUint16(PCI_COMMAND, PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | PCI_COMMAND_INTX_DISABLE, true);
+    mask.setUint8(PCI_INTERRUPT_LINE, 0xff);
+    (f.bars ?? []).forEach((bar, i) => {
+      if (i >= 6) throw new KilnError('a PCI function has at most 6 BARs');
+      const min = bar.kind === 'io' ? 4 : 16;
+      if (bar.size < min || (bar.size & (bar.size - 1)) !== 0) throw new KilnError(`BAR ${i}: size ${bar.size} is not a power of two of at least ${min}`);
+      if (bar.address % bar.size !== 0) throw new KilnError(`BAR ${i}: address 0x${bar.address.toString(16)} is not aligned to its size`);
+      const flags = bar.kind === 'io' ? PCI_BASE_ADDRESS_SPACE_IO : 0;
+      space.setUint32(PCI_BASE_ADDRESS_0 + 4 * i, (bar.address | flags) >>> 0, true);
+      // The address bits above the size are writable; the size bits and flags are not.
+      mask.setUint32(PCI_BASE_ADDRESS_0 + 4 * i, ~(bar.size - 1) & (bar.kind === 'io' ? ~0x3 : ~0xf) >>> 0, true);
+    });
+    this.bytes[PRESENT_AT + slot] = 1;
+  }
+
+  /** A copy of a function's configuration space (`length` bytes from 0). */
+  dump(slot: number, length = 256): Uint8Array {
+    return Uint8Array.from(this.space(slot).subarray(0, length));
+  }
+
+  /** Reads and writes as the guest does (the caller holds the device lock on a live VM). */
+  access(slot: number, reg: number, data: Uint8Array, write: boolean): void {
+    if (slot < 0 || slot >= PCI_SLOTS || !this.bytes[PRESENT_AT + slot] || reg + data.length > CONFIG_SPACE_BYTES) {
+      if (!write) data.fill(0xff);
+      return;
+    }
+    const space = this.space(slot);
+    if (!write) {
+      data.set(space.subarray(reg, reg + data.length));
+      return;
+    }
+    const mask = this.mask(slot);
+    for (let i = 0; i < data.length; i++) {
+      const m = mask[reg + i]!;
+      space[reg + i] = (space[reg + i]! & ~m) | (data[i]! & m);
+    }
+  }
+
+  get configAddress(): number {
+    return new DataView(this.state, ADDRESS_AT, 4).getUint32(0, true);
+  }
+
+  set configAddress(value: number) {
+    new DataView(this.state, ADDRESS_AT, 4).setUint32(0, value >>> 0, true);
+  }
+}
+
+export const pciRootModel: DeviceModel = {
+  stateBytes: () => STATE_BYTES,
+  create(state, options): BusDevice {
+    const root = new PciRoot(state);
+    if (options.role === 'ecam') {
+      // ECAM offset = bus << 20 | device << 15 | function << 12 | register; only
+      // function 0 of bus 0 exists.
+      const slotOf = (offset: number) => (offset >>> 20 === 0 && ((offset >>> 12) & 7) === 0 ? (offset >>> 15) & 31 : -1);
+      return {
+        read: (offset, data) => root.access(slotOf(offset), offset & 0xfff, data, false),
+        write: (offset, data) => root.access(slotOf(offset), offset & 0xfff, data, true),
+      };
+    }
+    // Configuration mechanism #1: CONFIG_ADDRESS at offset 0, CONFIG_DATA at 4-7.
+    const target = (offset: number): { slot: number; reg: number } | null => {
+      const address = root.configAddress;
+      const bus = (address >>> 16) & 0xff;
+      const fn = (address >>> 8) & 7;
+      if (!(address & CONFIG_ADDRESS_ENABLE) || bus !== 0 || fn !== 0) return null;
+      return { slot: (address >>> 11) & 31, reg: (address & 0xfc) + (offset - 4) };
+    };
+    return {
+      read(offset, data) {
+        if (offset < 4) {
+          const value = root.configAddress;
+          for (let i = 0; i < data.length; i++) data[i] = (value >>> (8 * (offset + i))) & 0xff;
+          return;
+        }
+        const t = target(offset);
+        if (t) root.access(t.slot, t.reg, data, false);
+        else data.fill(0xff);
+      },
+      write(offset, data) {
+        if (offset === 0 && data.length === 4) {
+          root.configAddress = data[0]! | (data[1]! << 8) | (data[2]! << 16) | (data[3]! << 24);
+          return;
+        }
+        const t = offset >= 4 ? target(offset) : null;
+        if (t) root.access(t.slot, t.reg, data, true);
+      },
+    };
+  },
+};
