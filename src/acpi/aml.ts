@@ -176,6 +176,26 @@ export function memory32Fixed(base: number, length: number): Aml {
   return bytes(0x86, 9, 0, 0x01, ...le32(base), ...le32(length));
 }
 
+// Address space descriptors (ACPI 6.5, 6.4.3.5): a bridge's producer windows, with
+// fixed minimum and maximum (general flags MIF | MAF) and positive decode.
+const ADDRESS_FIXED_RANGE = 0x0c;
+const le = (value: number, bytes: number) => Array.from({ length: bytes }, (_, i) => Math.floor(value / 2 ** (8 * i)) & 0xff);
+
+/** WordBusNumber: the bus numbers a host bridge decodes. */
+export function wordBusNumber(min: number, max: number): Aml {
+  return Uint8Array.from([0x88, 13, 0, 2, ADDRESS_FIXED_RANGE, 0, ...le(0, 2), ...le(min, 2), ...le(max, 2), ...le(0, 2), ...le(max - min + 1, 2)]);
+}
+
+/** DWordIO: an I/O port window [min, max] (entire range: ISA and non-ISA). */
+export function dwordIo(min: number, max: number): Aml {
+  return Uint8Array.from([0x87, 23, 0, 1, ADDRESS_FIXED_RANGE, 0x03, ...le(0, 4), ...le(min, 4), ...le(max, 4), ...le(0, 4), ...le(max - min + 1, 4)]);
+}
+
+/** DWordMemory: a read/write, non-cacheable memory window [min, max]. */
+export function dwordMemory(min: number, max: number): Aml {
+  return Uint8Array.from([0x87, 23, 0, 0, ADDRESS_FIXED_RANGE, 0x01, ...le(0, 4), ...le(min, 4), ...le(max, 4), ...le(0, 4), ...le(max - min + 1, 4)]);
+}
+
 /** ResourceTemplate: the descriptors plus the end tag with its checksum, as a Buffer. */
 export function resourceTemplate(descriptors: readonly Aml[]): Aml {
   const body = concat([...descriptors, bytes(0x79)]);

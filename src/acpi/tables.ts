@@ -16,6 +16,12 @@ import {
   PORT_ACPI_SLEEP_STATUS,
   PORT_COM1,
   PORT_COM_SIZE,
+  PCI_ECAM_SIZE,
+  PCI_ECAM_START,
+  PCI_MMIO_SIZE,
+  PCI_MMIO_START,
+  PORT_PCI_CONFIG_ADDRESS,
+  PORT_PCI_CONFIG_SIZE,
   PORT_RTC,
   PORT_RTC_SIZE,
 } from '../layout.js';
@@ -117,8 +123,47 @@ function madt(vcpus: number): Uint8Array {
   return table('APIC', 5, 'KILNMADT', body);
 }
 
+/** PCI I/O port window: above the legacy ISA range, below the top of the 16-bit space. */
+export const PCI_IO_START = 0x1000;
+export const PCI_IO_END = 0xffff;
+
+/** The PCI host bridge (bus 0, ports 0xcf8-0xcff, I/O and memory windows) and ECAM's reservation. */
+function pciHostBridge(): Uint8Array[] {
+  return [
+    aml.device('PCI0', [
+      aml.name('_HID', aml.eisaId('PNP0A08')),
+      aml.name('_CID', aml.eisaId('PNP0A03')),
+      aml.name('_SEG', aml.integer(0)),
+      aml.name('_BBN', aml.integer(0)),
+      aml.name('_UID', aml.integer(0)),
+      aml.name(
+        '_CRS',
+        aml.resourceTemplate([
+          aml.wordBusNumber(0, 0),
+          aml.ioPort(PORT_PCI_CONFIG_ADDRESS, PORT_PCI_CONFIG_SIZE),
+          aml.dwordIo(PCI_IO_START, PCI_IO_END),
+          aml.dwordMemory(PCI_MMIO_START, PCI_MMIO_START + PCI_MMIO_SIZE - 1),
+        ]),
+      ),
+    ]),
+    // Linux trusts an MCFG area only if firmware also reserves it.
+    aml.device('RES0', [aml.name('_HID', aml.eisaId('PNP0C02')), aml.name('_CRS', aml.resourceTemplate([aml.memory32Fixed(PCI_ECAM_START, PCI_ECAM_SIZE)]))]),
+  ];
+}
+
+/** MCFG (PCI Firmware 3.2, 4.1.2): ECAM for segment 0, bus 0. */
+function mcfg(): Uint8Array {
+  const body = new Uint8Array(8 + 16);
+  const dv = new DataView(body.buffer);
+  dv.setBigUint64(8, BigInt(PCI_ECAM_START), true);
+  dv.setUint16(16, 0, true); // segment
+  dv.setUint8(18, 0); // start bus
+  dv.setUint8(19, PCI_ECAM_SIZE / (1 << 20) - 1); // end bus
+  return table('MCFG', 1, 'KILNMCFG', body);
+}
+
 /** The DSDT's AML: COM1, the RTC, the power button and its GED, one ACPI0007 per vCPU, _S5. */
-export function dsdtAml(vcpus: number): Uint8Array {
+export function dsdtAml(vcpus: number, pci = false): Uint8Array {
   const hid = (id: string) => aml.name('_HID', aml.eisaId(id));
   const uid = (n: number) => aml.name('_UID', aml.integer(n));
   const sb = aml.scope('\\_SB', [
@@ -133,6 +178,7 @@ export function dsdtAml(vcpus: number): Uint8Array {
       aml.method('_EVT', 1, [aml.ifThen(aml.lEqual(aml.arg0, aml.integer(IRQ_GED)), [aml.notify('\\_SB.PWRB', 0x80)])]),
     ]),
     ...Array.from({ length: vcpus }, (_, i) => aml.device(`C${i.toString(16).toUpperCase().padStart(3, '0')}`, [aml.name('_HID', aml.string('ACPI0007')), uid(i)])),
+    ...(pci ? pciHostBridge() : []),
   ]);
   const s5 = aml.name('_S5', aml.packageOf([aml.integer(SLP_TYP_S5), aml.integer(0)]));
   return aml.amlConcat([sb, s5]);
@@ -149,17 +195,20 @@ export interface AcpiTables {
 
 const align = (n: number, a: number) => Math.ceil(n / a) * a;
 
-export function buildAcpiTables(shape: { vcpus: number }): AcpiTables {
+/** The VM's shape as ACPI describes it; `pci` adds the host bridge and MCFG. */
+export function buildAcpiTables(shape: { vcpus: number; pci?: boolean }): AcpiTables {
   const base = ACPI_START;
   const rsdpSize = 36;
   const dsdtAddr = base + align(rsdpSize, 16);
-  const dsdt = table('DSDT', 6, 'KILNDSDT', dsdtAml(shape.vcpus));
+  const dsdt = table('DSDT', 6, 'KILNDSDT', dsdtAml(shape.vcpus, shape.pci ?? false));
   const fadtAddr = align(dsdtAddr + dsdt.length, 16);
   const fadtTable = fadt(dsdtAddr);
   const madtAddr = align(fadtAddr + fadtTable.length, 16);
   const madtTable = madt(shape.vcpus);
-  const xsdtAddr = align(madtAddr + madtTable.length, 16);
-  const entries = [fadtAddr, madtAddr];
+  const mcfgAddr = align(madtAddr + madtTable.length, 16);
+  const mcfgTable = shape.pci ? mcfg() : new Uint8Array(0);
+  const xsdtAddr = align(mcfgAddr + mcfgTable.length, 16);
+  const entries = shape.pci ? [fadtAddr, madtAddr, mcfgAddr] : [fadtAddr, madtAddr];
   const xsdtBody = new Uint8Array(entries.length * 8);
   entries.forEach((a, i) => new DataView(xsdtBody.buffer).setBigUint64(i * 8, BigInt(a), true));
   const xsdt = table('XSDT', 1, 'KILNXSDT', xsdtBody);
@@ -183,6 +232,12 @@ export function buildAcpiTables(shape: { vcpus: number }): AcpiTables {
   place(dsdtAddr, dsdt);
   place(fadtAddr, fadtTable);
   place(madtAddr, madtTable);
+  place(mcfgAddr, mcfgTable);
   place(xsdtAddr, xsdt);
-  return { base, bytes, rsdp: base, addresses: { RSDP: base, DSDT: dsdtAddr, FACP: fadtAddr, APIC: madtAddr, XSDT: xsdtAddr } };
+  return {
+    base,
+    bytes,
+    rsdp: base,
+    addresses: { RSDP: base, DSDT: dsdtAddr, FACP: fadtAddr, APIC: madtAddr, XSDT: xsdtAddr, ...(shape.pci ? { MCFG: mcfgAddr } : {}) },
+  };
 }

@@ -62,6 +62,9 @@ export interface PciFunctionConfig {
   readonly interruptPin?: number;
 }
 
+/** Kiln's host bridge at 00:00.0: Red Hat's ID for a generic PCIe host bridge, class 0600. */
+export const PCI_HOST_BRIDGE: PciFunctionConfig = { vendorId: 0x1b36, deviceId: 0x0008, classCode: 0x060000 };
+
 /** Host-side view of the bus: set functions up before the VM starts, dump them any time. */
 export class PciRoot {
   private readonly bytes: Uint8Array;

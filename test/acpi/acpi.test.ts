@@ -103,6 +103,32 @@ describe('tables decoded by iasl', { skip: iasl ? false : 'needs iasl (apt-get i
   });
 });
 
+describe('the PCI host bridge and MCFG', { skip: iasl ? false : 'needs iasl (apt-get install acpica-tools)' }, () => {
+  const t = buildAcpiTables({ vcpus: 1, pci: true });
+  const bytesOf = (sig: string) => {
+    const off = t.addresses[sig]! - t.base;
+    return t.bytes.subarray(off, off + new DataView(t.bytes.buffer).getUint32(off + 4, true));
+  };
+
+  test('MCFG: ECAM at 0xe0000000 for segment 0, bus 0; listed in the XSDT', () => {
+    const dsl = disassemble('mcfg', bytesOf('MCFG'));
+    assert.match(dsl, /Base Address : 00000000E0000000/);
+    assert.match(dsl, /Segment Group Number : 0000/);
+    assert.match(dsl, /Start Bus Number : 00\n[^\n]*End Bus Number : 00/);
+    assert.match(disassemble('xsdt', bytesOf('XSDT')), new RegExp(`ACPI Table Address +2 : ${t.addresses.MCFG!.toString(16).toUpperCase().padStart(16, '0')}`));
+  });
+
+  test('DSDT: PNP0A08 host bridge with its bus, config-port, I/O and memory windows; ECAM reserved', () => {
+    const dsl = disassemble('dsdt', bytesOf('DSDT'));
+    assert.match(dsl, /Device \(PCI0\)[\s\S]*?EisaId \("PNP0A08"\)[\s\S]*?EisaId \("PNP0A03"\)/);
+    assert.match(dsl, /WordBusNumber \(ResourceProducer, MinFixed, MaxFixed, PosDecode,[\s\S]*?0x0000,\s+\/\/ Range Maximum/);
+    assert.match(dsl, /IO \(Decode16,\s+0x0CF8,/);
+    assert.match(dsl, /DWordIO \(ResourceProducer[\s\S]*?0x00001000,\s+\/\/ Range Minimum\s+0x0000FFFF,/);
+    assert.match(dsl, /DWordMemory \(ResourceProducer[\s\S]*?0xC0000000,\s+\/\/ Range Minimum\s+0xCFFFFFFF,/);
+    assert.match(dsl, /Device \(RES0\)[\s\S]*?EisaId \("PNP0C02"\)[\s\S]*?Memory32Fixed \(ReadWrite,\s+0xE0000000,[^\n]*\n\s+0x00100000,/);
+  });
+});
+
 test('the tables live in the legacy area and the RSDP is first', () => {
   const { t } = tablesFor(254);
   assert.equal(t.rsdp, ACPI_START);

@@ -51,6 +51,9 @@ describe('the minimal Linux guest', { skip: kvmSkip, timeout: 30 * 60_000 }, () 
       assert.match(serial, /smp: Brought up 1 node, 2 CPUs/);
       assert.match(serial, /ttyS0 at I\/O 0x3f8/);
       assert.match(serial, /ACPI: RSDP 0x00000000000E0000/);
+      assert.match(serial, /PCI: MMCONFIG for domain 0000 \[bus 00-00\] at \[mem 0xe0000000-0xe00fffff\]/);
+      assert.match(serial, /PCI host bridge to bus 0000:00/);
+      assert.match(serial, /pci 0000:00:00\.0: \[1b36:0008\] type 00 class 0x060000/);
       assert.deepEqual(readProgress(lv.progress.state).recent, [0x10, 0x20], 'init reached both progress points');
       if (isSoftwareKvm()) {
         const compat = result.vcpus[0]!.compat ?? {};
