@@ -1,5 +1,6 @@
 // Shared test helpers: the /dev/kvm gate, temporary directories, and a VM with the
 // standard test devices.
+import { execFileSync } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -12,6 +13,16 @@ import { Vm, type VmResult } from '../src/vm.js';
 /** Tests that run guests need /dev/kvm; where it is absent they skip and say why. */
 export const kvmSkip: string | false = existsSync('/dev/kvm') ? false : 'needs /dev/kvm (this host has no KVM)';
 if (kvmSkip) process.stdout.write(`# SKIPPING guest tests: ${kvmSkip}\n`);
+
+/** Whether a host tool runs (e.g. `toolAvailable('iasl', '-v')`), for tests that need it. */
+export function toolAvailable(cmd: string, ...args: string[]): boolean {
+  try {
+    execFileSync(cmd, args, { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 /** A temporary directory removed when the test file ends. */
 export function tempDir(): string {

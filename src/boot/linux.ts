@@ -110,7 +110,11 @@ export function createLinuxVm(config: LinuxVmConfig): LinuxVm {
     new PciRoot(pciPorts.state).addFunction(0, PCI_HOST_BRIDGE);
 
     const cpuid = applyTemplate(supportedCpuid(vm.kvmSystem), template);
-    vm.vcpus.forEach((vcpu, i) => configureVcpu(vcpu, i, config.cpus, cpuid, true));
+    const refused = new Set<number>();
+    vm.vcpus.forEach((vcpu, i) => configureVcpu(vcpu, i, config.cpus, cpuid, true).forEach((msr) => refused.add(msr)));
+    if (refused.size > 0) {
+      process.stderr.write(`kiln: KVM refused to set boot MSR(s) ${[...refused].map((m) => `0x${m.toString(16)}`).join(', ')}; they keep KVM's reset values\n`);
+    }
     vm.memory.write(acpi.base, acpi.bytes);
     for (const w of boot.writes) vm.memory.write(w.gpa, w.bytes);
     setBootRegisters(vm.vcpus[0]!, vm.memory, boot.entry);

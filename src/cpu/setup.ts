@@ -86,6 +86,7 @@ export function setBootMsrs(vcpu: VcpuFd): number[] {
     try {
       vcpu.setMsrs(new Map([[msr, value]]));
     } catch {
+      // KVM may own an MSR (or not emulate it); the caller reports the refused ones.
       refused.push(msr);
     }
   }

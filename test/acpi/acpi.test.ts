@@ -8,19 +8,12 @@ import { describe, test } from 'node:test';
 import * as aml from '../../src/acpi/aml.js';
 import { buildAcpiTables } from '../../src/acpi/tables.js';
 import { ACPI_START, IRQ_GED, PORT_ACPI_RESET, PORT_ACPI_SLEEP_CONTROL, PORT_ACPI_SLEEP_STATUS } from '../../src/layout.js';
-import { tempDir } from '../helpers.js';
+import { tempDir, toolAvailable } from '../helpers.js';
 
-const iasl = (() => {
-  try {
-    execFileSync('iasl', ['-v'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-})();
+const iasl = toolAvailable('iasl', '-v');
 
-function tablesFor(vcpus: number) {
-  const t = buildAcpiTables({ vcpus });
+function tablesFor(vcpus: number, pci = false) {
+  const t = buildAcpiTables({ vcpus, pci });
   const bytesOf = (sig: string) => {
     const off = t.addresses[sig]! - t.base;
     const len = sig === 'RSDP' ? 36 : new DataView(t.bytes.buffer).getUint32(off + 4, true);
@@ -104,11 +97,7 @@ describe('tables decoded by iasl', { skip: iasl ? false : 'needs iasl (apt-get i
 });
 
 describe('the PCI host bridge and MCFG', { skip: iasl ? false : 'needs iasl (apt-get install acpica-tools)' }, () => {
-  const t = buildAcpiTables({ vcpus: 1, pci: true });
-  const bytesOf = (sig: string) => {
-    const off = t.addresses[sig]! - t.base;
-    return t.bytes.subarray(off, off + new DataView(t.bytes.buffer).getUint32(off + 4, true));
-  };
+  const { t, bytesOf } = tablesFor(1, true);
 
   test('MCFG: ECAM at 0xe0000000 for segment 0, bus 0; listed in the XSDT', () => {
     const dsl = disassemble('mcfg', bytesOf('MCFG'));

@@ -11,7 +11,7 @@ import * as layout from '../../src/layout.js';
 import { PciRoot, type PciFunctionConfig } from '../../src/pci/root.js';
 import { allocateDeviceState } from '../../src/devices/registry.js';
 import { Vm } from '../../src/vm.js';
-import { kvmSkip, tempDir } from '../helpers.js';
+import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
 
 const HOST_BRIDGE: PciFunctionConfig = { vendorId: 0x1b36, deviceId: 0x0008, classCode: 0x060000 };
 const TEST_FUNCTION: PciFunctionConfig = {
@@ -137,14 +137,7 @@ describe('PCI configuration space from a guest', { skip: kvmSkip }, () => {
   });
 });
 
-const lspci = (() => {
-  try {
-    execFileSync('lspci', ['--version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-})();
+const lspci = toolAvailable('lspci', '--version');
 
 test('lspci -F decodes the host bridge and a device with memory and I/O BARs', { skip: lspci ? false : 'needs lspci (apt-get install pciutils)' }, () => {
   const state = allocateDeviceState('pci-root', {});
