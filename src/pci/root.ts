@@ -31,6 +31,10 @@ export const PCI_COMMAND_MEMORY = 0x2;
 export const PCI_COMMAND_MASTER = 0x4;
 export const PCI_COMMAND_INTX_DISABLE = 0x400;
 export const PCI_BASE_ADDRESS_SPACE_IO = 0x1;
+export const PCI_CAPABILITY_LIST = 0x34;
+export const PCI_STATUS_CAP_LIST = 0x10;
+/** Capabilities start after the type 0 header. */
+const FIRST_CAPABILITY = 0x40;
 const CONFIG_ADDRESS_ENABLE = 0x8000_0000;
 
 // Shared state: CONFIG_ADDRESS, a present flag per slot, then per slot its config
@@ -60,6 +64,18 @@ export interface PciFunctionConfig {
   readonly bars?: readonly PciBar[];
   /** INTx pin 1-4 (INTA-INTD), 0 for none. */
   readonly interruptPin?: number;
+  /** Capabilities, chained in this order from offset 0x40. */
+  readonly capabilities?: readonly PciCapability[];
+}
+
+/**
+ * One capability: its ID and the bytes after the 2-byte header (ID, next pointer),
+ * with a write mask of the same length (which bits the guest may change).
+ */
+export interface PciCapability {
+  readonly id: number;
+  readonly body: Uint8Array;
+  readonly writeMask: Uint8Array;
 }
 
 /** Kiln's host bridge at 00:00.0: Red Hat's ID for a generic PCIe host bridge, class 0600. */
@@ -109,7 +125,29 @@ export class PciRoot {
       // The address bits above the size are writable; the size bits and flags are not.
       mask.setUint32(PCI_BASE_ADDRESS_0 + 4 * i, ~(bar.size - 1) & (bar.kind === 'io' ? ~0x3 : ~0xf) >>> 0, true);
     });
+    let at = FIRST_CAPABILITY;
+    let previousNext = PCI_CAPABILITY_LIST;
+    for (const cap of f.capabilities ?? []) {
+      if (cap.body.length !== cap.writeMask.length) throw new KilnError(`capability 0x${cap.id.toString(16)}: body and write mask differ in length`);
+      if (at + 2 + cap.body.length > 0x100) throw new KilnError('the capabilities do not fit in the first 256 bytes of configuration space');
+      space.setUint8(previousNext, at);
+      space.setUint8(at, cap.id);
+      this.space(slot).set(cap.body, at + 2);
+      this.mask(slot).set(cap.writeMask, at + 2);
+      previousNext = at + 1;
+      at = (at + 2 + cap.body.length + 3) & ~3;
+    }
+    if (f.capabilities?.length) space.setUint16(PCI_STATUS, PCI_STATUS_CAP_LIST, true);
     this.bytes[PRESENT_AT + slot] = 1;
+  }
+
+  /** Where capability `id` sits in a function's configuration space, or -1. */
+  findCapability(slot: number, id: number): number {
+    const space = this.space(slot);
+    for (let at = space[PCI_CAPABILITY_LIST]!, hops = 0; at !== 0 && hops < 48; at = space[at + 1]!, hops++) {
+      if (space[at] === id) return at;
+    }
+    return -1;
   }
 
   /** A copy of a function's configuration space (`length` bytes from 0). */
