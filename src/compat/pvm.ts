@@ -17,7 +17,6 @@ import { existsSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { assemble } from '../guest/asm.js';
 import type { VcpuFd } from '../kvm/kvm.js';
-import { KVM_EXIT } from '../kvm/ioctl.js';
 import { kvm_run } from '../kvm/structs.js';
 import type { GuestMemory } from '../memory/guest-memory.js';
 import { MSR_LSTAR } from '../cpu/setup.js';
@@ -172,4 +171,3 @@ export class PvmCompat {
   }
 }
 
-export const EXIT_INTERNAL_ERROR = KVM_EXIT.INTERNAL_ERROR;

@@ -152,8 +152,13 @@ export async function buildMinimalKernel(progress: Progress): Promise<KernelArti
   return { vmlinux, bzImage, built: true };
 }
 
+/** The userland's inputs, read once: they are both hashed (for the cache) and packed. */
+function userlandInputs(): { busybox: Uint8Array; init: Uint8Array } {
+  return { busybox: readFileSync(BUSYBOX), init: readFileSync(repoFile('guests', 'initramfs', 'init')) };
+}
+
 /** The userland both the initramfs and the root filesystem carry. */
-function userland(): CpioEntry[] {
+function userland(inputs: { busybox: Uint8Array; init: Uint8Array }): CpioEntry[] {
   return [
     { type: 'dir', path: 'bin' },
     { type: 'dir', path: 'dev' },
@@ -161,33 +166,34 @@ function userland(): CpioEntry[] {
     { type: 'dir', path: 'sys' },
     { type: 'dir', path: 'tmp', mode: 0o1777 },
     { type: 'chardev', path: 'dev/console', major: 5, minor: 1 },
-    { type: 'file', path: 'bin/busybox', data: readFileSync(BUSYBOX), mode: 0o755 },
-    { type: 'file', path: 'init', data: readFileSync(repoFile('guests', 'initramfs', 'init')), mode: 0o755 },
+    { type: 'file', path: 'bin/busybox', data: inputs.busybox, mode: 0o755 },
+    { type: 'file', path: 'init', data: inputs.init, mode: 0o755 },
   ];
 }
 
 export async function buildInitramfs(progress: Progress): Promise<{ path: string; built: boolean }> {
   ensurePackages(['busybox-static'], 'building the initramfs', progress);
-  const entries = userland();
-  const dir = join(cacheDir(), 'initramfs', hash(readFileSync(BUSYBOX), readFileSync(repoFile('guests', 'initramfs', 'init')), String(RECIPE_VERSION)));
+  const inputs = userlandInputs();
+  const dir = join(cacheDir(), 'initramfs', hash(inputs.busybox, inputs.init, String(RECIPE_VERSION)));
   const path = join(dir, 'initramfs.cpio');
   if (existsSync(path)) return { path, built: false };
   progress('writing the initramfs (uncompressed cpio)');
   mkdirSync(dir, { recursive: true });
-  writeFileSync(`${path}.tmp`, buildCpio(entries));
+  writeFileSync(`${path}.tmp`, buildCpio(userland(inputs)));
   renameSync(`${path}.tmp`, path);
   return { path, built: true };
 }
 
 export async function buildRootfs(progress: Progress, sizeMiB = 64): Promise<{ path: string; built: boolean }> {
   ensurePackages(['busybox-static', 'e2fsprogs'], 'building the root filesystem', progress);
-  const dir = join(cacheDir(), 'rootfs', hash(readFileSync(BUSYBOX), readFileSync(repoFile('guests', 'initramfs', 'init')), String(sizeMiB), String(RECIPE_VERSION)));
+  const inputs = userlandInputs();
+  const dir = join(cacheDir(), 'rootfs', hash(inputs.busybox, inputs.init, String(sizeMiB), String(RECIPE_VERSION)));
   const path = join(dir, 'rootfs.ext4');
   if (existsSync(path)) return { path, built: false };
   progress(`writing a ${sizeMiB} MiB ext4 root filesystem with mke2fs -d`);
   const tree = join(dir, 'tree');
   rmSync(dir, { recursive: true, force: true });
-  for (const e of userland()) {
+  for (const e of userland(inputs)) {
     const target = join(tree, e.path);
     if (e.type === 'dir') mkdirSync(target, { recursive: true });
     else if (e.type === 'file') {
@@ -213,7 +219,7 @@ export async function buildCloudKernel(progress: Progress): Promise<{ vmlinuz: s
   const candidate = (pkg: string) => execFileSync('apt-cache', ['depends', pkg], { encoding: 'utf8' }).match(/Depends: (linux-image-[^\s]+)/)?.[1];
   let image = candidate('linux-image-cloud-amd64');
   if (!image) {
-    ensurePackages([], 'the cloud kernel', progress);
+    progress('refreshing the package lists with apt-get update');
     execFileSync('apt-get', ['update', '-qq'], { stdio: 'ignore' });
     image = candidate('linux-image-cloud-amd64');
   }
