@@ -62,6 +62,9 @@ export const PLATFORM_MMIO_SIZE = 0x0100_0000;
 /** The MMIO test device of the guest kit: a scratch register file and access recorder. */
 export const TEST_DEVICE_MMIO_BASE = PLATFORM_MMIO_START;
 export const TEST_DEVICE_MMIO_SIZE = 0x1000;
+/** debug-exit on MMIO, for 64-bit ring-3 test guests (software KVM refuses their port I/O). */
+export const DEBUG_EXIT_MMIO_BASE = PLATFORM_MMIO_START + 0x1000;
+export const DEBUG_EXIT_MMIO_SIZE = 4;
 export const IOAPIC_START = 0xfec0_0000;
 export const LAPIC_START = 0xfee0_0000;
 /** KVM needs three pages for the real-mode TSS on Intel; Firecracker and kvmtool use this. */
@@ -102,6 +105,9 @@ export const IRQ_RTC = 8;
 /** The Generic Event Device's interrupt: it delivers the ACPI power button. */
 export const IRQ_GED = 10;
 export const IOAPIC_PINS = 24;
+/** PCI INTx lines: slot S, pin P (0 = INTA) uses GSI PCI_INTX_GSI_BASE + (S + P) % PCI_INTX_GSIS (the _PRT says so). */
+export const PCI_INTX_GSI_BASE = 16;
+export const PCI_INTX_GSIS = 8;
 
 /** The port I/O test device of the guest kit (echo and access recorder). */
 export const PORT_TEST_DEVICE = 0x510;
@@ -124,5 +130,7 @@ export const KIT_USER_STACK_TOP = 0x80000;
 export const KIT_KERNEL_STACK_TOP = 0x90000;
 /** A data area kit guests use for results the host reads back. */
 export const KIT_DATA = 0x100000;
+/** Free RAM from here on is the kit drivers' heap: virtqueues and buffers. */
+export const KIT_HEAP = 0x200000;
 /** Smallest RAM the kit needs: code, stacks, tables and the data page. */
 export const KIT_MIN_MEMORY = 2 * MiB;

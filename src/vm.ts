@@ -12,6 +12,8 @@ import { hostMemoryBytes, hostPhysAddrBits, OwnedGuestMemory } from './memory/gu
 import * as ctl from './vcpu/control.js';
 import type { VcpuExit } from './vcpu/messages.js';
 import { KICK_SIGNAL, VcpuThread } from './vcpu/vcpu-thread.js';
+import * as libc from './kvm/libc.js';
+import { IoThread } from './virtio/io-thread.js';
 
 export interface VmConfig {
   readonly memoryBytes: number;
@@ -48,6 +50,8 @@ export class Vm {
   private readonly control: SharedArrayBuffer;
   private readonly cells: Int32Array;
   private threads: VcpuThread[] = [];
+  private io: IoThread | null = null;
+  private readonly ownedFds: number[] = [];
   private result: Promise<VmResult> | null = null;
   private destroyed = false;
 
@@ -103,7 +107,7 @@ export class Vm {
    * `shareStateWith` maps a second range onto an existing device's state (one device
    * reached two ways, as PCI configuration space is through ports and through ECAM).
    */
-  addDevice(device: { id: string; kind: string; bus: 'pio' | 'mmio'; base: number; size: number; options?: DeviceOptions; shareStateWith?: DeviceSpec }): DeviceSpec {
+  addDevice(device: { id: string; kind: string; bus: 'pio' | 'mmio' | 'pci'; base: number; size: number; options?: DeviceOptions; shareStateWith?: DeviceSpec }): DeviceSpec {
     if (this.threads.length > 0) throw new KilnError('devices must be added before the VM starts');
     if (this.devices.some((d) => d.id === device.id)) throw new KilnError(`a device named '${device.id}' already exists`);
     const { shareStateWith, ...rest } = device;
@@ -113,9 +117,22 @@ export class Vm {
     return spec;
   }
 
-  /** Starts one thread per vCPU; resolves when every one is running its guest. */
+  /** Closes `fd` when the VM is destroyed (eventfds and files its devices use). */
+  adoptFd(fd: number): void {
+    this.ownedFds.push(fd);
+  }
+
+  /** Linux thread id of the I/O thread, or 0 when the VM has no virtio devices. */
+  ioThreadId = 0;
+
+  /** Starts the I/O thread (if any device needs it) and one thread per vCPU; resolves when every one is running. */
   async start(): Promise<void> {
     if (this.threads.length > 0) throw new KilnError('the VM has already started');
+    const virtio = this.devices.filter((d) => d.kind === 'virtio-pci');
+    if (virtio.length > 0) {
+      this.io = new IoThread({ memory: this.memory.descriptor, vmFd: this.vmFd.fd, devices: virtio });
+      this.ioThreadId = await this.io.ready;
+    }
     const runMmapSize = this.kvm.vcpuMmapSize();
     this.threads = this.vcpus.map(
       (vcpu, id) =>
@@ -185,17 +202,27 @@ export class Vm {
     this.threads.forEach((t) => t.resume());
   }
 
-  /** Stops every vCPU and resolves with the VM's result. */
+  /** Stops every vCPU (then the I/O thread) and resolves with the VM's result. */
   async stop(): Promise<VmResult> {
     await Promise.all(this.threads.map((t) => t.stop()));
+    await this.stopIo();
     return this.wait();
+  }
+
+  private async stopIo(): Promise<void> {
+    const io = this.io;
+    this.io = null;
+    const failure = io ? await io.stop() : null;
+    if (failure) process.stderr.write(`kiln: the I/O thread ended with an error: ${failure}\n`);
   }
 
   /** Closes every file descriptor and unmaps guest memory. Stops the VM first if needed. */
   async destroy(): Promise<void> {
     if (this.destroyed) return;
     if (this.threads.length > 0) await this.stop();
+    await this.stopIo();
     this.destroyed = true;
+    this.ownedFds.forEach((fd) => libc.close(fd));
     this.vcpus.forEach((v) => v.close());
     this.vmFd.close();
     this.memory.destroy();

@@ -1,11 +1,13 @@
 // Shared test helpers: the /dev/kvm gate, temporary directories, and a VM with the
 // standard test devices.
+import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after } from 'node:test';
-import type { DeviceSpec } from '../src/devices/device.js';
+import type { DeviceContext, DeviceSpec } from '../src/devices/device.js';
+import type { GuestMemory } from '../src/memory/guest-memory.js';
 import { loadProgram, type KitProgram } from '../src/guest/kit.js';
 import * as layout from '../src/layout.js';
 import { Vm, type VmResult } from '../src/vm.js';
@@ -39,10 +41,11 @@ export interface TestVm {
 }
 
 /** A VM with the progress port, debug-exit, and the kit's test device on both buses. */
-export function createTestVm(options: { vcpus?: number; memoryBytes?: number; serialFd?: number } = {}): TestVm {
-  const vm = Vm.create({ memoryBytes: options.memoryBytes ?? 4 * layout.MiB, vcpus: options.vcpus ?? 1 });
+export function createTestVm(options: { vcpus?: number; memoryBytes?: number; serialFd?: number; irqchip?: boolean } = {}): TestVm {
+  const vm = Vm.create({ memoryBytes: options.memoryBytes ?? 4 * layout.MiB, vcpus: options.vcpus ?? 1, irqchip: options.irqchip ?? false });
   const progress = vm.addDevice({ id: 'progress', kind: 'progress', bus: 'pio', base: layout.PORT_PROGRESS, size: layout.PORT_PROGRESS_SIZE });
   vm.addDevice({ id: 'debug-exit', kind: 'debug-exit', bus: 'pio', base: layout.PORT_DEBUG_EXIT, size: layout.PORT_DEBUG_EXIT_SIZE });
+  vm.addDevice({ id: 'debug-exit-mmio', kind: 'debug-exit', bus: 'mmio', base: layout.DEBUG_EXIT_MMIO_BASE, size: layout.DEBUG_EXIT_MMIO_SIZE });
   if (options.serialFd !== undefined) {
     vm.addDevice({ id: 'com1', kind: 'serial', bus: 'pio', base: layout.PORT_COM1, size: layout.PORT_COM_SIZE, options: { outFd: options.serialFd } });
   }
@@ -69,4 +72,13 @@ export async function runProgram(
   } finally {
     await t.vm.destroy();
   }
+}
+
+/**
+ * A DeviceContext for driving a device model directly from a test: the given callbacks,
+ * and for the rest no VM (MSIs are dropped, there is no guest memory or PCI function).
+ */
+export function deviceContext(parts: Pick<DeviceContext, 'requestExit' | 'requestReset' | 'setIrq'> & Partial<DeviceContext>): DeviceContext {
+  const noMemory = new Proxy({}, { get: () => assert.fail('this device context has no guest memory') }) as GuestMemory;
+  return { signalMsi: () => undefined, memory: noMemory, vmFd: -1, pciFunctions: new Map(), ...parts };
 }

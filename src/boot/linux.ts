@@ -14,7 +14,7 @@ import { SerialHost } from '../devices/serial.js';
 import { KilnError } from '../errors.js';
 import * as layout from '../layout.js';
 import { ramRanges, validateMemorySize } from '../memory/guest-memory.js';
-import { PCI_HOST_BRIDGE, PciRoot } from '../pci/root.js';
+import { attachPciHost } from '../pci/host.js';
 import { Vm } from '../vm.js';
 import { decompressBzImage } from './decompress.js';
 import { isElf } from './elf.js';
@@ -105,9 +105,7 @@ export function createLinuxVm(config: LinuxVmConfig): LinuxVm {
     vm.addDevice({ id: 'acpi-pm', kind: 'acpi-pm', bus: 'pio', base: layout.PORT_ACPI_SLEEP_CONTROL, size: layout.PORT_ACPI_PM_SIZE });
     vm.addDevice({ id: 'i8042', kind: 'i8042', bus: 'pio', base: layout.PORT_I8042_DATA, size: layout.PORT_I8042_COMMAND - layout.PORT_I8042_DATA + 1 });
     vm.addDevice({ id: 'rtc', kind: 'rtc', bus: 'pio', base: layout.PORT_RTC, size: layout.PORT_RTC_SIZE });
-    const pciPorts = vm.addDevice({ id: 'pci-cf8', kind: 'pci-root', bus: 'pio', base: layout.PORT_PCI_CONFIG_ADDRESS, size: layout.PORT_PCI_CONFIG_SIZE, options: { role: 'cf8' } });
-    vm.addDevice({ id: 'pci-ecam', kind: 'pci-root', bus: 'mmio', base: layout.PCI_ECAM_START, size: layout.PCI_ECAM_SIZE, options: { role: 'ecam' }, shareStateWith: pciPorts });
-    new PciRoot(pciPorts.state).addFunction(0, PCI_HOST_BRIDGE);
+    attachPciHost(vm);
 
     const cpuid = applyTemplate(supportedCpuid(vm.kvmSystem), template);
     const refused = new Set<number>();

@@ -4,6 +4,8 @@
 // same specs (registry.ts), so a vCPU exit is handled on the vCPU's own thread with no
 // hand-off, and all threads see one device state.
 import type { BusDevice } from '../bus/bus.js';
+import type { GuestMemory } from '../memory/guest-memory.js';
+import type { PciFunctionHandle } from '../pci/root.js';
 
 export type DeviceOptions = Readonly<Record<string, number | string | boolean>>;
 
@@ -11,7 +13,8 @@ export interface DeviceSpec {
   /** Unique within a VM, e.g. "com1". */
   readonly id: string;
   readonly kind: string;
-  readonly bus: 'pio' | 'mmio';
+  /** 'pci': a PCI function at slot `base` on bus 0, reached through the PCI root. */
+  readonly bus: 'pio' | 'mmio' | 'pci';
   readonly base: number;
   readonly size: number;
   readonly state: SharedArrayBuffer;
@@ -26,6 +29,20 @@ export interface DeviceContext {
   requestReset(cause: string): void;
   /** Drives an interrupt line of the in-kernel PIC/IOAPIC (KVM_IRQ_LINE). */
   setIrq(irq: number, level: 0 | 1): void;
+  /** Sends a message-signalled interrupt (KVM_SIGNAL_MSI). */
+  signalMsi(addressLo: number, addressHi: number, data: number): void;
+  /** Guest RAM, as this thread sees it. */
+  readonly memory: GuestMemory;
+  /** The VM fd (for ioeventfd registration by PCI functions). */
+  readonly vmFd: number;
+  /** This thread's PCI functions by slot (filled before the PCI root is created). */
+  readonly pciFunctions: ReadonlyMap<number, PciFunctionHandle>;
+}
+
+/** A PCI function's model: like a DeviceModel, but reached through the PCI root. */
+export interface PciFunctionModel {
+  stateBytes(options: DeviceOptions): number;
+  create(state: SharedArrayBuffer, options: DeviceOptions, ctx: DeviceContext): Omit<PciFunctionHandle, 'lock'>;
 }
 
 export interface DeviceModel {

@@ -4,7 +4,9 @@ import { SharedLock } from '../bus/shared-lock.js';
 import { KilnError } from '../errors.js';
 import { acpiPmModel } from './acpi-pm.js';
 import { debugExitModel } from './debug-exit.js';
-import { LOCK_INDEX, STATE_HEADER_BYTES, type DeviceContext, type DeviceModel, type DeviceOptions, type DeviceSpec } from './device.js';
+import { LOCK_INDEX, STATE_HEADER_BYTES, type DeviceContext, type DeviceModel, type DeviceOptions, type DeviceSpec, type PciFunctionModel } from './device.js';
+import type { PciFunctionHandle } from '../pci/root.js';
+import { virtioPciModel } from '../virtio/pci.js';
 import { i8042Model } from './i8042.js';
 import { pciRootModel } from '../pci/root.js';
 import { progressModel } from './progress.js';
@@ -23,8 +25,13 @@ export const deviceModels: Readonly<Record<string, DeviceModel>> = {
   'pci-root': pciRootModel,
 };
 
-export function modelFor(kind: string): DeviceModel {
-  const model = deviceModels[kind];
+/** PCI function kinds (specs with bus 'pci'). */
+export const pciFunctionModels: Readonly<Record<string, PciFunctionModel>> = {
+  'virtio-pci': virtioPciModel,
+};
+
+export function modelFor(kind: string): DeviceModel | PciFunctionModel {
+  const model = deviceModels[kind] ?? pciFunctionModels[kind];
   if (!model) throw new KilnError(`unknown device kind '${kind}'`);
   return model;
 }
@@ -39,13 +46,27 @@ export interface Buses {
   readonly mmio: Bus;
 }
 
-/** Builds this thread's buses: one BusDevice per spec, each behind its shared lock. */
-export function buildBuses(specs: readonly DeviceSpec[], ctx: DeviceContext): Buses {
+const lockOf = (spec: DeviceSpec) => new SharedLock(new Int32Array(spec.state, 0, 1), LOCK_INDEX);
+
+/**
+ * Builds this thread's buses: one BusDevice per spec, each behind its shared lock. PCI
+ * functions come first, so the PCI root built after them can route to them.
+ */
+export function buildBuses(specs: readonly DeviceSpec[], base: Omit<DeviceContext, 'pciFunctions'>): Buses {
   const buses: Buses = { pio: new Bus('port I/O'), mmio: new Bus('MMIO') };
+  const pciFunctions = new Map<number, PciFunctionHandle>();
+  const ctx: DeviceContext = { ...base, pciFunctions };
   for (const spec of specs) {
-    const device = modelFor(spec.kind).create(spec.state, spec.options, ctx);
-    const lock = new SharedLock(new Int32Array(spec.state, 0, 1), LOCK_INDEX);
-    buses[spec.bus].insert(spec.base, spec.size, device, lock);
+    if (spec.bus !== 'pci') continue;
+    const model = pciFunctionModels[spec.kind];
+    if (!model) throw new KilnError(`'${spec.kind}' is not a PCI function kind`);
+    pciFunctions.set(spec.base, { ...model.create(spec.state, spec.options, ctx), lock: lockOf(spec) });
+  }
+  for (const spec of specs) {
+    if (spec.bus === 'pci') continue;
+    const model = deviceModels[spec.kind];
+    if (!model) throw new KilnError(`unknown device kind '${spec.kind}'`);
+    buses[spec.bus].insert(spec.base, spec.size, model.create(spec.state, spec.options, ctx), lockOf(spec));
   }
   return buses;
 }

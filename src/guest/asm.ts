@@ -5,6 +5,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { KilnError } from '../errors.js';
 import * as layout from '../layout.js';
 
@@ -17,7 +18,16 @@ export const KIT_DEFINES: Readonly<Record<string, number>> = {
   TEST_DEVICE_MMIO_BASE: layout.TEST_DEVICE_MMIO_BASE,
   KIT_DATA: layout.KIT_DATA,
   KIT_CODE: layout.KIT_CODE,
+  KIT_HEAP: layout.KIT_HEAP,
+  DEBUG_EXIT_MMIO_BASE: layout.DEBUG_EXIT_MMIO_BASE,
+  PCI_ECAM_START: layout.PCI_ECAM_START,
+  LAPIC_START: layout.LAPIC_START,
 };
+
+/** Freestanding 64-bit C for ring-3 kit guests: no SSE (no FPU state to set up), no red zone, no PIC. */
+const C_FLAGS = ['-O2', '-m64', '-ffreestanding', '-nostdlib', '-fno-pic', '-fno-pie', '-fno-stack-protector', '-mno-red-zone', '-mgeneral-regs-only', '-fno-asynchronous-unwind-tables', '-fcf-protection=none', '-Wall', '-Werror'];
+/** The kit's C headers (guests/kit). */
+const KIT_INCLUDE = fileURLToPath(new URL('../../../guests/kit', import.meta.url));
 
 function tool(cmd: string, args: string[], what: string): void {
   try {
@@ -33,7 +43,7 @@ function tool(cmd: string, args: string[], what: string): void {
  * Assembles `source` into a flat binary whose first byte is at `origin` (the address
  * its labels assume). Execution starts at the first instruction of `.text`.
  */
-export function assemble(source: string, origin: number, defines: Readonly<Record<string, number>> = {}): Uint8Array {
+export function assemble(source: string, origin: number, defines: Readonly<Record<string, number>> = {}, options: { cSources?: readonly string[] } = {}): Uint8Array {
   const dir = mkdtempSync(join(tmpdir(), 'kiln-asm-'));
   try {
     const src = join(dir, 'guest.S');
@@ -48,7 +58,15 @@ export function assemble(source: string, origin: number, defines: Readonly<Recor
     );
     const d = Object.entries({ ...KIT_DEFINES, ...defines }).map(([k, v]) => `-D${k}=${v}`);
     tool('gcc', ['-c', '-nostdlib', '-ffreestanding', ...d, '-o', obj, src], 'assembling the guest');
-    tool('ld', ['-nostdlib', '-static', '-T', script, '-o', elf, obj], 'linking the guest');
+    const objects = [obj];
+    for (const [i, c] of (options.cSources ?? []).entries()) {
+      const cFile = join(dir, `part${i}.c`);
+      const cObj = join(dir, `part${i}.o`);
+      writeFileSync(cFile, c);
+      tool('gcc', [...C_FLAGS, `-I${KIT_INCLUDE}`, ...d, '-c', '-o', cObj, cFile], 'compiling the guest');
+      objects.push(cObj);
+    }
+    tool('ld', ['-nostdlib', '-static', '-T', script, '-o', elf, ...objects], 'linking the guest');
     tool('objcopy', ['-O', 'binary', '-j', '.text', elf, bin], 'extracting the guest binary');
     return new Uint8Array(readFileSync(bin));
   } finally {

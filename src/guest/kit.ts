@@ -11,6 +11,11 @@ export interface KitProgram {
   /** GNU as source; `.code16`/`.code32`/`.code64` is added to match the mode. */
   readonly source: string;
   readonly defines?: Readonly<Record<string, number>>;
+  /**
+   * Freestanding C files linked after the assembly (long64 only); `#include "kit.h"`
+   * and `"virtio.h"` give the kit's MMIO, PCI, LAPIC and virtio driver helpers.
+   */
+  readonly c?: readonly string[];
 }
 
 const directive: Record<CpuMode, string> = { real: '.code16', protected32: '.code32', long64: '.code64' };
@@ -19,7 +24,7 @@ const directive: Record<CpuMode, string> = { real: '.code16', protected32: '.cod
 export function buildProgram(program: KitProgram): Uint8Array {
   // Real-mode code runs with CS = KIT_CODE >> 4, so its labels are offsets from KIT_CODE.
   const origin = program.mode === 'real' ? 0 : KIT_CODE;
-  return assemble(`${directive[program.mode]}\n.text\n${program.source}\n`, origin, program.defines);
+  return assemble(`${directive[program.mode]}\n.text\n${program.source}\n`, origin, program.defines, { cSources: program.c ?? [] });
 }
 
 /** Loads `program` into the VM's memory and points every vCPU at it. */

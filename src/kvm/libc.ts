@@ -54,6 +54,31 @@ export const eventfd = libc.func('int eventfd(unsigned int initval, int flags)')
   initval: number,
   flags: number,
 ) => number;
+// epoll: the I/O thread waits on queue notifications (ioeventfds) and backend fds.
+export const epollCreate1 = libc.func('int epoll_create1(int flags)') as (flags: number) => number;
+export const epollCtl = libc.func('int epoll_ctl(int epfd, int op, int fd, void *event)') as (
+  epfd: number,
+  op: number,
+  fd: number,
+  event: PointerArg,
+) => number;
+export const epollWait = libc.func('int epoll_wait(int epfd, _Out_ void *events, int maxevents, int timeout)') as (
+  epfd: number,
+  events: PointerArg,
+  maxevents: number,
+  timeout: number,
+) => number;
+export const fallocate = libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)') as (
+  fd: number,
+  mode: number,
+  offset: number,
+  len: number,
+) => number;
+export const getrandom = libc.func('intptr_t getrandom(_Out_ void *buf, size_t buflen, unsigned int flags)') as (
+  buf: PointerArg,
+  buflen: number,
+  flags: number,
+) => number;
 export const strerror = libc.func('const char *strerror(int errnum)') as (errnum: number) => string;
 
 // Threads and signals: used to kick a vCPU thread out of KVM_RUN.
@@ -104,6 +129,16 @@ export const MADV_DONTNEED = 4;
 export const EFD_CLOEXEC = 0o2000000;
 export const EFD_NONBLOCK = 0o4000;
 export const SIG_BLOCK = 0;
+export const EPOLL_CLOEXEC = 0o2000000;
+export const EPOLL_CTL_ADD = 1;
+export const EPOLL_CTL_DEL = 2;
+export const EPOLLIN = 0x1;
+/** struct epoll_event is packed on x86-64: u32 events, u64 data. */
+export const EPOLL_EVENT_BYTES = 12;
+export const FALLOC_FL_KEEP_SIZE = 0x1;
+export const FALLOC_FL_PUNCH_HOLE = 0x2;
+export const FALLOC_FL_ZERO_RANGE = 0x10;
+export const MADV_REMOVE = 9;
 /** glibc's sigset_t is 1024 bits; the kernel's (what KVM_SET_SIGNAL_MASK takes) is 64. */
 export const GLIBC_SIGSET_BYTES = 128;
 export const KERNEL_SIGSET_BYTES = 8;

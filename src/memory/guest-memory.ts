@@ -110,12 +110,14 @@ export class GuestMemory {
   readonly regions: readonly RegionDescriptor[];
   private readonly bytes: Uint8Array[];
   private readonly views: DataView[];
+  private readonly halves: Uint16Array[];
 
   protected constructor(readonly descriptor: GuestMemoryDescriptor) {
     this.regions = descriptor.regions;
     const buffers = this.regions.map((r) => libc.view(r.hostAddr, r.size));
     this.bytes = buffers.map((b) => new Uint8Array(b));
     this.views = buffers.map((b) => new DataView(b));
+    this.halves = buffers.map((b) => new Uint16Array(b));
   }
 
   /** Builds views over memory mapped elsewhere in this process (another thread). */
@@ -169,6 +171,28 @@ export class GuestMemory {
 
   fill(gpa: number, length: number, value: number): void {
     this.slice(gpa, length).fill(value);
+  }
+
+  /** The whole of region `i`, for zero-copy I/O at an offset found with findRegion. */
+  regionBytes(i: number): Uint8Array {
+    return this.bytes[i]!;
+  }
+
+  /**
+   * A 16-bit load/store with a full barrier (Atomics), for ring indexes shared with the
+   * guest: the device must see descriptors before it reads past avail.idx, and the
+   * guest must see used entries before used.idx moves (virtio 1.2, 2.7.13.3.1).
+   */
+  loadU16Ordered(gpa: number): number {
+    const i = this.locate(gpa, 2);
+    if (gpa % 2 !== 0) throw new GuestMemoryError(`unaligned ring index at ${hex(gpa)}`);
+    return Atomics.load(this.halves[i]!, this.offsetIn(i, gpa) >> 1);
+  }
+
+  storeU16Ordered(gpa: number, value: number): void {
+    const i = this.locate(gpa, 2);
+    if (gpa % 2 !== 0) throw new GuestMemoryError(`unaligned ring index at ${hex(gpa)}`);
+    Atomics.store(this.halves[i]!, this.offsetIn(i, gpa) >> 1, value);
   }
 
   // The scalar accessors below allocate nothing: virtqueue processing calls them per descriptor.

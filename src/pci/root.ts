@@ -6,6 +6,7 @@
 // writes, and a BAR's mask makes the standard sizing probe work (write all-ones, read
 // back the size). Functions that do not exist read as all-ones.
 import type { BusDevice } from '../bus/bus.js';
+import type { SharedLock } from '../bus/shared-lock.js';
 import { KilnError } from '../errors.js';
 import { STATE_HEADER_BYTES, type DeviceModel } from '../devices/device.js';
 
@@ -76,6 +77,36 @@ export interface PciCapability {
   readonly id: number;
   readonly body: Uint8Array;
   readonly writeMask: Uint8Array;
+}
+
+/**
+ * A PCI function's behaviour on one thread: its BAR 0 registers, and a hook run after
+ * the guest writes its configuration space (to follow a moved BAR or an MSI-X mask).
+ */
+export interface PciFunctionHandle {
+  readonly bar: BusDevice;
+  readonly barBytes: number;
+  readonly lock: SharedLock;
+  configWritten(space: DataView): void;
+}
+
+/** Hands out naturally aligned BAR addresses inside a window, in order. */
+export class PciBarAllocator {
+  private next: number;
+
+  constructor(
+    private readonly start: number,
+    private readonly size: number,
+  ) {
+    this.next = start;
+  }
+
+  allocate(bytes: number): number {
+    const at = Math.ceil(this.next / bytes) * bytes;
+    if (at + bytes > this.start + this.size) throw new KilnError(`the PCI memory window has no room for another ${bytes}-byte BAR`);
+    this.next = at + bytes;
+    return at;
+  }
 }
 
 /** Kiln's host bridge at 00:00.0: Red Hat's ID for a generic PCIe host bridge, class 0600. */
@@ -150,13 +181,34 @@ export class PciRoot {
     return -1;
   }
 
+  /** Whether a function exists at `slot`. */
+  present(slot: number): boolean {
+    return slot >= 0 && slot < PCI_SLOTS && this.bytes[PRESENT_AT + slot] === 1;
+  }
+
+  /** A live view of a function's configuration space. */
+  spaceView(slot: number): DataView {
+    const space = this.space(slot);
+    return new DataView(space.buffer, space.byteOffset, CONFIG_SPACE_BYTES);
+  }
+
+  /** Where memory BAR `bar` of `slot` decodes now, or -1 (memory decoding off, or an I/O BAR). */
+  memoryBarBase(slot: number, bar: number): number {
+    const space = this.space(slot);
+    if (!(space[PCI_COMMAND]! & PCI_COMMAND_MEMORY)) return -1;
+    const at = PCI_BASE_ADDRESS_0 + 4 * bar;
+    const value = (space[at]! | (space[at + 1]! << 8) | (space[at + 2]! << 16) | (space[at + 3]! << 24)) >>> 0;
+    if (value & PCI_BASE_ADDRESS_SPACE_IO) return -1;
+    return (value & ~0xf) >>> 0;
+  }
+
   /** A copy of a function's configuration space (`length` bytes from 0). */
   dump(slot: number, length = 256): Uint8Array {
     return Uint8Array.from(this.space(slot).subarray(0, length));
   }
 
   /** Reads and writes as the guest does (the caller holds the device lock on a live VM). */
-  access(slot: number, reg: number, data: Uint8Array, write: boolean): void {
+  access(slot: number, reg: number, data: Uint8Array, write: boolean, written?: (slot: number) => void): void {
     if (slot < 0 || slot >= PCI_SLOTS || !this.bytes[PRESENT_AT + slot] || reg + data.length > CONFIG_SPACE_BYTES) {
       if (!write) data.fill(0xff);
       return;
@@ -171,6 +223,7 @@ export class PciRoot {
       const m = mask[reg + i]!;
       space[reg + i] = (space[reg + i]! & ~m) | (data[i]! & m);
     }
+    written?.(slot);
   }
 
   get configAddress(): number {
@@ -184,15 +237,49 @@ export class PciRoot {
 
 export const pciRootModel: DeviceModel = {
   stateBytes: () => STATE_BYTES,
-  create(state, options): BusDevice {
+  create(state, options, ctx): BusDevice {
     const root = new PciRoot(state);
+    const functions = ctx.pciFunctions;
+    const written = (slot: number) => {
+      const f = functions.get(slot);
+      if (!f) return;
+      f.lock.lock();
+      try {
+        f.configWritten(root.spaceView(slot));
+      } finally {
+        f.lock.unlock();
+      }
+    };
+    if (options.role === 'window') {
+      // The 32-bit memory window: an access goes to the function whose BAR 0 decodes
+      // that address now, so a BAR the guest moved is followed at once. The offset is
+      // from the window's start.
+      const window = Number(options.windowStart);
+      const route = (offset: number, data: Uint8Array, write: boolean) => {
+        const addr = window + offset;
+        for (const [slot, f] of functions) {
+          const base = root.memoryBarBase(slot, 0);
+          if (base < 0 || addr < base || addr >= base + f.barBytes) continue;
+          f.lock.lock();
+          try {
+            if (write) f.bar.write(addr - base, data);
+            else f.bar.read(addr - base, data);
+          } finally {
+            f.lock.unlock();
+          }
+          return;
+        }
+        if (!write) data.fill(0xff);
+      };
+      return { read: (offset, data) => route(offset, data, false), write: (offset, data) => route(offset, data, true) };
+    }
     if (options.role === 'ecam') {
       // ECAM offset = bus << 20 | device << 15 | function << 12 | register; only
       // function 0 of bus 0 exists.
       const slotOf = (offset: number) => (offset >>> 20 === 0 && ((offset >>> 12) & 7) === 0 ? (offset >>> 15) & 31 : -1);
       return {
         read: (offset, data) => root.access(slotOf(offset), offset & 0xfff, data, false),
-        write: (offset, data) => root.access(slotOf(offset), offset & 0xfff, data, true),
+        write: (offset, data) => root.access(slotOf(offset), offset & 0xfff, data, true, written),
       };
     }
     // Configuration mechanism #1: CONFIG_ADDRESS at offset 0, CONFIG_DATA at 4-7.
@@ -220,7 +307,7 @@ export const pciRootModel: DeviceModel = {
           return;
         }
         const t = offset >= 4 ? target(offset) : null;
-        if (t) root.access(t.slot, t.reg, data, true);
+        if (t) root.access(t.slot, t.reg, data, true, written);
       },
     };
   },

@@ -10,7 +10,7 @@
 // pending signal with sigtimedwait, so there is no window in which a kick is lost.
 import { parentPort, workerData } from 'node:worker_threads';
 import { PvmCompat } from '../compat/pvm.js';
-import { irqLineSetter } from '../devices/irq.js';
+import { irqLineSetter, msiSender } from '../devices/irq.js';
 import { buildBuses } from '../devices/registry.js';
 import { KVM, KVM_EXIT, KVM_EXIT_IO_OUT, exitReasonName } from '../kvm/ioctl.js';
 import { ioctlBuf, VcpuFd } from '../kvm/kvm.js';
@@ -90,7 +90,11 @@ function ioSlice(offset: number, size: number): Uint8Array {
 
 // ---- devices ----
 let guestExitCause = '';
+const memory = GuestMemory.attach(init.memory);
 const buses = buildBuses(init.devices, {
+  memory,
+  vmFd: init.vmFd,
+  signalMsi: msiSender(init.vmFd),
   requestExit(code, cause) {
     if (ctl.requestVmExit(cells, code)) guestExitCause = cause;
   },
@@ -113,7 +117,7 @@ function readU64(offset: number): number {
 
 const log = (line: string) => process.stderr.write(`kiln: vcpu${init.id}: ${line}\n`);
 const compat = init.compat
-  ? new PvmCompat(init.compat, vcpu, GuestMemory.attach(init.memory), run, () => Atomics.compareExchange(cells, ctl.VM_COMPAT_CLAIM, 0, 1) === 0, log)
+  ? new PvmCompat(init.compat, vcpu, memory, run, () => Atomics.compareExchange(cells, ctl.VM_COMPAT_CLAIM, 0, 1) === 0, log)
   : null;
 
 let exits = 0;

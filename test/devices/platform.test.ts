@@ -7,6 +7,7 @@ import type { DeviceContext, DeviceOptions } from '../../src/devices/device.js';
 import { allocateDeviceState, deviceModels } from '../../src/devices/registry.js';
 import * as rtc from '../../src/devices/rtc.js';
 import * as uart from '../../src/devices/serial.js';
+import { deviceContext } from '../helpers.js';
 
 interface Recorder extends DeviceContext {
   readonly irqs: string[];
@@ -18,7 +19,7 @@ function recorder(): Recorder {
   const irqs: string[] = [];
   const exits: number[] = [];
   const resets: string[] = [];
-  return { irqs, exits, resets, setIrq: (irq, level) => irqs.push(`${irq}:${level}`), requestExit: (code) => exits.push(code), requestReset: (cause) => resets.push(cause) };
+  return { irqs, exits, resets, ...deviceContext({ setIrq: (irq, level) => irqs.push(`${irq}:${level}`), requestExit: (code) => exits.push(code), requestReset: (cause) => resets.push(cause) }) };
 }
 
 function make(kind: string, ctx: DeviceContext, options: DeviceOptions = {}): { device: BusDevice; state: SharedArrayBuffer } {

@@ -1,0 +1,17 @@
+// Virtio backends by device type, created on the I/O thread.
+import type { DeviceOptions } from '../devices/device.js';
+import { KilnError } from '../errors.js';
+import { BlkBackend } from './blk.js';
+import type { VirtioBackend, VirtioQueues } from './device.js';
+import { RngBackend } from './rng.js';
+
+const factories: Readonly<Record<string, (rt: VirtioQueues, options: DeviceOptions) => VirtioBackend>> = {
+  blk: (rt, o) => new BlkBackend(rt, o),
+  rng: (rt) => new RngBackend(rt),
+};
+
+export function createBackend(type: string, rt: VirtioQueues, options: DeviceOptions): VirtioBackend {
+  const factory = factories[type];
+  if (!factory) throw new KilnError(`no backend for virtio device type '${type}'`);
+  return factory(rt, options);
+}

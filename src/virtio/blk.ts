@@ -1,0 +1,269 @@
+// virtio-blk (virtio 1.2, 5.2) over a raw image file: read, write, flush, get-id,
+// discard and write-zeroes, read-only drives. Data moves between the file and guest
+// memory with no copy (pread/pwrite into the guest's own pages). A write is acknowledged
+// after pwrite returns; a flush is acknowledged after fdatasync, so a guest that asks
+// for durability gets it before it is told so.
+import { fdatasyncSync, fstatSync, readSync, writeSync } from 'node:fs';
+import type { DeviceOptions } from '../devices/device.js';
+import { KilnError } from '../errors.js';
+import * as libc from '../kvm/libc.js';
+import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } from './device.js';
+import { VirtqueueError, type DescriptorChain } from './queue.js';
+
+export const VIRTIO_BLK_F_SEG_MAX = 2n;
+export const VIRTIO_BLK_F_RO = 5n;
+export const VIRTIO_BLK_F_BLK_SIZE = 6n;
+export const VIRTIO_BLK_F_FLUSH = 9n;
+export const VIRTIO_BLK_F_DISCARD = 13n;
+export const VIRTIO_BLK_F_WRITE_ZEROES = 14n;
+
+export const VIRTIO_BLK_T_IN = 0;
+export const VIRTIO_BLK_T_OUT = 1;
+export const VIRTIO_BLK_T_FLUSH = 4;
+export const VIRTIO_BLK_T_GET_ID = 8;
+export const VIRTIO_BLK_T_DISCARD = 11;
+export const VIRTIO_BLK_T_WRITE_ZEROES = 13;
+export const VIRTIO_BLK_S_OK = 0;
+export const VIRTIO_BLK_S_IOERR = 1;
+export const VIRTIO_BLK_S_UNSUPP = 2;
+export const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1;
+export const VIRTIO_BLK_ID_BYTES = 20;
+export const SECTOR_BYTES = 512;
+
+/** struct virtio_blk_config (5.2.4), the fields Kiln fills. */
+export const BLK_CONFIG = {
+  capacity: 0,
+  sizeMax: 8,
+  segMax: 12,
+  blkSize: 20,
+  maxDiscardSectors: 36,
+  maxDiscardSeg: 40,
+  discardSectorAlignment: 44,
+  maxWriteZeroesSectors: 48,
+  maxWriteZeroesSeg: 52,
+  writeZeroesMayUnmap: 56,
+  bytes: 60,
+} as const;
+
+const QUEUE_SIZE = 256;
+/** Segments per discard/write-zeroes request (struct virtio_blk_discard_write_zeroes, 16 bytes each). */
+const MAX_RANGE_SEGMENTS = 64;
+const RANGE_BYTES = 16;
+/** Largest discard or write-zeroes range, in sectors (4 GiB). */
+const MAX_RANGE_SECTORS = 0x80_0000;
+
+const readOnly = (o: DeviceOptions) => o.readOnly === true;
+
+export const blkType: VirtioDeviceType = {
+  deviceId: 2,
+  name: 'blk',
+  maxQueueSize: QUEUE_SIZE,
+  queues: () => 1,
+  features: (o) =>
+    bit(VIRTIO_BLK_F_SEG_MAX) | bit(VIRTIO_BLK_F_BLK_SIZE) | bit(VIRTIO_BLK_F_FLUSH) | (readOnly(o) ? bit(VIRTIO_BLK_F_RO) : bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)),
+  configBytes: () => BLK_CONFIG.bytes,
+  initConfig(config, o) {
+    const sectors = Number(o.sectors);
+    config.setUint32(BLK_CONFIG.capacity, sectors % 2 ** 32, true);
+    config.setUint32(BLK_CONFIG.capacity + 4, Math.floor(sectors / 2 ** 32), true);
+    config.setUint32(BLK_CONFIG.segMax, QUEUE_SIZE - 2, true);
+    config.setUint32(BLK_CONFIG.blkSize, SECTOR_BYTES, true);
+    config.setUint32(BLK_CONFIG.maxDiscardSectors, MAX_RANGE_SECTORS, true);
+    config.setUint32(BLK_CONFIG.maxDiscardSeg, MAX_RANGE_SEGMENTS, true);
+    config.setUint32(BLK_CONFIG.discardSectorAlignment, 1, true);
+    config.setUint32(BLK_CONFIG.maxWriteZeroesSectors, MAX_RANGE_SECTORS, true);
+    config.setUint32(BLK_CONFIG.maxWriteZeroesSeg, MAX_RANGE_SEGMENTS, true);
+    config.setUint8(BLK_CONFIG.writeZeroesMayUnmap, 1);
+  },
+};
+
+/** Checks a disk image and returns the options a blk device needs (run on the main thread, before the VM starts). */
+export function blkOptions(fd: number, path: string, readOnlyDrive: boolean, serial: string): DeviceOptions {
+  const st = fstatSync(fd);
+  if (!st.isFile() && !st.isBlockDevice()) throw new KilnError(`disk ${path} is not a regular file or block device`);
+  if (st.size % SECTOR_BYTES !== 0) throw new KilnError(`disk ${path} is ${st.size} bytes, not a whole number of 512-byte sectors`);
+  if (Buffer.byteLength(serial) > VIRTIO_BLK_ID_BYTES) throw new KilnError(`disk serial '${serial}' is longer than ${VIRTIO_BLK_ID_BYTES} bytes`);
+  return { fd, path, readOnly: readOnlyDrive, serial, sectors: st.size / SECTOR_BYTES };
+}
+
+export class BlkBackend implements VirtioBackend {
+  private readonly header = new Uint8Array(16);
+  private readonly headerView = new DataView(this.header.buffer);
+  private readonly ranges = new Uint8Array(RANGE_BYTES * MAX_RANGE_SEGMENTS);
+  private readonly rangesView = new DataView(this.ranges.buffer);
+  private readonly zeroes = new Uint8Array(64 * 1024);
+  private readonly fd: number;
+  private readonly sectors: number;
+  private readonly readOnly: boolean;
+  private readonly serial: Uint8Array;
+  private errorLogged = false;
+
+  constructor(
+    private readonly rt: VirtioQueues,
+    options: DeviceOptions,
+  ) {
+    this.fd = Number(options.fd);
+    this.sectors = Number(options.sectors);
+    this.readOnly = readOnly(options);
+    this.serial = new Uint8Array(VIRTIO_BLK_ID_BYTES);
+    this.serial.set(Buffer.from(String(options.serial ?? '')).subarray(0, VIRTIO_BLK_ID_BYTES));
+  }
+
+  queueNotified(q: number): void {
+    const queue = this.rt.queue(q);
+    const chain = this.rt.chain;
+    let done = 0;
+    while (queue.pop(chain)) {
+      queue.push(chain.head, this.handle(chain));
+      done++;
+    }
+    if (done > 0) this.rt.notifyUsed(q);
+  }
+
+  private ioError(what: string, err: unknown): number {
+    if (!this.errorLogged) {
+      this.errorLogged = true;
+      this.rt.log(`virtio-blk: ${what}: ${err instanceof Error ? err.message : String(err)} (the guest sees an I/O error; further ones not logged)`);
+    }
+    return VIRTIO_BLK_S_IOERR;
+  }
+
+  /** Copies `len` bytes of the chain's readable part, from byte `skip` on, into `into`. */
+  private gather(chain: DescriptorChain, skip: number, into: Uint8Array, len: number): void {
+    let pos = 0;
+    for (let i = 0; i < chain.count && pos < skip + len; i++) {
+      if (chain.writable[i]) break;
+      const segStart = pos;
+      pos += chain.length[i]!;
+      const from = Math.max(skip, segStart);
+      const to = Math.min(skip + len, pos);
+      if (to <= from) continue;
+      const at = chain.offset[i]! + (from - segStart);
+      into.set(this.rt.mem.regionBytes(chain.region[i]!).subarray(at, at + (to - from)), from - skip);
+    }
+  }
+
+  /** Handles one request; returns the bytes written into the driver's buffers. */
+  private handle(chain: DescriptorChain): number {
+    if (chain.readableBytes < 16 || chain.writableBytes < 1) throw new VirtqueueError(`virtio-blk request at head ${chain.head} has no header or no status byte`);
+    this.gather(chain, 0, this.header, 16);
+    const type = this.headerView.getUint32(0, true);
+    const sector = this.headerView.getUint32(8, true) + this.headerView.getUint32(12, true) * 2 ** 32;
+    // The status is the chain's last writable byte.
+    let last = chain.count - 1;
+    while (chain.length[last] === 0) last--;
+    const statusRegion = chain.region[last]!;
+    const statusOffset = chain.offset[last]! + chain.length[last]! - 1;
+    let status: number;
+    let written = 1;
+    switch (type) {
+      case VIRTIO_BLK_T_IN: {
+        const bytes = chain.writableBytes - 1;
+        status = this.transfer(chain, sector, bytes, false);
+        if (status === VIRTIO_BLK_S_OK) written += bytes;
+        break;
+      }
+      case VIRTIO_BLK_T_OUT:
+        status = this.readOnly ? VIRTIO_BLK_S_IOERR : this.transfer(chain, sector, chain.readableBytes - 16, true);
+        break;
+      case VIRTIO_BLK_T_FLUSH:
+        try {
+          fdatasyncSync(this.fd);
+          status = VIRTIO_BLK_S_OK;
+        } catch (err) {
+          status = this.ioError('flush', err);
+        }
+        break;
+      case VIRTIO_BLK_T_GET_ID: {
+        const room = Math.min(chain.writableBytes - 1, VIRTIO_BLK_ID_BYTES);
+        this.scatter(chain, this.serial, room);
+        written += room;
+        status = VIRTIO_BLK_S_OK;
+        break;
+      }
+      case VIRTIO_BLK_T_DISCARD:
+      case VIRTIO_BLK_T_WRITE_ZEROES:
+        status = this.readOnly ? VIRTIO_BLK_S_IOERR : this.ranged(chain, type);
+        break;
+      default:
+        status = VIRTIO_BLK_S_UNSUPP;
+    }
+    this.rt.mem.regionBytes(statusRegion)[statusOffset] = status;
+    return written;
+  }
+
+  private scatter(chain: DescriptorChain, from: Uint8Array, len: number): void {
+    let pos = 0;
+    for (let i = 0; i < chain.count && pos < len; i++) {
+      if (!chain.writable[i]) continue;
+      const take = Math.min(chain.length[i]!, len - pos);
+      this.rt.mem.regionBytes(chain.region[i]!).set(from.subarray(pos, pos + take), chain.offset[i]!);
+      pos += take;
+    }
+  }
+
+  /** Reads into the writable data segments, or writes from the readable ones after the header. */
+  private transfer(chain: DescriptorChain, sector: number, bytes: number, write: boolean): number {
+    if (bytes % SECTOR_BYTES !== 0) return VIRTIO_BLK_S_IOERR;
+    if (sector + bytes / SECTOR_BYTES > this.sectors) return VIRTIO_BLK_S_IOERR;
+    let position = sector * SECTOR_BYTES;
+    let skip = write ? 16 : 0;
+    let left = bytes;
+    try {
+      for (let i = 0; i < chain.count && left > 0; i++) {
+        if ((chain.writable[i] === 1) !== !write) continue;
+        let len = chain.length[i]!;
+        let offset = chain.offset[i]!;
+        if (skip > 0) {
+          const s = Math.min(skip, len);
+          skip -= s;
+          len -= s;
+          offset += s;
+        }
+        len = Math.min(len, left);
+        const bytesOfRegion = this.rt.mem.regionBytes(chain.region[i]!);
+        let done = 0;
+        while (done < len) {
+          const n = write ? writeSync(this.fd, bytesOfRegion, offset + done, len - done, position + done) : readSync(this.fd, bytesOfRegion, offset + done, len - done, position + done);
+          // A short read at end of file: the image shrank under the VM.
+          if (n <= 0) return this.ioError(`${write ? 'write' : 'read'} at sector ${sector}`, new Error('the image is shorter than the disk the guest was given'));
+          done += n;
+        }
+        position += len;
+        left -= len;
+      }
+    } catch (err) {
+      return this.ioError(`${write ? 'write' : 'read'} at sector ${sector}`, err);
+    }
+    return VIRTIO_BLK_S_OK;
+  }
+
+  /** Discard and write-zeroes: a list of {sector, num_sectors, flags} after the header. */
+  private ranged(chain: DescriptorChain, type: number): number {
+    const bytes = chain.readableBytes - 16;
+    if (bytes === 0 || bytes % RANGE_BYTES !== 0 || bytes / RANGE_BYTES > MAX_RANGE_SEGMENTS) return VIRTIO_BLK_S_UNSUPP;
+    this.gather(chain, 16, this.ranges, bytes);
+    for (let at = 0; at < bytes; at += RANGE_BYTES) {
+      const sector = this.rangesView.getUint32(at, true) + this.rangesView.getUint32(at + 4, true) * 2 ** 32;
+      const count = this.rangesView.getUint32(at + 8, true);
+      const flags = this.rangesView.getUint32(at + 12, true);
+      if (count > MAX_RANGE_SECTORS || sector + count > this.sectors) return VIRTIO_BLK_S_IOERR;
+      if (type === VIRTIO_BLK_T_DISCARD && flags !== 0) return VIRTIO_BLK_S_UNSUPP;
+      const offset = sector * SECTOR_BYTES;
+      const length = count * SECTOR_BYTES;
+      if (type === VIRTIO_BLK_T_DISCARD) {
+        // Best effort (5.2.6.2): a file system without hole punching keeps the data.
+        libc.fallocate(this.fd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, offset, length);
+        continue;
+      }
+      const mode = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP ? libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE : libc.FALLOC_FL_ZERO_RANGE | libc.FALLOC_FL_KEEP_SIZE;
+      if (libc.fallocate(this.fd, mode, offset, length) === 0) continue;
+      try {
+        for (let done = 0; done < length; ) done += writeSync(this.fd, this.zeroes, 0, Math.min(this.zeroes.length, length - done), offset + done);
+      } catch (err) {
+        return this.ioError(`write-zeroes at sector ${sector}`, err);
+      }
+    }
+    return VIRTIO_BLK_S_OK;
+  }
+}

@@ -1,0 +1,296 @@
+// What every virtio device shares, whatever its transport: feature bits, device status,
+// the shared state both the vCPU threads (transport registers) and the I/O thread
+// (queue service) work on, and the I/O thread's runtime that hands queues to a device
+// backend and raises its interrupts.
+import type { SharedLock } from '../bus/shared-lock.js';
+import type { DeviceOptions } from '../devices/device.js';
+import { STATE_HEADER_BYTES } from '../devices/device.js';
+import type { GuestMemory } from '../memory/guest-memory.js';
+import { MSIX_CONTROL_ENABLE, MsixTable, msixStateBytes } from '../pci/msix.js';
+import { DescriptorChain, QUEUE_RECORD, SplitQueue, VirtqueueError } from './queue.js';
+
+// Device status bits (virtio 1.2, 2.1).
+export const VIRTIO_STATUS_ACKNOWLEDGE = 1;
+export const VIRTIO_STATUS_DRIVER = 2;
+export const VIRTIO_STATUS_DRIVER_OK = 4;
+export const VIRTIO_STATUS_FEATURES_OK = 8;
+export const VIRTIO_STATUS_DEVICE_NEEDS_RESET = 0x40;
+export const VIRTIO_STATUS_FAILED = 0x80;
+
+// Reserved feature bits (6).
+export const VIRTIO_F_RING_INDIRECT_DESC = 28n;
+export const VIRTIO_F_RING_EVENT_IDX = 29n;
+export const VIRTIO_F_VERSION_1 = 32n;
+
+/** "No vector" for MSI-X vector registers (4.1.4.3). */
+export const VIRTIO_MSI_NO_VECTOR = 0xffff;
+
+export const bit = (n: bigint) => 1n << n;
+
+/** Transport-independent features every Kiln virtio device offers. */
+export const TRANSPORT_FEATURES = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_RING_INDIRECT_DESC) | bit(VIRTIO_F_RING_EVENT_IDX);
+
+/** A device type: its identity, queues, features and configuration space (pure; any thread). */
+export interface VirtioDeviceType {
+  /** Virtio device ID (5): net 1, block 2, console 3, entropy 4, balloon 5, vsock 19. */
+  readonly deviceId: number;
+  readonly name: string;
+  queues(options: DeviceOptions): number;
+  readonly maxQueueSize: number;
+  /** Device-specific feature bits offered. */
+  features(options: DeviceOptions): bigint;
+  /** Bytes of device configuration space. */
+  configBytes(options: DeviceOptions): number;
+  /** Fills the configuration space when the device is created (host side). */
+  initConfig(config: DataView, options: DeviceOptions): void;
+  /** A guest write to device configuration; the default ignores it (read-only config). */
+  configWrite?(config: DataView, offset: number, data: Uint8Array): void;
+  /** Extra shared bytes for device state both sides need (e.g. balloon statistics). */
+  extraBytes?(options: DeviceOptions): number;
+}
+
+/** Offsets of the transport-neutral fields in a virtio device's shared state. */
+const F = {
+  deviceFeatureSelect: 0, // u32
+  driverFeatureSelect: 4, // u32
+  driverFeaturesLo: 8, // u32
+  driverFeaturesHi: 12, // u32
+  configMsixVector: 16, // u16
+  status: 18, // u8
+  configGeneration: 19, // u8
+  queueSelect: 20, // u16
+  isr: 22, // u8
+  intxAsserted: 23, // u8
+  resets: 24, // u32: bumped at every device reset, so the I/O thread notices
+  msixControl: 28, // u16: mirror of the MSI-X capability's Message Control
+  errorLogged: 30, // u8
+  fixedBytes: 64,
+} as const;
+
+const align8 = (n: number) => Math.ceil(n / 8) * 8;
+
+/** The layout of one virtio device's shared state, and typed access to it. */
+export class VirtioState {
+  readonly view: DataView;
+  readonly numQueues: number;
+  readonly vectors: number;
+  readonly queuesAt: number;
+  readonly msixAt: number;
+  readonly configAt: number;
+  readonly configBytes: number;
+  readonly extraAt: number;
+  readonly deviceFeatures: bigint;
+
+  static bytes(type: VirtioDeviceType, options: DeviceOptions): number {
+    const queues = type.queues(options);
+    return F.fixedBytes + queues * QUEUE_RECORD.bytes + align8(msixStateBytes(queues + 1)) + align8(type.configBytes(options)) + (type.extraBytes?.(options) ?? 0);
+  }
+
+  constructor(
+    readonly state: SharedArrayBuffer,
+    readonly type: VirtioDeviceType,
+    options: DeviceOptions,
+  ) {
+    this.numQueues = type.queues(options);
+    // One vector per queue plus one for configuration changes.
+    this.vectors = this.numQueues + 1;
+    this.view = new DataView(state, STATE_HEADER_BYTES);
+    this.queuesAt = STATE_HEADER_BYTES + F.fixedBytes;
+    this.msixAt = this.queuesAt + this.numQueues * QUEUE_RECORD.bytes;
+    this.configAt = this.msixAt + align8(msixStateBytes(this.vectors));
+    this.configBytes = type.configBytes(options);
+    this.extraAt = this.configAt + align8(this.configBytes);
+    this.deviceFeatures = TRANSPORT_FEATURES | type.features(options);
+  }
+
+  queueRecord(q: number): DataView {
+    return new DataView(this.state, this.queuesAt + q * QUEUE_RECORD.bytes, QUEUE_RECORD.bytes);
+  }
+
+  config(): DataView {
+    return new DataView(this.state, this.configAt, Math.max(this.configBytes, 1));
+  }
+
+  extra(bytes: number): DataView {
+    return new DataView(this.state, this.extraAt, bytes);
+  }
+
+  get status(): number {
+    return this.view.getUint8(F.status);
+  }
+  set status(v: number) {
+    this.view.setUint8(F.status, v);
+  }
+  get driverFeatures(): bigint {
+    return BigInt(this.view.getUint32(F.driverFeaturesLo, true)) | (BigInt(this.view.getUint32(F.driverFeaturesHi, true)) << 32n);
+  }
+  /** The driver accepted `feature` (checked against the negotiated set; allocation-free for bits < 32). */
+  negotiated(feature: bigint): boolean {
+    const n = Number(feature);
+    return n < 32 ? (this.view.getUint32(F.driverFeaturesLo, true) & (1 << n)) !== 0 : (this.view.getUint32(F.driverFeaturesHi, true) & (1 << (n - 32))) !== 0;
+  }
+  get resets(): number {
+    return this.view.getUint32(F.resets, true);
+  }
+  get msixControl(): number {
+    return this.view.getUint16(F.msixControl, true);
+  }
+  set msixControl(v: number) {
+    this.view.setUint16(F.msixControl, v, true);
+  }
+  get configMsixVector(): number {
+    return this.view.getUint16(F.configMsixVector, true);
+  }
+  get active(): boolean {
+    const s = this.status;
+    return (s & VIRTIO_STATUS_DRIVER_OK) !== 0 && (s & (VIRTIO_STATUS_DEVICE_NEEDS_RESET | VIRTIO_STATUS_FAILED)) === 0;
+  }
+
+  /** Field offsets for the transport. */
+  static readonly fields = F;
+}
+
+/** How a device raises interrupts, whichever thread it is on. */
+export class VirtioInterrupts {
+  readonly msix: MsixTable;
+
+  constructor(
+    private readonly s: VirtioState,
+    sendMsi: (lo: number, hi: number, data: number) => void,
+    private readonly setIrq: (irq: number, level: 0 | 1) => void,
+    private readonly intxGsi: number,
+  ) {
+    this.msix = new MsixTable(s.state, s.msixAt, s.vectors, () => s.msixControl, sendMsi);
+  }
+
+  private raise(vector: number, isrBit: number): void {
+    if (this.s.msixControl & MSIX_CONTROL_ENABLE) {
+      if (vector !== VIRTIO_MSI_NO_VECTOR) this.msix.notify(vector);
+      return;
+    }
+    // INTx (4.1.4.5): the ISR says why; the line stays up until the driver reads the ISR.
+    const v = this.s.view;
+    v.setUint8(F.isr, v.getUint8(F.isr) | isrBit);
+    if (this.intxGsi >= 0 && v.getUint8(F.intxAsserted) === 0) {
+      v.setUint8(F.intxAsserted, 1);
+      this.setIrq(this.intxGsi, 1);
+    }
+  }
+
+  queue(rec: DataView): void {
+    this.raise(rec.getUint16(QUEUE_RECORD.msixVector, true), 1);
+  }
+
+  config(): void {
+    this.raise(this.s.configMsixVector, 2);
+  }
+
+  /** The driver read the ISR: returns it, clears it and lowers the line. */
+  readIsr(): number {
+    const v = this.s.view;
+    const isr = v.getUint8(F.isr);
+    v.setUint8(F.isr, 0);
+    if (v.getUint8(F.intxAsserted) === 1) {
+      v.setUint8(F.intxAsserted, 0);
+      if (this.intxGsi >= 0) this.setIrq(this.intxGsi, 0);
+    }
+    return isr;
+  }
+
+  /** 2.1.2: the device hit an error it cannot recover from without a reset. */
+  needsReset(why: string, log: (line: string) => void): void {
+    const s = this.s;
+    if (s.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET) return;
+    s.status = s.status | VIRTIO_STATUS_DEVICE_NEEDS_RESET;
+    if (s.view.getUint8(F.errorLogged) === 0) {
+      s.view.setUint8(F.errorLogged, 1);
+      log(`virtio-${s.type.name}: ${why}; the device needs a reset (further errors not logged)`);
+    }
+    if (s.status & VIRTIO_STATUS_DRIVER_OK) this.config();
+  }
+}
+
+/** What a backend gets from the I/O thread: its queues, memory, interrupts. */
+export interface VirtioQueues {
+  readonly mem: GuestMemory;
+  readonly state: VirtioState;
+  /** One reusable chain for popping requests. */
+  readonly chain: DescriptorChain;
+  queue(q: number): SplitQueue;
+  /** Interrupts the driver for queue `q` if it wants one (EVENT_IDX / NO_INTERRUPT). */
+  notifyUsed(q: number): void;
+  log(line: string): void;
+}
+
+/** A device's data path, on the I/O thread. Called with the device lock held. */
+export interface VirtioBackend {
+  /** The driver made buffers available on queue `q`. */
+  queueNotified(q: number): void;
+  /** Host fds to watch (TAP, sockets, terminal input), each with its handler. */
+  readonly pollFds?: ReadonlyArray<{ readonly fd: number; ready(): void }>;
+  /** The driver reset the device: drop per-session state. */
+  reset?(): void;
+  /** The VM is stopping. */
+  close?(): void;
+}
+
+/**
+ * The I/O thread's side of one device: takes the lock, checks the device is live,
+ * (re)loads the ring addresses, runs the backend, and turns a hostile ring into
+ * NEEDS_RESET instead of an exception that would stop every other device.
+ */
+export class VirtioRuntime implements VirtioQueues {
+  readonly chain = new DescriptorChain();
+  private readonly queues: SplitQueue[];
+  private seenResets: number;
+  backend: VirtioBackend | null = null;
+
+  constructor(
+    readonly mem: GuestMemory,
+    readonly state: VirtioState,
+    private readonly lock: SharedLock,
+    readonly interrupts: VirtioInterrupts,
+    readonly log: (line: string) => void,
+  ) {
+    const eventIdx = () => state.negotiated(VIRTIO_F_RING_EVENT_IDX);
+    this.queues = Array.from({ length: state.numQueues }, (_, q) => new SplitQueue(mem, state.queueRecord(q), eventIdx));
+    this.seenResets = state.resets;
+  }
+
+  queue(q: number): SplitQueue {
+    return this.queues[q]!;
+  }
+
+  notifyUsed(q: number): void {
+    const queue = this.queues[q]!;
+    if (queue.shouldInterrupt()) this.interrupts.queue(queue.rec);
+  }
+
+  /** Runs `work` under the device lock if the driver has the device running. */
+  run(work: () => void): void {
+    this.lock.lock();
+    try {
+      if (this.state.resets !== this.seenResets) {
+        this.seenResets = this.state.resets;
+        this.backend?.reset?.();
+      }
+      if (!this.state.active) return;
+      for (const q of this.queues) if (q.enabled) q.load();
+      work();
+    } catch (err) {
+      // A hostile ring is the guest's fault; anything else is Kiln's, but it still only
+      // takes this one device down, never the I/O thread and the other devices.
+      const why = err instanceof VirtqueueError ? err.message : `internal error: ${err instanceof Error ? err.message : String(err)}`;
+      this.interrupts.needsReset(why, this.log);
+    } finally {
+      this.lock.unlock();
+    }
+  }
+
+  /** A queue notification (ioeventfd) arrived for `q`. */
+  notified(q: number): void {
+    this.run(() => {
+      if (this.queues[q]!.enabled) this.backend?.queueNotified(q);
+    });
+  }
+}

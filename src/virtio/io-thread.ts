@@ -1,0 +1,46 @@
+// The main thread's handle on the I/O thread (io-worker.ts): start it with the VM's
+// virtio devices, stop it through an eventfd it polls.
+import { Worker } from 'node:worker_threads';
+import type { DeviceSpec } from '../devices/device.js';
+import { KilnError } from '../errors.js';
+import * as libc from '../kvm/libc.js';
+import type { GuestMemoryDescriptor } from '../memory/guest-memory.js';
+
+export interface IoThreadInit {
+  readonly memory: GuestMemoryDescriptor;
+  readonly vmFd: number;
+  readonly devices: readonly DeviceSpec[];
+  readonly stopFd: number;
+}
+
+export class IoThread {
+  private readonly worker: Worker;
+  private readonly stopFd: number;
+  readonly ready: Promise<number>;
+  readonly exited: Promise<string | null>;
+
+  constructor(init: Omit<IoThreadInit, 'stopFd'>) {
+    this.stopFd = libc.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
+    if (this.stopFd < 0) throw new KilnError(`eventfd failed: ${libc.errnoName(libc.errno())}`);
+    this.worker = new Worker(new URL('./io-worker.js', import.meta.url), { workerData: { ...init, stopFd: this.stopFd }, stdout: false, stderr: false });
+    let failure: string | null = null;
+    this.ready = new Promise((resolve, reject) => {
+      this.worker.once('message', (m: { tid: number }) => resolve(m.tid));
+      this.worker.once('error', (err) => {
+        failure = err.message;
+        reject(new KilnError(`the I/O thread failed: ${err.message}`));
+      });
+    });
+    this.exited = new Promise((resolve) => this.worker.once('exit', () => resolve(failure)));
+  }
+
+  /** Stops the loop; resolves with the error that ended it early, if any. */
+  async stop(): Promise<string | null> {
+    const one = Buffer.alloc(8);
+    one.writeBigUInt64LE(1n);
+    libc.write(this.stopFd, one, 8);
+    const failure = await this.exited;
+    libc.close(this.stopFd);
+    return failure;
+  }
+}

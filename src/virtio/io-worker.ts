@@ -1,0 +1,73 @@
+// The I/O thread ("kiln_io"): one epoll loop over every virtio queue's eventfd (the
+// ioeventfds KVM signals when the guest kicks a queue) and every backend's host fds
+// (TAP, sockets, terminal). Device work happens here, never on a vCPU thread; a vCPU's
+// kick costs it no exit to user space. Interrupts go back with KVM_SIGNAL_MSI (or the
+// INTx line). The loop allocates nothing per event.
+import { parentPort, workerData } from 'node:worker_threads';
+import { SharedLock } from '../bus/shared-lock.js';
+import { LOCK_INDEX } from '../devices/device.js';
+import { irqLineSetter, msiSender } from '../devices/irq.js';
+import * as libc from '../kvm/libc.js';
+import { GuestMemory } from '../memory/guest-memory.js';
+import { createBackend } from './backends.js';
+import { VirtioInterrupts, VirtioRuntime, VirtioState, type VirtioBackend } from './device.js';
+import type { IoThreadInit } from './io-thread.js';
+import { notifyFds } from './pci.js';
+import { virtioTypes } from './types.js';
+
+const init = workerData as IoThreadInit;
+const memory = GuestMemory.attach(init.memory);
+const sendMsi = msiSender(init.vmFd);
+const setIrq = irqLineSetter(init.vmFd);
+const log = (line: string) => process.stderr.write(`kiln: ${line}\n`);
+
+const epfd = libc.epollCreate1(libc.EPOLL_CLOEXEC);
+if (epfd < 0) throw new Error(`epoll_create1 failed: ${libc.errnoName(libc.errno())}`);
+const handlers: Array<() => void> = [];
+const eventBuf = Buffer.alloc(libc.EPOLL_EVENT_BYTES);
+function watch(fd: number, handler: () => void): void {
+  eventBuf.writeUInt32LE(libc.EPOLLIN, 0);
+  eventBuf.writeUInt32LE(handlers.length, 4);
+  eventBuf.writeUInt32LE(0, 8);
+  if (libc.epollCtl(epfd, libc.EPOLL_CTL_ADD, fd, eventBuf) < 0) throw new Error(`epoll_ctl(${fd}) failed: ${libc.errnoName(libc.errno())}`);
+  handlers.push(handler);
+}
+
+const drain = Buffer.alloc(8);
+const backends: VirtioBackend[] = [];
+for (const spec of init.devices) {
+  const type = virtioTypes[String(spec.options.type)]!;
+  const state = new VirtioState(spec.state, type, spec.options);
+  const interrupts = new VirtioInterrupts(state, sendMsi, setIrq, Number(spec.options.intxGsi ?? -1));
+  const runtime = new VirtioRuntime(memory, state, new SharedLock(new Int32Array(spec.state, 0, 1), LOCK_INDEX), interrupts, log);
+  const backend = createBackend(type.name, runtime, spec.options);
+  runtime.backend = backend;
+  backends.push(backend);
+  notifyFds(spec.options).forEach((fd, q) =>
+    watch(fd, () => {
+      libc.read(fd, drain, 8);
+      runtime.notified(q);
+    }),
+  );
+  for (const p of backend.pollFds ?? []) watch(p.fd, () => runtime.run(() => p.ready()));
+}
+let running = true;
+watch(init.stopFd, () => {
+  running = false;
+});
+
+libc.pthreadSetnameNp(libc.pthreadSelf(), 'kiln_io');
+parentPort!.postMessage({ type: 'ready', tid: libc.gettid() });
+
+const MAX_EVENTS = 32;
+const events = Buffer.alloc(MAX_EVENTS * libc.EPOLL_EVENT_BYTES);
+while (running) {
+  const n = libc.epollWait(epfd, events, MAX_EVENTS, -1);
+  if (n < 0) {
+    if (libc.errno() === libc.EINTR) continue;
+    throw new Error(`epoll_wait failed: ${libc.errnoName(libc.errno())}`);
+  }
+  for (let i = 0; i < n; i++) handlers[events.readUInt32LE(i * libc.EPOLL_EVENT_BYTES + 4)]!();
+}
+for (const b of backends) b.close?.();
+libc.close(epfd);

@@ -1,0 +1,45 @@
+// virtio-rng (virtio 1.2, 5.4): fills every device-writable buffer the driver offers
+// with bytes from the host's getrandom(2).
+import { KilnError } from '../errors.js';
+import * as libc from '../kvm/libc.js';
+import type { VirtioBackend, VirtioDeviceType, VirtioQueues } from './device.js';
+
+export const rngType: VirtioDeviceType = {
+  deviceId: 4,
+  name: 'rng',
+  maxQueueSize: 256,
+  queues: () => 1,
+  features: () => 0n,
+  configBytes: () => 0,
+  initConfig: () => undefined,
+};
+
+export class RngBackend implements VirtioBackend {
+  constructor(private readonly rt: VirtioQueues) {}
+
+  queueNotified(q: number): void {
+    const queue = this.rt.queue(q);
+    const chain = this.rt.chain;
+    let done = 0;
+    while (queue.pop(chain)) {
+      let filled = 0;
+      for (let i = 0; i < chain.count; i++) {
+        if (!chain.writable[i]) continue;
+        const bytes = this.rt.mem.regionBytes(chain.region[i]!);
+        const len = chain.length[i]!;
+        for (let got = 0; got < len; ) {
+          const n = libc.getrandom(bytes.subarray(chain.offset[i]! + got, chain.offset[i]! + len), len - got, 0);
+          if (n < 0) {
+            if (libc.errno() === libc.EINTR) continue;
+            throw new KilnError(`getrandom failed: ${libc.errnoName(libc.errno())}`);
+          }
+          got += n;
+        }
+        filled += len;
+      }
+      queue.push(chain.head, filled);
+      done++;
+    }
+    if (done > 0) this.rt.notifyUsed(q);
+  }
+}
