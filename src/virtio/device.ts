@@ -108,7 +108,7 @@ export class VirtioState {
   }
 
   config(): DataView {
-    return new DataView(this.state, this.configAt, Math.max(this.configBytes, 1));
+    return new DataView(this.state, this.configAt, this.configBytes);
   }
 
   extra(bytes: number): DataView {
