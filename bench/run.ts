@@ -3,10 +3,11 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { benchBoot } from './boot.js';
+import { benchBlk } from './blk.js';
 import { benchExits } from './exits.js';
 import type { BenchContext } from './util.js';
 
-const benchmarks: Record<string, (ctx: BenchContext) => Promise<void>> = { exits: benchExits, boot: benchBoot };
+const benchmarks: Record<string, (ctx: BenchContext) => Promise<void>> = { exits: benchExits, boot: benchBoot, blk: benchBlk };
 
 const names = process.argv.slice(2);
 for (const name of names) {

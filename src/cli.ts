@@ -13,6 +13,7 @@ import type { SerialHost } from './devices/serial.js';
 import { KilnError } from './errors.js';
 import { buildCloudKernel, buildInitramfs, buildMinimalKernel, buildRootfs, cacheDir } from './guestkit/build.js';
 import { parseSize } from './size.js';
+import type { DiskConfig } from './virtio/attach.js';
 import { Vm, type VmResult } from './vm.js';
 
 const VERSION = '0.1.0';
@@ -35,6 +36,9 @@ Options for run (with no guest named, Kiln boots the kit's minimal Linux, buildi
   --memory SIZE     guest RAM: MiB, or with a unit (128M, 1G); default 128M
   --cpus N          number of vCPUs; default 1
   --cpu-template T  ${Object.keys(CPU_TEMPLATES).join(', ')} (default: pvm on software KVM, host elsewhere)
+  --disk PATH[,ro][,serial=ID]
+                    a raw disk image as a virtio-blk drive (repeatable; the first is /dev/vda)
+  --rng             an entropy device (virtio-rng, fed by the host's getrandom)
   --on-reboot WHAT  exit (default) or restart when the guest reboots
   --json            print one JSON result (with the serial output) instead of attaching the console
   --verbose         log unhandled port and MMIO accesses (once each)
@@ -113,6 +117,20 @@ function attachConsole(p: Prepared): () => void {
   };
 }
 
+/** `--disk PATH[,ro][,serial=ID]` */
+export function parseDiskFlag(flag: string): DiskConfig {
+  const [path, ...opts] = flag.split(',');
+  if (!path) throw new UsageError(`--disk needs a path (got '${flag}')`);
+  let readOnly = false;
+  let serial: string | undefined;
+  for (const o of opts) {
+    if (o === 'ro') readOnly = true;
+    else if (o.startsWith('serial=')) serial = o.slice('serial='.length);
+    else throw new UsageError(`--disk ${flag}: unknown option '${o}' (expected ro or serial=ID)`);
+  }
+  return { path, readOnly, ...(serial !== undefined ? { serial } : {}) };
+}
+
 async function run(argv: string[]): Promise<number> {
   const { values } = parseArgs({
     args: argv,
@@ -126,11 +144,15 @@ async function run(argv: string[]): Promise<number> {
       'cpu-template': { type: 'string' },
       'on-reboot': { type: 'string', default: 'exit' },
       'host-decompress': { type: 'boolean', default: false },
+      disk: { type: 'string', multiple: true, default: [] },
+      rng: { type: 'boolean', default: false },
       json: { type: 'boolean', default: false },
       verbose: { type: 'boolean', default: false },
     },
     strict: true,
   });
+  const disks = values.disk.map(parseDiskFlag);
+  if (values.demo && (disks.length > 0 || values.rng)) throw new UsageError('--disk and --rng need a Linux guest, not --demo');
   const cpus = Number(values.cpus);
   if (!/^\d+$/.test(values.cpus) || cpus < 1) throw new UsageError(`--cpus must be a whole number of at least 1 (got '${values.cpus}')`);
   if (values['on-reboot'] !== 'exit' && values['on-reboot'] !== 'restart') throw new UsageError(`--on-reboot must be 'exit' or 'restart' (got '${values['on-reboot']}')`);
@@ -172,6 +194,7 @@ async function run(argv: string[]): Promise<number> {
               serialOutFd: serialFd,
               logUnhandled: values.verbose,
               hostDecompress: values['host-decompress'],
+              virtio: { disks, rng: values.rng },
             });
             if (!values.json) progress(`booting ${kernelPath} (${lv.boot.format}, ${cpus} vCPU, ${values.memory}); Ctrl-A x quits`);
             return { vm: lv.vm, progress: lv.progress, serial: lv.serial, pressPowerButton: () => lv.pressPowerButton() };

@@ -26,6 +26,7 @@ import {
   PORT_RTC_SIZE,
 } from '../layout.js';
 import * as aml from './aml.js';
+import { pciIntxGsi } from '../pci/host.js';
 
 export const OEM_ID = 'KILN  ';
 const CREATOR_ID = 'KILN';
@@ -127,6 +128,20 @@ function madt(vcpus: number): Uint8Array {
 export const PCI_IO_START = 0x1000;
 export const PCI_IO_END = 0xffff;
 
+/**
+ * _PRT (ACPI 6.4, 6.2.13): every slot's INTA-INTD straight to IOAPIC GSIs (no link
+ * devices), swizzled so neighbouring slots spread over the PCI_INTX_GSIS lines.
+ */
+function pciRoutingTable(): Uint8Array {
+  const entries: Uint8Array[] = [];
+  for (let slot = 1; slot < 32; slot++) {
+    for (let pin = 0; pin < 4; pin++) {
+      entries.push(aml.packageOf([aml.integer(slot * 0x10000 + 0xffff), aml.integer(pin), aml.integer(0), aml.integer(pciIntxGsi(slot, pin))]));
+    }
+  }
+  return aml.packageOf(entries);
+}
+
 /** The PCI host bridge (bus 0, ports 0xcf8-0xcff, I/O and memory windows) and ECAM's reservation. */
 function pciHostBridge(): Uint8Array[] {
   return [
@@ -145,6 +160,7 @@ function pciHostBridge(): Uint8Array[] {
           aml.dwordMemory(PCI_MMIO_START, PCI_MMIO_START + PCI_MMIO_SIZE - 1),
         ]),
       ),
+      ...(process.env.KILN_NO_PRT ? [] : [aml.name('_PRT', pciRoutingTable())]),
     ]),
     // Linux trusts an MCFG area only if firmware also reserves it.
     aml.device('RES0', [aml.name('_HID', aml.eisaId('PNP0C02')), aml.name('_CRS', aml.resourceTemplate([aml.memory32Fixed(PCI_ECAM_START, PCI_ECAM_SIZE)]))]),

@@ -1,7 +1,7 @@
 // Assembling a VM that boots Linux: validate the kernel, initrd and command line,
 // then create the VM (in-kernel irqchip and PIT), its devices and ACPI tables, set up
 // every vCPU, and load the kernel. Every check happens before the VM exists.
-import { readFileSync, statSync } from 'node:fs';
+import { closeSync, readFileSync, statSync } from 'node:fs';
 import { buildAcpiTables, MAX_MADT_VCPUS } from '../acpi/tables.js';
 import { isSoftwareKvm, planSyscallFix } from '../compat/pvm.js';
 import { supportedCpuid } from '../cpu/cpuid.js';
@@ -15,6 +15,7 @@ import { KilnError } from '../errors.js';
 import * as layout from '../layout.js';
 import { ramRanges, validateMemorySize } from '../memory/guest-memory.js';
 import { attachPciHost } from '../pci/host.js';
+import { attachVirtio, openDisks, type VirtioConfig } from '../virtio/attach.js';
 import { Vm } from '../vm.js';
 import { decompressBzImage } from './decompress.js';
 import { isElf } from './elf.js';
@@ -33,6 +34,8 @@ export interface LinuxVmConfig {
   readonly logUnhandled?: boolean;
   /** Decompress a bzImage's payload on the host and boot the ELF inside (PVH). */
   readonly hostDecompress?: boolean;
+  /** Virtio devices: disks (virtio-blk) and entropy (virtio-rng). */
+  readonly virtio?: VirtioConfig;
 }
 
 /** What the boot did, without the bytes it wrote (those live in guest memory only). */
@@ -92,20 +95,27 @@ export function createLinuxVm(config: LinuxVmConfig): LinuxVm {
   const acpi = buildAcpiTables({ vcpus: config.cpus, pci: true });
   // The whole boot layout is computed (and checked) before the VM exists.
   const boot = loadKernel({ kernel, initrd, cmdline, ram: ramRanges(config.memoryBytes), rsdp: acpi.rsdp });
+  const disks = openDisks(config.virtio?.disks ?? []);
 
-  const vm = Vm.create({
-    memoryBytes: config.memoryBytes,
-    vcpus: config.cpus,
-    irqchip: true,
-    logUnhandled: config.logUnhandled ?? false,
-    compat: softwareKvm ? { syscallFix: planSyscallFix(boot.textEnd) } : null,
-  });
+  let vm: Vm;
+  try {
+    vm = Vm.create({
+      memoryBytes: config.memoryBytes,
+      vcpus: config.cpus,
+      irqchip: true,
+      logUnhandled: config.logUnhandled ?? false,
+      compat: softwareKvm ? { syscallFix: planSyscallFix(boot.textEnd) } : null,
+    });
+  } catch (err) {
+    disks.forEach((d) => closeSync(d.fd));
+    throw err;
+  }
   try {
     const { com1, progress } = addStandardDevices(vm, config.serialOutFd);
     vm.addDevice({ id: 'acpi-pm', kind: 'acpi-pm', bus: 'pio', base: layout.PORT_ACPI_SLEEP_CONTROL, size: layout.PORT_ACPI_PM_SIZE });
     vm.addDevice({ id: 'i8042', kind: 'i8042', bus: 'pio', base: layout.PORT_I8042_DATA, size: layout.PORT_I8042_COMMAND - layout.PORT_I8042_DATA + 1 });
     vm.addDevice({ id: 'rtc', kind: 'rtc', bus: 'pio', base: layout.PORT_RTC, size: layout.PORT_RTC_SIZE });
-    attachPciHost(vm);
+    attachVirtio(vm, attachPciHost(vm), disks, config.virtio ?? {});
 
     const cpuid = applyTemplate(supportedCpuid(vm.kvmSystem), template);
     const refused = new Set<number>();

@@ -79,6 +79,22 @@ export const getrandom = libc.func('intptr_t getrandom(_Out_ void *buf, size_t b
   buflen: number,
   flags: number,
 ) => number;
+// Unix sockets for backends on the I/O thread (passt, vsock): fds it can epoll.
+export const socket = libc.func('int socket(int domain, int type, int protocol)') as (domain: number, type: number, protocol: number) => number;
+export const connect = libc.func('int connect(int fd, const void *addr, uint32_t len)') as (fd: number, addr: PointerArg, len: number) => number;
+export const bind = libc.func('int bind(int fd, const void *addr, uint32_t len)') as (fd: number, addr: PointerArg, len: number) => number;
+export const fcntlInt = libc.func('int fcntl(int fd, int cmd, int arg)') as (fd: number, cmd: number, arg: number) => number;
+export const listen = libc.func('int listen(int fd, int backlog)') as (fd: number, backlog: number) => number;
+export const accept4 = libc.func('int accept4(int fd, void *addr, void *len, int flags)') as (fd: number, addr: PointerArg, len: PointerArg, flags: number) => number;
+/** struct sockaddr_un for `path` (sun_family AF_UNIX, then the NUL-terminated path). */
+export function sockaddrUn(path: string): Buffer {
+  const bytes = Buffer.from(path);
+  if (bytes.length >= 108) throw new Error(`Unix socket path too long (${bytes.length} bytes, at most 107): ${path}`);
+  const addr = Buffer.alloc(110);
+  addr.writeUInt16LE(AF_UNIX, 0);
+  bytes.copy(addr, 2);
+  return addr;
+}
 export const strerror = libc.func('const char *strerror(int errnum)') as (errnum: number) => string;
 
 // Threads and signals: used to kick a vCPU thread out of KVM_RUN.
@@ -129,6 +145,12 @@ export const MADV_DONTNEED = 4;
 export const EFD_CLOEXEC = 0o2000000;
 export const EFD_NONBLOCK = 0o4000;
 export const SIG_BLOCK = 0;
+export const AF_UNIX = 1;
+export const SOCK_STREAM = 1;
+export const SOCK_NONBLOCK = 0o4000;
+export const SOCK_CLOEXEC = 0o2000000;
+export const O_NONBLOCK = 0o4000;
+export const EPOLL_CTL_MOD = 3;
 export const EPOLL_CLOEXEC = 0o2000000;
 export const EPOLL_CTL_ADD = 1;
 export const EPOLL_CTL_DEL = 2;

@@ -3,11 +3,13 @@ import type { DeviceOptions } from '../devices/device.js';
 import { KilnError } from '../errors.js';
 import { BlkBackend } from './blk.js';
 import type { VirtioBackend, VirtioQueues } from './device.js';
+import { NetBackend } from './net.js';
 import { RngBackend } from './rng.js';
 
 const factories: Readonly<Record<string, (rt: VirtioQueues, options: DeviceOptions) => VirtioBackend>> = {
   blk: (rt, o) => new BlkBackend(rt, o),
   rng: (rt) => new RngBackend(rt),
+  net: (rt, o) => new NetBackend(rt, o),
 };
 
 export function createBackend(type: string, rt: VirtioQueues, options: DeviceOptions): VirtioBackend {

@@ -220,6 +220,10 @@ export interface VirtioQueues {
   /** Interrupts the driver for queue `q` if it wants one (EVENT_IDX / NO_INTERRUPT). */
   notifyUsed(q: number): void;
   log(line: string): void;
+  /** Starts or stops watching one of the backend's poll fds (e.g. no receive buffers left). */
+  setPollable(fd: number, on: boolean): void;
+  /** The device changed its configuration (e.g. link status): new generation, config interrupt. */
+  configChanged(): void;
 }
 
 /** A device's data path, on the I/O thread. Called with the device lock held. */
@@ -251,6 +255,7 @@ export class VirtioRuntime implements VirtioQueues {
     private readonly lock: SharedLock,
     readonly interrupts: VirtioInterrupts,
     readonly log: (line: string) => void,
+    readonly setPollable: (fd: number, on: boolean) => void,
   ) {
     const eventIdx = () => state.negotiated(VIRTIO_F_RING_EVENT_IDX);
     this.queues = Array.from({ length: state.numQueues }, (_, q) => new SplitQueue(mem, state.queueRecord(q), eventIdx));
@@ -261,27 +266,35 @@ export class VirtioRuntime implements VirtioQueues {
     return this.queues[q]!;
   }
 
+  configChanged(): void {
+    const v = this.state.view;
+    v.setUint8(F.configGeneration, (v.getUint8(F.configGeneration) + 1) & 0xff);
+    if (this.state.status & VIRTIO_STATUS_DRIVER_OK) this.interrupts.config();
+  }
+
   notifyUsed(q: number): void {
     const queue = this.queues[q]!;
     if (queue.shouldInterrupt()) this.interrupts.queue(queue.rec);
   }
 
-  /** Runs `work` under the device lock if the driver has the device running. */
-  run(work: () => void): void {
+  /** Runs `work` under the device lock if the driver has the device running; false if it does not. */
+  run(work: () => void): boolean {
     this.lock.lock();
     try {
       if (this.state.resets !== this.seenResets) {
         this.seenResets = this.state.resets;
         this.backend?.reset?.();
       }
-      if (!this.state.active) return;
+      if (!this.state.active) return false;
       for (const q of this.queues) if (q.enabled) q.load();
       work();
+      return true;
     } catch (err) {
       // A hostile ring is the guest's fault; anything else is Kiln's, but it still only
       // takes this one device down, never the I/O thread and the other devices.
       const why = err instanceof VirtqueueError ? err.message : `internal error: ${err instanceof Error ? err.message : String(err)}`;
       this.interrupts.needsReset(why, this.log);
+      return false;
     } finally {
       this.lock.unlock();
     }

@@ -24,13 +24,23 @@ const log = (line: string) => process.stderr.write(`kiln: ${line}\n`);
 const epfd = libc.epollCreate1(libc.EPOLL_CLOEXEC);
 if (epfd < 0) throw new Error(`epoll_create1 failed: ${libc.errnoName(libc.errno())}`);
 const handlers: Array<() => void> = [];
+const slotOf = new Map<number, number>();
 const eventBuf = Buffer.alloc(libc.EPOLL_EVENT_BYTES);
-function watch(fd: number, handler: () => void): void {
-  eventBuf.writeUInt32LE(libc.EPOLLIN, 0);
-  eventBuf.writeUInt32LE(handlers.length, 4);
+function control(op: number, fd: number, events: number, slot: number): number {
+  eventBuf.writeUInt32LE(events, 0);
+  eventBuf.writeUInt32LE(slot, 4);
   eventBuf.writeUInt32LE(0, 8);
-  if (libc.epollCtl(epfd, libc.EPOLL_CTL_ADD, fd, eventBuf) < 0) throw new Error(`epoll_ctl(${fd}) failed: ${libc.errnoName(libc.errno())}`);
+  return libc.epollCtl(epfd, op, fd, eventBuf);
+}
+function watch(fd: number, handler: () => void): void {
+  if (control(libc.EPOLL_CTL_ADD, fd, libc.EPOLLIN, handlers.length) < 0) throw new Error(`epoll_ctl(${fd}) failed: ${libc.errnoName(libc.errno())}`);
+  slotOf.set(fd, handlers.length);
   handlers.push(handler);
+}
+/** Level-triggered: a backend with nowhere to put input stops watching until the guest gives it room. */
+function setPollable(fd: number, on: boolean): void {
+  const slot = slotOf.get(fd);
+  if (slot !== undefined) control(libc.EPOLL_CTL_MOD, fd, on ? libc.EPOLLIN : 0, slot);
 }
 
 const drain = Buffer.alloc(8);
@@ -39,7 +49,7 @@ for (const spec of init.devices) {
   const type = virtioTypes[String(spec.options.type)]!;
   const state = new VirtioState(spec.state, type, spec.options);
   const interrupts = new VirtioInterrupts(state, sendMsi, setIrq, Number(spec.options.intxGsi ?? -1));
-  const runtime = new VirtioRuntime(memory, state, new SharedLock(new Int32Array(spec.state, 0, 1), LOCK_INDEX), interrupts, log);
+  const runtime = new VirtioRuntime(memory, state, new SharedLock(new Int32Array(spec.state, 0, 1), LOCK_INDEX), interrupts, log, setPollable);
   const backend = createBackend(type.name, runtime, spec.options);
   runtime.backend = backend;
   backends.push(backend);
@@ -49,7 +59,9 @@ for (const spec of init.devices) {
       runtime.notified(q);
     }),
   );
-  for (const p of backend.pollFds ?? []) watch(p.fd, () => runtime.run(() => p.ready()));
+  // Input for a device the driver is not running (or that needs a reset) waits: stop
+  // watching until the driver notifies a queue again, or a level-triggered fd would spin.
+  for (const p of backend.pollFds ?? []) watch(p.fd, () => runtime.run(() => p.ready()) || setPollable(p.fd, false));
 }
 let running = true;
 watch(init.stopFd, () => {

@@ -1,9 +1,11 @@
 // Virtio device types by name (pure descriptions, usable on any thread).
 import { blkType } from './blk.js';
 import type { VirtioDeviceType } from './device.js';
+import { netType } from './net.js';
 import { rngType } from './rng.js';
 
 export const virtioTypes: Readonly<Record<string, VirtioDeviceType>> = {
   blk: blkType,
   rng: rngType,
+  net: netType,
 };

@@ -29,7 +29,13 @@ export function virtioTestVm(devices: Array<{ type: string; options?: DeviceOpti
 }
 
 /** Runs `main` (C, with kit.h/virtio.h) as the guest; the VM is destroyed afterwards. */
-export async function runDriver(t: VirtioTestVm, main: string, defines: Record<string, number> = {}, check: (result: VmResult) => void | Promise<void> = () => undefined): Promise<VmResult> {
+export async function runDriver(
+  t: VirtioTestVm,
+  main: string,
+  defines: Record<string, number> = {},
+  check: (result: VmResult) => void | Promise<void> = () => undefined,
+  whileRunning: () => Promise<void> = async () => undefined,
+): Promise<VmResult> {
   try {
     loadProgram(t.vm, {
       mode: 'long64',
@@ -39,6 +45,7 @@ export async function runDriver(t: VirtioTestVm, main: string, defines: Record<s
       defines: { ...defines, ...Object.fromEntries(t.devices.map((d, i) => [`SLOT${i}`, d.slot])) },
     });
     await t.vm.start();
+    await whileRunning();
     const result = await t.vm.wait();
     await check(result);
     return result;

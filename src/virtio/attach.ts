@@ -1,0 +1,97 @@
+// Turning a VM definition's devices into virtio-pci functions: disks are opened and
+// checked before any VM exists (a missing or read-only file is a clear error, not a
+// half-built VM), then every device gets a slot, a BAR, its queues' eventfds and INTx.
+import { closeSync, openSync } from 'node:fs';
+import { KilnError } from '../errors.js';
+import type { DeviceOptions } from '../devices/device.js';
+import { pciIntxGsi, type PciHost } from '../pci/host.js';
+import type { Vm } from '../vm.js';
+import { blkOptions } from './blk.js';
+import { connectPasst, defaultMac, openTap, parseMac } from './net.js';
+import { addVirtioPciDevice, type VirtioPciDevice } from './pci.js';
+
+export interface DiskConfig {
+  readonly path: string;
+  readonly readOnly?: boolean;
+  /** Up to 20 bytes, what the guest sees as the disk's serial (VIRTIO_BLK_T_GET_ID). */
+  readonly serial?: string;
+}
+
+export interface NetConfig {
+  /** A TAP interface to attach to (created if it does not exist; needs CAP_NET_ADMIN). */
+  readonly tap?: string;
+  /** passt's Unix socket (rootless networking). */
+  readonly passt?: string;
+  readonly mac?: string;
+}
+
+export interface VirtioConfig {
+  readonly disks?: readonly DiskConfig[];
+  readonly nets?: readonly NetConfig[];
+  /** An entropy device (virtio-rng). */
+  readonly rng?: boolean;
+}
+
+/** Opens a NIC's host end (TAP or passt) and returns its device options; the caller owns the fd. */
+export function openNet(net: NetConfig, index: number): OpenedDisk {
+  if (!net.tap === !net.passt) throw new KilnError(`network interface ${index}: give either a TAP name or a passt socket`);
+  const mac = net.mac ?? defaultMac((process.pid << 8) + index);
+  parseMac(mac);
+  const fd = net.tap ? openTap(net.tap) : connectPasst(net.passt!);
+  return { fd, options: { fd, mac, backend: net.tap ? 'tap' : 'passt' } };
+}
+
+export interface OpenedDisk {
+  readonly fd: number;
+  readonly options: DeviceOptions;
+}
+
+/** Opens and checks one disk image; the caller owns the fd. */
+export function openDisk(disk: DiskConfig, index: number): OpenedDisk {
+  let fd: number;
+  try {
+    fd = openSync(disk.path, disk.readOnly ? 'r' : 'r+');
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') throw new KilnError(`disk '${disk.path}' does not exist`);
+    if ((code === 'EACCES' || code === 'EROFS' || code === 'EPERM') && !disk.readOnly) throw new KilnError(`disk '${disk.path}' cannot be opened for writing (${code}); attach it read-only (,ro) or fix its permissions`);
+    throw new KilnError(`cannot open disk '${disk.path}': ${code ?? (err as Error).message}`);
+  }
+  try {
+    return { fd, options: blkOptions(fd, disk.path, disk.readOnly ?? false, disk.serial ?? `kiln-disk-${index}`) };
+  } catch (err) {
+    closeSync(fd);
+    throw err;
+  }
+}
+
+/** Opens every disk, or none (closing what was opened if one fails). */
+export function openDisks(disks: readonly DiskConfig[]): OpenedDisk[] {
+  const opened: OpenedDisk[] = [];
+  try {
+    disks.forEach((d, i) => opened.push(openDisk(d, i)));
+    return opened;
+  } catch (err) {
+    opened.forEach((d) => closeSync(d.fd));
+    throw err;
+  }
+}
+
+/** Adds the opened disks and NICs and the other devices to `vm` (which then owns the fds). */
+export function attachVirtio(vm: Vm, pci: PciHost, disks: readonly OpenedDisk[], config: VirtioConfig, nets: readonly OpenedDisk[] = []): VirtioPciDevice[] {
+  const added: VirtioPciDevice[] = [];
+  const add = (id: string, type: string, options?: DeviceOptions) => {
+    const slot = pci.takeSlot();
+    added.push(addVirtioPciDevice(vm, pci.root, pci.bars, { id, slot, type, intxGsi: pciIntxGsi(slot), ...(options ? { options } : {}) }));
+  };
+  disks.forEach((d, i) => {
+    vm.adoptFd(d.fd);
+    add(`disk${i}`, 'blk', d.options);
+  });
+  nets.forEach((n, i) => {
+    vm.adoptFd(n.fd);
+    add(`net${i}`, 'net', n.options);
+  });
+  if (config.rng) add('rng', 'rng');
+  return added;
+}

@@ -1,0 +1,276 @@
+// virtio-net (virtio 1.2, 5.1) with two host ends:
+// - TAP: /dev/net/tun with IFF_VNET_HDR, so the 12-byte virtio_net_hdr passes straight
+//   through and checksum and TSO offloads cost nothing (the host kernel does the work);
+// - passt: rootless networking over passt's Unix socket, each frame preceded by its
+//   length (4 bytes, big-endian); no offloads (passt wants whole frames), and when passt
+//   dies the link goes down (config status, a configuration interrupt) and the VM runs on.
+// Queue 0 receives, queue 1 transmits. Each NIC has its own MAC address.
+import { KilnError } from '../errors.js';
+import type { DeviceOptions } from '../devices/device.js';
+import * as libc from '../kvm/libc.js';
+import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } from './device.js';
+
+export const VIRTIO_NET_F_CSUM = 0n;
+export const VIRTIO_NET_F_GUEST_CSUM = 1n;
+export const VIRTIO_NET_F_MAC = 5n;
+export const VIRTIO_NET_F_HOST_TSO4 = 11n;
+export const VIRTIO_NET_F_HOST_TSO6 = 12n;
+export const VIRTIO_NET_F_STATUS = 16n;
+export const VIRTIO_NET_S_LINK_UP = 1;
+/** struct virtio_net_hdr with VERSION_1 (num_buffers included): 12 bytes (5.1.6). */
+export const VIRTIO_NET_HDR_BYTES = 12;
+export const NET_CONFIG = { mac: 0, status: 6, maxVirtqueuePairs: 8, mtu: 10, bytes: 12 } as const;
+export const NET_RX_QUEUE = 0;
+export const NET_TX_QUEUE = 1;
+/** The largest frame: a 64 KiB TSO segment plus headers. */
+const MAX_FRAME = 65_550;
+const TUN_F_CSUM = 0x01;
+const TUN_F_TSO4 = 0x02;
+const TUN_F_TSO6 = 0x04;
+const IFF_TAP = 0x0002;
+const IFF_NO_PI = 0x1000;
+const IFF_VNET_HDR = 0x4000;
+const TUNSETIFF = 0x400454ca;
+const TUNSETOFFLOAD = 0x400454d0;
+const TUNSETVNETHDRSZ = 0x400454d8;
+const IFNAMSIZ = 16;
+
+const isPasst = (o: DeviceOptions) => o.backend === 'passt';
+
+export const netType: VirtioDeviceType = {
+  deviceId: 1,
+  name: 'net',
+  maxQueueSize: 256,
+  queues: () => 2,
+  features: (o) => bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_STATUS) | (isPasst(o) ? 0n : bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_HOST_TSO4) | bit(VIRTIO_NET_F_HOST_TSO6)),
+  configBytes: () => NET_CONFIG.bytes,
+  initConfig(config, o) {
+    parseMac(String(o.mac)).forEach((b, i) => config.setUint8(NET_CONFIG.mac + i, b));
+    config.setUint16(NET_CONFIG.status, VIRTIO_NET_S_LINK_UP, true);
+    config.setUint16(NET_CONFIG.maxVirtqueuePairs, 1, true);
+    config.setUint16(NET_CONFIG.mtu, 1500, true);
+  },
+};
+
+export function parseMac(mac: string): number[] {
+  const m = /^([0-9a-f]{2}):([0-9a-f]{2}):([0-9a-f]{2}):([0-9a-f]{2}):([0-9a-f]{2}):([0-9a-f]{2})$/i.exec(mac);
+  if (!m) throw new KilnError(`'${mac}' is not a MAC address (expected six hex pairs, like 06:00:ac:10:00:02)`);
+  const bytes = m.slice(1).map((h) => parseInt(h, 16));
+  if (bytes[0]! & 1) throw new KilnError(`MAC address ${mac} is a multicast address`);
+  return bytes;
+}
+
+/** A locally administered MAC derived from `seed` (stable for a VM's NIC index). */
+export function defaultMac(seed: number): string {
+  const b = [0x06, 0x00, (seed >>> 24) & 0xff, (seed >>> 16) & 0xff, (seed >>> 8) & 0xff, seed & 0xff];
+  return b.map((x) => x.toString(16).padStart(2, '0')).join(':');
+}
+
+/** Opens (creating if needed) the TAP interface `name`, nonblocking, with vnet headers. */
+export function openTap(name: string): number {
+  if (!name || Buffer.byteLength(name) >= IFNAMSIZ || !/^[\w.-]+$/.test(name)) throw new KilnError(`'${name}' is not a valid interface name (1-15 letters, digits, '-', '_' or '.')`);
+  const fd = libc.open('/dev/net/tun', libc.O_RDWR | libc.O_NONBLOCK | libc.O_CLOEXEC, 0);
+  if (fd < 0) throw new KilnError(`cannot open /dev/net/tun: ${libc.errnoName(libc.errno())} (TAP networking needs CAP_NET_ADMIN; use the passt backend without it)`);
+  const ifr = Buffer.alloc(40);
+  ifr.write(name, 0);
+  ifr.writeUInt16LE(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, IFNAMSIZ);
+  const hdrSize = Buffer.alloc(4);
+  hdrSize.writeInt32LE(VIRTIO_NET_HDR_BYTES);
+  if (libc.ioctlPtr(fd, TUNSETIFF, ifr) < 0 || libc.ioctlPtr(fd, TUNSETVNETHDRSZ, hdrSize) < 0) {
+    const e = libc.errno();
+    libc.close(fd);
+    throw new KilnError(`cannot attach to TAP '${name}': ${libc.errnoName(e)} (${libc.strerror(e)})`);
+  }
+  return fd;
+}
+
+/** Connects to passt's Unix socket. */
+export function connectPasst(path: string): number {
+  const fd = libc.socket(libc.AF_UNIX, libc.SOCK_STREAM | libc.SOCK_CLOEXEC, 0);
+  // Blocking for connect; nonblocking afterwards, so the I/O thread never waits on passt.
+  if (fd < 0) throw new KilnError(`socket failed: ${libc.errnoName(libc.errno())}`);
+  if (libc.connect(fd, libc.sockaddrUn(path), 110) < 0) {
+    const e = libc.errno();
+    libc.close(fd);
+    throw new KilnError(`cannot connect to passt at '${path}': ${libc.errnoName(e)} (is passt running with --socket ${path}?)`);
+  }
+  const F_SETFL = 4;
+  libc.fcntlInt(fd, F_SETFL, libc.O_NONBLOCK);
+  return fd;
+}
+
+export class NetBackend implements VirtioBackend {
+  private readonly fd: number;
+  private readonly passt: boolean;
+  private readonly tx = Buffer.alloc(4 + VIRTIO_NET_HDR_BYTES + MAX_FRAME);
+  private readonly rx = Buffer.alloc(VIRTIO_NET_HDR_BYTES + MAX_FRAME);
+  /** passt: bytes of the stream read but not yet delivered. */
+  private readonly stream = Buffer.alloc(2 * (4 + MAX_FRAME));
+  private streamBytes = 0;
+  private linkUp = true;
+  private offloads = -1;
+  private errorLogged = false;
+  readonly pollFds;
+
+  constructor(
+    private readonly rt: VirtioQueues,
+    options: DeviceOptions,
+  ) {
+    this.fd = Number(options.fd);
+    this.passt = isPasst(options);
+    this.pollFds = [{ fd: this.fd, ready: () => this.receive() }];
+  }
+
+  private fail(what: string, errno: number): void {
+    if (this.errorLogged) return;
+    this.errorLogged = true;
+    this.rt.log(`virtio-net: ${what}: ${libc.errnoName(errno)} (${libc.strerror(errno)}); frames are dropped (further errors not logged)`);
+  }
+
+  private linkDown(why: string): void {
+    if (!this.linkUp) return;
+    this.linkUp = false;
+    this.rt.log(`virtio-net: ${why}; the link is down`);
+    this.rt.state.config().setUint16(NET_CONFIG.status, 0, true);
+    this.rt.setPollable(this.fd, false);
+    this.rt.configChanged();
+  }
+
+  /** TAP offloads follow what the driver accepted (GUEST_CSUM: it can take partial checksums). */
+  private syncOffloads(): void {
+    if (this.passt) return;
+    const s = this.rt.state;
+    const want = s.negotiated(VIRTIO_NET_F_GUEST_CSUM) ? TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 : 0;
+    if (want === this.offloads) return;
+    this.offloads = want;
+    if (libc.ioctlInt(this.fd, TUNSETOFFLOAD, want) < 0) this.fail('TUNSETOFFLOAD', libc.errno());
+  }
+
+  queueNotified(q: number): void {
+    this.syncOffloads();
+    if (q === NET_TX_QUEUE) this.transmit();
+    else if (this.linkUp) {
+      // The driver gave us receive buffers: watch the host end again.
+      this.rt.setPollable(this.fd, true);
+      this.receive();
+    }
+  }
+
+  reset(): void {
+    this.offloads = -1;
+  }
+
+  private transmit(): void {
+    const queue = this.rt.queue(NET_TX_QUEUE);
+    const chain = this.rt.chain;
+    let done = 0;
+    while (queue.pop(chain)) {
+      // Gather header + frame; passt gets the frame alone, after its length.
+      let at = 4;
+      for (let i = 0; i < chain.count; i++) {
+        if (chain.writable[i]) continue;
+        const len = Math.min(chain.length[i]!, this.tx.length - at);
+        const bytes = this.rt.mem.regionBytes(chain.region[i]!);
+        this.tx.set(bytes.subarray(chain.offset[i]!, chain.offset[i]! + len), at);
+        at += len;
+      }
+      const frameBytes = at - 4 - VIRTIO_NET_HDR_BYTES;
+      if (frameBytes > 0 && this.linkUp) {
+        if (this.passt) {
+          // The header is dropped: write [length][frame] where the header's tail was.
+          const start = VIRTIO_NET_HDR_BYTES;
+          this.tx.writeUInt32BE(frameBytes, start);
+          this.writeAll(this.tx.subarray(start, start + 4 + frameBytes));
+        } else if (libc.write(this.fd, this.tx.subarray(4, at), at - 4) < 0) {
+          const e = libc.errno();
+          if (e !== libc.EAGAIN) this.fail('write to the TAP', e);
+        }
+      }
+      queue.push(chain.head, 0);
+      done++;
+    }
+    if (done > 0) this.rt.notifyUsed(NET_TX_QUEUE);
+  }
+
+  private writeAll(data: Buffer): void {
+    for (let off = 0; off < data.length; ) {
+      const n = libc.write(this.fd, data.subarray(off), data.length - off);
+      if (n < 0) {
+        const e = libc.errno();
+        if (e === libc.EINTR || e === libc.EAGAIN) continue;
+        return this.linkDown(`passt's socket failed (${libc.errnoName(e)})`);
+      }
+      off += n;
+    }
+  }
+
+  /** Delivers one frame (vnet header first) into the next receive buffer; false if there is none. */
+  private deliver(frame: Buffer, length: number): void {
+    const queue = this.rt.queue(NET_RX_QUEUE);
+    const chain = this.rt.chain;
+    if (!queue.pop(chain)) return;
+    let at = 0;
+    for (let i = 0; i < chain.count && at < length; i++) {
+      if (!chain.writable[i]) continue;
+      const len = Math.min(chain.length[i]!, length - at);
+      this.rt.mem.regionBytes(chain.region[i]!).set(frame.subarray(at, at + len), chain.offset[i]!);
+      at += len;
+    }
+    // A buffer too small for the frame gets nothing (the frame is dropped).
+    queue.push(chain.head, at === length ? length : 0);
+  }
+
+  private receive(): void {
+    const queue = this.rt.queue(NET_RX_QUEUE);
+    let delivered = 0;
+    while (this.linkUp) {
+      if (!queue.enabled || queue.pending() === 0) {
+        this.rt.setPollable(this.fd, false);
+        break;
+      }
+      if (this.passt) {
+        if (!this.nextPasstFrame()) break;
+      } else {
+        const n = libc.read(this.fd, this.rx, this.rx.length);
+        if (n < 0) {
+          const e = libc.errno();
+          if (e !== libc.EAGAIN && e !== libc.EINTR) this.fail('read from the TAP', e);
+          break;
+        }
+        this.deliver(this.rx, n);
+      }
+      delivered++;
+    }
+    if (delivered > 0) this.rt.notifyUsed(NET_RX_QUEUE);
+  }
+
+  /** passt: reads what the socket has, delivers one whole frame if one is there. */
+  private nextPasstFrame(): boolean {
+    if (this.streamBytes < 4 || this.streamBytes < 4 + this.stream.readUInt32BE(0)) {
+      const n = libc.read(this.fd, this.stream.subarray(this.streamBytes), this.stream.length - this.streamBytes);
+      if (n === 0) {
+        this.linkDown('passt closed its socket');
+        return false;
+      }
+      if (n < 0) {
+        const e = libc.errno();
+        if (e !== libc.EAGAIN && e !== libc.EINTR) this.linkDown(`reading passt's socket failed (${libc.errnoName(e)})`);
+        return false;
+      }
+      this.streamBytes += n;
+    }
+    if (this.streamBytes < 4) return false;
+    const length = this.stream.readUInt32BE(0);
+    if (length > MAX_FRAME) {
+      this.linkDown(`passt sent a ${length}-byte frame`);
+      return false;
+    }
+    if (this.streamBytes < 4 + length) return false;
+    this.rx.fill(0, 0, VIRTIO_NET_HDR_BYTES);
+    this.stream.copy(this.rx, VIRTIO_NET_HDR_BYTES, 4, 4 + length);
+    this.stream.copy(this.stream, 0, 4 + length, this.streamBytes);
+    this.streamBytes -= 4 + length;
+    this.deliver(this.rx, VIRTIO_NET_HDR_BYTES + length);
+    return true;
+  }
+}
