@@ -160,7 +160,7 @@ function pciHostBridge(): Uint8Array[] {
           aml.dwordMemory(PCI_MMIO_START, PCI_MMIO_START + PCI_MMIO_SIZE - 1),
         ]),
       ),
-      ...(process.env.KILN_NO_PRT ? [] : [aml.name('_PRT', pciRoutingTable())]),
+      aml.name('_PRT', pciRoutingTable()),
     ]),
     // Linux trusts an MCFG area only if firmware also reserves it.
     aml.device('RES0', [aml.name('_HID', aml.eisaId('PNP0C02')), aml.name('_CRS', aml.resourceTemplate([aml.memory32Fixed(PCI_ECAM_START, PCI_ECAM_SIZE)]))]),

@@ -6,7 +6,10 @@ import { KilnError } from '../errors.js';
 import type { DeviceOptions } from '../devices/device.js';
 import { pciIntxGsi, type PciHost } from '../pci/host.js';
 import type { Vm } from '../vm.js';
+import { BALLOON_PAGE_BYTES, BalloonControl } from './balloon.js';
 import { blkOptions } from './blk.js';
+import * as libc from '../kvm/libc.js';
+import { listenConsole } from './console.js';
 import { connectPasst, defaultMac, openTap, parseMac } from './net.js';
 import { addVirtioPciDevice, type VirtioPciDevice } from './pci.js';
 
@@ -30,6 +33,15 @@ export interface VirtioConfig {
   readonly nets?: readonly NetConfig[];
   /** An entropy device (virtio-rng). */
   readonly rng?: boolean;
+  /** A virtio console (hvc0 in Linux) on a Unix socket Kiln listens on. */
+  readonly consoleSocket?: string;
+  /** A memory balloon, starting at this many MiB (0: empty). */
+  readonly balloon?: { readonly targetMiB: number; readonly deflateOnOom?: boolean };
+}
+
+/** The host's handle on a balloon device added by attachVirtio. */
+export function balloonControl(device: VirtioPciDevice): BalloonControl {
+  return new BalloonControl(device.state, Number(device.spec.options.controlFd));
 }
 
 /** Opens a NIC's host end (TAP or passt) and returns its device options; the caller owns the fd. */
@@ -93,5 +105,16 @@ export function attachVirtio(vm: Vm, pci: PciHost, disks: readonly OpenedDisk[],
     add(`net${i}`, 'net', n.options);
   });
   if (config.rng) add('rng', 'rng');
+  if (config.balloon) {
+    const controlFd = libc.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
+    if (controlFd < 0) throw new KilnError(`eventfd failed: ${libc.errnoName(libc.errno())}`);
+    vm.adoptFd(controlFd);
+    add('balloon', 'balloon', { controlFd, targetPages: Math.floor((config.balloon.targetMiB * 1024 * 1024) / BALLOON_PAGE_BYTES), deflateOnOom: config.balloon.deflateOnOom ?? false });
+  }
+  if (config.consoleSocket) {
+    const fd = listenConsole(config.consoleSocket);
+    vm.adoptFd(fd);
+    add('console', 'console', { listenFd: fd });
+  }
   return added;
 }

@@ -3,6 +3,8 @@ import type { DeviceOptions } from '../devices/device.js';
 import { KilnError } from '../errors.js';
 import { BlkBackend } from './blk.js';
 import type { VirtioBackend, VirtioQueues } from './device.js';
+import { BalloonBackend } from './balloon.js';
+import { ConsoleBackend } from './console.js';
 import { NetBackend } from './net.js';
 import { RngBackend } from './rng.js';
 
@@ -10,6 +12,8 @@ const factories: Readonly<Record<string, (rt: VirtioQueues, options: DeviceOptio
   blk: (rt, o) => new BlkBackend(rt, o),
   rng: (rt) => new RngBackend(rt),
   net: (rt, o) => new NetBackend(rt, o),
+  console: (rt, o) => new ConsoleBackend(rt, o),
+  balloon: (rt, o) => new BalloonBackend(rt, o),
 };
 
 export function createBackend(type: string, rt: VirtioQueues, options: DeviceOptions): VirtioBackend {

@@ -224,6 +224,16 @@ export interface VirtioQueues {
   setPollable(fd: number, on: boolean): void;
   /** The device changed its configuration (e.g. link status): new generation, config interrupt. */
   configChanged(): void;
+  /** Watches an fd the backend opened later (an accepted socket); `ready` runs under the device lock. */
+  watchFd(fd: number, ready: () => void): void;
+  unwatchFd(fd: number): void;
+}
+
+/** The I/O thread's fd watching, as the runtime hands it to backends. */
+export interface FdWatcher {
+  setPollable(fd: number, on: boolean): void;
+  watch(fd: number, handler: () => void): void;
+  unwatch(fd: number): void;
 }
 
 /** A device's data path, on the I/O thread. Called with the device lock held. */
@@ -255,7 +265,7 @@ export class VirtioRuntime implements VirtioQueues {
     private readonly lock: SharedLock,
     readonly interrupts: VirtioInterrupts,
     readonly log: (line: string) => void,
-    readonly setPollable: (fd: number, on: boolean) => void,
+    private readonly fds: FdWatcher,
   ) {
     const eventIdx = () => state.negotiated(VIRTIO_F_RING_EVENT_IDX);
     this.queues = Array.from({ length: state.numQueues }, (_, q) => new SplitQueue(mem, state.queueRecord(q), eventIdx));
@@ -264,6 +274,26 @@ export class VirtioRuntime implements VirtioQueues {
 
   queue(q: number): SplitQueue {
     return this.queues[q]!;
+  }
+
+  setPollable(fd: number, on: boolean): void {
+    this.fds.setPollable(fd, on);
+  }
+
+  /** Host fds not watched because input came while the driver had the device stopped. */
+  private readonly parked = new Set<number>();
+
+  watchFd(fd: number, ready: () => void): void {
+    this.fds.watch(fd, () => {
+      if (this.run(ready)) return;
+      this.parked.add(fd);
+      this.fds.setPollable(fd, false);
+    });
+  }
+
+  unwatchFd(fd: number): void {
+    this.parked.delete(fd);
+    this.fds.unwatch(fd);
   }
 
   configChanged(): void {
@@ -286,6 +316,10 @@ export class VirtioRuntime implements VirtioQueues {
         this.backend?.reset?.();
       }
       if (!this.state.active) return false;
+      if (this.parked.size > 0) {
+        for (const fd of this.parked) this.fds.setPollable(fd, true);
+        this.parked.clear();
+      }
       for (const q of this.queues) if (q.enabled) q.load();
       work();
       return true;

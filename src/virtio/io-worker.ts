@@ -23,7 +23,7 @@ const log = (line: string) => process.stderr.write(`kiln: ${line}\n`);
 
 const epfd = libc.epollCreate1(libc.EPOLL_CLOEXEC);
 if (epfd < 0) throw new Error(`epoll_create1 failed: ${libc.errnoName(libc.errno())}`);
-const handlers: Array<() => void> = [];
+const handlers: Array<(() => void) | null> = [];
 const slotOf = new Map<number, number>();
 const eventBuf = Buffer.alloc(libc.EPOLL_EVENT_BYTES);
 function control(op: number, fd: number, events: number, slot: number): number {
@@ -33,9 +33,18 @@ function control(op: number, fd: number, events: number, slot: number): number {
   return libc.epollCtl(epfd, op, fd, eventBuf);
 }
 function watch(fd: number, handler: () => void): void {
-  if (control(libc.EPOLL_CTL_ADD, fd, libc.EPOLLIN, handlers.length) < 0) throw new Error(`epoll_ctl(${fd}) failed: ${libc.errnoName(libc.errno())}`);
-  slotOf.set(fd, handlers.length);
-  handlers.push(handler);
+  let slot = handlers.indexOf(null);
+  if (slot < 0) slot = handlers.push(null) - 1;
+  if (control(libc.EPOLL_CTL_ADD, fd, libc.EPOLLIN, slot) < 0) throw new Error(`epoll_ctl(${fd}) failed: ${libc.errnoName(libc.errno())}`);
+  slotOf.set(fd, slot);
+  handlers[slot] = handler;
+}
+function unwatch(fd: number): void {
+  const slot = slotOf.get(fd);
+  if (slot === undefined) return;
+  control(libc.EPOLL_CTL_DEL, fd, 0, slot);
+  slotOf.delete(fd);
+  handlers[slot] = null;
 }
 /** Level-triggered: a backend with nowhere to put input stops watching until the guest gives it room. */
 function setPollable(fd: number, on: boolean): void {
@@ -49,7 +58,7 @@ for (const spec of init.devices) {
   const type = virtioTypes[String(spec.options.type)]!;
   const state = new VirtioState(spec.state, type, spec.options);
   const interrupts = new VirtioInterrupts(state, sendMsi, setIrq, Number(spec.options.intxGsi ?? -1));
-  const runtime = new VirtioRuntime(memory, state, new SharedLock(new Int32Array(spec.state, 0, 1), LOCK_INDEX), interrupts, log, setPollable);
+  const runtime = new VirtioRuntime(memory, state, new SharedLock(new Int32Array(spec.state, 0, 1), LOCK_INDEX), interrupts, log, { setPollable, watch, unwatch });
   const backend = createBackend(type.name, runtime, spec.options);
   runtime.backend = backend;
   backends.push(backend);
@@ -61,7 +70,7 @@ for (const spec of init.devices) {
   );
   // Input for a device the driver is not running (or that needs a reset) waits: stop
   // watching until the driver notifies a queue again, or a level-triggered fd would spin.
-  for (const p of backend.pollFds ?? []) watch(p.fd, () => runtime.run(() => p.ready()) || setPollable(p.fd, false));
+  for (const p of backend.pollFds ?? []) runtime.watchFd(p.fd, () => p.ready());
 }
 let running = true;
 watch(init.stopFd, () => {
@@ -79,7 +88,8 @@ while (running) {
     if (libc.errno() === libc.EINTR) continue;
     throw new Error(`epoll_wait failed: ${libc.errnoName(libc.errno())}`);
   }
-  for (let i = 0; i < n; i++) handlers[events.readUInt32LE(i * libc.EPOLL_EVENT_BYTES + 4)]!();
+  // A handler may unwatch an fd whose event is later in this batch: skip emptied slots.
+  for (let i = 0; i < n; i++) handlers[events.readUInt32LE(i * libc.EPOLL_EVENT_BYTES + 4)]?.();
 }
 for (const b of backends) b.close?.();
 libc.close(epfd);

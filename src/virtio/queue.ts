@@ -133,6 +133,15 @@ export class SplitQueue {
    * it also asks to be notified of the next one (avail_event).
    */
   pop(chain: DescriptorChain): boolean {
+    if (!this.peek(chain)) return false;
+    const next = (this.lastAvail + 1) & 0xffff;
+    this.rec.setUint16(QUEUE_RECORD.lastAvail, next, true);
+    if (this.eventIdx()) this.mem.storeU16Ordered(this.device + 4 + VIRTQ_USED_ELEM_BYTES * this.size, next);
+    return true;
+  }
+
+  /** Reads the next request into `chain` without taking it; false when the ring is empty. */
+  peek(chain: DescriptorChain): boolean {
     try {
       if (this.pending() === 0) return false;
       const slot = this.lastAvail % this.size;
@@ -140,9 +149,6 @@ export class SplitQueue {
       if (head >= this.size) throw new VirtqueueError(`avail ring slot ${slot} names descriptor ${head}, past the queue size ${this.size}`);
       chain.reset(head);
       this.walk(chain, head);
-      const next = (this.lastAvail + 1) & 0xffff;
-      this.rec.setUint16(QUEUE_RECORD.lastAvail, next, true);
-      if (this.eventIdx()) this.mem.storeU16Ordered(this.device + 4 + VIRTQ_USED_ELEM_BYTES * this.size, next);
       return true;
     } catch (err) {
       if (err instanceof GuestMemoryError) throw new VirtqueueError(err.message);

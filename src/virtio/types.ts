@@ -1,6 +1,8 @@
 // Virtio device types by name (pure descriptions, usable on any thread).
 import { blkType } from './blk.js';
 import type { VirtioDeviceType } from './device.js';
+import { balloonType } from './balloon.js';
+import { consoleType } from './console.js';
 import { netType } from './net.js';
 import { rngType } from './rng.js';
 
@@ -8,4 +10,6 @@ export const virtioTypes: Readonly<Record<string, VirtioDeviceType>> = {
   blk: blkType,
   rng: rngType,
   net: netType,
+  console: consoleType,
+  balloon: balloonType,
 };

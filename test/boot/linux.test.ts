@@ -2,6 +2,7 @@
 // use, ~5 minutes) to its init, which reports CPU count, memory and uptime, then
 // powers off through ACPI. On software KVM this takes about a minute.
 import assert from 'node:assert/strict';
+import { createHash, randomBytes } from 'node:crypto';
 import { closeSync, openSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
@@ -18,13 +19,28 @@ import { kvmSkip, tempDir } from '../helpers.js';
 const log = (line: string) => process.stderr.write(`# guest kit: ${line}\n`);
 
 describe('the minimal Linux guest', { skip: kvmSkip, timeout: 30 * 60_000 }, () => {
-  test('boots to init on 2 vCPUs, reports what it sees, and powers off with status 0', async () => {
+  test('boots to init on 2 vCPUs with virtio disks and entropy, reports what it sees, and powers off with status 0', async () => {
     const kernel = await buildMinimalKernel(log);
     const initrd = await buildInitramfs(log);
     const dir = tempDir();
     const serialPath = join(dir, 'serial.log');
     const fd = openSync(serialPath, 'w');
-    const lv = createLinuxVm({ kernelPath: kernel.vmlinux, initrdPath: initrd.path, cpus: 2, memoryBytes: 128 * MiB, serialOutFd: fd });
+    // A writable disk and a read-only one, with known contents.
+    const rw = join(dir, 'rw.img');
+    const ro = join(dir, 'ro.img');
+    writeFileSync(rw, randomBytes(1 << 20));
+    writeFileSync(ro, randomBytes(64 << 10));
+    const md5 = (path: string) => createHash('md5').update(readFileSync(path)).digest('hex');
+    const rwBefore = md5(rw);
+    const lv = createLinuxVm({
+      kernelPath: kernel.vmlinux,
+      initrdPath: initrd.path,
+      cpus: 2,
+      memoryBytes: 128 * MiB,
+      serialOutFd: fd,
+      cmdline: 'kiln.blkwrite',
+      virtio: { disks: [{ path: rw, serial: 'kiln-rw' }, { path: ro, readOnly: true }], rng: true },
+    });
     try {
       assert.equal(lv.boot.format, 'pvh');
       assert.match(lv.cmdline, /^console=ttyS0 /);
@@ -55,6 +71,14 @@ describe('the minimal Linux guest', { skip: kvmSkip, timeout: 30 * 60_000 }, () 
       assert.match(serial, /PCI host bridge to bus 0000:00/);
       assert.match(serial, /pci 0000:00:00\.0: \[1b36:0008\] type 00 class 0x060000/);
       assert.deepEqual(readProgress(lv.progress.state).recent, [0x10, 0x20], 'init reached both progress points');
+      // Virtio over PCI with MSI-X: Linux found both disks with the right size, flags,
+      // serials and contents, wrote with a flush, and read the entropy device.
+      assert.match(serial, /virtio_blk virtio0: \[vda\] 2048 512-byte logical blocks/);
+      assert.match(serial, new RegExp(`KILN_BLK dev=vda sectors=2048 ro=0 serial=kiln-rw md5=${rwBefore}`));
+      assert.match(serial, new RegExp(`KILN_BLK dev=vdb sectors=128 ro=1 serial=kiln-disk-1 md5=${md5(ro)}`));
+      assert.match(serial, /KILN_BLK_WRITE ok/);
+      assert.equal(readFileSync(rw).subarray(8 * 512, 8 * 512 + 14).toString(), 'kiln-was-here\n', 'the flushed write reached the file');
+      assert.match(serial, /KILN_RNG current=virtio_rng\.0 bytes=16/);
       if (isSoftwareKvm()) {
         const compat = result.vcpus[0]!.compat ?? {};
         assert.equal(compat['syscall-fix'], 1, 'the kvm_pvm syscall fix was installed');

@@ -1,0 +1,225 @@
+// virtio-balloon (virtio 1.2, 5.5): the host asks for a size (num_pages), the guest
+// gives pages back (inflate) or takes them again (deflate), sends memory statistics, and
+// reports free pages. Pages given back or reported are dropped from the VMM's mapping
+// with madvise(MADV_DONTNEED), so their host memory is freed at once (RSS falls) and
+// they read as zeroes when the guest touches them again: overcommit is real.
+//
+// Queues, in Linux's numbering (absent ones take no index): inflate 0, deflate 1, then
+// stats (if STATS_VQ was negotiated), then reporting (if PAGE_REPORTING was).
+import type { DeviceOptions } from '../devices/device.js';
+import * as libc from '../kvm/libc.js';
+import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } from './device.js';
+
+export const VIRTIO_BALLOON_F_STATS_VQ = 1n;
+export const VIRTIO_BALLOON_F_DEFLATE_ON_OOM = 2n;
+export const VIRTIO_BALLOON_F_PAGE_REPORTING = 5n;
+export const BALLOON_CONFIG = { numPages: 0, actual: 4, freePageHintCmdId: 8, poisonVal: 12, bytes: 16 } as const;
+export const BALLOON_PAGE_BYTES = 4096;
+/** struct virtio_balloon_stat: u16 tag, u64 value, packed. */
+const STAT_BYTES = 10;
+export const BALLOON_STAT_TAGS = 16;
+/**
+ * Shared state after the config: the last statistics (a u64 per tag, and a count of
+ * updates), and the host's requests (target pages, "send statistics").
+ */
+export const BALLOON_SHARED = {
+  statsUpdates: 0, // u32
+  requestTarget: 4, // u32: pages the host wants the balloon to hold
+  targetPending: 8, // u32: 1 when requestTarget is new
+  statsPending: 12, // u32: 1 when the host wants fresh statistics
+  pagesReturned: 16, // f64: pages dropped from the host mapping (inflate + reporting)
+  stats: 24, // BALLOON_STAT_TAGS x u64
+  bytes: 24 + 8 * BALLOON_STAT_TAGS,
+} as const;
+
+export const balloonType: VirtioDeviceType = {
+  deviceId: 5,
+  name: 'balloon',
+  maxQueueSize: 256,
+  queues: () => 4,
+  features: (o) => bit(VIRTIO_BALLOON_F_STATS_VQ) | bit(VIRTIO_BALLOON_F_PAGE_REPORTING) | (o.deflateOnOom === true ? bit(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) : 0n),
+  configBytes: () => BALLOON_CONFIG.bytes,
+  initConfig: (config, o) => config.setUint32(BALLOON_CONFIG.numPages, Number(o.targetPages ?? 0), true),
+  // The driver writes only `actual` (how many pages the balloon holds).
+  configWrite(config, offset, data) {
+    for (let i = 0; i < data.length; i++) if (offset + i >= BALLOON_CONFIG.actual && offset + i < BALLOON_CONFIG.actual + 4) config.setUint8(offset + i, data[i]!);
+  },
+  extraBytes: () => BALLOON_SHARED.bytes,
+};
+
+export class BalloonBackend implements VirtioBackend {
+  private readonly shared: DataView;
+  private readonly controlFd: number;
+  private heldStats = -1;
+  readonly pollFds;
+
+  constructor(
+    private readonly rt: VirtioQueues,
+    options: DeviceOptions,
+  ) {
+    this.shared = rt.state.extra(BALLOON_SHARED.bytes);
+    this.controlFd = Number(options.controlFd);
+    this.pollFds = [{ fd: this.controlFd, ready: () => this.control() }];
+  }
+
+  private role(q: number): 'inflate' | 'deflate' | 'stats' | 'reporting' | null {
+    if (q === 0) return 'inflate';
+    if (q === 1) return 'deflate';
+    const stats = this.rt.state.negotiated(VIRTIO_BALLOON_F_STATS_VQ);
+    if (q === 2 && stats) return 'stats';
+    if (q === (stats ? 3 : 2) && this.rt.state.negotiated(VIRTIO_BALLOON_F_PAGE_REPORTING)) return 'reporting';
+    return null;
+  }
+
+  queueNotified(q: number): void {
+    const role = this.role(q);
+    if (role === 'stats') return this.takeStats(q);
+    if (role === null) return;
+    const queue = this.rt.queue(q);
+    const chain = this.rt.chain;
+    let done = 0;
+    while (queue.pop(chain)) {
+      if (role === 'inflate') this.inflate();
+      else if (role === 'reporting') for (let i = 0; i < chain.count; i++) this.drop(chain.region[i]!, chain.offset[i]!, chain.length[i]!);
+      // Deflate needs nothing: the pages come back when the guest touches them.
+      queue.push(chain.head, 0);
+      done++;
+    }
+    if (done > 0) this.rt.notifyUsed(q);
+  }
+
+  /** An inflate buffer: 32-bit page frame numbers; runs of consecutive ones are dropped together. */
+  private inflate(): void {
+    const chain = this.rt.chain;
+    let runStart = -1;
+    let runPages = 0;
+    const flush = () => {
+      if (runPages > 0) this.dropGuestRange(runStart * BALLOON_PAGE_BYTES, runPages * BALLOON_PAGE_BYTES);
+      runPages = 0;
+    };
+    for (let i = 0; i < chain.count; i++) {
+      if (chain.writable[i]) continue;
+      const bytes = this.rt.mem.regionBytes(chain.region[i]!);
+      const view = new DataView(bytes.buffer, bytes.byteOffset + chain.offset[i]!, chain.length[i]! - (chain.length[i]! % 4));
+      for (let at = 0; at < view.byteLength; at += 4) {
+        const pfn = view.getUint32(at, true);
+        if (runPages > 0 && pfn === runStart + runPages) runPages++;
+        else {
+          flush();
+          runStart = pfn;
+          runPages = 1;
+        }
+      }
+    }
+    flush();
+  }
+
+  private dropGuestRange(gpa: number, length: number): void {
+    // Pages outside RAM (a confused or hostile driver) are ignored, as the spec allows.
+    const region = this.rt.mem.findRegion(gpa, length);
+    if (region >= 0) this.drop(region, gpa - this.rt.mem.regions[region]!.guestPhysAddr, length);
+  }
+
+  /** madvise(DONTNEED) on whole pages of one region's host mapping. */
+  private drop(region: number, offset: number, length: number): void {
+    const start = Math.ceil(offset / BALLOON_PAGE_BYTES) * BALLOON_PAGE_BYTES;
+    const end = Math.floor((offset + length) / BALLOON_PAGE_BYTES) * BALLOON_PAGE_BYTES;
+    if (end <= start) return;
+    const host = this.rt.mem.regions[region]!.hostAddr + BigInt(start);
+    if (libc.madvise(host, end - start, libc.MADV_DONTNEED) === 0) {
+      this.shared.setFloat64(BALLOON_SHARED.pagesReturned, this.shared.getFloat64(BALLOON_SHARED.pagesReturned, true) + (end - start) / BALLOON_PAGE_BYTES, true);
+    }
+  }
+
+  /** The stats buffer: record it, keep it until the host wants fresh numbers (5.5.6.3). */
+  private takeStats(q: number): void {
+    const queue = this.rt.queue(q);
+    const chain = this.rt.chain;
+    while (queue.pop(chain)) {
+      if (this.heldStats >= 0) queue.push(this.heldStats, 0);
+      this.heldStats = chain.head;
+      for (let i = 0; i < chain.count; i++) {
+        if (chain.writable[i]) continue;
+        const bytes = this.rt.mem.regionBytes(chain.region[i]!);
+        const view = new DataView(bytes.buffer, bytes.byteOffset + chain.offset[i]!, chain.length[i]!);
+        for (let at = 0; at + STAT_BYTES <= view.byteLength; at += STAT_BYTES) {
+          const tag = view.getUint16(at, true);
+          if (tag < BALLOON_STAT_TAGS) this.shared.setBigUint64(BALLOON_SHARED.stats + 8 * tag, view.getBigUint64(at + 2, true), true);
+        }
+      }
+      this.shared.setUint32(BALLOON_SHARED.statsUpdates, this.shared.getUint32(BALLOON_SHARED.statsUpdates, true) + 1, true);
+    }
+    if (this.shared.getUint32(BALLOON_SHARED.statsPending, true) === 1) this.releaseStats(q);
+  }
+
+  private releaseStats(q: number): void {
+    if (this.heldStats < 0) return;
+    this.shared.setUint32(BALLOON_SHARED.statsPending, 0, true);
+    this.rt.queue(q).push(this.heldStats, 0);
+    this.heldStats = -1;
+    this.rt.notifyUsed(q);
+  }
+
+  /** The host asked for something (BalloonControl): a new target, or statistics. */
+  private control(): void {
+    libc.read(this.controlFd, Buffer.alloc(8), 8);
+    if (this.shared.getUint32(BALLOON_SHARED.targetPending, true) === 1) {
+      this.shared.setUint32(BALLOON_SHARED.targetPending, 0, true);
+      this.rt.state.config().setUint32(BALLOON_CONFIG.numPages, this.shared.getUint32(BALLOON_SHARED.requestTarget, true), true);
+      this.rt.configChanged();
+    }
+    if (this.shared.getUint32(BALLOON_SHARED.statsPending, true) === 1 && this.rt.state.negotiated(VIRTIO_BALLOON_F_STATS_VQ)) this.releaseStats(2);
+  }
+
+  reset(): void {
+    this.heldStats = -1;
+  }
+}
+
+/** The host's handle on a balloon: set its target, ask for statistics, read them. */
+export class BalloonControl {
+  private readonly shared: DataView;
+  private readonly config: DataView;
+
+  constructor(
+    state: { extra(bytes: number): DataView; config(): DataView },
+    private readonly controlFd: number,
+  ) {
+    this.shared = state.extra(BALLOON_SHARED.bytes);
+    this.config = state.config();
+  }
+
+  private kick(): void {
+    const one = Buffer.alloc(8);
+    one.writeBigUInt64LE(1n);
+    libc.write(this.controlFd, one, 8);
+  }
+
+  setTargetPages(pages: number): void {
+    this.shared.setUint32(BALLOON_SHARED.requestTarget, pages, true);
+    this.shared.setUint32(BALLOON_SHARED.targetPending, 1, true);
+    this.kick();
+  }
+
+  requestStats(): void {
+    this.shared.setUint32(BALLOON_SHARED.statsPending, 1, true);
+    this.kick();
+  }
+
+  get actualPages(): number {
+    return this.config.getUint32(BALLOON_CONFIG.actual, true);
+  }
+
+  get pagesReturned(): number {
+    return this.shared.getFloat64(BALLOON_SHARED.pagesReturned, true);
+  }
+
+  get statsUpdates(): number {
+    return this.shared.getUint32(BALLOON_SHARED.statsUpdates, true);
+  }
+
+  /** The last value the guest sent for a statistic tag (5.5.6.3: 0 swap in ... 10 hugetlb). */
+  stat(tag: number): bigint {
+    return this.shared.getBigUint64(BALLOON_SHARED.stats + 8 * tag, true);
+  }
+}
