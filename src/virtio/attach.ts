@@ -10,6 +10,7 @@ import { BALLOON_PAGE_BYTES, BalloonControl } from './balloon.js';
 import { blkOptions } from './blk.js';
 import * as libc from '../kvm/libc.js';
 import { listenConsole } from './console.js';
+import { listenVsock } from './vsock.js';
 import { connectPasst, defaultMac, openTap, parseMac } from './net.js';
 import { addVirtioPciDevice, type VirtioPciDevice } from './pci.js';
 
@@ -35,6 +36,8 @@ export interface VirtioConfig {
   readonly rng?: boolean;
   /** A virtio console (hvc0 in Linux) on a Unix socket Kiln listens on. */
   readonly consoleSocket?: string;
+  /** vsock with Firecracker's hybrid model: the guest's CID, and the Unix socket Kiln listens on. */
+  readonly vsock?: { readonly guestCid: number; readonly uds: string };
   /** A memory balloon, starting at this many MiB (0: empty). */
   readonly balloon?: { readonly targetMiB: number; readonly deflateOnOom?: boolean };
 }
@@ -110,6 +113,11 @@ export function attachVirtio(vm: Vm, pci: PciHost, disks: readonly OpenedDisk[],
     if (controlFd < 0) throw new KilnError(`eventfd failed: ${libc.errnoName(libc.errno())}`);
     vm.adoptFd(controlFd);
     add('balloon', 'balloon', { controlFd, targetPages: Math.floor((config.balloon.targetMiB * 1024 * 1024) / BALLOON_PAGE_BYTES), deflateOnOom: config.balloon.deflateOnOom ?? false });
+  }
+  if (config.vsock) {
+    const { fd, options } = listenVsock(config.vsock.uds, config.vsock.guestCid);
+    vm.adoptFd(fd);
+    add('vsock', 'vsock', options);
   }
   if (config.consoleSocket) {
     const fd = listenConsole(config.consoleSocket);

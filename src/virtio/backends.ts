@@ -7,6 +7,7 @@ import { BalloonBackend } from './balloon.js';
 import { ConsoleBackend } from './console.js';
 import { NetBackend } from './net.js';
 import { RngBackend } from './rng.js';
+import { VsockBackend } from './vsock.js';
 
 const factories: Readonly<Record<string, (rt: VirtioQueues, options: DeviceOptions) => VirtioBackend>> = {
   blk: (rt, o) => new BlkBackend(rt, o),
@@ -14,6 +15,7 @@ const factories: Readonly<Record<string, (rt: VirtioQueues, options: DeviceOptio
   net: (rt, o) => new NetBackend(rt, o),
   console: (rt, o) => new ConsoleBackend(rt, o),
   balloon: (rt, o) => new BalloonBackend(rt, o),
+  vsock: (rt, o) => new VsockBackend(rt, o),
 };
 
 export function createBackend(type: string, rt: VirtioQueues, options: DeviceOptions): VirtioBackend {

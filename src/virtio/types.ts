@@ -4,6 +4,7 @@ import type { VirtioDeviceType } from './device.js';
 import { balloonType } from './balloon.js';
 import { consoleType } from './console.js';
 import { netType } from './net.js';
+import { vsockType } from './vsock.js';
 import { rngType } from './rng.js';
 
 export const virtioTypes: Readonly<Record<string, VirtioDeviceType>> = {
@@ -12,4 +13,5 @@ export const virtioTypes: Readonly<Record<string, VirtioDeviceType>> = {
   net: netType,
   console: consoleType,
   balloon: balloonType,
+  vsock: vsockType,
 };

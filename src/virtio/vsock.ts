@@ -1,0 +1,366 @@
+// virtio-vsock (virtio 1.2, 5.10), stream sockets, with Firecracker's hybrid model on
+// the host side: the guest's CID is reached through one Unix socket Kiln listens on.
+// - Host to guest: a client connects to the socket and sends "CONNECT <port>\n"; Kiln
+//   asks the guest (REQUEST); when the guest accepts, the client reads "OK <hostport>\n"
+//   and from then on the connection carries the stream.
+// - Guest to host: a guest connection to CID 2 (the host), port P, is connected by Kiln
+//   to the Unix socket "<path>_P"; if nothing listens there the guest gets a reset.
+// Flow control is vsock's credit scheme: each side says how much buffer it has
+// (buf_alloc) and how much it has consumed (fwd_cnt); Kiln never sends the guest more
+// than it has room for, and tells it its own counts so it can send.
+import { KilnError } from '../errors.js';
+import type { DeviceOptions } from '../devices/device.js';
+import * as libc from '../kvm/libc.js';
+import type { VirtioBackend, VirtioDeviceType, VirtioQueues } from './device.js';
+
+export const VSOCK_HOST_CID = 2;
+export const VSOCK_CONFIG = { guestCid: 0, bytes: 8 } as const;
+/** struct virtio_vsock_hdr (5.10.6), packed. */
+export const VSOCK_HDR = { srcCid: 0, dstCid: 8, srcPort: 16, dstPort: 20, len: 24, type: 28, op: 30, flags: 32, bufAlloc: 36, fwdCnt: 40, bytes: 44 } as const;
+export const VIRTIO_VSOCK_TYPE_STREAM = 1;
+export const VIRTIO_VSOCK_OP = { REQUEST: 1, RESPONSE: 2, RST: 3, SHUTDOWN: 4, RW: 5, CREDIT_UPDATE: 6, CREDIT_REQUEST: 7 } as const;
+export const VIRTIO_VSOCK_SHUTDOWN_RCV = 1;
+export const VIRTIO_VSOCK_SHUTDOWN_SEND = 2;
+const RX = 0;
+const TX = 1;
+/** What Kiln buffers per connection toward the host socket (it writes through at once). */
+const BUF_ALLOC = 256 * 1024;
+/** Host ports for host-initiated connections start here (as Firecracker's do). */
+const FIRST_HOST_PORT = 1 << 30;
+const CONNECT_LINE_MAX = 32;
+
+export const vsockType: VirtioDeviceType = {
+  deviceId: 19,
+  name: 'vsock',
+  maxQueueSize: 256,
+  queues: () => 3,
+  features: () => 0n,
+  configBytes: () => VSOCK_CONFIG.bytes,
+  initConfig(config, o) {
+    const cid = Number(o.guestCid);
+    config.setUint32(VSOCK_CONFIG.guestCid, cid % 2 ** 32, true);
+    config.setUint32(VSOCK_CONFIG.guestCid + 4, Math.floor(cid / 2 ** 32), true);
+  },
+};
+
+/** Checks a guest CID (3 and up; 0-2 are reserved) and listens on the Unix socket. */
+export function listenVsock(path: string, guestCid: number): { fd: number; options: DeviceOptions } {
+  if (!Number.isInteger(guestCid) || guestCid < 3 || guestCid > 0xffff_ffff) throw new KilnError(`guest CID ${guestCid} is not valid (3 to 4294967295)`);
+  const fd = libc.socket(libc.AF_UNIX, libc.SOCK_STREAM | libc.SOCK_CLOEXEC | libc.SOCK_NONBLOCK, 0);
+  if (fd < 0) throw new KilnError(`socket failed: ${libc.errnoName(libc.errno())}`);
+  if (libc.bind(fd, libc.sockaddrUn(path), 110) < 0 || libc.listen(fd, 64) < 0) {
+    const e = libc.errno();
+    libc.close(fd);
+    throw new KilnError(`cannot listen on '${path}' for vsock: ${libc.errnoName(e)} (${libc.strerror(e)})`);
+  }
+  return { fd, options: { listenFd: fd, udsPath: path, guestCid } };
+}
+
+interface Connection {
+  fd: number;
+  /** The host side's port and the guest's. */
+  localPort: number;
+  peerPort: number;
+  state: 'handshake' | 'connecting' | 'established';
+  /** Host-initiated, before CONNECT has been read: the partial line. */
+  line: string;
+  /** Bytes sent to the guest, and the guest's advertised buffer and consumption. */
+  txCnt: number;
+  peerBufAlloc: number;
+  peerFwdCnt: number;
+  /** Bytes Kiln forwarded from the guest to the host socket, and the last count it told the guest. */
+  fwdCnt: number;
+  advertisedFwdCnt: number;
+  /** The host socket was readable but the guest had no room: wait for credit. */
+  blocked: boolean;
+}
+
+export class VsockBackend implements VirtioBackend {
+  private readonly listenFd: number;
+  private readonly udsPath: string;
+  private readonly guestCid: number;
+  private readonly conns = new Map<string, Connection>();
+  private readonly byFd = new Map<number, Connection>();
+  /** Control packets waiting for a receive buffer. */
+  private readonly pendingControl: Array<{ conn: Connection; op: number; flags: number }> = [];
+  private nextHostPort = FIRST_HOST_PORT;
+  private readonly hdr = Buffer.alloc(VSOCK_HDR.bytes);
+  private readonly data = Buffer.alloc(64 * 1024);
+  readonly pollFds;
+
+  constructor(
+    private readonly rt: VirtioQueues,
+    options: DeviceOptions,
+  ) {
+    this.listenFd = Number(options.listenFd);
+    this.udsPath = String(options.udsPath);
+    this.guestCid = Number(options.guestCid);
+    this.pollFds = [{ fd: this.listenFd, ready: () => this.accept() }];
+  }
+
+  private key(localPort: number, peerPort: number): string {
+    return `${localPort}:${peerPort}`;
+  }
+
+  private track(conn: Connection): void {
+    this.conns.set(this.key(conn.localPort, conn.peerPort), conn);
+    this.byFd.set(conn.fd, conn);
+    this.rt.watchFd(conn.fd, () => this.hostReadable(conn));
+  }
+
+  private drop(conn: Connection): void {
+    this.conns.delete(this.key(conn.localPort, conn.peerPort));
+    this.byFd.delete(conn.fd);
+    this.rt.unwatchFd(conn.fd);
+    libc.close(conn.fd);
+  }
+
+  private newConn(fd: number, localPort: number, peerPort: number, state: Connection['state']): Connection {
+    return { fd, localPort, peerPort, state, line: '', txCnt: 0, peerBufAlloc: 0, peerFwdCnt: 0, fwdCnt: 0, advertisedFwdCnt: 0, blocked: false };
+  }
+
+  private accept(): void {
+    for (;;) {
+      const fd = libc.accept4(this.listenFd, null, null, libc.SOCK_NONBLOCK | libc.SOCK_CLOEXEC);
+      if (fd < 0) return;
+      const conn = this.newConn(fd, 0, 0, 'handshake');
+      this.byFd.set(fd, conn);
+      this.rt.watchFd(fd, () => this.hostReadable(conn));
+    }
+  }
+
+  reset(): void {
+    // The driver reset the device: every connection is gone (5.10.6.6 transport reset).
+    for (const conn of [...this.byFd.values()]) this.drop(conn);
+    this.pendingControl.length = 0;
+  }
+
+  queueNotified(q: number): void {
+    if (q === TX) this.transmit();
+    else if (q === RX) this.flush();
+  }
+
+  // ---- guest to host ----
+  private transmit(): void {
+    const queue = this.rt.queue(TX);
+    const chain = this.rt.chain;
+    let done = 0;
+    while (queue.pop(chain)) {
+      // Header and payload, gathered from the readable part.
+      let at = 0;
+      for (let i = 0; i < chain.count; i++) {
+        if (chain.writable[i]) continue;
+        const bytes = this.rt.mem.regionBytes(chain.region[i]!);
+        for (let j = 0; j < chain.length[i]!; j++, at++) {
+          if (at < VSOCK_HDR.bytes) this.hdr[at] = bytes[chain.offset[i]! + j]!;
+          else if (at - VSOCK_HDR.bytes < this.data.length) this.data[at - VSOCK_HDR.bytes] = bytes[chain.offset[i]! + j]!;
+        }
+      }
+      queue.push(chain.head, 0);
+      done++;
+      if (at >= VSOCK_HDR.bytes) this.fromGuest(Math.min(at - VSOCK_HDR.bytes, this.hdr.readUInt32LE(VSOCK_HDR.len), this.data.length));
+    }
+    if (done > 0) this.rt.notifyUsed(TX);
+    this.flush();
+  }
+
+  private fromGuest(payloadBytes: number): void {
+    const h = this.hdr;
+    const dstCid = Number(h.readBigUInt64LE(VSOCK_HDR.dstCid));
+    const srcPort = h.readUInt32LE(VSOCK_HDR.srcPort);
+    const dstPort = h.readUInt32LE(VSOCK_HDR.dstPort);
+    const op = h.readUInt16LE(VSOCK_HDR.op);
+    if (h.readUInt16LE(VSOCK_HDR.type) !== VIRTIO_VSOCK_TYPE_STREAM || dstCid !== VSOCK_HOST_CID) return;
+    let conn = this.conns.get(this.key(dstPort, srcPort));
+    if (conn) {
+      conn.peerBufAlloc = h.readUInt32LE(VSOCK_HDR.bufAlloc);
+      conn.peerFwdCnt = h.readUInt32LE(VSOCK_HDR.fwdCnt);
+    }
+    switch (op) {
+      case VIRTIO_VSOCK_OP.REQUEST: {
+        if (conn) return;
+        // Connect to "<path>_<port>" for the guest.
+        const fd = libc.socket(libc.AF_UNIX, libc.SOCK_STREAM | libc.SOCK_CLOEXEC, 0);
+        const target = `${this.udsPath}_${dstPort}`;
+        conn = this.newConn(fd, dstPort, srcPort, 'established');
+        conn.peerBufAlloc = h.readUInt32LE(VSOCK_HDR.bufAlloc);
+        conn.peerFwdCnt = h.readUInt32LE(VSOCK_HDR.fwdCnt);
+        if (fd < 0 || libc.connect(fd, libc.sockaddrUn(target), 110) < 0) {
+          if (fd >= 0) libc.close(fd);
+          this.pendingControl.push({ conn, op: VIRTIO_VSOCK_OP.RST, flags: 0 });
+          return;
+        }
+        libc.fcntlInt(fd, 4 /* F_SETFL */, libc.O_NONBLOCK);
+        this.track(conn);
+        this.pendingControl.push({ conn, op: VIRTIO_VSOCK_OP.RESPONSE, flags: 0 });
+        return;
+      }
+      case VIRTIO_VSOCK_OP.RESPONSE:
+        if (conn?.state !== 'connecting') return;
+        conn.state = 'established';
+        this.writeHost(conn, Buffer.from(`OK ${conn.localPort}\n`));
+        // What the client sent after CONNECT can flow now.
+        this.rt.setPollable(conn.fd, true);
+        return;
+      case VIRTIO_VSOCK_OP.RW:
+        if (conn?.state !== 'established') return;
+        this.writeHost(conn, this.data.subarray(0, payloadBytes));
+        conn.fwdCnt = (conn.fwdCnt + payloadBytes) >>> 0;
+        if (conn.fwdCnt - conn.advertisedFwdCnt > BUF_ALLOC / 2) this.pendingControl.push({ conn, op: VIRTIO_VSOCK_OP.CREDIT_UPDATE, flags: 0 });
+        return;
+      case VIRTIO_VSOCK_OP.CREDIT_REQUEST:
+        if (conn) this.pendingControl.push({ conn, op: VIRTIO_VSOCK_OP.CREDIT_UPDATE, flags: 0 });
+        return;
+      case VIRTIO_VSOCK_OP.CREDIT_UPDATE:
+        if (conn?.blocked) {
+          conn.blocked = false;
+          this.rt.setPollable(conn.fd, true);
+        }
+        return;
+      case VIRTIO_VSOCK_OP.SHUTDOWN:
+      case VIRTIO_VSOCK_OP.RST:
+        if (!conn) return;
+        if (op === VIRTIO_VSOCK_OP.SHUTDOWN) this.pendingControl.push({ conn, op: VIRTIO_VSOCK_OP.RST, flags: 0 });
+        // A refused host-initiated connection closes the client's socket.
+        this.drop(conn);
+        return;
+      default:
+    }
+  }
+
+  private writeHost(conn: Connection, bytes: Buffer): void {
+    for (let off = 0; off < bytes.length; ) {
+      const n = libc.write(conn.fd, bytes.subarray(off), bytes.length - off);
+      if (n < 0) {
+        const e = libc.errno();
+        if (e === libc.EAGAIN || e === libc.EINTR) continue;
+        this.pendingControl.push({ conn, op: VIRTIO_VSOCK_OP.RST, flags: 0 });
+        if (this.byFd.has(conn.fd)) this.drop(conn);
+        return;
+      }
+      off += n;
+    }
+  }
+
+  // ---- host to guest ----
+  private hostReadable(conn: Connection): void {
+    if (conn.state === 'handshake') return this.readConnectLine(conn);
+    if (conn.state !== 'established') return;
+    this.flush();
+    this.sendData(conn);
+  }
+
+  private readConnectLine(conn: Connection): void {
+    const n = libc.read(conn.fd, this.data, CONNECT_LINE_MAX - conn.line.length);
+    if (n <= 0) {
+      if (n === 0 || (libc.errno() !== libc.EAGAIN && libc.errno() !== libc.EINTR)) this.closeUnattached(conn);
+      return;
+    }
+    conn.line += this.data.subarray(0, n).toString('latin1');
+    const end = conn.line.indexOf('\n');
+    if (end < 0) {
+      if (conn.line.length >= CONNECT_LINE_MAX) this.closeUnattached(conn);
+      return;
+    }
+    const m = /^CONNECT (\d{1,10})$/.exec(conn.line.slice(0, end).trimEnd());
+    if (!m || Number(m[1]) > 0xffff_ffff) return this.closeUnattached(conn);
+    conn.peerPort = Number(m[1]);
+    conn.localPort = this.nextHostPort++;
+    conn.state = 'connecting';
+    this.conns.set(this.key(conn.localPort, conn.peerPort), conn);
+    // Data the client sent after its CONNECT line waits in the socket until the guest accepts.
+    this.rt.setPollable(conn.fd, false);
+    this.pendingControl.push({ conn, op: VIRTIO_VSOCK_OP.REQUEST, flags: 0 });
+    this.flush();
+  }
+
+  private closeUnattached(conn: Connection): void {
+    this.byFd.delete(conn.fd);
+    this.rt.unwatchFd(conn.fd);
+    libc.close(conn.fd);
+  }
+
+  private writeHeader(conn: Connection, op: number, len: number, flags: number): void {
+    const h = this.hdr;
+    h.writeBigUInt64LE(BigInt(VSOCK_HOST_CID), VSOCK_HDR.srcCid);
+    h.writeBigUInt64LE(BigInt(this.guestCid), VSOCK_HDR.dstCid);
+    h.writeUInt32LE(conn.localPort, VSOCK_HDR.srcPort);
+    h.writeUInt32LE(conn.peerPort, VSOCK_HDR.dstPort);
+    h.writeUInt32LE(len, VSOCK_HDR.len);
+    h.writeUInt16LE(VIRTIO_VSOCK_TYPE_STREAM, VSOCK_HDR.type);
+    h.writeUInt16LE(op, VSOCK_HDR.op);
+    h.writeUInt32LE(flags, VSOCK_HDR.flags);
+    h.writeUInt32LE(BUF_ALLOC, VSOCK_HDR.bufAlloc);
+    h.writeUInt32LE(conn.fwdCnt, VSOCK_HDR.fwdCnt);
+    conn.advertisedFwdCnt = conn.fwdCnt;
+  }
+
+  /** Puts header (+ payload from this.data) into the next receive buffer; false if none. */
+  private deliver(payload: number): boolean {
+    const queue = this.rt.queue(RX);
+    const chain = this.rt.chain;
+    if (!queue.pop(chain)) return false;
+    let at = 0;
+    const total = VSOCK_HDR.bytes + payload;
+    for (let i = 0; i < chain.count && at < total; i++) {
+      if (!chain.writable[i]) continue;
+      const bytes = this.rt.mem.regionBytes(chain.region[i]!);
+      const len = Math.min(chain.length[i]!, total - at);
+      for (let j = 0; j < len; j++, at++) bytes[chain.offset[i]! + j] = at < VSOCK_HDR.bytes ? this.hdr[at]! : this.data[at - VSOCK_HDR.bytes]!;
+    }
+    queue.push(chain.head, at);
+    return true;
+  }
+
+  /** Sends queued control packets while the guest has receive buffers. */
+  private flush(): void {
+    const queue = this.rt.queue(RX);
+    let sent = 0;
+    while (this.pendingControl.length > 0 && queue.enabled && queue.pending() > 0) {
+      const { conn, op, flags } = this.pendingControl.shift()!;
+      this.writeHeader(conn, op, 0, flags);
+      this.deliver(0);
+      sent++;
+    }
+    if (sent > 0) this.rt.notifyUsed(RX);
+    // Connections whose data waited for buffers or credit.
+    for (const conn of this.conns.values()) if (conn.state === 'established' && conn.blocked) this.sendData(conn);
+  }
+
+  /** Moves what the host socket has into RW packets, within the guest's credit. */
+  private sendData(conn: Connection): void {
+    const queue = this.rt.queue(RX);
+    let sent = 0;
+    for (;;) {
+      const credit = conn.peerBufAlloc - ((conn.txCnt - conn.peerFwdCnt) >>> 0);
+      if (!queue.enabled || queue.pending() === 0 || credit <= 0) {
+        conn.blocked = true;
+        this.rt.setPollable(conn.fd, false);
+        if (credit <= 0) this.pendingControl.push({ conn, op: VIRTIO_VSOCK_OP.CREDIT_REQUEST, flags: 0 });
+        break;
+      }
+      queue.peek(this.rt.chain);
+      const room = Math.min(this.rt.chain.writableBytes - VSOCK_HDR.bytes, credit, this.data.length);
+      if (room <= 0) break;
+      const n = libc.read(conn.fd, this.data, room);
+      if (n === 0 || (n < 0 && libc.errno() !== libc.EAGAIN && libc.errno() !== libc.EINTR)) {
+        // The host side closed: tell the guest no more data comes either way.
+        this.writeHeader(conn, VIRTIO_VSOCK_OP.SHUTDOWN, 0, VIRTIO_VSOCK_SHUTDOWN_RCV | VIRTIO_VSOCK_SHUTDOWN_SEND);
+        this.deliver(0);
+        sent++;
+        this.drop(conn);
+        break;
+      }
+      if (n < 0) {
+        conn.blocked = false;
+        this.rt.setPollable(conn.fd, true);
+        break;
+      }
+      this.writeHeader(conn, VIRTIO_VSOCK_OP.RW, n, 0);
+      this.deliver(n);
+      conn.txCnt = (conn.txCnt + n) >>> 0;
+      sent++;
+    }
+    if (sent > 0) this.rt.notifyUsed(RX);
+  }
+}
