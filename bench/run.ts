@@ -5,9 +5,10 @@ import { join } from 'node:path';
 import { benchBoot } from './boot.js';
 import { benchBlk } from './blk.js';
 import { benchExits } from './exits.js';
+import { benchNet } from './net.js';
 import type { BenchContext } from './util.js';
 
-const benchmarks: Record<string, (ctx: BenchContext) => Promise<void>> = { exits: benchExits, boot: benchBoot, blk: benchBlk };
+const benchmarks: Record<string, (ctx: BenchContext) => Promise<void>> = { exits: benchExits, boot: benchBoot, blk: benchBlk, net: benchNet };
 
 const names = process.argv.slice(2);
 for (const name of names) {

@@ -73,6 +73,11 @@ export class ConsoleBackend implements VirtioBackend {
     this.rt.setPollable(this.listenFd, true);
   }
 
+  /** The VM is stopping: hang up on the client (the listening socket is the VM's). */
+  close(): void {
+    if (this.listenFd >= 0 && this.inFd >= 0) libc.close(this.inFd);
+  }
+
   queueNotified(q: number): void {
     if (q === TX) this.transmit();
     else if (this.inFd >= 0) {

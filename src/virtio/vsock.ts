@@ -135,6 +135,13 @@ export class VsockBackend implements VirtioBackend {
     this.pendingControl.length = 0;
   }
 
+  /** The VM is stopping: close every connection's host socket. */
+  close(): void {
+    for (const conn of this.byFd.values()) libc.close(conn.fd);
+    this.byFd.clear();
+    this.conns.clear();
+  }
+
   queueNotified(q: number): void {
     if (q === TX) this.transmit();
     else if (q === RX) this.flush();
