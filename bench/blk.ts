@@ -3,7 +3,8 @@
 // - Guest: the ring-3 driver in guests/bench/blk.c keeps 8 requests in flight through
 //   the whole Kiln path (ioeventfd kick, I/O thread, pread/pwrite into guest memory,
 //   used ring). Time is the vCPU's run time (KVM_RUN entry to guest exit).
-// - Host: dd on the same file with the same request size, page cache warm for both.
+// - Host: bench/c/blk-host.c, pread/pwrite on the same file with the same request size
+//   and total, timed inside the process; page cache warm for both.
 // QEMU cannot run here (it aborts on this host's KVM, see the boot benchmark).
 import { execFileSync } from 'node:child_process';
 import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
@@ -39,7 +40,7 @@ async function guestRun(path: string, op: 0 | 1, reqBytes: number, requests: num
       cpl: 3,
       source: 'call kit_main\nud2',
       c: [DRIVER],
-      defines: { SLOT0: slot, OP: op, REQ_BYTES: reqBytes, REQUESTS: requests, DISK_BYTES, RANDOM: random ? 1 : 0 },
+      defines: { SLOT0: slot, OP: op, REQ_BYTES: reqBytes, REQUESTS: requests, DISK_BYTES, RANDOM: random ? 1 : 0, QD: Number(process.env.KILN_BENCH_QD ?? 8) },
     });
     await vm.start();
     const result = await vm.wait();
@@ -51,11 +52,12 @@ async function guestRun(path: string, op: 0 | 1, reqBytes: number, requests: num
   }
 }
 
-function hostRun(path: string, op: 0 | 1, reqBytes: number, count: number): number {
-  const args = op === 0 ? [`if=${path}`, 'of=/dev/null'] : ['if=/dev/zero', `of=${path}`, 'conv=notrunc'];
-  const started = process.hrtime.bigint();
-  execFileSync('dd', [...args, `bs=${reqBytes}`, `count=${count}`], { stdio: 'ignore' });
-  return Number(process.hrtime.bigint() - started) / 1e9;
+/** The host's own: bench/c/blk-host.c, the same request size and total, timed inside the process. */
+function hostRun(exe: string, path: string, mode: 'read' | 'write' | 'randread', reqBytes: number, total: number): { seconds: number; requests: number } {
+  const out = execFileSync(exe, [mode, path, String(reqBytes), String(total)], { encoding: 'utf8' });
+  const m = /bytes=(\d+) ns=(\d+) requests=(\d+)/.exec(out);
+  if (!m) throw new Error(`blk-host printed: ${out}`);
+  return { seconds: Number(m[2]) / 1e9, requests: Number(m[3]) };
 }
 
 export async function benchBlk(ctx: BenchContext): Promise<void> {
@@ -64,7 +66,9 @@ export async function benchBlk(ctx: BenchContext): Promise<void> {
   const fd = openSync(path, 'w');
   for (let i = 0; i < DISK_BYTES / MiB; i++) writeFileSync(fd, chunk);
   closeSync(fd);
-  hostRun(path, 0, MiB, DISK_BYTES / MiB); // warm the page cache
+  const exe = join(ctx.dir, 'blk-host');
+  execFileSync('gcc', ['-O2', '-o', exe, fileURLToPath(new URL('../../bench/c/blk-host.c', import.meta.url))]);
+  hostRun(exe, path, 'read', MiB, DISK_BYTES); // warm the page cache
 
   const ROUNDS = 3;
   const seqRequests = (4 * DISK_BYTES) / MiB; // 1 GiB in 1 MiB requests
@@ -76,19 +80,22 @@ export async function benchBlk(ctx: BenchContext): Promise<void> {
   for (let r = 0; r < ROUNDS; r++) {
     const g = await guestRun(path, 0, MiB, seqRequests, false);
     guestRead.push(mbps(g.requests * MiB, g.seconds));
-    hostRead.push(mbps(DISK_BYTES, hostRun(path, 0, MiB, DISK_BYTES / MiB)));
+    hostRead.push(mbps(seqRequests * MiB, hostRun(exe, path, 'read', MiB, seqRequests * MiB).seconds));
     const w = await guestRun(path, 1, MiB, seqRequests, false);
     guestWrite.push(mbps(w.requests * MiB, w.seconds));
-    hostWrite.push(mbps(DISK_BYTES, hostRun(path, 1, MiB, DISK_BYTES / MiB)));
+    hostWrite.push(mbps(seqRequests * MiB, hostRun(exe, path, 'write', MiB, seqRequests * MiB).seconds));
     ctx.log(`round ${r + 1}: read guest ${guestRead[r]!.toFixed(0)} MiB/s host ${hostRead[r]!.toFixed(0)} MiB/s; write guest ${guestWrite[r]!.toFixed(0)} MiB/s host ${hostWrite[r]!.toFixed(0)} MiB/s`);
   }
   const randRequests = 50_000;
   const iops: number[] = [];
+  const hostIops: number[] = [];
   for (let r = 0; r < ROUNDS; r++) {
     const g = await guestRun(path, 0, 4096, randRequests, true);
     iops.push(g.requests / g.seconds);
+    const h = hostRun(exe, path, 'randread', 4096, randRequests * 4096);
+    hostIops.push(h.requests / h.seconds);
   }
-  ctx.log(`rand 4k read: ${iops.map((v) => v.toFixed(0)).join(', ')} IOPS (queue depth 8)`);
+  ctx.log(`rand 4k read: guest ${iops.map((v) => v.toFixed(0)).join(', ')} IOPS (queue depth 8); host (one thread, pread) ${hostIops.map((v) => v.toFixed(0)).join(', ')} IOPS`);
   const readRatio = median(guestRead) / median(hostRead);
   const writeRatio = median(guestWrite) / median(hostWrite);
   ctx.log(`median: read guest ${median(guestRead).toFixed(0)} / host ${median(hostRead).toFixed(0)} MiB/s; write guest ${median(guestWrite).toFixed(0)} / host ${median(hostWrite).toFixed(0)} MiB/s; qemu: not run (QEMU 7.2 aborts on this host's KVM)`);

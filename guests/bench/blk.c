@@ -2,7 +2,9 @@
  * flight (no interrupts: it polls the used ring, and sets VIRTQ_AVAIL_F_NO_INTERRUPT).
  * Defines: SLOT0, OP (0 read, 1 write), REQ_BYTES, REQUESTS, DISK_BYTES, RANDOM. */
 #include "virtio.h"
+#ifndef QD
 #define QD 8
+#endif
 
 static u64 rng_state = 0x9e3779b97f4a7c15ULL;
 static u64 next_offset(u64 i) {

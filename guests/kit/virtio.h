@@ -193,7 +193,11 @@ static inline u16 vq_add(struct vq *q, const struct vbuf *b, int n, u64 indirect
   return head;
 }
 
-static inline void vq_kick(struct vq *q) { wr16(q->notify_addr, q->index); }
+/* Kicks the device unless it asked not to be (used.flags NO_NOTIFY, 2.7.7.2). */
+static inline void vq_kick(struct vq *q) {
+  barrier();
+  if (!(rd16(q->used) & 1)) wr16(q->notify_addr, q->index);
+}
 
 /* Waits for the next used entry; returns its id, or -1 after `spins` polls. */
 static inline int vq_wait(struct vq *q, u32 *len, long spins) {

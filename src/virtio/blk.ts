@@ -111,13 +111,7 @@ export class BlkBackend implements VirtioBackend {
 
   queueNotified(q: number): void {
     const queue = this.rt.queue(q);
-    const chain = this.rt.chain;
-    let done = 0;
-    while (queue.pop(chain)) {
-      queue.push(chain.head, this.handle(chain));
-      done++;
-    }
-    if (done > 0) this.rt.notifyUsed(q);
+    if (queue.drain(this.rt.chain, (chain) => queue.push(chain.head, this.handle(chain))) > 0) this.rt.notifyUsed(q);
   }
 
   private ioError(what: string, err: unknown): number {

@@ -136,8 +136,38 @@ export class SplitQueue {
     if (!this.peek(chain)) return false;
     const next = (this.lastAvail + 1) & 0xffff;
     this.rec.setUint16(QUEUE_RECORD.lastAvail, next, true);
-    if (this.eventIdx()) this.mem.storeU16Ordered(this.device + 4 + VIRTQ_USED_ELEM_BYTES * this.size, next);
+    if (this.eventIdx() && !this.suppressed) this.mem.storeU16Ordered(this.device + 4 + VIRTQ_USED_ELEM_BYTES * this.size, next);
     return true;
+  }
+
+  private suppressed = false;
+
+  /**
+   * Notification suppression (2.7.7, 2.7.10): while the device is draining the ring it
+   * asks not to be kicked (used.flags NO_NOTIFY, or avail_event left behind); afterwards
+   * it asks again and returns whether more arrived meanwhile (the caller drains again).
+   */
+  setNotify(on: boolean): boolean {
+    this.suppressed = !on;
+    if (this.eventIdx()) {
+      if (on) this.mem.storeU16Ordered(this.device + 4 + VIRTQ_USED_ELEM_BYTES * this.size, this.lastAvail);
+    } else {
+      this.mem.storeU16Ordered(this.device, on ? 0 : VIRTQ_USED_F_NO_NOTIFY);
+    }
+    return on && this.pending() > 0;
+  }
+
+  /** Pops and hands every waiting request to `handle` with kicks suppressed meanwhile. */
+  drain(chain: DescriptorChain, handle: (chain: DescriptorChain) => void): number {
+    let done = 0;
+    do {
+      this.setNotify(false);
+      while (this.pop(chain)) {
+        handle(chain);
+        done++;
+      }
+    } while (this.setNotify(true));
+    return done;
   }
 
   /** Reads the next request into `chain` without taking it; false when the ring is empty. */
