@@ -13,7 +13,7 @@ import type { SerialHost } from './devices/serial.js';
 import { KilnError } from './errors.js';
 import { buildCloudKernel, buildInitramfs, buildMinimalKernel, buildRootfs, cacheDir } from './guestkit/build.js';
 import { parseSize } from './size.js';
-import type { DiskConfig } from './virtio/attach.js';
+import type { DiskConfig, NetConfig } from './virtio/attach.js';
 import { Vm, type VmResult } from './vm.js';
 
 const VERSION = '0.1.0';
@@ -38,7 +38,14 @@ Options for run (with no guest named, Kiln boots the kit's minimal Linux, buildi
   --cpu-template T  ${Object.keys(CPU_TEMPLATES).join(', ')} (default: pvm on software KVM, host elsewhere)
   --disk PATH[,ro][,serial=ID]
                     a raw disk image as a virtio-blk drive (repeatable; the first is /dev/vda)
+  --net tap=NAME[,mac=MAC] | passt=SOCKET[,mac=MAC]
+                    a virtio-net NIC on a TAP (needs CAP_NET_ADMIN) or on passt's socket (repeatable)
   --rng             an entropy device (virtio-rng, fed by the host's getrandom)
+  --vsock CID,SOCKET
+                    vsock for guest CID; host clients connect to SOCKET and send "CONNECT <port>"
+  --console-socket PATH
+                    a virtio console (hvc0) on a Unix socket Kiln listens on
+  --balloon SIZE    a memory balloon, starting at SIZE (e.g. 0, 64M)
   --on-reboot WHAT  exit (default) or restart when the guest reboots
   --json            print one JSON result (with the serial output) instead of attaching the console
   --verbose         log unhandled port and MMIO accesses (once each)
@@ -131,6 +138,21 @@ export function parseDiskFlag(flag: string): DiskConfig {
   return { path, readOnly, ...(serial !== undefined ? { serial } : {}) };
 }
 
+/** `--net tap=NAME[,mac=MAC]` or `--net passt=SOCKET[,mac=MAC]` */
+export function parseNetFlag(flag: string): NetConfig {
+  const fields = Object.fromEntries(flag.split(',').map((kv) => [kv.slice(0, kv.indexOf('=') < 0 ? kv.length : kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]));
+  const unknown = Object.keys(fields).filter((k) => !['tap', 'passt', 'mac'].includes(k));
+  if (unknown.length > 0 || (!fields.tap === !fields.passt)) throw new UsageError(`--net ${flag}: expected tap=NAME or passt=SOCKET, optionally with mac=MAC`);
+  return { ...(fields.tap ? { tap: fields.tap } : { passt: fields.passt! }), ...(fields.mac ? { mac: fields.mac } : {}) };
+}
+
+/** `--vsock CID,SOCKET` */
+export function parseVsockFlag(flag: string): { guestCid: number; uds: string } {
+  const m = /^(\d+),(.+)$/.exec(flag);
+  if (!m) throw new UsageError(`--vsock ${flag}: expected CID,SOCKET (e.g. 3,/tmp/vm.vsock)`);
+  return { guestCid: Number(m[1]), uds: m[2]! };
+}
+
 async function run(argv: string[]): Promise<number> {
   const { values } = parseArgs({
     args: argv,
@@ -145,14 +167,22 @@ async function run(argv: string[]): Promise<number> {
       'on-reboot': { type: 'string', default: 'exit' },
       'host-decompress': { type: 'boolean', default: false },
       disk: { type: 'string', multiple: true, default: [] },
+      net: { type: 'string', multiple: true, default: [] },
       rng: { type: 'boolean', default: false },
+      vsock: { type: 'string' },
+      'console-socket': { type: 'string' },
+      balloon: { type: 'string' },
       json: { type: 'boolean', default: false },
       verbose: { type: 'boolean', default: false },
     },
     strict: true,
   });
   const disks = values.disk.map(parseDiskFlag);
-  if (values.demo && (disks.length > 0 || values.rng)) throw new UsageError('--disk and --rng need a Linux guest, not --demo');
+  const nets = values.net.map(parseNetFlag);
+  const vsock = values.vsock === undefined ? undefined : parseVsockFlag(values.vsock);
+  const balloon = values.balloon === undefined ? undefined : { targetMiB: Math.floor(parseSize(values.balloon) / (1024 * 1024)) };
+  const virtioWanted = disks.length > 0 || nets.length > 0 || values.rng || vsock || values['console-socket'] || balloon;
+  if (values.demo && virtioWanted) throw new UsageError('virtio devices (--disk, --net, --rng, --vsock, --console-socket, --balloon) need a Linux guest, not --demo');
   const cpus = Number(values.cpus);
   if (!/^\d+$/.test(values.cpus) || cpus < 1) throw new UsageError(`--cpus must be a whole number of at least 1 (got '${values.cpus}')`);
   if (values['on-reboot'] !== 'exit' && values['on-reboot'] !== 'restart') throw new UsageError(`--on-reboot must be 'exit' or 'restart' (got '${values['on-reboot']}')`);
@@ -194,7 +224,14 @@ async function run(argv: string[]): Promise<number> {
               serialOutFd: serialFd,
               logUnhandled: values.verbose,
               hostDecompress: values['host-decompress'],
-              virtio: { disks, rng: values.rng },
+              virtio: {
+                disks,
+                nets,
+                rng: values.rng,
+                ...(vsock ? { vsock } : {}),
+                ...(values['console-socket'] ? { consoleSocket: values['console-socket'] } : {}),
+                ...(balloon ? { balloon } : {}),
+              },
             });
             if (!values.json) progress(`booting ${kernelPath} (${lv.boot.format}, ${cpus} vCPU, ${values.memory}); Ctrl-A x quits`);
             return { vm: lv.vm, progress: lv.progress, serial: lv.serial, pressPowerButton: () => lv.pressPowerButton() };

@@ -94,6 +94,21 @@ test('usage errors exit 2 and print the usage', () => {
   assert.match(bad.stderr, /--cpus must be a whole number/);
 });
 
+test('bad virtio device flags are usage errors (exit 2) before anything runs', () => {
+  for (const [args, pattern] of [
+    [['--net', 'eth0'], /--net eth0: expected tap=NAME or passt=SOCKET/],
+    [['--net', 'tap=a,passt=b'], /expected tap=NAME or passt=SOCKET/],
+    [['--vsock', 'three'], /--vsock three: expected CID,SOCKET/],
+    [['--disk', ',ro'], /--disk needs a path/],
+    [['--disk', 'x.img,rw'], /unknown option 'rw'/],
+    [['--demo', '--rng'], /need a Linux guest, not --demo/],
+  ] as const) {
+    const r = kiln(['run', ...args]);
+    assert.equal(r.status, 2, `${args.join(' ')}: ${r.stderr}`);
+    assert.match(r.stderr, pattern);
+  }
+});
+
 test('kiln --version prints the version', () => {
   const r = kiln(['--version']);
   assert.equal(r.status, 0);

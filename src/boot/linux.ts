@@ -15,7 +15,7 @@ import { KilnError } from '../errors.js';
 import * as layout from '../layout.js';
 import { ramRanges, validateMemorySize } from '../memory/guest-memory.js';
 import { attachPciHost } from '../pci/host.js';
-import { attachVirtio, openDisks, type VirtioConfig } from '../virtio/attach.js';
+import { attachVirtio, openHostEnds, type VirtioConfig } from '../virtio/attach.js';
 import { Vm } from '../vm.js';
 import { decompressBzImage } from './decompress.js';
 import { isElf } from './elf.js';
@@ -95,7 +95,7 @@ export function createLinuxVm(config: LinuxVmConfig): LinuxVm {
   const acpi = buildAcpiTables({ vcpus: config.cpus, pci: true });
   // The whole boot layout is computed (and checked) before the VM exists.
   const boot = loadKernel({ kernel, initrd, cmdline, ram: ramRanges(config.memoryBytes), rsdp: acpi.rsdp });
-  const disks = openDisks(config.virtio?.disks ?? []);
+  const { disks, nets } = openHostEnds(config.virtio ?? {});
 
   let vm: Vm;
   try {
@@ -107,7 +107,7 @@ export function createLinuxVm(config: LinuxVmConfig): LinuxVm {
       compat: softwareKvm ? { syscallFix: planSyscallFix(boot.textEnd) } : null,
     });
   } catch (err) {
-    disks.forEach((d) => closeSync(d.fd));
+    [...disks, ...nets].forEach((d) => closeSync(d.fd));
     throw err;
   }
   try {
@@ -115,7 +115,7 @@ export function createLinuxVm(config: LinuxVmConfig): LinuxVm {
     vm.addDevice({ id: 'acpi-pm', kind: 'acpi-pm', bus: 'pio', base: layout.PORT_ACPI_SLEEP_CONTROL, size: layout.PORT_ACPI_PM_SIZE });
     vm.addDevice({ id: 'i8042', kind: 'i8042', bus: 'pio', base: layout.PORT_I8042_DATA, size: layout.PORT_I8042_COMMAND - layout.PORT_I8042_DATA + 1 });
     vm.addDevice({ id: 'rtc', kind: 'rtc', bus: 'pio', base: layout.PORT_RTC, size: layout.PORT_RTC_SIZE });
-    attachVirtio(vm, attachPciHost(vm), disks, config.virtio ?? {});
+    attachVirtio(vm, attachPciHost(vm), disks, config.virtio ?? {}, nets);
 
     const cpuid = applyTemplate(supportedCpuid(vm.kvmSystem), template);
     const refused = new Set<number>();

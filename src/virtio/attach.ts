@@ -69,6 +69,7 @@ export function openDisk(disk: DiskConfig, index: number): OpenedDisk {
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOENT') throw new KilnError(`disk '${disk.path}' does not exist`);
+    if (code === 'EISDIR') throw new KilnError(`disk '${disk.path}' is a directory, not a disk image`);
     if ((code === 'EACCES' || code === 'EROFS' || code === 'EPERM') && !disk.readOnly) throw new KilnError(`disk '${disk.path}' cannot be opened for writing (${code}); attach it read-only (,ro) or fix its permissions`);
     throw new KilnError(`cannot open disk '${disk.path}': ${code ?? (err as Error).message}`);
   }
@@ -80,14 +81,16 @@ export function openDisk(disk: DiskConfig, index: number): OpenedDisk {
   }
 }
 
-/** Opens every disk, or none (closing what was opened if one fails). */
-export function openDisks(disks: readonly DiskConfig[]): OpenedDisk[] {
-  const opened: OpenedDisk[] = [];
+/** Opens every disk and NIC host end, or none (closing what was opened if one fails). */
+export function openHostEnds(config: VirtioConfig): { disks: OpenedDisk[]; nets: OpenedDisk[] } {
+  const disks: OpenedDisk[] = [];
+  const nets: OpenedDisk[] = [];
   try {
-    disks.forEach((d, i) => opened.push(openDisk(d, i)));
-    return opened;
+    (config.disks ?? []).forEach((d, i) => disks.push(openDisk(d, i)));
+    (config.nets ?? []).forEach((n, i) => nets.push(openNet(n, i)));
+    return { disks, nets };
   } catch (err) {
-    opened.forEach((d) => closeSync(d.fd));
+    [...disks, ...nets].forEach((d) => closeSync(d.fd));
     throw err;
   }
 }
