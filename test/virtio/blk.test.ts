@@ -3,7 +3,9 @@
 // notification goes through the ioeventfd to the I/O thread; completions come back as
 // MSI-X interrupts the guest sees pending in its LAPIC.
 import assert from 'node:assert/strict';
-import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, truncateSync, writeFileSync } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { KIT_DATA } from '../../src/layout.js';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { blkOptions } from '../../src/virtio/blk.js';
@@ -98,5 +100,54 @@ describe('virtio-blk', { skip: kvmSkip }, () => {
     for (let i = 0; i < 1024; i++) assert.equal(file.readUInt32LE(16 * 512 + 4 * i), 0xc0de0000 + i, `written word ${i}`);
     assert.deepEqual(file.subarray(0, 16 * 512), pattern.subarray(0, 16 * 512), 'nothing else changed');
     closeSync(openSync(path, 'r'));
+  });
+
+  test('a disk file that shrinks under the VM gives the guest I/O errors past the new end; the rest still works', async () => {
+    const { path } = disk(1 << 20);
+    const { fd, options } = blkDevice(path);
+    const t = virtioTestVm([{ type: 'blk', options }]);
+    t.vm.adoptFd(fd);
+    await runDriver(
+      t,
+      `struct req { u32 type; u32 reserved; u64 sector; };
+      static u64 io(struct vq *q, u32 type, u64 sector, u64 data) {
+        u64 h = kit_alloc(64);
+        ((struct req *)(uptr)h)->type = type; ((struct req *)(uptr)h)->sector = sector; wr8(h + 32, 0xee);
+        struct vbuf b[3] = { { h, 16, 0 }, { data, 4096, type == 0 }, { h + 32, 1, 1 } };
+        vq_add(q, b, 3, 0); vq_kick(q);
+        if (vq_wait(q, 0, 100000000) < 0) kit_exit(90);
+        return rd8(h + 32);
+      }
+      void kit_main(void) {
+        struct vdev d; struct vq q;
+        vdev_find(&d, SLOT0);
+        vdev_negotiate(&d, 1ULL << VIRTIO_F_VERSION_1);
+        vq_setup(&d, &q, 0, 0, VIRTIO_MSI_NO_VECTOR);
+        vdev_driver_ok(&d);
+        u64 buf = kit_alloc(4096);
+        RESULT(0) = io(&q, 0, 1024, buf);      /* sector 1024 (512 KiB) reads */
+        RESULT(9) = 1;
+        while (RESULT(10) != 1) __asm__ __volatile__("pause");
+        RESULT(1) = io(&q, 0, 1024, buf);      /* the file is 256 KiB now */
+        RESULT(2) = io(&q, 0, 8, buf);         /* still inside */
+        RESULT(3) = io(&q, 1, 16, buf);        /* writes inside still work */
+        RESULT(4) = vdev_status(&d);
+        kit_exit(0);
+      }`,
+      {},
+      (r) => {
+        assert.equal(r.exitCode, 0, r.detail);
+        assert.equal(result(t, 0), 0n, 'read before the shrink: OK');
+        assert.equal(result(t, 1), 1n, 'read past the new end: IOERR');
+        assert.equal(result(t, 2), 0n, 'read inside: OK');
+        assert.equal(result(t, 3), 0n, 'write inside: OK');
+        assert.equal(result(t, 4), 0xfn, 'no NEEDS_RESET: an I/O error is not a broken device');
+      },
+      async () => {
+        for (let i = 0; i < 400 && result(t, 9) !== 1n; i++) await sleep(5);
+        truncateSync(path, 256 * 1024);
+        t.vm.memory.writeU64(KIT_DATA + 80, 1n);
+      },
+    );
   });
 });

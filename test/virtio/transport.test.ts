@@ -8,6 +8,8 @@ import { openSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { blkOptions } from '../../src/virtio/blk.js';
+import { VIRTIO_BAR } from '../../src/virtio/pci.js';
+import { QUEUE_RECORD } from '../../src/virtio/queue.js';
 import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
 import { result, runDriver, virtioTestVm } from './harness.js';
 
@@ -192,21 +194,131 @@ describe('virtio-pci transport', { skip: kvmSkip }, () => {
     );
   });
 
-  test('lspci -F decodes the virtio capabilities and MSI-X of a virtio-pci function', { skip: toolAvailable('lspci', '--version') ? false : 'needs lspci (apt-get install pciutils)' }, async () => {
+  test('a BAR the guest moves is followed: registers and kicks work at the new address', async () => {
     const t = virtioTestVm([{ type: 'rng' }]);
+    await runDriver(
+      t,
+      `void kit_main(void) {
+        struct vdev d; struct vq q;
+        vdev_find(&d, SLOT0);
+        u64 old = d.bar;
+        /* Memory decoding off, BAR 0 to the top of the window, decoding on again. */
+        pci_wr16(d.slot, 0x04, 0);
+        pci_wr32(d.slot, 0x10, NEW_BAR);
+        pci_wr16(d.slot, 0x04, 0x6);
+        vdev_find(&d, SLOT0);
+        RESULT(0) = d.bar;
+        RESULT(1) = rd32(old + VCOMMON_DF) ;        /* nothing there any more */
+        if (!(vdev_negotiate(&d, ${WANT}) & VIRTIO_STATUS_FEATURES_OK) || vq_setup(&d, &q, 0, 8, VIRTIO_MSI_NO_VECTOR)) kit_exit(3);
+        vdev_driver_ok(&d);
+        u64 a = kit_alloc(32); struct vbuf x = { a, 32, 1 }; u32 len = 0;
+        vq_add(&q, &x, 1, 0); vq_kick(&q);
+        RESULT(2) = vq_wait(&q, &len, 100000000) >= 0 ? len : 0;
+        kit_exit(0);
+      }`,
+      { NEW_BAR: 0xcfff8000 },
+      (r) => {
+        assert.equal(r.exitCode, 0, r.detail);
+        assert.equal(result(t, 0), 0xcfff8000n, 'the BAR reads back where the guest put it');
+        assert.equal(result(t, 1), 0xffffffffn, 'the old address decodes nothing');
+        assert.equal(result(t, 2), 32n, 'a request through the moved notify address');
+        const rec = t.devices[0]!.state.queueRecord(0);
+        assert.equal(rec.getUint32(QUEUE_RECORD.eventfdAddr, true), 0xcfff8000 + VIRTIO_BAR.notify, 'the ioeventfd moved with the BAR');
+      },
+    );
+  });
+
+  test('fuzz from the guest: random rings and registers never stop the VMM; the device works after a reset', async () => {
+    const t = virtioTestVm([{ type: 'rng' }, { type: 'rng' }]);
+    await runDriver(
+      t,
+      `static u64 s = 0x1234567887654321ULL;
+      static u64 rnd(void) { s ^= s << 13; s ^= s >> 7; s ^= s << 17; return s; }
+      void kit_main(void) {
+        struct vdev d, e; struct vq q, eq;
+        vdev_find(&d, SLOT0); vdev_find(&e, SLOT1);
+        vdev_negotiate(&e, ${WANT}); vq_setup(&e, &eq, 0, 8, VIRTIO_MSI_NO_VECTOR); vdev_driver_ok(&e);
+        u64 resets = 0;
+        for (int round = 0; round < 300; round++) {
+          if (vdev_status(&d) & VIRTIO_STATUS_NEEDS_RESET || round % 50 == 0) {
+            resets++;
+            vdev_negotiate(&d, ${WANT} | (1ULL << VIRTIO_F_EVENT_IDX));
+            vq_setup(&d, &q, 0, 16, VIRTIO_MSI_NO_VECTOR);
+            vdev_driver_ok(&d);
+          }
+          /* Random descriptors (addresses mostly in RAM, sometimes anywhere), random avail entries. */
+          for (int i = 0; i < 16; i++) {
+            struct virtq_desc *x = vq_desc(&q, i);
+            x->addr = (rnd() & 3) ? (rnd() % (60ULL << 20)) : rnd();
+            x->len = (rnd() & 3) ? (u32)(rnd() % 8192) : (u32)rnd();
+            x->flags = rnd() & 7;
+            x->next = (rnd() & 3) ? (u16)(rnd() % 16) : (u16)rnd();
+          }
+          u16 idx = rd16(q.avail + 2);
+          int n = 1 + rnd() % 4;
+          for (int i = 0; i < n; i++) wr16(q.avail + 4 + 2 * ((idx + i) % 16), (rnd() & 7) ? rnd() % 16 : (u16)rnd());
+          barrier();
+          wr16(q.avail + 2, (rnd() % 8) ? idx + n : (u16)rnd());
+          vq_kick(&q);
+          /* Random writes to the common configuration, now and then. */
+          if (rnd() % 10 == 0) wr16(d.common + (rnd() % 0x3c & ~1), (u16)rnd());
+          for (volatile int w = 0; w < 2000; w++) {}
+        }
+        RESULT(0) = resets;
+        /* The other device served throughout; this one works after a clean reset. */
+        u64 a = kit_alloc(16); struct vbuf x = { a, 16, 1 };
+        vq_add(&eq, &x, 1, 0); vq_kick(&eq); RESULT(1) = vq_wait(&eq, 0, 100000000) >= 0;
+        vdev_negotiate(&d, ${WANT}); vq_setup(&d, &q, 0, 16, VIRTIO_MSI_NO_VECTOR); vdev_driver_ok(&d);
+        vq_add(&q, &x, 1, 0); vq_kick(&q); RESULT(2) = vq_wait(&q, 0, 100000000) >= 0;
+        kit_exit(0);
+      }`,
+      {},
+      (r) => {
+        assert.equal(r.exitCode, 0, r.detail);
+        assert.ok(result(t, 0) > 6n, `the fuzzer drove the device into NEEDS_RESET repeatedly (${result(t, 0)} resets)`);
+        assert.equal(result(t, 1), 1n, 'the other device kept working');
+        assert.equal(result(t, 2), 1n, 'the fuzzed device works after a reset');
+      },
+    );
+  });
+
+  test('lspci -F decodes the virtio capabilities and MSI-X of every virtio device type', { skip: toolAvailable('lspci', '--version') ? false : 'needs lspci (apt-get install pciutils)' }, async () => {
+    const disk = blkDisk();
+    // Configuration space only: no VM runs, so the host ends need not be live.
+    const kinds = [
+      { type: 'blk', options: disk.options, id: 0x1042, vectors: 2 },
+      { type: 'net', options: { fd: -1, mac: '06:00:00:00:00:07', backend: 'tap' }, id: 0x1041, vectors: 3 },
+      { type: 'console', options: {}, id: 0x1043, vectors: 3 },
+      { type: 'rng', options: {}, id: 0x1044, vectors: 2 },
+      { type: 'balloon', options: {}, id: 0x1045, vectors: 5 },
+      { type: 'vsock', options: { guestCid: 3, udsPath: '/nonexistent', listenFd: -1 }, id: 0x1053, vectors: 4 },
+    ];
+    const t = virtioTestVm(kinds.map((k) => ({ type: k.type, options: k.options })));
+    t.vm.adoptFd(disk.fd);
     try {
       const dir = tempDir();
-      const dump = [...t.pci.root.dump(t.devices[0]!.slot, 256)];
-      const lines = [`00:0${t.devices[0]!.slot}.0 Unknown device`];
-      for (let i = 0; i < 256; i += 16) lines.push(`${i.toString(16).padStart(2, '0')}: ${dump.slice(i, i + 16).map((b) => b.toString(16).padStart(2, '0')).join(' ')}`);
+      const lines: string[] = [];
+      for (const dev of t.devices) {
+        const dump = [...t.pci.root.dump(dev.slot, 256)];
+        lines.push(`00:${dev.slot.toString(16).padStart(2, '0')}.0 Unknown device`);
+        for (let i = 0; i < 256; i += 16) lines.push(`${i.toString(16).padStart(2, '0')}: ${dump.slice(i, i + 16).map((b) => b.toString(16).padStart(2, '0')).join(' ')}`);
+        lines.push('');
+      }
       writeFileSync(join(dir, 'dump'), `${lines.join('\n')}\n`);
       const out = execFileSync('lspci', ['-F', join(dir, 'dump'), '-vvv', '-nn'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
-      assert.match(out, /\[1af4:1044\]/, 'virtio 1.x entropy device ID');
-      assert.match(out, /Region 0: Memory at c0000000 \(32-bit, non-prefetchable\)/);
-      for (const cfg of ['CommonCfg', 'ISR', 'DeviceCfg', 'Notify']) assert.match(out, new RegExp(`VirtIO: ${cfg}`), cfg);
-      assert.match(out, /MSI-X: Enable- Count=2 Masked-/);
-      assert.match(out, /Vector table: BAR=0 offset=00004000/);
-      assert.match(out, /PBA: BAR=0 offset=00005000/);
+      const sections = out.split(/\n(?=00:)/);
+      assert.equal(sections.length, kinds.length, 'one function per device');
+      kinds.forEach((k, i) => {
+        const sec = sections[i]!;
+        const dev = t.devices[i]!;
+        assert.match(sec, new RegExp(`\\[1af4:${k.id.toString(16)}\\]`), `${k.type}: modern virtio device ID`);
+        assert.match(sec, new RegExp(`Region 0: Memory at ${dev.barAddress.toString(16)} \\(32-bit, non-prefetchable\\) \\[disabled\\]`), `${k.type}: BAR 0 (memory decoding off until a driver enables it)`);
+        for (const cfg of ['CommonCfg', 'ISR', 'DeviceCfg', 'Notify']) assert.match(sec, new RegExp(`VirtIO: ${cfg}`), `${k.type}: ${cfg}`);
+        assert.match(sec, new RegExp(`MSI-X: Enable- Count=${k.vectors} Masked-`), `${k.type}: one vector per queue + config`);
+        assert.match(sec, /Vector table: BAR=0 offset=00004000/);
+        assert.match(sec, /PBA: BAR=0 offset=00005000/);
+        assert.match(sec, /Interrupt: pin A/);
+      });
     } finally {
       await t.vm.destroy();
     }
