@@ -16,6 +16,7 @@ import * as layout from '../layout.js';
 import { ramRanges, validateMemorySize } from '../memory/guest-memory.js';
 import { attachPciHost } from '../pci/host.js';
 import { attachVirtio, openHostEnds, type VirtioConfig } from '../virtio/attach.js';
+import type { VirtioPciDevice } from '../virtio/pci.js';
 import { Vm } from '../vm.js';
 import { decompressBzImage } from './decompress.js';
 import { isElf } from './elf.js';
@@ -49,6 +50,8 @@ export interface LinuxVm {
   readonly cmdline: string;
   readonly template: CpuTemplate;
   readonly softwareKvm: boolean;
+  /** The virtio functions, in slot order (disks, NICs, rng, balloon, vsock, console). */
+  readonly virtio: readonly VirtioPciDevice[];
   /** Presses the ACPI power button (a Generic Event Device interrupt). */
   pressPowerButton(): void;
 }
@@ -115,7 +118,7 @@ export function createLinuxVm(config: LinuxVmConfig): LinuxVm {
     vm.addDevice({ id: 'acpi-pm', kind: 'acpi-pm', bus: 'pio', base: layout.PORT_ACPI_SLEEP_CONTROL, size: layout.PORT_ACPI_PM_SIZE });
     vm.addDevice({ id: 'i8042', kind: 'i8042', bus: 'pio', base: layout.PORT_I8042_DATA, size: layout.PORT_I8042_COMMAND - layout.PORT_I8042_DATA + 1 });
     vm.addDevice({ id: 'rtc', kind: 'rtc', bus: 'pio', base: layout.PORT_RTC, size: layout.PORT_RTC_SIZE });
-    attachVirtio(vm, attachPciHost(vm), disks, config.virtio ?? {}, nets);
+    const virtio = attachVirtio(vm, attachPciHost(vm), disks, config.virtio ?? {}, nets);
 
     const cpuid = applyTemplate(supportedCpuid(vm.kvmSystem), template);
     const refused = new Set<number>();
@@ -139,6 +142,7 @@ export function createLinuxVm(config: LinuxVmConfig): LinuxVm {
       cmdline,
       template,
       softwareKvm,
+      virtio,
       pressPowerButton() {
         setIrq(layout.IRQ_GED, 1);
         setIrq(layout.IRQ_GED, 0);

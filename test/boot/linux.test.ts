@@ -3,9 +3,11 @@
 // powers off through ACPI. On software KVM this takes about a minute.
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, openSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { closeSync, existsSync, openSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { createConnection } from 'node:net';
 import { join } from 'node:path';
-import { describe, test } from 'node:test';
+import { after, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { createLinuxVm } from '../../src/boot/linux.js';
 import { loadKernel } from '../../src/boot/loader.js';
@@ -14,12 +16,16 @@ import { readProgress } from '../../src/devices/progress.js';
 import { buildInitramfs, buildMinimalKernel } from '../../src/guestkit/build.js';
 import { MiB } from '../../src/layout.js';
 import { ramRanges } from '../../src/memory/guest-memory.js';
-import { kvmSkip, tempDir } from '../helpers.js';
+import { balloonControl } from '../../src/virtio/attach.js';
+import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
+
+const canNetns = process.getuid?.() === 0 && existsSync('/dev/net/tun') && toolAvailable('ip', '-V');
+const ip = (...args: string[]) => execFileSync('ip', args, { stdio: ['ignore', 'pipe', 'pipe'], encoding: 'utf8' });
 
 const log = (line: string) => process.stderr.write(`# guest kit: ${line}\n`);
 
 describe('the minimal Linux guest', { skip: kvmSkip, timeout: 30 * 60_000 }, () => {
-  test('boots to init on 2 vCPUs with virtio disks and entropy, reports what it sees, and powers off with status 0', async () => {
+  test('boots to init on 2 vCPUs with virtio disks, entropy, network, console and balloon, reports what it sees, and powers off with status 0', async () => {
     const kernel = await buildMinimalKernel(log);
     const initrd = await buildInitramfs(log);
     const dir = tempDir();
@@ -32,15 +38,42 @@ describe('the minimal Linux guest', { skip: kvmSkip, timeout: 30 * 60_000 }, () 
     writeFileSync(ro, randomBytes(64 << 10));
     const md5 = (path: string) => createHash('md5').update(readFileSync(path)).digest('hex');
     const rwBefore = md5(rw);
+    // A NIC on a TAP that moves into a network namespace of the test's own (needs root).
+    const ns = `kiln-lt${process.pid}`;
+    const tap = `klt${process.pid % 100000}`;
+    if (canNetns) {
+      ip('netns', 'add', ns);
+      after(() => ip('netns', 'del', ns));
+    } else process.stderr.write('# the Linux network check is skipped: it needs root, /dev/net/tun and ip\n');
+    const consolePath = join(dir, 'hvc.sock');
     const lv = createLinuxVm({
       kernelPath: kernel.vmlinux,
       initrdPath: initrd.path,
       cpus: 2,
       memoryBytes: 128 * MiB,
       serialOutFd: fd,
-      cmdline: 'kiln.blkwrite',
-      virtio: { disks: [{ path: rw, serial: 'kiln-rw' }, { path: ro, readOnly: true }], rng: true },
+      cmdline: `kiln.blkwrite${canNetns ? ' kiln.net=10.98.0.2/24,10.98.0.1' : ''}`,
+      virtio: {
+        disks: [{ path: rw, serial: 'kiln-rw' }, { path: ro, readOnly: true }],
+        rng: true,
+        nets: canNetns ? [{ tap, mac: '06:00:0a:62:00:02' }] : [],
+        consoleSocket: consolePath,
+        balloon: { targetMiB: 16 },
+      },
     });
+    if (canNetns) {
+      ip('link', 'set', tap, 'netns', ns);
+      ip('-n', ns, 'addr', 'add', '10.98.0.1/24', 'dev', tap);
+      ip('-n', ns, 'link', 'set', tap, 'up');
+    }
+    // The console's client is connected before the guest starts.
+    let hvc = '';
+    const client = createConnection(consolePath);
+    client.setEncoding('utf8');
+    client.on('data', (chunk: string) => (hvc += chunk));
+    client.on('error', (err: NodeJS.ErrnoException) => assert.equal(err.code, 'ECONNRESET'));
+    after(() => client.destroy());
+    const balloonDevice = lv.virtio.find((d) => d.spec.options.type === 'balloon')!;
     try {
       assert.equal(lv.boot.format, 'pvh');
       assert.match(lv.cmdline, /^console=ttyS0 /);
@@ -79,6 +112,14 @@ describe('the minimal Linux guest', { skip: kvmSkip, timeout: 30 * 60_000 }, () 
       assert.match(serial, /KILN_BLK_WRITE ok/);
       assert.equal(readFileSync(rw).subarray(8 * 512, 8 * 512 + 14).toString(), 'kiln-was-here\n', 'the flushed write reached the file');
       assert.match(serial, /KILN_RNG current=virtio_rng\.0 bytes=16/);
+      if (canNetns) assert.match(serial, /KILN_NET ok/, 'the guest pinged the namespace through the TAP');
+      for (let i = 0; i < 100 && !hvc.includes('KILN_HVC'); i++) await sleep(20);
+      assert.match(hvc, /^KILN_HVC hello\r?\n$/, 'init wrote to hvc0 (a tty: \\n becomes \\r\\n); the console socket carried it');
+      // Linux's balloon driver inflated to the 16 MiB target and sent its statistics.
+      const balloon = balloonControl(balloonDevice);
+      assert.equal(balloon.actualPages, 4096, 'balloon: actual = target');
+      assert.ok(balloon.pagesReturned >= 4096, `balloon: ${balloon.pagesReturned} pages returned to the host`);
+      assert.ok(balloon.stat(5) > 100n * BigInt(MiB), 'balloon statistics: total memory');
       if (isSoftwareKvm()) {
         const compat = result.vcpus[0]!.compat ?? {};
         assert.equal(compat['syscall-fix'], 1, 'the kvm_pvm syscall fix was installed');
