@@ -150,4 +150,64 @@ describe('virtio-blk', { skip: kvmSkip }, () => {
       },
     );
   });
+
+  test('write-zeroes and discard clear ranges of the file; a read-only drive refuses writes and says RO', async () => {
+    const { path, pattern } = disk(1 << 20);
+    const rwDisk = blkDevice(path);
+    const roPath = `${path}.ro`;
+    writeFileSync(roPath, pattern);
+    const roDisk = blkDevice(roPath, true);
+    const t = virtioTestVm([{ type: 'blk', options: rwDisk.options }, { type: 'blk', options: roDisk.options }]);
+    t.vm.adoptFd(rwDisk.fd);
+    t.vm.adoptFd(roDisk.fd);
+    await runDriver(
+      t,
+      `struct req { u32 type; u32 reserved; u64 sector; };
+      static u64 ranged(struct vq *q, u32 type, u64 sector, u32 count, u32 flags) {
+        u64 h = kit_alloc(128);
+        ((struct req *)(uptr)h)->type = type; ((struct req *)(uptr)h)->sector = 0;
+        wr64(h + 16, sector); wr32(h + 24, count); wr32(h + 28, flags); wr8(h + 64, 0xee);
+        struct vbuf b[3] = { { h, 16, 0 }, { h + 16, 16, 0 }, { h + 64, 1, 1 } };
+        vq_add(q, b, 3, 0); vq_kick(q);
+        if (vq_wait(q, 0, 100000000) < 0) kit_exit(90);
+        return rd8(h + 64);
+      }
+      void kit_main(void) {
+        struct vdev d, r; struct vq q, rq;
+        vdev_find(&d, SLOT0); vdev_find(&r, SLOT1);
+        vdev_negotiate(&d, (1ULL << VIRTIO_F_VERSION_1) | (1ULL << 13) | (1ULL << 14));
+        RESULT(0) = d.features;
+        vq_setup(&d, &q, 0, 0, VIRTIO_MSI_NO_VECTOR); vdev_driver_ok(&d);
+        RESULT(1) = ranged(&q, 13, 100, 8, 0);   /* write zeroes, sectors 100-107 */
+        RESULT(2) = ranged(&q, 11, 200, 8, 0);   /* discard, sectors 200-207 */
+        RESULT(3) = ranged(&q, 13, 2047, 8, 0);  /* past the end */
+        RESULT(4) = vdev_device_features(&r);
+        vdev_negotiate(&r, (1ULL << VIRTIO_F_VERSION_1) | (1ULL << 5));
+        vq_setup(&r, &rq, 0, 0, VIRTIO_MSI_NO_VECTOR); vdev_driver_ok(&r);
+        u64 h = kit_alloc(4096);
+        ((struct req *)(uptr)h)->type = 1; ((struct req *)(uptr)h)->sector = 0; wr8(h + 64, 0xee);
+        struct vbuf b[3] = { { h, 16, 0 }, { h + 512, 512, 0 }, { h + 64, 1, 1 } };
+        vq_add(&rq, b, 3, 0); vq_kick(&rq);
+        if (vq_wait(&rq, 0, 100000000) < 0) kit_exit(91);
+        RESULT(5) = rd8(h + 64);
+        kit_exit(0);
+      }`,
+      {},
+      (r) => {
+        assert.equal(r.exitCode, 0, r.detail);
+        assert.equal(Number(result(t, 0) >> 13n) & 3, 3, 'DISCARD and WRITE_ZEROES negotiated');
+        assert.equal(result(t, 1), 0n, 'write-zeroes OK');
+        assert.equal(result(t, 2), 0n, 'discard OK');
+        assert.equal(result(t, 3), 1n, 'a range past the end: IOERR');
+        assert.equal(Number(result(t, 4) >> 5n) & 1, 1, 'the read-only drive offers VIRTIO_BLK_F_RO');
+        assert.equal(Number(result(t, 4) >> 13n) & 3, 0, 'and neither discard nor write-zeroes');
+        assert.equal(result(t, 5), 1n, 'a write to the read-only drive: IOERR');
+      },
+    );
+    const file = readFileSync(path);
+    assert.deepEqual(file.subarray(100 * 512, 108 * 512), Buffer.alloc(4096), 'write-zeroes cleared the range');
+    assert.deepEqual(file.subarray(200 * 512, 208 * 512), Buffer.alloc(4096), 'discard punched the range (reads as zeroes)');
+    assert.deepEqual(file.subarray(108 * 512, 200 * 512), pattern.subarray(108 * 512, 200 * 512), 'nothing around them changed');
+    assert.deepEqual(readFileSync(roPath), pattern, 'the read-only image is untouched');
+  });
 });
