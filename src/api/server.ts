@@ -1,0 +1,196 @@
+// The Firecracker API over HTTP/1.1 on a Unix socket: find-my-way routes each method
+// and path to one handler; a handler parses the body with its resource's parser
+// (resources.ts) and applies it to the Vmm. Success is 204 (or 200 with JSON for GETs);
+// every failure is 400 with {"fault_message": ...}; bodies over 51200 bytes are refused
+// before they are parsed.
+import { existsSync, unlinkSync } from 'node:fs';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import FindMyWay from 'find-my-way';
+import * as r from './resources.js';
+import { ApiError } from './resources.js';
+import type { Vmm } from './vmm.js';
+
+export const MAX_BODY_BYTES = 51200;
+/** The Firecracker API version Kiln speaks (its spec is test/fixtures/firecracker-api.yaml). */
+export const FIRECRACKER_API_VERSION = '1.7.0';
+export const KILN_VERSION = '0.1.0';
+
+type Handler = (vmm: Vmm, body: unknown, params: Record<string, string | undefined>) => Promise<unknown> | unknown;
+
+function send(res: ServerResponse, status: number, body?: unknown): void {
+  if (body === undefined) {
+    res.writeHead(status);
+    res.end();
+    return;
+  }
+  const text = JSON.stringify(body);
+  res.writeHead(status, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(text) });
+  res.end(text);
+}
+
+const fault = (res: ServerResponse, message: string) => send(res, 400, { fault_message: message });
+
+function readBody(req: IncomingMessage): Promise<string | null> {
+  return new Promise((resolve, reject) => {
+    const declared = Number(req.headers['content-length'] ?? 0);
+    if (declared > MAX_BODY_BYTES) {
+      req.resume();
+      resolve(null);
+      return;
+    }
+    const chunks: Buffer[] = [];
+    let size = 0;
+    req.on('data', (c: Buffer) => {
+      size += c.length;
+      if (size <= MAX_BODY_BYTES) chunks.push(c);
+    });
+    req.on('end', () => resolve(size > MAX_BODY_BYTES ? null : Buffer.concat(chunks).toString('utf8')));
+    req.on('error', reject);
+  });
+}
+
+/** Kiln has no such feature yet: a 400 that says so. */
+const notYet = (what: string): Handler => () => {
+  throw new ApiError(`${what} is not supported by Kiln yet`);
+};
+
+const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Handler, takesBody: boolean]> = [
+  ['GET', '/', (vmm) => ({ app_name: 'Firecracker', id: vmm.id, state: vmm.state, vmm_version: `${FIRECRACKER_API_VERSION}-kiln.${KILN_VERSION}` }), false],
+  ['GET', '/version', () => ({ firecracker_version: FIRECRACKER_API_VERSION }), false],
+  ['GET', '/vm/config', (vmm) => r.exportDefinition(vmm.definition), false],
+  ['GET', '/machine-config', (vmm) => vmm.definition.machineConfig, false],
+  ['PUT', '/boot-source', (vmm, body) => {
+    vmm.preBoot();
+    vmm.definition.bootSource = r.parseBootSource(body);
+  }, true],
+  ['PUT', '/machine-config', (vmm, body) => {
+    vmm.preBoot();
+    vmm.definition.machineConfig = r.parseMachineConfig(body);
+  }, true],
+  ['PATCH', '/machine-config', (vmm, body) => {
+    vmm.preBoot();
+    vmm.definition.machineConfig = r.patchMachineConfig(vmm.definition.machineConfig, body);
+  }, true],
+  ['PUT', '/drives/:drive_id', (vmm, body, p) => {
+    vmm.preBoot();
+    r.addDrive(vmm.definition, r.parseDrive(p.drive_id ?? '', body));
+  }, true],
+  ['PATCH', '/drives/:drive_id', (vmm, body, p) => {
+    const patch = r.parsePartialDrive(p.drive_id ?? '', body);
+    const drive = vmm.definition.drives.get(patch.drive_id);
+    if (!drive) throw new ApiError(`Invalid block device ID: ${patch.drive_id}`);
+    if (vmm.started) throw new ApiError('Updating a running drive is not supported by Kiln yet: PATCH it before InstanceStart');
+    if (patch.path_on_host !== undefined) vmm.definition.drives.set(drive.drive_id, { ...drive, path_on_host: patch.path_on_host });
+  }, true],
+  ['PUT', '/network-interfaces/:iface_id', (vmm, body, p) => {
+    vmm.preBoot();
+    r.addNetworkInterface(vmm.definition, r.parseNetworkInterface(p.iface_id ?? '', body));
+  }, true],
+  ['PATCH', '/network-interfaces/:iface_id', notYet('Updating network interface rate limiters'), true],
+  ['PUT', '/vsock', (vmm, body) => {
+    vmm.preBoot();
+    vmm.definition.vsock = r.parseVsock(body);
+  }, true],
+  ['PUT', '/entropy', (vmm, body) => {
+    vmm.preBoot();
+    vmm.definition.entropy = r.parseEntropy(body);
+  }, true],
+  ['PUT', '/balloon', (vmm, body) => {
+    vmm.preBoot();
+    vmm.definition.balloon = r.parseBalloon(body);
+  }, true],
+  ['PATCH', '/balloon', (vmm, body) => {
+    const mib = r.parseBalloonUpdate(body);
+    if (!vmm.definition.balloon) throw new ApiError('The balloon device is not configured.');
+    if (vmm.started) vmm.setBalloonTarget(mib);
+    vmm.definition.balloon = { ...vmm.definition.balloon, amount_mib: mib };
+  }, true],
+  ['GET', '/balloon', (vmm) => {
+    if (!vmm.definition.balloon) throw new ApiError('The balloon device is not configured.');
+    return vmm.definition.balloon;
+  }, false],
+  ['GET', '/balloon/statistics', (vmm) => vmm.balloonStats(), false],
+  ['PATCH', '/balloon/statistics', notYet('Changing the balloon statistics interval'), true],
+  ['PUT', '/logger', (vmm, body) => {
+    vmm.preBoot();
+    vmm.definition.logger = r.parseLogger(body);
+  }, true],
+  ['PUT', '/metrics', (vmm, body) => {
+    vmm.preBoot();
+    vmm.definition.metrics = r.parseMetrics(body);
+  }, true],
+  ['PUT', '/actions', async (vmm, body) => {
+    const action = r.parseAction(body);
+    if (action === 'InstanceStart') await vmm.start();
+    else if (action === 'SendCtrlAltDel') vmm.ctrlAltDel();
+    else vmm.flushMetrics();
+  }, true],
+  ['PATCH', '/vm', async (vmm, body) => {
+    if (r.parseVmState(body) === 'Paused') await vmm.pause();
+    else vmm.resume();
+  }, true],
+  ['PUT', '/cpu-config', notYet('Custom CPU templates (/cpu-config)'), true],
+  ['PUT', '/mmds', notYet('The microVM metadata service (/mmds)'), true],
+  ['PATCH', '/mmds', notYet('The microVM metadata service (/mmds)'), true],
+  ['GET', '/mmds', notYet('The microVM metadata service (/mmds)'), false],
+  ['PUT', '/mmds/config', notYet('The microVM metadata service (/mmds/config)'), true],
+  ['PUT', '/snapshot/create', notYet('Snapshots (/snapshot/create)'), true],
+  ['PUT', '/snapshot/load', notYet('Snapshots (/snapshot/load)'), true],
+  ['PUT', '/pmem/:id', notYet('Persistent memory devices (/pmem)'), true],
+  ['PATCH', '/pmem/:id', notYet('Persistent memory devices (/pmem)'), true],
+  ['PUT', '/serial', notYet('Configuring the serial device (/serial)'), true],
+  ['PUT', '/hotplug/memory', notYet('Memory hot-plug (/hotplug/memory)'), true],
+  ['PATCH', '/hotplug/memory', notYet('Memory hot-plug (/hotplug/memory)'), true],
+  ['GET', '/hotplug/memory', notYet('Memory hot-plug (/hotplug/memory)'), false],
+  ['PATCH', '/balloon/hinting/start', notYet('Free page hinting'), true],
+  ['GET', '/balloon/hinting/status', notYet('Free page hinting'), false],
+  ['PATCH', '/balloon/hinting/stop', notYet('Free page hinting'), true],
+];
+
+/** The request handler for `vmm` (usable with any node:http server). */
+export function apiHandler(vmm: Vmm): (req: IncomingMessage, res: ServerResponse) => void {
+  const router = FindMyWay({
+    ignoreTrailingSlash: true,
+    defaultRoute: (req: IncomingMessage, res: ServerResponse) => fault(res, `Invalid request method and/or path: ${req.method} ${req.url}.`),
+  });
+  for (const [method, path, handler, takesBody] of ROUTES) {
+    router.on(method, path, (req, res, params) => {
+      void (async () => {
+        try {
+          const text = await readBody(req);
+          if (text === null) return fault(res, `Request payload with size larger than the limit of ${MAX_BODY_BYTES} bytes allowed by server.`);
+          let body: unknown;
+          if (takesBody) {
+            if (text.trim() === '') return fault(res, 'The request body is empty; this request needs a JSON body.');
+            try {
+              body = JSON.parse(text);
+            } catch (err) {
+              return fault(res, `The request body is not valid JSON: ${(err as Error).message}`);
+            }
+          }
+          const result = await handler(vmm, body, params as Record<string, string | undefined>);
+          if (result === undefined) send(res, 204);
+          else send(res, 200, result);
+        } catch (err) {
+          if (err instanceof ApiError) return fault(res, err.message);
+          fault(res, `Internal error: ${err instanceof Error ? err.message : String(err)}`);
+        }
+      })();
+    });
+  }
+  return (req, res) => router.lookup(req, res);
+}
+
+/** Listens on the Unix socket `path` (refusing one that exists, as Firecracker does). */
+export async function listenApi(path: string, vmm: Vmm): Promise<Server> {
+  if (existsSync(path)) throw new ApiError(`the API socket ${path} already exists (another VMM, or a stale one: remove it first)`);
+  const server = createServer(apiHandler(vmm));
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(path, () => resolve());
+  });
+  server.on('close', () => {
+    if (existsSync(path)) unlinkSync(path);
+  });
+  return server;
+}

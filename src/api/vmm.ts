@@ -1,0 +1,144 @@
+// One VM behind the Firecracker API: its definition (what the API has PUT so far), and
+// once InstanceStart has run, the live Linux VM built from it. Pre-boot-only resources
+// are refused after the start, as Firecracker refuses them.
+import { closeSync, openSync, writeSync } from 'node:fs';
+import { createLinuxVm, type LinuxVm } from '../boot/linux.js';
+import { KilnError } from '../errors.js';
+import { balloonControl } from '../virtio/attach.js';
+import type { BalloonControl } from '../virtio/balloon.js';
+import type { VmResult } from '../vm.js';
+import { ApiError, emptyDefinition, type VmDefinition } from './resources.js';
+
+export type InstanceState = 'Not started' | 'Running' | 'Paused';
+
+/** The fault message Firecracker gives for a pre-boot-only request after the start. */
+export const AFTER_START = 'The requested operation is not supported after starting the microVM.';
+export const BEFORE_START = 'The requested operation is not supported before starting the microVM.';
+
+/** Boot arguments Kiln drops: its devices are on PCI, which `pci=off` would hide. */
+const DROPPED_BOOT_ARGS = new Set(['pci=off']);
+
+export class Vmm {
+  definition: VmDefinition = emptyDefinition();
+  private live: LinuxVm | null = null;
+  private balloon: BalloonControl | null = null;
+  private paused = false;
+  private metricsFd = -1;
+  readonly ended: Promise<VmResult>;
+  private resolveEnded!: (r: VmResult) => void;
+
+  constructor(
+    readonly id: string,
+    private readonly serialOutFd: number,
+    private readonly log: (line: string) => void,
+  ) {
+    this.ended = new Promise((resolve) => (this.resolveEnded = resolve));
+  }
+
+  get state(): InstanceState {
+    if (!this.live) return 'Not started';
+    return this.paused ? 'Paused' : 'Running';
+  }
+
+  get started(): boolean {
+    return this.live !== null;
+  }
+
+  /** Throws the Firecracker fault for a pre-boot-only change after the start. */
+  preBoot(): void {
+    if (this.live) throw new ApiError(AFTER_START);
+  }
+
+  /** InstanceStart: builds the VM from the definition and starts its vCPUs. */
+  async start(): Promise<void> {
+    this.preBoot();
+    const d = this.definition;
+    if (!d.bootSource) throw new ApiError('Cannot start microvm without kernel configuration.');
+    const drives = [...d.drives.values()].sort((a, b) => Number(b.is_root_device) - Number(a.is_root_device));
+    const root = drives.find((x) => x.is_root_device);
+    const userArgs = (d.bootSource.boot_args ?? '').split(/\s+/).filter((a) => a !== '' && !DROPPED_BOOT_ARGS.has(a));
+    if ((d.bootSource.boot_args ?? '').split(/\s+/).includes('pci=off')) this.log('dropped `pci=off` from boot_args: Kiln\'s virtio devices are on PCI');
+    // As Firecracker does: the root drive becomes root=/dev/vda (or its PARTUUID), ro or rw.
+    if (root) userArgs.push(root.partuuid ? `root=PARTUUID=${root.partuuid}` : 'root=/dev/vda', root.is_read_only ? 'ro' : 'rw');
+    try {
+      this.live = createLinuxVm({
+        kernelPath: d.bootSource.kernel_image_path,
+        ...(d.bootSource.initrd_path ? { initrdPath: d.bootSource.initrd_path } : {}),
+        cmdline: userArgs.join(' '),
+        cpus: d.machineConfig.vcpu_count,
+        memoryBytes: d.machineConfig.mem_size_mib * 1024 * 1024,
+        serialOutFd: this.serialOutFd,
+        virtio: {
+          disks: drives.map((x) => ({ path: x.path_on_host, readOnly: x.is_read_only, serial: x.drive_id.slice(0, 20) })),
+          nets: [...d.networkInterfaces.values()].map((n) => ({ tap: n.host_dev_name, ...(n.guest_mac ? { mac: n.guest_mac } : {}) })),
+          rng: d.entropy !== undefined,
+          ...(d.vsock ? { vsock: { guestCid: d.vsock.guest_cid, uds: d.vsock.uds_path } } : {}),
+          ...(d.balloon ? { balloon: { targetMiB: d.balloon.amount_mib, deflateOnOom: d.balloon.deflate_on_oom } } : {}),
+        },
+      });
+    } catch (err) {
+      if (err instanceof KilnError) throw new ApiError(`Cannot start microvm: ${err.message}`);
+      throw err;
+    }
+    const balloonDevice = this.live.virtio.find((v) => v.spec.options.type === 'balloon');
+    this.balloon = balloonDevice ? balloonControl(balloonDevice) : null;
+    await this.live.vm.start();
+    void this.live.vm.wait().then(async (result) => {
+      await this.live?.vm.destroy();
+      this.resolveEnded(result);
+    });
+  }
+
+  async pause(): Promise<void> {
+    if (!this.live) throw new ApiError(BEFORE_START);
+    await this.live.vm.pause();
+    this.paused = true;
+  }
+
+  resume(): void {
+    if (!this.live) throw new ApiError(BEFORE_START);
+    this.live.vm.resume();
+    this.paused = false;
+  }
+
+  /** SendCtrlAltDel: Kiln's guests have no i8042 keyboard to press it on; the ACPI power button asks for the same orderly shutdown. */
+  ctrlAltDel(): void {
+    if (!this.live) throw new ApiError(BEFORE_START);
+    this.live.pressPowerButton();
+  }
+
+  setBalloonTarget(mib: number): void {
+    if (!this.balloon) throw new ApiError(this.live ? 'The balloon device is not configured.' : BEFORE_START);
+    this.balloon.setTargetPages(Math.floor((mib * 1024 * 1024) / 4096));
+  }
+
+  balloonStats(): Record<string, number> {
+    if (!this.balloon || !this.definition.balloon) throw new ApiError('The balloon device is not configured.');
+    if (this.definition.balloon.stats_polling_interval_s === 0) throw new ApiError('Statistics for the balloon device are not enabled');
+    this.balloon.requestStats();
+    const target = this.definition.balloon.amount_mib;
+    const actualPages = this.balloon.actualPages;
+    // virtio 1.2, 5.5.6.3 tags -> Firecracker's names.
+    const names = ['swap_in', 'swap_out', 'major_faults', 'minor_faults', 'free_memory', 'total_memory', 'available_memory', 'disk_caches', 'hugetlb_allocations', 'hugetlb_failures'];
+    const stats: Record<string, number> = { target_pages: Math.floor((target * 1024 * 1024) / 4096), actual_pages: actualPages, target_mib: target, actual_mib: Math.floor((actualPages * 4096) / (1024 * 1024)) };
+    names.forEach((name, tag) => {
+      if (this.balloon!.statsUpdates > 0) stats[name] = Number(this.balloon!.stat(tag));
+    });
+    return stats;
+  }
+
+  /** FlushMetrics: one JSON line to the metrics file. */
+  flushMetrics(): void {
+    const m = this.definition.metrics;
+    if (!m) throw new ApiError('Metrics are not configured (PUT /metrics first).');
+    if (this.metricsFd < 0) this.metricsFd = openSync(m.metrics_path, 'a');
+    const line = { utc_timestamp_ms: Date.now(), vmm: { state: this.state, vcpus: this.definition.machineConfig.vcpu_count } };
+    writeSync(this.metricsFd, `${JSON.stringify(line)}\n`);
+  }
+
+  /** SIGTERM or the end of the process: stop the VM if it runs. */
+  async shutdown(): Promise<void> {
+    if (this.live) await this.live.vm.destroy();
+    if (this.metricsFd >= 0) closeSync(this.metricsFd);
+  }
+}

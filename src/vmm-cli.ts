@@ -1,0 +1,83 @@
+#!/usr/bin/env node
+// `kiln-vmm`: one VM per process behind Firecracker's API, for orchestrators that drive
+// Firecracker (Kata Containers, firecracker-containerd, flintlock). Flags as
+// Firecracker's: --api-sock, --config-file (the same JSON, booted at once), --no-api,
+// --id, --version. SIGTERM stops the VM and exits 0; when the guest powers off the
+// process exits with the guest's status.
+import { readFileSync } from 'node:fs';
+import type { Server } from 'node:http';
+import { parseArgs } from 'node:util';
+import { checkId, parseConfigFile } from './api/resources.js';
+import { FIRECRACKER_API_VERSION, KILN_VERSION, listenApi } from './api/server.js';
+import { Vmm } from './api/vmm.js';
+import { KilnError } from './errors.js';
+
+const DEFAULT_API_SOCK = '/run/firecracker.socket';
+
+async function main(argv: string[]): Promise<number> {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args: argv,
+      options: {
+        'api-sock': { type: 'string', default: DEFAULT_API_SOCK },
+        'config-file': { type: 'string' },
+        'no-api': { type: 'boolean', default: false },
+        id: { type: 'string', default: 'anonymous-instance' },
+        version: { type: 'boolean', default: false },
+      },
+      strict: true,
+    }));
+  } catch (err) {
+    process.stderr.write(`kiln-vmm: ${(err as Error).message}\nUsage: kiln-vmm [--api-sock PATH] [--config-file FILE] [--no-api] [--id ID] [--version]\n`);
+    return 2;
+  }
+  if (values.version) {
+    // Orchestrators parse "Firecracker vX.Y.Z" from the first line.
+    process.stdout.write(`Firecracker v${FIRECRACKER_API_VERSION} (Kiln ${KILN_VERSION})\n`);
+    return 0;
+  }
+  if (values['no-api'] && !values['config-file']) {
+    process.stderr.write('kiln-vmm: --no-api needs --config-file (nothing could configure the VM)\n');
+    return 2;
+  }
+  const log = (line: string) => process.stderr.write(`kiln-vmm: ${line}\n`);
+  const vmm = new Vmm(checkId('instance', values.id), 1, log);
+  let server: Server | null = null;
+  const finish = async (code: number): Promise<number> => {
+    await vmm.shutdown();
+    if (server) await new Promise((resolve) => server!.close(resolve));
+    return code;
+  };
+  try {
+    if (values['config-file']) {
+      let json: unknown;
+      try {
+        json = JSON.parse(readFileSync(values['config-file'], 'utf8'));
+      } catch (err) {
+        throw new KilnError(`cannot read the config file ${values['config-file']}: ${(err as Error).message}`);
+      }
+      vmm.definition = parseConfigFile(json);
+    }
+    if (!values['no-api']) server = await listenApi(values['api-sock'], vmm);
+    if (values['config-file']) await vmm.start();
+  } catch (err) {
+    if (!(err instanceof KilnError)) throw err;
+    log(err.message);
+    return finish(1);
+  }
+  const stopped = new Promise<number>((resolve) => {
+    const stop = () => resolve(0);
+    process.once('SIGTERM', stop);
+    process.once('SIGINT', stop);
+  });
+  const guestEnded = vmm.ended.then((result) => {
+    log(`the VM ended: ${result.detail}`);
+    return result.exitCode ?? (result.reason === 'stopped' ? 0 : 3);
+  });
+  return finish(await Promise.race([stopped, guestEnded]));
+}
+
+process.exitCode = await main(process.argv.slice(2));
+// The vCPU and I/O worker threads are gone; nothing else should hold the process.
+setTimeout(() => process.exit(), 200).unref();

@@ -1,0 +1,187 @@
+// The Firecracker-compatible API, request by request, over a real Unix socket. Every
+// response is validated against Firecracker's own spec (test/fixtures/firecracker-api.yaml):
+// the status code must be one the operation declares, and the body must match its schema.
+// Every error path is a 400 with a fault_message, and leaves the definition unchanged.
+import assert from 'node:assert/strict';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { request, type Server } from 'node:http';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+import { Ajv } from 'ajv';
+import { parse } from 'yaml';
+import { listenApi, MAX_BODY_BYTES } from '../../src/api/server.js';
+import { Vmm } from '../../src/api/vmm.js';
+import { tempDir } from '../helpers.js';
+
+interface Spec {
+  paths: Record<string, Record<string, { responses: Record<string, { schema?: unknown }> }>>;
+  definitions: Record<string, unknown>;
+}
+const spec = parse(readFileSync(fileURLToPath(new URL('../../../test/fixtures/firecracker-api.yaml', import.meta.url)), 'utf8')) as Spec;
+const ajv = new Ajv({ strict: false, allErrors: true });
+ajv.addSchema({ definitions: spec.definitions }, 'fc');
+
+/** The spec's path template that matches `path` (e.g. /drives/{drive_id}). */
+function specPath(path: string): string | undefined {
+  return Object.keys(spec.paths).find((p) => new RegExp(`^${p.replace(/\{[^}]+\}/g, '[^/]+')}$`).test(path));
+}
+
+function validateResponse(method: string, path: string, status: number, body: unknown): void {
+  const template = specPath(path);
+  if (!template) {
+    assert.equal(status, 400, `${method} ${path}: not in the spec, so a 400`);
+  } else {
+    const op = spec.paths[template]![method.toLowerCase()];
+    if (!op) return assert.equal(status, 400, `${method} ${path}: method not in the spec, so a 400`);
+    const declared = op.responses[String(status)] ?? (status === 400 ? op.responses.default : undefined);
+    assert.ok(declared, `${method} ${path}: status ${status} is not one the spec declares (${Object.keys(op.responses).join(', ')})`);
+    if (status === 204) return assert.equal(body, undefined, `${method} ${path}: 204 has no body`);
+    const schema = declared.schema as { $ref?: string } | undefined;
+    if (schema?.$ref) {
+      const ok = ajv.validate({ $ref: `fc${schema.$ref}` }, body);
+      assert.ok(ok, `${method} ${path} ${status}: body does not match ${schema.$ref}: ${ajv.errorsText()}\n${JSON.stringify(body)}`);
+    }
+  }
+  if (status === 400) {
+    assert.equal(typeof (body as { fault_message?: unknown }).fault_message, 'string', `${method} ${path}: 400 carries a fault_message`);
+  }
+}
+
+let socketPath = '';
+let vmm: Vmm;
+let server: Server;
+
+function call(method: string, path: string, body?: unknown, raw?: string): Promise<{ status: number; body: unknown }> {
+  const payload = raw ?? (body === undefined ? undefined : JSON.stringify(body));
+  return new Promise((resolve, reject) => {
+    const req = request({ socketPath, method, path, headers: payload === undefined ? {} : { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(payload) } }, (res) => {
+      let text = '';
+      res.setEncoding('utf8');
+      res.on('data', (c: string) => (text += c));
+      res.on('end', () => {
+        const parsed: unknown = text === '' ? undefined : JSON.parse(text);
+        try {
+          validateResponse(method, path, res.statusCode!, parsed);
+          resolve({ status: res.statusCode!, body: parsed });
+        } catch (err) {
+          reject(err);
+        }
+      });
+    });
+    req.on('error', reject);
+    if (payload !== undefined) req.write(payload);
+    req.end();
+  });
+}
+
+const faultOf = (r: { body: unknown }) => (r.body as { fault_message: string }).fault_message;
+
+describe('the Firecracker API', () => {
+  const dir = tempDir();
+  before(async () => {
+    socketPath = join(dir, 'api.sock');
+    vmm = new Vmm('test_vm', -1, () => undefined);
+    server = await listenApi(socketPath, vmm);
+  });
+  after(() => new Promise<void>((resolve) => server.close(() => resolve())));
+
+  test('GET /, /version and /vm/config before any configuration', async () => {
+    const info = await call('GET', '/');
+    assert.equal(info.status, 200);
+    assert.deepEqual(info.body, { app_name: 'Firecracker', id: 'test_vm', state: 'Not started', vmm_version: (info.body as { vmm_version: string }).vmm_version });
+    const version = await call('GET', '/version');
+    assert.match((version.body as { firecracker_version: string }).firecracker_version, /^\d+\.\d+\.\d+$/);
+    const config = await call('GET', '/vm/config');
+    assert.deepEqual((config.body as Record<string, unknown>)['machine-config'], { vcpu_count: 1, mem_size_mib: 128, smt: false, track_dirty_pages: false, huge_pages: 'None' });
+  });
+
+  test('every pre-boot resource is accepted with 204 and shows in GET /vm/config', async () => {
+    const disk = join(dir, 'disk.img');
+    writeFileSync(disk, Buffer.alloc(4096));
+    for (const [path, body] of [
+      ['/boot-source', { kernel_image_path: '/k/vmlinux', boot_args: 'console=ttyS0', initrd_path: '/k/initrd' }],
+      ['/machine-config', { vcpu_count: 2, mem_size_mib: 256 }],
+      ['/drives/rootfs', { drive_id: 'rootfs', path_on_host: disk, is_root_device: true, is_read_only: false }],
+      ['/drives/data_1', { drive_id: 'data_1', path_on_host: disk, is_root_device: false, is_read_only: true, cache_type: 'Unsafe', io_engine: 'Sync' }],
+      ['/network-interfaces/eth0', { iface_id: 'eth0', host_dev_name: 'tap0', guest_mac: '06:00:AC:10:00:02' }],
+      ['/vsock', { guest_cid: 3, uds_path: join(dir, 'v.sock') }],
+      ['/entropy', {}],
+      ['/balloon', { amount_mib: 0, deflate_on_oom: false, stats_polling_interval_s: 1 }],
+      ['/logger', { log_path: join(dir, 'log'), level: 'debug' }],
+      ['/metrics', { metrics_path: join(dir, 'metrics') }],
+    ] as const) {
+      const r = await call('PUT', path, body);
+      assert.equal(r.status, 204, `PUT ${path}: ${JSON.stringify(r.body)}`);
+    }
+    assert.equal((await call('PATCH', '/machine-config', { mem_size_mib: 512 })).status, 204);
+    assert.equal((await call('PATCH', '/drives/data_1', { drive_id: 'data_1', path_on_host: disk })).status, 204);
+    assert.equal((await call('PATCH', '/balloon', { amount_mib: 16 })).status, 204);
+    const config = (await call('GET', '/vm/config')).body as Record<string, unknown>;
+    assert.deepEqual(config['boot-source'], { kernel_image_path: '/k/vmlinux', boot_args: 'console=ttyS0', initrd_path: '/k/initrd' });
+    assert.equal((config['machine-config'] as { mem_size_mib: number }).mem_size_mib, 512);
+    assert.equal((config['machine-config'] as { vcpu_count: number }).vcpu_count, 2);
+    assert.deepEqual((config.drives as Array<{ drive_id: string }>).map((d) => d.drive_id), ['rootfs', 'data_1']);
+    assert.equal((config['network-interfaces'] as unknown[]).length, 1);
+    assert.deepEqual(config.vsock, { guest_cid: 3, uds_path: join(dir, 'v.sock') });
+    assert.equal((config.balloon as { amount_mib: number }).amount_mib, 16);
+    assert.equal((config.logger as { level: string }).level, 'Debug', 'levels are case-insensitive');
+    assert.equal((await call('GET', '/machine-config')).status, 200);
+    assert.equal((await call('GET', '/balloon')).status, 200);
+  });
+
+  test('bad requests are 400 with a fault message, and change nothing', async () => {
+    const before = JSON.stringify((await call('GET', '/vm/config')).body);
+    const cases: Array<[string, string, unknown, RegExp, string?]> = [
+      ['PUT', '/machine-config', undefined, /not valid JSON/, '{"vcpu_count": 2,'],
+      ['PUT', '/machine-config', { vcpu_count: 'two', mem_size_mib: 128 }, /`vcpu_count` must be an integer/],
+      ['PUT', '/machine-config', { vcpu_count: 2, mem_size_mib: 128, turbo: true }, /unknown field `turbo`/],
+      ['PUT', '/machine-config', { vcpu_count: 3, mem_size_mib: 128 }, /1 or an even number/],
+      ['PUT', '/machine-config', { vcpu_count: 64, mem_size_mib: 128 }, /at most 32/],
+      ['PUT', '/machine-config', { mem_size_mib: 128 }, /missing field `vcpu_count`/],
+      ['PUT', '/machine-config', [1, 2], /must be a JSON object/],
+      ['PUT', '/boot-source', {}, /missing field `kernel_image_path`/],
+      ['PUT', '/drives/bad-id', { drive_id: 'bad-id', path_on_host: '/x', is_root_device: false }, /Invalid drive ID/],
+      ['PUT', '/drives/a', { drive_id: 'b', path_on_host: '/x', is_root_device: false }, /does not match the id from the body/],
+      ['PUT', '/drives/other_root', { drive_id: 'other_root', path_on_host: '/x', is_root_device: true }, /root block device already exists/],
+      ['PUT', '/drives/rl', { drive_id: 'rl', path_on_host: '/x', is_root_device: false, rate_limiter: { bandwidth: { size: 1, refill_time: 1 } } }, /rate limiters are not supported/],
+      ['PATCH', '/drives/nope', { drive_id: 'nope', path_on_host: '/x' }, /Invalid block device ID/],
+      ['PUT', '/network-interfaces/eth1', { iface_id: 'eth1', host_dev_name: 'tap0' }, /already used by network interface eth0/],
+      ['PUT', '/network-interfaces/eth1', { iface_id: 'eth1', host_dev_name: 'tap1', guest_mac: 'nope' }, /not a MAC address/],
+      ['PUT', '/vsock', { guest_cid: 2, uds_path: '/x' }, /at least 3/],
+      ['PUT', '/balloon', { amount_mib: 1, deflate_on_oom: true, free_page_hinting: true }, /hinting is not supported/],
+      ['PUT', '/logger', { level: 'loud' }, /`level` must be one of/],
+      ['PUT', '/actions', { action_type: 'Reboot' }, /must be one of FlushMetrics, InstanceStart, SendCtrlAltDel/],
+      ['PATCH', '/vm', { state: 'Paused' }, /not supported before starting/],
+      ['PUT', '/snapshot/create', { snapshot_path: '/s', mem_file_path: '/m' }, /Snapshots .* not supported by Kiln yet/],
+      ['PUT', '/mmds', {}, /metadata service .* not supported by Kiln yet/],
+      ['PUT', '/cpu-config', {}, /not supported by Kiln yet/],
+      ['GET', '/nothing-here', undefined, /Invalid request method and\/or path/],
+      ['DELETE', '/drives/rootfs', undefined, /Invalid request method and\/or path/],
+      ['PUT', '/boot-source', undefined, /body is empty/, ''],
+    ];
+    for (const [method, path, body, pattern, raw] of cases) {
+      const r = await call(method, path, body, raw);
+      assert.equal(r.status, 400, `${method} ${path} ${JSON.stringify(body)}`);
+      assert.match(faultOf(r), pattern, `${method} ${path}`);
+    }
+    const big = JSON.stringify({ kernel_image_path: 'x'.repeat(MAX_BODY_BYTES) });
+    const tooBig = await call('PUT', '/boot-source', undefined, big);
+    assert.equal(tooBig.status, 400);
+    assert.match(faultOf(tooBig), /larger than the limit of 51200 bytes/);
+    assert.equal(JSON.stringify((await call('GET', '/vm/config')).body), before, 'no failed request changed the definition');
+  });
+
+  test('InstanceStart without a usable kernel is a 400 and the instance stays "Not started"', async () => {
+    const r = await call('PUT', '/actions', { action_type: 'InstanceStart' });
+    assert.equal(r.status, 400);
+    assert.match(faultOf(r), /Cannot start microvm/);
+    assert.equal(((await call('GET', '/')).body as { state: string }).state, 'Not started');
+  });
+
+  test('FlushMetrics writes a JSON line to the metrics file', async () => {
+    assert.equal((await call('PUT', '/actions', { action_type: 'FlushMetrics' })).status, 204);
+    const line = JSON.parse(readFileSync(join(dir, 'metrics'), 'utf8').trim().split('\n').at(-1)!) as { vmm: { state: string } };
+    assert.equal(line.vmm.state, 'Not started');
+  });
+});
