@@ -7,7 +7,7 @@
 import { readFileSync } from 'node:fs';
 import type { Server } from 'node:http';
 import { parseArgs } from 'node:util';
-import { checkId, parseConfigFile } from './api/resources.js';
+import { checkInstanceId, parseConfigFile } from './api/resources.js';
 import { FIRECRACKER_API_VERSION, KILN_VERSION, listenApi } from './api/server.js';
 import { Vmm } from './api/vmm.js';
 import { KilnError } from './errors.js';
@@ -42,7 +42,14 @@ async function main(argv: string[]): Promise<number> {
     return 2;
   }
   const log = (line: string) => process.stderr.write(`kiln-vmm: ${line}\n`);
-  const vmm = new Vmm(checkId('instance', values.id), 1, log);
+  let id: string;
+  try {
+    id = checkInstanceId(values.id);
+  } catch (err) {
+    log((err as Error).message);
+    return 2;
+  }
+  const vmm = new Vmm(id, 1, log);
   let server: Server | null = null;
   const finish = async (code: number): Promise<number> => {
     await vmm.shutdown();

@@ -137,9 +137,15 @@ function check(resource: string, body: unknown, fields: Fields): Record<string, 
   return record;
 }
 
-/** Firecracker's ID rule: ASCII letters, digits and underscores, at most 64 of them. */
+/** Firecracker's ID rule for devices: ASCII letters, digits and underscores, at most 64 of them. */
 export function checkId(what: string, id: string): string {
   if (!/^[A-Za-z0-9_]{1,64}$/.test(id)) throw new ApiError(`Invalid ${what} ID: '${id}' (use 1 to 64 ASCII letters, digits or underscores)`);
+  return id;
+}
+
+/** Firecracker's rule for the instance ID (--id): ASCII letters, digits and hyphens, at most 64. */
+export function checkInstanceId(id: string): string {
+  if (!/^[A-Za-z0-9-]{1,64}$/.test(id)) throw new ApiError(`Invalid instance ID: '${id}' (use 1 to 64 ASCII letters, digits or hyphens)`);
   return id;
 }
 

@@ -1,0 +1,102 @@
+// `kiln-vmm` as orchestrators run it: its version line, its flags' errors, SIGTERM, and
+// Firecracker's getting-started sequence of curl calls, verbatim, booting the kit's
+// Linux from an ext4 root drive to its init and power-off.
+import assert from 'node:assert/strict';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { existsSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+import { buildMinimalKernel, buildRootfs } from '../../src/guestkit/build.js';
+import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
+
+const VMM = fileURLToPath(new URL('../../src/vmm-cli.js', import.meta.url));
+const vmm = (args: string[]) => spawnSync(process.execPath, [VMM, ...args], { encoding: 'utf8', timeout: 30_000 });
+const log = (line: string) => process.stderr.write(`# guest kit: ${line}\n`);
+
+describe('kiln-vmm', () => {
+  test('--version prints the line orchestrators parse', () => {
+    const r = vmm(['--version']);
+    assert.equal(r.status, 0);
+    assert.match(r.stdout, /^Firecracker v\d+\.\d+\.\d+ \(Kiln \d+\.\d+\.\d+\)\n$/);
+  });
+
+  test('flag errors: --no-api without --config-file, an unknown flag, a bad config file, an existing socket', () => {
+    const dir = tempDir();
+    const noApi = vmm(['--no-api']);
+    assert.equal(noApi.status, 2);
+    assert.match(noApi.stderr, /--no-api needs --config-file/);
+    assert.equal(vmm(['--frobnicate']).status, 2);
+    const badJson = join(dir, 'bad.json');
+    writeFileSync(badJson, '{"boot-source": ');
+    const bad = vmm(['--no-api', '--config-file', badJson]);
+    assert.equal(bad.status, 1);
+    assert.match(bad.stderr, /^kiln-vmm: cannot read the config file .*bad\.json/);
+    const unknown = join(dir, 'unknown.json');
+    writeFileSync(unknown, JSON.stringify({ 'machine-config': { vcpu_count: 1, mem_size_mib: 64, colour: 'red' } }));
+    const u = vmm(['--no-api', '--config-file', unknown]);
+    assert.equal(u.status, 1);
+    assert.match(u.stderr, /unknown field `colour`/);
+    const sock = join(dir, 'taken.sock');
+    writeFileSync(sock, '');
+    const taken = vmm(['--api-sock', sock]);
+    assert.equal(taken.status, 1);
+    assert.match(taken.stderr, /already exists/);
+  });
+
+  test('SIGTERM stops it cleanly and removes its socket', async () => {
+    const sock = join(tempDir(), 'api.sock');
+    assert.equal(vmm(['--id', 'bad/id']).status, 2, 'an instance ID with a slash is refused');
+    const child = spawn(process.execPath, [VMM, '--api-sock', sock, '--id', 'sigterm-test'], { stdio: 'ignore' });
+    for (let i = 0; i < 200 && !existsSync(sock); i++) await sleep(25);
+    assert.ok(existsSync(sock), 'the API socket appeared');
+    const code = new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
+    child.kill('SIGTERM');
+    assert.equal(await code, 0);
+    assert.ok(!existsSync(sock), 'socket removed');
+  });
+
+  test("Firecracker's getting-started curl sequence boots Linux from a root drive", { skip: kvmSkip || (toolAvailable('curl', '--version') ? false : 'needs curl'), timeout: 20 * 60_000 }, async () => {
+    const kernel = await buildMinimalKernel(log);
+    const rootfs = await buildRootfs(log);
+    const dir = tempDir();
+    const disk = join(dir, 'rootfs.ext4');
+    execFileSync('cp', [rootfs.path, disk]);
+    const sock = join(dir, 'firecracker.socket');
+    const child = spawn(process.execPath, [VMM, '--api-sock', sock], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let console = '';
+    child.stdout.setEncoding('utf8').on('data', (c: string) => (console += c));
+    child.stderr.setEncoding('utf8').on('data', (c: string) => (console += c));
+    const exited = new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
+    for (let i = 0; i < 200 && !existsSync(sock); i++) await sleep(25);
+    // The guide's calls, with its variables; its boot_args include pci=off, which Kiln drops.
+    const script = `
+      set -e
+      curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/boot-source' \\
+        -H 'Accept: application/json' -H 'Content-Type: application/json' \\
+        -d "{\\"kernel_image_path\\": \\"\${KERNEL}\\", \\"boot_args\\": \\"console=ttyS0 reboot=k panic=1 pci=off\\"}"
+      curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/drives/rootfs' \\
+        -H 'Accept: application/json' -H 'Content-Type: application/json' \\
+        -d "{\\"drive_id\\": \\"rootfs\\", \\"path_on_host\\": \\"\${ROOTFS}\\", \\"is_root_device\\": true, \\"is_read_only\\": false}"
+      curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/machine-config' \\
+        -H 'Accept: application/json' -H 'Content-Type: application/json' \\
+        -d '{"vcpu_count": 2, "mem_size_mib": 256}'
+      curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/actions' \\
+        -H 'Accept: application/json' -H 'Content-Type: application/json' \\
+        -d '{"action_type": "InstanceStart"}'
+      curl -s --unix-socket "\${API_SOCKET}" 'http://localhost/'
+    `;
+    const out = execFileSync('bash', ['-c', script], { encoding: 'utf8', env: { ...process.env, API_SOCKET: sock, KERNEL: kernel.vmlinux, ROOTFS: disk } });
+    assert.equal(out.match(/HTTP\/1\.1 204/g)?.length, 4, `four 204s:\n${out}`);
+    assert.match(out, /"state":"Running"/);
+    const guard = sleep(12 * 60_000, null, { ref: false });
+    const code = await Promise.race([exited, guard]);
+    if (code === null) child.kill('SIGKILL');
+    assert.equal(code, 0, `kiln-vmm exits 0 when the guest powers off:\n${console.slice(-3000)}`);
+    assert.match(console, /EXT4-fs \(vda\): mounted filesystem/);
+    assert.match(console, /KILN_INIT cpus=2 /);
+    assert.match(console, /dropped `pci=off`/);
+    assert.ok(!existsSync(sock), 'the API socket is removed at exit');
+  });
+});
