@@ -79,8 +79,9 @@ const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Han
     const patch = r.parsePartialDrive(p.drive_id ?? '', body);
     const drive = vmm.definition.drives.get(patch.drive_id);
     if (!drive) throw new ApiError(`Invalid block device ID: ${patch.drive_id}`);
-    if (vmm.started) throw new ApiError('Updating a running drive is not supported by Kiln yet: PATCH it before InstanceStart');
-    if (patch.path_on_host !== undefined) vmm.definition.drives.set(drive.drive_id, { ...drive, path_on_host: patch.path_on_host });
+    if (patch.path_on_host === undefined) return;
+    if (vmm.started) vmm.patchDrive(drive.drive_id, patch.path_on_host);
+    vmm.definition.drives.set(drive.drive_id, { ...drive, path_on_host: patch.path_on_host });
   }, true],
   ['PUT', '/network-interfaces/:iface_id', (vmm, body, p) => {
     vmm.preBoot();

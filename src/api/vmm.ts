@@ -4,8 +4,9 @@
 import { closeSync, openSync, writeSync } from 'node:fs';
 import { createLinuxVm, type LinuxVm } from '../boot/linux.js';
 import { KilnError } from '../errors.js';
-import { balloonControl } from '../virtio/attach.js';
+import { balloonControl, blkControl, openDisk } from '../virtio/attach.js';
 import type { BalloonControl } from '../virtio/balloon.js';
+import type { VirtioPciDevice } from '../virtio/pci.js';
 import type { VmResult } from '../vm.js';
 import { ApiError, emptyDefinition, type VmDefinition } from './resources.js';
 
@@ -24,6 +25,7 @@ export class Vmm {
   private balloon: BalloonControl | null = null;
   private paused = false;
   private metricsFd = -1;
+  private readonly driveDevices = new Map<string, VirtioPciDevice>();
   readonly ended: Promise<VmResult>;
   private resolveEnded!: (r: VmResult) => void;
 
@@ -80,6 +82,9 @@ export class Vmm {
       if (err instanceof KilnError) throw new ApiError(`Cannot start microvm: ${err.message}`);
       throw err;
     }
+    // attachVirtio adds the disks first, in this order.
+    const disks = this.live.virtio.filter((v) => v.spec.options.type === 'blk');
+    drives.forEach((x, i) => this.driveDevices.set(x.drive_id, disks[i]!));
     const balloonDevice = this.live.virtio.find((v) => v.spec.options.type === 'balloon');
     this.balloon = balloonDevice ? balloonControl(balloonDevice) : null;
     await this.live.vm.start();
@@ -105,6 +110,23 @@ export class Vmm {
   ctrlAltDel(): void {
     if (!this.live) throw new ApiError(BEFORE_START);
     this.live.pressPowerButton();
+  }
+
+  /** PATCH /drives/{id} after the start: the drive's backing file changes under the running guest. */
+  patchDrive(driveId: string, path: string): void {
+    if (!this.live) throw new ApiError(BEFORE_START);
+    const drive = this.definition.drives.get(driveId);
+    if (!drive) throw new ApiError(`Invalid block device ID: ${driveId}`);
+    const device = this.driveDevices.get(driveId);
+    if (!device) throw new ApiError(`Drive ${driveId} was added after the start and has no device`);
+    let opened;
+    try {
+      opened = openDisk({ path, readOnly: drive.is_read_only, serial: driveId.slice(0, 20) }, 0);
+    } catch (err) {
+      throw new ApiError(`Unable to patch the block device: ${(err as Error).message}`);
+    }
+    this.live.vm.adoptFd(opened.fd);
+    blkControl(device).swap(opened.fd, Number(opened.options.sectors));
   }
 
   setBalloonTarget(mib: number): void {

@@ -54,6 +54,12 @@ const MAX_RANGE_SECTORS = 0x80_0000;
 
 const readOnly = (o: DeviceOptions) => o.readOnly === true;
 
+/**
+ * Shared with the host for a live media change (Firecracker's PATCH /drives after the
+ * start): the new file's fd and size, and a flag the I/O thread clears once swapped.
+ */
+export const BLK_SHARED = { newFd: 0, pending: 4, newSectors: 8, bytes: 16 } as const;
+
 export const blkType: VirtioDeviceType = {
   deviceId: 2,
   name: 'blk',
@@ -62,6 +68,7 @@ export const blkType: VirtioDeviceType = {
   features: (o) =>
     bit(VIRTIO_BLK_F_SEG_MAX) | bit(VIRTIO_BLK_F_BLK_SIZE) | bit(VIRTIO_BLK_F_FLUSH) | (readOnly(o) ? bit(VIRTIO_BLK_F_RO) : bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)),
   configBytes: () => BLK_CONFIG.bytes,
+  extraBytes: () => BLK_SHARED.bytes,
   initConfig(config, o) {
     const sectors = Number(o.sectors);
     config.setUint32(BLK_CONFIG.capacity, sectors % 2 ** 32, true);
@@ -92,11 +99,13 @@ export class BlkBackend implements VirtioBackend {
   private readonly ranges = new Uint8Array(RANGE_BYTES * MAX_RANGE_SEGMENTS);
   private readonly rangesView = new DataView(this.ranges.buffer);
   private readonly zeroes = new Uint8Array(64 * 1024);
-  private readonly fd: number;
-  private readonly sectors: number;
+  private fd: number;
+  private sectors: number;
   private readonly readOnly: boolean;
   private readonly serial: Uint8Array;
   private errorLogged = false;
+  private readonly controlFd: number;
+  readonly pollFds: Array<{ fd: number; ready(): void }>;
 
   constructor(
     private readonly rt: VirtioQueues,
@@ -107,6 +116,22 @@ export class BlkBackend implements VirtioBackend {
     this.readOnly = readOnly(options);
     this.serial = new Uint8Array(VIRTIO_BLK_ID_BYTES);
     this.serial.set(Buffer.from(String(options.serial ?? '')).subarray(0, VIRTIO_BLK_ID_BYTES));
+    this.controlFd = options.controlFd === undefined ? -1 : Number(options.controlFd);
+    this.pollFds = this.controlFd >= 0 ? [{ fd: this.controlFd, ready: () => this.swapMedia() }] : [];
+  }
+
+  /** The host changed the backing file: requests from now on go to it; the guest sees the new capacity. */
+  private swapMedia(): void {
+    libc.read(this.controlFd, Buffer.alloc(8), 8);
+    const shared = this.rt.state.extra(BLK_SHARED.bytes);
+    if (shared.getUint32(BLK_SHARED.pending, true) !== 1) return;
+    this.fd = shared.getInt32(BLK_SHARED.newFd, true);
+    this.sectors = shared.getFloat64(BLK_SHARED.newSectors, true);
+    const config = this.rt.state.config();
+    config.setUint32(BLK_CONFIG.capacity, this.sectors % 2 ** 32, true);
+    config.setUint32(BLK_CONFIG.capacity + 4, Math.floor(this.sectors / 2 ** 32), true);
+    shared.setUint32(BLK_SHARED.pending, 0, true);
+    this.rt.configChanged();
   }
 
   queueNotified(q: number): void {
@@ -259,5 +284,25 @@ export class BlkBackend implements VirtioBackend {
       }
     }
     return VIRTIO_BLK_S_OK;
+  }
+}
+
+/** The host's handle on a disk: swap its backing file while the VM runs. */
+export class BlkControl {
+  constructor(
+    private readonly state: { extra(bytes: number): DataView },
+    private readonly controlFd: number,
+  ) {}
+
+  /** Hands `fd` (opened and checked by openDisk) to the I/O thread; it takes over at its next turn. */
+  swap(fd: number, sectors: number): void {
+    if (this.controlFd < 0) throw new KilnError('this disk cannot change its backing file (no control channel)');
+    const shared = this.state.extra(BLK_SHARED.bytes);
+    shared.setInt32(BLK_SHARED.newFd, fd, true);
+    shared.setFloat64(BLK_SHARED.newSectors, sectors, true);
+    shared.setUint32(BLK_SHARED.pending, 1, true);
+    const one = Buffer.alloc(8);
+    one.writeBigUInt64LE(1n);
+    libc.write(this.controlFd, one, 8);
   }
 }

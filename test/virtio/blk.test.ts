@@ -8,6 +8,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { KIT_DATA } from '../../src/layout.js';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
+import { blkControl, openDisk } from '../../src/virtio/attach.js';
 import { blkOptions } from '../../src/virtio/blk.js';
 import { VIRTIO_BAR } from '../../src/virtio/pci.js';
 import { QUEUE_RECORD } from '../../src/virtio/queue.js';
@@ -209,5 +210,61 @@ describe('virtio-blk', { skip: kvmSkip }, () => {
     assert.deepEqual(file.subarray(200 * 512, 208 * 512), Buffer.alloc(4096), 'discard punched the range (reads as zeroes)');
     assert.deepEqual(file.subarray(108 * 512, 200 * 512), pattern.subarray(108 * 512, 200 * 512), 'nothing around them changed');
     assert.deepEqual(readFileSync(roPath), pattern, 'the read-only image is untouched');
+  });
+
+  test('the backing file changes under a running guest (PATCH /drives): new capacity and contents, with a configuration change', async () => {
+    const a = disk(1 << 20);
+    const { fd, options } = blkDevice(a.path);
+    const t = virtioTestVm([{ type: 'blk', options }]);
+    t.vm.adoptFd(fd);
+    const bPath = `${a.path}.b`;
+    const b = Buffer.alloc(2 << 20, 0x42);
+    writeFileSync(bPath, b);
+    await runDriver(
+      t,
+      `struct req { u32 type; u32 reserved; u64 sector; };
+      static u64 rd(struct vq *q, u64 sector, u64 data) {
+        u64 h = kit_alloc(64);
+        ((struct req *)(uptr)h)->type = 0; ((struct req *)(uptr)h)->sector = sector; wr8(h + 32, 0xee);
+        struct vbuf v[3] = { { h, 16, 0 }, { data, 512, 1 }, { h + 32, 1, 1 } };
+        vq_add(q, v, 3, 0); vq_kick(q);
+        if (vq_wait(q, 0, 100000000) < 0) kit_exit(90);
+        return rd8(h + 32);
+      }
+      void kit_main(void) {
+        struct vdev d; struct vq q;
+        vdev_find(&d, SLOT0);
+        vdev_negotiate(&d, 1ULL << VIRTIO_F_VERSION_1);
+        vq_setup(&d, &q, 0, 0, VIRTIO_MSI_NO_VECTOR);
+        vdev_driver_ok(&d);
+        u64 buf = kit_alloc(4096);
+        RESULT(0) = rd32(d.device);
+        rd(&q, 0, buf);
+        RESULT(1) = rd32(buf);
+        u8 gen = rd8(d.common + VCOMMON_CFGGEN);
+        RESULT(9) = 1;
+        long spins = 1000000000L;
+        while (rd8(d.common + VCOMMON_CFGGEN) == gen && spins-- > 0) {}
+        RESULT(2) = rd32(d.device);
+        RESULT(3) = rd(&q, 3000, buf);  /* past the old end, inside the new one */
+        RESULT(4) = rd32(buf);
+        kit_exit(0);
+      }`,
+      {},
+      (r) => {
+        assert.equal(r.exitCode, 0, r.detail);
+        assert.equal(result(t, 0), 2048n, 'old capacity');
+        assert.equal(result(t, 1), BigInt(a.pattern.readUInt32LE(0)), 'old contents');
+        assert.equal(result(t, 2), 4096n, 'new capacity after the configuration change');
+        assert.equal(result(t, 3), 0n, 'a read past the old end succeeds');
+        assert.equal(result(t, 4), 0x42424242n, 'new contents');
+      },
+      async () => {
+        for (let i = 0; i < 400 && result(t, 9) !== 1n; i++) await sleep(5);
+        const opened = openDisk({ path: bPath }, 0);
+        t.vm.adoptFd(opened.fd);
+        blkControl(t.devices[0]!).swap(opened.fd, Number(opened.options.sectors));
+      },
+    );
   });
 });

@@ -21,7 +21,7 @@ export function virtioTestVm(devices: Array<{ type: string; options?: DeviceOpti
     const added = devices.map((d, i) => {
       const slot = pci.takeSlot();
       let options = d.options ?? {};
-      if (d.type === 'balloon' && options.controlFd === undefined) {
+      if ((d.type === 'balloon' || d.type === 'blk') && options.controlFd === undefined) {
         // As attachVirtio does: the host's requests reach the I/O thread through an eventfd.
         const controlFd = libc.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
         t.vm.adoptFd(controlFd);
