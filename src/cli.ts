@@ -13,6 +13,7 @@ import type { SerialHost } from './devices/serial.js';
 import { KilnError } from './errors.js';
 import { buildCloudKernel, buildInitramfs, buildMinimalKernel, buildRootfs, cacheDir } from './guestkit/build.js';
 import { parseSize } from './size.js';
+import { MANAGER_USAGE, ManagerUsageError, managerCommand } from './manager/commands.js';
 import type { DiskConfig, NetConfig } from './virtio/attach.js';
 import { Vm, type VmResult } from './vm.js';
 
@@ -49,6 +50,8 @@ Options for run (with no guest named, Kiln boots the kit's minimal Linux, buildi
   --on-reboot WHAT  exit (default) or restart when the guest reboots
   --json            print one JSON result (with the serial output) instead of attaching the console
   --verbose         log unhandled port and MMIO accesses (once each)
+
+${MANAGER_USAGE.trim()}
 
 Options for guest build:
   --json            print the artifacts' paths as JSON
@@ -317,6 +320,24 @@ async function main(argv: string[]): Promise<number> {
       return run(rest);
     case 'guest':
       return guest(rest);
+    case 'create':
+    case 'start':
+    case 'stop':
+    case 'pause':
+    case 'resume':
+    case 'restart':
+    case 'console':
+    case 'ls':
+    case 'info':
+    case 'logs':
+    case 'rm':
+    case 'daemon':
+      try {
+        return await managerCommand(command, rest, progress);
+      } catch (err) {
+        if (err instanceof ManagerUsageError) throw new UsageError(err.message);
+        throw err;
+      }
     case 'version':
     case '--version':
       process.stdout.write(`kiln ${VERSION}\n`);

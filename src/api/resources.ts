@@ -84,7 +84,7 @@ export function emptyDefinition(): VmDefinition {
 }
 
 // ---- field checking ----
-type Kind = { type: 'string' } | { type: 'boolean' } | { type: 'integer'; min?: number; max?: number } | { type: 'enum'; values: readonly string[] } | { type: 'object' };
+type Kind = { type: 'string' } | { type: 'boolean' } | { type: 'integer'; min?: number; max?: number } | { type: 'enum'; values: readonly string[] } | { type: 'object' } | { type: 'array' };
 type Fields = Readonly<Record<string, Kind & { required?: boolean }>>;
 
 const str = { type: 'string' } as const;
@@ -131,6 +131,9 @@ function check(resource: string, body: unknown, fields: Fields): Record<string, 
         break;
       case 'object':
         if (typeof value !== 'object' || value === null || Array.isArray(value)) throw bad('an object');
+        break;
+      case 'array':
+        if (!Array.isArray(value)) throw bad('an array');
         break;
     }
   }
@@ -309,8 +312,8 @@ export function parseConfigFile(json: unknown): VmDefinition {
   const r = check('config file', json, {
     'boot-source': obj,
     'machine-config': obj,
-    drives: { type: 'object' },
-    'network-interfaces': { type: 'object' },
+    drives: { type: 'array' },
+    'network-interfaces': { type: 'array' },
     vsock: obj,
     entropy: obj,
     balloon: obj,
@@ -322,7 +325,6 @@ export function parseConfigFile(json: unknown): VmDefinition {
   if (r['machine-config'] !== undefined) d.machineConfig = parseMachineConfig(r['machine-config']);
   for (const [key, list] of [['drives', r.drives], ['network-interfaces', r['network-interfaces']]] as const) {
     if (list === undefined) continue;
-    if (!Array.isArray(list)) throw new ApiError(`config file: \`${key}\` must be an array`);
     for (const item of list as unknown[]) {
       const id = String((item as Record<string, unknown> | null)?.[key === 'drives' ? 'drive_id' : 'iface_id'] ?? '');
       if (key === 'drives') addDrive(d, parseDrive(id, item));

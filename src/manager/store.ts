@@ -1,0 +1,161 @@
+// The manager's state directory: one JSON definition per VM (written atomically: a
+// temporary file, fsync, rename, fsync of the directory, so a crash leaves the old or
+// the new definition, never half of one), each running VM's run directory (console
+// log, API socket, VMM pid), and the host limits.
+//
+//   <state>/vms/<name>.json      definitions
+//   <state>/run/<name>/          console.log, api.sock, vmm.pid, config.json
+//   <state>/limits.json          overcommit ratios (optional)
+//   <state>/kiln.sock            the daemon's API
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+import { KilnError } from '../errors.js';
+
+/** What a VM is, as the user created it (kiln create, or a YAML/JSON file). */
+export interface VmSpec {
+  readonly name: string;
+  /** A kernel; none means the guest kit's minimal Linux and test init. */
+  readonly kernel?: string;
+  readonly initrd?: string;
+  readonly cmdline?: string;
+  readonly cpus: number;
+  readonly memoryMiB: number;
+  readonly disks: ReadonlyArray<{ readonly path: string; readonly readOnly?: boolean; readonly root?: boolean }>;
+  readonly nets: ReadonlyArray<{ readonly tap: string; readonly mac?: string }>;
+  readonly rng: boolean;
+  readonly vsock?: { readonly guestCid: number; readonly uds: string };
+  readonly balloonMiB?: number;
+  /** cgroup CPU weight (1-10000, default 100) and quota in percent of one CPU (0: none). */
+  readonly cpuWeight: number;
+  readonly cpuQuotaPercent: number;
+  /** Host CPUs the vCPU threads may run on (empty: any). */
+  readonly pinCpus: readonly number[];
+}
+
+export interface Limits {
+  /** How many vCPUs per host CPU may be allotted in all. */
+  readonly cpuOvercommit: number;
+  /** How much guest memory per byte of host RAM may be allotted in all. */
+  readonly memoryOvercommit: number;
+}
+
+export const DEFAULT_LIMITS: Limits = { cpuOvercommit: 4, memoryOvercommit: 1 };
+const NAME = /^[a-z0-9][a-z0-9-]{0,62}$/;
+
+export function checkName(name: string): string {
+  if (!NAME.test(name)) throw new KilnError(`'${name}' is not a valid VM name (lower-case letters, digits and '-', starting with a letter or digit, at most 63)`);
+  return name;
+}
+
+/** The state directory: $KILN_STATE_DIR, else /var/lib/kiln for root, else $XDG_STATE_HOME/kiln or ~/.local/state/kiln. */
+export function stateDir(): string {
+  if (process.env.KILN_STATE_DIR) return process.env.KILN_STATE_DIR;
+  if (process.getuid?.() === 0) return '/var/lib/kiln';
+  return join(process.env.XDG_STATE_HOME ?? join(homedir(), '.local', 'state'), 'kiln');
+}
+
+/** Writes `text` to `path` so that a crash leaves either the old file or the new one. */
+export function writeAtomically(path: string, text: string): void {
+  const dir = join(path, '..');
+  const tmp = `${path}.tmp-${process.pid}`;
+  const fd = openSync(tmp, 'w', 0o644);
+  try {
+    writeSync(fd, text);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  renameSync(tmp, path);
+  const dfd = openSync(dir, 'r');
+  try {
+    fsyncSync(dfd);
+  } finally {
+    closeSync(dfd);
+  }
+}
+
+/** A definition file that cannot be read: reported, never deleted or overwritten. */
+export interface BrokenDefinition {
+  readonly name: string;
+  readonly file: string;
+  readonly error: string;
+}
+
+export class Store {
+  readonly vmsDir: string;
+  readonly runRoot: string;
+
+  constructor(readonly dir: string = stateDir()) {
+    this.vmsDir = join(dir, 'vms');
+    this.runRoot = join(dir, 'run');
+    mkdirSync(this.vmsDir, { recursive: true });
+    mkdirSync(this.runRoot, { recursive: true });
+  }
+
+  get socketPath(): string {
+    return join(this.dir, 'kiln.sock');
+  }
+
+  runDir(name: string): string {
+    return join(this.runRoot, name);
+  }
+
+  private file(name: string): string {
+    return join(this.vmsDir, `${checkName(name)}.json`);
+  }
+
+  limits(): Limits {
+    const path = join(this.dir, 'limits.json');
+    if (!existsSync(path)) return DEFAULT_LIMITS;
+    try {
+      const raw = JSON.parse(readFileSync(path, 'utf8')) as Partial<Limits>;
+      return { ...DEFAULT_LIMITS, ...raw };
+    } catch (err) {
+      throw new KilnError(`${path} is not valid JSON: ${(err as Error).message}`);
+    }
+  }
+
+  /** Every readable definition, and the files that are not. */
+  list(): { vms: VmSpec[]; broken: BrokenDefinition[] } {
+    const vms: VmSpec[] = [];
+    const broken: BrokenDefinition[] = [];
+    for (const entry of readdirSync(this.vmsDir).sort()) {
+      if (!entry.endsWith('.json')) continue;
+      const name = entry.slice(0, -'.json'.length);
+      const file = join(this.vmsDir, entry);
+      try {
+        const spec = JSON.parse(readFileSync(file, 'utf8')) as VmSpec;
+        if (spec.name !== name) throw new Error(`it names VM '${String(spec.name)}'`);
+        vms.push(spec);
+      } catch (err) {
+        broken.push({ name, file, error: (err as Error).message });
+      }
+    }
+    return { vms, broken };
+  }
+
+  get(name: string): VmSpec {
+    const file = this.file(name);
+    if (!existsSync(file)) throw new KilnError(`no VM named '${name}'`);
+    try {
+      return JSON.parse(readFileSync(file, 'utf8')) as VmSpec;
+    } catch (err) {
+      throw new KilnError(`the definition of '${name}' (${file}) cannot be read: ${(err as Error).message}; it is left as it is`);
+    }
+  }
+
+  exists(name: string): boolean {
+    return existsSync(this.file(name));
+  }
+
+  create(spec: VmSpec): void {
+    if (this.exists(spec.name)) throw new KilnError(`a VM named '${spec.name}' already exists`);
+    writeAtomically(this.file(spec.name), `${JSON.stringify(spec, null, 2)}\n`);
+  }
+
+  remove(name: string): void {
+    rmSync(this.file(name), { force: true });
+    rmSync(this.runDir(name), { recursive: true, force: true });
+  }
+}
