@@ -1,0 +1,126 @@
+// The VM manager: definitions on disk (atomic, corrupt files kept and reported), bad
+// definitions refused, host limits with a message saying what is left, and end to end
+// through the `kiln` verbs: a VM created, started in its cgroup, surviving a daemon
+// crash (kill -9) with its true state found again, paused and resumed, its console log
+// kept, and removed.
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+import { cgroupDirs, weightToShares } from '../../src/manager/cgroup.js';
+import { normalizeSpec } from '../../src/manager/daemon.js';
+import { Store, writeAtomically } from '../../src/manager/store.js';
+import { kvmSkip, tempDir } from '../helpers.js';
+
+const CLI = fileURLToPath(new URL('../../src/cli.js', import.meta.url));
+
+function kiln(stateDir: string, args: string[]) {
+  return spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', env: { ...process.env, KILN_STATE_DIR: stateDir }, timeout: 10 * 60_000 });
+}
+
+function stopDaemon(stateDir: string): void {
+  spawnSync('pkill', ['-f', `${CLI} daemon`], { env: { ...process.env, KILN_STATE_DIR: stateDir } });
+}
+
+describe('the VM store', () => {
+  test('definitions are written atomically; a corrupt one is reported and left alone', () => {
+    const dir = tempDir();
+    const store = new Store(dir);
+    store.create(normalizeSpec({ name: 'alpha', cpus: 2, memoryMiB: 256 }));
+    store.create(normalizeSpec({ name: 'beta' }));
+    assert.throws(() => store.create(normalizeSpec({ name: 'beta' })), /a VM named 'beta' already exists/);
+    assert.deepEqual(readdirSync(join(dir, 'vms')).sort(), ['alpha.json', 'beta.json'], 'no temporary files left behind');
+    writeFileSync(join(dir, 'vms', 'gamma.json'), '{"name": "gamma", "cpus":');
+    const { vms, broken } = store.list();
+    assert.deepEqual(vms.map((v) => v.name), ['alpha', 'beta']);
+    assert.equal(broken.length, 1);
+    assert.equal(broken[0]!.name, 'gamma');
+    assert.equal(readFileSync(join(dir, 'vms', 'gamma.json'), 'utf8'), '{"name": "gamma", "cpus":', 'the corrupt file is kept as it was');
+    assert.throws(() => store.get('gamma'), /cannot be read.*left as it is/);
+    const target = join(dir, 'x.json');
+    writeAtomically(target, 'one');
+    writeAtomically(target, 'two');
+    assert.equal(readFileSync(target, 'utf8'), 'two');
+  });
+
+  test('bad definitions are refused with the reason', () => {
+    assert.throws(() => normalizeSpec({ name: 'Upper' }), /not a valid VM name/);
+    assert.throws(() => normalizeSpec({ name: 'ok', cpus: 3 }), /1 or an even number/);
+    assert.throws(() => normalizeSpec({ name: 'ok', memoryMiB: 'lots' }), /memoryMiB must be a whole number/);
+    assert.throws(() => normalizeSpec({ name: 'ok', colour: 'red' }), /unknown field\(s\) in the VM definition: colour/);
+    assert.throws(() => normalizeSpec({ name: 'ok', disks: [{}] }), /each disk needs a path/);
+    assert.throws(() => normalizeSpec({ name: 'ok', cpuWeight: 0 }), /cpuWeight must be a whole number from 1 to 10000/);
+    assert.deepEqual(normalizeSpec({ name: 'ok' }), { name: 'ok', cpus: 1, memoryMiB: 128, disks: [], nets: [], rng: false, cpuWeight: 100, cpuQuotaPercent: 0, pinCpus: [] });
+  });
+
+  test('cgroup v1 shares follow the v2 weight scale', () => {
+    assert.equal(weightToShares(100), 1024);
+    assert.equal(weightToShares(200), 2048);
+    assert.equal(weightToShares(1), 10);
+  });
+});
+
+describe('kiln VM-manager verbs', () => {
+  test('usage and limits: a start that would overcommit says how much is left; nothing starts', () => {
+    const dir = tempDir();
+    try {
+      writeFileSync(join(dir, 'limits.json'), JSON.stringify({ cpuOvercommit: 0.5 }));
+      assert.equal(kiln(dir, ['create', 'big', '--cpus', '4', '--memory', '64M']).status, 0);
+      const r = kiln(dir, ['start', 'big']);
+      assert.equal(r.status, 1);
+      assert.match(r.stderr, /would exceed the vCPU limit of 1 \(2 host CPUs x 0.5\); 1 vCPUs are left|would exceed the vCPU limit of \d+ .*vCPUs are left/);
+      assert.equal(JSON.parse(kiln(dir, ['ls', '--json']).stdout).vms[0].state, 'stopped');
+      const noName = kiln(dir, ['start']);
+      assert.equal(noName.status, 2);
+      assert.match(noName.stderr, /needs a VM name/);
+      assert.equal(kiln(dir, ['info', 'nope']).status, 1);
+      assert.equal(kiln(dir, ['create', '-f', join(dir, 'missing.yaml')]).status, 1);
+      const yaml = join(dir, 'vm.yaml');
+      writeFileSync(yaml, 'name: from-yaml\ncpus: 2\nmemoryMiB: 96\nrng: true\n');
+      assert.equal(kiln(dir, ['create', '-f', yaml]).status, 0);
+      const listed = JSON.parse(kiln(dir, ['ls', '--json']).stdout) as { vms: Array<{ name: string; memoryMiB: number }> };
+      assert.deepEqual(listed.vms.map((v) => `${v.name}:${v.memoryMiB}`), ['big:64', 'from-yaml:96']);
+    } finally {
+      stopDaemon(dir);
+    }
+  });
+
+  test('create, start in a cgroup, survive a daemon crash, pause/resume, keep the console log, rm', { skip: kvmSkip, timeout: 15 * 60_000 }, async () => {
+    const dir = tempDir();
+    mkdirSync(dir, { recursive: true });
+    try {
+      assert.equal(kiln(dir, ['create', 'web', '--cpus', '1', '--memory', '128M', '--cpu-weight', '200']).status, 0);
+      const started = kiln(dir, ['start', 'web', '--json']);
+      assert.equal(started.status, 0, started.stderr);
+      assert.equal(JSON.parse(started.stdout).state, 'running');
+      const pid = Number(readFileSync(join(dir, 'run', 'web', 'vmm.pid'), 'utf8'));
+      const cgroup = readFileSync(`/proc/${pid}/cgroup`, 'utf8');
+      if (cgroupDirs('web').length > 0) assert.match(cgroup, /kiln\/web/, 'the VMM runs in its own cgroup');
+      if (existsSync('/sys/fs/cgroup/cpu/kiln/web/cpu.shares')) assert.equal(readFileSync('/sys/fs/cgroup/cpu/kiln/web/cpu.shares', 'utf8').trim(), '2048');
+      // The daemon dies; the VM does not; a new daemon finds it running.
+      stopDaemon(dir);
+      spawnSync('pkill', ['-9', '-f', `${CLI} daemon`]);
+      const after = JSON.parse(kiln(dir, ['ls', '--json']).stdout) as { vms: Array<{ state: string; pid: number }> };
+      assert.equal(after.vms[0]!.state, 'running');
+      assert.equal(after.vms[0]!.pid, pid);
+      assert.equal(kiln(dir, ['pause', 'web']).stdout.trim(), 'web: paused');
+      assert.equal(kiln(dir, ['resume', 'web']).stdout.trim(), 'web: running');
+      assert.equal(kiln(dir, ['rm', 'web']).status, 1, 'a running VM is not removed');
+      // The test init powers the guest off by itself.
+      let state = 'running';
+      for (let i = 0; i < 600 && state !== 'stopped'; i++) {
+        await sleep(500);
+        state = (JSON.parse(kiln(dir, ['info', 'web', '--json']).stdout) as { state: string }).state;
+      }
+      assert.equal(state, 'stopped');
+      assert.match(kiln(dir, ['logs', 'web']).stdout, /KILN_INIT cpus=1 /, 'the console log keeps the guest output');
+      assert.equal(kiln(dir, ['rm', 'web']).status, 0);
+      assert.equal(JSON.parse(kiln(dir, ['ls', '--json']).stdout).vms.length, 0);
+    } finally {
+      stopDaemon(dir);
+    }
+  });
+});
