@@ -79,6 +79,8 @@ export class Manager {
         // The API is not up yet (the process is starting): 'starting'.
       }
     }
+    // A VM that ended by itself (the guest powered off) leaves an empty cgroup behind.
+    if (pid === null) removeCgroup(spec.name);
     return { name: spec.name, state, pid, cpus: spec.cpus, memoryMiB: spec.memoryMiB };
   }
 
