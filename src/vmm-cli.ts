@@ -10,6 +10,7 @@ import { parseArgs } from 'node:util';
 import { checkInstanceId, parseConfigFile } from './api/resources.js';
 import { FIRECRACKER_API_VERSION, KILN_VERSION, listenApi } from './api/server.js';
 import { Vmm } from './api/vmm.js';
+import { SerialSocket } from './api/serial-socket.js';
 import { KilnError } from './errors.js';
 
 const DEFAULT_API_SOCK = '/run/firecracker.socket';
@@ -24,6 +25,8 @@ async function main(argv: string[]): Promise<number> {
         'config-file': { type: 'string' },
         'no-api': { type: 'boolean', default: false },
         id: { type: 'string', default: 'anonymous-instance' },
+        // Kiln's own: the serial console as a Unix socket (for `kiln console`).
+        'serial-sock': { type: 'string' },
         version: { type: 'boolean', default: false },
       },
       strict: true,
@@ -49,10 +52,16 @@ async function main(argv: string[]): Promise<number> {
     log((err as Error).message);
     return 2;
   }
-  const vmm = new Vmm(id, 1, log);
+  const serialSocket = values['serial-sock'] ? new SerialSocket(1) : null;
+  const vmm = new Vmm(id, serialSocket ? serialSocket.writeFd : 1, log);
+  if (serialSocket) {
+    await serialSocket.listen(values['serial-sock']!);
+    vmm.onStart = (live) => serialSocket.attach(live.serial);
+  }
   let server: Server | null = null;
   const finish = async (code: number): Promise<number> => {
     await vmm.shutdown();
+    serialSocket?.close();
     if (server) await new Promise((resolve) => server!.close(resolve));
     return code;
   };

@@ -27,6 +27,8 @@ export class Vmm {
   private metricsFd = -1;
   private readonly driveDevices = new Map<string, VirtioPciDevice>();
   readonly ended: Promise<VmResult>;
+  /** Called with the VM once it is built, before its vCPUs run (e.g. to attach the serial console). */
+  onStart: ((vm: LinuxVm) => void) | null = null;
   private resolveEnded!: (r: VmResult) => void;
 
   constructor(
@@ -87,6 +89,7 @@ export class Vmm {
     drives.forEach((x, i) => this.driveDevices.set(x.drive_id, disks[i]!));
     const balloonDevice = this.live.virtio.find((v) => v.spec.options.type === 'balloon');
     this.balloon = balloonDevice ? balloonControl(balloonDevice) : null;
+    this.onStart?.(this.live);
     await this.live.vm.start();
     void this.live.vm.wait().then(async (result) => {
       await this.live?.vm.destroy();

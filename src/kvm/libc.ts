@@ -84,6 +84,7 @@ export const socket = libc.func('int socket(int domain, int type, int protocol)'
 export const connect = libc.func('int connect(int fd, const void *addr, uint32_t len)') as (fd: number, addr: PointerArg, len: number) => number;
 export const bind = libc.func('int bind(int fd, const void *addr, uint32_t len)') as (fd: number, addr: PointerArg, len: number) => number;
 export const fcntlInt = libc.func('int fcntl(int fd, int cmd, int arg)') as (fd: number, cmd: number, arg: number) => number;
+export const pipe2 = libc.func('int pipe2(_Out_ int *fds, int flags)') as (fds: Int32Array, flags: number) => number;
 export const listen = libc.func('int listen(int fd, int backlog)') as (fd: number, backlog: number) => number;
 export const accept4 = libc.func('int accept4(int fd, void *addr, void *len, int flags)') as (fd: number, addr: PointerArg, len: PointerArg, flags: number) => number;
 /** struct sockaddr_un for `path` (sun_family AF_UNIX, then the NUL-terminated path). */

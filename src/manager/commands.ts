@@ -2,6 +2,8 @@
 // pause, resume, restart, console, ls, info, logs, rm, daemon. Each talks to the daemon
 // (started on demand); --json on every verb that prints.
 import { readFileSync } from 'node:fs';
+import { createConnection } from 'node:net';
+import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { parse as parseYaml } from 'yaml';
 import { KilnError } from '../errors.js';
@@ -26,6 +28,47 @@ VM manager commands (state in $KILN_STATE_DIR, else /var/lib/kiln as root or ~/.
 
 class ManagerUsageError extends KilnError {}
 export { ManagerUsageError };
+
+/** Relays the terminal to a VM's serial socket until Ctrl-A x or the VM ends. */
+function attachSerial(path: string, progress: (line: string) => void): Promise<number> {
+  return new Promise((resolve) => {
+    const socket = createConnection(path);
+    const stdin = process.stdin;
+    const raw = stdin.isTTY === true;
+    let escape = false;
+    const done = (code: number) => {
+      stdin.off('data', onData);
+      if (raw) stdin.setRawMode(false);
+      stdin.pause();
+      socket.destroy();
+      resolve(code);
+    };
+    const onData = (chunk: Buffer) => {
+      for (const byte of chunk) {
+        if (escape) {
+          escape = false;
+          if (byte === 0x78 /* x */) return done(0);
+          socket.write(Uint8Array.of(byte));
+          continue;
+        }
+        if (raw && byte === 0x01) escape = true;
+        else socket.write(Uint8Array.of(byte));
+      }
+    };
+    socket.on('connect', () => {
+      progress('attached to the serial console; Ctrl-A x detaches (the VM keeps running)');
+      if (raw) stdin.setRawMode(true);
+      stdin.on('data', onData);
+      stdin.resume();
+    });
+    socket.on('data', (d: Buffer) => process.stdout.write(d));
+    socket.on('close', () => done(0));
+    socket.on('error', (err) => {
+      progress(`cannot attach to the serial console: ${err.message}`);
+      done(1);
+    });
+  });
+}
 
 function table(rows: VmStatus[]): string {
   const head = ['NAME', 'STATE', 'VCPUS', 'MEMORY', 'PID'];
@@ -138,16 +181,15 @@ export async function managerCommand(verb: string, argv: string[], progress: (li
       return 0;
     }
     case 'console': {
-      // Follows the serial console's log (its scroll-back first) until the VM stops or Ctrl-C.
-      let shown = 0;
-      for (;;) {
-        const { log } = (await daemonCall(store, 'GET', `/vms/${needName()}/logs?bytes=${64 * 1024 * 1024}`)) as { log: string };
-        if (log.length > shown) process.stdout.write(log.slice(shown));
-        shown = log.length;
-        const info = (await daemonCall(store, 'GET', `/vms/${needName()}`)) as VmStatus;
-        if (info.state === 'stopped') return 0;
-        await new Promise((r) => setTimeout(r, 250));
+      // The scroll-back first, then the live serial console (Ctrl-A x detaches).
+      const { log } = (await daemonCall(store, 'GET', `/vms/${needName()}/logs?bytes=16384`)) as { log: string };
+      process.stdout.write(log);
+      const info = (await daemonCall(store, 'GET', `/vms/${needName()}`)) as VmStatus;
+      if (info.state === 'stopped') {
+        progress(`'${name}' is not running; that was the end of its console log`);
+        return 0;
       }
+      return attachSerial(join(store.runDir(name!), 'serial.sock'), progress);
     }
     case 'start':
     case 'stop':

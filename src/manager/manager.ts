@@ -133,7 +133,10 @@ export class Manager {
     rmSync(sock, { force: true });
     writeFileSync(join(run, 'config.json'), JSON.stringify(await this.vmmConfig(spec), null, 2));
     const log = openSync(join(run, 'console.log'), 'a');
-    const child = spawn(process.execPath, [VMM_CLI, '--api-sock', sock, '--config-file', join(run, 'config.json'), '--id', name], { detached: true, stdio: ['ignore', log, log] });
+    const child = spawn(process.execPath, [VMM_CLI, '--api-sock', sock, '--config-file', join(run, 'config.json'), '--id', name, '--serial-sock', join(run, 'serial.sock')], {
+      detached: true,
+      stdio: ['ignore', log, log],
+    });
     closeSync(log);
     const pid = child.pid!;
     child.unref();

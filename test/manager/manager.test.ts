@@ -4,7 +4,7 @@
 // crash (kill -9) with its true state found again, paused and resumed, its console log
 // kept, and removed.
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
@@ -92,7 +92,8 @@ describe('kiln VM-manager verbs', () => {
     const dir = tempDir();
     mkdirSync(dir, { recursive: true });
     try {
-      assert.equal(kiln(dir, ['create', 'web', '--cpus', '1', '--memory', '128M', '--cpu-weight', '200']).status, 0);
+      // kiln.shell: after its report the test init opens a shell on the serial console.
+      assert.equal(kiln(dir, ['create', 'web', '--cpus', '1', '--memory', '128M', '--cpu-weight', '200', '--cmdline', 'kiln.shell']).status, 0);
       const started = kiln(dir, ['start', 'web', '--json']);
       assert.equal(started.status, 0, started.stderr);
       assert.equal(JSON.parse(started.stdout).state, 'running');
@@ -109,7 +110,20 @@ describe('kiln VM-manager verbs', () => {
       assert.equal(kiln(dir, ['pause', 'web']).stdout.trim(), 'web: paused');
       assert.equal(kiln(dir, ['resume', 'web']).stdout.trim(), 'web: running');
       assert.equal(kiln(dir, ['rm', 'web']).status, 1, 'a running VM is not removed');
-      // The test init powers the guest off by itself.
+      // `kiln console`: the scroll-back, then the live console; what we type reaches the shell.
+      for (let i = 0; i < 600 && !kiln(dir, ['logs', 'web']).stdout.includes('KILN_INIT'); i++) await sleep(500);
+      await sleep(3000);
+      const consoleProc = spawn(process.execPath, [CLI, 'console', 'web'], { env: { ...process.env, KILN_STATE_DIR: dir }, stdio: ['pipe', 'pipe', 'pipe'] });
+      let seen = '';
+      consoleProc.stdout.setEncoding('utf8').on('data', (c: string) => (seen += c));
+      const consoleExit = new Promise<number | null>((resolve) => consoleProc.on('exit', (c) => resolve(c)));
+      await sleep(1000);
+      consoleProc.stdin.write('echo console-$((6*7))\n');
+      for (let i = 0; i < 120 && !seen.includes('console-42'); i++) await sleep(500);
+      assert.match(seen, /KILN_INIT cpus=1 /, 'the scroll-back came first');
+      assert.match(seen, /console-42/, 'the shell ran what was typed on the console');
+      consoleProc.stdin.write('/bin/busybox poweroff -f\n');
+      assert.equal(await consoleExit, 0, 'the console ends when the VM does');
       let state = 'running';
       for (let i = 0; i < 600 && state !== 'stopped'; i++) {
         await sleep(500);

@@ -1,0 +1,75 @@
+// The serial console of a kiln-vmm as a Unix socket (a Kiln extension to Firecracker's
+// flags, for `kiln console`): the UART writes into a pipe; Kiln copies what comes out
+// to its stdout (the console log) and to every connected client, and feeds what
+// clients type into the UART's receive FIFO, holding back what does not fit yet.
+import { rmSync } from 'node:fs';
+import { createServer, Socket, type Server } from 'node:net';
+import type { SerialHost } from '../devices/serial.js';
+import { KilnError } from '../errors.js';
+import * as libc from '../kvm/libc.js';
+
+export class SerialSocket {
+  readonly writeFd: number;
+  private readonly reader: Socket;
+  private readonly clients = new Set<Socket>();
+  private server: Server | null = null;
+  private serial: SerialHost | null = null;
+  private pending: Buffer = Buffer.alloc(0);
+  private timer: NodeJS.Timeout | null = null;
+
+  constructor(private readonly stdoutFd: number) {
+    const fds = new Int32Array(2);
+    if (libc.pipe2(fds, libc.O_CLOEXEC) < 0) throw new KilnError(`pipe2 failed: ${libc.errnoName(libc.errno())}`);
+    this.writeFd = fds[1]!;
+    this.reader = new Socket({ fd: fds[0]!, readable: true, writable: false });
+    this.reader.on('data', (chunk: Buffer) => {
+      libc.write(this.stdoutFd, chunk, chunk.length);
+      for (const c of this.clients) c.write(chunk);
+    });
+  }
+
+  /** Starts accepting console clients on `path`; input goes to `serial` once attached. */
+  async listen(path: string): Promise<void> {
+    rmSync(path, { force: true });
+    this.server = createServer((client) => {
+      this.clients.add(client);
+      client.on('data', (data: Buffer) => this.feed(data));
+      client.on('close', () => this.clients.delete(client));
+      client.on('error', () => client.destroy());
+    });
+    await new Promise<void>((resolve, reject) => {
+      this.server!.once('error', reject);
+      this.server!.listen(path, () => resolve());
+    });
+  }
+
+  attach(serial: SerialHost): void {
+    this.serial = serial;
+  }
+
+  private feed(data: Buffer): void {
+    this.pending = Buffer.concat([this.pending, data]);
+    this.drain();
+  }
+
+  /** The UART takes what fits in its FIFO; the rest waits a little (typing pace). */
+  private drain(): void {
+    if (!this.serial || this.pending.length === 0) return;
+    const taken = this.serial.input(this.pending);
+    this.pending = this.pending.subarray(taken);
+    if (this.pending.length > 0 && !this.timer) {
+      this.timer = setTimeout(() => {
+        this.timer = null;
+        this.drain();
+      }, 5);
+    }
+  }
+
+  close(): void {
+    if (this.timer) clearTimeout(this.timer);
+    for (const c of this.clients) c.destroy();
+    this.server?.close();
+    this.reader.destroy();
+    libc.close(this.writeFd);
+  }
+}
