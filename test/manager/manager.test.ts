@@ -137,4 +137,40 @@ describe('kiln VM-manager verbs', () => {
       stopDaemon(dir);
     }
   });
+
+  test('two VMs pinned to one host CPU share it by their CPU weights (300:100 -> about 3:1)', { skip: kvmSkip || (cgroupDirs('x').length === 0 ? 'needs cgroups' : false), timeout: 5 * 60_000 }, async () => {
+    const dir = tempDir();
+    try {
+      for (const [name, weight] of [['heavy', '300'], ['light', '100']] as const) {
+        assert.equal(kiln(dir, ['create', name, '--cmdline', 'kiln.spin', '--cpu-weight', weight, '--pin', '0']).status, 0);
+        const r = kiln(dir, ['start', name]);
+        assert.equal(r.status, 0, r.stderr);
+      }
+      // CPU time (user + system ticks) of each VMM's vCPU threads.
+      const vcpuTicks = (name: string): number => {
+        const pid = Number(readFileSync(join(dir, 'run', name, 'vmm.pid'), 'utf8'));
+        let ticks = 0;
+        for (const tid of readdirSync(`/proc/${pid}/task`)) {
+          if (!readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').startsWith('fc_vcpu')) continue;
+          const fields = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+          ticks += Number(fields[11]) + Number(fields[12]);
+        }
+        return ticks;
+      };
+      // Both vCPUs are busy from the start (booting, then kiln.spin's loop) and pinned to CPU 0.
+      await sleep(3000);
+      const before = [vcpuTicks('heavy'), vcpuTicks('light')];
+      await sleep(10_000);
+      const heavy = vcpuTicks('heavy') - before[0]!;
+      const light = vcpuTicks('light') - before[1]!;
+      const share = heavy / (heavy + light);
+      process.stderr.write(`# CPU share of the weight-300 VM against the weight-100 one: ${share.toFixed(3)} (${heavy} vs ${light} ticks)\n`);
+      assert.ok(heavy + light > 500, `both VMs ran (${heavy + light} ticks in 10 s)`);
+      assert.ok(share > 0.65 && share < 0.85, `share ${share.toFixed(3)} is about 0.75`);
+    } finally {
+      kiln(dir, ['stop', 'heavy', '--force']);
+      kiln(dir, ['stop', 'light', '--force']);
+      stopDaemon(dir);
+    }
+  });
 });
