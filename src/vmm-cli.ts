@@ -88,7 +88,6 @@ async function main(argv: string[]): Promise<number> {
     process.once('SIGINT', stop);
   });
   const guestEnded = vmm.ended.then((result) => {
-    log(`the VM ended: ${result.detail}`);
     return result.exitCode ?? (result.reason === 'stopped' ? 0 : 3);
   });
   return finish(await Promise.race([stopped, guestEnded]));

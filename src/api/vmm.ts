@@ -39,6 +39,22 @@ export class Vmm {
     this.ended = new Promise((resolve) => (this.resolveEnded = resolve));
   }
 
+  private logFd = -1;
+
+  /**
+   * A line for the VMM's log: always to stderr; with PUT /logger also to its log_path,
+   * when `level` passes the configured one (Error < Warning < Info < Debug < Trace).
+   */
+  note(level: 'Error' | 'Warning' | 'Info' | 'Debug', text: string): void {
+    this.log(text);
+    const logger = this.definition.logger;
+    if (!logger?.log_path) return;
+    const order = ['Off', 'Error', 'Warning', 'Info', 'Debug', 'Trace'];
+    if (order.indexOf(level) > order.indexOf(logger.level)) return;
+    if (this.logFd < 0) this.logFd = openSync(logger.log_path, 'a');
+    writeSync(this.logFd, `${new Date().toISOString()} ${logger.show_level ? `[${level}] ` : ''}[${this.id}] ${text}\n`);
+  }
+
   get state(): InstanceState {
     if (!this.live) return 'Not started';
     return this.paused ? 'Paused' : 'Running';
@@ -61,7 +77,7 @@ export class Vmm {
     const drives = [...d.drives.values()].sort((a, b) => Number(b.is_root_device) - Number(a.is_root_device));
     const root = drives.find((x) => x.is_root_device);
     const userArgs = (d.bootSource.boot_args ?? '').split(/\s+/).filter((a) => a !== '' && !DROPPED_BOOT_ARGS.has(a));
-    if ((d.bootSource.boot_args ?? '').split(/\s+/).includes('pci=off')) this.log('dropped `pci=off` from boot_args: Kiln\'s virtio devices are on PCI');
+    if ((d.bootSource.boot_args ?? '').split(/\s+/).includes('pci=off')) this.note('Warning', 'dropped `pci=off` from boot_args: Kiln\'s virtio devices are on PCI');
     // As Firecracker does: the root drive becomes root=/dev/vda (or its PARTUUID), ro or rw.
     if (root) userArgs.push(root.partuuid ? `root=PARTUUID=${root.partuuid}` : 'root=/dev/vda', root.is_read_only ? 'ro' : 'rw');
     try {
@@ -91,7 +107,9 @@ export class Vmm {
     this.balloon = balloonDevice ? balloonControl(balloonDevice) : null;
     this.onStart?.(this.live);
     await this.live.vm.start();
+    this.note('Info', `InstanceStart: ${d.bootSource.kernel_image_path} (${this.live.boot.format}), ${d.machineConfig.vcpu_count} vCPU, ${d.machineConfig.mem_size_mib} MiB, ${drives.length} drive(s), ${d.networkInterfaces.size} network interface(s)`);
     void this.live.vm.wait().then(async (result) => {
+      this.note('Info', `the VM ended: ${result.detail}`);
       await this.live?.vm.destroy();
       this.resolveEnded(result);
     });
@@ -101,18 +119,21 @@ export class Vmm {
     if (!this.live) throw new ApiError(BEFORE_START);
     await this.live.vm.pause();
     this.paused = true;
+    this.note('Info', 'paused');
   }
 
   resume(): void {
     if (!this.live) throw new ApiError(BEFORE_START);
     this.live.vm.resume();
     this.paused = false;
+    this.note('Info', 'resumed');
   }
 
   /** SendCtrlAltDel: Kiln's guests have no i8042 keyboard to press it on; the ACPI power button asks for the same orderly shutdown. */
   ctrlAltDel(): void {
     if (!this.live) throw new ApiError(BEFORE_START);
     this.live.pressPowerButton();
+    this.note('Info', 'SendCtrlAltDel: pressed the ACPI power button');
   }
 
   /** PATCH /drives/{id} after the start: the drive's backing file changes under the running guest. */
@@ -130,6 +151,7 @@ export class Vmm {
     }
     this.live.vm.adoptFd(opened.fd);
     blkControl(device).swap(opened.fd, Number(opened.options.sectors));
+    this.note('Info', `drive ${driveId} now backed by ${path}`);
   }
 
   setBalloonTarget(mib: number): void {
@@ -165,5 +187,6 @@ export class Vmm {
   async shutdown(): Promise<void> {
     if (this.live) await this.live.vm.destroy();
     if (this.metricsFd >= 0) closeSync(this.metricsFd);
+    if (this.logFd >= 0) closeSync(this.logFd);
   }
 }

@@ -3,14 +3,15 @@
 // Linux from an ext4 root drive to its init and power-off.
 import assert from 'node:assert/strict';
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
-import { existsSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { describe, test } from 'node:test';
+import { after, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { buildMinimalKernel, buildRootfs } from '../../src/guestkit/build.js';
 import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
 
+const canNetns = process.getuid?.() === 0 && existsSync('/dev/net/tun') && toolAvailable('ip', '-V');
 const VMM = fileURLToPath(new URL('../../src/vmm-cli.js', import.meta.url));
 const vmm = (args: string[]) => spawnSync(process.execPath, [VMM, ...args], { encoding: 'utf8', timeout: 30_000 });
 const log = (line: string) => process.stderr.write(`# guest kit: ${line}\n`);
@@ -64,7 +65,16 @@ describe('kiln-vmm', () => {
     const disk = join(dir, 'rootfs.ext4');
     execFileSync('cp', [rootfs.path, disk]);
     const sock = join(dir, 'firecracker.socket');
-    const child = spawn(process.execPath, [VMM, '--api-sock', sock], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const logPath = join(dir, 'fc.log');
+    // With root, the VMM runs in a network namespace of the test's own, so the guide's
+    // tap0 is created there and nothing touches the host's network.
+    const ns = `kiln-gs${process.pid}`;
+    if (canNetns) {
+      execFileSync('ip', ['netns', 'add', ns]);
+      after(() => execFileSync('ip', ['netns', 'del', ns]));
+    }
+    const argv = [VMM, '--api-sock', sock];
+    const child = canNetns ? spawn('ip', ['netns', 'exec', ns, process.execPath, ...argv], { stdio: ['ignore', 'pipe', 'pipe'] }) : spawn(process.execPath, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
     let console = '';
     child.stdout.setEncoding('utf8').on('data', (c: string) => (console += c));
     child.stderr.setEncoding('utf8').on('data', (c: string) => (console += c));
@@ -73,6 +83,9 @@ describe('kiln-vmm', () => {
     // The guide's calls, with its variables; its boot_args include pci=off, which Kiln drops.
     const script = `
       set -e
+      curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/logger' \\
+        -H 'Accept: application/json' -H 'Content-Type: application/json' \\
+        -d "{\\"log_path\\": \\"\${LOGFILE}\\", \\"level\\": \\"Info\\", \\"show_level\\": true}"
       curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/boot-source' \\
         -H 'Accept: application/json' -H 'Content-Type: application/json' \\
         -d "{\\"kernel_image_path\\": \\"\${KERNEL}\\", \\"boot_args\\": \\"console=ttyS0 reboot=k panic=1 pci=off\\"}"
@@ -82,14 +95,23 @@ describe('kiln-vmm', () => {
       curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/machine-config' \\
         -H 'Accept: application/json' -H 'Content-Type: application/json' \\
         -d '{"vcpu_count": 2, "mem_size_mib": 256}'
+      if [ "\${WITH_NET}" = 1 ]; then
+      curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/network-interfaces/net1' \\
+        -H 'Accept: application/json' -H 'Content-Type: application/json' \\
+        -d '{"iface_id": "net1", "guest_mac": "06:00:AC:10:00:02", "host_dev_name": "tap0"}'
+      fi
       curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/actions' \\
         -H 'Accept: application/json' -H 'Content-Type: application/json' \\
         -d '{"action_type": "InstanceStart"}'
       curl -s --unix-socket "\${API_SOCKET}" 'http://localhost/'
+      # A pre-boot resource after the start: refused, as Firecracker refuses it.
+      curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/boot-source' \\
+        -d "{\\"kernel_image_path\\": \\"\${KERNEL}\\"}"
     `;
-    const out = execFileSync('bash', ['-c', script], { encoding: 'utf8', env: { ...process.env, API_SOCKET: sock, KERNEL: kernel.vmlinux, ROOTFS: disk } });
-    assert.equal(out.match(/HTTP\/1\.1 204/g)?.length, 4, `four 204s:\n${out}`);
+    const out = execFileSync('bash', ['-c', script], { encoding: 'utf8', env: { ...process.env, API_SOCKET: sock, KERNEL: kernel.vmlinux, ROOTFS: disk, LOGFILE: logPath, WITH_NET: canNetns ? '1' : '0' } });
+    assert.equal(out.match(/HTTP\/1\.1 204/g)?.length, canNetns ? 6 : 5, `every configuration call and InstanceStart answered 204:\n${out}`);
     assert.match(out, /"state":"Running"/);
+    assert.match(out, /HTTP\/1\.1 400[\s\S]*"fault_message":"The requested operation is not supported after starting the microVM."/);
     const guard = sleep(12 * 60_000, null, { ref: false });
     const code = await Promise.race([exited, guard]);
     if (code === null) child.kill('SIGKILL');
@@ -98,5 +120,8 @@ describe('kiln-vmm', () => {
     assert.match(console, /KILN_INIT cpus=2 /);
     assert.match(console, /dropped `pci=off`/);
     assert.ok(!existsSync(sock), 'the API socket is removed at exit');
+    const vmmLog = readFileSync(logPath, 'utf8');
+    assert.match(vmmLog, /\[Info\] \[anonymous-instance\] InstanceStart: .*, 2 vCPU, 256 MiB, 1 drive\(s\), (1|0) network interface\(s\)/);
+    assert.match(vmmLog, /\[Info\] \[anonymous-instance\] the VM ended: the guest powered off/);
   });
 });
