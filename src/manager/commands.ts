@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { parse as parseYaml } from 'yaml';
 import { KilnError } from '../errors.js';
+import { buildInitramfs, buildMinimalKernel } from '../guestkit/build.js';
 import { parseSize } from '../size.js';
 import { daemonCall, normalizeSpec, runDaemon } from './daemon.js';
 import type { VmStatus } from './manager.js';
@@ -196,7 +197,15 @@ export async function managerCommand(verb: string, argv: string[], progress: (li
     case 'pause':
     case 'resume':
     case 'restart': {
-      if (verb === 'start' || verb === 'restart') progress(`${verb === 'start' ? 'starting' : 'restarting'} '${name ?? ''}' (the guest kit is built first if needed)`);
+      if (verb === 'start' || verb === 'restart') {
+        // The default guest is built here, with its progress on this terminal (the daemon then finds it cached).
+        const info = (await daemonCall(store, 'GET', `/vms/${needName()}`)) as { definition: { kernel?: string } };
+        if (!info.definition.kernel) {
+          await buildMinimalKernel(progress);
+          await buildInitramfs(progress);
+        }
+        progress(`${verb === 'start' ? 'starting' : 'restarting'} '${name}'`);
+      }
       const s = (await daemonCall(store, 'POST', `/vms/${needName()}/${verb}`, verb === 'stop' ? { force: values.force } : {})) as VmStatus;
       out(`${s.name}: ${s.state}`, s);
       return 0;
