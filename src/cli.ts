@@ -13,7 +13,7 @@ import type { SerialHost } from './devices/serial.js';
 import { KilnError } from './errors.js';
 import { buildCloudKernel, buildInitramfs, buildMinimalKernel, buildRootfs, cacheDir } from './guestkit/build.js';
 import { parseSize } from './size.js';
-import { MANAGER_USAGE, ManagerUsageError, managerCommand } from './manager/commands.js';
+import { MANAGER_USAGE } from './manager/usage.js';
 import type { DiskConfig, NetConfig } from './virtio/attach.js';
 import { Vm, type VmResult } from './vm.js';
 
@@ -332,11 +332,15 @@ async function main(argv: string[]): Promise<number> {
     case 'logs':
     case 'rm':
     case 'daemon':
-      try {
-        return await managerCommand(command, rest, progress);
-      } catch (err) {
-        if (err instanceof ManagerUsageError) throw new UsageError(err.message);
-        throw err;
+      {
+        // Loaded on demand: `kiln run` starts faster without the manager's modules.
+        const { managerCommand, ManagerUsageError } = await import('./manager/commands.js');
+        try {
+          return await managerCommand(command, rest, progress);
+        } catch (err) {
+          if (err instanceof ManagerUsageError) throw new UsageError(err.message);
+          throw err;
+        }
       }
     case 'version':
     case '--version':
