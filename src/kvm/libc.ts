@@ -96,6 +96,20 @@ export function sockaddrUn(path: string): Buffer {
   bytes.copy(addr, 2);
   return addr;
 }
+/** The 8-byte counter eventfd(2) reads and writes; preallocated, so signalling allocates nothing. */
+const EVENTFD_ONE = Uint8Array.of(1, 0, 0, 0, 0, 0, 0, 0);
+const EVENTFD_SINK = new Uint8Array(8);
+
+/** Adds 1 to an eventfd's counter (wakes whoever polls it). */
+export function signalEventfd(fd: number): void {
+  write(fd, EVENTFD_ONE, 8);
+}
+
+/** Resets a nonblocking eventfd's counter after it polled readable. */
+export function drainEventfd(fd: number): void {
+  read(fd, EVENTFD_SINK, 8);
+}
+
 export const strerror = libc.func('const char *strerror(int errnum)') as (errnum: number) => string;
 
 // Threads and signals: used to kick a vCPU thread out of KVM_RUN.

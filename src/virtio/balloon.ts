@@ -162,7 +162,7 @@ export class BalloonBackend implements VirtioBackend {
 
   /** The host asked for something (BalloonControl): a new target, or statistics. */
   private control(): void {
-    libc.read(this.controlFd, Buffer.alloc(8), 8);
+    libc.drainEventfd(this.controlFd);
     if (this.shared.getUint32(BALLOON_SHARED.targetPending, true) === 1) {
       this.shared.setUint32(BALLOON_SHARED.targetPending, 0, true);
       this.rt.state.config().setUint32(BALLOON_CONFIG.numPages, this.shared.getUint32(BALLOON_SHARED.requestTarget, true), true);
@@ -189,21 +189,16 @@ export class BalloonControl {
     this.config = state.config();
   }
 
-  private kick(): void {
-    const one = Buffer.alloc(8);
-    one.writeBigUInt64LE(1n);
-    libc.write(this.controlFd, one, 8);
-  }
 
   setTargetPages(pages: number): void {
     this.shared.setUint32(BALLOON_SHARED.requestTarget, pages, true);
     this.shared.setUint32(BALLOON_SHARED.targetPending, 1, true);
-    this.kick();
+    libc.signalEventfd(this.controlFd);
   }
 
   requestStats(): void {
     this.shared.setUint32(BALLOON_SHARED.statsPending, 1, true);
-    this.kick();
+    libc.signalEventfd(this.controlFd);
   }
 
   get actualPages(): number {

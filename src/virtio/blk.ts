@@ -122,7 +122,7 @@ export class BlkBackend implements VirtioBackend {
 
   /** The host changed the backing file: requests from now on go to it; the guest sees the new capacity. */
   private swapMedia(): void {
-    libc.read(this.controlFd, Buffer.alloc(8), 8);
+    libc.drainEventfd(this.controlFd);
     const shared = this.rt.state.extra(BLK_SHARED.bytes);
     if (shared.getUint32(BLK_SHARED.pending, true) !== 1) return;
     this.fd = shared.getInt32(BLK_SHARED.newFd, true);
@@ -301,8 +301,6 @@ export class BlkControl {
     shared.setInt32(BLK_SHARED.newFd, fd, true);
     shared.setFloat64(BLK_SHARED.newSectors, sectors, true);
     shared.setUint32(BLK_SHARED.pending, 1, true);
-    const one = Buffer.alloc(8);
-    one.writeBigUInt64LE(1n);
-    libc.write(this.controlFd, one, 8);
+    libc.signalEventfd(this.controlFd);
   }
 }

@@ -36,9 +36,7 @@ export class IoThread {
 
   /** Stops the loop; resolves with the error that ended it early, if any. */
   async stop(): Promise<string | null> {
-    const one = Buffer.alloc(8);
-    one.writeBigUInt64LE(1n);
-    libc.write(this.stopFd, one, 8);
+    libc.signalEventfd(this.stopFd);
     const failure = await this.exited;
     libc.close(this.stopFd);
     return failure;

@@ -52,7 +52,6 @@ function setPollable(fd: number, on: boolean): void {
   if (slot !== undefined) control(libc.EPOLL_CTL_MOD, fd, on ? libc.EPOLLIN : 0, slot);
 }
 
-const drain = Buffer.alloc(8);
 const backends: VirtioBackend[] = [];
 for (const spec of init.devices) {
   const type = virtioTypes[String(spec.options.type)]!;
@@ -64,7 +63,7 @@ for (const spec of init.devices) {
   backends.push(backend);
   notifyFds(spec.options).forEach((fd, q) =>
     watch(fd, () => {
-      libc.read(fd, drain, 8);
+      libc.drainEventfd(fd);
       runtime.notified(q);
     }),
   );

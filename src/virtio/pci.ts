@@ -148,8 +148,6 @@ export const virtioPciModel: PciFunctionModel = {
     const fds = notifyFds(options);
     const log = (line: string) => process.stderr.write(`kiln: ${line}\n`);
     const mem = ctx.memory;
-    const kick = Buffer.alloc(8);
-    kick.writeBigUInt64LE(1n);
     const maxSize = type.maxQueueSize;
 
     const selected = (): DataView | null => {
@@ -180,7 +178,7 @@ export const virtioPciModel: PciFunctionModel = {
       s.status = status | (s.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET);
       if (status & VIRTIO_STATUS_DRIVER_OK) {
         // Buffers made available before DRIVER_OK are serviced now.
-        for (let q = 0; q < s.numQueues; q++) if (s.queueRecord(q).getUint16(QUEUE_RECORD.enable, true)) libc.write(fds[q]!, kick, 8);
+        for (let q = 0; q < s.numQueues; q++) if (s.queueRecord(q).getUint16(QUEUE_RECORD.enable, true)) libc.signalEventfd(fds[q]!);
       }
     };
 
@@ -314,7 +312,7 @@ export const virtioPciModel: PciFunctionModel = {
         else if (offset >= VIRTIO_BAR.device && offset + data.length <= VIRTIO_BAR.device + s.configBytes) type.configWrite?.(config, offset - VIRTIO_BAR.device, data);
         else if (offset >= VIRTIO_BAR.notify && offset < VIRTIO_BAR.notify + REGION_BYTES) {
           const q = (offset - VIRTIO_BAR.notify) / VIRTIO_NOTIFY_OFF_MULTIPLIER;
-          if (Number.isInteger(q) && q < s.numQueues) libc.write(fds[q]!, kick, 8);
+          if (Number.isInteger(q) && q < s.numQueues) libc.signalEventfd(fds[q]!);
         } else if (offset >= VIRTIO_BAR.msixTable && offset < VIRTIO_BAR.msixPba) irq.msix.writeTable(offset - VIRTIO_BAR.msixTable, data);
       },
     };
