@@ -8,7 +8,6 @@ import { pciIntxGsi, type PciHost } from '../pci/host.js';
 import type { Vm } from '../vm.js';
 import { BALLOON_PAGE_BYTES, BalloonControl } from './balloon.js';
 import { BlkControl, blkOptions } from './blk.js';
-import * as libc from '../kvm/libc.js';
 import { listenConsole } from './console.js';
 import { listenVsock } from './vsock.js';
 import { connectPasst, defaultMac, openTap, parseMac } from './net.js';
@@ -42,17 +41,9 @@ export interface VirtioConfig {
   readonly balloon?: { readonly targetMiB: number; readonly deflateOnOom?: boolean };
 }
 
-/** An eventfd through which the host asks a device's backend for something (owned by the VM). */
-function controlEventfd(vm: Vm): number {
-  const fd = libc.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
-  if (fd < 0) throw new KilnError(`eventfd failed: ${libc.errnoName(libc.errno())}`);
-  vm.adoptFd(fd);
-  return fd;
-}
-
 /** The host's handle on a disk added by attachVirtio. */
 export function blkControl(device: VirtioPciDevice): BlkControl {
-  return new BlkControl(device.state, Number(device.spec.options.controlFd ?? -1));
+  return new BlkControl(device.state, Number(device.spec.options.controlFd));
 }
 
 /** The host's handle on a balloon device added by attachVirtio. */
@@ -117,7 +108,7 @@ export function attachVirtio(vm: Vm, pci: PciHost, disks: readonly OpenedDisk[],
   };
   disks.forEach((d, i) => {
     vm.adoptFd(d.fd);
-    add(`disk${i}`, 'blk', { ...d.options, controlFd: controlEventfd(vm) });
+    add(`disk${i}`, 'blk', d.options);
   });
   nets.forEach((n, i) => {
     vm.adoptFd(n.fd);
@@ -125,7 +116,7 @@ export function attachVirtio(vm: Vm, pci: PciHost, disks: readonly OpenedDisk[],
   });
   if (config.rng) add('rng', 'rng');
   if (config.balloon) {
-    add('balloon', 'balloon', { controlFd: controlEventfd(vm), targetPages: Math.floor((config.balloon.targetMiB * 1024 * 1024) / BALLOON_PAGE_BYTES), deflateOnOom: config.balloon.deflateOnOom ?? false });
+    add('balloon', 'balloon', { targetPages: Math.floor((config.balloon.targetMiB * 1024 * 1024) / BALLOON_PAGE_BYTES), deflateOnOom: config.balloon.deflateOnOom ?? false });
   }
   if (config.vsock) {
     const { fd, options } = listenVsock(config.vsock.uds, config.vsock.guestCid);

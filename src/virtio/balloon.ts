@@ -44,6 +44,7 @@ export const balloonType: VirtioDeviceType = {
   configWrite(config, offset, data) {
     for (let i = 0; i < data.length; i++) if (offset + i >= BALLOON_CONFIG.actual && offset + i < BALLOON_CONFIG.actual + 4) config.setUint8(offset + i, data[i]!);
   },
+  controlChannel: true,
   extraBytes: () => BALLOON_SHARED.bytes,
 };
 

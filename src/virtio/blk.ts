@@ -68,6 +68,7 @@ export const blkType: VirtioDeviceType = {
   features: (o) =>
     bit(VIRTIO_BLK_F_SEG_MAX) | bit(VIRTIO_BLK_F_BLK_SIZE) | bit(VIRTIO_BLK_F_FLUSH) | (readOnly(o) ? bit(VIRTIO_BLK_F_RO) : bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)),
   configBytes: () => BLK_CONFIG.bytes,
+  controlChannel: true,
   extraBytes: () => BLK_SHARED.bytes,
   initConfig(config, o) {
     const sectors = Number(o.sectors);
@@ -116,8 +117,8 @@ export class BlkBackend implements VirtioBackend {
     this.readOnly = readOnly(options);
     this.serial = new Uint8Array(VIRTIO_BLK_ID_BYTES);
     this.serial.set(Buffer.from(String(options.serial ?? '')).subarray(0, VIRTIO_BLK_ID_BYTES));
-    this.controlFd = options.controlFd === undefined ? -1 : Number(options.controlFd);
-    this.pollFds = this.controlFd >= 0 ? [{ fd: this.controlFd, ready: () => this.swapMedia() }] : [];
+    this.controlFd = Number(options.controlFd);
+    this.pollFds = [{ fd: this.controlFd, ready: () => this.swapMedia() }];
   }
 
   /** The host changed the backing file: requests from now on go to it; the guest sees the new capacity. */
@@ -296,7 +297,6 @@ export class BlkControl {
 
   /** Hands `fd` (opened and checked by openDisk) to the I/O thread; it takes over at its next turn. */
   swap(fd: number, sectors: number): void {
-    if (this.controlFd < 0) throw new KilnError('this disk cannot change its backing file (no control channel)');
     const shared = this.state.extra(BLK_SHARED.bytes);
     shared.setInt32(BLK_SHARED.newFd, fd, true);
     shared.setFloat64(BLK_SHARED.newSectors, sectors, true);

@@ -45,6 +45,11 @@ export interface VirtioDeviceType {
   initConfig(config: DataView, options: DeviceOptions): void;
   /** A guest write to device configuration; the default ignores it (read-only config). */
   configWrite?(config: DataView, offset: number, data: Uint8Array): void;
+  /**
+   * The host sends this device's backend requests while the VM runs (a balloon target,
+   * a disk's new backing file): it gets an eventfd of its own, as options.controlFd.
+   */
+  readonly controlChannel?: boolean;
   /** Extra shared bytes for device state both sides need (e.g. balloon statistics). */
   extraBytes?(options: DeviceOptions): number;
 }

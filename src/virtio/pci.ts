@@ -356,15 +356,15 @@ export function addVirtioPciDevice(
   if (!type) throw new KilnError(`unknown virtio device type '${device.type}'`);
   const base = { ...(device.options ?? {}), type: device.type };
   const queues = type.queues(base);
-  const fds: number[] = [];
-  for (let q = 0; q < queues; q++) {
+  const eventfd = () => {
     const fd = libc.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
     if (fd < 0) throw new KilnError(`eventfd failed: ${libc.errnoName(libc.errno())}`);
-    fds.push(fd);
     vm.adoptFd(fd);
-  }
+    return fd;
+  };
+  const fds = Array.from({ length: queues }, eventfd);
   const barAddress = bars.allocate(VIRTIO_BAR.bytes);
-  const options: DeviceOptions = { ...base, notifyFds: fds.join(','), intxGsi: device.intxGsi };
+  const options: DeviceOptions = { ...base, notifyFds: fds.join(','), intxGsi: device.intxGsi, ...(type.controlChannel ? { controlFd: eventfd() } : {}) };
   const spec = vm.addDevice({ id: device.id, kind: 'virtio-pci', bus: 'pci', base: device.slot, size: 1, options });
   const state = new VirtioState(spec.state, type, options);
   type.initConfig(state.config(), options);

@@ -2,7 +2,6 @@
 // the given virtio devices, running a freestanding C driver at ring 3 in long mode.
 import type { DeviceOptions } from '../../src/devices/device.js';
 import { loadProgram } from '../../src/guest/kit.js';
-import * as libc from '../../src/kvm/libc.js';
 import * as layout from '../../src/layout.js';
 import { attachPciHost, pciIntxGsi, type PciHost } from '../../src/pci/host.js';
 import { addVirtioPciDevice, type VirtioPciDevice } from '../../src/virtio/pci.js';
@@ -20,14 +19,7 @@ export function virtioTestVm(devices: Array<{ type: string; options?: DeviceOpti
     const pci = attachPciHost(t.vm);
     const added = devices.map((d, i) => {
       const slot = pci.takeSlot();
-      let options = d.options ?? {};
-      if ((d.type === 'balloon' || d.type === 'blk') && options.controlFd === undefined) {
-        // As attachVirtio does: the host's requests reach the I/O thread through an eventfd.
-        const controlFd = libc.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
-        t.vm.adoptFd(controlFd);
-        options = { ...options, controlFd };
-      }
-      return addVirtioPciDevice(t.vm, pci.root, pci.bars, { id: `virtio${i}`, slot, type: d.type, intxGsi: pciIntxGsi(slot), options });
+      return addVirtioPciDevice(t.vm, pci.root, pci.bars, { id: `virtio${i}`, slot, type: d.type, intxGsi: pciIntxGsi(slot), ...(d.options ? { options: d.options } : {}) });
     });
     return { ...t, pci, devices: added };
   } catch (err) {
