@@ -148,25 +148,10 @@ export class BlkBackend implements VirtioBackend {
     return VIRTIO_BLK_S_IOERR;
   }
 
-  /** Copies `len` bytes of the chain's readable part, from byte `skip` on, into `into`. */
-  private gather(chain: DescriptorChain, skip: number, into: Uint8Array, len: number): void {
-    let pos = 0;
-    for (let i = 0; i < chain.count && pos < skip + len; i++) {
-      if (chain.writable[i]) break;
-      const segStart = pos;
-      pos += chain.length[i]!;
-      const from = Math.max(skip, segStart);
-      const to = Math.min(skip + len, pos);
-      if (to <= from) continue;
-      const at = chain.offset[i]! + (from - segStart);
-      into.set(this.rt.mem.regionBytes(chain.region[i]!).subarray(at, at + (to - from)), from - skip);
-    }
-  }
-
   /** Handles one request; returns the bytes written into the driver's buffers. */
   private handle(chain: DescriptorChain): number {
     if (chain.readableBytes < 16 || chain.writableBytes < 1) throw new VirtqueueError(`virtio-blk request at head ${chain.head} has no header or no status byte`);
-    this.gather(chain, 0, this.header, 16);
+    chain.readInto(this.rt.mem, 0, this.header, 16);
     const type = this.headerView.getUint32(0, true);
     const sector = this.headerView.getUint32(8, true) + this.headerView.getUint32(12, true) * 2 ** 32;
     // The status is the chain's last writable byte.
@@ -196,7 +181,7 @@ export class BlkBackend implements VirtioBackend {
         break;
       case VIRTIO_BLK_T_GET_ID: {
         const room = Math.min(chain.writableBytes - 1, VIRTIO_BLK_ID_BYTES);
-        this.scatter(chain, this.serial, room);
+        chain.writeFrom(this.rt.mem, 0, this.serial, room);
         written += room;
         status = VIRTIO_BLK_S_OK;
         break;
@@ -210,16 +195,6 @@ export class BlkBackend implements VirtioBackend {
     }
     this.rt.mem.regionBytes(statusRegion)[statusOffset] = status;
     return written;
-  }
-
-  private scatter(chain: DescriptorChain, from: Uint8Array, len: number): void {
-    let pos = 0;
-    for (let i = 0; i < chain.count && pos < len; i++) {
-      if (!chain.writable[i]) continue;
-      const take = Math.min(chain.length[i]!, len - pos);
-      this.rt.mem.regionBytes(chain.region[i]!).set(from.subarray(pos, pos + take), chain.offset[i]!);
-      pos += take;
-    }
   }
 
   /** Reads into the writable data segments, or writes from the readable ones after the header. */
@@ -262,7 +237,7 @@ export class BlkBackend implements VirtioBackend {
   private ranged(chain: DescriptorChain, type: number): number {
     const bytes = chain.readableBytes - 16;
     if (bytes === 0 || bytes % RANGE_BYTES !== 0 || bytes / RANGE_BYTES > MAX_RANGE_SEGMENTS) return VIRTIO_BLK_S_UNSUPP;
-    this.gather(chain, 16, this.ranges, bytes);
+    chain.readInto(this.rt.mem, 16, this.ranges, bytes);
     for (let at = 0; at < bytes; at += RANGE_BYTES) {
       const sector = this.rangesView.getUint32(at, true) + this.rangesView.getUint32(at + 4, true) * 2 ** 32;
       const count = this.rangesView.getUint32(at + 8, true);

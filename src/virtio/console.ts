@@ -129,14 +129,7 @@ export class ConsoleBackend implements VirtioBackend {
       }
       if (n < 0) break;
       queue.pop(chain);
-      let at = 0;
-      for (let i = 0; i < chain.count && at < n; i++) {
-        if (!chain.writable[i]) continue;
-        const len = Math.min(chain.length[i]!, n - at);
-        this.rt.mem.regionBytes(chain.region[i]!).set(this.buf.subarray(at, at + len), chain.offset[i]!);
-        at += len;
-      }
-      queue.push(chain.head, at);
+      queue.push(chain.head, chain.writeFrom(this.rt.mem, 0, this.buf, n));
       done++;
     }
     if (done > 0) this.rt.notifyUsed(RX);

@@ -103,6 +103,8 @@ export class NetBackend implements VirtioBackend {
   private readonly fd: number;
   private readonly passt: boolean;
   private readonly tx = Buffer.alloc(4 + VIRTIO_NET_HDR_BYTES + MAX_FRAME);
+  /** Where a frame is gathered: after room for passt's length prefix. */
+  private readonly txBody = this.tx.subarray(4);
   private readonly rx = Buffer.alloc(VIRTIO_NET_HDR_BYTES + MAX_FRAME);
   /** passt: bytes of the stream read but not yet delivered. */
   private readonly stream = Buffer.alloc(2 * (4 + MAX_FRAME));
@@ -166,14 +168,7 @@ export class NetBackend implements VirtioBackend {
     let done = 0;
     while (queue.pop(chain)) {
       // Gather header + frame; passt gets the frame alone, after its length.
-      let at = 4;
-      for (let i = 0; i < chain.count; i++) {
-        if (chain.writable[i]) continue;
-        const len = Math.min(chain.length[i]!, this.tx.length - at);
-        const bytes = this.rt.mem.regionBytes(chain.region[i]!);
-        this.tx.set(bytes.subarray(chain.offset[i]!, chain.offset[i]! + len), at);
-        at += len;
-      }
+      const at = 4 + chain.readInto(this.rt.mem, 0, this.txBody, this.txBody.length);
       const frameBytes = at - 4 - VIRTIO_NET_HDR_BYTES;
       if (frameBytes > 0 && this.linkUp) {
         if (this.passt) {
@@ -209,13 +204,7 @@ export class NetBackend implements VirtioBackend {
     const queue = this.rt.queue(NET_RX_QUEUE);
     const chain = this.rt.chain;
     if (!queue.pop(chain)) return;
-    let at = 0;
-    for (let i = 0; i < chain.count && at < length; i++) {
-      if (!chain.writable[i]) continue;
-      const len = Math.min(chain.length[i]!, length - at);
-      this.rt.mem.regionBytes(chain.region[i]!).set(frame.subarray(at, at + len), chain.offset[i]!);
-      at += len;
-    }
+    const at = chain.writeFrom(this.rt.mem, 0, frame, length);
     // A buffer too small for the frame gets nothing (the frame is dropped).
     queue.push(chain.head, at === length ? length : 0);
   }

@@ -63,6 +63,38 @@ export class DescriptorChain {
     this.readableBytes = 0;
     this.writableBytes = 0;
   }
+
+  /**
+   * Copies up to `len` bytes of the device-readable part, from byte `skip` of it on,
+   * into `into`; returns how many were copied.
+   */
+  readInto(mem: GuestMemory, skip: number, into: Uint8Array, len: number): number {
+    return this.copy(mem, false, skip, into, len);
+  }
+
+  /** Copies up to `len` bytes of `from` into the device-writable part, from byte `skip` of it on; returns how many. */
+  writeFrom(mem: GuestMemory, skip: number, from: Uint8Array, len: number): number {
+    return this.copy(mem, true, skip, from, len);
+  }
+
+  private copy(mem: GuestMemory, toGuest: boolean, skip: number, host: Uint8Array, len: number): number {
+    let pos = 0;
+    let copied = 0;
+    for (let i = 0; i < this.count && copied < len; i++) {
+      if ((this.writable[i] === 1) !== toGuest) continue;
+      const segStart = pos;
+      pos += this.length[i]!;
+      const from = Math.max(skip, segStart);
+      const to = Math.min(skip + len, pos);
+      if (to <= from) continue;
+      const at = this.offset[i]! + (from - segStart);
+      const guest = mem.regionBytes(this.region[i]!);
+      if (toGuest) guest.set(host.subarray(from - skip, to - skip), at);
+      else host.set(guest.subarray(at, at + (to - from)), from - skip);
+      copied += to - from;
+    }
+    return copied;
+  }
 }
 
 const u64 = (dv: DataView, at: number) => dv.getUint32(at, true) + dv.getUint32(at + 4, true) * 2 ** 32;

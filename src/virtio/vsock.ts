@@ -154,18 +154,11 @@ export class VsockBackend implements VirtioBackend {
     let done = 0;
     while (queue.pop(chain)) {
       // Header and payload, gathered from the readable part.
-      let at = 0;
-      for (let i = 0; i < chain.count; i++) {
-        if (chain.writable[i]) continue;
-        const bytes = this.rt.mem.regionBytes(chain.region[i]!);
-        for (let j = 0; j < chain.length[i]!; j++, at++) {
-          if (at < VSOCK_HDR.bytes) this.hdr[at] = bytes[chain.offset[i]! + j]!;
-          else if (at - VSOCK_HDR.bytes < this.data.length) this.data[at - VSOCK_HDR.bytes] = bytes[chain.offset[i]! + j]!;
-        }
-      }
+      const hdrBytes = chain.readInto(this.rt.mem, 0, this.hdr, VSOCK_HDR.bytes);
+      const payload = chain.readInto(this.rt.mem, VSOCK_HDR.bytes, this.data, this.data.length);
       queue.push(chain.head, 0);
       done++;
-      if (at >= VSOCK_HDR.bytes) this.fromGuest(Math.min(at - VSOCK_HDR.bytes, this.hdr.readUInt32LE(VSOCK_HDR.len), this.data.length));
+      if (hdrBytes === VSOCK_HDR.bytes) this.fromGuest(Math.min(payload, this.hdr.readUInt32LE(VSOCK_HDR.len)));
     }
     if (done > 0) this.rt.notifyUsed(TX);
     this.flush();
@@ -307,14 +300,7 @@ export class VsockBackend implements VirtioBackend {
     const queue = this.rt.queue(RX);
     const chain = this.rt.chain;
     if (!queue.pop(chain)) return false;
-    let at = 0;
-    const total = VSOCK_HDR.bytes + payload;
-    for (let i = 0; i < chain.count && at < total; i++) {
-      if (!chain.writable[i]) continue;
-      const bytes = this.rt.mem.regionBytes(chain.region[i]!);
-      const len = Math.min(chain.length[i]!, total - at);
-      for (let j = 0; j < len; j++, at++) bytes[chain.offset[i]! + j] = at < VSOCK_HDR.bytes ? this.hdr[at]! : this.data[at - VSOCK_HDR.bytes]!;
-    }
+    const at = chain.writeFrom(this.rt.mem, 0, this.hdr, VSOCK_HDR.bytes) + chain.writeFrom(this.rt.mem, VSOCK_HDR.bytes, this.data, payload);
     queue.push(chain.head, at);
     return true;
   }

@@ -90,6 +90,28 @@ describe('split virtqueue', () => {
     assert.deepEqual([c.region[1], c.offset[1], c.length[1]], [1, 0, 200]);
   });
 
+  test('chain copies: readable bytes out from an offset, writable bytes in, across segments and regions', () => {
+    const q = freshQueue();
+    desc(DESC, 0, 0x10000, 10, VIRTQ_DESC_F_NEXT, 1);
+    desc(DESC, 1, HALF - 6, 12, VIRTQ_DESC_F_NEXT, 2); // spans the two regions
+    desc(DESC, 2, 0x20000, 8, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 3);
+    desc(DESC, 3, 0x30000, 8, VIRTQ_DESC_F_WRITE);
+    mem.write(0x10000, Uint8Array.from({ length: 10 }, (_, i) => i));
+    mem.write(HALF - 6, Uint8Array.from({ length: 6 }, (_, i) => 10 + i));
+    mem.write(HALF, Uint8Array.from({ length: 6 }, (_, i) => 16 + i));
+    offer(0);
+    const c = new DescriptorChain();
+    q.pop(c);
+    const out = new Uint8Array(16);
+    assert.equal(c.readInto(mem, 4, out, 16), 16);
+    assert.deepEqual([...out], Array.from({ length: 16 }, (_, i) => 4 + i));
+    assert.equal(c.readInto(mem, 20, out, 16), 2, 'only what is left after the offset');
+    assert.equal(c.writeFrom(mem, 5, Uint8Array.from([1, 2, 3, 4, 5, 6]), 6), 6);
+    assert.deepEqual([...mem.read(0x20005, 3)], [1, 2, 3]);
+    assert.deepEqual([...mem.read(0x30000, 3)], [4, 5, 6]);
+    assert.equal(c.writeFrom(mem, 0, new Uint8Array(40), 40), 16, 'no more than the writable bytes');
+  });
+
   test('indirect tables are followed', () => {
     const q = freshQueue();
     const table = 0x8000;
