@@ -28,20 +28,7 @@ function blkDevice(path: string, readOnly = false, serial = 'kiln-test-disk') {
   return { fd, options: blkOptions(fd, path, readOnly, serial) };
 }
 
-const BLK_DRIVER = `
-struct req { u32 type; u32 reserved; u64 sector; };
-static u64 submit(struct vq *q, u32 type, u64 sector, u64 data, u32 len, int write_data, u64 indirect, u32 *used_len) {
-  u64 hdr = kit_alloc(64);
-  struct req *r = (struct req *)(uptr)hdr;
-  r->type = type; r->sector = sector;
-  u64 status = hdr + 32;
-  wr8(status, 0xee);
-  struct vbuf b[3] = { { hdr, 16, 0 }, { data, len, write_data }, { status, 1, 1 } };
-  if (len) vq_add(q, b, 3, indirect); else { b[1] = b[2]; vq_add(q, b, 2, indirect); }
-  vq_kick(q);
-  if (vq_wait(q, used_len, 100000000) < 0) kit_exit(90);
-  return rd8(status);
-}
+const BLK_DRIVER = `#include "blk.h"
 void kit_main(void) {
   struct vdev d; struct vq q;
   RESULT(0) = vdev_find(&d, SLOT0);
@@ -55,19 +42,19 @@ void kit_main(void) {
   RESULT(4) = rd32(d.device) | ((u64)rd32(d.device + 4) << 32);
   u32 len = 0;
   u64 buf = kit_alloc(8192);
-  RESULT(5) = submit(&q, 0, 2, buf, 4096, 1, 0, &len);  /* read sectors 2-9 */
+  RESULT(5) = blk_io(&q, 0, 2, buf, 4096, 1, 0, &len);  /* read sectors 2-9 */
   RESULT(6) = len;
   RESULT(7) = buf;
   RESULT(8) = lapic_wait(0x40, 1000000);
   u64 wbuf = kit_alloc(4096);
   for (int i = 0; i < 1024; i++) wr32(wbuf + 4 * i, 0xc0de0000 + i);
-  RESULT(9) = submit(&q, 1, 16, wbuf, 4096, 0, kit_alloc(4096), &len); /* write sectors 16-23, indirect */
-  RESULT(10) = submit(&q, 4, 0, 0, 0, 0, 0, &len);                      /* flush */
+  RESULT(9) = blk_io(&q, 1, 16, wbuf, 4096, 0, kit_alloc(4096), &len); /* write sectors 16-23, indirect */
+  RESULT(10) = blk_io(&q, 4, 0, 0, 0, 0, 0, &len);                      /* flush */
   u64 id = kit_alloc(64);
-  RESULT(11) = submit(&q, 8, 0, id, 20, 1, 0, &len);                    /* get id */
+  RESULT(11) = blk_io(&q, 8, 0, id, 20, 1, 0, &len);                    /* get id */
   RESULT(12) = id;
-  RESULT(13) = submit(&q, 0, RESULT(4) - 1, buf, 1024, 1, 0, &len);     /* runs past the end */
-  RESULT(14) = submit(&q, 99, 0, buf, 512, 1, 0, &len);                 /* unknown type */
+  RESULT(13) = blk_io(&q, 0, RESULT(4) - 1, buf, 1024, 1, 0, &len);     /* runs past the end */
+  RESULT(14) = blk_io(&q, 99, 0, buf, 512, 1, 0, &len);                 /* unknown type */
   kit_exit(0);
 }`;
 
@@ -110,15 +97,8 @@ describe('virtio-blk', { skip: kvmSkip }, () => {
     t.vm.adoptFd(fd);
     await runDriver(
       t,
-      `struct req { u32 type; u32 reserved; u64 sector; };
-      static u64 io(struct vq *q, u32 type, u64 sector, u64 data) {
-        u64 h = kit_alloc(64);
-        ((struct req *)(uptr)h)->type = type; ((struct req *)(uptr)h)->sector = sector; wr8(h + 32, 0xee);
-        struct vbuf b[3] = { { h, 16, 0 }, { data, 4096, type == 0 }, { h + 32, 1, 1 } };
-        vq_add(q, b, 3, 0); vq_kick(q);
-        if (vq_wait(q, 0, 100000000) < 0) kit_exit(90);
-        return rd8(h + 32);
-      }
+      `#include "blk.h"
+      static u64 io(struct vq *q, u32 type, u64 sector, u64 data) { return blk_io(q, type, sector, data, 4096, type == VIRTIO_BLK_T_IN, 0, 0); }
       void kit_main(void) {
         struct vdev d; struct vq q;
         vdev_find(&d, SLOT0);
@@ -163,15 +143,12 @@ describe('virtio-blk', { skip: kvmSkip }, () => {
     t.vm.adoptFd(roDisk.fd);
     await runDriver(
       t,
-      `struct req { u32 type; u32 reserved; u64 sector; };
+      `#include "blk.h"
+      /* Discard and write-zeroes carry one {sector, num_sectors, flags} range as their data. */
       static u64 ranged(struct vq *q, u32 type, u64 sector, u32 count, u32 flags) {
-        u64 h = kit_alloc(128);
-        ((struct req *)(uptr)h)->type = type; ((struct req *)(uptr)h)->sector = 0;
-        wr64(h + 16, sector); wr32(h + 24, count); wr32(h + 28, flags); wr8(h + 64, 0xee);
-        struct vbuf b[3] = { { h, 16, 0 }, { h + 16, 16, 0 }, { h + 64, 1, 1 } };
-        vq_add(q, b, 3, 0); vq_kick(q);
-        if (vq_wait(q, 0, 100000000) < 0) kit_exit(90);
-        return rd8(h + 64);
+        u64 range = kit_alloc(16);
+        wr64(range, sector); wr32(range + 8, count); wr32(range + 12, flags);
+        return blk_io(q, type, 0, range, 16, 0, 0, 0);
       }
       void kit_main(void) {
         struct vdev d, r; struct vq q, rq;
@@ -185,12 +162,7 @@ describe('virtio-blk', { skip: kvmSkip }, () => {
         RESULT(4) = vdev_device_features(&r);
         vdev_negotiate(&r, (1ULL << VIRTIO_F_VERSION_1) | (1ULL << 5));
         vq_setup(&r, &rq, 0, 0, VIRTIO_MSI_NO_VECTOR); vdev_driver_ok(&r);
-        u64 h = kit_alloc(4096);
-        ((struct req *)(uptr)h)->type = 1; ((struct req *)(uptr)h)->sector = 0; wr8(h + 64, 0xee);
-        struct vbuf b[3] = { { h, 16, 0 }, { h + 512, 512, 0 }, { h + 64, 1, 1 } };
-        vq_add(&rq, b, 3, 0); vq_kick(&rq);
-        if (vq_wait(&rq, 0, 100000000) < 0) kit_exit(91);
-        RESULT(5) = rd8(h + 64);
+        RESULT(5) = blk_io(&rq, VIRTIO_BLK_T_OUT, 0, kit_alloc(512), 512, 0, 0, 0);
         kit_exit(0);
       }`,
       {},
@@ -222,15 +194,8 @@ describe('virtio-blk', { skip: kvmSkip }, () => {
     writeFileSync(bPath, b);
     await runDriver(
       t,
-      `struct req { u32 type; u32 reserved; u64 sector; };
-      static u64 rd(struct vq *q, u64 sector, u64 data) {
-        u64 h = kit_alloc(64);
-        ((struct req *)(uptr)h)->type = 0; ((struct req *)(uptr)h)->sector = sector; wr8(h + 32, 0xee);
-        struct vbuf v[3] = { { h, 16, 0 }, { data, 512, 1 }, { h + 32, 1, 1 } };
-        vq_add(q, v, 3, 0); vq_kick(q);
-        if (vq_wait(q, 0, 100000000) < 0) kit_exit(90);
-        return rd8(h + 32);
-      }
+      `#include "blk.h"
+      static u64 rd(struct vq *q, u64 sector, u64 data) { return blk_io(q, VIRTIO_BLK_T_IN, sector, data, 512, 1, 0, 0); }
       void kit_main(void) {
         struct vdev d; struct vq q;
         vdev_find(&d, SLOT0);
