@@ -54,27 +54,24 @@ const notYet = (what: string): Handler => () => {
   throw new ApiError(`${what} is not supported by Kiln yet`);
 };
 
-const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Handler, takesBody: boolean]> = [
-  ['GET', '/', (vmm) => ({ app_name: 'Firecracker', id: vmm.id, state: vmm.state, vmm_version: `${FIRECRACKER_API_VERSION}-kiln.${KILN_VERSION}` }), false],
-  ['GET', '/version', () => ({ firecracker_version: FIRECRACKER_API_VERSION }), false],
-  ['GET', '/vm/config', (vmm) => r.exportDefinition(vmm.definition), false],
-  ['GET', '/machine-config', (vmm) => vmm.definition.machineConfig, false],
-  ['PUT', '/boot-source', (vmm, body) => {
+/** A pre-boot-only change (answered 204): refused after InstanceStart, as Firecracker refuses it. */
+const preBoot =
+  (apply: (vmm: Vmm, body: unknown, params: Record<string, string | undefined>) => unknown): Handler =>
+  (vmm, body, params) => {
     vmm.preBoot();
-    vmm.definition.bootSource = r.parseBootSource(body);
-  }, true],
-  ['PUT', '/machine-config', (vmm, body) => {
-    vmm.preBoot();
-    vmm.definition.machineConfig = r.parseMachineConfig(body);
-  }, true],
-  ['PATCH', '/machine-config', (vmm, body) => {
-    vmm.preBoot();
-    vmm.definition.machineConfig = r.patchMachineConfig(vmm.definition.machineConfig, body);
-  }, true],
-  ['PUT', '/drives/:drive_id', (vmm, body, p) => {
-    vmm.preBoot();
-    r.addDrive(vmm.definition, r.parseDrive(p.drive_id ?? '', body));
-  }, true],
+    apply(vmm, body, params);
+  };
+
+/** Every route; PUT and PATCH take a JSON body, GET none. */
+const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Handler]> = [
+  ['GET', '/', (vmm) => ({ app_name: 'Firecracker', id: vmm.id, state: vmm.state, vmm_version: `${FIRECRACKER_API_VERSION}-kiln.${KILN_VERSION}` })],
+  ['GET', '/version', () => ({ firecracker_version: FIRECRACKER_API_VERSION })],
+  ['GET', '/vm/config', (vmm) => r.exportDefinition(vmm.definition)],
+  ['GET', '/machine-config', (vmm) => vmm.definition.machineConfig],
+  ['PUT', '/boot-source', preBoot((vmm, body) => vmm.definition.bootSource = r.parseBootSource(body))],
+  ['PUT', '/machine-config', preBoot((vmm, body) => vmm.definition.machineConfig = r.parseMachineConfig(body))],
+  ['PATCH', '/machine-config', preBoot((vmm, body) => vmm.definition.machineConfig = r.patchMachineConfig(vmm.definition.machineConfig, body))],
+  ['PUT', '/drives/:drive_id', preBoot((vmm, body, p) => r.addDrive(vmm.definition, r.parseDrive(p.drive_id ?? '', body)))],
   ['PATCH', '/drives/:drive_id', (vmm, body, p) => {
     const patch = r.parsePartialDrive(p.drive_id ?? '', body);
     const drive = vmm.definition.drives.get(patch.drive_id);
@@ -82,70 +79,52 @@ const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Han
     if (patch.path_on_host === undefined) return;
     if (vmm.started) vmm.patchDrive(drive.drive_id, patch.path_on_host);
     vmm.definition.drives.set(drive.drive_id, { ...drive, path_on_host: patch.path_on_host });
-  }, true],
-  ['PUT', '/network-interfaces/:iface_id', (vmm, body, p) => {
-    vmm.preBoot();
-    r.addNetworkInterface(vmm.definition, r.parseNetworkInterface(p.iface_id ?? '', body));
-  }, true],
-  ['PATCH', '/network-interfaces/:iface_id', notYet('Updating network interface rate limiters'), true],
-  ['PUT', '/vsock', (vmm, body) => {
-    vmm.preBoot();
-    vmm.definition.vsock = r.parseVsock(body);
-  }, true],
-  ['PUT', '/entropy', (vmm, body) => {
-    vmm.preBoot();
-    vmm.definition.entropy = r.parseEntropy(body);
-  }, true],
-  ['PUT', '/balloon', (vmm, body) => {
-    vmm.preBoot();
-    vmm.definition.balloon = r.parseBalloon(body);
-  }, true],
+  }],
+  ['PUT', '/network-interfaces/:iface_id', preBoot((vmm, body, p) => r.addNetworkInterface(vmm.definition, r.parseNetworkInterface(p.iface_id ?? '', body)))],
+  ['PATCH', '/network-interfaces/:iface_id', notYet('Updating network interface rate limiters')],
+  ['PUT', '/vsock', preBoot((vmm, body) => vmm.definition.vsock = r.parseVsock(body))],
+  ['PUT', '/entropy', preBoot((vmm, body) => vmm.definition.entropy = r.parseEntropy(body))],
+  ['PUT', '/balloon', preBoot((vmm, body) => vmm.definition.balloon = r.parseBalloon(body))],
   ['PATCH', '/balloon', (vmm, body) => {
     const mib = r.parseBalloonUpdate(body);
     if (!vmm.definition.balloon) throw new ApiError('The balloon device is not configured.');
     if (vmm.started) vmm.setBalloonTarget(mib);
     vmm.definition.balloon = { ...vmm.definition.balloon, amount_mib: mib };
-  }, true],
+  }],
   ['GET', '/balloon', (vmm) => {
     if (!vmm.definition.balloon) throw new ApiError('The balloon device is not configured.');
     return vmm.definition.balloon;
-  }, false],
-  ['GET', '/balloon/statistics', (vmm) => vmm.balloonStats(), false],
-  ['PATCH', '/balloon/statistics', notYet('Changing the balloon statistics interval'), true],
-  ['PUT', '/logger', (vmm, body) => {
-    vmm.preBoot();
-    vmm.definition.logger = r.parseLogger(body);
-  }, true],
-  ['PUT', '/metrics', (vmm, body) => {
-    vmm.preBoot();
-    vmm.definition.metrics = r.parseMetrics(body);
-  }, true],
+  }],
+  ['GET', '/balloon/statistics', (vmm) => vmm.balloonStats()],
+  ['PATCH', '/balloon/statistics', notYet('Changing the balloon statistics interval')],
+  ['PUT', '/logger', preBoot((vmm, body) => vmm.definition.logger = r.parseLogger(body))],
+  ['PUT', '/metrics', preBoot((vmm, body) => vmm.definition.metrics = r.parseMetrics(body))],
   ['PUT', '/actions', async (vmm, body) => {
     const action = r.parseAction(body);
     if (action === 'InstanceStart') await vmm.start();
     else if (action === 'SendCtrlAltDel') vmm.ctrlAltDel();
     else vmm.flushMetrics();
-  }, true],
+  }],
   ['PATCH', '/vm', async (vmm, body) => {
     if (r.parseVmState(body) === 'Paused') await vmm.pause();
     else vmm.resume();
-  }, true],
-  ['PUT', '/cpu-config', notYet('Custom CPU templates (/cpu-config)'), true],
-  ['PUT', '/mmds', notYet('The microVM metadata service (/mmds)'), true],
-  ['PATCH', '/mmds', notYet('The microVM metadata service (/mmds)'), true],
-  ['GET', '/mmds', notYet('The microVM metadata service (/mmds)'), false],
-  ['PUT', '/mmds/config', notYet('The microVM metadata service (/mmds/config)'), true],
-  ['PUT', '/snapshot/create', notYet('Snapshots (/snapshot/create)'), true],
-  ['PUT', '/snapshot/load', notYet('Snapshots (/snapshot/load)'), true],
-  ['PUT', '/pmem/:id', notYet('Persistent memory devices (/pmem)'), true],
-  ['PATCH', '/pmem/:id', notYet('Persistent memory devices (/pmem)'), true],
-  ['PUT', '/serial', notYet('Configuring the serial device (/serial)'), true],
-  ['PUT', '/hotplug/memory', notYet('Memory hot-plug (/hotplug/memory)'), true],
-  ['PATCH', '/hotplug/memory', notYet('Memory hot-plug (/hotplug/memory)'), true],
-  ['GET', '/hotplug/memory', notYet('Memory hot-plug (/hotplug/memory)'), false],
-  ['PATCH', '/balloon/hinting/start', notYet('Free page hinting'), true],
-  ['GET', '/balloon/hinting/status', notYet('Free page hinting'), false],
-  ['PATCH', '/balloon/hinting/stop', notYet('Free page hinting'), true],
+  }],
+  ['PUT', '/cpu-config', notYet('Custom CPU templates (/cpu-config)')],
+  ['PUT', '/mmds', notYet('The microVM metadata service (/mmds)')],
+  ['PATCH', '/mmds', notYet('The microVM metadata service (/mmds)')],
+  ['GET', '/mmds', notYet('The microVM metadata service (/mmds)')],
+  ['PUT', '/mmds/config', notYet('The microVM metadata service (/mmds/config)')],
+  ['PUT', '/snapshot/create', notYet('Snapshots (/snapshot/create)')],
+  ['PUT', '/snapshot/load', notYet('Snapshots (/snapshot/load)')],
+  ['PUT', '/pmem/:id', notYet('Persistent memory devices (/pmem)')],
+  ['PATCH', '/pmem/:id', notYet('Persistent memory devices (/pmem)')],
+  ['PUT', '/serial', notYet('Configuring the serial device (/serial)')],
+  ['PUT', '/hotplug/memory', notYet('Memory hot-plug (/hotplug/memory)')],
+  ['PATCH', '/hotplug/memory', notYet('Memory hot-plug (/hotplug/memory)')],
+  ['GET', '/hotplug/memory', notYet('Memory hot-plug (/hotplug/memory)')],
+  ['PATCH', '/balloon/hinting/start', notYet('Free page hinting')],
+  ['GET', '/balloon/hinting/status', notYet('Free page hinting')],
+  ['PATCH', '/balloon/hinting/stop', notYet('Free page hinting')],
 ];
 
 /** The request handler for `vmm` (usable with any node:http server). */
@@ -154,7 +133,8 @@ export function apiHandler(vmm: Vmm): (req: IncomingMessage, res: ServerResponse
     ignoreTrailingSlash: true,
     defaultRoute: (req: IncomingMessage, res: ServerResponse) => fault(res, `Invalid request method and/or path: ${req.method} ${req.url}.`),
   });
-  for (const [method, path, handler, takesBody] of ROUTES) {
+  for (const [method, path, handler] of ROUTES) {
+    const takesBody = method !== 'GET';
     router.on(method, path, (req, res, params) => {
       void (async () => {
         try {
