@@ -4,12 +4,12 @@
 // daemon that crashes and restarts finds every VM as it really is.
 import { spawn } from 'node:child_process';
 import { openSync, rmSync } from 'node:fs';
-import { createServer, request, type IncomingMessage, type ServerResponse } from 'node:http';
+import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import FindMyWay from 'find-my-way';
 import { KilnError } from '../errors.js';
-import { Manager } from './manager.js';
+import { Manager, unixHttp } from './manager.js';
 import { checkName, Store, type VmSpec } from './store.js';
 
 const CLI = fileURLToPath(new URL('../cli.js', import.meta.url));
@@ -148,19 +148,8 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
 
 /** One call to the daemon; starts it first if nothing answers on its socket. */
 export async function daemonCall(store: Store, method: string, path: string, body?: unknown): Promise<unknown> {
-  const attempt = () =>
-    new Promise<{ status: number; body: unknown }>((resolve, reject) => {
-      const payload = body === undefined ? undefined : JSON.stringify(body);
-      const req = request({ socketPath: store.socketPath, method, path, headers: payload ? { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(payload) } : {} }, (res) => {
-        let text = '';
-        res.setEncoding('utf8');
-        res.on('data', (c: string) => (text += c));
-        res.on('end', () => resolve({ status: res.statusCode ?? 0, body: JSON.parse(text || '{}') as unknown }));
-      });
-      req.on('error', reject);
-      if (payload) req.write(payload);
-      req.end();
-    });
+  // A stop waits for the guest (up to 30 s, then SIGTERM): allow the daemon minutes.
+  const attempt = () => unixHttp(store.socketPath, method, path, body, 10 * 60_000);
   let r: { status: number; body: unknown };
   try {
     r = await attempt();
@@ -180,6 +169,6 @@ export async function daemonCall(store: Store, method: string, path: string, bod
       }
     }
   }
-  if (r.status !== 200) throw new KilnError((r.body as { error?: string }).error ?? `the daemon answered ${r.status}`);
+  if (r.status !== 200) throw new KilnError((r.body as { error?: string } | undefined)?.error ?? `the daemon answered ${r.status}`);
   return r.body;
 }

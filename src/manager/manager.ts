@@ -26,8 +26,8 @@ export interface VmStatus {
 
 const VMM_CLI = fileURLToPath(new URL('../vmm-cli.js', import.meta.url));
 
-/** One HTTP call to a VMM's API socket. */
-export function vmmApi(socket: string, method: string, path: string, body?: unknown, timeoutMs = 5000): Promise<{ status: number; body: unknown }> {
+/** One JSON-over-HTTP call on a Unix socket (a VMM's API, or the daemon's). */
+export function unixHttp(socket: string, method: string, path: string, body?: unknown, timeoutMs = 5000): Promise<{ status: number; body: unknown }> {
   const payload = body === undefined ? undefined : JSON.stringify(body);
   return new Promise((resolve, reject) => {
     const req = request({ socketPath: socket, method, path, timeout: timeoutMs, headers: payload ? { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(payload) } : {} }, (res) => {
@@ -71,7 +71,7 @@ export class Manager {
     if (pid !== null) {
       state = 'starting';
       try {
-        const info = await vmmApi(join(this.store.runDir(spec.name), 'api.sock'), 'GET', '/');
+        const info = await unixHttp(join(this.store.runDir(spec.name), 'api.sock'), 'GET', '/');
         const s = (info.body as { state?: string } | undefined)?.state;
         if (s === 'Running') state = 'running';
         else if (s === 'Paused') state = 'paused';
@@ -178,7 +178,7 @@ export class Manager {
     const pid = this.pidOf(name);
     if (pid === null) return this.status(spec);
     if (!force) {
-      await vmmApi(join(this.store.runDir(name), 'api.sock'), 'PUT', '/actions', { action_type: 'SendCtrlAltDel' }).catch(() => undefined);
+      await unixHttp(join(this.store.runDir(name), 'api.sock'), 'PUT', '/actions', { action_type: 'SendCtrlAltDel' }).catch(() => undefined);
       for (let waited = 0; waited < timeoutMs && this.pidOf(name) !== null; waited += 100) await new Promise((r) => setTimeout(r, 100));
     }
     if (this.pidOf(name) !== null) process.kill(pid, 'SIGTERM');
@@ -191,7 +191,7 @@ export class Manager {
   async setPaused(name: string, paused: boolean): Promise<VmStatus> {
     const spec = this.store.get(name);
     if (this.pidOf(name) === null) throw new KilnError(`'${name}' is not running`);
-    const r = await vmmApi(join(this.store.runDir(name), 'api.sock'), 'PATCH', '/vm', { state: paused ? 'Paused' : 'Resumed' });
+    const r = await unixHttp(join(this.store.runDir(name), 'api.sock'), 'PATCH', '/vm', { state: paused ? 'Paused' : 'Resumed' });
     if (r.status !== 204) throw new KilnError(`'${name}': ${(r.body as { fault_message?: string } | undefined)?.fault_message ?? `status ${r.status}`}`);
     return this.status(spec);
   }
