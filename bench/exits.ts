@@ -6,7 +6,7 @@ import { execFileSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { join } from 'node:path';
-import { addStandardDevices } from '../src/demo.js';
+import { addStandardDevices } from '../src/platform/standard.js';
 import { loadProgram, type KitProgram } from '../src/guest/kit.js';
 import { dataView } from '../src/kvm/struct.js';
 import { kvm_regs, kvm_sregs } from '../src/kvm/structs.js';

@@ -1,67 +1,26 @@
 #!/usr/bin/env node
-// The `kiln` command.
+// The `kiln` command: `kiln run` boots a guest in this process; `kiln guest build`
+// builds the guest kit; the VM-manager verbs (create, start, ...) talk to the daemon.
+// Every verb has its own options (commander): an option another verb takes is refused.
 import { closeSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { parseArgs } from 'node:util';
+import { Command, CommanderError, Option } from 'commander';
 import { createLinuxVm } from './boot/linux.js';
+import { configFromFlags, type VmFlags } from './config/flags.js';
+import { ConfigError } from './config/vm-config.js';
+import { relayStdin } from './console-relay.js';
 import { CPU_TEMPLATES } from './cpu/templates.js';
-import { addStandardDevices, loadDemo } from './demo.js';
+import { loadDemo } from './demo.js';
 import type { DeviceSpec } from './devices/device.js';
 import { readProgress } from './devices/progress.js';
 import type { SerialHost } from './devices/serial.js';
 import { KilnError } from './errors.js';
+import { EXIT_ERROR, EXIT_USAGE, vmExitStatus } from './exit-status.js';
 import { buildCloudKernel, buildInitramfs, buildMinimalKernel, buildRootfs, cacheDir } from './guestkit/build.js';
-import { parseSize } from './size.js';
-import { MANAGER_USAGE } from './manager/usage.js';
-import type { DiskConfig, NetConfig } from './virtio/attach.js';
+import { addStandardDevices } from './platform/standard.js';
+import { KILN_VERSION } from './version.js';
 import { Vm, type VmResult } from './vm.js';
-
-const VERSION = '0.1.0';
-
-const USAGE = `Usage: kiln <command> [options]
-
-Commands:
-  run               boot a guest and attach its serial console (Ctrl-A x quits, Ctrl-A p presses the power button)
-  guest build [ARTIFACT...]
-                    build guest kit artifacts into the cache: minimal-kernel, initramfs, rootfs, cloud-kernel
-                    (default: minimal-kernel initramfs)
-  version           print Kiln's version
-
-Options for run (with no guest named, Kiln boots the kit's minimal Linux, building it first if needed):
-  --kernel PATH     a Linux kernel: ELF vmlinux (PVH or 64-bit entry) or bzImage
-  --initrd PATH     an initramfs or initrd
-  --cmdline TEXT    extra kernel command line (Kiln adds console=ttyS0 and what the CPU template needs)
-  --host-decompress decompress a bzImage's payload on the host and boot the ELF inside (fast on software KVM)
-  --demo            boot the built-in demo guest instead
-  --memory SIZE     guest RAM: MiB, or with a unit (128M, 1G); default 128M
-  --cpus N          number of vCPUs; default 1
-  --cpu-template T  ${Object.keys(CPU_TEMPLATES).join(', ')} (default: pvm on software KVM, host elsewhere)
-  --disk PATH[,ro][,serial=ID]
-                    a raw disk image as a virtio-blk drive (repeatable; the first is /dev/vda)
-  --net tap=NAME[,mac=MAC] | passt=SOCKET[,mac=MAC]
-                    a virtio-net NIC on a TAP (needs CAP_NET_ADMIN) or on passt's socket (repeatable)
-  --rng             an entropy device (virtio-rng, fed by the host's getrandom)
-  --vsock CID,SOCKET
-                    vsock for guest CID; host clients connect to SOCKET and send "CONNECT <port>"
-  --console-socket PATH
-                    a virtio console (hvc0) on a Unix socket Kiln listens on
-  --balloon SIZE    a memory balloon, starting at SIZE (e.g. 0, 64M)
-  --on-reboot WHAT  exit (default) or restart when the guest reboots
-  --json            print one JSON result (with the serial output) instead of attaching the console
-  --verbose         log unhandled port and MMIO accesses (once each)
-
-${MANAGER_USAGE.trim()}
-
-Options for guest build:
-  --json            print the artifacts' paths as JSON
-`;
-
-/** Exit statuses scripts can rely on. */
-const EXIT_USAGE = 2;
-const EXIT_ERROR = 1;
-/** The VM ended abnormally (triple fault, KVM failure). */
-const EXIT_VM_FAILED = 3;
 
 class UsageError extends KilnError {}
 
@@ -93,112 +52,85 @@ interface Prepared {
   pressPowerButton(): void;
 }
 
-/** Connects the terminal to the guest's UART: raw mode, Ctrl-A x quits, Ctrl-A p powers off. */
-function attachConsole(p: Prepared): () => void {
-  const stdin = process.stdin;
-  if (!p.serial) return () => undefined;
-  const serial = p.serial;
-  const raw = stdin.isTTY === true;
-  if (raw) stdin.setRawMode(true);
-  let escape = false;
-  const onData = (chunk: Buffer) => {
-    if (!raw) {
-      serial.input(chunk);
-      return;
-    }
-    for (const byte of chunk) {
-      if (escape) {
-        escape = false;
-        if (byte === 0x78 /* x */) void p.vm.stop();
-        else if (byte === 0x70 /* p */) p.pressPowerButton();
-        else if (byte === 0x01) serial.input(Uint8Array.of(0x01));
-        continue;
-      }
-      if (byte === 0x01) escape = true;
-      else serial.input(Uint8Array.of(byte));
-    }
+const collect = (value: string, previous: string[]) => [...previous, value];
+
+/** The VM options `kiln run` and `kiln create` share (one grammar: src/config/flags.ts). */
+export function addVmOptions(cmd: Command): Command {
+  return cmd
+    .option('--kernel <path>', 'a Linux kernel: ELF vmlinux (PVH or 64-bit entry) or bzImage')
+    .option('--initrd <path>', 'an initramfs or initrd')
+    .option('--cmdline <text>', 'extra kernel command line (Kiln adds console=ttyS0 and what the CPU template needs)')
+    .option('--memory <size>', 'guest RAM: MiB, or with a unit (128M, 1G); default 128M')
+    .option('--cpus <n>', 'number of vCPUs (1-254); default 1')
+    .addOption(new Option('--cpu-template <name>', 'CPU template (default: pvm on software KVM, host elsewhere)').choices(Object.keys(CPU_TEMPLATES)))
+    .option('--disk <spec>', 'PATH[,ro][,root][,serial=ID][,id=ID]: a raw disk image as a virtio-blk drive (repeatable; the root disk is /dev/vda)', collect, [])
+    .option('--net <spec>', 'tap=NAME[,mac=MAC][,id=ID] | passt=SOCKET[,mac=MAC][,id=ID]: a virtio-net NIC (repeatable)', collect, [])
+    .option('--rng', 'an entropy device (virtio-rng, fed by the host\'s getrandom)')
+    .option('--vsock <spec>', 'CID,SOCKET: vsock for guest CID; host clients connect to SOCKET and send "CONNECT <port>"')
+    .option('--console-socket <path>', 'a virtio console (hvc0) on a Unix socket Kiln listens on')
+    .option('--balloon <size>', 'a memory balloon, starting at SIZE (e.g. 0, 64M)');
+}
+
+interface VmOptionValues {
+  kernel?: string;
+  initrd?: string;
+  cmdline?: string;
+  memory?: string;
+  cpus?: string;
+  cpuTemplate?: string;
+  disk: string[];
+  net: string[];
+  rng?: boolean;
+  vsock?: string;
+  consoleSocket?: string;
+  balloon?: string;
+}
+
+export function vmFlags(v: VmOptionValues): VmFlags {
+  return {
+    kernel: v.kernel,
+    initrd: v.initrd,
+    cmdline: v.cmdline,
+    memory: v.memory,
+    cpus: v.cpus,
+    'cpu-template': v.cpuTemplate,
+    disk: v.disk,
+    net: v.net,
+    rng: v.rng,
+    vsock: v.vsock,
+    'console-socket': v.consoleSocket,
+    balloon: v.balloon,
   };
-  stdin.on('data', onData);
-  stdin.resume();
-  return () => {
-    stdin.off('data', onData);
-    if (raw) stdin.setRawMode(false);
-    stdin.pause();
-  };
 }
 
-/** `--disk PATH[,ro][,serial=ID]` */
-export function parseDiskFlag(flag: string): DiskConfig {
-  const [path, ...opts] = flag.split(',');
-  if (!path) throw new UsageError(`--disk needs a path (got '${flag}')`);
-  let readOnly = false;
-  let serial: string | undefined;
-  for (const o of opts) {
-    if (o === 'ro') readOnly = true;
-    else if (o.startsWith('serial=')) serial = o.slice('serial='.length);
-    else throw new UsageError(`--disk ${flag}: unknown option '${o}' (expected ro or serial=ID)`);
-  }
-  return { path, readOnly, ...(serial !== undefined ? { serial } : {}) };
+interface CreateValues {
+  json?: boolean;
+  file?: string;
+  cpuWeight?: string;
+  cpuQuota?: string;
+  pin?: string;
 }
 
-/** `--net tap=NAME[,mac=MAC]` or `--net passt=SOCKET[,mac=MAC]` */
-export function parseNetFlag(flag: string): NetConfig {
-  const fields = Object.fromEntries(flag.split(',').map((kv) => [kv.slice(0, kv.indexOf('=') < 0 ? kv.length : kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]));
-  const unknown = Object.keys(fields).filter((k) => !['tap', 'passt', 'mac'].includes(k));
-  if (unknown.length > 0 || (!fields.tap === !fields.passt)) throw new UsageError(`--net ${flag}: expected tap=NAME or passt=SOCKET, optionally with mac=MAC`);
-  return { ...(fields.tap ? { tap: fields.tap } : { passt: fields.passt! }), ...(fields.mac ? { mac: fields.mac } : {}) };
+interface RunValues extends VmOptionValues {
+  demo?: boolean;
+  onReboot: string;
+  hostDecompress?: boolean;
+  json?: boolean;
+  verbose?: boolean;
 }
 
-/** `--vsock CID,SOCKET` */
-export function parseVsockFlag(flag: string): { guestCid: number; uds: string } {
-  const m = /^(\d+),(.+)$/.exec(flag);
-  if (!m) throw new UsageError(`--vsock ${flag}: expected CID,SOCKET (e.g. 3,/tmp/vm.vsock)`);
-  return { guestCid: Number(m[1]), uds: m[2]! };
-}
-
-async function run(argv: string[]): Promise<number> {
-  const { values } = parseArgs({
-    args: argv,
-    options: {
-      demo: { type: 'boolean', default: false },
-      kernel: { type: 'string' },
-      initrd: { type: 'string' },
-      cmdline: { type: 'string' },
-      memory: { type: 'string', default: '128M' },
-      cpus: { type: 'string', default: '1' },
-      'cpu-template': { type: 'string' },
-      'on-reboot': { type: 'string', default: 'exit' },
-      'host-decompress': { type: 'boolean', default: false },
-      disk: { type: 'string', multiple: true, default: [] },
-      net: { type: 'string', multiple: true, default: [] },
-      rng: { type: 'boolean', default: false },
-      vsock: { type: 'string' },
-      'console-socket': { type: 'string' },
-      balloon: { type: 'string' },
-      json: { type: 'boolean', default: false },
-      verbose: { type: 'boolean', default: false },
-    },
-    strict: true,
-  });
-  const disks = values.disk.map(parseDiskFlag);
-  const nets = values.net.map(parseNetFlag);
-  const vsock = values.vsock === undefined ? undefined : parseVsockFlag(values.vsock);
-  const balloon = values.balloon === undefined ? undefined : { targetMiB: Math.floor(parseSize(values.balloon) / (1024 * 1024)) };
-  const virtioWanted = disks.length > 0 || nets.length > 0 || values.rng || vsock || values['console-socket'] || balloon;
-  if (values.demo && virtioWanted) throw new UsageError('virtio devices (--disk, --net, --rng, --vsock, --console-socket, --balloon) need a Linux guest, not --demo');
-  const cpus = Number(values.cpus);
-  if (!/^\d+$/.test(values.cpus) || cpus < 1) throw new UsageError(`--cpus must be a whole number of at least 1 (got '${values.cpus}')`);
-  if (values['on-reboot'] !== 'exit' && values['on-reboot'] !== 'restart') throw new UsageError(`--on-reboot must be 'exit' or 'restart' (got '${values['on-reboot']}')`);
+async function run(values: RunValues): Promise<number> {
   if (values.demo && (values.kernel || values.initrd)) throw new UsageError('--demo and --kernel/--initrd are different guests: choose one');
-  if (!values.kernel && values.initrd) throw new UsageError('--initrd needs --kernel');
-  const memoryBytes = parseSize(values.memory);
+  if (values.onReboot !== 'exit' && values.onReboot !== 'restart') throw new UsageError(`--on-reboot must be 'exit' or 'restart' (got '${values.onReboot}')`);
+  let config = configFromFlags(vmFlags(values));
+  const virtioWanted = config.disks.length > 0 || config.nets.length > 0 || config.rng || config.vsock || config.consoleSocket || config.balloon;
+  if (values.demo && virtioWanted) throw new UsageError('virtio devices (--disk, --net, --rng, --vsock, --console-socket, --balloon) need a Linux guest, not --demo');
+  const memoryBytes = config.memoryMiB * 1024 * 1024;
+  const cpus = config.cpus;
 
-  let kernelPath = values.kernel;
-  let initrdPath = values.initrd;
-  if (!values.demo && !kernelPath) {
+  if (!values.demo && config.kernel === undefined) {
     // The default guest: the kit's minimal Linux and test init.
-    kernelPath = (await buildMinimalKernel(progress)).vmlinux;
-    initrdPath = (await buildInitramfs(progress)).path;
+    config = { ...config, kernel: (await buildMinimalKernel(progress)).vmlinux, initrd: (await buildInitramfs(progress)).path };
   }
 
   let captureDir: string | null = null;
@@ -217,26 +149,8 @@ async function run(argv: string[]): Promise<number> {
             return { vm, progress: progressPort, serial: null, pressPowerButton: () => undefined };
           })()
         : (() => {
-            const lv = createLinuxVm({
-              kernelPath: kernelPath!,
-              initrdPath,
-              cmdline: values.cmdline,
-              cpus,
-              memoryBytes,
-              cpuTemplate: values['cpu-template'],
-              serialOutFd: serialFd,
-              logUnhandled: values.verbose,
-              hostDecompress: values['host-decompress'],
-              virtio: {
-                disks,
-                nets,
-                rng: values.rng,
-                ...(vsock ? { vsock } : {}),
-                ...(values['console-socket'] ? { consoleSocket: values['console-socket'] } : {}),
-                ...(balloon ? { balloon } : {}),
-              },
-            });
-            if (!values.json) progress(`booting ${kernelPath} (${lv.boot.format}, ${cpus} vCPU, ${values.memory}); Ctrl-A x quits`);
+            const lv = createLinuxVm(config, { serialOutFd: serialFd, logUnhandled: values.verbose, hostDecompress: values.hostDecompress });
+            if (!values.json) progress(`booting ${config.kernel} (${lv.boot.format}, ${cpus} vCPU, ${config.memoryMiB}M); Ctrl-A x quits`);
             return { vm: lv.vm, progress: lv.progress, serial: lv.serial, pressPowerButton: () => lv.pressPowerButton() };
           })();
       const { vm } = prepared;
@@ -245,7 +159,7 @@ async function run(argv: string[]): Promise<number> {
         const started = Date.now();
         await vm.start();
         if (process.env.KILN_TIMING) progress(`timing: first KVM_RUN ${(vm.firstRunAt - performance.timeOrigin).toFixed(1)} ms after process start`);
-        const detach = values.json ? () => undefined : attachConsole(prepared);
+        const detach = values.json || !prepared.serial ? () => undefined : relayStdin({ send: (b) => void prepared.serial!.input(b), quit: () => void vm.stop(), powerButton: () => prepared.pressPowerButton() });
         const stopOnSignal = () => void vm.stop();
         process.once('SIGINT', stopOnSignal);
         process.once('SIGTERM', stopOnSignal);
@@ -253,7 +167,7 @@ async function run(argv: string[]): Promise<number> {
         process.off('SIGINT', stopOnSignal);
         process.off('SIGTERM', stopOnSignal);
         detach();
-        const status = result.reason === 'guest-exit' ? (result.exitCode ?? 0) : result.reason === 'stopped' || result.reason === 'hlt' ? 0 : EXIT_VM_FAILED;
+        const status = vmExitStatus(result);
         const summary = compatSummary(result);
         if (captureDir) {
           closeSync(serialFd);
@@ -276,7 +190,7 @@ async function run(argv: string[]): Promise<number> {
           process.stderr.write(`\nkiln: ${describe(result)}\n`);
           if (summary) process.stderr.write(`kiln: ${summary}\n`);
         }
-        if (result.reset && values['on-reboot'] === 'restart' && !captureDir) {
+        if (result.reset && values.onReboot === 'restart' && !captureDir) {
           progress('restarting the guest');
           continue;
         }
@@ -291,10 +205,7 @@ async function run(argv: string[]): Promise<number> {
   }
 }
 
-async function guest(argv: string[]): Promise<number> {
-  const { values, positionals } = parseArgs({ args: argv, options: { json: { type: 'boolean', default: false } }, allowPositionals: true, strict: true });
-  const [verb, ...artifacts] = positionals;
-  if (verb !== 'build') throw new UsageError(`unknown guest command '${verb ?? ''}' (try: kiln guest build)`);
+async function guest(artifacts: string[], values: { json?: boolean }): Promise<number> {
   const wanted = artifacts.length ? artifacts : ['minimal-kernel', 'initramfs'];
   const builders: Record<string, () => Promise<Record<string, string | boolean>>> = {
     'minimal-kernel': async () => ({ ...(await buildMinimalKernel(progress)) }),
@@ -302,59 +213,105 @@ async function guest(argv: string[]): Promise<number> {
     rootfs: async () => ({ ...(await buildRootfs(progress)) }),
     'cloud-kernel': async () => ({ ...(await buildCloudKernel(progress)) }),
   };
-  for (const a of wanted) if (!builders[a]) throw new UsageError(`unknown guest artifact '${a}' (known: ${Object.keys(builders).join(', ')})`);
+  for (const a of wanted) if (!Object.hasOwn(builders, a)) throw new UsageError(`unknown guest artifact '${a}' (known: ${Object.keys(builders).join(', ')})`);
   const out: Record<string, Record<string, string | boolean>> = {};
   for (const a of wanted) {
     progress(`guest kit: ${a}`);
-    out[a] = await builders[a]!();
-    if (!values.json) process.stdout.write(`${a}: ${Object.entries(out[a]!).filter(([k]) => k !== 'built').map(([k, v]) => `${k}=${v}`).join(' ')}${out[a]!.built ? '' : ' (cached)'}\n`);
+    const built = await builders[a]!();
+    out[a] = built;
+    if (!values.json) process.stdout.write(`${a}: ${Object.entries(built).filter(([k]) => k !== 'built').map(([k, v]) => `${k}=${v}`).join(' ')}${built.built ? '' : ' (cached)'}\n`);
   }
   if (values.json) process.stdout.write(`${JSON.stringify({ cache: cacheDir(), artifacts: out })}\n`);
   return 0;
 }
 
+/** The manager's implementation, loaded only for its verbs: `kiln run` starts faster without it. */
+const manager = () => import('./manager/commands.js');
+
+function program(setStatus: (status: number) => void): Command {
+  const kiln = new Command('kiln')
+    .description('A virtual machine monitor and VM manager for Linux/KVM')
+    .version(`kiln ${KILN_VERSION}`, '-V, --version', 'print Kiln\'s version')
+    .helpCommand('help [command]', 'help for a command')
+    .showHelpAfterError('(kiln help for the commands, kiln help COMMAND for their options)')
+    .exitOverride()
+    .configureOutput({ outputError: (text, write) => write(`kiln: ${text.replace(/^error: /, '')}`) });
+  const done = (p: Promise<number>) => p.then(setStatus);
+
+  addVmOptions(kiln.command('run').description('boot a guest and attach its serial console (Ctrl-A x quits, Ctrl-A p presses the power button); with no guest named, the kit\'s minimal Linux'))
+    .option('--demo', 'boot the built-in demo guest instead')
+    .option('--host-decompress', 'decompress a bzImage\'s payload on the host and boot the ELF inside (fast on software KVM)')
+    .addOption(new Option('--on-reboot <what>', 'what a guest reboot does').choices(['exit', 'restart']).default('exit'))
+    .option('--json', 'print one JSON result (with the serial output) instead of attaching the console')
+    .option('--verbose', 'log unhandled port and MMIO accesses (once each)')
+    .action((values: RunValues) => done(run(values)));
+
+  kiln
+    .command('guest')
+    .description('the guest kit')
+    .command('build')
+    .description('build guest kit artifacts into the cache (default: minimal-kernel initramfs)')
+    .argument('[artifact...]', 'minimal-kernel, initramfs, rootfs, cloud-kernel')
+    .option('--json', 'print the artifacts\' paths as JSON')
+    .action((artifacts: string[], values: { json?: boolean }) => done(guest(artifacts, values)));
+
+  kiln
+    .command('version')
+    .description('print Kiln\'s version')
+    .action(() => {
+      process.stdout.write(`kiln ${KILN_VERSION}\n`);
+      setStatus(0);
+    });
+
+  const verb = (name: string, description: string) => kiln.command(name).description(description).option('--json', 'print one JSON document');
+  addVmOptions(verb('create', 'define a VM (flags, or -f FILE with the same fields as JSON or YAML)').argument('[name]', 'its name (lower-case letters, digits, -)'))
+    .option('-f, --file <path>', 'a definition file, JSON or YAML (name, kernel, cpus, memoryMiB, disks, nets, ...)')
+    .option('--cpu-weight <n>', 'cgroup CPU weight, 1-10000 (default 100)')
+    .option('--cpu-quota <percent>', 'at most this many percent of one host CPU (default: no quota)')
+    .option('--pin <cpus>', 'host CPUs for the vCPU threads, e.g. 0,1 (vCPU N on the (N mod count)-th)')
+    .action(async (name: string | undefined, values: VmOptionValues & CreateValues) => done((await manager()).create(name, { ...values, vm: vmFlags(values) })));
+  verb('start', 'start a VM').argument('<name>').action(async (name: string, values: { json?: boolean }) => done((await manager()).lifecycle('start', name, values)));
+  verb('stop', 'stop a VM: the ACPI power button, then SIGTERM after 30 s')
+    .argument('<name>')
+    .option('--force', 'stop it at once (SIGTERM)')
+    .action(async (name: string, values: { json?: boolean; force?: boolean }) => done((await manager()).lifecycle('stop', name, values)));
+  verb('restart', 'stop a VM, then start it').argument('<name>').action(async (name: string, values: { json?: boolean }) => done((await manager()).lifecycle('restart', name, values)));
+  verb('pause', 'pause a running VM').argument('<name>').action(async (name: string, values: { json?: boolean }) => done((await manager()).lifecycle('pause', name, values)));
+  verb('resume', 'resume a paused VM').argument('<name>').action(async (name: string, values: { json?: boolean }) => done((await manager()).lifecycle('resume', name, values)));
+  verb('ls', 'list the VMs (and the definitions that are broken)').action(async (values: { json?: boolean }) => done((await manager()).list(values)));
+  verb('info', 'a VM\'s state, resources, cgroup and console log').argument('<name>').action(async (name: string, values: { json?: boolean }) => done((await manager()).info(name, values)));
+  verb('logs', 'a VM\'s console log')
+    .argument('<name>')
+    .option('--bytes <n>', 'the last N bytes (default 65536)')
+    .action(async (name: string, values: { json?: boolean; bytes?: string }) => done((await manager()).logs(name, values)));
+  kiln
+    .command('console')
+    .description('a VM\'s serial console: the scroll-back, then live (Ctrl-A x detaches); piped input is typed into the guest until it ends')
+    .argument('<name>')
+    .action(async (name: string) => done((await manager()).console(name, progress)));
+  verb('rm', 'remove a stopped VM (or a broken definition)').argument('<name>').action(async (name: string, values: { json?: boolean }) => done((await manager()).remove(name, values)));
+  kiln
+    .command('daemon')
+    .description('run the manager in the foreground (the verbs start it when needed)')
+    .action(async () => done((await manager()).daemon(progress)));
+  return kiln;
+}
+
 async function main(argv: string[]): Promise<number> {
-  const [command, ...rest] = argv;
-  switch (command) {
-    case 'run':
-      return run(rest);
-    case 'guest':
-      return guest(rest);
-    case 'create':
-    case 'start':
-    case 'stop':
-    case 'pause':
-    case 'resume':
-    case 'restart':
-    case 'console':
-    case 'ls':
-    case 'info':
-    case 'logs':
-    case 'rm':
-    case 'daemon':
-      {
-        // Loaded on demand: `kiln run` starts faster without the manager's modules.
-        const { managerCommand, ManagerUsageError } = await import('./manager/commands.js');
-        try {
-          return await managerCommand(command, rest, progress);
-        } catch (err) {
-          if (err instanceof ManagerUsageError) throw new UsageError(err.message);
-          throw err;
-        }
-      }
-    case 'version':
-    case '--version':
-      process.stdout.write(`kiln ${VERSION}\n`);
-      return 0;
-    case undefined:
-    case 'help':
-    case '--help':
-    case '-h':
-      process.stdout.write(USAGE);
-      return command === undefined ? EXIT_USAGE : 0;
-    default:
-      throw new UsageError(`unknown command '${command}'`);
+  let status = EXIT_USAGE;
+  const kiln = program((s) => (status = s));
+  if (argv.length === 0) {
+    process.stderr.write(kiln.helpInformation());
+    return EXIT_USAGE;
   }
+  try {
+    await kiln.parseAsync(argv, { from: 'user' });
+  } catch (err) {
+    if (!(err instanceof CommanderError)) throw err;
+    // Help and version are successes; everything else commander refuses is a usage error.
+    return err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.code === 'commander.help' ? 0 : EXIT_USAGE;
+  }
+  return status;
 }
 
 main(process.argv.slice(2)).then(
@@ -362,8 +319,8 @@ main(process.argv.slice(2)).then(
     process.exitCode = status;
   },
   (err: unknown) => {
-    if (err instanceof UsageError || (err instanceof Error && 'code' in err && String(err.code).startsWith('ERR_PARSE_ARGS'))) {
-      process.stderr.write(`kiln: ${err.message}\n\n${USAGE}`);
+    if (err instanceof ConfigError || err instanceof UsageError) {
+      process.stderr.write(`kiln: ${err.message}\n`);
       process.exitCode = EXIT_USAGE;
     } else if (err instanceof KilnError) {
       process.stderr.write(`kiln: ${err.message}\n`);

@@ -11,7 +11,9 @@ import { checkInstanceId, parseConfigFile } from './api/resources.js';
 import { FIRECRACKER_API_VERSION, KILN_VERSION, listenApi } from './api/server.js';
 import { Vmm } from './api/vmm.js';
 import { SerialSocket } from './api/serial-socket.js';
+import { ConfigError, parseVmConfig } from './config/vm-config.js';
 import { KilnError } from './errors.js';
+import { EXIT_ERROR, EXIT_OK, EXIT_USAGE, vmExitStatus } from './exit-status.js';
 
 const DEFAULT_API_SOCK = '/run/firecracker.socket';
 
@@ -23,6 +25,8 @@ async function main(argv: string[]): Promise<number> {
       options: {
         'api-sock': { type: 'string', default: DEFAULT_API_SOCK },
         'config-file': { type: 'string' },
+        // Kiln's own: the VM as one VmConfig JSON (what the manager writes; passt NICs, a console socket, CPU templates).
+        'kiln-config': { type: 'string' },
         'no-api': { type: 'boolean', default: false },
         id: { type: 'string', default: 'anonymous-instance' },
         // Kiln's own: the serial console as a Unix socket (for `kiln console`).
@@ -32,17 +36,22 @@ async function main(argv: string[]): Promise<number> {
       strict: true,
     }));
   } catch (err) {
-    process.stderr.write(`kiln-vmm: ${(err as Error).message}\nUsage: kiln-vmm [--api-sock PATH] [--config-file FILE] [--no-api] [--id ID] [--version]\n`);
-    return 2;
+    process.stderr.write(`kiln-vmm: ${(err as Error).message}\nUsage: kiln-vmm [--api-sock PATH] [--config-file FILE | --kiln-config FILE] [--no-api] [--id ID] [--serial-sock PATH] [--version]\n`);
+    return EXIT_USAGE;
   }
   if (values.version) {
     // Orchestrators parse "Firecracker vX.Y.Z" from the first line.
     process.stdout.write(`Firecracker v${FIRECRACKER_API_VERSION} (Kiln ${KILN_VERSION})\n`);
     return 0;
   }
-  if (values['no-api'] && !values['config-file']) {
+  const configFile = values['config-file'] ?? values['kiln-config'];
+  if (values['config-file'] && values['kiln-config']) {
+    process.stderr.write('kiln-vmm: give --config-file or --kiln-config, not both\n');
+    return EXIT_USAGE;
+  }
+  if (values['no-api'] && !configFile) {
     process.stderr.write('kiln-vmm: --no-api needs --config-file (nothing could configure the VM)\n');
-    return 2;
+    return EXIT_USAGE;
   }
   const log = (line: string) => process.stderr.write(`kiln-vmm: ${line}\n`);
   let id: string;
@@ -50,7 +59,7 @@ async function main(argv: string[]): Promise<number> {
     id = checkInstanceId(values.id);
   } catch (err) {
     log((err as Error).message);
-    return 2;
+    return EXIT_USAGE;
   }
   const serialSocket = values['serial-sock'] ? new SerialSocket(1) : null;
   const vmm = new Vmm(id, serialSocket ? serialSocket.writeFd : 1, log);
@@ -66,30 +75,34 @@ async function main(argv: string[]): Promise<number> {
     return code;
   };
   try {
-    if (values['config-file']) {
+    if (configFile) {
       let json: unknown;
       try {
-        json = JSON.parse(readFileSync(values['config-file'], 'utf8'));
+        json = JSON.parse(readFileSync(configFile, 'utf8'));
       } catch (err) {
-        throw new KilnError(`cannot read the config file ${values['config-file']}: ${(err as Error).message}`);
+        throw new KilnError(`cannot read the config file ${configFile}: ${(err as Error).message}`);
       }
-      vmm.definition = parseConfigFile(json);
+      if (values['kiln-config']) {
+        vmm.config = parseVmConfig(json);
+      } else {
+        const { changes, settings } = parseConfigFile(json);
+        changes.forEach((change) => vmm.apply(change));
+        vmm.settings = settings;
+      }
     }
     if (!values['no-api']) server = await listenApi(values['api-sock'], vmm);
-    if (values['config-file']) await vmm.start();
+    if (configFile) await vmm.start();
   } catch (err) {
     if (!(err instanceof KilnError)) throw err;
     log(err.message);
-    return finish(1);
+    return finish(err instanceof ConfigError ? EXIT_USAGE : EXIT_ERROR);
   }
   const stopped = new Promise<number>((resolve) => {
-    const stop = () => resolve(0);
+    const stop = () => resolve(EXIT_OK);
     process.once('SIGTERM', stop);
     process.once('SIGINT', stop);
   });
-  const guestEnded = vmm.ended.then((result) => {
-    return result.exitCode ?? (result.reason === 'stopped' ? 0 : 3);
-  });
+  const guestEnded = vmm.ended.then(vmExitStatus);
   return finish(await Promise.race([stopped, guestEnded]));
 }
 

@@ -1,56 +1,16 @@
-// The Firecracker API's resources as Kiln's VM definition: one config type per
-// resource, each with its parser. A parser takes the decoded JSON body and returns the
-// typed value or throws ApiError, whose message is the response's fault_message.
-// Bodies are checked field by field: a missing required field, a wrong type, a value
-// out of range or a field the resource does not have is a 400, and nothing changes.
+// The Firecracker API's resources, read into Kiln's one VM configuration (VmConfig,
+// src/config/vm-config.ts) and written back out for GET /vm/config. Each parser checks
+// its body's shape the way Firecracker does (a missing required field, a wrong type or
+// a field the resource does not have is a 400 with Firecracker's wording) and returns
+// the VmConfig input it describes; the Vmm then checks the whole configuration with the
+// one schema every front end shares, so values are judged by the same rules as `kiln
+// run` flags and manager definitions. ApiError's message is the response's
+// fault_message.
 import { KilnError } from '../errors.js';
+import type { BalloonConfig, DiskConfig, NetConfig, VmConfig, VsockConfig } from '../config/vm-config.js';
 
 /** An error the API returns as 400 {"fault_message": message}. */
 export class ApiError extends KilnError {}
-
-export interface BootSource {
-  readonly kernel_image_path: string;
-  readonly boot_args?: string;
-  readonly initrd_path?: string;
-}
-
-export interface MachineConfig {
-  readonly vcpu_count: number;
-  readonly mem_size_mib: number;
-  readonly smt: boolean;
-  readonly track_dirty_pages: boolean;
-  readonly huge_pages: 'None' | 'Transparent' | '2M';
-  readonly cpu_template?: string;
-}
-
-export interface Drive {
-  readonly drive_id: string;
-  readonly path_on_host: string;
-  readonly is_root_device: boolean;
-  readonly is_read_only: boolean;
-  readonly partuuid?: string;
-  readonly cache_type: 'Unsafe' | 'Writeback';
-  readonly io_engine: 'Sync' | 'Async';
-}
-
-export interface NetworkInterface {
-  readonly iface_id: string;
-  readonly host_dev_name: string;
-  readonly guest_mac?: string;
-}
-
-export interface VsockConfig {
-  readonly guest_cid: number;
-  readonly uds_path: string;
-  readonly vsock_id?: string;
-}
-
-export interface BalloonConfig {
-  readonly amount_mib: number;
-  readonly deflate_on_oom: boolean;
-  readonly stats_polling_interval_s: number;
-  readonly free_page_reporting: boolean;
-}
 
 export interface LoggerConfig {
   readonly log_path?: string;
@@ -64,34 +24,22 @@ export interface MetricsConfig {
   readonly metrics_path: string;
 }
 
-/** Everything a VM is made of, as PUT through the API or read from --config-file. */
-export interface VmDefinition {
-  bootSource?: BootSource;
-  machineConfig: MachineConfig;
-  drives: Map<string, Drive>;
-  networkInterfaces: Map<string, NetworkInterface>;
-  vsock?: VsockConfig;
-  entropy?: Record<string, never>;
-  balloon?: BalloonConfig;
+/** VMM-process settings the API configures besides the VM itself. */
+export interface VmmSettings {
   logger?: LoggerConfig;
   metrics?: MetricsConfig;
 }
 
-export const DEFAULT_MACHINE_CONFIG: MachineConfig = { vcpu_count: 1, mem_size_mib: 128, smt: false, track_dirty_pages: false, huge_pages: 'None' };
-
-export function emptyDefinition(): VmDefinition {
-  return { machineConfig: DEFAULT_MACHINE_CONFIG, drives: new Map(), networkInterfaces: new Map() };
-}
-
 // ---- field checking ----
-type Kind = { type: 'string' } | { type: 'boolean' } | { type: 'integer'; min?: number; max?: number } | { type: 'enum'; values: readonly string[] } | { type: 'object' } | { type: 'array' };
+type Kind = { type: 'string' } | { type: 'boolean' } | { type: 'integer'; min?: number } | { type: 'enum'; values: readonly string[] } | { type: 'object' } | { type: 'array' };
 type Fields = Readonly<Record<string, Kind & { required?: boolean }>>;
 
 const str = { type: 'string' } as const;
 const bool = { type: 'boolean' } as const;
-const int = (min?: number, max?: number) => ({ type: 'integer' as const, ...(min !== undefined ? { min } : {}), ...(max !== undefined ? { max } : {}) });
+const int = { type: 'integer' } as const;
 const oneOf = (...values: string[]) => ({ type: 'enum' as const, values });
 const obj = { type: 'object' } as const;
+const arr = { type: 'array' } as const;
 const req = <K extends Kind>(k: K) => ({ ...k, required: true });
 
 function describe(value: unknown): string {
@@ -100,15 +48,15 @@ function describe(value: unknown): string {
   return typeof value === 'object' ? 'an object' : `${typeof value} ${JSON.stringify(value)}`;
 }
 
-/** Checks `body` against `fields`; returns it as a plain record. */
+/** Checks `body`'s shape against `fields` (own keys only); returns it as a plain record. */
 function check(resource: string, body: unknown, fields: Fields): Record<string, unknown> {
   if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new ApiError(`${resource}: the body must be a JSON object, not ${describe(body)}`);
   const record = body as Record<string, unknown>;
   for (const key of Object.keys(record)) {
-    if (!(key in fields)) throw new ApiError(`${resource}: unknown field \`${key}\` (expected one of ${Object.keys(fields).join(', ')})`);
+    if (!Object.hasOwn(fields, key)) throw new ApiError(`${resource}: unknown field \`${key}\` (expected one of ${Object.keys(fields).join(', ')})`);
   }
   for (const [name, kind] of Object.entries(fields)) {
-    const value = record[name];
+    const value = Object.hasOwn(record, name) ? record[name] : undefined;
     if (value === undefined) {
       if (kind.required) throw new ApiError(`${resource}: missing field \`${name}\``);
       continue;
@@ -123,8 +71,6 @@ function check(resource: string, body: unknown, fields: Fields): Record<string, 
         break;
       case 'integer':
         if (typeof value !== 'number' || !Number.isSafeInteger(value)) throw bad('an integer');
-        if (kind.min !== undefined && value < kind.min) throw new ApiError(`${resource}: \`${name}\` must be at least ${kind.min} (got ${value})`);
-        if (kind.max !== undefined && value > kind.max) throw new ApiError(`${resource}: \`${name}\` must be at most ${kind.max} (got ${value})`);
         break;
       case 'enum':
         if (typeof value !== 'string' || !kind.values.includes(value)) throw bad(`one of ${kind.values.join(', ')}`);
@@ -158,40 +104,62 @@ function noRateLimiter(resource: string, value: unknown): void {
   if (Object.values(limiter).some((bucket) => bucket !== null && bucket !== undefined)) throw new ApiError(`${resource}: rate limiters are not supported by Kiln yet`);
 }
 
+function matchIds(pathId: string, bodyId: unknown): void {
+  if (bodyId !== pathId) throw new ApiError(`The id from the path (${pathId}) does not match the id from the body (${String(bodyId)})`);
+}
+
+/** A change to the VM configuration's input: the Vmm applies it, then checks the result. */
+export type ConfigChange = (input: Record<string, unknown>) => void;
+
+type Input = Record<string, unknown>;
+const items = (input: Input, key: 'disks' | 'nets') => (input[key] as Input[] | undefined) ?? [];
+
+/** Adds, or replaces in place, the device with `id` in the list `key`. */
+function upsert(input: Input, key: 'disks' | 'nets', item: Input & { id: string }): void {
+  const list = [...items(input, key)];
+  const at = list.findIndex((x) => x.id === item.id);
+  if (at >= 0) list[at] = item;
+  else list.push(item);
+  input[key] = list;
+}
+
 // ---- resources ----
-export function parseBootSource(body: unknown): BootSource {
+export function parseBootSource(body: unknown): ConfigChange {
   const r = check('boot-source', body, { kernel_image_path: req(str), boot_args: str, initrd_path: str });
-  return r as unknown as BootSource;
+  return (input) => {
+    input.kernel = r.kernel_image_path;
+    for (const [from, to] of [['boot_args', 'cmdline'], ['initrd_path', 'initrd']] as const) {
+      if (r[from] === undefined) delete input[to];
+      else input[to] = r[from];
+    }
+  };
 }
 
 const MACHINE_FIELDS: Fields = {
-  vcpu_count: int(1, 32),
-  mem_size_mib: int(1),
+  vcpu_count: int,
+  mem_size_mib: int,
   smt: bool,
   track_dirty_pages: bool,
   huge_pages: oneOf('None', 'Transparent', '2M'),
   cpu_template: oneOf('C3', 'T2', 'T2S', 'T2CL', 'T2A', 'V1N1', 'None'),
 };
 
-function finishMachine(m: MachineConfig): MachineConfig {
-  if (m.vcpu_count > 1 && m.vcpu_count % 2 !== 0) throw new ApiError(`machine-config: \`vcpu_count\` must be 1 or an even number (got ${m.vcpu_count})`);
-  if (m.smt) throw new ApiError('machine-config: SMT is not supported by Kiln yet');
-  if (m.huge_pages === '2M') throw new ApiError('machine-config: explicit 2M huge pages are not supported by Kiln yet (use Transparent)');
-  if (m.cpu_template !== undefined && m.cpu_template !== 'None') throw new ApiError(`machine-config: CPU template ${m.cpu_template} is not supported by Kiln (its own templates are host, pvm and baseline)`);
-  return m;
+/** PUT (every field but the optional ones reset) or PATCH (only the fields given) /machine-config. */
+export function parseMachineConfig(body: unknown, patch = false): ConfigChange {
+  const r = check('machine-config', body, patch ? MACHINE_FIELDS : { ...MACHINE_FIELDS, vcpu_count: req(int), mem_size_mib: req(int) });
+  if (r.smt === true) throw new ApiError('machine-config: SMT is not supported by Kiln yet');
+  if (r.huge_pages === '2M') throw new ApiError('machine-config: explicit 2M huge pages are not supported by Kiln yet (use Transparent)');
+  if (r.cpu_template !== undefined && r.cpu_template !== 'None') throw new ApiError(`machine-config: CPU template ${String(r.cpu_template)} is not supported by Kiln (its own templates are host, pvm and baseline)`);
+  return (input) => {
+    if (!patch) for (const key of ['trackDirtyPages', 'hugePages']) delete input[key];
+    if (r.vcpu_count !== undefined) input.cpus = r.vcpu_count;
+    if (r.mem_size_mib !== undefined) input.memoryMiB = r.mem_size_mib;
+    if (r.track_dirty_pages !== undefined) input.trackDirtyPages = r.track_dirty_pages;
+    if (r.huge_pages !== undefined) input.hugePages = r.huge_pages;
+  };
 }
 
-export function parseMachineConfig(body: unknown): MachineConfig {
-  const r = check('machine-config', body, { ...MACHINE_FIELDS, vcpu_count: req(int(1, 32)), mem_size_mib: req(int(1)) });
-  return finishMachine({ ...DEFAULT_MACHINE_CONFIG, ...(r as Partial<MachineConfig>) } as MachineConfig);
-}
-
-export function patchMachineConfig(current: MachineConfig, body: unknown): MachineConfig {
-  const r = check('machine-config', body, MACHINE_FIELDS);
-  return finishMachine({ ...current, ...(r as Partial<MachineConfig>) });
-}
-
-export function parseDrive(pathId: string, body: unknown): Drive {
+export function parseDrive(pathId: string, body: unknown): ConfigChange {
   checkId('drive', pathId);
   const r = check('drives', body, {
     drive_id: req(str),
@@ -204,18 +172,23 @@ export function parseDrive(pathId: string, body: unknown): Drive {
     rate_limiter: obj,
     socket: str,
   });
-  if (r.drive_id !== pathId) throw new ApiError(`The id from the path (${pathId}) does not match the id from the body (${String(r.drive_id)})`);
+  matchIds(pathId, r.drive_id);
   if (r.socket !== undefined) throw new ApiError('drives: vhost-user block devices (`socket`) are not supported by Kiln yet');
   if (r.path_on_host === undefined) throw new ApiError('drives: missing field `path_on_host`');
   noRateLimiter('drives', r.rate_limiter);
-  return {
-    drive_id: pathId,
-    path_on_host: r.path_on_host as string,
-    is_root_device: r.is_root_device as boolean,
-    is_read_only: (r.is_read_only as boolean | undefined) ?? false,
-    ...(r.partuuid !== undefined ? { partuuid: r.partuuid as string } : {}),
-    cache_type: (r.cache_type as Drive['cache_type'] | undefined) ?? 'Unsafe',
-    io_engine: (r.io_engine as Drive['io_engine'] | undefined) ?? 'Sync',
+  return (input) => {
+    const other = items(input, 'disks').find((d) => d.root === true && d.id !== pathId);
+    if (r.is_root_device === true && other) throw new ApiError(`A root block device already exists (${String(other.id)}); a VM has at most one`);
+    upsert(input, 'disks', {
+      id: pathId,
+      path: r.path_on_host,
+      root: r.is_root_device,
+      readOnly: r.is_read_only ?? false,
+      serial: pathId.slice(0, 20),
+      ...(r.partuuid !== undefined ? { partuuid: r.partuuid } : {}),
+      ...(r.cache_type !== undefined ? { cacheType: r.cache_type } : {}),
+      ...(r.io_engine !== undefined ? { ioEngine: r.io_engine } : {}),
+    });
   };
 }
 
@@ -223,46 +196,59 @@ export function parseDrive(pathId: string, body: unknown): Drive {
 export function parsePartialDrive(pathId: string, body: unknown): { drive_id: string; path_on_host?: string } {
   checkId('drive', pathId);
   const r = check('drives', body, { drive_id: req(str), path_on_host: str, rate_limiter: obj });
-  if (r.drive_id !== pathId) throw new ApiError(`The id from the path (${pathId}) does not match the id from the body (${String(r.drive_id)})`);
+  matchIds(pathId, r.drive_id);
   noRateLimiter('drives', r.rate_limiter);
   return { drive_id: pathId, ...(r.path_on_host !== undefined ? { path_on_host: r.path_on_host as string } : {}) };
 }
 
-export function parseNetworkInterface(pathId: string, body: unknown): NetworkInterface {
+export function parseNetworkInterface(pathId: string, body: unknown): ConfigChange {
   checkId('network interface', pathId);
-  const r = check('network-interfaces', body, { iface_id: req(str), host_dev_name: req(str), guest_mac: str, mtu: int(68, 65535), rx_rate_limiter: obj, tx_rate_limiter: obj });
-  if (r.iface_id !== pathId) throw new ApiError(`The id from the path (${pathId}) does not match the id from the body (${String(r.iface_id)})`);
+  const r = check('network-interfaces', body, { iface_id: req(str), host_dev_name: req(str), guest_mac: str, mtu: int, rx_rate_limiter: obj, tx_rate_limiter: obj });
+  matchIds(pathId, r.iface_id);
   if (r.mtu !== undefined) throw new ApiError('network-interfaces: `mtu` is not supported by Kiln yet');
   noRateLimiter('network-interfaces', r.rx_rate_limiter);
   noRateLimiter('network-interfaces', r.tx_rate_limiter);
-  if (r.guest_mac !== undefined && !/^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$/.test(r.guest_mac as string)) throw new ApiError(`network-interfaces: \`guest_mac\` '${String(r.guest_mac)}' is not a MAC address`);
-  return { iface_id: pathId, host_dev_name: r.host_dev_name as string, ...(r.guest_mac !== undefined ? { guest_mac: r.guest_mac as string } : {}) };
-}
-
-export function parseVsock(body: unknown): VsockConfig {
-  const r = check('vsock', body, { guest_cid: req(int(3, 0xffff_ffff)), uds_path: req(str), vsock_id: str });
-  return r as unknown as VsockConfig;
-}
-
-export function parseEntropy(body: unknown): Record<string, never> {
-  const r = check('entropy', body, { rate_limiter: obj });
-  noRateLimiter('entropy', r.rate_limiter);
-  return {};
-}
-
-export function parseBalloon(body: unknown): BalloonConfig {
-  const r = check('balloon', body, { amount_mib: req(int(0)), deflate_on_oom: req(bool), stats_polling_interval_s: int(0), free_page_hinting: bool, free_page_reporting: bool });
-  if (r.free_page_hinting === true) throw new ApiError('balloon: free page hinting is not supported by Kiln yet (free page reporting is)');
-  return {
-    amount_mib: r.amount_mib as number,
-    deflate_on_oom: r.deflate_on_oom as boolean,
-    stats_polling_interval_s: (r.stats_polling_interval_s as number | undefined) ?? 0,
-    free_page_reporting: (r.free_page_reporting as boolean | undefined) ?? false,
+  return (input) => {
+    for (const other of items(input, 'nets')) {
+      if (other.id === pathId) continue;
+      if (other.tap === r.host_dev_name) throw new ApiError(`The host device ${String(r.host_dev_name)} is already used by network interface ${String(other.id)}`);
+    }
+    upsert(input, 'nets', { id: pathId, tap: r.host_dev_name, ...(r.guest_mac !== undefined ? { mac: r.guest_mac } : {}) });
   };
 }
 
-export function parseBalloonUpdate(body: unknown): number {
-  return check('balloon', body, { amount_mib: req(int(0)) }).amount_mib as number;
+export function parseVsock(body: unknown): ConfigChange {
+  const r = check('vsock', body, { guest_cid: req(int), uds_path: req(str), vsock_id: str });
+  return (input) => {
+    input.vsock = { guestCid: r.guest_cid, uds: r.uds_path, ...(r.vsock_id !== undefined ? { id: r.vsock_id } : {}) };
+  };
+}
+
+export function parseEntropy(body: unknown): ConfigChange {
+  const r = check('entropy', body, { rate_limiter: obj });
+  noRateLimiter('entropy', r.rate_limiter);
+  return (input) => {
+    input.rng = true;
+  };
+}
+
+export function parseBalloon(body: unknown): ConfigChange {
+  const r = check('balloon', body, { amount_mib: req(int), deflate_on_oom: req(bool), stats_polling_interval_s: int, free_page_hinting: bool, free_page_reporting: bool });
+  if (r.free_page_hinting === true) throw new ApiError('balloon: free page hinting is not supported by Kiln yet (free page reporting is)');
+  return (input) => {
+    input.balloon = { targetMiB: r.amount_mib, deflateOnOom: r.deflate_on_oom, statsIntervalS: r.stats_polling_interval_s ?? 0, freePageReporting: r.free_page_reporting ?? false };
+  };
+}
+
+/** PATCH /balloon: a new target (MiB). */
+export function parseBalloonUpdate(body: unknown): ConfigChange & { readonly mib: unknown } {
+  const mib = check('balloon', body, { amount_mib: req(int) }).amount_mib;
+  const change: ConfigChange = (input) => {
+    const balloon = input.balloon as Input | undefined;
+    if (!balloon) throw new ApiError('The balloon device is not configured.');
+    input.balloon = { ...balloon, targetMiB: mib };
+  };
+  return Object.assign(change, { mib });
 }
 
 export function parseLogger(body: unknown): LoggerConfig {
@@ -292,68 +278,63 @@ export function parseAction(body: unknown): 'InstanceStart' | 'SendCtrlAltDel' |
   return check('actions', body, { action_type: req(oneOf('FlushMetrics', 'InstanceStart', 'SendCtrlAltDel')) }).action_type as 'InstanceStart' | 'SendCtrlAltDel' | 'FlushMetrics';
 }
 
-/** GET /vm/config and --config-file share this shape (FullVmConfiguration). */
-export function exportDefinition(d: VmDefinition): Record<string, unknown> {
+// ---- VmConfig -> Firecracker's resources (GET /vm/config, GET /machine-config, GET /balloon) ----
+export function exportMachineConfig(c: VmConfig): Record<string, unknown> {
+  return { vcpu_count: c.cpus, mem_size_mib: c.memoryMiB, smt: false, track_dirty_pages: c.trackDirtyPages, huge_pages: c.hugePages ?? 'None' };
+}
+
+export function exportDrive(d: DiskConfig): Record<string, unknown> {
+  return { drive_id: d.id, path_on_host: d.path, is_root_device: d.root, is_read_only: d.readOnly, ...(d.partuuid !== undefined ? { partuuid: d.partuuid } : {}), cache_type: d.cacheType ?? 'Unsafe', io_engine: d.ioEngine ?? 'Sync' };
+}
+
+export function exportBalloon(b: BalloonConfig): Record<string, unknown> {
+  return { amount_mib: b.targetMiB, deflate_on_oom: b.deflateOnOom, stats_polling_interval_s: b.statsIntervalS, free_page_reporting: b.freePageReporting };
+}
+
+const exportNet = (n: NetConfig) => ({ iface_id: n.id, host_dev_name: n.tap, ...(n.mac !== undefined ? { guest_mac: n.mac } : {}) });
+const exportVsock = (v: VsockConfig) => ({ guest_cid: v.guestCid, uds_path: v.uds, ...(v.id !== undefined ? { vsock_id: v.id } : {}) });
+
+/**
+ * GET /vm/config and --config-file share this shape (FullVmConfiguration). What
+ * Firecracker cannot express (passt NICs, a console socket, a CPU template) is left out.
+ */
+export function exportDefinition(c: VmConfig, s: VmmSettings): Record<string, unknown> {
   return {
-    ...(d.bootSource ? { 'boot-source': d.bootSource } : {}),
-    'machine-config': d.machineConfig,
-    drives: [...d.drives.values()],
-    'network-interfaces': [...d.networkInterfaces.values()],
-    ...(d.vsock ? { vsock: d.vsock } : {}),
-    ...(d.entropy ? { entropy: d.entropy } : {}),
-    ...(d.balloon ? { balloon: d.balloon } : {}),
-    ...(d.logger ? { logger: d.logger } : {}),
-    ...(d.metrics ? { metrics: d.metrics } : {}),
+    ...(c.kernel !== undefined ? { 'boot-source': { kernel_image_path: c.kernel, ...(c.cmdline !== undefined ? { boot_args: c.cmdline } : {}), ...(c.initrd !== undefined ? { initrd_path: c.initrd } : {}) } } : {}),
+    'machine-config': exportMachineConfig(c),
+    drives: c.disks.map(exportDrive),
+    'network-interfaces': c.nets.filter((n) => n.tap !== undefined).map(exportNet),
+    ...(c.vsock ? { vsock: exportVsock(c.vsock) } : {}),
+    ...(c.rng ? { entropy: {} } : {}),
+    ...(c.balloon ? { balloon: exportBalloon(c.balloon) } : {}),
+    ...(s.logger ? { logger: s.logger } : {}),
+    ...(s.metrics ? { metrics: s.metrics } : {}),
   };
 }
 
 /** Reads a --config-file's JSON (the same resources, keyed as GET /vm/config returns them). */
-export function parseConfigFile(json: unknown): VmDefinition {
+export function parseConfigFile(json: unknown): { changes: ConfigChange[]; settings: VmmSettings } {
   const r = check('config file', json, {
     'boot-source': obj,
     'machine-config': obj,
-    drives: { type: 'array' },
-    'network-interfaces': { type: 'array' },
+    drives: arr,
+    'network-interfaces': arr,
     vsock: obj,
     entropy: obj,
     balloon: obj,
     logger: obj,
     metrics: obj,
   });
-  const d = emptyDefinition();
-  if (r['boot-source'] !== undefined) d.bootSource = parseBootSource(r['boot-source']);
-  if (r['machine-config'] !== undefined) d.machineConfig = parseMachineConfig(r['machine-config']);
-  for (const [key, list] of [['drives', r.drives], ['network-interfaces', r['network-interfaces']]] as const) {
-    if (list === undefined) continue;
-    for (const item of list as unknown[]) {
-      const id = String((item as Record<string, unknown> | null)?.[key === 'drives' ? 'drive_id' : 'iface_id'] ?? '');
-      if (key === 'drives') addDrive(d, parseDrive(id, item));
-      else addNetworkInterface(d, parseNetworkInterface(id, item));
-    }
-  }
-  if (r.vsock !== undefined) d.vsock = parseVsock(r.vsock);
-  if (r.entropy !== undefined) d.entropy = parseEntropy(r.entropy);
-  if (r.balloon !== undefined) d.balloon = parseBalloon(r.balloon);
-  if (r.logger !== undefined) d.logger = parseLogger(r.logger);
-  if (r.metrics !== undefined) d.metrics = parseMetrics(r.metrics);
-  return d;
-}
-
-/** Adds or replaces a drive: one root device at most. */
-export function addDrive(d: VmDefinition, drive: Drive): void {
-  if (drive.is_root_device) {
-    const other = [...d.drives.values()].find((x) => x.is_root_device && x.drive_id !== drive.drive_id);
-    if (other) throw new ApiError(`A root block device already exists (${other.drive_id}); a VM has at most one`);
-  }
-  d.drives.set(drive.drive_id, drive);
-}
-
-/** Adds or replaces a NIC: host device names and MACs are unique. */
-export function addNetworkInterface(d: VmDefinition, nic: NetworkInterface): void {
-  for (const other of d.networkInterfaces.values()) {
-    if (other.iface_id === nic.iface_id) continue;
-    if (other.host_dev_name === nic.host_dev_name) throw new ApiError(`The host device ${nic.host_dev_name} is already used by network interface ${other.iface_id}`);
-    if (nic.guest_mac && other.guest_mac?.toLowerCase() === nic.guest_mac.toLowerCase()) throw new ApiError(`The MAC address ${nic.guest_mac} is already used by network interface ${other.iface_id}`);
-  }
-  d.networkInterfaces.set(nic.iface_id, nic);
+  const changes: ConfigChange[] = [];
+  const settings: VmmSettings = {};
+  if (r['boot-source'] !== undefined) changes.push(parseBootSource(r['boot-source']));
+  if (r['machine-config'] !== undefined) changes.push(parseMachineConfig(r['machine-config']));
+  for (const item of (r.drives as unknown[] | undefined) ?? []) changes.push(parseDrive(String((item as Input | null)?.drive_id ?? ''), item));
+  for (const item of (r['network-interfaces'] as unknown[] | undefined) ?? []) changes.push(parseNetworkInterface(String((item as Input | null)?.iface_id ?? ''), item));
+  if (r.vsock !== undefined) changes.push(parseVsock(r.vsock));
+  if (r.entropy !== undefined) changes.push(parseEntropy(r.entropy));
+  if (r.balloon !== undefined) changes.push(parseBalloon(r.balloon));
+  if (r.logger !== undefined) settings.logger = parseLogger(r.logger);
+  if (r.metrics !== undefined) settings.metrics = parseMetrics(r.metrics);
+  return { changes, settings };
 }

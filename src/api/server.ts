@@ -13,7 +13,8 @@ import type { Vmm } from './vmm.js';
 export const MAX_BODY_BYTES = 51200;
 /** The Firecracker API version Kiln speaks (its spec is test/fixtures/firecracker-api.yaml). */
 export const FIRECRACKER_API_VERSION = '1.7.0';
-export const KILN_VERSION = '0.1.0';
+export { KILN_VERSION } from '../version.js';
+import { KILN_VERSION } from '../version.js';
 
 type Handler = (vmm: Vmm, body: unknown, params: Record<string, string | undefined>) => Promise<unknown> | unknown;
 
@@ -66,39 +67,45 @@ const preBoot =
 const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Handler]> = [
   ['GET', '/', (vmm) => ({ app_name: 'Firecracker', id: vmm.id, state: vmm.state, vmm_version: `${FIRECRACKER_API_VERSION}-kiln.${KILN_VERSION}` })],
   ['GET', '/version', () => ({ firecracker_version: FIRECRACKER_API_VERSION })],
-  ['GET', '/vm/config', (vmm) => r.exportDefinition(vmm.definition)],
-  ['GET', '/machine-config', (vmm) => vmm.definition.machineConfig],
-  ['PUT', '/boot-source', preBoot((vmm, body) => vmm.definition.bootSource = r.parseBootSource(body))],
-  ['PUT', '/machine-config', preBoot((vmm, body) => vmm.definition.machineConfig = r.parseMachineConfig(body))],
-  ['PATCH', '/machine-config', preBoot((vmm, body) => vmm.definition.machineConfig = r.patchMachineConfig(vmm.definition.machineConfig, body))],
-  ['PUT', '/drives/:drive_id', preBoot((vmm, body, p) => r.addDrive(vmm.definition, r.parseDrive(p.drive_id ?? '', body)))],
+  ['GET', '/vm/config', (vmm) => r.exportDefinition(vmm.config, vmm.settings)],
+  ['GET', '/machine-config', (vmm) => r.exportMachineConfig(vmm.config)],
+  ['PUT', '/boot-source', preBoot((vmm, body) => vmm.apply(r.parseBootSource(body)))],
+  ['PUT', '/machine-config', preBoot((vmm, body) => vmm.apply(r.parseMachineConfig(body)))],
+  ['PATCH', '/machine-config', preBoot((vmm, body) => vmm.apply(r.parseMachineConfig(body, true)))],
+  ['PUT', '/drives/:drive_id', preBoot((vmm, body, p) => vmm.apply(r.parseDrive(p.drive_id ?? '', body)))],
   ['PATCH', '/drives/:drive_id', (vmm, body, p) => {
     const patch = r.parsePartialDrive(p.drive_id ?? '', body);
-    const drive = vmm.definition.drives.get(patch.drive_id);
-    if (!drive) throw new ApiError(`Invalid block device ID: ${patch.drive_id}`);
-    if (patch.path_on_host === undefined) return;
-    if (vmm.started) vmm.patchDrive(drive.drive_id, patch.path_on_host);
-    vmm.definition.drives.set(drive.drive_id, { ...drive, path_on_host: patch.path_on_host });
+    if (!vmm.config.disks.some((d) => d.id === patch.drive_id)) throw new ApiError(`Invalid block device ID: ${patch.drive_id}`);
+    const path = patch.path_on_host;
+    if (path === undefined) return;
+    const change: r.ConfigChange = (input) => {
+      input.disks = (input.disks as Array<Record<string, unknown>>).map((d) => (d.id === patch.drive_id ? { ...d, path } : d));
+    };
+    // Checked before the running guest sees anything; applied after the swap succeeded.
+    vmm.check(change);
+    if (vmm.started) vmm.patchDrive(patch.drive_id, path);
+    vmm.apply(change);
   }],
-  ['PUT', '/network-interfaces/:iface_id', preBoot((vmm, body, p) => r.addNetworkInterface(vmm.definition, r.parseNetworkInterface(p.iface_id ?? '', body)))],
+  ['PUT', '/network-interfaces/:iface_id', preBoot((vmm, body, p) => vmm.apply(r.parseNetworkInterface(p.iface_id ?? '', body)))],
   ['PATCH', '/network-interfaces/:iface_id', notYet('Updating network interface rate limiters')],
-  ['PUT', '/vsock', preBoot((vmm, body) => vmm.definition.vsock = r.parseVsock(body))],
-  ['PUT', '/entropy', preBoot((vmm, body) => vmm.definition.entropy = r.parseEntropy(body))],
-  ['PUT', '/balloon', preBoot((vmm, body) => vmm.definition.balloon = r.parseBalloon(body))],
+  ['PUT', '/vsock', preBoot((vmm, body) => vmm.apply(r.parseVsock(body)))],
+  ['PUT', '/entropy', preBoot((vmm, body) => vmm.apply(r.parseEntropy(body)))],
+  ['PUT', '/balloon', preBoot((vmm, body) => vmm.apply(r.parseBalloon(body)))],
   ['PATCH', '/balloon', (vmm, body) => {
-    const mib = r.parseBalloonUpdate(body);
-    if (!vmm.definition.balloon) throw new ApiError('The balloon device is not configured.');
-    if (vmm.started) vmm.setBalloonTarget(mib);
-    vmm.definition.balloon = { ...vmm.definition.balloon, amount_mib: mib };
+    const update = r.parseBalloonUpdate(body);
+    if (!vmm.config.balloon) throw new ApiError('The balloon device is not configured.');
+    vmm.check(update);
+    if (vmm.started) vmm.setBalloonTarget(update.mib as number);
+    vmm.apply(update);
   }],
   ['GET', '/balloon', (vmm) => {
-    if (!vmm.definition.balloon) throw new ApiError('The balloon device is not configured.');
-    return vmm.definition.balloon;
+    if (!vmm.config.balloon) throw new ApiError('The balloon device is not configured.');
+    return r.exportBalloon(vmm.config.balloon);
   }],
   ['GET', '/balloon/statistics', (vmm) => vmm.balloonStats()],
   ['PATCH', '/balloon/statistics', notYet('Changing the balloon statistics interval')],
-  ['PUT', '/logger', preBoot((vmm, body) => vmm.definition.logger = r.parseLogger(body))],
-  ['PUT', '/metrics', preBoot((vmm, body) => vmm.definition.metrics = r.parseMetrics(body))],
+  ['PUT', '/logger', preBoot((vmm, body) => (vmm.settings.logger = r.parseLogger(body)))],
+  ['PUT', '/metrics', preBoot((vmm, body) => (vmm.settings.metrics = r.parseMetrics(body)))],
   ['PUT', '/actions', async (vmm, body) => {
     const action = r.parseAction(body);
     if (action === 'InstanceStart') await vmm.start();

@@ -4,11 +4,11 @@
 import { closeSync, openSync, writeSync } from 'node:fs';
 import { createLinuxVm, type LinuxVm } from '../boot/linux.js';
 import { KilnError } from '../errors.js';
+import { ConfigError, parseVmConfig, type VmConfig } from '../config/vm-config.js';
 import { balloonControl, blkControl, openDisk } from '../virtio/attach.js';
 import type { BalloonControl } from '../virtio/balloon.js';
-import type { VirtioPciDevice } from '../virtio/pci.js';
 import type { VmResult } from '../vm.js';
-import { ApiError, emptyDefinition, type VmDefinition } from './resources.js';
+import { ApiError, type ConfigChange, type VmmSettings } from './resources.js';
 
 export type InstanceState = 'Not started' | 'Running' | 'Paused';
 
@@ -16,16 +16,15 @@ export type InstanceState = 'Not started' | 'Running' | 'Paused';
 export const AFTER_START = 'The requested operation is not supported after starting the microVM.';
 export const BEFORE_START = 'The requested operation is not supported before starting the microVM.';
 
-/** Boot arguments Kiln drops: its devices are on PCI, which `pci=off` would hide. */
-const DROPPED_BOOT_ARGS = new Set(['pci=off']);
-
 export class Vmm {
-  definition: VmDefinition = emptyDefinition();
+  /** The VM as configured so far: always a checked VmConfig (a change that would break it is refused whole). */
+  config: VmConfig = parseVmConfig({});
+  /** The logger and metrics (the VMM process's, not the VM's). */
+  settings: VmmSettings = {};
   private live: LinuxVm | null = null;
   private balloon: BalloonControl | null = null;
   private paused = false;
   private metricsFd = -1;
-  private readonly driveDevices = new Map<string, VirtioPciDevice>();
   readonly ended: Promise<VmResult>;
   /** Called with the VM once it is built, before its vCPUs run (e.g. to attach the serial console). */
   onStart: ((vm: LinuxVm) => void) | null = null;
@@ -47,7 +46,7 @@ export class Vmm {
    */
   note(level: 'Error' | 'Warning' | 'Info' | 'Debug', text: string): void {
     this.log(text);
-    const logger = this.definition.logger;
+    const logger = this.settings.logger;
     if (!logger?.log_path) return;
     const order = ['Off', 'Error', 'Warning', 'Info', 'Debug', 'Trace'];
     if (order.indexOf(level) > order.indexOf(logger.level)) return;
@@ -64,6 +63,23 @@ export class Vmm {
     return this.live !== null;
   }
 
+  /** Applies a change to the configuration, or throws its fault and changes nothing. */
+  apply(change: ConfigChange): void {
+    this.config = this.check(change);
+  }
+
+  /** The configuration `change` would make, checked; nothing is changed. */
+  check(change: ConfigChange): VmConfig {
+    const input = structuredClone(this.config) as unknown as Record<string, unknown>;
+    change(input);
+    try {
+      return parseVmConfig(input);
+    } catch (err) {
+      if (err instanceof ConfigError) throw new ApiError(err.message);
+      throw err;
+    }
+  }
+
   /** Throws the Firecracker fault for a pre-boot-only change after the start. */
   preBoot(): void {
     if (this.live) throw new ApiError(AFTER_START);
@@ -72,42 +88,19 @@ export class Vmm {
   /** InstanceStart: builds the VM from the definition and starts its vCPUs. */
   async start(): Promise<void> {
     this.preBoot();
-    const d = this.definition;
-    if (!d.bootSource) throw new ApiError('Cannot start microvm without kernel configuration.');
-    const drives = [...d.drives.values()].sort((a, b) => Number(b.is_root_device) - Number(a.is_root_device));
-    const root = drives.find((x) => x.is_root_device);
-    const userArgs = (d.bootSource.boot_args ?? '').split(/\s+/).filter((a) => a !== '' && !DROPPED_BOOT_ARGS.has(a));
-    if ((d.bootSource.boot_args ?? '').split(/\s+/).includes('pci=off')) this.note('Warning', 'dropped `pci=off` from boot_args: Kiln\'s virtio devices are on PCI');
-    // As Firecracker does: the root drive becomes root=/dev/vda (or its PARTUUID), ro or rw.
-    if (root) userArgs.push(root.partuuid ? `root=PARTUUID=${root.partuuid}` : 'root=/dev/vda', root.is_read_only ? 'ro' : 'rw');
+    const c = this.config;
+    if (c.kernel === undefined) throw new ApiError('Cannot start microvm without kernel configuration.');
+    if ((c.cmdline ?? '').split(/\s+/).includes('pci=off')) this.note('Warning', "dropped `pci=off` from boot_args: Kiln's virtio devices are on PCI");
     try {
-      this.live = createLinuxVm({
-        kernelPath: d.bootSource.kernel_image_path,
-        ...(d.bootSource.initrd_path ? { initrdPath: d.bootSource.initrd_path } : {}),
-        cmdline: userArgs.join(' '),
-        cpus: d.machineConfig.vcpu_count,
-        memoryBytes: d.machineConfig.mem_size_mib * 1024 * 1024,
-        serialOutFd: this.serialOutFd,
-        virtio: {
-          disks: drives.map((x) => ({ path: x.path_on_host, readOnly: x.is_read_only, serial: x.drive_id.slice(0, 20) })),
-          nets: [...d.networkInterfaces.values()].map((n) => ({ tap: n.host_dev_name, ...(n.guest_mac ? { mac: n.guest_mac } : {}) })),
-          rng: d.entropy !== undefined,
-          ...(d.vsock ? { vsock: { guestCid: d.vsock.guest_cid, uds: d.vsock.uds_path } } : {}),
-          ...(d.balloon ? { balloon: { targetMiB: d.balloon.amount_mib, deflateOnOom: d.balloon.deflate_on_oom } } : {}),
-        },
-      });
+      this.live = createLinuxVm(c, { serialOutFd: this.serialOutFd });
     } catch (err) {
       if (err instanceof KilnError) throw new ApiError(`Cannot start microvm: ${err.message}`);
       throw err;
     }
-    // attachVirtio adds the disks first, in this order.
-    const disks = this.live.virtio.filter((v) => v.spec.options.type === 'blk');
-    drives.forEach((x, i) => this.driveDevices.set(x.drive_id, disks[i]!));
-    const balloonDevice = this.live.virtio.find((v) => v.spec.options.type === 'balloon');
-    this.balloon = balloonDevice ? balloonControl(balloonDevice) : null;
+    this.balloon = this.live.virtio.balloon ? balloonControl(this.live.virtio.balloon) : null;
     this.onStart?.(this.live);
     await this.live.vm.start();
-    this.note('Info', `InstanceStart: ${d.bootSource.kernel_image_path} (${this.live.boot.format}), ${d.machineConfig.vcpu_count} vCPU, ${d.machineConfig.mem_size_mib} MiB, ${drives.length} drive(s), ${d.networkInterfaces.size} network interface(s)`);
+    this.note('Info', `InstanceStart: ${c.kernel} (${this.live.boot.format}), ${c.cpus} vCPU, ${c.memoryMiB} MiB, ${c.disks.length} drive(s), ${c.nets.length} network interface(s)`);
     void this.live.vm.wait().then(async (result) => {
       this.note('Info', `the VM ended: ${result.detail}`);
       await this.live?.vm.destroy();
@@ -139,13 +132,13 @@ export class Vmm {
   /** PATCH /drives/{id} after the start: the drive's backing file changes under the running guest. */
   patchDrive(driveId: string, path: string): void {
     if (!this.live) throw new ApiError(BEFORE_START);
-    const drive = this.definition.drives.get(driveId);
+    const drive = this.config.disks.find((d) => d.id === driveId);
     if (!drive) throw new ApiError(`Invalid block device ID: ${driveId}`);
-    const device = this.driveDevices.get(driveId);
+    const device = this.live.virtio.disks.get(driveId);
     if (!device) throw new ApiError(`Drive ${driveId} was added after the start and has no device`);
     let opened;
     try {
-      opened = openDisk({ path, readOnly: drive.is_read_only, serial: driveId.slice(0, 20) }, 0);
+      opened = openDisk({ path, readOnly: drive.readOnly, serial: drive.serial }, 0);
     } catch (err) {
       throw new ApiError(`Unable to patch the block device: ${(err as Error).message}`);
     }
@@ -160,10 +153,10 @@ export class Vmm {
   }
 
   balloonStats(): Record<string, number> {
-    if (!this.balloon || !this.definition.balloon) throw new ApiError('The balloon device is not configured.');
-    if (this.definition.balloon.stats_polling_interval_s === 0) throw new ApiError('Statistics for the balloon device are not enabled');
+    if (!this.balloon || !this.config.balloon) throw new ApiError('The balloon device is not configured.');
+    if (this.config.balloon.statsIntervalS === 0) throw new ApiError('Statistics for the balloon device are not enabled');
     this.balloon.requestStats();
-    const target = this.definition.balloon.amount_mib;
+    const target = this.config.balloon.targetMiB;
     const actualPages = this.balloon.actualPages;
     // virtio 1.2, 5.5.6.3 tags -> Firecracker's names.
     const names = ['swap_in', 'swap_out', 'major_faults', 'minor_faults', 'free_memory', 'total_memory', 'available_memory', 'disk_caches', 'hugetlb_allocations', 'hugetlb_failures'];
@@ -176,10 +169,10 @@ export class Vmm {
 
   /** FlushMetrics: one JSON line to the metrics file. */
   flushMetrics(): void {
-    const m = this.definition.metrics;
+    const m = this.settings.metrics;
     if (!m) throw new ApiError('Metrics are not configured (PUT /metrics first).');
     if (this.metricsFd < 0) this.metricsFd = openSync(m.metrics_path, 'a');
-    const line = { utc_timestamp_ms: Date.now(), vmm: { state: this.state, vcpus: this.definition.machineConfig.vcpu_count } };
+    const line = { utc_timestamp_ms: Date.now(), vmm: { state: this.state, vcpus: this.config.cpus } };
     writeSync(this.metricsFd, `${JSON.stringify(line)}\n`);
   }
 

@@ -5,38 +5,30 @@ import { closeSync, readFileSync, statSync } from 'node:fs';
 import { buildAcpiTables, MAX_MADT_VCPUS } from '../acpi/tables.js';
 import { isSoftwareKvm, planSyscallFix } from '../compat/pvm.js';
 import { supportedCpuid } from '../cpu/cpuid.js';
-import { addStandardDevices } from '../demo.js';
 import { configureVcpu, setBootRegisters } from '../cpu/setup.js';
 import { applyTemplate, cpuTemplate, type CpuTemplate } from '../cpu/templates.js';
 import type { DeviceSpec } from '../devices/device.js';
 import { irqLineSetter } from '../devices/irq.js';
 import { SerialHost } from '../devices/serial.js';
+import { bootOrder, type DiskConfig, type VmConfig } from '../config/vm-config.js';
 import { KilnError } from '../errors.js';
 import * as layout from '../layout.js';
 import { ramRanges, validateMemorySize } from '../memory/guest-memory.js';
 import { attachPciHost } from '../pci/host.js';
-import { attachVirtio, openHostEnds, type VirtioConfig } from '../virtio/attach.js';
-import type { VirtioPciDevice } from '../virtio/pci.js';
+import { addPcDevices, addStandardDevices } from '../platform/standard.js';
+import { attachVirtio, openHostEnds, type AttachedVirtio } from '../virtio/attach.js';
 import { Vm } from '../vm.js';
 import { decompressBzImage } from './decompress.js';
 import { isElf } from './elf.js';
 import { loadKernel, type BootImage } from './loader.js';
 
-export interface LinuxVmConfig {
-  readonly kernelPath: string;
-  readonly initrdPath?: string;
-  /** The user's command line; Kiln adds the console and, where needed, the template's flags. */
-  readonly cmdline?: string;
-  readonly cpus: number;
-  readonly memoryBytes: number;
-  /** CPU template name; default 'pvm' on software KVM, 'host' elsewhere. */
-  readonly cpuTemplate?: string;
+/** How this process runs the VM (not part of the VM's configuration). */
+export interface LinuxRuntime {
+  /** Where the 16550's output goes. */
   readonly serialOutFd: number;
   readonly logUnhandled?: boolean;
   /** Decompress a bzImage's payload on the host and boot the ELF inside (PVH). */
   readonly hostDecompress?: boolean;
-  /** Virtio devices: disks (virtio-blk) and entropy (virtio-rng). */
-  readonly virtio?: VirtioConfig;
 }
 
 /** What the boot did, without the bytes it wrote (those live in guest memory only). */
@@ -50,8 +42,8 @@ export interface LinuxVm {
   readonly cmdline: string;
   readonly template: CpuTemplate;
   readonly softwareKvm: boolean;
-  /** The virtio functions, in slot order (disks, NICs, rng, balloon, vsock, console). */
-  readonly virtio: readonly VirtioPciDevice[];
+  /** The virtio functions, by what they are. */
+  readonly virtio: AttachedVirtio;
   /** Presses the ACPI power button (a Generic Event Device interrupt). */
   pressPowerButton(): void;
 }
@@ -78,35 +70,46 @@ function readGuestFile(path: string, what: string): Uint8Array {
   return new Uint8Array(readFileSync(path));
 }
 
-export function composeCmdline(user: string | undefined, template: CpuTemplate, softwareKvm: boolean): string {
+/** Boot arguments Kiln drops: its devices are on PCI, which `pci=off` would hide. */
+export const DROPPED_BOOT_ARGS: ReadonlySet<string> = new Set(['pci=off']);
+
+/**
+ * The whole command line: Kiln's console, the template's flags on software KVM, the
+ * user's (less what Kiln drops), and, as Firecracker does, root= for a root disk
+ * (/dev/vda, which bootOrder makes it, or its PARTUUID) with ro or rw.
+ */
+export function composeCmdline(user: string | undefined, template: CpuTemplate, softwareKvm: boolean, root?: DiskConfig): string {
   const parts = [BASE_CMDLINE];
   if (softwareKvm) parts.push(SOFTWARE_KVM_CMDLINE, ...template.cmdline);
-  if (user?.trim()) parts.push(user.trim());
+  parts.push(...(user ?? '').split(/\s+/).filter((a) => a !== '' && !DROPPED_BOOT_ARGS.has(a)));
+  if (root) parts.push(root.partuuid ? `root=PARTUUID=${root.partuuid}` : 'root=/dev/vda', root.readOnly ? 'ro' : 'rw');
   return parts.join(' ');
 }
 
-export function createLinuxVm(config: LinuxVmConfig): LinuxVm {
+export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime): LinuxVm {
+  if (vmConfig.kernel === undefined) throw new KilnError('no kernel to boot (give a kernel path)');
+  const config = { ...vmConfig, disks: bootOrder(vmConfig.disks) };
   const softwareKvm = isSoftwareKvm();
   const template = cpuTemplate(config.cpuTemplate ?? (softwareKvm ? 'pvm' : 'host'));
-  if (!Number.isInteger(config.cpus) || config.cpus < 1) throw new KilnError(`vCPU count must be at least 1 (got ${config.cpus})`);
   if (config.cpus > MAX_MADT_VCPUS) throw new KilnError(`vCPU count must be at most ${MAX_MADT_VCPUS} (got ${config.cpus})`);
-  validateMemorySize(config.memoryBytes);
-  let kernel = readGuestFile(config.kernelPath, 'kernel');
-  if (config.hostDecompress && !isElf(kernel)) kernel = decompressBzImage(kernel).elf;
-  const initrd = config.initrdPath ? readGuestFile(config.initrdPath, 'initrd') : undefined;
-  const cmdline = composeCmdline(config.cmdline, template, softwareKvm);
+  const memoryBytes = config.memoryMiB * 1024 * 1024;
+  validateMemorySize(memoryBytes);
+  let kernel = readGuestFile(vmConfig.kernel, 'kernel');
+  if (runtime.hostDecompress && !isElf(kernel)) kernel = decompressBzImage(kernel).elf;
+  const initrd = config.initrd !== undefined ? readGuestFile(config.initrd, 'initrd') : undefined;
+  const cmdline = composeCmdline(config.cmdline, template, softwareKvm, config.disks.find((d) => d.root));
   const acpi = buildAcpiTables({ vcpus: config.cpus, pci: true });
   // The whole boot layout is computed (and checked) before the VM exists.
-  const boot = loadKernel({ kernel, initrd, cmdline, ram: ramRanges(config.memoryBytes), rsdp: acpi.rsdp });
-  const { disks, nets } = openHostEnds(config.virtio ?? {});
+  const boot = loadKernel({ kernel, initrd, cmdline, ram: ramRanges(memoryBytes), rsdp: acpi.rsdp });
+  const { disks, nets } = openHostEnds(config);
 
   let vm: Vm;
   try {
     vm = Vm.create({
-      memoryBytes: config.memoryBytes,
+      memoryBytes,
       vcpus: config.cpus,
       irqchip: true,
-      logUnhandled: config.logUnhandled ?? false,
+      logUnhandled: runtime.logUnhandled ?? false,
       compat: softwareKvm ? { syscallFix: planSyscallFix(boot.textEnd) } : null,
     });
   } catch (err) {
@@ -114,11 +117,9 @@ export function createLinuxVm(config: LinuxVmConfig): LinuxVm {
     throw err;
   }
   try {
-    const { com1, progress } = addStandardDevices(vm, config.serialOutFd);
-    vm.addDevice({ id: 'acpi-pm', kind: 'acpi-pm', bus: 'pio', base: layout.PORT_ACPI_SLEEP_CONTROL, size: layout.PORT_ACPI_PM_SIZE });
-    vm.addDevice({ id: 'i8042', kind: 'i8042', bus: 'pio', base: layout.PORT_I8042_DATA, size: layout.PORT_I8042_COMMAND - layout.PORT_I8042_DATA + 1 });
-    vm.addDevice({ id: 'rtc', kind: 'rtc', bus: 'pio', base: layout.PORT_RTC, size: layout.PORT_RTC_SIZE });
-    const virtio = attachVirtio(vm, attachPciHost(vm), disks, config.virtio ?? {}, nets);
+    const { com1, progress } = addStandardDevices(vm, runtime.serialOutFd);
+    addPcDevices(vm);
+    const virtio = attachVirtio(vm, attachPciHost(vm), config, disks, nets);
 
     const cpuid = applyTemplate(supportedCpuid(vm.kvmSystem), template);
     const refused = new Set<number>();

@@ -20,7 +20,7 @@ import {
   TYPE_DATA_READ_WRITE_ACCESSED,
   TYPE_TSS_BUSY,
   type Segment,
-} from '../guest/modes.js';
+} from './x86.js';
 import type { VcpuFd } from '../kvm/kvm.js';
 import { ioctlBuf } from '../kvm/kvm.js';
 import { dataView } from '../kvm/struct.js';

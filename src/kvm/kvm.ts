@@ -1,6 +1,7 @@
 // Thin, typed wrappers over the three kinds of KVM file descriptor: the system
 // (/dev/kvm), a VM and a vCPU. Every failing ioctl becomes a KvmIoctlError that names it.
-import { KilnError, KvmIoctlError, SyscallError } from '../errors.js';
+import { KilnError } from '../errors.js';
+import { KvmIoctlError, SyscallError } from './errors.js';
 import { KVM, KVM_API_VERSION, KVM_CAP, KVM_PIT_SPEAKER_DUMMY, type KvmIoctlName } from './ioctl.js';
 import * as libc from './libc.js';
 import { dataView, type Decoded, type StructType } from './struct.js';

@@ -197,3 +197,15 @@ export const EPERM = osConstants.errno.EPERM;
 export const ENOMEM = osConstants.errno.ENOMEM;
 export const ENOTTY = osConstants.errno.ENOTTY;
 export const EINVAL = osConstants.errno.EINVAL;
+
+/** Pins thread `tid` (0: the caller) to the CPUs set in `mask` (a cpu_set_t). */
+export const schedSetaffinity = libc.func('int sched_setaffinity(int pid, size_t cpusetsize, const void *mask)') as (
+  tid: number,
+  size: number,
+  mask: PointerArg,
+) => number;
+export const schedGetaffinity = libc.func('int sched_getaffinity(int pid, size_t cpusetsize, _Out_ void *mask)') as (
+  tid: number,
+  size: number,
+  mask: PointerArg,
+) => number;

@@ -1,11 +1,14 @@
 // One cgroup per VM, with its CPU weight, CPU quota and memory limit: cgroup v2 where
 // it is mounted (cpu.weight, cpu.max, memory.max), else v1 (cpu.shares,
-// cpu.cfs_quota_us, memory.limit_in_bytes). The VMM process is moved in whole.
+// cpu.cfs_quota_us, memory.limit_in_bytes). The cgroup is made and limited before the
+// VMM exists; the VMM's process joins it before it executes (the `cgroup.procs` files
+// prepareCgroup returns are written by the process itself, then it execs the VMM, as
+// Firecracker's jailer does), so no guest code ever runs outside its limits.
 import { existsSync, mkdirSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { KilnError } from '../errors.js';
 
-const ROOT = '/sys/fs/cgroup';
+export const CGROUP_ROOT = '/sys/fs/cgroup';
 const PERIOD_US = 100_000;
 
 export interface CgroupLimits {
@@ -16,48 +19,62 @@ export interface CgroupLimits {
   readonly memoryBytes: number;
 }
 
-export function cgroupVersion(): 1 | 2 | null {
-  if (existsSync(join(ROOT, 'cgroup.controllers'))) return 2;
-  if (existsSync(join(ROOT, 'cpu')) && existsSync(join(ROOT, 'memory'))) return 1;
+export function cgroupVersion(root = CGROUP_ROOT): 1 | 2 | null {
+  if (existsSync(join(root, 'cgroup.controllers'))) return 2;
+  if (existsSync(join(root, 'cpu')) && existsSync(join(root, 'memory'))) return 1;
   return null;
 }
 
 /** The directories of VM `name`'s cgroup, one per v1 hierarchy or the one v2 group. */
-export function cgroupDirs(name: string): string[] {
-  const v = cgroupVersion();
-  if (v === 2) return [join(ROOT, 'kiln', name)];
-  if (v === 1) return [join(ROOT, 'cpu', 'kiln', name), join(ROOT, 'memory', 'kiln', name)];
+export function cgroupDirs(name: string, root = CGROUP_ROOT): string[] {
+  const v = cgroupVersion(root);
+  if (v === 2) return [join(root, 'kiln', name)];
+  if (v === 1) return [join(root, 'cpu', 'kiln', name), join(root, 'memory', 'kiln', name)];
   return [];
 }
 
 const write = (dir: string, file: string, value: string) => writeFileSync(join(dir, file), value);
+
+/** The controller names in a cgroup.controllers or cgroup.subtree_control file ("cpuset cpu io memory"). */
+export function controllerSet(text: string): Set<string> {
+  return new Set(text.split(/\s+/).filter((c) => c !== ''));
+}
 
 /** v1 cpu.shares from a v2-style weight (1-10000 -> 2-262144, 100 -> 1024). */
 export function weightToShares(weight: number): number {
   return Math.max(2, Math.min(262_144, Math.round((weight * 1024) / 100)));
 }
 
-/** Creates VM `name`'s cgroup with `limits` and moves `pid` into it; returns where it went. */
-export function placeInCgroup(name: string, pid: number, limits: CgroupLimits): string[] {
-  const v = cgroupVersion();
-  if (v === null) throw new KilnError('no cgroup hierarchy is mounted at /sys/fs/cgroup');
+/** v2 cpu.max for a quota in percent of one CPU ("max 100000" for none). */
+export function cpuMax(quotaPercent: number): string {
+  return quotaPercent > 0 ? `${Math.round((quotaPercent / 100) * PERIOD_US)} ${PERIOD_US}` : `max ${PERIOD_US}`;
+}
+
+/**
+ * Creates VM `name`'s cgroup with `limits`; returns the `cgroup.procs` files a process
+ * writes its pid to in order to join it.
+ */
+export function prepareCgroup(name: string, limits: CgroupLimits, root = CGROUP_ROOT): string[] {
+  const v = cgroupVersion(root);
+  if (v === null) throw new KilnError(`no cgroup hierarchy is mounted at ${root}`);
   if (!Number.isInteger(limits.cpuWeight) || limits.cpuWeight < 1 || limits.cpuWeight > 10_000) throw new KilnError(`CPU weight must be 1 to 10000 (got ${limits.cpuWeight})`);
-  const dirs = cgroupDirs(name);
+  const dirs = cgroupDirs(name, root);
   try {
     if (v === 2) {
-      const parent = join(ROOT, 'kiln');
+      const parent = join(root, 'kiln');
       mkdirSync(parent, { recursive: true });
-      // Let the children use the cpu and memory controllers.
-      for (const dir of [ROOT, parent]) {
-        const enabled = readFileSync(join(dir, 'cgroup.subtree_control'), 'utf8');
-        for (const c of ['cpu', 'memory']) if (!enabled.includes(c)) write(dir, 'cgroup.subtree_control', `+${c}`);
+      const available = controllerSet(readFileSync(join(root, 'cgroup.controllers'), 'utf8'));
+      for (const c of ['cpu', 'memory']) if (!available.has(c)) throw new KilnError(`the cgroup v2 controller '${c}' is not available at ${root}`);
+      // Let the children use the cpu and memory controllers (matched by name: "cpuset" is not "cpu").
+      for (const dir of [root, parent]) {
+        const enabled = controllerSet(readFileSync(join(dir, 'cgroup.subtree_control'), 'utf8'));
+        for (const c of ['cpu', 'memory']) if (!enabled.has(c)) write(dir, 'cgroup.subtree_control', `+${c}`);
       }
       const dir = dirs[0]!;
       mkdirSync(dir, { recursive: true });
       write(dir, 'cpu.weight', String(limits.cpuWeight));
-      write(dir, 'cpu.max', limits.cpuQuotaPercent > 0 ? `${Math.round((limits.cpuQuotaPercent / 100) * PERIOD_US)} ${PERIOD_US}` : `max ${PERIOD_US}`);
+      write(dir, 'cpu.max', cpuMax(limits.cpuQuotaPercent));
       write(dir, 'memory.max', String(limits.memoryBytes));
-      write(dir, 'cgroup.procs', String(pid));
     } else {
       const [cpu, memory] = dirs as [string, string];
       mkdirSync(cpu, { recursive: true });
@@ -66,19 +83,31 @@ export function placeInCgroup(name: string, pid: number, limits: CgroupLimits): 
       write(cpu, 'cpu.cfs_period_us', String(PERIOD_US));
       write(cpu, 'cpu.cfs_quota_us', limits.cpuQuotaPercent > 0 ? String(Math.round((limits.cpuQuotaPercent / 100) * PERIOD_US)) : '-1');
       write(memory, 'memory.limit_in_bytes', String(limits.memoryBytes));
-      write(cpu, 'cgroup.procs', String(pid));
-      write(memory, 'cgroup.procs', String(pid));
     }
   } catch (err) {
     if (err instanceof KilnError) throw err;
     throw new KilnError(`cannot set up the cgroup of '${name}': ${(err as Error).message}`);
   }
-  return dirs;
+  return dirs.map((d) => join(d, 'cgroup.procs'));
+}
+
+/** Creates VM `name`'s cgroup and moves `pid` into it (for a process that already runs). */
+export function placeInCgroup(name: string, pid: number, limits: CgroupLimits, root = CGROUP_ROOT): string[] {
+  const procs = prepareCgroup(name, limits, root);
+  for (const file of procs) writeFileSync(file, String(pid));
+  return cgroupDirs(name, root);
+}
+
+/** The pids in VM `name`'s cgroup (none when it does not exist). */
+export function cgroupPids(name: string, root = CGROUP_ROOT): number[] {
+  const dir = cgroupDirs(name, root)[0];
+  if (!dir || !existsSync(join(dir, 'cgroup.procs'))) return [];
+  return readFileSync(join(dir, 'cgroup.procs'), 'utf8').split('\n').filter((l) => l !== '').map(Number);
 }
 
 /** Removes VM `name`'s (empty) cgroup. */
-export function removeCgroup(name: string): void {
-  for (const dir of cgroupDirs(name)) {
+export function removeCgroup(name: string, root = CGROUP_ROOT): void {
+  for (const dir of cgroupDirs(name, root)) {
     if (!existsSync(dir)) continue;
     try {
       rmdirSync(dir);

@@ -1,210 +1,233 @@
 // The `kiln` VM-manager verbs (virsh/multipass/limactl style): create, start, stop,
 // pause, resume, restart, console, ls, info, logs, rm, daemon. Each talks to the daemon
-// (started on demand); --json on every verb that prints.
+// (started on demand); --json on every verb that prints. Their options are declared
+// per verb in src/cli.ts; this module is loaded only when one of them runs.
 import { readFileSync } from 'node:fs';
 import { createConnection } from 'node:net';
-import { join } from 'node:path';
-import { parseArgs } from 'node:util';
+import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
+import { flagsToInput, type VmFlags } from '../config/flags.js';
+import { ConfigError } from '../config/vm-config.js';
+import { relayStdin } from '../console-relay.js';
 import { KilnError } from '../errors.js';
+import { EXIT_ERROR } from '../exit-status.js';
 import { buildInitramfs, buildMinimalKernel } from '../guestkit/build.js';
-import { parseSize } from '../size.js';
-import { daemonCall, normalizeSpec, runDaemon } from './daemon.js';
-import type { VmStatus } from './manager.js';
+import { daemonCall, runDaemon } from './daemon.js';
+import { parseDefinition } from './definition.js';
+import type { InfoReply, ListReply, LogsReply, RemovedReply, StartReply, VmStatus } from './protocol.js';
 import { Store } from './store.js';
 
-export const MANAGER_VERBS = ['create', 'start', 'stop', 'pause', 'resume', 'restart', 'console', 'ls', 'info', 'logs', 'rm', 'daemon'] as const;
+const progress = (line: string) => process.stderr.write(`kiln: ${line}\n`);
 
-
-class ManagerUsageError extends KilnError {}
-export { ManagerUsageError };
-
-/** Relays the terminal to a VM's serial socket until Ctrl-A x or the VM ends. */
-function attachSerial(path: string, progress: (line: string) => void): Promise<number> {
-  return new Promise((resolve) => {
-    const socket = createConnection(path);
-    const stdin = process.stdin;
-    const raw = stdin.isTTY === true;
-    let escape = false;
-    const done = (code: number) => {
-      stdin.off('data', onData);
-      if (raw) stdin.setRawMode(false);
-      stdin.pause();
-      socket.destroy();
-      resolve(code);
-    };
-    const onData = (chunk: Buffer) => {
-      for (const byte of chunk) {
-        if (escape) {
-          escape = false;
-          if (byte === 0x78 /* x */) return done(0);
-          socket.write(Uint8Array.of(byte));
-          continue;
-        }
-        if (raw && byte === 0x01) escape = true;
-        else socket.write(Uint8Array.of(byte));
-      }
-    };
-    socket.on('connect', () => {
-      progress('attached to the serial console; Ctrl-A x detaches (the VM keeps running)');
-      if (raw) stdin.setRawMode(true);
-      stdin.on('data', onData);
-      stdin.resume();
-    });
-    socket.on('data', (d: Buffer) => process.stdout.write(d));
-    socket.on('close', () => done(0));
-    socket.on('error', (err) => {
-      progress(`cannot attach to the serial console: ${err.message}`);
-      done(1);
-    });
-  });
+function print(json: boolean | undefined, human: string, doc: unknown): void {
+  process.stdout.write(json ? `${JSON.stringify(doc, null, 2)}\n` : `${human}\n`);
 }
 
-function table(rows: VmStatus[]): string {
+const path = (name: string) => `/vms/${encodeURIComponent(name)}`;
+
+function table(rows: readonly VmStatus[]): string {
   const head = ['NAME', 'STATE', 'VCPUS', 'MEMORY', 'PID'];
   const data = rows.map((r) => [r.name, r.state, String(r.cpus), `${r.memoryMiB}M`, r.pid === null ? '-' : String(r.pid)]);
   const widths = head.map((h, i) => Math.max(h.length, ...data.map((d) => d[i]!.length)));
   return [head, ...data].map((row) => row.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd()).join('\n');
 }
 
-function specFromFlags(name: string, v: Record<string, string | boolean | string[] | undefined>): Record<string, unknown> {
-  const str = (k: string) => v[k] as string | undefined;
-  const list = (k: string) => (v[k] as string[] | undefined) ?? [];
-  const spec: Record<string, unknown> = { name };
-  if (str('kernel')) spec.kernel = str('kernel');
-  if (str('initrd')) spec.initrd = str('initrd');
-  if (str('cmdline')) spec.cmdline = str('cmdline');
-  if (str('cpus')) spec.cpus = Number(str('cpus'));
-  if (str('memory')) spec.memoryMiB = Math.floor(parseSize(str('memory')!) / (1024 * 1024));
-  spec.disks = list('disk').map((d) => {
-    const [path, ...opts] = d.split(',');
-    for (const o of opts) if (o !== 'ro' && o !== 'root') throw new ManagerUsageError(`--disk ${d}: unknown option '${o}' (ro, root)`);
-    return { path, readOnly: opts.includes('ro'), root: opts.includes('root') };
-  });
-  spec.nets = list('net').map((n) => {
-    const m = /^tap=([^,]+)(?:,mac=(.+))?$/.exec(n);
-    if (!m) throw new ManagerUsageError(`--net ${n}: expected tap=NAME[,mac=MAC]`);
-    return { tap: m[1], ...(m[2] ? { mac: m[2] } : {}) };
-  });
-  if (v.rng === true) spec.rng = true;
-  if (str('vsock')) {
-    const m = /^(\d+),(.+)$/.exec(str('vsock')!);
-    if (!m) throw new ManagerUsageError(`--vsock ${str('vsock')}: expected CID,SOCKET`);
-    spec.vsock = { guestCid: Number(m[1]), uds: m[2] };
-  }
-  if (str('balloon')) spec.balloonMiB = Math.floor(parseSize(str('balloon')!) / (1024 * 1024));
-  if (str('cpu-weight')) spec.cpuWeight = Number(str('cpu-weight'));
-  if (str('cpu-quota')) spec.cpuQuotaPercent = Number(str('cpu-quota'));
-  if (str('pin')) spec.pinCpus = str('pin')!.split(',').map(Number);
-  return spec;
+const count = (text: string) => (/^\d+$/.test(text) ? Number(text) : text);
+
+/** Makes a definition file's relative paths relative to the file (as compose files do). */
+function absolutePaths(raw: Record<string, unknown>, base: string): Record<string, unknown> {
+  const abs = (v: unknown) => (typeof v === 'string' && v !== '' && !isAbsolute(v) ? resolve(base, v) : v);
+  const out: Record<string, unknown> = { ...raw };
+  for (const key of ['kernel', 'initrd', 'consoleSocket']) if (Object.hasOwn(out, key)) out[key] = abs(out[key]);
+  const each = (key: string, field: string) => {
+    if (Array.isArray(out[key])) out[key] = (out[key] as unknown[]).map((x) => (x && typeof x === 'object' && Object.hasOwn(x, field) ? { ...x, [field]: abs((x as Record<string, unknown>)[field]) } : x));
+  };
+  each('disks', 'path');
+  each('nets', 'passt');
+  if (out.vsock && typeof out.vsock === 'object' && Object.hasOwn(out.vsock, 'uds')) out.vsock = { ...(out.vsock as object), uds: abs((out.vsock as Record<string, unknown>).uds) };
+  return out;
 }
 
-export async function managerCommand(verb: string, argv: string[], progress: (line: string) => void): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args: argv,
-    allowPositionals: true,
-    strict: true,
-    options: {
-      json: { type: 'boolean', default: false },
-      force: { type: 'boolean', default: false },
-      file: { type: 'string', short: 'f' },
-      bytes: { type: 'string' },
-      kernel: { type: 'string' },
-      initrd: { type: 'string' },
-      cmdline: { type: 'string' },
-      cpus: { type: 'string' },
-      memory: { type: 'string' },
-      disk: { type: 'string', multiple: true },
-      net: { type: 'string', multiple: true },
-      rng: { type: 'boolean' },
-      vsock: { type: 'string' },
-      balloon: { type: 'string' },
-      'cpu-weight': { type: 'string' },
-      'cpu-quota': { type: 'string' },
-      pin: { type: 'string' },
-    },
-  });
-  const store = new Store();
-  const out = (human: string, json: unknown) => process.stdout.write(values.json ? `${JSON.stringify(json, null, 2)}\n` : `${human}\n`);
-  const name = positionals[0];
-  const needName = () => {
-    if (!name) throw new ManagerUsageError(`kiln ${verb} needs a VM name`);
-    return encodeURIComponent(name);
-  };
-  switch (verb) {
-    case 'daemon':
-      await runDaemon(store, progress);
-      return 0;
-    case 'create': {
-      let raw: unknown;
-      if (values.file) {
-        const text = readFileSync(values.file, 'utf8');
-        try {
-          raw = values.file.endsWith('.json') ? JSON.parse(text) : parseYaml(text);
-        } catch (err) {
-          throw new KilnError(`cannot read ${values.file}: ${(err as Error).message}`);
-        }
-        if (name) raw = { ...(raw as object), name };
-      } else {
-        raw = specFromFlags(needName() && name!, values);
-      }
-      normalizeSpec(raw); // a bad definition is refused here, before the daemon is involved
-      const s = (await daemonCall(store, 'POST', '/vms', raw)) as VmStatus;
-      out(`created '${s.name}' (${s.cpus} vCPU, ${s.memoryMiB} MiB)`, s);
-      return 0;
+export interface CreateOptions {
+  readonly json?: boolean;
+  readonly file?: string;
+  readonly cpuWeight?: string;
+  readonly cpuQuota?: string;
+  readonly pin?: string;
+  readonly vm: VmFlags;
+}
+
+/** The definition `kiln create` sends: from -f FILE, or from the flags. */
+export function definitionInput(name: string | undefined, o: CreateOptions): Record<string, unknown> {
+  if (o.file) {
+    let raw: unknown;
+    try {
+      const text = readFileSync(o.file, 'utf8');
+      raw = o.file.endsWith('.json') ? JSON.parse(text) : parseYaml(text);
+    } catch (err) {
+      throw new KilnError(`cannot read ${o.file}: ${(err as Error).message}`);
     }
-    case 'ls': {
-      const { vms, broken } = (await daemonCall(store, 'GET', '/vms')) as { vms: VmStatus[]; broken: Array<{ name: string; file: string; error: string }> };
-      out(vms.length ? table(vms) : 'no VMs', { vms, broken });
-      for (const b of broken) process.stderr.write(`kiln: the definition of '${b.name}' (${b.file}) cannot be read: ${b.error}; it is left as it is\n`);
-      return 0;
-    }
-    case 'info': {
-      const info = (await daemonCall(store, 'GET', `/vms/${needName()}`)) as VmStatus & { definition: unknown };
-      out(`${table([info])}\n${JSON.stringify(info.definition, null, 2)}`, info);
-      return 0;
-    }
-    case 'logs': {
-      const { log } = (await daemonCall(store, 'GET', `/vms/${needName()}/logs${values.bytes ? `?bytes=${Number(values.bytes)}` : ''}`)) as { log: string };
-      if (values.json) out('', { log });
-      else process.stdout.write(log);
-      return 0;
-    }
-    case 'console': {
-      // The scroll-back first, then the live serial console (Ctrl-A x detaches).
-      const { log } = (await daemonCall(store, 'GET', `/vms/${needName()}/logs?bytes=16384`)) as { log: string };
-      process.stdout.write(log);
-      const info = (await daemonCall(store, 'GET', `/vms/${needName()}`)) as VmStatus;
-      if (info.state === 'stopped') {
-        progress(`'${name}' is not running; that was the end of its console log`);
-        return 0;
-      }
-      return attachSerial(join(store.runDir(name!), 'serial.sock'), progress);
-    }
-    case 'start':
-    case 'stop':
-    case 'pause':
-    case 'resume':
-    case 'restart': {
-      if (verb === 'start' || verb === 'restart') {
-        // The default guest is built here, with its progress on this terminal (the daemon then finds it cached).
-        const info = (await daemonCall(store, 'GET', `/vms/${needName()}`)) as { definition: { kernel?: string } };
-        if (!info.definition.kernel) {
-          await buildMinimalKernel(progress);
-          await buildInitramfs(progress);
-        }
-        progress(`${verb === 'start' ? 'starting' : 'restarting'} '${name}'`);
-      }
-      const s = (await daemonCall(store, 'POST', `/vms/${needName()}/${verb}`, verb === 'stop' ? { force: values.force } : {})) as VmStatus;
-      out(`${s.name}: ${s.state}`, s);
-      return 0;
-    }
-    case 'rm': {
-      await daemonCall(store, 'DELETE', `/vms/${needName()}`);
-      out(`removed '${name}'`, { removed: name });
-      return 0;
-    }
-    default:
-      throw new ManagerUsageError(`unknown command '${verb}'`);
+    if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new ConfigError('', `${o.file} must hold one VM definition (an object)`);
+    const input = absolutePaths(raw as Record<string, unknown>, dirname(resolve(o.file)));
+    return name ? { ...input, name } : input;
   }
+  if (!name) throw new KilnError('kiln create needs a VM name (or -f FILE)');
+  return {
+    name,
+    ...flagsToInput(o.vm),
+    ...(o.cpuWeight !== undefined ? { cpuWeight: count(o.cpuWeight) } : {}),
+    ...(o.cpuQuota !== undefined ? { cpuQuotaPercent: count(o.cpuQuota) } : {}),
+    ...(o.pin !== undefined ? { pinCpus: o.pin.split(',').map(count) } : {}),
+  };
+}
+
+export async function create(name: string | undefined, o: CreateOptions): Promise<number> {
+  const input = definitionInput(name, o);
+  parseDefinition(input); // a bad definition is refused here, with the same words the daemon would use
+  const s = await daemonCall<VmStatus>(new Store(), 'POST', '/vms', input);
+  print(o.json, `created '${s.name}' (${s.cpus} vCPU, ${s.memoryMiB} MiB)`, s);
+  return 0;
+}
+
+export async function list(o: { json?: boolean }): Promise<number> {
+  const { vms, broken } = await daemonCall<ListReply>(new Store(), 'GET', '/vms');
+  print(o.json, vms.length ? table(vms) : 'no VMs', { vms, broken });
+  for (const b of broken) progress(`the definition of '${b.name}' (${b.file}) is broken: ${b.error}; it is left as it is`);
+  return 0;
+}
+
+function uptime(startedAt: string | null): string {
+  if (!startedAt) return '-';
+  let s = Math.max(0, Math.floor((Date.now() - Date.parse(startedAt)) / 1000));
+  const parts: string[] = [];
+  for (const [unit, size] of [['d', 86400], ['h', 3600], ['m', 60]] as const) {
+    if (s >= size) parts.push(`${Math.floor(s / size)}${unit}`);
+    s %= size;
+  }
+  parts.push(`${s}s`);
+  return parts.join(' ');
+}
+
+/** `kiln info`'s readable summary. */
+export function infoText(i: InfoReply): string {
+  const d = i.definition;
+  const lines: Array<[string, string]> = [
+    ['Name', i.name],
+    ['State', i.state],
+    ['PID', i.pid === null ? '-' : String(i.pid)],
+    ['Uptime', uptime(i.startedAt)],
+    ['vCPUs', `${d.cpus}${d.pinCpus.length ? ` (pinned to host CPUs ${d.pinCpus.join(',')})` : ''}`],
+    ['Memory', `${d.memoryMiB} MiB`],
+    ['Kernel', d.kernel ?? 'the guest kit\'s minimal Linux (with a shell on the serial console)'],
+    ...d.disks.map((x): [string, string] => ['Disk', `${x.id}: ${x.path}${x.readOnly ? ' (read-only)' : ''}${x.root ? ' (root)' : ''}`]),
+    ...d.nets.map((x): [string, string] => ['NIC', `${x.id}: ${x.tap !== undefined ? `tap ${x.tap}` : `passt ${x.passt}`}${x.mac ? ` mac ${x.mac}` : ''}`]),
+    ['Cgroup', i.cgroup.dirs.length ? i.cgroup.dirs.join(', ') : 'none (no cgroup hierarchy)'],
+    ['Limits', `CPU weight ${i.cgroup.cpuWeight}, CPU quota ${i.cgroup.cpuQuotaPercent ? `${i.cgroup.cpuQuotaPercent}%` : 'none'}, memory ${Math.round(i.cgroup.memoryLimitBytes / (1024 * 1024))} MiB`],
+    ['Console log', i.consoleLog],
+  ];
+  return lines.map(([k, v]) => `${`${k}:`.padEnd(13)}${v}`).join('\n');
+}
+
+export async function info(name: string, o: { json?: boolean }): Promise<number> {
+  const i = await daemonCall<InfoReply>(new Store(), 'GET', path(name));
+  print(o.json, infoText(i), i);
+  return 0;
+}
+
+export async function logs(name: string, o: { json?: boolean; bytes?: string }): Promise<number> {
+  if (o.bytes !== undefined && !/^\d+$/.test(o.bytes)) throw new ConfigError('--bytes', `must be a whole number of bytes (got '${o.bytes}')`);
+  const { log } = await daemonCall<LogsReply>(new Store(), 'GET', `${path(name)}/logs${o.bytes ? `?bytes=${o.bytes}` : ''}`);
+  if (o.json) print(true, '', { log });
+  else process.stdout.write(log);
+  return 0;
+}
+
+export async function lifecycle(verb: 'start' | 'stop' | 'restart' | 'pause' | 'resume', name: string, o: { json?: boolean; force?: boolean }): Promise<number> {
+  const store = new Store();
+  if (verb === 'start' || verb === 'restart') {
+    // The default guest is built here, with its progress on this terminal (the daemon then finds it cached).
+    const i = await daemonCall<InfoReply>(store, 'GET', path(name));
+    if (i.definition.kernel === undefined) {
+      await buildMinimalKernel(progress);
+      await buildInitramfs(progress);
+    }
+    progress(`${verb === 'start' ? 'starting' : 'restarting'} '${name}'`);
+  }
+  if (verb === 'stop' || verb === 'restart') {
+    progress(o.force ? `stopping '${name}' at once (SIGTERM)` : `stopping '${name}': pressed its ACPI power button; waiting up to 30 s for the guest to power off, then SIGTERM (--force: at once)`);
+  }
+  const s = await daemonCall<StartReply>(store, 'POST', `${path(name)}/${verb}`, verb === 'stop' ? { force: o.force === true } : {});
+  print(o.json, `${s.name}: ${s.state}`, s);
+  const wanted = { start: 'running', restart: 'running', resume: 'running', pause: 'paused', stop: 'stopped' }[verb];
+  if (s.state !== wanted) {
+    progress(`'${name}' is ${s.state}, not ${wanted}`);
+    return EXIT_ERROR;
+  }
+  return 0;
+}
+
+export async function remove(name: string, o: { json?: boolean }): Promise<number> {
+  const r = await daemonCall<RemovedReply>(new Store(), 'DELETE', path(name));
+  print(o.json, `removed '${r.removed}'`, r);
+  return 0;
+}
+
+/** The scroll-back, then the live serial console until Ctrl-A x, the VM's end, or (piped) the input's end. */
+export async function console(name: string, log: (line: string) => void): Promise<number> {
+  const store = new Store();
+  const { log: scrollBack } = await daemonCall<LogsReply>(store, 'GET', `${path(name)}/logs?bytes=16384`);
+  process.stdout.write(scrollBack);
+  const i = await daemonCall<InfoReply>(store, 'GET', path(name));
+  if (i.state === 'stopped') {
+    log(`'${name}' is not running; that was the end of its console log`);
+    return 0;
+  }
+  return attachSerial(join(store.runDir(name), 'serial.sock'), log);
+}
+
+/** How long `kiln console` keeps printing after piped input ended and the guest went quiet. */
+const QUIET_AFTER_INPUT_MS = 2000;
+
+function attachSerial(socketPath: string, log: (line: string) => void): Promise<number> {
+  return new Promise((resolvePromise) => {
+    const socket = createConnection(socketPath);
+    let detach: () => void = () => undefined;
+    let quiet: NodeJS.Timeout | null = null;
+    let inputEnded = false;
+    const done = (code: number) => {
+      detach();
+      if (quiet) clearTimeout(quiet);
+      socket.destroy();
+      resolvePromise(code);
+    };
+    const armQuiet = () => {
+      if (quiet) clearTimeout(quiet);
+      quiet = setTimeout(() => done(0), QUIET_AFTER_INPUT_MS);
+    };
+    socket.on('connect', () => {
+      if (process.stdin.isTTY) log('attached to the serial console; Ctrl-A x detaches (the VM keeps running)');
+      detach = relayStdin({
+        send: (bytes) => socket.write(bytes),
+        quit: () => done(0),
+        inputEnded: () => {
+          inputEnded = true;
+          armQuiet();
+        },
+      });
+    });
+    socket.on('data', (d: Buffer) => {
+      process.stdout.write(d);
+      if (inputEnded) armQuiet();
+    });
+    socket.on('close', () => done(0));
+    socket.on('error', (err) => {
+      log(`cannot attach to the serial console: ${err.message}`);
+      done(1);
+    });
+  });
+}
+
+export async function daemon(log: (line: string) => void): Promise<number> {
+  await runDaemon(new Store(), log);
+  return 0;
 }

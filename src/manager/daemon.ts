@@ -10,7 +10,10 @@ import { fileURLToPath } from 'node:url';
 import FindMyWay from 'find-my-way';
 import { KilnError } from '../errors.js';
 import { Manager, unixHttp } from './manager.js';
-import { checkName, Store, type VmSpec } from './store.js';
+import { ConfigError } from '../config/vm-config.js';
+import { parseDefinition } from './definition.js';
+import type { ErrorReply, LogsReply, RemovedReply } from './protocol.js';
+import type { Store } from './store.js';
 
 const CLI = fileURLToPath(new URL('../cli.js', import.meta.url));
 
@@ -39,62 +42,6 @@ function readJson(req: IncomingMessage): Promise<unknown> {
   });
 }
 
-/** Fills in defaults and checks a VM definition from `kiln create` or a file. */
-export function normalizeSpec(raw: unknown): VmSpec {
-  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new KilnError('a VM definition must be an object');
-  const r = raw as Record<string, unknown>;
-  const known = ['name', 'kernel', 'initrd', 'cmdline', 'cpus', 'memoryMiB', 'disks', 'nets', 'rng', 'vsock', 'balloonMiB', 'cpuWeight', 'cpuQuotaPercent', 'pinCpus'];
-  const unknown = Object.keys(r).filter((k) => !known.includes(k));
-  if (unknown.length > 0) throw new KilnError(`unknown field(s) in the VM definition: ${unknown.join(', ')} (known: ${known.join(', ')})`);
-  const int = (key: string, fallback: number, min: number, max: number): number => {
-    const v = r[key] ?? fallback;
-    if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) throw new KilnError(`${key} must be a whole number from ${min} to ${max} (got ${JSON.stringify(v)})`);
-    return v;
-  };
-  const optString = (key: string): string | undefined => {
-    const v = r[key];
-    if (v !== undefined && typeof v !== 'string') throw new KilnError(`${key} must be a string`);
-    return v as string | undefined;
-  };
-  const list = (key: string): unknown[] => {
-    const v = r[key] ?? [];
-    if (!Array.isArray(v)) throw new KilnError(`${key} must be a list`);
-    return v;
-  };
-  const cpus = int('cpus', 1, 1, 32);
-  if (cpus > 1 && cpus % 2 !== 0) throw new KilnError(`cpus must be 1 or an even number (got ${cpus})`);
-  const kernel = optString('kernel');
-  const initrd = optString('initrd');
-  const cmdline = optString('cmdline');
-  return {
-    name: checkName(String(r.name ?? '')),
-    ...(kernel !== undefined ? { kernel } : {}),
-    ...(initrd !== undefined ? { initrd } : {}),
-    ...(cmdline !== undefined ? { cmdline } : {}),
-    cpus,
-    memoryMiB: int('memoryMiB', 128, 16, 1 << 20),
-    disks: list('disks').map((d) => {
-      const x = d as { path?: unknown; readOnly?: unknown; root?: unknown };
-      if (typeof x.path !== 'string') throw new KilnError('each disk needs a path');
-      return { path: x.path, readOnly: x.readOnly === true, root: x.root === true };
-    }),
-    nets: list('nets').map((n) => {
-      const x = n as { tap?: unknown; mac?: unknown };
-      if (typeof x.tap !== 'string') throw new KilnError('each network interface needs a tap name');
-      return { tap: x.tap, ...(typeof x.mac === 'string' ? { mac: x.mac } : {}) };
-    }),
-    rng: r.rng === true,
-    ...(r.vsock !== undefined ? { vsock: r.vsock as VmSpec['vsock'] & object } : {}),
-    ...(r.balloonMiB !== undefined ? { balloonMiB: int('balloonMiB', 0, 0, 1 << 20) } : {}),
-    cpuWeight: int('cpuWeight', 100, 1, 10_000),
-    cpuQuotaPercent: int('cpuQuotaPercent', 0, 0, 100 * 1024),
-    pinCpus: list('pinCpus').map((c) => {
-      if (typeof c !== 'number' || !Number.isInteger(c) || c < 0) throw new KilnError('pinCpus must list host CPU numbers');
-      return c;
-    }),
-  };
-}
-
 /** Runs the daemon until SIGTERM. */
 export async function runDaemon(store: Store, log: (line: string) => void): Promise<void> {
   const manager = new Manager(store, log);
@@ -106,17 +53,18 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
           const body = method === 'POST' ? await readJson(req) : undefined;
           reply(res, 200, await handler(params.name ?? '', body, new URL(req.url ?? '/', 'http://kiln').searchParams));
         } catch (err) {
-          reply(res, err instanceof KilnError ? 400 : 500, { error: err instanceof Error ? err.message : String(err) });
+          const body: ErrorReply = { error: err instanceof Error ? err.message : String(err), ...(err instanceof ConfigError ? { field: err.field } : {}) };
+          reply(res, err instanceof KilnError ? 400 : 500, body);
         }
       })();
     });
   route('GET', '/vms', () => manager.list());
   route('POST', '/vms', async (_n, body) => {
-    const spec = normalizeSpec(body);
+    const spec = parseDefinition(body);
     store.create(spec);
     return manager.status(spec);
   });
-  route('GET', '/vms/:name', async (name) => ({ ...(await manager.status(store.get(name))), definition: store.get(name) }));
+  route('GET', '/vms/:name', (name) => manager.info(name));
   route('POST', '/vms/:name/start', (name) => manager.start(name));
   route('POST', '/vms/:name/stop', (name, body) => manager.stop(name, (body as { force?: boolean }).force === true));
   route('POST', '/vms/:name/restart', async (name) => {
@@ -125,11 +73,15 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
   });
   route('POST', '/vms/:name/pause', (name) => manager.setPaused(name, true));
   route('POST', '/vms/:name/resume', (name) => manager.setPaused(name, false));
-  route('DELETE', '/vms/:name', async (name) => {
+  route('DELETE', '/vms/:name', async (name): Promise<RemovedReply> => {
     await manager.remove(name);
     return { removed: name };
   });
-  route('GET', '/vms/:name/logs', async (name, _b, q) => ({ log: manager.logs(name, Number(q.get('bytes') ?? 64 * 1024)) }));
+  route('GET', '/vms/:name/logs', async (name, _b, q): Promise<LogsReply> => {
+    const bytes = Number(q.get('bytes') ?? 64 * 1024);
+    if (!Number.isSafeInteger(bytes) || bytes < 0) throw new KilnError(`bytes must be a whole number of bytes (got '${q.get('bytes')}')`);
+    return { log: manager.logs(name, bytes) };
+  });
 
   rmSync(store.socketPath, { force: true });
   const server = createServer((req, res) => router.lookup(req, res));
@@ -147,7 +99,7 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
 }
 
 /** One call to the daemon; starts it first if nothing answers on its socket. */
-export async function daemonCall(store: Store, method: string, path: string, body?: unknown): Promise<unknown> {
+export async function daemonCall<T>(store: Store, method: string, path: string, body?: unknown): Promise<T> {
   // A stop waits for the guest (up to 30 s, then SIGTERM): allow the daemon minutes.
   const attempt = () => unixHttp(store.socketPath, method, path, body, 10 * 60_000);
   let r: { status: number; body: unknown };
@@ -169,6 +121,10 @@ export async function daemonCall(store: Store, method: string, path: string, bod
       }
     }
   }
-  if (r.status !== 200) throw new KilnError((r.body as { error?: string } | undefined)?.error ?? `the daemon answered ${r.status}`);
-  return r.body;
+  if (r.status !== 200) {
+    const e = r.body as ErrorReply | undefined;
+    if (e?.field !== undefined) throw new ConfigError(e.field, e.error.slice(e.field ? e.field.length + 2 : 0));
+    throw new KilnError(e?.error ?? `the daemon answered ${r.status}`);
+  }
+  return r.body as T;
 }

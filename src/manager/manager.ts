@@ -11,18 +11,24 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { KilnError } from '../errors.js';
 import { buildInitramfs, buildMinimalKernel } from '../guestkit/build.js';
-import { placeInCgroup, removeCgroup } from './cgroup.js';
-import { Store, type VmSpec } from './store.js';
+import { cgroupDirs, prepareCgroup, removeCgroup } from './cgroup.js';
+import { vmConfigOf, type VmDefinition } from './definition.js';
+import type { InfoReply, ListReply, StartReply, VmState, VmStatus } from './protocol.js';
+import type { Store } from './store.js';
+import { waitFor } from './wait.js';
 
-export type VmState = 'stopped' | 'starting' | 'running' | 'paused';
+export type { VmState, VmStatus } from './protocol.js';
 
-export interface VmStatus {
-  readonly name: string;
-  readonly state: VmState;
-  readonly pid: number | null;
-  readonly cpus: number;
-  readonly memoryMiB: number;
-}
+/** Memory the VMM process itself may use beyond the guest's RAM (its Node heap, buffers). */
+const VMM_OVERHEAD_BYTES = 512 * 1024 * 1024;
+/** How long a start may take to reach 'running' (the VM is built before the API says so). */
+const START_TIMEOUT_MS = 60_000;
+
+/**
+ * Joins the cgroup(s) named before `--`, then becomes the command after it: the VMM is
+ * confined from its first instruction (attach before exec, as Firecracker's jailer does).
+ */
+const ATTACH_THEN_EXEC = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"';
 
 const VMM_CLI = fileURLToPath(new URL('../vmm-cli.js', import.meta.url));
 
@@ -65,12 +71,15 @@ export class Manager {
     }
   }
 
-  async status(spec: VmSpec): Promise<VmStatus> {
+  /** What is true of VM `spec` now. Reads only: a query never changes anything. */
+  async status(spec: VmDefinition): Promise<VmStatus> {
     const pid = this.pidOf(spec.name);
     let state: VmState = 'stopped';
+    let startedAt: string | null = null;
     if (pid !== null) {
       state = 'starting';
       try {
+        startedAt = statSync(join(this.store.runDir(spec.name), 'vmm.pid')).mtime.toISOString();
         const info = await unixHttp(join(this.store.runDir(spec.name), 'api.sock'), 'GET', '/');
         const s = (info.body as { state?: string } | undefined)?.state;
         if (s === 'Running') state = 'running';
@@ -79,18 +88,26 @@ export class Manager {
         // The API is not up yet (the process is starting): 'starting'.
       }
     }
-    // A VM that ended by itself (the guest powered off) leaves an empty cgroup behind.
-    if (pid === null) removeCgroup(spec.name);
-    return { name: spec.name, state, pid, cpus: spec.cpus, memoryMiB: spec.memoryMiB };
+    return { name: spec.name, state, pid, cpus: spec.cpus, memoryMiB: spec.memoryMiB, startedAt };
   }
 
-  async list(): Promise<{ vms: VmStatus[]; broken: Array<{ name: string; file: string; error: string }> }> {
+  async list(): Promise<ListReply> {
     const { vms, broken } = this.store.list();
     return { vms: await Promise.all(vms.map((v) => this.status(v))), broken };
   }
 
+  async info(name: string): Promise<InfoReply> {
+    const definition = this.store.get(name);
+    return {
+      ...(await this.status(definition)),
+      definition,
+      cgroup: { dirs: cgroupDirs(name), cpuWeight: definition.cpuWeight, cpuQuotaPercent: definition.cpuQuotaPercent, memoryLimitBytes: definition.memoryMiB * 1024 * 1024 + VMM_OVERHEAD_BYTES },
+      consoleLog: join(this.store.runDir(name), 'console.log'),
+    };
+  }
+
   /** Refuses a start that would overcommit the host beyond the configured ratios. */
-  private async checkLimits(spec: VmSpec): Promise<void> {
+  private async checkLimits(spec: VmDefinition): Promise<void> {
     const limits = this.store.limits();
     const { vms } = await this.list();
     const running = vms.filter((v) => v.state !== 'stopped' && v.name !== spec.name);
@@ -102,26 +119,22 @@ export class Manager {
     if (usedMiB + spec.memoryMiB > memCapMiB) throw new KilnError(`starting '${spec.name}' (${spec.memoryMiB} MiB) would exceed the memory limit of ${memCapMiB} MiB (host RAM x ${limits.memoryOvercommit}); ${Math.max(0, memCapMiB - usedMiB)} MiB are left`);
   }
 
-  /** The VM's definition as kiln-vmm's --config-file (Firecracker's JSON). */
-  private async vmmConfig(spec: VmSpec): Promise<Record<string, unknown>> {
-    let kernel = spec.kernel;
-    let initrd = spec.initrd;
-    if (!kernel) {
-      kernel = (await buildMinimalKernel(this.progress)).vmlinux;
-      initrd = (await buildInitramfs(this.progress)).path;
-    }
-    return {
-      'boot-source': { kernel_image_path: kernel, ...(initrd ? { initrd_path: initrd } : {}), ...(spec.cmdline ? { boot_args: spec.cmdline } : {}) },
-      'machine-config': { vcpu_count: spec.cpus, mem_size_mib: spec.memoryMiB },
-      drives: spec.disks.map((d, i) => ({ drive_id: `disk${i}`, path_on_host: d.path, is_root_device: d.root ?? false, is_read_only: d.readOnly ?? false })),
-      'network-interfaces': spec.nets.map((n, i) => ({ iface_id: `net${i}`, host_dev_name: n.tap, ...(n.mac ? { guest_mac: n.mac } : {}) })),
-      ...(spec.rng ? { entropy: {} } : {}),
-      ...(spec.vsock ? { vsock: { guest_cid: spec.vsock.guestCid, uds_path: spec.vsock.uds } } : {}),
-      ...(spec.balloonMiB !== undefined ? { balloon: { amount_mib: spec.balloonMiB, deflate_on_oom: false, stats_polling_interval_s: 1 } } : {}),
-    };
+  /** The VM configuration kiln-vmm runs: the definition's, with the default guest filled in. */
+  private async vmmConfig(spec: VmDefinition): Promise<Record<string, unknown>> {
+    const config = vmConfigOf(spec);
+    if (config.kernel !== undefined) return config;
+    // The default guest: the kit's minimal Linux, which stays up with a shell on its serial console.
+    const kernel = (await buildMinimalKernel(this.progress)).vmlinux;
+    const initrd = (await buildInitramfs(this.progress)).path;
+    return { ...config, kernel, initrd, cmdline: `${config.cmdline ?? ''} kiln.shell`.trim() };
   }
 
-  async start(name: string): Promise<VmStatus> {
+  /** The last lines of a VM's console log (for a start that failed). */
+  private consoleTail(name: string, lines = 5): string {
+    return this.logs(name, 4096).trimEnd().split('\n').slice(-lines).join('\n');
+  }
+
+  async start(name: string): Promise<StartReply> {
     const spec = this.store.get(name);
     const current = await this.status(spec);
     if (current.state !== 'stopped') throw new KilnError(`'${name}' is already ${current.state}`);
@@ -132,44 +145,70 @@ export class Manager {
     // A stale socket from a VMM that died.
     rmSync(sock, { force: true });
     writeFileSync(join(run, 'config.json'), JSON.stringify(await this.vmmConfig(spec), null, 2));
+    const warnings: string[] = [];
+    let procs: string[] = [];
+    try {
+      removeCgroup(name);
+      procs = prepareCgroup(name, { cpuWeight: spec.cpuWeight, cpuQuotaPercent: spec.cpuQuotaPercent, memoryBytes: spec.memoryMiB * 1024 * 1024 + VMM_OVERHEAD_BYTES });
+    } catch (err) {
+      warnings.push(`'${name}' runs without its cgroup limits: ${(err as Error).message}`);
+    }
     const log = openSync(join(run, 'console.log'), 'a');
-    const child = spawn(process.execPath, [VMM_CLI, '--api-sock', sock, '--config-file', join(run, 'config.json'), '--id', name, '--serial-sock', join(run, 'serial.sock')], {
-      detached: true,
-      stdio: ['ignore', log, log],
-    });
+    const vmm = [process.execPath, VMM_CLI, '--api-sock', sock, '--kiln-config', join(run, 'config.json'), '--id', name, '--serial-sock', join(run, 'serial.sock')];
+    const child = spawn('/bin/sh', ['-c', ATTACH_THEN_EXEC, 'kiln-attach', ...procs, '--', ...vmm], { detached: true, stdio: ['ignore', log, log] });
     closeSync(log);
     const pid = child.pid!;
     child.unref();
     writeFileSync(join(run, 'vmm.pid'), `${pid}\n`);
-    try {
-      placeInCgroup(name, pid, { cpuWeight: spec.cpuWeight, cpuQuotaPercent: spec.cpuQuotaPercent, memoryBytes: spec.memoryMiB * 1024 * 1024 + 512 * 1024 * 1024 });
-    } catch (err) {
-      this.progress(`'${name}' runs without its cgroup limits: ${(err as Error).message}`);
+    // The shell becomes kiln-vmm (same pid): wait for its API to answer, or for it to end.
+    const s = await waitFor(async () => {
+      const now = await this.status(spec);
+      if (now.state === 'running' || now.state === 'paused') return now;
+      return this.processAlive(pid) ? null : now;
+    }, START_TIMEOUT_MS);
+    if (s === null) throw new KilnError(`'${name}' did not reach running within ${START_TIMEOUT_MS / 1000} s (its VMM, pid ${pid}, is still starting; see kiln logs ${name})`);
+    if (s.state === 'stopped') {
+      removeCgroup(name);
+      throw new KilnError(`'${name}' did not start: its VMM exited. The end of its console log:\n${this.consoleTail(name)}`);
     }
-    if (spec.pinCpus.length > 0) void this.pinVcpus(name, pid, spec.pinCpus);
-    for (let i = 0; i < 200; i++) {
-      const s = await this.status(spec);
-      if (s.state === 'running' || s.state === 'stopped') return s;
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    return this.status(spec);
+    if (spec.pinCpus.length > 0) warnings.push(...(await this.pinVcpus(pid, spec.pinCpus)));
+    for (const w of warnings) this.progress(w);
+    return { ...s, warnings };
   }
 
-  /** Pins each `fc_vcpu N` thread to pinCpus[N % length] once the threads exist. */
-  private async pinVcpus(name: string, pid: number, pinCpus: readonly number[]): Promise<void> {
-    for (let i = 0; i < 100; i++) {
-      const tasks = existsSync(`/proc/${pid}/task`) ? readdirSync(`/proc/${pid}/task`) : [];
-      const vcpus = tasks.map((tid) => ({ tid, comm: readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trim() })).filter((t) => t.comm.startsWith('fc_vcpu'));
-      if (vcpus.length > 0) {
-        for (const t of vcpus) {
-          const index = Number(t.comm.split(' ')[1] ?? 0);
-          spawn('taskset', ['-p', '-c', String(pinCpus[index % pinCpus.length]), t.tid], { stdio: 'ignore' });
-        }
-        return;
-      }
-      await new Promise((r) => setTimeout(r, 100));
+  private processAlive(pid: number): boolean {
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+      // A zombie (state Z) has ended; only its parent has not reaped it yet.
+      return !/^\d+ \(.*\) Z/.test(stat);
+    } catch {
+      return false;
     }
-    this.progress(`'${name}': no vCPU threads appeared to pin`);
+  }
+
+  /** Pins each `fc_vcpu N` thread to pinCpus[N % length] with sched_setaffinity; returns what failed. */
+  private async pinVcpus(pid: number, pinCpus: readonly number[]): Promise<string[]> {
+    const { pinThread } = await import('./affinity.js');
+    const threads = await waitFor(() => {
+      const tasks = existsSync(`/proc/${pid}/task`) ? readdirSync(`/proc/${pid}/task`) : [];
+      const vcpus = tasks.flatMap((tid) => {
+        try {
+          const comm = readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trim();
+          return comm.startsWith('fc_vcpu') ? [{ tid: Number(tid), index: Number(comm.split(' ')[1] ?? 0) }] : [];
+        } catch {
+          return [];
+        }
+      });
+      return vcpus.length > 0 ? vcpus : null;
+    }, 10_000);
+    if (threads === null) return ['no vCPU threads appeared to pin'];
+    const failures: string[] = [];
+    for (const t of threads) {
+      const cpu = pinCpus[t.index % pinCpus.length]!;
+      const error = pinThread(t.tid, cpu);
+      if (error) failures.push(`vCPU ${t.index} was not pinned to host CPU ${cpu}: ${error}`);
+    }
+    return failures;
   }
 
   /** Graceful: the ACPI power button, then SIGTERM after `timeoutMs`; forced: SIGTERM at once. */
@@ -177,13 +216,14 @@ export class Manager {
     const spec = this.store.get(name);
     const pid = this.pidOf(name);
     if (pid === null) return this.status(spec);
+    const gone = () => (this.pidOf(name) === null ? true : null);
     if (!force) {
       await unixHttp(join(this.store.runDir(name), 'api.sock'), 'PUT', '/actions', { action_type: 'SendCtrlAltDel' }).catch(() => undefined);
-      for (let waited = 0; waited < timeoutMs && this.pidOf(name) !== null; waited += 100) await new Promise((r) => setTimeout(r, 100));
+      await waitFor(gone, timeoutMs);
     }
     if (this.pidOf(name) !== null) process.kill(pid, 'SIGTERM');
-    for (let i = 0; i < 150 && this.pidOf(name) !== null; i++) await new Promise((r) => setTimeout(r, 100));
-    if (this.pidOf(name) !== null) process.kill(pid, 'SIGKILL');
+    if ((await waitFor(gone, 15_000)) === null && this.pidOf(name) !== null) process.kill(pid, 'SIGKILL');
+    await waitFor(gone, 5_000);
     removeCgroup(name);
     return this.status(spec);
   }
@@ -196,9 +236,10 @@ export class Manager {
     return this.status(spec);
   }
 
+  /** Removes a VM (a broken definition too: that is how a user gets rid of one). */
   async remove(name: string): Promise<void> {
-    const spec = this.store.get(name);
-    if ((await this.status(spec)).state !== 'stopped') throw new KilnError(`'${name}' is running; stop it first (kiln stop ${name})`);
+    if (!this.store.exists(name)) throw new KilnError(`no VM named '${name}'`);
+    if (this.pidOf(name) !== null) throw new KilnError(`'${name}' is running; stop it first (kiln stop ${name})`);
     this.store.remove(name);
     removeCgroup(name);
   }

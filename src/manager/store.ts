@@ -11,27 +11,7 @@ import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, rea
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { KilnError } from '../errors.js';
-
-/** What a VM is, as the user created it (kiln create, or a YAML/JSON file). */
-export interface VmSpec {
-  readonly name: string;
-  /** A kernel; none means the guest kit's minimal Linux and test init. */
-  readonly kernel?: string;
-  readonly initrd?: string;
-  readonly cmdline?: string;
-  readonly cpus: number;
-  readonly memoryMiB: number;
-  readonly disks: ReadonlyArray<{ readonly path: string; readonly readOnly?: boolean; readonly root?: boolean }>;
-  readonly nets: ReadonlyArray<{ readonly tap: string; readonly mac?: string }>;
-  readonly rng: boolean;
-  readonly vsock?: { readonly guestCid: number; readonly uds: string };
-  readonly balloonMiB?: number;
-  /** cgroup CPU weight (1-10000, default 100) and quota in percent of one CPU (0: none). */
-  readonly cpuWeight: number;
-  readonly cpuQuotaPercent: number;
-  /** Host CPUs the vCPU threads may run on (empty: any). */
-  readonly pinCpus: readonly number[];
-}
+import { NAME_RULE, parseDefinition, type VmDefinition } from './definition.js';
 
 export interface Limits {
   /** How many vCPUs per host CPU may be allotted in all. */
@@ -41,10 +21,8 @@ export interface Limits {
 }
 
 export const DEFAULT_LIMITS: Limits = { cpuOvercommit: 4, memoryOvercommit: 1 };
-const NAME = /^[a-z0-9][a-z0-9-]{0,62}$/;
-
 export function checkName(name: string): string {
-  if (!NAME.test(name)) throw new KilnError(`'${name}' is not a valid VM name (lower-case letters, digits and '-', starting with a letter or digit, at most 63)`);
+  if (!NAME_RULE.test(name)) throw new KilnError(`'${name}' is not a valid VM name (lower-case letters, digits and '-', starting with a letter or digit, at most 63)`);
   return name;
 }
 
@@ -116,18 +94,29 @@ export class Store {
     }
   }
 
-  /** Every readable definition, and the files that are not. */
-  list(): { vms: VmSpec[]; broken: BrokenDefinition[] } {
-    const vms: VmSpec[] = [];
+  /** Reads and checks one stored definition; throws with the reason it cannot be used. */
+  private read(name: string, file: string): VmDefinition {
+    let json: unknown;
+    try {
+      json = JSON.parse(readFileSync(file, 'utf8'));
+    } catch (err) {
+      throw new Error(`it is not JSON: ${(err as Error).message}`);
+    }
+    const d = parseDefinition(json);
+    if (d.name !== name) throw new Error(`it names VM '${d.name}'`);
+    return d;
+  }
+
+  /** Every definition that checks, and the files that do not (with the reason; left untouched). */
+  list(): { vms: VmDefinition[]; broken: BrokenDefinition[] } {
+    const vms: VmDefinition[] = [];
     const broken: BrokenDefinition[] = [];
     for (const entry of readdirSync(this.vmsDir).sort()) {
       if (!entry.endsWith('.json')) continue;
       const name = entry.slice(0, -'.json'.length);
       const file = join(this.vmsDir, entry);
       try {
-        const spec = JSON.parse(readFileSync(file, 'utf8')) as VmSpec;
-        if (spec.name !== name) throw new Error(`it names VM '${String(spec.name)}'`);
-        vms.push(spec);
+        vms.push(this.read(name, file));
       } catch (err) {
         broken.push({ name, file, error: (err as Error).message });
       }
@@ -135,13 +124,13 @@ export class Store {
     return { vms, broken };
   }
 
-  get(name: string): VmSpec {
+  get(name: string): VmDefinition {
     const file = this.file(name);
     if (!existsSync(file)) throw new KilnError(`no VM named '${name}'`);
     try {
-      return JSON.parse(readFileSync(file, 'utf8')) as VmSpec;
+      return this.read(name, file);
     } catch (err) {
-      throw new KilnError(`the definition of '${name}' (${file}) cannot be read: ${(err as Error).message}; it is left as it is`);
+      throw new KilnError(`the definition of '${name}' (${file}) is broken: ${(err as Error).message}; it is left as it is (fix it, or kiln rm ${name})`);
     }
   }
 
@@ -149,7 +138,7 @@ export class Store {
     return existsSync(this.file(name));
   }
 
-  create(spec: VmSpec): void {
+  create(spec: VmDefinition): void {
     if (this.exists(spec.name)) throw new KilnError(`a VM named '${spec.name}' already exists`);
     writeAtomically(this.file(spec.name), `${JSON.stringify(spec, null, 2)}\n`);
   }

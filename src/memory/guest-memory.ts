@@ -3,7 +3,8 @@
 // as typed views over the same memory. A GuestMemoryDescriptor is plain data; a worker
 // rebuilds the same views from it with GuestMemory.attach().
 import { readFileSync } from 'node:fs';
-import { KilnError, SyscallError } from '../errors.js';
+import { KilnError } from '../errors.js';
+import { SyscallError } from '../kvm/errors.js';
 import type { VmFd } from '../kvm/kvm.js';
 import * as libc from '../kvm/libc.js';
 import { GiB, HIGH_RAM_START, MMIO_HOLE_START, PAGE_SIZE, RAM_START } from '../layout.js';

@@ -2,6 +2,7 @@
 // checked before any VM exists (a missing or read-only file is a clear error, not a
 // half-built VM), then every device gets a slot, a BAR, its queues' eventfds and INTx.
 import { closeSync, openSync } from 'node:fs';
+import type { VmConfig } from '../config/vm-config.js';
 import { KilnError } from '../errors.js';
 import type { DeviceOptions } from '../devices/device.js';
 import { pciIntxGsi, type PciHost } from '../pci/host.js';
@@ -13,32 +14,29 @@ import { listenVsock } from './vsock.js';
 import { connectPasst, defaultMac, openTap, parseMac } from './net.js';
 import { addVirtioPciDevice, type VirtioPciDevice } from './pci.js';
 
-export interface DiskConfig {
+/** A disk's host end: what openDisk needs of a VmConfig disk. */
+export interface DiskHostEnd {
   readonly path: string;
   readonly readOnly?: boolean;
   /** Up to 20 bytes, what the guest sees as the disk's serial (VIRTIO_BLK_T_GET_ID). */
-  readonly serial?: string;
+  readonly serial?: string | undefined;
 }
 
-export interface NetConfig {
-  /** A TAP interface to attach to (created if it does not exist; needs CAP_NET_ADMIN). */
-  readonly tap?: string;
-  /** passt's Unix socket (rootless networking). */
-  readonly passt?: string;
-  readonly mac?: string;
+/** A NIC's host end: a TAP interface (created if needed; CAP_NET_ADMIN) or passt's socket. */
+export interface NetHostEnd {
+  readonly tap?: string | undefined;
+  readonly passt?: string | undefined;
+  readonly mac?: string | undefined;
 }
 
-export interface VirtioConfig {
-  readonly disks?: readonly DiskConfig[];
-  readonly nets?: readonly NetConfig[];
-  /** An entropy device (virtio-rng). */
-  readonly rng?: boolean;
-  /** A virtio console (hvc0 in Linux) on a Unix socket Kiln listens on. */
-  readonly consoleSocket?: string;
-  /** vsock with Firecracker's hybrid model: the guest's CID, and the Unix socket Kiln listens on. */
-  readonly vsock?: { readonly guestCid: number; readonly uds: string };
-  /** A memory balloon, starting at this many MiB (0: empty). */
-  readonly balloon?: { readonly targetMiB: number; readonly deflateOnOom?: boolean };
+/** The virtio functions of a VM, found by what they are (never by position). */
+export interface AttachedVirtio {
+  /** In slot order: disks, NICs, rng, balloon, vsock, console. */
+  readonly all: readonly VirtioPciDevice[];
+  /** By the disk's ID (the API's drive_id). */
+  readonly disks: ReadonlyMap<string, VirtioPciDevice>;
+  readonly nets: ReadonlyMap<string, VirtioPciDevice>;
+  readonly balloon: VirtioPciDevice | null;
 }
 
 /** The host's handle on a disk added by attachVirtio. */
@@ -52,7 +50,7 @@ export function balloonControl(device: VirtioPciDevice): BalloonControl {
 }
 
 /** Opens a NIC's host end (TAP or passt) and returns its device options; the caller owns the fd. */
-export function openNet(net: NetConfig, index: number): OpenedDisk {
+export function openNet(net: NetHostEnd, index: number): OpenedDisk {
   if (!net.tap === !net.passt) throw new KilnError(`network interface ${index}: give either a TAP name or a passt socket`);
   const mac = net.mac ?? defaultMac((process.pid << 8) + index);
   parseMac(mac);
@@ -66,7 +64,7 @@ export interface OpenedDisk {
 }
 
 /** Opens and checks one disk image; the caller owns the fd. */
-export function openDisk(disk: DiskConfig, index: number): OpenedDisk {
+export function openDisk(disk: DiskHostEnd, index: number): OpenedDisk {
   let fd: number;
   try {
     fd = openSync(disk.path, disk.readOnly ? 'r' : 'r+');
@@ -86,7 +84,7 @@ export function openDisk(disk: DiskConfig, index: number): OpenedDisk {
 }
 
 /** Opens every disk and NIC host end, or none (closing what was opened if one fails). */
-export function openHostEnds(config: VirtioConfig): { disks: OpenedDisk[]; nets: OpenedDisk[] } {
+export function openHostEnds(config: { readonly disks?: readonly DiskHostEnd[]; readonly nets?: readonly NetHostEnd[] }): { disks: OpenedDisk[]; nets: OpenedDisk[] } {
   const disks: OpenedDisk[] = [];
   const nets: OpenedDisk[] = [];
   try {
@@ -99,25 +97,30 @@ export function openHostEnds(config: VirtioConfig): { disks: OpenedDisk[]; nets:
   }
 }
 
-/** Adds the opened disks and NICs and the other devices to `vm` (which then owns the fds). */
-export function attachVirtio(vm: Vm, pci: PciHost, disks: readonly OpenedDisk[], config: VirtioConfig, nets: readonly OpenedDisk[] = []): VirtioPciDevice[] {
-  const added: VirtioPciDevice[] = [];
+/**
+ * Adds the opened disks and NICs (opened from `config.disks` and `config.nets`, in that
+ * order) and the other devices to `vm`, which then owns the fds.
+ */
+export function attachVirtio(vm: Vm, pci: PciHost, config: VmConfig, disks: readonly OpenedDisk[], nets: readonly OpenedDisk[]): AttachedVirtio {
+  const all: VirtioPciDevice[] = [];
   const add = (id: string, type: string, options?: DeviceOptions) => {
     const slot = pci.takeSlot();
-    added.push(addVirtioPciDevice(vm, pci.root, pci.bars, { id, slot, type, intxGsi: pciIntxGsi(slot), ...(options ? { options } : {}) }));
+    const device = addVirtioPciDevice(vm, pci.root, pci.bars, { id, slot, type, intxGsi: pciIntxGsi(slot), ...(options ? { options } : {}) });
+    all.push(device);
+    return device;
   };
+  const diskDevices = new Map<string, VirtioPciDevice>();
+  const netDevices = new Map<string, VirtioPciDevice>();
   disks.forEach((d, i) => {
     vm.adoptFd(d.fd);
-    add(`disk${i}`, 'blk', d.options);
+    diskDevices.set(config.disks[i]!.id, add(`disk${i}`, 'blk', d.options));
   });
   nets.forEach((n, i) => {
     vm.adoptFd(n.fd);
-    add(`net${i}`, 'net', n.options);
+    netDevices.set(config.nets[i]!.id, add(`net${i}`, 'net', n.options));
   });
   if (config.rng) add('rng', 'rng');
-  if (config.balloon) {
-    add('balloon', 'balloon', { targetPages: Math.floor((config.balloon.targetMiB * 1024 * 1024) / BALLOON_PAGE_BYTES), deflateOnOom: config.balloon.deflateOnOom ?? false });
-  }
+  const balloon = config.balloon ? add('balloon', 'balloon', { targetPages: Math.floor((config.balloon.targetMiB * 1024 * 1024) / BALLOON_PAGE_BYTES), deflateOnOom: config.balloon.deflateOnOom }) : null;
   if (config.vsock) {
     const { fd, options } = listenVsock(config.vsock.uds, config.vsock.guestCid);
     vm.adoptFd(fd);
@@ -128,5 +131,5 @@ export function attachVirtio(vm: Vm, pci: PciHost, disks: readonly OpenedDisk[],
     vm.adoptFd(fd);
     add('console', 'console', { listenFd: fd });
   }
-  return added;
+  return { all, disks: diskDevices, nets: netDevices, balloon };
 }

@@ -9,7 +9,7 @@ import type { BusDevice } from '../bus/bus.js';
 import { accessValue, setAccessValue } from '../bus/bus.js';
 import { type DeviceContext, type DeviceOptions, type DeviceSpec, type PciFunctionModel } from '../devices/device.js';
 import { KilnError } from '../errors.js';
-import { KvmIoctlError } from '../errors.js';
+import { KvmIoctlError } from '../kvm/errors.js';
 import { VmFd } from '../kvm/kvm.js';
 import * as libc from '../kvm/libc.js';
 import { PCI_CAP_ID_MSIX, msixCapability } from '../pci/msix.js';

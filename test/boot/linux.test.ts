@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { createLinuxVm } from '../../src/boot/linux.js';
+import { parseVmConfig } from '../../src/config/vm-config.js';
 import { loadKernel } from '../../src/boot/loader.js';
 import { isSoftwareKvm } from '../../src/compat/pvm.js';
 import { readProgress } from '../../src/devices/progress.js';
@@ -46,21 +47,21 @@ describe('the minimal Linux guest', { skip: kvmSkip, timeout: 30 * 60_000 }, () 
       after(() => ip('netns', 'del', ns));
     } else process.stderr.write('# the Linux network check is skipped: it needs root, /dev/net/tun and ip\n');
     const consolePath = join(dir, 'hvc.sock');
-    const lv = createLinuxVm({
-      kernelPath: kernel.vmlinux,
-      initrdPath: initrd.path,
-      cpus: 2,
-      memoryBytes: 128 * MiB,
-      serialOutFd: fd,
-      cmdline: `kiln.blkwrite${canNetns ? ' kiln.net=10.98.0.2/24,10.98.0.1' : ''}`,
-      virtio: {
-        disks: [{ path: rw, serial: 'kiln-rw' }, { path: ro, readOnly: true }],
+    const lv = createLinuxVm(
+      parseVmConfig({
+        kernel: kernel.vmlinux,
+        initrd: initrd.path,
+        cpus: 2,
+        memoryMiB: 128,
+        cmdline: `kiln.blkwrite${canNetns ? ' kiln.net=10.98.0.2/24,10.98.0.1' : ''}`,
+        disks: [{ path: rw, serial: 'kiln-rw' }, { path: ro, readOnly: true, serial: 'kiln-disk-1' }],
         rng: true,
         nets: canNetns ? [{ tap, mac: '06:00:0a:62:00:02' }] : [],
         consoleSocket: consolePath,
         balloon: { targetMiB: 16 },
-      },
-    });
+      }),
+      { serialOutFd: fd },
+    );
     if (canNetns) {
       ip('link', 'set', tap, 'netns', ns);
       ip('-n', ns, 'addr', 'add', '10.98.0.1/24', 'dev', tap);
@@ -73,7 +74,7 @@ describe('the minimal Linux guest', { skip: kvmSkip, timeout: 30 * 60_000 }, () 
     client.on('data', (chunk: string) => (hvc += chunk));
     client.on('error', (err: NodeJS.ErrnoException) => assert.equal(err.code, 'ECONNRESET'));
     after(() => client.destroy());
-    const balloonDevice = lv.virtio.find((d) => d.spec.options.type === 'balloon')!;
+    const balloonDevice = lv.virtio.balloon!;
     try {
       assert.equal(lv.boot.format, 'pvh');
       assert.match(lv.cmdline, /^console=ttyS0 /);
@@ -149,14 +150,15 @@ describe('bad input to a Linux VM', { skip: kvmSkip }, () => {
     writeFileSync(empty, '');
     writeFileSync(text, 'this is not a kernel\n'.repeat(100));
     const before = fds();
-    const base = { cpus: 1, memoryBytes: 64 * MiB, serialOutFd: -1 };
-    assert.throws(() => createLinuxVm({ ...base, kernelPath: join(dir, 'missing') }), /cannot read the kernel '.*missing': ENOENT/);
-    assert.throws(() => createLinuxVm({ ...base, kernelPath: dir }), /is not a regular file/);
-    assert.throws(() => createLinuxVm({ ...base, kernelPath: empty }), /the kernel '.*empty' is empty/);
-    assert.throws(() => createLinuxVm({ ...base, kernelPath: text }), /not a Linux kernel/);
-    assert.throws(() => createLinuxVm({ ...base, kernelPath: text, cpus: 0 }), /vCPU count must be at least 1/);
-    assert.throws(() => createLinuxVm({ ...base, kernelPath: text, cpus: 300 }), /at most 254/);
-    assert.throws(() => createLinuxVm({ ...base, kernelPath: text, memoryBytes: 1000 }), /not a multiple of the 4096-byte page size/);
+    const boot = (input: Record<string, unknown>) => createLinuxVm(parseVmConfig({ cpus: 1, memoryMiB: 64, ...input }), { serialOutFd: -1 });
+    assert.throws(() => boot({ kernel: join(dir, 'missing') }), /cannot read the kernel '.*missing': ENOENT/);
+    assert.throws(() => boot({ kernel: dir }), /is not a regular file/);
+    assert.throws(() => boot({ kernel: empty }), /the kernel '.*empty' is empty/);
+    assert.throws(() => boot({ kernel: text }), /not a Linux kernel/);
+    assert.throws(() => boot({ kernel: text, cpus: 0 }), /cpus: must be a whole number from 1 to 254 \(got 0\)/);
+    assert.throws(() => boot({ kernel: text, cpus: 300 }), /cpus: must be a whole number from 1 to 254 \(got 300\)/);
+    assert.throws(() => boot({ kernel: text, memoryMiB: 1 << 30 }), /memoryMiB: must be a whole number from 1 to 4194304/);
+    assert.throws(() => boot({ kernel: text, memoryMiB: 4 << 20 }), /larger than this host can map/);
     assert.equal(fds(), before, 'no KVM descriptor was opened');
   });
 });

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { KilnError, KvmIoctlError } from '../../src/errors.js';
+import { KilnError } from '../../src/errors.js';
+import { KvmIoctlError } from '../../src/kvm/errors.js';
 import { checkApiVersion, KvmSystem } from '../../src/kvm/kvm.js';
 import { kvmSkip } from '../helpers.js';
 

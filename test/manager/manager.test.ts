@@ -11,7 +11,7 @@ import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { cgroupDirs, weightToShares } from '../../src/manager/cgroup.js';
-import { normalizeSpec } from '../../src/manager/daemon.js';
+import { parseDefinition } from '../../src/manager/definition.js';
 import { Store, writeAtomically } from '../../src/manager/store.js';
 import { kvmSkip, tempDir } from '../helpers.js';
 
@@ -29,9 +29,9 @@ describe('the VM store', () => {
   test('definitions are written atomically; a corrupt one is reported and left alone', () => {
     const dir = tempDir();
     const store = new Store(dir);
-    store.create(normalizeSpec({ name: 'alpha', cpus: 2, memoryMiB: 256 }));
-    store.create(normalizeSpec({ name: 'beta' }));
-    assert.throws(() => store.create(normalizeSpec({ name: 'beta' })), /a VM named 'beta' already exists/);
+    store.create(parseDefinition({ name: 'alpha', cpus: 2, memoryMiB: 256 }));
+    store.create(parseDefinition({ name: 'beta' }));
+    assert.throws(() => store.create(parseDefinition({ name: 'beta' })), /a VM named 'beta' already exists/);
     assert.deepEqual(readdirSync(join(dir, 'vms')).sort(), ['alpha.json', 'beta.json'], 'no temporary files left behind');
     writeFileSync(join(dir, 'vms', 'gamma.json'), '{"name": "gamma", "cpus":');
     const { vms, broken } = store.list();
@@ -39,7 +39,15 @@ describe('the VM store', () => {
     assert.equal(broken.length, 1);
     assert.equal(broken[0]!.name, 'gamma');
     assert.equal(readFileSync(join(dir, 'vms', 'gamma.json'), 'utf8'), '{"name": "gamma", "cpus":', 'the corrupt file is kept as it was');
-    assert.throws(() => store.get('gamma'), /cannot be read.*left as it is/);
+    assert.throws(() => store.get('gamma'), /is broken: it is not JSON.*left as it is/);
+    // A file that is JSON but no longer a valid definition is broken too, with the field and the reason.
+    writeFileSync(join(dir, 'vms', 'delta.json'), JSON.stringify({ name: 'delta', vsock: 5 }));
+    writeFileSync(join(dir, 'vms', 'eps.json'), '{"name": "eps", "__proto__": {"cpus": 2}}');
+    const again = store.list();
+    assert.deepEqual(again.vms.map((v) => v.name), ['alpha', 'beta']);
+    assert.match(again.broken.find((b) => b.name === 'delta')!.error, /^vsock: must be an object \(got number 5\)/);
+    assert.match(again.broken.find((b) => b.name === 'eps')!.error, /^__proto__: is not a known field/);
+    assert.throws(() => store.get('delta'), /the definition of 'delta' .* is broken: vsock: must be an object/);
     const target = join(dir, 'x.json');
     writeAtomically(target, 'one');
     writeAtomically(target, 'two');
@@ -47,13 +55,18 @@ describe('the VM store', () => {
   });
 
   test('bad definitions are refused with the reason', () => {
-    assert.throws(() => normalizeSpec({ name: 'Upper' }), /not a valid VM name/);
-    assert.throws(() => normalizeSpec({ name: 'ok', cpus: 3 }), /1 or an even number/);
-    assert.throws(() => normalizeSpec({ name: 'ok', memoryMiB: 'lots' }), /memoryMiB must be a whole number/);
-    assert.throws(() => normalizeSpec({ name: 'ok', colour: 'red' }), /unknown field\(s\) in the VM definition: colour/);
-    assert.throws(() => normalizeSpec({ name: 'ok', disks: [{}] }), /each disk needs a path/);
-    assert.throws(() => normalizeSpec({ name: 'ok', cpuWeight: 0 }), /cpuWeight must be a whole number from 1 to 10000/);
-    assert.deepEqual(normalizeSpec({ name: 'ok' }), { name: 'ok', cpus: 1, memoryMiB: 128, disks: [], nets: [], rng: false, cpuWeight: 100, cpuQuotaPercent: 0, pinCpus: [] });
+    assert.throws(() => parseDefinition({ name: 'Upper' }), /name: 'Upper' is not a valid VM name/);
+    assert.throws(() => parseDefinition({ name: 'ok', cpus: 300 }), /cpus: must be a whole number from 1 to 254 \(got 300\)/);
+    assert.throws(() => parseDefinition({ name: 'ok', memoryMiB: 'lots' }), /memoryMiB: must be a whole number from 1 to 4194304 \(got 'lots'\)/);
+    assert.throws(() => parseDefinition({ name: 'ok', colour: 'red' }), /colour: is not a known field \(known: name, kernel, /);
+    assert.throws(() => parseDefinition({ name: 'ok', constructor: 'x' }), /constructor: is not a known field/);
+    assert.throws(() => parseDefinition({ name: 'ok', toString: 'x' }), /toString: is not a known field/);
+    assert.throws(() => parseDefinition({ name: 'ok', disks: [{}] }), /disks\[0\]\.path: is required/);
+    assert.throws(() => parseDefinition({ name: 'ok', disks: [{ path: 'rel.img' }] }), /disks\[0\]\.path: must be an absolute path \(got 'rel.img'\)/);
+    assert.throws(() => parseDefinition({ name: 'ok', cpuWeight: 0 }), /cpuWeight: must be a whole number from 1 to 10000 \(got 0\)/);
+    assert.throws(() => parseDefinition({ name: 'ok', vsock: { guestCid: 3 } }), /vsock\.uds: is required/);
+    assert.throws(() => parseDefinition({ name: 'ok', nets: [{ tap: 'a', passt: '/b' }] }), /nets\[0\]: needs either tap/);
+    assert.deepEqual(parseDefinition({ name: 'ok' }), { name: 'ok', cpus: 1, memoryMiB: 128, trackDirtyPages: false, disks: [], nets: [], rng: false, cpuWeight: 100, cpuQuotaPercent: 0, pinCpus: [] });
   });
 
   test('cgroup v1 shares follow the v2 weight scale', () => {
@@ -75,7 +88,10 @@ describe('kiln VM-manager verbs', () => {
       assert.equal(JSON.parse(kiln(dir, ['ls', '--json']).stdout).vms[0].state, 'stopped');
       const noName = kiln(dir, ['start']);
       assert.equal(noName.status, 2);
-      assert.match(noName.stderr, /needs a VM name/);
+      assert.match(noName.stderr, /missing required argument 'name'/);
+      const wrongVerb = kiln(dir, ['stop', 'big', '--cpus', '4']);
+      assert.equal(wrongVerb.status, 2, 'an option of another verb is refused');
+      assert.match(wrongVerb.stderr, /unknown option '--cpus'/);
       assert.equal(kiln(dir, ['info', 'nope']).status, 1);
       assert.equal(kiln(dir, ['create', '-f', join(dir, 'missing.yaml')]).status, 1);
       const yaml = join(dir, 'vm.yaml');

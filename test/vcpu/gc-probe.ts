@@ -1,5 +1,5 @@
 // Run by exit-loop.test.ts under `node --trace-gc`: a guest that makes N port-I/O exits.
-import { addStandardDevices } from '../../src/demo.js';
+import { addStandardDevices } from '../../src/platform/standard.js';
 import { loadProgram } from '../../src/guest/kit.js';
 import { MiB } from '../../src/layout.js';
 import { Vm } from '../../src/vm.js';

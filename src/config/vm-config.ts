@@ -1,0 +1,216 @@
+// One VM configuration for every front end. `kiln run` flags, the Firecracker API's
+// resources and the manager's definitions (YAML or JSON) all convert to a VmConfig and
+// are checked here, by one schema: the same bad configuration gets the same answer
+// wherever it comes from. The TypeScript types are derived from the schemas, so a field
+// added here reaches every front end's type checking.
+//
+// The schemas are valibot's (docs/ARCHITECTURE.md says why). Every object is strict:
+// a key the schema does not name is refused, whatever it is called (`__proto__`,
+// `constructor` and `toString` included: valibot checks own keys only).
+import * as v from 'valibot';
+import { KilnError } from '../errors.js';
+
+/** The most vCPUs a VM may have: the MADT's one-byte APIC IDs (255 is the broadcast ID, 0xff). */
+export const MAX_VCPUS = 254;
+/** Guest RAM bounds in MiB: at least one page-table's worth, at most 4 TiB. */
+export const MIN_MEMORY_MIB = 1;
+export const MAX_MEMORY_MIB = 4 * 1024 * 1024;
+/** virtio-blk's GET_ID answer is at most 20 bytes (virtio 1.2, 5.2.6). */
+export const MAX_SERIAL_BYTES = 20;
+/** Linux's IFNAMSIZ, less the terminating NUL. */
+const MAX_IFNAME_BYTES = 15;
+
+/** The defaults, in one place. */
+export const DEFAULTS = {
+  cpus: 1,
+  memoryMiB: 128,
+} as const;
+
+/** A configuration that cannot be used: `field` is its path in VmConfig ("disks[1].path"). */
+export class ConfigError extends KilnError {
+  override readonly name: string = 'ConfigError';
+  constructor(
+    readonly field: string,
+    readonly reason: string,
+  ) {
+    super(field ? `${field}: ${reason}` : reason);
+  }
+}
+
+const got = (input: unknown) => (typeof input === 'string' ? `'${input}'` : JSON.stringify(input) ?? String(input));
+
+const text = (what = 'a string') => v.string(({ input }) => `must be ${what} (got ${describe(input)})`);
+const nonEmpty = (what: string) => v.pipe(text(what), v.nonEmpty(`must be ${what} (got an empty string)`));
+const flag = () => v.boolean(({ input }) => `must be true or false (got ${describe(input)})`);
+const whole = (min: number, max: number) =>
+  v.pipe(
+    v.number(({ input }) => `must be a whole number from ${min} to ${max} (got ${describe(input)})`),
+    v.integer(({ input }) => `must be a whole number from ${min} to ${max} (got ${got(input)})`),
+    v.minValue(min, ({ input }) => `must be a whole number from ${min} to ${max} (got ${got(input)})`),
+    v.maxValue(max, ({ input }) => `must be a whole number from ${min} to ${max} (got ${got(input)})`),
+  );
+const oneOf = <const T extends readonly [string, ...string[]]>(values: T) => v.picklist(values, ({ input }) => `must be one of ${values.join(', ')} (got ${describe(input)})`);
+const list = <T extends v.GenericSchema>(item: T) => v.optional(v.array(item, ({ input }) => `must be a list (got ${describe(input)})`), []);
+/** An object schema's message: an unknown key, a missing required key, or not an object at all. */
+export function objectMessage(known: readonly string[], what = 'an object') {
+  return (issue: v.BaseIssue<unknown>): string => {
+    if (issue.expected === 'never') return `is not a known field (known: ${known.join(', ')})`;
+    if (issue.path?.length && issue.received === 'undefined') return 'is required';
+    return `must be ${what} (got ${describe(issue.input)})`;
+  };
+}
+const strict = <E extends v.ObjectEntries>(entries: E) => v.strictObject(entries, objectMessage(Object.keys(entries)));
+
+function describe(input: unknown): string {
+  if (input === null) return 'null';
+  if (Array.isArray(input)) return 'a list';
+  if (typeof input === 'object') return 'an object';
+  if (typeof input === 'string') return `'${input}'`;
+  return `${typeof input} ${String(input)}`;
+}
+
+/** Firecracker's device ID rule: ASCII letters, digits and underscores, 1 to 64 of them. */
+export const DeviceId = v.pipe(text(), v.regex(/^[A-Za-z0-9_]{1,64}$/, ({ input }) => `must be 1 to 64 ASCII letters, digits or underscores (got '${input}')`));
+
+const Mac = v.pipe(
+  text('a MAC address'),
+  v.regex(/^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$/, ({ input }) => `'${input}' is not a MAC address (expected six hex pairs, like 06:00:ac:10:00:02)`),
+  v.check((mac) => (parseInt(mac.slice(0, 2), 16) & 1) === 0, ({ input }) => `${String(input)} is a multicast address; a NIC needs a unicast one`),
+);
+
+const IfName = v.pipe(
+  text('an interface name'),
+  v.check((name) => name.length > 0 && Buffer.byteLength(name) <= MAX_IFNAME_BYTES && /^[\w.-]+$/.test(name), ({ input }) => `'${String(input)}' is not a valid interface name (1-15 letters, digits, '-', '_' or '.')`),
+);
+
+export const DiskSchema = strict({
+  /** Unique among the disks; the API's drive_id. Default: disk<N>. */
+  id: v.optional(DeviceId),
+  path: nonEmpty('the path of a disk image'),
+  readOnly: v.optional(flag(), false),
+  /** The root file system: the first disk the guest sees (/dev/vda), and root= on the command line. */
+  root: v.optional(flag(), false),
+  /** What the guest reads as the disk's ID (VIRTIO_BLK_T_GET_ID). Default: kiln-disk-<N>. */
+  serial: v.optional(v.pipe(text(), v.check((s) => Buffer.byteLength(s) <= MAX_SERIAL_BYTES && /^[\x20-\x7e]*$/.test(s), `must be at most ${MAX_SERIAL_BYTES} printable ASCII characters`))),
+  /** root=PARTUUID=... instead of root=/dev/vda (Firecracker's partuuid). */
+  partuuid: v.optional(nonEmpty('a partition UUID')),
+  /** Firecracker's cache_type and io_engine: kept and reported; Kiln's block device is synchronous either way. */
+  cacheType: v.optional(oneOf(['Unsafe', 'Writeback'] as const)),
+  ioEngine: v.optional(oneOf(['Sync', 'Async'] as const)),
+});
+
+export const NetSchema = v.pipe(
+  strict({
+    /** Unique among the NICs; the API's iface_id. Default: net<N>. */
+    id: v.optional(DeviceId),
+    /** A TAP interface (created if it does not exist; needs CAP_NET_ADMIN). */
+    tap: v.optional(IfName),
+    /** passt's Unix socket (rootless networking). */
+    passt: v.optional(nonEmpty('the path of passt\'s socket')),
+    mac: v.optional(Mac),
+  }),
+  v.check((n) => (n.tap === undefined) !== (n.passt === undefined), 'needs either tap (a TAP name) or passt (a socket path), not both or neither'),
+);
+
+export const VsockSchema = strict({
+  /** The guest's context ID: 0-2 are reserved (hypervisor, local, host). */
+  guestCid: whole(3, 0xffff_ffff),
+  /** The Unix socket Kiln listens on (Firecracker's hybrid vsock). */
+  uds: nonEmpty('the path of a Unix socket'),
+  /** Firecracker's vsock_id (kept and reported). */
+  id: v.optional(text()),
+});
+
+export const BalloonSchema = strict({
+  targetMiB: whole(0, MAX_MEMORY_MIB),
+  deflateOnOom: v.optional(flag(), false),
+  /** Seconds between statistics updates; 0: statistics off. */
+  statsIntervalS: v.optional(whole(0, 24 * 3600), 0),
+  freePageReporting: v.optional(flag(), false),
+});
+
+/** The fields of a VM, shared by VmConfig and the manager's definitions. */
+export const VM_ENTRIES = {
+  /** A Linux kernel (ELF vmlinux or bzImage); none means the guest kit's minimal Linux. */
+  kernel: v.optional(nonEmpty('the path of a kernel')),
+  initrd: v.optional(nonEmpty('the path of an initrd')),
+  /** Extra kernel command line; Kiln adds its console and the CPU template's flags. */
+  cmdline: v.optional(text()),
+  cpus: v.optional(whole(1, MAX_VCPUS), DEFAULTS.cpus),
+  memoryMiB: v.optional(whole(MIN_MEMORY_MIB, MAX_MEMORY_MIB), DEFAULTS.memoryMiB),
+  /** host, pvm or baseline (src/cpu/templates.ts); default: pvm on software KVM, host elsewhere. */
+  cpuTemplate: v.optional(oneOf(['host', 'pvm', 'baseline'] as const)),
+  /** Huge pages for guest memory (Firecracker's huge_pages; Kiln supports None and Transparent). */
+  hugePages: v.optional(oneOf(['None', 'Transparent'] as const)),
+  /** Firecracker's track_dirty_pages: kept and reported (dirty logging arrives with snapshots). */
+  trackDirtyPages: v.optional(flag(), false),
+  disks: list(DiskSchema),
+  nets: list(NetSchema),
+  /** An entropy device (virtio-rng). */
+  rng: v.optional(flag(), false),
+  vsock: v.optional(VsockSchema),
+  /** A virtio console (hvc0) on a Unix socket Kiln listens on. */
+  consoleSocket: v.optional(nonEmpty('the path of a Unix socket')),
+  balloon: v.optional(BalloonSchema),
+};
+
+export const VmConfigSchema = strict(VM_ENTRIES);
+
+type Parsed = v.InferOutput<typeof VmConfigSchema>;
+export type DiskConfig = v.InferOutput<typeof DiskSchema> & { readonly id: string };
+export type NetConfig = v.InferOutput<typeof NetSchema> & { readonly id: string };
+export type VsockConfig = v.InferOutput<typeof VsockSchema>;
+export type BalloonConfig = v.InferOutput<typeof BalloonSchema>;
+/** A checked VM configuration: every default filled in, every device with its ID. */
+export type VmConfig = Readonly<Omit<Parsed, 'disks' | 'nets'>> & { readonly disks: readonly DiskConfig[]; readonly nets: readonly NetConfig[] };
+/** What a front end hands in (defaults may be missing); anything else is refused. */
+export type VmConfigInput = v.InferInput<typeof VmConfigSchema>;
+
+/** The first issue of a failed parse as a ConfigError (path in VmConfig's own terms). */
+export function configError(issues: readonly v.BaseIssue<unknown>[]): ConfigError {
+  const issue = issues[0]!;
+  let field = '';
+  for (const item of issue.path ?? []) {
+    const key = item.key;
+    field += typeof key === 'number' ? `[${key}]` : `${field ? '.' : ''}${String(key)}`;
+  }
+  return new ConfigError(field, issue.message);
+}
+
+/** Checks what the schema cannot see field by field: IDs, the root disk, TAPs and MACs. */
+export function finishDevices<T extends { disks: readonly v.InferOutput<typeof DiskSchema>[]; nets: readonly v.InferOutput<typeof NetSchema>[]; kernel?: string | undefined; initrd?: string | undefined }>(
+  parsed: T,
+): Omit<T, 'disks' | 'nets'> & { disks: DiskConfig[]; nets: NetConfig[] } {
+  if (parsed.initrd !== undefined && parsed.kernel === undefined) throw new ConfigError('initrd', 'needs a kernel (the default guest brings its own initramfs)');
+  const disks = parsed.disks.map((d, i) => ({ ...d, id: d.id ?? `disk${i}` }));
+  const nets = parsed.nets.map((n, i) => ({ ...n, id: n.id ?? `net${i}` }));
+  const unique = (kind: 'disks' | 'nets', values: readonly (string | undefined)[], what: string) => {
+    const seen = new Map<string, number>();
+    values.forEach((value, i) => {
+      if (value === undefined) return;
+      const first = seen.get(value);
+      if (first !== undefined) throw new ConfigError(`${kind}[${i}]`, `${what} ${value} is already used by ${kind}[${first}]`);
+      seen.set(value, i);
+    });
+  };
+  unique('disks', disks.map((d) => d.id), 'ID');
+  const roots = disks.map((d, i) => (d.root ? i : -1)).filter((i) => i >= 0);
+  if (roots.length > 1) throw new ConfigError(`disks[${roots[1]}]`, `a VM has at most one root disk (disks[${roots[0]}] is one already)`);
+  unique('nets', nets.map((n) => n.id), 'ID');
+  unique('nets', nets.map((n) => n.tap), 'TAP');
+  unique('nets', nets.map((n) => n.passt), 'passt socket');
+  unique('nets', nets.map((n) => n.mac?.toLowerCase()), 'MAC address');
+  return { ...parsed, disks, nets };
+}
+
+/** Checks a VM configuration from any front end; throws ConfigError naming the field and why. */
+export function parseVmConfig(input: unknown): VmConfig {
+  const r = v.safeParse(VmConfigSchema, input);
+  if (!r.success) throw configError(r.issues);
+  return finishDevices(r.output);
+}
+
+/** The disks in the order the guest sees them: the root disk first (/dev/vda), as Firecracker orders them. */
+export function bootOrder(disks: readonly DiskConfig[]): DiskConfig[] {
+  return [...disks].sort((a, b) => Number(b.root) - Number(a.root));
+}

@@ -1,0 +1,47 @@
+// The daemon's JSON API on <state>/kiln.sock: its replies, typed once for the daemon
+// that sends them and the CLI that reads them.
+import type { VmDefinition } from './definition.js';
+import type { BrokenDefinition } from './store.js';
+
+export type VmState = 'stopped' | 'starting' | 'running' | 'paused';
+
+export interface VmStatus {
+  readonly name: string;
+  readonly state: VmState;
+  readonly pid: number | null;
+  readonly cpus: number;
+  readonly memoryMiB: number;
+  /** When the VMM process started (ISO 8601), while it runs. */
+  readonly startedAt: string | null;
+}
+
+export interface ListReply {
+  readonly vms: readonly VmStatus[];
+  readonly broken: readonly BrokenDefinition[];
+}
+
+export interface InfoReply extends VmStatus {
+  readonly definition: VmDefinition;
+  /** The VM's cgroup directories and the limits written there. */
+  readonly cgroup: { readonly dirs: readonly string[]; readonly cpuWeight: number; readonly cpuQuotaPercent: number; readonly memoryLimitBytes: number };
+  readonly consoleLog: string;
+}
+
+export interface StartReply extends VmStatus {
+  /** Things that did not work but did not stop the start (e.g. a pinning the kernel refused). */
+  readonly warnings: readonly string[];
+}
+
+export interface LogsReply {
+  readonly log: string;
+}
+
+export interface RemovedReply {
+  readonly removed: string;
+}
+
+/** Every failure: 400 for a request that cannot be done (field: the definition's field at fault), 500 for a daemon bug. */
+export interface ErrorReply {
+  readonly error: string;
+  readonly field?: string;
+}
