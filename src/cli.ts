@@ -233,7 +233,7 @@ function program(setStatus: (status: number) => void): Command {
     .description('A virtual machine monitor and VM manager for Linux/KVM')
     .version(`kiln ${KILN_VERSION}`, '-V, --version', 'print Kiln\'s version')
     .helpCommand('help [command]', 'help for a command')
-    .showHelpAfterError('(kiln help for the commands, kiln help COMMAND for their options)')
+    .showHelpAfterError()
     .exitOverride()
     .configureOutput({ outputError: (text, write) => write(`kiln: ${text.replace(/^error: /, '')}`) });
   const done = (p: Promise<number>) => p.then(setStatus);

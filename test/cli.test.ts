@@ -48,11 +48,12 @@ describe('kiln run --demo', { skip: kvmSkip }, () => {
   });
 
   for (const [args, pattern, status] of [
-    [['--memory', '0'], /memory size must be a positive number of bytes/, 1],
-    [['--memory', '1001K'], /not a multiple of the 4096-byte page size/, 1],
-    [['--memory', '1048576G'], /larger than this host can map/, 1],
-    [['--memory', 'lots'], /cannot read 'lots' as a memory size/, 1],
-    [['--cpus', '100000'], /vCPU count must be between 1 and \d+ \(this host's KVM limit\)/, 1],
+    [['--memory', '0'], /memoryMiB: must be a whole number from 1 to 4194304 \(got 0\)/, 2],
+    [['--memory', '1001K'], /--memory: '1001K' is not a whole number of MiB/, 2],
+    [['--memory', '1048576G'], /memoryMiB: must be a whole number from 1 to 4194304 \(got 1073741824\)/, 2],
+    [['--memory', '1048576M'], /larger than this host can map/, 1],
+    [['--memory', 'lots'], /cannot read 'lots' as a memory size/, 2],
+    [['--cpus', '100000'], /cpus: must be a whole number from 1 to 254 \(got 100000\)/, 2],
   ] as const) {
     test(`refuses ${args.join(' ')} with one clear line`, () => {
       const r = kiln(['run', '--demo', ...args]);
@@ -91,15 +92,15 @@ test('usage errors exit 2 and print the usage', () => {
   assert.match(r.stderr, /Usage: kiln/);
   const bad = kiln(['run', '--demo', '--cpus', 'two']);
   assert.equal(bad.status, 2);
-  assert.match(bad.stderr, /--cpus must be a whole number/);
+  assert.match(bad.stderr, /cpus: must be a whole number from 1 to 254 \(got 'two'\)/);
 });
 
 test('bad virtio device flags are usage errors (exit 2) before anything runs', () => {
   for (const [args, pattern] of [
-    [['--net', 'eth0'], /--net eth0: expected tap=NAME or passt=SOCKET/],
-    [['--net', 'tap=a,passt=b'], /expected tap=NAME or passt=SOCKET/],
-    [['--vsock', 'three'], /--vsock three: expected CID,SOCKET/],
-    [['--disk', ',ro'], /--disk needs a path/],
+    [['--net', 'eth0'], /--net: eth0: unknown option 'eth0' \(expected tap=NAME or passt=SOCKET/],
+    [['--net', 'tap=a,passt=b'], /nets\[0\]: needs either tap \(a TAP name\) or passt \(a socket path\), not both or neither/],
+    [['--vsock', 'three'], /--vsock: three: expected CID,SOCKET/],
+    [['--disk', ',ro'], /--disk: needs a path first/],
     [['--disk', 'x.img,rw'], /unknown option 'rw'/],
     [['--demo', '--rng'], /need a Linux guest, not --demo/],
   ] as const) {

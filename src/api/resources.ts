@@ -177,8 +177,6 @@ export function parseDrive(pathId: string, body: unknown): ConfigChange {
   if (r.path_on_host === undefined) throw new ApiError('drives: missing field `path_on_host`');
   noRateLimiter('drives', r.rate_limiter);
   return (input) => {
-    const other = items(input, 'disks').find((d) => d.root === true && d.id !== pathId);
-    if (r.is_root_device === true && other) throw new ApiError(`A root block device already exists (${String(other.id)}); a VM has at most one`);
     upsert(input, 'disks', {
       id: pathId,
       path: r.path_on_host,
@@ -209,10 +207,6 @@ export function parseNetworkInterface(pathId: string, body: unknown): ConfigChan
   noRateLimiter('network-interfaces', r.rx_rate_limiter);
   noRateLimiter('network-interfaces', r.tx_rate_limiter);
   return (input) => {
-    for (const other of items(input, 'nets')) {
-      if (other.id === pathId) continue;
-      if (other.tap === r.host_dev_name) throw new ApiError(`The host device ${String(r.host_dev_name)} is already used by network interface ${String(other.id)}`);
-    }
     upsert(input, 'nets', { id: pathId, tap: r.host_dev_name, ...(r.guest_mac !== undefined ? { mac: r.guest_mac } : {}) });
   };
 }

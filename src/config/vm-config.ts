@@ -189,13 +189,13 @@ export function finishDevices<T extends { disks: readonly v.InferOutput<typeof D
     values.forEach((value, i) => {
       if (value === undefined) return;
       const first = seen.get(value);
-      if (first !== undefined) throw new ConfigError(`${kind}[${i}]`, `${what} ${value} is already used by ${kind}[${first}]`);
+      if (first !== undefined) throw new ConfigError(`${kind}[${i}]`, `${what} ${value} is already used by '${(kind === 'disks' ? disks : nets)[first]!.id}'`);
       seen.set(value, i);
     });
   };
   unique('disks', disks.map((d) => d.id), 'ID');
   const roots = disks.map((d, i) => (d.root ? i : -1)).filter((i) => i >= 0);
-  if (roots.length > 1) throw new ConfigError(`disks[${roots[1]}]`, `a VM has at most one root disk (disks[${roots[0]}] is one already)`);
+  if (roots.length > 1) throw new ConfigError(`disks[${roots[1]}]`, `a VM has at most one root disk ('${disks[roots[0]!]!.id}' is one already)`);
   unique('nets', nets.map((n) => n.id), 'ID');
   unique('nets', nets.map((n) => n.tap), 'TAP');
   unique('nets', nets.map((n) => n.passt), 'passt socket');
@@ -205,6 +205,8 @@ export function finishDevices<T extends { disks: readonly v.InferOutput<typeof D
 
 /** Checks a VM configuration from any front end; throws ConfigError naming the field and why. */
 export function parseVmConfig(input: unknown): VmConfig {
+  // valibot's object schemas take arrays; a configuration with every field optional must not.
+  if (Array.isArray(input)) throw new ConfigError('', 'must be an object (got a list)');
   const r = v.safeParse(VmConfigSchema, input);
   if (!r.success) throw configError(r.issues);
   return finishDevices(r.output);
