@@ -12,9 +12,10 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { loadProgram } from '../src/guest/kit.js';
 import { DEBUG_EXIT_MMIO_BASE, DEBUG_EXIT_MMIO_SIZE, KIT_DATA, MiB } from '../src/layout.js';
-import { attachPciHost, pciIntxGsi } from '../src/pci/host.js';
+import { pciIntxGsi } from '../src/layout.js';
+import { attachPciHost } from '../src/platform/pci.js';
 import { blkOptions } from '../src/virtio/blk.js';
-import { addVirtioPciDevice } from '../src/virtio/pci.js';
+import { addVirtioPciDevice } from '../src/platform/virtio.js';
 import { Vm } from '../src/vm.js';
 import { median, type BenchContext } from './util.js';
 

@@ -134,3 +134,14 @@ export const KIT_DATA = 0x100000;
 export const KIT_HEAP = 0x200000;
 /** Smallest RAM the kit needs: code, stacks, tables and the data page. */
 export const KIT_MIN_MEMORY = 2 * MiB;
+
+// ---- ACPI sleep control (FADT sleep control register, ACPI 6.4 4.8.3.11) ----
+/** The _S5 sleep type; the guest writes (SLP_TYP << 2) | SLP_EN to the sleep control register. */
+export const SLP_TYP_S5 = 5;
+export const SLP_EN = 1 << 5;
+export const SLEEP_CONTROL_S5 = (SLP_TYP_S5 << 2) | SLP_EN;
+
+/** The GSI a PCI function's INTx pin reaches, as the DSDT's _PRT tells the guest. */
+export function pciIntxGsi(slot: number, pin = 0): number {
+  return PCI_INTX_GSI_BASE + ((slot + pin) % PCI_INTX_GSIS);
+}

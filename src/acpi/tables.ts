@@ -3,6 +3,10 @@
 // place at ACPI_START and the RSDP's address. test/acpi decodes every table with iasl.
 import { KilnError } from '../errors.js';
 import {
+  pciIntxGsi,
+  SLEEP_CONTROL_S5,
+  SLP_EN,
+  SLP_TYP_S5,
   ACPI_END,
   ACPI_RESET_VALUE,
   ACPI_START,
@@ -25,17 +29,13 @@ import {
   PORT_RTC,
   PORT_RTC_SIZE,
 } from '../layout.js';
+export { SLEEP_CONTROL_S5, SLP_EN, SLP_TYP_S5 };
 import * as aml from './aml.js';
-import { pciIntxGsi } from '../pci/host.js';
 
 export const OEM_ID = 'KILN  ';
 const CREATOR_ID = 'KILN';
 const HEADER_SIZE = 36;
 
-/** The _S5 sleep type; the guest writes (SLP_TYP << 2) | SLP_EN to the sleep control register. */
-export const SLP_TYP_S5 = 5;
-export const SLP_EN = 1 << 5;
-export const SLEEP_CONTROL_S5 = (SLP_TYP_S5 << 2) | SLP_EN;
 
 function checksum(table: Uint8Array, from = 0, to = table.length): number {
   let sum = 0;

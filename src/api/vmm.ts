@@ -5,7 +5,7 @@ import { closeSync, openSync, writeSync } from 'node:fs';
 import { createLinuxVm, type LinuxVm } from '../boot/linux.js';
 import { KilnError } from '../errors.js';
 import { ConfigError, parseVmConfig, type VmConfig } from '../config/vm-config.js';
-import { balloonControl, blkControl, openDisk } from '../virtio/attach.js';
+import { balloonControl, blkControl, openDisk } from '../platform/virtio.js';
 import type { BalloonControl } from '../virtio/balloon.js';
 import type { VmResult } from '../vm.js';
 import { ApiError, type ConfigChange, type VmmSettings } from './resources.js';

@@ -14,9 +14,9 @@ import { bootOrder, type DiskConfig, type VmConfig } from '../config/vm-config.j
 import { KilnError } from '../errors.js';
 import * as layout from '../layout.js';
 import { ramRanges, validateMemorySize } from '../memory/guest-memory.js';
-import { attachPciHost } from '../pci/host.js';
+import { attachPciHost } from '../platform/pci.js';
 import { addPcDevices, addStandardDevices } from '../platform/standard.js';
-import { attachVirtio, openHostEnds, type AttachedVirtio } from '../virtio/attach.js';
+import { attachVirtio, openHostEnds, type AttachedVirtio } from '../platform/virtio.js';
 import { Vm } from '../vm.js';
 import { decompressBzImage } from './decompress.js';
 import { isElf } from './elf.js';

@@ -2,8 +2,7 @@
 // SLP_TYP=5 with SLP_EN is poweroff), sleep status, and the reset register. Offsets
 // are from PORT_ACPI_SLEEP_CONTROL.
 import type { BusDevice } from '../bus/bus.js';
-import { SLEEP_CONTROL_S5, SLP_EN } from '../acpi/tables.js';
-import { ACPI_RESET_VALUE, PORT_ACPI_RESET, PORT_ACPI_SLEEP_CONTROL } from '../layout.js';
+import { ACPI_RESET_VALUE, PORT_ACPI_RESET, PORT_ACPI_SLEEP_CONTROL, SLEEP_CONTROL_S5, SLP_EN } from '../layout.js';
 import type { DeviceModel } from './device.js';
 
 const SLEEP_CONTROL = 0;

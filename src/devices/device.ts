@@ -5,7 +5,7 @@
 // hand-off, and all threads see one device state.
 import type { BusDevice } from '../bus/bus.js';
 import type { GuestMemory } from '../memory/guest-memory.js';
-import type { PciFunctionHandle } from '../pci/root.js';
+import type { SharedLock } from '../bus/shared-lock.js';
 
 export type DeviceOptions = Readonly<Record<string, number | string | boolean>>;
 
@@ -58,4 +58,15 @@ export const LOCK_INDEX = 0;
 export function numberOption(options: DeviceOptions, name: string, fallback: number): number {
   const value = options[name];
   return typeof value === 'number' ? value : fallback;
+}
+
+/**
+ * A PCI function's behaviour on one thread: its BAR 0 registers, and a hook run after
+ * the guest writes its configuration space (to follow a moved BAR or an MSI-X mask).
+ */
+export interface PciFunctionHandle {
+  readonly bar: BusDevice;
+  readonly barBytes: number;
+  readonly lock: SharedLock;
+  configWritten(space: DataView): void;
 }

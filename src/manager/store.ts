@@ -100,7 +100,7 @@ export class Store {
     try {
       json = JSON.parse(readFileSync(file, 'utf8'));
     } catch (err) {
-      throw new Error(`it is not JSON: ${(err as Error).message}`);
+      throw new Error(`it is not JSON: ${(err as Error).message}`, { cause: err });
     }
     const d = parseDefinition(json);
     if (d.name !== name) throw new Error(`it names VM '${d.name}'`);

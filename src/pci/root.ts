@@ -6,9 +6,10 @@
 // writes, and a BAR's mask makes the standard sizing probe work (write all-ones, read
 // back the size). Functions that do not exist read as all-ones.
 import type { BusDevice } from '../bus/bus.js';
-import type { SharedLock } from '../bus/shared-lock.js';
 import { KilnError } from '../errors.js';
 import { STATE_HEADER_BYTES, type DeviceModel } from '../devices/device.js';
+
+export type { PciFunctionHandle } from '../devices/device.js';
 
 export const PCI_SLOTS = 32;
 export const CONFIG_SPACE_BYTES = 4096;
@@ -79,16 +80,6 @@ export interface PciCapability {
   readonly writeMask: Uint8Array;
 }
 
-/**
- * A PCI function's behaviour on one thread: its BAR 0 registers, and a hook run after
- * the guest writes its configuration space (to follow a moved BAR or an MSI-X mask).
- */
-export interface PciFunctionHandle {
-  readonly bar: BusDevice;
-  readonly barBytes: number;
-  readonly lock: SharedLock;
-  configWritten(space: DataView): void;
-}
 
 /** Hands out naturally aligned BAR addresses inside a window, in order. */
 export class PciBarAllocator {

@@ -7,14 +7,13 @@
 // forwarded to the same eventfd.
 import type { BusDevice } from '../bus/bus.js';
 import { accessValue, setAccessValue } from '../bus/bus.js';
-import { type DeviceContext, type DeviceOptions, type DeviceSpec, type PciFunctionModel } from '../devices/device.js';
+import { type DeviceContext, type DeviceOptions, type PciFunctionModel } from '../devices/device.js';
 import { KilnError } from '../errors.js';
 import { KvmIoctlError } from '../kvm/errors.js';
 import { VmFd } from '../kvm/kvm.js';
 import * as libc from '../kvm/libc.js';
 import { PCI_CAP_ID_MSIX, msixCapability } from '../pci/msix.js';
-import { PCI_BASE_ADDRESS_0, PCI_CAPABILITY_LIST, type PciBarAllocator, type PciCapability, type PciRoot } from '../pci/root.js';
-import type { Vm } from '../vm.js';
+import { PCI_BASE_ADDRESS_0, PCI_CAPABILITY_LIST, type PciCapability } from '../pci/root.js';
 import { VirtioInterrupts, VirtioState, VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR, VIRTIO_STATUS_DEVICE_NEEDS_RESET, VIRTIO_STATUS_DRIVER_OK, VIRTIO_STATUS_FEATURES_OK, type VirtioDeviceType } from './device.js';
 import { checkQueueLayout, QUEUE_RECORD, resetQueueRecord } from './queue.js';
 import { virtioTypes } from './types.js';
@@ -195,7 +194,7 @@ export const virtioPciModel: PciFunctionModel = {
 
     const readCommon = (offset: number, data: Uint8Array) => {
       const rec = selected();
-      let value = 0;
+      let value: number;
       switch (offset) {
         case COMMON_CFG.deviceFeatureSelect:
           value = v.getUint32(F.deviceFeatureSelect, true);
@@ -333,58 +332,3 @@ export const virtioPciModel: PciFunctionModel = {
   },
 };
 
-/** What addVirtioPciDevice returns: the spec, where it lives, and its shared state. */
-export interface VirtioPciDevice {
-  readonly spec: DeviceSpec;
-  readonly slot: number;
-  readonly barAddress: number;
-  readonly state: VirtioState;
-}
-
-/**
- * Adds a virtio device as a PCI function: configuration space with the virtio and
- * MSI-X capabilities, BAR 0 placed in the window, one eventfd per queue (ioeventfd at
- * its notify address), its INTx line, and the device's initial configuration.
- */
-export function addVirtioPciDevice(
-  vm: Vm,
-  root: PciRoot,
-  bars: PciBarAllocator,
-  device: { id: string; slot: number; type: string; intxGsi: number; options?: DeviceOptions },
-): VirtioPciDevice {
-  const type = virtioTypes[device.type];
-  if (!type) throw new KilnError(`unknown virtio device type '${device.type}'`);
-  const base = { ...(device.options ?? {}), type: device.type };
-  const queues = type.queues(base);
-  const eventfd = () => {
-    const fd = libc.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
-    if (fd < 0) throw new KilnError(`eventfd failed: ${libc.errnoName(libc.errno())}`);
-    vm.adoptFd(fd);
-    return fd;
-  };
-  const fds = Array.from({ length: queues }, eventfd);
-  const barAddress = bars.allocate(VIRTIO_BAR.bytes);
-  const options: DeviceOptions = { ...base, notifyFds: fds.join(','), intxGsi: device.intxGsi, ...(type.controlChannel ? { controlFd: eventfd() } : {}) };
-  const spec = vm.addDevice({ id: device.id, kind: 'virtio-pci', bus: 'pci', base: device.slot, size: 1, options });
-  const state = new VirtioState(spec.state, type, options);
-  type.initConfig(state.config(), options);
-  v0Reset(state);
-  root.addFunction(device.slot, {
-    vendorId: VIRTIO_PCI_VENDOR_ID,
-    deviceId: VIRTIO_PCI_MODERN_DEVICE_ID_BASE + type.deviceId,
-    classCode: type.deviceId === 1 ? 0x020000 : type.deviceId === 2 ? 0x018000 : 0xff0000,
-    revision: 1, // 4.1.2.1: modern-only devices have revision 1 or more
-    subsystemVendorId: VIRTIO_PCI_VENDOR_ID,
-    subsystemId: 0x40,
-    interruptPin: 1,
-    bars: [{ kind: 'memory32', size: VIRTIO_BAR.bytes, address: barAddress }],
-    capabilities: virtioCapabilities(state.vectors, state.configBytes),
-  });
-  return { spec, slot: device.slot, barAddress, state };
-}
-
-/** The state a device has before the driver first touches it (as after a reset). */
-function v0Reset(s: VirtioState): void {
-  s.view.setUint16(VirtioState.fields.configMsixVector, VIRTIO_MSI_NO_VECTOR, true);
-  for (let q = 0; q < s.numQueues; q++) resetQueueRecord(s.queueRecord(q), s.type.maxQueueSize, VIRTIO_MSI_NO_VECTOR);
-}

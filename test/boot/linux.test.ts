@@ -17,7 +17,7 @@ import { readProgress } from '../../src/devices/progress.js';
 import { buildInitramfs, buildMinimalKernel } from '../../src/guestkit/build.js';
 import { MiB } from '../../src/layout.js';
 import { ramRanges } from '../../src/memory/guest-memory.js';
-import { balloonControl } from '../../src/virtio/attach.js';
+import { balloonControl } from '../../src/platform/virtio.js';
 import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
 
 const canNetns = process.getuid?.() === 0 && existsSync('/dev/net/tun') && toolAvailable('ip', '-V');

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { openDisk, openHostEnds } from '../../src/virtio/attach.js';
+import { openDisk, openHostEnds } from '../../src/platform/virtio.js';
 import { tempDir } from '../helpers.js';
 
 const openFds = () => readdirSync('/proc/self/fd').length;

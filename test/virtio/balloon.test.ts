@@ -7,7 +7,7 @@ import { readFileSync } from 'node:fs';
 import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { KIT_DATA, MiB } from '../../src/layout.js';
-import { balloonControl } from '../../src/virtio/attach.js';
+import { balloonControl } from '../../src/platform/virtio.js';
 import { kvmSkip } from '../helpers.js';
 import { result, runDriver, virtioTestVm } from './harness.js';
 

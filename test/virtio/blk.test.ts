@@ -8,7 +8,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { KIT_DATA } from '../../src/layout.js';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
-import { blkControl, openDisk } from '../../src/virtio/attach.js';
+import { blkControl, openDisk } from '../../src/platform/virtio.js';
 import { blkOptions } from '../../src/virtio/blk.js';
 import { VIRTIO_BAR } from '../../src/virtio/pci.js';
 import { QUEUE_RECORD } from '../../src/virtio/queue.js';

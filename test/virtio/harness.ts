@@ -3,8 +3,9 @@
 import type { DeviceOptions } from '../../src/devices/device.js';
 import { loadProgram } from '../../src/guest/kit.js';
 import * as layout from '../../src/layout.js';
-import { attachPciHost, pciIntxGsi, type PciHost } from '../../src/pci/host.js';
-import { addVirtioPciDevice, type VirtioPciDevice } from '../../src/virtio/pci.js';
+import { pciIntxGsi } from '../../src/layout.js';
+import { attachPciHost, type PciHost } from '../../src/platform/pci.js';
+import { addVirtioPciDevice, type VirtioPciDevice } from '../../src/platform/virtio.js';
 import type { VmResult } from '../../src/vm.js';
 import { createTestVm, type TestVm } from '../helpers.js';
 

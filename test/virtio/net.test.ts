@@ -8,7 +8,7 @@ import { chmodSync, existsSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { after, describe, test } from 'node:test';
-import { openNet } from '../../src/virtio/attach.js';
+import { openNet } from '../../src/platform/virtio.js';
 import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
 import { result, runDriver, virtioTestVm } from './harness.js';
 

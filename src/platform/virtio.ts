@@ -1,18 +1,24 @@
-// Turning a VM definition's devices into virtio-pci functions: disks are opened and
+// Machine assembly for virtio: a VM configuration's devices become virtio-pci functions. disks are opened and
 // checked before any VM exists (a missing or read-only file is a clear error, not a
 // half-built VM), then every device gets a slot, a BAR, its queues' eventfds and INTx.
 import { closeSync, openSync } from 'node:fs';
 import type { VmConfig } from '../config/vm-config.js';
 import { KilnError } from '../errors.js';
-import type { DeviceOptions } from '../devices/device.js';
-import { pciIntxGsi, type PciHost } from '../pci/host.js';
+import type { DeviceOptions, DeviceSpec } from '../devices/device.js';
+import * as libc from '../kvm/libc.js';
+import { pciIntxGsi } from '../layout.js';
+import type { PciBarAllocator, PciRoot } from '../pci/root.js';
+import { BALLOON_PAGE_BYTES, BalloonControl } from '../virtio/balloon.js';
+import { BlkControl, blkOptions } from '../virtio/blk.js';
+import { listenConsole } from '../virtio/console.js';
+import { VirtioState, VIRTIO_MSI_NO_VECTOR } from '../virtio/device.js';
+import { connectPasst, defaultMac, openTap, parseMac } from '../virtio/net.js';
+import { VIRTIO_BAR, VIRTIO_PCI_MODERN_DEVICE_ID_BASE, VIRTIO_PCI_VENDOR_ID, virtioCapabilities } from '../virtio/pci.js';
+import { resetQueueRecord } from '../virtio/queue.js';
+import { virtioTypes } from '../virtio/types.js';
+import { listenVsock } from '../virtio/vsock.js';
 import type { Vm } from '../vm.js';
-import { BALLOON_PAGE_BYTES, BalloonControl } from './balloon.js';
-import { BlkControl, blkOptions } from './blk.js';
-import { listenConsole } from './console.js';
-import { listenVsock } from './vsock.js';
-import { connectPasst, defaultMac, openTap, parseMac } from './net.js';
-import { addVirtioPciDevice, type VirtioPciDevice } from './pci.js';
+import type { PciHost } from './pci.js';
 
 /** A disk's host end: what openDisk needs of a VmConfig disk. */
 export interface DiskHostEnd {
@@ -132,4 +138,60 @@ export function attachVirtio(vm: Vm, pci: PciHost, config: VmConfig, disks: read
     add('console', 'console', { listenFd: fd });
   }
   return { all, disks: diskDevices, nets: netDevices, balloon };
+}
+
+/** What addVirtioPciDevice returns: the spec, where it lives, and its shared state. */
+export interface VirtioPciDevice {
+  readonly spec: DeviceSpec;
+  readonly slot: number;
+  readonly barAddress: number;
+  readonly state: VirtioState;
+}
+
+/**
+ * Adds a virtio device as a PCI function: configuration space with the virtio and
+ * MSI-X capabilities, BAR 0 placed in the window, one eventfd per queue (ioeventfd at
+ * its notify address), its INTx line, and the device's initial configuration.
+ */
+export function addVirtioPciDevice(
+  vm: Vm,
+  root: PciRoot,
+  bars: PciBarAllocator,
+  device: { id: string; slot: number; type: string; intxGsi: number; options?: DeviceOptions },
+): VirtioPciDevice {
+  const type = virtioTypes[device.type];
+  if (!type) throw new KilnError(`unknown virtio device type '${device.type}'`);
+  const base = { ...(device.options ?? {}), type: device.type };
+  const queues = type.queues(base);
+  const eventfd = () => {
+    const fd = libc.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
+    if (fd < 0) throw new KilnError(`eventfd failed: ${libc.errnoName(libc.errno())}`);
+    vm.adoptFd(fd);
+    return fd;
+  };
+  const fds = Array.from({ length: queues }, eventfd);
+  const barAddress = bars.allocate(VIRTIO_BAR.bytes);
+  const options: DeviceOptions = { ...base, notifyFds: fds.join(','), intxGsi: device.intxGsi, ...(type.controlChannel ? { controlFd: eventfd() } : {}) };
+  const spec = vm.addDevice({ id: device.id, kind: 'virtio-pci', bus: 'pci', base: device.slot, size: 1, options });
+  const state = new VirtioState(spec.state, type, options);
+  type.initConfig(state.config(), options);
+  v0Reset(state);
+  root.addFunction(device.slot, {
+    vendorId: VIRTIO_PCI_VENDOR_ID,
+    deviceId: VIRTIO_PCI_MODERN_DEVICE_ID_BASE + type.deviceId,
+    classCode: type.deviceId === 1 ? 0x020000 : type.deviceId === 2 ? 0x018000 : 0xff0000,
+    revision: 1, // 4.1.2.1: modern-only devices have revision 1 or more
+    subsystemVendorId: VIRTIO_PCI_VENDOR_ID,
+    subsystemId: 0x40,
+    interruptPin: 1,
+    bars: [{ kind: 'memory32', size: VIRTIO_BAR.bytes, address: barAddress }],
+    capabilities: virtioCapabilities(state.vectors, state.configBytes),
+  });
+  return { spec, slot: device.slot, barAddress, state };
+}
+
+/** The state a device has before the driver first touches it (as after a reset). */
+function v0Reset(s: VirtioState): void {
+  s.view.setUint16(VirtioState.fields.configMsixVector, VIRTIO_MSI_NO_VECTOR, true);
+  for (let q = 0; q < s.numQueues; q++) resetQueueRecord(s.queueRecord(q), s.type.maxQueueSize, VIRTIO_MSI_NO_VECTOR);
 }

@@ -4,18 +4,13 @@
 import { KilnError } from '../errors.js';
 import * as layout from '../layout.js';
 import type { Vm } from '../vm.js';
-import { PCI_HOST_BRIDGE, PCI_SLOTS, PciBarAllocator, PciRoot } from './root.js';
+import { PCI_HOST_BRIDGE, PCI_SLOTS, PciBarAllocator, PciRoot } from '../pci/root.js';
 
 export interface PciHost {
   readonly root: PciRoot;
   readonly bars: PciBarAllocator;
   /** The next free slot (device number); slot 0 is the host bridge. */
   takeSlot(): number;
-}
-
-/** The GSI a function's INTA# reaches, as the DSDT's _PRT tells the guest. */
-export function pciIntxGsi(slot: number, pin = 0): number {
-  return layout.PCI_INTX_GSI_BASE + ((slot + pin) % layout.PCI_INTX_GSIS);
 }
 
 export function attachPciHost(vm: Vm): PciHost {
