@@ -32,16 +32,36 @@ async function guestRun(path: string, op: 0 | 1, reqBytes: number, requests: num
   const fd = openSync(path, 'r+');
   vm.adoptFd(fd);
   try {
-    vm.addDevice({ id: 'exit', kind: 'debug-exit', bus: 'mmio', base: DEBUG_EXIT_MMIO_BASE, size: DEBUG_EXIT_MMIO_SIZE });
+    vm.addDevice({
+      id: 'exit',
+      kind: 'debug-exit',
+      bus: 'mmio',
+      base: DEBUG_EXIT_MMIO_BASE,
+      size: DEBUG_EXIT_MMIO_SIZE,
+    });
     const pci = attachPciHost(vm);
     const slot = pci.takeSlot();
-    addVirtioPciDevice(vm, pci.root, pci.bars, { id: 'disk', slot, type: 'blk', intxGsi: pciIntxGsi(slot), options: blkOptions(fd, path, false, 'bench') });
+    addVirtioPciDevice(vm, pci.root, pci.bars, {
+      id: 'disk',
+      slot,
+      type: 'blk',
+      intxGsi: pciIntxGsi(slot),
+      options: blkOptions(fd, path, false, 'bench'),
+    });
     loadProgram(vm, {
       mode: 'long64',
       cpl: 3,
       source: 'call kit_main\nud2',
       c: [DRIVER],
-      defines: { SLOT0: slot, OP: op, REQ_BYTES: reqBytes, REQUESTS: requests, DISK_BYTES, RANDOM: random ? 1 : 0, QD: Number(process.env.KILN_BENCH_QD ?? 8) },
+      defines: {
+        SLOT0: slot,
+        OP: op,
+        REQ_BYTES: reqBytes,
+        REQUESTS: requests,
+        DISK_BYTES,
+        RANDOM: random ? 1 : 0,
+        QD: Number(process.env.KILN_BENCH_QD ?? 8),
+      },
     });
     await vm.start();
     const result = await vm.wait();
@@ -54,7 +74,13 @@ async function guestRun(path: string, op: 0 | 1, reqBytes: number, requests: num
 }
 
 /** The host's own: bench/c/blk-host.c, the same request size and total, timed inside the process. */
-function hostRun(exe: string, path: string, mode: 'read' | 'write' | 'randread', reqBytes: number, total: number): { seconds: number; requests: number } {
+function hostRun(
+  exe: string,
+  path: string,
+  mode: 'read' | 'write' | 'randread',
+  reqBytes: number,
+  total: number,
+): { seconds: number; requests: number } {
   const out = execFileSync(exe, [mode, path, String(reqBytes), String(total)], { encoding: 'utf8' });
   const m = /bytes=(\d+) ns=(\d+) requests=(\d+)/.exec(out);
   if (!m) throw new Error(`blk-host printed: ${out}`);
@@ -85,7 +111,9 @@ export async function benchBlk(ctx: BenchContext): Promise<void> {
     const w = await guestRun(path, 1, MiB, seqRequests, false);
     guestWrite.push(mbps(w.requests * MiB, w.seconds));
     hostWrite.push(mbps(seqRequests * MiB, hostRun(exe, path, 'write', MiB, seqRequests * MiB).seconds));
-    ctx.log(`round ${r + 1}: read guest ${guestRead[r]!.toFixed(0)} MiB/s host ${hostRead[r]!.toFixed(0)} MiB/s; write guest ${guestWrite[r]!.toFixed(0)} MiB/s host ${hostWrite[r]!.toFixed(0)} MiB/s`);
+    ctx.log(
+      `round ${r + 1}: read guest ${guestRead[r]!.toFixed(0)} MiB/s host ${hostRead[r]!.toFixed(0)} MiB/s; write guest ${guestWrite[r]!.toFixed(0)} MiB/s host ${hostWrite[r]!.toFixed(0)} MiB/s`,
+    );
   }
   const randRequests = 50_000;
   const iops: number[] = [];
@@ -96,9 +124,15 @@ export async function benchBlk(ctx: BenchContext): Promise<void> {
     const h = hostRun(exe, path, 'randread', 4096, randRequests * 4096);
     hostIops.push(h.requests / h.seconds);
   }
-  ctx.log(`rand 4k read: guest ${iops.map((v) => v.toFixed(0)).join(', ')} IOPS (queue depth 8); host (one thread, pread) ${hostIops.map((v) => v.toFixed(0)).join(', ')} IOPS`);
+  ctx.log(
+    `rand 4k read: guest ${iops.map((v) => v.toFixed(0)).join(', ')} IOPS (queue depth 8); host (one thread, pread) ${hostIops.map((v) => v.toFixed(0)).join(', ')} IOPS`,
+  );
   const readRatio = median(guestRead) / median(hostRead);
   const writeRatio = median(guestWrite) / median(hostWrite);
-  ctx.log(`median: read guest ${median(guestRead).toFixed(0)} / host ${median(hostRead).toFixed(0)} MiB/s; write guest ${median(guestWrite).toFixed(0)} / host ${median(hostWrite).toFixed(0)} MiB/s; qemu: not run (QEMU 7.2 aborts on this host's KVM)`);
-  ctx.result(`blk seq_read_ratio=${readRatio.toFixed(3)} seq_write_ratio=${writeRatio.toFixed(3)} rand4k_read_iops=${median(iops).toFixed(0)}`);
+  ctx.log(
+    `median: read guest ${median(guestRead).toFixed(0)} / host ${median(hostRead).toFixed(0)} MiB/s; write guest ${median(guestWrite).toFixed(0)} / host ${median(hostWrite).toFixed(0)} MiB/s; qemu: not run (QEMU 7.2 aborts on this host's KVM)`,
+  );
+  ctx.result(
+    `blk seq_read_ratio=${readRatio.toFixed(3)} seq_write_ratio=${writeRatio.toFixed(3)} rand4k_read_iops=${median(iops).toFixed(0)}`,
+  );
 }

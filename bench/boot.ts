@@ -61,7 +61,10 @@ function bootOnce(cmd: string, args: string[], marker: RegExp, log?: (line: stri
       child.kill('SIGKILL');
       resolve(run);
     };
-    const timer = setTimeout(() => finish({ seconds: null, overheadMiB: null, note: `no init marker within ${BOOT_LIMIT_MS / 1000} s` }), BOOT_LIMIT_MS);
+    const timer = setTimeout(
+      () => finish({ seconds: null, overheadMiB: null, note: `no init marker within ${BOOT_LIMIT_MS / 1000} s` }),
+      BOOT_LIMIT_MS,
+    );
     const onData = (chunk: Buffer) => {
       out += chunk.toString();
       if (out.length > 1_000_000) out = out.slice(-100_000);
@@ -87,9 +90,14 @@ function bootOnce(cmd: string, args: string[], marker: RegExp, log?: (line: stri
 /** Milliseconds from execve to the first KVM_RUN, from an strace of the VMM (killed after). */
 function startupMs(traceFile: string, cmd: string, args: string[]): number | null {
   // SIGKILL to the whole group (strace and the VMM), so the VMM does not run on untraced.
-  spawnSync('timeout', ['-s', 'KILL', '15', 'strace', '-f', '-ttt', '-e', 'trace=execve,ioctl', '-o', traceFile, cmd, ...args], { stdio: 'ignore' });
+  spawnSync(
+    'timeout',
+    ['-s', 'KILL', '15', 'strace', '-f', '-ttt', '-e', 'trace=execve,ioctl', '-o', traceFile, cmd, ...args],
+    { stdio: 'ignore' },
+  );
   const lines = existsSync(traceFile) ? readFileSync(traceFile, 'utf8').split('\n') : [];
-  const ts = (line: string | undefined) => (line ? Number(/^\d+\s+(\d+\.\d+)/.exec(line)?.[1] ?? /^(\d+\.\d+)/.exec(line)?.[1]) : NaN);
+  const ts = (line: string | undefined) =>
+    line ? Number(/^\d+\s+(\d+\.\d+)/.exec(line)?.[1] ?? /^(\d+\.\d+)/.exec(line)?.[1]) : NaN;
   const exec = ts(lines.find((l) => l.includes('execve(')));
   const run = ts(lines.find((l) => l.includes('KVM_RUN')));
   return Number.isFinite(exec) && Number.isFinite(run) ? (run - exec) * 1000 : null;
@@ -101,10 +109,39 @@ export async function benchBoot(ctx: BenchContext): Promise<void> {
   ensurePackages(['qemu-system-x86', 'strace'], 'the boot benchmark', ctx.log);
   const softwareKvm = isSoftwareKvm();
   const cmdline = composeCmdline('', cpuTemplate(softwareKvm ? 'pvm' : 'host'), softwareKvm);
-  const kilnArgs = [cli, 'run', '--kernel', kernel.vmlinux, '--initrd', initrd.path, '--memory', `${MEMORY_MIB}M`, '--cpus', '1'];
+  const kilnArgs = [
+    cli,
+    'run',
+    '--kernel',
+    kernel.vmlinux,
+    '--initrd',
+    initrd.path,
+    '--memory',
+    `${MEMORY_MIB}M`,
+    '--cpus',
+    '1',
+  ];
   const qemuArgs = [
-    '-M', 'microvm,accel=kvm', '-cpu', 'host', '-m', `${MEMORY_MIB}M`, '-smp', '1', '-nodefaults', '-no-user-config', '-nographic',
-    '-serial', 'stdio', '-no-reboot', '-kernel', kernel.vmlinux, '-initrd', initrd.path, '-append', cmdline,
+    '-M',
+    'microvm,accel=kvm',
+    '-cpu',
+    'host',
+    '-m',
+    `${MEMORY_MIB}M`,
+    '-smp',
+    '1',
+    '-nodefaults',
+    '-no-user-config',
+    '-nographic',
+    '-serial',
+    'stdio',
+    '-no-reboot',
+    '-kernel',
+    kernel.vmlinux,
+    '-initrd',
+    initrd.path,
+    '-append',
+    cmdline,
   ];
   const marker = /KILN_INIT /;
 
@@ -112,18 +149,25 @@ export async function benchBoot(ctx: BenchContext): Promise<void> {
   const kiln = await bootOnce(process.execPath, kilnArgs, marker, ctx.log);
   ctx.log(`  Kiln: ${kiln.seconds === null ? 'failed' : `${kiln.seconds.toFixed(2)} s`} (${kiln.note})`);
   const qemuPath = '/usr/bin/qemu-system-x86_64';
-  const qemu = existsSync(qemuPath) ? await bootOnce(qemuPath, qemuArgs, marker) : { seconds: null, overheadMiB: null, note: 'qemu-system-x86_64 not installed' };
+  const qemu = existsSync(qemuPath)
+    ? await bootOnce(qemuPath, qemuArgs, marker)
+    : { seconds: null, overheadMiB: null, note: 'qemu-system-x86_64 not installed' };
   ctx.log(`  QEMU: ${qemu.seconds === null ? 'failed' : `${qemu.seconds.toFixed(2)} s`} (${qemu.note})`);
   if (qemu.seconds === null && softwareKvm) {
-    ctx.log('  QEMU did not reach init on software KVM (kvm_pvm); its own error is above. It has none of the workarounds Kiln applies there.');
+    ctx.log(
+      '  QEMU did not reach init on software KVM (kvm_pvm); its own error is above. It has none of the workarounds Kiln applies there.',
+    );
   }
   const kilnStart = startupMs(join(ctx.dir, 'kiln.strace'), process.execPath, kilnArgs);
   const qemuStart = existsSync(qemuPath) ? startupMs(join(ctx.dir, 'qemu.strace'), qemuPath, qemuArgs) : null;
-  ctx.log(`  start-up (execve to first KVM_RUN, under strace): Kiln ${kilnStart?.toFixed(1) ?? 'n/a'} ms, QEMU ${qemuStart?.toFixed(1) ?? 'n/a'} ms`);
-  ctx.log(`  VMM memory overhead at the init marker: Kiln ${kiln.overheadMiB?.toFixed(1) ?? 'n/a'} MiB, QEMU ${qemu.overheadMiB?.toFixed(1) ?? 'n/a'} MiB`);
+  ctx.log(
+    `  start-up (execve to first KVM_RUN, under strace): Kiln ${kilnStart?.toFixed(1) ?? 'n/a'} ms, QEMU ${qemuStart?.toFixed(1) ?? 'n/a'} ms`,
+  );
+  ctx.log(
+    `  VMM memory overhead at the init marker: Kiln ${kiln.overheadMiB?.toFixed(1) ?? 'n/a'} MiB, QEMU ${qemu.overheadMiB?.toFixed(1) ?? 'n/a'} MiB`,
+  );
   const f = (v: number | null, digits: number) => (v === null ? 'failed' : v.toFixed(digits));
   ctx.result(
     `boot kiln_s=${f(kiln.seconds, 2)} qemu_s=${f(qemu.seconds, 2)} kiln_startup_ms=${f(kilnStart, 1)} qemu_startup_ms=${f(qemuStart, 1)} kiln_overhead_mib=${f(kiln.overheadMiB, 1)} qemu_overhead_mib=${f(qemu.overheadMiB, 1)}`,
   );
 }
-

@@ -53,7 +53,8 @@ async function kilnRound(dumpDir?: string): Promise<number> {
     await vm.start();
     const result = await vm.wait();
     const v = result.vcpus[0]!;
-    if (result.reason !== 'guest-exit' || v.exits !== ITERATIONS + 1) throw new Error(`Kiln run ended badly: ${result.detail} after ${v.exits} exits`);
+    if (result.reason !== 'guest-exit' || v.exits !== ITERATIONS + 1)
+      throw new Error(`Kiln run ended badly: ${result.detail} after ${v.exits} exits`);
     return (v.runMs * 1000) / v.exits;
   } finally {
     await vm.destroy();
@@ -61,7 +62,17 @@ async function kilnRound(dumpDir?: string): Promise<number> {
 }
 
 function cRound(exe: string, dir: string): number {
-  const out = execFileSync(exe, [join(dir, 'memory.bin'), join(dir, 'sregs.bin'), join(dir, 'regs.bin'), String(PORT_PROGRESS), String(PORT_DEBUG_EXIT)], { encoding: 'utf8' });
+  const out = execFileSync(
+    exe,
+    [
+      join(dir, 'memory.bin'),
+      join(dir, 'sregs.bin'),
+      join(dir, 'regs.bin'),
+      String(PORT_PROGRESS),
+      String(PORT_DEBUG_EXIT),
+    ],
+    { encoding: 'utf8' },
+  );
   const m = /exits=(\d+) ns=(\d+)/.exec(out);
   if (!m || Number(m[1]) !== ITERATIONS + 1) throw new Error(`C harness printed: ${out}`);
   return Number(m[2]) / 1000 / Number(m[1]);
@@ -82,6 +93,8 @@ export async function benchExits(ctx: BenchContext): Promise<void> {
   }
   const k = median(kiln);
   const r = median(c);
-  ctx.log(`exit round trip (${ITERATIONS} port writes, protected mode ring 3, median of ${ROUNDS}): Kiln ${k.toFixed(3)} us, C ${r.toFixed(3)} us`);
+  ctx.log(
+    `exit round trip (${ITERATIONS} port writes, protected mode ring 3, median of ${ROUNDS}): Kiln ${k.toFixed(3)} us, C ${r.toFixed(3)} us`,
+  );
   ctx.result(`exits kiln_us=${k.toFixed(3)} c_us=${r.toFixed(3)} ratio=${(k / r).toFixed(3)}`);
 }

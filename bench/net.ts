@@ -51,25 +51,53 @@ function host(exe: string, args: string[], tapFd: number | null): Promise<Count>
     let out = '';
     child.stdout!.on('data', (c: Buffer) => (out += c.toString()));
     child.on('error', reject);
-    child.on('exit', (code) => (code === 0 ? resolve(parse(out)) : reject(new Error(`net-host ${args.join(' ')} exited ${code}: ${out}`))));
+    child.on('exit', (code) =>
+      code === 0 ? resolve(parse(out)) : reject(new Error(`net-host ${args.join(' ')} exited ${code}: ${out}`)),
+    );
   });
 }
 
-async function guest(mode: 0 | 1, during: (vm: Vm) => Promise<Count | null>): Promise<{ frames: number; bytes: number; runMs: number; sender: Count | null }> {
+async function guest(
+  mode: 0 | 1,
+  during: (vm: Vm) => Promise<Count | null>,
+): Promise<{ frames: number; bytes: number; runMs: number; sender: Count | null }> {
   const vm = Vm.create({ memoryBytes: 64 * MiB, vcpus: 1, irqchip: true });
   try {
     const fd = openUpTap();
     vm.adoptFd(fd);
-    vm.addDevice({ id: 'exit', kind: 'debug-exit', bus: 'mmio', base: DEBUG_EXIT_MMIO_BASE, size: DEBUG_EXIT_MMIO_SIZE });
+    vm.addDevice({
+      id: 'exit',
+      kind: 'debug-exit',
+      bus: 'mmio',
+      base: DEBUG_EXIT_MMIO_BASE,
+      size: DEBUG_EXIT_MMIO_SIZE,
+    });
     const pci = attachPciHost(vm);
     const slot = pci.takeSlot();
-    addVirtioPciDevice(vm, pci.root, pci.bars, { id: 'net', slot, type: 'net', intxGsi: pciIntxGsi(slot), options: { fd, mac: '06:00:00:00:00:01', backend: 'tap' } });
-    loadProgram(vm, { mode: 'long64', cpl: 3, source: 'call kit_main\nud2', c: [DRIVER], defines: { SLOT0: slot, MODE: mode, FRAMES } });
+    addVirtioPciDevice(vm, pci.root, pci.bars, {
+      id: 'net',
+      slot,
+      type: 'net',
+      intxGsi: pciIntxGsi(slot),
+      options: { fd, mac: '06:00:00:00:00:01', backend: 'tap' },
+    });
+    loadProgram(vm, {
+      mode: 'long64',
+      cpl: 3,
+      source: 'call kit_main\nud2',
+      c: [DRIVER],
+      defines: { SLOT0: slot, MODE: mode, FRAMES },
+    });
     await vm.start();
     const sender = await during(vm);
     const result = await vm.wait();
     if (result.exitCode !== 0) throw new Error(`net guest ended badly: ${result.detail}`);
-    return { frames: Number(vm.memory.readU64(KIT_DATA)), bytes: Number(vm.memory.readU64(KIT_DATA + 8)), runMs: result.vcpus[0]!.runMs, sender };
+    return {
+      frames: Number(vm.memory.readU64(KIT_DATA)),
+      bytes: Number(vm.memory.readU64(KIT_DATA + 8)),
+      runMs: result.vcpus[0]!.runMs,
+      sender,
+    };
   } finally {
     await vm.destroy();
   }
@@ -108,7 +136,9 @@ async function child(dir: string): Promise<void> {
       `round ${r + 1}: tx guest ${txGuest[r]!.toFixed(2)} Gbit/s (${g.frames} frames) host ${txHost[r]!.toFixed(2)}; rx guest ${rxGuest[r]!.toFixed(2)} Gbit/s (${gr.frames} of ${gr.sender!.frames} frames) host ${rxHost[r]!.toFixed(2)} (${got.frames} frames)\n`,
     );
   }
-  process.stdout.write(`net tx_ratio=${(median(txGuest) / median(txHost)).toFixed(3)} rx_ratio=${(median(rxGuest) / median(rxHost)).toFixed(3)}\n`);
+  process.stdout.write(
+    `net tx_ratio=${(median(txGuest) / median(txHost)).toFixed(3)} rx_ratio=${(median(rxGuest) / median(rxHost)).toFixed(3)}\n`,
+  );
 }
 
 export async function benchNet(ctx: BenchContext): Promise<void> {
@@ -116,16 +146,20 @@ export async function benchNet(ctx: BenchContext): Promise<void> {
   execFileSync('ip', ['netns', 'add', ns]);
   try {
     const out = await new Promise<string>((resolve, reject) => {
-      const p = spawn('ip', ['netns', 'exec', ns, process.execPath, fileURLToPath(import.meta.url), 'child', ctx.dir], { stdio: ['ignore', 'pipe', 'inherit'] });
+      const p = spawn('ip', ['netns', 'exec', ns, process.execPath, fileURLToPath(import.meta.url), 'child', ctx.dir], {
+        stdio: ['ignore', 'pipe', 'inherit'],
+      });
       let text = '';
       p.stdout.on('data', (c: Buffer) => {
         text += c.toString();
       });
-      p.on('exit', (code) => (code === 0 ? resolve(text) : reject(new Error(`the namespace run failed (${code}): ${text}`))));
+      p.on('exit', (code) =>
+        code === 0 ? resolve(text) : reject(new Error(`the namespace run failed (${code}): ${text}`)),
+      );
     });
     const lines = out.trim().split('\n');
     lines.slice(0, -1).forEach((l) => ctx.log(l));
-    ctx.log('qemu: not run (QEMU 7.2 aborts on this host\'s KVM, see the boot benchmark)');
+    ctx.log("qemu: not run (QEMU 7.2 aborts on this host's KVM, see the boot benchmark)");
     ctx.result(lines.at(-1)!);
   } finally {
     execFileSync('ip', ['netns', 'del', ns]);

@@ -8,7 +8,12 @@ import { benchExits } from './exits.js';
 import { benchNet } from './net.js';
 import type { BenchContext } from './util.js';
 
-const benchmarks: Record<string, (ctx: BenchContext) => Promise<void>> = { exits: benchExits, boot: benchBoot, blk: benchBlk, net: benchNet };
+const benchmarks: Record<string, (ctx: BenchContext) => Promise<void>> = {
+  exits: benchExits,
+  boot: benchBoot,
+  blk: benchBlk,
+  net: benchNet,
+};
 
 const names = process.argv.slice(2);
 for (const name of names) {
@@ -22,7 +27,11 @@ for (const name of names.length ? names : Object.keys(benchmarks)) {
   const dir = mkdtempSync(join(tmpdir(), `kiln-bench-${name}-`));
   try {
     process.stdout.write(`== ${name}\n`);
-    await benchmarks[name]!({ dir, log: (line) => process.stdout.write(`${line}\n`), result: (line) => results.push(line) });
+    await benchmarks[name]!({
+      dir,
+      log: (line) => process.stdout.write(`${line}\n`),
+      result: (line) => results.push(line),
+    });
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -27,13 +27,16 @@ class UsageError extends KilnError {}
 const progress = (line: string) => process.stderr.write(`kiln: ${line}\n`);
 
 function describe(result: VmResult): string {
-  if (result.reason === 'guest-exit') return result.reset ? `the guest rebooted (${result.detail})` : `${result.detail}; exit status ${result.exitCode}`;
+  if (result.reason === 'guest-exit')
+    return result.reset ? `the guest rebooted (${result.detail})` : `${result.detail}; exit status ${result.exitCode}`;
   const lines = [`VM ended: ${result.detail}`];
   for (const v of result.vcpus) {
     if (!v.regs) continue;
     const r = v.regs as Record<string, bigint>;
     const hex = (n: bigint | undefined) => `0x${(n ?? 0n).toString(16)}`;
-    lines.push(`  vcpu${v.vcpu} (${v.reason}): rip=${hex(r.rip)} rsp=${hex(r.rsp)} rflags=${hex(r.rflags)} rax=${hex(r.rax)} rcx=${hex(r.rcx)} rdx=${hex(r.rdx)}`);
+    lines.push(
+      `  vcpu${v.vcpu} (${v.reason}): rip=${hex(r.rip)} rsp=${hex(r.rsp)} rflags=${hex(r.rflags)} rax=${hex(r.rax)} rcx=${hex(r.rcx)} rdx=${hex(r.rdx)}`,
+    );
   }
   return lines.join('\n');
 }
@@ -62,11 +65,28 @@ export function addVmOptions(cmd: Command): Command {
     .option('--cmdline <text>', 'extra kernel command line (Kiln adds console=ttyS0 and what the CPU template needs)')
     .option('--memory <size>', 'guest RAM: MiB, or with a unit (128M, 1G); default 128M')
     .option('--cpus <n>', 'number of vCPUs (1-254); default 1')
-    .addOption(new Option('--cpu-template <name>', 'CPU template (default: pvm on software KVM, host elsewhere)').choices(Object.keys(CPU_TEMPLATES)))
-    .option('--disk <spec>', 'PATH[,ro][,root][,serial=ID][,id=ID]: a raw disk image as a virtio-blk drive (repeatable; the root disk is /dev/vda)', collect, [])
-    .option('--net <spec>', 'tap=NAME[,mac=MAC][,id=ID] | passt=SOCKET[,mac=MAC][,id=ID]: a virtio-net NIC (repeatable)', collect, [])
-    .option('--rng', 'an entropy device (virtio-rng, fed by the host\'s getrandom)')
-    .option('--vsock <spec>', 'CID,SOCKET: vsock for guest CID; host clients connect to SOCKET and send "CONNECT <port>"')
+    .addOption(
+      new Option('--cpu-template <name>', 'CPU template (default: pvm on software KVM, host elsewhere)').choices(
+        Object.keys(CPU_TEMPLATES),
+      ),
+    )
+    .option(
+      '--disk <spec>',
+      'PATH[,ro][,root][,serial=ID][,id=ID]: a raw disk image as a virtio-blk drive (repeatable; the root disk is /dev/vda)',
+      collect,
+      [],
+    )
+    .option(
+      '--net <spec>',
+      'tap=NAME[,mac=MAC][,id=ID] | passt=SOCKET[,mac=MAC][,id=ID]: a virtio-net NIC (repeatable)',
+      collect,
+      [],
+    )
+    .option('--rng', "an entropy device (virtio-rng, fed by the host's getrandom)")
+    .option(
+      '--vsock <spec>',
+      'CID,SOCKET: vsock for guest CID; host clients connect to SOCKET and send "CONNECT <port>"',
+    )
     .option('--console-socket <path>', 'a virtio console (hvc0) on a Unix socket Kiln listens on')
     .option('--balloon <size>', 'a memory balloon, starting at SIZE (e.g. 0, 64M)');
 }
@@ -120,17 +140,32 @@ interface RunValues extends VmOptionValues {
 }
 
 async function run(values: RunValues): Promise<number> {
-  if (values.demo && (values.kernel || values.initrd)) throw new UsageError('--demo and --kernel/--initrd are different guests: choose one');
-  if (values.onReboot !== 'exit' && values.onReboot !== 'restart') throw new UsageError(`--on-reboot must be 'exit' or 'restart' (got '${values.onReboot}')`);
+  if (values.demo && (values.kernel || values.initrd))
+    throw new UsageError('--demo and --kernel/--initrd are different guests: choose one');
+  if (values.onReboot !== 'exit' && values.onReboot !== 'restart')
+    throw new UsageError(`--on-reboot must be 'exit' or 'restart' (got '${values.onReboot}')`);
   let config = configFromFlags(vmFlags(values));
-  const virtioWanted = config.disks.length > 0 || config.nets.length > 0 || config.rng || config.vsock || config.consoleSocket || config.balloon;
-  if (values.demo && virtioWanted) throw new UsageError('virtio devices (--disk, --net, --rng, --vsock, --console-socket, --balloon) need a Linux guest, not --demo');
+  const virtioWanted =
+    config.disks.length > 0 ||
+    config.nets.length > 0 ||
+    config.rng ||
+    config.vsock ||
+    config.consoleSocket ||
+    config.balloon;
+  if (values.demo && virtioWanted)
+    throw new UsageError(
+      'virtio devices (--disk, --net, --rng, --vsock, --console-socket, --balloon) need a Linux guest, not --demo',
+    );
   const memoryBytes = config.memoryMiB * 1024 * 1024;
   const cpus = config.cpus;
 
   if (!values.demo && config.kernel === undefined) {
     // The default guest: the kit's minimal Linux and test init.
-    config = { ...config, kernel: (await buildMinimalKernel(progress)).vmlinux, initrd: (await buildInitramfs(progress)).path };
+    config = {
+      ...config,
+      kernel: (await buildMinimalKernel(progress)).vmlinux,
+      initrd: (await buildInitramfs(progress)).path,
+    };
   }
 
   let captureDir: string | null = null;
@@ -149,17 +184,39 @@ async function run(values: RunValues): Promise<number> {
             return { vm, progress: progressPort, serial: null, pressPowerButton: () => undefined };
           })()
         : (() => {
-            const lv = createLinuxVm(config, { serialOutFd: serialFd, logUnhandled: values.verbose, hostDecompress: values.hostDecompress });
-            if (!values.json) progress(`booting ${config.kernel} (${lv.boot.format}, ${cpus} vCPU, ${config.memoryMiB}M); Ctrl-A x quits`);
-            return { vm: lv.vm, progress: lv.progress, serial: lv.serial, pressPowerButton: () => lv.pressPowerButton() };
+            const lv = createLinuxVm(config, {
+              serialOutFd: serialFd,
+              logUnhandled: values.verbose,
+              hostDecompress: values.hostDecompress,
+            });
+            if (!values.json)
+              progress(
+                `booting ${config.kernel} (${lv.boot.format}, ${cpus} vCPU, ${config.memoryMiB}M); Ctrl-A x quits`,
+              );
+            return {
+              vm: lv.vm,
+              progress: lv.progress,
+              serial: lv.serial,
+              pressPowerButton: () => lv.pressPowerButton(),
+            };
           })();
       const { vm } = prepared;
       let result: VmResult;
       try {
         const started = Date.now();
         await vm.start();
-        if (process.env.KILN_TIMING) progress(`timing: first KVM_RUN ${(vm.firstRunAt - performance.timeOrigin).toFixed(1)} ms after process start`);
-        const detach = values.json || !prepared.serial ? () => undefined : relayStdin({ send: (b) => void prepared.serial!.input(b), quit: () => void vm.stop(), powerButton: () => prepared.pressPowerButton() });
+        if (process.env.KILN_TIMING)
+          progress(
+            `timing: first KVM_RUN ${(vm.firstRunAt - performance.timeOrigin).toFixed(1)} ms after process start`,
+          );
+        const detach =
+          values.json || !prepared.serial
+            ? () => undefined
+            : relayStdin({
+                send: (b) => void prepared.serial!.input(b),
+                quit: () => void vm.stop(),
+                powerButton: () => prepared.pressPowerButton(),
+              });
         const stopOnSignal = () => void vm.stop();
         process.once('SIGINT', stopOnSignal);
         process.once('SIGTERM', stopOnSignal);
@@ -183,7 +240,12 @@ async function run(values: RunValues): Promise<number> {
               seconds: (Date.now() - started) / 1000,
               progress: readProgress(prepared.progress.state),
               serial,
-              vcpus: result.vcpus.map((v) => ({ vcpu: v.vcpu, reason: v.reason, exits: v.exits, compat: v.compat ?? {} })),
+              vcpus: result.vcpus.map((v) => ({
+                vcpu: v.vcpu,
+                reason: v.reason,
+                exits: v.exits,
+                compat: v.compat ?? {},
+              })),
             })}\n`,
           );
         } else {
@@ -213,13 +275,21 @@ async function guest(artifacts: string[], values: { json?: boolean }): Promise<n
     rootfs: async () => ({ ...(await buildRootfs(progress)) }),
     'cloud-kernel': async () => ({ ...(await buildCloudKernel(progress)) }),
   };
-  for (const a of wanted) if (!Object.hasOwn(builders, a)) throw new UsageError(`unknown guest artifact '${a}' (known: ${Object.keys(builders).join(', ')})`);
+  for (const a of wanted)
+    if (!Object.hasOwn(builders, a))
+      throw new UsageError(`unknown guest artifact '${a}' (known: ${Object.keys(builders).join(', ')})`);
   const out: Record<string, Record<string, string | boolean>> = {};
   for (const a of wanted) {
     progress(`guest kit: ${a}`);
     const built = await builders[a]!();
     out[a] = built;
-    if (!values.json) process.stdout.write(`${a}: ${Object.entries(built).filter(([k]) => k !== 'built').map(([k, v]) => `${k}=${v}`).join(' ')}${built.built ? '' : ' (cached)'}\n`);
+    if (!values.json)
+      process.stdout.write(
+        `${a}: ${Object.entries(built)
+          .filter(([k]) => k !== 'built')
+          .map(([k, v]) => `${k}=${v}`)
+          .join(' ')}${built.built ? '' : ' (cached)'}\n`,
+      );
   }
   if (values.json) process.stdout.write(`${JSON.stringify({ cache: cacheDir(), artifacts: out })}\n`);
   return 0;
@@ -231,17 +301,28 @@ const manager = () => import('./manager/commands.js');
 function program(setStatus: (status: number) => void): Command {
   const kiln = new Command('kiln')
     .description('A virtual machine monitor and VM manager for Linux/KVM')
-    .version(`kiln ${KILN_VERSION}`, '-V, --version', 'print Kiln\'s version')
+    .version(`kiln ${KILN_VERSION}`, '-V, --version', "print Kiln's version")
     .helpCommand('help [command]', 'help for a command')
     .showHelpAfterError()
     .exitOverride()
     .configureOutput({ outputError: (text, write) => write(`kiln: ${text.replace(/^error: /, '')}`) });
   const done = (p: Promise<number>) => p.then(setStatus);
 
-  addVmOptions(kiln.command('run').description('boot a guest and attach its serial console (Ctrl-A x quits, Ctrl-A p presses the power button); with no guest named, the kit\'s minimal Linux'))
+  addVmOptions(
+    kiln
+      .command('run')
+      .description(
+        "boot a guest and attach its serial console (Ctrl-A x quits, Ctrl-A p presses the power button); with no guest named, the kit's minimal Linux",
+      ),
+  )
     .option('--demo', 'boot the built-in demo guest instead')
-    .option('--host-decompress', 'decompress a bzImage\'s payload on the host and boot the ELF inside (fast on software KVM)')
-    .addOption(new Option('--on-reboot <what>', 'what a guest reboot does').choices(['exit', 'restart']).default('exit'))
+    .option(
+      '--host-decompress',
+      "decompress a bzImage's payload on the host and boot the ELF inside (fast on software KVM)",
+    )
+    .addOption(
+      new Option('--on-reboot <what>', 'what a guest reboot does').choices(['exit', 'restart']).default('exit'),
+    )
     .option('--json', 'print one JSON result (with the serial output) instead of attaching the console')
     .option('--verbose', 'log unhandled port and MMIO accesses (once each)')
     .action((values: RunValues) => done(run(values)));
@@ -252,44 +333,80 @@ function program(setStatus: (status: number) => void): Command {
     .command('build')
     .description('build guest kit artifacts into the cache (default: minimal-kernel initramfs)')
     .argument('[artifact...]', 'minimal-kernel, initramfs, rootfs, cloud-kernel')
-    .option('--json', 'print the artifacts\' paths as JSON')
+    .option('--json', "print the artifacts' paths as JSON")
     .action((artifacts: string[], values: { json?: boolean }) => done(guest(artifacts, values)));
 
   kiln
     .command('version')
-    .description('print Kiln\'s version')
+    .description("print Kiln's version")
     .action(() => {
       process.stdout.write(`kiln ${KILN_VERSION}\n`);
       setStatus(0);
     });
 
-  const verb = (name: string, description: string) => kiln.command(name).description(description).option('--json', 'print one JSON document');
-  addVmOptions(verb('create', 'define a VM (flags, or -f FILE with the same fields as JSON or YAML)').argument('[name]', 'its name (lower-case letters, digits, -)'))
+  const verb = (name: string, description: string) =>
+    kiln.command(name).description(description).option('--json', 'print one JSON document');
+  addVmOptions(
+    verb('create', 'define a VM (flags, or -f FILE with the same fields as JSON or YAML)').argument(
+      '[name]',
+      'its name (lower-case letters, digits, -)',
+    ),
+  )
     .option('-f, --file <path>', 'a definition file, JSON or YAML (name, kernel, cpus, memoryMiB, disks, nets, ...)')
     .option('--cpu-weight <n>', 'cgroup CPU weight, 1-10000 (default 100)')
     .option('--cpu-quota <percent>', 'at most this many percent of one host CPU (default: no quota)')
     .option('--pin <cpus>', 'host CPUs for the vCPU threads, e.g. 0,1 (vCPU N on the (N mod count)-th)')
-    .action(async (name: string | undefined, values: VmOptionValues & CreateValues) => done((await manager()).create(name, { ...values, vm: vmFlags(values) })));
-  verb('start', 'start a VM').argument('<name>').action(async (name: string, values: { json?: boolean }) => done((await manager()).lifecycle('start', name, values)));
+    .action(async (name: string | undefined, values: VmOptionValues & CreateValues) =>
+      done((await manager()).create(name, { ...values, vm: vmFlags(values) })),
+    );
+  verb('start', 'start a VM')
+    .argument('<name>')
+    .action(async (name: string, values: { json?: boolean }) =>
+      done((await manager()).lifecycle('start', name, values)),
+    );
   verb('stop', 'stop a VM: the ACPI power button, then SIGTERM after 30 s')
     .argument('<name>')
     .option('--force', 'stop it at once (SIGTERM)')
-    .action(async (name: string, values: { json?: boolean; force?: boolean }) => done((await manager()).lifecycle('stop', name, values)));
-  verb('restart', 'stop a VM, then start it').argument('<name>').action(async (name: string, values: { json?: boolean }) => done((await manager()).lifecycle('restart', name, values)));
-  verb('pause', 'pause a running VM').argument('<name>').action(async (name: string, values: { json?: boolean }) => done((await manager()).lifecycle('pause', name, values)));
-  verb('resume', 'resume a paused VM').argument('<name>').action(async (name: string, values: { json?: boolean }) => done((await manager()).lifecycle('resume', name, values)));
-  verb('ls', 'list the VMs (and the definitions that are broken)').action(async (values: { json?: boolean }) => done((await manager()).list(values)));
-  verb('info', 'a VM\'s state, resources, cgroup and console log').argument('<name>').action(async (name: string, values: { json?: boolean }) => done((await manager()).info(name, values)));
-  verb('logs', 'a VM\'s console log')
+    .action(async (name: string, values: { json?: boolean; force?: boolean }) =>
+      done((await manager()).lifecycle('stop', name, values)),
+    );
+  verb('restart', 'stop a VM, then start it')
+    .argument('<name>')
+    .action(async (name: string, values: { json?: boolean }) =>
+      done((await manager()).lifecycle('restart', name, values)),
+    );
+  verb('pause', 'pause a running VM')
+    .argument('<name>')
+    .action(async (name: string, values: { json?: boolean }) =>
+      done((await manager()).lifecycle('pause', name, values)),
+    );
+  verb('resume', 'resume a paused VM')
+    .argument('<name>')
+    .action(async (name: string, values: { json?: boolean }) =>
+      done((await manager()).lifecycle('resume', name, values)),
+    );
+  verb('ls', 'list the VMs (and the definitions that are broken)').action(async (values: { json?: boolean }) =>
+    done((await manager()).list(values)),
+  );
+  verb('info', "a VM's state, resources, cgroup and console log")
+    .argument('<name>')
+    .action(async (name: string, values: { json?: boolean }) => done((await manager()).info(name, values)));
+  verb('logs', "a VM's console log")
     .argument('<name>')
     .option('--bytes <n>', 'the last N bytes (default 65536)')
-    .action(async (name: string, values: { json?: boolean; bytes?: string }) => done((await manager()).logs(name, values)));
+    .action(async (name: string, values: { json?: boolean; bytes?: string }) =>
+      done((await manager()).logs(name, values)),
+    );
   kiln
     .command('console')
-    .description('a VM\'s serial console: the scroll-back, then live (Ctrl-A x detaches); piped input is typed into the guest until it ends')
+    .description(
+      "a VM's serial console: the scroll-back, then live (Ctrl-A x detaches); piped input is typed into the guest until it ends",
+    )
     .argument('<name>')
     .action(async (name: string) => done((await manager()).console(name, progress)));
-  verb('rm', 'remove a stopped VM (or a broken definition)').argument('<name>').action(async (name: string, values: { json?: boolean }) => done((await manager()).remove(name, values)));
+  verb('rm', 'remove a stopped VM (or a broken definition)')
+    .argument('<name>')
+    .action(async (name: string, values: { json?: boolean }) => done((await manager()).remove(name, values)));
   kiln
     .command('daemon')
     .description('run the manager in the foreground (the verbs start it when needed)')
@@ -309,7 +426,9 @@ async function main(argv: string[]): Promise<number> {
   } catch (err) {
     if (!(err instanceof CommanderError)) throw err;
     // Help and version are successes; everything else commander refuses is a usage error.
-    return err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.code === 'commander.help' ? 0 : EXIT_USAGE;
+    return err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.code === 'commander.help'
+      ? 0
+      : EXIT_USAGE;
   }
   return status;
 }

@@ -41,7 +41,14 @@ export interface VmResult {
   readonly vcpus: readonly VcpuExit[];
 }
 
-const FATAL: ReadonlySet<VcpuExit['reason']> = new Set(['shutdown', 'fail-entry', 'internal-error', 'unhandled-exit', 'error', 'guest-exit']);
+const FATAL: ReadonlySet<VcpuExit['reason']> = new Set([
+  'shutdown',
+  'fail-entry',
+  'internal-error',
+  'unhandled-exit',
+  'error',
+  'guest-exit',
+]);
 
 export class Vm {
   readonly memory: OwnedGuestMemory;
@@ -107,12 +114,25 @@ export class Vm {
    * `shareStateWith` maps a second range onto an existing device's state (one device
    * reached two ways, as PCI configuration space is through ports and through ECAM).
    */
-  addDevice(device: { id: string; kind: string; bus: 'pio' | 'mmio' | 'pci'; base: number; size: number; options?: DeviceOptions; shareStateWith?: DeviceSpec }): DeviceSpec {
+  addDevice(device: {
+    id: string;
+    kind: string;
+    bus: 'pio' | 'mmio' | 'pci';
+    base: number;
+    size: number;
+    options?: DeviceOptions;
+    shareStateWith?: DeviceSpec;
+  }): DeviceSpec {
     if (this.threads.length > 0) throw new KilnError('devices must be added before the VM starts');
-    if (this.devices.some((d) => d.id === device.id)) throw new KilnError(`a device named '${device.id}' already exists`);
+    if (this.devices.some((d) => d.id === device.id))
+      throw new KilnError(`a device named '${device.id}' already exists`);
     const { shareStateWith, ...rest } = device;
     const options = rest.options ?? {};
-    const spec: DeviceSpec = { ...rest, options, state: shareStateWith?.state ?? allocateDeviceState(rest.kind, options) };
+    const spec: DeviceSpec = {
+      ...rest,
+      options,
+      state: shareStateWith?.state ?? allocateDeviceState(rest.kind, options),
+    };
     this.devices.push(spec);
     return spec;
   }
@@ -180,7 +200,11 @@ export class Vm {
         return exit;
       }),
     );
-    const decisive = exits.find((e) => e.reason === 'guest-exit') ?? exits.find((e) => FATAL.has(e.reason)) ?? exits.find((e) => e.reason !== 'stopped') ?? exits[0]!;
+    const decisive =
+      exits.find((e) => e.reason === 'guest-exit') ??
+      exits.find((e) => FATAL.has(e.reason)) ??
+      exits.find((e) => e.reason !== 'stopped') ??
+      exits[0]!;
     const guestExit = decisive.reason === 'guest-exit';
     const reset = guestExit && Atomics.load(this.cells, ctl.VM_EXIT_KIND) === ctl.EXIT_KIND_RESET;
     const exitCode = guestExit && !reset ? Atomics.load(this.cells, ctl.VM_EXIT_CODE) : null;

@@ -36,7 +36,9 @@ async function main(argv: string[]): Promise<number> {
       strict: true,
     }));
   } catch (err) {
-    process.stderr.write(`kiln-vmm: ${(err as Error).message}\nUsage: kiln-vmm [--api-sock PATH] [--config-file FILE | --kiln-config FILE] [--no-api] [--id ID] [--serial-sock PATH] [--version]\n`);
+    process.stderr.write(
+      `kiln-vmm: ${(err as Error).message}\nUsage: kiln-vmm [--api-sock PATH] [--config-file FILE | --kiln-config FILE] [--no-api] [--id ID] [--serial-sock PATH] [--version]\n`,
+    );
     return EXIT_USAGE;
   }
   if (values.version) {

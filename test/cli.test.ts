@@ -27,7 +27,10 @@ describe('kiln run --demo', { skip: kvmSkip }, () => {
   test('boots the demo guest, shows its serial output and exits 0', () => {
     const r = kiln(['run', '--demo']);
     assert.equal(r.status, 0, r.stderr);
-    assert.match(r.stdout, /^Hello from the Kiln demo guest!\nRunning in 32-bit protected mode at ring 3 on 1 vCPU\(s\)/);
+    assert.match(
+      r.stdout,
+      /^Hello from the Kiln demo guest!\nRunning in 32-bit protected mode at ring 3 on 1 vCPU\(s\)/,
+    );
     assert.match(r.stderr, /exit status 0/);
   });
 
@@ -40,7 +43,12 @@ describe('kiln run --demo', { skip: kvmSkip }, () => {
   test('--json prints one result object with the serial output', () => {
     const r = kiln(['run', '--demo', '--json']);
     assert.equal(r.status, 0, r.stderr);
-    const result = JSON.parse(r.stdout) as { status: number; reason: string; serial: string; progress: { last: number } };
+    const result = JSON.parse(r.stdout) as {
+      status: number;
+      reason: string;
+      serial: string;
+      progress: { last: number };
+    };
     assert.equal(result.status, 0);
     assert.equal(result.reason, 'guest-exit');
     assert.match(result.serial, /Hello from the Kiln demo guest!/);
@@ -78,11 +86,15 @@ describe('kiln on a host without usable KVM', () => {
   });
 
   const setpriv = ['/usr/bin/setpriv', '/bin/setpriv'].find((p) => existsSync(p));
-  test('no permission on /dev/kvm: one line, exit 1', { skip: !setpriv || kvmSkip ? 'needs setpriv and /dev/kvm' : false }, () => {
-    const r = kiln(['run', '--demo'], {}, [setpriv!, '--reuid=65534', '--regid=65534', '--clear-groups']);
-    assert.equal(r.status, 1, r.stderr);
-    assertOneLineError(r.stderr, /permission denied opening \/dev\/kvm/);
-  });
+  test(
+    'no permission on /dev/kvm: one line, exit 1',
+    { skip: !setpriv || kvmSkip ? 'needs setpriv and /dev/kvm' : false },
+    () => {
+      const r = kiln(['run', '--demo'], {}, [setpriv!, '--reuid=65534', '--regid=65534', '--clear-groups']);
+      assert.equal(r.status, 1, r.stderr);
+      assertOneLineError(r.stderr, /permission denied opening \/dev\/kvm/);
+    },
+  );
 });
 
 test('usage errors exit 2 and print the usage', () => {
@@ -98,7 +110,10 @@ test('usage errors exit 2 and print the usage', () => {
 test('bad virtio device flags are usage errors (exit 2) before anything runs', () => {
   for (const [args, pattern] of [
     [['--net', 'eth0'], /--net: eth0: unknown option 'eth0' \(expected tap=NAME or passt=SOCKET/],
-    [['--net', 'tap=a,passt=b'], /nets\[0\]: needs either tap \(a TAP name\) or passt \(a socket path\), not both or neither/],
+    [
+      ['--net', 'tap=a,passt=b'],
+      /nets\[0\]: needs either tap \(a TAP name\) or passt \(a socket path\), not both or neither/,
+    ],
     [['--vsock', 'three'], /--vsock: three: expected CID,SOCKET/],
     [['--disk', ',ro'], /--disk: needs a path first/],
     [['--disk', 'x.img,rw'], /unknown option 'rw'/],

@@ -41,16 +41,61 @@ export interface TestVm {
 }
 
 /** A VM with the progress port, debug-exit, and the kit's test device on both buses. */
-export function createTestVm(options: { vcpus?: number; memoryBytes?: number; serialFd?: number; irqchip?: boolean } = {}): TestVm {
-  const vm = Vm.create({ memoryBytes: options.memoryBytes ?? 4 * layout.MiB, vcpus: options.vcpus ?? 1, irqchip: options.irqchip ?? false });
-  const progress = vm.addDevice({ id: 'progress', kind: 'progress', bus: 'pio', base: layout.PORT_PROGRESS, size: layout.PORT_PROGRESS_SIZE });
-  vm.addDevice({ id: 'debug-exit', kind: 'debug-exit', bus: 'pio', base: layout.PORT_DEBUG_EXIT, size: layout.PORT_DEBUG_EXIT_SIZE });
-  vm.addDevice({ id: 'debug-exit-mmio', kind: 'debug-exit', bus: 'mmio', base: layout.DEBUG_EXIT_MMIO_BASE, size: layout.DEBUG_EXIT_MMIO_SIZE });
+export function createTestVm(
+  options: { vcpus?: number; memoryBytes?: number; serialFd?: number; irqchip?: boolean } = {},
+): TestVm {
+  const vm = Vm.create({
+    memoryBytes: options.memoryBytes ?? 4 * layout.MiB,
+    vcpus: options.vcpus ?? 1,
+    irqchip: options.irqchip ?? false,
+  });
+  const progress = vm.addDevice({
+    id: 'progress',
+    kind: 'progress',
+    bus: 'pio',
+    base: layout.PORT_PROGRESS,
+    size: layout.PORT_PROGRESS_SIZE,
+  });
+  vm.addDevice({
+    id: 'debug-exit',
+    kind: 'debug-exit',
+    bus: 'pio',
+    base: layout.PORT_DEBUG_EXIT,
+    size: layout.PORT_DEBUG_EXIT_SIZE,
+  });
+  vm.addDevice({
+    id: 'debug-exit-mmio',
+    kind: 'debug-exit',
+    bus: 'mmio',
+    base: layout.DEBUG_EXIT_MMIO_BASE,
+    size: layout.DEBUG_EXIT_MMIO_SIZE,
+  });
   if (options.serialFd !== undefined) {
-    vm.addDevice({ id: 'com1', kind: 'serial', bus: 'pio', base: layout.PORT_COM1, size: layout.PORT_COM_SIZE, options: { outFd: options.serialFd } });
+    vm.addDevice({
+      id: 'com1',
+      kind: 'serial',
+      bus: 'pio',
+      base: layout.PORT_COM1,
+      size: layout.PORT_COM_SIZE,
+      options: { outFd: options.serialFd },
+    });
   }
-  const pioTest = vm.addDevice({ id: 'pio-test', kind: 'test-device', bus: 'pio', base: layout.PORT_TEST_DEVICE, size: layout.PORT_TEST_DEVICE_SIZE, options: { registerBytes: layout.PORT_TEST_DEVICE_SIZE } });
-  const mmioTest = vm.addDevice({ id: 'mmio-test', kind: 'test-device', bus: 'mmio', base: layout.TEST_DEVICE_MMIO_BASE, size: layout.TEST_DEVICE_MMIO_SIZE, options: { registerBytes: 64 } });
+  const pioTest = vm.addDevice({
+    id: 'pio-test',
+    kind: 'test-device',
+    bus: 'pio',
+    base: layout.PORT_TEST_DEVICE,
+    size: layout.PORT_TEST_DEVICE_SIZE,
+    options: { registerBytes: layout.PORT_TEST_DEVICE_SIZE },
+  });
+  const mmioTest = vm.addDevice({
+    id: 'mmio-test',
+    kind: 'test-device',
+    bus: 'mmio',
+    base: layout.TEST_DEVICE_MMIO_BASE,
+    size: layout.TEST_DEVICE_MMIO_SIZE,
+    options: { registerBytes: 64 },
+  });
   return { vm, progress, pioTest, mmioTest };
 }
 
@@ -78,7 +123,9 @@ export async function runProgram(
  * A DeviceContext for driving a device model directly from a test: the given callbacks,
  * and for the rest no VM (MSIs are dropped, there is no guest memory or PCI function).
  */
-export function deviceContext(parts: Pick<DeviceContext, 'requestExit' | 'requestReset' | 'setIrq'> & Partial<DeviceContext>): DeviceContext {
+export function deviceContext(
+  parts: Pick<DeviceContext, 'requestExit' | 'requestReset' | 'setIrq'> & Partial<DeviceContext>,
+): DeviceContext {
   const noMemory = new Proxy({}, { get: () => assert.fail('this device context has no guest memory') }) as GuestMemory;
   return { signalMsi: () => undefined, memory: noMemory, vmFd: -1, pciFunctions: new Map(), ...parts };
 }

@@ -104,8 +104,12 @@ export function eisaId(id: string): Aml {
   const c = (i: number) => id.charCodeAt(i) - 0x40;
   const vendor = (c(0) << 10) | (c(1) << 5) | c(2);
   const product = parseInt(id.slice(3), 16);
-  const value = ((vendor >> 8) & 0xff) | ((vendor & 0xff) << 8) | (((product >> 8) & 0xff) << 16) | ((product & 0xff) << 24);
-  return concat([bytes(DWORD_PREFIX), Uint8Array.from([value & 0xff, (value >>> 8) & 0xff, (value >>> 16) & 0xff, (value >>> 24) & 0xff])]);
+  const value =
+    ((vendor >> 8) & 0xff) | ((vendor & 0xff) << 8) | (((product >> 8) & 0xff) << 16) | ((product & 0xff) << 24);
+  return concat([
+    bytes(DWORD_PREFIX),
+    Uint8Array.from([value & 0xff, (value >>> 8) & 0xff, (value >>> 16) & 0xff, (value >>> 24) & 0xff]),
+  ]);
 }
 
 export function name(path: string, value: Aml): Aml {
@@ -179,21 +183,58 @@ export function memory32Fixed(base: number, length: number): Aml {
 // Address space descriptors (ACPI 6.5, 6.4.3.5): a bridge's producer windows, with
 // fixed minimum and maximum (general flags MIF | MAF) and positive decode.
 const ADDRESS_FIXED_RANGE = 0x0c;
-const le = (value: number, bytes: number) => Array.from({ length: bytes }, (_, i) => Math.floor(value / 2 ** (8 * i)) & 0xff);
+const le = (value: number, bytes: number) =>
+  Array.from({ length: bytes }, (_, i) => Math.floor(value / 2 ** (8 * i)) & 0xff);
 
 /** WordBusNumber: the bus numbers a host bridge decodes. */
 export function wordBusNumber(min: number, max: number): Aml {
-  return Uint8Array.from([0x88, 13, 0, 2, ADDRESS_FIXED_RANGE, 0, ...le(0, 2), ...le(min, 2), ...le(max, 2), ...le(0, 2), ...le(max - min + 1, 2)]);
+  return Uint8Array.from([
+    0x88,
+    13,
+    0,
+    2,
+    ADDRESS_FIXED_RANGE,
+    0,
+    ...le(0, 2),
+    ...le(min, 2),
+    ...le(max, 2),
+    ...le(0, 2),
+    ...le(max - min + 1, 2),
+  ]);
 }
 
 /** DWordIO: an I/O port window [min, max] (entire range: ISA and non-ISA). */
 export function dwordIo(min: number, max: number): Aml {
-  return Uint8Array.from([0x87, 23, 0, 1, ADDRESS_FIXED_RANGE, 0x03, ...le(0, 4), ...le(min, 4), ...le(max, 4), ...le(0, 4), ...le(max - min + 1, 4)]);
+  return Uint8Array.from([
+    0x87,
+    23,
+    0,
+    1,
+    ADDRESS_FIXED_RANGE,
+    0x03,
+    ...le(0, 4),
+    ...le(min, 4),
+    ...le(max, 4),
+    ...le(0, 4),
+    ...le(max - min + 1, 4),
+  ]);
 }
 
 /** DWordMemory: a read/write, non-cacheable memory window [min, max]. */
 export function dwordMemory(min: number, max: number): Aml {
-  return Uint8Array.from([0x87, 23, 0, 0, ADDRESS_FIXED_RANGE, 0x01, ...le(0, 4), ...le(min, 4), ...le(max, 4), ...le(0, 4), ...le(max - min + 1, 4)]);
+  return Uint8Array.from([
+    0x87,
+    23,
+    0,
+    0,
+    ADDRESS_FIXED_RANGE,
+    0x01,
+    ...le(0, 4),
+    ...le(min, 4),
+    ...le(max, 4),
+    ...le(0, 4),
+    ...le(max - min + 1, 4),
+  ]);
 }
 
 /** ResourceTemplate: the descriptors plus the end tag with its checksum, as a Buffer. */

@@ -36,7 +36,6 @@ export const OEM_ID = 'KILN  ';
 const CREATOR_ID = 'KILN';
 const HEADER_SIZE = 36;
 
-
 function checksum(table: Uint8Array, from = 0, to = table.length): number {
   let sum = 0;
   for (let i = from; i < to; i++) sum = (sum + table[i]!) & 0xff;
@@ -136,7 +135,14 @@ function pciRoutingTable(): Uint8Array {
   const entries: Uint8Array[] = [];
   for (let slot = 1; slot < 32; slot++) {
     for (let pin = 0; pin < 4; pin++) {
-      entries.push(aml.packageOf([aml.integer(slot * 0x10000 + 0xffff), aml.integer(pin), aml.integer(0), aml.integer(pciIntxGsi(slot, pin))]));
+      entries.push(
+        aml.packageOf([
+          aml.integer(slot * 0x10000 + 0xffff),
+          aml.integer(pin),
+          aml.integer(0),
+          aml.integer(pciIntxGsi(slot, pin)),
+        ]),
+      );
     }
   }
   return aml.packageOf(entries);
@@ -163,7 +169,10 @@ function pciHostBridge(): Uint8Array[] {
       aml.name('_PRT', pciRoutingTable()),
     ]),
     // Linux trusts an MCFG area only if firmware also reserves it.
-    aml.device('RES0', [aml.name('_HID', aml.eisaId('PNP0C02')), aml.name('_CRS', aml.resourceTemplate([aml.memory32Fixed(PCI_ECAM_START, PCI_ECAM_SIZE)]))]),
+    aml.device('RES0', [
+      aml.name('_HID', aml.eisaId('PNP0C02')),
+      aml.name('_CRS', aml.resourceTemplate([aml.memory32Fixed(PCI_ECAM_START, PCI_ECAM_SIZE)])),
+    ]),
   ];
 }
 
@@ -183,8 +192,15 @@ export function dsdtAml(vcpus: number, pci = false): Uint8Array {
   const hid = (id: string) => aml.name('_HID', aml.eisaId(id));
   const uid = (n: number) => aml.name('_UID', aml.integer(n));
   const sb = aml.scope('\\_SB', [
-    aml.device('COM1', [hid('PNP0501'), uid(1), aml.name('_CRS', aml.resourceTemplate([aml.ioPort(PORT_COM1, PORT_COM_SIZE), aml.irqNoFlags(IRQ_COM1)]))]),
-    aml.device('RTC', [hid('PNP0B00'), aml.name('_CRS', aml.resourceTemplate([aml.ioPort(PORT_RTC, PORT_RTC_SIZE), aml.irqNoFlags(IRQ_RTC)]))]),
+    aml.device('COM1', [
+      hid('PNP0501'),
+      uid(1),
+      aml.name('_CRS', aml.resourceTemplate([aml.ioPort(PORT_COM1, PORT_COM_SIZE), aml.irqNoFlags(IRQ_COM1)])),
+    ]),
+    aml.device('RTC', [
+      hid('PNP0B00'),
+      aml.name('_CRS', aml.resourceTemplate([aml.ioPort(PORT_RTC, PORT_RTC_SIZE), aml.irqNoFlags(IRQ_RTC)])),
+    ]),
     aml.device('PWRB', [hid('PNP0C0C'), uid(0)]),
     aml.device('GED', [
       aml.name('_HID', aml.string('ACPI0013')),
@@ -193,7 +209,12 @@ export function dsdtAml(vcpus: number, pci = false): Uint8Array {
       // Linux calls _EVT with the GSI that fired; Kiln raises IRQ_GED only for the power button.
       aml.method('_EVT', 1, [aml.ifThen(aml.lEqual(aml.arg0, aml.integer(IRQ_GED)), [aml.notify('\\_SB.PWRB', 0x80)])]),
     ]),
-    ...Array.from({ length: vcpus }, (_, i) => aml.device(`C${i.toString(16).toUpperCase().padStart(3, '0')}`, [aml.name('_HID', aml.string('ACPI0007')), uid(i)])),
+    ...Array.from({ length: vcpus }, (_, i) =>
+      aml.device(`C${i.toString(16).toUpperCase().padStart(3, '0')}`, [
+        aml.name('_HID', aml.string('ACPI0007')),
+        uid(i),
+      ]),
+    ),
     ...(pci ? pciHostBridge() : []),
   ]);
   const s5 = aml.name('_S5', aml.packageOf([aml.integer(SLP_TYP_S5), aml.integer(0)]));
@@ -229,7 +250,8 @@ export function buildAcpiTables(shape: { vcpus: number; pci?: boolean }): AcpiTa
   entries.forEach((a, i) => new DataView(xsdtBody.buffer).setBigUint64(i * 8, BigInt(a), true));
   const xsdt = table('XSDT', 1, 'KILNXSDT', xsdtBody);
   const end = xsdtAddr + xsdt.length;
-  if (end > ACPI_END) throw new KilnError(`the ACPI tables need ${end - base} bytes; the ACPI area holds ${ACPI_END - base}`);
+  if (end > ACPI_END)
+    throw new KilnError(`the ACPI tables need ${end - base} bytes; the ACPI area holds ${ACPI_END - base}`);
 
   // RSDP (5.2.5), revision 2.
   const rsdp = new Uint8Array(rsdpSize);
@@ -254,6 +276,13 @@ export function buildAcpiTables(shape: { vcpus: number; pci?: boolean }): AcpiTa
     base,
     bytes,
     rsdp: base,
-    addresses: { RSDP: base, DSDT: dsdtAddr, FACP: fadtAddr, APIC: madtAddr, XSDT: xsdtAddr, ...(shape.pci ? { MCFG: mcfgAddr } : {}) },
+    addresses: {
+      RSDP: base,
+      DSDT: dsdtAddr,
+      FACP: fadtAddr,
+      APIC: madtAddr,
+      XSDT: xsdtAddr,
+      ...(shape.pci ? { MCFG: mcfgAddr } : {}),
+    },
   };
 }

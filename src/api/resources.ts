@@ -31,7 +31,13 @@ export interface VmmSettings {
 }
 
 // ---- field checking ----
-type Kind = { type: 'string' } | { type: 'boolean' } | { type: 'integer'; min?: number } | { type: 'enum'; values: readonly string[] } | { type: 'object' } | { type: 'array' };
+type Kind =
+  | { type: 'string' }
+  | { type: 'boolean' }
+  | { type: 'integer'; min?: number }
+  | { type: 'enum'; values: readonly string[] }
+  | { type: 'object' }
+  | { type: 'array' };
 type Fields = Readonly<Record<string, Kind & { required?: boolean }>>;
 
 const str = { type: 'string' } as const;
@@ -50,10 +56,12 @@ function describe(value: unknown): string {
 
 /** Checks `body`'s shape against `fields` (own keys only); returns it as a plain record. */
 function check(resource: string, body: unknown, fields: Fields): Record<string, unknown> {
-  if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new ApiError(`${resource}: the body must be a JSON object, not ${describe(body)}`);
+  if (typeof body !== 'object' || body === null || Array.isArray(body))
+    throw new ApiError(`${resource}: the body must be a JSON object, not ${describe(body)}`);
   const record = body as Record<string, unknown>;
   for (const key of Object.keys(record)) {
-    if (!Object.hasOwn(fields, key)) throw new ApiError(`${resource}: unknown field \`${key}\` (expected one of ${Object.keys(fields).join(', ')})`);
+    if (!Object.hasOwn(fields, key))
+      throw new ApiError(`${resource}: unknown field \`${key}\` (expected one of ${Object.keys(fields).join(', ')})`);
   }
   for (const [name, kind] of Object.entries(fields)) {
     const value = Object.hasOwn(record, name) ? record[name] : undefined;
@@ -88,24 +96,28 @@ function check(resource: string, body: unknown, fields: Fields): Record<string, 
 
 /** Firecracker's ID rule for devices: ASCII letters, digits and underscores, at most 64 of them. */
 export function checkId(what: string, id: string): string {
-  if (!/^[A-Za-z0-9_]{1,64}$/.test(id)) throw new ApiError(`Invalid ${what} ID: '${id}' (use 1 to 64 ASCII letters, digits or underscores)`);
+  if (!/^[A-Za-z0-9_]{1,64}$/.test(id))
+    throw new ApiError(`Invalid ${what} ID: '${id}' (use 1 to 64 ASCII letters, digits or underscores)`);
   return id;
 }
 
 /** Firecracker's rule for the instance ID (--id): ASCII letters, digits and hyphens, at most 64. */
 export function checkInstanceId(id: string): string {
-  if (!/^[A-Za-z0-9-]{1,64}$/.test(id)) throw new ApiError(`Invalid instance ID: '${id}' (use 1 to 64 ASCII letters, digits or hyphens)`);
+  if (!/^[A-Za-z0-9-]{1,64}$/.test(id))
+    throw new ApiError(`Invalid instance ID: '${id}' (use 1 to 64 ASCII letters, digits or hyphens)`);
   return id;
 }
 
 function noRateLimiter(resource: string, value: unknown): void {
   if (value === undefined) return;
   const limiter = value as Record<string, unknown>;
-  if (Object.values(limiter).some((bucket) => bucket !== null && bucket !== undefined)) throw new ApiError(`${resource}: rate limiters are not supported by Kiln yet`);
+  if (Object.values(limiter).some((bucket) => bucket !== null && bucket !== undefined))
+    throw new ApiError(`${resource}: rate limiters are not supported by Kiln yet`);
 }
 
 function matchIds(pathId: string, bodyId: unknown): void {
-  if (bodyId !== pathId) throw new ApiError(`The id from the path (${pathId}) does not match the id from the body (${String(bodyId)})`);
+  if (bodyId !== pathId)
+    throw new ApiError(`The id from the path (${pathId}) does not match the id from the body (${String(bodyId)})`);
 }
 
 /** A change to the VM configuration's input: the Vmm applies it, then checks the result. */
@@ -128,7 +140,10 @@ export function parseBootSource(body: unknown): ConfigChange {
   const r = check('boot-source', body, { kernel_image_path: req(str), boot_args: str, initrd_path: str });
   return (input) => {
     input.kernel = r.kernel_image_path;
-    for (const [from, to] of [['boot_args', 'cmdline'], ['initrd_path', 'initrd']] as const) {
+    for (const [from, to] of [
+      ['boot_args', 'cmdline'],
+      ['initrd_path', 'initrd'],
+    ] as const) {
       if (r[from] === undefined) delete input[to];
       else input[to] = r[from];
     }
@@ -146,10 +161,18 @@ const MACHINE_FIELDS: Fields = {
 
 /** PUT (every field but the optional ones reset) or PATCH (only the fields given) /machine-config. */
 export function parseMachineConfig(body: unknown, patch = false): ConfigChange {
-  const r = check('machine-config', body, patch ? MACHINE_FIELDS : { ...MACHINE_FIELDS, vcpu_count: req(int), mem_size_mib: req(int) });
+  const r = check(
+    'machine-config',
+    body,
+    patch ? MACHINE_FIELDS : { ...MACHINE_FIELDS, vcpu_count: req(int), mem_size_mib: req(int) },
+  );
   if (r.smt === true) throw new ApiError('machine-config: SMT is not supported by Kiln yet');
-  if (r.huge_pages === '2M') throw new ApiError('machine-config: explicit 2M huge pages are not supported by Kiln yet (use Transparent)');
-  if (r.cpu_template !== undefined && r.cpu_template !== 'None') throw new ApiError(`machine-config: CPU template ${String(r.cpu_template)} is not supported by Kiln (its own templates are host, pvm and baseline)`);
+  if (r.huge_pages === '2M')
+    throw new ApiError('machine-config: explicit 2M huge pages are not supported by Kiln yet (use Transparent)');
+  if (r.cpu_template !== undefined && r.cpu_template !== 'None')
+    throw new ApiError(
+      `machine-config: CPU template ${String(r.cpu_template)} is not supported by Kiln (its own templates are host, pvm and baseline)`,
+    );
   return (input) => {
     if (!patch) for (const key of ['trackDirtyPages', 'hugePages']) delete input[key];
     if (r.vcpu_count !== undefined) input.cpus = r.vcpu_count;
@@ -173,7 +196,8 @@ export function parseDrive(pathId: string, body: unknown): ConfigChange {
     socket: str,
   });
   matchIds(pathId, r.drive_id);
-  if (r.socket !== undefined) throw new ApiError('drives: vhost-user block devices (`socket`) are not supported by Kiln yet');
+  if (r.socket !== undefined)
+    throw new ApiError('drives: vhost-user block devices (`socket`) are not supported by Kiln yet');
   if (r.path_on_host === undefined) throw new ApiError('drives: missing field `path_on_host`');
   noRateLimiter('drives', r.rate_limiter);
   return (input) => {
@@ -201,13 +225,24 @@ export function parsePartialDrive(pathId: string, body: unknown): { drive_id: st
 
 export function parseNetworkInterface(pathId: string, body: unknown): ConfigChange {
   checkId('network interface', pathId);
-  const r = check('network-interfaces', body, { iface_id: req(str), host_dev_name: req(str), guest_mac: str, mtu: int, rx_rate_limiter: obj, tx_rate_limiter: obj });
+  const r = check('network-interfaces', body, {
+    iface_id: req(str),
+    host_dev_name: req(str),
+    guest_mac: str,
+    mtu: int,
+    rx_rate_limiter: obj,
+    tx_rate_limiter: obj,
+  });
   matchIds(pathId, r.iface_id);
   if (r.mtu !== undefined) throw new ApiError('network-interfaces: `mtu` is not supported by Kiln yet');
   noRateLimiter('network-interfaces', r.rx_rate_limiter);
   noRateLimiter('network-interfaces', r.tx_rate_limiter);
   return (input) => {
-    upsert(input, 'nets', { id: pathId, tap: r.host_dev_name, ...(r.guest_mac !== undefined ? { mac: r.guest_mac } : {}) });
+    upsert(input, 'nets', {
+      id: pathId,
+      tap: r.host_dev_name,
+      ...(r.guest_mac !== undefined ? { mac: r.guest_mac } : {}),
+    });
   };
 }
 
@@ -227,10 +262,22 @@ export function parseEntropy(body: unknown): ConfigChange {
 }
 
 export function parseBalloon(body: unknown): ConfigChange {
-  const r = check('balloon', body, { amount_mib: req(int), deflate_on_oom: req(bool), stats_polling_interval_s: int, free_page_hinting: bool, free_page_reporting: bool });
-  if (r.free_page_hinting === true) throw new ApiError('balloon: free page hinting is not supported by Kiln yet (free page reporting is)');
+  const r = check('balloon', body, {
+    amount_mib: req(int),
+    deflate_on_oom: req(bool),
+    stats_polling_interval_s: int,
+    free_page_hinting: bool,
+    free_page_reporting: bool,
+  });
+  if (r.free_page_hinting === true)
+    throw new ApiError('balloon: free page hinting is not supported by Kiln yet (free page reporting is)');
   return (input) => {
-    input.balloon = { targetMiB: r.amount_mib, deflateOnOom: r.deflate_on_oom, statsIntervalS: r.stats_polling_interval_s ?? 0, freePageReporting: r.free_page_reporting ?? false };
+    input.balloon = {
+      targetMiB: r.amount_mib,
+      deflateOnOom: r.deflate_on_oom,
+      statsIntervalS: r.stats_polling_interval_s ?? 0,
+      freePageReporting: r.free_page_reporting ?? false,
+    };
   };
 }
 
@@ -248,8 +295,11 @@ export function parseBalloonUpdate(body: unknown): ConfigChange & { readonly mib
 export function parseLogger(body: unknown): LoggerConfig {
   const r = check('logger', body, { log_path: str, level: str, show_level: bool, show_log_origin: bool, module: str });
   const level = (r.level as string | undefined) ?? 'Info';
-  const canonical = ['Error', 'Warning', 'Info', 'Debug', 'Trace', 'Off'].find((l) => l.toLowerCase() === level.toLowerCase());
-  if (!canonical) throw new ApiError(`logger: \`level\` must be one of Error, Warning, Info, Debug, Trace, Off (got ${level})`);
+  const canonical = ['Error', 'Warning', 'Info', 'Debug', 'Trace', 'Off'].find(
+    (l) => l.toLowerCase() === level.toLowerCase(),
+  );
+  if (!canonical)
+    throw new ApiError(`logger: \`level\` must be one of Error, Warning, Info, Debug, Trace, Off (got ${level})`);
   return {
     ...(r.log_path !== undefined ? { log_path: r.log_path as string } : {}),
     level: canonical,
@@ -269,24 +319,52 @@ export function parseVmState(body: unknown): 'Paused' | 'Resumed' {
 }
 
 export function parseAction(body: unknown): 'InstanceStart' | 'SendCtrlAltDel' | 'FlushMetrics' {
-  return check('actions', body, { action_type: req(oneOf('FlushMetrics', 'InstanceStart', 'SendCtrlAltDel')) }).action_type as 'InstanceStart' | 'SendCtrlAltDel' | 'FlushMetrics';
+  return check('actions', body, { action_type: req(oneOf('FlushMetrics', 'InstanceStart', 'SendCtrlAltDel')) })
+    .action_type as 'InstanceStart' | 'SendCtrlAltDel' | 'FlushMetrics';
 }
 
 // ---- VmConfig -> Firecracker's resources (GET /vm/config, GET /machine-config, GET /balloon) ----
 export function exportMachineConfig(c: VmConfig): Record<string, unknown> {
-  return { vcpu_count: c.cpus, mem_size_mib: c.memoryMiB, smt: false, track_dirty_pages: c.trackDirtyPages, huge_pages: c.hugePages ?? 'None' };
+  return {
+    vcpu_count: c.cpus,
+    mem_size_mib: c.memoryMiB,
+    smt: false,
+    track_dirty_pages: c.trackDirtyPages,
+    huge_pages: c.hugePages ?? 'None',
+  };
 }
 
 export function exportDrive(d: DiskConfig): Record<string, unknown> {
-  return { drive_id: d.id, path_on_host: d.path, is_root_device: d.root, is_read_only: d.readOnly, ...(d.partuuid !== undefined ? { partuuid: d.partuuid } : {}), cache_type: d.cacheType ?? 'Unsafe', io_engine: d.ioEngine ?? 'Sync' };
+  return {
+    drive_id: d.id,
+    path_on_host: d.path,
+    is_root_device: d.root,
+    is_read_only: d.readOnly,
+    ...(d.partuuid !== undefined ? { partuuid: d.partuuid } : {}),
+    cache_type: d.cacheType ?? 'Unsafe',
+    io_engine: d.ioEngine ?? 'Sync',
+  };
 }
 
 export function exportBalloon(b: BalloonConfig): Record<string, unknown> {
-  return { amount_mib: b.targetMiB, deflate_on_oom: b.deflateOnOom, stats_polling_interval_s: b.statsIntervalS, free_page_reporting: b.freePageReporting };
+  return {
+    amount_mib: b.targetMiB,
+    deflate_on_oom: b.deflateOnOom,
+    stats_polling_interval_s: b.statsIntervalS,
+    free_page_reporting: b.freePageReporting,
+  };
 }
 
-const exportNet = (n: NetConfig) => ({ iface_id: n.id, host_dev_name: n.tap, ...(n.mac !== undefined ? { guest_mac: n.mac } : {}) });
-const exportVsock = (v: VsockConfig) => ({ guest_cid: v.guestCid, uds_path: v.uds, ...(v.id !== undefined ? { vsock_id: v.id } : {}) });
+const exportNet = (n: NetConfig) => ({
+  iface_id: n.id,
+  host_dev_name: n.tap,
+  ...(n.mac !== undefined ? { guest_mac: n.mac } : {}),
+});
+const exportVsock = (v: VsockConfig) => ({
+  guest_cid: v.guestCid,
+  uds_path: v.uds,
+  ...(v.id !== undefined ? { vsock_id: v.id } : {}),
+});
 
 /**
  * GET /vm/config and --config-file share this shape (FullVmConfiguration). What
@@ -294,7 +372,15 @@ const exportVsock = (v: VsockConfig) => ({ guest_cid: v.guestCid, uds_path: v.ud
  */
 export function exportDefinition(c: VmConfig, s: VmmSettings): Record<string, unknown> {
   return {
-    ...(c.kernel !== undefined ? { 'boot-source': { kernel_image_path: c.kernel, ...(c.cmdline !== undefined ? { boot_args: c.cmdline } : {}), ...(c.initrd !== undefined ? { initrd_path: c.initrd } : {}) } } : {}),
+    ...(c.kernel !== undefined
+      ? {
+          'boot-source': {
+            kernel_image_path: c.kernel,
+            ...(c.cmdline !== undefined ? { boot_args: c.cmdline } : {}),
+            ...(c.initrd !== undefined ? { initrd_path: c.initrd } : {}),
+          },
+        }
+      : {}),
     'machine-config': exportMachineConfig(c),
     drives: c.disks.map(exportDrive),
     'network-interfaces': c.nets.filter((n) => n.tap !== undefined).map(exportNet),
@@ -323,8 +409,10 @@ export function parseConfigFile(json: unknown): { changes: ConfigChange[]; setti
   const settings: VmmSettings = {};
   if (r['boot-source'] !== undefined) changes.push(parseBootSource(r['boot-source']));
   if (r['machine-config'] !== undefined) changes.push(parseMachineConfig(r['machine-config']));
-  for (const item of (r.drives as unknown[] | undefined) ?? []) changes.push(parseDrive(String((item as Input | null)?.drive_id ?? ''), item));
-  for (const item of (r['network-interfaces'] as unknown[] | undefined) ?? []) changes.push(parseNetworkInterface(String((item as Input | null)?.iface_id ?? ''), item));
+  for (const item of (r.drives as unknown[] | undefined) ?? [])
+    changes.push(parseDrive(String((item as Input | null)?.drive_id ?? ''), item));
+  for (const item of (r['network-interfaces'] as unknown[] | undefined) ?? [])
+    changes.push(parseNetworkInterface(String((item as Input | null)?.iface_id ?? ''), item));
   if (r.vsock !== undefined) changes.push(parseVsock(r.vsock));
   if (r.entropy !== undefined) changes.push(parseEntropy(r.entropy));
   if (r.balloon !== undefined) changes.push(parseBalloon(r.balloon));

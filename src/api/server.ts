@@ -51,9 +51,11 @@ function readBody(req: IncomingMessage): Promise<string | null> {
 }
 
 /** Kiln has no such feature yet: a 400 that says so. */
-const notYet = (what: string): Handler => () => {
-  throw new ApiError(`${what} is not supported by Kiln yet`);
-};
+const notYet =
+  (what: string): Handler =>
+  () => {
+    throw new ApiError(`${what} is not supported by Kiln yet`);
+  };
 
 /** A pre-boot-only change (answered 204): refused after InstanceStart, as Firecracker refuses it. */
 const preBoot =
@@ -65,7 +67,16 @@ const preBoot =
 
 /** Every route; PUT and PATCH take a JSON body, GET none. */
 const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Handler]> = [
-  ['GET', '/', (vmm) => ({ app_name: 'Firecracker', id: vmm.id, state: vmm.state, vmm_version: `${FIRECRACKER_API_VERSION}-kiln.${KILN_VERSION}` })],
+  [
+    'GET',
+    '/',
+    (vmm) => ({
+      app_name: 'Firecracker',
+      id: vmm.id,
+      state: vmm.state,
+      vmm_version: `${FIRECRACKER_API_VERSION}-kiln.${KILN_VERSION}`,
+    }),
+  ],
   ['GET', '/version', () => ({ firecracker_version: FIRECRACKER_API_VERSION })],
   ['GET', '/vm/config', (vmm) => r.exportDefinition(vmm.config, vmm.settings)],
   ['GET', '/machine-config', (vmm) => r.exportMachineConfig(vmm.config)],
@@ -73,49 +84,76 @@ const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Han
   ['PUT', '/machine-config', preBoot((vmm, body) => vmm.apply(r.parseMachineConfig(body)))],
   ['PATCH', '/machine-config', preBoot((vmm, body) => vmm.apply(r.parseMachineConfig(body, true)))],
   ['PUT', '/drives/:drive_id', preBoot((vmm, body, p) => vmm.apply(r.parseDrive(p.drive_id ?? '', body)))],
-  ['PATCH', '/drives/:drive_id', (vmm, body, p) => {
-    const patch = r.parsePartialDrive(p.drive_id ?? '', body);
-    if (!vmm.config.disks.some((d) => d.id === patch.drive_id)) throw new ApiError(`Invalid block device ID: ${patch.drive_id}`);
-    const path = patch.path_on_host;
-    if (path === undefined) return;
-    const change: r.ConfigChange = (input) => {
-      input.disks = (input.disks as Array<Record<string, unknown>>).map((d) => (d.id === patch.drive_id ? { ...d, path } : d));
-    };
-    // Checked before the running guest sees anything; applied after the swap succeeded.
-    vmm.check(change);
-    if (vmm.started) vmm.patchDrive(patch.drive_id, path);
-    vmm.apply(change);
-  }],
-  ['PUT', '/network-interfaces/:iface_id', preBoot((vmm, body, p) => vmm.apply(r.parseNetworkInterface(p.iface_id ?? '', body)))],
+  [
+    'PATCH',
+    '/drives/:drive_id',
+    (vmm, body, p) => {
+      const patch = r.parsePartialDrive(p.drive_id ?? '', body);
+      if (!vmm.config.disks.some((d) => d.id === patch.drive_id))
+        throw new ApiError(`Invalid block device ID: ${patch.drive_id}`);
+      const path = patch.path_on_host;
+      if (path === undefined) return;
+      const change: r.ConfigChange = (input) => {
+        input.disks = (input.disks as Array<Record<string, unknown>>).map((d) =>
+          d.id === patch.drive_id ? { ...d, path } : d,
+        );
+      };
+      // Checked before the running guest sees anything; applied after the swap succeeded.
+      vmm.check(change);
+      if (vmm.started) vmm.patchDrive(patch.drive_id, path);
+      vmm.apply(change);
+    },
+  ],
+  [
+    'PUT',
+    '/network-interfaces/:iface_id',
+    preBoot((vmm, body, p) => vmm.apply(r.parseNetworkInterface(p.iface_id ?? '', body))),
+  ],
   ['PATCH', '/network-interfaces/:iface_id', notYet('Updating network interface rate limiters')],
   ['PUT', '/vsock', preBoot((vmm, body) => vmm.apply(r.parseVsock(body)))],
   ['PUT', '/entropy', preBoot((vmm, body) => vmm.apply(r.parseEntropy(body)))],
   ['PUT', '/balloon', preBoot((vmm, body) => vmm.apply(r.parseBalloon(body)))],
-  ['PATCH', '/balloon', (vmm, body) => {
-    const update = r.parseBalloonUpdate(body);
-    if (!vmm.config.balloon) throw new ApiError('The balloon device is not configured.');
-    vmm.check(update);
-    if (vmm.started) vmm.setBalloonTarget(update.mib as number);
-    vmm.apply(update);
-  }],
-  ['GET', '/balloon', (vmm) => {
-    if (!vmm.config.balloon) throw new ApiError('The balloon device is not configured.');
-    return r.exportBalloon(vmm.config.balloon);
-  }],
+  [
+    'PATCH',
+    '/balloon',
+    (vmm, body) => {
+      const update = r.parseBalloonUpdate(body);
+      if (!vmm.config.balloon) throw new ApiError('The balloon device is not configured.');
+      vmm.check(update);
+      if (vmm.started) vmm.setBalloonTarget(update.mib as number);
+      vmm.apply(update);
+    },
+  ],
+  [
+    'GET',
+    '/balloon',
+    (vmm) => {
+      if (!vmm.config.balloon) throw new ApiError('The balloon device is not configured.');
+      return r.exportBalloon(vmm.config.balloon);
+    },
+  ],
   ['GET', '/balloon/statistics', (vmm) => vmm.balloonStats()],
   ['PATCH', '/balloon/statistics', notYet('Changing the balloon statistics interval')],
   ['PUT', '/logger', preBoot((vmm, body) => (vmm.settings.logger = r.parseLogger(body)))],
   ['PUT', '/metrics', preBoot((vmm, body) => (vmm.settings.metrics = r.parseMetrics(body)))],
-  ['PUT', '/actions', async (vmm, body) => {
-    const action = r.parseAction(body);
-    if (action === 'InstanceStart') await vmm.start();
-    else if (action === 'SendCtrlAltDel') vmm.ctrlAltDel();
-    else vmm.flushMetrics();
-  }],
-  ['PATCH', '/vm', async (vmm, body) => {
-    if (r.parseVmState(body) === 'Paused') await vmm.pause();
-    else vmm.resume();
-  }],
+  [
+    'PUT',
+    '/actions',
+    async (vmm, body) => {
+      const action = r.parseAction(body);
+      if (action === 'InstanceStart') await vmm.start();
+      else if (action === 'SendCtrlAltDel') vmm.ctrlAltDel();
+      else vmm.flushMetrics();
+    },
+  ],
+  [
+    'PATCH',
+    '/vm',
+    async (vmm, body) => {
+      if (r.parseVmState(body) === 'Paused') await vmm.pause();
+      else vmm.resume();
+    },
+  ],
   ['PUT', '/cpu-config', notYet('Custom CPU templates (/cpu-config)')],
   ['PUT', '/mmds', notYet('The microVM metadata service (/mmds)')],
   ['PATCH', '/mmds', notYet('The microVM metadata service (/mmds)')],
@@ -138,7 +176,8 @@ const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Han
 export function apiHandler(vmm: Vmm): (req: IncomingMessage, res: ServerResponse) => void {
   const router = FindMyWay({
     ignoreTrailingSlash: true,
-    defaultRoute: (req: IncomingMessage, res: ServerResponse) => fault(res, `Invalid request method and/or path: ${req.method} ${req.url}.`),
+    defaultRoute: (req: IncomingMessage, res: ServerResponse) =>
+      fault(res, `Invalid request method and/or path: ${req.method} ${req.url}.`),
   });
   for (const [method, path, handler] of ROUTES) {
     const takesBody = method !== 'GET';
@@ -146,7 +185,11 @@ export function apiHandler(vmm: Vmm): (req: IncomingMessage, res: ServerResponse
       void (async () => {
         try {
           const text = await readBody(req);
-          if (text === null) return fault(res, `Request payload with size larger than the limit of ${MAX_BODY_BYTES} bytes allowed by server.`);
+          if (text === null)
+            return fault(
+              res,
+              `Request payload with size larger than the limit of ${MAX_BODY_BYTES} bytes allowed by server.`,
+            );
           let body: unknown;
           if (takesBody) {
             if (text.trim() === '') return fault(res, 'The request body is empty; this request needs a JSON body.');
@@ -171,7 +214,8 @@ export function apiHandler(vmm: Vmm): (req: IncomingMessage, res: ServerResponse
 
 /** Listens on the Unix socket `path` (refusing one that exists, as Firecracker does). */
 export async function listenApi(path: string, vmm: Vmm): Promise<Server> {
-  if (existsSync(path)) throw new ApiError(`the API socket ${path} already exists (another VMM, or a stale one: remove it first)`);
+  if (existsSync(path))
+    throw new ApiError(`the API socket ${path} already exists (another VMM, or a stale one: remove it first)`);
   const server = createServer(apiHandler(vmm));
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);

@@ -51,7 +51,10 @@ export class Vmm {
     const order = ['Off', 'Error', 'Warning', 'Info', 'Debug', 'Trace'];
     if (order.indexOf(level) > order.indexOf(logger.level)) return;
     if (this.logFd < 0) this.logFd = openSync(logger.log_path, 'a');
-    writeSync(this.logFd, `${new Date().toISOString()} ${logger.show_level ? `[${level}] ` : ''}[${this.id}] ${text}\n`);
+    writeSync(
+      this.logFd,
+      `${new Date().toISOString()} ${logger.show_level ? `[${level}] ` : ''}[${this.id}] ${text}\n`,
+    );
   }
 
   get state(): InstanceState {
@@ -90,7 +93,8 @@ export class Vmm {
     this.preBoot();
     const c = this.config;
     if (c.kernel === undefined) throw new ApiError('Cannot start microvm without kernel configuration.');
-    if ((c.cmdline ?? '').split(/\s+/).includes('pci=off')) this.note('Warning', "dropped `pci=off` from boot_args: Kiln's virtio devices are on PCI");
+    if ((c.cmdline ?? '').split(/\s+/).includes('pci=off'))
+      this.note('Warning', "dropped `pci=off` from boot_args: Kiln's virtio devices are on PCI");
     try {
       this.live = createLinuxVm(c, { serialOutFd: this.serialOutFd });
     } catch (err) {
@@ -100,7 +104,10 @@ export class Vmm {
     this.balloon = this.live.virtio.balloon ? balloonControl(this.live.virtio.balloon) : null;
     this.onStart?.(this.live);
     await this.live.vm.start();
-    this.note('Info', `InstanceStart: ${c.kernel} (${this.live.boot.format}), ${c.cpus} vCPU, ${c.memoryMiB} MiB, ${c.disks.length} drive(s), ${c.nets.length} network interface(s)`);
+    this.note(
+      'Info',
+      `InstanceStart: ${c.kernel} (${this.live.boot.format}), ${c.cpus} vCPU, ${c.memoryMiB} MiB, ${c.disks.length} drive(s), ${c.nets.length} network interface(s)`,
+    );
     void this.live.vm.wait().then(async (result) => {
       this.note('Info', `the VM ended: ${result.detail}`);
       await this.live?.vm.destroy();
@@ -154,13 +161,30 @@ export class Vmm {
 
   balloonStats(): Record<string, number> {
     if (!this.balloon || !this.config.balloon) throw new ApiError('The balloon device is not configured.');
-    if (this.config.balloon.statsIntervalS === 0) throw new ApiError('Statistics for the balloon device are not enabled');
+    if (this.config.balloon.statsIntervalS === 0)
+      throw new ApiError('Statistics for the balloon device are not enabled');
     this.balloon.requestStats();
     const target = this.config.balloon.targetMiB;
     const actualPages = this.balloon.actualPages;
     // virtio 1.2, 5.5.6.3 tags -> Firecracker's names.
-    const names = ['swap_in', 'swap_out', 'major_faults', 'minor_faults', 'free_memory', 'total_memory', 'available_memory', 'disk_caches', 'hugetlb_allocations', 'hugetlb_failures'];
-    const stats: Record<string, number> = { target_pages: Math.floor((target * 1024 * 1024) / 4096), actual_pages: actualPages, target_mib: target, actual_mib: Math.floor((actualPages * 4096) / (1024 * 1024)) };
+    const names = [
+      'swap_in',
+      'swap_out',
+      'major_faults',
+      'minor_faults',
+      'free_memory',
+      'total_memory',
+      'available_memory',
+      'disk_caches',
+      'hugetlb_allocations',
+      'hugetlb_failures',
+    ];
+    const stats: Record<string, number> = {
+      target_pages: Math.floor((target * 1024 * 1024) / 4096),
+      actual_pages: actualPages,
+      target_mib: target,
+      actual_mib: Math.floor((actualPages * 4096) / (1024 * 1024)),
+    };
     names.forEach((name, tag) => {
       if (this.balloon!.statsUpdates > 0) stats[name] = Number(this.balloon!.stat(tag));
     });

@@ -37,10 +37,13 @@ function run(format: Format, input: Uint8Array): Uint8Array {
   if (!format.tool) return new Uint8Array(gunzipSync(input));
   const [cmd, ...args] = format.tool;
   try {
-    return new Uint8Array(execFileSync(cmd, args, { input, maxBuffer: 1024 * 2 ** 20, stdio: ['pipe', 'pipe', 'pipe'] }));
+    return new Uint8Array(
+      execFileSync(cmd, args, { input, maxBuffer: 1024 * 2 ** 20, stdio: ['pipe', 'pipe', 'pipe'] }),
+    );
   } catch (err) {
     const e = err as NodeJS.ErrnoException & { stderr?: Buffer };
-    if (e.code === 'ENOENT') throw new KilnError(`decompressing a ${format.name} kernel needs ${cmd}: apt-get install ${format.pkg}`);
+    if (e.code === 'ENOENT')
+      throw new KilnError(`decompressing a ${format.name} kernel needs ${cmd}: apt-get install ${format.pkg}`);
     throw new KilnError(`${cmd} could not decompress the kernel payload: ${e.stderr?.toString().trim() || e.message}`);
   }
 }
@@ -55,10 +58,14 @@ export function decompressBzImage(image: Uint8Array): { elf: Uint8Array; format:
   const setupBytes = ((Number(hdr.setup_sects) || 4) + 1) * 512;
   const offset = setupBytes + Number(hdr.payload_offset);
   const length = Number(hdr.payload_length);
-  if (length === 0 || offset + length > image.length) throw new KernelImageError('the bzImage has no payload Kiln can find (boot protocol 2.08+ records one)');
+  if (length === 0 || offset + length > image.length)
+    throw new KernelImageError('the bzImage has no payload Kiln can find (boot protocol 2.08+ records one)');
   const payload = image.subarray(offset, offset + length);
   const format = payloadFormat(payload);
-  if (!format) throw new KernelImageError(`the bzImage payload is compressed in a format Kiln does not know (magic ${[...payload.subarray(0, 4)].map((b) => b.toString(16).padStart(2, '0')).join(' ')})`);
+  if (!format)
+    throw new KernelImageError(
+      `the bzImage payload is compressed in a format Kiln does not know (magic ${[...payload.subarray(0, 4)].map((b) => b.toString(16).padStart(2, '0')).join(' ')})`,
+    );
   // Kbuild appends the uncompressed size (4 bytes) after most formats' stream.
   let elf: Uint8Array;
   try {

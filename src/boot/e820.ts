@@ -21,7 +21,8 @@ export function mergeRam(ranges: readonly RamRange[]): RamRange[] {
   const out: RamRange[] = [];
   for (const r of sorted) {
     const last = out[out.length - 1];
-    if (last && last.guestPhysAddr + last.size === r.guestPhysAddr) out[out.length - 1] = { guestPhysAddr: last.guestPhysAddr, size: last.size + r.size };
+    if (last && last.guestPhysAddr + last.size === r.guestPhysAddr)
+      out[out.length - 1] = { guestPhysAddr: last.guestPhysAddr, size: last.size + r.size };
     else out.push(r);
   }
   return out;
@@ -35,7 +36,8 @@ export function buildE820(ram: readonly RamRange[]): E820Entry[] {
   const entries: E820Entry[] = [];
   for (const r of mergeRam(ram)) {
     const end = r.guestPhysAddr + r.size;
-    if (r.guestPhysAddr < LOW_RAM_END) entries.push({ addr: r.guestPhysAddr, size: Math.min(end, LOW_RAM_END) - r.guestPhysAddr, type: E820_RAM });
+    if (r.guestPhysAddr < LOW_RAM_END)
+      entries.push({ addr: r.guestPhysAddr, size: Math.min(end, LOW_RAM_END) - r.guestPhysAddr, type: E820_RAM });
     const from = Math.max(r.guestPhysAddr, HIMEM_START);
     if (end > from) entries.push({ addr: from, size: end - from, type: E820_RAM });
   }

@@ -35,17 +35,24 @@ export interface ElfKernel {
 }
 
 export function isElf(image: Uint8Array): boolean {
-  return image.length >= 4 && new DataView(image.buffer, image.byteOffset, image.byteLength).getUint32(0, true) === ELF_MAGIC;
+  return (
+    image.length >= 4 && new DataView(image.buffer, image.byteOffset, image.byteLength).getUint32(0, true) === ELF_MAGIC
+  );
 }
 
 export function parseElfKernel(image: Uint8Array): ElfKernel {
   const dv = new DataView(image.buffer, image.byteOffset, image.byteLength);
   const need = (end: number, what: string) => {
-    if (end > image.length) throw new KernelImageError(`the kernel ELF image is truncated: ${what} ends at byte ${end}, the file has ${image.length}`);
+    if (end > image.length)
+      throw new KernelImageError(
+        `the kernel ELF image is truncated: ${what} ends at byte ${end}, the file has ${image.length}`,
+      );
   };
   need(64, 'the ELF header');
-  if (dv.getUint8(4) !== ELFCLASS64 || dv.getUint8(5) !== ELFDATA2LSB) throw new KernelImageError('the kernel is an ELF file but not 64-bit little-endian');
-  if (dv.getUint16(18, true) !== EM_X86_64) throw new KernelImageError(`the kernel is an ELF file for machine ${dv.getUint16(18, true)}, not x86-64`);
+  if (dv.getUint8(4) !== ELFCLASS64 || dv.getUint8(5) !== ELFDATA2LSB)
+    throw new KernelImageError('the kernel is an ELF file but not 64-bit little-endian');
+  if (dv.getUint16(18, true) !== EM_X86_64)
+    throw new KernelImageError(`the kernel is an ELF file for machine ${dv.getUint16(18, true)}, not x86-64`);
   const u64 = (at: number) => Number(dv.getBigUint64(at, true));
   const entry = u64(24);
   const phoff = u64(32);
@@ -72,7 +79,8 @@ export function parseElfKernel(image: Uint8Array): ElfKernel {
       pvhEntry ??= findPvhNote(dv, fileOffset, fileSize);
     }
   }
-  if (segments.length === 0) throw new KernelImageError('the kernel ELF image has nothing to load (no PT_LOAD segment)');
+  if (segments.length === 0)
+    throw new KernelImageError('the kernel ELF image has nothing to load (no PT_LOAD segment)');
   return { entry, pvhEntry, segments, textEnd: findTextEnd(dv, segments) };
 }
 
@@ -87,7 +95,8 @@ function findTextEnd(dv: DataView, segments: readonly ElfSegment[]): { vaddr: bi
   const strtab = u64(shoff + shstrndx * shentsize + 0x18);
   const name = (offset: number) => {
     let s = '';
-    for (let at = strtab + offset; at < dv.byteLength && dv.getUint8(at) !== 0 && s.length < 32; at++) s += String.fromCharCode(dv.getUint8(at));
+    for (let at = strtab + offset; at < dv.byteLength && dv.getUint8(at) !== 0 && s.length < 32; at++)
+      s += String.fromCharCode(dv.getUint8(at));
     return s;
   };
   for (let i = 0; i < shnum; i++) {
@@ -102,7 +111,7 @@ function findTextEnd(dv: DataView, segments: readonly ElfSegment[]): { vaddr: bi
 
 function findPvhNote(dv: DataView, start: number, size: number): number | null {
   const align4 = (n: number) => (n + 3) & ~3;
-  for (let at = start; at + 12 <= start + size; ) {
+  for (let at = start; at + 12 <= start + size;) {
     const namesz = dv.getUint32(at, true);
     const descsz = dv.getUint32(at + 4, true);
     const type = dv.getUint32(at + 8, true);

@@ -64,7 +64,9 @@ function readGuestFile(path: string, what: string): Uint8Array {
     size = st.size;
   } catch (err) {
     if (err instanceof KilnError) throw err;
-    throw new KilnError(`cannot read the ${what} '${path}': ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    throw new KilnError(
+      `cannot read the ${what} '${path}': ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`,
+    );
   }
   if (size === 0) throw new KilnError(`the ${what} '${path}' is empty`);
   return new Uint8Array(readFileSync(path));
@@ -78,7 +80,12 @@ export const DROPPED_BOOT_ARGS: ReadonlySet<string> = new Set(['pci=off']);
  * user's (less what Kiln drops), and, as Firecracker does, root= for a root disk
  * (/dev/vda, which bootOrder makes it, or its PARTUUID) with ro or rw.
  */
-export function composeCmdline(user: string | undefined, template: CpuTemplate, softwareKvm: boolean, root?: DiskConfig): string {
+export function composeCmdline(
+  user: string | undefined,
+  template: CpuTemplate,
+  softwareKvm: boolean,
+  root?: DiskConfig,
+): string {
   const parts = [BASE_CMDLINE];
   if (softwareKvm) parts.push(SOFTWARE_KVM_CMDLINE, ...template.cmdline);
   parts.push(...(user ?? '').split(/\s+/).filter((a) => a !== '' && !DROPPED_BOOT_ARGS.has(a)));
@@ -91,13 +98,19 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime): LinuxV
   const config = { ...vmConfig, disks: bootOrder(vmConfig.disks) };
   const softwareKvm = isSoftwareKvm();
   const template = cpuTemplate(config.cpuTemplate ?? (softwareKvm ? 'pvm' : 'host'));
-  if (config.cpus > MAX_MADT_VCPUS) throw new KilnError(`vCPU count must be at most ${MAX_MADT_VCPUS} (got ${config.cpus})`);
+  if (config.cpus > MAX_MADT_VCPUS)
+    throw new KilnError(`vCPU count must be at most ${MAX_MADT_VCPUS} (got ${config.cpus})`);
   const memoryBytes = config.memoryMiB * 1024 * 1024;
   validateMemorySize(memoryBytes);
   let kernel = readGuestFile(vmConfig.kernel, 'kernel');
   if (runtime.hostDecompress && !isElf(kernel)) kernel = decompressBzImage(kernel).elf;
   const initrd = config.initrd !== undefined ? readGuestFile(config.initrd, 'initrd') : undefined;
-  const cmdline = composeCmdline(config.cmdline, template, softwareKvm, config.disks.find((d) => d.root));
+  const cmdline = composeCmdline(
+    config.cmdline,
+    template,
+    softwareKvm,
+    config.disks.find((d) => d.root),
+  );
   const acpi = buildAcpiTables({ vcpus: config.cpus, pci: true });
   // The whole boot layout is computed (and checked) before the VM exists.
   const boot = loadKernel({ kernel, initrd, cmdline, ram: ramRanges(memoryBytes), rsdp: acpi.rsdp });
@@ -125,7 +138,9 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime): LinuxV
     const refused = new Set<number>();
     vm.vcpus.forEach((vcpu, i) => configureVcpu(vcpu, i, config.cpus, cpuid, true).forEach((msr) => refused.add(msr)));
     if (refused.size > 0) {
-      process.stderr.write(`kiln: KVM refused to set boot MSR(s) ${[...refused].map((m) => `0x${m.toString(16)}`).join(', ')}; they keep KVM's reset values\n`);
+      process.stderr.write(
+        `kiln: KVM refused to set boot MSR(s) ${[...refused].map((m) => `0x${m.toString(16)}`).join(', ')}; they keep KVM's reset values\n`,
+      );
     }
     vm.memory.write(acpi.base, acpi.bytes);
     for (const w of boot.writes) vm.memory.write(w.gpa, w.bytes);

@@ -86,7 +86,9 @@ function encodeCmdline(cmdline: string, limit: number): Uint8Array {
   const bytes = new TextEncoder().encode(cmdline);
   // The limit counts the terminating NUL.
   if (bytes.length + 1 > Math.min(limit, CMDLINE_MAX)) {
-    throw new KilnError(`the kernel command line is ${bytes.length} bytes; this kernel accepts at most ${Math.min(limit, CMDLINE_MAX) - 1}`);
+    throw new KilnError(
+      `the kernel command line is ${bytes.length} bytes; this kernel accepts at most ${Math.min(limit, CMDLINE_MAX) - 1}`,
+    );
   }
   const out = new Uint8Array(bytes.length + 1);
   out.set(bytes);
@@ -104,19 +106,28 @@ function lowRamTop(ram: readonly RamRange[]): number {
 function placeInitrd(initrd: Uint8Array, kernelEnd: number, top: number): number {
   const gpa = alignDown(top - initrd.length, PAGE_SIZE);
   if (initrd.length > top || gpa < alignUp(kernelEnd, PAGE_SIZE)) {
-    throw new KilnError(`the initrd (${mib(initrd.length)}) does not fit in guest memory: ${mib(Math.max(0, top - alignUp(kernelEnd, PAGE_SIZE)))} is free between the kernel and ${hex(top)}`);
+    throw new KilnError(
+      `the initrd (${mib(initrd.length)}) does not fit in guest memory: ${mib(Math.max(0, top - alignUp(kernelEnd, PAGE_SIZE)))} is free between the kernel and ${hex(top)}`,
+    );
   }
   return gpa;
 }
 
 function zeroPage(e820: readonly E820Entry[], fill: (bp: DataView) => void): Uint8Array {
-  if (e820.length > E820_MAX_ENTRIES) throw new KilnError(`the memory map has ${e820.length} entries; the zero page holds ${E820_MAX_ENTRIES}`);
+  if (e820.length > E820_MAX_ENTRIES)
+    throw new KilnError(`the memory map has ${e820.length} entries; the zero page holds ${E820_MAX_ENTRIES}`);
   const page = new Uint8Array(boot_params.size);
   const dv = dataView(page);
   fill(dv);
   boot_params.encode(dv, 0, { e820_entries: e820.length });
   const table = boot_params.offsetOf('e820_table');
-  e820.forEach((e, i) => boot_e820_entry.encode(dv, table + i * boot_e820_entry.size, { addr: BigInt(e.addr), size: BigInt(e.size), type: e.type }));
+  e820.forEach((e, i) =>
+    boot_e820_entry.encode(dv, table + i * boot_e820_entry.size, {
+      addr: BigInt(e.addr),
+      size: BigInt(e.size),
+      type: e.type,
+    }),
+  );
   return page;
 }
 
@@ -126,7 +137,9 @@ function loadElf(req: BootRequest, top: number): BootImage {
   let kernelEnd = 0;
   for (const seg of elf.segments) {
     if (seg.paddr < HIMEM_START || seg.paddr + seg.memSize > top) {
-      throw new KilnError(`the kernel (segment at ${hex(seg.paddr)}, ${mib(seg.memSize)}) does not fit in ${mib(top)} of guest memory`);
+      throw new KilnError(
+        `the kernel (segment at ${hex(seg.paddr)}, ${mib(seg.memSize)}) does not fit in ${mib(top)} of guest memory`,
+      );
     }
     const bytes = new Uint8Array(seg.memSize);
     bytes.set(req.kernel.subarray(seg.fileOffset, seg.fileOffset + seg.fileSize));
@@ -159,9 +172,23 @@ function loadElf(req: BootRequest, top: number): BootImage {
       writes.push({ gpa: PVH_MODLIST, bytes: mod });
     }
     const memmap = new Uint8Array(e820.length * hvm_memmap_table_entry.size);
-    e820.forEach((e, i) => hvm_memmap_table_entry.encode(dataView(memmap), i * hvm_memmap_table_entry.size, { addr: BigInt(e.addr), size: BigInt(e.size), type: e.type }));
+    e820.forEach((e, i) =>
+      hvm_memmap_table_entry.encode(dataView(memmap), i * hvm_memmap_table_entry.size, {
+        addr: BigInt(e.addr),
+        size: BigInt(e.size),
+        type: e.type,
+      }),
+    );
     writes.push({ gpa: PVH_MEMMAP, bytes: memmap });
-    return { format: 'pvh', writes, entry: { mode: 'pvh32', rip: elf.pvhEntry, rbx: PVH_START_INFO }, e820, initrd, protocol: null, textEnd: elf.textEnd };
+    return {
+      format: 'pvh',
+      writes,
+      entry: { mode: 'pvh32', rip: elf.pvhEntry, rbx: PVH_START_INFO },
+      e820,
+      initrd,
+      protocol: null,
+      textEnd: elf.textEnd,
+    };
   }
 
   const page = zeroPage(e820, (bp) => {
@@ -179,31 +206,48 @@ function loadElf(req: BootRequest, top: number): BootImage {
     });
   });
   writes.push({ gpa: ZERO_PAGE, bytes: page });
-  return { format: 'elf64', writes, entry: { mode: 'linux64', rip: elf.entry, rsi: ZERO_PAGE }, e820, initrd, protocol: null, textEnd: elf.textEnd };
+  return {
+    format: 'elf64',
+    writes,
+    entry: { mode: 'linux64', rip: elf.entry, rsi: ZERO_PAGE },
+    e820,
+    initrd,
+    protocol: null,
+    textEnd: elf.textEnd,
+  };
 }
 
 function loadBzImage(req: BootRequest, top: number): BootImage {
   const image = req.kernel;
   const dv = dataView(image);
   const hdrAt = SETUP_HEADER_OFFSET;
-  if (image.length < hdrAt + setup_header.size) throw new KernelImageError(`the bzImage is truncated: ${image.length} bytes is less than its setup header`);
+  if (image.length < hdrAt + setup_header.size)
+    throw new KernelImageError(`the bzImage is truncated: ${image.length} bytes is less than its setup header`);
   const hdr = setup_header.decode(dv, hdrAt);
   const protocol = Number(hdr.version);
   if (protocol < MIN_BZIMAGE_PROTOCOL || !(Number(hdr.xloadflags) & XLF_KERNEL_64)) {
-    throw new KernelImageError(`the bzImage speaks boot protocol ${protocol >> 8}.${(protocol & 0xff).toString().padStart(2, '0')} without a 64-bit entry; Kiln needs 2.12 or later`);
+    throw new KernelImageError(
+      `the bzImage speaks boot protocol ${protocol >> 8}.${(protocol & 0xff).toString().padStart(2, '0')} without a 64-bit entry; Kiln needs 2.12 or later`,
+    );
   }
-  if (!(Number(hdr.loadflags) & LOADFLAGS_LOADED_HIGH)) throw new KernelImageError('the bzImage is a zImage (not loaded high); Kiln boots bzImages only');
+  if (!(Number(hdr.loadflags) & LOADFLAGS_LOADED_HIGH))
+    throw new KernelImageError('the bzImage is a zImage (not loaded high); Kiln boots bzImages only');
   const setupSects = Number(hdr.setup_sects) || 4;
   const setupBytes = (setupSects + 1) * 512;
   const kernelBytes = Number(hdr.syssize) * 16;
   if (image.length < setupBytes + kernelBytes) {
-    throw new KernelImageError(`the bzImage is truncated: its header promises ${setupBytes + kernelBytes} bytes, the file has ${image.length}`);
+    throw new KernelImageError(
+      `the bzImage is truncated: its header promises ${setupBytes + kernelBytes} bytes, the file has ${image.length}`,
+    );
   }
   const protectedMode = image.subarray(setupBytes);
   const loadAt = HIMEM_START;
   // The kernel decompresses in place and needs init_size bytes from its load address.
   const footprint = Math.max(Number(hdr.init_size), protectedMode.length);
-  if (loadAt + footprint > top) throw new KilnError(`the kernel needs ${mib(footprint)} from ${hex(loadAt)}; the guest has ${mib(top)} of low memory`);
+  if (loadAt + footprint > top)
+    throw new KilnError(
+      `the kernel needs ${mib(footprint)} from ${hex(loadAt)}; the guest has ${mib(top)} of low memory`,
+    );
   const cmdline = encodeCmdline(req.cmdline, Number(hdr.cmdline_size) || DEFAULT_CMDLINE_SIZE);
   const initrdMax = Math.min(top, (Number(hdr.initrd_addr_max) || DEFAULT_INITRD_ADDR_MAX) + 1);
   const initrdGpa = req.initrd ? placeInitrd(req.initrd, loadAt + footprint, initrdMax) : null;
@@ -211,7 +255,9 @@ function loadBzImage(req: BootRequest, top: number): BootImage {
   const e820 = buildE820(req.ram);
   const page = zeroPage(e820, (bp) => {
     // The setup header is copied from the image as the boot protocol asks, then amended.
-    new Uint8Array(bp.buffer, bp.byteOffset + boot_params.offsetOf('hdr'), setup_header.size).set(image.subarray(hdrAt, hdrAt + setup_header.size));
+    new Uint8Array(bp.buffer, bp.byteOffset + boot_params.offsetOf('hdr'), setup_header.size).set(
+      image.subarray(hdrAt, hdrAt + setup_header.size),
+    );
     boot_params.encode(bp, 0, { acpi_rsdp_addr: BigInt(req.rsdp ?? 0) });
     setup_header.encode(bp, boot_params.offsetOf('hdr'), {
       type_of_loader: TYPE_OF_LOADER_UNDEFINED,
@@ -228,7 +274,15 @@ function loadBzImage(req: BootRequest, top: number): BootImage {
     { gpa: ZERO_PAGE, bytes: page },
     ...(req.initrd && initrd ? [{ gpa: initrd.gpa, bytes: req.initrd }] : []),
   ];
-  return { format: 'bzimage', writes, entry: { mode: 'linux64', rip: loadAt + BZIMAGE_64BIT_ENTRY_OFFSET, rsi: ZERO_PAGE }, e820, initrd, protocol, textEnd: null };
+  return {
+    format: 'bzimage',
+    writes,
+    entry: { mode: 'linux64', rip: loadAt + BZIMAGE_64BIT_ENTRY_OFFSET, rsi: ZERO_PAGE },
+    e820,
+    initrd,
+    protocol,
+    textEnd: null,
+  };
 }
 
 /** Recognises the kernel's format and lays out everything the boot needs. */
@@ -237,5 +291,7 @@ export function loadKernel(req: BootRequest): BootImage {
   if (isElf(req.kernel)) return loadElf(req, top);
   const dv = dataView(req.kernel);
   if (req.kernel.length >= 0x206 && dv.getUint32(0x202, true) === HDRS_MAGIC) return loadBzImage(req, top);
-  throw new KernelImageError('this is not a Linux kernel: neither an ELF vmlinux nor a bzImage (no ELF magic, no "HdrS" setup header)');
+  throw new KernelImageError(
+    'this is not a Linux kernel: neither an ELF vmlinux nor a bzImage (no ELF magic, no "HdrS" setup header)',
+  );
 }

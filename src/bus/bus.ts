@@ -27,7 +27,9 @@ export class Bus {
     const end = base + size;
     for (const r of this.ranges) {
       if (base < r.end && r.base < end) {
-        throw new KilnError(`${this.name} bus: range 0x${base.toString(16)}-0x${(end - 1).toString(16)} overlaps 0x${r.base.toString(16)}-0x${(r.end - 1).toString(16)}`);
+        throw new KilnError(
+          `${this.name} bus: range 0x${base.toString(16)}-0x${(end - 1).toString(16)} overlaps 0x${r.base.toString(16)}-0x${(r.end - 1).toString(16)}`,
+        );
       }
     }
     this.ranges.push({ base, end, device, lock });

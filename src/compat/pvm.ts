@@ -116,7 +116,10 @@ export class PvmCompat {
       // int3 is a trap: the #BP frame's RIP points after it.
       skip(1);
       const events = this.vcpu.getVcpuEvents();
-      this.vcpu.setVcpuEvents({ ...events, exception: { injected: 1, nr: VECTOR_BREAKPOINT, has_error_code: 0, pending: 0, error_code: 0 } });
+      this.vcpu.setVcpuEvents({
+        ...events,
+        exception: { injected: 1, nr: VECTOR_BREAKPOINT, has_error_code: 0, pending: 0, error_code: 0 },
+      });
       this.count('int3');
       return true;
     }
@@ -157,7 +160,9 @@ export class PvmCompat {
     }
     const gate = Number(t.physical);
     const original =
-      BigInt(this.memory.readU16(gate)) | (BigInt(this.memory.readU16(gate + 6)) << 16n) | (BigInt(this.memory.readU32(gate + 8)) << 32n);
+      BigInt(this.memory.readU16(gate)) |
+      (BigInt(this.memory.readU16(gate + 6)) << 16n) |
+      (BigInt(this.memory.readU32(gate + 8)) << 32n);
     const code = Uint8Array.from(plan.code);
     const slots = new DataView(code.buffer);
     slots.setBigUint64(plan.lstarSlot, lstar, true);
@@ -167,7 +172,8 @@ export class PvmCompat {
     this.memory.writeU16(gate + 6, Number((plan.vaddr >> 16n) & 0xffffn));
     this.memory.writeU32(gate + 8, Number((plan.vaddr >> 32n) & 0xffff_ffffn));
     this.counts['syscall-fix'] = 1;
-    this.log(`kvm_pvm: syscall fix installed at 0x${plan.vaddr.toString(16)} (LSTAR 0x${lstar.toString(16)}, #PF handler 0x${original.toString(16)})`);
+    this.log(
+      `kvm_pvm: syscall fix installed at 0x${plan.vaddr.toString(16)} (LSTAR 0x${lstar.toString(16)}, #PF handler 0x${original.toString(16)})`,
+    );
   }
 }
-

@@ -18,7 +18,9 @@ const MIB = 1024 * 1024;
 export function parseDiskFlag(flag: string): NonNullable<VmConfigInput['disks']>[number] {
   const [path, ...opts] = flag.split(',');
   if (!path) throw new ConfigError('--disk', `needs a path first (got '${flag}')`);
-  const disk: { path: string; readOnly?: boolean; root?: boolean; serial?: string; id?: string } = { path: resolve(path) };
+  const disk: { path: string; readOnly?: boolean; root?: boolean; serial?: string; id?: string } = {
+    path: resolve(path),
+  };
   for (const o of opts) {
     if (o === 'ro') disk.readOnly = true;
     else if (o === 'root') disk.root = true;
@@ -36,7 +38,11 @@ export function parseNetFlag(flag: string): NonNullable<VmConfigInput['nets']>[n
     const eq = kv.indexOf('=');
     const key = eq < 0 ? kv : kv.slice(0, eq);
     const value = eq < 0 ? '' : kv.slice(eq + 1);
-    if (key !== 'tap' && key !== 'passt' && key !== 'mac' && key !== 'id') throw new ConfigError('--net', `${flag}: unknown option '${key}' (expected tap=NAME or passt=SOCKET, then mac=MAC or id=ID)`);
+    if (key !== 'tap' && key !== 'passt' && key !== 'mac' && key !== 'id')
+      throw new ConfigError(
+        '--net',
+        `${flag}: unknown option '${key}' (expected tap=NAME or passt=SOCKET, then mac=MAC or id=ID)`,
+      );
     if (eq < 0 || value === '') throw new ConfigError('--net', `${flag}: '${key}' needs a value (${key}=...)`);
     if (net[key] !== undefined) throw new ConfigError('--net', `${flag}: '${key}' is given twice`);
     net[key] = key === 'passt' ? resolve(value) : value;

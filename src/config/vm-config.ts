@@ -37,7 +37,7 @@ export class ConfigError extends KilnError {
   }
 }
 
-const got = (input: unknown) => (typeof input === 'string' ? `'${input}'` : JSON.stringify(input) ?? String(input));
+const got = (input: unknown) => (typeof input === 'string' ? `'${input}'` : (JSON.stringify(input) ?? String(input)));
 
 const text = (what = 'a string') => v.string(({ input }) => `must be ${what} (got ${describe(input)})`);
 const nonEmpty = (what: string) => v.pipe(text(what), v.nonEmpty(`must be ${what} (got an empty string)`));
@@ -49,8 +49,13 @@ const whole = (min: number, max: number) =>
     v.minValue(min, ({ input }) => `must be a whole number from ${min} to ${max} (got ${got(input)})`),
     v.maxValue(max, ({ input }) => `must be a whole number from ${min} to ${max} (got ${got(input)})`),
   );
-const oneOf = <const T extends readonly [string, ...string[]]>(values: T) => v.picklist(values, ({ input }) => `must be one of ${values.join(', ')} (got ${describe(input)})`);
-const list = <T extends v.GenericSchema>(item: T) => v.optional(v.array(item, ({ input }) => `must be a list (got ${describe(input)})`), []);
+const oneOf = <const T extends readonly [string, ...string[]]>(values: T) =>
+  v.picklist(values, ({ input }) => `must be one of ${values.join(', ')} (got ${describe(input)})`);
+const list = <T extends v.GenericSchema>(item: T) =>
+  v.optional(
+    v.array(item, ({ input }) => `must be a list (got ${describe(input)})`),
+    [],
+  );
 /** An object schema's message: an unknown key, a missing required key, or not an object at all. */
 export function objectMessage(known: readonly string[], what = 'an object') {
   return (issue: v.BaseIssue<unknown>): string => {
@@ -70,17 +75,32 @@ function describe(input: unknown): string {
 }
 
 /** Firecracker's device ID rule: ASCII letters, digits and underscores, 1 to 64 of them. */
-export const DeviceId = v.pipe(text(), v.regex(/^[A-Za-z0-9_]{1,64}$/, ({ input }) => `must be 1 to 64 ASCII letters, digits or underscores (got '${input}')`));
+export const DeviceId = v.pipe(
+  text(),
+  v.regex(
+    /^[A-Za-z0-9_]{1,64}$/,
+    ({ input }) => `must be 1 to 64 ASCII letters, digits or underscores (got '${input}')`,
+  ),
+);
 
 const Mac = v.pipe(
   text('a MAC address'),
-  v.regex(/^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$/, ({ input }) => `'${input}' is not a MAC address (expected six hex pairs, like 06:00:ac:10:00:02)`),
-  v.check((mac) => (parseInt(mac.slice(0, 2), 16) & 1) === 0, ({ input }) => `${String(input)} is a multicast address; a NIC needs a unicast one`),
+  v.regex(
+    /^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$/,
+    ({ input }) => `'${input}' is not a MAC address (expected six hex pairs, like 06:00:ac:10:00:02)`,
+  ),
+  v.check(
+    (mac) => (parseInt(mac.slice(0, 2), 16) & 1) === 0,
+    ({ input }) => `${String(input)} is a multicast address; a NIC needs a unicast one`,
+  ),
 );
 
 const IfName = v.pipe(
   text('an interface name'),
-  v.check((name) => name.length > 0 && Buffer.byteLength(name) <= MAX_IFNAME_BYTES && /^[\w.-]+$/.test(name), ({ input }) => `'${String(input)}' is not a valid interface name (1-15 letters, digits, '-', '_' or '.')`),
+  v.check(
+    (name) => name.length > 0 && Buffer.byteLength(name) <= MAX_IFNAME_BYTES && /^[\w.-]+$/.test(name),
+    ({ input }) => `'${String(input)}' is not a valid interface name (1-15 letters, digits, '-', '_' or '.')`,
+  ),
 );
 
 export const DiskSchema = strict({
@@ -91,7 +111,15 @@ export const DiskSchema = strict({
   /** The root file system: the first disk the guest sees (/dev/vda), and root= on the command line. */
   root: v.optional(flag(), false),
   /** What the guest reads as the disk's ID (VIRTIO_BLK_T_GET_ID). Default: kiln-disk-<N>. */
-  serial: v.optional(v.pipe(text(), v.check((s) => Buffer.byteLength(s) <= MAX_SERIAL_BYTES && /^[\x20-\x7e]*$/.test(s), `must be at most ${MAX_SERIAL_BYTES} printable ASCII characters`))),
+  serial: v.optional(
+    v.pipe(
+      text(),
+      v.check(
+        (s) => Buffer.byteLength(s) <= MAX_SERIAL_BYTES && /^[\x20-\x7e]*$/.test(s),
+        `must be at most ${MAX_SERIAL_BYTES} printable ASCII characters`,
+      ),
+    ),
+  ),
   /** root=PARTUUID=... instead of root=/dev/vda (Firecracker's partuuid). */
   partuuid: v.optional(nonEmpty('a partition UUID')),
   /** Firecracker's cache_type and io_engine: kept and reported; Kiln's block device is synchronous either way. */
@@ -106,10 +134,13 @@ export const NetSchema = v.pipe(
     /** A TAP interface (created if it does not exist; needs CAP_NET_ADMIN). */
     tap: v.optional(IfName),
     /** passt's Unix socket (rootless networking). */
-    passt: v.optional(nonEmpty('the path of passt\'s socket')),
+    passt: v.optional(nonEmpty("the path of passt's socket")),
     mac: v.optional(Mac),
   }),
-  v.check((n) => (n.tap === undefined) !== (n.passt === undefined), 'needs either tap (a TAP name) or passt (a socket path), not both or neither'),
+  v.check(
+    (n) => (n.tap === undefined) !== (n.passt === undefined),
+    'needs either tap (a TAP name) or passt (a socket path), not both or neither',
+  ),
 );
 
 export const VsockSchema = strict({
@@ -162,7 +193,10 @@ export type NetConfig = v.InferOutput<typeof NetSchema> & { readonly id: string 
 export type VsockConfig = v.InferOutput<typeof VsockSchema>;
 export type BalloonConfig = v.InferOutput<typeof BalloonSchema>;
 /** A checked VM configuration: every default filled in, every device with its ID. */
-export type VmConfig = Readonly<Omit<Parsed, 'disks' | 'nets'>> & { readonly disks: readonly DiskConfig[]; readonly nets: readonly NetConfig[] };
+export type VmConfig = Readonly<Omit<Parsed, 'disks' | 'nets'>> & {
+  readonly disks: readonly DiskConfig[];
+  readonly nets: readonly NetConfig[];
+};
 /** What a front end hands in (defaults may be missing); anything else is refused. */
 export type VmConfigInput = v.InferInput<typeof VmConfigSchema>;
 
@@ -178,10 +212,16 @@ export function configError(issues: readonly v.BaseIssue<unknown>[]): ConfigErro
 }
 
 /** Checks what the schema cannot see field by field: IDs, the root disk, TAPs and MACs. */
-export function finishDevices<T extends { disks: readonly v.InferOutput<typeof DiskSchema>[]; nets: readonly v.InferOutput<typeof NetSchema>[]; kernel?: string | undefined; initrd?: string | undefined }>(
-  parsed: T,
-): Omit<T, 'disks' | 'nets'> & { disks: DiskConfig[]; nets: NetConfig[] } {
-  if (parsed.initrd !== undefined && parsed.kernel === undefined) throw new ConfigError('initrd', 'needs a kernel (the default guest brings its own initramfs)');
+export function finishDevices<
+  T extends {
+    disks: readonly v.InferOutput<typeof DiskSchema>[];
+    nets: readonly v.InferOutput<typeof NetSchema>[];
+    kernel?: string | undefined;
+    initrd?: string | undefined;
+  },
+>(parsed: T): Omit<T, 'disks' | 'nets'> & { disks: DiskConfig[]; nets: NetConfig[] } {
+  if (parsed.initrd !== undefined && parsed.kernel === undefined)
+    throw new ConfigError('initrd', 'needs a kernel (the default guest brings its own initramfs)');
   const disks = parsed.disks.map((d, i) => ({ ...d, id: d.id ?? `disk${i}` }));
   const nets = parsed.nets.map((n, i) => ({ ...n, id: n.id ?? `net${i}` }));
   const unique = (kind: 'disks' | 'nets', values: readonly (string | undefined)[], what: string) => {
@@ -189,17 +229,45 @@ export function finishDevices<T extends { disks: readonly v.InferOutput<typeof D
     values.forEach((value, i) => {
       if (value === undefined) return;
       const first = seen.get(value);
-      if (first !== undefined) throw new ConfigError(`${kind}[${i}]`, `${what} ${value} is already used by '${(kind === 'disks' ? disks : nets)[first]!.id}'`);
+      if (first !== undefined)
+        throw new ConfigError(
+          `${kind}[${i}]`,
+          `${what} ${value} is already used by '${(kind === 'disks' ? disks : nets)[first]!.id}'`,
+        );
       seen.set(value, i);
     });
   };
-  unique('disks', disks.map((d) => d.id), 'ID');
+  unique(
+    'disks',
+    disks.map((d) => d.id),
+    'ID',
+  );
   const roots = disks.map((d, i) => (d.root ? i : -1)).filter((i) => i >= 0);
-  if (roots.length > 1) throw new ConfigError(`disks[${roots[1]}]`, `a VM has at most one root disk ('${disks[roots[0]!]!.id}' is one already)`);
-  unique('nets', nets.map((n) => n.id), 'ID');
-  unique('nets', nets.map((n) => n.tap), 'TAP');
-  unique('nets', nets.map((n) => n.passt), 'passt socket');
-  unique('nets', nets.map((n) => n.mac?.toLowerCase()), 'MAC address');
+  if (roots.length > 1)
+    throw new ConfigError(
+      `disks[${roots[1]}]`,
+      `a VM has at most one root disk ('${disks[roots[0]!]!.id}' is one already)`,
+    );
+  unique(
+    'nets',
+    nets.map((n) => n.id),
+    'ID',
+  );
+  unique(
+    'nets',
+    nets.map((n) => n.tap),
+    'TAP',
+  );
+  unique(
+    'nets',
+    nets.map((n) => n.passt),
+    'passt socket',
+  );
+  unique(
+    'nets',
+    nets.map((n) => n.mac?.toLowerCase()),
+    'MAC address',
+  );
   return { ...parsed, disks, nets };
 }
 

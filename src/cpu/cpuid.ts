@@ -34,7 +34,10 @@ export function supportedCpuid(kvm: KvmSystem): CpuidEntry[] {
       ioctlBuf(kvm.fd, 'GET_SUPPORTED_CPUID', buf); // throws the typed error
     }
     const n = dv.getUint32(0, true);
-    return Array.from({ length: n }, (_, i) => kvm_cpuid_entry2.decode(dv, kvm_cpuid2.flexOffset + i * kvm_cpuid_entry2.size) as unknown as CpuidEntry);
+    return Array.from(
+      { length: n },
+      (_, i) => kvm_cpuid_entry2.decode(dv, kvm_cpuid2.flexOffset + i * kvm_cpuid_entry2.size) as unknown as CpuidEntry,
+    );
   }
   throw new KilnError('KVM_GET_SUPPORTED_CPUID reports more than 4096 entries');
 }
@@ -89,7 +92,15 @@ export function vcpuCpuid(base: readonly CpuidEntry[], vcpu: number, vcpuCount: 
   }
   // Leaves 0xB needs its sub-leaves listed explicitly for KVM to report them.
   if (!out.some((e) => e.function === 0xb && e.index === 1) && findLeaf(out, 0xb)) {
-    out.push({ function: 0xb, index: 1, flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX, eax: coreBits, ebx: vcpuCount, ecx: (LEAF_B_LEVEL_CORE << 8) | 1, edx: vcpu });
+    out.push({
+      function: 0xb,
+      index: 1,
+      flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+      eax: coreBits,
+      ebx: vcpuCount,
+      ecx: (LEAF_B_LEVEL_CORE << 8) | 1,
+      edx: vcpu,
+    });
   }
   return out;
 }

@@ -64,8 +64,17 @@ const BOOT_SEGMENTS: Segment[] = [
   flat(BOOT_SEL_CODE64, TYPE_CODE_EXEC_READ_ACCESSED, 0, 1, 0),
   flat(BOOT_SEL_DATA, TYPE_DATA_READ_WRITE_ACCESSED, 0, 0, 1),
 ];
-const BOOT_TSS: Segment = { base: 0, limit: 0xfffff, selector: BOOT_SEL_TSS, type: TYPE_TSS_BUSY, s: 0, dpl: 0, l: 0, db: 0, g: 0 };
-
+const BOOT_TSS: Segment = {
+  base: 0,
+  limit: 0xfffff,
+  selector: BOOT_SEL_TSS,
+  type: TYPE_TSS_BUSY,
+  s: 0,
+  dpl: 0,
+  l: 0,
+  db: 0,
+  g: 0,
+};
 
 /** Sets the boot MSRs one by one; returns those KVM refused (some KVMs own a few). */
 export function setBootMsrs(vcpu: VcpuFd): number[] {
@@ -102,7 +111,8 @@ export function setLapicLints(vcpu: VcpuFd): void {
   const buf = kvm_lapic_state.alloc();
   ioctlBuf(vcpu.fd, 'GET_LAPIC', buf);
   const dv = dataView(buf);
-  const setMode = (reg: number, mode: number) => dv.setUint32(reg, (dv.getUint32(reg, true) & ~0x700) | (mode << 8), true);
+  const setMode = (reg: number, mode: number) =>
+    dv.setUint32(reg, (dv.getUint32(reg, true) & ~0x700) | (mode << 8), true);
   setMode(APIC_LVT_LINT0, APIC_MODE_EXTINT);
   setMode(APIC_LVT_LINT1, APIC_MODE_NMI);
   ioctlBuf(vcpu.fd, 'SET_LAPIC', buf);
@@ -144,7 +154,11 @@ export function setBootRegisters(vcpu: VcpuFd, memory: GuestMemory, entry: BootE
     cr4: longMode ? BigInt(CR4_PAE) : 0n,
     efer: longMode ? BigInt(EFER_LME | EFER_LMA) : 0n,
   }));
-  const zero = Object.fromEntries(['rax', 'rbx', 'rcx', 'rdx', 'rsi', 'rdi', 'rsp', 'rbp', 'r8', 'r9', 'r10', 'r11', 'r12', 'r13', 'r14', 'r15'].map((r) => [r, 0n]));
+  const zero = Object.fromEntries(
+    ['rax', 'rbx', 'rcx', 'rdx', 'rsi', 'rdi', 'rsp', 'rbp', 'r8', 'r9', 'r10', 'r11', 'r12', 'r13', 'r14', 'r15'].map(
+      (r) => [r, 0n],
+    ),
+  );
   vcpu.setRegs({
     ...zero,
     rip: BigInt(entry.rip),
@@ -154,7 +168,13 @@ export function setBootRegisters(vcpu: VcpuFd, memory: GuestMemory, entry: BootE
 }
 
 /** Everything a vCPU needs before an OS boots on it (the entry registers are separate). */
-export function configureVcpu(vcpu: VcpuFd, index: number, vcpuCount: number, cpuid: readonly CpuidEntry[], irqchip: boolean): number[] {
+export function configureVcpu(
+  vcpu: VcpuFd,
+  index: number,
+  vcpuCount: number,
+  cpuid: readonly CpuidEntry[],
+  irqchip: boolean,
+): number[] {
   setCpuid(vcpu, vcpuCpuid(cpuid, index, vcpuCount));
   const refused = setBootMsrs(vcpu);
   setBootFpu(vcpu);

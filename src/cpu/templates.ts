@@ -30,8 +30,22 @@ export const FEATURES = {
   avx512f: { name: 'avx512f', leaf: 7, index: 0, register: 'ebx', bit: 16 },
   // KVM paravirtual features that work through hypercalls (which never complete on kvm_pvm).
   kvmPvUnhalt: { name: 'kvm-pv-unhalt', leaf: KVM_CPUID_FEATURES, index: 0, register: 'eax', bit: 7, kvmOwned: true },
-  kvmPvSendIpi: { name: 'kvm-pv-send-ipi', leaf: KVM_CPUID_FEATURES, index: 0, register: 'eax', bit: 11, kvmOwned: true },
-  kvmPvSchedYield: { name: 'kvm-pv-sched-yield', leaf: KVM_CPUID_FEATURES, index: 0, register: 'eax', bit: 13, kvmOwned: true },
+  kvmPvSendIpi: {
+    name: 'kvm-pv-send-ipi',
+    leaf: KVM_CPUID_FEATURES,
+    index: 0,
+    register: 'eax',
+    bit: 11,
+    kvmOwned: true,
+  },
+  kvmPvSchedYield: {
+    name: 'kvm-pv-sched-yield',
+    leaf: KVM_CPUID_FEATURES,
+    index: 0,
+    register: 'eax',
+    bit: 13,
+    kvmOwned: true,
+  },
 } as const satisfies Record<string, FeatureBit>;
 
 export interface CpuTemplate {
@@ -96,7 +110,8 @@ export function cpuTemplate(name: string): CpuTemplate {
 export function applyTemplate(entries: readonly CpuidEntry[], t: CpuTemplate): CpuidEntry[] {
   const out = entries.map((e) => ({ ...e }));
   for (const f of t.hide) {
-    for (const e of out) if (e.function === f.leaf && e.index === f.index) e[f.register] = (e[f.register] & ~(1 << f.bit)) >>> 0;
+    for (const e of out)
+      if (e.function === f.leaf && e.index === f.index) e[f.register] = (e[f.register] & ~(1 << f.bit)) >>> 0;
   }
   return out;
 }

@@ -90,4 +90,3 @@ export const flat = (selector: number, type: number, dpl: number, l: 0 | 1, db: 
   db,
   g: 1,
 });
-

@@ -19,7 +19,11 @@ export const acpiPmModel: DeviceModel = {
       },
       write(offset, data) {
         const value = data[0]!;
-        if (offset === SLEEP_CONTROL && value & SLP_EN && (value & SLP_TYP_MASK) === (SLEEP_CONTROL_S5 & SLP_TYP_MASK)) {
+        if (
+          offset === SLEEP_CONTROL &&
+          value & SLP_EN &&
+          (value & SLP_TYP_MASK) === (SLEEP_CONTROL_S5 & SLP_TYP_MASK)
+        ) {
           ctx.requestExit(0, 'the guest powered off (ACPI S5)');
         } else if (offset === RESET && value === ACPI_RESET_VALUE) {
           ctx.requestReset('the guest reset the machine (ACPI reset register)');

@@ -38,7 +38,8 @@ export const i8042Model: DeviceModel = {
       read(offset, data) {
         data.fill(0);
         if (offset === COMMAND) {
-          data[0] = I8042_STATUS_SYSTEM | (s[S_LAST_WAS_CMD] ? I8042_STATUS_CMD : 0) | (s[S_OBF] ? I8042_STATUS_OBF : 0);
+          data[0] =
+            I8042_STATUS_SYSTEM | (s[S_LAST_WAS_CMD] ? I8042_STATUS_CMD : 0) | (s[S_OBF] ? I8042_STATUS_OBF : 0);
         } else if (offset === DATA) {
           data[0] = s[S_OUTPUT]!;
           s[S_OBF] = 0;

@@ -4,7 +4,15 @@ import { SharedLock } from '../bus/shared-lock.js';
 import { KilnError } from '../errors.js';
 import { acpiPmModel } from './acpi-pm.js';
 import { debugExitModel } from './debug-exit.js';
-import { LOCK_INDEX, STATE_HEADER_BYTES, type DeviceContext, type DeviceModel, type DeviceOptions, type DeviceSpec, type PciFunctionModel } from './device.js';
+import {
+  LOCK_INDEX,
+  STATE_HEADER_BYTES,
+  type DeviceContext,
+  type DeviceModel,
+  type DeviceOptions,
+  type DeviceSpec,
+  type PciFunctionModel,
+} from './device.js';
 import type { PciFunctionHandle } from '../pci/root.js';
 import { virtioPciModel } from '../virtio/pci.js';
 import { i8042Model } from './i8042.js';

@@ -35,7 +35,8 @@ export const rtcModel: DeviceModel = {
       s[RTC_REG_B] = RTC_B_24H;
       s[RTC_REG_D] = RTC_D_VRT;
     }
-    const now = typeof options.fixedTimeMs === 'number' ? () => new Date(options.fixedTimeMs as number) : () => new Date();
+    const now =
+      typeof options.fixedTimeMs === 'number' ? () => new Date(options.fixedTimeMs as number) : () => new Date();
     const encode = (v: number) => (s[RTC_REG_B]! & RTC_B_BINARY ? v : ((v / 10) | 0) * 16 + (v % 10));
     const clock = (index: number): number | null => {
       const t = now();

@@ -20,7 +20,8 @@ function regions(state: SharedArrayBuffer, options: DeviceOptions) {
 }
 
 export const testDeviceModel: DeviceModel = {
-  stateBytes: (options) => (LOG_COUNT_WORDS + TEST_LOG_ENTRIES * ENTRY_WORDS) * 4 + numberOption(options, 'registerBytes', 16),
+  stateBytes: (options) =>
+    (LOG_COUNT_WORDS + TEST_LOG_ENTRIES * ENTRY_WORDS) * 4 + numberOption(options, 'registerBytes', 16),
   create(state, options): BusDevice {
     const { registerBytes, log, registers } = regions(state, options);
     const record = (offset: number, data: Uint8Array, isWrite: boolean) => {
@@ -73,7 +74,7 @@ export class TestDeviceState {
       out.push({
         offset: this.log[at]!,
         width: meta & 0xff,
-        write: (meta >> 8) === 1,
+        write: meta >> 8 === 1,
         value: this.log[at + 2]! + this.log[at + 3]! * 2 ** 32,
       });
     }

@@ -25,7 +25,21 @@ export const KIT_DEFINES: Readonly<Record<string, number>> = {
 };
 
 /** Freestanding 64-bit C for ring-3 kit guests: no SSE (no FPU state to set up), no red zone, no PIC. */
-const C_FLAGS = ['-O2', '-m64', '-ffreestanding', '-nostdlib', '-fno-pic', '-fno-pie', '-fno-stack-protector', '-mno-red-zone', '-mgeneral-regs-only', '-fno-asynchronous-unwind-tables', '-fcf-protection=none', '-Wall', '-Werror'];
+const C_FLAGS = [
+  '-O2',
+  '-m64',
+  '-ffreestanding',
+  '-nostdlib',
+  '-fno-pic',
+  '-fno-pie',
+  '-fno-stack-protector',
+  '-mno-red-zone',
+  '-mgeneral-regs-only',
+  '-fno-asynchronous-unwind-tables',
+  '-fcf-protection=none',
+  '-Wall',
+  '-Werror',
+];
 /** The kit's C headers (guests/kit). */
 const KIT_INCLUDE = fileURLToPath(new URL('../../../guests/kit', import.meta.url));
 
@@ -34,7 +48,10 @@ function tool(cmd: string, args: string[], what: string): void {
     execFileSync(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   } catch (err) {
     const e = err as NodeJS.ErrnoException & { stderr?: Buffer };
-    if (e.code === 'ENOENT') throw new KilnError(`${cmd} is needed to build guest programs (${what}); install it with: apt-get install gcc binutils`);
+    if (e.code === 'ENOENT')
+      throw new KilnError(
+        `${cmd} is needed to build guest programs (${what}); install it with: apt-get install gcc binutils`,
+      );
     throw new KilnError(`${what} failed: ${e.stderr?.toString().trim() ?? e.message}`);
   }
 }
@@ -43,7 +60,12 @@ function tool(cmd: string, args: string[], what: string): void {
  * Assembles `source` into a flat binary whose first byte is at `origin` (the address
  * its labels assume). Execution starts at the first instruction of `.text`.
  */
-export function assemble(source: string, origin: number, defines: Readonly<Record<string, number>> = {}, options: { cSources?: readonly string[] } = {}): Uint8Array {
+export function assemble(
+  source: string,
+  origin: number,
+  defines: Readonly<Record<string, number>> = {},
+  options: { cSources?: readonly string[] } = {},
+): Uint8Array {
   const dir = mkdtempSync(join(tmpdir(), 'kiln-asm-'));
   try {
     const src = join(dir, 'guest.S');

@@ -24,11 +24,20 @@ const directive: Record<CpuMode, string> = { real: '.code16', protected32: '.cod
 export function buildProgram(program: KitProgram): Uint8Array {
   // Real-mode code runs with CS = KIT_CODE >> 4, so its labels are offsets from KIT_CODE.
   const origin = program.mode === 'real' ? 0 : KIT_CODE;
-  return assemble(`${directive[program.mode]}\n.text\n${program.source}\n`, origin, program.defines, { cSources: program.c ?? [] });
+  return assemble(`${directive[program.mode]}\n.text\n${program.source}\n`, origin, program.defines, {
+    cSources: program.c ?? [],
+  });
 }
 
 /** Loads `program` into the VM's memory and points every vCPU at it. */
 export function loadProgram(vm: Vm, program: KitProgram, image = buildProgram(program)): void {
   vm.memory.write(KIT_CODE, image);
-  vm.vcpus.forEach((vcpu, index) => enterMode(vcpu, vm.memory, { mode: program.mode, cpl: program.cpl, entry: KIT_CODE, regs: { rdi: BigInt(index), rsi: BigInt(vm.vcpus.length) } }));
+  vm.vcpus.forEach((vcpu, index) =>
+    enterMode(vcpu, vm.memory, {
+      mode: program.mode,
+      cpl: program.cpl,
+      entry: KIT_CODE,
+      regs: { rdi: BigInt(index), rsi: BigInt(vm.vcpus.length) },
+    }),
+  );
 }

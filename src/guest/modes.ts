@@ -69,7 +69,17 @@ const SEGMENTS = {
   userData: flat(SEL_USER_DATA, TYPE_DATA_READ_WRITE_ACCESSED, 3, 0, 1),
   userCode64: flat(SEL_USER_CODE64, TYPE_CODE_EXEC_READ_ACCESSED, 3, 1, 0),
 };
-const TSS_SEGMENT: Segment = { base: KIT_TSS, limit: TSS_SIZE - 1, selector: SEL_TSS, type: TYPE_TSS_BUSY, s: 0, dpl: 0, l: 0, db: 0, g: 0 };
+const TSS_SEGMENT: Segment = {
+  base: KIT_TSS,
+  limit: TSS_SIZE - 1,
+  selector: SEL_TSS,
+  type: TYPE_TSS_BUSY,
+  s: 0,
+  dpl: 0,
+  l: 0,
+  db: 0,
+  g: 0,
+};
 
 /** Writes the kit's GDT and a TSS whose ring-0 stack is KIT_KERNEL_STACK_TOP. */
 function writeGdtAndTss(memory: GuestMemory, mode: CpuMode): void {
@@ -132,15 +142,46 @@ export function enterMode(vcpu: VcpuFd, memory: GuestMemory, state: EntryState):
     rip = entry & 0xf;
     rsp = stack & 0xffff;
     vcpu.updateSregs((s) => {
-      const realSeg = (type: number) => ({ base: BigInt(segment << 4), limit: 0xffff, selector: segment, type, present: 1, dpl: 0, db: 0, s: 1, l: 0, g: 0, avl: 0, unusable: 0 });
-      const ss = { ...realSeg(TYPE_DATA_READ_WRITE_ACCESSED), base: BigInt(stack & ~0xffff), selector: (stack & ~0xffff) >>> 4 };
-      return { ...s, cs: realSeg(TYPE_CODE_EXEC_READ_ACCESSED), ds: realSeg(TYPE_DATA_READ_WRITE_ACCESSED), es: realSeg(TYPE_DATA_READ_WRITE_ACCESSED), fs: realSeg(TYPE_DATA_READ_WRITE_ACCESSED), gs: realSeg(TYPE_DATA_READ_WRITE_ACCESSED), ss };
+      const realSeg = (type: number) => ({
+        base: BigInt(segment << 4),
+        limit: 0xffff,
+        selector: segment,
+        type,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 1,
+        l: 0,
+        g: 0,
+        avl: 0,
+        unusable: 0,
+      });
+      const ss = {
+        ...realSeg(TYPE_DATA_READ_WRITE_ACCESSED),
+        base: BigInt(stack & ~0xffff),
+        selector: (stack & ~0xffff) >>> 4,
+      };
+      return {
+        ...s,
+        cs: realSeg(TYPE_CODE_EXEC_READ_ACCESSED),
+        ds: realSeg(TYPE_DATA_READ_WRITE_ACCESSED),
+        es: realSeg(TYPE_DATA_READ_WRITE_ACCESSED),
+        fs: realSeg(TYPE_DATA_READ_WRITE_ACCESSED),
+        gs: realSeg(TYPE_DATA_READ_WRITE_ACCESSED),
+        ss,
+      };
     });
   } else {
     writeGdtAndTss(memory, mode);
     const long = mode === 'long64';
     if (long) writeIdentityPageTables(memory);
-    const code = long ? (cpl === 3 ? SEGMENTS.userCode64 : SEGMENTS.kernelCode64) : cpl === 3 ? SEGMENTS.userCode32 : SEGMENTS.kernelCode32;
+    const code = long
+      ? cpl === 3
+        ? SEGMENTS.userCode64
+        : SEGMENTS.kernelCode64
+      : cpl === 3
+        ? SEGMENTS.userCode32
+        : SEGMENTS.kernelCode32;
     const data = cpl === 3 ? SEGMENTS.userData : SEGMENTS.kernelData;
     vcpu.updateSregs((s) => ({
       ...s,
@@ -160,7 +201,11 @@ export function enterMode(vcpu: VcpuFd, memory: GuestMemory, state: EntryState):
     }));
   }
   vcpu.setRegs({
-    ...Object.fromEntries(['rax', 'rbx', 'rcx', 'rdx', 'rsi', 'rdi', 'rbp', 'r8', 'r9', 'r10', 'r11', 'r12', 'r13', 'r14', 'r15'].map((r) => [r, 0n])),
+    ...Object.fromEntries(
+      ['rax', 'rbx', 'rcx', 'rdx', 'rsi', 'rdi', 'rbp', 'r8', 'r9', 'r10', 'r11', 'r12', 'r13', 'r14', 'r15'].map(
+        (r) => [r, 0n],
+      ),
+    ),
     ...state.regs,
     rip: BigInt(rip),
     rsp: BigInt(rsp),

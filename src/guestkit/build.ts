@@ -8,7 +8,16 @@
 // fragment or init script builds anew and an unchanged one is reused.
 import { execFileSync, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
 import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -50,7 +59,10 @@ function commandExists(cmd: string): boolean {
 
 function packageInstalled(pkg: string): boolean {
   try {
-    return execFileSync('dpkg-query', ['-W', '-f=${Status}', pkg], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).includes('install ok installed');
+    return execFileSync('dpkg-query', ['-W', '-f=${Status}', pkg], {
+      encoding: 'utf8',
+      stdio: ['ignore', 'pipe', 'ignore'],
+    }).includes('install ok installed');
   } catch {
     return false;
   }
@@ -60,13 +72,22 @@ function packageInstalled(pkg: string): boolean {
 export function ensurePackages(packages: readonly string[], why: string, progress: Progress): void {
   const missing = packages.filter((p) => !packageInstalled(p));
   if (missing.length === 0) return;
-  if (!commandExists('apt-get')) throw new KilnError(`${why} needs the Debian packages ${missing.join(', ')}, and apt-get is not available to install them`);
-  if (process.getuid?.() !== 0) throw new KilnError(`${why} needs the Debian packages ${missing.join(', ')}: install them with: sudo apt-get install ${missing.join(' ')}`);
+  if (!commandExists('apt-get'))
+    throw new KilnError(
+      `${why} needs the Debian packages ${missing.join(', ')}, and apt-get is not available to install them`,
+    );
+  if (process.getuid?.() !== 0)
+    throw new KilnError(
+      `${why} needs the Debian packages ${missing.join(', ')}: install them with: sudo apt-get install ${missing.join(' ')}`,
+    );
   progress(`installing ${missing.join(', ')} with apt-get`);
   const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
   try {
     execFileSync('apt-get', ['update', '-qq'], { stdio: ['ignore', 'ignore', 'pipe'], env });
-    execFileSync('apt-get', ['install', '-y', '-qq', '--no-install-recommends', ...missing], { stdio: ['ignore', 'ignore', 'pipe'], env });
+    execFileSync('apt-get', ['install', '-y', '-qq', '--no-install-recommends', ...missing], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+      env,
+    });
   } catch (err) {
     const stderr = (err as { stderr?: Buffer }).stderr?.toString().trim().split('\n').slice(-3).join(' / ');
     throw new KilnError(`apt-get could not install ${missing.join(', ')}: ${stderr || (err as Error).message}`);
@@ -74,7 +95,14 @@ export function ensurePackages(packages: readonly string[], why: string, progres
 }
 
 /** Runs a long command, reporting progress from its output; rejects with its last lines. */
-function runLogged(cmd: string, args: string[], cwd: string, progress: Progress, label: string, count: RegExp): Promise<void> {
+function runLogged(
+  cmd: string,
+  args: string[],
+  cwd: string,
+  progress: Progress,
+  label: string,
+  count: RegExp,
+): Promise<void> {
   return new Promise((resolve, reject) => {
     const child = spawn(cmd, args, { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
     const tail: string[] = [];
@@ -135,11 +163,21 @@ export async function buildMinimalKernel(progress: Progress): Promise<KernelArti
   writeFileSync(fragmentPath, fragment);
   progress('configuring: tinyconfig + guests/linux/minimal.config');
   execFileSync('make', ['tinyconfig'], { cwd: tree, stdio: 'ignore' });
-  execFileSync(join(tree, 'scripts/kconfig/merge_config.sh'), ['-m', '.config', fragmentPath], { cwd: tree, stdio: 'ignore' });
+  execFileSync(join(tree, 'scripts/kconfig/merge_config.sh'), ['-m', '.config', fragmentPath], {
+    cwd: tree,
+    stdio: 'ignore',
+  });
   execFileSync('make', ['olddefconfig'], { cwd: tree, stdio: 'ignore' });
   const jobs = String(Math.max(1, (await import('node:os')).availableParallelism()) + 1);
   progress(`compiling the minimal kernel with make -j${jobs} (about 5 minutes on 2 cores)`);
-  await runLogged('make', [`-j${jobs}`, 'vmlinux', 'bzImage'], tree, progress, 'compiling the minimal kernel', /^\s+(CC|AS|LD|AR)\s/);
+  await runLogged(
+    'make',
+    [`-j${jobs}`, 'vmlinux', 'bzImage'],
+    tree,
+    progress,
+    'compiling the minimal kernel',
+    /^\s+(CC|AS|LD|AR)\s/,
+  );
   const staging = `${dir}.tmp`;
   rmSync(staging, { recursive: true, force: true });
   mkdirSync(staging, { recursive: true });
@@ -204,7 +242,9 @@ export async function buildRootfs(progress: Progress, sizeMiB = 64): Promise<{ p
   }
   mkdirSync(join(tree, 'sbin'), { recursive: true });
   execFileSync('ln', ['-s', '/init', join(tree, 'sbin', 'init')]);
-  execFileSync('mke2fs', ['-q', '-t', 'ext4', '-d', tree, '-L', 'kiln-root', `${path}.tmp`, `${sizeMiB}M`], { stdio: ['ignore', 'ignore', 'pipe'] });
+  execFileSync('mke2fs', ['-q', '-t', 'ext4', '-d', tree, '-L', 'kiln-root', `${path}.tmp`, `${sizeMiB}M`], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
   renameSync(`${path}.tmp`, path);
   rmSync(tree, { recursive: true, force: true });
   return { path, built: true };
@@ -214,16 +254,22 @@ export async function buildRootfs(progress: Progress, sizeMiB = 64): Promise<{ p
  * Debian's stock cloud kernel and the virtio modules it needs (it builds virtio-pci as
  * a module), for hosts with hardware KVM. Downloaded with apt-get, unpacked with dpkg-deb.
  */
-export async function buildCloudKernel(progress: Progress): Promise<{ vmlinuz: string; modules: string; built: boolean }> {
+export async function buildCloudKernel(
+  progress: Progress,
+): Promise<{ vmlinuz: string; modules: string; built: boolean }> {
   if (!commandExists('apt-get')) throw new KilnError('the cloud kernel comes from Debian: apt-get is not available');
-  const candidate = (pkg: string) => execFileSync('apt-cache', ['depends', pkg], { encoding: 'utf8' }).match(/Depends: (linux-image-[^\s]+)/)?.[1];
+  const candidate = (pkg: string) =>
+    execFileSync('apt-cache', ['depends', pkg], { encoding: 'utf8' }).match(/Depends: (linux-image-[^\s]+)/)?.[1];
   let image = candidate('linux-image-cloud-amd64');
   if (!image) {
     progress('refreshing the package lists with apt-get update');
     execFileSync('apt-get', ['update', '-qq'], { stdio: 'ignore' });
     image = candidate('linux-image-cloud-amd64');
   }
-  if (!image) throw new KilnError('apt cannot find linux-image-cloud-amd64 (run apt-get update, and check Debian sources are configured)');
+  if (!image)
+    throw new KilnError(
+      'apt cannot find linux-image-cloud-amd64 (run apt-get update, and check Debian sources are configured)',
+    );
   const dir = join(cacheDir(), 'cloud-kernel', image);
   const done = join(dir, 'vmlinuz');
   if (existsSync(done)) return { vmlinuz: done, modules: join(dir, 'modules'), built: false };
@@ -244,7 +290,8 @@ export async function buildCloudKernel(progress: Progress): Promise<{ vmlinuz: s
   const modulesSrc = join(root, 'lib', 'modules', release, 'kernel');
   const modules = join(dir, 'modules');
   mkdirSync(modules, { recursive: true });
-  const want = /^(virtio|virtio_ring|virtio_pci|virtio_pci_modern_dev|virtio_pci_legacy_dev|virtio_blk|virtio_net|net_failover|failover|virtio_console|virtio_rng|virtio_balloon|vmw_vsock_virtio_transport|vmw_vsock_virtio_transport_common|vsock)\.ko/;
+  const want =
+    /^(virtio|virtio_ring|virtio_pci|virtio_pci_modern_dev|virtio_pci_legacy_dev|virtio_blk|virtio_net|net_failover|failover|virtio_console|virtio_rng|virtio_balloon|vmw_vsock_virtio_transport|vmw_vsock_virtio_transport_common|vsock)\.ko/;
   const walk = (d: string): void => {
     for (const entry of readdirSync(d, { withFileTypes: true })) {
       const p = join(d, entry.name);

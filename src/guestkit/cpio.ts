@@ -6,7 +6,13 @@ export type CpioEntry =
   | { readonly type: 'dir'; readonly path: string; readonly mode?: number }
   | { readonly type: 'file'; readonly path: string; readonly data: Uint8Array; readonly mode?: number }
   | { readonly type: 'symlink'; readonly path: string; readonly target: string }
-  | { readonly type: 'chardev'; readonly path: string; readonly major: number; readonly minor: number; readonly mode?: number };
+  | {
+      readonly type: 'chardev';
+      readonly path: string;
+      readonly major: number;
+      readonly minor: number;
+      readonly mode?: number;
+    };
 
 const S_IFDIR = 0o040000;
 const S_IFREG = 0o100000;
@@ -28,7 +34,22 @@ export function buildCpio(entries: readonly CpioEntry[]): Uint8Array {
   let ino = 1;
   const add = (path: string, mode: number, data: Uint8Array, rdev: [number, number] = [0, 0]) => {
     const name = new TextEncoder().encode(`${path.replace(/^\/+/, '')}\0`);
-    const fields = ['070701', hex8(ino++), hex8(mode), hex8(0), hex8(0), hex8(1), hex8(0), hex8(data.length), hex8(0), hex8(0), hex8(rdev[0]), hex8(rdev[1]), hex8(name.length), hex8(0)];
+    const fields = [
+      '070701',
+      hex8(ino++),
+      hex8(mode),
+      hex8(0),
+      hex8(0),
+      hex8(1),
+      hex8(0),
+      hex8(data.length),
+      hex8(0),
+      hex8(0),
+      hex8(rdev[0]),
+      hex8(rdev[1]),
+      hex8(name.length),
+      hex8(0),
+    ];
     const header = new TextEncoder().encode(fields.join(''));
     const head = new Uint8Array(header.length + name.length);
     head.set(header);

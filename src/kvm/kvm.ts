@@ -62,10 +62,14 @@ export class KvmSystem {
     if (fd < 0) {
       const e = libc.errno();
       if (e === libc.ENOENT) {
-        throw new KilnError(`${path} does not exist: this host has no KVM (load kvm_intel or kvm_amd, or enable virtualization in the firmware)`);
+        throw new KilnError(
+          `${path} does not exist: this host has no KVM (load kvm_intel or kvm_amd, or enable virtualization in the firmware)`,
+        );
       }
       if (e === libc.EACCES || e === libc.EPERM) {
-        throw new KilnError(`permission denied opening ${path}: run as root or add your user to the group that owns it (usually 'kvm')`);
+        throw new KilnError(
+          `permission denied opening ${path}: run as root or add your user to the group that owns it (usually 'kvm')`,
+        );
       }
       throw new SyscallError('open', e, path);
     }
@@ -74,7 +78,8 @@ export class KvmSystem {
       const version = libc.ioctlInt(fd, KVM.GET_API_VERSION, 0);
       if (version < 0) {
         const e = libc.errno();
-        if (e === libc.ENOTTY || e === libc.EINVAL) throw new KilnError(`${path} is not a KVM device (it does not answer KVM_GET_API_VERSION)`);
+        if (e === libc.ENOTTY || e === libc.EINVAL)
+          throw new KilnError(`${path} is not a KVM device (it does not answer KVM_GET_API_VERSION)`);
         throw new KvmIoctlError('KVM_GET_API_VERSION', e, path);
       }
       checkApiVersion(version, path);
@@ -236,7 +241,9 @@ export class VcpuFd {
     const buf = s.kvm_msrs.alloc(indices.length);
     const dv = dataView(buf);
     s.kvm_msrs.encode(dv, 0, { nmsrs: indices.length });
-    indices.forEach((index, i) => s.kvm_msr_entry.encode(dv, s.kvm_msrs.flexOffset + i * s.kvm_msr_entry.size, { index }));
+    indices.forEach((index, i) =>
+      s.kvm_msr_entry.encode(dv, s.kvm_msrs.flexOffset + i * s.kvm_msr_entry.size, { index }),
+    );
     const got = ioctlBuf(this.fd, 'GET_MSRS', buf);
     const out = new Map<number, bigint>();
     for (let i = 0; i < got; i++) {

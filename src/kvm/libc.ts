@@ -38,13 +38,15 @@ export const ioctlInt = libc.func('int ioctl(int fd, unsigned long request, unsi
   request: number,
   arg: number,
 ) => number;
-export const mmap = libc.func(
-  'void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)',
-) as (addr: PointerArg, length: number, prot: number, flags: number, fd: number, offset: number) => Pointer;
-export const munmap = libc.func('int munmap(void *addr, size_t length)') as (
-  addr: Pointer,
+export const mmap = libc.func('void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)') as (
+  addr: PointerArg,
   length: number,
-) => number;
+  prot: number,
+  flags: number,
+  fd: number,
+  offset: number,
+) => Pointer;
+export const munmap = libc.func('int munmap(void *addr, size_t length)') as (addr: Pointer, length: number) => number;
 export const madvise = libc.func('int madvise(void *addr, size_t length, int advice)') as (
   addr: Pointer,
   length: number,
@@ -80,13 +82,34 @@ export const getrandom = libc.func('intptr_t getrandom(_Out_ void *buf, size_t b
   flags: number,
 ) => number;
 // Unix sockets for backends on the I/O thread (passt, vsock): fds it can epoll.
-export const socket = libc.func('int socket(int domain, int type, int protocol)') as (domain: number, type: number, protocol: number) => number;
-export const connect = libc.func('int connect(int fd, const void *addr, uint32_t len)') as (fd: number, addr: PointerArg, len: number) => number;
-export const bind = libc.func('int bind(int fd, const void *addr, uint32_t len)') as (fd: number, addr: PointerArg, len: number) => number;
-export const fcntlInt = libc.func('int fcntl(int fd, int cmd, int arg)') as (fd: number, cmd: number, arg: number) => number;
+export const socket = libc.func('int socket(int domain, int type, int protocol)') as (
+  domain: number,
+  type: number,
+  protocol: number,
+) => number;
+export const connect = libc.func('int connect(int fd, const void *addr, uint32_t len)') as (
+  fd: number,
+  addr: PointerArg,
+  len: number,
+) => number;
+export const bind = libc.func('int bind(int fd, const void *addr, uint32_t len)') as (
+  fd: number,
+  addr: PointerArg,
+  len: number,
+) => number;
+export const fcntlInt = libc.func('int fcntl(int fd, int cmd, int arg)') as (
+  fd: number,
+  cmd: number,
+  arg: number,
+) => number;
 export const pipe2 = libc.func('int pipe2(_Out_ int *fds, int flags)') as (fds: Int32Array, flags: number) => number;
 export const listen = libc.func('int listen(int fd, int backlog)') as (fd: number, backlog: number) => number;
-export const accept4 = libc.func('int accept4(int fd, void *addr, void *len, int flags)') as (fd: number, addr: PointerArg, len: PointerArg, flags: number) => number;
+export const accept4 = libc.func('int accept4(int fd, void *addr, void *len, int flags)') as (
+  fd: number,
+  addr: PointerArg,
+  len: PointerArg,
+  flags: number,
+) => number;
 /** struct sockaddr_un for `path` (sun_family AF_UNIX, then the NUL-terminated path). */
 export function sockaddrUn(path: string): Buffer {
   const bytes = Buffer.from(path);
@@ -118,17 +141,21 @@ export const pthreadKill = libc.func('int pthread_kill(unsigned long thread, int
   thread: number | bigint,
   sig: number,
 ) => number;
-export const pthreadSigmask = libc.func(
-  'int pthread_sigmask(int how, const void *set, _Out_ void *oldset)',
-) as (how: number, set: PointerArg, oldset: PointerArg) => number;
+export const pthreadSigmask = libc.func('int pthread_sigmask(int how, const void *set, _Out_ void *oldset)') as (
+  how: number,
+  set: PointerArg,
+  oldset: PointerArg,
+) => number;
 export const sigemptyset = libc.func('int sigemptyset(_Out_ void *set)') as (set: PointerArg) => number;
 export const sigaddset = libc.func('int sigaddset(_Inout_ void *set, int signum)') as (
   set: PointerArg,
   signum: number,
 ) => number;
-export const sigtimedwait = libc.func(
-  'int sigtimedwait(const void *set, _Out_ void *info, const void *timeout)',
-) as (set: PointerArg, info: PointerArg, timeout: PointerArg) => number;
+export const sigtimedwait = libc.func('int sigtimedwait(const void *set, _Out_ void *info, const void *timeout)') as (
+  set: PointerArg,
+  info: PointerArg,
+  timeout: PointerArg,
+) => number;
 export const gettid = libc.func('int gettid(void)') as () => number;
 export const pthreadSetnameNp = libc.func('int pthread_setname_np(unsigned long thread, const char *name)') as (
   thread: number | bigint,
@@ -180,9 +207,7 @@ export const MADV_REMOVE = 9;
 export const GLIBC_SIGSET_BYTES = 128;
 export const KERNEL_SIGSET_BYTES = 8;
 
-const errnoNames = new Map<number, string>(
-  Object.entries(osConstants.errno).map(([name, value]) => [value, name]),
-);
+const errnoNames = new Map<number, string>(Object.entries(osConstants.errno).map(([name, value]) => [value, name]));
 
 /** "EINVAL" for 22, or "errno 1234" for numbers this platform has no name for. */
 export function errnoName(code: number): string {

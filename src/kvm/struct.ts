@@ -221,8 +221,11 @@ export function writeScalar(type: Scalar, view: DataView, at: number, value: num
   }
 }
 
-export const struct = (name: string, members: ReadonlyArray<readonly [string, FieldType]>, flex?: readonly [string, FieldType]) =>
-  new StructType(name, false, members, flex);
+export const struct = (
+  name: string,
+  members: ReadonlyArray<readonly [string, FieldType]>,
+  flex?: readonly [string, FieldType],
+) => new StructType(name, false, members, flex);
 export const packedStruct = (name: string, members: ReadonlyArray<readonly [string, FieldType]>) =>
   new StructType(name, false, members, undefined, true);
 export const union = (name: string, members: ReadonlyArray<readonly [string, FieldType]>) =>

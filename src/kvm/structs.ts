@@ -13,9 +13,7 @@ export const kvm_userspace_memory_region = struct('kvm_userspace_memory_region',
 
 export const kvm_regs = struct('kvm_regs', [
   ...(['rax', 'rbx', 'rcx', 'rdx', 'rsi', 'rdi', 'rsp', 'rbp'] as const).map((r) => [r, 'u64'] as const),
-  ...(['r8', 'r9', 'r10', 'r11', 'r12', 'r13', 'r14', 'r15', 'rip', 'rflags'] as const).map(
-    (r) => [r, 'u64'] as const,
-  ),
+  ...(['r8', 'r9', 'r10', 'r11', 'r12', 'r13', 'r14', 'r15', 'rip', 'rflags'] as const).map((r) => [r, 'u64'] as const),
 ]);
 
 export const kvm_segment = struct('kvm_segment', [
@@ -174,10 +172,13 @@ export const kvm_translation = struct('kvm_translation', [
 ]);
 
 export const kvm_irq_level = struct('kvm_irq_level', [
-  ['', union('kvm_irq_level.u', [
-    ['irq', 'u32'],
-    ['status', 'i32'],
-  ])],
+  [
+    '',
+    union('kvm_irq_level.u', [
+      ['irq', 'u32'],
+      ['status', 'i32'],
+    ]),
+  ],
   ['level', 'u32'],
 ]);
 
@@ -221,10 +222,13 @@ export const kvm_irq_routing_msi = struct('kvm_irq_routing_msi', [
   ['address_lo', 'u32'],
   ['address_hi', 'u32'],
   ['data', 'u32'],
-  ['', union('kvm_irq_routing_msi.u', [
-    ['pad', 'u32'],
-    ['devid', 'u32'],
-  ])],
+  [
+    '',
+    union('kvm_irq_routing_msi.u', [
+      ['pad', 'u32'],
+      ['devid', 'u32'],
+    ]),
+  ],
 ]);
 
 export const kvm_irq_routing_entry = struct('kvm_irq_routing_entry', [
@@ -326,10 +330,18 @@ export const kvm_run = struct('kvm_run', [
           ['suberror', 'u32'],
           ['ndata', 'u32'],
           ['flags', 'u64'],
-          ['', union('kvm_run.emulation_failure.u', [['', struct('kvm_run.emulation_failure.insn', [
-            ['insn_size', 'u8'],
-            ['insn_bytes', array('u8', 15)],
-          ])]])],
+          [
+            '',
+            union('kvm_run.emulation_failure.u', [
+              [
+                '',
+                struct('kvm_run.emulation_failure.insn', [
+                  ['insn_size', 'u8'],
+                  ['insn_bytes', array('u8', 15)],
+                ]),
+              ],
+            ]),
+          ],
         ]),
       ],
       [
@@ -337,10 +349,13 @@ export const kvm_run = struct('kvm_run', [
         struct('kvm_run.system_event', [
           ['type', 'u32'],
           ['ndata', 'u32'],
-          ['', union('kvm_run.system_event.u', [
-            ['flags', 'u64'],
-            ['data', array('u64', 16)],
-          ])],
+          [
+            '',
+            union('kvm_run.system_event.u', [
+              ['flags', 'u64'],
+              ['data', array('u64', 16)],
+            ]),
+          ],
         ]),
       ],
       ['padding', array('u8', 256)],

@@ -57,14 +57,16 @@ export function cpuMax(quotaPercent: number): string {
 export function prepareCgroup(name: string, limits: CgroupLimits, root = CGROUP_ROOT): string[] {
   const v = cgroupVersion(root);
   if (v === null) throw new KilnError(`no cgroup hierarchy is mounted at ${root}`);
-  if (!Number.isInteger(limits.cpuWeight) || limits.cpuWeight < 1 || limits.cpuWeight > 10_000) throw new KilnError(`CPU weight must be 1 to 10000 (got ${limits.cpuWeight})`);
+  if (!Number.isInteger(limits.cpuWeight) || limits.cpuWeight < 1 || limits.cpuWeight > 10_000)
+    throw new KilnError(`CPU weight must be 1 to 10000 (got ${limits.cpuWeight})`);
   const dirs = cgroupDirs(name, root);
   try {
     if (v === 2) {
       const parent = join(root, 'kiln');
       mkdirSync(parent, { recursive: true });
       const available = controllerSet(readFileSync(join(root, 'cgroup.controllers'), 'utf8'));
-      for (const c of ['cpu', 'memory']) if (!available.has(c)) throw new KilnError(`the cgroup v2 controller '${c}' is not available at ${root}`);
+      for (const c of ['cpu', 'memory'])
+        if (!available.has(c)) throw new KilnError(`the cgroup v2 controller '${c}' is not available at ${root}`);
       // Let the children use the cpu and memory controllers (matched by name: "cpuset" is not "cpu").
       for (const dir of [root, parent]) {
         const enabled = controllerSet(readFileSync(join(dir, 'cgroup.subtree_control'), 'utf8'));
@@ -81,7 +83,11 @@ export function prepareCgroup(name: string, limits: CgroupLimits, root = CGROUP_
       mkdirSync(memory, { recursive: true });
       write(cpu, 'cpu.shares', String(weightToShares(limits.cpuWeight)));
       write(cpu, 'cpu.cfs_period_us', String(PERIOD_US));
-      write(cpu, 'cpu.cfs_quota_us', limits.cpuQuotaPercent > 0 ? String(Math.round((limits.cpuQuotaPercent / 100) * PERIOD_US)) : '-1');
+      write(
+        cpu,
+        'cpu.cfs_quota_us',
+        limits.cpuQuotaPercent > 0 ? String(Math.round((limits.cpuQuotaPercent / 100) * PERIOD_US)) : '-1',
+      );
       write(memory, 'memory.limit_in_bytes', String(limits.memoryBytes));
     }
   } catch (err) {
@@ -102,7 +108,10 @@ export function placeInCgroup(name: string, pid: number, limits: CgroupLimits, r
 export function cgroupPids(name: string, root = CGROUP_ROOT): number[] {
   const dir = cgroupDirs(name, root)[0];
   if (!dir || !existsSync(join(dir, 'cgroup.procs'))) return [];
-  return readFileSync(join(dir, 'cgroup.procs'), 'utf8').split('\n').filter((l) => l !== '').map(Number);
+  return readFileSync(join(dir, 'cgroup.procs'), 'utf8')
+    .split('\n')
+    .filter((l) => l !== '')
+    .map(Number);
 }
 
 /** Removes VM `name`'s (empty) cgroup. */

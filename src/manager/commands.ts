@@ -27,9 +27,22 @@ const path = (name: string) => `/vms/${encodeURIComponent(name)}`;
 
 function table(rows: readonly VmStatus[]): string {
   const head = ['NAME', 'STATE', 'VCPUS', 'MEMORY', 'PID'];
-  const data = rows.map((r) => [r.name, r.state, String(r.cpus), `${r.memoryMiB}M`, r.pid === null ? '-' : String(r.pid)]);
+  const data = rows.map((r) => [
+    r.name,
+    r.state,
+    String(r.cpus),
+    `${r.memoryMiB}M`,
+    r.pid === null ? '-' : String(r.pid),
+  ]);
   const widths = head.map((h, i) => Math.max(h.length, ...data.map((d) => d[i]!.length)));
-  return [head, ...data].map((row) => row.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd()).join('\n');
+  return [head, ...data]
+    .map((row) =>
+      row
+        .map((c, i) => c.padEnd(widths[i]!))
+        .join('  ')
+        .trimEnd(),
+    )
+    .join('\n');
 }
 
 const count = (text: string) => (/^\d+$/.test(text) ? Number(text) : text);
@@ -40,11 +53,17 @@ function absolutePaths(raw: Record<string, unknown>, base: string): Record<strin
   const out: Record<string, unknown> = { ...raw };
   for (const key of ['kernel', 'initrd', 'consoleSocket']) if (Object.hasOwn(out, key)) out[key] = abs(out[key]);
   const each = (key: string, field: string) => {
-    if (Array.isArray(out[key])) out[key] = (out[key] as unknown[]).map((x) => (x && typeof x === 'object' && Object.hasOwn(x, field) ? { ...x, [field]: abs((x as Record<string, unknown>)[field]) } : x));
+    if (Array.isArray(out[key]))
+      out[key] = (out[key] as unknown[]).map((x) =>
+        x && typeof x === 'object' && Object.hasOwn(x, field)
+          ? { ...x, [field]: abs((x as Record<string, unknown>)[field]) }
+          : x,
+      );
   };
   each('disks', 'path');
   each('nets', 'passt');
-  if (out.vsock && typeof out.vsock === 'object' && Object.hasOwn(out.vsock, 'uds')) out.vsock = { ...(out.vsock as object), uds: abs((out.vsock as Record<string, unknown>).uds) };
+  if (out.vsock && typeof out.vsock === 'object' && Object.hasOwn(out.vsock, 'uds'))
+    out.vsock = { ...(out.vsock as object), uds: abs((out.vsock as Record<string, unknown>).uds) };
   return out;
 }
 
@@ -67,7 +86,8 @@ export function definitionInput(name: string | undefined, o: CreateOptions): Rec
     } catch (err) {
       throw new KilnError(`cannot read ${o.file}: ${(err as Error).message}`);
     }
-    if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new ConfigError('', `${o.file} must hold one VM definition (an object)`);
+    if (typeof raw !== 'object' || raw === null || Array.isArray(raw))
+      throw new ConfigError('', `${o.file} must hold one VM definition (an object)`);
     const input = absolutePaths(raw as Record<string, unknown>, dirname(resolve(o.file)));
     return name ? { ...input, name } : input;
   }
@@ -92,7 +112,8 @@ export async function create(name: string | undefined, o: CreateOptions): Promis
 export async function list(o: { json?: boolean }): Promise<number> {
   const { vms, broken } = await daemonCall<ListReply>(new Store(), 'GET', '/vms');
   print(o.json, vms.length ? table(vms) : 'no VMs', { vms, broken });
-  for (const b of broken) progress(`the definition of '${b.name}' (${b.file}) is broken: ${b.error}; it is left as it is`);
+  for (const b of broken)
+    progress(`the definition of '${b.name}' (${b.file}) is broken: ${b.error}; it is left as it is`);
   return 0;
 }
 
@@ -100,7 +121,11 @@ function uptime(startedAt: string | null): string {
   if (!startedAt) return '-';
   let s = Math.max(0, Math.floor((Date.now() - Date.parse(startedAt)) / 1000));
   const parts: string[] = [];
-  for (const [unit, size] of [['d', 86400], ['h', 3600], ['m', 60]] as const) {
+  for (const [unit, size] of [
+    ['d', 86400],
+    ['h', 3600],
+    ['m', 60],
+  ] as const) {
     if (s >= size) parts.push(`${Math.floor(s / size)}${unit}`);
     s %= size;
   }
@@ -118,11 +143,20 @@ export function infoText(i: InfoReply): string {
     ['Uptime', uptime(i.startedAt)],
     ['vCPUs', `${d.cpus}${d.pinCpus.length ? ` (pinned to host CPUs ${d.pinCpus.join(',')})` : ''}`],
     ['Memory', `${d.memoryMiB} MiB`],
-    ['Kernel', d.kernel ?? 'the guest kit\'s minimal Linux (with a shell on the serial console)'],
-    ...d.disks.map((x): [string, string] => ['Disk', `${x.id}: ${x.path}${x.readOnly ? ' (read-only)' : ''}${x.root ? ' (root)' : ''}`]),
-    ...d.nets.map((x): [string, string] => ['NIC', `${x.id}: ${x.tap !== undefined ? `tap ${x.tap}` : `passt ${x.passt}`}${x.mac ? ` mac ${x.mac}` : ''}`]),
+    ['Kernel', d.kernel ?? "the guest kit's minimal Linux (with a shell on the serial console)"],
+    ...d.disks.map((x): [string, string] => [
+      'Disk',
+      `${x.id}: ${x.path}${x.readOnly ? ' (read-only)' : ''}${x.root ? ' (root)' : ''}`,
+    ]),
+    ...d.nets.map((x): [string, string] => [
+      'NIC',
+      `${x.id}: ${x.tap !== undefined ? `tap ${x.tap}` : `passt ${x.passt}`}${x.mac ? ` mac ${x.mac}` : ''}`,
+    ]),
     ['Cgroup', i.cgroup.dirs.length ? i.cgroup.dirs.join(', ') : 'none (no cgroup hierarchy)'],
-    ['Limits', `CPU weight ${i.cgroup.cpuWeight}, CPU quota ${i.cgroup.cpuQuotaPercent ? `${i.cgroup.cpuQuotaPercent}%` : 'none'}, memory ${Math.round(i.cgroup.memoryLimitBytes / (1024 * 1024))} MiB`],
+    [
+      'Limits',
+      `CPU weight ${i.cgroup.cpuWeight}, CPU quota ${i.cgroup.cpuQuotaPercent ? `${i.cgroup.cpuQuotaPercent}%` : 'none'}, memory ${Math.round(i.cgroup.memoryLimitBytes / (1024 * 1024))} MiB`,
+    ],
     ['Console log', i.consoleLog],
   ];
   return lines.map(([k, v]) => `${`${k}:`.padEnd(13)}${v}`).join('\n');
@@ -135,14 +169,23 @@ export async function info(name: string, o: { json?: boolean }): Promise<number>
 }
 
 export async function logs(name: string, o: { json?: boolean; bytes?: string }): Promise<number> {
-  if (o.bytes !== undefined && !/^\d+$/.test(o.bytes)) throw new ConfigError('--bytes', `must be a whole number of bytes (got '${o.bytes}')`);
-  const { log } = await daemonCall<LogsReply>(new Store(), 'GET', `${path(name)}/logs${o.bytes ? `?bytes=${o.bytes}` : ''}`);
+  if (o.bytes !== undefined && !/^\d+$/.test(o.bytes))
+    throw new ConfigError('--bytes', `must be a whole number of bytes (got '${o.bytes}')`);
+  const { log } = await daemonCall<LogsReply>(
+    new Store(),
+    'GET',
+    `${path(name)}/logs${o.bytes ? `?bytes=${o.bytes}` : ''}`,
+  );
   if (o.json) print(true, '', { log });
   else process.stdout.write(log);
   return 0;
 }
 
-export async function lifecycle(verb: 'start' | 'stop' | 'restart' | 'pause' | 'resume', name: string, o: { json?: boolean; force?: boolean }): Promise<number> {
+export async function lifecycle(
+  verb: 'start' | 'stop' | 'restart' | 'pause' | 'resume',
+  name: string,
+  o: { json?: boolean; force?: boolean },
+): Promise<number> {
   const store = new Store();
   if (verb === 'start' || verb === 'restart') {
     // The default guest is built here, with its progress on this terminal (the daemon then finds it cached).
@@ -154,9 +197,18 @@ export async function lifecycle(verb: 'start' | 'stop' | 'restart' | 'pause' | '
     progress(`${verb === 'start' ? 'starting' : 'restarting'} '${name}'`);
   }
   if (verb === 'stop' || verb === 'restart') {
-    progress(o.force ? `stopping '${name}' at once (SIGTERM)` : `stopping '${name}': pressed its ACPI power button; waiting up to 30 s for the guest to power off, then SIGTERM (--force: at once)`);
+    progress(
+      o.force
+        ? `stopping '${name}' at once (SIGTERM)`
+        : `stopping '${name}': pressed its ACPI power button; waiting up to 30 s for the guest to power off, then SIGTERM (--force: at once)`,
+    );
   }
-  const s = await daemonCall<StartReply>(store, 'POST', `${path(name)}/${verb}`, verb === 'stop' ? { force: o.force === true } : {});
+  const s = await daemonCall<StartReply>(
+    store,
+    'POST',
+    `${path(name)}/${verb}`,
+    verb === 'stop' ? { force: o.force === true } : {},
+  );
   print(o.json, `${s.name}: ${s.state}`, s);
   const wanted = { start: 'running', restart: 'running', resume: 'running', pause: 'paused', stop: 'stopped' }[verb];
   if (s.state !== wanted) {

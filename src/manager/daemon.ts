@@ -45,15 +45,24 @@ function readJson(req: IncomingMessage): Promise<unknown> {
 /** Runs the daemon until SIGTERM. */
 export async function runDaemon(store: Store, log: (line: string) => void): Promise<void> {
   const manager = new Manager(store, log);
-  const router = FindMyWay({ defaultRoute: (_req: IncomingMessage, res: ServerResponse) => reply(res, 404, { error: 'no such endpoint' }) });
-  const route = (method: 'GET' | 'POST' | 'DELETE', path: string, handler: (name: string, body: unknown, query: URLSearchParams) => Promise<unknown>) =>
+  const router = FindMyWay({
+    defaultRoute: (_req: IncomingMessage, res: ServerResponse) => reply(res, 404, { error: 'no such endpoint' }),
+  });
+  const route = (
+    method: 'GET' | 'POST' | 'DELETE',
+    path: string,
+    handler: (name: string, body: unknown, query: URLSearchParams) => Promise<unknown>,
+  ) =>
     router.on(method, path, (req, res, params) => {
       void (async () => {
         try {
           const body = method === 'POST' ? await readJson(req) : undefined;
           reply(res, 200, await handler(params.name ?? '', body, new URL(req.url ?? '/', 'http://kiln').searchParams));
         } catch (err) {
-          const body: ErrorReply = { error: err instanceof Error ? err.message : String(err), ...(err instanceof ConfigError ? { field: err.field } : {}) };
+          const body: ErrorReply = {
+            error: err instanceof Error ? err.message : String(err),
+            ...(err instanceof ConfigError ? { field: err.field } : {}),
+          };
           reply(res, err instanceof KilnError ? 400 : 500, body);
         }
       })();
@@ -79,7 +88,8 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
   });
   route('GET', '/vms/:name/logs', async (name, _b, q): Promise<LogsReply> => {
     const bytes = Number(q.get('bytes') ?? 64 * 1024);
-    if (!Number.isSafeInteger(bytes) || bytes < 0) throw new KilnError(`bytes must be a whole number of bytes (got '${q.get('bytes')}')`);
+    if (!Number.isSafeInteger(bytes) || bytes < 0)
+      throw new KilnError(`bytes must be a whole number of bytes (got '${q.get('bytes')}')`);
     return { log: manager.logs(name, bytes) };
   });
 
@@ -110,13 +120,20 @@ export async function daemonCall<T>(store: Store, method: string, path: string, 
     // daemon, detached so it outlives this command, and retry until it listens.
     rmSync(store.socketPath, { force: true });
     const log = openSync(join(store.dir, 'daemon.log'), 'a');
-    spawn(process.execPath, [CLI, 'daemon'], { detached: true, stdio: ['ignore', log, log], env: { ...process.env, KILN_STATE_DIR: store.dir } }).unref();
+    spawn(process.execPath, [CLI, 'daemon'], {
+      detached: true,
+      stdio: ['ignore', log, log],
+      env: { ...process.env, KILN_STATE_DIR: store.dir },
+    }).unref();
     for (let i = 0; ; i++) {
       try {
         r = await attempt();
         break;
       } catch (err) {
-        if (i >= 100) throw new KilnError(`the kiln daemon did not start (see ${join(store.dir, 'daemon.log')}): ${(err as Error).message}`);
+        if (i >= 100)
+          throw new KilnError(
+            `the kiln daemon did not start (see ${join(store.dir, 'daemon.log')}): ${(err as Error).message}`,
+          );
         await new Promise((res) => setTimeout(res, 50));
       }
     }

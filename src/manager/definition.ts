@@ -5,13 +5,22 @@
 // into something that would not start is reported as broken, with the reason.
 import { isAbsolute } from 'node:path';
 import * as v from 'valibot';
-import { ConfigError, configError, finishDevices, objectMessage, VM_ENTRIES, type VmConfig } from '../config/vm-config.js';
+import {
+  ConfigError,
+  configError,
+  finishDevices,
+  objectMessage,
+  VM_ENTRIES,
+  type VmConfig,
+} from '../config/vm-config.js';
 
 export const NAME_RULE = /^[a-z0-9][a-z0-9-]{0,62}$/;
 
 const int = (min: number, max: number) =>
   v.pipe(
-    v.number(({ input }) => `must be a whole number from ${min} to ${max} (got ${JSON.stringify(input) ?? String(input)})`),
+    v.number(
+      ({ input }) => `must be a whole number from ${min} to ${max} (got ${JSON.stringify(input) ?? String(input)})`,
+    ),
     v.integer(({ input }) => `must be a whole number from ${min} to ${max} (got ${input})`),
     v.minValue(min, ({ input }) => `must be a whole number from ${min} to ${max} (got ${input})`),
     v.maxValue(max, ({ input }) => `must be a whole number from ${min} to ${max} (got ${input})`),
@@ -20,20 +29,38 @@ const int = (min: number, max: number) =>
 const MANAGER_ENTRIES = {
   name: v.pipe(
     v.string(({ input }) => `must be a string (got ${JSON.stringify(input) ?? String(input)})`),
-    v.regex(NAME_RULE, ({ input }) => `'${input}' is not a valid VM name (lower-case letters, digits and '-', starting with a letter or digit, at most 63)`),
+    v.regex(
+      NAME_RULE,
+      ({ input }) =>
+        `'${input}' is not a valid VM name (lower-case letters, digits and '-', starting with a letter or digit, at most 63)`,
+    ),
   ),
   /** cgroup CPU weight: 1-10000, 100 is an ordinary share. */
   cpuWeight: v.optional(int(1, 10_000), 100),
   /** CPU quota in percent of one host CPU; 0: none. */
   cpuQuotaPercent: v.optional(int(0, 100 * 1024), 0),
   /** Host CPUs the vCPU threads run on (vCPU N on pinCpus[N % length]); empty: any. */
-  pinCpus: v.optional(v.array(int(0, 8191), ({ input }) => `must be a list of host CPU numbers (got ${JSON.stringify(input)})`), []),
+  pinCpus: v.optional(
+    v.array(int(0, 8191), ({ input }) => `must be a list of host CPU numbers (got ${JSON.stringify(input)})`),
+    [],
+  ),
 };
 
-const ENTRIES = { name: MANAGER_ENTRIES.name, ...VM_ENTRIES, cpuWeight: MANAGER_ENTRIES.cpuWeight, cpuQuotaPercent: MANAGER_ENTRIES.cpuQuotaPercent, pinCpus: MANAGER_ENTRIES.pinCpus };
+const ENTRIES = {
+  name: MANAGER_ENTRIES.name,
+  ...VM_ENTRIES,
+  cpuWeight: MANAGER_ENTRIES.cpuWeight,
+  cpuQuotaPercent: MANAGER_ENTRIES.cpuQuotaPercent,
+  pinCpus: MANAGER_ENTRIES.pinCpus,
+};
 const DefinitionSchema = v.strictObject(ENTRIES, objectMessage(Object.keys(ENTRIES), 'a VM definition (an object)'));
 
-export type VmDefinition = VmConfig & { readonly name: string; readonly cpuWeight: number; readonly cpuQuotaPercent: number; readonly pinCpus: readonly number[] };
+export type VmDefinition = VmConfig & {
+  readonly name: string;
+  readonly cpuWeight: number;
+  readonly cpuQuotaPercent: number;
+  readonly pinCpus: readonly number[];
+};
 
 /** Every path the daemon opens must be absolute: it runs in a directory of its own. */
 function requireAbsolute(d: VmDefinition): void {
@@ -45,7 +72,12 @@ function requireAbsolute(d: VmDefinition): void {
     ...d.disks.map((x, i): [string, string] => [`disks[${i}].path`, x.path]),
     ...d.nets.map((x, i): [string, string | undefined] => [`nets[${i}].passt`, x.passt]),
   ];
-  for (const [field, path] of paths) if (path !== undefined && !isAbsolute(path)) throw new ConfigError(field, `must be an absolute path (got '${path}'); the daemon does not share your working directory`);
+  for (const [field, path] of paths)
+    if (path !== undefined && !isAbsolute(path))
+      throw new ConfigError(
+        field,
+        `must be an absolute path (got '${path}'); the daemon does not share your working directory`,
+      );
 }
 
 /** Checks a definition and fills in its defaults; throws ConfigError naming the field and why. */

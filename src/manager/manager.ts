@@ -4,7 +4,18 @@
 // process alive (pid file + /proc, checked to be that VM's kiln-vmm), and what does
 // its API say (Running / Paused). After a daemon crash and restart nothing is "unknown".
 import { spawn } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readdirSync, readSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  readdirSync,
+  readSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { request } from 'node:http';
 import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
@@ -33,15 +44,32 @@ const ATTACH_THEN_EXEC = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; s
 const VMM_CLI = fileURLToPath(new URL('../vmm-cli.js', import.meta.url));
 
 /** One JSON-over-HTTP call on a Unix socket (a VMM's API, or the daemon's). */
-export function unixHttp(socket: string, method: string, path: string, body?: unknown, timeoutMs = 5000): Promise<{ status: number; body: unknown }> {
+export function unixHttp(
+  socket: string,
+  method: string,
+  path: string,
+  body?: unknown,
+  timeoutMs = 5000,
+): Promise<{ status: number; body: unknown }> {
   const payload = body === undefined ? undefined : JSON.stringify(body);
   return new Promise((resolve, reject) => {
-    const req = request({ socketPath: socket, method, path, timeout: timeoutMs, headers: payload ? { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(payload) } : {} }, (res) => {
-      let text = '';
-      res.setEncoding('utf8');
-      res.on('data', (c: string) => (text += c));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text ? (JSON.parse(text) as unknown) : undefined }));
-    });
+    const req = request(
+      {
+        socketPath: socket,
+        method,
+        path,
+        timeout: timeoutMs,
+        headers: payload ? { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(payload) } : {},
+      },
+      (res) => {
+        let text = '';
+        res.setEncoding('utf8');
+        res.on('data', (c: string) => (text += c));
+        res.on('end', () =>
+          resolve({ status: res.statusCode ?? 0, body: text ? (JSON.parse(text) as unknown) : undefined }),
+        );
+      },
+    );
     req.on('timeout', () => req.destroy(new Error('timed out')));
     req.on('error', reject);
     if (payload) req.write(payload);
@@ -101,7 +129,12 @@ export class Manager {
     return {
       ...(await this.status(definition)),
       definition,
-      cgroup: { dirs: cgroupDirs(name), cpuWeight: definition.cpuWeight, cpuQuotaPercent: definition.cpuQuotaPercent, memoryLimitBytes: definition.memoryMiB * 1024 * 1024 + VMM_OVERHEAD_BYTES },
+      cgroup: {
+        dirs: cgroupDirs(name),
+        cpuWeight: definition.cpuWeight,
+        cpuQuotaPercent: definition.cpuQuotaPercent,
+        memoryLimitBytes: definition.memoryMiB * 1024 * 1024 + VMM_OVERHEAD_BYTES,
+      },
       consoleLog: join(this.store.runDir(name), 'console.log'),
     };
   }
@@ -115,8 +148,14 @@ export class Manager {
     const memCapMiB = Math.floor((totalmem() / (1024 * 1024)) * limits.memoryOvercommit);
     const usedCpus = running.reduce((s, v) => s + v.cpus, 0);
     const usedMiB = running.reduce((s, v) => s + v.memoryMiB, 0);
-    if (usedCpus + spec.cpus > cpuCap) throw new KilnError(`starting '${spec.name}' (${spec.cpus} vCPUs) would exceed the vCPU limit of ${cpuCap} (${cpus().length} host CPUs x ${limits.cpuOvercommit}); ${Math.max(0, cpuCap - usedCpus)} vCPUs are left`);
-    if (usedMiB + spec.memoryMiB > memCapMiB) throw new KilnError(`starting '${spec.name}' (${spec.memoryMiB} MiB) would exceed the memory limit of ${memCapMiB} MiB (host RAM x ${limits.memoryOvercommit}); ${Math.max(0, memCapMiB - usedMiB)} MiB are left`);
+    if (usedCpus + spec.cpus > cpuCap)
+      throw new KilnError(
+        `starting '${spec.name}' (${spec.cpus} vCPUs) would exceed the vCPU limit of ${cpuCap} (${cpus().length} host CPUs x ${limits.cpuOvercommit}); ${Math.max(0, cpuCap - usedCpus)} vCPUs are left`,
+      );
+    if (usedMiB + spec.memoryMiB > memCapMiB)
+      throw new KilnError(
+        `starting '${spec.name}' (${spec.memoryMiB} MiB) would exceed the memory limit of ${memCapMiB} MiB (host RAM x ${limits.memoryOvercommit}); ${Math.max(0, memCapMiB - usedMiB)} MiB are left`,
+      );
   }
 
   /** The VM configuration kiln-vmm runs: the definition's, with the default guest filled in. */
@@ -149,13 +188,31 @@ export class Manager {
     let procs: string[] = [];
     try {
       removeCgroup(name);
-      procs = prepareCgroup(name, { cpuWeight: spec.cpuWeight, cpuQuotaPercent: spec.cpuQuotaPercent, memoryBytes: spec.memoryMiB * 1024 * 1024 + VMM_OVERHEAD_BYTES });
+      procs = prepareCgroup(name, {
+        cpuWeight: spec.cpuWeight,
+        cpuQuotaPercent: spec.cpuQuotaPercent,
+        memoryBytes: spec.memoryMiB * 1024 * 1024 + VMM_OVERHEAD_BYTES,
+      });
     } catch (err) {
       warnings.push(`'${name}' runs without its cgroup limits: ${(err as Error).message}`);
     }
     const log = openSync(join(run, 'console.log'), 'a');
-    const vmm = [process.execPath, VMM_CLI, '--api-sock', sock, '--kiln-config', join(run, 'config.json'), '--id', name, '--serial-sock', join(run, 'serial.sock')];
-    const child = spawn('/bin/sh', ['-c', ATTACH_THEN_EXEC, 'kiln-attach', ...procs, '--', ...vmm], { detached: true, stdio: ['ignore', log, log] });
+    const vmm = [
+      process.execPath,
+      VMM_CLI,
+      '--api-sock',
+      sock,
+      '--kiln-config',
+      join(run, 'config.json'),
+      '--id',
+      name,
+      '--serial-sock',
+      join(run, 'serial.sock'),
+    ];
+    const child = spawn('/bin/sh', ['-c', ATTACH_THEN_EXEC, 'kiln-attach', ...procs, '--', ...vmm], {
+      detached: true,
+      stdio: ['ignore', log, log],
+    });
     closeSync(log);
     const pid = child.pid!;
     child.unref();
@@ -166,10 +223,15 @@ export class Manager {
       if (now.state === 'running' || now.state === 'paused') return now;
       return this.processAlive(pid) ? null : now;
     }, START_TIMEOUT_MS);
-    if (s === null) throw new KilnError(`'${name}' did not reach running within ${START_TIMEOUT_MS / 1000} s (its VMM, pid ${pid}, is still starting; see kiln logs ${name})`);
+    if (s === null)
+      throw new KilnError(
+        `'${name}' did not reach running within ${START_TIMEOUT_MS / 1000} s (its VMM, pid ${pid}, is still starting; see kiln logs ${name})`,
+      );
     if (s.state === 'stopped') {
       removeCgroup(name);
-      throw new KilnError(`'${name}' did not start: its VMM exited. The end of its console log:\n${this.consoleTail(name)}`);
+      throw new KilnError(
+        `'${name}' did not start: its VMM exited. The end of its console log:\n${this.consoleTail(name)}`,
+      );
     }
     if (spec.pinCpus.length > 0) warnings.push(...(await this.pinVcpus(pid, spec.pinCpus)));
     for (const w of warnings) this.progress(w);
@@ -218,7 +280,9 @@ export class Manager {
     if (pid === null) return this.status(spec);
     const gone = () => (this.pidOf(name) === null ? true : null);
     if (!force) {
-      await unixHttp(join(this.store.runDir(name), 'api.sock'), 'PUT', '/actions', { action_type: 'SendCtrlAltDel' }).catch(() => undefined);
+      await unixHttp(join(this.store.runDir(name), 'api.sock'), 'PUT', '/actions', {
+        action_type: 'SendCtrlAltDel',
+      }).catch(() => undefined);
       await waitFor(gone, timeoutMs);
     }
     if (this.pidOf(name) !== null) process.kill(pid, 'SIGTERM');
@@ -231,8 +295,13 @@ export class Manager {
   async setPaused(name: string, paused: boolean): Promise<VmStatus> {
     const spec = this.store.get(name);
     if (this.pidOf(name) === null) throw new KilnError(`'${name}' is not running`);
-    const r = await unixHttp(join(this.store.runDir(name), 'api.sock'), 'PATCH', '/vm', { state: paused ? 'Paused' : 'Resumed' });
-    if (r.status !== 204) throw new KilnError(`'${name}': ${(r.body as { fault_message?: string } | undefined)?.fault_message ?? `status ${r.status}`}`);
+    const r = await unixHttp(join(this.store.runDir(name), 'api.sock'), 'PATCH', '/vm', {
+      state: paused ? 'Paused' : 'Resumed',
+    });
+    if (r.status !== 204)
+      throw new KilnError(
+        `'${name}': ${(r.body as { fault_message?: string } | undefined)?.fault_message ?? `status ${r.status}`}`,
+      );
     return this.status(spec);
   }
 

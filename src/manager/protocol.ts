@@ -23,7 +23,12 @@ export interface ListReply {
 export interface InfoReply extends VmStatus {
   readonly definition: VmDefinition;
   /** The VM's cgroup directories and the limits written there. */
-  readonly cgroup: { readonly dirs: readonly string[]; readonly cpuWeight: number; readonly cpuQuotaPercent: number; readonly memoryLimitBytes: number };
+  readonly cgroup: {
+    readonly dirs: readonly string[];
+    readonly cpuWeight: number;
+    readonly cpuQuotaPercent: number;
+    readonly memoryLimitBytes: number;
+  };
   readonly consoleLog: string;
 }
 

@@ -7,7 +7,18 @@
 //   <state>/run/<name>/          console.log, api.sock, vmm.pid, config.json
 //   <state>/limits.json          overcommit ratios (optional)
 //   <state>/kiln.sock            the daemon's API
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  fsyncSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  writeSync,
+} from 'node:fs';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { KilnError } from '../errors.js';
@@ -22,7 +33,10 @@ export interface Limits {
 
 export const DEFAULT_LIMITS: Limits = { cpuOvercommit: 4, memoryOvercommit: 1 };
 export function checkName(name: string): string {
-  if (!NAME_RULE.test(name)) throw new KilnError(`'${name}' is not a valid VM name (lower-case letters, digits and '-', starting with a letter or digit, at most 63)`);
+  if (!NAME_RULE.test(name))
+    throw new KilnError(
+      `'${name}' is not a valid VM name (lower-case letters, digits and '-', starting with a letter or digit, at most 63)`,
+    );
   return name;
 }
 
@@ -130,7 +144,9 @@ export class Store {
     try {
       return this.read(name, file);
     } catch (err) {
-      throw new KilnError(`the definition of '${name}' (${file}) is broken: ${(err as Error).message}; it is left as it is (fix it, or kiln rm ${name})`);
+      throw new KilnError(
+        `the definition of '${name}' (${file}) is broken: ${(err as Error).message}; it is left as it is (fix it, or kiln rm ${name})`,
+      );
     }
   }
 

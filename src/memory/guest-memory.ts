@@ -66,7 +66,9 @@ export function hostMemoryBytes(): number {
     const kib = (key: string) => Number(new RegExp(`^${key}:\\s*(\\d+) kB`, 'm').exec(info)?.[1] ?? 0);
     return (kib('MemTotal') + kib('SwapTotal')) * 1024 || Infinity;
   } catch (err) {
-    process.emitWarning(`cannot read /proc/meminfo (${(err as Error).message}); not checking guest size against host memory`);
+    process.emitWarning(
+      `cannot read /proc/meminfo (${(err as Error).message}); not checking guest size against host memory`,
+    );
     return Infinity;
   }
 }
@@ -87,22 +89,30 @@ export function hostPhysAddrBits(): number {
  * when it cannot be used.
  */
 export function validateMemorySize(size: number, limits?: HostMemoryLimits): void {
-  if (!Number.isSafeInteger(size) || size <= 0) throw new GuestMemoryError(`memory size must be a positive number of bytes (got ${size})`);
-  if (size % PAGE_SIZE !== 0) throw new GuestMemoryError(`memory size ${size} bytes is not a multiple of the ${PAGE_SIZE}-byte page size`);
+  if (!Number.isSafeInteger(size) || size <= 0)
+    throw new GuestMemoryError(`memory size must be a positive number of bytes (got ${size})`);
+  if (size % PAGE_SIZE !== 0)
+    throw new GuestMemoryError(`memory size ${size} bytes is not a multiple of the ${PAGE_SIZE}-byte page size`);
   if (!limits) return;
   const ranges = ramRanges(size);
   const last = ranges[ranges.length - 1]!;
   const top = last.guestPhysAddr + last.size;
   const mib = (n: number) => `${Math.floor(n / 2 ** 20)} MiB`;
   if (size > limits.hostBytes) {
-    throw new GuestMemoryError(`memory size ${mib(size)} is larger than this host can map: it has ${mib(limits.hostBytes)} of RAM and swap`);
+    throw new GuestMemoryError(
+      `memory size ${mib(size)} is larger than this host can map: it has ${mib(limits.hostBytes)} of RAM and swap`,
+    );
   }
   if (top > 2 ** limits.physAddrBits) {
     const most = 2 ** limits.physAddrBits - (HIGH_RAM_START - MMIO_HOLE_START);
-    throw new GuestMemoryError(`memory size ${mib(size)} is larger than this host can map: its ${limits.physAddrBits}-bit physical addresses allow at most ${mib(most)}`);
+    throw new GuestMemoryError(
+      `memory size ${mib(size)} is larger than this host can map: its ${limits.physAddrBits}-bit physical addresses allow at most ${mib(most)}`,
+    );
   }
   if (ranges.length > limits.memslots) {
-    throw new GuestMemoryError(`memory size ${mib(size)} needs ${ranges.length} KVM memory slots; this host allows ${limits.memslots}`);
+    throw new GuestMemoryError(
+      `memory size ${mib(size)} needs ${ranges.length} KVM memory slots; this host allows ${limits.memslots}`,
+    );
   }
 }
 
@@ -149,7 +159,9 @@ export class GuestMemory {
     if (index >= 0) return index;
     const start = this.findRegion(gpa, 0);
     if (start >= 0) {
-      throw new GuestMemoryError(`guest access of ${length} bytes at ${hex(gpa)} crosses the end of the RAM region at ${hex(this.regions[start]!.guestPhysAddr)}`);
+      throw new GuestMemoryError(
+        `guest access of ${length} bytes at ${hex(gpa)} crosses the end of the RAM region at ${hex(this.regions[start]!.guestPhysAddr)}`,
+      );
     }
     throw new GuestMemoryError(`guest address ${hex(gpa)} is not RAM`);
   }
@@ -259,7 +271,9 @@ export class OwnedGuestMemory extends GuestMemory {
         if (hostAddr === libc.MAP_FAILED) {
           const e = libc.errno();
           if (e === libc.ENOMEM) {
-            throw new GuestMemoryError(`cannot map ${size} bytes of guest memory: the host has no room for it (ENOMEM)`);
+            throw new GuestMemoryError(
+              `cannot map ${size} bytes of guest memory: the host has no room for it (ENOMEM)`,
+            );
           }
           throw new SyscallError('mmap', e, `${range.size} bytes of guest memory`);
         }

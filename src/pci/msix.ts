@@ -23,8 +23,10 @@ export interface MsixLayout {
 
 /** The capability: Message Control (table size - 1; enable and function mask writable), table and PBA locations. */
 export function msixCapability(layout: MsixLayout): PciCapability {
-  if (layout.vectors < 1 || layout.vectors > MSIX_MAX_VECTORS) throw new KilnError(`MSI-X supports 1 to ${MSIX_MAX_VECTORS} vectors (got ${layout.vectors})`);
-  if (layout.tableOffset % 8 !== 0 || layout.pbaOffset % 8 !== 0) throw new KilnError('MSI-X table and PBA offsets must be 8-byte aligned');
+  if (layout.vectors < 1 || layout.vectors > MSIX_MAX_VECTORS)
+    throw new KilnError(`MSI-X supports 1 to ${MSIX_MAX_VECTORS} vectors (got ${layout.vectors})`);
+  if (layout.tableOffset % 8 !== 0 || layout.pbaOffset % 8 !== 0)
+    throw new KilnError('MSI-X table and PBA offsets must be 8-byte aligned');
   const body = new Uint8Array(10);
   const dv = new DataView(body.buffer);
   dv.setUint16(0, layout.vectors - 1, true);
@@ -56,7 +58,8 @@ export class MsixTable {
     this.table = new DataView(state, offset, vectors * MSIX_ENTRY_BYTES);
     this.pba = new Uint8Array(state, offset + vectors * MSIX_ENTRY_BYTES, Math.ceil(vectors / 64) * 8);
     // Every vector starts masked (6.8.2.9).
-    for (let v = 0; v < vectors; v++) this.table.setUint32(v * MSIX_ENTRY_BYTES + MSIX_ENTRY_VECTOR_CONTROL, MSIX_VECTOR_MASKED, true);
+    for (let v = 0; v < vectors; v++)
+      this.table.setUint32(v * MSIX_ENTRY_BYTES + MSIX_ENTRY_VECTOR_CONTROL, MSIX_VECTOR_MASKED, true);
   }
 
   get tableBytes(): number {
@@ -65,7 +68,11 @@ export class MsixTable {
 
   private masked(vector: number): boolean {
     const c = this.control();
-    return !(c & MSIX_CONTROL_ENABLE) || (c & MSIX_CONTROL_FUNCTION_MASK) !== 0 || (this.table.getUint32(vector * MSIX_ENTRY_BYTES + MSIX_ENTRY_VECTOR_CONTROL, true) & MSIX_VECTOR_MASKED) !== 0;
+    return (
+      !(c & MSIX_CONTROL_ENABLE) ||
+      (c & MSIX_CONTROL_FUNCTION_MASK) !== 0 ||
+      (this.table.getUint32(vector * MSIX_ENTRY_BYTES + MSIX_ENTRY_VECTOR_CONTROL, true) & MSIX_VECTOR_MASKED) !== 0
+    );
   }
 
   pending(vector: number): boolean {
@@ -74,7 +81,11 @@ export class MsixTable {
 
   private send(vector: number): void {
     const at = vector * MSIX_ENTRY_BYTES;
-    this.deliver(this.table.getUint32(at, true), this.table.getUint32(at + 4, true), this.table.getUint32(at + 8, true));
+    this.deliver(
+      this.table.getUint32(at, true),
+      this.table.getUint32(at + 4, true),
+      this.table.getUint32(at + 8, true),
+    );
   }
 
   /** The device raises `vector`: delivered now, or left pending while masked. */

@@ -80,7 +80,6 @@ export interface PciCapability {
   readonly writeMask: Uint8Array;
 }
 
-
 /** Hands out naturally aligned BAR addresses inside a window, in order. */
 export class PciBarAllocator {
   private next: number;
@@ -94,7 +93,8 @@ export class PciBarAllocator {
 
   allocate(bytes: number): number {
     const at = Math.ceil(this.next / bytes) * bytes;
-    if (at + bytes > this.start + this.size) throw new KilnError(`the PCI memory window has no room for another ${bytes}-byte BAR`);
+    if (at + bytes > this.start + this.size)
+      throw new KilnError(`the PCI memory window has no room for another ${bytes}-byte BAR`);
     this.next = at + bytes;
     return at;
   }
@@ -122,7 +122,8 @@ export class PciRoot {
 
   /** Places a single-function device at `slot` (device number) on bus 0. */
   addFunction(slot: number, f: PciFunctionConfig): void {
-    if (!Number.isInteger(slot) || slot < 0 || slot >= PCI_SLOTS) throw new KilnError(`PCI slot ${slot} does not exist (0-${PCI_SLOTS - 1})`);
+    if (!Number.isInteger(slot) || slot < 0 || slot >= PCI_SLOTS)
+      throw new KilnError(`PCI slot ${slot} does not exist (0-${PCI_SLOTS - 1})`);
     if (this.bytes[PRESENT_AT + slot]) throw new KilnError(`PCI slot ${slot} is already taken`);
     const space = new DataView(this.space(slot).buffer, this.space(slot).byteOffset, CONFIG_SPACE_BYTES);
     const mask = new DataView(this.mask(slot).buffer, this.mask(slot).byteOffset, CONFIG_SPACE_BYTES);
@@ -135,23 +136,31 @@ export class PciRoot {
     space.setUint16(PCI_SUBSYSTEM_VENDOR_ID, f.subsystemVendorId ?? 0, true);
     space.setUint16(PCI_SUBSYSTEM_ID, f.subsystemId ?? 0, true);
     space.setUint8(PCI_INTERRUPT_PIN, f.interruptPin ?? 0);
-    mask.setUint16(PCI_COMMAND, PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | PCI_COMMAND_INTX_DISABLE, true);
+    mask.setUint16(
+      PCI_COMMAND,
+      PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | PCI_COMMAND_INTX_DISABLE,
+      true,
+    );
     mask.setUint8(PCI_INTERRUPT_LINE, 0xff);
     (f.bars ?? []).forEach((bar, i) => {
       if (i >= 6) throw new KilnError('a PCI function has at most 6 BARs');
       const min = bar.kind === 'io' ? 4 : 16;
-      if (bar.size < min || (bar.size & (bar.size - 1)) !== 0) throw new KilnError(`BAR ${i}: size ${bar.size} is not a power of two of at least ${min}`);
-      if (bar.address % bar.size !== 0) throw new KilnError(`BAR ${i}: address 0x${bar.address.toString(16)} is not aligned to its size`);
+      if (bar.size < min || (bar.size & (bar.size - 1)) !== 0)
+        throw new KilnError(`BAR ${i}: size ${bar.size} is not a power of two of at least ${min}`);
+      if (bar.address % bar.size !== 0)
+        throw new KilnError(`BAR ${i}: address 0x${bar.address.toString(16)} is not aligned to its size`);
       const flags = bar.kind === 'io' ? PCI_BASE_ADDRESS_SPACE_IO : 0;
       space.setUint32(PCI_BASE_ADDRESS_0 + 4 * i, (bar.address | flags) >>> 0, true);
       // The address bits above the size are writable; the size bits and flags are not.
-      mask.setUint32(PCI_BASE_ADDRESS_0 + 4 * i, ~(bar.size - 1) & (bar.kind === 'io' ? ~0x3 : ~0xf) >>> 0, true);
+      mask.setUint32(PCI_BASE_ADDRESS_0 + 4 * i, ~(bar.size - 1) & ((bar.kind === 'io' ? ~0x3 : ~0xf) >>> 0), true);
     });
     let at = FIRST_CAPABILITY;
     let previousNext = PCI_CAPABILITY_LIST;
     for (const cap of f.capabilities ?? []) {
-      if (cap.body.length !== cap.writeMask.length) throw new KilnError(`capability 0x${cap.id.toString(16)}: body and write mask differ in length`);
-      if (at + 2 + cap.body.length > 0x100) throw new KilnError('the capabilities do not fit in the first 256 bytes of configuration space');
+      if (cap.body.length !== cap.writeMask.length)
+        throw new KilnError(`capability 0x${cap.id.toString(16)}: body and write mask differ in length`);
+      if (at + 2 + cap.body.length > 0x100)
+        throw new KilnError('the capabilities do not fit in the first 256 bytes of configuration space');
       space.setUint8(previousNext, at);
       space.setUint8(at, cap.id);
       this.space(slot).set(cap.body, at + 2);
@@ -267,7 +276,8 @@ export const pciRootModel: DeviceModel = {
     if (options.role === 'ecam') {
       // ECAM offset = bus << 20 | device << 15 | function << 12 | register; only
       // function 0 of bus 0 exists.
-      const slotOf = (offset: number) => (offset >>> 20 === 0 && ((offset >>> 12) & 7) === 0 ? (offset >>> 15) & 31 : -1);
+      const slotOf = (offset: number) =>
+        offset >>> 20 === 0 && ((offset >>> 12) & 7) === 0 ? (offset >>> 15) & 31 : -1;
       return {
         read: (offset, data) => root.access(slotOf(offset), offset & 0xfff, data, false),
         write: (offset, data) => root.access(slotOf(offset), offset & 0xfff, data, true, written),

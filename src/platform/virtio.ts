@@ -13,7 +13,12 @@ import { BlkControl, blkOptions } from '../virtio/blk.js';
 import { listenConsole } from '../virtio/console.js';
 import { VirtioState, VIRTIO_MSI_NO_VECTOR } from '../virtio/device.js';
 import { connectPasst, defaultMac, openTap, parseMac } from '../virtio/net.js';
-import { VIRTIO_BAR, VIRTIO_PCI_MODERN_DEVICE_ID_BASE, VIRTIO_PCI_VENDOR_ID, virtioCapabilities } from '../virtio/pci.js';
+import {
+  VIRTIO_BAR,
+  VIRTIO_PCI_MODERN_DEVICE_ID_BASE,
+  VIRTIO_PCI_VENDOR_ID,
+  virtioCapabilities,
+} from '../virtio/pci.js';
 import { resetQueueRecord } from '../virtio/queue.js';
 import { virtioTypes } from '../virtio/types.js';
 import { listenVsock } from '../virtio/vsock.js';
@@ -57,7 +62,8 @@ export function balloonControl(device: VirtioPciDevice): BalloonControl {
 
 /** Opens a NIC's host end (TAP or passt) and returns its device options; the caller owns the fd. */
 export function openNet(net: NetHostEnd, index: number): OpenedDisk {
-  if (!net.tap === !net.passt) throw new KilnError(`network interface ${index}: give either a TAP name or a passt socket`);
+  if (!net.tap === !net.passt)
+    throw new KilnError(`network interface ${index}: give either a TAP name or a passt socket`);
   const mac = net.mac ?? defaultMac((process.pid << 8) + index);
   parseMac(mac);
   const fd = net.tap ? openTap(net.tap) : connectPasst(net.passt!);
@@ -78,7 +84,10 @@ export function openDisk(disk: DiskHostEnd, index: number): OpenedDisk {
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOENT') throw new KilnError(`disk '${disk.path}' does not exist`);
     if (code === 'EISDIR') throw new KilnError(`disk '${disk.path}' is a directory, not a disk image`);
-    if ((code === 'EACCES' || code === 'EROFS' || code === 'EPERM') && !disk.readOnly) throw new KilnError(`disk '${disk.path}' cannot be opened for writing (${code}); attach it read-only (,ro) or fix its permissions`);
+    if ((code === 'EACCES' || code === 'EROFS' || code === 'EPERM') && !disk.readOnly)
+      throw new KilnError(
+        `disk '${disk.path}' cannot be opened for writing (${code}); attach it read-only (,ro) or fix its permissions`,
+      );
     throw new KilnError(`cannot open disk '${disk.path}': ${code ?? (err as Error).message}`);
   }
   try {
@@ -90,7 +99,10 @@ export function openDisk(disk: DiskHostEnd, index: number): OpenedDisk {
 }
 
 /** Opens every disk and NIC host end, or none (closing what was opened if one fails). */
-export function openHostEnds(config: { readonly disks?: readonly DiskHostEnd[]; readonly nets?: readonly NetHostEnd[] }): { disks: OpenedDisk[]; nets: OpenedDisk[] } {
+export function openHostEnds(config: {
+  readonly disks?: readonly DiskHostEnd[];
+  readonly nets?: readonly NetHostEnd[];
+}): { disks: OpenedDisk[]; nets: OpenedDisk[] } {
   const disks: OpenedDisk[] = [];
   const nets: OpenedDisk[] = [];
   try {
@@ -107,11 +119,23 @@ export function openHostEnds(config: { readonly disks?: readonly DiskHostEnd[]; 
  * Adds the opened disks and NICs (opened from `config.disks` and `config.nets`, in that
  * order) and the other devices to `vm`, which then owns the fds.
  */
-export function attachVirtio(vm: Vm, pci: PciHost, config: VmConfig, disks: readonly OpenedDisk[], nets: readonly OpenedDisk[]): AttachedVirtio {
+export function attachVirtio(
+  vm: Vm,
+  pci: PciHost,
+  config: VmConfig,
+  disks: readonly OpenedDisk[],
+  nets: readonly OpenedDisk[],
+): AttachedVirtio {
   const all: VirtioPciDevice[] = [];
   const add = (id: string, type: string, options?: DeviceOptions) => {
     const slot = pci.takeSlot();
-    const device = addVirtioPciDevice(vm, pci.root, pci.bars, { id, slot, type, intxGsi: pciIntxGsi(slot), ...(options ? { options } : {}) });
+    const device = addVirtioPciDevice(vm, pci.root, pci.bars, {
+      id,
+      slot,
+      type,
+      intxGsi: pciIntxGsi(slot),
+      ...(options ? { options } : {}),
+    });
     all.push(device);
     return device;
   };
@@ -126,7 +150,12 @@ export function attachVirtio(vm: Vm, pci: PciHost, config: VmConfig, disks: read
     netDevices.set(config.nets[i]!.id, add(`net${i}`, 'net', n.options));
   });
   if (config.rng) add('rng', 'rng');
-  const balloon = config.balloon ? add('balloon', 'balloon', { targetPages: Math.floor((config.balloon.targetMiB * 1024 * 1024) / BALLOON_PAGE_BYTES), deflateOnOom: config.balloon.deflateOnOom }) : null;
+  const balloon = config.balloon
+    ? add('balloon', 'balloon', {
+        targetPages: Math.floor((config.balloon.targetMiB * 1024 * 1024) / BALLOON_PAGE_BYTES),
+        deflateOnOom: config.balloon.deflateOnOom,
+      })
+    : null;
   if (config.vsock) {
     const { fd, options } = listenVsock(config.vsock.uds, config.vsock.guestCid);
     vm.adoptFd(fd);
@@ -171,7 +200,12 @@ export function addVirtioPciDevice(
   };
   const fds = Array.from({ length: queues }, eventfd);
   const barAddress = bars.allocate(VIRTIO_BAR.bytes);
-  const options: DeviceOptions = { ...base, notifyFds: fds.join(','), intxGsi: device.intxGsi, ...(type.controlChannel ? { controlFd: eventfd() } : {}) };
+  const options: DeviceOptions = {
+    ...base,
+    notifyFds: fds.join(','),
+    intxGsi: device.intxGsi,
+    ...(type.controlChannel ? { controlFd: eventfd() } : {}),
+  };
   const spec = vm.addDevice({ id: device.id, kind: 'virtio-pci', bus: 'pci', base: device.slot, size: 1, options });
   const state = new VirtioState(spec.state, type, options);
   type.initConfig(state.config(), options);

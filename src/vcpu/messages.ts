@@ -31,14 +31,7 @@ export interface VcpuWorkerInit {
  * - error: Kiln itself failed on this thread.
  */
 export type VcpuExitReason =
-  | 'stopped'
-  | 'guest-exit'
-  | 'hlt'
-  | 'shutdown'
-  | 'fail-entry'
-  | 'internal-error'
-  | 'unhandled-exit'
-  | 'error';
+  'stopped' | 'guest-exit' | 'hlt' | 'shutdown' | 'fail-entry' | 'internal-error' | 'unhandled-exit' | 'error';
 
 export interface VcpuExit {
   readonly vcpu: number;
@@ -58,6 +51,11 @@ export interface VcpuExit {
 }
 
 export type VcpuMessage =
-  | { readonly type: 'ready'; readonly thread: number | bigint; readonly tid: number; /** Epoch ms, just before the first KVM_RUN. */ readonly firstRunAt: number }
+  | {
+      readonly type: 'ready';
+      readonly thread: number | bigint;
+      readonly tid: number;
+      /** Epoch ms, just before the first KVM_RUN. */ readonly firstRunAt: number;
+    }
   | { readonly type: 'paused' }
   | { readonly type: 'exit'; readonly exit: VcpuExit };

@@ -25,7 +25,11 @@ export class VcpuThread {
 
   constructor(readonly init: VcpuWorkerInit) {
     this.cells = new Int32Array(init.control);
-    this.worker = new Worker(new URL('./worker.js', import.meta.url), { workerData: init, stdout: false, stderr: false });
+    this.worker = new Worker(new URL('./worker.js', import.meta.url), {
+      workerData: init,
+      stdout: false,
+      stderr: false,
+    });
     let resolveReady!: () => void;
     let rejectReady!: (err: Error) => void;
     this.ready = new Promise((resolve, reject) => {
@@ -53,7 +57,13 @@ export class VcpuThread {
       });
       this.worker.on('exit', () => {
         this.alive = false;
-        exit ??= { vcpu: init.id, reason: 'error', detail: 'the vCPU thread ended without reporting', exits: 0, runMs: 0 };
+        exit ??= {
+          vcpu: init.id,
+          reason: 'error',
+          detail: 'the vCPU thread ended without reporting',
+          exits: 0,
+          runMs: 0,
+        };
         rejectReady(new KilnError(`vcpu${init.id} failed to start: ${exit.detail}`));
         const waiters = this.pauseWaiters;
         this.pauseWaiters = [];
@@ -73,7 +83,8 @@ export class VcpuThread {
 
   /** Interrupts KVM_RUN on the vCPU thread so it looks at its request cell. */
   private kick(): void {
-    if (this.alive && this.thread !== null && this.state !== ctl.STATE_STOPPED) libc.pthreadKill(this.thread, KICK_SIGNAL);
+    if (this.alive && this.thread !== null && this.state !== ctl.STATE_STOPPED)
+      libc.pthreadKill(this.thread, KICK_SIGNAL);
   }
 
   private request(value: number): void {

@@ -117,7 +117,14 @@ function readU64(offset: number): number {
 
 const log = (line: string) => process.stderr.write(`kiln: vcpu${init.id}: ${line}\n`);
 const compat = init.compat
-  ? new PvmCompat(init.compat, vcpu, memory, run, () => Atomics.compareExchange(cells, ctl.VM_COMPAT_CLAIM, 0, 1) === 0, log)
+  ? new PvmCompat(
+      init.compat,
+      vcpu,
+      memory,
+      run,
+      () => Atomics.compareExchange(cells, ctl.VM_COMPAT_CLAIM, 0, 1) === 0,
+      log,
+    )
   : null;
 
 let exits = 0;
@@ -162,7 +169,14 @@ function snapshot(): Pick<VcpuExit, 'regs' | 'sregs'> {
     const pick = (k: string) => sregs[k]!;
     return {
       regs: vcpu.getRegs(),
-      sregs: { cs: pick('cs'), ss: pick('ss'), cr0: pick('cr0'), cr3: pick('cr3'), cr4: pick('cr4'), efer: pick('efer') },
+      sregs: {
+        cs: pick('cs'),
+        ss: pick('ss'),
+        cr0: pick('cr0'),
+        cr3: pick('cr3'),
+        cr4: pick('cr4'),
+        efer: pick('efer'),
+      },
     };
   } catch {
     // KVM may refuse register reads after a failed entry; the exit is reported without them.
@@ -198,7 +212,18 @@ function describeExit(reason: number): { reason: VcpuExitReason; detail: string 
 function finish(reason: VcpuExitReason, detail: string, withRegs: boolean): void {
   Atomics.store(cells, STATE, ctl.STATE_STOPPED);
   const runMs = startedAt === 0 ? 0 : performance.now() - startedAt;
-  post({ type: 'exit', exit: { vcpu: init.id, reason, detail, exits, runMs, ...(compat ? { compat: compat.counts } : {}), ...(withRegs ? snapshot() : {}) } });
+  post({
+    type: 'exit',
+    exit: {
+      vcpu: init.id,
+      reason,
+      detail,
+      exits,
+      runMs,
+      ...(compat ? { compat: compat.counts } : {}),
+      ...(withRegs ? snapshot() : {}),
+    },
+  });
   libc.munmap(runAddr, init.runMmapSize);
 }
 
@@ -258,7 +283,12 @@ function runLoop(): void {
 
 libc.pthreadSetnameNp(libc.pthreadSelf(), `fc_vcpu ${init.id}`);
 Atomics.store(cells, STATE, ctl.STATE_RUNNING);
-post({ type: 'ready', thread: libc.pthreadSelf(), tid: libc.gettid(), firstRunAt: performance.timeOrigin + performance.now() });
+post({
+  type: 'ready',
+  thread: libc.pthreadSelf(),
+  tid: libc.gettid(),
+  firstRunAt: performance.timeOrigin + performance.now(),
+});
 try {
   runLoop();
 } catch (err) {

@@ -37,12 +37,17 @@ export const balloonType: VirtioDeviceType = {
   name: 'balloon',
   maxQueueSize: 256,
   queues: () => 4,
-  features: (o) => bit(VIRTIO_BALLOON_F_STATS_VQ) | bit(VIRTIO_BALLOON_F_PAGE_REPORTING) | (o.deflateOnOom === true ? bit(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) : 0n),
+  features: (o) =>
+    bit(VIRTIO_BALLOON_F_STATS_VQ) |
+    bit(VIRTIO_BALLOON_F_PAGE_REPORTING) |
+    (o.deflateOnOom === true ? bit(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) : 0n),
   configBytes: () => BALLOON_CONFIG.bytes,
   initConfig: (config, o) => config.setUint32(BALLOON_CONFIG.numPages, Number(o.targetPages ?? 0), true),
   // The driver writes only `actual` (how many pages the balloon holds).
   configWrite(config, offset, data) {
-    for (let i = 0; i < data.length; i++) if (offset + i >= BALLOON_CONFIG.actual && offset + i < BALLOON_CONFIG.actual + 4) config.setUint8(offset + i, data[i]!);
+    for (let i = 0; i < data.length; i++)
+      if (offset + i >= BALLOON_CONFIG.actual && offset + i < BALLOON_CONFIG.actual + 4)
+        config.setUint8(offset + i, data[i]!);
   },
   controlChannel: true,
   extraBytes: () => BALLOON_SHARED.bytes,
@@ -81,7 +86,8 @@ export class BalloonBackend implements VirtioBackend {
     let done = 0;
     while (queue.pop(chain)) {
       if (role === 'inflate') this.inflate();
-      else if (role === 'reporting') for (let i = 0; i < chain.count; i++) this.drop(chain.region[i]!, chain.offset[i]!, chain.length[i]!);
+      else if (role === 'reporting')
+        for (let i = 0; i < chain.count; i++) this.drop(chain.region[i]!, chain.offset[i]!, chain.length[i]!);
       // Deflate needs nothing: the pages come back when the guest touches them.
       queue.push(chain.head, 0);
       done++;
@@ -101,7 +107,11 @@ export class BalloonBackend implements VirtioBackend {
     for (let i = 0; i < chain.count; i++) {
       if (chain.writable[i]) continue;
       const bytes = this.rt.mem.regionBytes(chain.region[i]!);
-      const view = new DataView(bytes.buffer, bytes.byteOffset + chain.offset[i]!, chain.length[i]! - (chain.length[i]! % 4));
+      const view = new DataView(
+        bytes.buffer,
+        bytes.byteOffset + chain.offset[i]!,
+        chain.length[i]! - (chain.length[i]! % 4),
+      );
       for (let at = 0; at < view.byteLength; at += 4) {
         const pfn = view.getUint32(at, true);
         if (runPages > 0 && pfn === runStart + runPages) runPages++;
@@ -128,7 +138,11 @@ export class BalloonBackend implements VirtioBackend {
     if (end <= start) return;
     const host = this.rt.mem.regions[region]!.hostAddr + BigInt(start);
     if (libc.madvise(host, end - start, libc.MADV_DONTNEED) === 0) {
-      this.shared.setFloat64(BALLOON_SHARED.pagesReturned, this.shared.getFloat64(BALLOON_SHARED.pagesReturned, true) + (end - start) / BALLOON_PAGE_BYTES, true);
+      this.shared.setFloat64(
+        BALLOON_SHARED.pagesReturned,
+        this.shared.getFloat64(BALLOON_SHARED.pagesReturned, true) + (end - start) / BALLOON_PAGE_BYTES,
+        true,
+      );
     }
   }
 
@@ -145,10 +159,15 @@ export class BalloonBackend implements VirtioBackend {
         const view = new DataView(bytes.buffer, bytes.byteOffset + chain.offset[i]!, chain.length[i]!);
         for (let at = 0; at + STAT_BYTES <= view.byteLength; at += STAT_BYTES) {
           const tag = view.getUint16(at, true);
-          if (tag < BALLOON_STAT_TAGS) this.shared.setBigUint64(BALLOON_SHARED.stats + 8 * tag, view.getBigUint64(at + 2, true), true);
+          if (tag < BALLOON_STAT_TAGS)
+            this.shared.setBigUint64(BALLOON_SHARED.stats + 8 * tag, view.getBigUint64(at + 2, true), true);
         }
       }
-      this.shared.setUint32(BALLOON_SHARED.statsUpdates, this.shared.getUint32(BALLOON_SHARED.statsUpdates, true) + 1, true);
+      this.shared.setUint32(
+        BALLOON_SHARED.statsUpdates,
+        this.shared.getUint32(BALLOON_SHARED.statsUpdates, true) + 1,
+        true,
+      );
     }
     if (this.shared.getUint32(BALLOON_SHARED.statsPending, true) === 1) this.releaseStats(q);
   }
@@ -166,10 +185,16 @@ export class BalloonBackend implements VirtioBackend {
     libc.drainEventfd(this.controlFd);
     if (this.shared.getUint32(BALLOON_SHARED.targetPending, true) === 1) {
       this.shared.setUint32(BALLOON_SHARED.targetPending, 0, true);
-      this.rt.state.config().setUint32(BALLOON_CONFIG.numPages, this.shared.getUint32(BALLOON_SHARED.requestTarget, true), true);
+      this.rt.state
+        .config()
+        .setUint32(BALLOON_CONFIG.numPages, this.shared.getUint32(BALLOON_SHARED.requestTarget, true), true);
       this.rt.configChanged();
     }
-    if (this.shared.getUint32(BALLOON_SHARED.statsPending, true) === 1 && this.rt.state.negotiated(VIRTIO_BALLOON_F_STATS_VQ)) this.releaseStats(2);
+    if (
+      this.shared.getUint32(BALLOON_SHARED.statsPending, true) === 1 &&
+      this.rt.state.negotiated(VIRTIO_BALLOON_F_STATS_VQ)
+    )
+      this.releaseStats(2);
   }
 
   reset(): void {
@@ -189,7 +214,6 @@ export class BalloonControl {
     this.shared = state.extra(BALLOON_SHARED.bytes);
     this.config = state.config();
   }
-
 
   setTargetPages(pages: number): void {
     this.shared.setUint32(BALLOON_SHARED.requestTarget, pages, true);

@@ -66,7 +66,10 @@ export const blkType: VirtioDeviceType = {
   maxQueueSize: QUEUE_SIZE,
   queues: () => 1,
   features: (o) =>
-    bit(VIRTIO_BLK_F_SEG_MAX) | bit(VIRTIO_BLK_F_BLK_SIZE) | bit(VIRTIO_BLK_F_FLUSH) | (readOnly(o) ? bit(VIRTIO_BLK_F_RO) : bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)),
+    bit(VIRTIO_BLK_F_SEG_MAX) |
+    bit(VIRTIO_BLK_F_BLK_SIZE) |
+    bit(VIRTIO_BLK_F_FLUSH) |
+    (readOnly(o) ? bit(VIRTIO_BLK_F_RO) : bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)),
   configBytes: () => BLK_CONFIG.bytes,
   controlChannel: true,
   extraBytes: () => BLK_SHARED.bytes,
@@ -89,8 +92,10 @@ export const blkType: VirtioDeviceType = {
 export function blkOptions(fd: number, path: string, readOnlyDrive: boolean, serial: string): DeviceOptions {
   const st = fstatSync(fd);
   if (!st.isFile() && !st.isBlockDevice()) throw new KilnError(`disk ${path} is not a regular file or block device`);
-  if (st.size % SECTOR_BYTES !== 0) throw new KilnError(`disk ${path} is ${st.size} bytes, not a whole number of 512-byte sectors`);
-  if (Buffer.byteLength(serial) > VIRTIO_BLK_ID_BYTES) throw new KilnError(`disk serial '${serial}' is longer than ${VIRTIO_BLK_ID_BYTES} bytes`);
+  if (st.size % SECTOR_BYTES !== 0)
+    throw new KilnError(`disk ${path} is ${st.size} bytes, not a whole number of 512-byte sectors`);
+  if (Buffer.byteLength(serial) > VIRTIO_BLK_ID_BYTES)
+    throw new KilnError(`disk serial '${serial}' is longer than ${VIRTIO_BLK_ID_BYTES} bytes`);
   return { fd, path, readOnly: readOnlyDrive, serial, sectors: st.size / SECTOR_BYTES };
 }
 
@@ -143,14 +148,17 @@ export class BlkBackend implements VirtioBackend {
   private ioError(what: string, err: unknown): number {
     if (!this.errorLogged) {
       this.errorLogged = true;
-      this.rt.log(`virtio-blk: ${what}: ${err instanceof Error ? err.message : String(err)} (the guest sees an I/O error; further ones not logged)`);
+      this.rt.log(
+        `virtio-blk: ${what}: ${err instanceof Error ? err.message : String(err)} (the guest sees an I/O error; further ones not logged)`,
+      );
     }
     return VIRTIO_BLK_S_IOERR;
   }
 
   /** Handles one request; returns the bytes written into the driver's buffers. */
   private handle(chain: DescriptorChain): number {
-    if (chain.readableBytes < 16 || chain.writableBytes < 1) throw new VirtqueueError(`virtio-blk request at head ${chain.head} has no header or no status byte`);
+    if (chain.readableBytes < 16 || chain.writableBytes < 1)
+      throw new VirtqueueError(`virtio-blk request at head ${chain.head} has no header or no status byte`);
     chain.readInto(this.rt.mem, 0, this.header, 16);
     const type = this.headerView.getUint32(0, true);
     const sector = this.headerView.getUint32(8, true) + this.headerView.getUint32(12, true) * 2 ** 32;
@@ -219,9 +227,15 @@ export class BlkBackend implements VirtioBackend {
         const bytesOfRegion = this.rt.mem.regionBytes(chain.region[i]!);
         let done = 0;
         while (done < len) {
-          const n = write ? writeSync(this.fd, bytesOfRegion, offset + done, len - done, position + done) : readSync(this.fd, bytesOfRegion, offset + done, len - done, position + done);
+          const n = write
+            ? writeSync(this.fd, bytesOfRegion, offset + done, len - done, position + done)
+            : readSync(this.fd, bytesOfRegion, offset + done, len - done, position + done);
           // A short read at end of file: the image shrank under the VM.
-          if (n <= 0) return this.ioError(`${write ? 'write' : 'read'} at sector ${sector}`, new Error('the image is shorter than the disk the guest was given'));
+          if (n <= 0)
+            return this.ioError(
+              `${write ? 'write' : 'read'} at sector ${sector}`,
+              new Error('the image is shorter than the disk the guest was given'),
+            );
           done += n;
         }
         position += len;
@@ -236,7 +250,8 @@ export class BlkBackend implements VirtioBackend {
   /** Discard and write-zeroes: a list of {sector, num_sectors, flags} after the header. */
   private ranged(chain: DescriptorChain, type: number): number {
     const bytes = chain.readableBytes - 16;
-    if (bytes === 0 || bytes % RANGE_BYTES !== 0 || bytes / RANGE_BYTES > MAX_RANGE_SEGMENTS) return VIRTIO_BLK_S_UNSUPP;
+    if (bytes === 0 || bytes % RANGE_BYTES !== 0 || bytes / RANGE_BYTES > MAX_RANGE_SEGMENTS)
+      return VIRTIO_BLK_S_UNSUPP;
     chain.readInto(this.rt.mem, 16, this.ranges, bytes);
     for (let at = 0; at < bytes; at += RANGE_BYTES) {
       const sector = this.rangesView.getUint32(at, true) + this.rangesView.getUint32(at + 4, true) * 2 ** 32;
@@ -251,10 +266,14 @@ export class BlkBackend implements VirtioBackend {
         libc.fallocate(this.fd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, offset, length);
         continue;
       }
-      const mode = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP ? libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE : libc.FALLOC_FL_ZERO_RANGE | libc.FALLOC_FL_KEEP_SIZE;
+      const mode =
+        flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+          ? libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE
+          : libc.FALLOC_FL_ZERO_RANGE | libc.FALLOC_FL_KEEP_SIZE;
       if (libc.fallocate(this.fd, mode, offset, length) === 0) continue;
       try {
-        for (let done = 0; done < length; ) done += writeSync(this.fd, this.zeroes, 0, Math.min(this.zeroes.length, length - done), offset + done);
+        for (let done = 0; done < length;)
+          done += writeSync(this.fd, this.zeroes, 0, Math.min(this.zeroes.length, length - done), offset + done);
       } catch (err) {
         return this.ioError(`write-zeroes at sector ${sector}`, err);
       }

@@ -28,7 +28,9 @@ export function listenConsole(path: string): number {
   if (libc.bind(fd, libc.sockaddrUn(path), 110) < 0 || libc.listen(fd, 4) < 0) {
     const e = libc.errno();
     libc.close(fd);
-    throw new KilnError(`cannot listen on '${path}' for the virtio console: ${libc.errnoName(e)} (${libc.strerror(e)})`);
+    throw new KilnError(
+      `cannot listen on '${path}' for the virtio console: ${libc.errnoName(e)} (${libc.strerror(e)})`,
+    );
   }
   return fd;
 }
@@ -47,7 +49,12 @@ export class ConsoleBackend implements VirtioBackend {
     this.listenFd = options.listenFd === undefined ? -1 : Number(options.listenFd);
     this.inFd = options.inFd === undefined ? -1 : Number(options.inFd);
     this.outFd = options.outFd === undefined ? -1 : Number(options.outFd);
-    this.pollFds = this.listenFd >= 0 ? [{ fd: this.listenFd, ready: () => this.accept() }] : this.inFd >= 0 ? [{ fd: this.inFd, ready: () => this.receive() }] : [];
+    this.pollFds =
+      this.listenFd >= 0
+        ? [{ fd: this.listenFd, ready: () => this.accept() }]
+        : this.inFd >= 0
+          ? [{ fd: this.inFd, ready: () => this.receive() }]
+          : [];
   }
 
   private accept(): void {
@@ -94,8 +101,12 @@ export class ConsoleBackend implements VirtioBackend {
       for (let i = 0; i < chain.count; i++) {
         if (chain.writable[i] || this.outFd < 0) continue;
         const bytes = this.rt.mem.regionBytes(chain.region[i]!);
-        for (let off = 0; off < chain.length[i]!; ) {
-          const n = libc.write(this.outFd, bytes.subarray(chain.offset[i]! + off, chain.offset[i]! + chain.length[i]!), chain.length[i]! - off);
+        for (let off = 0; off < chain.length[i]!;) {
+          const n = libc.write(
+            this.outFd,
+            bytes.subarray(chain.offset[i]! + off, chain.offset[i]! + chain.length[i]!),
+            chain.length[i]! - off,
+          );
           if (n < 0) {
             const e = libc.errno();
             if (e === libc.EAGAIN || e === libc.EINTR) continue;
@@ -134,5 +145,4 @@ export class ConsoleBackend implements VirtioBackend {
     }
     if (done > 0) this.rt.notifyUsed(RX);
   }
-
 }

@@ -28,7 +28,8 @@ export const VIRTIO_MSI_NO_VECTOR = 0xffff;
 export const bit = (n: bigint) => 1n << n;
 
 /** Transport-independent features every Kiln virtio device offers. */
-export const TRANSPORT_FEATURES = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_RING_INDIRECT_DESC) | bit(VIRTIO_F_RING_EVENT_IDX);
+export const TRANSPORT_FEATURES =
+  bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_RING_INDIRECT_DESC) | bit(VIRTIO_F_RING_EVENT_IDX);
 
 /** A device type: its identity, queues, features and configuration space (pure; any thread). */
 export interface VirtioDeviceType {
@@ -88,7 +89,13 @@ export class VirtioState {
 
   static bytes(type: VirtioDeviceType, options: DeviceOptions): number {
     const queues = type.queues(options);
-    return F.fixedBytes + queues * QUEUE_RECORD.bytes + align8(msixStateBytes(queues + 1)) + align8(type.configBytes(options)) + (type.extraBytes?.(options) ?? 0);
+    return (
+      F.fixedBytes +
+      queues * QUEUE_RECORD.bytes +
+      align8(msixStateBytes(queues + 1)) +
+      align8(type.configBytes(options)) +
+      (type.extraBytes?.(options) ?? 0)
+    );
   }
 
   constructor(
@@ -127,12 +134,17 @@ export class VirtioState {
     this.view.setUint8(F.status, v);
   }
   get driverFeatures(): bigint {
-    return BigInt(this.view.getUint32(F.driverFeaturesLo, true)) | (BigInt(this.view.getUint32(F.driverFeaturesHi, true)) << 32n);
+    return (
+      BigInt(this.view.getUint32(F.driverFeaturesLo, true)) |
+      (BigInt(this.view.getUint32(F.driverFeaturesHi, true)) << 32n)
+    );
   }
   /** The driver accepted `feature` (checked against the negotiated set; allocation-free for bits < 32). */
   negotiated(feature: bigint): boolean {
     const n = Number(feature);
-    return n < 32 ? (this.view.getUint32(F.driverFeaturesLo, true) & (1 << n)) !== 0 : (this.view.getUint32(F.driverFeaturesHi, true) & (1 << (n - 32))) !== 0;
+    return n < 32
+      ? (this.view.getUint32(F.driverFeaturesLo, true) & (1 << n)) !== 0
+      : (this.view.getUint32(F.driverFeaturesHi, true) & (1 << (n - 32))) !== 0;
   }
   get resets(): number {
     return this.view.getUint32(F.resets, true);
@@ -273,7 +285,10 @@ export class VirtioRuntime implements VirtioQueues {
     private readonly fds: FdWatcher,
   ) {
     const eventIdx = () => state.negotiated(VIRTIO_F_RING_EVENT_IDX);
-    this.queues = Array.from({ length: state.numQueues }, (_, q) => new SplitQueue(mem, state.queueRecord(q), eventIdx));
+    this.queues = Array.from(
+      { length: state.numQueues },
+      (_, q) => new SplitQueue(mem, state.queueRecord(q), eventIdx),
+    );
     this.seenResets = state.resets;
   }
 
@@ -331,7 +346,10 @@ export class VirtioRuntime implements VirtioQueues {
     } catch (err) {
       // A hostile ring is the guest's fault; anything else is Kiln's, but it still only
       // takes this one device down, never the I/O thread and the other devices.
-      const why = err instanceof VirtqueueError ? err.message : `internal error: ${err instanceof Error ? err.message : String(err)}`;
+      const why =
+        err instanceof VirtqueueError
+          ? err.message
+          : `internal error: ${err instanceof Error ? err.message : String(err)}`;
       this.interrupts.needsReset(why, this.log);
       return false;
     } finally {

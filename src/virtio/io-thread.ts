@@ -22,7 +22,11 @@ export class IoThread {
   constructor(init: Omit<IoThreadInit, 'stopFd'>) {
     this.stopFd = libc.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
     if (this.stopFd < 0) throw new KilnError(`eventfd failed: ${libc.errnoName(libc.errno())}`);
-    this.worker = new Worker(new URL('./io-worker.js', import.meta.url), { workerData: { ...init, stopFd: this.stopFd }, stdout: false, stderr: false });
+    this.worker = new Worker(new URL('./io-worker.js', import.meta.url), {
+      workerData: { ...init, stopFd: this.stopFd },
+      stdout: false,
+      stderr: false,
+    });
     let failure: string | null = null;
     this.ready = new Promise((resolve, reject) => {
       this.worker.once('message', (m: { tid: number }) => resolve(m.tid));

@@ -35,7 +35,8 @@ function control(op: number, fd: number, events: number, slot: number): number {
 function watch(fd: number, handler: () => void): void {
   let slot = handlers.indexOf(null);
   if (slot < 0) slot = handlers.push(null) - 1;
-  if (control(libc.EPOLL_CTL_ADD, fd, libc.EPOLLIN, slot) < 0) throw new Error(`epoll_ctl(${fd}) failed: ${libc.errnoName(libc.errno())}`);
+  if (control(libc.EPOLL_CTL_ADD, fd, libc.EPOLLIN, slot) < 0)
+    throw new Error(`epoll_ctl(${fd}) failed: ${libc.errnoName(libc.errno())}`);
   slotOf.set(fd, slot);
   handlers[slot] = handler;
 }
@@ -57,7 +58,14 @@ for (const spec of init.devices) {
   const type = virtioTypes[String(spec.options.type)]!;
   const state = new VirtioState(spec.state, type, spec.options);
   const interrupts = new VirtioInterrupts(state, sendMsi, setIrq, Number(spec.options.intxGsi ?? -1));
-  const runtime = new VirtioRuntime(memory, state, new SharedLock(new Int32Array(spec.state, 0, 1), LOCK_INDEX), interrupts, log, { setPollable, watch, unwatch });
+  const runtime = new VirtioRuntime(
+    memory,
+    state,
+    new SharedLock(new Int32Array(spec.state, 0, 1), LOCK_INDEX),
+    interrupts,
+    log,
+    { setPollable, watch, unwatch },
+  );
   const backend = createBackend(type.name, runtime, spec.options);
   runtime.backend = backend;
   backends.push(backend);

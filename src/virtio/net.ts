@@ -42,7 +42,15 @@ export const netType: VirtioDeviceType = {
   name: 'net',
   maxQueueSize: 256,
   queues: () => 2,
-  features: (o) => bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_STATUS) | (isPasst(o) ? 0n : bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_HOST_TSO4) | bit(VIRTIO_NET_F_HOST_TSO6)),
+  features: (o) =>
+    bit(VIRTIO_NET_F_MAC) |
+    bit(VIRTIO_NET_F_STATUS) |
+    (isPasst(o)
+      ? 0n
+      : bit(VIRTIO_NET_F_CSUM) |
+        bit(VIRTIO_NET_F_GUEST_CSUM) |
+        bit(VIRTIO_NET_F_HOST_TSO4) |
+        bit(VIRTIO_NET_F_HOST_TSO6)),
   configBytes: () => NET_CONFIG.bytes,
   initConfig(config, o) {
     parseMac(String(o.mac)).forEach((b, i) => config.setUint8(NET_CONFIG.mac + i, b));
@@ -68,9 +76,13 @@ export function defaultMac(seed: number): string {
 
 /** Opens (creating if needed) the TAP interface `name`, nonblocking, with vnet headers. */
 export function openTap(name: string): number {
-  if (!name || Buffer.byteLength(name) >= IFNAMSIZ || !/^[\w.-]+$/.test(name)) throw new KilnError(`'${name}' is not a valid interface name (1-15 letters, digits, '-', '_' or '.')`);
+  if (!name || Buffer.byteLength(name) >= IFNAMSIZ || !/^[\w.-]+$/.test(name))
+    throw new KilnError(`'${name}' is not a valid interface name (1-15 letters, digits, '-', '_' or '.')`);
   const fd = libc.open('/dev/net/tun', libc.O_RDWR | libc.O_NONBLOCK | libc.O_CLOEXEC, 0);
-  if (fd < 0) throw new KilnError(`cannot open /dev/net/tun: ${libc.errnoName(libc.errno())} (TAP networking needs CAP_NET_ADMIN; use the passt backend without it)`);
+  if (fd < 0)
+    throw new KilnError(
+      `cannot open /dev/net/tun: ${libc.errnoName(libc.errno())} (TAP networking needs CAP_NET_ADMIN; use the passt backend without it)`,
+    );
   const ifr = Buffer.alloc(40);
   ifr.write(name, 0);
   ifr.writeUInt16LE(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, IFNAMSIZ);
@@ -92,7 +104,9 @@ export function connectPasst(path: string): number {
   if (libc.connect(fd, libc.sockaddrUn(path), 110) < 0) {
     const e = libc.errno();
     libc.close(fd);
-    throw new KilnError(`cannot connect to passt at '${path}': ${libc.errnoName(e)} (is passt running with --socket ${path}?)`);
+    throw new KilnError(
+      `cannot connect to passt at '${path}': ${libc.errnoName(e)} (is passt running with --socket ${path}?)`,
+    );
   }
   const F_SETFL = 4;
   libc.fcntlInt(fd, F_SETFL, libc.O_NONBLOCK);
@@ -126,7 +140,9 @@ export class NetBackend implements VirtioBackend {
   private fail(what: string, errno: number): void {
     if (this.errorLogged) return;
     this.errorLogged = true;
-    this.rt.log(`virtio-net: ${what}: ${libc.errnoName(errno)} (${libc.strerror(errno)}); frames are dropped (further errors not logged)`);
+    this.rt.log(
+      `virtio-net: ${what}: ${libc.errnoName(errno)} (${libc.strerror(errno)}); frames are dropped (further errors not logged)`,
+    );
   }
 
   private linkDown(why: string): void {
@@ -188,7 +204,7 @@ export class NetBackend implements VirtioBackend {
   }
 
   private writeAll(data: Buffer): void {
-    for (let off = 0; off < data.length; ) {
+    for (let off = 0; off < data.length;) {
       const n = libc.write(this.fd, data.subarray(off), data.length - off);
       if (n < 0) {
         const e = libc.errno();
@@ -243,7 +259,8 @@ export class NetBackend implements VirtioBackend {
       }
       if (n < 0) {
         const e = libc.errno();
-        if (e !== libc.EAGAIN && e !== libc.EINTR) this.linkDown(`reading passt's socket failed (${libc.errnoName(e)})`);
+        if (e !== libc.EAGAIN && e !== libc.EINTR)
+          this.linkDown(`reading passt's socket failed (${libc.errnoName(e)})`);
         return false;
       }
       this.streamBytes += n;

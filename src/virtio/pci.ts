@@ -14,7 +14,16 @@ import { VmFd } from '../kvm/kvm.js';
 import * as libc from '../kvm/libc.js';
 import { PCI_CAP_ID_MSIX, msixCapability } from '../pci/msix.js';
 import { PCI_BASE_ADDRESS_0, PCI_CAPABILITY_LIST, type PciCapability } from '../pci/root.js';
-import { VirtioInterrupts, VirtioState, VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR, VIRTIO_STATUS_DEVICE_NEEDS_RESET, VIRTIO_STATUS_DRIVER_OK, VIRTIO_STATUS_FEATURES_OK, type VirtioDeviceType } from './device.js';
+import {
+  VirtioInterrupts,
+  VirtioState,
+  VIRTIO_F_VERSION_1,
+  VIRTIO_MSI_NO_VECTOR,
+  VIRTIO_STATUS_DEVICE_NEEDS_RESET,
+  VIRTIO_STATUS_DRIVER_OK,
+  VIRTIO_STATUS_FEATURES_OK,
+  type VirtioDeviceType,
+} from './device.js';
 import { checkQueueLayout, QUEUE_RECORD, resetQueueRecord } from './queue.js';
 import { virtioTypes } from './types.js';
 
@@ -88,7 +97,13 @@ export function virtioCapabilities(vectors: number, configBytes: number): PciCap
     virtioCap(VIRTIO_PCI_CAP_ISR_CFG, VIRTIO_BAR.isr, 1),
     virtioCap(VIRTIO_PCI_CAP_DEVICE_CFG, VIRTIO_BAR.device, Math.max(configBytes, 1)),
     virtioCap(VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_BAR.notify, REGION_BYTES, [VIRTIO_NOTIFY_OFF_MULTIPLIER]),
-    msixCapability({ vectors, tableBar: 0, tableOffset: VIRTIO_BAR.msixTable, pbaBar: 0, pbaOffset: VIRTIO_BAR.msixPba }),
+    msixCapability({
+      vectors,
+      tableBar: 0,
+      tableOffset: VIRTIO_BAR.msixTable,
+      pbaBar: 0,
+      pbaOffset: VIRTIO_BAR.msixPba,
+    }),
   ];
 }
 
@@ -116,7 +131,8 @@ function syncEventfds(s: VirtioState, vmFd: number, fds: number[], barBase: numb
     if (current === wanted) continue;
     try {
       // 2-byte writes: what Linux (vp_iowrite16) and the kit's drivers use; other widths trap and are forwarded.
-      if (current !== 0) vm.ioeventfd({ fd: fds[q]!, addr: BigInt(current), len: 2, flags: KVM_IOEVENTFD_FLAG_DEASSIGN });
+      if (current !== 0)
+        vm.ioeventfd({ fd: fds[q]!, addr: BigInt(current), len: 2, flags: KVM_IOEVENTFD_FLAG_DEASSIGN });
       if (wanted !== 0) vm.ioeventfd({ fd: fds[q]!, addr: BigInt(wanted), len: 2, flags: 0 });
       rec.setUint32(QUEUE_RECORD.eventfdAddr, wanted, true);
     } catch (err) {
@@ -130,7 +146,11 @@ function syncEventfds(s: VirtioState, vmFd: number, fds: number[], barBase: numb
 
 /** Where capability `id` starts in a configuration space, or -1. */
 function capabilityAt(space: DataView, id: number): number {
-  for (let at = space.getUint8(PCI_CAPABILITY_LIST), hops = 0; at !== 0 && hops < 48; at = space.getUint8(at + 1), hops++) {
+  for (
+    let at = space.getUint8(PCI_CAPABILITY_LIST), hops = 0;
+    at !== 0 && hops < 48;
+    at = space.getUint8(at + 1), hops++
+  ) {
     if (space.getUint8(at) === id) return at;
   }
   return -1;
@@ -171,13 +191,15 @@ export const virtioPciModel: PciFunctionModel = {
       if (status & VIRTIO_STATUS_FEATURES_OK && !(s.status & VIRTIO_STATUS_FEATURES_OK)) {
         // 3.1.1: FEATURES_OK only sticks if the device accepts the driver's subset.
         const driver = s.driverFeatures;
-        if ((driver & ~s.deviceFeatures) !== 0n || !(driver & (1n << VIRTIO_F_VERSION_1))) status &= ~VIRTIO_STATUS_FEATURES_OK;
+        if ((driver & ~s.deviceFeatures) !== 0n || !(driver & (1n << VIRTIO_F_VERSION_1)))
+          status &= ~VIRTIO_STATUS_FEATURES_OK;
       }
       // The driver cannot clear NEEDS_RESET except by a reset.
       s.status = status | (s.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET);
       if (status & VIRTIO_STATUS_DRIVER_OK) {
         // Buffers made available before DRIVER_OK are serviced now.
-        for (let q = 0; q < s.numQueues; q++) if (s.queueRecord(q).getUint16(QUEUE_RECORD.enable, true)) libc.signalEventfd(fds[q]!);
+        for (let q = 0; q < s.numQueues; q++)
+          if (s.queueRecord(q).getUint16(QUEUE_RECORD.enable, true)) libc.signalEventfd(fds[q]!);
       }
     };
 
@@ -190,7 +212,8 @@ export const virtioPciModel: PciFunctionModel = {
       rec.setUint16(QUEUE_RECORD.enable, 1, true);
     };
 
-    const vector = (value: number) => (value === VIRTIO_MSI_NO_VECTOR || value < s.vectors ? value : VIRTIO_MSI_NO_VECTOR);
+    const vector = (value: number) =>
+      value === VIRTIO_MSI_NO_VECTOR || value < s.vectors ? value : VIRTIO_MSI_NO_VECTOR;
 
     const readCommon = (offset: number, data: Uint8Array) => {
       const rec = selected();
@@ -241,7 +264,8 @@ export const virtioPciModel: PciFunctionModel = {
           break;
         default: {
           // The 64-bit ring addresses, read whole or as 32-bit halves.
-          const field = offset >= COMMON_CFG.queueDesc && offset < COMMON_CFG.queueNotifyData ? offset - COMMON_CFG.queueDesc : -1;
+          const field =
+            offset >= COMMON_CFG.queueDesc && offset < COMMON_CFG.queueNotifyData ? offset - COMMON_CFG.queueDesc : -1;
           if (rec && field >= 0 && field + data.length <= 24) {
             for (let i = 0; i < data.length; i++) data[i] = rec.getUint8(QUEUE_RECORD.desc + field + i);
             return;
@@ -265,7 +289,8 @@ export const virtioPciModel: PciFunctionModel = {
           return;
         case COMMON_CFG.driverFeature: {
           const sel = v.getUint32(F.driverFeatureSelect, true);
-          if (sel < 2 && !(s.status & VIRTIO_STATUS_FEATURES_OK)) v.setUint32(F.driverFeaturesLo + 4 * sel, value, true);
+          if (sel < 2 && !(s.status & VIRTIO_STATUS_FEATURES_OK))
+            v.setUint32(F.driverFeaturesLo + 4 * sel, value, true);
           return;
         }
         case COMMON_CFG.configMsixVector:
@@ -287,7 +312,8 @@ export const virtioPciModel: PciFunctionModel = {
           if (rec && value === 1 && !queueLive) enableQueue(rec);
           return;
         default: {
-          const field = offset >= COMMON_CFG.queueDesc && offset < COMMON_CFG.queueNotifyData ? offset - COMMON_CFG.queueDesc : -1;
+          const field =
+            offset >= COMMON_CFG.queueDesc && offset < COMMON_CFG.queueNotifyData ? offset - COMMON_CFG.queueDesc : -1;
           if (rec && !queueLive && field >= 0 && field + data.length <= 24) {
             for (let i = 0; i < data.length; i++) rec.setUint8(QUEUE_RECORD.desc + field + i, data[i]!);
           }
@@ -302,17 +328,21 @@ export const virtioPciModel: PciFunctionModel = {
         else if (offset === VIRTIO_BAR.isr) setAccessValue(data, irq.readIsr());
         else if (offset >= VIRTIO_BAR.device && offset + data.length <= VIRTIO_BAR.device + s.configBytes) {
           for (let i = 0; i < data.length; i++) data[i] = config.getUint8(offset - VIRTIO_BAR.device + i);
-        } else if (offset >= VIRTIO_BAR.msixTable && offset < VIRTIO_BAR.msixPba) irq.msix.readTable(offset - VIRTIO_BAR.msixTable, data);
-        else if (offset >= VIRTIO_BAR.msixPba && offset < VIRTIO_BAR.msixPba + REGION_BYTES) irq.msix.readPba(offset - VIRTIO_BAR.msixPba, data);
+        } else if (offset >= VIRTIO_BAR.msixTable && offset < VIRTIO_BAR.msixPba)
+          irq.msix.readTable(offset - VIRTIO_BAR.msixTable, data);
+        else if (offset >= VIRTIO_BAR.msixPba && offset < VIRTIO_BAR.msixPba + REGION_BYTES)
+          irq.msix.readPba(offset - VIRTIO_BAR.msixPba, data);
         else data.fill(0);
       },
       write(offset, data) {
         if (offset < VIRTIO_BAR.common + COMMON_CFG.bytes) writeCommon(offset, data);
-        else if (offset >= VIRTIO_BAR.device && offset + data.length <= VIRTIO_BAR.device + s.configBytes) type.configWrite?.(config, offset - VIRTIO_BAR.device, data);
+        else if (offset >= VIRTIO_BAR.device && offset + data.length <= VIRTIO_BAR.device + s.configBytes)
+          type.configWrite?.(config, offset - VIRTIO_BAR.device, data);
         else if (offset >= VIRTIO_BAR.notify && offset < VIRTIO_BAR.notify + REGION_BYTES) {
           const q = (offset - VIRTIO_BAR.notify) / VIRTIO_NOTIFY_OFF_MULTIPLIER;
           if (Number.isInteger(q) && q < s.numQueues) libc.signalEventfd(fds[q]!);
-        } else if (offset >= VIRTIO_BAR.msixTable && offset < VIRTIO_BAR.msixPba) irq.msix.writeTable(offset - VIRTIO_BAR.msixTable, data);
+        } else if (offset >= VIRTIO_BAR.msixTable && offset < VIRTIO_BAR.msixPba)
+          irq.msix.writeTable(offset - VIRTIO_BAR.msixTable, data);
       },
     };
 
@@ -331,4 +361,3 @@ export const virtioPciModel: PciFunctionModel = {
     };
   },
 };
-

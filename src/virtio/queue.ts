@@ -101,13 +101,19 @@ const u64 = (dv: DataView, at: number) => dv.getUint32(at, true) + dv.getUint32(
 
 /** Reads a ring's configuration from its shared record. */
 export function queueAddresses(rec: DataView): { size: number; desc: number; driver: number; device: number } {
-  return { size: rec.getUint16(QUEUE_RECORD.size, true), desc: u64(rec, QUEUE_RECORD.desc), driver: u64(rec, QUEUE_RECORD.driver), device: u64(rec, QUEUE_RECORD.device) };
+  return {
+    size: rec.getUint16(QUEUE_RECORD.size, true),
+    desc: u64(rec, QUEUE_RECORD.desc),
+    driver: u64(rec, QUEUE_RECORD.driver),
+    device: u64(rec, QUEUE_RECORD.device),
+  };
 }
 
 /** Why a queue's configuration cannot be used, or null (checked when the driver enables it). */
 export function checkQueueLayout(mem: GuestMemory, rec: DataView, maxSize: number): string | null {
   const { size, desc, driver, device } = queueAddresses(rec);
-  if (size === 0 || size > maxSize || (size & (size - 1)) !== 0) return `queue size ${size} is not a power of two up to ${maxSize}`;
+  if (size === 0 || size > maxSize || (size & (size - 1)) !== 0)
+    return `queue size ${size} is not a power of two up to ${maxSize}`;
   // 2.7: descriptor table 16-byte aligned, driver ring 2, device ring 4; each entirely in RAM.
   const parts: Array<[string, number, number, number]> = [
     ['descriptor table', desc, VIRTQ_DESC_BYTES * size, 16],
@@ -156,7 +162,10 @@ export class SplitQueue {
   pending(): number {
     const availIdx = this.mem.loadU16Ordered(this.driver + 2);
     const waiting = (availIdx - this.lastAvail) & 0xffff;
-    if (waiting > this.size) throw new VirtqueueError(`avail.idx ${availIdx} is ${waiting} entries ahead of the device, more than the queue size ${this.size}`);
+    if (waiting > this.size)
+      throw new VirtqueueError(
+        `avail.idx ${availIdx} is ${waiting} entries ahead of the device, more than the queue size ${this.size}`,
+      );
     return waiting;
   }
 
@@ -168,7 +177,8 @@ export class SplitQueue {
     if (!this.peek(chain)) return false;
     const next = (this.lastAvail + 1) & 0xffff;
     this.rec.setUint16(QUEUE_RECORD.lastAvail, next, true);
-    if (this.eventIdx() && !this.suppressed) this.mem.storeU16Ordered(this.device + 4 + VIRTQ_USED_ELEM_BYTES * this.size, next);
+    if (this.eventIdx() && !this.suppressed)
+      this.mem.storeU16Ordered(this.device + 4 + VIRTQ_USED_ELEM_BYTES * this.size, next);
     return true;
   }
 
@@ -208,7 +218,8 @@ export class SplitQueue {
       if (this.pending() === 0) return false;
       const slot = this.lastAvail % this.size;
       const head = this.mem.readU16(this.driver + 4 + 2 * slot);
-      if (head >= this.size) throw new VirtqueueError(`avail ring slot ${slot} names descriptor ${head}, past the queue size ${this.size}`);
+      if (head >= this.size)
+        throw new VirtqueueError(`avail ring slot ${slot} names descriptor ${head}, past the queue size ${this.size}`);
       chain.reset(head);
       this.walk(chain, head);
       return true;
@@ -225,7 +236,10 @@ export class SplitQueue {
     let indirect = false;
     let seen = 0;
     for (;;) {
-      if (++seen > VIRTQ_MAX_CHAIN || (!indirect && seen > this.size)) throw new VirtqueueError(`descriptor chain from head ${head} loops or is longer than ${indirect ? VIRTQ_MAX_CHAIN : this.size}`);
+      if (++seen > VIRTQ_MAX_CHAIN || (!indirect && seen > this.size))
+        throw new VirtqueueError(
+          `descriptor chain from head ${head} loops or is longer than ${indirect ? VIRTQ_MAX_CHAIN : this.size}`,
+        );
       const at = table + VIRTQ_DESC_BYTES * index;
       const addr = this.mem.readU32(at) + this.mem.readU32(at + 4) * 2 ** 32;
       const len = this.mem.readU32(at + 8);
@@ -235,8 +249,12 @@ export class SplitQueue {
         // 2.7.5.3.1: not inside an indirect table, not with NEXT, a whole number of descriptors.
         if (indirect) throw new VirtqueueError(`indirect descriptor inside an indirect table (head ${head})`);
         if (flags & VIRTQ_DESC_F_NEXT) throw new VirtqueueError(`descriptor ${index} sets both INDIRECT and NEXT`);
-        if (len === 0 || len % VIRTQ_DESC_BYTES !== 0 || len / VIRTQ_DESC_BYTES > VIRTQ_MAX_CHAIN) throw new VirtqueueError(`indirect table of ${len} bytes is empty, ragged or longer than ${VIRTQ_MAX_CHAIN} descriptors`);
-        if (this.mem.findRegion(addr, len) < 0) throw new VirtqueueError(`indirect table at 0x${addr.toString(16)} (${len} bytes) is not in guest RAM`);
+        if (len === 0 || len % VIRTQ_DESC_BYTES !== 0 || len / VIRTQ_DESC_BYTES > VIRTQ_MAX_CHAIN)
+          throw new VirtqueueError(
+            `indirect table of ${len} bytes is empty, ragged or longer than ${VIRTQ_MAX_CHAIN} descriptors`,
+          );
+        if (this.mem.findRegion(addr, len) < 0)
+          throw new VirtqueueError(`indirect table at 0x${addr.toString(16)} (${len} bytes) is not in guest RAM`);
         indirect = true;
         table = addr;
         tableSize = len / VIRTQ_DESC_BYTES;
@@ -246,21 +264,29 @@ export class SplitQueue {
       }
       this.addSegments(chain, addr, len, (flags & VIRTQ_DESC_F_WRITE) !== 0);
       if (!(flags & VIRTQ_DESC_F_NEXT)) return;
-      if (next >= tableSize) throw new VirtqueueError(`descriptor ${index} links to ${next}, past the ${indirect ? 'indirect table' : 'queue'} size ${tableSize}`);
+      if (next >= tableSize)
+        throw new VirtqueueError(
+          `descriptor ${index} links to ${next}, past the ${indirect ? 'indirect table' : 'queue'} size ${tableSize}`,
+        );
       index = next;
     }
   }
 
   private addSegments(chain: DescriptorChain, addr: number, len: number, writable: boolean): void {
-    if (!writable && chain.writableBytes > 0) throw new VirtqueueError(`descriptor chain from head ${chain.head} has a device-readable buffer after a device-writable one`);
+    if (!writable && chain.writableBytes > 0)
+      throw new VirtqueueError(
+        `descriptor chain from head ${chain.head} has a device-readable buffer after a device-writable one`,
+      );
     let at = addr;
     let left = len;
     do {
       const region = this.mem.findRegion(at, 0);
-      if (region < 0 || !Number.isSafeInteger(at + left)) throw new VirtqueueError(`buffer at 0x${at.toString(16)} (${len} bytes) is not in guest RAM`);
+      if (region < 0 || !Number.isSafeInteger(at + left))
+        throw new VirtqueueError(`buffer at 0x${at.toString(16)} (${len} bytes) is not in guest RAM`);
       const r = this.mem.regions[region]!;
       const piece = Math.min(left, r.guestPhysAddr + r.size - at);
-      if (chain.count >= chain.region.length) throw new VirtqueueError(`descriptor chain from head ${chain.head} has too many segments`);
+      if (chain.count >= chain.region.length)
+        throw new VirtqueueError(`descriptor chain from head ${chain.head} has too many segments`);
       const n = chain.count++;
       chain.region[n] = region;
       chain.offset[n] = at - r.guestPhysAddr;
@@ -269,7 +295,8 @@ export class SplitQueue {
       at += piece;
       left -= piece;
       // A piece of 0 bytes means the buffer runs past the end of the last region.
-      if (piece === 0 && left > 0) throw new VirtqueueError(`buffer at 0x${addr.toString(16)} (${len} bytes) runs out of guest RAM`);
+      if (piece === 0 && left > 0)
+        throw new VirtqueueError(`buffer at 0x${addr.toString(16)} (${len} bytes) runs out of guest RAM`);
     } while (left > 0);
     if (writable) chain.writableBytes += len;
     else chain.readableBytes += len;

@@ -27,7 +27,7 @@ export class RngBackend implements VirtioBackend {
         if (!chain.writable[i]) continue;
         const bytes = this.rt.mem.regionBytes(chain.region[i]!);
         const len = chain.length[i]!;
-        for (let got = 0; got < len; ) {
+        for (let got = 0; got < len;) {
           const n = libc.getrandom(bytes.subarray(chain.offset[i]! + got, chain.offset[i]! + len), len - got, 0);
           if (n < 0) {
             if (libc.errno() === libc.EINTR) continue;

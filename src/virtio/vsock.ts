@@ -16,9 +16,29 @@ import type { VirtioBackend, VirtioDeviceType, VirtioQueues } from './device.js'
 export const VSOCK_HOST_CID = 2;
 export const VSOCK_CONFIG = { guestCid: 0, bytes: 8 } as const;
 /** struct virtio_vsock_hdr (5.10.6), packed. */
-export const VSOCK_HDR = { srcCid: 0, dstCid: 8, srcPort: 16, dstPort: 20, len: 24, type: 28, op: 30, flags: 32, bufAlloc: 36, fwdCnt: 40, bytes: 44 } as const;
+export const VSOCK_HDR = {
+  srcCid: 0,
+  dstCid: 8,
+  srcPort: 16,
+  dstPort: 20,
+  len: 24,
+  type: 28,
+  op: 30,
+  flags: 32,
+  bufAlloc: 36,
+  fwdCnt: 40,
+  bytes: 44,
+} as const;
 export const VIRTIO_VSOCK_TYPE_STREAM = 1;
-export const VIRTIO_VSOCK_OP = { REQUEST: 1, RESPONSE: 2, RST: 3, SHUTDOWN: 4, RW: 5, CREDIT_UPDATE: 6, CREDIT_REQUEST: 7 } as const;
+export const VIRTIO_VSOCK_OP = {
+  REQUEST: 1,
+  RESPONSE: 2,
+  RST: 3,
+  SHUTDOWN: 4,
+  RW: 5,
+  CREDIT_UPDATE: 6,
+  CREDIT_REQUEST: 7,
+} as const;
 export const VIRTIO_VSOCK_SHUTDOWN_RCV = 1;
 export const VIRTIO_VSOCK_SHUTDOWN_SEND = 2;
 const RX = 0;
@@ -45,7 +65,8 @@ export const vsockType: VirtioDeviceType = {
 
 /** Checks a guest CID (3 and up; 0-2 are reserved) and listens on the Unix socket. */
 export function listenVsock(path: string, guestCid: number): { fd: number; options: DeviceOptions } {
-  if (!Number.isInteger(guestCid) || guestCid < 3 || guestCid > 0xffff_ffff) throw new KilnError(`guest CID ${guestCid} is not valid (3 to 4294967295)`);
+  if (!Number.isInteger(guestCid) || guestCid < 3 || guestCid > 0xffff_ffff)
+    throw new KilnError(`guest CID ${guestCid} is not valid (3 to 4294967295)`);
   const fd = libc.socket(libc.AF_UNIX, libc.SOCK_STREAM | libc.SOCK_CLOEXEC | libc.SOCK_NONBLOCK, 0);
   if (fd < 0) throw new KilnError(`socket failed: ${libc.errnoName(libc.errno())}`);
   if (libc.bind(fd, libc.sockaddrUn(path), 110) < 0 || libc.listen(fd, 64) < 0) {
@@ -116,7 +137,19 @@ export class VsockBackend implements VirtioBackend {
   }
 
   private newConn(fd: number, localPort: number, peerPort: number, state: Connection['state']): Connection {
-    return { fd, localPort, peerPort, state, line: '', txCnt: 0, peerBufAlloc: 0, peerFwdCnt: 0, fwdCnt: 0, advertisedFwdCnt: 0, blocked: false };
+    return {
+      fd,
+      localPort,
+      peerPort,
+      state,
+      line: '',
+      txCnt: 0,
+      peerBufAlloc: 0,
+      peerFwdCnt: 0,
+      fwdCnt: 0,
+      advertisedFwdCnt: 0,
+      blocked: false,
+    };
   }
 
   private accept(): void {
@@ -206,7 +239,8 @@ export class VsockBackend implements VirtioBackend {
         if (conn?.state !== 'established') return;
         this.writeHost(conn, this.data.subarray(0, payloadBytes));
         conn.fwdCnt = (conn.fwdCnt + payloadBytes) >>> 0;
-        if (conn.fwdCnt - conn.advertisedFwdCnt > BUF_ALLOC / 2) this.pendingControl.push({ conn, op: VIRTIO_VSOCK_OP.CREDIT_UPDATE, flags: 0 });
+        if (conn.fwdCnt - conn.advertisedFwdCnt > BUF_ALLOC / 2)
+          this.pendingControl.push({ conn, op: VIRTIO_VSOCK_OP.CREDIT_UPDATE, flags: 0 });
         return;
       case VIRTIO_VSOCK_OP.CREDIT_REQUEST:
         if (conn) this.pendingControl.push({ conn, op: VIRTIO_VSOCK_OP.CREDIT_UPDATE, flags: 0 });
@@ -229,7 +263,7 @@ export class VsockBackend implements VirtioBackend {
   }
 
   private writeHost(conn: Connection, bytes: Buffer): void {
-    for (let off = 0; off < bytes.length; ) {
+    for (let off = 0; off < bytes.length;) {
       const n = libc.write(conn.fd, bytes.subarray(off), bytes.length - off);
       if (n < 0) {
         const e = libc.errno();
@@ -300,7 +334,9 @@ export class VsockBackend implements VirtioBackend {
     const queue = this.rt.queue(RX);
     const chain = this.rt.chain;
     if (!queue.pop(chain)) return false;
-    const at = chain.writeFrom(this.rt.mem, 0, this.hdr, VSOCK_HDR.bytes) + chain.writeFrom(this.rt.mem, VSOCK_HDR.bytes, this.data, payload);
+    const at =
+      chain.writeFrom(this.rt.mem, 0, this.hdr, VSOCK_HDR.bytes) +
+      chain.writeFrom(this.rt.mem, VSOCK_HDR.bytes, this.data, payload);
     queue.push(chain.head, at);
     return true;
   }

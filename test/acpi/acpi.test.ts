@@ -7,7 +7,13 @@ import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import * as aml from '../../src/acpi/aml.js';
 import { buildAcpiTables } from '../../src/acpi/tables.js';
-import { ACPI_START, IRQ_GED, PORT_ACPI_RESET, PORT_ACPI_SLEEP_CONTROL, PORT_ACPI_SLEEP_STATUS } from '../../src/layout.js';
+import {
+  ACPI_START,
+  IRQ_GED,
+  PORT_ACPI_RESET,
+  PORT_ACPI_SLEEP_CONTROL,
+  PORT_ACPI_SLEEP_STATUS,
+} from '../../src/layout.js';
 import { tempDir, toolAvailable } from '../helpers.js';
 
 const iasl = toolAvailable('iasl', '-v');
@@ -41,7 +47,7 @@ test('RSDP: signature, revision 2, length, XSDT address (iasl does not decode a 
   assert.equal(dv.getBigUint64(24, true), BigInt(t.addresses.XSDT!));
 });
 
-test('every table checksums to zero; the RSDP\'s two checksums too', () => {
+test("every table checksums to zero; the RSDP's two checksums too", () => {
   const { bytesOf } = tablesFor(4);
   const sum = (b: Uint8Array) => b.reduce((s, x) => (s + x) & 0xff, 0);
   for (const sig of ['DSDT', 'FACP', 'APIC', 'XSDT']) assert.equal(sum(bytesOf(sig)), 0, sig);
@@ -65,10 +71,25 @@ describe('tables decoded by iasl', { skip: iasl ? false : 'needs iasl (apt-get i
     assert.match(dsl, /Revision : 06/);
     assert.match(dsl, /Hardware Reduced \(V5\) : 1/);
     assert.match(dsl, /Reset Register Supported \(V2\) : 1/);
-    assert.match(dsl, new RegExp(`Reset Register : \\[Generic Address Structure\\][\\s\\S]*?Space ID : 01 \\[SystemIO\\][\\s\\S]*?Address : ${hex(PORT_ACPI_RESET)}`));
+    assert.match(
+      dsl,
+      new RegExp(
+        `Reset Register : \\[Generic Address Structure\\][\\s\\S]*?Space ID : 01 \\[SystemIO\\][\\s\\S]*?Address : ${hex(PORT_ACPI_RESET)}`,
+      ),
+    );
     assert.match(dsl, /Value to cause reset : 01/);
-    assert.match(dsl, new RegExp(`Sleep Control Register : \\[Generic Address Structure\\][\\s\\S]*?Address : ${hex(PORT_ACPI_SLEEP_CONTROL)}`));
-    assert.match(dsl, new RegExp(`Sleep Status Register : \\[Generic Address Structure\\][\\s\\S]*?Address : ${hex(PORT_ACPI_SLEEP_STATUS)}`));
+    assert.match(
+      dsl,
+      new RegExp(
+        `Sleep Control Register : \\[Generic Address Structure\\][\\s\\S]*?Address : ${hex(PORT_ACPI_SLEEP_CONTROL)}`,
+      ),
+    );
+    assert.match(
+      dsl,
+      new RegExp(
+        `Sleep Status Register : \\[Generic Address Structure\\][\\s\\S]*?Address : ${hex(PORT_ACPI_SLEEP_STATUS)}`,
+      ),
+    );
     assert.match(dsl, new RegExp(`DSDT Address : ${hex(t.addresses.DSDT!, 16)}`), 'X_DSDT');
     assert.match(dsl, /Hypervisor ID : 004D564B4E4C494B/, '"KILNKVM"');
   });
@@ -76,7 +97,8 @@ describe('tables decoded by iasl', { skip: iasl ? false : 'needs iasl (apt-get i
   test('MADT: one enabled local APIC per vCPU, the IOAPIC, ISA overrides for IRQ 0 and 4, LINT1 NMI', () => {
     const dsl = disassemble('apic', bytesOf('APIC'));
     assert.match(dsl, /Local Apic Address : FEE00000/);
-    for (let i = 0; i < 3; i++) assert.match(dsl, new RegExp(`Processor ID : ${hex(i, 2)}\\n[^\\n]*Local Apic ID : ${hex(i, 2)}`));
+    for (let i = 0; i < 3; i++)
+      assert.match(dsl, new RegExp(`Processor ID : ${hex(i, 2)}\\n[^\\n]*Local Apic ID : ${hex(i, 2)}`));
     assert.equal(dsl.match(/Subtable Type : 00 \[Processor Local APIC\]/g)?.length, 3);
     assert.equal(dsl.match(/Processor Enabled : 1/g)?.length, 3);
     assert.match(dsl, /Subtable Type : 01 \[I\/O APIC\][\s\S]*?Address : FEC00000/);
@@ -87,11 +109,20 @@ describe('tables decoded by iasl', { skip: iasl ? false : 'needs iasl (apt-get i
 
   test('DSDT: COM1, RTC, power button and its GED, processors, _S5', () => {
     const dsl = disassemble('dsdt', bytesOf('DSDT'));
-    assert.match(dsl, /Device \(COM1\)[\s\S]*?EisaId \("PNP0501"\)[\s\S]*?IO \(Decode16,\s+0x03F8,[^\n]*\n\s+0x03F8,[^\n]*\n\s+0x01,[^\n]*\n\s+0x08,[\s\S]*?IRQNoFlags \(\)\s+\{4\}/);
+    assert.match(
+      dsl,
+      /Device \(COM1\)[\s\S]*?EisaId \("PNP0501"\)[\s\S]*?IO \(Decode16,\s+0x03F8,[^\n]*\n\s+0x03F8,[^\n]*\n\s+0x01,[^\n]*\n\s+0x08,[\s\S]*?IRQNoFlags \(\)\s+\{4\}/,
+    );
     assert.match(dsl, /Device \(RTC\)[\s\S]*?EisaId \("PNP0B00"\)[\s\S]*?0x0070[\s\S]*?\{8\}/);
     assert.match(dsl, /Device \(PWRB\)[\s\S]*?EisaId \("PNP0C0C"\)/);
-    assert.match(dsl, new RegExp(`Device \\(GED\\)[\\s\\S]*?"ACPI0013"[\\s\\S]*?Interrupt \\(ResourceConsumer, Edge, ActiveHigh, Exclusive[\\s\\S]*?0x${hex(IRQ_GED, 8)}[\\s\\S]*?Method \\(_EVT, 1[\\s\\S]*?If \\(\\(Arg0 == 0x${hex(IRQ_GED, 2)}\\)\\)[\\s\\S]*?Notify \\(\\\\_SB\\.PWRB, 0x80\\)`));
-    for (const c of ['C000', 'C001', 'C002']) assert.match(dsl, new RegExp(`Device \\(${c}\\)\\s*\\{\\s*Name \\(_HID, "ACPI0007"`));
+    assert.match(
+      dsl,
+      new RegExp(
+        `Device \\(GED\\)[\\s\\S]*?"ACPI0013"[\\s\\S]*?Interrupt \\(ResourceConsumer, Edge, ActiveHigh, Exclusive[\\s\\S]*?0x${hex(IRQ_GED, 8)}[\\s\\S]*?Method \\(_EVT, 1[\\s\\S]*?If \\(\\(Arg0 == 0x${hex(IRQ_GED, 2)}\\)\\)[\\s\\S]*?Notify \\(\\\\_SB\\.PWRB, 0x80\\)`,
+      ),
+    );
+    for (const c of ['C000', 'C001', 'C002'])
+      assert.match(dsl, new RegExp(`Device \\(${c}\\)\\s*\\{\\s*Name \\(_HID, "ACPI0007"`));
     assert.match(dsl, /Name \(_S5, Package \(0x02\)[^{]*\{\s*0x05,\s*Zero/);
   });
 });
@@ -104,17 +135,26 @@ describe('the PCI host bridge and MCFG', { skip: iasl ? false : 'needs iasl (apt
     assert.match(dsl, /Base Address : 00000000E0000000/);
     assert.match(dsl, /Segment Group Number : 0000/);
     assert.match(dsl, /Start Bus Number : 00\n[^\n]*End Bus Number : 00/);
-    assert.match(disassemble('xsdt', bytesOf('XSDT')), new RegExp(`ACPI Table Address +2 : ${t.addresses.MCFG!.toString(16).toUpperCase().padStart(16, '0')}`));
+    assert.match(
+      disassemble('xsdt', bytesOf('XSDT')),
+      new RegExp(`ACPI Table Address +2 : ${t.addresses.MCFG!.toString(16).toUpperCase().padStart(16, '0')}`),
+    );
   });
 
   test('DSDT: PNP0A08 host bridge with its bus, config-port, I/O and memory windows; ECAM reserved', () => {
     const dsl = disassemble('dsdt', bytesOf('DSDT'));
     assert.match(dsl, /Device \(PCI0\)[\s\S]*?EisaId \("PNP0A08"\)[\s\S]*?EisaId \("PNP0A03"\)/);
-    assert.match(dsl, /WordBusNumber \(ResourceProducer, MinFixed, MaxFixed, PosDecode,[\s\S]*?0x0000,\s+\/\/ Range Maximum/);
+    assert.match(
+      dsl,
+      /WordBusNumber \(ResourceProducer, MinFixed, MaxFixed, PosDecode,[\s\S]*?0x0000,\s+\/\/ Range Maximum/,
+    );
     assert.match(dsl, /IO \(Decode16,\s+0x0CF8,/);
     assert.match(dsl, /DWordIO \(ResourceProducer[\s\S]*?0x00001000,\s+\/\/ Range Minimum\s+0x0000FFFF,/);
     assert.match(dsl, /DWordMemory \(ResourceProducer[\s\S]*?0xC0000000,\s+\/\/ Range Minimum\s+0xCFFFFFFF,/);
-    assert.match(dsl, /Device \(RES0\)[\s\S]*?EisaId \("PNP0C02"\)[\s\S]*?Memory32Fixed \(ReadWrite,\s+0xE0000000,[^\n]*\n\s+0x00100000,/);
+    assert.match(
+      dsl,
+      /Device \(RES0\)[\s\S]*?EisaId \("PNP0C02"\)[\s\S]*?Memory32Fixed \(ReadWrite,\s+0xE0000000,[^\n]*\n\s+0x00100000,/,
+    );
   });
 });
 

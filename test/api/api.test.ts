@@ -18,7 +18,9 @@ interface Spec {
   paths: Record<string, Record<string, { responses: Record<string, { schema?: unknown }> }>>;
   definitions: Record<string, unknown>;
 }
-const spec = parse(readFileSync(fileURLToPath(new URL('../../../test/fixtures/firecracker-api.yaml', import.meta.url)), 'utf8')) as Spec;
+const spec = parse(
+  readFileSync(fileURLToPath(new URL('../../../test/fixtures/firecracker-api.yaml', import.meta.url)), 'utf8'),
+) as Spec;
 const ajv = new Ajv({ strict: false, allErrors: true });
 ajv.addSchema({ definitions: spec.definitions }, 'fc');
 
@@ -35,16 +37,26 @@ function validateResponse(method: string, path: string, status: number, body: un
     const op = spec.paths[template]![method.toLowerCase()];
     if (!op) return assert.equal(status, 400, `${method} ${path}: method not in the spec, so a 400`);
     const declared = op.responses[String(status)] ?? (status === 400 ? op.responses.default : undefined);
-    assert.ok(declared, `${method} ${path}: status ${status} is not one the spec declares (${Object.keys(op.responses).join(', ')})`);
+    assert.ok(
+      declared,
+      `${method} ${path}: status ${status} is not one the spec declares (${Object.keys(op.responses).join(', ')})`,
+    );
     if (status === 204) return assert.equal(body, undefined, `${method} ${path}: 204 has no body`);
     const schema = declared.schema as { $ref?: string } | undefined;
     if (schema?.$ref) {
       const ok = ajv.validate({ $ref: `fc${schema.$ref}` }, body);
-      assert.ok(ok, `${method} ${path} ${status}: body does not match ${schema.$ref}: ${ajv.errorsText()}\n${JSON.stringify(body)}`);
+      assert.ok(
+        ok,
+        `${method} ${path} ${status}: body does not match ${schema.$ref}: ${ajv.errorsText()}\n${JSON.stringify(body)}`,
+      );
     }
   }
   if (status === 400) {
-    assert.equal(typeof (body as { fault_message?: unknown }).fault_message, 'string', `${method} ${path}: 400 carries a fault_message`);
+    assert.equal(
+      typeof (body as { fault_message?: unknown }).fault_message,
+      'string',
+      `${method} ${path}: 400 carries a fault_message`,
+    );
   }
 }
 
@@ -55,20 +67,31 @@ let server: Server;
 function call(method: string, path: string, body?: unknown, raw?: string): Promise<{ status: number; body: unknown }> {
   const payload = raw ?? (body === undefined ? undefined : JSON.stringify(body));
   return new Promise((resolve, reject) => {
-    const req = request({ socketPath, method, path, headers: payload === undefined ? {} : { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(payload) } }, (res) => {
-      let text = '';
-      res.setEncoding('utf8');
-      res.on('data', (c: string) => (text += c));
-      res.on('end', () => {
-        const parsed: unknown = text === '' ? undefined : JSON.parse(text);
-        try {
-          validateResponse(method, path, res.statusCode!, parsed);
-          resolve({ status: res.statusCode!, body: parsed });
-        } catch (err) {
-          reject(err);
-        }
-      });
-    });
+    const req = request(
+      {
+        socketPath,
+        method,
+        path,
+        headers:
+          payload === undefined
+            ? {}
+            : { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(payload) },
+      },
+      (res) => {
+        let text = '';
+        res.setEncoding('utf8');
+        res.on('data', (c: string) => (text += c));
+        res.on('end', () => {
+          const parsed: unknown = text === '' ? undefined : JSON.parse(text);
+          try {
+            validateResponse(method, path, res.statusCode!, parsed);
+            resolve({ status: res.statusCode!, body: parsed });
+          } catch (err) {
+            reject(err);
+          }
+        });
+      },
+    );
     req.on('error', reject);
     if (payload !== undefined) req.write(payload);
     req.end();
@@ -89,11 +112,22 @@ describe('the Firecracker API', () => {
   test('GET /, /version and /vm/config before any configuration', async () => {
     const info = await call('GET', '/');
     assert.equal(info.status, 200);
-    assert.deepEqual(info.body, { app_name: 'Firecracker', id: 'test_vm', state: 'Not started', vmm_version: (info.body as { vmm_version: string }).vmm_version });
+    assert.deepEqual(info.body, {
+      app_name: 'Firecracker',
+      id: 'test_vm',
+      state: 'Not started',
+      vmm_version: (info.body as { vmm_version: string }).vmm_version,
+    });
     const version = await call('GET', '/version');
     assert.match((version.body as { firecracker_version: string }).firecracker_version, /^\d+\.\d+\.\d+$/);
     const config = await call('GET', '/vm/config');
-    assert.deepEqual((config.body as Record<string, unknown>)['machine-config'], { vcpu_count: 1, mem_size_mib: 128, smt: false, track_dirty_pages: false, huge_pages: 'None' });
+    assert.deepEqual((config.body as Record<string, unknown>)['machine-config'], {
+      vcpu_count: 1,
+      mem_size_mib: 128,
+      smt: false,
+      track_dirty_pages: false,
+      huge_pages: 'None',
+    });
   });
 
   test('every pre-boot resource is accepted with 204 and shows in GET /vm/config', async () => {
@@ -103,7 +137,17 @@ describe('the Firecracker API', () => {
       ['/boot-source', { kernel_image_path: '/k/vmlinux', boot_args: 'console=ttyS0', initrd_path: '/k/initrd' }],
       ['/machine-config', { vcpu_count: 2, mem_size_mib: 256 }],
       ['/drives/rootfs', { drive_id: 'rootfs', path_on_host: disk, is_root_device: true, is_read_only: false }],
-      ['/drives/data_1', { drive_id: 'data_1', path_on_host: disk, is_root_device: false, is_read_only: true, cache_type: 'Unsafe', io_engine: 'Sync' }],
+      [
+        '/drives/data_1',
+        {
+          drive_id: 'data_1',
+          path_on_host: disk,
+          is_root_device: false,
+          is_read_only: true,
+          cache_type: 'Unsafe',
+          io_engine: 'Sync',
+        },
+      ],
       ['/network-interfaces/eth0', { iface_id: 'eth0', host_dev_name: 'tap0', guest_mac: '06:00:AC:10:00:02' }],
       ['/vsock', { guest_cid: 3, uds_path: join(dir, 'v.sock') }],
       ['/entropy', {}],
@@ -118,10 +162,17 @@ describe('the Firecracker API', () => {
     assert.equal((await call('PATCH', '/drives/data_1', { drive_id: 'data_1', path_on_host: disk })).status, 204);
     assert.equal((await call('PATCH', '/balloon', { amount_mib: 16 })).status, 204);
     const config = (await call('GET', '/vm/config')).body as Record<string, unknown>;
-    assert.deepEqual(config['boot-source'], { kernel_image_path: '/k/vmlinux', boot_args: 'console=ttyS0', initrd_path: '/k/initrd' });
+    assert.deepEqual(config['boot-source'], {
+      kernel_image_path: '/k/vmlinux',
+      boot_args: 'console=ttyS0',
+      initrd_path: '/k/initrd',
+    });
     assert.equal((config['machine-config'] as { mem_size_mib: number }).mem_size_mib, 512);
     assert.equal((config['machine-config'] as { vcpu_count: number }).vcpu_count, 2);
-    assert.deepEqual((config.drives as Array<{ drive_id: string }>).map((d) => d.drive_id), ['rootfs', 'data_1']);
+    assert.deepEqual(
+      (config.drives as Array<{ drive_id: string }>).map((d) => d.drive_id),
+      ['rootfs', 'data_1'],
+    );
     assert.equal((config['network-interfaces'] as unknown[]).length, 1);
     assert.deepEqual(config.vsock, { guest_cid: 3, uds_path: join(dir, 'v.sock') });
     assert.equal((config.balloon as { amount_mib: number }).amount_mib, 16);
@@ -136,26 +187,81 @@ describe('the Firecracker API', () => {
       ['PUT', '/machine-config', undefined, /not valid JSON/, '{"vcpu_count": 2,'],
       ['PUT', '/machine-config', { vcpu_count: 'two', mem_size_mib: 128 }, /`vcpu_count` must be an integer/],
       ['PUT', '/machine-config', { vcpu_count: 2, mem_size_mib: 128, turbo: true }, /unknown field `turbo`/],
-      ['PUT', '/machine-config', { vcpu_count: 0, mem_size_mib: 128 }, /^cpus: must be a whole number from 1 to 254 \(got 0\)$/],
-      ['PUT', '/machine-config', { vcpu_count: 300, mem_size_mib: 128 }, /^cpus: must be a whole number from 1 to 254 \(got 300\)$/],
+      [
+        'PUT',
+        '/machine-config',
+        { vcpu_count: 0, mem_size_mib: 128 },
+        /^cpus: must be a whole number from 1 to 254 \(got 0\)$/,
+      ],
+      [
+        'PUT',
+        '/machine-config',
+        { vcpu_count: 300, mem_size_mib: 128 },
+        /^cpus: must be a whole number from 1 to 254 \(got 300\)$/,
+      ],
       ['PUT', '/machine-config', { mem_size_mib: 128 }, /missing field `vcpu_count`/],
       ['PUT', '/machine-config', [1, 2], /must be a JSON object/],
       ['PUT', '/boot-source', {}, /missing field `kernel_image_path`/],
       ['PUT', '/drives/bad-id', { drive_id: 'bad-id', path_on_host: '/x', is_root_device: false }, /Invalid drive ID/],
-      ['PUT', '/drives/a', { drive_id: 'b', path_on_host: '/x', is_root_device: false }, /does not match the id from the body/],
-      ['PUT', '/drives/other_root', { drive_id: 'other_root', path_on_host: '/x', is_root_device: true }, /^disks\[2\]: a VM has at most one root disk \('rootfs' is one already\)$/],
-      ['PUT', '/drives/rl', { drive_id: 'rl', path_on_host: '/x', is_root_device: false, rate_limiter: { bandwidth: { size: 1, refill_time: 1 } } }, /rate limiters are not supported/],
+      [
+        'PUT',
+        '/drives/a',
+        { drive_id: 'b', path_on_host: '/x', is_root_device: false },
+        /does not match the id from the body/,
+      ],
+      [
+        'PUT',
+        '/drives/other_root',
+        { drive_id: 'other_root', path_on_host: '/x', is_root_device: true },
+        /^disks\[2\]: a VM has at most one root disk \('rootfs' is one already\)$/,
+      ],
+      [
+        'PUT',
+        '/drives/rl',
+        {
+          drive_id: 'rl',
+          path_on_host: '/x',
+          is_root_device: false,
+          rate_limiter: { bandwidth: { size: 1, refill_time: 1 } },
+        },
+        /rate limiters are not supported/,
+      ],
       ['PATCH', '/drives/nope', { drive_id: 'nope', path_on_host: '/x' }, /Invalid block device ID/],
-      ['PUT', '/network-interfaces/eth1', { iface_id: 'eth1', host_dev_name: 'tap0' }, /^nets\[1\]: TAP tap0 is already used by 'eth0'$/],
-      ['PUT', '/network-interfaces/eth1', { iface_id: 'eth1', host_dev_name: 'tap1', guest_mac: 'nope' }, /not a MAC address/],
-      ['PUT', '/vsock', { guest_cid: 2, uds_path: '/x' }, /^vsock\.guestCid: must be a whole number from 3 to 4294967295 \(got 2\)$/],
+      [
+        'PUT',
+        '/network-interfaces/eth1',
+        { iface_id: 'eth1', host_dev_name: 'tap0' },
+        /^nets\[1\]: TAP tap0 is already used by 'eth0'$/,
+      ],
+      [
+        'PUT',
+        '/network-interfaces/eth1',
+        { iface_id: 'eth1', host_dev_name: 'tap1', guest_mac: 'nope' },
+        /not a MAC address/,
+      ],
+      [
+        'PUT',
+        '/vsock',
+        { guest_cid: 2, uds_path: '/x' },
+        /^vsock\.guestCid: must be a whole number from 3 to 4294967295 \(got 2\)$/,
+      ],
       ['PUT', '/machine-config', { vcpu_count: 1, mem_size_mib: 128, constructor: 1 }, /unknown field `constructor`/],
-      ['PUT', '/drives/data_1', { drive_id: 'data_1', path_on_host: '/x', is_root_device: false, toString: 1 }, /unknown field `toString`/],
+      [
+        'PUT',
+        '/drives/data_1',
+        { drive_id: 'data_1', path_on_host: '/x', is_root_device: false, toString: 1 },
+        /unknown field `toString`/,
+      ],
       ['PUT', '/balloon', { amount_mib: 1, deflate_on_oom: true, free_page_hinting: true }, /hinting is not supported/],
       ['PUT', '/logger', { level: 'loud' }, /`level` must be one of/],
       ['PUT', '/actions', { action_type: 'Reboot' }, /must be one of FlushMetrics, InstanceStart, SendCtrlAltDel/],
       ['PATCH', '/vm', { state: 'Paused' }, /not supported before starting/],
-      ['PUT', '/snapshot/create', { snapshot_path: '/s', mem_file_path: '/m' }, /Snapshots .* not supported by Kiln yet/],
+      [
+        'PUT',
+        '/snapshot/create',
+        { snapshot_path: '/s', mem_file_path: '/m' },
+        /Snapshots .* not supported by Kiln yet/,
+      ],
       ['PUT', '/mmds', {}, /metadata service .* not supported by Kiln yet/],
       ['PUT', '/cpu-config', {}, /not supported by Kiln yet/],
       ['GET', '/nothing-here', undefined, /Invalid request method and\/or path/],
@@ -171,7 +277,11 @@ describe('the Firecracker API', () => {
     const tooBig = await call('PUT', '/boot-source', undefined, big);
     assert.equal(tooBig.status, 400);
     assert.match(faultOf(tooBig), /larger than the limit of 51200 bytes/);
-    assert.equal(JSON.stringify((await call('GET', '/vm/config')).body), before, 'no failed request changed the definition');
+    assert.equal(
+      JSON.stringify((await call('GET', '/vm/config')).body),
+      before,
+      'no failed request changed the definition',
+    );
   });
 
   test('InstanceStart without a usable kernel is a 400 and the instance stays "Not started"', async () => {
@@ -183,7 +293,9 @@ describe('the Firecracker API', () => {
 
   test('FlushMetrics writes a JSON line to the metrics file', async () => {
     assert.equal((await call('PUT', '/actions', { action_type: 'FlushMetrics' })).status, 204);
-    const line = JSON.parse(readFileSync(join(dir, 'metrics'), 'utf8').trim().split('\n').at(-1)!) as { vmm: { state: string } };
+    const line = JSON.parse(readFileSync(join(dir, 'metrics'), 'utf8').trim().split('\n').at(-1)!) as {
+      vmm: { state: string };
+    };
     assert.equal(line.vmm.state, 'Not started');
   });
 });

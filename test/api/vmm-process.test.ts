@@ -58,30 +58,35 @@ describe('kiln-vmm', () => {
     assert.ok(!existsSync(sock), 'socket removed');
   });
 
-  test("Firecracker's getting-started curl sequence boots Linux from a root drive", { skip: kvmSkip || (toolAvailable('curl', '--version') ? false : 'needs curl'), timeout: 20 * 60_000 }, async () => {
-    const kernel = await buildMinimalKernel(log);
-    const rootfs = await buildRootfs(log);
-    const dir = tempDir();
-    const disk = join(dir, 'rootfs.ext4');
-    execFileSync('cp', [rootfs.path, disk]);
-    const sock = join(dir, 'firecracker.socket');
-    const logPath = join(dir, 'fc.log');
-    // With root, the VMM runs in a network namespace of the test's own, so the guide's
-    // tap0 is created there and nothing touches the host's network.
-    const ns = `kiln-gs${process.pid}`;
-    if (canNetns) {
-      execFileSync('ip', ['netns', 'add', ns]);
-      after(() => execFileSync('ip', ['netns', 'del', ns]));
-    }
-    const argv = [VMM, '--api-sock', sock];
-    const child = canNetns ? spawn('ip', ['netns', 'exec', ns, process.execPath, ...argv], { stdio: ['ignore', 'pipe', 'pipe'] }) : spawn(process.execPath, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let console = '';
-    child.stdout.setEncoding('utf8').on('data', (c: string) => (console += c));
-    child.stderr.setEncoding('utf8').on('data', (c: string) => (console += c));
-    const exited = new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
-    for (let i = 0; i < 200 && !existsSync(sock); i++) await sleep(25);
-    // The guide's calls, with its variables; its boot_args include pci=off, which Kiln drops.
-    const script = `
+  test(
+    "Firecracker's getting-started curl sequence boots Linux from a root drive",
+    { skip: kvmSkip || (toolAvailable('curl', '--version') ? false : 'needs curl'), timeout: 20 * 60_000 },
+    async () => {
+      const kernel = await buildMinimalKernel(log);
+      const rootfs = await buildRootfs(log);
+      const dir = tempDir();
+      const disk = join(dir, 'rootfs.ext4');
+      execFileSync('cp', [rootfs.path, disk]);
+      const sock = join(dir, 'firecracker.socket');
+      const logPath = join(dir, 'fc.log');
+      // With root, the VMM runs in a network namespace of the test's own, so the guide's
+      // tap0 is created there and nothing touches the host's network.
+      const ns = `kiln-gs${process.pid}`;
+      if (canNetns) {
+        execFileSync('ip', ['netns', 'add', ns]);
+        after(() => execFileSync('ip', ['netns', 'del', ns]));
+      }
+      const argv = [VMM, '--api-sock', sock];
+      const child = canNetns
+        ? spawn('ip', ['netns', 'exec', ns, process.execPath, ...argv], { stdio: ['ignore', 'pipe', 'pipe'] })
+        : spawn(process.execPath, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
+      let console = '';
+      child.stdout.setEncoding('utf8').on('data', (c: string) => (console += c));
+      child.stderr.setEncoding('utf8').on('data', (c: string) => (console += c));
+      const exited = new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
+      for (let i = 0; i < 200 && !existsSync(sock); i++) await sleep(25);
+      // The guide's calls, with its variables; its boot_args include pci=off, which Kiln drops.
+      const script = `
       set -e
       curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/logger' \\
         -H 'Accept: application/json' -H 'Content-Type: application/json' \\
@@ -108,20 +113,41 @@ describe('kiln-vmm', () => {
       curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/boot-source' \\
         -d "{\\"kernel_image_path\\": \\"\${KERNEL}\\"}"
     `;
-    const out = execFileSync('bash', ['-c', script], { encoding: 'utf8', env: { ...process.env, API_SOCKET: sock, KERNEL: kernel.vmlinux, ROOTFS: disk, LOGFILE: logPath, WITH_NET: canNetns ? '1' : '0' } });
-    assert.equal(out.match(/HTTP\/1\.1 204/g)?.length, canNetns ? 6 : 5, `every configuration call and InstanceStart answered 204:\n${out}`);
-    assert.match(out, /"state":"Running"/);
-    assert.match(out, /HTTP\/1\.1 400[\s\S]*"fault_message":"The requested operation is not supported after starting the microVM."/);
-    const guard = sleep(12 * 60_000, null, { ref: false });
-    const code = await Promise.race([exited, guard]);
-    if (code === null) child.kill('SIGKILL');
-    assert.equal(code, 0, `kiln-vmm exits 0 when the guest powers off:\n${console.slice(-3000)}`);
-    assert.match(console, /EXT4-fs \(vda\): mounted filesystem/);
-    assert.match(console, /KILN_INIT cpus=2 /);
-    assert.match(console, /dropped `pci=off`/);
-    assert.ok(!existsSync(sock), 'the API socket is removed at exit');
-    const vmmLog = readFileSync(logPath, 'utf8');
-    assert.match(vmmLog, /\[Info\] \[anonymous-instance\] InstanceStart: .*, 2 vCPU, 256 MiB, 1 drive\(s\), (1|0) network interface\(s\)/);
-    assert.match(vmmLog, /\[Info\] \[anonymous-instance\] the VM ended: the guest powered off/);
-  });
+      const out = execFileSync('bash', ['-c', script], {
+        encoding: 'utf8',
+        env: {
+          ...process.env,
+          API_SOCKET: sock,
+          KERNEL: kernel.vmlinux,
+          ROOTFS: disk,
+          LOGFILE: logPath,
+          WITH_NET: canNetns ? '1' : '0',
+        },
+      });
+      assert.equal(
+        out.match(/HTTP\/1\.1 204/g)?.length,
+        canNetns ? 6 : 5,
+        `every configuration call and InstanceStart answered 204:\n${out}`,
+      );
+      assert.match(out, /"state":"Running"/);
+      assert.match(
+        out,
+        /HTTP\/1\.1 400[\s\S]*"fault_message":"The requested operation is not supported after starting the microVM."/,
+      );
+      const guard = sleep(12 * 60_000, null, { ref: false });
+      const code = await Promise.race([exited, guard]);
+      if (code === null) child.kill('SIGKILL');
+      assert.equal(code, 0, `kiln-vmm exits 0 when the guest powers off:\n${console.slice(-3000)}`);
+      assert.match(console, /EXT4-fs \(vda\): mounted filesystem/);
+      assert.match(console, /KILN_INIT cpus=2 /);
+      assert.match(console, /dropped `pci=off`/);
+      assert.ok(!existsSync(sock), 'the API socket is removed at exit');
+      const vmmLog = readFileSync(logPath, 'utf8');
+      assert.match(
+        vmmLog,
+        /\[Info\] \[anonymous-instance\] InstanceStart: .*, 2 vCPU, 256 MiB, 1 drive\(s\), (1|0) network interface\(s\)/,
+      );
+      assert.match(vmmLog, /\[Info\] \[anonymous-instance\] the VM ended: the guest powered off/);
+    },
+  );
 });

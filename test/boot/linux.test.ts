@@ -54,7 +54,10 @@ describe('the minimal Linux guest', { skip: kvmSkip, timeout: 30 * 60_000 }, () 
         cpus: 2,
         memoryMiB: 128,
         cmdline: `kiln.blkwrite${canNetns ? ' kiln.net=10.98.0.2/24,10.98.0.1' : ''}`,
-        disks: [{ path: rw, serial: 'kiln-rw' }, { path: ro, readOnly: true, serial: 'kiln-disk-1' }],
+        disks: [
+          { path: rw, serial: 'kiln-rw' },
+          { path: ro, readOnly: true, serial: 'kiln-disk-1' },
+        ],
         rng: true,
         nets: canNetns ? [{ tap, mac: '06:00:0a:62:00:02' }] : [],
         consoleSocket: consolePath,
@@ -95,7 +98,10 @@ describe('the minimal Linux guest', { skip: kvmSkip, timeout: 30 * 60_000 }, () 
       const report = /KILN_INIT cpus=(\d+) mem_kb=(\d+) uptime=([\d.]+) kernel=(\S+)/.exec(serial);
       assert.ok(report, `init's report line on the console:\n${serial.slice(-2000)}`);
       assert.equal(Number(report[1]), 2, 'both vCPUs online');
-      assert.ok(Number(report[2]) > 100 * 1024 && Number(report[2]) < 128 * 1024, `MemTotal ${report[2]} kB of 128 MiB`);
+      assert.ok(
+        Number(report[2]) > 100 * 1024 && Number(report[2]) < 128 * 1024,
+        `MemTotal ${report[2]} kB of 128 MiB`,
+      );
       assert.ok(Number(report[3]) > 0);
       assert.match(report[4]!, /^6\.1\./);
       assert.match(serial, /smp: Brought up 1 node, 2 CPUs/);
@@ -111,11 +117,21 @@ describe('the minimal Linux guest', { skip: kvmSkip, timeout: 30 * 60_000 }, () 
       assert.match(serial, new RegExp(`KILN_BLK dev=vda sectors=2048 ro=0 serial=kiln-rw md5=${rwBefore}`));
       assert.match(serial, new RegExp(`KILN_BLK dev=vdb sectors=128 ro=1 serial=kiln-disk-1 md5=${md5(ro)}`));
       assert.match(serial, /KILN_BLK_WRITE ok/);
-      assert.equal(readFileSync(rw).subarray(8 * 512, 8 * 512 + 14).toString(), 'kiln-was-here\n', 'the flushed write reached the file');
+      assert.equal(
+        readFileSync(rw)
+          .subarray(8 * 512, 8 * 512 + 14)
+          .toString(),
+        'kiln-was-here\n',
+        'the flushed write reached the file',
+      );
       assert.match(serial, /KILN_RNG current=virtio_rng\.0 bytes=16/);
       if (canNetns) assert.match(serial, /KILN_NET ok/, 'the guest pinged the namespace through the TAP');
       for (let i = 0; i < 100 && !hvc.includes('KILN_HVC'); i++) await sleep(20);
-      assert.match(hvc, /^KILN_HVC hello\r?\n$/, 'init wrote to hvc0 (a tty: \\n becomes \\r\\n); the console socket carried it');
+      assert.match(
+        hvc,
+        /^KILN_HVC hello\r?\n$/,
+        'init wrote to hvc0 (a tty: \\n becomes \\r\\n); the console socket carried it',
+      );
       // Linux's balloon driver inflated to the 16 MiB target and sent its statistics.
       const balloon = balloonControl(balloonDevice);
       assert.equal(balloon.actualPages, 4096, 'balloon: actual = target');
@@ -134,7 +150,11 @@ describe('the minimal Linux guest', { skip: kvmSkip, timeout: 30 * 60_000 }, () 
 
   test("the kit's bzImage is a 64-bit boot protocol 2.12+ image Kiln can load", async () => {
     const kernel = await buildMinimalKernel(log);
-    const img = loadKernel({ kernel: new Uint8Array(readFileSync(kernel.bzImage)), cmdline: 'console=ttyS0', ram: ramRanges(128 * MiB) });
+    const img = loadKernel({
+      kernel: new Uint8Array(readFileSync(kernel.bzImage)),
+      cmdline: 'console=ttyS0',
+      ram: ramRanges(128 * MiB),
+    });
     assert.equal(img.format, 'bzimage');
     assert.ok(img.protocol! >= 0x20c, `protocol 0x${img.protocol!.toString(16)}`);
     assert.equal(img.entry.rip, 0x100200);
@@ -150,14 +170,18 @@ describe('bad input to a Linux VM', { skip: kvmSkip }, () => {
     writeFileSync(empty, '');
     writeFileSync(text, 'this is not a kernel\n'.repeat(100));
     const before = fds();
-    const boot = (input: Record<string, unknown>) => createLinuxVm(parseVmConfig({ cpus: 1, memoryMiB: 64, ...input }), { serialOutFd: -1 });
+    const boot = (input: Record<string, unknown>) =>
+      createLinuxVm(parseVmConfig({ cpus: 1, memoryMiB: 64, ...input }), { serialOutFd: -1 });
     assert.throws(() => boot({ kernel: join(dir, 'missing') }), /cannot read the kernel '.*missing': ENOENT/);
     assert.throws(() => boot({ kernel: dir }), /is not a regular file/);
     assert.throws(() => boot({ kernel: empty }), /the kernel '.*empty' is empty/);
     assert.throws(() => boot({ kernel: text }), /not a Linux kernel/);
     assert.throws(() => boot({ kernel: text, cpus: 0 }), /cpus: must be a whole number from 1 to 254 \(got 0\)/);
     assert.throws(() => boot({ kernel: text, cpus: 300 }), /cpus: must be a whole number from 1 to 254 \(got 300\)/);
-    assert.throws(() => boot({ kernel: text, memoryMiB: 1 << 30 }), /memoryMiB: must be a whole number from 1 to 4194304/);
+    assert.throws(
+      () => boot({ kernel: text, memoryMiB: 1 << 30 }),
+      /memoryMiB: must be a whole number from 1 to 4194304/,
+    );
     assert.throws(() => boot({ kernel: text, memoryMiB: 4 << 20 }), /larger than this host can map/);
     assert.equal(fds(), before, 'no KVM descriptor was opened');
   });

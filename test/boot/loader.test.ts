@@ -7,9 +7,28 @@ import { gzipSync } from 'node:zlib';
 import { decompressBzImage } from '../../src/boot/decompress.js';
 import { buildE820, E820_RAM, E820_RESERVED } from '../../src/boot/e820.js';
 import { loadKernel, type BootImage } from '../../src/boot/loader.js';
-import { boot_params, hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info, setup_header, XEN_HVM_START_MAGIC_VALUE } from '../../src/boot/structs.js';
+import {
+  boot_params,
+  hvm_memmap_table_entry,
+  hvm_modlist_entry,
+  hvm_start_info,
+  setup_header,
+  XEN_HVM_START_MAGIC_VALUE,
+} from '../../src/boot/structs.js';
 import { dataView } from '../../src/kvm/struct.js';
-import { ACPI_START, CMDLINE_START, GiB, HIGH_RAM_START, HIMEM_START, MiB, MMIO_HOLE_START, PVH_MEMMAP, PVH_MODLIST, PVH_START_INFO, ZERO_PAGE } from '../../src/layout.js';
+import {
+  ACPI_START,
+  CMDLINE_START,
+  GiB,
+  HIGH_RAM_START,
+  HIMEM_START,
+  MiB,
+  MMIO_HOLE_START,
+  PVH_MEMMAP,
+  PVH_MODLIST,
+  PVH_START_INFO,
+  ZERO_PAGE,
+} from '../../src/layout.js';
 import { ramRanges } from '../../src/memory/guest-memory.js';
 
 const ram = ramRanges(64 * MiB);
@@ -55,7 +74,13 @@ function elfKernel(opts: { paddr: number; code: Uint8Array; pvhEntry?: number; m
 }
 
 /** A minimal bzImage: setup sectors with a setup header, then `payload` as the protected-mode part. */
-function bzImage(opts: { payload: Uint8Array; version?: number; xloadflags?: number; cmdlineSize?: number; initSize?: number }): Uint8Array {
+function bzImage(opts: {
+  payload: Uint8Array;
+  version?: number;
+  xloadflags?: number;
+  cmdlineSize?: number;
+  initSize?: number;
+}): Uint8Array {
   const setupSects = 4;
   const image = new Uint8Array((setupSects + 1) * 512 + opts.payload.length);
   const dv = dataView(image);
@@ -92,7 +117,13 @@ test('e820: low RAM, the legacy area and the MMIO hole reserved, RAM from 1 MiB 
 test('ELF with a Xen PVH note: 32-bit entry, hvm_start_info with cmdline, initrd module, memmap, RSDP', () => {
   const code = Uint8Array.from({ length: 0x3000 }, (_, i) => i & 0xff);
   const initrd = new Uint8Array(0x2345).fill(0xab);
-  const img = loadKernel({ kernel: elfKernel({ paddr: 0x100_0000, code, pvhEntry: 0x100_0400, memExtra: 0x1000 }), initrd, cmdline: 'console=ttyS0', ram, rsdp: ACPI_START });
+  const img = loadKernel({
+    kernel: elfKernel({ paddr: 0x100_0000, code, pvhEntry: 0x100_0400, memExtra: 0x1000 }),
+    initrd,
+    cmdline: 'console=ttyS0',
+    ram,
+    rsdp: ACPI_START,
+  });
   assert.equal(img.format, 'pvh');
   assert.deepEqual(img.entry, { mode: 'pvh32', rip: 0x100_0400, rbx: PVH_START_INFO });
   const seg = writeAt(img, 0x100_0000)!;
@@ -120,7 +151,11 @@ test('ELF with a Xen PVH note: 32-bit entry, hvm_start_info with cmdline, initrd
 });
 
 test('ELF without the note: 64-bit entry at e_entry with a zero page', () => {
-  const img = loadKernel({ kernel: elfKernel({ paddr: 0x100_0000, code: new Uint8Array(0x100) }), cmdline: 'quiet', ram });
+  const img = loadKernel({
+    kernel: elfKernel({ paddr: 0x100_0000, code: new Uint8Array(0x100) }),
+    cmdline: 'quiet',
+    ram,
+  });
   assert.equal(img.format, 'elf64');
   assert.deepEqual(img.entry, { mode: 'linux64', rip: 0x100_0000, rsi: ZERO_PAGE });
   const bp = dataView(writeAt(img, ZERO_PAGE)!);
@@ -148,22 +183,55 @@ test('bzImage: protected-mode code at 1 MiB, 64-bit entry at +0x200, setup heade
   assert.equal(hdr.cmd_line_ptr, CMDLINE_START);
   assert.equal(hdr.ramdisk_size, initrd.length);
   assert.equal(hdr.ramdisk_image, img.initrd!.gpa);
-  assert.ok(img.initrd!.gpa >= HIMEM_START + 4 * MiB, 'initrd beyond the kernel\'s init_size');
+  assert.ok(img.initrd!.gpa >= HIMEM_START + 4 * MiB, "initrd beyond the kernel's init_size");
   assert.equal(Number(hdr.loadflags) & 0x80, 0x80, 'CAN_USE_HEAP');
 });
 
 test('bad kernels, initrds and command lines are refused with one clear line each', () => {
-  assert.throws(() => loadKernel({ kernel: new Uint8Array(4096).fill(0x90), cmdline: '', ram }), /not a Linux kernel: neither an ELF vmlinux nor a bzImage/);
+  assert.throws(
+    () => loadKernel({ kernel: new Uint8Array(4096).fill(0x90), cmdline: '', ram }),
+    /not a Linux kernel: neither an ELF vmlinux nor a bzImage/,
+  );
   const good = bzImage({ payload: new Uint8Array(0x1000) });
-  assert.throws(() => loadKernel({ kernel: good.subarray(0, good.length - 100), cmdline: '', ram }), /bzImage is truncated: its header promises/);
-  assert.throws(() => loadKernel({ kernel: bzImage({ payload: new Uint8Array(16), version: 0x20a }), cmdline: '', ram }), /boot protocol 2\.10 without a 64-bit entry; Kiln needs 2\.12/);
-  assert.throws(() => loadKernel({ kernel: bzImage({ payload: new Uint8Array(16), xloadflags: 0 }), cmdline: '', ram }), /without a 64-bit entry/);
-  assert.throws(() => loadKernel({ kernel: bzImage({ payload: new Uint8Array(16), initSize: 100 * MiB }), cmdline: '', ram }), /the kernel needs 100\.0 MiB from 0x100000; the guest has 64\.0 MiB/);
-  assert.throws(() => loadKernel({ kernel: bzImage({ payload: new Uint8Array(16), cmdlineSize: 16 }), cmdline: 'x'.repeat(16), ram }), /command line is 16 bytes; this kernel accepts at most 15/);
-  assert.throws(() => loadKernel({ kernel: good, cmdline: '', initrd: new Uint8Array(62 * MiB), ram }), /the initrd \(62\.0 MiB\) does not fit in guest memory/);
+  assert.throws(
+    () => loadKernel({ kernel: good.subarray(0, good.length - 100), cmdline: '', ram }),
+    /bzImage is truncated: its header promises/,
+  );
+  assert.throws(
+    () => loadKernel({ kernel: bzImage({ payload: new Uint8Array(16), version: 0x20a }), cmdline: '', ram }),
+    /boot protocol 2\.10 without a 64-bit entry; Kiln needs 2\.12/,
+  );
+  assert.throws(
+    () => loadKernel({ kernel: bzImage({ payload: new Uint8Array(16), xloadflags: 0 }), cmdline: '', ram }),
+    /without a 64-bit entry/,
+  );
+  assert.throws(
+    () => loadKernel({ kernel: bzImage({ payload: new Uint8Array(16), initSize: 100 * MiB }), cmdline: '', ram }),
+    /the kernel needs 100\.0 MiB from 0x100000; the guest has 64\.0 MiB/,
+  );
+  assert.throws(
+    () =>
+      loadKernel({ kernel: bzImage({ payload: new Uint8Array(16), cmdlineSize: 16 }), cmdline: 'x'.repeat(16), ram }),
+    /command line is 16 bytes; this kernel accepts at most 15/,
+  );
+  assert.throws(
+    () => loadKernel({ kernel: good, cmdline: '', initrd: new Uint8Array(62 * MiB), ram }),
+    /the initrd \(62\.0 MiB\) does not fit in guest memory/,
+  );
   const elf = elfKernel({ paddr: 0x100_0000, code: new Uint8Array(0x1000) });
-  assert.throws(() => loadKernel({ kernel: elf.subarray(0, 0x1800), cmdline: '', ram }), /kernel ELF image is truncated: segment 0 ends at byte 8192/);
-  assert.throws(() => loadKernel({ kernel: elfKernel({ paddr: 0x100_0000, code: new Uint8Array(16), memExtra: 64 * MiB }), cmdline: '', ram }), /does not fit in 64\.0 MiB of guest memory/);
+  assert.throws(
+    () => loadKernel({ kernel: elf.subarray(0, 0x1800), cmdline: '', ram }),
+    /kernel ELF image is truncated: segment 0 ends at byte 8192/,
+  );
+  assert.throws(
+    () =>
+      loadKernel({
+        kernel: elfKernel({ paddr: 0x100_0000, code: new Uint8Array(16), memExtra: 64 * MiB }),
+        cmdline: '',
+        ram,
+      }),
+    /does not fit in 64\.0 MiB of guest memory/,
+  );
   assert.throws(() => loadKernel({ kernel: elf, cmdline: 'y'.repeat(2048), ram }), /accepts at most 2047/);
 });
 
@@ -179,12 +247,18 @@ test('host decompression finds a bzImage payload, gzip or xz (with the appended 
   new DataView(size.buffer).setUint32(0, elf.length, true);
   const gz = withPayload(new Uint8Array(gzipSync(elf)));
   const xz = withPayload(new Uint8Array([...execFileSync('xz', ['-c', '--check=crc32'], { input: elf }), ...size]));
-  for (const [image, format] of [[gz, 'gzip'], [xz, 'xz']] as const) {
+  for (const [image, format] of [
+    [gz, 'gzip'],
+    [xz, 'xz'],
+  ] as const) {
     const out = decompressBzImage(image);
     assert.equal(out.format, format);
     assert.deepEqual(out.elf, elf);
     assert.equal(loadKernel({ kernel: out.elf, cmdline: '', ram }).format, 'pvh');
   }
-  assert.throws(() => decompressBzImage(withPayload(Uint8Array.of(1, 2, 3, 4, 5))), /compressed in a format Kiln does not know \(magic 01 02 03 04\)/);
+  assert.throws(
+    () => decompressBzImage(withPayload(Uint8Array.of(1, 2, 3, 4, 5))),
+    /compressed in a format Kiln does not know \(magic 01 02 03 04\)/,
+  );
   assert.throws(() => decompressBzImage(elf), /only a bzImage can be decompressed/);
 });

@@ -16,11 +16,36 @@ import { kvmSkip } from '../helpers.js';
 
 function platformVm(vcpus: number, irqchip: boolean) {
   const vm = Vm.create({ memoryBytes: 4 * layout.MiB, vcpus, irqchip });
-  const progress = vm.addDevice({ id: 'progress', kind: 'progress', bus: 'pio', base: layout.PORT_PROGRESS, size: layout.PORT_PROGRESS_SIZE });
-  vm.addDevice({ id: 'debug-exit', kind: 'debug-exit', bus: 'pio', base: layout.PORT_DEBUG_EXIT, size: layout.PORT_DEBUG_EXIT_SIZE });
-  vm.addDevice({ id: 'acpi-pm', kind: 'acpi-pm', bus: 'pio', base: layout.PORT_ACPI_SLEEP_CONTROL, size: layout.PORT_ACPI_PM_SIZE });
+  const progress = vm.addDevice({
+    id: 'progress',
+    kind: 'progress',
+    bus: 'pio',
+    base: layout.PORT_PROGRESS,
+    size: layout.PORT_PROGRESS_SIZE,
+  });
+  vm.addDevice({
+    id: 'debug-exit',
+    kind: 'debug-exit',
+    bus: 'pio',
+    base: layout.PORT_DEBUG_EXIT,
+    size: layout.PORT_DEBUG_EXIT_SIZE,
+  });
+  vm.addDevice({
+    id: 'acpi-pm',
+    kind: 'acpi-pm',
+    bus: 'pio',
+    base: layout.PORT_ACPI_SLEEP_CONTROL,
+    size: layout.PORT_ACPI_PM_SIZE,
+  });
   vm.addDevice({ id: 'i8042', kind: 'i8042', bus: 'pio', base: layout.PORT_I8042_DATA, size: 5 });
-  const com1 = vm.addDevice({ id: 'com1', kind: 'serial', bus: 'pio', base: layout.PORT_COM1, size: layout.PORT_COM_SIZE, options: { outFd: -1, irq: layout.IRQ_COM1 } });
+  const com1 = vm.addDevice({
+    id: 'com1',
+    kind: 'serial',
+    bus: 'pio',
+    base: layout.PORT_COM1,
+    size: layout.PORT_COM_SIZE,
+    options: { outFd: -1, irq: layout.IRQ_COM1 },
+  });
   return { vm, progress, com1 };
 }
 
@@ -45,7 +70,12 @@ describe('power and reset from a guest', { skip: kvmSkip }, () => {
     test(`${name} ${reset ? 'resets' : 'powers off'} the VM`, async () => {
       const { vm } = platformVm(1, false);
       try {
-        loadProgram(vm, { mode: 'protected32', cpl: 3, source: `${source}\n 1: jmp 1b`, defines: { PORT_ACPI_SLEEP_CONTROL: layout.PORT_ACPI_SLEEP_CONTROL, PORT_ACPI_RESET: layout.PORT_ACPI_RESET } });
+        loadProgram(vm, {
+          mode: 'protected32',
+          cpl: 3,
+          source: `${source}\n 1: jmp 1b`,
+          defines: { PORT_ACPI_SLEEP_CONTROL: layout.PORT_ACPI_SLEEP_CONTROL, PORT_ACPI_RESET: layout.PORT_ACPI_RESET },
+        });
         await vm.start();
         const result = await endWithin(vm, 20_000);
         assert.equal(result.reason, 'guest-exit');
@@ -183,7 +213,12 @@ describe('UART interrupts through the IOAPIC', { skip: kvmSkip }, () => {
   test('enabling THRI raises IRQ 4; the handler sees IIR = THRE', async () => {
     const { vm, progress } = platformVm(1, true);
     try {
-      loadProgram(vm, { mode: 'long64', cpl: 0, source: uartInterruptSource(0x02, layout.PORT_COM1 + 2), defines: { KIT_IDT: layout.KIT_IDT } });
+      loadProgram(vm, {
+        mode: 'long64',
+        cpl: 0,
+        source: uartInterruptSource(0x02, layout.PORT_COM1 + 2),
+        defines: { KIT_IDT: layout.KIT_IDT },
+      });
       await vm.start();
       const result = await endWithin(vm, 30_000);
       assert.equal(result.exitCode, 7, result.detail);
@@ -198,7 +233,12 @@ describe('UART interrupts through the IOAPIC', { skip: kvmSkip }, () => {
   test('host input raises the receive interrupt; the handler reads the byte', async () => {
     const { vm, progress, com1 } = platformVm(1, true);
     try {
-      loadProgram(vm, { mode: 'long64', cpl: 0, source: uartInterruptSource(0x01, layout.PORT_COM1), defines: { KIT_IDT: layout.KIT_IDT } });
+      loadProgram(vm, {
+        mode: 'long64',
+        cpl: 0,
+        source: uartInterruptSource(0x01, layout.PORT_COM1),
+        defines: { KIT_IDT: layout.KIT_IDT },
+      });
       await vm.start();
       const limit = Date.now() + 30_000;
       while (readProgress(progress.state).count === 0 && Date.now() < limit) await sleep(10);
@@ -212,4 +252,3 @@ describe('UART interrupts through the IOAPIC', { skip: kvmSkip }, () => {
     }
   });
 });
-

@@ -52,7 +52,9 @@ test('the shared lock gives mutual exclusion across threads', async () => {
   // Two threads each do 20000 unguarded read-modify-write increments under the lock.
   const run = () =>
     new Promise<void>((resolve, reject) =>
-      new Worker(new URL('./lock-worker.js', import.meta.url), { workerData: shared }).on('exit', () => resolve()).on('error', reject),
+      new Worker(new URL('./lock-worker.js', import.meta.url), { workerData: shared })
+        .on('exit', () => resolve())
+        .on('error', reject),
     );
   await Promise.all([run(), run()]);
   assert.equal(cells[1], 40000);

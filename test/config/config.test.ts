@@ -27,12 +27,15 @@ describe('VmConfig', () => {
     assert.equal(c.cpus, 1);
     assert.equal(c.memoryMiB, 128);
     assert.equal(c.rng, false);
-    assert.deepEqual(c.disks.map((d) => d.id), ['disk0', 'data']);
+    assert.deepEqual(
+      c.disks.map((d) => d.id),
+      ['disk0', 'data'],
+    );
     assert.equal(c.nets[0]!.id, 'net0');
     assert.deepEqual(parseVmConfig(structuredClone(c)), c, 'a checked configuration is valid input');
   });
 
-  test('the vCPU limit is the MADT\'s', () => {
+  test("the vCPU limit is the MADT's", () => {
     assert.equal(MAX_VCPUS, MAX_MADT_VCPUS);
   });
 
@@ -43,18 +46,41 @@ describe('VmConfig', () => {
       [{ memoryMiB: null }, 'memoryMiB: must be a whole number from 1 to 4194304 (got null)'],
       [{ disks: {} }, 'disks: must be a list (got an object)'],
       [{ disks: [{ path: '' }] }, 'disks[0].path: must be the path of a disk image (got an empty string)'],
-      [{ disks: [{ path: '/a', serial: 'x'.repeat(21) }] }, 'disks[0].serial: must be at most 20 printable ASCII characters'],
-      [{ disks: [{ path: '/a', id: 'bad-id' }] }, "disks[0].id: must be 1 to 64 ASCII letters, digits or underscores (got 'bad-id')"],
+      [
+        { disks: [{ path: '/a', serial: 'x'.repeat(21) }] },
+        'disks[0].serial: must be at most 20 printable ASCII characters',
+      ],
+      [
+        { disks: [{ path: '/a', id: 'bad-id' }] },
+        "disks[0].id: must be 1 to 64 ASCII letters, digits or underscores (got 'bad-id')",
+      ],
       [{ disks: [{ path: '/a' }, { path: '/b', id: 'disk0' }] }, "disks[1]: ID disk0 is already used by 'disk0'"],
-      [{ nets: [{ tap: 'a', mac: '01:00:00:00:00:01' }] }, 'nets[0].mac: 01:00:00:00:00:01 is a multicast address; a NIC needs a unicast one'],
+      [
+        { nets: [{ tap: 'a', mac: '01:00:00:00:00:01' }] },
+        'nets[0].mac: 01:00:00:00:00:01 is a multicast address; a NIC needs a unicast one',
+      ],
       [{ nets: [{}] }, 'nets[0]: needs either tap (a TAP name) or passt (a socket path), not both or neither'],
-      [{ nets: [{ tap: 'x'.repeat(16) }] }, `nets[0].tap: '${'x'.repeat(16)}' is not a valid interface name (1-15 letters, digits, '-', '_' or '.')`],
-      [{ nets: [{ tap: 'a', mac: '06:00:00:00:00:01' }, { tap: 'b', mac: '06:00:00:00:00:01' }] }, "nets[1]: MAC address 06:00:00:00:00:01 is already used by 'net0'"],
+      [
+        { nets: [{ tap: 'x'.repeat(16) }] },
+        `nets[0].tap: '${'x'.repeat(16)}' is not a valid interface name (1-15 letters, digits, '-', '_' or '.')`,
+      ],
+      [
+        {
+          nets: [
+            { tap: 'a', mac: '06:00:00:00:00:01' },
+            { tap: 'b', mac: '06:00:00:00:00:01' },
+          ],
+        },
+        "nets[1]: MAC address 06:00:00:00:00:01 is already used by 'net0'",
+      ],
       [{ vsock: { guestCid: 3 } }, 'vsock.uds: is required'],
       [{ balloon: { targetMiB: -1 } }, 'balloon.targetMiB: must be a whole number from 0 to 4194304 (got -1)'],
       [{ cpuTemplate: 'fast' }, "cpuTemplate: must be one of host, pvm, baseline (got 'fast')"],
       [{ initrd: '/i' }, 'initrd: needs a kernel (the default guest brings its own initramfs)'],
-      [{ colour: 'red' }, 'colour: is not a known field (known: kernel, initrd, cmdline, cpus, memoryMiB, cpuTemplate, hugePages, trackDirtyPages, disks, nets, rng, vsock, consoleSocket, balloon)'],
+      [
+        { colour: 'red' },
+        'colour: is not a known field (known: kernel, initrd, cmdline, cpus, memoryMiB, cpuTemplate, hugePages, trackDirtyPages, disks, nets, rng, vsock, consoleSocket, balloon)',
+      ],
       [JSON.parse('{"__proto__": {"cpus": 4}}'), '__proto__: is not a known field'],
       [{ constructor: 1 }, 'constructor: is not a known field'],
       [{ toString: 1 }, 'toString: is not a known field'],
@@ -72,17 +98,29 @@ describe('VmConfig', () => {
 
   test('the root disk boots first', () => {
     const c = parseVmConfig({ disks: [{ path: '/data' }, { path: '/root', root: true }] });
-    assert.deepEqual(bootOrder(c.disks).map((d) => d.path), ['/root', '/data']);
+    assert.deepEqual(
+      bootOrder(c.disks).map((d) => d.path),
+      ['/root', '/data'],
+    );
   });
 });
 
 describe('the flag grammar', () => {
   test('--disk', () => {
     assert.deepEqual(parseDiskFlag('/x.img'), { path: '/x.img' });
-    assert.deepEqual(parseDiskFlag('/x.img,ro,root,serial=S1,id=rootfs'), { path: '/x.img', readOnly: true, root: true, serial: 'S1', id: 'rootfs' });
+    assert.deepEqual(parseDiskFlag('/x.img,ro,root,serial=S1,id=rootfs'), {
+      path: '/x.img',
+      readOnly: true,
+      root: true,
+      serial: 'S1',
+      id: 'rootfs',
+    });
     assert.equal(parseDiskFlag('rel.img').path, resolve('rel.img'), 'relative paths become absolute');
     assert.throws(() => parseDiskFlag(',ro'), /--disk: needs a path first/);
-    assert.throws(() => parseDiskFlag('/x,rw'), /--disk: \/x,rw: unknown option 'rw' \(expected ro, root, serial=ID or id=ID\)/);
+    assert.throws(
+      () => parseDiskFlag('/x,rw'),
+      /--disk: \/x,rw: unknown option 'rw' \(expected ro, root, serial=ID or id=ID\)/,
+    );
   });
 
   test('--net', () => {
@@ -105,10 +143,25 @@ describe('the flag grammar', () => {
   });
 
   test('flags become a checked VmConfig', () => {
-    const c = configFromFlags({ kernel: '/k', cpus: '2', memory: '1G', disk: ['/r.img,root', '/d.img,ro'], net: ['tap=t0'], rng: true, vsock: '4,/v.sock', balloon: '64M' });
+    const c = configFromFlags({
+      kernel: '/k',
+      cpus: '2',
+      memory: '1G',
+      disk: ['/r.img,root', '/d.img,ro'],
+      net: ['tap=t0'],
+      rng: true,
+      vsock: '4,/v.sock',
+      balloon: '64M',
+    });
     assert.equal(c.cpus, 2);
     assert.equal(c.memoryMiB, 1024);
-    assert.deepEqual(c.disks.map((d) => [d.id, d.root, d.readOnly]), [['disk0', true, false], ['disk1', false, true]]);
+    assert.deepEqual(
+      c.disks.map((d) => [d.id, d.root, d.readOnly]),
+      [
+        ['disk0', true, false],
+        ['disk1', false, true],
+      ],
+    );
     assert.deepEqual(c.vsock, { guestCid: 4, uds: '/v.sock' });
     assert.deepEqual(c.balloon, { targetMiB: 64, deflateOnOom: false, statsIntervalS: 0, freePageReporting: false });
   });
@@ -124,9 +177,24 @@ interface BadCase {
 }
 
 const BAD: readonly BadCase[] = [
-  { answer: 'cpus: must be a whole number from 1 to 254 (got 300)', flags: ['--cpus', '300'], api: [['PUT', '/machine-config', { vcpu_count: 300, mem_size_mib: 128 }]], definition: { cpus: 300 } },
-  { answer: 'cpus: must be a whole number from 1 to 254 (got 0)', flags: ['--cpus', '0'], api: [['PUT', '/machine-config', { vcpu_count: 0, mem_size_mib: 128 }]], definition: { cpus: 0 } },
-  { answer: 'memoryMiB: must be a whole number from 1 to 4194304 (got 0)', flags: ['--memory', '0'], api: [['PUT', '/machine-config', { vcpu_count: 1, mem_size_mib: 0 }]], definition: { memoryMiB: 0 } },
+  {
+    answer: 'cpus: must be a whole number from 1 to 254 (got 300)',
+    flags: ['--cpus', '300'],
+    api: [['PUT', '/machine-config', { vcpu_count: 300, mem_size_mib: 128 }]],
+    definition: { cpus: 300 },
+  },
+  {
+    answer: 'cpus: must be a whole number from 1 to 254 (got 0)',
+    flags: ['--cpus', '0'],
+    api: [['PUT', '/machine-config', { vcpu_count: 0, mem_size_mib: 128 }]],
+    definition: { cpus: 0 },
+  },
+  {
+    answer: 'memoryMiB: must be a whole number from 1 to 4194304 (got 0)',
+    flags: ['--memory', '0'],
+    api: [['PUT', '/machine-config', { vcpu_count: 1, mem_size_mib: 0 }]],
+    definition: { memoryMiB: 0 },
+  },
   {
     answer: "nets[0].mac: 'nope' is not a MAC address (expected six hex pairs, like 06:00:ac:10:00:02)",
     flags: ['--net', 'tap=tap0,mac=nope'],
@@ -161,20 +229,48 @@ const BAD: readonly BadCase[] = [
       ['PUT', '/drives/disk0', { drive_id: 'disk0', path_on_host: '/tmp/kiln-a.img', is_root_device: true }],
       ['PUT', '/drives/disk1', { drive_id: 'disk1', path_on_host: '/tmp/kiln-b.img', is_root_device: true }],
     ],
-    definition: { disks: [{ path: '/tmp/kiln-a.img', root: true }, { path: '/tmp/kiln-b.img', root: true }] },
+    definition: {
+      disks: [
+        { path: '/tmp/kiln-a.img', root: true },
+        { path: '/tmp/kiln-b.img', root: true },
+      ],
+    },
   },
-  { answer: 'initrd: needs a kernel (the default guest brings its own initramfs)', flags: ['--initrd', '/tmp/kiln-initrd'], api: null, definition: { initrd: '/tmp/kiln-initrd' } },
+  {
+    answer: 'initrd: needs a kernel (the default guest brings its own initramfs)',
+    flags: ['--initrd', '/tmp/kiln-initrd'],
+    api: null,
+    definition: { initrd: '/tmp/kiln-initrd' },
+  },
 ];
 
-function apiCall(socketPath: string, method: string, path: string, body: unknown): Promise<{ status: number; fault: string }> {
+function apiCall(
+  socketPath: string,
+  method: string,
+  path: string,
+  body: unknown,
+): Promise<{ status: number; fault: string }> {
   return new Promise((resolvePromise, reject) => {
     const payload = JSON.stringify(body);
-    const req = request({ socketPath, method, path, headers: { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(payload) } }, (res) => {
-      let text = '';
-      res.setEncoding('utf8');
-      res.on('data', (c: string) => (text += c));
-      res.on('end', () => resolvePromise({ status: res.statusCode ?? 0, fault: text ? (JSON.parse(text) as { fault_message?: string }).fault_message ?? '' : '' }));
-    });
+    const req = request(
+      {
+        socketPath,
+        method,
+        path,
+        headers: { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(payload) },
+      },
+      (res) => {
+        let text = '';
+        res.setEncoding('utf8');
+        res.on('data', (c: string) => (text += c));
+        res.on('end', () =>
+          resolvePromise({
+            status: res.statusCode ?? 0,
+            fault: text ? ((JSON.parse(text) as { fault_message?: string }).fault_message ?? '') : '',
+          }),
+        );
+      },
+    );
     req.on('error', reject);
     req.end(payload);
   });
@@ -194,29 +290,46 @@ describe('every front end gives the same answer for the same bad configuration',
   for (const c of BAD) {
     test(c.answer, async () => {
       // kiln run: a usage error (2) before any VM exists.
-      const run = spawnSync(process.execPath, [CLI, 'run', ...c.flags], { encoding: 'utf8', env: { ...process.env, KILN_STATE_DIR: dir } });
+      const run = spawnSync(process.execPath, [CLI, 'run', ...c.flags], {
+        encoding: 'utf8',
+        env: { ...process.env, KILN_STATE_DIR: dir },
+      });
       assert.equal(run.status, 2, run.stderr);
       assert.equal(run.stderr, `kiln: ${c.answer}\n`);
       // kiln create: the same flags for the manager, refused before the daemon is asked.
-      const create = spawnSync(process.execPath, [CLI, 'create', 'vm1', ...c.flags], { encoding: 'utf8', env: { ...process.env, KILN_STATE_DIR: dir } });
+      const create = spawnSync(process.execPath, [CLI, 'create', 'vm1', ...c.flags], {
+        encoding: 'utf8',
+        env: { ...process.env, KILN_STATE_DIR: dir },
+      });
       assert.equal(create.status, 2, create.stderr);
       assert.equal(create.stderr, `kiln: ${c.answer}\n`);
       // A definition file with kiln create -f, and the same definition read back from the store.
       const file = join(dir, 'vm.json');
       writeFileSync(file, JSON.stringify({ name: 'vm2', ...c.definition }));
-      const fromFile = spawnSync(process.execPath, [CLI, 'create', '-f', file], { encoding: 'utf8', env: { ...process.env, KILN_STATE_DIR: dir } });
+      const fromFile = spawnSync(process.execPath, [CLI, 'create', '-f', file], {
+        encoding: 'utf8',
+        env: { ...process.env, KILN_STATE_DIR: dir },
+      });
       assert.equal(fromFile.stderr, `kiln: ${c.answer}\n`);
-      assert.throws(() => parseDefinition({ name: 'vm2', ...c.definition }), (err: unknown) => err instanceof ConfigError && err.message === c.answer);
+      assert.throws(
+        () => parseDefinition({ name: 'vm2', ...c.definition }),
+        (err: unknown) => err instanceof ConfigError && err.message === c.answer,
+      );
       const store = new Store(join(dir, 'state'));
       writeFileSync(join(store.vmsDir, 'vm3.json'), JSON.stringify({ name: 'vm3', ...c.definition }));
-      assert.deepEqual(store.list().broken.map((b) => [b.name, b.error]), [['vm3', c.answer]], 'a stored definition is checked on read');
+      assert.deepEqual(
+        store.list().broken.map((b) => [b.name, b.error]),
+        [['vm3', c.answer]],
+        'a stored definition is checked on read',
+      );
       assert.deepEqual(store.list().vms, []);
       // The Firecracker API: 400 with the same fault message, and nothing changed.
       if (c.api) {
         vmm.config = parseVmConfig({});
         const requests = [...c.api];
         const last = requests.pop()!;
-        for (const [method, path, body] of requests) assert.equal((await apiCall(socketPath, method, path, body)).status, 204);
+        for (const [method, path, body] of requests)
+          assert.equal((await apiCall(socketPath, method, path, body)).status, 204);
         const configured = JSON.stringify(vmm.config);
         const r = await apiCall(socketPath, last[0], last[1], last[2]);
         assert.equal(r.status, 400);

@@ -5,10 +5,26 @@ import { applyTemplate, cpuTemplate, CPU_TEMPLATES, FEATURES, KVM_CPUID_FEATURES
 
 const base: CpuidEntry[] = [
   { function: 0, index: 0, flags: 0, eax: 0xd, ebx: 0x68747541, ecx: 0x444d4163, edx: 0x69746e65 },
-  { function: 1, index: 0, flags: 0, eax: 0xa10f11, ebx: 0x00020800, ecx: 0x81a03203 | (1 << 26) | (1 << 23), edx: 0x078bfbff },
+  {
+    function: 1,
+    index: 0,
+    flags: 0,
+    eax: 0xa10f11,
+    ebx: 0x00020800,
+    ecx: 0x81a03203 | (1 << 26) | (1 << 23),
+    edx: 0x078bfbff,
+  },
   { function: 7, index: 0, flags: 1, eax: 0, ebx: (1 << 7) | (1 << 20) | (1 << 5), ecx: 0, edx: 0 },
   { function: 0xb, index: 0, flags: 1, eax: 0, ebx: 0, ecx: 0, edx: 0 },
-  { function: KVM_CPUID_FEATURES, index: 0, flags: 0, eax: (1 << 3) | (1 << 7) | (1 << 11) | (1 << 13), ebx: 0, ecx: 0, edx: 0 },
+  {
+    function: KVM_CPUID_FEATURES,
+    index: 0,
+    flags: 0,
+    eax: (1 << 3) | (1 << 7) | (1 << 11) | (1 << 13),
+    ebx: 0,
+    ecx: 0,
+    edx: 0,
+  },
 ];
 
 test('each vCPU sees its own APIC id, the vCPU count and the hypervisor bit', () => {

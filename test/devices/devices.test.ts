@@ -11,9 +11,17 @@ import { allocateDeviceState, deviceModels } from '../../src/devices/registry.js
 import * as uart from '../../src/devices/serial.js';
 import { deviceContext, tempDir } from '../helpers.js';
 
-const noExit: DeviceContext = deviceContext({ requestExit: () => assert.fail('unexpected exit request'), setIrq: () => undefined, requestReset: () => assert.fail('unexpected reset') });
+const noExit: DeviceContext = deviceContext({
+  requestExit: () => assert.fail('unexpected exit request'),
+  setIrq: () => undefined,
+  requestReset: () => assert.fail('unexpected reset'),
+});
 
-function make(kind: string, options: DeviceOptions = {}, ctx = noExit): { device: BusDevice; state: SharedArrayBuffer } {
+function make(
+  kind: string,
+  options: DeviceOptions = {},
+  ctx = noExit,
+): { device: BusDevice; state: SharedArrayBuffer } {
   const state = allocateDeviceState(kind, options);
   return { device: deviceModels[kind]!.create(state, options, ctx), state };
 }
@@ -81,7 +89,15 @@ test('progress port keeps the last value, the count and recent history', () => {
 
 test('debug-exit asks for a VM exit with the written status', () => {
   const requests: number[] = [];
-  const device = debugExitModel.create(new SharedArrayBuffer(8), {}, deviceContext({ requestExit: (code) => requests.push(code), setIrq: () => undefined, requestReset: () => assert.fail('unexpected reset') }));
+  const device = debugExitModel.create(
+    new SharedArrayBuffer(8),
+    {},
+    deviceContext({
+      requestExit: (code) => requests.push(code),
+      setIrq: () => undefined,
+      requestReset: () => assert.fail('unexpected reset'),
+    }),
+  );
   device.write(0, Uint8Array.of(3));
   device.write(0, Uint8Array.of(0x01, 0x01)); // 0x101: only the low byte is a status
   assert.deepEqual(requests, [3, 1]);

@@ -19,10 +19,23 @@ function recorder(): Recorder {
   const irqs: string[] = [];
   const exits: number[] = [];
   const resets: string[] = [];
-  return { irqs, exits, resets, ...deviceContext({ setIrq: (irq, level) => irqs.push(`${irq}:${level}`), requestExit: (code) => exits.push(code), requestReset: (cause) => resets.push(cause) }) };
+  return {
+    irqs,
+    exits,
+    resets,
+    ...deviceContext({
+      setIrq: (irq, level) => irqs.push(`${irq}:${level}`),
+      requestExit: (code) => exits.push(code),
+      requestReset: (cause) => resets.push(cause),
+    }),
+  };
 }
 
-function make(kind: string, ctx: DeviceContext, options: DeviceOptions = {}): { device: BusDevice; state: SharedArrayBuffer } {
+function make(
+  kind: string,
+  ctx: DeviceContext,
+  options: DeviceOptions = {},
+): { device: BusDevice; state: SharedArrayBuffer } {
   const state = allocateDeviceState(kind, options);
   return { device: deviceModels[kind]!.create(state, options, ctx), state };
 }
@@ -58,13 +71,21 @@ test('16550: host input sets DR and raises the receive interrupt, which outranks
   assert.equal(rd(device, uart.UART_LSR) & uart.UART_LSR_DR, 0);
   assert.equal(rd(device, uart.UART_IIR_FCR) & 0x0f, uart.UART_IIR_THRI, 'then the pending THRE');
   assert.equal(ctx.irqs.at(-1), '4:0');
-  assert.equal(host.input(new Uint8Array(uart.RX_BUFFER_BYTES + 10)), uart.RX_BUFFER_BYTES, 'a full buffer drops the rest');
+  assert.equal(
+    host.input(new Uint8Array(uart.RX_BUFFER_BYTES + 10)),
+    uart.RX_BUFFER_BYTES,
+    'a full buffer drops the rest',
+  );
 });
 
 test('16550: loopback returns transmitted bytes and mirrors modem control in MSR; FIFO clear', () => {
   const { device } = make('serial', recorder());
   wr(device, uart.UART_MCR, uart.UART_MCR_LOOP | uart.UART_MCR_OUT2 | uart.UART_MCR_RTS);
-  assert.equal(rd(device, uart.UART_MSR) & 0xf0, uart.UART_MSR_DCD | uart.UART_MSR_CTS, 'Linux autoconfig expects 0x90');
+  assert.equal(
+    rd(device, uart.UART_MSR) & 0xf0,
+    uart.UART_MSR_DCD | uart.UART_MSR_CTS,
+    'Linux autoconfig expects 0x90',
+  );
   wr(device, uart.UART_RBR_THR_DLL, 0x5a);
   assert.equal(rd(device, uart.UART_RBR_THR_DLL), 0x5a);
   wr(device, uart.UART_RBR_THR_DLL, 0x11);
@@ -105,7 +126,7 @@ test('i8042: self test, controller configuration, and the reset line', () => {
   assert.equal(ctx.resets.length, 1);
 });
 
-test('RTC: the host\'s UTC time in BCD or binary, 24- or 12-hour, and CMOS RAM', () => {
+test("RTC: the host's UTC time in BCD or binary, 24- or 12-hour, and CMOS RAM", () => {
   const fixed = Date.UTC(2026, 10, 24, 21, 7, 9); // Tue 24 Nov 2026 21:07:09
   const { device } = make('rtc', recorder(), { fixedTimeMs: fixed });
   const reg = (index: number) => {
@@ -113,12 +134,15 @@ test('RTC: the host\'s UTC time in BCD or binary, 24- or 12-hour, and CMOS RAM',
     return rd(device, 1);
   };
   assert.deepEqual([reg(rtc.RTC_SECONDS), reg(rtc.RTC_MINUTES), reg(rtc.RTC_HOURS)], [0x09, 0x07, 0x21]);
-  assert.deepEqual([reg(rtc.RTC_DAY_OF_MONTH), reg(rtc.RTC_MONTH), reg(rtc.RTC_YEAR), reg(rtc.RTC_CENTURY)], [0x24, 0x11, 0x26, 0x20]);
+  assert.deepEqual(
+    [reg(rtc.RTC_DAY_OF_MONTH), reg(rtc.RTC_MONTH), reg(rtc.RTC_YEAR), reg(rtc.RTC_CENTURY)],
+    [0x24, 0x11, 0x26, 0x20],
+  );
   assert.equal(reg(rtc.RTC_DAY_OF_WEEK), 3);
   assert.equal(reg(rtc.RTC_REG_D) & 0x80, 0x80, 'valid RAM and time');
   wr(device, 0, rtc.RTC_REG_B);
   wr(device, 1, rtc.RTC_B_BINARY); // binary, 12-hour
-  assert.equal(reg(rtc.RTC_HOURS), 0x80 | 9, 'PM flag with 9 o\'clock');
+  assert.equal(reg(rtc.RTC_HOURS), 0x80 | 9, "PM flag with 9 o'clock");
   assert.equal(reg(rtc.RTC_SECONDS), 9);
   wr(device, 0, 0x40);
   wr(device, 1, 0x99);

@@ -6,7 +6,10 @@ import { checkApiVersion, KvmSystem } from '../../src/kvm/kvm.js';
 import { kvmSkip } from '../helpers.js';
 
 test('a missing KVM device is one clear error', () => {
-  assert.throws(() => KvmSystem.open('/nonexistent/kvm'), (err: Error) => err instanceof KilnError && /does not exist: this host has no KVM/.test(err.message));
+  assert.throws(
+    () => KvmSystem.open('/nonexistent/kvm'),
+    (err: Error) => err instanceof KilnError && /does not exist: this host has no KVM/.test(err.message),
+  );
 });
 
 test('a file that is not KVM is reported as such', () => {
@@ -25,7 +28,11 @@ test('a failing ioctl becomes a typed error naming the ioctl and errno', { skip:
     const first = vm.createVcpu(0);
     assert.throws(
       () => vm.createVcpu(0),
-      (err: Error) => err instanceof KvmIoctlError && err.call === 'KVM_CREATE_VCPU' && err.code === 'EEXIST' && /^KVM_CREATE_VCPU failed: EEXIST \(File exists\)$/.test(err.message),
+      (err: Error) =>
+        err instanceof KvmIoctlError &&
+        err.call === 'KVM_CREATE_VCPU' &&
+        err.code === 'EEXIST' &&
+        /^KVM_CREATE_VCPU failed: EEXIST \(File exists\)$/.test(err.message),
     );
     assert.ok(first >= 0);
   } finally {

@@ -6,7 +6,14 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { ioc, KVM } from '../../src/kvm/ioctl.js';
-import { boot_params, boot_e820_entry, hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info, setup_header } from '../../src/boot/structs.js';
+import {
+  boot_params,
+  boot_e820_entry,
+  hvm_memmap_table_entry,
+  hvm_modlist_entry,
+  hvm_start_info,
+  setup_header,
+} from '../../src/boot/structs.js';
 import { allStructs } from '../../src/kvm/structs.js';
 import { tempDir } from '../helpers.js';
 
@@ -34,12 +41,16 @@ test('every struct size and field offset matches <linux/kvm.h> and <asm/bootpara
       lines.push(`printf("offsetof:${type.name}.${leaf.path} %zu\\n", offsetof(struct ${type.name}, ${leaf.path}));`);
       expected.set(`offsetof:${type.name}.${leaf.path}`, leaf.offset);
       if (leaf.size > 0) {
-        lines.push(`printf("sizeof:${type.name}.${leaf.path} %zu\\n", sizeof(((struct ${type.name} *)0)->${leaf.path}));`);
+        lines.push(
+          `printf("sizeof:${type.name}.${leaf.path} %zu\\n", sizeof(((struct ${type.name} *)0)->${leaf.path}));`,
+        );
         expected.set(`sizeof:${type.name}.${leaf.path}`, leaf.size);
       }
     }
   }
-  const actual = compileAndRun(`#include <stdio.h>\n#include <stddef.h>\n#include <linux/kvm.h>\n#include <asm/bootparam.h>\nint main(void) {\n${lines.join('\n')}\nreturn 0;\n}\n`);
+  const actual = compileAndRun(
+    `#include <stdio.h>\n#include <stddef.h>\n#include <linux/kvm.h>\n#include <asm/bootparam.h>\nint main(void) {\n${lines.join('\n')}\nreturn 0;\n}\n`,
+  );
   assert.ok(expected.size > 300, `checks ${expected.size} sizes and offsets`);
   for (const [key, value] of expected) assert.equal(value, actual.get(key), key);
 });

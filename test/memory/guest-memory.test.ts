@@ -2,7 +2,13 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { KvmSystem } from '../../src/kvm/kvm.js';
 import { GiB, HIGH_RAM_START, MiB, MMIO_HOLE_START } from '../../src/layout.js';
-import { GuestMemory, MAX_REGION_SIZE, OwnedGuestMemory, ramRanges, validateMemorySize } from '../../src/memory/guest-memory.js';
+import {
+  GuestMemory,
+  MAX_REGION_SIZE,
+  OwnedGuestMemory,
+  ramRanges,
+  validateMemorySize,
+} from '../../src/memory/guest-memory.js';
 import { kvmSkip } from '../helpers.js';
 
 const limits = { memslots: 32, physAddrBits: 40, hostBytes: 64 * GiB };
@@ -16,16 +22,29 @@ test('RAM is split around the 32-bit MMIO hole into slots of at most 2 GiB', () 
     { guestPhysAddr: HIGH_RAM_START, size: 2 * GiB },
     { guestPhysAddr: HIGH_RAM_START + 2 * GiB, size: 1 * GiB },
   ]);
-  assert.equal(big.reduce((n, r) => n + r.size, 0), 6 * GiB);
-  for (const r of big) assert.ok(r.guestPhysAddr + r.size <= MMIO_HOLE_START || r.guestPhysAddr >= HIGH_RAM_START, 'no RAM in the hole');
+  assert.equal(
+    big.reduce((n, r) => n + r.size, 0),
+    6 * GiB,
+  );
+  for (const r of big)
+    assert.ok(r.guestPhysAddr + r.size <= MMIO_HOLE_START || r.guestPhysAddr >= HIGH_RAM_START, 'no RAM in the hole');
 });
 
 test('memory sizes that cannot work are refused with one line each', () => {
   assert.throws(() => validateMemorySize(0, limits), /must be a positive number of bytes \(got 0\)/);
   assert.throws(() => validateMemorySize(1001 * 1024, limits), /is not a multiple of the 4096-byte page size/);
-  assert.throws(() => validateMemorySize(128 * GiB, limits), /larger than this host can map: it has 65536 MiB of RAM and swap/);
-  assert.throws(() => validateMemorySize(2 * 1024 * GiB, { ...limits, hostBytes: Infinity }), /its 40-bit physical addresses allow/);
-  assert.throws(() => validateMemorySize(60 * GiB, { ...limits, memslots: 8 }), /needs 31 KVM memory slots; this host allows 8/);
+  assert.throws(
+    () => validateMemorySize(128 * GiB, limits),
+    /larger than this host can map: it has 65536 MiB of RAM and swap/,
+  );
+  assert.throws(
+    () => validateMemorySize(2 * 1024 * GiB, { ...limits, hostBytes: Infinity }),
+    /its 40-bit physical addresses allow/,
+  );
+  assert.throws(
+    () => validateMemorySize(60 * GiB, { ...limits, memslots: 8 }),
+    /needs 31 KVM memory slots; this host allows 8/,
+  );
   assert.doesNotThrow(() => validateMemorySize(128 * MiB, limits));
 });
 

@@ -6,7 +6,14 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { allocateDeviceState } from '../../src/devices/registry.js';
-import { MSIX_CONTROL_ENABLE, MSIX_CONTROL_FUNCTION_MASK, msixCapability, msixStateBytes, MsixTable, PCI_CAP_ID_MSIX } from '../../src/pci/msix.js';
+import {
+  MSIX_CONTROL_ENABLE,
+  MSIX_CONTROL_FUNCTION_MASK,
+  msixCapability,
+  msixStateBytes,
+  MsixTable,
+  PCI_CAP_ID_MSIX,
+} from '../../src/pci/msix.js';
 import { PCI_CAPABILITY_LIST, PCI_STATUS, PCI_STATUS_CAP_LIST, PciRoot } from '../../src/pci/root.js';
 import { tempDir, toolAvailable } from '../helpers.js';
 
@@ -15,7 +22,13 @@ const layout = { vectors: 4, tableBar: 0, tableOffset: 0x2000, pbaBar: 0, pbaOff
 function functionWithMsix() {
   const root = new PciRoot(allocateDeviceState('pci-root', {}));
   const vendorCap = { id: 0x09, body: Uint8Array.of(4, 0xaa), writeMask: new Uint8Array(2) };
-  root.addFunction(1, { vendorId: 0x1af4, deviceId: 0x1041, classCode: 0x020000, bars: [{ kind: 'memory32', size: 0x4000, address: 0xc0000000 }], capabilities: [vendorCap, msixCapability(layout)] });
+  root.addFunction(1, {
+    vendorId: 0x1af4,
+    deviceId: 0x1041,
+    classCode: 0x020000,
+    bars: [{ kind: 'memory32', size: 0x4000, address: 0xc0000000 }],
+    capabilities: [vendorCap, msixCapability(layout)],
+  });
   return root;
 }
 
@@ -41,22 +54,35 @@ test('the guest may set MSI-X enable and function mask, nothing else in Message 
   assert.equal(out[0]! | (out[1]! << 8), MSIX_CONTROL_ENABLE | MSIX_CONTROL_FUNCTION_MASK | 3);
 });
 
-test('lspci -F decodes the MSI-X capability', { skip: toolAvailable('lspci', '--version') ? false : 'needs lspci' }, () => {
-  const bytes = functionWithMsix().dump(1);
-  const lines = ['00:01.0 Class 0000: 0000:0000'];
-  for (let at = 0; at < bytes.length; at += 16) lines.push(`${at.toString(16).padStart(2, '0')}: ${[...bytes.subarray(at, at + 16)].map((b) => b.toString(16).padStart(2, '0')).join(' ')}`);
-  const file = join(tempDir(), 'msix.txt');
-  writeFileSync(file, `${lines.join('\n')}\n`);
-  const out = execFileSync('lspci', ['-F', file, '-vv'], { encoding: 'utf8' });
-  assert.match(out, /Capabilities: \[44\] MSI-X: Enable- Count=4 Masked-/);
-  assert.match(out, /Vector table: BAR=0 offset=00002000/);
-  assert.match(out, /PBA: BAR=0 offset=00003000/);
-});
+test(
+  'lspci -F decodes the MSI-X capability',
+  { skip: toolAvailable('lspci', '--version') ? false : 'needs lspci' },
+  () => {
+    const bytes = functionWithMsix().dump(1);
+    const lines = ['00:01.0 Class 0000: 0000:0000'];
+    for (let at = 0; at < bytes.length; at += 16)
+      lines.push(
+        `${at.toString(16).padStart(2, '0')}: ${[...bytes.subarray(at, at + 16)].map((b) => b.toString(16).padStart(2, '0')).join(' ')}`,
+      );
+    const file = join(tempDir(), 'msix.txt');
+    writeFileSync(file, `${lines.join('\n')}\n`);
+    const out = execFileSync('lspci', ['-F', file, '-vv'], { encoding: 'utf8' });
+    assert.match(out, /Capabilities: \[44\] MSI-X: Enable- Count=4 Masked-/);
+    assert.match(out, /Vector table: BAR=0 offset=00002000/);
+    assert.match(out, /PBA: BAR=0 offset=00003000/);
+  },
+);
 
 test('vectors start masked; a masked vector is pending and delivered once unmasked', () => {
   let control = 0;
   const delivered: string[] = [];
-  const table = new MsixTable(new SharedArrayBuffer(msixStateBytes(4)), 0, 4, () => control, (lo, hi, data) => delivered.push(`${lo.toString(16)}:${hi}:${data}`));
+  const table = new MsixTable(
+    new SharedArrayBuffer(msixStateBytes(4)),
+    0,
+    4,
+    () => control,
+    (lo, hi, data) => delivered.push(`${lo.toString(16)}:${hi}:${data}`),
+  );
   const entry = (v: number, lo: number, data: number, masked: boolean) => {
     const bytes = new Uint8Array(16);
     const dv = new DataView(bytes.buffer);

@@ -30,9 +30,30 @@ const TEST_FUNCTION: PciFunctionConfig = {
 
 function pciVm() {
   const vm = Vm.create({ memoryBytes: 4 * layout.MiB, vcpus: 1 });
-  vm.addDevice({ id: 'debug-exit', kind: 'debug-exit', bus: 'pio', base: layout.PORT_DEBUG_EXIT, size: layout.PORT_DEBUG_EXIT_SIZE });
-  const cf8 = vm.addDevice({ id: 'pci-cf8', kind: 'pci-root', bus: 'pio', base: layout.PORT_PCI_CONFIG_ADDRESS, size: layout.PORT_PCI_CONFIG_SIZE, options: { role: 'cf8' } });
-  vm.addDevice({ id: 'pci-ecam', kind: 'pci-root', bus: 'mmio', base: layout.PCI_ECAM_START, size: layout.PCI_ECAM_SIZE, options: { role: 'ecam' }, shareStateWith: cf8 });
+  vm.addDevice({
+    id: 'debug-exit',
+    kind: 'debug-exit',
+    bus: 'pio',
+    base: layout.PORT_DEBUG_EXIT,
+    size: layout.PORT_DEBUG_EXIT_SIZE,
+  });
+  const cf8 = vm.addDevice({
+    id: 'pci-cf8',
+    kind: 'pci-root',
+    bus: 'pio',
+    base: layout.PORT_PCI_CONFIG_ADDRESS,
+    size: layout.PORT_PCI_CONFIG_SIZE,
+    options: { role: 'cf8' },
+  });
+  vm.addDevice({
+    id: 'pci-ecam',
+    kind: 'pci-root',
+    bus: 'mmio',
+    base: layout.PCI_ECAM_START,
+    size: layout.PCI_ECAM_SIZE,
+    options: { role: 'ecam' },
+    shareStateWith: cf8,
+  });
   const root = new PciRoot(cf8.state);
   root.addFunction(0, HOST_BRIDGE);
   root.addFunction(3, TEST_FUNCTION);
@@ -139,38 +160,50 @@ describe('PCI configuration space from a guest', { skip: kvmSkip }, () => {
 
 const lspci = toolAvailable('lspci', '--version');
 
-test('lspci -F decodes the host bridge and a device with memory and I/O BARs', { skip: lspci ? false : 'needs lspci (apt-get install pciutils)' }, () => {
-  const state = allocateDeviceState('pci-root', {});
-  const root = new PciRoot(state);
-  root.addFunction(0, HOST_BRIDGE);
-  root.addFunction(3, TEST_FUNCTION);
-  // The format of `lspci -x`: a header line per function, then 16 bytes per line.
-  const dump = [0, 3]
-    .map((slot) => {
-      const bytes = root.dump(slot);
-      const lines = [`00:${slot.toString(16).padStart(2, '0')}.0 Class 0000: 0000:0000`];
-      for (let at = 0; at < bytes.length; at += 16) {
-        lines.push(`${at.toString(16).padStart(2, '0')}: ${[...bytes.subarray(at, at + 16)].map((b) => b.toString(16).padStart(2, '0')).join(' ')}`);
-      }
-      return `${lines.join('\n')}\n`;
-    })
-    .join('\n');
-  const file = join(tempDir(), 'config.txt');
-  writeFileSync(file, dump);
-  const out = execFileSync('lspci', ['-F', file, '-nn', '-vv'], { encoding: 'utf8' });
-  assert.match(out, /00:00\.0 Host bridge \[0600\]: .*\[1b36:0008\]/);
-  assert.match(out, /00:03\.0 SCSI storage controller \[0100\]: .*\[1af4:1042\] \(rev 01\)/);
-  assert.match(out, /Subsystem: .*\[1af4:0002\]/);
-  assert.match(out, /Interrupt: pin A routed to IRQ 0/);
-  assert.match(out, /Region 0: Memory at c0000000 \(32-bit, non-prefetchable\)/);
-  assert.match(out, /Region 1: I\/O ports at c000/);
-});
+test(
+  'lspci -F decodes the host bridge and a device with memory and I/O BARs',
+  { skip: lspci ? false : 'needs lspci (apt-get install pciutils)' },
+  () => {
+    const state = allocateDeviceState('pci-root', {});
+    const root = new PciRoot(state);
+    root.addFunction(0, HOST_BRIDGE);
+    root.addFunction(3, TEST_FUNCTION);
+    // The format of `lspci -x`: a header line per function, then 16 bytes per line.
+    const dump = [0, 3]
+      .map((slot) => {
+        const bytes = root.dump(slot);
+        const lines = [`00:${slot.toString(16).padStart(2, '0')}.0 Class 0000: 0000:0000`];
+        for (let at = 0; at < bytes.length; at += 16) {
+          lines.push(
+            `${at.toString(16).padStart(2, '0')}: ${[...bytes.subarray(at, at + 16)].map((b) => b.toString(16).padStart(2, '0')).join(' ')}`,
+          );
+        }
+        return `${lines.join('\n')}\n`;
+      })
+      .join('\n');
+    const file = join(tempDir(), 'config.txt');
+    writeFileSync(file, dump);
+    const out = execFileSync('lspci', ['-F', file, '-nn', '-vv'], { encoding: 'utf8' });
+    assert.match(out, /00:00\.0 Host bridge \[0600\]: .*\[1b36:0008\]/);
+    assert.match(out, /00:03\.0 SCSI storage controller \[0100\]: .*\[1af4:1042\] \(rev 01\)/);
+    assert.match(out, /Subsystem: .*\[1af4:0002\]/);
+    assert.match(out, /Interrupt: pin A routed to IRQ 0/);
+    assert.match(out, /Region 0: Memory at c0000000 \(32-bit, non-prefetchable\)/);
+    assert.match(out, /Region 1: I\/O ports at c000/);
+  },
+);
 
 test('bad PCI layouts are refused', () => {
   const root = new PciRoot(allocateDeviceState('pci-root', {}));
   root.addFunction(1, HOST_BRIDGE);
   assert.throws(() => root.addFunction(1, HOST_BRIDGE), /PCI slot 1 is already taken/);
   assert.throws(() => root.addFunction(32, HOST_BRIDGE), /PCI slot 32 does not exist/);
-  assert.throws(() => root.addFunction(2, { ...HOST_BRIDGE, bars: [{ kind: 'memory32', size: 0x3000, address: 0 }] }), /size 12288 is not a power of two/);
-  assert.throws(() => root.addFunction(2, { ...HOST_BRIDGE, bars: [{ kind: 'memory32', size: 0x4000, address: 0x1000 }] }), /not aligned to its size/);
+  assert.throws(
+    () => root.addFunction(2, { ...HOST_BRIDGE, bars: [{ kind: 'memory32', size: 0x3000, address: 0 }] }),
+    /size 12288 is not a power of two/,
+  );
+  assert.throws(
+    () => root.addFunction(2, { ...HOST_BRIDGE, bars: [{ kind: 'memory32', size: 0x4000, address: 0x1000 }] }),
+    /not aligned to its size/,
+  );
 });

@@ -77,8 +77,18 @@ describe('port I/O from a guest', { skip: kvmSkip }, () => {
           }
           assert.equal(result.reason, 'guest-exit', result.detail);
           assert.equal(result.exitCode, 42);
-          const w = (offset: number, width: number, value: number): TestAccess => ({ offset, width, write: true, value });
-          const r = (offset: number, width: number, value: number): TestAccess => ({ offset, width, write: false, value });
+          const w = (offset: number, width: number, value: number): TestAccess => ({
+            offset,
+            width,
+            write: true,
+            value,
+          });
+          const r = (offset: number, width: number, value: number): TestAccess => ({
+            offset,
+            width,
+            write: false,
+            value,
+          });
           assert.deepEqual(device.accesses(), [
             w(0, 1, 0x11),
             w(2, 2, 0x2233),
@@ -164,7 +174,11 @@ describe('MMIO from a guest', { skip: kvmSkip }, () => {
 
   test('an access to an address with no device reads all-ones and does not stop the guest', async () => {
     await runProgram(
-      { mode: 'long64', cpl: 0, source: `mov $${PLATFORM_MMIO_START + PLATFORM_MMIO_SIZE / 2}, %rbx\n movl (%rbx), %eax\n movl $5, (%rbx)\n mov %eax, KIT_DATA\n mov $PORT_DEBUG_EXIT, %dx\n mov $3, %al\n out %al, %dx` },
+      {
+        mode: 'long64',
+        cpl: 0,
+        source: `mov $${PLATFORM_MMIO_START + PLATFORM_MMIO_SIZE / 2}, %rbx\n movl (%rbx), %eax\n movl $5, (%rbx)\n mov %eax, KIT_DATA\n mov $PORT_DEBUG_EXIT, %dx\n mov $3, %al\n out %al, %dx`,
+      },
       undefined,
       (t, result) => {
         assert.equal(result.exitCode, 3, result.detail);

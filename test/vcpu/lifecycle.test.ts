@@ -65,7 +65,10 @@ describe('running guests', { skip: kvmSkip }, () => {
       await sleep(50);
       assert.ok(counter(t, 0) > before[0]! && counter(t, 1) > before[1]!, 'both vCPUs advanced together');
       const result = await t.vm.stop();
-      assert.deepEqual(result.vcpus.map((v) => v.reason), ['stopped', 'stopped']);
+      assert.deepEqual(
+        result.vcpus.map((v) => v.reason),
+        ['stopped', 'stopped'],
+      );
     } finally {
       await t.vm.destroy();
     }
@@ -111,7 +114,10 @@ describe('running guests', { skip: kvmSkip }, () => {
     const result = await runProgram({ mode: 'long64', cpl: 0, source }, undefined, undefined, { vcpus: 2 });
     assert.equal(result.reason, 'guest-exit');
     assert.equal(result.exitCode, 9);
-    assert.deepEqual(result.vcpus.map((v) => v.reason), ['guest-exit', 'stopped']);
+    assert.deepEqual(
+      result.vcpus.map((v) => v.reason),
+      ['guest-exit', 'stopped'],
+    );
   });
 });
 
@@ -137,5 +143,4 @@ describe('teardown', { skip: kvmSkip }, () => {
     assert.doesNotMatch(after, /kvm-vcpu|anon_inode:kvm/);
     for (const addr of regions) assert.ok(!after.includes(`${addr}-`), `guest RAM at ${addr} is unmapped`);
   });
-
 });

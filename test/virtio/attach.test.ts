@@ -13,7 +13,10 @@ test('disks: missing, ragged and overlong serials are refused with the reason', 
   const dir = tempDir();
   assert.throws(() => openDisk({ path: join(dir, 'nope.img') }, 0), /disk '.*nope\.img' does not exist/);
   writeFileSync(join(dir, 'ragged.img'), Buffer.alloc(1000));
-  assert.throws(() => openDisk({ path: join(dir, 'ragged.img') }, 0), /1000 bytes, not a whole number of 512-byte sectors/);
+  assert.throws(
+    () => openDisk({ path: join(dir, 'ragged.img') }, 0),
+    /1000 bytes, not a whole number of 512-byte sectors/,
+  );
   writeFileSync(join(dir, 'ok.img'), Buffer.alloc(4096));
   assert.throws(() => openDisk({ path: join(dir, 'ok.img'), serial: 'x'.repeat(21) }, 0), /longer than 20 bytes/);
   assert.throws(() => openDisk({ path: dir }, 0), /is a directory, not a disk image/);
@@ -25,8 +28,14 @@ test('disks: missing, ragged and overlong serials are refused with the reason', 
 
 test('NICs: a passt socket that is not there, a bad MAC, both or neither backend', () => {
   const dir = tempDir();
-  assert.throws(() => openHostEnds({ nets: [{ passt: join(dir, 'none.sock') }] }), /cannot connect to passt at .*: ENOENT/);
-  assert.throws(() => openHostEnds({ nets: [{ passt: join(dir, 'none.sock'), mac: '01:00:00:00:00:01' }] }), /multicast/);
+  assert.throws(
+    () => openHostEnds({ nets: [{ passt: join(dir, 'none.sock') }] }),
+    /cannot connect to passt at .*: ENOENT/,
+  );
+  assert.throws(
+    () => openHostEnds({ nets: [{ passt: join(dir, 'none.sock'), mac: '01:00:00:00:00:01' }] }),
+    /multicast/,
+  );
   assert.throws(() => openHostEnds({ nets: [{ passt: 'a', tap: 'b' }] }), /either a TAP name or a passt socket/);
   assert.throws(() => openHostEnds({ nets: [{ tap: 'name with spaces' }] }), /not a valid interface name/);
 });
@@ -35,6 +44,9 @@ test('when the second device fails, the first is closed again', () => {
   const dir = tempDir();
   writeFileSync(join(dir, 'ok.img'), Buffer.alloc(4096));
   const before = openFds();
-  assert.throws(() => openHostEnds({ disks: [{ path: join(dir, 'ok.img') }, { path: join(dir, 'missing.img') }] }), /does not exist/);
+  assert.throws(
+    () => openHostEnds({ disks: [{ path: join(dir, 'ok.img') }, { path: join(dir, 'missing.img') }] }),
+    /does not exist/,
+  );
   assert.equal(openFds(), before, 'no fd left open');
 });

@@ -101,8 +101,14 @@ describe('virtio-balloon', { skip: kvmSkip }, () => {
     );
     const [touched, inflated, reported] = rss as [number, number, number];
     const MiB16 = 16 * MiB;
-    assert.ok(touched - inflated > MiB16 * 0.9, `inflate freed ${((touched - inflated) / MiB).toFixed(1)} MiB of host memory (16 MiB given back)`);
-    assert.ok(inflated - reported > MiB16 * 0.9, `reporting freed ${((inflated - reported) / MiB).toFixed(1)} MiB (16 MiB reported)`);
+    assert.ok(
+      touched - inflated > MiB16 * 0.9,
+      `inflate freed ${((touched - inflated) / MiB).toFixed(1)} MiB of host memory (16 MiB given back)`,
+    );
+    assert.ok(
+      inflated - reported > MiB16 * 0.9,
+      `reporting freed ${((inflated - reported) / MiB).toFixed(1)} MiB (16 MiB reported)`,
+    );
     assert.equal(ctl.pagesReturned, 8192, 'pages dropped from the mapping');
     assert.equal(ctl.actualPages, 4096, 'actual as the driver wrote it');
   });

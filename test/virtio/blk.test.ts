@@ -82,10 +82,15 @@ describe('virtio-blk', { skip: kvmSkip }, () => {
       assert.equal(result(t, 13), 1n, 'IOERR past the end of the disk');
       assert.equal(result(t, 14), 2n, 'UNSUPP for an unknown request');
       const rec = t.devices[0]!.state.queueRecord(0);
-      assert.equal(rec.getUint32(QUEUE_RECORD.eventfdAddr, true), t.devices[0]!.barAddress + VIRTIO_BAR.notify, 'kicks go through an ioeventfd at the notify address');
+      assert.equal(
+        rec.getUint32(QUEUE_RECORD.eventfdAddr, true),
+        t.devices[0]!.barAddress + VIRTIO_BAR.notify,
+        'kicks go through an ioeventfd at the notify address',
+      );
     });
     const file = readFileSync(path);
-    for (let i = 0; i < 1024; i++) assert.equal(file.readUInt32LE(16 * 512 + 4 * i), 0xc0de0000 + i, `written word ${i}`);
+    for (let i = 0; i < 1024; i++)
+      assert.equal(file.readUInt32LE(16 * 512 + 4 * i), 0xc0de0000 + i, `written word ${i}`);
     assert.deepEqual(file.subarray(0, 16 * 512), pattern.subarray(0, 16 * 512), 'nothing else changed');
     closeSync(openSync(path, 'r'));
   });
@@ -138,7 +143,10 @@ describe('virtio-blk', { skip: kvmSkip }, () => {
     const roPath = `${path}.ro`;
     writeFileSync(roPath, pattern);
     const roDisk = blkDevice(roPath, true);
-    const t = virtioTestVm([{ type: 'blk', options: rwDisk.options }, { type: 'blk', options: roDisk.options }]);
+    const t = virtioTestVm([
+      { type: 'blk', options: rwDisk.options },
+      { type: 'blk', options: roDisk.options },
+    ]);
     t.vm.adoptFd(rwDisk.fd);
     t.vm.adoptFd(roDisk.fd);
     await runDriver(
@@ -179,8 +187,16 @@ describe('virtio-blk', { skip: kvmSkip }, () => {
     );
     const file = readFileSync(path);
     assert.deepEqual(file.subarray(100 * 512, 108 * 512), Buffer.alloc(4096), 'write-zeroes cleared the range');
-    assert.deepEqual(file.subarray(200 * 512, 208 * 512), Buffer.alloc(4096), 'discard punched the range (reads as zeroes)');
-    assert.deepEqual(file.subarray(108 * 512, 200 * 512), pattern.subarray(108 * 512, 200 * 512), 'nothing around them changed');
+    assert.deepEqual(
+      file.subarray(200 * 512, 208 * 512),
+      Buffer.alloc(4096),
+      'discard punched the range (reads as zeroes)',
+    );
+    assert.deepEqual(
+      file.subarray(108 * 512, 200 * 512),
+      pattern.subarray(108 * 512, 200 * 512),
+      'nothing around them changed',
+    );
     assert.deepEqual(readFileSync(roPath), pattern, 'the read-only image is untouched');
   });
 

@@ -14,13 +14,22 @@ export interface VirtioTestVm extends TestVm {
   readonly devices: VirtioPciDevice[];
 }
 
-export function virtioTestVm(devices: Array<{ type: string; options?: DeviceOptions }>, memoryBytes = 64 * layout.MiB): VirtioTestVm {
+export function virtioTestVm(
+  devices: Array<{ type: string; options?: DeviceOptions }>,
+  memoryBytes = 64 * layout.MiB,
+): VirtioTestVm {
   const t = createTestVm({ irqchip: true, memoryBytes });
   try {
     const pci = attachPciHost(t.vm);
     const added = devices.map((d, i) => {
       const slot = pci.takeSlot();
-      return addVirtioPciDevice(t.vm, pci.root, pci.bars, { id: `virtio${i}`, slot, type: d.type, intxGsi: pciIntxGsi(slot), ...(d.options ? { options: d.options } : {}) });
+      return addVirtioPciDevice(t.vm, pci.root, pci.bars, {
+        id: `virtio${i}`,
+        slot,
+        type: d.type,
+        intxGsi: pciIntxGsi(slot),
+        ...(d.options ? { options: d.options } : {}),
+      });
     });
     return { ...t, pci, devices: added };
   } catch (err) {

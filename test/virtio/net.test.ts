@@ -13,7 +13,8 @@ import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
 import { result, runDriver, virtioTestVm } from './harness.js';
 
 const canNetns = process.getuid?.() === 0 && existsSync('/dev/net/tun') && toolAvailable('ip', '-V');
-const netSkip = kvmSkip || (canNetns ? false : 'needs root, /dev/net/tun and iproute2 (ip) to create a network namespace');
+const netSkip =
+  kvmSkip || (canNetns ? false : 'needs root, /dev/net/tun and iproute2 (ip) to create a network namespace');
 const ip = (...args: string[]) => execFileSync('ip', args, { stdio: ['ignore', 'pipe', 'pipe'], encoding: 'utf8' });
 
 /** The driver: post receive buffers, send "who has TARGET? tell SOURCE", wait for the reply. */
@@ -100,44 +101,52 @@ describe('virtio-net', { skip: netSkip }, () => {
     });
   });
 
-  test('through passt over its Unix socket: passt answers for its gateway; when passt dies the link goes down', { skip: toolAvailable('passt', '--version') ? false : 'needs passt (apt-get install passt)' }, async () => {
-    const ns = `kiln-p${process.pid}`;
-    ip('netns', 'add', ns);
-    after(() => ip('netns', 'del', ns));
-    // passt mirrors the namespace's own address and default route to the guest.
-    ip('-n', ns, 'link', 'add', 'v0', 'type', 'veth', 'peer', 'name', 'v1');
-    ip('-n', ns, 'addr', 'add', '10.88.0.5/24', 'dev', 'v0');
-    ip('-n', ns, 'link', 'set', 'v0', 'up');
-    ip('-n', ns, 'link', 'set', 'v1', 'up');
-    ip('-n', ns, 'route', 'add', 'default', 'via', '10.88.0.1');
-    // passt drops to nobody, so its socket lives in a directory everyone may write.
-    const parent = tempDir();
-    chmodSync(parent, 0o711);
-    const dir = join(parent, 'passt');
-    mkdirSync(dir, { mode: 0o777 });
-    chmodSync(dir, 0o777);
-    const sock = join(dir, 'passt.sock');
-    const passt: ChildProcess = spawn('ip', ['netns', 'exec', ns, 'passt', '--foreground', '--socket', sock, '--quiet'], { stdio: 'ignore' });
-    after(() => passt.kill('SIGKILL'));
-    for (let i = 0; i < 100 && !existsSync(sock); i++) await sleep(50);
-    const opened = openNet({ passt: sock, mac: '06:00:0a:58:00:05' }, 0);
-    const t = virtioTestVm([{ type: 'net', options: opened.options }]);
-    t.vm.adoptFd(opened.fd);
-    await runDriver(
-      t,
-      ARP_DRIVER,
-      { SOURCE_IP: ipNum('10.88.0.5'), TARGET_IP: ipNum('10.88.0.1'), WAIT_LINK_DOWN: 1 },
-      (r) => {
-        assert.equal(r.exitCode, 0, `${r.detail} (driver status ${r.exitCode})`);
-        assert.equal(result(t, 0), 1n, 'link up');
-        assert.equal(Number(result(t, 2)), ipNum('10.88.0.1'), 'the gateway answered');
-        assert.equal(result(t, 5), 0n, 'link down after passt died');
-        assert.equal(result(t, 6), 1n, 'configuration generation changed');
-      },
-      async () => {
-        for (let i = 0; i < 400 && result(t, 4) !== 1n; i++) await sleep(25);
-        passt.kill('SIGKILL');
-      },
-    );
-  });
+  test(
+    'through passt over its Unix socket: passt answers for its gateway; when passt dies the link goes down',
+    { skip: toolAvailable('passt', '--version') ? false : 'needs passt (apt-get install passt)' },
+    async () => {
+      const ns = `kiln-p${process.pid}`;
+      ip('netns', 'add', ns);
+      after(() => ip('netns', 'del', ns));
+      // passt mirrors the namespace's own address and default route to the guest.
+      ip('-n', ns, 'link', 'add', 'v0', 'type', 'veth', 'peer', 'name', 'v1');
+      ip('-n', ns, 'addr', 'add', '10.88.0.5/24', 'dev', 'v0');
+      ip('-n', ns, 'link', 'set', 'v0', 'up');
+      ip('-n', ns, 'link', 'set', 'v1', 'up');
+      ip('-n', ns, 'route', 'add', 'default', 'via', '10.88.0.1');
+      // passt drops to nobody, so its socket lives in a directory everyone may write.
+      const parent = tempDir();
+      chmodSync(parent, 0o711);
+      const dir = join(parent, 'passt');
+      mkdirSync(dir, { mode: 0o777 });
+      chmodSync(dir, 0o777);
+      const sock = join(dir, 'passt.sock');
+      const passt: ChildProcess = spawn(
+        'ip',
+        ['netns', 'exec', ns, 'passt', '--foreground', '--socket', sock, '--quiet'],
+        { stdio: 'ignore' },
+      );
+      after(() => passt.kill('SIGKILL'));
+      for (let i = 0; i < 100 && !existsSync(sock); i++) await sleep(50);
+      const opened = openNet({ passt: sock, mac: '06:00:0a:58:00:05' }, 0);
+      const t = virtioTestVm([{ type: 'net', options: opened.options }]);
+      t.vm.adoptFd(opened.fd);
+      await runDriver(
+        t,
+        ARP_DRIVER,
+        { SOURCE_IP: ipNum('10.88.0.5'), TARGET_IP: ipNum('10.88.0.1'), WAIT_LINK_DOWN: 1 },
+        (r) => {
+          assert.equal(r.exitCode, 0, `${r.detail} (driver status ${r.exitCode})`);
+          assert.equal(result(t, 0), 1n, 'link up');
+          assert.equal(Number(result(t, 2)), ipNum('10.88.0.1'), 'the gateway answered');
+          assert.equal(result(t, 5), 0n, 'link down after passt died');
+          assert.equal(result(t, 6), 1n, 'configuration generation changed');
+        },
+        async () => {
+          for (let i = 0; i < 400 && result(t, 4) !== 1n; i++) await sleep(25);
+          passt.kill('SIGKILL');
+        },
+      );
+    },
+  );
 });

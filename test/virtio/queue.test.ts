@@ -5,14 +5,26 @@ import assert from 'node:assert/strict';
 import { after, describe, test } from 'node:test';
 import * as libc from '../../src/kvm/libc.js';
 import { GuestMemory } from '../../src/memory/guest-memory.js';
-import { DescriptorChain, QUEUE_RECORD, SplitQueue, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VirtqueueError } from '../../src/virtio/queue.js';
+import {
+  DescriptorChain,
+  QUEUE_RECORD,
+  SplitQueue,
+  VIRTQ_DESC_F_INDIRECT,
+  VIRTQ_DESC_F_NEXT,
+  VIRTQ_DESC_F_WRITE,
+  VirtqueueError,
+} from '../../src/virtio/queue.js';
 
 const HALF = 512 * 1024;
 // Two regions, contiguous in guest-physical space but separate host mappings, like RAM
 // split into memslots: a buffer may legitimately span both.
-const maps = [0, 1].map(() => libc.mmap(null, HALF, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS, -1, 0));
+const maps = [0, 1].map(() =>
+  libc.mmap(null, HALF, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS, -1, 0),
+);
 after(() => maps.forEach((m) => libc.munmap(m, HALF)));
-const mem = GuestMemory.attach({ regions: maps.map((hostAddr, i) => ({ slot: i, guestPhysAddr: i * HALF, size: HALF, hostAddr })) });
+const mem = GuestMemory.attach({
+  regions: maps.map((hostAddr, i) => ({ slot: i, guestPhysAddr: i * HALF, size: HALF, hostAddr })),
+});
 
 const SIZE = 16;
 const DESC = 0x1000;
@@ -53,7 +65,10 @@ function offer(...heads: number[]): void {
 function rejects(setup: () => void, pattern: RegExp): void {
   const q = freshQueue();
   setup();
-  assert.throws(() => q.pop(new DescriptorChain()), (err: unknown) => err instanceof VirtqueueError && pattern.test(err.message));
+  assert.throws(
+    () => q.pop(new DescriptorChain()),
+    (err: unknown) => err instanceof VirtqueueError && pattern.test(err.message),
+  );
 }
 
 describe('split virtqueue', () => {
@@ -96,15 +111,27 @@ describe('split virtqueue', () => {
     desc(DESC, 1, HALF - 6, 12, VIRTQ_DESC_F_NEXT, 2); // spans the two regions
     desc(DESC, 2, 0x20000, 8, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 3);
     desc(DESC, 3, 0x30000, 8, VIRTQ_DESC_F_WRITE);
-    mem.write(0x10000, Uint8Array.from({ length: 10 }, (_, i) => i));
-    mem.write(HALF - 6, Uint8Array.from({ length: 6 }, (_, i) => 10 + i));
-    mem.write(HALF, Uint8Array.from({ length: 6 }, (_, i) => 16 + i));
+    mem.write(
+      0x10000,
+      Uint8Array.from({ length: 10 }, (_, i) => i),
+    );
+    mem.write(
+      HALF - 6,
+      Uint8Array.from({ length: 6 }, (_, i) => 10 + i),
+    );
+    mem.write(
+      HALF,
+      Uint8Array.from({ length: 6 }, (_, i) => 16 + i),
+    );
     offer(0);
     const c = new DescriptorChain();
     q.pop(c);
     const out = new Uint8Array(16);
     assert.equal(c.readInto(mem, 4, out, 16), 16);
-    assert.deepEqual([...out], Array.from({ length: 16 }, (_, i) => 4 + i));
+    assert.deepEqual(
+      [...out],
+      Array.from({ length: 16 }, (_, i) => 4 + i),
+    );
     assert.equal(c.readInto(mem, 20, out, 16), 2, 'only what is left after the offset');
     assert.equal(c.writeFrom(mem, 5, Uint8Array.from([1, 2, 3, 4, 5, 6]), 6), 6);
     assert.deepEqual([...mem.read(0x20005, 3)], [1, 2, 3]);
@@ -208,12 +235,17 @@ describe('split virtqueue', () => {
         desc(DESC, i, addr, len, rand() & 7, rand() % 4 === 0 ? rand() & 0xffff : rand() % SIZE);
       }
       for (let i = 0; i < 32; i++) desc(0x8000, i, rand() % (2 * HALF), rand() % 4096, rand() & 7, rand() % 40);
-      for (let i = 0; i < SIZE; i++) mem.writeU16(AVAIL + 4 + 2 * i, rand() % 5 === 0 ? rand() & 0xffff : rand() % SIZE);
+      for (let i = 0; i < SIZE; i++)
+        mem.writeU16(AVAIL + 4 + 2 * i, rand() % 5 === 0 ? rand() & 0xffff : rand() % SIZE);
       mem.writeU16(AVAIL + 2, rand() % 3 === 0 ? rand() & 0xffff : rand() % (SIZE + 1));
       try {
         while (q.pop(c)) {
           chains++;
-          for (let s = 0; s < c.count; s++) assert.ok(c.offset[s]! + c.length[s]! <= HALF && c.region[s]! >= 0 && c.region[s]! < 2, 'segment inside its region');
+          for (let s = 0; s < c.count; s++)
+            assert.ok(
+              c.offset[s]! + c.length[s]! <= HALF && c.region[s]! >= 0 && c.region[s]! < 2,
+              'segment inside its region',
+            );
           q.push(c.head, 0);
         }
       } catch (err) {

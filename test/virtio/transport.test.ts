@@ -220,7 +220,11 @@ describe('virtio-pci transport', { skip: kvmSkip }, () => {
         assert.equal(result(t, 1), 0xffffffffn, 'the old address decodes nothing');
         assert.equal(result(t, 2), 32n, 'a request through the moved notify address');
         const rec = t.devices[0]!.state.queueRecord(0);
-        assert.equal(rec.getUint32(QUEUE_RECORD.eventfdAddr, true), 0xcfff8000 + VIRTIO_BAR.notify, 'the ioeventfd moved with the BAR');
+        assert.equal(
+          rec.getUint32(QUEUE_RECORD.eventfdAddr, true),
+          0xcfff8000 + VIRTIO_BAR.notify,
+          'the ioeventfd moved with the BAR',
+        );
       },
     );
   });
@@ -272,52 +276,79 @@ describe('virtio-pci transport', { skip: kvmSkip }, () => {
       {},
       (r) => {
         assert.equal(r.exitCode, 0, r.detail);
-        assert.ok(result(t, 0) > 6n, `the fuzzer drove the device into NEEDS_RESET repeatedly (${result(t, 0)} resets)`);
+        assert.ok(
+          result(t, 0) > 6n,
+          `the fuzzer drove the device into NEEDS_RESET repeatedly (${result(t, 0)} resets)`,
+        );
         assert.equal(result(t, 1), 1n, 'the other device kept working');
         assert.equal(result(t, 2), 1n, 'the fuzzed device works after a reset');
       },
     );
   });
 
-  test('lspci -F decodes the virtio capabilities and MSI-X of every virtio device type', { skip: toolAvailable('lspci', '--version') ? false : 'needs lspci (apt-get install pciutils)' }, async () => {
-    const disk = blkDisk();
-    // Configuration space only: no VM runs, so the host ends need not be live.
-    const kinds = [
-      { type: 'blk', options: disk.options, id: 0x1042, vectors: 2 },
-      { type: 'net', options: { fd: -1, mac: '06:00:00:00:00:07', backend: 'tap' }, id: 0x1041, vectors: 3 },
-      { type: 'console', options: {}, id: 0x1043, vectors: 3 },
-      { type: 'rng', options: {}, id: 0x1044, vectors: 2 },
-      { type: 'balloon', options: {}, id: 0x1045, vectors: 5 },
-      { type: 'vsock', options: { guestCid: 3, udsPath: '/nonexistent', listenFd: -1 }, id: 0x1053, vectors: 4 },
-    ];
-    const t = virtioTestVm(kinds.map((k) => ({ type: k.type, options: k.options })));
-    t.vm.adoptFd(disk.fd);
-    try {
-      const dir = tempDir();
-      const lines: string[] = [];
-      for (const dev of t.devices) {
-        const dump = [...t.pci.root.dump(dev.slot, 256)];
-        lines.push(`00:${dev.slot.toString(16).padStart(2, '0')}.0 Unknown device`);
-        for (let i = 0; i < 256; i += 16) lines.push(`${i.toString(16).padStart(2, '0')}: ${dump.slice(i, i + 16).map((b) => b.toString(16).padStart(2, '0')).join(' ')}`);
-        lines.push('');
+  test(
+    'lspci -F decodes the virtio capabilities and MSI-X of every virtio device type',
+    { skip: toolAvailable('lspci', '--version') ? false : 'needs lspci (apt-get install pciutils)' },
+    async () => {
+      const disk = blkDisk();
+      // Configuration space only: no VM runs, so the host ends need not be live.
+      const kinds = [
+        { type: 'blk', options: disk.options, id: 0x1042, vectors: 2 },
+        { type: 'net', options: { fd: -1, mac: '06:00:00:00:00:07', backend: 'tap' }, id: 0x1041, vectors: 3 },
+        { type: 'console', options: {}, id: 0x1043, vectors: 3 },
+        { type: 'rng', options: {}, id: 0x1044, vectors: 2 },
+        { type: 'balloon', options: {}, id: 0x1045, vectors: 5 },
+        { type: 'vsock', options: { guestCid: 3, udsPath: '/nonexistent', listenFd: -1 }, id: 0x1053, vectors: 4 },
+      ];
+      const t = virtioTestVm(kinds.map((k) => ({ type: k.type, options: k.options })));
+      t.vm.adoptFd(disk.fd);
+      try {
+        const dir = tempDir();
+        const lines: string[] = [];
+        for (const dev of t.devices) {
+          const dump = [...t.pci.root.dump(dev.slot, 256)];
+          lines.push(`00:${dev.slot.toString(16).padStart(2, '0')}.0 Unknown device`);
+          for (let i = 0; i < 256; i += 16)
+            lines.push(
+              `${i.toString(16).padStart(2, '0')}: ${dump
+                .slice(i, i + 16)
+                .map((b) => b.toString(16).padStart(2, '0'))
+                .join(' ')}`,
+            );
+          lines.push('');
+        }
+        writeFileSync(join(dir, 'dump'), `${lines.join('\n')}\n`);
+        const out = execFileSync('lspci', ['-F', join(dir, 'dump'), '-vvv', '-nn'], {
+          encoding: 'utf8',
+          stdio: ['ignore', 'pipe', 'ignore'],
+        });
+        const sections = out.split(/\n(?=00:)/);
+        assert.equal(sections.length, kinds.length, 'one function per device');
+        kinds.forEach((k, i) => {
+          const sec = sections[i]!;
+          const dev = t.devices[i]!;
+          assert.match(sec, new RegExp(`\\[1af4:${k.id.toString(16)}\\]`), `${k.type}: modern virtio device ID`);
+          assert.match(
+            sec,
+            new RegExp(
+              `Region 0: Memory at ${dev.barAddress.toString(16)} \\(32-bit, non-prefetchable\\) \\[disabled\\]`,
+            ),
+            `${k.type}: BAR 0 (memory decoding off until a driver enables it)`,
+          );
+          for (const cfg of ['CommonCfg', 'ISR', 'DeviceCfg', 'Notify'])
+            assert.match(sec, new RegExp(`VirtIO: ${cfg}`), `${k.type}: ${cfg}`);
+          assert.match(
+            sec,
+            new RegExp(`MSI-X: Enable- Count=${k.vectors} Masked-`),
+            `${k.type}: one vector per queue + config`,
+          );
+          assert.match(sec, /Vector table: BAR=0 offset=00004000/);
+          assert.match(sec, /PBA: BAR=0 offset=00005000/);
+          assert.match(sec, /Interrupt: pin A/);
+        });
+      } finally {
+        await t.vm.destroy();
       }
-      writeFileSync(join(dir, 'dump'), `${lines.join('\n')}\n`);
-      const out = execFileSync('lspci', ['-F', join(dir, 'dump'), '-vvv', '-nn'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
-      const sections = out.split(/\n(?=00:)/);
-      assert.equal(sections.length, kinds.length, 'one function per device');
-      kinds.forEach((k, i) => {
-        const sec = sections[i]!;
-        const dev = t.devices[i]!;
-        assert.match(sec, new RegExp(`\\[1af4:${k.id.toString(16)}\\]`), `${k.type}: modern virtio device ID`);
-        assert.match(sec, new RegExp(`Region 0: Memory at ${dev.barAddress.toString(16)} \\(32-bit, non-prefetchable\\) \\[disabled\\]`), `${k.type}: BAR 0 (memory decoding off until a driver enables it)`);
-        for (const cfg of ['CommonCfg', 'ISR', 'DeviceCfg', 'Notify']) assert.match(sec, new RegExp(`VirtIO: ${cfg}`), `${k.type}: ${cfg}`);
-        assert.match(sec, new RegExp(`MSI-X: Enable- Count=${k.vectors} Masked-`), `${k.type}: one vector per queue + config`);
-        assert.match(sec, /Vector table: BAR=0 offset=00004000/);
-        assert.match(sec, /PBA: BAR=0 offset=00005000/);
-        assert.match(sec, /Interrupt: pin A/);
-      });
-    } finally {
-      await t.vm.destroy();
-    }
-  });
+    },
+  );
 });

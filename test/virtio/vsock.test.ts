@@ -106,7 +106,11 @@ describe('virtio-vsock (hybrid Unix socket model)', { skip: kvmSkip }, () => {
       DRIVER,
       {},
       (r) => {
-        assert.equal(r.exitCode, 0, `${r.detail}; results ${[0, 1, 2, 3, 5, 6, 9].map((i) => result(t, i)).join(' ')}; client got ${JSON.stringify(fromGuest)}`);
+        assert.equal(
+          r.exitCode,
+          0,
+          `${r.detail}; results ${[0, 1, 2, 3, 5, 6, 9].map((i) => result(t, i)).join(' ')}; client got ${JSON.stringify(fromGuest)}`,
+        );
         assert.equal(result(t, 0), 42n, 'guest CID from the device config');
         assert.ok(result(t, 1) >= 1n << 30n, 'host port from the ephemeral range');
         assert.equal(result(t, 2), 5n, 'the client sent 5 bytes');
