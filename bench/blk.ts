@@ -44,9 +44,8 @@ async function guestRun(path: string, op: 0 | 1, reqBytes: number, requests: num
     addVirtioPciDevice(vm, pci.root, pci.bars, {
       id: 'disk',
       slot,
-      type: 'blk',
       intxGsi: pciIntxGsi(slot),
-      options: blkOptions(fd, path, false, 'bench'),
+      device: { kind: 'blk', options: blkOptions(fd, path, false, 'bench') },
     });
     loadProgram(vm, {
       mode: 'long64',

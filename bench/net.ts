@@ -77,9 +77,8 @@ async function guest(
     addVirtioPciDevice(vm, pci.root, pci.bars, {
       id: 'net',
       slot,
-      type: 'net',
       intxGsi: pciIntxGsi(slot),
-      options: { fd, mac: '06:00:00:00:00:01', backend: 'tap' },
+      device: { kind: 'net', options: { fd, mac: '06:00:00:00:00:01', backend: 'tap' } },
     });
     loadProgram(vm, {
       mode: 'long64',

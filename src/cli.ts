@@ -12,7 +12,7 @@ import { ConfigError } from './config/vm-config.js';
 import { relayStdin } from './console-relay.js';
 import { CPU_TEMPLATES } from './cpu/templates.js';
 import { loadDemo } from './demo.js';
-import type { DeviceSpec } from './devices/device.js';
+import type { DeviceSpec } from './devices/catalogue.js';
 import { readProgress } from './devices/progress.js';
 import type { SerialHost } from './devices/serial.js';
 import { KilnError } from './errors.js';

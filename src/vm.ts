@@ -3,8 +3,7 @@
 // start -> pause/resume -> stop or guest exit -> destroy.
 import type { CompatConfig } from './compat/pvm.js';
 import { KilnError } from './errors.js';
-import type { DeviceOptions, DeviceSpec } from './devices/device.js';
-import { allocateDeviceState } from './devices/registry.js';
+import { createDeviceState, type DeviceKind, type DeviceRequest, type DeviceSpec } from './devices/catalogue.js';
 import { KVM_CAP } from './kvm/ioctl.js';
 import { KvmSystem, VcpuFd, type VmFd } from './kvm/kvm.js';
 import { KVM_TSS_ADDRESS } from './layout.js';
@@ -110,30 +109,22 @@ export class Vm {
   }
 
   /**
-   * Adds a device on a bus; returns its spec (its `state` is readable from the host).
+   * Adds a device; returns its spec (its `state` is readable from the host). The state
+   * is allocated and initialised here, on the main thread, before any vCPU runs.
    * `shareStateWith` maps a second range onto an existing device's state (one device
    * reached two ways, as PCI configuration space is through ports and through ECAM).
    */
-  addDevice(device: {
-    id: string;
-    kind: string;
-    bus: 'pio' | 'mmio' | 'pci';
-    base: number;
-    size: number;
-    options?: DeviceOptions;
-    shareStateWith?: DeviceSpec;
-  }): DeviceSpec {
+  addDevice<K extends DeviceKind>(device: DeviceRequest<K>, shareStateWith?: DeviceSpec<K>): DeviceSpec<K> {
     if (this.threads.length > 0) throw new KilnError('devices must be added before the VM starts');
     if (this.devices.some((d) => d.id === device.id))
       throw new KilnError(`a device named '${device.id}' already exists`);
-    const { shareStateWith, ...rest } = device;
-    const options = rest.options ?? {};
-    const spec: DeviceSpec = {
-      ...rest,
+    const options = device.options ?? {};
+    const spec = {
+      ...device,
       options,
-      state: shareStateWith?.state ?? allocateDeviceState(rest.kind, options),
-    };
-    this.devices.push(spec);
+      state: shareStateWith?.state ?? createDeviceState(device.kind, options),
+    } as unknown as DeviceSpec<K>;
+    this.devices.push(spec as DeviceSpec);
     return spec;
   }
 
@@ -148,7 +139,7 @@ export class Vm {
   /** Starts the I/O thread (if any device needs it) and one thread per vCPU; resolves when every one is running. */
   async start(): Promise<void> {
     if (this.threads.length > 0) throw new KilnError('the VM has already started');
-    const virtio = this.devices.filter((d) => d.kind === 'virtio-pci');
+    const virtio = this.devices.filter((d): d is DeviceSpec<'virtio-pci'> => d.kind === 'virtio-pci');
     if (virtio.length > 0) {
       this.io = new IoThread({ memory: this.memory.descriptor, vmFd: this.vmFd.fd, devices: virtio });
       this.ioThreadId = await this.io.ready;

@@ -6,7 +6,8 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after } from 'node:test';
-import type { DeviceContext, DeviceSpec } from '../src/devices/device.js';
+import type { DeviceSpec } from '../src/devices/catalogue.js';
+import type { DeviceContext } from '../src/devices/device.js';
 import type { GuestMemory } from '../src/memory/guest-memory.js';
 import { loadProgram, type KitProgram } from '../src/guest/kit.js';
 import * as layout from '../src/layout.js';
@@ -35,9 +36,9 @@ export function tempDir(): string {
 
 export interface TestVm {
   readonly vm: Vm;
-  readonly progress: DeviceSpec;
-  readonly pioTest: DeviceSpec;
-  readonly mmioTest: DeviceSpec;
+  readonly progress: DeviceSpec<'progress'>;
+  readonly pioTest: DeviceSpec<'test-device'>;
+  readonly mmioTest: DeviceSpec<'test-device'>;
 }
 
 /** A VM with the progress port, debug-exit, and the kit's test device on both buses. */
@@ -77,7 +78,7 @@ export function createTestVm(
       bus: 'pio',
       base: layout.PORT_COM1,
       size: layout.PORT_COM_SIZE,
-      options: { outFd: options.serialFd },
+      options: { outFd: options.serialFd, irq: layout.IRQ_COM1 },
     });
   }
   const pioTest = vm.addDevice({

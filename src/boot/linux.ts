@@ -7,7 +7,7 @@ import { isSoftwareKvm, planSyscallFix } from '../compat/pvm.js';
 import { supportedCpuid } from '../cpu/cpuid.js';
 import { configureVcpu, setBootRegisters } from '../cpu/setup.js';
 import { applyTemplate, cpuTemplate, type CpuTemplate } from '../cpu/templates.js';
-import type { DeviceSpec } from '../devices/device.js';
+import type { DeviceSpec } from '../devices/catalogue.js';
 import { irqLineSetter } from '../devices/irq.js';
 import { SerialHost } from '../devices/serial.js';
 import { bootOrder, type DiskConfig, type VmConfig } from '../config/vm-config.js';

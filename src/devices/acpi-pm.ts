@@ -3,13 +3,13 @@
 // are from PORT_ACPI_SLEEP_CONTROL.
 import type { BusDevice } from '../bus/bus.js';
 import { ACPI_RESET_VALUE, PORT_ACPI_RESET, PORT_ACPI_SLEEP_CONTROL, SLEEP_CONTROL_S5, SLP_EN } from '../layout.js';
-import type { DeviceModel } from './device.js';
+import type { DeviceModel, NoOptions } from './device.js';
 
 const SLEEP_CONTROL = 0;
 const RESET = PORT_ACPI_RESET - PORT_ACPI_SLEEP_CONTROL;
 const SLP_TYP_MASK = 0x7 << 2;
 
-export const acpiPmModel: DeviceModel = {
+export const acpiPmModel: DeviceModel<NoOptions> = {
   stateBytes: () => 0,
   create(_state, _options, ctx): BusDevice {
     return {

@@ -1,25 +1,11 @@
 // How devices are described and instantiated on every thread. A DeviceSpec is plain,
 // cloneable data: its register state lives in `state`, a SharedArrayBuffer whose first
 // Int32 is the device's lock. Each vCPU thread builds its own BusDevice objects from the
-// same specs (registry.ts), so a vCPU exit is handled on the vCPU's own thread with no
+// same specs (catalogue.ts), so a vCPU exit is handled on the vCPU's own thread with no
 // hand-off, and all threads see one device state.
 import type { BusDevice } from '../bus/bus.js';
 import type { GuestMemory } from '../memory/guest-memory.js';
 import type { SharedLock } from '../bus/shared-lock.js';
-
-export type DeviceOptions = Readonly<Record<string, number | string | boolean>>;
-
-export interface DeviceSpec {
-  /** Unique within a VM, e.g. "com1". */
-  readonly id: string;
-  readonly kind: string;
-  /** 'pci': a PCI function at slot `base` on bus 0, reached through the PCI root. */
-  readonly bus: 'pio' | 'mmio' | 'pci';
-  readonly base: number;
-  readonly size: number;
-  readonly state: SharedArrayBuffer;
-  readonly options: DeviceOptions;
-}
 
 /** What a device may ask of the thread it runs on. */
 export interface DeviceContext {
@@ -39,26 +25,33 @@ export interface DeviceContext {
   readonly pciFunctions: ReadonlyMap<number, PciFunctionHandle>;
 }
 
-/** A PCI function's model: like a DeviceModel, but reached through the PCI root. */
-export interface PciFunctionModel {
-  stateBytes(options: DeviceOptions): number;
-  create(state: SharedArrayBuffer, options: DeviceOptions, ctx: DeviceContext): Omit<PciFunctionHandle, 'lock'>;
+/**
+ * A device kind's model. Its options `O` are plain data (they are structured-cloned to
+ * every thread); its state is the shared memory after the lock word, and that is all
+ * of its state: `init` fills it in once, on the main thread, before any vCPU runs (the
+ * only place shared state is initialised); `create` builds this thread's view of it;
+ * save and restore copy it (devices/catalogue.ts).
+ */
+export interface DeviceModel<O> {
+  /** Bytes of shared state after the lock word. */
+  stateBytes(options: O): number;
+  init?(state: SharedArrayBuffer, options: O): void;
+  create(state: SharedArrayBuffer, options: O, ctx: DeviceContext): BusDevice;
 }
 
-export interface DeviceModel {
-  /** Bytes of shared state after the lock word. */
-  stateBytes(options: DeviceOptions): number;
-  create(state: SharedArrayBuffer, options: DeviceOptions, ctx: DeviceContext): BusDevice;
+/** A PCI function's model: like a DeviceModel, but reached through the PCI root. */
+export interface PciFunctionModel<O> {
+  stateBytes(options: O): number;
+  init?(state: SharedArrayBuffer, options: O): void;
+  create(state: SharedArrayBuffer, options: O, ctx: DeviceContext): Omit<PciFunctionHandle, 'lock'>;
 }
+
+/** The options of a device kind that has none. */
+export type NoOptions = Readonly<Record<string, never>>;
 
 /** Device state starts after the 8-byte lock header (8 keeps 64-bit fields aligned). */
 export const STATE_HEADER_BYTES = 8;
 export const LOCK_INDEX = 0;
-
-export function numberOption(options: DeviceOptions, name: string, fallback: number): number {
-  const value = options[name];
-  return typeof value === 'number' ? value : fallback;
-}
 
 /**
  * A PCI function's behaviour on one thread: its BAR 0 registers, and a hook run after

@@ -3,7 +3,7 @@
 // cleared through command 0xD1), which ends the VM as a reset. No keyboard is attached.
 // Ports: data at offset 0 (0x60), status/command at offset 4 (0x64).
 import type { BusDevice } from '../bus/bus.js';
-import { STATE_HEADER_BYTES, type DeviceModel } from './device.js';
+import { STATE_HEADER_BYTES, type DeviceModel, type NoOptions } from './device.js';
 
 const DATA = 0;
 const COMMAND = 4;
@@ -26,7 +26,7 @@ const S_CTR = 2;
 const S_PENDING = 3; // command awaiting a data byte
 const S_LAST_WAS_CMD = 4;
 
-export const i8042Model: DeviceModel = {
+export const i8042Model: DeviceModel<NoOptions> = {
   stateBytes: () => 8,
   create(state, _options, ctx): BusDevice {
     const s = new Uint8Array(state, STATE_HEADER_BYTES, 8);

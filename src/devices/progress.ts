@@ -2,7 +2,7 @@
 // progress codes here; the VMM keeps the last value, a count and the most recent
 // values, which tests and `kiln` read from the shared state.
 import { accessValue, setAccessValue, type BusDevice } from '../bus/bus.js';
-import { STATE_HEADER_BYTES, type DeviceModel } from './device.js';
+import { STATE_HEADER_BYTES, type DeviceModel, type NoOptions } from './device.js';
 
 /** How many recent values are kept, oldest overwritten first. */
 export const PROGRESS_HISTORY = 64;
@@ -15,7 +15,7 @@ const WORDS = HISTORY + PROGRESS_HISTORY;
 
 const words = (state: SharedArrayBuffer) => new Uint32Array(state, STATE_HEADER_BYTES, WORDS);
 
-export const progressModel: DeviceModel = {
+export const progressModel: DeviceModel<NoOptions> = {
   stateBytes: () => WORDS * 4,
   create(state): BusDevice {
     const w = words(state);

@@ -26,7 +26,12 @@ const NMI_DISABLE = 0x80;
 const CMOS_BYTES = 128;
 const S_INDEX = CMOS_BYTES;
 
-export const rtcModel: DeviceModel = {
+/** A fixed time (tests); none: the host's clock. */
+export interface RtcOptions {
+  readonly fixedTimeMs?: number;
+}
+
+export const rtcModel: DeviceModel<RtcOptions> = {
   stateBytes: () => CMOS_BYTES + 8,
   create(state, options): BusDevice {
     const s = new Uint8Array(state, STATE_HEADER_BYTES, CMOS_BYTES + 8);
@@ -35,8 +40,7 @@ export const rtcModel: DeviceModel = {
       s[RTC_REG_B] = RTC_B_24H;
       s[RTC_REG_D] = RTC_D_VRT;
     }
-    const now =
-      typeof options.fixedTimeMs === 'number' ? () => new Date(options.fixedTimeMs as number) : () => new Date();
+    const now = options.fixedTimeMs !== undefined ? () => new Date(options.fixedTimeMs!) : () => new Date();
     const encode = (v: number) => (s[RTC_REG_B]! & RTC_B_BINARY ? v : ((v / 10) | 0) * 16 + (v % 10));
     const clock = (index: number): number | null => {
       const t = now();

@@ -8,7 +8,7 @@
 import type { BusDevice } from '../bus/bus.js';
 import { SharedLock } from '../bus/shared-lock.js';
 import * as libc from '../kvm/libc.js';
-import { LOCK_INDEX, numberOption, STATE_HEADER_BYTES, type DeviceModel, type DeviceOptions } from './device.js';
+import { LOCK_INDEX, STATE_HEADER_BYTES, type DeviceModel } from './device.js';
 
 // Register offsets (PC16550D data sheet), DLAB = LCR bit 7 selecting the divisor latch.
 export const UART_RBR_THR_DLL = 0;
@@ -216,10 +216,16 @@ class Uart16550 implements BusDevice {
   }
 }
 
-export const serialModel: DeviceModel = {
+/** Where the UART's output goes (-1: nowhere) and its interrupt line. */
+export interface SerialOptions {
+  readonly outFd: number;
+  readonly irq: number;
+}
+
+export const serialModel: DeviceModel<SerialOptions> = {
   stateBytes: () => STATE_BYTES,
   create(state, options, ctx): BusDevice {
-    return new Uart16550(state, numberOption(options, 'outFd', -1), numberOption(options, 'irq', 4), ctx.setIrq);
+    return new Uart16550(state, options.outFd, options.irq, ctx.setIrq);
   },
 };
 
@@ -228,8 +234,8 @@ export class SerialHost {
   private readonly uart: Uart16550;
   private readonly lock: SharedLock;
 
-  constructor(state: SharedArrayBuffer, options: DeviceOptions, setIrq: (irq: number, level: 0 | 1) => void) {
-    this.uart = new Uart16550(state, -1, numberOption(options, 'irq', 4), setIrq);
+  constructor(state: SharedArrayBuffer, options: SerialOptions, setIrq: (irq: number, level: 0 | 1) => void) {
+    this.uart = new Uart16550(state, -1, options.irq, setIrq);
     this.lock = new SharedLock(new Int32Array(state, 0, 1), LOCK_INDEX);
   }
 

@@ -2,15 +2,20 @@
 // writes at any offset and width, and a log of every access (offset, width,
 // direction, value) that tests read from the host side.
 import { accessValue, type BusDevice } from '../bus/bus.js';
-import { numberOption, STATE_HEADER_BYTES, type DeviceModel, type DeviceOptions } from './device.js';
+import { STATE_HEADER_BYTES, type DeviceModel } from './device.js';
+
+/** How many register bytes the test device has (default 16). */
+export interface TestDeviceOptions {
+  readonly registerBytes?: number;
+}
 
 export const TEST_LOG_ENTRIES = 256;
 // Each log entry: offset (u32), width | direction << 8 (u32), value as two u32 halves.
 const ENTRY_WORDS = 4;
 const LOG_COUNT_WORDS = 2;
 
-function regions(state: SharedArrayBuffer, options: DeviceOptions) {
-  const registerBytes = numberOption(options, 'registerBytes', 16);
+function regions(state: SharedArrayBuffer, options: TestDeviceOptions) {
+  const registerBytes = options.registerBytes ?? 16;
   const logWords = LOG_COUNT_WORDS + TEST_LOG_ENTRIES * ENTRY_WORDS;
   return {
     registerBytes,
@@ -19,9 +24,8 @@ function regions(state: SharedArrayBuffer, options: DeviceOptions) {
   };
 }
 
-export const testDeviceModel: DeviceModel = {
-  stateBytes: (options) =>
-    (LOG_COUNT_WORDS + TEST_LOG_ENTRIES * ENTRY_WORDS) * 4 + numberOption(options, 'registerBytes', 16),
+export const testDeviceModel: DeviceModel<TestDeviceOptions> = {
+  stateBytes: (options) => (LOG_COUNT_WORDS + TEST_LOG_ENTRIES * ENTRY_WORDS) * 4 + (options.registerBytes ?? 16),
   create(state, options): BusDevice {
     const { registerBytes, log, registers } = regions(state, options);
     const record = (offset: number, data: Uint8Array, isWrite: boolean) => {
@@ -59,7 +63,7 @@ export class TestDeviceState {
   private readonly log: Uint32Array;
   readonly registers: Uint8Array;
 
-  constructor(state: SharedArrayBuffer, options: DeviceOptions) {
+  constructor(state: SharedArrayBuffer, options: TestDeviceOptions) {
     const r = regions(state, options);
     this.log = r.log;
     this.registers = r.registers;

@@ -57,9 +57,19 @@ export class MsixTable {
   ) {
     this.table = new DataView(state, offset, vectors * MSIX_ENTRY_BYTES);
     this.pba = new Uint8Array(state, offset + vectors * MSIX_ENTRY_BYTES, Math.ceil(vectors / 64) * 8);
-    // Every vector starts masked (6.8.2.9).
+  }
+
+  /**
+   * The table's state at power-on: every vector masked (6.8.2.9), nothing pending. Run
+   * once, on the main thread, before any vCPU runs (docs/ARCHITECTURE.md, shared
+   * memory rules): a constructor runs on every thread, and one running late would
+   * re-mask vectors the driver has already unmasked.
+   */
+  static initialise(state: SharedArrayBuffer, offset: number, vectors: number): void {
+    const table = new DataView(state, offset, vectors * MSIX_ENTRY_BYTES);
     for (let v = 0; v < vectors; v++)
-      this.table.setUint32(v * MSIX_ENTRY_BYTES + MSIX_ENTRY_VECTOR_CONTROL, MSIX_VECTOR_MASKED, true);
+      table.setUint32(v * MSIX_ENTRY_BYTES + MSIX_ENTRY_VECTOR_CONTROL, MSIX_VECTOR_MASKED, true);
+    new Uint8Array(state, offset + vectors * MSIX_ENTRY_BYTES, Math.ceil(vectors / 64) * 8).fill(0);
   }
 
   get tableBytes(): number {

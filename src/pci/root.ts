@@ -235,7 +235,11 @@ export class PciRoot {
   }
 }
 
-export const pciRootModel: DeviceModel = {
+/** The PCI root is reached three ways, one spec each, sharing one state. */
+export type PciRootOptions =
+  { readonly role: 'cf8' } | { readonly role: 'ecam' } | { readonly role: 'window'; readonly windowStart: number };
+
+export const pciRootModel: DeviceModel<PciRootOptions> = {
   stateBytes: () => STATE_BYTES,
   create(state, options, ctx): BusDevice {
     const root = new PciRoot(state);
@@ -254,7 +258,7 @@ export const pciRootModel: DeviceModel = {
       // The 32-bit memory window: an access goes to the function whose BAR 0 decodes
       // that address now, so a BAR the guest moved is followed at once. The offset is
       // from the window's start.
-      const window = Number(options.windowStart);
+      const window = options.windowStart;
       const route = (offset: number, data: Uint8Array, write: boolean) => {
         const addr = window + offset;
         for (const [slot, f] of functions) {

@@ -22,24 +22,28 @@ export function attachPciHost(vm: Vm): PciHost {
     size: layout.PORT_PCI_CONFIG_SIZE,
     options: { role: 'cf8' },
   });
-  vm.addDevice({
-    id: 'pci-ecam',
-    kind: 'pci-root',
-    bus: 'mmio',
-    base: layout.PCI_ECAM_START,
-    size: layout.PCI_ECAM_SIZE,
-    options: { role: 'ecam' },
-    shareStateWith: ports,
-  });
-  vm.addDevice({
-    id: 'pci-window',
-    kind: 'pci-root',
-    bus: 'mmio',
-    base: layout.PCI_MMIO_START,
-    size: layout.PCI_MMIO_SIZE,
-    options: { role: 'window', windowStart: layout.PCI_MMIO_START },
-    shareStateWith: ports,
-  });
+  vm.addDevice(
+    {
+      id: 'pci-ecam',
+      kind: 'pci-root',
+      bus: 'mmio',
+      base: layout.PCI_ECAM_START,
+      size: layout.PCI_ECAM_SIZE,
+      options: { role: 'ecam' },
+    },
+    ports,
+  );
+  vm.addDevice(
+    {
+      id: 'pci-window',
+      kind: 'pci-root',
+      bus: 'mmio',
+      base: layout.PCI_MMIO_START,
+      size: layout.PCI_MMIO_SIZE,
+      options: { role: 'window', windowStart: layout.PCI_MMIO_START },
+    },
+    ports,
+  );
   const root = new PciRoot(ports.state);
   root.addFunction(0, PCI_HOST_BRIDGE);
   let next = 1;

@@ -4,23 +4,24 @@
 import { closeSync, openSync } from 'node:fs';
 import type { VmConfig } from '../config/vm-config.js';
 import { KilnError } from '../errors.js';
-import type { DeviceOptions, DeviceSpec } from '../devices/device.js';
+import type { DeviceSpec } from '../devices/catalogue.js';
 import * as libc from '../kvm/libc.js';
 import { pciIntxGsi } from '../layout.js';
 import type { PciBarAllocator, PciRoot } from '../pci/root.js';
 import { BALLOON_PAGE_BYTES, BalloonControl } from '../virtio/balloon.js';
-import { BlkControl, blkOptions } from '../virtio/blk.js';
+import { BlkControl, blkOptions, type BlkOptions } from '../virtio/blk.js';
+import { describeVirtio, type VirtioDeviceConfig } from '../virtio/catalogue.js';
 import { listenConsole } from '../virtio/console.js';
-import { VirtioState, VIRTIO_MSI_NO_VECTOR } from '../virtio/device.js';
-import { connectPasst, defaultMac, openTap, parseMac } from '../virtio/net.js';
+import type { VirtioState } from '../virtio/device.js';
+import { connectPasst, defaultMac, openTap, parseMac, type NetOptions } from '../virtio/net.js';
 import {
   VIRTIO_BAR,
   VIRTIO_PCI_MODERN_DEVICE_ID_BASE,
   VIRTIO_PCI_VENDOR_ID,
   virtioCapabilities,
+  virtioState,
+  type VirtioPciOptions,
 } from '../virtio/pci.js';
-import { resetQueueRecord } from '../virtio/queue.js';
-import { virtioTypes } from '../virtio/types.js';
 import { listenVsock } from '../virtio/vsock.js';
 import type { Vm } from '../vm.js';
 import type { PciHost } from './pci.js';
@@ -52,16 +53,16 @@ export interface AttachedVirtio {
 
 /** The host's handle on a disk added by attachVirtio. */
 export function blkControl(device: VirtioPciDevice): BlkControl {
-  return new BlkControl(device.state, Number(device.spec.options.controlFd));
+  return new BlkControl(device.state, device.spec.options.controlFd);
 }
 
 /** The host's handle on a balloon device added by attachVirtio. */
 export function balloonControl(device: VirtioPciDevice): BalloonControl {
-  return new BalloonControl(device.state, Number(device.spec.options.controlFd));
+  return new BalloonControl(device.state, device.spec.options.controlFd);
 }
 
 /** Opens a NIC's host end (TAP or passt) and returns its device options; the caller owns the fd. */
-export function openNet(net: NetHostEnd, index: number): OpenedDisk {
+export function openNet(net: NetHostEnd, index: number): OpenedDisk<NetOptions> {
   if (!net.tap === !net.passt)
     throw new KilnError(`network interface ${index}: give either a TAP name or a passt socket`);
   const mac = net.mac ?? defaultMac((process.pid << 8) + index);
@@ -70,9 +71,10 @@ export function openNet(net: NetHostEnd, index: number): OpenedDisk {
   return { fd, options: { fd, mac, backend: net.tap ? 'tap' : 'passt' } };
 }
 
-export interface OpenedDisk {
+/** A host end opened before the VM exists, and the device options it gives; the caller owns the fd. */
+export interface OpenedDisk<O = BlkOptions> {
   readonly fd: number;
-  readonly options: DeviceOptions;
+  readonly options: O;
 }
 
 /** Opens and checks one disk image; the caller owns the fd. */
@@ -102,9 +104,9 @@ export function openDisk(disk: DiskHostEnd, index: number): OpenedDisk {
 export function openHostEnds(config: {
   readonly disks?: readonly DiskHostEnd[];
   readonly nets?: readonly NetHostEnd[];
-}): { disks: OpenedDisk[]; nets: OpenedDisk[] } {
-  const disks: OpenedDisk[] = [];
-  const nets: OpenedDisk[] = [];
+}): { disks: OpenedDisk<BlkOptions>[]; nets: OpenedDisk<NetOptions>[] } {
+  const disks: OpenedDisk<BlkOptions>[] = [];
+  const nets: OpenedDisk<NetOptions>[] = [];
   try {
     (config.disks ?? []).forEach((d, i) => disks.push(openDisk(d, i)));
     (config.nets ?? []).forEach((n, i) => nets.push(openNet(n, i)));
@@ -123,55 +125,52 @@ export function attachVirtio(
   vm: Vm,
   pci: PciHost,
   config: VmConfig,
-  disks: readonly OpenedDisk[],
-  nets: readonly OpenedDisk[],
+  disks: readonly OpenedDisk<BlkOptions>[],
+  nets: readonly OpenedDisk<NetOptions>[],
 ): AttachedVirtio {
   const all: VirtioPciDevice[] = [];
-  const add = (id: string, type: string, options?: DeviceOptions) => {
+  const add = (id: string, device: VirtioDeviceConfig) => {
     const slot = pci.takeSlot();
-    const device = addVirtioPciDevice(vm, pci.root, pci.bars, {
-      id,
-      slot,
-      type,
-      intxGsi: pciIntxGsi(slot),
-      ...(options ? { options } : {}),
-    });
-    all.push(device);
-    return device;
+    const added = addVirtioPciDevice(vm, pci.root, pci.bars, { id, slot, intxGsi: pciIntxGsi(slot), device });
+    all.push(added);
+    return added;
   };
   const diskDevices = new Map<string, VirtioPciDevice>();
   const netDevices = new Map<string, VirtioPciDevice>();
   disks.forEach((d, i) => {
     vm.adoptFd(d.fd);
-    diskDevices.set(config.disks[i]!.id, add(`disk${i}`, 'blk', d.options));
+    diskDevices.set(config.disks[i]!.id, add(`disk${i}`, { kind: 'blk', options: d.options }));
   });
   nets.forEach((n, i) => {
     vm.adoptFd(n.fd);
-    netDevices.set(config.nets[i]!.id, add(`net${i}`, 'net', n.options));
+    netDevices.set(config.nets[i]!.id, add(`net${i}`, { kind: 'net', options: n.options }));
   });
-  if (config.rng) add('rng', 'rng');
+  if (config.rng) add('rng', { kind: 'rng', options: {} });
   const balloon = config.balloon
-    ? add('balloon', 'balloon', {
-        targetPages: Math.floor((config.balloon.targetMiB * 1024 * 1024) / BALLOON_PAGE_BYTES),
-        deflateOnOom: config.balloon.deflateOnOom,
+    ? add('balloon', {
+        kind: 'balloon',
+        options: {
+          targetPages: Math.floor((config.balloon.targetMiB * 1024 * 1024) / BALLOON_PAGE_BYTES),
+          deflateOnOom: config.balloon.deflateOnOom,
+        },
       })
     : null;
   if (config.vsock) {
     const { fd, options } = listenVsock(config.vsock.uds, config.vsock.guestCid);
     vm.adoptFd(fd);
-    add('vsock', 'vsock', options);
+    add('vsock', { kind: 'vsock', options });
   }
   if (config.consoleSocket) {
     const fd = listenConsole(config.consoleSocket);
     vm.adoptFd(fd);
-    add('console', 'console', { listenFd: fd });
+    add('console', { kind: 'console', options: { listenFd: fd } });
   }
   return { all, disks: diskDevices, nets: netDevices, balloon };
 }
 
 /** What addVirtioPciDevice returns: the spec, where it lives, and its shared state. */
 export interface VirtioPciDevice {
-  readonly spec: DeviceSpec;
+  readonly spec: DeviceSpec<'virtio-pci'>;
   readonly slot: number;
   readonly barAddress: number;
   readonly state: VirtioState;
@@ -180,40 +179,35 @@ export interface VirtioPciDevice {
 /**
  * Adds a virtio device as a PCI function: configuration space with the virtio and
  * MSI-X capabilities, BAR 0 placed in the window, one eventfd per queue (ioeventfd at
- * its notify address), its INTx line, and the device's initial configuration.
+ * its notify address), its INTx line; the device model's init fills in its state.
  */
 export function addVirtioPciDevice(
   vm: Vm,
   root: PciRoot,
   bars: PciBarAllocator,
-  device: { id: string; slot: number; type: string; intxGsi: number; options?: DeviceOptions },
+  request: { id: string; slot: number; intxGsi: number; device: VirtioDeviceConfig },
 ): VirtioPciDevice {
-  const type = virtioTypes[device.type];
-  if (!type) throw new KilnError(`unknown virtio device type '${device.type}'`);
-  const base = { ...(device.options ?? {}), type: device.type };
-  const queues = type.queues(base);
+  const info = describeVirtio(request.device);
   const eventfd = () => {
     const fd = libc.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
     if (fd < 0) throw new KilnError(`eventfd failed: ${libc.errnoName(libc.errno())}`);
     vm.adoptFd(fd);
     return fd;
   };
-  const fds = Array.from({ length: queues }, eventfd);
+  const notifyFds = Array.from({ length: info.numQueues }, eventfd);
   const barAddress = bars.allocate(VIRTIO_BAR.bytes);
-  const options: DeviceOptions = {
-    ...base,
-    notifyFds: fds.join(','),
-    intxGsi: device.intxGsi,
-    ...(type.controlChannel ? { controlFd: eventfd() } : {}),
+  const options: VirtioPciOptions = {
+    device: request.device,
+    notifyFds,
+    intxGsi: request.intxGsi,
+    controlFd: info.controlChannel ? eventfd() : -1,
   };
-  const spec = vm.addDevice({ id: device.id, kind: 'virtio-pci', bus: 'pci', base: device.slot, size: 1, options });
-  const state = new VirtioState(spec.state, type, options);
-  type.initConfig(state.config(), options);
-  v0Reset(state);
-  root.addFunction(device.slot, {
+  const spec = vm.addDevice({ id: request.id, kind: 'virtio-pci', bus: 'pci', base: request.slot, size: 1, options });
+  const state = virtioState(spec.state, options);
+  root.addFunction(request.slot, {
     vendorId: VIRTIO_PCI_VENDOR_ID,
-    deviceId: VIRTIO_PCI_MODERN_DEVICE_ID_BASE + type.deviceId,
-    classCode: type.deviceId === 1 ? 0x020000 : type.deviceId === 2 ? 0x018000 : 0xff0000,
+    deviceId: VIRTIO_PCI_MODERN_DEVICE_ID_BASE + info.deviceId,
+    classCode: info.deviceId === 1 ? 0x020000 : info.deviceId === 2 ? 0x018000 : 0xff0000,
     revision: 1, // 4.1.2.1: modern-only devices have revision 1 or more
     subsystemVendorId: VIRTIO_PCI_VENDOR_ID,
     subsystemId: 0x40,
@@ -221,11 +215,5 @@ export function addVirtioPciDevice(
     bars: [{ kind: 'memory32', size: VIRTIO_BAR.bytes, address: barAddress }],
     capabilities: virtioCapabilities(state.vectors, state.configBytes),
   });
-  return { spec, slot: device.slot, barAddress, state };
-}
-
-/** The state a device has before the driver first touches it (as after a reset). */
-function v0Reset(s: VirtioState): void {
-  s.view.setUint16(VirtioState.fields.configMsixVector, VIRTIO_MSI_NO_VECTOR, true);
-  for (let q = 0; q < s.numQueues; q++) resetQueueRecord(s.queueRecord(q), s.type.maxQueueSize, VIRTIO_MSI_NO_VECTOR);
+  return { spec, slot: request.slot, barAddress, state };
 }

@@ -1,6 +1,6 @@
 // What a vCPU thread is started with and what it reports back.
 import type { CompatConfig } from '../compat/pvm.js';
-import type { DeviceSpec } from '../devices/device.js';
+import type { DeviceSpec } from '../devices/catalogue.js';
 import type { Decoded } from '../kvm/struct.js';
 import type { GuestMemoryDescriptor } from '../memory/guest-memory.js';
 

@@ -11,7 +11,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { PvmCompat } from '../compat/pvm.js';
 import { irqLineSetter, msiSender } from '../devices/irq.js';
-import { buildBuses } from '../devices/registry.js';
+import { buildBuses } from '../devices/catalogue.js';
 import { KVM, KVM_EXIT, KVM_EXIT_IO_OUT, exitReasonName } from '../kvm/ioctl.js';
 import { ioctlBuf, VcpuFd } from '../kvm/kvm.js';
 import * as libc from '../kvm/libc.js';

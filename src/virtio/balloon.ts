@@ -6,7 +6,8 @@
 //
 // Queues, in Linux's numbering (absent ones take no index): inflate 0, deflate 1, then
 // stats (if STATS_VQ was negotiated), then reporting (if PAGE_REPORTING was).
-import type { DeviceOptions } from '../devices/device.js';
+import { array, struct } from '../kvm/struct.js';
+import { MailboxLayout, type Mailbox } from './mailbox.js';
 import * as libc from '../kvm/libc.js';
 import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } from './device.js';
 
@@ -19,20 +20,47 @@ export const BALLOON_PAGE_BYTES = 4096;
 const STAT_BYTES = 10;
 export const BALLOON_STAT_TAGS = 16;
 /**
- * Shared state after the config: the last statistics (a u64 per tag, and a count of
- * updates), and the host's requests (target pages, "send statistics").
+ * Shared state after the config. What the I/O thread reports to the host: the last
+ * statistics (a u64 per tag), published by an Atomics.store of the update count, and
+ * the pages returned to the host. Then the host's requests, one mailbox each
+ * (mailbox.ts): a new target, and "send statistics".
  */
-export const BALLOON_SHARED = {
-  statsUpdates: 0, // u32
-  requestTarget: 4, // u32: pages the host wants the balloon to hold
-  targetPending: 8, // u32: 1 when requestTarget is new
-  statsPending: 12, // u32: 1 when the host wants fresh statistics
-  pagesReturned: 16, // f64: pages dropped from the host mapping (inflate + reporting)
-  stats: 24, // BALLOON_STAT_TAGS x u64
-  bytes: 24 + 8 * BALLOON_STAT_TAGS,
-} as const;
+export const BALLOON_REPORT = struct('balloon_report', [
+  ['statsUpdates', 'i32'],
+  ['_pad', 'u32'],
+  ['pagesReturned', 'u64'],
+  ['stats', array('u64', BALLOON_STAT_TAGS)],
+]);
+export const BALLOON_TARGET = new MailboxLayout('balloon_target', { pages: 'u32' });
+export const BALLOON_STATS_REQUEST = new MailboxLayout('balloon_stats_request', {});
+const align8 = (n: number) => Math.ceil(n / 8) * 8;
+const TARGET_AT = align8(BALLOON_REPORT.size);
+const STATS_REQUEST_AT = TARGET_AT + align8(BALLOON_TARGET.bytes);
+const SHARED_BYTES = STATS_REQUEST_AT + align8(BALLOON_STATS_REQUEST.bytes);
+const STATS_AT = BALLOON_REPORT.offsetOf('stats');
 
-export const balloonType: VirtioDeviceType = {
+/** The balloon's shared regions, from any thread. */
+class BalloonShared {
+  readonly report: DataView;
+  readonly updates: Int32Array;
+  readonly target: Mailbox<typeof BALLOON_TARGET.fields>;
+  readonly statsRequest: Mailbox<typeof BALLOON_STATS_REQUEST.fields>;
+
+  constructor(state: { readonly state: SharedArrayBuffer; readonly extraAt: number }) {
+    this.report = new DataView(state.state, state.extraAt, BALLOON_REPORT.size);
+    this.updates = new Int32Array(state.state, state.extraAt + BALLOON_REPORT.offsetOf('statsUpdates'), 1);
+    this.target = BALLOON_TARGET.open(state.state, state.extraAt + TARGET_AT);
+    this.statsRequest = BALLOON_STATS_REQUEST.open(state.state, state.extraAt + STATS_REQUEST_AT);
+  }
+}
+
+/** What a balloon starts with. */
+export interface BalloonOptions {
+  readonly targetPages: number;
+  readonly deflateOnOom: boolean;
+}
+
+export const balloonType: VirtioDeviceType<BalloonOptions> = {
   deviceId: 5,
   name: 'balloon',
   maxQueueSize: 256,
@@ -40,9 +68,9 @@ export const balloonType: VirtioDeviceType = {
   features: (o) =>
     bit(VIRTIO_BALLOON_F_STATS_VQ) |
     bit(VIRTIO_BALLOON_F_PAGE_REPORTING) |
-    (o.deflateOnOom === true ? bit(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) : 0n),
+    (o.deflateOnOom ? bit(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) : 0n),
   configBytes: () => BALLOON_CONFIG.bytes,
-  initConfig: (config, o) => config.setUint32(BALLOON_CONFIG.numPages, Number(o.targetPages ?? 0), true),
+  initConfig: (config, o) => config.setUint32(BALLOON_CONFIG.numPages, o.targetPages, true),
   // The driver writes only `actual` (how many pages the balloon holds).
   configWrite(config, offset, data) {
     for (let i = 0; i < data.length; i++)
@@ -50,22 +78,20 @@ export const balloonType: VirtioDeviceType = {
         config.setUint8(offset + i, data[i]!);
   },
   controlChannel: true,
-  extraBytes: () => BALLOON_SHARED.bytes,
+  extraBytes: () => SHARED_BYTES,
 };
 
 export class BalloonBackend implements VirtioBackend {
-  private readonly shared: DataView;
-  private readonly controlFd: number;
+  private readonly shared: BalloonShared;
   private heldStats = -1;
   readonly pollFds;
 
   constructor(
     private readonly rt: VirtioQueues,
-    options: DeviceOptions,
+    private readonly controlFd: number,
   ) {
-    this.shared = rt.state.extra(BALLOON_SHARED.bytes);
-    this.controlFd = Number(options.controlFd);
-    this.pollFds = [{ fd: this.controlFd, ready: () => this.control() }];
+    this.shared = new BalloonShared(rt.state);
+    this.pollFds = [{ fd: controlFd, ready: () => this.control() }];
   }
 
   private role(q: number): 'inflate' | 'deflate' | 'stats' | 'reporting' | null {
@@ -138,11 +164,9 @@ export class BalloonBackend implements VirtioBackend {
     if (end <= start) return;
     const host = this.rt.mem.regions[region]!.hostAddr + BigInt(start);
     if (libc.madvise(host, end - start, libc.MADV_DONTNEED) === 0) {
-      this.shared.setFloat64(
-        BALLOON_SHARED.pagesReturned,
-        this.shared.getFloat64(BALLOON_SHARED.pagesReturned, true) + (end - start) / BALLOON_PAGE_BYTES,
-        true,
-      );
+      const at = BALLOON_REPORT.offsetOf('pagesReturned');
+      const report = this.shared.report;
+      report.setBigUint64(at, report.getBigUint64(at, true) + BigInt((end - start) / BALLOON_PAGE_BYTES), true);
     }
   }
 
@@ -160,21 +184,18 @@ export class BalloonBackend implements VirtioBackend {
         for (let at = 0; at + STAT_BYTES <= view.byteLength; at += STAT_BYTES) {
           const tag = view.getUint16(at, true);
           if (tag < BALLOON_STAT_TAGS)
-            this.shared.setBigUint64(BALLOON_SHARED.stats + 8 * tag, view.getBigUint64(at + 2, true), true);
+            this.shared.report.setBigUint64(STATS_AT + 8 * tag, view.getBigUint64(at + 2, true), true);
         }
       }
-      this.shared.setUint32(
-        BALLOON_SHARED.statsUpdates,
-        this.shared.getUint32(BALLOON_SHARED.statsUpdates, true) + 1,
-        true,
-      );
+      // Published: the host reads the statistics once it sees the new count.
+      Atomics.add(this.shared.updates, 0, 1);
     }
-    if (this.shared.getUint32(BALLOON_SHARED.statsPending, true) === 1) this.releaseStats(q);
+    if (this.shared.statsRequest.pending) this.releaseStats(q);
   }
 
   private releaseStats(q: number): void {
     if (this.heldStats < 0) return;
-    this.shared.setUint32(BALLOON_SHARED.statsPending, 0, true);
+    this.shared.statsRequest.take();
     this.rt.queue(q).push(this.heldStats, 0);
     this.heldStats = -1;
     this.rt.notifyUsed(q);
@@ -183,18 +204,12 @@ export class BalloonBackend implements VirtioBackend {
   /** The host asked for something (BalloonControl): a new target, or statistics. */
   private control(): void {
     libc.drainEventfd(this.controlFd);
-    if (this.shared.getUint32(BALLOON_SHARED.targetPending, true) === 1) {
-      this.shared.setUint32(BALLOON_SHARED.targetPending, 0, true);
-      this.rt.state
-        .config()
-        .setUint32(BALLOON_CONFIG.numPages, this.shared.getUint32(BALLOON_SHARED.requestTarget, true), true);
+    const target = this.shared.target.take();
+    if (target) {
+      this.rt.state.config().setUint32(BALLOON_CONFIG.numPages, target.pages, true);
       this.rt.configChanged();
     }
-    if (
-      this.shared.getUint32(BALLOON_SHARED.statsPending, true) === 1 &&
-      this.rt.state.negotiated(VIRTIO_BALLOON_F_STATS_VQ)
-    )
-      this.releaseStats(2);
+    if (this.shared.statsRequest.pending && this.rt.state.negotiated(VIRTIO_BALLOON_F_STATS_VQ)) this.releaseStats(2);
   }
 
   reset(): void {
@@ -204,25 +219,24 @@ export class BalloonBackend implements VirtioBackend {
 
 /** The host's handle on a balloon: set its target, ask for statistics, read them. */
 export class BalloonControl {
-  private readonly shared: DataView;
+  private readonly shared: BalloonShared;
   private readonly config: DataView;
 
   constructor(
-    state: { extra(bytes: number): DataView; config(): DataView },
+    state: { readonly state: SharedArrayBuffer; readonly extraAt: number; config(): DataView },
     private readonly controlFd: number,
   ) {
-    this.shared = state.extra(BALLOON_SHARED.bytes);
+    this.shared = new BalloonShared(state);
     this.config = state.config();
   }
 
   setTargetPages(pages: number): void {
-    this.shared.setUint32(BALLOON_SHARED.requestTarget, pages, true);
-    this.shared.setUint32(BALLOON_SHARED.targetPending, 1, true);
+    this.shared.target.post({ pages });
     libc.signalEventfd(this.controlFd);
   }
 
   requestStats(): void {
-    this.shared.setUint32(BALLOON_SHARED.statsPending, 1, true);
+    this.shared.statsRequest.post({});
     libc.signalEventfd(this.controlFd);
   }
 
@@ -231,15 +245,15 @@ export class BalloonControl {
   }
 
   get pagesReturned(): number {
-    return this.shared.getFloat64(BALLOON_SHARED.pagesReturned, true);
+    return Number(this.shared.report.getBigUint64(BALLOON_REPORT.offsetOf('pagesReturned'), true));
   }
 
   get statsUpdates(): number {
-    return this.shared.getUint32(BALLOON_SHARED.statsUpdates, true);
+    return Atomics.load(this.shared.updates, 0);
   }
 
   /** The last value the guest sent for a statistic tag (5.5.6.3: 0 swap in ... 10 hugetlb). */
   stat(tag: number): bigint {
-    return this.shared.getBigUint64(BALLOON_SHARED.stats + 8 * tag, true);
+    return this.shared.report.getBigUint64(STATS_AT + 8 * tag, true);
   }
 }

@@ -4,7 +4,7 @@
 // after pwrite returns; a flush is acknowledged after fdatasync, so a guest that asks
 // for durability gets it before it is told so.
 import { fdatasyncSync, fstatSync, readSync, writeSync } from 'node:fs';
-import type { DeviceOptions } from '../devices/device.js';
+import { MailboxLayout, type Mailbox } from './mailbox.js';
 import { KilnError } from '../errors.js';
 import * as libc from '../kvm/libc.js';
 import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } from './device.js';
@@ -52,15 +52,22 @@ const RANGE_BYTES = 16;
 /** Largest discard or write-zeroes range, in sectors (4 GiB). */
 const MAX_RANGE_SECTORS = 0x80_0000;
 
-const readOnly = (o: DeviceOptions) => o.readOnly === true;
+/** What a virtio-blk device is made of (blkOptions makes it from an opened disk). */
+export interface BlkOptions {
+  readonly fd: number;
+  readonly path: string;
+  readonly readOnly: boolean;
+  readonly serial: string;
+  readonly sectors: number;
+}
 
 /**
- * Shared with the host for a live media change (Firecracker's PATCH /drives after the
- * start): the new file's fd and size, and a flag the I/O thread clears once swapped.
+ * A live media change (Firecracker's PATCH /drives after the start): the host posts the
+ * new file's fd and size in the shared state's mailbox (mailbox.ts).
  */
-export const BLK_SHARED = { newFd: 0, pending: 4, newSectors: 8, bytes: 16 } as const;
+export const BLK_MEDIA_CHANGE = new MailboxLayout('blk_media_change', { fd: 'i32', sectors: 'u64' });
 
-export const blkType: VirtioDeviceType = {
+export const blkType: VirtioDeviceType<BlkOptions> = {
   deviceId: 2,
   name: 'blk',
   maxQueueSize: QUEUE_SIZE,
@@ -69,12 +76,12 @@ export const blkType: VirtioDeviceType = {
     bit(VIRTIO_BLK_F_SEG_MAX) |
     bit(VIRTIO_BLK_F_BLK_SIZE) |
     bit(VIRTIO_BLK_F_FLUSH) |
-    (readOnly(o) ? bit(VIRTIO_BLK_F_RO) : bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)),
+    (o.readOnly ? bit(VIRTIO_BLK_F_RO) : bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)),
   configBytes: () => BLK_CONFIG.bytes,
   controlChannel: true,
-  extraBytes: () => BLK_SHARED.bytes,
+  extraBytes: () => BLK_MEDIA_CHANGE.bytes,
   initConfig(config, o) {
-    const sectors = Number(o.sectors);
+    const sectors = o.sectors;
     config.setUint32(BLK_CONFIG.capacity, sectors % 2 ** 32, true);
     config.setUint32(BLK_CONFIG.capacity + 4, Math.floor(sectors / 2 ** 32), true);
     config.setUint32(BLK_CONFIG.segMax, QUEUE_SIZE - 2, true);
@@ -89,7 +96,7 @@ export const blkType: VirtioDeviceType = {
 };
 
 /** Checks a disk image and returns the options a blk device needs (run on the main thread, before the VM starts). */
-export function blkOptions(fd: number, path: string, readOnlyDrive: boolean, serial: string): DeviceOptions {
+export function blkOptions(fd: number, path: string, readOnlyDrive: boolean, serial: string): BlkOptions {
   const st = fstatSync(fd);
   if (!st.isFile() && !st.isBlockDevice()) throw new KilnError(`disk ${path} is not a regular file or block device`);
   if (st.size % SECTOR_BYTES !== 0)
@@ -110,33 +117,33 @@ export class BlkBackend implements VirtioBackend {
   private readonly readOnly: boolean;
   private readonly serial: Uint8Array;
   private errorLogged = false;
-  private readonly controlFd: number;
+  private readonly mediaChange: Mailbox<typeof BLK_MEDIA_CHANGE.fields>;
   readonly pollFds: Array<{ fd: number; ready(): void }>;
 
   constructor(
     private readonly rt: VirtioQueues,
-    options: DeviceOptions,
+    options: BlkOptions,
+    private readonly controlFd: number,
   ) {
-    this.fd = Number(options.fd);
-    this.sectors = Number(options.sectors);
-    this.readOnly = readOnly(options);
+    this.fd = options.fd;
+    this.sectors = options.sectors;
+    this.readOnly = options.readOnly;
     this.serial = new Uint8Array(VIRTIO_BLK_ID_BYTES);
-    this.serial.set(Buffer.from(String(options.serial ?? '')).subarray(0, VIRTIO_BLK_ID_BYTES));
-    this.controlFd = Number(options.controlFd);
-    this.pollFds = [{ fd: this.controlFd, ready: () => this.swapMedia() }];
+    this.serial.set(Buffer.from(options.serial).subarray(0, VIRTIO_BLK_ID_BYTES));
+    this.mediaChange = BLK_MEDIA_CHANGE.open(rt.state.state, rt.state.extraAt);
+    this.pollFds = [{ fd: controlFd, ready: () => this.swapMedia() }];
   }
 
   /** The host changed the backing file: requests from now on go to it; the guest sees the new capacity. */
   private swapMedia(): void {
     libc.drainEventfd(this.controlFd);
-    const shared = this.rt.state.extra(BLK_SHARED.bytes);
-    if (shared.getUint32(BLK_SHARED.pending, true) !== 1) return;
-    this.fd = shared.getInt32(BLK_SHARED.newFd, true);
-    this.sectors = shared.getFloat64(BLK_SHARED.newSectors, true);
+    const change = this.mediaChange.take();
+    if (!change) return;
+    this.fd = change.fd;
+    this.sectors = Number(change.sectors);
     const config = this.rt.state.config();
     config.setUint32(BLK_CONFIG.capacity, this.sectors % 2 ** 32, true);
     config.setUint32(BLK_CONFIG.capacity + 4, Math.floor(this.sectors / 2 ** 32), true);
-    shared.setUint32(BLK_SHARED.pending, 0, true);
     this.rt.configChanged();
   }
 
@@ -284,17 +291,18 @@ export class BlkBackend implements VirtioBackend {
 
 /** The host's handle on a disk: swap its backing file while the VM runs. */
 export class BlkControl {
+  private readonly mediaChange: Mailbox<typeof BLK_MEDIA_CHANGE.fields>;
+
   constructor(
-    private readonly state: { extra(bytes: number): DataView },
+    state: { readonly state: SharedArrayBuffer; readonly extraAt: number },
     private readonly controlFd: number,
-  ) {}
+  ) {
+    this.mediaChange = BLK_MEDIA_CHANGE.open(state.state, state.extraAt);
+  }
 
   /** Hands `fd` (opened and checked by openDisk) to the I/O thread; it takes over at its next turn. */
   swap(fd: number, sectors: number): void {
-    const shared = this.state.extra(BLK_SHARED.bytes);
-    shared.setInt32(BLK_SHARED.newFd, fd, true);
-    shared.setFloat64(BLK_SHARED.newSectors, sectors, true);
-    shared.setUint32(BLK_SHARED.pending, 1, true);
+    this.mediaChange.post({ fd, sectors: BigInt(sectors) });
     libc.signalEventfd(this.controlFd);
   }
 }

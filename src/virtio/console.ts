@@ -3,7 +3,6 @@
 // Unix socket Kiln listens on, one client at a time (later clients wait their turn);
 // output with no client attached is dropped, as on a serial line nobody listens to.
 import { KilnError } from '../errors.js';
-import type { DeviceOptions } from '../devices/device.js';
 import * as libc from '../kvm/libc.js';
 import type { VirtioBackend, VirtioDeviceType, VirtioQueues } from './device.js';
 
@@ -11,7 +10,14 @@ export const CONSOLE_CONFIG = { cols: 0, rows: 2, maxNrPorts: 4, emergWr: 8, byt
 const RX = 0;
 const TX = 1;
 
-export const consoleType: VirtioDeviceType = {
+/** A console's host end: a listening Unix socket, or a pair of fds (tests). */
+export interface ConsoleOptions {
+  readonly listenFd?: number;
+  readonly inFd?: number;
+  readonly outFd?: number;
+}
+
+export const consoleType: VirtioDeviceType<ConsoleOptions> = {
   deviceId: 3,
   name: 'console',
   maxQueueSize: 256,
@@ -44,11 +50,11 @@ export class ConsoleBackend implements VirtioBackend {
 
   constructor(
     private readonly rt: VirtioQueues,
-    options: DeviceOptions,
+    options: ConsoleOptions,
   ) {
-    this.listenFd = options.listenFd === undefined ? -1 : Number(options.listenFd);
-    this.inFd = options.inFd === undefined ? -1 : Number(options.inFd);
-    this.outFd = options.outFd === undefined ? -1 : Number(options.outFd);
+    this.listenFd = options.listenFd ?? -1;
+    this.inFd = options.inFd ?? -1;
+    this.outFd = options.outFd ?? -1;
     this.pollFds =
       this.listenFd >= 0
         ? [{ fd: this.listenFd, ready: () => this.accept() }]

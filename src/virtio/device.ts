@@ -3,7 +3,6 @@
 // (queue service) work on, and the I/O thread's runtime that hands queues to a device
 // backend and raises its interrupts.
 import type { SharedLock } from '../bus/shared-lock.js';
-import type { DeviceOptions } from '../devices/device.js';
 import { STATE_HEADER_BYTES } from '../devices/device.js';
 import type { GuestMemory } from '../memory/guest-memory.js';
 import { MSIX_CONTROL_ENABLE, MsixTable, msixStateBytes } from '../pci/msix.js';
@@ -31,28 +30,61 @@ export const bit = (n: bigint) => 1n << n;
 export const TRANSPORT_FEATURES =
   bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_RING_INDIRECT_DESC) | bit(VIRTIO_F_RING_EVENT_IDX);
 
-/** A device type: its identity, queues, features and configuration space (pure; any thread). */
-export interface VirtioDeviceType {
+/**
+ * A device type: its identity, queues, features and configuration space (pure; any
+ * thread), as functions of its own typed options `O` (a disk's size, a NIC's MAC).
+ */
+export interface VirtioDeviceType<O> {
   /** Virtio device ID (5): net 1, block 2, console 3, entropy 4, balloon 5, vsock 19. */
   readonly deviceId: number;
   readonly name: string;
-  queues(options: DeviceOptions): number;
+  queues(options: O): number;
   readonly maxQueueSize: number;
   /** Device-specific feature bits offered. */
-  features(options: DeviceOptions): bigint;
+  features(options: O): bigint;
   /** Bytes of device configuration space. */
-  configBytes(options: DeviceOptions): number;
-  /** Fills the configuration space when the device is created (host side). */
-  initConfig(config: DataView, options: DeviceOptions): void;
+  configBytes(options: O): number;
+  /** Fills the configuration space when the device is created (host side, once). */
+  initConfig(config: DataView, options: O): void;
   /** A guest write to device configuration; the default ignores it (read-only config). */
   configWrite?(config: DataView, offset: number, data: Uint8Array): void;
   /**
    * The host sends this device's backend requests while the VM runs (a balloon target,
-   * a disk's new backing file): it gets an eventfd of its own, as options.controlFd.
+   * a disk's new backing file): it gets an eventfd of its own, and a mailbox (mailbox.ts).
    */
   readonly controlChannel?: boolean;
-  /** Extra shared bytes for device state both sides need (e.g. balloon statistics). */
-  extraBytes?(options: DeviceOptions): number;
+  /** Extra shared bytes for device state both sides need (e.g. balloon statistics, the mailbox). */
+  extraBytes?(options: O): number;
+}
+
+/** A device type bound to one device's options: plain numbers, what the transport and the state layout need. */
+export interface VirtioDeviceInfo {
+  readonly deviceId: number;
+  readonly name: string;
+  readonly numQueues: number;
+  readonly maxQueueSize: number;
+  readonly features: bigint;
+  readonly configBytes: number;
+  readonly extraBytes: number;
+  readonly controlChannel: boolean;
+  initConfig(config: DataView): void;
+  configWrite(config: DataView, offset: number, data: Uint8Array): void;
+}
+
+/** Binds a device type to its options. */
+export function bindType<O>(type: VirtioDeviceType<O>, options: O): VirtioDeviceInfo {
+  return {
+    deviceId: type.deviceId,
+    name: type.name,
+    numQueues: type.queues(options),
+    maxQueueSize: type.maxQueueSize,
+    features: type.features(options),
+    configBytes: type.configBytes(options),
+    extraBytes: type.extraBytes?.(options) ?? 0,
+    controlChannel: type.controlChannel === true,
+    initConfig: (config) => type.initConfig(config, options),
+    configWrite: (config, offset, data) => type.configWrite?.(config, offset, data),
+  };
 }
 
 /** Offsets of the transport-neutral fields in a virtio device's shared state. */
@@ -87,32 +119,31 @@ export class VirtioState {
   readonly extraAt: number;
   readonly deviceFeatures: bigint;
 
-  static bytes(type: VirtioDeviceType, options: DeviceOptions): number {
-    const queues = type.queues(options);
+  static bytes(device: VirtioDeviceInfo): number {
+    const queues = device.numQueues;
     return (
       F.fixedBytes +
       queues * QUEUE_RECORD.bytes +
       align8(msixStateBytes(queues + 1)) +
-      align8(type.configBytes(options)) +
-      (type.extraBytes?.(options) ?? 0)
+      align8(device.configBytes) +
+      device.extraBytes
     );
   }
 
   constructor(
     readonly state: SharedArrayBuffer,
-    readonly type: VirtioDeviceType,
-    options: DeviceOptions,
+    readonly type: VirtioDeviceInfo,
   ) {
-    this.numQueues = type.queues(options);
+    this.numQueues = type.numQueues;
     // One vector per queue plus one for configuration changes.
     this.vectors = this.numQueues + 1;
     this.view = new DataView(state, STATE_HEADER_BYTES);
     this.queuesAt = STATE_HEADER_BYTES + F.fixedBytes;
     this.msixAt = this.queuesAt + this.numQueues * QUEUE_RECORD.bytes;
     this.configAt = this.msixAt + align8(msixStateBytes(this.vectors));
-    this.configBytes = type.configBytes(options);
+    this.configBytes = type.configBytes;
     this.extraAt = this.configAt + align8(this.configBytes);
-    this.deviceFeatures = TRANSPORT_FEATURES | type.features(options);
+    this.deviceFeatures = TRANSPORT_FEATURES | type.features;
   }
 
   queueRecord(q: number): DataView {

@@ -1,7 +1,7 @@
 // The main thread's handle on the I/O thread (io-worker.ts): start it with the VM's
 // virtio devices, stop it through an eventfd it polls.
 import { Worker } from 'node:worker_threads';
-import type { DeviceSpec } from '../devices/device.js';
+import type { DeviceSpec } from '../devices/catalogue.js';
 import { KilnError } from '../errors.js';
 import * as libc from '../kvm/libc.js';
 import type { GuestMemoryDescriptor } from '../memory/guest-memory.js';
@@ -9,7 +9,7 @@ import type { GuestMemoryDescriptor } from '../memory/guest-memory.js';
 export interface IoThreadInit {
   readonly memory: GuestMemoryDescriptor;
   readonly vmFd: number;
-  readonly devices: readonly DeviceSpec[];
+  readonly devices: readonly DeviceSpec<'virtio-pci'>[];
   readonly stopFd: number;
 }
 

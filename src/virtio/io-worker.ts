@@ -9,11 +9,10 @@ import { LOCK_INDEX } from '../devices/device.js';
 import { irqLineSetter, msiSender } from '../devices/irq.js';
 import * as libc from '../kvm/libc.js';
 import { GuestMemory } from '../memory/guest-memory.js';
-import { createBackend } from './backends.js';
-import { VirtioInterrupts, VirtioRuntime, VirtioState, type VirtioBackend } from './device.js';
+import { createBackend } from './catalogue.js';
+import { VirtioInterrupts, VirtioRuntime, type VirtioBackend } from './device.js';
 import type { IoThreadInit } from './io-thread.js';
-import { notifyFds } from './pci.js';
-import { virtioTypes } from './types.js';
+import { virtioState } from './pci.js';
 
 const init = workerData as IoThreadInit;
 const memory = GuestMemory.attach(init.memory);
@@ -55,9 +54,8 @@ function setPollable(fd: number, on: boolean): void {
 
 const backends: VirtioBackend[] = [];
 for (const spec of init.devices) {
-  const type = virtioTypes[String(spec.options.type)]!;
-  const state = new VirtioState(spec.state, type, spec.options);
-  const interrupts = new VirtioInterrupts(state, sendMsi, setIrq, Number(spec.options.intxGsi ?? -1));
+  const state = virtioState(spec.state, spec.options);
+  const interrupts = new VirtioInterrupts(state, sendMsi, setIrq, spec.options.intxGsi);
   const runtime = new VirtioRuntime(
     memory,
     state,
@@ -66,10 +64,10 @@ for (const spec of init.devices) {
     log,
     { setPollable, watch, unwatch },
   );
-  const backend = createBackend(type.name, runtime, spec.options);
+  const backend = createBackend(spec.options.device, runtime, { controlFd: spec.options.controlFd });
   runtime.backend = backend;
   backends.push(backend);
-  notifyFds(spec.options).forEach((fd, q) =>
+  spec.options.notifyFds.forEach((fd, q) =>
     watch(fd, () => {
       libc.drainEventfd(fd);
       runtime.notified(q);

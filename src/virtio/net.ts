@@ -6,7 +6,6 @@
 //   dies the link goes down (config status, a configuration interrupt) and the VM runs on.
 // Queue 0 receives, queue 1 transmits. Each NIC has its own MAC address.
 import { KilnError } from '../errors.js';
-import type { DeviceOptions } from '../devices/device.js';
 import * as libc from '../kvm/libc.js';
 import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } from './device.js';
 
@@ -35,9 +34,16 @@ const TUNSETOFFLOAD = 0x400454d0;
 const TUNSETVNETHDRSZ = 0x400454d8;
 const IFNAMSIZ = 16;
 
-const isPasst = (o: DeviceOptions) => o.backend === 'passt';
+/** A NIC's host end (opened by openNet) and its MAC. */
+export interface NetOptions {
+  readonly fd: number;
+  readonly mac: string;
+  readonly backend: 'tap' | 'passt';
+}
 
-export const netType: VirtioDeviceType = {
+const isPasst = (o: NetOptions) => o.backend === 'passt';
+
+export const netType: VirtioDeviceType<NetOptions> = {
   deviceId: 1,
   name: 'net',
   maxQueueSize: 256,
@@ -53,7 +59,7 @@ export const netType: VirtioDeviceType = {
         bit(VIRTIO_NET_F_HOST_TSO6)),
   configBytes: () => NET_CONFIG.bytes,
   initConfig(config, o) {
-    parseMac(String(o.mac)).forEach((b, i) => config.setUint8(NET_CONFIG.mac + i, b));
+    parseMac(o.mac).forEach((b, i) => config.setUint8(NET_CONFIG.mac + i, b));
     config.setUint16(NET_CONFIG.status, VIRTIO_NET_S_LINK_UP, true);
     config.setUint16(NET_CONFIG.maxVirtqueuePairs, 1, true);
     config.setUint16(NET_CONFIG.mtu, 1500, true);
@@ -130,9 +136,9 @@ export class NetBackend implements VirtioBackend {
 
   constructor(
     private readonly rt: VirtioQueues,
-    options: DeviceOptions,
+    options: NetOptions,
   ) {
-    this.fd = Number(options.fd);
+    this.fd = options.fd;
     this.passt = isPasst(options);
     this.pollFds = [{ fd: this.fd, ready: () => this.receive() }];
   }

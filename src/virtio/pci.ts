@@ -7,12 +7,11 @@
 // forwarded to the same eventfd.
 import type { BusDevice } from '../bus/bus.js';
 import { accessValue, setAccessValue } from '../bus/bus.js';
-import { type DeviceContext, type DeviceOptions, type PciFunctionModel } from '../devices/device.js';
-import { KilnError } from '../errors.js';
+import type { DeviceContext, PciFunctionModel } from '../devices/device.js';
 import { KvmIoctlError } from '../kvm/errors.js';
 import { VmFd } from '../kvm/kvm.js';
 import * as libc from '../kvm/libc.js';
-import { PCI_CAP_ID_MSIX, msixCapability } from '../pci/msix.js';
+import { MsixTable, PCI_CAP_ID_MSIX, msixCapability } from '../pci/msix.js';
 import { PCI_BASE_ADDRESS_0, PCI_CAPABILITY_LIST, type PciCapability } from '../pci/root.js';
 import {
   VirtioInterrupts,
@@ -22,10 +21,9 @@ import {
   VIRTIO_STATUS_DEVICE_NEEDS_RESET,
   VIRTIO_STATUS_DRIVER_OK,
   VIRTIO_STATUS_FEATURES_OK,
-  type VirtioDeviceType,
 } from './device.js';
 import { checkQueueLayout, QUEUE_RECORD, resetQueueRecord } from './queue.js';
-import { virtioTypes } from './types.js';
+import { describeVirtio, type VirtioDeviceConfig } from './catalogue.js';
 
 /** PCI vendor ID of virtio devices, and the modern device IDs (0x1040 + virtio device ID). */
 export const VIRTIO_PCI_VENDOR_ID = 0x1af4;
@@ -107,22 +105,39 @@ export function virtioCapabilities(vectors: number, configBytes: number): PciCap
   ];
 }
 
-function typeOf(options: DeviceOptions): VirtioDeviceType {
-  const type = virtioTypes[String(options.type)];
-  if (!type) throw new KilnError(`unknown virtio device type '${String(options.type)}'`);
-  return type;
+/**
+ * A virtio-pci function: the device (its kind and that kind's options) and the
+ * transport's own fields: the queues' eventfds, the INTx line, the control eventfd.
+ */
+export interface VirtioPciOptions {
+  readonly device: VirtioDeviceConfig;
+  /** One eventfd per queue: the ioeventfd KVM signals on a kick, and the I/O thread waits on. */
+  readonly notifyFds: readonly number[];
+  /** The GSI of INTA#, or -1. */
+  readonly intxGsi: number;
+  /** The host's request channel to the backend (VirtioDeviceType.controlChannel), or -1. */
+  readonly controlFd: number;
 }
 
-/** The queue eventfds a device was given (options.notifyFds, comma-separated). */
-export function notifyFds(options: DeviceOptions): number[] {
-  return String(options.notifyFds ?? '')
-    .split(',')
-    .filter((s) => s !== '')
-    .map(Number);
+/** The device's state over its shared memory, on this thread. */
+export function virtioState(state: SharedArrayBuffer, options: VirtioPciOptions): VirtioState {
+  return new VirtioState(state, describeVirtio(options.device));
+}
+
+/** The state a device has before the driver first touches it, as after a reset. */
+function powerOnReset(s: VirtioState): void {
+  s.view.setUint16(VirtioState.fields.configMsixVector, VIRTIO_MSI_NO_VECTOR, true);
+  for (let q = 0; q < s.numQueues; q++) resetQueueRecord(s.queueRecord(q), s.type.maxQueueSize, VIRTIO_MSI_NO_VECTOR);
 }
 
 /** Registers or moves the ioeventfd of every queue to follow BAR 0 (base -1: decoding off). */
-function syncEventfds(s: VirtioState, vmFd: number, fds: number[], barBase: number, log: (line: string) => void): void {
+function syncEventfds(
+  s: VirtioState,
+  vmFd: number,
+  fds: readonly number[],
+  barBase: number,
+  log: (line: string) => void,
+): void {
   const vm = new VmFd(vmFd);
   for (let q = 0; q < s.numQueues; q++) {
     const rec = s.queueRecord(q);
@@ -156,15 +171,21 @@ function capabilityAt(space: DataView, id: number): number {
   return -1;
 }
 
-export const virtioPciModel: PciFunctionModel = {
-  stateBytes: (options) => VirtioState.bytes(typeOf(options), options),
+export const virtioPciModel: PciFunctionModel<VirtioPciOptions> = {
+  stateBytes: (options) => VirtioState.bytes(describeVirtio(options.device)),
+  init(state, options) {
+    const s = virtioState(state, options);
+    s.type.initConfig(s.config());
+    powerOnReset(s);
+    MsixTable.initialise(state, s.msixAt, s.vectors);
+  },
   create(state, options, ctx: DeviceContext) {
-    const type = typeOf(options);
-    const s = new VirtioState(state, type, options);
+    const s = virtioState(state, options);
+    const type = s.type;
     const v = s.view;
     const F = VirtioState.fields;
-    const irq = new VirtioInterrupts(s, ctx.signalMsi, ctx.setIrq, Number(options.intxGsi ?? -1));
-    const fds = notifyFds(options);
+    const irq = new VirtioInterrupts(s, ctx.signalMsi, ctx.setIrq, options.intxGsi);
+    const fds = options.notifyFds;
     const log = (line: string) => process.stderr.write(`kiln: ${line}\n`);
     const mem = ctx.memory;
     const maxSize = type.maxQueueSize;
@@ -337,7 +358,7 @@ export const virtioPciModel: PciFunctionModel = {
       write(offset, data) {
         if (offset < VIRTIO_BAR.common + COMMON_CFG.bytes) writeCommon(offset, data);
         else if (offset >= VIRTIO_BAR.device && offset + data.length <= VIRTIO_BAR.device + s.configBytes)
-          type.configWrite?.(config, offset - VIRTIO_BAR.device, data);
+          type.configWrite(config, offset - VIRTIO_BAR.device, data);
         else if (offset >= VIRTIO_BAR.notify && offset < VIRTIO_BAR.notify + REGION_BYTES) {
           const q = (offset - VIRTIO_BAR.notify) / VIRTIO_NOTIFY_OFF_MULTIPLIER;
           if (Number.isInteger(q) && q < s.numQueues) libc.signalEventfd(fds[q]!);

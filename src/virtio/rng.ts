@@ -4,7 +4,10 @@ import { KilnError } from '../errors.js';
 import * as libc from '../kvm/libc.js';
 import type { VirtioBackend, VirtioDeviceType, VirtioQueues } from './device.js';
 
-export const rngType: VirtioDeviceType = {
+/** The entropy device takes no options. */
+export type RngOptions = Record<string, never>;
+
+export const rngType: VirtioDeviceType<RngOptions> = {
   deviceId: 4,
   name: 'rng',
   maxQueueSize: 256,

@@ -9,7 +9,6 @@
 // (buf_alloc) and how much it has consumed (fwd_cnt); Kiln never sends the guest more
 // than it has room for, and tells it its own counts so it can send.
 import { KilnError } from '../errors.js';
-import type { DeviceOptions } from '../devices/device.js';
 import * as libc from '../kvm/libc.js';
 import type { VirtioBackend, VirtioDeviceType, VirtioQueues } from './device.js';
 
@@ -49,7 +48,14 @@ const BUF_ALLOC = 256 * 1024;
 const FIRST_HOST_PORT = 1 << 30;
 const CONNECT_LINE_MAX = 32;
 
-export const vsockType: VirtioDeviceType = {
+/** Firecracker's hybrid vsock: the listening Unix socket, its path and the guest's CID. */
+export interface VsockOptions {
+  readonly listenFd: number;
+  readonly udsPath: string;
+  readonly guestCid: number;
+}
+
+export const vsockType: VirtioDeviceType<VsockOptions> = {
   deviceId: 19,
   name: 'vsock',
   maxQueueSize: 256,
@@ -57,14 +63,14 @@ export const vsockType: VirtioDeviceType = {
   features: () => 0n,
   configBytes: () => VSOCK_CONFIG.bytes,
   initConfig(config, o) {
-    const cid = Number(o.guestCid);
+    const cid = o.guestCid;
     config.setUint32(VSOCK_CONFIG.guestCid, cid % 2 ** 32, true);
     config.setUint32(VSOCK_CONFIG.guestCid + 4, Math.floor(cid / 2 ** 32), true);
   },
 };
 
 /** Checks a guest CID (3 and up; 0-2 are reserved) and listens on the Unix socket. */
-export function listenVsock(path: string, guestCid: number): { fd: number; options: DeviceOptions } {
+export function listenVsock(path: string, guestCid: number): { fd: number; options: VsockOptions } {
   if (!Number.isInteger(guestCid) || guestCid < 3 || guestCid > 0xffff_ffff)
     throw new KilnError(`guest CID ${guestCid} is not valid (3 to 4294967295)`);
   const fd = libc.socket(libc.AF_UNIX, libc.SOCK_STREAM | libc.SOCK_CLOEXEC | libc.SOCK_NONBLOCK, 0);
@@ -111,11 +117,11 @@ export class VsockBackend implements VirtioBackend {
 
   constructor(
     private readonly rt: VirtioQueues,
-    options: DeviceOptions,
+    options: VsockOptions,
   ) {
-    this.listenFd = Number(options.listenFd);
-    this.udsPath = String(options.udsPath);
-    this.guestCid = Number(options.guestCid);
+    this.listenFd = options.listenFd;
+    this.udsPath = options.udsPath;
+    this.guestCid = options.guestCid;
     this.pollFds = [{ fd: this.listenFd, ready: () => this.accept() }];
   }
 

@@ -182,7 +182,6 @@ describe('bad input to a Linux VM', { skip: kvmSkip }, () => {
       () => boot({ kernel: text, memoryMiB: 1 << 30 }),
       /memoryMiB: must be a whole number from 1 to 4194304/,
     );
-    assert.throws(() => boot({ kernel: text, memoryMiB: 4 << 20 }), /larger than this host can map/);
     assert.equal(fds(), before, 'no KVM descriptor was opened');
   });
 });

@@ -5,9 +5,14 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import type { BusDevice } from '../../src/bus/bus.js';
 import { debugExitModel } from '../../src/devices/debug-exit.js';
-import type { DeviceContext, DeviceOptions } from '../../src/devices/device.js';
+import type { DeviceContext, DeviceModel } from '../../src/devices/device.js';
 import { PROGRESS_HISTORY, progressModel, readProgress } from '../../src/devices/progress.js';
-import { allocateDeviceState, deviceModels } from '../../src/devices/registry.js';
+import {
+  allocateDeviceState,
+  BUS_DEVICE_MODELS,
+  type BusDeviceKind,
+  type BusDeviceOptionsByKind,
+} from '../../src/devices/catalogue.js';
 import * as uart from '../../src/devices/serial.js';
 import { deviceContext, tempDir } from '../helpers.js';
 
@@ -17,13 +22,14 @@ const noExit: DeviceContext = deviceContext({
   requestReset: () => assert.fail('unexpected reset'),
 });
 
-function make(
-  kind: string,
-  options: DeviceOptions = {},
+function make<K extends BusDeviceKind>(
+  kind: K,
+  options: BusDeviceOptionsByKind[K],
   ctx = noExit,
 ): { device: BusDevice; state: SharedArrayBuffer } {
   const state = allocateDeviceState(kind, options);
-  return { device: deviceModels[kind]!.create(state, options, ctx), state };
+  const model: DeviceModel<BusDeviceOptionsByKind[K]> = BUS_DEVICE_MODELS[kind];
+  return { device: model.create(state, options, ctx), state };
 }
 
 function readBytes(d: BusDevice, offset: number, width: number): number[] {
@@ -37,7 +43,7 @@ test('16550: transmitted bytes reach the output descriptor in order', () => {
   const file = join(tempDir(), 'serial.out');
   const fd = openSync(file, 'w');
   try {
-    const { device } = make('serial', { outFd: fd });
+    const { device } = make('serial', { outFd: fd, irq: 4 });
     for (const c of Buffer.from('hello\n')) device.write(uart.UART_RBR_THR_DLL, Uint8Array.of(c));
   } finally {
     closeSync(fd);
@@ -46,7 +52,7 @@ test('16550: transmitted bytes reach the output descriptor in order', () => {
 });
 
 test('16550: divisor latch, scratch and line status behave as on the chip', () => {
-  const { device } = make('serial');
+  const { device } = make('serial', { outFd: -1, irq: 4 });
   assert.equal(read(device, uart.UART_LSR), uart.UART_LSR_THRE | uart.UART_LSR_TEMT, 'transmitter idle');
   assert.equal(read(device, uart.UART_IIR_FCR) & 0x0f, uart.UART_IIR_NO_INT);
   device.write(uart.UART_LCR, Uint8Array.of(uart.UART_LCR_DLAB | 0x03));
@@ -65,10 +71,10 @@ test('16550: divisor latch, scratch and line status behave as on the chip', () =
 });
 
 test('16550: two devices built from one state (two vCPU threads) share registers', () => {
-  const options = {};
+  const options = { outFd: -1, irq: 4 };
   const state = allocateDeviceState('serial', options);
-  const a = deviceModels.serial!.create(state, options, noExit);
-  const b = deviceModels.serial!.create(state, options, noExit);
+  const a = BUS_DEVICE_MODELS.serial.create(state, options, noExit);
+  const b = BUS_DEVICE_MODELS.serial.create(state, options, noExit);
   a.write(uart.UART_SCR, Uint8Array.of(0x33));
   assert.equal(read(b, uart.UART_SCR), 0x33);
 });
@@ -112,5 +118,5 @@ test('test device stores what is written and logs every access', () => {
 });
 
 test('an unknown device kind is refused', () => {
-  assert.throws(() => allocateDeviceState('floppy', {}), /unknown device kind 'floppy'/);
+  assert.throws(() => allocateDeviceState('floppy' as BusDeviceKind, {}), /unknown device kind 'floppy'/);
 });

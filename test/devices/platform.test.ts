@@ -3,8 +3,13 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { BusDevice } from '../../src/bus/bus.js';
-import type { DeviceContext, DeviceOptions } from '../../src/devices/device.js';
-import { allocateDeviceState, deviceModels } from '../../src/devices/registry.js';
+import type { DeviceContext, DeviceModel } from '../../src/devices/device.js';
+import {
+  allocateDeviceState,
+  BUS_DEVICE_MODELS,
+  type BusDeviceKind,
+  type BusDeviceOptionsByKind,
+} from '../../src/devices/catalogue.js';
 import * as rtc from '../../src/devices/rtc.js';
 import * as uart from '../../src/devices/serial.js';
 import { deviceContext } from '../helpers.js';
@@ -31,13 +36,14 @@ function recorder(): Recorder {
   };
 }
 
-function make(
-  kind: string,
+function make<K extends BusDeviceKind>(
+  kind: K,
   ctx: DeviceContext,
-  options: DeviceOptions = {},
+  options: BusDeviceOptionsByKind[K],
 ): { device: BusDevice; state: SharedArrayBuffer } {
   const state = allocateDeviceState(kind, options);
-  return { device: deviceModels[kind]!.create(state, options, ctx), state };
+  const model: DeviceModel<BusDeviceOptionsByKind[K]> = BUS_DEVICE_MODELS[kind];
+  return { device: model.create(state, options, ctx), state };
 }
 const rd = (d: BusDevice, offset: number) => {
   const data = new Uint8Array(1);
@@ -48,7 +54,7 @@ const wr = (d: BusDevice, offset: number, value: number) => d.write(offset, Uint
 
 test('16550: enabling THRI raises IRQ 4; reading IIR acknowledges it; each write raises it again', () => {
   const ctx = recorder();
-  const { device } = make('serial', ctx, { irq: 4 });
+  const { device } = make('serial', ctx, { outFd: -1, irq: 4 });
   assert.equal(rd(device, uart.UART_IIR_FCR) & 0x0f, uart.UART_IIR_NO_INT);
   wr(device, uart.UART_IER_DLM, uart.UART_IER_THRI);
   assert.deepEqual(ctx.irqs, ['4:1']);
@@ -60,8 +66,8 @@ test('16550: enabling THRI raises IRQ 4; reading IIR acknowledges it; each write
 
 test('16550: host input sets DR and raises the receive interrupt, which outranks THRE', () => {
   const ctx = recorder();
-  const { device, state } = make('serial', ctx, { irq: 4 });
-  const host = new uart.SerialHost(state, { irq: 4 }, ctx.setIrq);
+  const { device, state } = make('serial', ctx, { outFd: -1, irq: 4 });
+  const host = new uart.SerialHost(state, { outFd: -1, irq: 4 }, ctx.setIrq);
   wr(device, uart.UART_IER_DLM, uart.UART_IER_RDI | uart.UART_IER_THRI);
   assert.equal(host.input(Uint8Array.of(0x68, 0x69)), 2);
   assert.equal(rd(device, uart.UART_LSR) & uart.UART_LSR_DR, uart.UART_LSR_DR);
@@ -79,7 +85,7 @@ test('16550: host input sets DR and raises the receive interrupt, which outranks
 });
 
 test('16550: loopback returns transmitted bytes and mirrors modem control in MSR; FIFO clear', () => {
-  const { device } = make('serial', recorder());
+  const { device } = make('serial', recorder(), { outFd: -1, irq: 4 });
   wr(device, uart.UART_MCR, uart.UART_MCR_LOOP | uart.UART_MCR_OUT2 | uart.UART_MCR_RTS);
   assert.equal(
     rd(device, uart.UART_MSR) & 0xf0,
@@ -96,7 +102,7 @@ test('16550: loopback returns transmitted bytes and mirrors modem control in MSR
 
 test('ACPI PM: SLP_TYP 5 with SLP_EN powers off with status 0; the reset value resets', () => {
   const ctx = recorder();
-  const { device } = make('acpi-pm', ctx);
+  const { device } = make('acpi-pm', ctx, {});
   wr(device, 0, 5 << 2); // SLP_TYP without SLP_EN: nothing
   wr(device, 0, (3 << 2) | 0x20); // another sleep state: nothing
   assert.deepEqual(ctx.exits, []);
@@ -110,7 +116,7 @@ test('ACPI PM: SLP_TYP 5 with SLP_EN powers off with status 0; the reset value r
 
 test('i8042: self test, controller configuration, and the reset line', () => {
   const ctx = recorder();
-  const { device } = make('i8042', ctx);
+  const { device } = make('i8042', ctx, {});
   wr(device, 4, 0xaa);
   assert.equal(rd(device, 4) & 1, 1, 'output buffer full');
   assert.equal(rd(device, 0), 0x55);

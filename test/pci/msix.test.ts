@@ -5,7 +5,7 @@ import { execFileSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { allocateDeviceState } from '../../src/devices/registry.js';
+import { allocateDeviceState } from '../../src/devices/catalogue.js';
 import {
   MSIX_CONTROL_ENABLE,
   MSIX_CONTROL_FUNCTION_MASK,
@@ -20,7 +20,7 @@ import { tempDir, toolAvailable } from '../helpers.js';
 const layout = { vectors: 4, tableBar: 0, tableOffset: 0x2000, pbaBar: 0, pbaOffset: 0x3000 };
 
 function functionWithMsix() {
-  const root = new PciRoot(allocateDeviceState('pci-root', {}));
+  const root = new PciRoot(allocateDeviceState('pci-root', { role: 'cf8' }));
   const vendorCap = { id: 0x09, body: Uint8Array.of(4, 0xaa), writeMask: new Uint8Array(2) };
   root.addFunction(1, {
     vendorId: 0x1af4,
@@ -76,8 +76,10 @@ test(
 test('vectors start masked; a masked vector is pending and delivered once unmasked', () => {
   let control = 0;
   const delivered: string[] = [];
+  const state = new SharedArrayBuffer(msixStateBytes(4));
+  MsixTable.initialise(state, 0, 4);
   const table = new MsixTable(
-    new SharedArrayBuffer(msixStateBytes(4)),
+    state,
     0,
     4,
     () => control,
@@ -120,4 +122,29 @@ test('vectors start masked; a masked vector is pending and delivered once unmask
   assert.deepEqual(delivered.at(-1), 'fee01000:0:66', 'unmasking the entry delivers');
   table.notify(9);
   assert.equal(delivered.length, 3, 'out-of-range vectors are ignored');
+});
+
+test('a table built late on another thread does not re-mask what the driver unmasked', () => {
+  const state = new SharedArrayBuffer(msixStateBytes(2));
+  MsixTable.initialise(state, 0, 2);
+  const first = new MsixTable(
+    state,
+    0,
+    2,
+    () => 0,
+    () => undefined,
+  );
+  first.writeTable(12, new Uint8Array(4)); // the driver unmasks vector 0
+  const late = new MsixTable(
+    state,
+    0,
+    2,
+    () => 0,
+    () => undefined,
+  );
+  const vectorControl = new Uint8Array(4);
+  late.readTable(12, vectorControl);
+  assert.equal(vectorControl[0], 0, 'vector 0 stays unmasked');
+  late.readTable(16 + 12, vectorControl);
+  assert.equal(vectorControl[0], 1, 'vector 1 is still masked from power-on');
 });

@@ -9,7 +9,7 @@ import { describe, test } from 'node:test';
 import { loadProgram } from '../../src/guest/kit.js';
 import * as layout from '../../src/layout.js';
 import { PciRoot, type PciFunctionConfig } from '../../src/pci/root.js';
-import { allocateDeviceState } from '../../src/devices/registry.js';
+import { allocateDeviceState } from '../../src/devices/catalogue.js';
 import { Vm } from '../../src/vm.js';
 import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
 
@@ -45,15 +45,17 @@ function pciVm() {
     size: layout.PORT_PCI_CONFIG_SIZE,
     options: { role: 'cf8' },
   });
-  vm.addDevice({
-    id: 'pci-ecam',
-    kind: 'pci-root',
-    bus: 'mmio',
-    base: layout.PCI_ECAM_START,
-    size: layout.PCI_ECAM_SIZE,
-    options: { role: 'ecam' },
-    shareStateWith: cf8,
-  });
+  vm.addDevice(
+    {
+      id: 'pci-ecam',
+      kind: 'pci-root',
+      bus: 'mmio',
+      base: layout.PCI_ECAM_START,
+      size: layout.PCI_ECAM_SIZE,
+      options: { role: 'ecam' },
+    },
+    cf8,
+  );
   const root = new PciRoot(cf8.state);
   root.addFunction(0, HOST_BRIDGE);
   root.addFunction(3, TEST_FUNCTION);
@@ -164,7 +166,7 @@ test(
   'lspci -F decodes the host bridge and a device with memory and I/O BARs',
   { skip: lspci ? false : 'needs lspci (apt-get install pciutils)' },
   () => {
-    const state = allocateDeviceState('pci-root', {});
+    const state = allocateDeviceState('pci-root', { role: 'cf8' });
     const root = new PciRoot(state);
     root.addFunction(0, HOST_BRIDGE);
     root.addFunction(3, TEST_FUNCTION);
@@ -194,7 +196,7 @@ test(
 );
 
 test('bad PCI layouts are refused', () => {
-  const root = new PciRoot(allocateDeviceState('pci-root', {}));
+  const root = new PciRoot(allocateDeviceState('pci-root', { role: 'cf8' }));
   root.addFunction(1, HOST_BRIDGE);
   assert.throws(() => root.addFunction(1, HOST_BRIDGE), /PCI slot 1 is already taken/);
   assert.throws(() => root.addFunction(32, HOST_BRIDGE), /PCI slot 32 does not exist/);

@@ -62,7 +62,7 @@ void kit_main(void) {
 
 describe('virtio-balloon', { skip: kvmSkip }, () => {
   test('inflate and free page reporting return memory to the host; statistics and the target travel both ways', async () => {
-    const t = virtioTestVm([{ type: 'balloon' }], 96 * MiB);
+    const t = virtioTestVm([{ kind: 'balloon', options: { targetPages: 0, deflateOnOom: false } }], 96 * MiB);
     const ctl = balloonControl(t.devices[0]!);
     const rss: number[] = [];
     await runDriver(

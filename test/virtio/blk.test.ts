@@ -62,7 +62,7 @@ describe('virtio-blk', { skip: kvmSkip }, () => {
   test('a ring-3 driver reads, writes (indirect), flushes and gets the serial id over virtio-pci with MSI-X', async () => {
     const { path, pattern } = disk(1 << 20);
     const { fd, options } = blkDevice(path);
-    const t = virtioTestVm([{ type: 'blk', options }]);
+    const t = virtioTestVm([{ kind: 'blk', options }]);
     t.vm.adoptFd(fd);
     await runDriver(t, BLK_DRIVER, {}, (r) => {
       assert.equal(r.exitCode, 0, r.detail);
@@ -98,7 +98,7 @@ describe('virtio-blk', { skip: kvmSkip }, () => {
   test('a disk file that shrinks under the VM gives the guest I/O errors past the new end; the rest still works', async () => {
     const { path } = disk(1 << 20);
     const { fd, options } = blkDevice(path);
-    const t = virtioTestVm([{ type: 'blk', options }]);
+    const t = virtioTestVm([{ kind: 'blk', options }]);
     t.vm.adoptFd(fd);
     await runDriver(
       t,
@@ -144,8 +144,8 @@ describe('virtio-blk', { skip: kvmSkip }, () => {
     writeFileSync(roPath, pattern);
     const roDisk = blkDevice(roPath, true);
     const t = virtioTestVm([
-      { type: 'blk', options: rwDisk.options },
-      { type: 'blk', options: roDisk.options },
+      { kind: 'blk', options: rwDisk.options },
+      { kind: 'blk', options: roDisk.options },
     ]);
     t.vm.adoptFd(rwDisk.fd);
     t.vm.adoptFd(roDisk.fd);
@@ -203,7 +203,7 @@ describe('virtio-blk', { skip: kvmSkip }, () => {
   test('the backing file changes under a running guest (PATCH /drives): new capacity and contents, with a configuration change', async () => {
     const a = disk(1 << 20);
     const { fd, options } = blkDevice(a.path);
-    const t = virtioTestVm([{ type: 'blk', options }]);
+    const t = virtioTestVm([{ kind: 'blk', options }]);
     t.vm.adoptFd(fd);
     const bPath = `${a.path}.b`;
     const b = Buffer.alloc(2 << 20, 0x42);

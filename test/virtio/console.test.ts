@@ -45,7 +45,7 @@ describe('virtio-console', { skip: kvmSkip }, () => {
   test('on a Unix socket: guest output reaches the client, client input reaches the guest', async () => {
     const path = join(tempDir(), 'console.sock');
     const listenFd = listenConsole(path);
-    const t = virtioTestVm([{ type: 'console', options: { listenFd } }]);
+    const t = virtioTestVm([{ kind: 'console', options: { listenFd } }]);
     t.vm.adoptFd(listenFd);
     let received = '';
     await runDriver(

@@ -1,11 +1,11 @@
 // Shared set-up for virtio tests: a test VM with an in-kernel irqchip, PCI bus 0 and
 // the given virtio devices, running a freestanding C driver at ring 3 in long mode.
-import type { DeviceOptions } from '../../src/devices/device.js';
 import { loadProgram } from '../../src/guest/kit.js';
 import * as layout from '../../src/layout.js';
 import { pciIntxGsi } from '../../src/layout.js';
 import { attachPciHost, type PciHost } from '../../src/platform/pci.js';
 import { addVirtioPciDevice, type VirtioPciDevice } from '../../src/platform/virtio.js';
+import type { VirtioDeviceConfig } from '../../src/virtio/catalogue.js';
 import type { VmResult } from '../../src/vm.js';
 import { createTestVm, type TestVm } from '../helpers.js';
 
@@ -14,10 +14,7 @@ export interface VirtioTestVm extends TestVm {
   readonly devices: VirtioPciDevice[];
 }
 
-export function virtioTestVm(
-  devices: Array<{ type: string; options?: DeviceOptions }>,
-  memoryBytes = 64 * layout.MiB,
-): VirtioTestVm {
+export function virtioTestVm(devices: readonly VirtioDeviceConfig[], memoryBytes = 64 * layout.MiB): VirtioTestVm {
   const t = createTestVm({ irqchip: true, memoryBytes });
   try {
     const pci = attachPciHost(t.vm);
@@ -26,9 +23,8 @@ export function virtioTestVm(
       return addVirtioPciDevice(t.vm, pci.root, pci.bars, {
         id: `virtio${i}`,
         slot,
-        type: d.type,
         intxGsi: pciIntxGsi(slot),
-        ...(d.options ? { options: d.options } : {}),
+        device: d,
       });
     });
     return { ...t, pci, devices: added };

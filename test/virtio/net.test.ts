@@ -89,7 +89,7 @@ describe('virtio-net', { skip: netSkip }, () => {
     ip('-n', ns, 'addr', 'add', '10.77.0.1/24', 'dev', tap);
     ip('-n', ns, 'link', 'set', tap, 'up');
     const tapMac = /link\/ether ([0-9a-f:]{17})/.exec(ip('-n', ns, 'link', 'show', tap))![1]!;
-    const t = virtioTestVm([{ type: 'net', options: opened.options }]);
+    const t = virtioTestVm([{ kind: 'net', options: opened.options }]);
     t.vm.adoptFd(opened.fd);
     await runDriver(t, ARP_DRIVER, { SOURCE_IP: ipNum('10.77.0.2'), TARGET_IP: ipNum('10.77.0.1') }, (r) => {
       assert.equal(r.exitCode, 0, `${r.detail} (driver status ${r.exitCode})`);
@@ -129,7 +129,7 @@ describe('virtio-net', { skip: netSkip }, () => {
       after(() => passt.kill('SIGKILL'));
       for (let i = 0; i < 100 && !existsSync(sock); i++) await sleep(50);
       const opened = openNet({ passt: sock, mac: '06:00:0a:58:00:05' }, 0);
-      const t = virtioTestVm([{ type: 'net', options: opened.options }]);
+      const t = virtioTestVm([{ kind: 'net', options: opened.options }]);
       t.vm.adoptFd(opened.fd);
       await runDriver(
         t,

@@ -3,6 +3,7 @@
 // that put one device into NEEDS_RESET while the VM and the other devices carry on.
 // The function's configuration space is also decoded by `lspci -F`.
 import assert from 'node:assert/strict';
+import type { VirtioDeviceConfig } from '../../src/virtio/catalogue.js';
 import { execFileSync } from 'node:child_process';
 import { openSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -24,7 +25,7 @@ function blkDisk(): { fd: number; options: ReturnType<typeof blkOptions> } {
 
 describe('virtio-pci transport', { skip: kvmSkip }, () => {
   test('virtio-rng fills buffers with host entropy', async () => {
-    const t = virtioTestVm([{ type: 'rng' }]);
+    const t = virtioTestVm([{ kind: 'rng', options: {} }]);
     await runDriver(
       t,
       `void kit_main(void) {
@@ -53,7 +54,7 @@ describe('virtio-pci transport', { skip: kvmSkip }, () => {
   });
 
   test('features: an unknown bit or a missing VERSION_1 leaves FEATURES_OK clear', async () => {
-    const t = virtioTestVm([{ type: 'rng' }]);
+    const t = virtioTestVm([{ kind: 'rng', options: {} }]);
     await runDriver(
       t,
       `void kit_main(void) {
@@ -82,7 +83,7 @@ describe('virtio-pci transport', { skip: kvmSkip }, () => {
   });
 
   test('MSI-X: a masked vector stays pending in the PBA and arrives on unmask; without MSI-X the ISR says why', async () => {
-    const t = virtioTestVm([{ type: 'rng' }]);
+    const t = virtioTestVm([{ kind: 'rng', options: {} }]);
     await runDriver(
       t,
       `void kit_main(void) {
@@ -130,7 +131,10 @@ describe('virtio-pci transport', { skip: kvmSkip }, () => {
 
   test('a looping chain and a bad queue put one device in NEEDS_RESET; after a reset it works, and the other device never stopped', async () => {
     const disk = blkDisk();
-    const t = virtioTestVm([{ type: 'blk', options: disk.options }, { type: 'rng' }]);
+    const t = virtioTestVm([
+      { kind: 'blk', options: disk.options },
+      { kind: 'rng', options: {} },
+    ]);
     t.vm.adoptFd(disk.fd);
     await runDriver(
       t,
@@ -192,7 +196,7 @@ describe('virtio-pci transport', { skip: kvmSkip }, () => {
   });
 
   test('a BAR the guest moves is followed: registers and kicks work at the new address', async () => {
-    const t = virtioTestVm([{ type: 'rng' }]);
+    const t = virtioTestVm([{ kind: 'rng', options: {} }]);
     await runDriver(
       t,
       `void kit_main(void) {
@@ -230,7 +234,10 @@ describe('virtio-pci transport', { skip: kvmSkip }, () => {
   });
 
   test('fuzz from the guest: random rings and registers never stop the VMM; the device works after a reset', async () => {
-    const t = virtioTestVm([{ type: 'rng' }, { type: 'rng' }]);
+    const t = virtioTestVm([
+      { kind: 'rng', options: {} },
+      { kind: 'rng', options: {} },
+    ]);
     await runDriver(
       t,
       `static u64 s = 0x1234567887654321ULL;
@@ -292,15 +299,23 @@ describe('virtio-pci transport', { skip: kvmSkip }, () => {
     async () => {
       const disk = blkDisk();
       // Configuration space only: no VM runs, so the host ends need not be live.
-      const kinds = [
-        { type: 'blk', options: disk.options, id: 0x1042, vectors: 2 },
-        { type: 'net', options: { fd: -1, mac: '06:00:00:00:00:07', backend: 'tap' }, id: 0x1041, vectors: 3 },
-        { type: 'console', options: {}, id: 0x1043, vectors: 3 },
-        { type: 'rng', options: {}, id: 0x1044, vectors: 2 },
-        { type: 'balloon', options: {}, id: 0x1045, vectors: 5 },
-        { type: 'vsock', options: { guestCid: 3, udsPath: '/nonexistent', listenFd: -1 }, id: 0x1053, vectors: 4 },
+      const kinds: Array<{ device: VirtioDeviceConfig; id: number; vectors: number }> = [
+        { device: { kind: 'blk', options: disk.options }, id: 0x1042, vectors: 2 },
+        {
+          device: { kind: 'net', options: { fd: -1, mac: '06:00:00:00:00:07', backend: 'tap' } },
+          id: 0x1041,
+          vectors: 3,
+        },
+        { device: { kind: 'console', options: {} }, id: 0x1043, vectors: 3 },
+        { device: { kind: 'rng', options: {} }, id: 0x1044, vectors: 2 },
+        { device: { kind: 'balloon', options: { targetPages: 0, deflateOnOom: false } }, id: 0x1045, vectors: 5 },
+        {
+          device: { kind: 'vsock', options: { guestCid: 3, udsPath: '/nonexistent', listenFd: -1 } },
+          id: 0x1053,
+          vectors: 4,
+        },
       ];
-      const t = virtioTestVm(kinds.map((k) => ({ type: k.type, options: k.options })));
+      const t = virtioTestVm(kinds.map((k) => k.device));
       t.vm.adoptFd(disk.fd);
       try {
         const dir = tempDir();
@@ -327,20 +342,20 @@ describe('virtio-pci transport', { skip: kvmSkip }, () => {
         kinds.forEach((k, i) => {
           const sec = sections[i]!;
           const dev = t.devices[i]!;
-          assert.match(sec, new RegExp(`\\[1af4:${k.id.toString(16)}\\]`), `${k.type}: modern virtio device ID`);
+          assert.match(sec, new RegExp(`\\[1af4:${k.id.toString(16)}\\]`), `${k.device.kind}: modern virtio device ID`);
           assert.match(
             sec,
             new RegExp(
               `Region 0: Memory at ${dev.barAddress.toString(16)} \\(32-bit, non-prefetchable\\) \\[disabled\\]`,
             ),
-            `${k.type}: BAR 0 (memory decoding off until a driver enables it)`,
+            `${k.device.kind}: BAR 0 (memory decoding off until a driver enables it)`,
           );
           for (const cfg of ['CommonCfg', 'ISR', 'DeviceCfg', 'Notify'])
-            assert.match(sec, new RegExp(`VirtIO: ${cfg}`), `${k.type}: ${cfg}`);
+            assert.match(sec, new RegExp(`VirtIO: ${cfg}`), `${k.device.kind}: ${cfg}`);
           assert.match(
             sec,
             new RegExp(`MSI-X: Enable- Count=${k.vectors} Masked-`),
-            `${k.type}: one vector per queue + config`,
+            `${k.device.kind}: one vector per queue + config`,
           );
           assert.match(sec, /Vector table: BAR=0 offset=00004000/);
           assert.match(sec, /PBA: BAR=0 offset=00005000/);

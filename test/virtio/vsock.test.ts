@@ -98,7 +98,7 @@ describe('virtio-vsock (hybrid Unix socket model)', { skip: kvmSkip }, () => {
     await once(server, 'listening');
     after(() => server.close());
     const { fd, options } = listenVsock(uds, 42);
-    const t = virtioTestVm([{ type: 'vsock', options }]);
+    const t = virtioTestVm([{ kind: 'vsock', options }]);
     t.vm.adoptFd(fd);
     let fromGuest = '';
     await runDriver(
