@@ -13,6 +13,7 @@ import type { VcpuExit } from './vcpu/messages.js';
 import { KICK_SIGNAL, VcpuThread } from './vcpu/vcpu-thread.js';
 import * as libc from './kvm/libc.js';
 import { IoThread } from './virtio/io-thread.js';
+import { LogSink } from './log.js';
 
 export interface VmConfig {
   readonly memoryBytes: number;
@@ -27,6 +28,8 @@ export interface VmConfig {
   readonly irqchip?: boolean;
   /** Software-KVM compatibility for the vCPU threads (compat/pvm.ts). */
   readonly compat?: CompatConfig | null;
+  /** Where the VM's log lines go, every thread's (default: stderr, "kiln: " first). */
+  readonly log?: (line: string) => void;
 }
 
 export interface VmResult {
@@ -60,6 +63,8 @@ export class Vm {
   private readonly ownedFds: number[] = [];
   private result: Promise<VmResult> | null = null;
   private destroyed = false;
+  /** The one log sink of this VM's threads (log.ts). */
+  readonly logSink: LogSink;
 
   private constructor(
     private readonly kvm: KvmSystem,
@@ -71,6 +76,7 @@ export class Vm {
     this.memory = memory;
     this.vcpus = vcpus;
     this.control = ctl.allocateControl(vcpus.length);
+    this.logSink = new LogSink(config.log ?? ((line) => process.stderr.write(`kiln: ${line}\n`)));
     this.cells = new Int32Array(this.control);
   }
 
@@ -136,29 +142,34 @@ export class Vm {
   /** Linux thread id of the I/O thread, or 0 when the VM has no virtio devices. */
   ioThreadId = 0;
 
+  private readonly emit = (source: string, line: string) => this.logSink.emit(source, line);
+
   /** Starts the I/O thread (if any device needs it) and one thread per vCPU; resolves when every one is running. */
   async start(): Promise<void> {
     if (this.threads.length > 0) throw new KilnError('the VM has already started');
     const virtio = this.devices.filter((d): d is DeviceSpec<'virtio-pci'> => d.kind === 'virtio-pci');
     if (virtio.length > 0) {
-      this.io = new IoThread({ memory: this.memory.descriptor, vmFd: this.vmFd.fd, devices: virtio });
+      this.io = new IoThread({ memory: this.memory.descriptor, vmFd: this.vmFd.fd, devices: virtio }, this.emit);
       this.ioThreadId = await this.io.ready;
     }
     const runMmapSize = this.kvm.vcpuMmapSize();
     this.threads = this.vcpus.map(
       (vcpu, id) =>
-        new VcpuThread({
-          id,
-          vcpuFd: vcpu.fd,
-          runMmapSize,
-          control: this.control,
-          memory: this.memory.descriptor,
-          devices: this.devices,
-          vmFd: this.vmFd.fd,
-          kickSignal: KICK_SIGNAL,
-          logUnhandled: this.config.logUnhandled ?? false,
-          compat: this.config.compat ?? null,
-        }),
+        new VcpuThread(
+          {
+            id,
+            vcpuFd: vcpu.fd,
+            runMmapSize,
+            control: this.control,
+            memory: this.memory.descriptor,
+            devices: this.devices,
+            vmFd: this.vmFd.fd,
+            kickSignal: KICK_SIGNAL,
+            logUnhandled: this.config.logUnhandled ?? false,
+            compat: this.config.compat ?? null,
+          },
+          this.emit,
+        ),
     );
     this.result = this.collect();
     await Promise.all(this.threads.map((t) => t.ready));
@@ -228,7 +239,8 @@ export class Vm {
     const io = this.io;
     this.io = null;
     const failure = io ? await io.stop() : null;
-    if (failure) process.stderr.write(`kiln: the I/O thread ended with an error: ${failure}\n`);
+    if (failure) this.logSink.emit('io', `the I/O thread ended with an error: ${failure}`);
+    this.logSink.flush();
   }
 
   /** Closes every file descriptor and unmaps guest memory. Stops the VM first if needed. */

@@ -43,12 +43,19 @@ export interface TestVm {
 
 /** A VM with the progress port, debug-exit, and the kit's test device on both buses. */
 export function createTestVm(
-  options: { vcpus?: number; memoryBytes?: number; serialFd?: number; irqchip?: boolean } = {},
+  options: {
+    vcpus?: number;
+    memoryBytes?: number;
+    serialFd?: number;
+    irqchip?: boolean;
+    log?: (line: string) => void;
+  } = {},
 ): TestVm {
   const vm = Vm.create({
     memoryBytes: options.memoryBytes ?? 4 * layout.MiB,
     vcpus: options.vcpus ?? 1,
     irqchip: options.irqchip ?? false,
+    ...(options.log ? { log: options.log } : {}),
   });
   const progress = vm.addDevice({
     id: 'progress',
@@ -128,5 +135,12 @@ export function deviceContext(
   parts: Pick<DeviceContext, 'requestExit' | 'requestReset' | 'setIrq'> & Partial<DeviceContext>,
 ): DeviceContext {
   const noMemory = new Proxy({}, { get: () => assert.fail('this device context has no guest memory') }) as GuestMemory;
-  return { signalMsi: () => undefined, memory: noMemory, vmFd: -1, pciFunctions: new Map(), ...parts };
+  return {
+    signalMsi: () => undefined,
+    log: (line) => process.stderr.write(`# device log: ${line}\n`),
+    memory: noMemory,
+    vmFd: -1,
+    pciFunctions: new Map(),
+    ...parts,
+  } as DeviceContext;
 }

@@ -96,7 +96,7 @@ export class Vmm {
     if ((c.cmdline ?? '').split(/\s+/).includes('pci=off'))
       this.note('Warning', "dropped `pci=off` from boot_args: Kiln's virtio devices are on PCI");
     try {
-      this.live = createLinuxVm(c, { serialOutFd: this.serialOutFd });
+      this.live = createLinuxVm(c, { serialOutFd: this.serialOutFd, log: (line) => this.note('Warning', line) });
     } catch (err) {
       if (err instanceof KilnError) throw new ApiError(`Cannot start microvm: ${err.message}`);
       throw err;

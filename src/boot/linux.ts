@@ -29,6 +29,8 @@ export interface LinuxRuntime {
   readonly logUnhandled?: boolean;
   /** Decompress a bzImage's payload on the host and boot the ELF inside (PVH). */
   readonly hostDecompress?: boolean;
+  /** Where the VM's log lines go (every thread's; default: stderr). */
+  readonly log?: (line: string) => void;
 }
 
 /** What the boot did, without the bytes it wrote (those live in guest memory only). */
@@ -123,6 +125,7 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime): LinuxV
       vcpus: config.cpus,
       irqchip: true,
       logUnhandled: runtime.logUnhandled ?? false,
+      ...(runtime.log ? { log: runtime.log } : {}),
       compat: softwareKvm ? { syscallFix: planSyscallFix(boot.textEnd) } : null,
     });
   } catch (err) {
@@ -138,8 +141,9 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime): LinuxV
     const refused = new Set<number>();
     vm.vcpus.forEach((vcpu, i) => configureVcpu(vcpu, i, config.cpus, cpuid, true).forEach((msr) => refused.add(msr)));
     if (refused.size > 0) {
-      process.stderr.write(
-        `kiln: KVM refused to set boot MSR(s) ${[...refused].map((m) => `0x${m.toString(16)}`).join(', ')}; they keep KVM's reset values\n`,
+      vm.logSink.emit(
+        'vcpu',
+        `KVM refused to set boot MSR(s) ${[...refused].map((m) => `0x${m.toString(16)}`).join(', ')}; they keep KVM's reset values`,
       );
     }
     vm.memory.write(acpi.base, acpi.bytes);

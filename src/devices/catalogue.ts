@@ -156,17 +156,22 @@ const isPciFunction = (spec: DeviceSpec): spec is DeviceSpec<PciFunctionKind> =>
  * Builds this thread's buses: one BusDevice per spec, each behind its shared lock. PCI
  * functions come first, so the PCI root built after them can route to them.
  */
-export function buildBuses(specs: readonly DeviceSpec[], base: Omit<DeviceContext, 'pciFunctions'>): Buses {
+export function buildBuses(
+  specs: readonly DeviceSpec[],
+  base: Omit<DeviceContext, 'pciFunctions' | 'log'>,
+  log: (source: string, line: string) => void,
+): Buses {
   const buses: Buses = { pio: new Bus('port I/O'), mmio: new Bus('MMIO') };
   const pciFunctions = new Map<number, PciFunctionHandle>();
-  const ctx: DeviceContext = { ...base, pciFunctions };
+  const ctxOf = (spec: DeviceSpec): DeviceContext => ({ ...base, pciFunctions, log: (line) => log(spec.id, line) });
   for (const spec of specs) {
-    if (isPciFunction(spec)) pciFunctions.set(spec.base, { ...createPciFunction(spec, ctx), lock: lockOf(spec) });
+    if (isPciFunction(spec))
+      pciFunctions.set(spec.base, { ...createPciFunction(spec, ctxOf(spec)), lock: lockOf(spec) });
   }
   for (const spec of specs) {
     if (isPciFunction(spec)) continue;
     const busSpec = spec as DeviceSpec<BusDeviceKind>;
-    buses[busSpec.bus].insert(busSpec.base, busSpec.size, createBusDevice(busSpec, ctx), lockOf(spec));
+    buses[busSpec.bus].insert(busSpec.base, busSpec.size, createBusDevice(busSpec, ctxOf(spec)), lockOf(spec));
   }
   return buses;
 }

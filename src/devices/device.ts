@@ -17,6 +17,8 @@ export interface DeviceContext {
   setIrq(irq: number, level: 0 | 1): void;
   /** Sends a message-signalled interrupt (KVM_SIGNAL_MSI). */
   signalMsi(addressLo: number, addressHi: number, data: number): void;
+  /** A line for the VMM's log (the one sink, log.ts), from this device; never stderr directly. */
+  log(line: string): void;
   /** Guest RAM, as this thread sees it. */
   readonly memory: GuestMemory;
   /** The VM fd (for ioeventfd registration by PCI functions). */

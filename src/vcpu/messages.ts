@@ -2,6 +2,7 @@
 import type { CompatConfig } from '../compat/pvm.js';
 import type { DeviceSpec } from '../devices/catalogue.js';
 import type { Decoded } from '../kvm/struct.js';
+import type { LogMessage } from '../log.js';
 import type { GuestMemoryDescriptor } from '../memory/guest-memory.js';
 
 export interface VcpuWorkerInit {
@@ -51,6 +52,7 @@ export interface VcpuExit {
 }
 
 export type VcpuMessage =
+  | LogMessage
   | {
       readonly type: 'ready';
       readonly thread: number | bigint;

@@ -23,7 +23,11 @@ export class VcpuThread {
   readonly ready: Promise<void>;
   readonly exited: Promise<VcpuExit>;
 
-  constructor(readonly init: VcpuWorkerInit) {
+  constructor(
+    readonly init: VcpuWorkerInit,
+    /** Where this thread's log lines go (the VM's LogSink). */
+    log: (source: string, line: string) => void,
+  ) {
     this.cells = new Int32Array(init.control);
     this.worker = new Worker(new URL('./worker.js', import.meta.url), {
       workerData: init,
@@ -39,7 +43,9 @@ export class VcpuThread {
     let exit: VcpuExit | null = null;
     this.exited = new Promise((resolve) => {
       this.worker.on('message', (message: VcpuMessage) => {
-        if (message.type === 'ready') {
+        if (message.type === 'log') {
+          log(message.source, message.line);
+        } else if (message.type === 'ready') {
           this.thread = message.thread;
           this.tid = message.tid;
           this.firstRunAt = message.firstRunAt;

@@ -91,23 +91,27 @@ function ioSlice(offset: number, size: number): Uint8Array {
 // ---- devices ----
 let guestExitCause = '';
 const memory = GuestMemory.attach(init.memory);
-const buses = buildBuses(init.devices, {
-  memory,
-  vmFd: init.vmFd,
-  signalMsi: msiSender(init.vmFd),
-  requestExit(code, cause) {
-    if (ctl.requestVmExit(cells, code)) guestExitCause = cause;
+const buses = buildBuses(
+  init.devices,
+  {
+    memory,
+    vmFd: init.vmFd,
+    signalMsi: msiSender(init.vmFd),
+    requestExit(code, cause) {
+      if (ctl.requestVmExit(cells, code)) guestExitCause = cause;
+    },
+    requestReset(cause) {
+      if (ctl.requestVmExit(cells, 0, ctl.EXIT_KIND_RESET)) guestExitCause = cause;
+    },
+    setIrq: irqLineSetter(init.vmFd),
   },
-  requestReset(cause) {
-    if (ctl.requestVmExit(cells, 0, ctl.EXIT_KIND_RESET)) guestExitCause = cause;
-  },
-  setIrq: irqLineSetter(init.vmFd),
-});
+  (source, line) => post({ type: 'log', source, line }),
+);
 const reportedUnhandled = new Set<string>();
 function unhandled(what: string): void {
   if (!init.logUnhandled || reportedUnhandled.has(what)) return;
   reportedUnhandled.add(what);
-  process.stderr.write(`kiln: vcpu${init.id}: ${what} (nothing mapped there; further ones not logged)\n`);
+  log(`${what} (nothing mapped there; further ones not logged)`);
 }
 
 /** A u64 field of kvm_run as a number; getBigUint64 would allocate a BigInt per exit. */
@@ -115,7 +119,9 @@ function readU64(offset: number): number {
   return run.getUint32(offset, true) + run.getUint32(offset + 4, true) * 2 ** 32;
 }
 
-const log = (line: string) => process.stderr.write(`kiln: vcpu${init.id}: ${line}\n`);
+function log(line: string): void {
+  post({ type: 'log', source: `vcpu${init.id}`, line });
+}
 const compat = init.compat
   ? new PvmCompat(
       init.compat,

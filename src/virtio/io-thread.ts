@@ -4,6 +4,7 @@ import { Worker } from 'node:worker_threads';
 import type { DeviceSpec } from '../devices/catalogue.js';
 import { KilnError } from '../errors.js';
 import * as libc from '../kvm/libc.js';
+import { isLogMessage, type LogMessage } from '../log.js';
 import type { GuestMemoryDescriptor } from '../memory/guest-memory.js';
 
 export interface IoThreadInit {
@@ -19,7 +20,11 @@ export class IoThread {
   readonly ready: Promise<number>;
   readonly exited: Promise<string | null>;
 
-  constructor(init: Omit<IoThreadInit, 'stopFd'>) {
+  constructor(
+    init: Omit<IoThreadInit, 'stopFd'>,
+    /** Where the I/O thread's log lines go (the VM's LogSink). */
+    log: (source: string, line: string) => void,
+  ) {
     this.stopFd = libc.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
     if (this.stopFd < 0) throw new KilnError(`eventfd failed: ${libc.errnoName(libc.errno())}`);
     this.worker = new Worker(new URL('./io-worker.js', import.meta.url), {
@@ -29,7 +34,10 @@ export class IoThread {
     });
     let failure: string | null = null;
     this.ready = new Promise((resolve, reject) => {
-      this.worker.once('message', (m: { tid: number }) => resolve(m.tid));
+      this.worker.on('message', (m: { type: 'ready'; tid: number } | LogMessage) => {
+        if (isLogMessage(m)) log(m.source, m.line);
+        else resolve(m.tid);
+      });
       this.worker.once('error', (err) => {
         failure = err.message;
         reject(new KilnError(`the I/O thread failed: ${err.message}`));

@@ -18,7 +18,8 @@ const init = workerData as IoThreadInit;
 const memory = GuestMemory.attach(init.memory);
 const sendMsi = msiSender(init.vmFd);
 const setIrq = irqLineSetter(init.vmFd);
-const log = (line: string) => process.stderr.write(`kiln: ${line}\n`);
+/** A device's lines go to the VM's one log sink, named by the device (log.ts). */
+const logFor = (source: string) => (line: string) => parentPort!.postMessage({ type: 'log', source, line });
 
 const epfd = libc.epollCreate1(libc.EPOLL_CLOEXEC);
 if (epfd < 0) throw new Error(`epoll_create1 failed: ${libc.errnoName(libc.errno())}`);
@@ -61,7 +62,7 @@ for (const spec of init.devices) {
     state,
     new SharedLock(new Int32Array(spec.state, 0, 1), LOCK_INDEX),
     interrupts,
-    log,
+    logFor(spec.id),
     { setPollable, watch, unwatch },
   );
   const backend = createBackend(spec.options.device, runtime, { controlFd: spec.options.controlFd });

@@ -186,7 +186,7 @@ export const virtioPciModel: PciFunctionModel<VirtioPciOptions> = {
     const F = VirtioState.fields;
     const irq = new VirtioInterrupts(s, ctx.signalMsi, ctx.setIrq, options.intxGsi);
     const fds = options.notifyFds;
-    const log = (line: string) => process.stderr.write(`kiln: ${line}\n`);
+    const log = (line: string) => ctx.log(line);
     const mem = ctx.memory;
     const maxSize = type.maxQueueSize;
 

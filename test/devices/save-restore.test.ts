@@ -23,6 +23,7 @@ const ctx: DeviceContext = {
   requestReset: () => assert.fail('unexpected reset'),
   setIrq: () => undefined,
   signalMsi: () => undefined,
+  log: (line) => assert.fail(`unexpected log line: ${line}`),
   // No queue is enabled and no BAR moves here, so neither guest memory nor the VM fd is touched.
   memory: {} as GuestMemory,
   vmFd: -1,

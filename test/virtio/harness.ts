@@ -14,8 +14,12 @@ export interface VirtioTestVm extends TestVm {
   readonly devices: VirtioPciDevice[];
 }
 
-export function virtioTestVm(devices: readonly VirtioDeviceConfig[], memoryBytes = 64 * layout.MiB): VirtioTestVm {
-  const t = createTestVm({ irqchip: true, memoryBytes });
+export function virtioTestVm(
+  devices: readonly VirtioDeviceConfig[],
+  memoryBytes = 64 * layout.MiB,
+  log?: (line: string) => void,
+): VirtioTestVm {
+  const t = createTestVm({ irqchip: true, memoryBytes, ...(log ? { log } : {}) });
   try {
     const pci = attachPciHost(t.vm);
     const added = devices.map((d, i) => {

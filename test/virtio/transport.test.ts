@@ -131,10 +131,15 @@ describe('virtio-pci transport', { skip: kvmSkip }, () => {
 
   test('a looping chain and a bad queue put one device in NEEDS_RESET; after a reset it works, and the other device never stopped', async () => {
     const disk = blkDisk();
-    const t = virtioTestVm([
-      { kind: 'blk', options: disk.options },
-      { kind: 'rng', options: {} },
-    ]);
+    const logged: string[] = [];
+    const t = virtioTestVm(
+      [
+        { kind: 'blk', options: disk.options },
+        { kind: 'rng', options: {} },
+      ],
+      undefined,
+      (line) => logged.push(line),
+    );
     t.vm.adoptFd(disk.fd);
     await runDriver(
       t,
@@ -192,6 +197,15 @@ describe('virtio-pci transport', { skip: kvmSkip }, () => {
         assert.equal(result(t, 5), 0n, 'bad queue not enabled');
         assert.equal(Number(result(t, 6)) & 0x40, 0x40, 'bad queue: NEEDS_RESET');
       },
+    );
+    // Both threads' lines reached the VM's one log sink, named by device (I/O thread: the ring; vCPU thread: the queue layout).
+    assert.ok(
+      logged.some((l) => /^virtio0: virtio-blk: .*the device needs a reset/.test(l)),
+      logged.join('\n'),
+    );
+    assert.ok(
+      logged.some((l) => /^virtio0: virtio-blk: queue \d: .*the device needs a reset/.test(l)),
+      logged.join('\n'),
     );
   });
 
