@@ -8,10 +8,11 @@ import { spawnSync } from 'node:child_process';
 // permission test unprivileged; iasl (acpica-tools) decodes the ACPI tables; lspci
 // (pciutils) decodes PCI configuration space; the rest builds and packs the guest kit's
 // minimal Linux (Debian's linux-source-6.1, busybox); iproute2 makes the network
-// namespaces and passt is the rootless network backend the virtio-net tests use.
+// namespaces and passt is the rootless network backend the virtio-net tests use;
+// cpio unpacks the initramfs writer's output (an independent decoder).
 export const PACKAGES = [
   'gcc', 'binutils', 'make', 'util-linux', 'acpica-tools', 'pciutils', 'linux-source-6.1', 'bc', 'bison', 'flex',
-  'libelf-dev', 'libssl-dev', 'xz-utils', 'busybox-static', 'e2fsprogs', 'iproute2', 'passt',
+  'libelf-dev', 'libssl-dev', 'xz-utils', 'busybox-static', 'e2fsprogs', 'iproute2', 'passt', 'cpio',
 ];
 
 const installed = (p) => {

@@ -31,10 +31,31 @@ import {
 } from '../layout.js';
 export { SLEEP_CONTROL_S5, SLP_EN, SLP_TYP_S5 };
 import * as aml from './aml.js';
+import {
+  acpi_madt_interrupt_override,
+  acpi_madt_io_apic,
+  acpi_madt_local_apic,
+  acpi_madt_local_apic_nmi,
+  acpi_mcfg_allocation,
+  acpi_table_fadt,
+  acpi_table_header,
+  acpi_table_madt,
+  acpi_table_mcfg,
+  acpi_table_rsdp,
+} from './structs.js';
+import type { StructType, Value } from '../kvm/struct.js';
 
 export const OEM_ID = 'KILN  ';
 const CREATOR_ID = 'KILN';
-const HEADER_SIZE = 36;
+const HEADER_SIZE = acpi_table_header.size;
+const ascii = (s: string) => new TextEncoder().encode(s);
+
+/** One struct's bytes with `fields` written (the rest zero). */
+function encoded(type: StructType, fields: { readonly [field: string]: Value | undefined }): Uint8Array {
+  const out = new Uint8Array(type.size);
+  type.encode(new DataView(out.buffer), 0, fields);
+  return out;
+}
 
 function checksum(table: Uint8Array, from = 0, to = table.length): number {
   let sum = 0;
@@ -45,32 +66,36 @@ function checksum(table: Uint8Array, from = 0, to = table.length): number {
 /** A table: the standard header (signature, length, revision, checksum, OEM ids) and a body. */
 function table(signature: string, revision: number, oemTableId: string, body: Uint8Array): Uint8Array {
   const out = new Uint8Array(HEADER_SIZE + body.length);
-  const dv = new DataView(out.buffer);
-  const ascii = (s: string, at: number) => out.set(new TextEncoder().encode(s), at);
-  ascii(signature, 0);
-  dv.setUint32(4, out.length, true);
-  dv.setUint8(8, revision);
-  ascii(OEM_ID, 10);
-  ascii(oemTableId.padEnd(8, ' '), 16);
-  dv.setUint32(24, 1, true);
-  ascii(CREATOR_ID, 28);
-  dv.setUint32(32, 1, true);
+  acpi_table_header.encode(new DataView(out.buffer), 0, {
+    signature: ascii(signature),
+    length: out.length,
+    revision,
+    oem_id: ascii(OEM_ID),
+    oem_table_id: ascii(oemTableId.padEnd(8, ' ')),
+    oem_revision: 1,
+    asl_compiler_id: ascii(CREATOR_ID),
+    asl_compiler_revision: 1,
+  });
   out.set(body, HEADER_SIZE);
-  out[9] = checksum(out);
+  out[acpi_table_header.offsetOf('checksum')] = checksum(out);
   return out;
 }
 
-/** Generic Address Structure in system I/O space. */
-function gasIo(dv: DataView, at: number, port: number, bits: number): void {
-  dv.setUint8(at, 1); // SystemIO
-  dv.setUint8(at + 1, bits);
-  dv.setUint8(at + 2, 0);
-  dv.setUint8(at + 3, 1); // byte access
-  dv.setBigUint64(at + 4, BigInt(port), true);
+const ACPI_ADR_SPACE_SYSTEM_IO = 1;
+const ACPI_ACCESS_BYTE = 1;
+
+/** A Generic Address Structure in system I/O space. */
+function gasIo(port: number, bits: number): { readonly [field: string]: Value } {
+  return {
+    space_id: ACPI_ADR_SPACE_SYSTEM_IO,
+    bit_width: bits,
+    bit_offset: 0,
+    access_width: ACPI_ACCESS_BYTE,
+    address: BigInt(port),
+  };
 }
 
-// FADT (5.2.9), revision 6: 276 bytes.
-const FADT_LENGTH = 276;
+// FADT (5.2.9), revision 6.
 const FADT_FLAG_RESET_REG_SUP = 1 << 10;
 const FADT_FLAG_HW_REDUCED_ACPI = 1 << 20;
 const IAPC_BOOT_ARCH_8042 = 1 << 1;
@@ -78,20 +103,20 @@ const IAPC_BOOT_ARCH_VGA_NOT_PRESENT = 1 << 2;
 const FADT_MINOR_VERSION = 5;
 
 function fadt(dsdtAddr: number): Uint8Array {
-  const body = new Uint8Array(FADT_LENGTH - HEADER_SIZE);
-  const dv = new DataView(body.buffer);
-  const at = (offset: number) => offset - HEADER_SIZE;
-  dv.setUint32(at(40), dsdtAddr, true); // DSDT
-  dv.setUint16(at(109), IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT, true);
-  dv.setUint32(at(112), FADT_FLAG_HW_REDUCED_ACPI | FADT_FLAG_RESET_REG_SUP, true);
-  gasIo(dv, at(116), PORT_ACPI_RESET, 8); // RESET_REG
-  dv.setUint8(at(128), ACPI_RESET_VALUE);
-  dv.setUint8(at(131), FADT_MINOR_VERSION);
-  dv.setBigUint64(at(140), BigInt(dsdtAddr), true); // X_DSDT
-  gasIo(dv, at(244), PORT_ACPI_SLEEP_CONTROL, 8);
-  gasIo(dv, at(256), PORT_ACPI_SLEEP_STATUS, 8);
-  body.set(new TextEncoder().encode('KILNKVM\0'), at(268)); // hypervisor vendor identity
-  return table('FACP', 6, 'KILNFACP', body);
+  const fields = encoded(acpi_table_fadt, {
+    dsdt: dsdtAddr,
+    boot_flags: IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT,
+    flags: FADT_FLAG_HW_REDUCED_ACPI | FADT_FLAG_RESET_REG_SUP,
+    reset_register: gasIo(PORT_ACPI_RESET, 8),
+    reset_value: ACPI_RESET_VALUE,
+    minor_revision: FADT_MINOR_VERSION,
+    Xdsdt: BigInt(dsdtAddr),
+    sleep_control: gasIo(PORT_ACPI_SLEEP_CONTROL, 8),
+    sleep_status: gasIo(PORT_ACPI_SLEEP_STATUS, 8),
+  });
+  // The hypervisor vendor identity, "KILNKVM\0", read as a little-endian u64.
+  fields.set(ascii('KILNKVM\0'), acpi_table_fadt.offsetOf('hypervisor_id'));
+  return table('FACP', 6, 'KILNFACP', fields.subarray(HEADER_SIZE));
 }
 
 // MADT (5.2.12).
@@ -106,21 +131,30 @@ export const MAX_MADT_VCPUS = 254;
 
 function madt(vcpus: number): Uint8Array {
   if (vcpus > MAX_MADT_VCPUS) throw new KilnError(`ACPI MADT: at most ${MAX_MADT_VCPUS} vCPUs (got ${vcpus})`);
-  const parts: number[] = [];
-  const u32 = (v: number) => [v & 0xff, (v >>> 8) & 0xff, (v >>> 16) & 0xff, v >>> 24];
-  for (let i = 0; i < vcpus; i++) parts.push(MADT_LOCAL_APIC, 8, i, i, ...u32(LOCAL_APIC_ENABLED));
-  parts.push(MADT_IO_APIC, 12, 0, 0, ...u32(IOAPIC_START), ...u32(0));
+  const sub = (type: StructType, kind: number, fields: { readonly [field: string]: Value }) =>
+    encoded(type, { type: kind, length: type.size, ...fields });
+  const parts: Uint8Array[] = [
+    encoded(acpi_table_madt, { address: LAPIC_START, flags: MADT_PCAT_COMPAT }).subarray(HEADER_SIZE),
+  ];
+  for (let i = 0; i < vcpus; i++)
+    parts.push(sub(acpi_madt_local_apic, MADT_LOCAL_APIC, { processor_id: i, id: i, lapic_flags: LOCAL_APIC_ENABLED }));
+  parts.push(sub(acpi_madt_io_apic, MADT_IO_APIC, { id: 0, address: IOAPIC_START, global_irq_base: 0 }));
   // ISA IRQ 0 (PIT) arrives on GSI 2; COM1's IRQ 4 needs an explicit entry on a
   // hardware-reduced platform or Linux leaves the port without an interrupt.
-  parts.push(MADT_INTERRUPT_OVERRIDE, 10, 0, 0, ...u32(2), 0, 0);
-  parts.push(MADT_INTERRUPT_OVERRIDE, 10, 0, IRQ_COM1, ...u32(IRQ_COM1), 0, 0);
-  parts.push(MADT_LOCAL_APIC_NMI, 6, 0xff, 0, 0, 1); // all processors: LINT1 is NMI
-  const body = new Uint8Array(8 + parts.length);
-  const dv = new DataView(body.buffer);
-  dv.setUint32(0, LAPIC_START, true);
-  dv.setUint32(4, MADT_PCAT_COMPAT, true);
-  body.set(parts, 8);
-  return table('APIC', 5, 'KILNMADT', body);
+  parts.push(
+    sub(acpi_madt_interrupt_override, MADT_INTERRUPT_OVERRIDE, { bus: 0, source_irq: 0, global_irq: 2, inti_flags: 0 }),
+  );
+  parts.push(
+    sub(acpi_madt_interrupt_override, MADT_INTERRUPT_OVERRIDE, {
+      bus: 0,
+      source_irq: IRQ_COM1,
+      global_irq: IRQ_COM1,
+      inti_flags: 0,
+    }),
+  );
+  // All processors (0xff): LINT1 is the NMI.
+  parts.push(sub(acpi_madt_local_apic_nmi, MADT_LOCAL_APIC_NMI, { processor_id: 0xff, inti_flags: 0, lint: 1 }));
+  return table('APIC', 5, 'KILNMADT', Buffer.concat(parts));
 }
 
 /** PCI I/O port window: above the legacy ISA range, below the top of the 16-bit space. */
@@ -178,13 +212,13 @@ function pciHostBridge(): Uint8Array[] {
 
 /** MCFG (PCI Firmware 3.2, 4.1.2): ECAM for segment 0, bus 0. */
 function mcfg(): Uint8Array {
-  const body = new Uint8Array(8 + 16);
-  const dv = new DataView(body.buffer);
-  dv.setBigUint64(8, BigInt(PCI_ECAM_START), true);
-  dv.setUint16(16, 0, true); // segment
-  dv.setUint8(18, 0); // start bus
-  dv.setUint8(19, PCI_ECAM_SIZE / (1 << 20) - 1); // end bus
-  return table('MCFG', 1, 'KILNMCFG', body);
+  const allocation = encoded(acpi_mcfg_allocation, {
+    address: BigInt(PCI_ECAM_START),
+    pci_segment: 0,
+    start_bus_number: 0,
+    end_bus_number: PCI_ECAM_SIZE / (1 << 20) - 1,
+  });
+  return table('MCFG', 1, 'KILNMCFG', Buffer.concat([new Uint8Array(acpi_table_mcfg.size - HEADER_SIZE), allocation]));
 }
 
 /** The DSDT's AML: COM1, the RTC, the power button and its GED, one ACPI0007 per vCPU, _S5. */
@@ -235,7 +269,7 @@ const align = (n: number, a: number) => Math.ceil(n / a) * a;
 /** The VM's shape as ACPI describes it; `pci` adds the host bridge and MCFG. */
 export function buildAcpiTables(shape: { vcpus: number; pci?: boolean }): AcpiTables {
   const base = ACPI_START;
-  const rsdpSize = 36;
+  const rsdpSize = acpi_table_rsdp.size;
   const dsdtAddr = base + align(rsdpSize, 16);
   const dsdt = table('DSDT', 6, 'KILNDSDT', dsdtAml(shape.vcpus, shape.pci ?? false));
   const fadtAddr = align(dsdtAddr + dsdt.length, 16);
@@ -254,15 +288,16 @@ export function buildAcpiTables(shape: { vcpus: number; pci?: boolean }): AcpiTa
     throw new KilnError(`the ACPI tables need ${end - base} bytes; the ACPI area holds ${ACPI_END - base}`);
 
   // RSDP (5.2.5), revision 2.
-  const rsdp = new Uint8Array(rsdpSize);
-  const rdv = new DataView(rsdp.buffer);
-  rsdp.set(new TextEncoder().encode('RSD PTR '), 0);
-  rsdp.set(new TextEncoder().encode(OEM_ID), 9);
-  rdv.setUint8(15, 2);
-  rdv.setUint32(20, rsdpSize, true);
-  rdv.setBigUint64(24, BigInt(xsdtAddr), true);
-  rsdp[8] = checksum(rsdp, 0, 20);
-  rsdp[32] = checksum(rsdp);
+  const rsdp = encoded(acpi_table_rsdp, {
+    signature: ascii('RSD PTR '),
+    oem_id: ascii(OEM_ID),
+    revision: 2,
+    length: rsdpSize,
+    xsdt_physical_address: BigInt(xsdtAddr),
+  });
+  // The first checksum covers the ACPI 1.0 part (up to `length`), the extended one all of it.
+  rsdp[acpi_table_rsdp.offsetOf('checksum')] = checksum(rsdp, 0, acpi_table_rsdp.offsetOf('length'));
+  rsdp[acpi_table_rsdp.offsetOf('extended_checksum')] = checksum(rsdp);
 
   const bytes = new Uint8Array(end - base);
   const place = (addr: number, t: Uint8Array) => bytes.set(t, addr - base);

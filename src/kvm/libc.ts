@@ -3,6 +3,7 @@
 // argument), which is sound on x86-64 SysV because only integer registers carry them.
 import koffi from 'koffi';
 import { constants as osConstants } from 'node:os';
+import { array, packedStruct, sizeOf, struct } from './struct.js';
 
 const libc = koffi.load('libc.so.6');
 
@@ -110,13 +111,20 @@ export const accept4 = libc.func('int accept4(int fd, void *addr, void *len, int
   len: PointerArg,
   flags: number,
 ) => number;
-/** struct sockaddr_un for `path` (sun_family AF_UNIX, then the NUL-terminated path). */
+/** <sys/un.h>'s struct sockaddr_un. */
+export const sockaddr_un = struct('sockaddr_un', [
+  ['sun_family', 'u16'],
+  ['sun_path', array('u8', 108)],
+]);
+/** struct sockaddr_un for `path` (sun_family AF_UNIX, then the NUL-terminated path); pass sockaddr_un.size as its length. */
 export function sockaddrUn(path: string): Buffer {
   const bytes = Buffer.from(path);
-  if (bytes.length >= 108) throw new Error(`Unix socket path too long (${bytes.length} bytes, at most 107): ${path}`);
-  const addr = Buffer.alloc(110);
-  addr.writeUInt16LE(AF_UNIX, 0);
-  bytes.copy(addr, 2);
+  const room = sizeOf(sockaddr_un.typeOf('sun_path'));
+  if (bytes.length >= room)
+    throw new Error(`Unix socket path too long (${bytes.length} bytes, at most ${room - 1}): ${path}`);
+  const addr = Buffer.alloc(sockaddr_un.size);
+  addr.writeUInt16LE(AF_UNIX, sockaddr_un.offsetOf('sun_family'));
+  bytes.copy(addr, sockaddr_un.offsetOf('sun_path'));
   return addr;
 }
 /** The 8-byte counter eventfd(2) reads and writes; preallocated, so signalling allocates nothing. */
@@ -198,7 +206,14 @@ export const EPOLL_CTL_ADD = 1;
 export const EPOLL_CTL_DEL = 2;
 export const EPOLLIN = 0x1;
 /** struct epoll_event is packed on x86-64: u32 events, u64 data. */
-export const EPOLL_EVENT_BYTES = 12;
+/** <sys/epoll.h>'s struct epoll_event: packed on x86-64 (12 bytes). Kiln keeps a slot number in data's low half. */
+export const epoll_event = packedStruct('epoll_event', [
+  ['events', 'u32'],
+  ['data', 'u64'],
+]);
+export const EPOLL_EVENT_BYTES = epoll_event.size;
+export const EPOLL_EVENT_EVENTS = epoll_event.offsetOf('events');
+export const EPOLL_EVENT_DATA = epoll_event.offsetOf('data');
 export const FALLOC_FL_KEEP_SIZE = 0x1;
 export const FALLOC_FL_PUNCH_HOLE = 0x2;
 export const FALLOC_FL_ZERO_RANGE = 0x10;

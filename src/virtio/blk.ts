@@ -4,6 +4,7 @@
 // after pwrite returns; a flush is acknowledged after fdatasync, so a guest that asks
 // for durability gets it before it is told so.
 import { fdatasyncSync, fstatSync, readSync, writeSync } from 'node:fs';
+import { struct } from '../kvm/struct.js';
 import { MailboxLayout, type Mailbox } from './mailbox.js';
 import { KilnError } from '../errors.js';
 import * as libc from '../kvm/libc.js';
@@ -51,6 +52,15 @@ const MAX_RANGE_SEGMENTS = 64;
 const RANGE_BYTES = 16;
 /** Largest discard or write-zeroes range, in sectors (4 GiB). */
 const MAX_RANGE_SECTORS = 0x80_0000;
+
+/** <linux/virtio_blk.h>'s request header (virtio 1.2, 5.2.6), little-endian. */
+export const virtio_blk_outhdr = struct('virtio_blk_outhdr', [
+  ['type', 'u32'],
+  ['ioprio', 'u32'],
+  ['sector', 'u64'],
+]);
+const OUTHDR_TYPE = virtio_blk_outhdr.offsetOf('type');
+const OUTHDR_SECTOR = virtio_blk_outhdr.offsetOf('sector');
 
 /** What a virtio-blk device is made of (blkOptions makes it from an opened disk). */
 export interface BlkOptions {
@@ -107,7 +117,7 @@ export function blkOptions(fd: number, path: string, readOnlyDrive: boolean, ser
 }
 
 export class BlkBackend implements VirtioBackend {
-  private readonly header = new Uint8Array(16);
+  private readonly header = new Uint8Array(virtio_blk_outhdr.size);
   private readonly headerView = new DataView(this.header.buffer);
   private readonly ranges = new Uint8Array(RANGE_BYTES * MAX_RANGE_SEGMENTS);
   private readonly rangesView = new DataView(this.ranges.buffer);
@@ -164,11 +174,13 @@ export class BlkBackend implements VirtioBackend {
 
   /** Handles one request; returns the bytes written into the driver's buffers. */
   private handle(chain: DescriptorChain): number {
-    if (chain.readableBytes < 16 || chain.writableBytes < 1)
+    if (chain.readableBytes < virtio_blk_outhdr.size || chain.writableBytes < 1)
       throw new VirtqueueError(`virtio-blk request at head ${chain.head} has no header or no status byte`);
-    chain.readInto(this.rt.mem, 0, this.header, 16);
-    const type = this.headerView.getUint32(0, true);
-    const sector = this.headerView.getUint32(8, true) + this.headerView.getUint32(12, true) * 2 ** 32;
+    chain.readInto(this.rt.mem, 0, this.header, virtio_blk_outhdr.size);
+    const type = this.headerView.getUint32(OUTHDR_TYPE, true);
+    // Two halves: getBigUint64 would allocate a BigInt per request.
+    const sector =
+      this.headerView.getUint32(OUTHDR_SECTOR, true) + this.headerView.getUint32(OUTHDR_SECTOR + 4, true) * 2 ** 32;
     // The status is the chain's last writable byte.
     let last = chain.count - 1;
     while (chain.length[last] === 0) last--;
@@ -184,7 +196,9 @@ export class BlkBackend implements VirtioBackend {
         break;
       }
       case VIRTIO_BLK_T_OUT:
-        status = this.readOnly ? VIRTIO_BLK_S_IOERR : this.transfer(chain, sector, chain.readableBytes - 16, true);
+        status = this.readOnly
+          ? VIRTIO_BLK_S_IOERR
+          : this.transfer(chain, sector, chain.readableBytes - virtio_blk_outhdr.size, true);
         break;
       case VIRTIO_BLK_T_FLUSH:
         try {
@@ -256,10 +270,10 @@ export class BlkBackend implements VirtioBackend {
 
   /** Discard and write-zeroes: a list of {sector, num_sectors, flags} after the header. */
   private ranged(chain: DescriptorChain, type: number): number {
-    const bytes = chain.readableBytes - 16;
+    const bytes = chain.readableBytes - virtio_blk_outhdr.size;
     if (bytes === 0 || bytes % RANGE_BYTES !== 0 || bytes / RANGE_BYTES > MAX_RANGE_SEGMENTS)
       return VIRTIO_BLK_S_UNSUPP;
-    chain.readInto(this.rt.mem, 16, this.ranges, bytes);
+    chain.readInto(this.rt.mem, virtio_blk_outhdr.size, this.ranges, bytes);
     for (let at = 0; at < bytes; at += RANGE_BYTES) {
       const sector = this.rangesView.getUint32(at, true) + this.rangesView.getUint32(at + 4, true) * 2 ** 32;
       const count = this.rangesView.getUint32(at + 8, true);

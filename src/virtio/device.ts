@@ -107,12 +107,22 @@ const F = {
 
 const align8 = (n: number) => Math.ceil(n / 8) * 8;
 
+/** A queue's transport fields, kept apart from its ring's record (QUEUE_RECORD). */
+export const QUEUE_TRANSPORT = {
+  /** u16: the MSI-X vector the driver chose for this queue (VIRTIO_MSI_NO_VECTOR: none). */
+  msixVector: 0,
+  /** u32: guest-physical address an ioeventfd is registered at for this queue (0: none); survives a device reset. */
+  eventfdAddr: 4,
+  bytes: 8,
+} as const;
+
 /** The layout of one virtio device's shared state, and typed access to it. */
 export class VirtioState {
   readonly view: DataView;
   readonly numQueues: number;
   readonly vectors: number;
   readonly queuesAt: number;
+  readonly transportAt: number;
   readonly msixAt: number;
   readonly configAt: number;
   readonly configBytes: number;
@@ -124,6 +134,7 @@ export class VirtioState {
     return (
       F.fixedBytes +
       queues * QUEUE_RECORD.bytes +
+      queues * QUEUE_TRANSPORT.bytes +
       align8(msixStateBytes(queues + 1)) +
       align8(device.configBytes) +
       device.extraBytes
@@ -139,7 +150,8 @@ export class VirtioState {
     this.vectors = this.numQueues + 1;
     this.view = new DataView(state, STATE_HEADER_BYTES);
     this.queuesAt = STATE_HEADER_BYTES + F.fixedBytes;
-    this.msixAt = this.queuesAt + this.numQueues * QUEUE_RECORD.bytes;
+    this.transportAt = this.queuesAt + this.numQueues * QUEUE_RECORD.bytes;
+    this.msixAt = this.transportAt + this.numQueues * QUEUE_TRANSPORT.bytes;
     this.configAt = this.msixAt + align8(msixStateBytes(this.vectors));
     this.configBytes = type.configBytes;
     this.extraAt = this.configAt + align8(this.configBytes);
@@ -148,6 +160,11 @@ export class VirtioState {
 
   queueRecord(q: number): DataView {
     return new DataView(this.state, this.queuesAt + q * QUEUE_RECORD.bytes, QUEUE_RECORD.bytes);
+  }
+
+  /** Queue `q`'s transport fields (QUEUE_TRANSPORT). */
+  transportRecord(q: number): DataView {
+    return new DataView(this.state, this.transportAt + q * QUEUE_TRANSPORT.bytes, QUEUE_TRANSPORT.bytes);
   }
 
   config(): DataView {
@@ -225,8 +242,14 @@ export class VirtioInterrupts {
     }
   }
 
-  queue(rec: DataView): void {
-    this.raise(rec.getUint16(QUEUE_RECORD.msixVector, true), 1);
+  queue(q: number): void {
+    this.raise(
+      this.s.view.getUint16(
+        this.s.transportAt - STATE_HEADER_BYTES + q * QUEUE_TRANSPORT.bytes + QUEUE_TRANSPORT.msixVector,
+        true,
+      ),
+      1,
+    );
   }
 
   config(): void {
@@ -355,7 +378,7 @@ export class VirtioRuntime implements VirtioQueues {
 
   notifyUsed(q: number): void {
     const queue = this.queues[q]!;
-    if (queue.shouldInterrupt()) this.interrupts.queue(queue.rec);
+    if (queue.shouldInterrupt()) this.interrupts.queue(q);
   }
 
   /** Runs `work` under the device lock if the driver has the device running; false if it does not. */

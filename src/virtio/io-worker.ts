@@ -27,9 +27,9 @@ const handlers: Array<(() => void) | null> = [];
 const slotOf = new Map<number, number>();
 const eventBuf = Buffer.alloc(libc.EPOLL_EVENT_BYTES);
 function control(op: number, fd: number, events: number, slot: number): number {
-  eventBuf.writeUInt32LE(events, 0);
-  eventBuf.writeUInt32LE(slot, 4);
-  eventBuf.writeUInt32LE(0, 8);
+  eventBuf.writeUInt32LE(events, libc.EPOLL_EVENT_EVENTS);
+  eventBuf.writeUInt32LE(slot, libc.EPOLL_EVENT_DATA);
+  eventBuf.writeUInt32LE(0, libc.EPOLL_EVENT_DATA + 4);
   return libc.epollCtl(epfd, op, fd, eventBuf);
 }
 function watch(fd: number, handler: () => void): void {
@@ -95,7 +95,7 @@ while (running) {
     throw new Error(`epoll_wait failed: ${libc.errnoName(libc.errno())}`);
   }
   // A handler may unwatch an fd whose event is later in this batch: skip emptied slots.
-  for (let i = 0; i < n; i++) handlers[events.readUInt32LE(i * libc.EPOLL_EVENT_BYTES + 4)]?.();
+  for (let i = 0; i < n; i++) handlers[events.readUInt32LE(i * libc.EPOLL_EVENT_BYTES + libc.EPOLL_EVENT_DATA)]?.();
 }
 for (const b of backends) b.close?.();
 libc.close(epfd);

@@ -7,6 +7,7 @@
 // Queue 0 receives, queue 1 transmits. Each NIC has its own MAC address.
 import { KilnError } from '../errors.js';
 import * as libc from '../kvm/libc.js';
+import { array, struct, union } from '../kvm/struct.js';
 import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } from './device.js';
 
 export const VIRTIO_NET_F_CSUM = 0n;
@@ -80,6 +81,27 @@ export function defaultMac(seed: number): string {
   return b.map((x) => x.toString(16).padStart(2, '0')).join(':');
 }
 
+/** <net/if.h>'s struct ifmap, the largest member of ifreq's union (so it sets the union's size). */
+const ifmap = struct('ifmap', [
+  ['mem_start', 'u64'],
+  ['mem_end', 'u64'],
+  ['base_addr', 'u16'],
+  ['irq', 'u8'],
+  ['dma', 'u8'],
+  ['port', 'u8'],
+]);
+/** <net/if.h>'s struct ifreq, with the members TUNSETIFF uses. */
+export const ifreq = struct('ifreq', [
+  ['ifr_name', array('u8', IFNAMSIZ)],
+  [
+    'ifr_ifru',
+    union('', [
+      ['ifru_flags', 'i16'],
+      ['ifru_map', ifmap],
+    ]),
+  ],
+]);
+
 /** Opens (creating if needed) the TAP interface `name`, nonblocking, with vnet headers. */
 export function openTap(name: string): number {
   if (!name || Buffer.byteLength(name) >= IFNAMSIZ || !/^[\w.-]+$/.test(name))
@@ -89,9 +111,9 @@ export function openTap(name: string): number {
     throw new KilnError(
       `cannot open /dev/net/tun: ${libc.errnoName(libc.errno())} (TAP networking needs CAP_NET_ADMIN; use the passt backend without it)`,
     );
-  const ifr = Buffer.alloc(40);
-  ifr.write(name, 0);
-  ifr.writeUInt16LE(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, IFNAMSIZ);
+  const ifr = Buffer.alloc(ifreq.size);
+  ifr.write(name, ifreq.offsetOf('ifr_name'));
+  ifr.writeUInt16LE(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, ifreq.offsetOf('ifr_ifru.ifru_flags'));
   const hdrSize = Buffer.alloc(4);
   hdrSize.writeInt32LE(VIRTIO_NET_HDR_BYTES);
   if (libc.ioctlPtr(fd, TUNSETIFF, ifr) < 0 || libc.ioctlPtr(fd, TUNSETVNETHDRSZ, hdrSize) < 0) {
@@ -107,7 +129,7 @@ export function connectPasst(path: string): number {
   const fd = libc.socket(libc.AF_UNIX, libc.SOCK_STREAM | libc.SOCK_CLOEXEC, 0);
   // Blocking for connect; nonblocking afterwards, so the I/O thread never waits on passt.
   if (fd < 0) throw new KilnError(`socket failed: ${libc.errnoName(libc.errno())}`);
-  if (libc.connect(fd, libc.sockaddrUn(path), 110) < 0) {
+  if (libc.connect(fd, libc.sockaddrUn(path), libc.sockaddr_un.size) < 0) {
     const e = libc.errno();
     libc.close(fd);
     throw new KilnError(

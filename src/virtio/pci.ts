@@ -6,24 +6,17 @@
 // KVM without leaving the vCPU. A notify write that does reach Kiln (other widths) is
 // forwarded to the same eventfd.
 import type { BusDevice } from '../bus/bus.js';
-import { accessValue, setAccessValue } from '../bus/bus.js';
+import { setAccessValue } from '../bus/bus.js';
 import type { DeviceContext, PciFunctionModel } from '../devices/device.js';
 import { KvmIoctlError } from '../kvm/errors.js';
 import { VmFd } from '../kvm/kvm.js';
 import * as libc from '../kvm/libc.js';
+import { array, struct } from '../kvm/struct.js';
 import { MsixTable, PCI_CAP_ID_MSIX, msixCapability } from '../pci/msix.js';
 import { PCI_BASE_ADDRESS_0, PCI_CAPABILITY_LIST, type PciCapability } from '../pci/root.js';
-import {
-  VirtioInterrupts,
-  VirtioState,
-  VIRTIO_F_VERSION_1,
-  VIRTIO_MSI_NO_VECTOR,
-  VIRTIO_STATUS_DEVICE_NEEDS_RESET,
-  VIRTIO_STATUS_DRIVER_OK,
-  VIRTIO_STATUS_FEATURES_OK,
-} from './device.js';
-import { checkQueueLayout, QUEUE_RECORD, resetQueueRecord } from './queue.js';
+import { QUEUE_TRANSPORT, VirtioInterrupts, VirtioState, VIRTIO_MSI_NO_VECTOR } from './device.js';
 import { describeVirtio, type VirtioDeviceConfig } from './catalogue.js';
+import { COMMON_CFG, commonConfig, resetQueue } from './common-config.js';
 
 /** PCI vendor ID of virtio devices, and the modern device IDs (0x1040 + virtio device ID). */
 export const VIRTIO_PCI_VENDOR_ID = 0x1af4;
@@ -50,41 +43,43 @@ const REGION_BYTES = 0x1000;
 /** queue_notify_off = queue index; notify address = notify + index * multiplier. */
 export const VIRTIO_NOTIFY_OFF_MULTIPLIER = 4;
 
-/** struct virtio_pci_common_cfg (4.1.4.3), offsets from the common region. */
-export const COMMON_CFG = {
-  deviceFeatureSelect: 0x00,
-  deviceFeature: 0x04,
-  driverFeatureSelect: 0x08,
-  driverFeature: 0x0c,
-  configMsixVector: 0x10,
-  numQueues: 0x12,
-  deviceStatus: 0x14,
-  configGeneration: 0x15,
-  queueSelect: 0x16,
-  queueSize: 0x18,
-  queueMsixVector: 0x1a,
-  queueEnable: 0x1c,
-  queueNotifyOff: 0x1e,
-  queueDesc: 0x20,
-  queueDriver: 0x28,
-  queueDevice: 0x30,
-  queueNotifyData: 0x38,
-  queueReset: 0x3a,
-  bytes: 0x3c,
-} as const;
+export { COMMON_CFG } from './common-config.js';
 
 const KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2;
 
-/** A virtio_pci_cap (4.1.4) body: cap_len, cfg_type, bar, id, padding, offset, length[, multiplier]. */
-function virtioCap(cfgType: number, offset: number, length: number, extra: number[] = []): PciCapability {
-  const body = new Uint8Array(14 + 4 * extra.length);
-  const dv = new DataView(body.buffer);
-  dv.setUint8(0, 2 + body.length); // cap_len counts the ID and next bytes too
-  dv.setUint8(1, cfgType);
-  dv.setUint8(2, 0); // BAR 0
-  dv.setUint32(6, offset, true);
-  dv.setUint32(10, length, true);
-  extra.forEach((v, i) => dv.setUint32(14 + 4 * i, v, true));
+/** <linux/virtio_pci.h>'s struct virtio_pci_cap (virtio 1.2, 4.1.4). */
+export const virtio_pci_cap = struct('virtio_pci_cap', [
+  ['cap_vndr', 'u8'],
+  ['cap_next', 'u8'],
+  ['cap_len', 'u8'],
+  ['cfg_type', 'u8'],
+  ['bar', 'u8'],
+  ['id', 'u8'],
+  ['padding', array('u8', 2)],
+  ['offset', 'u32'],
+  ['length', 'u32'],
+]);
+/** struct virtio_pci_notify_cap: the capability, then notify_off_multiplier. */
+export const virtio_pci_notify_cap = struct('virtio_pci_notify_cap', [
+  ['cap', virtio_pci_cap],
+  ['notify_off_multiplier', 'u32'],
+]);
+
+/** A virtio_pci_cap as a PciCapability: its body is everything after cap_vndr and cap_next. */
+function virtioCap(cfgType: number, offset: number, length: number, multiplier?: number): PciCapability {
+  const layout = multiplier === undefined ? virtio_pci_cap : virtio_pci_notify_cap;
+  const bytes = new Uint8Array(layout.size);
+  const dv = new DataView(bytes.buffer);
+  const at = (field: string) =>
+    multiplier === undefined ? virtio_pci_cap.offsetOf(field) : virtio_pci_notify_cap.offsetOf(`cap.${field}`);
+  dv.setUint8(at('cap_vndr'), PCI_CAP_ID_VNDR);
+  dv.setUint8(at('cap_len'), layout.size); // counts cap_vndr and cap_next too
+  dv.setUint8(at('cfg_type'), cfgType);
+  dv.setUint8(at('bar'), 0); // BAR 0
+  dv.setUint32(at('offset'), offset, true);
+  dv.setUint32(at('length'), length, true);
+  if (multiplier !== undefined) dv.setUint32(virtio_pci_notify_cap.offsetOf('notify_off_multiplier'), multiplier, true);
+  const body = bytes.subarray(at('cap_len'));
   return { id: PCI_CAP_ID_VNDR, body, writeMask: new Uint8Array(body.length) };
 }
 
@@ -94,7 +89,7 @@ export function virtioCapabilities(vectors: number, configBytes: number): PciCap
     virtioCap(VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_BAR.common, COMMON_CFG.bytes),
     virtioCap(VIRTIO_PCI_CAP_ISR_CFG, VIRTIO_BAR.isr, 1),
     virtioCap(VIRTIO_PCI_CAP_DEVICE_CFG, VIRTIO_BAR.device, Math.max(configBytes, 1)),
-    virtioCap(VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_BAR.notify, REGION_BYTES, [VIRTIO_NOTIFY_OFF_MULTIPLIER]),
+    virtioCap(VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_BAR.notify, REGION_BYTES, VIRTIO_NOTIFY_OFF_MULTIPLIER),
     msixCapability({
       vectors,
       tableBar: 0,
@@ -127,7 +122,7 @@ export function virtioState(state: SharedArrayBuffer, options: VirtioPciOptions)
 /** The state a device has before the driver first touches it, as after a reset. */
 function powerOnReset(s: VirtioState): void {
   s.view.setUint16(VirtioState.fields.configMsixVector, VIRTIO_MSI_NO_VECTOR, true);
-  for (let q = 0; q < s.numQueues; q++) resetQueueRecord(s.queueRecord(q), s.type.maxQueueSize, VIRTIO_MSI_NO_VECTOR);
+  for (let q = 0; q < s.numQueues; q++) resetQueue(s, q);
 }
 
 /** Registers or moves the ioeventfd of every queue to follow BAR 0 (base -1: decoding off). */
@@ -140,8 +135,8 @@ function syncEventfds(
 ): void {
   const vm = new VmFd(vmFd);
   for (let q = 0; q < s.numQueues; q++) {
-    const rec = s.queueRecord(q);
-    const current = rec.getUint32(QUEUE_RECORD.eventfdAddr, true);
+    const rec = s.transportRecord(q);
+    const current = rec.getUint32(QUEUE_TRANSPORT.eventfdAddr, true);
     const wanted = barBase < 0 ? 0 : barBase + VIRTIO_BAR.notify + q * VIRTIO_NOTIFY_OFF_MULTIPLIER;
     if (current === wanted) continue;
     try {
@@ -149,11 +144,11 @@ function syncEventfds(
       if (current !== 0)
         vm.ioeventfd({ fd: fds[q]!, addr: BigInt(current), len: 2, flags: KVM_IOEVENTFD_FLAG_DEASSIGN });
       if (wanted !== 0) vm.ioeventfd({ fd: fds[q]!, addr: BigInt(wanted), len: 2, flags: 0 });
-      rec.setUint32(QUEUE_RECORD.eventfdAddr, wanted, true);
+      rec.setUint32(QUEUE_TRANSPORT.eventfdAddr, wanted, true);
     } catch (err) {
       if (!(err instanceof KvmIoctlError)) throw err;
       // Notifications still work, through the trapped write below.
-      rec.setUint32(QUEUE_RECORD.eventfdAddr, 0, true);
+      rec.setUint32(QUEUE_TRANSPORT.eventfdAddr, 0, true);
       log(`virtio-${s.type.name}: queue ${q}: ${err.message}; notifications will trap instead`);
     }
   }
@@ -182,170 +177,14 @@ export const virtioPciModel: PciFunctionModel<VirtioPciOptions> = {
   create(state, options, ctx: DeviceContext) {
     const s = virtioState(state, options);
     const type = s.type;
-    const v = s.view;
-    const F = VirtioState.fields;
     const irq = new VirtioInterrupts(s, ctx.signalMsi, ctx.setIrq, options.intxGsi);
     const fds = options.notifyFds;
     const log = (line: string) => ctx.log(line);
-    const mem = ctx.memory;
-    const maxSize = type.maxQueueSize;
-
-    const selected = (): DataView | null => {
-      const q = v.getUint16(F.queueSelect, true);
-      return q < s.numQueues ? s.queueRecord(q) : null;
-    };
-
-    const reset = () => {
-      const resets = v.getUint32(F.resets, true);
-      const msixControl = s.msixControl;
-      for (let i = 0; i < F.fixedBytes; i++) v.setUint8(i, 0);
-      v.setUint32(F.resets, resets + 1, true);
-      s.msixControl = msixControl;
-      v.setUint16(F.configMsixVector, VIRTIO_MSI_NO_VECTOR, true);
-      for (let q = 0; q < s.numQueues; q++) resetQueueRecord(s.queueRecord(q), maxSize, VIRTIO_MSI_NO_VECTOR);
-      irq.readIsr();
-    };
-
-    const writeStatus = (value: number) => {
-      if (value === 0) return reset();
-      let status = value & 0xff;
-      if (status & VIRTIO_STATUS_FEATURES_OK && !(s.status & VIRTIO_STATUS_FEATURES_OK)) {
-        // 3.1.1: FEATURES_OK only sticks if the device accepts the driver's subset.
-        const driver = s.driverFeatures;
-        if ((driver & ~s.deviceFeatures) !== 0n || !(driver & (1n << VIRTIO_F_VERSION_1)))
-          status &= ~VIRTIO_STATUS_FEATURES_OK;
-      }
-      // The driver cannot clear NEEDS_RESET except by a reset.
-      s.status = status | (s.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET);
-      if (status & VIRTIO_STATUS_DRIVER_OK) {
-        // Buffers made available before DRIVER_OK are serviced now.
-        for (let q = 0; q < s.numQueues; q++)
-          if (s.queueRecord(q).getUint16(QUEUE_RECORD.enable, true)) libc.signalEventfd(fds[q]!);
-      }
-    };
-
-    const enableQueue = (rec: DataView) => {
-      const problem = checkQueueLayout(mem, rec, maxSize);
-      if (problem) {
-        irq.needsReset(`queue ${v.getUint16(F.queueSelect, true)}: ${problem}`, log);
-        return;
-      }
-      rec.setUint16(QUEUE_RECORD.enable, 1, true);
-    };
-
-    const vector = (value: number) =>
-      value === VIRTIO_MSI_NO_VECTOR || value < s.vectors ? value : VIRTIO_MSI_NO_VECTOR;
-
-    const readCommon = (offset: number, data: Uint8Array) => {
-      const rec = selected();
-      let value: number;
-      switch (offset) {
-        case COMMON_CFG.deviceFeatureSelect:
-          value = v.getUint32(F.deviceFeatureSelect, true);
-          break;
-        case COMMON_CFG.deviceFeature: {
-          const sel = v.getUint32(F.deviceFeatureSelect, true);
-          value = sel < 2 ? Number((s.deviceFeatures >> BigInt(32 * sel)) & 0xffff_ffffn) : 0;
-          break;
-        }
-        case COMMON_CFG.driverFeatureSelect:
-          value = v.getUint32(F.driverFeatureSelect, true);
-          break;
-        case COMMON_CFG.driverFeature: {
-          const sel = v.getUint32(F.driverFeatureSelect, true);
-          value = sel < 2 ? v.getUint32(F.driverFeaturesLo + 4 * sel, true) : 0;
-          break;
-        }
-        case COMMON_CFG.configMsixVector:
-          value = s.configMsixVector;
-          break;
-        case COMMON_CFG.numQueues:
-          value = s.numQueues;
-          break;
-        case COMMON_CFG.deviceStatus:
-          value = s.status;
-          break;
-        case COMMON_CFG.configGeneration:
-          value = v.getUint8(F.configGeneration);
-          break;
-        case COMMON_CFG.queueSelect:
-          value = v.getUint16(F.queueSelect, true);
-          break;
-        case COMMON_CFG.queueSize:
-          value = rec ? rec.getUint16(QUEUE_RECORD.size, true) : 0;
-          break;
-        case COMMON_CFG.queueMsixVector:
-          value = rec ? rec.getUint16(QUEUE_RECORD.msixVector, true) : VIRTIO_MSI_NO_VECTOR;
-          break;
-        case COMMON_CFG.queueEnable:
-          value = rec ? rec.getUint16(QUEUE_RECORD.enable, true) : 0;
-          break;
-        case COMMON_CFG.queueNotifyOff:
-          value = rec ? v.getUint16(F.queueSelect, true) : 0;
-          break;
-        default: {
-          // The 64-bit ring addresses, read whole or as 32-bit halves.
-          const field =
-            offset >= COMMON_CFG.queueDesc && offset < COMMON_CFG.queueNotifyData ? offset - COMMON_CFG.queueDesc : -1;
-          if (rec && field >= 0 && field + data.length <= 24) {
-            for (let i = 0; i < data.length; i++) data[i] = rec.getUint8(QUEUE_RECORD.desc + field + i);
-            return;
-          }
-          value = 0;
-        }
-      }
-      setAccessValue(data, value);
-    };
-
-    const writeCommon = (offset: number, data: Uint8Array) => {
-      const rec = selected();
-      const value = accessValue(data);
-      const queueLive = rec !== null && rec.getUint16(QUEUE_RECORD.enable, true) === 1;
-      switch (offset) {
-        case COMMON_CFG.deviceFeatureSelect:
-          v.setUint32(F.deviceFeatureSelect, value, true);
-          return;
-        case COMMON_CFG.driverFeatureSelect:
-          v.setUint32(F.driverFeatureSelect, value, true);
-          return;
-        case COMMON_CFG.driverFeature: {
-          const sel = v.getUint32(F.driverFeatureSelect, true);
-          if (sel < 2 && !(s.status & VIRTIO_STATUS_FEATURES_OK))
-            v.setUint32(F.driverFeaturesLo + 4 * sel, value, true);
-          return;
-        }
-        case COMMON_CFG.configMsixVector:
-          v.setUint16(F.configMsixVector, vector(value), true);
-          return;
-        case COMMON_CFG.deviceStatus:
-          writeStatus(value);
-          return;
-        case COMMON_CFG.queueSelect:
-          v.setUint16(F.queueSelect, value, true);
-          return;
-        case COMMON_CFG.queueSize:
-          if (rec && !queueLive) rec.setUint16(QUEUE_RECORD.size, value, true);
-          return;
-        case COMMON_CFG.queueMsixVector:
-          if (rec) rec.setUint16(QUEUE_RECORD.msixVector, vector(value), true);
-          return;
-        case COMMON_CFG.queueEnable:
-          if (rec && value === 1 && !queueLive) enableQueue(rec);
-          return;
-        default: {
-          const field =
-            offset >= COMMON_CFG.queueDesc && offset < COMMON_CFG.queueNotifyData ? offset - COMMON_CFG.queueDesc : -1;
-          if (rec && !queueLive && field >= 0 && field + data.length <= 24) {
-            for (let i = 0; i < data.length; i++) rec.setUint8(QUEUE_RECORD.desc + field + i, data[i]!);
-          }
-        }
-      }
-    };
-
+    const common = commonConfig(s, irq, { memory: ctx.memory, log, kick: (q) => libc.signalEventfd(fds[q]!) });
     const config = s.config();
     const bar: BusDevice = {
       read(offset, data) {
-        if (offset < VIRTIO_BAR.common + COMMON_CFG.bytes) readCommon(offset, data);
+        if (offset < VIRTIO_BAR.common + COMMON_CFG.bytes) common.read(offset - VIRTIO_BAR.common, data);
         else if (offset === VIRTIO_BAR.isr) setAccessValue(data, irq.readIsr());
         else if (offset >= VIRTIO_BAR.device && offset + data.length <= VIRTIO_BAR.device + s.configBytes) {
           for (let i = 0; i < data.length; i++) data[i] = config.getUint8(offset - VIRTIO_BAR.device + i);
@@ -356,7 +195,7 @@ export const virtioPciModel: PciFunctionModel<VirtioPciOptions> = {
         else data.fill(0);
       },
       write(offset, data) {
-        if (offset < VIRTIO_BAR.common + COMMON_CFG.bytes) writeCommon(offset, data);
+        if (offset < VIRTIO_BAR.common + COMMON_CFG.bytes) common.write(offset - VIRTIO_BAR.common, data);
         else if (offset >= VIRTIO_BAR.device && offset + data.length <= VIRTIO_BAR.device + s.configBytes)
           type.configWrite(config, offset - VIRTIO_BAR.device, data);
         else if (offset >= VIRTIO_BAR.notify && offset < VIRTIO_BAR.notify + REGION_BYTES) {

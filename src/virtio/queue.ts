@@ -23,10 +23,13 @@ export const VIRTQ_MAX_SIZE = 1024;
 /** Longest chain accepted, indirect tables included (bounds work per request). */
 export const VIRTQ_MAX_CHAIN = 1024;
 
-/** The shared per-queue record: offsets of each field (all little-endian). */
+/**
+ * The shared per-queue record of the ring itself: offsets of each field (all
+ * little-endian). Transport fields (the queue's MSI-X vector, where its ioeventfd is)
+ * are not here: they are the transport's (QUEUE_TRANSPORT in device.ts).
+ */
 export const QUEUE_RECORD = {
   size: 0, // u16, set by the driver (<= the device's maximum)
-  msixVector: 2, // u16
   enable: 4, // u16
   lastAvail: 6, // u16: next avail ring slot the device will read
   usedIdx: 8, // u16: the device's copy of used.idx
@@ -35,9 +38,7 @@ export const QUEUE_RECORD = {
   desc: 16, // u64
   driver: 24, // u64
   device: 32, // u64
-  /** Guest-physical address an ioeventfd is registered at for this queue (0: none). */
-  eventfdAddr: 40, // u32
-  bytes: 48,
+  bytes: 40,
 } as const;
 
 export class VirtqueueError extends KilnError {}
@@ -328,12 +329,8 @@ export class SplitQueue {
   }
 }
 
-/**
- * Device reset of one queue: registers and ring positions cleared, the size back at the
- * device's maximum (4.1.4.3.2); the ioeventfd registration is the VMM's and stays.
- */
-export function resetQueueRecord(rec: DataView, maxSize: number, noVector: number): void {
-  for (let i = 0; i < QUEUE_RECORD.eventfdAddr; i++) rec.setUint8(i, 0);
+/** Device reset of one queue: registers and ring positions cleared, the size back at the device's maximum (4.1.4.3.2). */
+export function resetQueueRecord(rec: DataView, maxSize: number): void {
+  for (let i = 0; i < QUEUE_RECORD.bytes; i++) rec.setUint8(i, 0);
   rec.setUint16(QUEUE_RECORD.size, maxSize, true);
-  rec.setUint16(QUEUE_RECORD.msixVector, noVector, true);
 }

@@ -75,7 +75,7 @@ export function listenVsock(path: string, guestCid: number): { fd: number; optio
     throw new KilnError(`guest CID ${guestCid} is not valid (3 to 4294967295)`);
   const fd = libc.socket(libc.AF_UNIX, libc.SOCK_STREAM | libc.SOCK_CLOEXEC | libc.SOCK_NONBLOCK, 0);
   if (fd < 0) throw new KilnError(`socket failed: ${libc.errnoName(libc.errno())}`);
-  if (libc.bind(fd, libc.sockaddrUn(path), 110) < 0 || libc.listen(fd, 64) < 0) {
+  if (libc.bind(fd, libc.sockaddrUn(path), libc.sockaddr_un.size) < 0 || libc.listen(fd, 64) < 0) {
     const e = libc.errno();
     libc.close(fd);
     throw new KilnError(`cannot listen on '${path}' for vsock: ${libc.errnoName(e)} (${libc.strerror(e)})`);
@@ -224,7 +224,7 @@ export class VsockBackend implements VirtioBackend {
         conn = this.newConn(fd, dstPort, srcPort, 'established');
         conn.peerBufAlloc = h.readUInt32LE(VSOCK_HDR.bufAlloc);
         conn.peerFwdCnt = h.readUInt32LE(VSOCK_HDR.fwdCnt);
-        if (fd < 0 || libc.connect(fd, libc.sockaddrUn(target), 110) < 0) {
+        if (fd < 0 || libc.connect(fd, libc.sockaddrUn(target), libc.sockaddr_un.size) < 0) {
           if (fd >= 0) libc.close(fd);
           this.pendingControl.push({ conn, op: VIRTIO_VSOCK_OP.RST, flags: 0 });
           return;

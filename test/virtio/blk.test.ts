@@ -11,7 +11,7 @@ import { describe, test } from 'node:test';
 import { blkControl, openDisk } from '../../src/platform/virtio.js';
 import { blkOptions } from '../../src/virtio/blk.js';
 import { VIRTIO_BAR } from '../../src/virtio/pci.js';
-import { QUEUE_RECORD } from '../../src/virtio/queue.js';
+import { QUEUE_TRANSPORT } from '../../src/virtio/device.js';
 import { kvmSkip, tempDir } from '../helpers.js';
 import { result, runDriver, virtioTestVm } from './harness.js';
 
@@ -81,9 +81,9 @@ describe('virtio-blk', { skip: kvmSkip }, () => {
       assert.equal(Buffer.from(t.vm.memory.read(Number(result(t, 12)), 14)).toString(), 'kiln-test-disk');
       assert.equal(result(t, 13), 1n, 'IOERR past the end of the disk');
       assert.equal(result(t, 14), 2n, 'UNSUPP for an unknown request');
-      const rec = t.devices[0]!.state.queueRecord(0);
+      const rec = t.devices[0]!.state.transportRecord(0);
       assert.equal(
-        rec.getUint32(QUEUE_RECORD.eventfdAddr, true),
+        rec.getUint32(QUEUE_TRANSPORT.eventfdAddr, true),
         t.devices[0]!.barAddress + VIRTIO_BAR.notify,
         'kicks go through an ioeventfd at the notify address',
       );

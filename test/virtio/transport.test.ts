@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { blkOptions } from '../../src/virtio/blk.js';
 import { VIRTIO_BAR } from '../../src/virtio/pci.js';
-import { QUEUE_RECORD } from '../../src/virtio/queue.js';
+import { QUEUE_TRANSPORT } from '../../src/virtio/device.js';
 import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
 import { result, runDriver, virtioTestVm } from './harness.js';
 
@@ -237,9 +237,9 @@ describe('virtio-pci transport', { skip: kvmSkip }, () => {
         assert.equal(result(t, 0), 0xcfff8000n, 'the BAR reads back where the guest put it');
         assert.equal(result(t, 1), 0xffffffffn, 'the old address decodes nothing');
         assert.equal(result(t, 2), 32n, 'a request through the moved notify address');
-        const rec = t.devices[0]!.state.queueRecord(0);
+        const rec = t.devices[0]!.state.transportRecord(0);
         assert.equal(
-          rec.getUint32(QUEUE_RECORD.eventfdAddr, true),
+          rec.getUint32(QUEUE_TRANSPORT.eventfdAddr, true),
           0xcfff8000 + VIRTIO_BAR.notify,
           'the ioeventfd moved with the BAR',
         );

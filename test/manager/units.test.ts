@@ -1,0 +1,156 @@
+// The manager's pure parts: cgroup file writes (on a fake cgroup tree), the definition
+// `kiln create` sends (flags, or a file whose relative paths are the file's), the
+// readable `kiln info`, the console's escape keys, and the one exit-status table.
+import assert from 'node:assert/strict';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, test } from 'node:test';
+import { EscapeDecoder } from '../../src/console-relay.js';
+import { EXIT_OK, EXIT_VM_FAILED, vmExitStatus } from '../../src/exit-status.js';
+import { cgroupVersion, controllerSet, cpuMax, placeInCgroup, prepareCgroup } from '../../src/manager/cgroup.js';
+import { definitionInput, infoText } from '../../src/manager/commands.js';
+import { parseDefinition } from '../../src/manager/definition.js';
+import type { InfoReply } from '../../src/manager/protocol.js';
+import { tempDir } from '../helpers.js';
+
+/** A cgroup v2 root as the kernel shows it: controllers available, none enabled for children. */
+function fakeV2(controllers: string): string {
+  const root = tempDir();
+  writeFileSync(join(root, 'cgroup.controllers'), `${controllers}\n`);
+  writeFileSync(join(root, 'cgroup.subtree_control'), '');
+  mkdirSync(join(root, 'kiln'));
+  writeFileSync(join(root, 'kiln', 'cgroup.subtree_control'), '');
+  return root;
+}
+
+describe('cgroups', () => {
+  test('controller names are matched whole: "cpuset" is not "cpu"', () => {
+    assert.deepEqual([...controllerSet('cpuset io memory pids\n')], ['cpuset', 'io', 'memory', 'pids']);
+    assert.equal(controllerSet('cpuset memory').has('cpu'), false);
+    // A v2 host with cpuset but no cpu controller is refused with the reason, not half set up.
+    const root = fakeV2('cpuset io memory pids');
+    assert.throws(
+      () => prepareCgroup('web', { cpuWeight: 100, cpuQuotaPercent: 0, memoryBytes: 1 << 30 }, root),
+      /controller 'cpu' is not available/,
+    );
+  });
+
+  test('v2: cpu and memory are enabled for the children (cpuset already being on does not count), then the limits written', () => {
+    const root = fakeV2('cpuset cpu io memory pids');
+    writeFileSync(join(root, 'cgroup.subtree_control'), 'cpuset');
+    // The fake tree does not apply "+cpu" as the kernel would; each write is what Kiln asked for.
+    const procs = prepareCgroup('web', { cpuWeight: 300, cpuQuotaPercent: 150, memoryBytes: 640 << 20 }, root);
+    assert.equal(cgroupVersion(root), 2);
+    assert.deepEqual(procs, [join(root, 'kiln', 'web', 'cgroup.procs')]);
+    assert.equal(readFileSync(join(root, 'kiln', 'web', 'cpu.weight'), 'utf8'), '300');
+    assert.equal(readFileSync(join(root, 'kiln', 'web', 'cpu.max'), 'utf8'), '150000 100000');
+    assert.equal(readFileSync(join(root, 'kiln', 'web', 'memory.max'), 'utf8'), String(640 << 20));
+    assert.match(readFileSync(join(root, 'cgroup.subtree_control'), 'utf8'), /^\+(cpu|memory)$/);
+    assert.equal(cpuMax(0), 'max 100000');
+  });
+
+  test('v1: shares, quota and memory limit in their hierarchies; placing writes the pid to both', () => {
+    const root = tempDir();
+    mkdirSync(join(root, 'cpu'));
+    mkdirSync(join(root, 'memory'));
+    const dirs = placeInCgroup('db', 4242, { cpuWeight: 50, cpuQuotaPercent: 0, memoryBytes: 256 << 20 }, root);
+    assert.deepEqual(dirs, [join(root, 'cpu', 'kiln', 'db'), join(root, 'memory', 'kiln', 'db')]);
+    assert.equal(readFileSync(join(root, 'cpu', 'kiln', 'db', 'cpu.shares'), 'utf8'), '512');
+    assert.equal(readFileSync(join(root, 'cpu', 'kiln', 'db', 'cpu.cfs_quota_us'), 'utf8'), '-1');
+    assert.equal(readFileSync(join(root, 'memory', 'kiln', 'db', 'memory.limit_in_bytes'), 'utf8'), String(256 << 20));
+    for (const d of dirs) assert.equal(readFileSync(join(d, 'cgroup.procs'), 'utf8'), '4242');
+  });
+});
+
+describe('kiln create', () => {
+  test('flags become a definition with absolute paths and the manager fields', () => {
+    const input = definitionInput('web', {
+      cpuWeight: '200',
+      cpuQuota: '50',
+      pin: '0,1',
+      vm: { cpus: '2', memory: '256M', disk: ['disk.img,root'], net: ['passt=p.sock'] },
+    });
+    const d = parseDefinition(input);
+    assert.equal(d.cpuWeight, 200);
+    assert.equal(d.cpuQuotaPercent, 50);
+    assert.deepEqual(d.pinCpus, [0, 1]);
+    assert.equal(d.disks[0]!.path, join(process.cwd(), 'disk.img'));
+    assert.equal(d.nets[0]!.passt, join(process.cwd(), 'p.sock'));
+    assert.throws(
+      () => parseDefinition(definitionInput('web', { pin: '0,x', vm: {} })),
+      /pinCpus\[1\]: must be a whole number from 0 to 8191 \(got "x"\)/,
+    );
+  });
+
+  test("a definition file's relative paths are relative to the file", () => {
+    const dir = tempDir();
+    const file = join(dir, 'vm.yaml');
+    writeFileSync(
+      file,
+      'name: db\nkernel: vmlinux\ndisks:\n  - path: images/root.img\n    root: true\nvsock: { guestCid: 3, uds: v.sock }\n',
+    );
+    const d = parseDefinition(definitionInput(undefined, { file, vm: {} }));
+    assert.equal(d.kernel, join(dir, 'vmlinux'));
+    assert.equal(d.disks[0]!.path, join(dir, 'images', 'root.img'));
+    assert.equal(d.vsock!.uds, join(dir, 'v.sock'));
+    writeFileSync(file, '- just\n- a list\n');
+    assert.throws(() => definitionInput(undefined, { file, vm: {} }), /must hold one VM definition/);
+  });
+});
+
+test('kiln info reads as a summary', () => {
+  const definition = parseDefinition({
+    name: 'web',
+    cpus: 2,
+    memoryMiB: 256,
+    disks: [{ path: '/var/vm/root.img', root: true }],
+    nets: [{ tap: 'tap0' }],
+    pinCpus: [1],
+  });
+  const info: InfoReply = {
+    name: 'web',
+    state: 'running',
+    pid: 1234,
+    cpus: 2,
+    memoryMiB: 256,
+    startedAt: new Date(Date.now() - 3_725_000).toISOString(),
+    definition,
+    cgroup: { dirs: ['/sys/fs/cgroup/kiln/web'], cpuWeight: 100, cpuQuotaPercent: 0, memoryLimitBytes: 768 << 20 },
+    consoleLog: '/var/lib/kiln/run/web/console.log',
+  };
+  const text = infoText(info);
+  assert.match(text, /^Name: +web$/m);
+  assert.match(text, /^State: +running$/m);
+  assert.match(text, /^Uptime: +1h 2m 5s$/m);
+  assert.match(text, /^vCPUs: +2 \(pinned to host CPUs 1\)$/m);
+  assert.match(text, /^Disk: +disk0: \/var\/vm\/root\.img \(root\)$/m);
+  assert.match(text, /^NIC: +net0: tap tap0$/m);
+  assert.match(text, /^Limits: +CPU weight 100, CPU quota none, memory 768 MiB$/m);
+  assert.match(text, /^Console log: \/var\/lib\/kiln\/run\/web\/console\.log$/m);
+});
+
+test('console escapes: Ctrl-A x quits, Ctrl-A p presses the power button, Ctrl-A Ctrl-A sends one', () => {
+  const sent: number[] = [];
+  let quit = 0;
+  let power = 0;
+  const decoder = new EscapeDecoder({ send: (b) => sent.push(...b), quit: () => quit++, powerButton: () => power++ });
+  decoder.feed(Buffer.from('ls\r'));
+  decoder.feed(Uint8Array.of(0x01)); // split across chunks
+  decoder.feed(Uint8Array.of(0x01, 0x61, 0x01, 0x70, 0x01, 0x78));
+  assert.deepEqual(sent, [...Buffer.from('ls\r'), 0x01, 0x61]);
+  assert.equal(power, 1);
+  assert.equal(quit, 1);
+  // Where there is no power button (kiln console), Ctrl-A p sends p.
+  const plain: number[] = [];
+  new EscapeDecoder({ send: (b) => plain.push(...b), quit: () => undefined }).feed(Uint8Array.of(0x01, 0x70));
+  assert.deepEqual(plain, [0x70]);
+});
+
+test('one exit-status table for kiln run and kiln-vmm', () => {
+  assert.equal(vmExitStatus({ reason: 'guest-exit', exitCode: 7 }), 7);
+  assert.equal(vmExitStatus({ reason: 'guest-exit', exitCode: null }), EXIT_OK);
+  assert.equal(vmExitStatus({ reason: 'hlt', exitCode: null }), EXIT_OK);
+  assert.equal(vmExitStatus({ reason: 'stopped', exitCode: null }), EXIT_OK);
+  for (const reason of ['shutdown', 'fail-entry', 'internal-error', 'unhandled-exit', 'error'] as const)
+    assert.equal(vmExitStatus({ reason, exitCode: null }), EXIT_VM_FAILED);
+});
