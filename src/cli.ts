@@ -403,7 +403,14 @@ function program(setStatus: (status: number) => void): Command {
       "a VM's serial console: the scroll-back, then live (Ctrl-A x detaches); piped input is typed into the guest until it ends",
     )
     .argument('<name>')
-    .action(async (name: string) => done((await manager()).console(name, progress)));
+    .option(
+      '--linger <seconds>',
+      'with piped input: keep printing until the guest has been quiet this long after the input ends',
+      '2',
+    )
+    .action(async (name: string, values: { linger: string }) =>
+      done((await manager()).console(name, progress, values.linger)),
+    );
   verb('rm', 'remove a stopped VM (or a broken definition)')
     .argument('<name>')
     .action(async (name: string, values: { json?: boolean }) => done((await manager()).remove(name, values)));

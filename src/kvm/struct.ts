@@ -236,3 +236,20 @@ export const array = (element: FieldType, length: number) => new ArrayType(eleme
 export function dataView(buffer: Uint8Array): DataView {
   return new DataView(buffer.buffer, buffer.byteOffset, buffer.byteLength);
 }
+
+/**
+ * A layout for shared memory declared with the codec, as a table of field offsets for
+ * code on hot paths (`rec.getUint16(QUEUE_RECORD.enable, true)`), plus `bytes`, the size.
+ */
+export function layout<const M extends ReadonlyArray<readonly [string, FieldType]>>(
+  name: string,
+  members: M,
+): { readonly [K in M[number][0]]: number } & { readonly bytes: number; readonly type: StructType } {
+  const type = struct(name, members);
+  const offsets: Record<string, number> = {};
+  for (const field of type.fields) offsets[field.name] = field.offset;
+  return { ...offsets, bytes: type.size, type } as { readonly [K in M[number][0]]: number } & {
+    readonly bytes: number;
+    readonly type: StructType;
+  };
+}

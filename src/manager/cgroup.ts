@@ -4,6 +4,7 @@
 // VMM exists; the VMM's process joins it before it executes (the `cgroup.procs` files
 // prepareCgroup returns are written by the process itself, then it execs the VMM, as
 // Firecracker's jailer does), so no guest code ever runs outside its limits.
+import { spawn, type ChildProcess, type StdioOptions } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { KilnError } from '../errors.js';
@@ -125,4 +126,23 @@ export function removeCgroup(name: string, root = CGROUP_ROOT): void {
       if ((err as NodeJS.ErrnoException).code !== 'EBUSY') throw err;
     }
   }
+}
+
+/**
+ * Joins the cgroup(s) named before `--`, then becomes the command after it (same pid):
+ * the command is confined from its first instruction.
+ */
+const ATTACH_THEN_EXEC = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"';
+
+/**
+ * Starts `argv` already inside the cgroup(s) whose `cgroup.procs` files are `procs`
+ * (prepareCgroup's): a shell writes its own pid there, then execs the command, which
+ * keeps that pid. If a write fails the command never runs (the shell exits 125).
+ */
+export function spawnInCgroup(
+  procs: readonly string[],
+  argv: readonly string[],
+  options: { detached?: boolean; stdio?: StdioOptions } = {},
+): ChildProcess {
+  return spawn('/bin/sh', ['-c', ATTACH_THEN_EXEC, 'kiln-attach', ...procs, '--', ...argv], options);
 }

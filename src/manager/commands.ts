@@ -225,7 +225,8 @@ export async function remove(name: string, o: { json?: boolean }): Promise<numbe
 }
 
 /** The scroll-back, then the live serial console until Ctrl-A x, the VM's end, or (piped) the input's end. */
-export async function console(name: string, log: (line: string) => void): Promise<number> {
+export async function console(name: string, log: (line: string) => void, linger = '2'): Promise<number> {
+  if (!/^\d+(\.\d+)?$/.test(linger)) throw new ConfigError('--linger', `must be a number of seconds (got '${linger}')`);
   const store = new Store();
   const { log: scrollBack } = await daemonCall<LogsReply>(store, 'GET', `${path(name)}/logs?bytes=16384`);
   process.stdout.write(scrollBack);
@@ -234,13 +235,10 @@ export async function console(name: string, log: (line: string) => void): Promis
     log(`'${name}' is not running; that was the end of its console log`);
     return 0;
   }
-  return attachSerial(join(store.runDir(name), 'serial.sock'), log);
+  return attachSerial(join(store.runDir(name), 'serial.sock'), log, Number(linger) * 1000);
 }
 
-/** How long `kiln console` keeps printing after piped input ended and the guest went quiet. */
-const QUIET_AFTER_INPUT_MS = 2000;
-
-function attachSerial(socketPath: string, log: (line: string) => void): Promise<number> {
+function attachSerial(socketPath: string, log: (line: string) => void, lingerMs: number): Promise<number> {
   return new Promise((resolvePromise) => {
     const socket = createConnection(socketPath);
     let detach: () => void = () => undefined;
@@ -254,7 +252,7 @@ function attachSerial(socketPath: string, log: (line: string) => void): Promise<
     };
     const armQuiet = () => {
       if (quiet) clearTimeout(quiet);
-      quiet = setTimeout(() => done(0), QUIET_AFTER_INPUT_MS);
+      quiet = setTimeout(() => done(0), lingerMs);
     };
     socket.on('connect', () => {
       if (process.stdin.isTTY) log('attached to the serial console; Ctrl-A x detaches (the VM keeps running)');

@@ -3,7 +3,6 @@
 // outlive the daemon; a VM's state is always derived from what is true now: is its VMM
 // process alive (pid file + /proc, checked to be that VM's kiln-vmm), and what does
 // its API say (Running / Paused). After a daemon crash and restart nothing is "unknown".
-import { spawn } from 'node:child_process';
 import {
   closeSync,
   existsSync,
@@ -22,7 +21,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { KilnError } from '../errors.js';
 import { buildInitramfs, buildMinimalKernel } from '../guestkit/build.js';
-import { cgroupDirs, prepareCgroup, removeCgroup } from './cgroup.js';
+import { cgroupDirs, prepareCgroup, removeCgroup, spawnInCgroup } from './cgroup.js';
 import { vmConfigOf, type VmDefinition } from './definition.js';
 import type { InfoReply, ListReply, StartReply, VmState, VmStatus } from './protocol.js';
 import type { Store } from './store.js';
@@ -34,12 +33,6 @@ export type { VmState, VmStatus } from './protocol.js';
 const VMM_OVERHEAD_BYTES = 512 * 1024 * 1024;
 /** How long a start may take to reach 'running' (the VM is built before the API says so). */
 const START_TIMEOUT_MS = 60_000;
-
-/**
- * Joins the cgroup(s) named before `--`, then becomes the command after it: the VMM is
- * confined from its first instruction (attach before exec, as Firecracker's jailer does).
- */
-const ATTACH_THEN_EXEC = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"';
 
 const VMM_CLI = fileURLToPath(new URL('../vmm-cli.js', import.meta.url));
 
@@ -209,10 +202,8 @@ export class Manager {
       '--serial-sock',
       join(run, 'serial.sock'),
     ];
-    const child = spawn('/bin/sh', ['-c', ATTACH_THEN_EXEC, 'kiln-attach', ...procs, '--', ...vmm], {
-      detached: true,
-      stdio: ['ignore', log, log],
-    });
+    // Attach before exec, as Firecracker's jailer does: no guest code runs outside the cgroup.
+    const child = spawnInCgroup(procs, vmm, { detached: true, stdio: ['ignore', log, log] });
     closeSync(log);
     const pid = child.pid!;
     child.unref();

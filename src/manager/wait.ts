@@ -2,16 +2,27 @@
 // without a fixed sleep: poll with a back-off that starts at 10 ms and doubles up to a
 // quarter of a second, so a quick event is seen quickly and a slow one costs little.
 
+export interface Clock {
+  now(): number;
+  sleep(ms: number): Promise<void>;
+}
+
+const realClock: Clock = { now: Date.now, sleep: (ms) => new Promise((resolve) => setTimeout(resolve, ms)) };
+
 /** Polls `probe` until it returns a value other than null, or `timeoutMs` passes (then null). */
-export async function waitFor<T>(probe: () => Promise<T | null> | T | null, timeoutMs: number): Promise<T | null> {
-  const deadline = Date.now() + timeoutMs;
+export async function waitFor<T>(
+  probe: () => Promise<T | null> | T | null,
+  timeoutMs: number,
+  clock: Clock = realClock,
+): Promise<T | null> {
+  const deadline = clock.now() + timeoutMs;
   let delay = 10;
   for (;;) {
     const value = await probe();
     if (value !== null) return value;
-    const left = deadline - Date.now();
+    const left = deadline - clock.now();
     if (left <= 0) return null;
-    await new Promise((resolve) => setTimeout(resolve, Math.min(delay, left)));
+    await clock.sleep(Math.min(delay, left));
     delay = Math.min(delay * 2, 250);
   }
 }

@@ -6,6 +6,7 @@ import type { SharedLock } from '../bus/shared-lock.js';
 import { STATE_HEADER_BYTES } from '../devices/device.js';
 import type { GuestMemory } from '../memory/guest-memory.js';
 import { MSIX_CONTROL_ENABLE, MsixTable, msixStateBytes } from '../pci/msix.js';
+import { array, layout } from '../kvm/struct.js';
 import { DescriptorChain, QUEUE_RECORD, SplitQueue, VirtqueueError } from './queue.js';
 
 // Device status bits (virtio 1.2, 2.1).
@@ -87,34 +88,35 @@ export function bindType<O>(type: VirtioDeviceType<O>, options: O): VirtioDevice
   };
 }
 
-/** Offsets of the transport-neutral fields in a virtio device's shared state. */
-const F = {
-  deviceFeatureSelect: 0, // u32
-  driverFeatureSelect: 4, // u32
-  driverFeaturesLo: 8, // u32
-  driverFeaturesHi: 12, // u32
-  configMsixVector: 16, // u16
-  status: 18, // u8
-  configGeneration: 19, // u8
-  queueSelect: 20, // u16
-  isr: 22, // u8
-  intxAsserted: 23, // u8
-  resets: 24, // u32: bumped at every device reset, so the I/O thread notices
-  msixControl: 28, // u16: mirror of the MSI-X capability's Message Control
-  errorLogged: 30, // u8
-  fixedBytes: 64,
-} as const;
+/** The transport-neutral fields at the start of a virtio device's shared state (64 bytes). */
+const DEVICE_STATE = layout('virtio_device_state', [
+  ['deviceFeatureSelect', 'u32'],
+  ['driverFeatureSelect', 'u32'],
+  ['driverFeaturesLo', 'u32'],
+  ['driverFeaturesHi', 'u32'],
+  ['configMsixVector', 'u16'],
+  ['status', 'u8'],
+  ['configGeneration', 'u8'],
+  ['queueSelect', 'u16'],
+  ['isr', 'u8'],
+  ['intxAsserted', 'u8'],
+  ['resets', 'u32'], // bumped at every device reset, so the I/O thread notices
+  ['msixControl', 'u16'], // mirror of the MSI-X capability's Message Control
+  ['errorLogged', 'u8'],
+  ['_reserved', array('u8', 33)],
+] as const);
+const F = { ...DEVICE_STATE, fixedBytes: DEVICE_STATE.bytes } as const;
 
 const align8 = (n: number) => Math.ceil(n / 8) * 8;
 
 /** A queue's transport fields, kept apart from its ring's record (QUEUE_RECORD). */
-export const QUEUE_TRANSPORT = {
-  /** u16: the MSI-X vector the driver chose for this queue (VIRTIO_MSI_NO_VECTOR: none). */
-  msixVector: 0,
-  /** u32: guest-physical address an ioeventfd is registered at for this queue (0: none); survives a device reset. */
-  eventfdAddr: 4,
-  bytes: 8,
-} as const;
+export const QUEUE_TRANSPORT = layout('virtio_queue_transport', [
+  /** The MSI-X vector the driver chose for this queue (VIRTIO_MSI_NO_VECTOR: none). */
+  ['msixVector', 'u16'],
+  ['_reserved', 'u16'],
+  /** Guest-physical address an ioeventfd is registered at for this queue (0: none); survives a device reset. */
+  ['eventfdAddr', 'u32'],
+] as const);
 
 /** The layout of one virtio device's shared state, and typed access to it. */
 export class VirtioState {

@@ -9,6 +9,7 @@
 // ring positions live in a shared record (QUEUE_RECORD below) so the vCPU thread that
 // handles the transport and the I/O thread that services the queue see one state.
 import { KilnError } from '../errors.js';
+import { layout } from '../kvm/struct.js';
 import { GuestMemoryError, type GuestMemory } from '../memory/guest-memory.js';
 
 export const VIRTQ_DESC_F_NEXT = 1;
@@ -28,18 +29,18 @@ export const VIRTQ_MAX_CHAIN = 1024;
  * little-endian). Transport fields (the queue's MSI-X vector, where its ioeventfd is)
  * are not here: they are the transport's (QUEUE_TRANSPORT in device.ts).
  */
-export const QUEUE_RECORD = {
-  size: 0, // u16, set by the driver (<= the device's maximum)
-  enable: 4, // u16
-  lastAvail: 6, // u16: next avail ring slot the device will read
-  usedIdx: 8, // u16: the device's copy of used.idx
-  signalledUsed: 10, // u16: used.idx at the last interrupt (EVENT_IDX)
-  signalledValid: 12, // u8: signalledUsed means something
-  desc: 16, // u64
-  driver: 24, // u64
-  device: 32, // u64
-  bytes: 40,
-} as const;
+export const QUEUE_RECORD = layout('virtio_queue_record', [
+  ['size', 'u16'], // set by the driver (<= the device's maximum)
+  ['_reserved', 'u16'],
+  ['enable', 'u16'],
+  ['lastAvail', 'u16'], // next avail ring slot the device will read
+  ['usedIdx', 'u16'], // the device's copy of used.idx
+  ['signalledUsed', 'u16'], // used.idx at the last interrupt (EVENT_IDX)
+  ['signalledValid', 'u8'], // signalledUsed means something
+  ['desc', 'u64'],
+  ['driver', 'u64'],
+  ['device', 'u64'],
+] as const);
 
 export class VirtqueueError extends KilnError {}
 

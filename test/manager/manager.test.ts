@@ -154,6 +154,14 @@ describe('kiln VM-manager verbs', () => {
         listed.vms.map((v) => `${v.name}:${v.memoryMiB}`),
         ['big:64', 'from-yaml:96'],
       );
+      // A VM whose VMM cannot start: kiln start says so, with the end of its console log, and exits 1.
+      writeFileSync(join(dir, 'notes.txt'), 'this is not a kernel\n'.repeat(100));
+      assert.equal(kiln(dir, ['create', 'broken', '--kernel', join(dir, 'notes.txt')]).status, 0);
+      const failed = kiln(dir, ['start', 'broken']);
+      assert.equal(failed.status, 1, failed.stderr);
+      assert.match(failed.stderr, /'broken' did not start: its VMM exited/);
+      assert.match(failed.stderr, /not a Linux kernel/);
+      assert.equal((JSON.parse(kiln(dir, ['info', 'broken', '--json']).stdout) as { state: string }).state, 'stopped');
     } finally {
       stopDaemon(dir);
     }
@@ -166,22 +174,8 @@ describe('kiln VM-manager verbs', () => {
       const dir = tempDir();
       mkdirSync(dir, { recursive: true });
       try {
-        // kiln.shell: after its report the test init opens a shell on the serial console.
-        assert.equal(
-          kiln(dir, [
-            'create',
-            'web',
-            '--cpus',
-            '1',
-            '--memory',
-            '128M',
-            '--cpu-weight',
-            '200',
-            '--cmdline',
-            'kiln.shell',
-          ]).status,
-          0,
-        );
+        // The default guest (no kernel given) stays up with a shell on its serial console.
+        assert.equal(kiln(dir, ['create', 'web', '--cpus', '1', '--memory', '128M', '--cpu-weight', '200']).status, 0);
         const started = kiln(dir, ['start', 'web', '--json']);
         assert.equal(started.status, 0, started.stderr);
         assert.equal(JSON.parse(started.stdout).state, 'running');
@@ -202,6 +196,16 @@ describe('kiln VM-manager verbs', () => {
         // `kiln console`: the scroll-back, then the live console; what we type reaches the shell.
         for (let i = 0; i < 600 && !kiln(dir, ['logs', 'web']).stdout.includes('KILN_INIT'); i++) await sleep(500);
         await sleep(3000);
+        // Piped: the input is typed into the guest's shell and its output printed; the console
+        // ends once the input has ended and the guest has been quiet for --linger seconds.
+        const piped = spawnSync(process.execPath, [CLI, 'console', 'web', '--linger', '15'], {
+          input: 'echo piped-$((6*7))\n',
+          encoding: 'utf8',
+          env: { ...process.env, KILN_STATE_DIR: dir },
+          timeout: 180_000,
+        });
+        assert.equal(piped.status, 0, piped.stderr);
+        assert.match(piped.stdout, /piped-42/, 'the piped command ran in the guest');
         const consoleProc = spawn(process.execPath, [CLI, 'console', 'web'], {
           env: { ...process.env, KILN_STATE_DIR: dir },
           stdio: ['pipe', 'pipe', 'pipe'],
@@ -223,7 +227,11 @@ describe('kiln VM-manager verbs', () => {
         }
         assert.equal(state, 'stopped');
         assert.match(kiln(dir, ['logs', 'web']).stdout, /KILN_INIT cpus=1 /, 'the console log keeps the guest output');
+        // Queries change nothing: the VM that powered off keeps its (empty) cgroup until it is removed.
+        const cgroupDir = cgroupDirs('web')[0];
+        if (cgroupDir) assert.ok(existsSync(cgroupDir), 'ls and info left the cgroup alone');
         assert.equal(kiln(dir, ['rm', 'web']).status, 0);
+        if (cgroupDir) assert.ok(!existsSync(cgroupDir), 'rm removed the cgroup');
         assert.equal(JSON.parse(kiln(dir, ['ls', '--json']).stdout).vms.length, 0);
       } finally {
         stopDaemon(dir);

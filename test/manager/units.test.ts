@@ -2,12 +2,22 @@
 // `kiln create` sends (flags, or a file whose relative paths are the file's), the
 // readable `kiln info`, the console's escape keys, and the one exit-status table.
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { EscapeDecoder } from '../../src/console-relay.js';
 import { EXIT_OK, EXIT_VM_FAILED, vmExitStatus } from '../../src/exit-status.js';
-import { cgroupVersion, controllerSet, cpuMax, placeInCgroup, prepareCgroup } from '../../src/manager/cgroup.js';
+import { affinityOf, pinThread } from '../../src/manager/affinity.js';
+import {
+  cgroupVersion,
+  controllerSet,
+  cpuMax,
+  placeInCgroup,
+  prepareCgroup,
+  spawnInCgroup,
+} from '../../src/manager/cgroup.js';
+import { waitFor } from '../../src/manager/wait.js';
 import { definitionInput, infoText } from '../../src/manager/commands.js';
 import { parseDefinition } from '../../src/manager/definition.js';
 import type { InfoReply } from '../../src/manager/protocol.js';
@@ -153,4 +163,54 @@ test('one exit-status table for kiln run and kiln-vmm', () => {
   assert.equal(vmExitStatus({ reason: 'stopped', exitCode: null }), EXIT_OK);
   for (const reason of ['shutdown', 'fail-entry', 'internal-error', 'unhandled-exit', 'error'] as const)
     assert.equal(vmExitStatus({ reason, exitCode: null }), EXIT_VM_FAILED);
+});
+
+test('a command spawned in a cgroup is in it before it executes: its first act reads its own pid in cgroup.procs', async () => {
+  const dir = tempDir();
+  const procs = [join(dir, 'cpu.procs'), join(dir, 'memory.procs')];
+  const child = spawnInCgroup(procs, ['/bin/sh', '-c', `cat "${procs[0]}" "${procs[1]}"; echo $$`], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  let out = '';
+  child.stdout!.setEncoding('utf8').on('data', (c: string) => (out += c));
+  const status = await new Promise<number | null>((resolve) => child.on('exit', resolve));
+  assert.equal(status, 0);
+  assert.deepEqual(
+    out.trim().split('\n'),
+    [String(child.pid), String(child.pid), String(child.pid)],
+    'same pid: written, then exec',
+  );
+  // A cgroup it cannot join: the command never runs.
+  const refused = spawnInCgroup([join(dir, 'missing', 'cgroup.procs')], ['/bin/sh', '-c', 'echo ran'], {
+    stdio: ['ignore', 'pipe', 'ignore'],
+  });
+  let ran = '';
+  refused.stdout!.setEncoding('utf8').on('data', (c: string) => (ran += c));
+  assert.equal(await new Promise<number | null>((resolve) => refused.on('exit', resolve)), 125);
+  assert.equal(ran, '');
+});
+
+test('vCPU pinning through sched_setaffinity: the thread runs where it was put; a CPU the host lacks is refused with the reason', async () => {
+  const child = spawn('sleep', ['30'], { stdio: 'ignore' });
+  try {
+    assert.equal(pinThread(child.pid!, 0), null);
+    assert.deepEqual(affinityOf(child.pid!), [0]);
+    assert.match(pinThread(child.pid!, 4000) ?? '', /^EINVAL/);
+    assert.deepEqual(affinityOf(child.pid!), [0], 'unchanged by the refused pinning');
+  } finally {
+    child.kill();
+  }
+});
+
+test('waiting backs off (10 ms doubling to 250 ms) instead of sleeping fixed steps, and gives up at its deadline', async () => {
+  let now = 0;
+  const slept: number[] = [];
+  const clock = { now: () => now, sleep: async (ms: number) => void (slept.push(ms), (now += ms)) };
+  let calls = 0;
+  assert.equal(await waitFor(() => (++calls >= 4 ? 'done' : null), 5_000, clock), 'done');
+  assert.deepEqual(slept, [10, 20, 40]);
+  slept.length = 0;
+  now = 0;
+  assert.equal(await waitFor(() => null, 1_000, clock), null);
+  assert.deepEqual(slept, [10, 20, 40, 80, 160, 250, 250, 190], 'the last wait is cut to the deadline');
 });
