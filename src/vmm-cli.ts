@@ -69,6 +69,12 @@ async function main(argv: string[]): Promise<number> {
     await serialSocket.listen(values['serial-sock']!);
     vmm.onStart = (live) => serialSocket.attach(live.serial);
   }
+  // Handled from before the API socket exists: an orchestrator may SIGTERM as soon as it sees it.
+  const stopped = new Promise<number>((resolve) => {
+    const stop = () => resolve(EXIT_OK);
+    process.once('SIGTERM', stop);
+    process.once('SIGINT', stop);
+  });
   let server: Server | null = null;
   const finish = async (code: number): Promise<number> => {
     await vmm.shutdown();
@@ -99,11 +105,6 @@ async function main(argv: string[]): Promise<number> {
     log(err.message);
     return finish(err instanceof ConfigError ? EXIT_USAGE : EXIT_ERROR);
   }
-  const stopped = new Promise<number>((resolve) => {
-    const stop = () => resolve(EXIT_OK);
-    process.once('SIGTERM', stop);
-    process.once('SIGINT', stop);
-  });
   const guestEnded = vmm.ended.then(vmExitStatus);
   return finish(await Promise.race([stopped, guestEnded]));
 }

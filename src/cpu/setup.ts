@@ -18,7 +18,7 @@ import {
   RFLAGS_RESERVED_1,
   TYPE_CODE_EXEC_READ_ACCESSED,
   TYPE_DATA_READ_WRITE_ACCESSED,
-  TYPE_TSS_BUSY,
+  tssSegment,
   type Segment,
 } from './x86.js';
 import type { VcpuFd } from '../kvm/kvm.js';
@@ -64,17 +64,7 @@ const BOOT_SEGMENTS: Segment[] = [
   flat(BOOT_SEL_CODE64, TYPE_CODE_EXEC_READ_ACCESSED, 0, 1, 0),
   flat(BOOT_SEL_DATA, TYPE_DATA_READ_WRITE_ACCESSED, 0, 0, 1),
 ];
-const BOOT_TSS: Segment = {
-  base: 0,
-  limit: 0xfffff,
-  selector: BOOT_SEL_TSS,
-  type: TYPE_TSS_BUSY,
-  s: 0,
-  dpl: 0,
-  l: 0,
-  db: 0,
-  g: 0,
-};
+const BOOT_TSS: Segment = tssSegment(0, 0xfffff, BOOT_SEL_TSS);
 
 /** Sets the boot MSRs one by one; returns those KVM refused (some KVMs own a few). */
 export function setBootMsrs(vcpu: VcpuFd): number[] {

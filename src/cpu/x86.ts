@@ -90,3 +90,16 @@ export const flat = (selector: number, type: number, dpl: number, l: 0 | 1, db: 
   db,
   g: 1,
 });
+
+/** A busy 64-bit TSS descriptor's segment (system segment, byte granularity). */
+export const tssSegment = (base: number, limit: number, selector: number): Segment => ({
+  base,
+  limit,
+  selector,
+  type: TYPE_TSS_BUSY,
+  s: 0,
+  dpl: 0,
+  l: 0,
+  db: 0,
+  g: 0,
+});

@@ -22,7 +22,7 @@ import {
   PD_ENTRY_SPAN,
   TYPE_CODE_EXEC_READ_ACCESSED,
   TYPE_DATA_READ_WRITE_ACCESSED,
-  TYPE_TSS_BUSY,
+  tssSegment,
   SEL_KERNEL_CODE64,
   SEL_KERNEL_DATA,
   SEL_KERNEL_CODE32,
@@ -69,17 +69,7 @@ const SEGMENTS = {
   userData: flat(SEL_USER_DATA, TYPE_DATA_READ_WRITE_ACCESSED, 3, 0, 1),
   userCode64: flat(SEL_USER_CODE64, TYPE_CODE_EXEC_READ_ACCESSED, 3, 1, 0),
 };
-const TSS_SEGMENT: Segment = {
-  base: KIT_TSS,
-  limit: TSS_SIZE - 1,
-  selector: SEL_TSS,
-  type: TYPE_TSS_BUSY,
-  s: 0,
-  dpl: 0,
-  l: 0,
-  db: 0,
-  g: 0,
-};
+const TSS_SEGMENT: Segment = tssSegment(KIT_TSS, TSS_SIZE - 1, SEL_TSS);
 
 /** Writes the kit's GDT and a TSS whose ring-0 stack is KIT_KERNEL_STACK_TOP. */
 function writeGdtAndTss(memory: GuestMemory, mode: CpuMode): void {

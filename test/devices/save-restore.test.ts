@@ -41,17 +41,25 @@ const write = (d: BusDevice, offset: number, value: number, width = 1): void => 
   d.write(offset, data);
 };
 
-test('16550 mid-transfer: the restored UART reads back the same registers and the rest of the FIFO', () => {
+/** A fresh COM1: its spec and options. */
+function com1(): { spec: DeviceSpec<'serial'>; options: { outFd: number; irq: number } } {
   const options = { outFd: -1, irq: 4 };
-  const spec: DeviceSpec<'serial'> = {
-    id: 'com1',
-    kind: 'serial',
-    bus: 'pio',
-    base: 0x3f8,
-    size: 8,
-    state: allocateDeviceState('serial', options),
+  return {
+    spec: {
+      id: 'com1',
+      kind: 'serial',
+      bus: 'pio',
+      base: 0x3f8,
+      size: 8,
+      state: allocateDeviceState('serial', options),
+      options,
+    },
     options,
   };
+}
+
+test('16550 mid-transfer: the restored UART reads back the same registers and the rest of the FIFO', () => {
+  const { spec, options } = com1();
   const original = BUS_DEVICE_MODELS.serial.create(spec.state, options, ctx);
   write(original, uart.UART_LCR, uart.UART_LCR_DLAB);
   write(original, uart.UART_RBR_THR_DLL, 0x0c); // 9600 baud
@@ -160,16 +168,7 @@ test('virtio-pci mid-negotiation: common configuration, device configuration and
 });
 
 test('a saved state goes back only into the same kind, ID and layout', () => {
-  const options = { outFd: -1, irq: 4 };
-  const spec: DeviceSpec<'serial'> = {
-    id: 'com1',
-    kind: 'serial',
-    bus: 'pio',
-    base: 0x3f8,
-    size: 8,
-    state: allocateDeviceState('serial', options),
-    options,
-  };
+  const { spec } = com1();
   const saved = saveDevice(spec);
   assert.throws(() => restoreDevice({ ...spec, id: 'com2' }, saved), /does not match device com2/);
   const rtc: DeviceSpec<'rtc'> = {
