@@ -12,6 +12,7 @@ import { KilnError } from '../errors.js';
 import { Manager, unixHttp } from './manager.js';
 import { ConfigError } from '../config/vm-config.js';
 import { parseDefinition } from './definition.js';
+import { checkStartable } from './preflight.js';
 import type { ErrorReply, LogsReply, RemovedReply } from './protocol.js';
 import type { Store } from './store.js';
 
@@ -70,6 +71,7 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
   route('GET', '/vms', () => manager.list());
   route('POST', '/vms', async (_n, body) => {
     const spec = parseDefinition(body);
+    checkStartable(spec);
     store.create(spec);
     return manager.status(spec);
   });

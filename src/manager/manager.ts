@@ -23,6 +23,7 @@ import { KilnError } from '../errors.js';
 import { buildInitramfs, buildMinimalKernel } from '../guestkit/build.js';
 import { cgroupDirs, prepareCgroup, removeCgroup, spawnInCgroup } from './cgroup.js';
 import { vmConfigOf, type VmDefinition } from './definition.js';
+import { checkStartable } from './preflight.js';
 import type { InfoReply, ListReply, StartReply, VmState, VmStatus } from './protocol.js';
 import type { Store } from './store.js';
 import { waitFor } from './wait.js';
@@ -170,6 +171,7 @@ export class Manager {
     const spec = this.store.get(name);
     const current = await this.status(spec);
     if (current.state !== 'stopped') throw new KilnError(`'${name}' is already ${current.state}`);
+    checkStartable(spec);
     await this.checkLimits(spec);
     const run = this.store.runDir(name);
     mkdirSync(run, { recursive: true });

@@ -60,18 +60,7 @@ export interface HostMemoryLimits {
 }
 
 /** MemTotal + SwapTotal from /proc/meminfo (Infinity if it cannot be read). */
-export function hostMemoryBytes(): number {
-  try {
-    const info = readFileSync('/proc/meminfo', 'utf8');
-    const kib = (key: string) => Number(new RegExp(`^${key}:\\s*(\\d+) kB`, 'm').exec(info)?.[1] ?? 0);
-    return (kib('MemTotal') + kib('SwapTotal')) * 1024 || Infinity;
-  } catch (err) {
-    process.emitWarning(
-      `cannot read /proc/meminfo (${(err as Error).message}); not checking guest size against host memory`,
-    );
-    return Infinity;
-  }
-}
+export { hostMemoryBytes } from '../host.js';
 
 /** The CPU's physical address width from /proc/cpuinfo (46 if it cannot be read). */
 export function hostPhysAddrBits(): number {

@@ -5,13 +5,14 @@
 // kept, and removed.
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { cgroupDirs, weightToShares } from '../../src/manager/cgroup.js';
 import { parseDefinition } from '../../src/manager/definition.js';
+import { checkStartable } from '../../src/manager/preflight.js';
 import { Store, writeAtomically } from '../../src/manager/store.js';
 import { kvmSkip, tempDir } from '../helpers.js';
 
@@ -70,6 +71,33 @@ describe('the VM store', () => {
     writeAtomically(target, 'one');
     writeAtomically(target, 'two');
     assert.equal(readFileSync(target, 'utf8'), 'two');
+  });
+
+  test('a definition that could not start on this host is refused: missing or unwritable files, too much memory', () => {
+    const dir = tempDir();
+    const disk = join(dir, 'disk.img');
+    writeFileSync(disk, Buffer.alloc(4096));
+    assert.doesNotThrow(() => checkStartable(parseDefinition({ name: 'ok', disks: [{ path: disk }] })));
+    assert.throws(
+      () => checkStartable(parseDefinition({ name: 'ok', kernel: join(dir, 'vmlinux') })),
+      /^ConfigError: kernel: '.*vmlinux' does not exist$/,
+    );
+    assert.throws(
+      () => checkStartable(parseDefinition({ name: 'ok', disks: [{ path: dir }] })),
+      /disks\[0\]\.path: '.*' is not a regular file or block device/,
+    );
+    assert.throws(
+      () => checkStartable(parseDefinition({ name: 'ok', memoryMiB: 4 << 20 })),
+      /memoryMiB: 4194304 MiB is more than this host has/,
+    );
+    chmodSync(disk, 0o444);
+    const unprivileged = process.getuid?.() !== 0;
+    if (unprivileged)
+      assert.throws(
+        () => checkStartable(parseDefinition({ name: 'ok', disks: [{ path: disk }] })),
+        /is not readable and writable/,
+      );
+    assert.doesNotThrow(() => checkStartable(parseDefinition({ name: 'ok', disks: [{ path: disk, readOnly: true }] })));
   });
 
   test('bad definitions are refused with the reason', () => {
@@ -154,6 +182,11 @@ describe('kiln VM-manager verbs', () => {
         listed.vms.map((v) => `${v.name}:${v.memoryMiB}`),
         ['big:64', 'from-yaml:96'],
       );
+      // Nothing is stored that would not start: a missing disk is refused at create, naming the field.
+      const missing = kiln(dir, ['create', 'nodisk', '--disk', join(dir, 'nope.img')]);
+      assert.equal(missing.status, 2, missing.stderr);
+      assert.equal(missing.stderr, `kiln: disks[0].path: '${join(dir, 'nope.img')}' does not exist\n`);
+      assert.equal(kiln(dir, ['info', 'nodisk']).status, 1, 'not stored');
       // A VM whose VMM cannot start: kiln start says so, with the end of its console log, and exits 1.
       writeFileSync(join(dir, 'notes.txt'), 'this is not a kernel\n'.repeat(100));
       assert.equal(kiln(dir, ['create', 'broken', '--kernel', join(dir, 'notes.txt')]).status, 0);
