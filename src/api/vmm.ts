@@ -1,7 +1,7 @@
 // One VM behind the Firecracker API: its definition (what the API has PUT so far), and
 // once InstanceStart has run, the live Linux VM built from it. Pre-boot-only resources
 // are refused after the start, as Firecracker refuses them.
-import { closeSync, openSync, writeSync } from 'node:fs';
+import { closeSync, openSync, statSync, writeSync } from 'node:fs';
 import { createLinuxVm, type LinuxVm } from '../boot/linux.js';
 import { KilnError } from '../errors.js';
 import { ConfigError, parseVmConfig, type VmConfig } from '../config/vm-config.js';
@@ -39,6 +39,8 @@ export class Vmm {
   }
 
   private logFd = -1;
+  /** Every image a drive of the running VM has opened (and so holds locked until the VM ends). */
+  private readonly lockedImages: string[] = [];
 
   /**
    * A line for the VMM's log: always to stderr; with PUT /logger also to its log_path,
@@ -102,6 +104,7 @@ export class Vmm {
       throw err;
     }
     this.balloon = this.live.virtio.balloon ? balloonControl(this.live.virtio.balloon) : null;
+    this.lockedImages.push(...c.disks.map((d) => d.path));
     this.onStart?.(this.live);
     await this.live.vm.start();
     this.note(
@@ -145,7 +148,21 @@ export class Vmm {
     if (!device) throw new ApiError(`Drive ${driveId} was added after the start and has no device`);
     let opened;
     try {
-      opened = openDisk({ path, readOnly: drive.readOnly, serial: drive.serial }, 0);
+      // The same image again (resized, say): this VM holds its lock already, through the drive's first fd.
+      const same = (a: string, b: string) => {
+        try {
+          const [x, y] = [statSync(a), statSync(b)];
+          return x.dev === y.dev && x.ino === y.ino;
+        } catch {
+          return false;
+        }
+      };
+      opened = openDisk(
+        { path, readOnly: drive.readOnly, serial: drive.serial },
+        0,
+        this.lockedImages.some((p) => same(p, path)),
+      );
+      this.lockedImages.push(path);
     } catch (err) {
       throw new ApiError(`Unable to patch the block device: ${(err as Error).message}`);
     }

@@ -249,3 +249,25 @@ export const schedGetaffinity = libc.func('int sched_getaffinity(int pid, size_t
   size: number,
   mask: PointerArg,
 ) => number;
+
+// Open file description locks (fcntl(2), F_OFD_*): held by an open file, not a process,
+// so two opens in one process conflict too, and closing the fd releases them.
+export const fcntlPtr = libc.func('int fcntl(int fd, int cmd, _Inout_ void *arg)') as (
+  fd: number,
+  cmd: number,
+  arg: PointerArg,
+) => number;
+export const F_OFD_GETLK = 36;
+export const F_OFD_SETLK = 37;
+export const F_RDLCK = 0;
+export const F_WRLCK = 1;
+export const F_UNLCK = 2;
+export const SEEK_SET = 0;
+/** <fcntl.h>'s struct flock (x86-64). */
+export const flock = struct('flock', [
+  ['l_type', 'i16'],
+  ['l_whence', 'i16'],
+  ['l_start', 'i64'],
+  ['l_len', 'i64'],
+  ['l_pid', 'i32'],
+]);

@@ -77,8 +77,11 @@ export interface OpenedDisk<O = BlkOptions> {
   readonly options: O;
 }
 
-/** Opens and checks one disk image; the caller owns the fd. */
-export function openDisk(disk: DiskHostEnd, index: number): OpenedDisk {
+/**
+ * Opens, checks and locks one disk image; the caller owns the fd. `locked`: the VM
+ * already holds the image's lock through another fd (a media change to the same file).
+ */
+export function openDisk(disk: DiskHostEnd, index: number, locked = false): OpenedDisk {
   let fd: number;
   try {
     fd = openSync(disk.path, disk.readOnly ? 'r' : 'r+');
@@ -93,7 +96,10 @@ export function openDisk(disk: DiskHostEnd, index: number): OpenedDisk {
     throw new KilnError(`cannot open disk '${disk.path}': ${code ?? (err as Error).message}`);
   }
   try {
-    return { fd, options: blkOptions(fd, disk.path, disk.readOnly ?? false, disk.serial ?? `kiln-disk-${index}`) };
+    return {
+      fd,
+      options: blkOptions(fd, disk.path, disk.readOnly ?? false, disk.serial ?? `kiln-disk-${index}`, !locked),
+    };
   } catch (err) {
     closeSync(fd);
     throw err;

@@ -4,6 +4,7 @@
 // after pwrite returns; a flush is acknowledged after fdatasync, so a guest that asks
 // for durability gets it before it is told so.
 import { fdatasyncSync, fstatSync, readSync, writeSync } from 'node:fs';
+import { ioc } from '../kvm/ioctl.js';
 import { struct } from '../kvm/struct.js';
 import { MailboxLayout, type Mailbox } from './mailbox.js';
 import { KilnError } from '../errors.js';
@@ -106,14 +107,58 @@ export const blkType: VirtioDeviceType<BlkOptions> = {
 };
 
 /** Checks a disk image and returns the options a blk device needs (run on the main thread, before the VM starts). */
-export function blkOptions(fd: number, path: string, readOnlyDrive: boolean, serial: string): BlkOptions {
+/** BLKGETSIZE64 (<linux/fs.h>: _IOR(0x12, 114, size_t)): a block device's size in bytes. */
+export const BLKGETSIZE64 = ioc(2, 0x12, 114, 8);
+
+/** A disk's size in bytes: the file's, or for a block device what the kernel says (fstat gives 0). */
+function diskBytes(fd: number, isBlockDevice: boolean, size: number, path: string): number {
+  if (!isBlockDevice) return size;
+  const out = Buffer.alloc(8);
+  if (libc.ioctlPtr(fd, BLKGETSIZE64, out) < 0)
+    throw new KilnError(`cannot size block device ${path}: ${libc.errnoName(libc.errno())}`);
+  return Number(out.readBigUint64LE(0));
+}
+
+/**
+ * Locks a disk for this VM as QEMU does, with an open-file-description lock over the
+ * whole file: a write lock for a read-write drive, a read lock for a read-only one. Two
+ * VMs (or two drives of one) cannot both write an image, nor one read what another writes.
+ */
+function lockDisk(fd: number, path: string, readOnly: boolean): void {
+  const lock = Buffer.alloc(libc.flock.size);
+  const dv = new DataView(lock.buffer, lock.byteOffset, lock.length);
+  libc.flock.encode(dv, 0, {
+    l_type: readOnly ? libc.F_RDLCK : libc.F_WRLCK,
+    l_whence: libc.SEEK_SET,
+    l_start: 0n,
+    l_len: 0n,
+    l_pid: 0,
+  });
+  if (libc.fcntlPtr(fd, libc.F_OFD_SETLK, lock) === 0) return;
+  const e = libc.errno();
+  if (e !== libc.EAGAIN && e !== libc.EACCES) throw new KilnError(`cannot lock disk ${path}: ${libc.errnoName(e)}`);
+  // Who holds it: F_OFD_GETLK describes the conflicting lock (its pid is -1: an OFD lock has no owner process).
+  libc.flock.encode(dv, 0, { l_type: readOnly ? libc.F_RDLCK : libc.F_WRLCK, l_pid: 0 });
+  const held = libc.fcntlPtr(fd, libc.F_OFD_GETLK, lock) === 0 ? dv.getInt16(libc.flock.offsetOf('l_type'), true) : -1;
+  const holder = held === libc.F_WRLCK ? 'a read-write' : held === libc.F_RDLCK ? 'a read-only' : 'a';
+  const pid = dv.getInt32(libc.flock.offsetOf('l_pid'), true);
+  throw new KilnError(
+    `disk ${path} is in use: ${holder} lock on it is held${pid > 0 ? ` by process ${pid}` : ' by another VM or program'}` +
+      ` (${readOnly ? 'a read-only drive needs no writer' : 'a read-write drive needs it to itself'})`,
+  );
+}
+
+/** Checks and locks a disk image and returns the options a blk device needs (run on the main thread, before the VM starts). */
+export function blkOptions(fd: number, path: string, readOnlyDrive: boolean, serial: string, lock = true): BlkOptions {
   const st = fstatSync(fd);
   if (!st.isFile() && !st.isBlockDevice()) throw new KilnError(`disk ${path} is not a regular file or block device`);
-  if (st.size % SECTOR_BYTES !== 0)
-    throw new KilnError(`disk ${path} is ${st.size} bytes, not a whole number of 512-byte sectors`);
+  const bytes = diskBytes(fd, st.isBlockDevice(), st.size, path);
+  if (bytes % SECTOR_BYTES !== 0)
+    throw new KilnError(`disk ${path} is ${bytes} bytes, not a whole number of 512-byte sectors`);
   if (Buffer.byteLength(serial) > VIRTIO_BLK_ID_BYTES)
     throw new KilnError(`disk serial '${serial}' is longer than ${VIRTIO_BLK_ID_BYTES} bytes`);
-  return { fd, path, readOnly: readOnlyDrive, serial, sectors: st.size / SECTOR_BYTES };
+  if (lock) lockDisk(fd, path, readOnlyDrive);
+  return { fd, path, readOnly: readOnlyDrive, serial, sectors: bytes / SECTOR_BYTES };
 }
 
 export class BlkBackend implements VirtioBackend {
@@ -149,12 +194,29 @@ export class BlkBackend implements VirtioBackend {
     libc.drainEventfd(this.controlFd);
     const change = this.mediaChange.take();
     if (!change) return;
+    // What the guest wrote to the old file reaches it before the new one takes over.
+    this.sync('before the media change');
     this.fd = change.fd;
     this.sectors = Number(change.sectors);
     const config = this.rt.state.config();
     config.setUint32(BLK_CONFIG.capacity, this.sectors % 2 ** 32, true);
     config.setUint32(BLK_CONFIG.capacity + 4, Math.floor(this.sectors / 2 ** 32), true);
     this.rt.configChanged();
+  }
+
+  /** fdatasync of a writable disk; a failure is logged (the guest has been told of its writes already). */
+  private sync(when: string): void {
+    if (this.readOnly) return;
+    try {
+      fdatasyncSync(this.fd);
+    } catch (err) {
+      this.rt.log(`virtio-blk: fdatasync ${when} failed: ${(err as Error).message}`);
+    }
+  }
+
+  /** An orderly end of the VM: what the guest wrote is on the disk before Kiln exits. */
+  close(): void {
+    this.sync('at shutdown');
   }
 
   queueNotified(q: number): void {

@@ -109,6 +109,9 @@ describe('kiln-vmm', () => {
         -H 'Accept: application/json' -H 'Content-Type: application/json' \\
         -d '{"action_type": "InstanceStart"}'
       curl -s --unix-socket "\${API_SOCKET}" 'http://localhost/'
+      # The same image again after the start (as after a resize): the VM holds its lock already, so it is accepted.
+      curl -s -i --unix-socket "\${API_SOCKET}" -X PATCH 'http://localhost/drives/rootfs' \\
+        -d "{\\"drive_id\\": \\"rootfs\\", \\"path_on_host\\": \\"\${ROOTFS}\\"}"
       # A pre-boot resource after the start: refused, as Firecracker refuses it.
       curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/boot-source' \\
         -d "{\\"kernel_image_path\\": \\"\${KERNEL}\\"}"
@@ -126,8 +129,8 @@ describe('kiln-vmm', () => {
       });
       assert.equal(
         out.match(/HTTP\/1\.1 204/g)?.length,
-        canNetns ? 6 : 5,
-        `every configuration call and InstanceStart answered 204:\n${out}`,
+        canNetns ? 7 : 6,
+        `every configuration call, InstanceStart and the drive PATCH answered 204:\n${out}`,
       );
       assert.match(out, /"state":"Running"/);
       assert.match(
