@@ -12,6 +12,8 @@ import { KilnError } from '../errors.js';
 import { Manager, unixHttp } from './manager.js';
 import { ConfigError } from '../config/vm-config.js';
 import { parseDefinition } from './definition.js';
+import { lockStateDir } from './lock.js';
+import { waitFor } from './wait.js';
 import { checkStartable } from './preflight.js';
 import type { ErrorReply, LogsReply, RemovedReply } from './protocol.js';
 import type { Store } from './store.js';
@@ -45,6 +47,13 @@ function readJson(req: IncomingMessage): Promise<unknown> {
 
 /** Runs the daemon until SIGTERM. */
 export async function runDaemon(store: Store, log: (line: string) => void): Promise<void> {
+  // One daemon per state directory: the first to lock it serves it; any other stops here,
+  // before it touches the socket.
+  const lock = lockStateDir(store);
+  if (lock === null) {
+    log(`kiln daemon: another daemon already serves ${store.dir}`);
+    return;
+  }
   const manager = new Manager(store, log);
   const router = FindMyWay({
     defaultRoute: (_req: IncomingMessage, res: ServerResponse) => reply(res, 404, { error: 'no such endpoint' }),
@@ -111,34 +120,38 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
 }
 
 /** One call to the daemon; starts it first if nothing answers on its socket. */
+/** Whether a request certainly never reached a daemon (so sending it again cannot do anything twice). */
+const neverDelivered = (err: unknown) => ['ENOENT', 'ECONNREFUSED'].includes((err as NodeJS.ErrnoException).code ?? '');
+
 export async function daemonCall<T>(store: Store, method: string, path: string, body?: unknown): Promise<T> {
   // A stop waits for the guest (up to 30 s, then SIGTERM): allow the daemon minutes.
   const attempt = () => unixHttp(store.socketPath, method, path, body, 10 * 60_000);
   let r: { status: number; body: unknown };
   try {
     r = await attempt();
-  } catch {
-    // Nobody answers (no daemon, or a stale socket from one that crashed): start the
-    // daemon, detached so it outlives this command, and retry until it listens.
-    rmSync(store.socketPath, { force: true });
+  } catch (err) {
+    // A request that may have reached a daemon (a reset, a timeout) is not sent again:
+    // a start or create must not happen twice.
+    if (!neverDelivered(err)) throw new KilnError(`the kiln daemon did not answer: ${(err as Error).message}`);
+    // Nobody listens: start the daemon, detached so it outlives this command, and send
+    // the request once it listens. (The daemon itself removes a stale socket, holding
+    // the state directory's lock: a client never unlinks a socket.)
     const log = openSync(join(store.dir, 'daemon.log'), 'a');
     spawn(process.execPath, [CLI, 'daemon'], {
       detached: true,
       stdio: ['ignore', log, log],
       env: { ...process.env, KILN_STATE_DIR: store.dir },
     }).unref();
-    for (let i = 0; ; i++) {
+    const sent = await waitFor(async () => {
       try {
-        r = await attempt();
-        break;
-      } catch (err) {
-        if (i >= 100)
-          throw new KilnError(
-            `the kiln daemon did not start (see ${join(store.dir, 'daemon.log')}): ${(err as Error).message}`,
-          );
-        await new Promise((res) => setTimeout(res, 50));
+        return await attempt();
+      } catch (e) {
+        if (!neverDelivered(e)) throw new KilnError(`the kiln daemon did not answer: ${(e as Error).message}`);
+        return null;
       }
-    }
+    }, 10_000);
+    if (sent === null) throw new KilnError(`the kiln daemon did not start (see ${join(store.dir, 'daemon.log')})`);
+    r = sent;
   }
   if (r.status !== 200) {
     const e = r.body as ErrorReply | undefined;

@@ -167,7 +167,25 @@ export class Manager {
     return this.logs(name, 4096).trimEnd().split('\n').slice(-lines).join('\n');
   }
 
-  async start(name: string): Promise<StartReply> {
+  /** One state-changing operation per VM at a time (two starts must not spawn two VMMs). */
+  private readonly busy = new Map<string, Promise<unknown>>();
+
+  private serialised<T>(name: string, work: () => Promise<T>): Promise<T> {
+    const previous = this.busy.get(name) ?? Promise.resolve();
+    const next = previous.then(work, work);
+    const settled = next.catch(() => undefined);
+    this.busy.set(name, settled);
+    void settled.then(() => {
+      if (this.busy.get(name) === settled) this.busy.delete(name);
+    });
+    return next;
+  }
+
+  start(name: string): Promise<StartReply> {
+    return this.serialised(name, () => this.startNow(name));
+  }
+
+  private async startNow(name: string): Promise<StartReply> {
     const spec = this.store.get(name);
     const current = await this.status(spec);
     if (current.state !== 'stopped') throw new KilnError(`'${name}' is already ${current.state}`);
@@ -267,7 +285,11 @@ export class Manager {
   }
 
   /** Graceful: the ACPI power button, then SIGTERM after `timeoutMs`; forced: SIGTERM at once. */
-  async stop(name: string, force = false, timeoutMs = 30_000): Promise<VmStatus> {
+  stop(name: string, force = false, timeoutMs = 30_000): Promise<VmStatus> {
+    return this.serialised(name, () => this.stopNow(name, force, timeoutMs));
+  }
+
+  private async stopNow(name: string, force: boolean, timeoutMs: number): Promise<VmStatus> {
     const spec = this.store.get(name);
     const pid = this.pidOf(name);
     if (pid === null) return this.status(spec);
@@ -299,7 +321,11 @@ export class Manager {
   }
 
   /** Removes a VM (a broken definition too: that is how a user gets rid of one). */
-  async remove(name: string): Promise<void> {
+  remove(name: string): Promise<void> {
+    return this.serialised(name, () => this.removeNow(name));
+  }
+
+  private async removeNow(name: string): Promise<void> {
     if (!this.store.exists(name)) throw new KilnError(`no VM named '${name}'`);
     if (this.pidOf(name) !== null) throw new KilnError(`'${name}' is running; stop it first (kiln stop ${name})`);
     this.store.remove(name);

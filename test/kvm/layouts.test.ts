@@ -1,7 +1,7 @@
 // The binary layouts Kiln reads and writes outside KVM's own structs — ELF headers,
-// the virtio-blk request header, the virtio-pci capability, epoll_event, ifreq and
-// sockaddr_un — each declared once with the struct codec and checked here against the
-// host's C headers, compiled with gcc. (ACPI's tables have no C header on the host;
+// the virtio-blk request header, the virtio-pci capability, epoll_event, ifreq,
+// sockaddr_un and struct flock — each declared once with the struct codec and checked
+// here against the host's C headers, compiled with gcc. (ACPI's tables have no C header on the host;
 // they are checked by decoding them with iasl, in test/acpi.)
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
@@ -9,7 +9,7 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { Elf64_Ehdr, Elf64_Nhdr, Elf64_Phdr, Elf64_Shdr } from '../../src/boot/elf.js';
-import { epoll_event, sockaddr_un } from '../../src/kvm/libc.js';
+import { epoll_event, flock, sockaddr_un } from '../../src/kvm/libc.js';
 import type { StructType } from '../../src/kvm/struct.js';
 import { virtio_blk_outhdr } from '../../src/virtio/blk.js';
 import { ifreq } from '../../src/virtio/net.js';
@@ -28,6 +28,7 @@ test('every layout matches the C headers: sizes and every field offset', () => {
     [epoll_event, 'struct epoll_event'],
     [ifreq, 'struct ifreq'],
     [sockaddr_un, 'struct sockaddr_un'],
+    [flock, 'struct flock'],
   ];
   const lines: string[] = [];
   const expected = new Map<string, number>();
@@ -46,6 +47,7 @@ test('every layout matches the C headers: sizes and every field offset', () => {
       '#include <stdio.h>',
       '#include <stddef.h>',
       '#include <elf.h>',
+      '#include <fcntl.h>',
       '#include <sys/epoll.h>',
       '#include <sys/un.h>',
       '#include <net/if.h>',

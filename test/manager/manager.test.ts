@@ -151,7 +151,51 @@ describe('the VM store', () => {
   });
 });
 
+/** `kiln` run asynchronously (for concurrent calls). */
+function kilnAsync(
+  stateDir: string,
+  args: string[],
+): Promise<{ status: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, KILN_STATE_DIR: stateDir } });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (c: string) => (stdout += c));
+    child.stderr.setEncoding('utf8').on('data', (c: string) => (stderr += c));
+    child.on('exit', (status) => resolve({ status, stdout, stderr }));
+  });
+}
+
+/** The daemons serving `stateDir` (their environment names it). */
+function daemonsOf(stateDir: string): number[] {
+  const pids = spawnSync('pgrep', ['-f', `${CLI} daemon`], { encoding: 'utf8' })
+    .stdout.split('\n')
+    .filter(Boolean)
+    .map(Number);
+  return pids.filter((pid) => {
+    try {
+      return readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0').includes(`KILN_STATE_DIR=${stateDir}`);
+    } catch {
+      return false;
+    }
+  });
+}
+
 describe('kiln VM-manager verbs', () => {
+  test('concurrent first use starts one daemon per state directory', async () => {
+    const dir = tempDir();
+    try {
+      const results = await Promise.all(Array.from({ length: 4 }, () => kilnAsync(dir, ['ls', '--json'])));
+      for (const r of results) assert.equal(r.status, 0, r.stderr);
+      // Daemons that lost the race stop at once; wait for them to be gone.
+      for (let i = 0; i < 50 && daemonsOf(dir).length > 1; i++) await sleep(100);
+      assert.equal(daemonsOf(dir).length, 1, 'one daemon serves the directory');
+      assert.equal(kiln(dir, ['ls']).status, 0, 'and keeps serving it');
+    } finally {
+      stopDaemon(dir);
+    }
+  });
+
   test('usage and limits: a start that would overcommit says how much is left; nothing starts', () => {
     const dir = tempDir();
     try {
@@ -209,9 +253,16 @@ describe('kiln VM-manager verbs', () => {
       try {
         // The default guest (no kernel given) stays up with a shell on its serial console.
         assert.equal(kiln(dir, ['create', 'web', '--cpus', '1', '--memory', '128M', '--cpu-weight', '200']).status, 0);
-        const started = kiln(dir, ['start', 'web', '--json']);
-        assert.equal(started.status, 0, started.stderr);
+        // Two starts at once: one VMM. The daemon serialises state changes per VM.
+        const both = await Promise.all([
+          kilnAsync(dir, ['start', 'web', '--json']),
+          kilnAsync(dir, ['start', 'web', '--json']),
+        ]);
+        const started = both.find((r) => r.status === 0);
+        const refused = both.find((r) => r.status !== 0);
+        assert.ok(started && refused, `one start succeeds, one is refused: ${JSON.stringify(both)}`);
         assert.equal(JSON.parse(started.stdout).state, 'running');
+        assert.match(refused.stderr, /'web' is already running/);
         const pid = Number(readFileSync(join(dir, 'run', 'web', 'vmm.pid'), 'utf8'));
         const cgroup = readFileSync(`/proc/${pid}/cgroup`, 'utf8');
         if (cgroupDirs('web').length > 0) assert.match(cgroup, /kiln\/web/, 'the VMM runs in its own cgroup');
