@@ -16,7 +16,7 @@ import { lockStateDir } from './lock.js';
 import { waitFor } from './wait.js';
 import { checkStartable } from './preflight.js';
 import type { ErrorReply, LogsReply, RemovedReply } from './protocol.js';
-import type { Store } from './store.js';
+import { PRIVATE_FILE, type Store } from './store.js';
 
 const CLI = fileURLToPath(new URL('../cli.js', import.meta.url));
 
@@ -49,6 +49,9 @@ function readJson(req: IncomingMessage): Promise<unknown> {
 export async function runDaemon(store: Store, log: (line: string) => void): Promise<void> {
   // One daemon per state directory: the first to lock it serves it; any other stops here,
   // before it touches the socket.
+  // Everything the daemon creates — its socket first (connecting needs write permission
+  // on it), definitions, run directories, console logs — is its owner's alone.
+  process.umask(0o077);
   const lock = lockStateDir(store);
   if (lock === null) {
     log(`kiln daemon: another daemon already serves ${store.dir}`);
@@ -136,7 +139,7 @@ export async function daemonCall<T>(store: Store, method: string, path: string, 
     // Nobody listens: start the daemon, detached so it outlives this command, and send
     // the request once it listens. (The daemon itself removes a stale socket, holding
     // the state directory's lock: a client never unlinks a socket.)
-    const log = openSync(join(store.dir, 'daemon.log'), 'a');
+    const log = openSync(join(store.dir, 'daemon.log'), 'a', PRIVATE_FILE);
     spawn(process.execPath, [CLI, 'daemon'], {
       detached: true,
       stdio: ['ignore', log, log],

@@ -25,7 +25,7 @@ import { cgroupDirs, prepareCgroup, removeCgroup, spawnInCgroup } from './cgroup
 import { vmConfigOf, type VmDefinition } from './definition.js';
 import { checkStartable } from './preflight.js';
 import type { InfoReply, ListReply, StartReply, VmState, VmStatus } from './protocol.js';
-import type { Store } from './store.js';
+import { PRIVATE_DIR, PRIVATE_FILE, type Store } from './store.js';
 import { waitFor } from './wait.js';
 
 export type { VmState, VmStatus } from './protocol.js';
@@ -192,11 +192,13 @@ export class Manager {
     checkStartable(spec);
     await this.checkLimits(spec);
     const run = this.store.runDir(name);
-    mkdirSync(run, { recursive: true });
+    mkdirSync(run, { recursive: true, mode: PRIVATE_DIR });
     const sock = join(run, 'api.sock');
     // A stale socket from a VMM that died.
     rmSync(sock, { force: true });
-    writeFileSync(join(run, 'config.json'), JSON.stringify(await this.vmmConfig(spec), null, 2));
+    writeFileSync(join(run, 'config.json'), JSON.stringify(await this.vmmConfig(spec), null, 2), {
+      mode: PRIVATE_FILE,
+    });
     const warnings: string[] = [];
     let procs: string[] = [];
     try {
@@ -209,7 +211,7 @@ export class Manager {
     } catch (err) {
       warnings.push(`'${name}' runs without its cgroup limits: ${(err as Error).message}`);
     }
-    const log = openSync(join(run, 'console.log'), 'a');
+    const log = openSync(join(run, 'console.log'), 'a', PRIVATE_FILE);
     const vmm = [
       process.execPath,
       VMM_CLI,
@@ -227,7 +229,7 @@ export class Manager {
     closeSync(log);
     const pid = child.pid!;
     child.unref();
-    writeFileSync(join(run, 'vmm.pid'), `${pid}\n`);
+    writeFileSync(join(run, 'vmm.pid'), `${pid}\n`, { mode: PRIVATE_FILE });
     // The shell becomes kiln-vmm (same pid): wait for its API to answer, or for it to end.
     const s = await waitFor(async () => {
       const now = await this.status(spec);

@@ -11,6 +11,7 @@ import {
   closeSync,
   existsSync,
   fsyncSync,
+  chmodSync,
   mkdirSync,
   openSync,
   readdirSync,
@@ -32,6 +33,10 @@ export interface Limits {
 }
 
 export const DEFAULT_LIMITS: Limits = { cpuOvercommit: 4, memoryOvercommit: 1 };
+/** Modes of everything in the state directory, whatever the umask. */
+export const PRIVATE_DIR = 0o700;
+export const PRIVATE_FILE = 0o600;
+
 export function checkName(name: string): string {
   if (!NAME_RULE.test(name))
     throw new KilnError(
@@ -51,7 +56,7 @@ export function stateDir(): string {
 export function writeAtomically(path: string, text: string): void {
   const dir = join(path, '..');
   const tmp = `${path}.tmp-${process.pid}`;
-  const fd = openSync(tmp, 'w', 0o644);
+  const fd = openSync(tmp, 'w', PRIVATE_FILE);
   try {
     writeSync(fd, text);
     fsyncSync(fd);
@@ -81,8 +86,17 @@ export class Store {
   constructor(readonly dir: string = stateDir()) {
     this.vmsDir = join(dir, 'vms');
     this.runRoot = join(dir, 'run');
-    mkdirSync(this.vmsDir, { recursive: true });
-    mkdirSync(this.runRoot, { recursive: true });
+    // Private whatever the umask: definitions hold kernel command lines, run/ the console logs.
+    try {
+      for (const d of [dir, this.vmsDir, this.runRoot]) {
+        mkdirSync(d, { recursive: true, mode: PRIVATE_DIR });
+        chmodSync(d, PRIVATE_DIR);
+      }
+    } catch (err) {
+      throw new KilnError(
+        `cannot use the state directory ${dir}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`,
+      );
+    }
   }
 
   get socketPath(): string {

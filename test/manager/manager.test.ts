@@ -5,7 +5,7 @@
 // kept, and removed.
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { chmodSync, existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -14,7 +14,7 @@ import { cgroupDirs, weightToShares } from '../../src/manager/cgroup.js';
 import { parseDefinition } from '../../src/manager/definition.js';
 import { checkStartable } from '../../src/manager/preflight.js';
 import { Store, writeAtomically } from '../../src/manager/store.js';
-import { kvmSkip, tempDir } from '../helpers.js';
+import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
 
 const CLI = fileURLToPath(new URL('../../src/cli.js', import.meta.url));
 
@@ -182,6 +182,37 @@ function daemonsOf(stateDir: string): number[] {
 }
 
 describe('kiln VM-manager verbs', () => {
+  test("the state directory is its owner's alone, whatever the umask; another user cannot reach the daemon", () => {
+    const dir = join(tempDir(), 'state');
+    try {
+      const made = spawnSync('sh', ['-c', `umask 000; exec "${process.execPath}" "${CLI}" create priv --memory 64M`], {
+        encoding: 'utf8',
+        env: { ...process.env, KILN_STATE_DIR: dir },
+      });
+      assert.equal(made.status, 0, made.stderr);
+      const mode = (path: string) => statSync(path).mode & 0o777;
+      for (const d of [dir, join(dir, 'vms'), join(dir, 'run')]) assert.equal(mode(d), 0o700, d);
+      assert.equal(mode(join(dir, 'vms', 'priv.json')), 0o600);
+      assert.equal(mode(join(dir, 'kiln.sock')) & 0o077, 0, 'only the owner may connect to the socket');
+      const setpriv = toolAvailable('setpriv', '--version');
+      assert.ok(setpriv, 'setpriv (util-linux) is installed');
+      if (process.getuid?.() === 0) {
+        const other = spawnSync(
+          'setpriv',
+          ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, CLI, 'ls'],
+          {
+            encoding: 'utf8',
+            env: { ...process.env, KILN_STATE_DIR: dir },
+          },
+        );
+        assert.equal(other.status, 1, other.stderr);
+        assert.match(other.stderr, /cannot use the state directory .*: EACCES/);
+      }
+    } finally {
+      stopDaemon(dir);
+    }
+  });
+
   test('concurrent first use starts one daemon per state directory', async () => {
     const dir = tempDir();
     try {
