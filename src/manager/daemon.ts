@@ -16,7 +16,7 @@ import { lockStateDir } from './lock.js';
 import { waitFor } from './wait.js';
 import { checkStartable } from './preflight.js';
 import type { ErrorReply, LogsReply, RemovedReply } from './protocol.js';
-import { PRIVATE_FILE, type Store } from './store.js';
+import { PRIVATE_FILE, sweepTemporaryFiles, type Store } from './store.js';
 
 const CLI = fileURLToPath(new URL('../cli.js', import.meta.url));
 
@@ -57,6 +57,8 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
     log(`kiln daemon: another daemon already serves ${store.dir}`);
     return;
   }
+  for (const f of sweepTemporaryFiles(store.vmsDir))
+    log(`kiln daemon: removed ${f}, left by a write that did not finish`);
   const manager = new Manager(store, log);
   const router = FindMyWay({
     defaultRoute: (_req: IncomingMessage, res: ServerResponse) => reply(res, 404, { error: 'no such endpoint' }),

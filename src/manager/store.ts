@@ -33,6 +33,8 @@ export interface Limits {
 }
 
 export const DEFAULT_LIMITS: Limits = { cpuOvercommit: 4, memoryOvercommit: 1 };
+const TMP_MARK = '.tmp-';
+
 /** Modes of everything in the state directory, whatever the umask. */
 export const PRIVATE_DIR = 0o700;
 export const PRIVATE_FILE = 0o600;
@@ -55,21 +57,36 @@ export function stateDir(): string {
 /** Writes `text` to `path` so that a crash leaves either the old file or the new one. */
 export function writeAtomically(path: string, text: string): void {
   const dir = join(path, '..');
-  const tmp = `${path}.tmp-${process.pid}`;
-  const fd = openSync(tmp, 'w', PRIVATE_FILE);
+  const tmp = `${path}${TMP_MARK}${process.pid}`;
+  const bytes = Buffer.from(text);
   try {
-    writeSync(fd, text);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
+    const fd = openSync(tmp, 'w', PRIVATE_FILE);
+    try {
+      // writeSync may write less than asked (a full disk): loop, and let ENOSPC throw.
+      for (let done = 0; done < bytes.length;) done += writeSync(fd, bytes, done, bytes.length - done);
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    renameSync(tmp, path);
+  } catch (err) {
+    // Nothing half-written is left behind, and the old file (if any) is untouched.
+    rmSync(tmp, { force: true });
+    throw err;
   }
-  renameSync(tmp, path);
   const dfd = openSync(dir, 'r');
   try {
     fsyncSync(dfd);
   } finally {
     closeSync(dfd);
   }
+}
+
+/** Temporary files of writes a crash interrupted (the daemon sweeps them at start). */
+export function sweepTemporaryFiles(dir: string): string[] {
+  const swept = readdirSync(dir).filter((f) => f.includes(TMP_MARK));
+  for (const f of swept) rmSync(join(dir, f), { force: true });
+  return swept;
 }
 
 /** A definition file that cannot be read: reported, never deleted or overwritten. */

@@ -13,7 +13,7 @@ import { fileURLToPath } from 'node:url';
 import { cgroupDirs, weightToShares } from '../../src/manager/cgroup.js';
 import { parseDefinition } from '../../src/manager/definition.js';
 import { checkStartable } from '../../src/manager/preflight.js';
-import { Store, writeAtomically } from '../../src/manager/store.js';
+import { Store, sweepTemporaryFiles, writeAtomically } from '../../src/manager/store.js';
 import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
 
 const CLI = fileURLToPath(new URL('../../src/cli.js', import.meta.url));
@@ -71,6 +71,18 @@ describe('the VM store', () => {
     writeAtomically(target, 'one');
     writeAtomically(target, 'two');
     assert.equal(readFileSync(target, 'utf8'), 'two');
+    // A write that fails (here the rename: the target is a directory) leaves nothing behind.
+    mkdirSync(join(dir, 'adir', 'inside'), { recursive: true });
+    assert.throws(() => writeAtomically(join(dir, 'adir'), 'three'));
+    assert.deepEqual(
+      readdirSync(dir).filter((f) => f.includes('.tmp-')),
+      [],
+      'no temporary file left',
+    );
+    // One a crash left is swept when the daemon starts.
+    writeFileSync(join(dir, 'vms', 'delta.json.tmp-4242'), '{"na');
+    assert.deepEqual(sweepTemporaryFiles(join(dir, 'vms')), ['delta.json.tmp-4242']);
+    assert.ok(!existsSync(join(dir, 'vms', 'delta.json.tmp-4242')));
   });
 
   test('a definition that could not start on this host is refused: missing or unwritable files, too much memory', () => {
