@@ -95,7 +95,8 @@ async function main(argv: string[]): Promise<number> {
       } else {
         const { changes, settings } = parseConfigFile(json);
         changes.forEach((change) => vmm.apply(change));
-        vmm.settings = settings;
+        if (settings.logger) vmm.setLogger(settings.logger);
+        if (settings.metrics) vmm.setMetrics(settings.metrics);
       }
     }
     if (!values['no-api']) server = await listenApi(values['api-sock'], vmm);

@@ -134,8 +134,8 @@ const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Han
   ],
   ['GET', '/balloon/statistics', (vmm) => vmm.balloonStats()],
   ['PATCH', '/balloon/statistics', notYet('Changing the balloon statistics interval')],
-  ['PUT', '/logger', preBoot((vmm, body) => (vmm.settings.logger = r.parseLogger(body)))],
-  ['PUT', '/metrics', preBoot((vmm, body) => (vmm.settings.metrics = r.parseMetrics(body)))],
+  ['PUT', '/logger', preBoot((vmm, body) => vmm.setLogger(r.parseLogger(body)))],
+  ['PUT', '/metrics', preBoot((vmm, body) => vmm.setMetrics(r.parseMetrics(body)))],
   [
     'PUT',
     '/actions',

@@ -1,14 +1,14 @@
 // One VM behind the Firecracker API: its definition (what the API has PUT so far), and
 // once InstanceStart has run, the live Linux VM built from it. Pre-boot-only resources
 // are refused after the start, as Firecracker refuses them.
-import { closeSync, openSync, statSync, writeSync } from 'node:fs';
+import { closeSync, constants as fsConstants, openSync, statSync, writeSync } from 'node:fs';
 import { createLinuxVm, type LinuxVm } from '../boot/linux.js';
 import { KilnError } from '../errors.js';
 import { ConfigError, parseVmConfig, type VmConfig } from '../config/vm-config.js';
 import { balloonControl, blkControl, openDisk } from '../platform/virtio.js';
 import type { BalloonControl } from '../virtio/balloon.js';
 import type { VmResult } from '../vm.js';
-import { ApiError, type ConfigChange, type VmmSettings } from './resources.js';
+import { ApiError, type ConfigChange, type LoggerConfig, type MetricsConfig, type VmmSettings } from './resources.js';
 
 export type InstanceState = 'Not started' | 'Running' | 'Paused';
 
@@ -52,11 +52,58 @@ export class Vmm {
     if (!logger?.log_path) return;
     const order = ['Off', 'Error', 'Warning', 'Info', 'Debug', 'Trace'];
     if (order.indexOf(level) > order.indexOf(logger.level)) return;
-    if (this.logFd < 0) this.logFd = openSync(logger.log_path, 'a');
-    writeSync(
+    if (this.logFd < 0) return;
+    this.emit(
       this.logFd,
       `${new Date().toISOString()} ${logger.show_level ? `[${level}] ` : ''}[${this.id}] ${text}\n`,
     );
+  }
+
+  /** Lines a full FIFO (no reader keeping up) did not take: dropped, never waited for. */
+  dropped = 0;
+
+  private emit(fd: number, line: string): void {
+    try {
+      writeSync(fd, line);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') throw err;
+      this.dropped++;
+    }
+  }
+
+  /**
+   * Opens a log or metrics path when it is configured, as Firecracker does: appending,
+   * created if missing, and non-blocking, so a FIFO with no reader neither blocks the
+   * VMM's main thread (the API, SIGTERM) nor loses the VMM its process: a full FIFO drops lines.
+   */
+  private openOutput(path: string, what: string): number {
+    try {
+      return openSync(
+        path,
+        fsConstants.O_RDWR | fsConstants.O_APPEND | fsConstants.O_CREAT | fsConstants.O_NONBLOCK,
+        0o600,
+      );
+    } catch (err) {
+      throw new ApiError(
+        `Cannot open the ${what} file ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`,
+      );
+    }
+  }
+
+  /** PUT /logger: the file is opened now, so a bad path is a 400 at once. */
+  setLogger(logger: LoggerConfig): void {
+    const fd = logger.log_path !== undefined ? this.openOutput(logger.log_path, 'log') : -1;
+    if (this.logFd >= 0) closeSync(this.logFd);
+    this.logFd = fd;
+    this.settings.logger = logger;
+  }
+
+  /** PUT /metrics: the file is opened now. */
+  setMetrics(metrics: MetricsConfig): void {
+    const fd = this.openOutput(metrics.metrics_path, 'metrics');
+    if (this.metricsFd >= 0) closeSync(this.metricsFd);
+    this.metricsFd = fd;
+    this.settings.metrics = metrics;
   }
 
   get state(): InstanceState {
@@ -212,9 +259,8 @@ export class Vmm {
   flushMetrics(): void {
     const m = this.settings.metrics;
     if (!m) throw new ApiError('Metrics are not configured (PUT /metrics first).');
-    if (this.metricsFd < 0) this.metricsFd = openSync(m.metrics_path, 'a');
     const line = { utc_timestamp_ms: Date.now(), vmm: { state: this.state, vcpus: this.config.cpus } };
-    writeSync(this.metricsFd, `${JSON.stringify(line)}\n`);
+    this.emit(this.metricsFd, `${JSON.stringify(line)}\n`);
   }
 
   /** SIGTERM or the end of the process: stop the VM if it runs. */

@@ -3,6 +3,7 @@
 // the status code must be one the operation declares, and the body must match its schema.
 // Every error path is a 400 with a fault_message, and leaves the definition unchanged.
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { request, type Server } from 'node:http';
 import { join } from 'node:path';
@@ -297,5 +298,22 @@ describe('the Firecracker API', () => {
       vmm: { state: string };
     };
     assert.equal(line.vmm.state, 'Not started');
+  });
+
+  test('a FIFO as the metrics or log path never blocks the VMM: no reader, a full pipe, then a reader', async () => {
+    const fifo = join(dir, 'metrics.fifo');
+    execFileSync('mkfifo', [fifo]);
+    assert.equal((await call('PUT', '/metrics', { metrics_path: fifo })).status, 204, 'opened at once, with no reader');
+    // No reader: enough flushes to fill the pipe (64 KiB) and then drop, without stalling the API.
+    for (let i = 0; i < 1500; i++)
+      assert.equal((await call('PUT', '/actions', { action_type: 'FlushMetrics' })).status, 204);
+    assert.ok(vmm.dropped > 0, 'a full FIFO drops lines rather than blocking');
+    assert.equal((await call('GET', '/')).status, 200, 'the API still answers');
+    // A reader gets the lines that fitted.
+    const head = execFileSync('head', ['-c', '200', fifo], { encoding: 'utf8' });
+    assert.match(head, /"utc_timestamp_ms":\d+/);
+    const missing = await call('PUT', '/logger', { log_path: join(dir, 'no', 'such', 'dir', 'log') });
+    assert.equal(missing.status, 400);
+    assert.match(faultOf(missing), /Cannot open the log file .*: ENOENT/);
   });
 });
