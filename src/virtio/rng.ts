@@ -17,6 +17,13 @@ export const rngType: VirtioDeviceType<RngOptions> = {
   initConfig: () => undefined,
 };
 
+/**
+ * The most one request gets (virtio 1.2, 5.4.6.1: the device may fill less than the
+ * buffer). Without a cap a guest could ask for terabytes in one descriptor chain and hold
+ * the I/O thread, and every other device of the VM, for hours.
+ */
+export const RNG_MAX_BYTES_PER_REQUEST = 64 * 1024;
+
 export class RngBackend implements VirtioBackend {
   constructor(private readonly rt: VirtioQueues) {}
 
@@ -27,9 +34,9 @@ export class RngBackend implements VirtioBackend {
     while (queue.pop(chain)) {
       let filled = 0;
       for (let i = 0; i < chain.count; i++) {
-        if (!chain.writable[i]) continue;
+        if (!chain.writable[i] || filled >= RNG_MAX_BYTES_PER_REQUEST) continue;
         const bytes = this.rt.mem.regionBytes(chain.region[i]!);
-        const len = chain.length[i]!;
+        const len = Math.min(chain.length[i]!, RNG_MAX_BYTES_PER_REQUEST - filled);
         for (let got = 0; got < len;) {
           const n = libc.getrandom(bytes.subarray(chain.offset[i]! + got, chain.offset[i]! + len), len - got, 0);
           if (n < 0) {

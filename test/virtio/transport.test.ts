@@ -4,6 +4,7 @@
 // The function's configuration space is also decoded by `lspci -F`.
 import assert from 'node:assert/strict';
 import type { VirtioDeviceConfig } from '../../src/virtio/catalogue.js';
+import { RNG_MAX_BYTES_PER_REQUEST } from '../../src/virtio/rng.js';
 import { execFileSync } from 'node:child_process';
 import { openSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -38,6 +39,10 @@ describe('virtio-pci transport', { skip: kvmSkip }, () => {
         vq_add(&q, &x, 1, 0); vq_kick(&q); if (vq_wait(&q, &len1, 100000000) < 0) kit_exit(4);
         vq_add(&q, &y, 1, 0); vq_kick(&q); if (vq_wait(&q, &len2, 100000000) < 0) kit_exit(5);
         RESULT(0) = len1; RESULT(1) = len2; RESULT(2) = a; RESULT(3) = b;
+        /* A buffer far larger than one request may take: filled up to the cap, promptly. */
+        u64 big = kit_alloc(4 << 20); struct vbuf z = { big, 4 << 20, 1 }; u32 len3 = 0;
+        vq_add(&q, &z, 1, 0); vq_kick(&q); if (vq_wait(&q, &len3, 100000000) < 0) kit_exit(6);
+        RESULT(4) = len3;
         kit_exit(0);
       }`,
       {},
@@ -49,6 +54,7 @@ describe('virtio-pci transport', { skip: kvmSkip }, () => {
         const b = Buffer.from(t.vm.memory.read(Number(result(t, 3)), 64));
         assert.notDeepEqual(a, Buffer.alloc(64), 'not zeroes');
         assert.notDeepEqual(a, b, 'two reads differ');
+        assert.equal(result(t, 4), BigInt(RNG_MAX_BYTES_PER_REQUEST), 'one request gets at most the cap');
       },
     );
   });
