@@ -297,6 +297,8 @@ export interface VirtioQueues {
   setPollable(fd: number, on: boolean): void;
   /** The device changed its configuration (e.g. link status): new generation, config interrupt. */
   configChanged(): void;
+  /** Comes back to queue `q` after the other ready work (a drain that stopped at its budget). */
+  kickLater(q: number): void;
   /** Watches an fd the backend opened later (an accepted socket); `ready` runs under the device lock. */
   watchFd(fd: number, ready: () => void): void;
   unwatchFd(fd: number): void;
@@ -307,6 +309,8 @@ export interface FdWatcher {
   setPollable(fd: number, on: boolean): void;
   watch(fd: number, handler: () => void): void;
   unwatch(fd: number): void;
+  /** Makes queue `q`'s notification fire again (its eventfd), behind what is already ready. */
+  kick(q: number): void;
 }
 
 /** A device's data path, on the I/O thread. Called with the device lock held. */
@@ -354,6 +358,10 @@ export class VirtioRuntime implements VirtioQueues {
 
   setPollable(fd: number, on: boolean): void {
     this.fds.setPollable(fd, on);
+  }
+
+  kickLater(q: number): void {
+    this.fds.kick(q);
   }
 
   /** Host fds not watched because input came while the driver had the device stopped. */

@@ -63,7 +63,7 @@ for (const spec of init.devices) {
     new SharedLock(new Int32Array(spec.state, 0, 1), LOCK_INDEX),
     interrupts,
     logFor(spec.id),
-    { setPollable, watch, unwatch },
+    { setPollable, watch, unwatch, kick: (q) => libc.signalEventfd(spec.options.notifyFds[q]!) },
   );
   const backend = createBackend(spec.options.device, runtime, { controlFd: spec.options.controlFd });
   runtime.backend = backend;

@@ -201,14 +201,29 @@ export class SplitQueue {
     return on && this.pending() > 0;
   }
 
-  /** Pops and hands every waiting request to `handle` with kicks suppressed meanwhile. */
-  drain(chain: DescriptorChain, handle: (chain: DescriptorChain) => void): number {
+  /**
+   * After a drain that stopped at its budget: requests are still waiting, and kicks are
+   * still suppressed, so the caller must come back (VirtioQueues.kickLater).
+   */
+  leftOver = false;
+
+  /**
+   * Pops and hands waiting requests to `handle` with kicks suppressed meanwhile: all of
+   * them, or `budget` at most, so a guest that keeps refilling one queue cannot keep
+   * the I/O thread from its other devices.
+   */
+  drain(chain: DescriptorChain, handle: (chain: DescriptorChain) => void, budget = Number.POSITIVE_INFINITY): number {
     let done = 0;
+    this.leftOver = false;
     do {
       this.setNotify(false);
-      while (this.pop(chain)) {
+      while (done < budget && this.pop(chain)) {
         handle(chain);
         done++;
+      }
+      if (done >= budget && this.pending() > 0) {
+        this.leftOver = true;
+        return done;
       }
     } while (this.setNotify(true));
     return done;

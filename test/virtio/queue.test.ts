@@ -94,6 +94,27 @@ describe('split virtqueue', () => {
     assert.equal(mem.readU32(USED + 8), 4097, 'used len');
   });
 
+  test('drain with a budget: stops after it with work left and kicks still suppressed; the next turn finishes', () => {
+    const q = freshQueue();
+    for (let i = 0; i < 5; i++) desc(DESC, i, 0x10000 + 0x1000 * i, 16, VIRTQ_DESC_F_WRITE);
+    offer(0, 1, 2, 3, 4);
+    const chain = new DescriptorChain();
+    const served: number[] = [];
+    const handle = (c: DescriptorChain) => {
+      served.push(c.head);
+      q.push(c.head, 0);
+    };
+    assert.equal(q.drain(chain, handle, 2), 2);
+    assert.equal(q.leftOver, true);
+    assert.equal(mem.readU16(USED) & 1, 1, 'VIRTQ_USED_F_NO_NOTIFY: the device will come back by itself');
+    assert.equal(q.drain(chain, handle, 2), 2);
+    assert.equal(q.drain(chain, handle, 2), 1);
+    assert.equal(q.leftOver, false);
+    assert.equal(mem.readU16(USED) & 1, 0, 'kicks wanted again once the queue is empty');
+    assert.deepEqual(served, [0, 1, 2, 3, 4]);
+    assert.equal(mem.readU16(USED + 2), 5, 'used.idx');
+  });
+
   test('a buffer spanning two RAM regions becomes two segments', () => {
     const q = freshQueue();
     desc(DESC, 0, HALF - 100, 300, VIRTQ_DESC_F_WRITE);
