@@ -11,41 +11,15 @@ import { readProgress } from '../../src/devices/progress.js';
 import { SerialHost } from '../../src/devices/serial.js';
 import { buildProgram, loadProgram } from '../../src/guest/kit.js';
 import * as layout from '../../src/layout.js';
+import { addPcDevices, addStandardDevices } from '../../src/platform/standard.js';
 import { Vm, type VmResult } from '../../src/vm.js';
 import { kvmSkip } from '../helpers.js';
 
+/** A VM with the platform's own devices (COM1, progress, debug-exit, ACPI PM, i8042, RTC). */
 function platformVm(vcpus: number, irqchip: boolean) {
   const vm = Vm.create({ memoryBytes: 4 * layout.MiB, vcpus, irqchip });
-  const progress = vm.addDevice({
-    id: 'progress',
-    kind: 'progress',
-    bus: 'pio',
-    base: layout.PORT_PROGRESS,
-    size: layout.PORT_PROGRESS_SIZE,
-  });
-  vm.addDevice({
-    id: 'debug-exit',
-    kind: 'debug-exit',
-    bus: 'pio',
-    base: layout.PORT_DEBUG_EXIT,
-    size: layout.PORT_DEBUG_EXIT_SIZE,
-  });
-  vm.addDevice({
-    id: 'acpi-pm',
-    kind: 'acpi-pm',
-    bus: 'pio',
-    base: layout.PORT_ACPI_SLEEP_CONTROL,
-    size: layout.PORT_ACPI_PM_SIZE,
-  });
-  vm.addDevice({ id: 'i8042', kind: 'i8042', bus: 'pio', base: layout.PORT_I8042_DATA, size: 5 });
-  const com1 = vm.addDevice({
-    id: 'com1',
-    kind: 'serial',
-    bus: 'pio',
-    base: layout.PORT_COM1,
-    size: layout.PORT_COM_SIZE,
-    options: { outFd: -1, irq: layout.IRQ_COM1 },
-  });
+  const { com1, progress } = addStandardDevices(vm, -1);
+  addPcDevices(vm);
   return { vm, progress, com1 };
 }
 
