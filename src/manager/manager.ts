@@ -79,8 +79,14 @@ export class Manager {
 
   private pidOf(name: string): number | null {
     const file = join(this.store.runDir(name), 'vmm.pid');
-    if (!existsSync(file)) return null;
-    const pid = Number(readFileSync(file, 'utf8').trim());
+    let text: string;
+    try {
+      text = readFileSync(file, 'utf8');
+    } catch {
+      // No pid file (or not a file): no VMM of ours.
+      return null;
+    }
+    const pid = Number(text.trim());
     if (!Number.isInteger(pid) || pid <= 0) return null;
     // Alive, and that VM's kiln-vmm (not a recycled pid).
     try {
@@ -229,7 +235,17 @@ export class Manager {
     closeSync(log);
     const pid = child.pid!;
     child.unref();
-    writeFileSync(join(run, 'vmm.pid'), `${pid}\n`, { mode: PRIVATE_FILE });
+    try {
+      writeFileSync(join(run, 'vmm.pid'), `${pid}\n`, { mode: PRIVATE_FILE });
+    } catch (err) {
+      // An untracked VMM would run on, invisible to every verb: stop it rather than lose it.
+      process.kill(pid, 'SIGKILL');
+      await waitFor(() => (this.processAlive(pid) ? null : true), 5_000);
+      removeCgroup(name);
+      throw new KilnError(
+        `cannot record the VMM's pid for '${name}' (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}); it was stopped`,
+      );
+    }
     // The shell becomes kiln-vmm (same pid): wait for its API to answer, or for it to end.
     const s = await waitFor(async () => {
       const now = await this.status(spec);

@@ -282,6 +282,15 @@ describe('kiln VM-manager verbs', () => {
       assert.match(failed.stderr, /'broken' did not start: its VMM exited/);
       assert.match(failed.stderr, /not a Linux kernel/);
       assert.equal((JSON.parse(kiln(dir, ['info', 'broken', '--json']).stdout) as { state: string }).state, 'stopped');
+      // A pid file that cannot be written (here a directory is in its way; a full disk does the
+      // same): the VMM is stopped, not left running untracked.
+      assert.equal(kiln(dir, ['create', 'pidless', '--kernel', join(dir, 'notes.txt')]).status, 0);
+      mkdirSync(join(dir, 'run', 'pidless', 'vmm.pid'), { recursive: true });
+      const lost = kiln(dir, ['start', 'pidless']);
+      assert.equal(lost.status, 1, lost.stderr);
+      assert.match(lost.stderr, /cannot record the VMM's pid for 'pidless' \(EISDIR\); it was stopped/);
+      const strays = spawnSync('pgrep', ['-f', '--', 'vmm-cli.js .*--id pidless'], { encoding: 'utf8' });
+      assert.equal(strays.status, 1, `no VMM left running (pgrep: ${strays.stdout}${strays.stderr})`);
     } finally {
       stopDaemon(dir);
     }
