@@ -91,38 +91,6 @@ export function addVmOptions(cmd: Command): Command {
     .option('--balloon <size>', 'a memory balloon, starting at SIZE (e.g. 0, 64M)');
 }
 
-interface VmOptionValues {
-  kernel?: string;
-  initrd?: string;
-  cmdline?: string;
-  memory?: string;
-  cpus?: string;
-  cpuTemplate?: string;
-  disk: string[];
-  net: string[];
-  rng?: boolean;
-  vsock?: string;
-  consoleSocket?: string;
-  balloon?: string;
-}
-
-export function vmFlags(v: VmOptionValues): VmFlags {
-  return {
-    kernel: v.kernel,
-    initrd: v.initrd,
-    cmdline: v.cmdline,
-    memory: v.memory,
-    cpus: v.cpus,
-    'cpu-template': v.cpuTemplate,
-    disk: v.disk,
-    net: v.net,
-    rng: v.rng,
-    vsock: v.vsock,
-    'console-socket': v.consoleSocket,
-    balloon: v.balloon,
-  };
-}
-
 interface CreateValues {
   json?: boolean;
   file?: string;
@@ -131,7 +99,7 @@ interface CreateValues {
   pin?: string;
 }
 
-interface RunValues extends VmOptionValues {
+interface RunValues extends VmFlags {
   demo?: boolean;
   onReboot: string;
   hostDecompress?: boolean;
@@ -144,7 +112,7 @@ async function run(values: RunValues): Promise<number> {
     throw new UsageError('--demo and --kernel/--initrd are different guests: choose one');
   if (values.onReboot !== 'exit' && values.onReboot !== 'restart')
     throw new UsageError(`--on-reboot must be 'exit' or 'restart' (got '${values.onReboot}')`);
-  let config = configFromFlags(vmFlags(values));
+  let config = configFromFlags(values);
   const virtioWanted =
     config.disks.length > 0 ||
     config.nets.length > 0 ||
@@ -356,8 +324,8 @@ function program(setStatus: (status: number) => void): Command {
     .option('--cpu-weight <n>', 'cgroup CPU weight, 1-10000 (default 100)')
     .option('--cpu-quota <percent>', 'at most this many percent of one host CPU (default: no quota)')
     .option('--pin <cpus>', 'host CPUs for the vCPU threads, e.g. 0,1 (vCPU N on the (N mod count)-th)')
-    .action(async (name: string | undefined, values: VmOptionValues & CreateValues) =>
-      done((await manager()).create(name, { ...values, vm: vmFlags(values) })),
+    .action(async (name: string | undefined, values: VmFlags & CreateValues) =>
+      done((await manager()).create(name, { ...values, vm: values })),
     );
   verb('start', 'start a VM')
     .argument('<name>')

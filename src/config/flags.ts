@@ -70,21 +70,21 @@ export function parseMiBFlag(name: string, text: string): number {
 }
 
 /** A count flag: digits become a number; anything else goes on as text, for the schema to refuse by name. */
-const count = (text: string): number | string => (/^\d+$/.test(text) ? Number(text) : text);
+export const countFlag = (text: string): number | string => (/^\d+$/.test(text) ? Number(text) : text);
 
-/** The flags `kiln run` and `kiln create` share (as node:util parseArgs returns them). */
+/** The flags `kiln run` and `kiln create` share, as commander hands them over (camelCase). */
 export interface VmFlags {
   readonly kernel?: string | undefined;
   readonly initrd?: string | undefined;
   readonly cmdline?: string | undefined;
   readonly cpus?: string | undefined;
   readonly memory?: string | undefined;
-  readonly 'cpu-template'?: string | undefined;
+  readonly cpuTemplate?: string | undefined;
   readonly disk?: readonly string[] | undefined;
   readonly net?: readonly string[] | undefined;
   readonly rng?: boolean | undefined;
   readonly vsock?: string | undefined;
-  readonly 'console-socket'?: string | undefined;
+  readonly consoleSocket?: string | undefined;
   readonly balloon?: string | undefined;
 }
 
@@ -94,14 +94,14 @@ export function flagsToInput(f: VmFlags): Record<string, unknown> {
   if (f.kernel !== undefined) input.kernel = resolve(f.kernel);
   if (f.initrd !== undefined) input.initrd = resolve(f.initrd);
   if (f.cmdline !== undefined) input.cmdline = f.cmdline;
-  if (f.cpus !== undefined) input.cpus = count(f.cpus);
+  if (f.cpus !== undefined) input.cpus = countFlag(f.cpus);
   if (f.memory !== undefined) input.memoryMiB = parseMiBFlag('--memory', f.memory);
-  if (f['cpu-template'] !== undefined) input.cpuTemplate = f['cpu-template'];
+  if (f.cpuTemplate !== undefined) input.cpuTemplate = f.cpuTemplate;
   if (f.disk?.length) input.disks = f.disk.map(parseDiskFlag);
   if (f.net?.length) input.nets = f.net.map(parseNetFlag);
   if (f.rng) input.rng = true;
   if (f.vsock !== undefined) input.vsock = parseVsockFlag(f.vsock);
-  if (f['console-socket'] !== undefined) input.consoleSocket = resolve(f['console-socket']);
+  if (f.consoleSocket !== undefined) input.consoleSocket = resolve(f.consoleSocket);
   if (f.balloon !== undefined) input.balloon = { targetMiB: parseMiBFlag('--balloon', f.balloon) };
   return input;
 }

@@ -39,10 +39,11 @@ export class ConfigError extends KilnError {
 
 const got = (input: unknown) => (typeof input === 'string' ? `'${input}'` : (JSON.stringify(input) ?? String(input)));
 
-const text = (what = 'a string') => v.string(({ input }) => `must be ${what} (got ${describe(input)})`);
+export const text = (what = 'a string') => v.string(({ input }) => `must be ${what} (got ${describe(input)})`);
 const nonEmpty = (what: string) => v.pipe(text(what), v.nonEmpty(`must be ${what} (got an empty string)`));
 const flag = () => v.boolean(({ input }) => `must be true or false (got ${describe(input)})`);
-const whole = (min: number, max: number) =>
+/** A whole number in [min, max], with the one message every front end gives. */
+export const whole = (min: number, max: number) =>
   v.pipe(
     v.number(({ input }) => `must be a whole number from ${min} to ${max} (got ${describe(input)})`),
     v.integer(({ input }) => `must be a whole number from ${min} to ${max} (got ${got(input)})`),

@@ -271,3 +271,23 @@ export const flock = struct('flock', [
   ['l_len', 'i64'],
   ['l_pid', 'i32'],
 ]);
+
+/** A struct flock over the whole file (start 0, length 0 = to the end) of lock type `type`. */
+function wholeFileFlock(type: number): { buffer: Buffer; view: DataView } {
+  const buffer = Buffer.alloc(flock.size);
+  const view = new DataView(buffer.buffer, buffer.byteOffset, buffer.length);
+  flock.encode(view, 0, { l_type: type, l_whence: SEEK_SET, l_start: 0n, l_len: 0n, l_pid: 0 });
+  return { buffer, view };
+}
+
+/** Takes an OFD lock of `type` (F_RDLCK, F_WRLCK) on the whole file without waiting: 0, or the errno (EAGAIN or EACCES: held elsewhere). */
+export function ofdLockWholeFile(fd: number, type: number): number {
+  return fcntlPtr(fd, F_OFD_SETLK, wholeFileFlock(type).buffer) === 0 ? 0 : errno();
+}
+
+/** The lock that keeps `type` from `fd`'s file: its type (F_UNLCK: none, or unknown) and pid (-1 for an OFD lock, which has no owner process). */
+export function ofdConflict(fd: number, type: number): { type: number; pid: number } {
+  const { buffer, view } = wholeFileFlock(type);
+  if (fcntlPtr(fd, F_OFD_GETLK, buffer) !== 0) return { type: F_UNLCK, pid: -1 };
+  return { type: view.getInt16(flock.offsetOf('l_type'), true), pid: view.getInt32(flock.offsetOf('l_pid'), true) };
+}

@@ -98,23 +98,6 @@ export function prepareCgroup(name: string, limits: CgroupLimits, root = CGROUP_
   return dirs.map((d) => join(d, 'cgroup.procs'));
 }
 
-/** Creates VM `name`'s cgroup and moves `pid` into it (for a process that already runs). */
-export function placeInCgroup(name: string, pid: number, limits: CgroupLimits, root = CGROUP_ROOT): string[] {
-  const procs = prepareCgroup(name, limits, root);
-  for (const file of procs) writeFileSync(file, String(pid));
-  return cgroupDirs(name, root);
-}
-
-/** The pids in VM `name`'s cgroup (none when it does not exist). */
-export function cgroupPids(name: string, root = CGROUP_ROOT): number[] {
-  const dir = cgroupDirs(name, root)[0];
-  if (!dir || !existsSync(join(dir, 'cgroup.procs'))) return [];
-  return readFileSync(join(dir, 'cgroup.procs'), 'utf8')
-    .split('\n')
-    .filter((l) => l !== '')
-    .map(Number);
-}
-
 /** Removes VM `name`'s (empty) cgroup. */
 export function removeCgroup(name: string, root = CGROUP_ROOT): void {
   for (const dir of cgroupDirs(name, root)) {

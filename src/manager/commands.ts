@@ -6,7 +6,7 @@ import { readFileSync } from 'node:fs';
 import { createConnection } from 'node:net';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
-import { flagsToInput, type VmFlags } from '../config/flags.js';
+import { countFlag, flagsToInput, type VmFlags } from '../config/flags.js';
 import { ConfigError } from '../config/vm-config.js';
 import { relayStdin } from '../console-relay.js';
 import { KilnError } from '../errors.js';
@@ -44,8 +44,6 @@ function table(rows: readonly VmStatus[]): string {
     )
     .join('\n');
 }
-
-const count = (text: string) => (/^\d+$/.test(text) ? Number(text) : text);
 
 /** Makes a definition file's relative paths relative to the file (as compose files do). */
 function absolutePaths(raw: Record<string, unknown>, base: string): Record<string, unknown> {
@@ -95,9 +93,9 @@ export function definitionInput(name: string | undefined, o: CreateOptions): Rec
   return {
     name,
     ...flagsToInput(o.vm),
-    ...(o.cpuWeight !== undefined ? { cpuWeight: count(o.cpuWeight) } : {}),
-    ...(o.cpuQuota !== undefined ? { cpuQuotaPercent: count(o.cpuQuota) } : {}),
-    ...(o.pin !== undefined ? { pinCpus: o.pin.split(',').map(count) } : {}),
+    ...(o.cpuWeight !== undefined ? { cpuWeight: countFlag(o.cpuWeight) } : {}),
+    ...(o.cpuQuota !== undefined ? { cpuQuotaPercent: countFlag(o.cpuQuota) } : {}),
+    ...(o.pin !== undefined ? { pinCpus: o.pin.split(',').map(countFlag) } : {}),
   };
 }
 

@@ -10,48 +10,34 @@ import {
   configError,
   finishDevices,
   objectMessage,
+  text,
   VM_ENTRIES,
+  whole,
   type VmConfig,
 } from '../config/vm-config.js';
 
 export const NAME_RULE = /^[a-z0-9][a-z0-9-]{0,62}$/;
 
-const int = (min: number, max: number) =>
-  v.pipe(
-    v.number(
-      ({ input }) => `must be a whole number from ${min} to ${max} (got ${JSON.stringify(input) ?? String(input)})`,
-    ),
-    v.integer(({ input }) => `must be a whole number from ${min} to ${max} (got ${input})`),
-    v.minValue(min, ({ input }) => `must be a whole number from ${min} to ${max} (got ${input})`),
-    v.maxValue(max, ({ input }) => `must be a whole number from ${min} to ${max} (got ${input})`),
-  );
-
-const MANAGER_ENTRIES = {
+// The manager's fields around the VM's (name first, as a definition file reads).
+const ENTRIES = {
   name: v.pipe(
-    v.string(({ input }) => `must be a string (got ${JSON.stringify(input) ?? String(input)})`),
+    text(),
     v.regex(
       NAME_RULE,
       ({ input }) =>
         `'${input}' is not a valid VM name (lower-case letters, digits and '-', starting with a letter or digit, at most 63)`,
     ),
   ),
+  ...VM_ENTRIES,
   /** cgroup CPU weight: 1-10000, 100 is an ordinary share. */
-  cpuWeight: v.optional(int(1, 10_000), 100),
+  cpuWeight: v.optional(whole(1, 10_000), 100),
   /** CPU quota in percent of one host CPU; 0: none. */
-  cpuQuotaPercent: v.optional(int(0, 100 * 1024), 0),
+  cpuQuotaPercent: v.optional(whole(0, 100 * 1024), 0),
   /** Host CPUs the vCPU threads run on (vCPU N on pinCpus[N % length]); empty: any. */
   pinCpus: v.optional(
-    v.array(int(0, 8191), ({ input }) => `must be a list of host CPU numbers (got ${JSON.stringify(input)})`),
+    v.array(whole(0, 8191), ({ input }) => `must be a list of host CPU numbers (got ${JSON.stringify(input)})`),
     [],
   ),
-};
-
-const ENTRIES = {
-  name: MANAGER_ENTRIES.name,
-  ...VM_ENTRIES,
-  cpuWeight: MANAGER_ENTRIES.cpuWeight,
-  cpuQuotaPercent: MANAGER_ENTRIES.cpuQuotaPercent,
-  pinCpus: MANAGER_ENTRIES.pinCpus,
 };
 const DefinitionSchema = v.strictObject(ENTRIES, objectMessage(Object.keys(ENTRIES), 'a VM definition (an object)'));
 

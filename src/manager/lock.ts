@@ -9,15 +9,7 @@ import type { Store } from './store.js';
 /** Takes the lock; returns its fd (keep it open), or null when another daemon holds it. */
 export function lockStateDir(store: Store): number | null {
   const fd = openSync(join(store.dir, 'daemon.lock'), 'a', 0o600);
-  const lock = Buffer.alloc(libc.flock.size);
-  libc.flock.encode(new DataView(lock.buffer, lock.byteOffset, lock.length), 0, {
-    l_type: libc.F_WRLCK,
-    l_whence: libc.SEEK_SET,
-    l_start: 0n,
-    l_len: 0n,
-    l_pid: 0,
-  });
-  if (libc.fcntlPtr(fd, libc.F_OFD_SETLK, lock) === 0) return fd;
+  if (libc.ofdLockWholeFile(fd, libc.F_WRLCK) === 0) return fd;
   closeSync(fd);
   return null;
 }

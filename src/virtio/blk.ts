@@ -125,25 +125,14 @@ function diskBytes(fd: number, isBlockDevice: boolean, size: number, path: strin
  * VMs (or two drives of one) cannot both write an image, nor one read what another writes.
  */
 function lockDisk(fd: number, path: string, readOnly: boolean): void {
-  const lock = Buffer.alloc(libc.flock.size);
-  const dv = new DataView(lock.buffer, lock.byteOffset, lock.length);
-  libc.flock.encode(dv, 0, {
-    l_type: readOnly ? libc.F_RDLCK : libc.F_WRLCK,
-    l_whence: libc.SEEK_SET,
-    l_start: 0n,
-    l_len: 0n,
-    l_pid: 0,
-  });
-  if (libc.fcntlPtr(fd, libc.F_OFD_SETLK, lock) === 0) return;
-  const e = libc.errno();
+  const type = readOnly ? libc.F_RDLCK : libc.F_WRLCK;
+  const e = libc.ofdLockWholeFile(fd, type);
+  if (e === 0) return;
   if (e !== libc.EAGAIN && e !== libc.EACCES) throw new KilnError(`cannot lock disk ${path}: ${libc.errnoName(e)}`);
-  // Who holds it: F_OFD_GETLK describes the conflicting lock (its pid is -1: an OFD lock has no owner process).
-  libc.flock.encode(dv, 0, { l_type: readOnly ? libc.F_RDLCK : libc.F_WRLCK, l_pid: 0 });
-  const held = libc.fcntlPtr(fd, libc.F_OFD_GETLK, lock) === 0 ? dv.getInt16(libc.flock.offsetOf('l_type'), true) : -1;
-  const holder = held === libc.F_WRLCK ? 'a read-write' : held === libc.F_RDLCK ? 'a read-only' : 'a';
-  const pid = dv.getInt32(libc.flock.offsetOf('l_pid'), true);
+  const held = libc.ofdConflict(fd, type);
+  const holder = held.type === libc.F_WRLCK ? 'a read-write' : held.type === libc.F_RDLCK ? 'a read-only' : 'a';
   throw new KilnError(
-    `disk ${path} is in use: ${holder} lock on it is held${pid > 0 ? ` by process ${pid}` : ' by another VM or program'}` +
+    `disk ${path} is in use: ${holder} lock on it is held${held.pid > 0 ? ` by process ${held.pid}` : ' by another VM or program'}` +
       ` (${readOnly ? 'a read-only drive needs no writer' : 'a read-write drive needs it to itself'})`,
   );
 }

@@ -9,14 +9,7 @@ import { describe, test } from 'node:test';
 import { EscapeDecoder } from '../../src/console-relay.js';
 import { EXIT_OK, EXIT_VM_FAILED, vmExitStatus } from '../../src/exit-status.js';
 import { affinityOf, pinThread } from '../../src/manager/affinity.js';
-import {
-  cgroupVersion,
-  controllerSet,
-  cpuMax,
-  placeInCgroup,
-  prepareCgroup,
-  spawnInCgroup,
-} from '../../src/manager/cgroup.js';
+import { cgroupVersion, controllerSet, cpuMax, prepareCgroup, spawnInCgroup } from '../../src/manager/cgroup.js';
 import { waitFor } from '../../src/manager/wait.js';
 import { definitionInput, infoText } from '../../src/manager/commands.js';
 import { parseDefinition } from '../../src/manager/definition.js';
@@ -59,16 +52,23 @@ describe('cgroups', () => {
     assert.equal(cpuMax(0), 'max 100000');
   });
 
-  test('v1: shares, quota and memory limit in their hierarchies; placing writes the pid to both', () => {
+  test('v1: shares, quota and memory limit in their hierarchies; joining writes the pid to both', async () => {
     const root = tempDir();
     mkdirSync(join(root, 'cpu'));
     mkdirSync(join(root, 'memory'));
-    const dirs = placeInCgroup('db', 4242, { cpuWeight: 50, cpuQuotaPercent: 0, memoryBytes: 256 << 20 }, root);
-    assert.deepEqual(dirs, [join(root, 'cpu', 'kiln', 'db'), join(root, 'memory', 'kiln', 'db')]);
+    const procs = prepareCgroup('db', { cpuWeight: 50, cpuQuotaPercent: 0, memoryBytes: 256 << 20 }, root);
+    const dirs = [join(root, 'cpu', 'kiln', 'db'), join(root, 'memory', 'kiln', 'db')];
+    assert.deepEqual(
+      procs,
+      dirs.map((d) => join(d, 'cgroup.procs')),
+    );
     assert.equal(readFileSync(join(root, 'cpu', 'kiln', 'db', 'cpu.shares'), 'utf8'), '512');
     assert.equal(readFileSync(join(root, 'cpu', 'kiln', 'db', 'cpu.cfs_quota_us'), 'utf8'), '-1');
     assert.equal(readFileSync(join(root, 'memory', 'kiln', 'db', 'memory.limit_in_bytes'), 'utf8'), String(256 << 20));
-    for (const d of dirs) assert.equal(readFileSync(join(d, 'cgroup.procs'), 'utf8'), '4242');
+    const child = spawnInCgroup(procs, ['true'], { stdio: 'ignore' });
+    assert.equal(await new Promise<number | null>((resolve) => child.on('exit', resolve)), 0);
+    for (const p of procs)
+      assert.equal(readFileSync(p, 'utf8').trim(), String(child.pid), 'joining writes the pid to both');
   });
 });
 
@@ -88,7 +88,7 @@ describe('kiln create', () => {
     assert.equal(d.nets[0]!.passt, join(process.cwd(), 'p.sock'));
     assert.throws(
       () => parseDefinition(definitionInput('web', { pin: '0,x', vm: {} })),
-      /pinCpus\[1\]: must be a whole number from 0 to 8191 \(got "x"\)/,
+      /pinCpus\[1\]: must be a whole number from 0 to 8191 \(got 'x'\)/,
     );
   });
 
