@@ -14,6 +14,8 @@ import { KICK_SIGNAL, VcpuThread } from './vcpu/vcpu-thread.js';
 import * as libc from './kvm/libc.js';
 import { IoThread } from './virtio/io-thread.js';
 import { LogSink } from './log.js';
+import { installProgram } from './seccomp/install.js';
+import type { SeccompPrograms } from './seccomp/policy.js';
 
 export interface VmConfig {
   readonly memoryBytes: number;
@@ -144,12 +146,21 @@ export class Vm {
 
   private readonly emit = (source: string, line: string) => this.logSink.emit(source, line);
 
-  /** Starts the I/O thread (if any device needs it) and one thread per vCPU; resolves when every one is running. */
-  async start(): Promise<void> {
+  /**
+   * Starts the I/O thread (if any device needs it) and one thread per vCPU; resolves when
+   * every one is running. With `seccomp`, the process-wide filter goes on every thread
+   * first, then each worker loads its own before it touches guest data (seccomp/policy.ts).
+   */
+  async start(opts: { seccomp?: SeccompPrograms | null } = {}): Promise<void> {
     if (this.threads.length > 0) throw new KilnError('the VM has already started');
+    const seccomp = opts.seccomp ?? null;
+    if (seccomp) installProgram(seccomp.process, { allThreads: true });
     const virtio = this.devices.filter((d): d is DeviceSpec<'virtio-pci'> => d.kind === 'virtio-pci');
     if (virtio.length > 0) {
-      this.io = new IoThread({ memory: this.memory.descriptor, vmFd: this.vmFd.fd, devices: virtio }, this.emit);
+      this.io = new IoThread(
+        { memory: this.memory.descriptor, vmFd: this.vmFd.fd, devices: virtio, seccomp: seccomp?.io ?? null },
+        this.emit,
+      );
       this.ioThreadId = await this.io.ready;
     }
     const runMmapSize = this.kvm.vcpuMmapSize();
@@ -167,6 +178,7 @@ export class Vm {
             kickSignal: KICK_SIGNAL,
             logUnhandled: this.config.logUnhandled ?? false,
             compat: this.config.compat ?? null,
+            seccomp: seccomp?.vcpu ?? null,
           },
           this.emit,
         ),

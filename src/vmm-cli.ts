@@ -13,6 +13,7 @@ import { Vmm } from './api/vmm.js';
 import { SerialSocket } from './api/serial-socket.js';
 import { ConfigError, parseVmConfig } from './config/vm-config.js';
 import { KilnError } from './errors.js';
+import { compilePolicy, DEFAULT_POLICY, parseFilterFile, policyToJson, type SeccompPrograms } from './seccomp/policy.js';
 import { EXIT_ERROR, EXIT_OK, EXIT_USAGE, vmExitStatus } from './exit-status.js';
 
 const DEFAULT_API_SOCK = '/run/firecracker.socket';
@@ -32,18 +33,30 @@ async function main(argv: string[]): Promise<number> {
         // Kiln's own: the serial console as a Unix socket (for `kiln console`).
         'serial-sock': { type: 'string' },
         version: { type: 'boolean', default: false },
+        'no-seccomp': { type: 'boolean', default: false },
+        'seccomp-filter': { type: 'string' },
+        // Kiln's own: prints the built-in filters as a --seccomp-filter file.
+        'print-seccomp-filter': { type: 'boolean', default: false },
+        // Passed by Firecracker's jailer (and kiln-jailer): when the jailer started, for boot-time metrics.
+        'start-time-us': { type: 'string' },
+        'start-time-cpu-us': { type: 'string' },
+        'parent-cpu-time-us': { type: 'string' },
       },
       strict: true,
     }));
   } catch (err) {
     process.stderr.write(
-      `kiln-vmm: ${(err as Error).message}\nUsage: kiln-vmm [--api-sock PATH] [--config-file FILE | --kiln-config FILE] [--no-api] [--id ID] [--serial-sock PATH] [--version]\n`,
+      `kiln-vmm: ${(err as Error).message}\nUsage: kiln-vmm [--api-sock PATH] [--config-file FILE | --kiln-config FILE] [--no-api] [--id ID] [--serial-sock PATH] [--no-seccomp | --seccomp-filter FILE] [--version]\n`,
     );
     return EXIT_USAGE;
   }
   if (values.version) {
     // Orchestrators parse "Firecracker vX.Y.Z" from the first line.
     process.stdout.write(`Firecracker v${FIRECRACKER_API_VERSION} (Kiln ${KILN_VERSION})\n`);
+    return 0;
+  }
+  if (values['print-seccomp-filter']) {
+    process.stdout.write(policyToJson(DEFAULT_POLICY));
     return 0;
   }
   const configFile = values['config-file'] ?? values['kiln-config'];
@@ -63,8 +76,23 @@ async function main(argv: string[]): Promise<number> {
     log((err as Error).message);
     return EXIT_USAGE;
   }
+  if (values['no-seccomp'] && values['seccomp-filter']) {
+    log('give --no-seccomp or --seccomp-filter, not both');
+    return EXIT_USAGE;
+  }
+  let seccomp: SeccompPrograms | null = null;
+  if (!values['no-seccomp']) {
+    try {
+      const file = values['seccomp-filter'];
+      seccomp = compilePolicy(file ? parseFilterFile(readFileSync(file, 'utf8'), file) : DEFAULT_POLICY);
+    } catch (err) {
+      log((err as Error).message);
+      return EXIT_USAGE;
+    }
+  }
   const serialSocket = values['serial-sock'] ? new SerialSocket(1) : null;
   const vmm = new Vmm(id, serialSocket ? serialSocket.writeFd : 1, log);
+  vmm.seccomp = seccomp;
   if (serialSocket) {
     await serialSocket.listen(values['serial-sock']!);
     vmm.onStart = (live) => serialSocket.attach(live.serial);

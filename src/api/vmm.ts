@@ -8,6 +8,7 @@ import { ConfigError, parseVmConfig, type VmConfig } from '../config/vm-config.j
 import { balloonControl, blkControl, openDisk } from '../platform/virtio.js';
 import type { BalloonControl } from '../virtio/balloon.js';
 import type { VmResult } from '../vm.js';
+import type { SeccompPrograms } from '../seccomp/policy.js';
 import { ApiError, type ConfigChange, type LoggerConfig, type MetricsConfig, type VmmSettings } from './resources.js';
 
 export type InstanceState = 'Not started' | 'Running' | 'Paused';
@@ -39,6 +40,8 @@ export class Vmm {
   }
 
   private logFd = -1;
+  /** The seccomp programs the VM's threads load at InstanceStart (null: --no-seccomp). */
+  seccomp: SeccompPrograms | null = null;
   /** Every image a drive of the running VM has opened (and so holds locked until the VM ends). */
   private readonly lockedImages: string[] = [];
 
@@ -153,7 +156,7 @@ export class Vmm {
     this.balloon = this.live.virtio.balloon ? balloonControl(this.live.virtio.balloon) : null;
     this.lockedImages.push(...c.disks.map((d) => d.path));
     this.onStart?.(this.live);
-    await this.live.vm.start();
+    await this.live.vm.start({ seccomp: this.seccomp });
     this.note(
       'Info',
       `InstanceStart: ${c.kernel} (${this.live.boot.format}), ${c.cpus} vCPU, ${c.memoryMiB} MiB, ${c.disks.length} drive(s), ${c.nets.length} network interface(s)`,

@@ -291,3 +291,25 @@ export function ofdConflict(fd: number, type: number): { type: number; pid: numb
   if (fcntlPtr(fd, F_OFD_GETLK, buffer) !== 0) return { type: F_UNLCK, pid: -1 };
   return { type: view.getInt16(flock.offsetOf('l_type'), true), pid: view.getInt32(flock.offsetOf('l_pid'), true) };
 }
+
+// ---- seccomp (linux/seccomp.h, linux/prctl.h) ----
+export const PR_SET_NO_NEW_PRIVS = 38;
+export const PR_GET_NO_NEW_PRIVS = 39;
+export const SECCOMP_SET_MODE_FILTER = 1;
+/** Put the filter on every thread of the process, not just the caller. */
+export const SECCOMP_FILTER_FLAG_TSYNC = 1;
+const SYS_seccomp = 317;
+koffi.struct('sock_fprog', { len: 'uint16_t', filter: 'void *' });
+export const prctl = libc.func(
+  'int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4, unsigned long arg5)',
+) as (option: number, arg2: number, arg3: number, arg4: number, arg5: number) => number;
+const seccompFilter = libc.func('long syscall(long nr, unsigned int op, unsigned int flags, const sock_fprog *prog)') as (
+  nr: number,
+  op: number,
+  flags: number,
+  prog: { len: number; filter: Buffer },
+) => number;
+/** seccomp(SECCOMP_SET_MODE_FILTER, flags, &{len, program}): 0 or -1 with errno. */
+export function seccompSetFilter(program: Buffer, flags: number): number {
+  return seccompFilter(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, { len: program.length / 8, filter: program });
+}

@@ -20,6 +20,8 @@ export interface VcpuWorkerInit {
   readonly logUnhandled: boolean;
   /** Software-KVM compatibility (compat/pvm.ts); null on hardware KVM. */
   readonly compat: CompatConfig | null;
+  /** The vCPU thread's seccomp program (seccomp/policy.ts), loaded before its first KVM_RUN; null: none. */
+  readonly seccomp: Uint8Array | null;
 }
 
 /**

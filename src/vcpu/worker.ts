@@ -19,6 +19,7 @@ import { dataView } from '../kvm/struct.js';
 import { GuestMemory } from '../memory/guest-memory.js';
 import { kvm_run, kvm_signal_mask } from '../kvm/structs.js';
 import * as ctl from './control.js';
+import { installProgram } from '../seccomp/install.js';
 import type { VcpuExit, VcpuExitReason, VcpuMessage, VcpuWorkerInit } from './messages.js';
 
 const init = workerData as VcpuWorkerInit;
@@ -288,6 +289,7 @@ function runLoop(): void {
 }
 
 libc.pthreadSetnameNp(libc.pthreadSelf(), `fc_vcpu ${init.id}`);
+if (init.seccomp) installProgram(init.seccomp, { allThreads: false });
 Atomics.store(cells, STATE, ctl.STATE_RUNNING);
 post({
   type: 'ready',

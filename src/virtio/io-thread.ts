@@ -12,6 +12,8 @@ export interface IoThreadInit {
   readonly vmFd: number;
   readonly devices: readonly DeviceSpec<'virtio-pci'>[];
   readonly stopFd: number;
+  /** The I/O thread's seccomp program (seccomp/policy.ts), loaded before its loop starts; null: none. */
+  readonly seccomp: Uint8Array | null;
 }
 
 export class IoThread {

@@ -13,6 +13,7 @@ import { createBackend } from './catalogue.js';
 import { VirtioInterrupts, VirtioRuntime, type VirtioBackend } from './device.js';
 import type { IoThreadInit } from './io-thread.js';
 import { virtioState } from './pci.js';
+import { installProgram } from '../seccomp/install.js';
 
 const init = workerData as IoThreadInit;
 const memory = GuestMemory.attach(init.memory);
@@ -84,6 +85,7 @@ watch(init.stopFd, () => {
 });
 
 libc.pthreadSetnameNp(libc.pthreadSelf(), 'kiln_io');
+if (init.seccomp) installProgram(init.seccomp, { allThreads: false });
 parentPort!.postMessage({ type: 'ready', tid: libc.gettid() });
 
 const MAX_EVENTS = 32;
