@@ -5,6 +5,7 @@ import type { CompatConfig } from './compat/pvm.js';
 import { KilnError } from './errors.js';
 import { createDeviceState, type DeviceKind, type DeviceRequest, type DeviceSpec } from './devices/catalogue.js';
 import { KVM_CAP } from './kvm/ioctl.js';
+import { findLeaf, supportedCpuid } from './cpu/cpuid.js';
 import { KvmSystem, VcpuFd, type VmFd } from './kvm/kvm.js';
 import { KVM_TSS_ADDRESS } from './layout.js';
 import { hostMemoryBytes, hostPhysAddrBits, OwnedGuestMemory } from './memory/guest-memory.js';
@@ -14,7 +15,7 @@ import { KICK_SIGNAL, VcpuThread } from './vcpu/vcpu-thread.js';
 import * as libc from './kvm/libc.js';
 import { IoThread } from './virtio/io-thread.js';
 import { LogSink } from './log.js';
-import { installProgram } from './seccomp/install.js';
+import { installProcessFilter } from './seccomp/install.js';
 import type { SeccompPrograms } from './seccomp/policy.js';
 
 export interface VmConfig {
@@ -102,7 +103,10 @@ export class Vm {
       }
       memory = OwnedGuestMemory.create(vmFd, config.memoryBytes, {
         memslots: kvm.checkExtension(KVM_CAP.NR_MEMSLOTS) || 32,
-        physAddrBits: hostPhysAddrBits(),
+        physAddrBits: hostPhysAddrBits(() => {
+          const leaf = findLeaf(supportedCpuid(kvm), 0x80000008);
+          return leaf ? leaf.eax & 0xff : null;
+        }),
         hostBytes: hostMemoryBytes(),
       });
       for (let i = 0; i < config.vcpus; i++) vcpus.push(new VcpuFd(vmFd.createVcpu(i)));
@@ -154,7 +158,7 @@ export class Vm {
   async start(opts: { seccomp?: SeccompPrograms | null } = {}): Promise<void> {
     if (this.threads.length > 0) throw new KilnError('the VM has already started');
     const seccomp = opts.seccomp ?? null;
-    if (seccomp) installProgram(seccomp.process, { allThreads: true });
+    if (seccomp) installProcessFilter(seccomp.process);
     const virtio = this.devices.filter((d): d is DeviceSpec<'virtio-pci'> => d.kind === 'virtio-pci');
     if (virtio.length > 0) {
       this.io = new IoThread(

@@ -13,7 +13,14 @@ import { Vmm } from './api/vmm.js';
 import { SerialSocket } from './api/serial-socket.js';
 import { ConfigError, parseVmConfig } from './config/vm-config.js';
 import { KilnError } from './errors.js';
-import { compilePolicy, DEFAULT_POLICY, parseFilterFile, policyToJson, type SeccompPrograms } from './seccomp/policy.js';
+import { installProcessFilter } from './seccomp/install.js';
+import {
+  compilePolicy,
+  DEFAULT_POLICY,
+  parseFilterFile,
+  policyToJson,
+  type SeccompPrograms,
+} from './seccomp/policy.js';
 import { EXIT_ERROR, EXIT_OK, EXIT_USAGE, vmExitStatus } from './exit-status.js';
 
 const DEFAULT_API_SOCK = '/run/firecracker.socket';
@@ -93,6 +100,8 @@ async function main(argv: string[]): Promise<number> {
   const serialSocket = values['serial-sock'] ? new SerialSocket(1) : null;
   const vmm = new Vmm(id, serialSocket ? serialSocket.writeFd : 1, log);
   vmm.seccomp = seccomp;
+  // The process-wide filter goes on before the API is served; the vCPU and I/O threads get theirs at InstanceStart.
+  if (seccomp) installProcessFilter(seccomp.process);
   if (serialSocket) {
     await serialSocket.listen(values['serial-sock']!);
     vmm.onStart = (live) => serialSocket.attach(live.serial);

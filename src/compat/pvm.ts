@@ -13,17 +13,19 @@
 //    fault into a kernel-mode entry and passes every other #PF on.
 // 3. CPUID changes are ignored for most bits, so the `pvm` CPU template hides features
 //    on the kernel command line instead (cpu/templates.ts).
-import { existsSync, readFileSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
-import { assemble } from '../guest/asm.js';
+import { existsSync } from 'node:fs';
+import { SYSCALL_FIX_HEX } from './syscall-fix-code.js';
 import type { VcpuFd } from '../kvm/kvm.js';
 import { kvm_run } from '../kvm/structs.js';
 import type { GuestMemory } from '../memory/guest-memory.js';
 import { MSR_LSTAR } from '../cpu/setup.js';
 
-/** kvm_pvm's module is loaded: /dev/kvm is software KVM. */
+/**
+ * kvm_pvm's module is loaded: /dev/kvm is software KVM. Inside kiln-jailer's jail there is
+ * no /sys; the jailer looks before it pivots and says so in KILN_HOST_KVM.
+ */
 export function isSoftwareKvm(): boolean {
-  return existsSync('/sys/module/kvm_pvm');
+  return process.env.KILN_HOST_KVM === 'pvm' || existsSync('/sys/module/kvm_pvm');
 }
 
 /** What the vCPU threads need to apply the syscall fix. */
@@ -44,7 +46,7 @@ export interface CompatConfig {
 const STUB_ALIGN = 16;
 
 /**
- * Plans the syscall fix for an ELF kernel: assembles the stub for its final address
+ * Plans the syscall fix for an ELF kernel: places the (position-independent) stub
  * and checks it fits between _etext and the end of that page. Null if it cannot.
  */
 export function planSyscallFix(textEnd: { vaddr: bigint; paddr: number } | null): SyscallFixPlan | null {
@@ -52,8 +54,7 @@ export function planSyscallFix(textEnd: { vaddr: bigint; paddr: number } | null)
   const pad = (STUB_ALIGN - (textEnd.paddr % STUB_ALIGN)) % STUB_ALIGN;
   const gpa = textEnd.paddr + pad;
   const vaddr = textEnd.vaddr + BigInt(pad);
-  const source = readFileSync(fileURLToPath(new URL('../../../guests/compat/syscall-fix.S', import.meta.url)), 'utf8');
-  const code = assemble(`.code64\n.text\n${source}`, 0);
+  const code = Uint8Array.from(Buffer.from(SYSCALL_FIX_HEX, 'hex'));
   if ((gpa % 4096) + code.length > 4096) return null;
   // The two 8-byte slots are the last 16 bytes of the stub.
   return { gpa, vaddr, code, lstarSlot: code.length - 16, handlerSlot: code.length - 8 };

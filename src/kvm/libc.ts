@@ -303,13 +303,95 @@ koffi.struct('sock_fprog', { len: 'uint16_t', filter: 'void *' });
 export const prctl = libc.func(
   'int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4, unsigned long arg5)',
 ) as (option: number, arg2: number, arg3: number, arg4: number, arg5: number) => number;
-const seccompFilter = libc.func('long syscall(long nr, unsigned int op, unsigned int flags, const sock_fprog *prog)') as (
-  nr: number,
-  op: number,
-  flags: number,
-  prog: { len: number; filter: Buffer },
-) => number;
+const seccompFilter = libc.func(
+  'long syscall(long nr, unsigned int op, unsigned int flags, const sock_fprog *prog)',
+) as (nr: number, op: number, flags: number, prog: { len: number; filter: Buffer }) => number;
 /** seccomp(SECCOMP_SET_MODE_FILTER, flags, &{len, program}): 0 or -1 with errno. */
 export function seccompSetFilter(program: Buffer, flags: number): number {
   return seccompFilter(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, { len: program.length / 8, filter: program });
 }
+
+// ---- jails (kiln-jailer): namespaces, mounts, credentials, exec ----
+export const MS_RDONLY = 0x1;
+export const MS_NOSUID = 0x2;
+export const MS_NODEV = 0x4;
+export const MS_NOEXEC = 0x8;
+export const MS_REMOUNT = 0x20;
+export const MS_BIND = 0x1000;
+export const MS_REC = 0x4000;
+export const MS_PRIVATE = 0x40000;
+export const MNT_DETACH = 0x2;
+export const CLONE_NEWNET = 0x40000000;
+export const S_IFCHR = 0o020000;
+export const RLIMIT_FSIZE = 1;
+export const RLIMIT_NOFILE = 7;
+export const CLOSE_RANGE_CLOEXEC = 1 << 2;
+const SYS_pivot_root = 155;
+const SYS_close_range = 436;
+export const mount = libc.func(
+  'int mount(const char *source, const char *target, const char *fstype, unsigned long flags, const char *data)',
+) as (source: string | null, target: string, fstype: string | null, flags: number, data: string | null) => number;
+export const umount2 = libc.func('int umount2(const char *target, int flags)') as (
+  target: string,
+  flags: number,
+) => number;
+const syscallPaths = libc.func('long syscall(long nr, const char *a, const char *b)') as (
+  nr: number,
+  a: string,
+  b: string,
+) => number;
+/** pivot_root(2) (glibc has no wrapper). */
+export const pivotRoot = (newRoot: string, putOld: string): number => syscallPaths(SYS_pivot_root, newRoot, putOld);
+const syscallUint3 = libc.func('long syscall(long nr, unsigned int a, unsigned int b, unsigned int c)') as (
+  nr: number,
+  a: number,
+  b: number,
+  c: number,
+) => number;
+export const F_SETFD = 2;
+/**
+ * Makes stdin, stdout and stderr survive an execve(2): Node marks them close-on-exec at
+ * startup (its child_process re-dups them; a raw exec from Node must clear the flag).
+ */
+export function keepStdioAcrossExec(): void {
+  for (const fd of [0, 1, 2]) fcntlInt(fd, F_SETFD, 0);
+}
+/** close_range(2): here, to mark every fd from `first` on close-on-exec. */
+export const closeRange = (first: number, last: number, flags: number): number =>
+  syscallUint3(SYS_close_range, first, last, flags);
+export const chroot = libc.func('int chroot(const char *path)') as (path: string) => number;
+export const chdir = libc.func('int chdir(const char *path)') as (path: string) => number;
+export const mknod = libc.func('int mknod(const char *path, uint32_t mode, uint64_t dev)') as (
+  path: string,
+  mode: number,
+  dev: bigint,
+) => number;
+export const setns = libc.func('int setns(int fd, int nstype)') as (fd: number, nstype: number) => number;
+export const setsid = libc.func('int setsid(void)') as () => number;
+export const dup2 = libc.func('int dup2(int oldfd, int newfd)') as (oldfd: number, newfd: number) => number;
+export const setgroups = libc.func('int setgroups(size_t size, const uint32_t *list)') as (
+  size: number,
+  list: Uint32Array | null,
+) => number;
+export const setresgid = libc.func('int setresgid(uint32_t r, uint32_t e, uint32_t s)') as (
+  r: number,
+  e: number,
+  s: number,
+) => number;
+export const setresuid = libc.func('int setresuid(uint32_t r, uint32_t e, uint32_t s)') as (
+  r: number,
+  e: number,
+  s: number,
+) => number;
+koffi.struct('rlimit', { rlim_cur: 'uint64_t', rlim_max: 'uint64_t' });
+export const setrlimit = libc.func('int setrlimit(int resource, const rlimit *rlim)') as (
+  resource: number,
+  rlim: { rlim_cur: bigint; rlim_max: bigint },
+) => number;
+export const execve = libc.func('int execve(const char *path, const char **argv, const char **envp)') as (
+  path: string,
+  argv: Array<string | null>,
+  envp: Array<string | null>,
+) => number;
+/** makedev(3) for the device numbers Kiln makes nodes of (major and minor below 4096 and 256). */
+export const makedev = (major: number, minor: number): bigint => BigInt((major << 8) | minor);

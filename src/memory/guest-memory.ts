@@ -62,15 +62,23 @@ export interface HostMemoryLimits {
 /** MemTotal + SwapTotal from /proc/meminfo (Infinity if it cannot be read). */
 export { hostMemoryBytes } from '../host.js';
 
-/** The CPU's physical address width from /proc/cpuinfo (46 if it cannot be read). */
-export function hostPhysAddrBits(): number {
+/**
+ * The CPU's physical address width from /proc/cpuinfo; where there is no /proc (a jailed
+ * VMM), from `fromCpuid` (KVM's CPUID leaf 0x80000008), else 46.
+ */
+export function hostPhysAddrBits(fromCpuid: () => number | null = () => null): number {
+  let text: string | null = null;
   try {
-    const m = /address sizes\s*:\s*(\d+) bits physical/.exec(readFileSync('/proc/cpuinfo', 'utf8'));
-    return m ? Number(m[1]) : 46;
-  } catch (err) {
-    process.emitWarning(`cannot read /proc/cpuinfo (${(err as Error).message}); assuming 46 physical address bits`);
-    return 46;
+    text = readFileSync('/proc/cpuinfo', 'utf8');
+  } catch {
+    // no /proc inside the jail: ask the CPU through KVM instead
   }
+  const m = text === null ? null : /address sizes\s*:\s*(\d+) bits physical/.exec(text);
+  if (m) return Number(m[1]);
+  const bits = fromCpuid();
+  if (bits !== null) return bits;
+  process.emitWarning('cannot learn the physical address width; assuming 46 bits');
+  return 46;
 }
 
 /**

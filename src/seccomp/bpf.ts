@@ -27,13 +27,7 @@ export const SECCOMP_RET = {
 } as const;
 
 export type SeccompAction =
-  | 'allow'
-  | 'kill_process'
-  | 'kill_thread'
-  | 'trap'
-  | 'log'
-  | { readonly errno: number }
-  | { readonly trace: number };
+  'allow' | 'kill_process' | 'kill_thread' | 'trap' | 'log' | { readonly errno: number } | { readonly trace: number };
 
 export function actionValue(action: SeccompAction): number {
   if (typeof action === 'object') {

@@ -4,6 +4,23 @@
 import * as libc from '../kvm/libc.js';
 import { KilnError } from '../errors.js';
 
+let processProgram: Uint8Array | null = null;
+
+/**
+ * Loads the process-wide program on every thread, once: kiln-vmm does it before it serves
+ * the API (so /proc shows Seccomp: 2 from the start, as integrators check), Vm.start
+ * otherwise; a second call with the same program does nothing.
+ */
+export function installProcessFilter(program: Uint8Array): void {
+  if (processProgram !== null) {
+    if (Buffer.compare(processProgram, program) !== 0)
+      throw new KilnError('a different process-wide seccomp filter is already installed');
+    return;
+  }
+  installProgram(program, { allThreads: true });
+  processProgram = program;
+}
+
 /** Loads a program (encoded struct sock_filter array, policy.ts) on this thread, or on every thread. */
 export function installProgram(program: Uint8Array, opts: { allThreads: boolean }): void {
   if (libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) !== 0)

@@ -114,12 +114,10 @@ const WORKER_RUNTIME = [
 ] as const;
 
 const ioctlIs = (...requests: number[]) =>
-  requests.map(
-    (request): { syscall: string; args: ArgCondition[] } => ({
-      syscall: 'ioctl',
-      args: [{ index: 1, type: 'dword', op: 'eq', val: BigInt(request) }],
-    }),
-  );
+  requests.map((request): { syscall: string; args: ArgCondition[] } => ({
+    syscall: 'ioctl',
+    args: [{ index: 1, type: 'dword', op: 'eq', val: BigInt(request) }],
+  }));
 
 /** vCPU-fd ioctls (run, register state for pause and snapshots) and interrupt injection from devices. */
 const VCPU_IOCTLS = [

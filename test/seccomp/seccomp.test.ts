@@ -55,7 +55,10 @@ describe('the seccomp BPF compiler', () => {
     );
     fc.assert(
       fc.property(
-        fc.oneof(fc.constantFrom(...ops), u64.map((m) => ({ masked_eq: m }))),
+        fc.oneof(
+          fc.constantFrom(...ops),
+          u64.map((m) => ({ masked_eq: m })),
+        ),
         fc.constantFrom('dword' as const, 'qword' as const),
         fc.integer({ min: 0, max: 5 }),
         u64,
@@ -143,28 +146,32 @@ describe('the seccomp filters on real threads', () => {
     });
   }
 
-  test('a guest runs under the default filters: every thread has Seccomp 2 and no_new_privs, vCPU threads a second filter, and the process can no longer exec', { skip: kvmSkip }, () => {
-    const r = spawnSync(process.execPath, [PROBE, 'vm'], { encoding: 'utf8', timeout: 120_000 });
-    assert.equal(r.status, 0, r.stderr);
-    const report = JSON.parse(r.stdout) as {
-      threads: Array<{ comm: string; seccomp: number; filters: number; noNewPrivs: number }>;
-      exits: number[];
-      execError: string | null;
-    };
-    for (const t of report.threads) {
-      assert.equal(t.seccomp, 2, `${t.comm}: Seccomp`);
-      assert.equal(t.noNewPrivs, 1, `${t.comm}: NoNewPrivs`);
-    }
-    const vcpus = report.threads.filter((t) => t.comm.startsWith('fc_vcpu'));
-    assert.equal(vcpus.length, 2);
-    for (const t of vcpus) assert.equal(t.filters, 2, 'the process-wide filter and the vCPU allow-list');
-    assert.ok(report.exits[0]! > 0, 'the guest made port-I/O exits under the filter');
-    assert.equal(report.execError, 'EPERM');
-  });
+  test(
+    'a guest runs under the default filters: every thread has Seccomp 2 and no_new_privs, vCPU threads a second filter, and the process can no longer exec',
+    { skip: kvmSkip },
+    () => {
+      const r = spawnSync(process.execPath, [PROBE, 'vm'], { encoding: 'utf8', timeout: 120_000 });
+      assert.equal(r.status, 0, r.stderr);
+      const report = JSON.parse(r.stdout) as {
+        threads: Array<{ comm: string; seccomp: number; filters: number; noNewPrivs: number }>;
+        exits: number[];
+        execError: string | null;
+      };
+      for (const t of report.threads) {
+        assert.equal(t.seccomp, 2, `${t.comm}: Seccomp`);
+        assert.equal(t.noNewPrivs, 1, `${t.comm}: NoNewPrivs`);
+      }
+      const vcpus = report.threads.filter((t) => t.comm.startsWith('fc_vcpu'));
+      assert.equal(vcpus.length, 2);
+      for (const t of vcpus) assert.equal(t.filters, 2, 'the process-wide filter and the vCPU allow-list');
+      assert.ok(report.exits[0]! > 0, 'the guest made port-I/O exits under the filter');
+      assert.equal(report.execError, 'EPERM');
+    },
+  );
 });
 
 describe('--seccomp-filter files', () => {
-  test("the built-in policy printed by --print-seccomp-filter reads back as itself", () => {
+  test('the built-in policy printed by --print-seccomp-filter reads back as itself', () => {
     const text = policyToJson(DEFAULT_POLICY);
     const back = parseFilterFile(text, 'default.json');
     for (const category of ['process', 'vcpu', 'io'] as const)
@@ -199,9 +206,13 @@ describe('--seccomp-filter files', () => {
     const dir = tempDir();
     const file = join(dir, 'filter.json');
     writeFileSync(file, '{"vcpu": {}}');
-    const both = spawnSync(process.execPath, [VMM, '--no-seccomp', '--seccomp-filter', file, '--api-sock', join(dir, 's')], {
-      encoding: 'utf8',
-    });
+    const both = spawnSync(
+      process.execPath,
+      [VMM, '--no-seccomp', '--seccomp-filter', file, '--api-sock', join(dir, 's')],
+      {
+        encoding: 'utf8',
+      },
+    );
     assert.equal(both.status, 2);
     assert.match(both.stderr, /--no-seccomp or --seccomp-filter, not both/);
     const badFile = spawnSync(process.execPath, [VMM, '--seccomp-filter', file, '--api-sock', join(dir, 's')], {
