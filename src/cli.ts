@@ -327,9 +327,10 @@ function program(setStatus: (status: number) => void): Command {
     .action(async (name: string | undefined, values: VmFlags & CreateValues) =>
       done((await manager()).create(name, { ...values, vm: values })),
     );
-  verb('start', 'start a VM')
+  verb('start', 'start a VM (its VMM jailed: own uid, chroot, namespaces, seccomp)')
     .argument('<name>')
-    .action(async (name: string, values: { json?: boolean }) =>
+    .option('--no-jail', "debugging only: run the VMM as root in the host's namespaces (kiln info says so)")
+    .action(async (name: string, values: { json?: boolean; jail?: boolean }) =>
       done((await manager()).lifecycle('start', name, values)),
     );
   verb('stop', 'stop a VM: the ACPI power button, then SIGTERM after 30 s')
@@ -340,7 +341,8 @@ function program(setStatus: (status: number) => void): Command {
     );
   verb('restart', 'stop a VM, then start it')
     .argument('<name>')
-    .action(async (name: string, values: { json?: boolean }) =>
+    .option('--no-jail', "debugging only: run the VMM as root in the host's namespaces")
+    .action(async (name: string, values: { json?: boolean; jail?: boolean }) =>
       done((await manager()).lifecycle('restart', name, values)),
     );
   verb('pause', 'pause a running VM')

@@ -212,11 +212,50 @@ export function apiHandler(vmm: Vmm): (req: IncomingMessage, res: ServerResponse
   return (req, res) => router.lookup(req, res);
 }
 
+const MAX_HEADER_BYTES = 8 * 1024;
+const HEADERS_TIMEOUT_MS = 5_000;
+const REQUEST_TIMEOUT_MS = 10_000;
+/** More API clients than any orchestrator opens at once; the rest wait in the listen backlog. */
+export const MAX_CONNECTIONS = 32;
+
+function clientErrorReason(err: NodeJS.ErrnoException): string {
+  switch (err.code) {
+    case 'HPE_INVALID_METHOD':
+      return 'unknown method';
+    case 'HPE_HEADER_OVERFLOW':
+      return `headers larger than ${MAX_HEADER_BYTES} bytes`;
+    case 'ERR_HTTP_REQUEST_TIMEOUT':
+      return 'the request did not arrive in time';
+    default:
+      return `malformed request (${err.code ?? err.message})`;
+  }
+}
+
 /** Listens on the Unix socket `path` (refusing one that exists, as Firecracker does). */
 export async function listenApi(path: string, vmm: Vmm): Promise<Server> {
   if (existsSync(path))
     throw new ApiError(`the API socket ${path} already exists (another VMM, or a stale one: remove it first)`);
-  const server = createServer(apiHandler(vmm));
+  const server = createServer(
+    {
+      // Small and quick: an API client sends short requests at once; one that dawdles or
+      // floods holds a connection no longer than this.
+      maxHeaderSize: MAX_HEADER_BYTES,
+      headersTimeout: HEADERS_TIMEOUT_MS,
+      requestTimeout: REQUEST_TIMEOUT_MS,
+      keepAliveTimeout: 5_000,
+    },
+    apiHandler(vmm),
+  );
+  server.maxConnections = MAX_CONNECTIONS;
+  // A request Node's parser refuses (an unknown method, a malformed request line, headers
+  // too large, too slow) gets the same 400 + fault_message as every other API error.
+  server.on('clientError', (err: NodeJS.ErrnoException, socket) => {
+    if (!socket.writable) return socket.destroy();
+    const text = JSON.stringify({ fault_message: `Invalid HTTP request: ${clientErrorReason(err)}.` });
+    socket.end(
+      `HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(text)}\r\nConnection: close\r\n\r\n${text}`,
+    );
+  });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen(path, () => resolve());

@@ -160,7 +160,11 @@ function dropAndExec(plan: EnterPlan): never {
 
 try {
   const plan = JSON.parse(process.argv[2] ?? '') as EnterPlan;
+  // What the jail is built of must be readable by its user, whatever umask the caller has
+  // (the manager's daemon runs with 077); the VMM gets the caller's umask back.
+  const umask = process.umask(0o022);
   build(plan);
+  process.umask(umask);
   dropAndExec(plan);
 } catch (err) {
   process.stderr.write(`kiln-jailer: ${(err as Error).message}\n`);

@@ -151,7 +151,9 @@ function main(argv: readonly string[]): number {
     if (opts.netns !== null && !existsSync(opts.netns)) throw new JailError(`--netns ${opts.netns}: no such file`);
     const { rootDir } = jailPaths(opts);
     const entries = runtimeEntries(exec);
+    const umask = process.umask(0o022);
     makeJailDir(opts.chrootBaseDir, [basename(opts.execFile), opts.id, 'root']);
+    process.umask(umask);
 
     check(
       libc.setrlimit(libc.RLIMIT_NOFILE, {

@@ -393,5 +393,17 @@ export const execve = libc.func('int execve(const char *path, const char **argv,
   argv: Array<string | null>,
   envp: Array<string | null>,
 ) => number;
+const getsockopt = libc.func(
+  'int getsockopt(int fd, int level, int name, _Out_ void *value, _Inout_ uint32_t *len)',
+) as (fd: number, level: number, name: number, value: Buffer, len: Uint32Array) => number;
+const SOL_SOCKET = 1;
+const SO_PEERCRED = 17;
+/** The credentials of a Unix socket's peer (SO_PEERCRED: struct ucred {pid, uid, gid}), or null. */
+export function peerCredentials(fd: number): { pid: number; uid: number; gid: number } | null {
+  const cred = Buffer.alloc(12);
+  const len = Uint32Array.of(12);
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, cred, len) < 0) return null;
+  return { pid: cred.readInt32LE(0), uid: cred.readUInt32LE(4), gid: cred.readUInt32LE(8) };
+}
 /** makedev(3) for the device numbers Kiln makes nodes of (major and minor below 4096 and 256). */
 export const makedev = (major: number, minor: number): bigint => BigInt((major << 8) | minor);

@@ -155,6 +155,14 @@ export function infoText(i: InfoReply): string {
       'Limits',
       `CPU weight ${i.cgroup.cpuWeight}, CPU quota ${i.cgroup.cpuQuotaPercent ? `${i.cgroup.cpuQuotaPercent}%` : 'none'}, memory ${Math.round(i.cgroup.memoryLimitBytes / (1024 * 1024))} MiB`,
     ],
+    [
+      'Jail',
+      i.jail === null
+        ? '-'
+        : i.jail.jailed
+          ? `uid ${i.jail.uid}, chroot ${i.jail.root}, seccomp, no new privileges`
+          : "NONE: started with --no-jail, the VMM runs as root in the host's namespaces (debugging only)",
+    ],
     ['Console log', i.consoleLog],
   ];
   return lines.map(([k, v]) => `${`${k}:`.padEnd(13)}${v}`).join('\n');
@@ -182,7 +190,7 @@ export async function logs(name: string, o: { json?: boolean; bytes?: string }):
 export async function lifecycle(
   verb: 'start' | 'stop' | 'restart' | 'pause' | 'resume',
   name: string,
-  o: { json?: boolean; force?: boolean },
+  o: { json?: boolean; force?: boolean; jail?: boolean },
 ): Promise<number> {
   const store = new Store();
   if (verb === 'start' || verb === 'restart') {
@@ -205,7 +213,7 @@ export async function lifecycle(
     store,
     'POST',
     `${path(name)}/${verb}`,
-    verb === 'stop' ? { force: o.force === true } : {},
+    verb === 'stop' ? { force: o.force === true } : o.jail === false ? { jail: false } : {},
   );
   print(o.json, `${s.name}: ${s.state}`, s);
   const wanted = { start: 'running', restart: 'running', resume: 'running', pause: 'paused', stop: 'stopped' }[verb];

@@ -3,7 +3,7 @@
 // VM state of its own: definitions are files, running VMs are kiln-vmm processes, so a
 // daemon that crashes and restarts finds every VM as it really is.
 import { spawn } from 'node:child_process';
-import { openSync, rmSync } from 'node:fs';
+import { chmodSync, chownSync, openSync, readFileSync, rmSync } from 'node:fs';
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -43,6 +43,33 @@ function readJson(req: IncomingMessage): Promise<unknown> {
     });
     req.on('error', reject);
   });
+}
+
+/** A group's id from /etc/group. */
+export function groupId(name: string, groupFile = '/etc/group'): number {
+  for (const line of readFileSync(groupFile, 'utf8').split('\n')) {
+    const [n, , gid] = line.split(':');
+    if (n === name && gid !== undefined && /^\d+$/.test(gid)) return Number(gid);
+  }
+  throw new KilnError(`KILN_GROUP: no group named '${name}' in ${groupFile}`);
+}
+
+/** The groups of process `pid` (primary and supplementary), from /proc. */
+function processGroups(pid: number): number[] {
+  try {
+    const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+    const gid = /^Gid:\s*(\d+)/m.exec(status)?.[1];
+    const groups = /^Groups:\s*(.*)$/m.exec(status)?.[1] ?? '';
+    return [...(gid ? [Number(gid)] : []), ...groups.split(/\s+/).filter(Boolean).map(Number)];
+  } catch {
+    return [];
+  }
+}
+
+/** Root, the daemon's own user, or a member of the kiln group. */
+export function peerAllowed(peer: { pid: number; uid: number; gid: number }, group: number | null): boolean {
+  if (peer.uid === 0 || peer.uid === process.geteuid?.()) return true;
+  return group !== null && (peer.gid === group || processGroups(peer.pid).includes(group));
 }
 
 /** Runs the daemon until SIGTERM. */
@@ -90,11 +117,13 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
     return manager.status(spec);
   });
   route('GET', '/vms/:name', (name) => manager.info(name));
-  route('POST', '/vms/:name/start', (name) => manager.start(name));
+  route('POST', '/vms/:name/start', (name, body) =>
+    manager.start(name, { jail: (body as { jail?: boolean }).jail !== false }),
+  );
   route('POST', '/vms/:name/stop', (name, body) => manager.stop(name, (body as { force?: boolean }).force === true));
-  route('POST', '/vms/:name/restart', async (name) => {
+  route('POST', '/vms/:name/restart', async (name, body) => {
     await manager.stop(name, false);
-    return manager.start(name);
+    return manager.start(name, { jail: (body as { jail?: boolean }).jail !== false });
   });
   route('POST', '/vms/:name/pause', (name) => manager.setPaused(name, true));
   route('POST', '/vms/:name/resume', (name) => manager.setPaused(name, false));
@@ -110,11 +139,30 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
   });
 
   rmSync(store.socketPath, { force: true });
+  const group = process.env.KILN_GROUP ? groupId(process.env.KILN_GROUP) : null;
   const server = createServer((req, res) => router.lookup(req, res));
+  // Who connects is checked, not just the socket's mode: its owner, root, or the kiln group.
+  const { peerCredentials } = await import('../kvm/libc.js');
+  server.on('connection', (socket) => {
+    const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd ?? -1;
+    const peer = fd >= 0 ? peerCredentials(fd) : null;
+    if (peer !== null && peerAllowed(peer, group)) return;
+    log(`kiln daemon: refused a connection from ${peer ? `uid ${peer.uid} (pid ${peer.pid})` : 'an unknown peer'}`);
+    const text = JSON.stringify({ error: 'not allowed: the kiln daemon serves its owner, root and the kiln group' });
+    socket.end(
+      `HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(text)}\r\nConnection: close\r\n\r\n${text}`,
+    );
+  });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen(store.socketPath, () => resolve());
   });
+  // 0600 from the umask; with a kiln group, 0660 and the group's, and the directory passable by it.
+  if (group !== null) {
+    chownSync(store.dir, -1, group);
+    chownSync(store.socketPath, -1, group);
+    chmodSync(store.socketPath, 0o660);
+  }
   log(`kiln daemon: listening on ${store.socketPath} (state in ${store.dir})`);
   await new Promise<void>((resolve) => {
     process.once('SIGTERM', resolve);

@@ -24,6 +24,8 @@ import { buildInitramfs, buildMinimalKernel } from '../guestkit/build.js';
 import { cgroupDirs, prepareCgroup, removeCgroup, spawnInCgroup } from './cgroup.js';
 import { vmConfigOf, type VmDefinition } from './definition.js';
 import { checkStartable } from './preflight.js';
+import { allocateJailUid, NOT_JAILED, prepareJail, readJailRecord, writeJailRecord, type JailRecord } from './jail.js';
+import type { VmConfig } from '../config/vm-config.js';
 import type { InfoReply, ListReply, StartReply, VmState, VmStatus } from './protocol.js';
 import { PRIVATE_DIR, PRIVATE_FILE, type Store } from './store.js';
 import { waitFor } from './wait.js';
@@ -92,7 +94,9 @@ export class Manager {
     try {
       const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
       const i = cmdline.indexOf('--id');
-      return cmdline.some((a) => a.endsWith('vmm-cli.js')) && cmdline[i + 1] === name ? pid : null;
+      // kiln-jailer passes --id=NAME; a direct start passes --id NAME.
+      const named = cmdline[i + 1] === name || cmdline.includes(`--id=${name}`);
+      return cmdline.some((a) => a.endsWith('vmm-cli.js')) && named ? pid : null;
     } catch {
       // No /proc entry: the process is gone.
       return null;
@@ -136,6 +140,7 @@ export class Manager {
         memoryLimitBytes: definition.memoryMiB * 1024 * 1024 + VMM_OVERHEAD_BYTES,
       },
       consoleLog: join(this.store.runDir(name), 'console.log'),
+      jail: readJailRecord(this.store.runDir(name)),
     };
   }
 
@@ -187,11 +192,54 @@ export class Manager {
     return next;
   }
 
-  start(name: string): Promise<StartReply> {
-    return this.serialised(name, () => this.startNow(name));
+  /** Starts VM `name`'s VMM, jailed unless `jail` is false (kiln start --no-jail). */
+  start(name: string, opts: { jail?: boolean } = {}): Promise<StartReply> {
+    return this.serialised(name, () => this.startNow(name, opts.jail ?? true));
   }
 
-  private async startNow(name: string): Promise<StartReply> {
+  /** The jail uids of the other VMs that are running now. */
+  private jailUidsInUse(except: string): Set<number> {
+    const used = new Set<number>();
+    for (const v of this.store.list().vms) {
+      if (v.name === except || this.pidOf(v.name) === null) continue;
+      const uid = readJailRecord(this.store.runDir(v.name))?.uid;
+      if (uid != null) used.add(uid);
+    }
+    return used;
+  }
+
+  /** kiln-vmm run directly (--no-jail): root, the host's namespaces, sockets in the run directory. */
+  private directVmm(name: string, run: string): string[] {
+    return [
+      process.execPath,
+      VMM_CLI,
+      '--api-sock',
+      join(run, 'api.sock'),
+      '--kiln-config',
+      join(run, 'config.json'),
+      '--id',
+      name,
+      '--serial-sock',
+      join(run, 'serial.sock'),
+    ];
+  }
+
+  /** Undoes what a previous start lent its jail (TAP persistence); the VMM is gone. */
+  private async releaseJail(name: string): Promise<void> {
+    const record = readJailRecord(this.store.runDir(name));
+    if (!record?.taps.length) return;
+    const { releaseTap } = await import('../virtio/net.js');
+    for (const tap of record.taps) {
+      try {
+        releaseTap(tap);
+      } catch (err) {
+        this.progress(`TAP '${tap}' of '${name}' stays: ${(err as Error).message}`);
+      }
+    }
+    writeJailRecord(this.store.runDir(name), { ...record, taps: [] });
+  }
+
+  private async startNow(name: string, jail: boolean): Promise<StartReply> {
     const spec = this.store.get(name);
     const current = await this.status(spec);
     if (current.state !== 'stopped') throw new KilnError(`'${name}' is already ${current.state}`);
@@ -202,7 +250,10 @@ export class Manager {
     const sock = join(run, 'api.sock');
     // A stale socket from a VMM that died.
     rmSync(sock, { force: true });
-    writeFileSync(join(run, 'config.json'), JSON.stringify(await this.vmmConfig(spec), null, 2), {
+    rmSync(join(run, 'serial.sock'), { force: true });
+    await this.releaseJail(name);
+    const config = (await this.vmmConfig(spec)) as VmConfig;
+    writeFileSync(join(run, 'config.json'), JSON.stringify(config, null, 2), {
       mode: PRIVATE_FILE,
     });
     const warnings: string[] = [];
@@ -217,19 +268,22 @@ export class Manager {
     } catch (err) {
       warnings.push(`'${name}' runs without its cgroup limits: ${(err as Error).message}`);
     }
+    let record: JailRecord = NOT_JAILED;
+    let vmm: string[];
+    if (jail) {
+      // TAP control needs the FFI; loaded only when a VM has a TAP.
+      const tapApi = config.nets.some((n) => n.tap !== undefined) ? await import('../virtio/net.js') : null;
+      const prepared = prepareJail(run, name, config, allocateJailUid(this.jailUidsInUse(name)), (tap, uid) =>
+        tapApi!.lendTap(tap, uid, uid),
+      );
+      vmm = prepared.argv;
+      record = prepared.record;
+    } else {
+      warnings.push(`'${name}' runs WITHOUT its jail (--no-jail): its VMM is root in the host's namespaces`);
+      vmm = this.directVmm(name, run);
+    }
+    writeJailRecord(run, record);
     const log = openSync(join(run, 'console.log'), 'a', PRIVATE_FILE);
-    const vmm = [
-      process.execPath,
-      VMM_CLI,
-      '--api-sock',
-      sock,
-      '--kiln-config',
-      join(run, 'config.json'),
-      '--id',
-      name,
-      '--serial-sock',
-      join(run, 'serial.sock'),
-    ];
     // Attach before exec, as Firecracker's jailer does: no guest code runs outside the cgroup.
     const child = spawnInCgroup(procs, vmm, { detached: true, stdio: ['ignore', log, log] });
     closeSync(log);
@@ -322,6 +376,7 @@ export class Manager {
     if ((await waitFor(gone, 15_000)) === null && this.pidOf(name) !== null) process.kill(pid, 'SIGKILL');
     await waitFor(gone, 5_000);
     removeCgroup(name);
+    if (this.pidOf(name) === null) await this.releaseJail(name);
     return this.status(spec);
   }
 

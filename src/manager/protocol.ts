@@ -30,6 +30,8 @@ export interface InfoReply extends VmStatus {
     readonly memoryLimitBytes: number;
   };
   readonly consoleLog: string;
+  /** How the VMM was (last) started: jailed (its uid and chroot) or not; null before its first start. */
+  readonly jail: { readonly jailed: boolean; readonly uid: number | null; readonly root: string | null } | null;
 }
 
 export interface StartReply extends VmStatus {

@@ -18,6 +18,7 @@ import {
   readFileSync,
   renameSync,
   rmSync,
+  statSync,
   writeSync,
 } from 'node:fs';
 import { homedir } from 'node:os';
@@ -37,6 +38,8 @@ const TMP_MARK = '.tmp-';
 
 /** Modes of everything in the state directory, whatever the umask. */
 export const PRIVATE_DIR = 0o700;
+/** The state directory with a kiln group: its members may reach the socket inside, not list or read. */
+export const GROUP_TRAVERSE_DIR = 0o710;
 export const PRIVATE_FILE = 0o600;
 
 export function checkName(name: string): string {
@@ -104,10 +107,13 @@ export class Store {
     this.vmsDir = join(dir, 'vms');
     this.runRoot = join(dir, 'run');
     // Private whatever the umask: definitions hold kernel command lines, run/ the console logs.
+    // With a kiln group (KILN_GROUP), the group may pass through the top directory to the
+    // daemon's socket, and nothing more. Only the owner sets modes (a group member cannot).
     try {
       for (const d of [dir, this.vmsDir, this.runRoot]) {
         mkdirSync(d, { recursive: true, mode: PRIVATE_DIR });
-        chmodSync(d, PRIVATE_DIR);
+        if (statSync(d).uid === process.geteuid?.())
+          chmodSync(d, d === dir && process.env.KILN_GROUP ? GROUP_TRAVERSE_DIR : PRIVATE_DIR);
       }
     } catch (err) {
       throw new KilnError(

@@ -119,7 +119,11 @@ const ioctlIs = (...requests: number[]) =>
     args: [{ index: 1, type: 'dword', op: 'eq', val: BigInt(request) }],
   }));
 
-/** vCPU-fd ioctls (run, register state for pause and snapshots) and interrupt injection from devices. */
+/**
+ * vCPU-fd ioctls (run, register state for pause and snapshots), interrupt injection from
+ * devices, and ioeventfd (de)registration when the guest moves a virtio function's BAR
+ * (PCI configuration writes are handled on the vCPU thread that makes them).
+ */
 const VCPU_IOCTLS = [
   KVM.RUN,
   KVM.GET_REGS,
@@ -139,6 +143,7 @@ const VCPU_IOCTLS = [
   KVM.SET_VCPU_EVENTS,
   KVM.IRQ_LINE,
   KVM.SIGNAL_MSI,
+  KVM.IOEVENTFD,
 ];
 
 const TUNSETOFFLOAD = 0x400454d0;

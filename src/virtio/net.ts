@@ -124,6 +124,52 @@ export function openTap(name: string): number {
   return fd;
 }
 
+const TUNSETPERSIST = 0x400454cb;
+const TUNSETOWNER = 0x400454cc;
+const TUNSETGROUP = 0x400454ce;
+const TUNGETIFF = 0x800454d2;
+const IFF_PERSIST = 0x0800;
+
+function tapControl(name: string, work: (fd: number, flags: number) => void): void {
+  const fd = openTap(name);
+  try {
+    const ifr = Buffer.alloc(ifreq.size);
+    if (libc.ioctlPtr(fd, TUNGETIFF, ifr) < 0)
+      throw new KilnError(`cannot read TAP '${name}': ${libc.errnoName(libc.errno())}`);
+    work(fd, ifr.readUInt16LE(ifreq.offsetOf('ifr_ifru.ifru_flags')));
+  } finally {
+    libc.close(fd);
+  }
+}
+
+/**
+ * Makes TAP `name` usable by `uid`:`gid` without CAP_NET_ADMIN (a jailed VMM), as
+ * `ip tuntap add ... user UID` does: owned, and persistent so it outlives this open.
+ * Returns whether Kiln made it persistent (and so must undo that when the VM stops).
+ */
+export function lendTap(name: string, uid: number, gid: number): boolean {
+  let made = false;
+  tapControl(name, (fd, flags) => {
+    made = (flags & IFF_PERSIST) === 0;
+    for (const [request, value, what] of [
+      [TUNSETOWNER, uid, 'owner'],
+      [TUNSETGROUP, gid, 'group'],
+      [TUNSETPERSIST, 1, 'persistence'],
+    ] as const) {
+      if (libc.ioctlInt(fd, request, value) < 0)
+        throw new KilnError(`cannot set TAP '${name}''s ${what}: ${libc.errnoName(libc.errno())}`);
+    }
+  });
+  return made;
+}
+
+/** Undoes lendTap's persistence: the TAP goes away once its VMM has closed it. */
+export function releaseTap(name: string): void {
+  tapControl(name, (fd) => {
+    libc.ioctlInt(fd, TUNSETPERSIST, 0);
+  });
+}
+
 /** Connects to passt's Unix socket. */
 export function connectPasst(path: string): number {
   const fd = libc.socket(libc.AF_UNIX, libc.SOCK_STREAM | libc.SOCK_CLOEXEC, 0);

@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { request, type Server } from 'node:http';
+import { createConnection } from 'node:net';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
@@ -283,6 +284,32 @@ describe('the Firecracker API', () => {
       before,
       'no failed request changed the definition',
     );
+  });
+
+  test('HTTP-level errors (unknown method, malformed request line, oversized headers) are 400 with a fault message too', async () => {
+    const raw = (text: string) =>
+      new Promise<string>((resolve, reject) => {
+        const s = createConnection(socketPath);
+        let got = '';
+        s.setEncoding('utf8');
+        s.on('data', (c: string) => (got += c));
+        s.on('end', () => resolve(got));
+        s.on('error', reject);
+        s.write(text);
+      });
+    const cases: Array<[string, RegExp]> = [
+      ['BREW / HTTP/1.1\r\nHost: x\r\n\r\n', /unknown method/],
+      ['GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n', /malformed request/],
+      [`GET / HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`, /headers larger than 8192 bytes/],
+    ];
+    for (const [request, reason] of cases) {
+      const answer = await raw(request);
+      assert.match(answer, /^HTTP\/1\.1 400 Bad Request\r\n/);
+      const body = JSON.parse(answer.slice(answer.indexOf('\r\n\r\n') + 4)) as { fault_message: string };
+      assert.match(body.fault_message, reason);
+    }
+    // The server still answers.
+    assert.equal((await call('GET', '/')).status, 200);
   });
 
   test('InstanceStart without a usable kernel is a 400 and the instance stays "Not started"', async () => {

@@ -11,6 +11,7 @@ import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { cgroupDirs, weightToShares } from '../../src/manager/cgroup.js';
+import { JAIL_UID_BASE } from '../../src/manager/jail.js';
 import { parseDefinition } from '../../src/manager/definition.js';
 import { checkStartable } from '../../src/manager/preflight.js';
 import { Store, sweepTemporaryFiles, writeAtomically } from '../../src/manager/store.js';
@@ -219,11 +220,70 @@ describe('kiln VM-manager verbs', () => {
         );
         assert.equal(other.status, 1, other.stderr);
         assert.match(other.stderr, /cannot use the state directory .*: EACCES/);
+        // Even where the modes would let it in, the daemon checks who connects (SO_PEERCRED).
+        chmodSync(join(dir, '..'), 0o711);
+        chmodSync(dir, 0o711);
+        chmodSync(join(dir, 'kiln.sock'), 0o666);
+        const peer = spawnSync(
+          'setpriv',
+          ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, CLI, 'ls'],
+          { encoding: 'utf8', env: { ...process.env, KILN_STATE_DIR: dir } },
+        );
+        assert.equal(peer.status, 1, peer.stderr);
+        assert.match(peer.stderr, /not allowed: the kiln daemon serves its owner, root and the kiln group/);
+        assert.match(readFileSync(join(dir, 'daemon.log'), 'utf8'), /refused a connection from uid 65534/);
       }
     } finally {
       stopDaemon(dir);
     }
   });
+
+  test(
+    'with KILN_GROUP the socket is 0660 and the group may use the daemon; others still may not',
+    { skip: process.getuid?.() === 0 && toolAvailable('groupadd', '--help') ? false : 'needs root and groupadd' },
+    () => {
+      const group = `kilnt${process.pid % 100000}`;
+      assert.equal(spawnSync('groupadd', [group]).status, 0);
+      const gid = Number(
+        /^[^:]+:[^:]*:(\d+):/m.exec(
+          readFileSync('/etc/group', 'utf8')
+            .split('\n')
+            .find((l) => l.startsWith(`${group}:`))!,
+        )![1],
+      );
+      const parent = tempDir();
+      chmodSync(parent, 0o711);
+      const dir = join(parent, 'state');
+      const env = { ...process.env, KILN_STATE_DIR: dir, KILN_GROUP: group };
+      try {
+        const first = spawnSync(process.execPath, [CLI, 'ls'], { encoding: 'utf8', env });
+        assert.equal(first.status, 0, first.stderr);
+        const dirStat = statSync(dir);
+        assert.equal(dirStat.mode & 0o777, 0o710);
+        assert.equal(dirStat.gid, gid);
+        const sock = statSync(join(dir, 'kiln.sock'));
+        assert.equal(sock.mode & 0o777, 0o660);
+        assert.equal(sock.gid, gid);
+        for (const d of ['vms', 'run']) assert.equal(statSync(join(dir, d)).mode & 0o777, 0o700, d);
+        const asMember = spawnSync(
+          'setpriv',
+          ['--reuid=65534', `--regid=${gid}`, '--clear-groups', process.execPath, CLI, 'ls', '--json'],
+          { encoding: 'utf8', env },
+        );
+        assert.equal(asMember.status, 0, asMember.stderr);
+        assert.deepEqual(JSON.parse(asMember.stdout).vms, []);
+        const outsider = spawnSync(
+          'setpriv',
+          ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, CLI, 'ls'],
+          { encoding: 'utf8', env },
+        );
+        assert.equal(outsider.status, 1);
+      } finally {
+        stopDaemon(dir);
+        spawnSync('groupdel', [group]);
+      }
+    },
+  );
 
   test('concurrent first use starts one daemon per state directory', async () => {
     const dir = tempDir();
@@ -316,6 +376,24 @@ describe('kiln VM-manager verbs', () => {
         assert.equal(JSON.parse(started.stdout).state, 'running');
         assert.match(refused.stderr, /'web' is already running/);
         const pid = Number(readFileSync(join(dir, 'run', 'web', 'vmm.pid'), 'utf8'));
+        // Jailed by default: its own uid, no new privileges, seccomp on every thread, its own root and mounts.
+        const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+        const uid = Number(/^Uid:\s*(\d+)/m.exec(status)![1]);
+        assert.ok(uid >= JAIL_UID_BASE, `the VMM runs as a jail uid (${uid})`);
+        for (const tid of readdirSync(`/proc/${pid}/task`)) {
+          const ts = readFileSync(`/proc/${pid}/task/${tid}/status`, 'utf8');
+          assert.match(ts, /^NoNewPrivs:\s*1$/m, `thread ${tid}`);
+          assert.match(ts, /^Seccomp:\s*2$/m, `thread ${tid}`);
+        }
+        assert.notEqual(
+          statSync(`/proc/${pid}/ns/mnt`).ino,
+          statSync('/proc/self/ns/mnt').ino,
+          'its own mount namespace',
+        );
+        assert.notEqual(statSync(`/proc/${pid}/root/`).ino, statSync('/').ino, "its root is not the host's");
+        assert.ok(!existsSync(`/proc/${pid}/root/etc/passwd`), "the host's files are not in its jail");
+        const info = kiln(dir, ['info', 'web']).stdout;
+        assert.match(info, new RegExp(`^Jail: +uid ${uid}, chroot `, 'm'));
         const cgroup = readFileSync(`/proc/${pid}/cgroup`, 'utf8');
         if (cgroupDirs('web').length > 0) assert.match(cgroup, /kiln\/web/, 'the VMM runs in its own cgroup');
         if (existsSync('/sys/fs/cgroup/cpu/kiln/web/cpu.shares'))

@@ -127,6 +127,7 @@ test('kiln info reads as a summary', () => {
     definition,
     cgroup: { dirs: ['/sys/fs/cgroup/kiln/web'], cpuWeight: 100, cpuQuotaPercent: 0, memoryLimitBytes: 768 << 20 },
     consoleLog: '/var/lib/kiln/run/web/console.log',
+    jail: { jailed: true, uid: 2000000000, root: '/run/kiln/web/jail/vmm-cli.js/web/root' },
   };
   const text = infoText(info);
   assert.match(text, /^Name: +web$/m);
@@ -137,6 +138,13 @@ test('kiln info reads as a summary', () => {
   assert.match(text, /^NIC: +net0: tap tap0$/m);
   assert.match(text, /^Limits: +CPU weight 100, CPU quota none, memory 768 MiB$/m);
   assert.match(text, /^Console log: \/var\/lib\/kiln\/run\/web\/console\.log$/m);
+  assert.match(
+    text,
+    /^Jail: +uid 2000000000, chroot \/run\/kiln\/web\/jail\/vmm-cli\.js\/web\/root, seccomp, no new privileges$/m,
+  );
+  // Said loudly when a VM runs unjailed.
+  const loose = infoText({ ...info, jail: { jailed: false, uid: null, root: null } });
+  assert.match(loose, /^Jail: +NONE: started with --no-jail, the VMM runs as root/m);
 });
 
 test('console escapes: Ctrl-A x quits, Ctrl-A p presses the power button, Ctrl-A Ctrl-A sends one', () => {

@@ -1,0 +1,132 @@
+// The manager's jail for each VM (issue: every VMM jailed by default): kiln-jailer runs the
+// VMM as a uid of its own (one per running VM, from JAIL_UID_BASE), with no new privileges,
+// in a chroot under the VM's run directory that holds only its kernel, initrd and disks
+// (read-only bind mounts, disks read-write when they are), its config and its sockets.
+// `kiln start --no-jail` runs the VMM as root in the host's namespaces, for debugging.
+import {
+  chmodSync,
+  chownSync,
+  existsSync,
+  mkdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { KilnError } from '../errors.js';
+import type { VmConfig } from '../config/vm-config.js';
+
+/** The first uid (and gid) jailed VMMs run as; VM n running at once gets BASE + n. */
+export const JAIL_UID_BASE = 2_000_000_000;
+const JAILER = fileURLToPath(new URL('../jail/jailer-cli.js', import.meta.url));
+const VMM_CLI = fileURLToPath(new URL('../vmm-cli.js', import.meta.url));
+
+/** What `kiln info` shows, kept in the VM's run directory while it runs. */
+export interface JailRecord {
+  readonly jailed: boolean;
+  readonly uid: number | null;
+  readonly root: string | null;
+  /** TAPs the manager made persistent for the jail user (undone at stop). */
+  readonly taps: readonly string[];
+}
+
+export const NOT_JAILED: JailRecord = { jailed: false, uid: null, root: null, taps: [] };
+
+export function readJailRecord(run: string): JailRecord | null {
+  try {
+    return JSON.parse(readFileSync(join(run, 'jail.json'), 'utf8')) as JailRecord;
+  } catch {
+    // no record: the VM has not started since jails were introduced, or is stopped
+    return null;
+  }
+}
+
+export function writeJailRecord(run: string, record: JailRecord): void {
+  writeFileSync(join(run, 'jail.json'), JSON.stringify(record), { mode: 0o600 });
+}
+
+/** The lowest jail uid no running VM uses. */
+export function allocateJailUid(inUse: ReadonlySet<number>): number {
+  for (let uid = JAIL_UID_BASE; ; uid++) if (!inUse.has(uid)) return uid;
+}
+
+/** What a jailed VMM cannot use yet: sockets it would create or reach outside its chroot. */
+export function unjailable(config: VmConfig): string | null {
+  if (config.vsock) return 'a vsock device (its host socket)';
+  if (config.consoleSocket) return 'a virtio console socket';
+  if (config.nets.some((n) => n.passt !== undefined)) return 'a passt network (its socket)';
+  return null;
+}
+
+/**
+ * Prepares VM `name`'s jail under `run` and returns the command that starts its VMM
+ * there (kiln-jailer, which executes kiln-vmm) and the record to keep.
+ */
+export function prepareJail(
+  run: string,
+  name: string,
+  config: VmConfig,
+  uid: number,
+  lendTap: (tap: string, uid: number) => boolean,
+): { argv: string[]; record: JailRecord } {
+  const why = unjailable(config);
+  if (why) throw new KilnError(`'${name}' uses ${why}, which a jailed VMM cannot reach yet; start it with --no-jail`);
+  const base = join(run, 'jail');
+  // A previous run's jail: its mounts died with its mount namespace; only mount points and sockets are left.
+  rmSync(base, { recursive: true, force: true });
+  const root = join(base, 'vmm-cli.js', name, 'root');
+  mkdirSync(root, { recursive: true, mode: 0o755 });
+  chmodSync(root, 0o755);
+  const files: Array<{ path: string; rw: boolean }> = [];
+  if (config.kernel !== undefined) files.push({ path: config.kernel, rw: false });
+  if (config.initrd !== undefined) files.push({ path: config.initrd, rw: false });
+  for (const d of config.disks) files.push({ path: d.path, rw: !d.readOnly });
+  for (const f of files) {
+    // The jail user must be able to open it (as libvirt's dynamic ownership does for its qemu user).
+    const st = statSync(f.path);
+    const others = f.rw ? 0o006 : 0o004;
+    if ((st.mode & others) !== others && st.uid !== uid) chownSync(f.path, uid, uid);
+  }
+  // The config (kernel command line included) is the jail user's alone.
+  const configFile = join(root, 'kiln-config.json');
+  writeFileSync(configFile, JSON.stringify(config), { mode: 0o600 });
+  chownSync(configFile, uid, uid);
+  // The VMM's sockets live in its jail's /run; the manager reaches them through links in the run directory.
+  for (const sock of ['api.sock', 'serial.sock']) {
+    rmSync(join(run, sock), { force: true });
+    symlinkSync(join(root, 'run', sock), join(run, sock));
+  }
+  const taps: string[] = [];
+  for (const n of config.nets) if (n.tap !== undefined && lendTap(n.tap, uid)) taps.push(n.tap);
+  const argv = [
+    process.execPath,
+    JAILER,
+    '--id',
+    name,
+    '--exec-file',
+    VMM_CLI,
+    '--uid',
+    String(uid),
+    '--gid',
+    String(uid),
+    '--chroot-base-dir',
+    base,
+    ...files.flatMap((f) => ['--bind', `${f.path}:${f.path}:${f.rw ? 'rw' : 'ro'}`]),
+    '--',
+    '--api-sock',
+    '/run/api.sock',
+    '--kiln-config',
+    '/kiln-config.json',
+    '--serial-sock',
+    '/run/serial.sock',
+  ];
+  return { argv, record: { jailed: true, uid, root, taps } };
+}
+
+/** Whether `run`'s sockets point into a jail that still exists. */
+export function jailExists(record: JailRecord | null): boolean {
+  return record?.root != null && existsSync(record.root);
+}
