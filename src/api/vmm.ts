@@ -2,6 +2,7 @@
 // once InstanceStart has run, the live Linux VM built from it. Pre-boot-only resources
 // are refused after the start, as Firecracker refuses them.
 import { closeSync, constants as fsConstants, openSync, statSync, writeSync } from 'node:fs';
+import { isNullDevice, requireKind } from '../special-files.js';
 import { createLinuxVm, type LinuxVm } from '../boot/linux.js';
 import { KilnError } from '../errors.js';
 import { ConfigError, parseVmConfig, type VmConfig } from '../config/vm-config.js';
@@ -80,8 +81,9 @@ export class Vmm {
    * VMM's main thread (the API, SIGTERM) nor loses the VMM its process: a full FIFO drops lines.
    */
   private openOutput(path: string, what: string): number {
+    let fd: number;
     try {
-      return openSync(
+      fd = openSync(
         path,
         fsConstants.O_RDWR | fsConstants.O_APPEND | fsConstants.O_CREAT | fsConstants.O_NONBLOCK,
         0o600,
@@ -91,6 +93,14 @@ export class Vmm {
         `Cannot open the ${what} file ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`,
       );
     }
+    // A file or a FIFO, as Firecracker's logger and metrics take; never a device or a /proc file.
+    try {
+      if (!isNullDevice(fd)) requireKind(fd, path, `the ${what} path`, ['regular file', 'FIFO']);
+    } catch (err) {
+      closeSync(fd);
+      throw new ApiError(`Cannot use ${(err as Error).message}`);
+    }
+    return fd;
   }
 
   /** PUT /logger: the file is opened now, so a bad path is a 400 at once. */

@@ -1,7 +1,8 @@
 // Machine assembly for virtio: a VM configuration's devices become virtio-pci functions. disks are opened and
 // checked before any VM exists (a missing or read-only file is a clear error, not a
 // half-built VM), then every device gets a slot, a BAR, its queues' eventfds and INTx.
-import { closeSync, openSync } from 'node:fs';
+import { closeSync, constants as fsConstants, openSync } from 'node:fs';
+import { requireKind } from '../special-files.js';
 import type { VmConfig } from '../config/vm-config.js';
 import { KilnError } from '../errors.js';
 import type { DeviceSpec } from '../devices/catalogue.js';
@@ -84,7 +85,12 @@ export interface OpenedDisk<O = BlkOptions> {
 export function openDisk(disk: DiskHostEnd, index: number, locked = false): OpenedDisk {
   let fd: number;
   try {
-    fd = openSync(disk.path, disk.readOnly ? 'r' : 'r+');
+    // Non-blocking and no controlling tty: a FIFO or a terminal given as a disk must not
+    // hang or change the VMM before it is refused (O_NONBLOCK changes nothing for files).
+    fd = openSync(
+      disk.path,
+      (disk.readOnly ? fsConstants.O_RDONLY : fsConstants.O_RDWR) | fsConstants.O_NONBLOCK | fsConstants.O_NOCTTY,
+    );
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOENT') throw new KilnError(`disk '${disk.path}' does not exist`);
@@ -96,6 +102,7 @@ export function openDisk(disk: DiskHostEnd, index: number, locked = false): Open
     throw new KilnError(`cannot open disk '${disk.path}': ${code ?? (err as Error).message}`);
   }
   try {
+    requireKind(fd, disk.path, 'disk', ['regular file', 'block device']);
     return {
       fd,
       options: blkOptions(fd, disk.path, disk.readOnly ?? false, disk.serial ?? `kiln-disk-${index}`, !locked),

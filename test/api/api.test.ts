@@ -327,6 +327,19 @@ describe('the Firecracker API', () => {
     assert.equal(line.vmm.state, 'Not started');
   });
 
+  test('a log or metrics path that is a device, a directory or a /proc file is refused; /dev/null is taken', async () => {
+    for (const [path, reason] of [
+      ['/proc/self/mem', /on procfs/],
+      ['/dev/zero', /is a character device; it must be a regular file or a FIFO/],
+      [dir, /EISDIR/],
+    ] as const) {
+      const r = await call('PUT', '/logger', { log_path: path });
+      assert.equal(r.status, 400, path);
+      assert.match(faultOf(r), reason);
+    }
+    assert.equal((await call('PUT', '/metrics', { metrics_path: '/dev/null' })).status, 204);
+  });
+
   test('a FIFO as the metrics or log path never blocks the VMM: no reader, a full pipe, then a reader', async () => {
     const fifo = join(dir, 'metrics.fifo');
     execFileSync('mkfifo', [fifo]);
