@@ -205,6 +205,7 @@ export const EPOLL_CLOEXEC = 0o2000000;
 export const EPOLL_CTL_ADD = 1;
 export const EPOLL_CTL_DEL = 2;
 export const EPOLLIN = 0x1;
+export const EPOLLOUT = 0x4;
 /** struct epoll_event is packed on x86-64: u32 events, u64 data. */
 /** <sys/epoll.h>'s struct epoll_event: packed on x86-64 (12 bytes). Kiln keeps a slot number in data's low half. */
 export const epoll_event = packedStruct('epoll_event', [

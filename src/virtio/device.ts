@@ -295,6 +295,11 @@ export interface VirtioQueues {
   log(line: string): void;
   /** Starts or stops watching one of the backend's poll fds (e.g. no receive buffers left). */
   setPollable(fd: number, on: boolean): void;
+  /**
+   * Starts or stops waking the fd's handler when it becomes writable (a host peer that
+   * stopped reading: the data waits, the handler runs again once there is room).
+   */
+  setWritable(fd: number, on: boolean): void;
   /** The device changed its configuration (e.g. link status): new generation, config interrupt. */
   configChanged(): void;
   /** Comes back to queue `q` after the other ready work (a drain that stopped at its budget). */
@@ -307,6 +312,7 @@ export interface VirtioQueues {
 /** The I/O thread's fd watching, as the runtime hands it to backends. */
 export interface FdWatcher {
   setPollable(fd: number, on: boolean): void;
+  setWritable(fd: number, on: boolean): void;
   watch(fd: number, handler: () => void): void;
   unwatch(fd: number): void;
   /** Makes queue `q`'s notification fire again (its eventfd), behind what is already ready. */
@@ -358,6 +364,10 @@ export class VirtioRuntime implements VirtioQueues {
 
   setPollable(fd: number, on: boolean): void {
     this.fds.setPollable(fd, on);
+  }
+
+  setWritable(fd: number, on: boolean): void {
+    this.fds.setWritable(fd, on);
   }
 
   kickLater(q: number): void {

@@ -26,6 +26,8 @@ const epfd = libc.epollCreate1(libc.EPOLL_CLOEXEC);
 if (epfd < 0) throw new Error(`epoll_create1 failed: ${libc.errnoName(libc.errno())}`);
 const handlers: Array<(() => void) | null> = [];
 const slotOf = new Map<number, number>();
+/** What each watched fd waits for: input (EPOLLIN) and/or room to write (EPOLLOUT). */
+const interest = new Map<number, { read: boolean; write: boolean }>();
 const eventBuf = Buffer.alloc(libc.EPOLL_EVENT_BYTES);
 function control(op: number, fd: number, events: number, slot: number): number {
   eventBuf.writeUInt32LE(events, libc.EPOLL_EVENT_EVENTS);
@@ -39,6 +41,7 @@ function watch(fd: number, handler: () => void): void {
   if (control(libc.EPOLL_CTL_ADD, fd, libc.EPOLLIN, slot) < 0)
     throw new Error(`epoll_ctl(${fd}) failed: ${libc.errnoName(libc.errno())}`);
   slotOf.set(fd, slot);
+  interest.set(fd, { read: true, write: false });
   handlers[slot] = handler;
 }
 function unwatch(fd: number): void {
@@ -46,13 +49,20 @@ function unwatch(fd: number): void {
   if (slot === undefined) return;
   control(libc.EPOLL_CTL_DEL, fd, 0, slot);
   slotOf.delete(fd);
+  interest.delete(fd);
   handlers[slot] = null;
 }
 /** Level-triggered: a backend with nowhere to put input stops watching until the guest gives it room. */
-function setPollable(fd: number, on: boolean): void {
+function setInterest(fd: number, change: { read?: boolean; write?: boolean }): void {
   const slot = slotOf.get(fd);
-  if (slot !== undefined) control(libc.EPOLL_CTL_MOD, fd, on ? libc.EPOLLIN : 0, slot);
+  const now = interest.get(fd);
+  if (slot === undefined || now === undefined) return;
+  Object.assign(now, change);
+  control(libc.EPOLL_CTL_MOD, fd, (now.read ? libc.EPOLLIN : 0) | (now.write ? libc.EPOLLOUT : 0), slot);
 }
+const setPollable = (fd: number, on: boolean) => setInterest(fd, { read: on });
+/** Level-triggered too: only while data waits for a peer that stopped reading. */
+const setWritable = (fd: number, on: boolean) => setInterest(fd, { write: on });
 
 const backends: VirtioBackend[] = [];
 for (const spec of init.devices) {
@@ -64,7 +74,7 @@ for (const spec of init.devices) {
     new SharedLock(new Int32Array(spec.state, 0, 1), LOCK_INDEX),
     interrupts,
     logFor(spec.id),
-    { setPollable, watch, unwatch, kick: (q) => libc.signalEventfd(spec.options.notifyFds[q]!) },
+    { setPollable, setWritable, watch, unwatch, kick: (q) => libc.signalEventfd(spec.options.notifyFds[q]!) },
   );
   const backend = createBackend(spec.options.device, runtime, { controlFd: spec.options.controlFd });
   runtime.backend = backend;

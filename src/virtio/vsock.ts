@@ -47,6 +47,10 @@ const BUF_ALLOC = 256 * 1024;
 /** Host ports for host-initiated connections start here (as Firecracker's do). */
 const FIRST_HOST_PORT = 1 << 30;
 const CONNECT_LINE_MAX = 32;
+/** Open connections per device, both directions (Firecracker's muxer caps them too). */
+export const MAX_CONNECTIONS = 1023;
+/** Control packets waiting for a receive buffer, across connections (each kind coalesced per connection). */
+export const MAX_PENDING_CONTROL = 2048;
 
 /** Firecracker's hybrid vsock: the listening Unix socket, its path and the guest's CID. */
 export interface VsockOptions {
@@ -100,6 +104,10 @@ interface Connection {
   advertisedFwdCnt: number;
   /** The host socket was readable but the guest had no room: wait for credit. */
   blocked: boolean;
+  /** Guest bytes the host socket has not taken yet (it stopped reading); at most BUF_ALLOC. */
+  outbox: Buffer | null;
+  /** Control ops queued for this connection (bit 1 << op): one of each kind waits at most. */
+  queuedOps: number;
 }
 
 export class VsockBackend implements VirtioBackend {
@@ -155,6 +163,8 @@ export class VsockBackend implements VirtioBackend {
       fwdCnt: 0,
       advertisedFwdCnt: 0,
       blocked: false,
+      outbox: null,
+      queuedOps: 0,
     };
   }
 
@@ -162,6 +172,10 @@ export class VsockBackend implements VirtioBackend {
     for (;;) {
       const fd = libc.accept4(this.listenFd, null, null, libc.SOCK_NONBLOCK | libc.SOCK_CLOEXEC);
       if (fd < 0) return;
+      if (this.byFd.size >= MAX_CONNECTIONS) {
+        libc.close(fd);
+        continue;
+      }
       const conn = this.newConn(fd, 0, 0, 'handshake');
       this.byFd.set(fd, conn);
       this.rt.watchFd(fd, () => this.hostReadable(conn));
@@ -218,20 +232,21 @@ export class VsockBackend implements VirtioBackend {
     switch (op) {
       case VIRTIO_VSOCK_OP.REQUEST: {
         if (conn) return;
-        // Connect to "<path>_<port>" for the guest.
-        const fd = libc.socket(libc.AF_UNIX, libc.SOCK_STREAM | libc.SOCK_CLOEXEC, 0);
+        // Connect to "<path>_<port>" for the guest, never waiting: a Unix socket connect
+        // either completes at once or finds the listener's backlog full (EAGAIN: refused).
         const target = `${this.udsPath}_${dstPort}`;
+        const full = this.byFd.size >= MAX_CONNECTIONS;
+        const fd = full ? -1 : libc.socket(libc.AF_UNIX, libc.SOCK_STREAM | libc.SOCK_CLOEXEC | libc.SOCK_NONBLOCK, 0);
         conn = this.newConn(fd, dstPort, srcPort, 'established');
         conn.peerBufAlloc = h.readUInt32LE(VSOCK_HDR.bufAlloc);
         conn.peerFwdCnt = h.readUInt32LE(VSOCK_HDR.fwdCnt);
         if (fd < 0 || libc.connect(fd, libc.sockaddrUn(target), libc.sockaddr_un.size) < 0) {
           if (fd >= 0) libc.close(fd);
-          this.pendingControl.push({ conn, op: VIRTIO_VSOCK_OP.RST, flags: 0 });
+          this.queueControl(conn, VIRTIO_VSOCK_OP.RST);
           return;
         }
-        libc.fcntlInt(fd, 4 /* F_SETFL */, libc.O_NONBLOCK);
         this.track(conn);
-        this.pendingControl.push({ conn, op: VIRTIO_VSOCK_OP.RESPONSE, flags: 0 });
+        this.queueControl(conn, VIRTIO_VSOCK_OP.RESPONSE);
         return;
       }
       case VIRTIO_VSOCK_OP.RESPONSE:
@@ -243,13 +258,12 @@ export class VsockBackend implements VirtioBackend {
         return;
       case VIRTIO_VSOCK_OP.RW:
         if (conn?.state !== 'established') return;
-        this.writeHost(conn, this.data.subarray(0, payloadBytes));
-        conn.fwdCnt = (conn.fwdCnt + payloadBytes) >>> 0;
-        if (conn.fwdCnt - conn.advertisedFwdCnt > BUF_ALLOC / 2)
-          this.pendingControl.push({ conn, op: VIRTIO_VSOCK_OP.CREDIT_UPDATE, flags: 0 });
+        // Only what the host socket took counts as forwarded: while its peer does not read,
+        // the guest's credit runs out and it stops sending (5.10.6.3).
+        this.forwarded(conn, this.writeHost(conn, this.data.subarray(0, payloadBytes)));
         return;
       case VIRTIO_VSOCK_OP.CREDIT_REQUEST:
-        if (conn) this.pendingControl.push({ conn, op: VIRTIO_VSOCK_OP.CREDIT_UPDATE, flags: 0 });
+        if (conn) this.queueControl(conn, VIRTIO_VSOCK_OP.CREDIT_UPDATE);
         return;
       case VIRTIO_VSOCK_OP.CREDIT_UPDATE:
         if (conn?.blocked) {
@@ -260,7 +274,7 @@ export class VsockBackend implements VirtioBackend {
       case VIRTIO_VSOCK_OP.SHUTDOWN:
       case VIRTIO_VSOCK_OP.RST:
         if (!conn) return;
-        if (op === VIRTIO_VSOCK_OP.SHUTDOWN) this.pendingControl.push({ conn, op: VIRTIO_VSOCK_OP.RST, flags: 0 });
+        if (op === VIRTIO_VSOCK_OP.SHUTDOWN) this.queueControl(conn, VIRTIO_VSOCK_OP.RST);
         // A refused host-initiated connection closes the client's socket.
         this.drop(conn);
         return;
@@ -268,22 +282,77 @@ export class VsockBackend implements VirtioBackend {
     }
   }
 
-  private writeHost(conn: Connection, bytes: Buffer): void {
-    for (let off = 0; off < bytes.length;) {
-      const n = libc.write(conn.fd, bytes.subarray(off), bytes.length - off);
-      if (n < 0) {
-        const e = libc.errno();
-        if (e === libc.EAGAIN || e === libc.EINTR) continue;
-        this.pendingControl.push({ conn, op: VIRTIO_VSOCK_OP.RST, flags: 0 });
-        if (this.byFd.has(conn.fd)) this.drop(conn);
-        return;
+  /** Counts bytes the host took and tells the guest once it has freed half its buffer. */
+  private forwarded(conn: Connection, bytes: number): void {
+    conn.fwdCnt = (conn.fwdCnt + bytes) >>> 0;
+    if ((conn.fwdCnt - conn.advertisedFwdCnt) >>> 0 > BUF_ALLOC / 2)
+      this.queueControl(conn, VIRTIO_VSOCK_OP.CREDIT_UPDATE);
+  }
+
+  /**
+   * Writes guest bytes to the host socket without ever waiting: what it does not take now
+   * waits in the connection's outbox, and the socket is watched for room. Returns the
+   * bytes written now. A guest that sends beyond its credit (more than BUF_ALLOC waiting)
+   * loses the connection.
+   */
+  private writeHost(conn: Connection, bytes: Buffer): number {
+    if (conn.outbox !== null) {
+      if (conn.outbox.length + bytes.length > BUF_ALLOC) {
+        this.fail(conn);
+        return 0;
       }
-      off += n;
+      conn.outbox = Buffer.concat([conn.outbox, bytes]);
+      return 0;
     }
+    let off = 0;
+    while (off < bytes.length) {
+      const n = libc.write(conn.fd, bytes.subarray(off), bytes.length - off);
+      if (n >= 0) {
+        off += n;
+        continue;
+      }
+      const e = libc.errno();
+      if (e === libc.EINTR) continue;
+      if (e !== libc.EAGAIN) {
+        this.fail(conn);
+        return off;
+      }
+      conn.outbox = Buffer.from(bytes.subarray(off));
+      this.rt.setWritable(conn.fd, true);
+      break;
+    }
+    return off;
+  }
+
+  /** The host socket has room again: hand it what waited, and give the guest its credit back. */
+  private drainOutbox(conn: Connection): void {
+    const box = conn.outbox!;
+    conn.outbox = null;
+    this.rt.setWritable(conn.fd, false);
+    this.forwarded(conn, this.writeHost(conn, box));
+    // All of it went: the guest (stalled on credit we withheld) hears at once.
+    if (conn.outbox === null && this.byFd.has(conn.fd)) this.queueControl(conn, VIRTIO_VSOCK_OP.CREDIT_UPDATE);
+  }
+
+  private fail(conn: Connection): void {
+    this.queueControl(conn, VIRTIO_VSOCK_OP.RST);
+    if (this.byFd.has(conn.fd)) this.drop(conn);
+  }
+
+  /** Queues a control packet for the guest: coalesced per connection and kind, and bounded overall. */
+  private queueControl(conn: Connection, op: number): void {
+    const bit = 1 << op;
+    if (conn.queuedOps & bit) return;
+    // Past the bound the reply is dropped: the guest's request times out, the VMM does not grow.
+    if (this.pendingControl.length >= MAX_PENDING_CONTROL) return;
+    conn.queuedOps |= bit;
+    this.pendingControl.push({ conn, op, flags: 0 });
   }
 
   // ---- host to guest ----
   private hostReadable(conn: Connection): void {
+    if (conn.outbox !== null) this.drainOutbox(conn);
+    if (!this.byFd.has(conn.fd)) return;
     if (conn.state === 'handshake') return this.readConnectLine(conn);
     if (conn.state !== 'established') return;
     this.flush();
@@ -310,7 +379,7 @@ export class VsockBackend implements VirtioBackend {
     this.conns.set(this.key(conn.localPort, conn.peerPort), conn);
     // Data the client sent after its CONNECT line waits in the socket until the guest accepts.
     this.rt.setPollable(conn.fd, false);
-    this.pendingControl.push({ conn, op: VIRTIO_VSOCK_OP.REQUEST, flags: 0 });
+    this.queueControl(conn, VIRTIO_VSOCK_OP.REQUEST);
     this.flush();
   }
 
@@ -353,6 +422,7 @@ export class VsockBackend implements VirtioBackend {
     let sent = 0;
     while (this.pendingControl.length > 0 && queue.enabled && queue.pending() > 0) {
       const { conn, op, flags } = this.pendingControl.shift()!;
+      conn.queuedOps &= ~(1 << op);
       this.writeHeader(conn, op, 0, flags);
       this.deliver(0);
       sent++;
@@ -371,7 +441,7 @@ export class VsockBackend implements VirtioBackend {
       if (!queue.enabled || queue.pending() === 0 || credit <= 0) {
         conn.blocked = true;
         this.rt.setPollable(conn.fd, false);
-        if (credit <= 0) this.pendingControl.push({ conn, op: VIRTIO_VSOCK_OP.CREDIT_REQUEST, flags: 0 });
+        if (credit <= 0) this.queueControl(conn, VIRTIO_VSOCK_OP.CREDIT_REQUEST);
         break;
       }
       queue.peek(this.rt.chain);
