@@ -133,11 +133,15 @@ export class FakeDevice {
       {
         setPollable: (fd, on) => {
           const i = this.interest.get(fd);
-          if (i) ((i.read = on), control(libc.EPOLL_CTL_MOD, fd));
+          if (!i) return;
+          i.read = on;
+          control(libc.EPOLL_CTL_MOD, fd);
         },
         setWritable: (fd, on) => {
           const i = this.interest.get(fd);
-          if (i) ((i.write = on), control(libc.EPOLL_CTL_MOD, fd));
+          if (!i) return;
+          i.write = on;
+          control(libc.EPOLL_CTL_MOD, fd);
         },
         watch: (fd, handler) => {
           this.handlers.set(fd, handler);
