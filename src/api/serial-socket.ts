@@ -4,9 +4,12 @@
 // clients type into the UART's receive FIFO, holding back what does not fit yet.
 import { rmSync } from 'node:fs';
 import { createServer, Socket, type Server } from 'node:net';
-import type { SerialHost } from '../devices/serial.js';
+import { serialOutput, type SerialHost } from '../devices/serial.js';
 import { KilnError } from '../errors.js';
 import * as libc from '../kvm/libc.js';
+
+/** Output bytes a console client may have waiting before it misses some. */
+const MAX_CLIENT_BACKLOG = 1 << 20;
 
 export class SerialSocket {
   readonly writeFd: number;
@@ -17,14 +20,19 @@ export class SerialSocket {
   private pending: Buffer = Buffer.alloc(0);
   private timer: NodeJS.Timeout | null = null;
 
-  constructor(private readonly stdoutFd: number) {
+  constructor(stdoutFd: number) {
     const fds = new Int32Array(2);
-    if (libc.pipe2(fds, libc.O_CLOEXEC) < 0) throw new KilnError(`pipe2 failed: ${libc.errnoName(libc.errno())}`);
+    // Non-blocking: the UART's writes (on vCPU threads) drop rather than wait when this
+    // thread falls behind; and this thread never waits on stdout or a slow client.
+    if (libc.pipe2(fds, libc.O_CLOEXEC | libc.O_NONBLOCK) < 0)
+      throw new KilnError(`pipe2 failed: ${libc.errnoName(libc.errno())}`);
     this.writeFd = fds[1]!;
     this.reader = new Socket({ fd: fds[0]!, readable: true, writable: false });
+    const out = serialOutput(stdoutFd);
     this.reader.on('data', (chunk: Buffer) => {
-      libc.write(this.stdoutFd, chunk, chunk.length);
-      for (const c of this.clients) c.write(chunk);
+      libc.write(out, chunk, chunk.length);
+      // A client that stops reading misses output rather than growing the VMM's heap.
+      for (const c of this.clients) if (c.writableLength < MAX_CLIENT_BACKLOG) c.write(chunk);
     });
   }
 

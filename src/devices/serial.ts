@@ -5,6 +5,7 @@
 //
 // The state lives in shared memory: vCPU threads reach it through the bus (which holds
 // the device lock), the main thread through SerialHost (which takes the lock itself).
+import { fstatSync } from 'node:fs';
 import type { BusDevice } from '../bus/bus.js';
 import { SharedLock } from '../bus/shared-lock.js';
 import * as libc from '../kvm/libc.js';
@@ -68,12 +69,15 @@ class Uart16550 implements BusDevice {
   private readonly ring: Uint32Array;
   private readonly rx: Uint8Array;
   private readonly byte = Buffer.alloc(1);
+  /** Output bytes dropped on this thread because nobody read them (the line does not wait). */
+  dropped = 0;
 
   constructor(
     state: SharedArrayBuffer,
     private readonly outFd: number,
     private readonly irq: number,
     private readonly setIrq: (irq: number, level: 0 | 1) => void,
+    private readonly log: (line: string) => void = () => undefined,
   ) {
     this.reg = new Uint8Array(state, STATE_HEADER_BYTES, REG_BYTES);
     this.ring = new Uint32Array(state, RING_WORDS_AT, 2);
@@ -184,8 +188,10 @@ class Uart16550 implements BusDevice {
           this.receive(this.byte);
         } else if (this.outFd >= 0) {
           this.byte[0] = value;
-          // A full pipe or a closed terminal drops the byte, as a real line would.
-          libc.write(this.outFd, this.byte, 1);
+          // A full pipe or a closed terminal drops the byte, as a real line would: the fd is
+          // non-blocking (serialModel.init), so a reader that stops never stops this vCPU.
+          if (libc.write(this.outFd, this.byte, 1) !== 1 && this.dropped++ === 0)
+            this.log(`serial output is not being read (${libc.errnoName(libc.errno())}); output bytes are dropped`);
         }
         // Transmission is instant: the holding register is empty again.
         this.reg[S_THRE_PENDING] = 1;
@@ -225,9 +231,20 @@ export interface SerialOptions {
 export const serialModel: DeviceModel<SerialOptions> = {
   stateBytes: () => STATE_BYTES,
   create(state, options, ctx): BusDevice {
-    return new Uart16550(state, options.outFd, options.irq, ctx.setIrq);
+    return new Uart16550(state, options.outFd, options.irq, ctx.setIrq, (line) => ctx.log(line));
   },
 };
+
+/** The UART's output fd as the vCPU threads must use it: one whose writes never wait. */
+export function serialOutput(fd: number): number {
+  let regular = false;
+  try {
+    regular = fd >= 0 && fstatSync(fd).isFile();
+  } catch {
+    // a closed fd: writes to it fail and drop, which is all a line without a reader can do
+  }
+  return libc.nonBlockingOutput(fd, regular);
+}
 
 /** The host's side of a UART: input from the terminal or a socket. Any thread. */
 export class SerialHost {

@@ -104,6 +104,12 @@ export const fcntlInt = libc.func('int fcntl(int fd, int cmd, int arg)') as (
   arg: number,
 ) => number;
 export const pipe2 = libc.func('int pipe2(_Out_ int *fds, int flags)') as (fds: Int32Array, flags: number) => number;
+export const socketpair = libc.func('int socketpair(int domain, int type, int protocol, _Out_ int *sv)') as (
+  domain: number,
+  type: number,
+  protocol: number,
+  sv: Int32Array,
+) => number;
 export const listen = libc.func('int listen(int fd, int backlog)') as (fd: number, backlog: number) => number;
 export const accept4 = libc.func('int accept4(int fd, void *addr, void *len, int flags)') as (
   fd: number,
@@ -181,6 +187,7 @@ export function view(address: Pointer, length: number): ArrayBuffer {
 }
 
 export const O_RDONLY = 0o0;
+export const O_WRONLY = 0o1;
 export const O_RDWR = 0o2;
 export const O_CLOEXEC = 0o2000000;
 export const PROT_READ = 0x1;
@@ -408,3 +415,20 @@ export function peerCredentials(fd: number): { pid: number; uid: number; gid: nu
 }
 /** makedev(3) for the device numbers Kiln makes nodes of (major and minor below 4096 and 256). */
 export const makedev = (major: number, minor: number): bigint => BigInt((major << 8) | minor);
+
+const F_GETFL = 3;
+const F_SETFL = 4;
+/**
+ * An fd for `fd`'s output that never blocks: the same fd when it is a regular file (a
+ * write to one does not wait on a reader), else a private open file description via
+ * /proc/self/fd (so O_NONBLOCK does not change the caller's shared stdout), else — with no
+ * /proc, as in a jail, or for a socket — `fd` itself with O_NONBLOCK set.
+ */
+export function nonBlockingOutput(fd: number, isRegularFile: boolean): number {
+  if (fd < 0 || isRegularFile) return fd;
+  const own = open(`/proc/self/fd/${fd}`, O_WRONLY | O_NONBLOCK | O_CLOEXEC, 0);
+  if (own >= 0) return own;
+  const flags = fcntlInt(fd, F_GETFL, 0);
+  if (flags >= 0) fcntlInt(fd, F_SETFL, flags | O_NONBLOCK);
+  return fd;
+}

@@ -2,6 +2,7 @@
 // (IRQ 4), the boot-progress port and debug-exit; a Linux VM adds the ACPI power
 // management block, the i8042 (its reset line) and the CMOS RTC.
 import type { DeviceSpec } from '../devices/catalogue.js';
+import { serialOutput } from '../devices/serial.js';
 import * as layout from '../layout.js';
 import type { Vm } from '../vm.js';
 
@@ -16,7 +17,7 @@ export function addStandardDevices(
     bus: 'pio',
     base: layout.PORT_COM1,
     size: layout.PORT_COM_SIZE,
-    options: { outFd: serialOutFd, irq: layout.IRQ_COM1 },
+    options: { outFd: serialOutput(serialOutFd), irq: layout.IRQ_COM1 },
   });
   const progress = vm.addDevice({
     id: 'progress',

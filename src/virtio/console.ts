@@ -46,6 +46,8 @@ export class ConsoleBackend implements VirtioBackend {
   private inFd: number;
   private outFd: number;
   private readonly buf = Buffer.alloc(64 * 1024);
+  /** Output bytes a client that stopped reading missed. */
+  droppedBytes = 0;
   readonly pollFds: Array<{ fd: number; ready(): void }>;
 
   constructor(
@@ -115,7 +117,13 @@ export class ConsoleBackend implements VirtioBackend {
           );
           if (n < 0) {
             const e = libc.errno();
-            if (e === libc.EAGAIN || e === libc.EINTR) continue;
+            if (e === libc.EINTR) continue;
+            // A client that stopped reading misses output, as on a serial line; the guest never waits.
+            if (e === libc.EAGAIN) {
+              if (this.droppedBytes === 0) this.rt.log('virtio-console: the client is not reading; output is dropped');
+              this.droppedBytes += chain.length[i]! - off;
+              break;
+            }
             this.dropClient();
             break;
           }

@@ -198,6 +198,8 @@ export class NetBackend implements VirtioBackend {
   private readonly stream = Buffer.alloc(2 * (4 + MAX_FRAME));
   private streamBytes = 0;
   private linkUp = true;
+  /** passt: the rest of a frame its socket did not take yet; TX waits behind it. */
+  private pendingTx: Buffer | null = null;
   private offloads = -1;
   private errorLogged = false;
   readonly pollFds;
@@ -208,7 +210,7 @@ export class NetBackend implements VirtioBackend {
   ) {
     this.fd = options.fd;
     this.passt = isPasst(options);
-    this.pollFds = [{ fd: this.fd, ready: () => this.receive() }];
+    this.pollFds = [{ fd: this.fd, ready: () => this.ready() }];
   }
 
   private fail(what: string, errno: number): void {
@@ -252,11 +254,25 @@ export class NetBackend implements VirtioBackend {
     this.offloads = -1;
   }
 
+  /** The host end is readable, or (passt, with a frame waiting) writable again. */
+  private ready(): void {
+    if (this.pendingTx) {
+      const rest = this.pendingTx;
+      this.pendingTx = null;
+      this.rt.setWritable(this.fd, false);
+      this.writeAll(rest);
+      // Drained: the frames the guest queued meanwhile go now.
+      if (!this.pendingTx) this.rt.kickLater(NET_TX_QUEUE);
+    }
+    this.receive();
+  }
+
   private transmit(): void {
     const queue = this.rt.queue(NET_TX_QUEUE);
     const chain = this.rt.chain;
     let done = 0;
-    while (queue.pop(chain)) {
+    // passt's socket is full: the guest's frames stay in its ring (TX backpressure) until it drains.
+    while (!this.pendingTx && queue.pop(chain)) {
       // Gather header + frame; passt gets the frame alone, after its length.
       const at = 4 + chain.readInto(this.rt.mem, 0, this.txBody, this.txBody.length);
       const frameBytes = at - 4 - VIRTIO_NET_HDR_BYTES;
@@ -277,12 +293,21 @@ export class NetBackend implements VirtioBackend {
     if (done > 0) this.rt.notifyUsed(NET_TX_QUEUE);
   }
 
+  /**
+   * Writes one [length][frame] record to passt's stream without waiting: what the socket
+   * does not take now is kept (the stream must stay whole) and written when it has room.
+   */
   private writeAll(data: Buffer): void {
     for (let off = 0; off < data.length;) {
       const n = libc.write(this.fd, data.subarray(off), data.length - off);
       if (n < 0) {
         const e = libc.errno();
-        if (e === libc.EINTR || e === libc.EAGAIN) continue;
+        if (e === libc.EINTR) continue;
+        if (e === libc.EAGAIN) {
+          this.pendingTx = Buffer.from(data.subarray(off));
+          this.rt.setWritable(this.fd, true);
+          return;
+        }
         return this.linkDown(`passt's socket failed (${libc.errnoName(e)})`);
       }
       off += n;

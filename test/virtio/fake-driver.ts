@@ -22,7 +22,9 @@ import { VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from '../../src/virtio/queue.js
 import { virtioState, type VirtioPciOptions } from '../../src/virtio/pci.js';
 
 export const RAM_BYTES = 8 << 20;
-export const QUEUE_SIZE = 64;
+export const QUEUE_SIZE = 256;
+/** Descriptors per chain at most: so at most QUEUE_SIZE / 4 chains may be outstanding. */
+export const MAX_CHAIN = 4;
 const RING_AREA = 0x10000;
 const BUFFER_AREA = 0x100000;
 
@@ -172,9 +174,9 @@ export class FakeDevice {
   /** Writes a descriptor chain for `buffers` and makes it available on queue `q`; returns its head. */
   offer(q: number, buffers: readonly Buffer_[]): number {
     const base = RING_AREA * (q + 1);
-    const head = this.availIdx[q]! % QUEUE_SIZE;
-    // One chain per ring slot, its descriptors from a slot-sized block (at most 4 per chain here).
-    const first = (head * 4) % QUEUE_SIZE;
+    if (buffers.length > MAX_CHAIN) throw new Error(`at most ${MAX_CHAIN} buffers per chain`);
+    // Each chain takes the next block of MAX_CHAIN descriptors.
+    const first = (this.availIdx[q]! % (QUEUE_SIZE / MAX_CHAIN)) * MAX_CHAIN;
     const slots: Array<{ addr: number; len: number }> = [];
     buffers.forEach((b, i) => {
       const len = b.read ? b.read.length : (b.write ?? 0);
