@@ -16,6 +16,10 @@ export const VIRTIO_BALLOON_F_DEFLATE_ON_OOM = 2n;
 export const VIRTIO_BALLOON_F_PAGE_REPORTING = 5n;
 export const BALLOON_CONFIG = { numPages: 0, actual: 4, freePageHintCmdId: 8, poisonVal: 12, bytes: 16 } as const;
 export const BALLOON_PAGE_BYTES = 4096;
+/** Page frame numbers one inflate buffer may carry (Linux sends at most 256). */
+export const MAX_INFLATE_PFNS = 4096;
+/** Inflate, deflate or report buffers handled per I/O-thread turn before other work. */
+const BALLOON_BUFFERS_PER_TURN = 64;
 /** struct virtio_balloon_stat: u16 tag, u64 value, packed. */
 const STAT_BYTES = 10;
 export const BALLOON_STAT_TAGS = 16;
@@ -108,20 +112,27 @@ export class BalloonBackend implements VirtioBackend {
     if (role === 'stats') return this.takeStats(q);
     if (role === null) return;
     const queue = this.rt.queue(q);
-    const chain = this.rt.chain;
-    let done = 0;
-    while (queue.pop(chain)) {
-      if (role === 'inflate') this.inflate();
-      else if (role === 'reporting')
-        for (let i = 0; i < chain.count; i++) this.drop(chain.region[i]!, chain.offset[i]!, chain.length[i]!);
-      // Deflate needs nothing: the pages come back when the guest touches them.
-      queue.push(chain.head, 0);
-      done++;
-    }
+    // A budget per turn: a driver that keeps refilling the queue shares the I/O thread.
+    const done = queue.drain(
+      this.rt.chain,
+      (chain) => {
+        if (role === 'inflate') this.inflate();
+        else if (role === 'reporting')
+          for (let i = 0; i < chain.count; i++) this.drop(chain.region[i]!, chain.offset[i]!, chain.length[i]!);
+        // Deflate needs nothing: the pages come back when the guest touches them.
+        queue.push(chain.head, 0);
+      },
+      BALLOON_BUFFERS_PER_TURN,
+    );
     if (done > 0) this.rt.notifyUsed(q);
+    if (queue.leftOver) this.rt.kickLater(q);
   }
 
-  /** An inflate buffer: 32-bit page frame numbers; runs of consecutive ones are dropped together. */
+  /**
+   * An inflate buffer: 32-bit page frame numbers; runs of consecutive ones are dropped
+   * together. Linux sends at most 256 per buffer; past MAX_INFLATE_PFNS the rest of a
+   * buffer is ignored, so one request costs bounded work whatever its length.
+   */
   private inflate(): void {
     const chain = this.rt.chain;
     let runStart = -1;
@@ -130,14 +141,16 @@ export class BalloonBackend implements VirtioBackend {
       if (runPages > 0) this.dropGuestRange(runStart * BALLOON_PAGE_BYTES, runPages * BALLOON_PAGE_BYTES);
       runPages = 0;
     };
-    for (let i = 0; i < chain.count; i++) {
+    let budget = MAX_INFLATE_PFNS;
+    for (let i = 0; i < chain.count && budget > 0; i++) {
       if (chain.writable[i]) continue;
       const bytes = this.rt.mem.regionBytes(chain.region[i]!);
       const view = new DataView(
         bytes.buffer,
         bytes.byteOffset + chain.offset[i]!,
-        chain.length[i]! - (chain.length[i]! % 4),
+        Math.min(chain.length[i]! - (chain.length[i]! % 4), budget * 4),
       );
+      budget -= view.byteLength / 4;
       for (let at = 0; at < view.byteLength; at += 4) {
         const pfn = view.getUint32(at, true);
         if (runPages > 0 && pfn === runStart + runPages) runPages++;

@@ -165,7 +165,8 @@ export class FakeDevice {
     };
     this.backend = createBackend(device, this.runtime, { controlFd: -1 });
     this.runtime.backend = this.backend;
-    for (const p of this.backend.pollFds ?? []) this.runtime.watchFd(p.fd, () => p.ready());
+    // A transport control fd of -1 (no VM here to send commands) is not watched.
+    for (const p of this.backend.pollFds ?? []) if (p.fd >= 0) this.runtime.watchFd(p.fd, () => p.ready());
   }
 
   /** Queues whose drain stopped at its budget and asked to be run again. */
