@@ -147,6 +147,13 @@ export class Vm {
 
   /** Linux thread id of the I/O thread, or 0 when the VM has no virtio devices. */
   ioThreadId = 0;
+  /** Why the I/O thread died under the running VM, if it did. */
+  private ioDied: string | null = null;
+
+  /** Ends the I/O thread as a crash would look to the VM (for tests of what a VM does then). */
+  async crashIoThread(): Promise<void> {
+    await this.io?.endUnexpectedly();
+  }
 
   private readonly emit = (source: string, line: string) => this.logSink.emit(source, line);
 
@@ -166,6 +173,19 @@ export class Vm {
         this.emit,
       );
       this.ioThreadId = await this.io.ready;
+      const io = this.io;
+      // The I/O thread dying under a running VM (not stopped by us) fails the VM visibly:
+      // its virtio devices would otherwise hang the guest without a word.
+      void io.exited.then((failure) => {
+        if (this.io !== io) return;
+        this.ioDied = failure ?? 'it ended without an error';
+        this.logSink.emit(
+          'io',
+          `the I/O thread died (${this.ioDied}); stopping the VM: its virtio devices cannot work`,
+        );
+        Atomics.compareExchange(this.cells, ctl.VM_STATUS, ctl.VM_RUNNING, ctl.VM_EXIT_REQUESTED);
+        for (const t of this.threads) void t.stop();
+      });
     }
     const runMmapSize = this.kvm.vcpuMmapSize();
     this.threads = this.vcpus.map(
@@ -226,6 +246,14 @@ export class Vm {
     const guestExit = decisive.reason === 'guest-exit';
     const reset = guestExit && Atomics.load(this.cells, ctl.VM_EXIT_KIND) === ctl.EXIT_KIND_RESET;
     const exitCode = guestExit && !reset ? Atomics.load(this.cells, ctl.VM_EXIT_CODE) : null;
+    if (this.ioDied !== null && !guestExit)
+      return {
+        exitCode: null,
+        reset: false,
+        reason: 'error',
+        detail: `the I/O thread died: ${this.ioDied}`,
+        vcpus: exits,
+      };
     return { exitCode, reset, reason: decisive.reason, detail: decisive.detail, vcpus: exits };
   }
 

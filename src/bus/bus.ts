@@ -14,10 +14,17 @@ interface Range {
   readonly end: number;
   readonly device: BusDevice;
   readonly lock: SharedLock | null;
+  /** Set once the device's handler threw: from then on it reads as all-ones and ignores writes. */
+  failed: boolean;
 }
 
 export class Bus {
   private ranges: Range[] = [];
+  /**
+   * Told once per device whose handler throws (a Kiln bug, or a state a guest drove it
+   * into): that device alone goes into an error state; the vCPU and the VM go on.
+   */
+  onFault: (base: number, err: unknown) => void = () => undefined;
 
   constructor(readonly name: string) {}
 
@@ -32,7 +39,7 @@ export class Bus {
         );
       }
     }
-    this.ranges.push({ base, end, device, lock });
+    this.ranges.push({ base, end, device, lock, failed: false });
     this.ranges.sort((a, b) => a.base - b.base);
   }
 
@@ -53,22 +60,37 @@ export class Bus {
   read(addr: number, data: Uint8Array): boolean {
     const r = this.find(addr);
     if (r === undefined) return false;
+    if (r.failed) {
+      data.fill(0xff);
+      return true;
+    }
     if (r.lock) r.lock.lock();
     try {
       r.device.read(addr - r.base, data);
+    } catch (err) {
+      data.fill(0xff);
+      this.fail(r, err);
     } finally {
       if (r.lock) r.lock.unlock();
     }
     return true;
   }
 
+  private fail(r: Range, err: unknown): void {
+    r.failed = true;
+    this.onFault(r.base, err);
+  }
+
   /** Returns false when nothing is mapped at `addr`. */
   write(addr: number, data: Uint8Array): boolean {
     const r = this.find(addr);
     if (r === undefined) return false;
+    if (r.failed) return true;
     if (r.lock) r.lock.lock();
     try {
       r.device.write(addr - r.base, data);
+    } catch (err) {
+      this.fail(r, err);
     } finally {
       if (r.lock) r.lock.unlock();
     }

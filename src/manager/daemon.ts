@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import FindMyWay from 'find-my-way';
 import { KilnError } from '../errors.js';
-import { Manager, unixHttp } from './manager.js';
+import { Manager, ROTATE_EVERY_MS, unixHttp } from './manager.js';
 import { ConfigError } from '../config/vm-config.js';
 import { parseDefinition } from './definition.js';
 import { lockStateDir } from './lock.js';
@@ -164,10 +164,12 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
     chmodSync(store.socketPath, 0o660);
   }
   log(`kiln daemon: listening on ${store.socketPath} (state in ${store.dir})`);
+  const rotation = setInterval(() => manager.rotateConsoleLogs(), ROTATE_EVERY_MS);
   await new Promise<void>((resolve) => {
     process.once('SIGTERM', resolve);
     process.once('SIGINT', resolve);
   });
+  clearInterval(rotation);
   await new Promise((resolve) => server.close(resolve));
   rmSync(store.socketPath, { force: true });
 }

@@ -5,6 +5,7 @@
 // its API say (Running / Paused). After a daemon crash and restart nothing is "unknown".
 import {
   closeSync,
+  copyFileSync,
   existsSync,
   mkdirSync,
   openSync,
@@ -13,6 +14,7 @@ import {
   readSync,
   rmSync,
   statSync,
+  truncateSync,
   writeFileSync,
 } from 'node:fs';
 import { request } from 'node:http';
@@ -71,6 +73,24 @@ export function unixHttp(
     if (payload) req.write(payload);
     req.end();
   });
+}
+
+/** A console log past this is rotated (the daemon checks every ROTATE_EVERY_MS). */
+export const MAX_CONSOLE_LOG_BYTES = 16 * 1024 * 1024;
+export const ROTATE_EVERY_MS = 10_000;
+
+/** The last `bytes` of a file (empty if it is not there). */
+function tail(file: string, bytes: number): Buffer {
+  if (bytes <= 0 || !existsSync(file)) return Buffer.alloc(0);
+  const size = statSync(file).size;
+  const buf = Buffer.alloc(Math.min(bytes, size));
+  const fd = openSync(file, 'r');
+  try {
+    readSync(fd, buf, 0, buf.length, size - buf.length);
+  } finally {
+    closeSync(fd);
+  }
+  return buf;
 }
 
 export class Manager {
@@ -405,19 +425,31 @@ export class Manager {
     removeCgroup(name);
   }
 
-  /** The last `bytes` of the VM's console log (its scroll-back). */
+  /** The last `bytes` of the VM's console log (its scroll-back), across one rotation. */
   logs(name: string, bytes = 64 * 1024): string {
     this.store.get(name);
-    const file = join(this.store.runDir(name), 'console.log');
-    if (!existsSync(file)) return '';
-    const size = statSync(file).size;
-    const buf = Buffer.alloc(Math.min(bytes, size));
-    const fd = openSync(file, 'r');
-    try {
-      readSync(fd, buf, 0, buf.length, size - buf.length);
-    } finally {
-      closeSync(fd);
+    const run = this.store.runDir(name);
+    const current = tail(join(run, 'console.log'), bytes);
+    const older = current.length < bytes ? tail(join(run, 'console.log.1'), bytes - current.length) : Buffer.alloc(0);
+    return Buffer.concat([older, current]).toString('utf8');
+  }
+
+  /**
+   * Caps every VM's console log: past MAX_CONSOLE_LOG_BYTES its content becomes
+   * console.log.1 (replacing the one before) and console.log starts again. The VMM writes
+   * with O_APPEND, so it goes on at the new end; at most two caps of disk per VM.
+   */
+  rotateConsoleLogs(): void {
+    for (const v of this.store.list().vms) {
+      const file = join(this.store.runDir(v.name), 'console.log');
+      try {
+        if (statSync(file).size <= MAX_CONSOLE_LOG_BYTES) continue;
+        copyFileSync(file, `${file}.1`);
+        truncateSync(file, 0);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT')
+          this.progress(`cannot rotate the console log of '${v.name}': ${(err as Error).message}`);
+      }
     }
-    return buf.toString('utf8');
   }
 }

@@ -108,6 +108,11 @@ const buses = buildBuses(
   },
   (source, line) => post({ type: 'log', source, line }),
 );
+for (const bus of [buses.pio, buses.mmio])
+  bus.onFault = (base, err) =>
+    log(
+      `the ${bus.name} device at 0x${base.toString(16)} failed (${err instanceof Error ? err.message : String(err)}); it is out of service on this vCPU (reads all-ones, writes ignored) and the VM goes on`,
+    );
 const reportedUnhandled = new Set<string>();
 function unhandled(what: string): void {
   if (!init.logUnhandled || reportedUnhandled.has(what)) return;

@@ -48,6 +48,15 @@ export class IoThread {
     this.exited = new Promise((resolve) => this.worker.once('exit', () => resolve(failure)));
   }
 
+  /**
+   * Ends the thread's loop behind the VM's back, as a crash would look to it (for tests;
+   * a worker blocked in epoll_wait cannot be terminated from outside).
+   */
+  async endUnexpectedly(): Promise<void> {
+    libc.signalEventfd(this.stopFd);
+    await this.exited;
+  }
+
   /** Stops the loop; resolves with the error that ended it early, if any. */
   async stop(): Promise<string | null> {
     libc.signalEventfd(this.stopFd);

@@ -30,6 +30,34 @@ test('the bus routes accesses to the device with offsets relative to its base', 
   assert.deepEqual(b, ['w0/1=42']);
 });
 
+test('a device whose handler throws goes out of service alone: reported once, then all-ones and ignored writes; its neighbours work on', () => {
+  const bus = new Bus('test');
+  const faults: string[] = [];
+  bus.onFault = (base, err) => faults.push(`0x${base.toString(16)}: ${(err as Error).message}`);
+  let calls = 0;
+  bus.insert(0x10, 4, {
+    read() {
+      calls++;
+      throw new Error('model bug');
+    },
+    write() {
+      calls++;
+    },
+  });
+  const ok: string[] = [];
+  bus.insert(0x20, 4, recorder(ok, 0x7));
+  const data = new Uint8Array(2);
+  assert.equal(bus.read(0x10, data), true, 'the access is handled (the vCPU goes on)');
+  assert.deepEqual([...data], [0xff, 0xff]);
+  assert.equal(bus.write(0x12, Uint8Array.of(1)), true);
+  assert.equal(bus.read(0x11, data), true);
+  assert.deepEqual([...data], [0xff, 0xff]);
+  assert.equal(calls, 1, 'the failed device is not called again');
+  assert.deepEqual(faults, ['0x10: model bug']);
+  assert.equal(bus.read(0x20, data), true);
+  assert.deepEqual([...data], [7, 0]);
+});
+
 test('unmapped addresses report false and overlapping ranges are refused', () => {
   const bus = new Bus('test');
   bus.insert(0x100, 0x10, recorder([]));

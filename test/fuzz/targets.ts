@@ -4,7 +4,7 @@
 // - memory: heap and RSS stay within a bound over the whole run (growth is a finding).
 // `npm run fuzz` runs them all for a million inputs (test/fuzz/run.ts); CI runs a short
 // seeded slice (test/fuzz/fuzz.test.ts).
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { createConnection } from 'node:net';
 import type { Server } from 'node:http';
 import { tmpdir } from 'node:os';
@@ -230,23 +230,38 @@ function loaderTarget(): FuzzTarget<Uint8Array> {
 // ---- virtio backends over a fake driver ----
 type Chains = Array<{ queue: number; buffers: Array<{ read?: Uint8Array; write?: number }> }>;
 
+/** A device for a backend target, and what to close with it (the fds a VM would own). */
+interface Made {
+  readonly device: VirtioDeviceConfig;
+  readonly fds?: readonly number[];
+}
+
 function backendTarget(
   name: string,
   weight: number,
-  make: () => VirtioDeviceConfig,
+  make: () => Made,
   chains: fc.Arbitrary<Chains>,
   cleanup = () => {},
 ): FuzzTarget<Chains> {
   let dev: FakeDevice | null = null;
+  let made: Made | null = null;
+  const open = () => {
+    made = make();
+    dev = new FakeDevice(made.device);
+  };
+  const close = () => {
+    dev?.close();
+    for (const fd of made?.fds ?? []) libc.close(fd);
+    dev = null;
+    made = null;
+  };
   return {
     name,
     weight,
     arbitrary: chains,
-    setup() {
-      dev = new FakeDevice(make());
-    },
+    setup: open,
     run(input) {
-      let d = dev!;
+      const d = dev!;
       for (const c of input) {
         const q = c.queue % d.queues;
         d.offer(q, c.buffers);
@@ -258,14 +273,12 @@ function backendTarget(
       if (d.needsReset !== null) {
         // A hostile request is the guest's fault and ends in NEEDS_RESET; an internal error is Kiln's.
         if (d.needsReset.startsWith('internal error')) throw new Finding(`${name}: ${d.needsReset}`);
-        d.close();
-        d = new FakeDevice(make());
-        dev = d;
+        close();
+        open();
       }
     },
     teardown() {
-      dev?.close();
-      dev = null;
+      close();
       cleanup();
     },
   };
@@ -350,14 +363,13 @@ function backendTargets(): FuzzTarget<Chains>[] {
     rmSync(dir, { recursive: true, force: true });
   };
   return [
-    backendTarget('virtio-rng', 4, () => ({ kind: 'rng', options: {} }), chainOf(1, bytes(16), 1 << 20)),
+    backendTarget('virtio-rng', 4, () => ({ device: { kind: 'rng', options: {} } }), chainOf(1, bytes(16), 1 << 20)),
     backendTarget(
       'virtio-blk',
       8,
       () => {
         const { fd, options } = openDisk({ path: image, readOnly: false }, 0, true);
-        void fd;
-        return { kind: 'blk', options };
+        return { device: { kind: 'blk', options }, fds: [fd] };
       },
       chainOf(1, fc.oneof(blkRequest(), bytes(1024)), 4096),
     ),
@@ -365,21 +377,23 @@ function backendTargets(): FuzzTarget<Chains>[] {
       'virtio-vsock',
       8,
       () => {
-        const { options } = listenVsock(join(dir, `v${vsockIndex++}.sock`), 3);
-        return { kind: 'vsock', options: { ...options, udsPath: join(dir, 'v.sock') } };
+        const path = join(dir, `v${vsockIndex++ % 2}.sock`);
+        rmSync(path, { force: true });
+        const { fd, options } = listenVsock(path, 3);
+        return { device: { kind: 'vsock', options: { ...options, udsPath: join(dir, 'v.sock') } }, fds: [fd] };
       },
       chainOf(3, vsockPacket(), 4096),
     ),
     backendTarget(
       'virtio-net-passt',
       6,
-      () => ({ kind: 'net', options: { fd: pair[0]!, mac: '06:00:00:00:00:01', backend: 'passt' } }),
+      () => ({ device: { kind: 'net', options: { fd: pair[0]!, mac: '06:00:00:00:00:01', backend: 'passt' } } }),
       chainOf(2, bytes(2000), 2048),
     ),
     backendTarget(
       'virtio-balloon',
       5,
-      () => ({ kind: 'balloon', options: { targetPages: 64, deflateOnOom: false } }),
+      () => ({ device: { kind: 'balloon', options: { targetPages: 64, deflateOnOom: false } } }),
       chainOf(4, pfnArray(), 256),
     ),
   ].map((t, i, all) => (i === all.length - 1 ? { ...t, teardown: () => (t.teardown(), cleanup()) } : t));
@@ -472,6 +486,7 @@ export async function fuzzTarget(
   const started = performance.now();
   let slowest = 0;
   global.gc?.();
+  const fds0 = readdirSync('/proc/self/fd').length;
   const heap0 = process.memoryUsage().heapUsed;
   const rss0 = process.memoryUsage().rss;
   let finding: string | null = null;
@@ -495,6 +510,8 @@ export async function fuzzTarget(
   global.gc?.();
   const heapGrowthMiB = (process.memoryUsage().heapUsed - heap0) / 2 ** 20;
   const rssGrowthMiB = (process.memoryUsage().rss - rss0) / 2 ** 20;
+  const fdGrowth = readdirSync('/proc/self/fd').length - fds0;
+  if (finding === null && fdGrowth > 16) finding = `${target.name}: ${fdGrowth} file descriptors leaked`;
   if (finding === null && (heapGrowthMiB > opts.memoryBoundMiB || rssGrowthMiB > 4 * opts.memoryBoundMiB))
     finding = `${target.name}: memory grew by ${heapGrowthMiB.toFixed(1)} MiB heap, ${rssGrowthMiB.toFixed(1)} MiB RSS (bound ${opts.memoryBoundMiB} MiB heap)`;
   return {

@@ -5,13 +5,23 @@
 // kept, and removed.
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { chmodSync, existsSync, mkdirSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
+import {
+  appendFileSync,
+  chmodSync,
+  existsSync,
+  mkdirSync,
+  readFileSync,
+  readdirSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { cgroupDirs, weightToShares } from '../../src/manager/cgroup.js';
 import { JAIL_UID_BASE } from '../../src/manager/jail.js';
+import { Manager, MAX_CONSOLE_LOG_BYTES } from '../../src/manager/manager.js';
 import { parseDefinition } from '../../src/manager/definition.js';
 import { checkStartable } from '../../src/manager/preflight.js';
 import { Store, sweepTemporaryFiles, writeAtomically } from '../../src/manager/store.js';
@@ -32,6 +42,26 @@ function stopDaemon(stateDir: string): void {
 }
 
 describe('the VM store', () => {
+  test('a console log past its cap is rotated once into console.log.1; kiln logs reads across the two', () => {
+    const dir = tempDir();
+    const store = new Store(dir);
+    store.create(parseDefinition({ name: 'chatty' }));
+    const run = store.runDir('chatty');
+    mkdirSync(run, { recursive: true });
+    const log = join(run, 'console.log');
+    const big = Buffer.alloc(MAX_CONSOLE_LOG_BYTES + 1024, 'x');
+    big.write('THE-END', big.length - 7);
+    writeFileSync(log, big);
+    const manager = new Manager(store);
+    manager.rotateConsoleLogs();
+    assert.equal(statSync(log).size, 0, 'console.log starts again');
+    assert.equal(statSync(`${log}.1`).size, big.length, 'the old content is console.log.1');
+    appendFileSync(log, 'after\n');
+    assert.equal(manager.logs('chatty', 13), 'THE-ENDafter\n'.slice(-13));
+    manager.rotateConsoleLogs();
+    assert.equal(statSync(log).size, 6, 'a log under the cap is left alone');
+  });
+
   test('definitions are written atomically; a corrupt one is reported and left alone', () => {
     const dir = tempDir();
     const store = new Store(dir);
