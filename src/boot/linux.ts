@@ -1,7 +1,7 @@
 // Assembling a VM that boots Linux: validate the kernel, initrd and command line,
 // then create the VM (in-kernel irqchip and PIT), its devices and ACPI tables, set up
 // every vCPU, and load the kernel. Every check happens before the VM exists.
-import { closeSync, readFileSync, statSync } from 'node:fs';
+import { closeSync, constants as fsConstants, fstatSync, openSync, readFileSync } from 'node:fs';
 import { buildAcpiTables, MAX_MADT_VCPUS } from '../acpi/tables.js';
 import { isSoftwareKvm, planSyscallFix } from '../compat/pvm.js';
 import { supportedCpuid } from '../cpu/cpuid.js';
@@ -58,20 +58,24 @@ export const BASE_CMDLINE = 'console=ttyS0 reboot=k panic=-1';
  */
 export const SOFTWARE_KVM_CMDLINE = 'lpj=5000000 tsc=reliable';
 
+/** Opens once, checks the opened file (no stat-then-read race with a swapped path), reads it. */
 function readGuestFile(path: string, what: string): Uint8Array {
-  let size: number;
+  let fd = -1;
   try {
-    const st = statSync(path);
+    // Non-blocking: a FIFO given as a kernel is refused below instead of waiting for a writer.
+    fd = openSync(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK | fsConstants.O_NOCTTY);
+    const st = fstatSync(fd);
     if (!st.isFile()) throw new KilnError(`the ${what} '${path}' is not a regular file`);
-    size = st.size;
+    if (st.size === 0) throw new KilnError(`the ${what} '${path}' is empty`);
+    return new Uint8Array(readFileSync(fd));
   } catch (err) {
     if (err instanceof KilnError) throw err;
     throw new KilnError(
       `cannot read the ${what} '${path}': ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`,
     );
+  } finally {
+    if (fd >= 0) closeSync(fd);
   }
-  if (size === 0) throw new KilnError(`the ${what} '${path}' is empty`);
-  return new Uint8Array(readFileSync(path));
 }
 
 /** Boot arguments Kiln drops: its devices are on PCI, which `pci=off` would hide. */

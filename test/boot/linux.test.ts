@@ -174,6 +174,10 @@ describe('bad input to a Linux VM', { skip: kvmSkip }, () => {
       createLinuxVm(parseVmConfig({ cpus: 1, memoryMiB: 64, ...input }), { serialOutFd: -1 });
     assert.throws(() => boot({ kernel: join(dir, 'missing') }), /cannot read the kernel '.*missing': ENOENT/);
     assert.throws(() => boot({ kernel: dir }), /is not a regular file/);
+    // A FIFO with no writer: refused at once, never waited on.
+    const fifo = join(dir, 'kernel.fifo');
+    execFileSync('mkfifo', [fifo]);
+    assert.throws(() => boot({ kernel: fifo }), /the kernel '.*kernel\.fifo' is not a regular file/);
     assert.throws(() => boot({ kernel: empty }), /the kernel '.*empty' is empty/);
     assert.throws(() => boot({ kernel: text }), /not a Linux kernel/);
     assert.throws(() => boot({ kernel: text, cpus: 0 }), /cpus: must be a whole number from 1 to 254 \(got 0\)/);
