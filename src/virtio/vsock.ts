@@ -51,6 +51,8 @@ const CONNECT_LINE_MAX = 32;
 export const MAX_CONNECTIONS = 1023;
 /** Control packets waiting for a receive buffer, across connections (each kind coalesced per connection). */
 export const MAX_PENDING_CONTROL = 2048;
+/** TX packets handled per I/O-thread turn. */
+const VSOCK_PACKETS_PER_TURN = 256;
 
 /** Firecracker's hybrid vsock: the listening Unix socket, its path and the guest's CID. */
 export interface VsockOptions {
@@ -203,17 +205,20 @@ export class VsockBackend implements VirtioBackend {
   // ---- guest to host ----
   private transmit(): void {
     const queue = this.rt.queue(TX);
-    const chain = this.rt.chain;
-    let done = 0;
-    while (queue.pop(chain)) {
-      // Header and payload, gathered from the readable part.
-      const hdrBytes = chain.readInto(this.rt.mem, 0, this.hdr, VSOCK_HDR.bytes);
-      const payload = chain.readInto(this.rt.mem, VSOCK_HDR.bytes, this.data, this.data.length);
-      queue.push(chain.head, 0);
-      done++;
-      if (hdrBytes === VSOCK_HDR.bytes) this.fromGuest(Math.min(payload, this.hdr.readUInt32LE(VSOCK_HDR.len)));
-    }
+    // A budget per turn: a guest that keeps the TX queue full shares the I/O thread.
+    const done = queue.drain(
+      this.rt.chain,
+      (chain) => {
+        // Header and payload, gathered from the readable part.
+        const hdrBytes = chain.readInto(this.rt.mem, 0, this.hdr, VSOCK_HDR.bytes);
+        const payload = chain.readInto(this.rt.mem, VSOCK_HDR.bytes, this.data, this.data.length);
+        queue.push(chain.head, 0);
+        if (hdrBytes === VSOCK_HDR.bytes) this.fromGuest(Math.min(payload, this.hdr.readUInt32LE(VSOCK_HDR.len)));
+      },
+      VSOCK_PACKETS_PER_TURN,
+    );
     if (done > 0) this.rt.notifyUsed(TX);
+    if (queue.leftOver) this.rt.kickLater(TX);
     this.flush();
   }
 
