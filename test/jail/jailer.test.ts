@@ -10,6 +10,7 @@ import {
   mkdirSync,
   readdirSync,
   readFileSync,
+  readlinkSync,
   rmdirSync,
   statSync,
   symlinkSync,
@@ -32,6 +33,17 @@ if (!isRoot) process.stdout.write('# SKIPPING jailed-VMM tests: they need root\n
 const log = (line: string) => process.stderr.write(`# guest kit: ${line}\n`);
 const jailer = (args: string[]) =>
   spawnSync(process.execPath, [JAILER, ...args], { encoding: 'utf8', timeout: 60_000 });
+
+const base_ = (chrootBase: string) => [
+  '--exec-file',
+  VMM,
+  '--uid',
+  '4000',
+  '--gid',
+  '4000',
+  '--chroot-base-dir',
+  chrootBase,
+];
 
 describe('kiln-jailer arguments', () => {
   const base = ['--exec-file', VMM, '--uid', '4000', '--gid', '4000'];
@@ -81,6 +93,26 @@ describe('kiln-jailer arguments', () => {
       assert.equal(r.status, 1, r.stderr);
       assert.match(r.stderr, /kiln-jailer must run as root/);
       assert.deepEqual(readdirSync(dir), []);
+    },
+  );
+
+  test(
+    '--daemonize: its own session, stdio on /dev/null; the VMM serves its API in the jail until SIGTERM',
+    { skip: rootSkip },
+    async () => {
+      const base = tempDir();
+      const id = `daemon-${process.pid}`;
+      const child = spawn(process.execPath, [JAILER, '--id', id, ...base_(base), '--daemonize'], { stdio: 'ignore' });
+      const exited = new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
+      const sock = join(base, 'vmm-cli.js', id, 'root', 'run', 'firecracker.socket');
+      for (let i = 0; i < 400 && !existsSync(sock); i++) await sleep(25);
+      assert.ok(existsSync(sock), 'the API socket appeared where orchestrators look for it');
+      const pid = child.pid!;
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+      assert.equal(Number(stat[3]), pid, 'a session of its own (setsid)');
+      for (const fd of [0, 1, 2]) assert.equal(readlinkSync(`/proc/${pid}/fd/${fd}`), '/dev/null', `fd ${fd}`);
+      process.kill(pid, 'SIGTERM');
+      assert.equal(await exited, 0);
     },
   );
 
