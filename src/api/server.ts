@@ -110,7 +110,7 @@ const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Han
     preBoot((vmm, body, p) => vmm.apply(r.parseNetworkInterface(p.iface_id ?? '', body))),
   ],
   ['PATCH', '/network-interfaces/:iface_id', notYet('Updating network interface rate limiters')],
-  ['PUT', '/vsock', preBoot((vmm, body) => vmm.apply(r.parseVsock(body)))],
+  ['PUT', '/vsock', preBoot((vmm, body) => vmm.setVsock(r.parseVsock(body)))],
   ['PUT', '/entropy', preBoot((vmm, body) => vmm.apply(r.parseEntropy(body)))],
   ['PUT', '/balloon', preBoot((vmm, body) => vmm.apply(r.parseBalloon(body)))],
   [

@@ -1,7 +1,8 @@
 // One VM behind the Firecracker API: its definition (what the API has PUT so far), and
 // once InstanceStart has run, the live Linux VM built from it. Pre-boot-only resources
 // are refused after the start, as Firecracker refuses them.
-import { closeSync, constants as fsConstants, openSync, statSync, writeSync } from 'node:fs';
+import { closeSync, constants as fsConstants, existsSync, lstatSync, openSync, statSync, writeSync } from 'node:fs';
+import { dirname } from 'node:path';
 import { isNullDevice, requireKind } from '../special-files.js';
 import { createLinuxVm, type LinuxVm } from '../boot/linux.js';
 import { KilnError } from '../errors.js';
@@ -11,6 +12,14 @@ import type { BalloonControl } from '../virtio/balloon.js';
 import type { VmResult } from '../vm.js';
 import type { SeccompPrograms } from '../seccomp/policy.js';
 import { ApiError, type ConfigChange, type LoggerConfig, type MetricsConfig, type VmmSettings } from './resources.js';
+
+const isLink = (path: string): boolean => {
+  try {
+    return lstatSync(path).isSymbolicLink();
+  } catch {
+    return false;
+  }
+};
 
 export type InstanceState = 'Not started' | 'Running' | 'Paused';
 
@@ -131,6 +140,31 @@ export class Vmm {
   /** Applies a change to the configuration, or throws its fault and changes nothing. */
   apply(change: ConfigChange): void {
     this.config = this.check(change);
+  }
+
+  /**
+   * PUT /vsock: its Unix socket path is checked now, so a path the VMM could not bind at
+   * the start is a 400 here: its directory must exist, and nothing may be there yet.
+   */
+  setVsock(change: ConfigChange): void {
+    const next = this.check(change);
+    const uds = next.vsock?.uds;
+    if (uds !== undefined) {
+      let dirOk = false;
+      try {
+        dirOk = statSync(dirname(uds)).isDirectory();
+      } catch {
+        // missing: said below
+      }
+      if (!dirOk) throw new ApiError(`Cannot use the vsock socket path ${uds}: its directory does not exist`);
+      if (existsSync(uds) || isLink(uds))
+        throw new ApiError(`Cannot use the vsock socket path ${uds}: something is already there (Address in use)`);
+      if (Buffer.byteLength(uds) > 107)
+        throw new ApiError(
+          `Cannot use the vsock socket path ${uds}: longer than a Unix socket path may be (107 bytes)`,
+        );
+    }
+    this.config = next;
   }
 
   /** The configuration `change` would make, checked; nothing is changed. */

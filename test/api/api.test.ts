@@ -247,6 +247,9 @@ describe('the Firecracker API', () => {
         { guest_cid: 2, uds_path: '/x' },
         /^vsock\.guestCid: must be a whole number from 3 to 4294967295 \(got 2\)$/,
       ],
+      ['PUT', '/vsock', { guest_cid: 3, uds_path: '/no/such/dir/v.sock' }, /its directory does not exist/],
+      ['PUT', '/vsock', { guest_cid: 3, uds_path: dir }, /something is already there/],
+      ['PUT', '/vsock', { guest_cid: 3, uds_path: join(dir, 'x'.repeat(120)) }, /longer than a Unix socket path/],
       ['PUT', '/machine-config', { vcpu_count: 1, mem_size_mib: 128, constructor: 1 }, /unknown field `constructor`/],
       [
         'PUT',
