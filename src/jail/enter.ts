@@ -30,6 +30,8 @@ export interface EnterPlan {
   /** argv after node: the VMM's entry point and its arguments. */
   readonly args: readonly string[];
   readonly env: readonly string[];
+  /** /dev/userfaultfd's device number on the host, where it has one (its minor is dynamic). */
+  readonly userfaultfd: { readonly major: number; readonly minor: number } | null;
 }
 
 class EnterError extends Error {}
@@ -134,6 +136,9 @@ function build(plan: EnterPlan): void {
     ['/dev/kvm', 10, 232],
     ['/dev/net/tun', 10, 200],
     ['/dev/urandom', 1, 9],
+    ...(plan.userfaultfd
+      ? [['/dev/userfaultfd', plan.userfaultfd.major, plan.userfaultfd.minor] as [string, number, number]]
+      : []),
   ];
   for (const [path, major, minor] of nodes) {
     if (lstatOrNull(path) === null)

@@ -119,6 +119,19 @@ function check(rc: number, what: string): void {
   if (rc < 0) throw new JailError(`${what}: ${libc.errnoName(libc.errno())} (${libc.strerror(libc.errno())})`);
 }
 
+/** A character device's numbers on the host, or null where it is absent. */
+function hostDevice(path: string): { major: number; minor: number } | null {
+  try {
+    const st = statSync(path);
+    // Linux's dev_t: major in bits 8-19 (and 32-43), minor in bits 0-7 (and 20-31).
+    return st.isCharacterDevice()
+      ? { major: (st.rdev >> 8) & 0xfff, minor: (st.rdev & 0xff) | ((st.rdev >> 12) & 0xfff00) }
+      : null;
+  } catch {
+    return null;
+  }
+}
+
 function findTool(name: string): string {
   for (const dir of ['/usr/bin', '/bin', '/usr/sbin', '/sbin']) if (existsSync(join(dir, name))) return join(dir, name);
   throw new JailError(`util-linux's ${name} is not installed`);
@@ -200,6 +213,7 @@ function main(argv: readonly string[]): number {
       // The environment is cleared, as Firecracker's jailer clears it; the VMM cannot see
       // /sys inside the jail, so it is told here whether /dev/kvm is software KVM.
       env: isSoftwareKvm() ? ['KILN_HOST_KVM=pvm'] : [],
+      userfaultfd: hostDevice('/dev/userfaultfd'),
     };
     if (opts.daemonize) {
       check(libc.setsid(), 'setsid (a process group leader cannot daemonize)');

@@ -413,8 +413,12 @@ export function peerCredentials(fd: number): { pid: number; uid: number; gid: nu
   if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, cred, len) < 0) return null;
   return { pid: cred.readInt32LE(0), uid: cred.readUInt32LE(4), gid: cred.readUInt32LE(8) };
 }
-/** makedev(3) for the device numbers Kiln makes nodes of (major and minor below 4096 and 256). */
-export const makedev = (major: number, minor: number): bigint => BigInt((major << 8) | minor);
+/** glibc's makedev(3): minor bits 0-7 and 20-31, major bits 8-19 and 32-43. */
+export const makedev = (major: number, minor: number): bigint =>
+  BigInt(minor & 0xff) |
+  (BigInt(major & 0xfff) << 8n) |
+  (BigInt(minor & ~0xff) << 12n) |
+  (BigInt(Math.floor(major / 0x1000)) << 32n);
 
 const F_GETFL = 3;
 const F_SETFL = 4;

@@ -245,9 +245,16 @@ describe('a jailed kiln-vmm', { skip: kvmSkip || rootSkip, timeout: 20 * 60_000 
     );
     assert.match(readFileSync(`/proc/${pid}/limits`, 'utf8'), /^Max open files\s+1024\s+1024/m);
     assert.match(readFileSync(`/proc/${pid}/cgroup`, 'utf8'), new RegExp(`/${parent}/${id}$`, 'm'));
-    for (const node of ['dev/kvm', 'dev/net/tun', 'dev/urandom']) {
+    const nodes = [
+      'dev/kvm',
+      'dev/net/tun',
+      'dev/urandom',
+      ...(existsSync('/dev/userfaultfd') ? ['dev/userfaultfd'] : []),
+    ];
+    for (const node of nodes) {
       const st = statSync(`/proc/${pid}/root/${node}`);
       assert.ok(st.isCharacterDevice(), node);
+      assert.equal(st.rdev, statSync(`/${node}`).rdev, `${node} is the host's device`);
       assert.equal(st.uid, uid, `${node} belongs to the jail user`);
     }
 

@@ -526,6 +526,9 @@ describe('kiln VM-manager verbs', () => {
       } finally {
         kiln(dir, ['stop', 'heavy', '--force']);
         kiln(dir, ['stop', 'light', '--force']);
+        // rm also removes their cgroups (named by VM, shared by every state directory).
+        kiln(dir, ['rm', 'heavy']);
+        kiln(dir, ['rm', 'light']);
         stopDaemon(dir);
       }
     },
