@@ -25,6 +25,7 @@ import { COMMON_CFG, commonConfig } from '../../src/virtio/common-config.js';
 import { VirtioInterrupts } from '../../src/virtio/device.js';
 import { virtioState, type VirtioPciOptions } from '../../src/virtio/pci.js';
 import { DescriptorChain, QUEUE_RECORD, SplitQueue, VirtqueueError } from '../../src/virtio/queue.js';
+import { listenConsole } from '../../src/virtio/console.js';
 import { listenVsock, VSOCK_HDR, VSOCK_HOST_CID } from '../../src/virtio/vsock.js';
 import { FakeDevice } from '../virtio/fake-driver.js';
 
@@ -389,6 +390,20 @@ function backendTargets(): FuzzTarget<Chains>[] {
       6,
       () => ({ device: { kind: 'net', options: { fd: pair[0]!, mac: '06:00:00:00:00:01', backend: 'passt' } } }),
       chainOf(2, bytes(2000), 2048),
+    ),
+    backendTarget(
+      'virtio-console',
+      4,
+      () => {
+        // A client that connects and never reads: output must be dropped, never waited on.
+        const path = join(dir, 'console.sock');
+        rmSync(path, { force: true });
+        const listenFd = listenConsole(path);
+        const client = libc.socket(libc.AF_UNIX, libc.SOCK_STREAM | libc.SOCK_CLOEXEC | libc.SOCK_NONBLOCK, 0);
+        libc.connect(client, libc.sockaddrUn(path), libc.sockaddr_un.size);
+        return { device: { kind: 'console', options: { listenFd } }, fds: [listenFd, client] };
+      },
+      chainOf(2, bytes(65536), 4096),
     ),
     backendTarget(
       'virtio-balloon',
