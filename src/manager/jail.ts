@@ -31,9 +31,28 @@ export interface JailRecord {
   readonly root: string | null;
   /** TAPs the manager made persistent for the jail user (undone at stop). */
   readonly taps: readonly string[];
+  /** Files chowned to the jail user, with their owners before (given back at stop). */
+  readonly lent?: ReadonlyArray<{ readonly path: string; readonly uid: number; readonly gid: number }>;
 }
 
 export const NOT_JAILED: JailRecord = { jailed: false, uid: null, root: null, taps: [] };
+
+/**
+ * Gives files lent to a jail user back to their owners, as libvirt restores what its
+ * dynamic ownership changed; a file someone has chowned since is left alone. Returns
+ * what could not be given back.
+ */
+export function returnLentFiles(record: JailRecord): string[] {
+  const failed: string[] = [];
+  for (const f of record.lent ?? []) {
+    try {
+      if (statSync(f.path).uid === record.uid) chownSync(f.path, f.uid, f.gid);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') failed.push(`${f.path}: ${(err as Error).message}`);
+    }
+  }
+  return failed;
+}
 
 export function readJailRecord(run: string): JailRecord | null {
   try {
@@ -84,11 +103,15 @@ export function prepareJail(
   if (config.kernel !== undefined) files.push({ path: config.kernel, rw: false });
   if (config.initrd !== undefined) files.push({ path: config.initrd, rw: false });
   for (const d of config.disks) files.push({ path: d.path, rw: !d.readOnly });
+  const lent: Array<{ path: string; uid: number; gid: number }> = [];
   for (const f of files) {
     // The jail user must be able to open it (as libvirt's dynamic ownership does for its qemu user).
     const st = statSync(f.path);
     const others = f.rw ? 0o006 : 0o004;
-    if ((st.mode & others) !== others && st.uid !== uid) chownSync(f.path, uid, uid);
+    if ((st.mode & others) !== others && st.uid !== uid) {
+      chownSync(f.path, uid, uid);
+      lent.push({ path: f.path, uid: st.uid, gid: st.gid });
+    }
   }
   // The config (kernel command line included) is the jail user's alone.
   const configFile = join(root, 'kiln-config.json');
@@ -123,7 +146,7 @@ export function prepareJail(
     '--serial-sock',
     '/run/serial.sock',
   ];
-  return { argv, record: { jailed: true, uid, root, taps } };
+  return { argv, record: { jailed: true, uid, root, taps, lent } };
 }
 
 /** Whether `run`'s sockets point into a jail that still exists. */

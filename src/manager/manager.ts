@@ -26,7 +26,15 @@ import { buildInitramfs, buildMinimalKernel } from '../guestkit/build.js';
 import { cgroupDirs, prepareCgroup, removeCgroup, spawnInCgroup } from './cgroup.js';
 import { vmConfigOf, type VmDefinition } from './definition.js';
 import { checkStartable } from './preflight.js';
-import { allocateJailUid, NOT_JAILED, prepareJail, readJailRecord, writeJailRecord, type JailRecord } from './jail.js';
+import {
+  allocateJailUid,
+  NOT_JAILED,
+  prepareJail,
+  readJailRecord,
+  returnLentFiles,
+  writeJailRecord,
+  type JailRecord,
+} from './jail.js';
 import type { VmConfig } from '../config/vm-config.js';
 import type { InfoReply, ListReply, StartReply, VmState, VmStatus } from './protocol.js';
 import { PRIVATE_DIR, PRIVATE_FILE, type Store } from './store.js';
@@ -244,19 +252,22 @@ export class Manager {
     ];
   }
 
-  /** Undoes what a previous start lent its jail (TAP persistence); the VMM is gone. */
+  /** Undoes what a previous start lent its jail (files' ownership, TAP persistence); the VMM is gone. */
   private async releaseJail(name: string): Promise<void> {
     const record = readJailRecord(this.store.runDir(name));
-    if (!record?.taps.length) return;
-    const { releaseTap } = await import('../virtio/net.js');
-    for (const tap of record.taps) {
-      try {
-        releaseTap(tap);
-      } catch (err) {
-        this.progress(`TAP '${tap}' of '${name}' stays: ${(err as Error).message}`);
+    if (!record || (!record.lent?.length && !record.taps.length)) return;
+    for (const failure of returnLentFiles(record)) this.progress(`'${name}': cannot give back ${failure}`);
+    if (record.taps.length) {
+      const { releaseTap } = await import('../virtio/net.js');
+      for (const tap of record.taps) {
+        try {
+          releaseTap(tap);
+        } catch (err) {
+          this.progress(`TAP '${tap}' of '${name}' stays: ${(err as Error).message}`);
+        }
       }
     }
-    writeJailRecord(this.store.runDir(name), { ...record, taps: [] });
+    writeJailRecord(this.store.runDir(name), { ...record, taps: [], lent: [] });
   }
 
   private async startNow(name: string, jail: boolean): Promise<StartReply> {

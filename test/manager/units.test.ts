@@ -3,7 +3,7 @@
 // readable `kiln info`, the console's escape keys, and the one exit-status table.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { EscapeDecoder } from '../../src/console-relay.js';
@@ -14,6 +14,8 @@ import { waitFor } from '../../src/manager/wait.js';
 import { definitionInput, infoText } from '../../src/manager/commands.js';
 import { parseDefinition } from '../../src/manager/definition.js';
 import type { InfoReply } from '../../src/manager/protocol.js';
+import { JAIL_UID_BASE, prepareJail, returnLentFiles } from '../../src/manager/jail.js';
+import { parseVmConfig } from '../../src/config/vm-config.js';
 import { tempDir } from '../helpers.js';
 
 /** A cgroup v2 root as the kernel shows it: controllers available, none enabled for children. */
@@ -222,3 +224,44 @@ test('waiting backs off (10 ms doubling to 250 ms) instead of sleeping fixed ste
   assert.equal(await waitFor(() => null, 1_000, clock), null);
   assert.deepEqual(slept, [10, 20, 40, 80, 160, 250, 250, 190], 'the last wait is cut to the deadline');
 });
+
+test(
+  "a jail's files: what the jail user could not open is lent to it (kernel, a writable disk), the rest left alone, and all given back",
+  { skip: process.getuid?.() === 0 ? false : 'chown needs root' },
+  () => {
+    const dir = tempDir();
+    const kernel = join(dir, 'vmlinux');
+    const initrd = join(dir, 'initrd');
+    const disk = join(dir, 'disk.img');
+    writeFileSync(kernel, 'k', { mode: 0o600 });
+    writeFileSync(initrd, 'i', { mode: 0o644 });
+    writeFileSync(disk, Buffer.alloc(512), { mode: 0o644 });
+    for (const f of [kernel, initrd, disk]) chmodSync(f, f === kernel ? 0o600 : 0o644);
+    const uid = JAIL_UID_BASE + 123;
+    const run = join(dir, 'run');
+    mkdirSync(run);
+    const config = parseVmConfig({ kernel, initrd, disks: [{ path: disk }] });
+    const { argv, record } = prepareJail(run, 'vm1', config, uid, () => false);
+    assert.equal(statSync(kernel).uid, uid, 'the kernel (0600) is lent');
+    assert.equal(statSync(disk).uid, uid, 'the read-write disk (0644) is lent');
+    assert.equal(statSync(initrd).uid, 0, 'the world-readable initrd is left alone');
+    assert.ok(argv.includes(`${disk}:${disk}:rw`) && argv.includes(`${kernel}:${kernel}:ro`), argv.join(' '));
+    const configFile = join(record.root!, 'kiln-config.json');
+    assert.equal(statSync(configFile).uid, uid);
+    assert.equal(statSync(configFile).mode & 0o777, 0o600, "the config is the jail user's alone");
+    assert.deepEqual(returnLentFiles(record), []);
+    for (const f of [kernel, initrd, disk]) assert.equal(statSync(f).uid, 0, `${f} is root's again`);
+    // VMs whose sockets would be outside the jail are refused with the way out named.
+    assert.throws(
+      () =>
+        prepareJail(
+          run,
+          'vm2',
+          parseVmConfig({ kernel, vsock: { guestCid: 3, uds: join(dir, 'v.sock') } }),
+          uid,
+          () => false,
+        ),
+      /uses a vsock device .* start it with --no-jail/,
+    );
+  },
+);
