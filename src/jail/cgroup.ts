@@ -2,10 +2,11 @@
 // values written under `<hierarchy>/<parent-cgroup>/<id>`, found from /proc/mounts, and the
 // jailer's own process moved in (cgroup.procs: every thread, since Node has several) before
 // it executes the VMM.
-import { lstatSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { controllerSet } from '../manager/cgroup.js';
+import { enableControllers } from '../manager/cgroup.js';
 import { JailError } from './plan.js';
+import { ensureDirs } from './steps.js';
 
 interface Mount {
   readonly dir: string;
@@ -19,21 +20,6 @@ export function cgroupMounts(mounts = readFileSync('/proc/mounts', 'utf8')): Mou
     .map((line) => line.split(' '))
     .filter((f) => f.length >= 4 && (f[2] === 'cgroup' || f[2] === 'cgroup2'))
     .map((f) => ({ dir: f[1]!.replace(/\\040/g, ' '), type: f[2]!, options: f[3]!.split(',') }));
-}
-
-/** mkdir -p below `base`, refusing any component that is a symbolic link. */
-function makeBelow(base: string, relative: string): string {
-  let at = base;
-  for (const part of relative.split('/').filter(Boolean)) {
-    at = join(at, part);
-    try {
-      if (lstatSync(at).isSymbolicLink()) throw new JailError(`refusing ${at}: it is a symbolic link`);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
-      mkdirSync(at);
-    }
-  }
-  return at;
 }
 
 /**
@@ -62,13 +48,11 @@ export function joinJailCgroups(
     // Enable the controllers for children on the way down (cpu.max needs +cpu above it).
     let at = root.dir;
     for (const part of opts.parentCgroup.split('/').filter(Boolean)) {
-      const enabled = controllerSet(readFileSync(join(at, 'cgroup.subtree_control'), 'utf8'));
-      for (const c of controllers) if (!enabled.has(c)) writeFileSync(join(at, 'cgroup.subtree_control'), `+${c}`);
-      at = makeBelow(at, part);
+      enableControllers(at, controllers);
+      at = ensureDirs(at, part);
     }
-    const enabled = controllerSet(readFileSync(join(at, 'cgroup.subtree_control'), 'utf8'));
-    for (const c of controllers) if (!enabled.has(c)) writeFileSync(join(at, 'cgroup.subtree_control'), `+${c}`);
-    dirs.set(makeBelow(root.dir, relative), [...opts.cgroups]);
+    enableControllers(at, controllers);
+    dirs.set(ensureDirs(root.dir, relative), [...opts.cgroups]);
   } else {
     const v1 = mounts.filter((m) => m.type === 'cgroup');
     if (v1.length === 0) throw new JailError('--cgroup-version 1: no cgroup v1 hierarchy is mounted');
@@ -76,7 +60,7 @@ export function joinJailCgroups(
       const controller = c.file.split('.')[0]!;
       const mount = v1.find((m) => m.options.includes(controller));
       if (!mount) throw new JailError(`--cgroup ${c.file}: no cgroup v1 hierarchy has the '${controller}' controller`);
-      const dir = makeBelow(mount.dir, relative);
+      const dir = ensureDirs(mount.dir, relative);
       dirs.set(dir, [...(dirs.get(dir) ?? []), c]);
     }
   }

@@ -12,7 +12,7 @@
 // VMM. Node is multi-threaded before its first line runs, so namespaces that need a single
 // thread (and the new pid namespace, which needs a fork) come from `unshare`.
 import { Command, Option } from 'commander';
-import { existsSync, lstatSync, mkdirSync, openSync, closeSync, realpathSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, openSync, closeSync, realpathSync, statSync } from 'node:fs';
 import { basename, isAbsolute, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as libc from '../kvm/libc.js';
@@ -20,6 +20,7 @@ import { isSoftwareKvm } from '../compat/pvm.js';
 import { KILN_VERSION } from '../version.js';
 import { joinJailCgroups } from './cgroup.js';
 import type { EnterPlan } from './enter.js';
+import { checkCall, ensureDirs } from './steps.js';
 import {
   checkId,
   checkParentCgroup,
@@ -104,29 +105,16 @@ function parseOptions(argv: readonly string[]): JailOptions {
   };
 }
 
-/** mkdir -p of the jail's directory below the chroot base, refusing symbolic links on the way. */
-function makeJailDir(base: string, dirs: readonly string[]): void {
-  mkdirSync(base, { recursive: true, mode: 0o755 });
-  let at = realpathSync(base);
-  for (const part of dirs) {
-    at = join(at, part);
-    if (!existsSync(at)) mkdirSync(at, { mode: 0o755 });
-    else if (!lstatSync(at).isDirectory()) throw new JailError(`refusing ${at}: it exists and is not a directory`);
-  }
-}
-
-function check(rc: number, what: string): void {
-  if (rc < 0) throw new JailError(`${what}: ${libc.errnoName(libc.errno())} (${libc.strerror(libc.errno())})`);
+/** Sets a resource limit (soft and hard) for this process and what it executes. */
+function limit(resource: number, value: bigint, what: string): void {
+  checkCall(libc.setrlimit(resource, { rlim_cur: value, rlim_max: value }), `setrlimit(${what})`);
 }
 
 /** A character device's numbers on the host, or null where it is absent. */
 function hostDevice(path: string): { major: number; minor: number } | null {
   try {
     const st = statSync(path);
-    // Linux's dev_t: major in bits 8-19 (and 32-43), minor in bits 0-7 (and 20-31).
-    return st.isCharacterDevice()
-      ? { major: (st.rdev >> 8) & 0xfff, minor: (st.rdev & 0xff) | ((st.rdev >> 12) & 0xfff00) }
-      : null;
+    return st.isCharacterDevice() ? libc.deviceNumbers(st.rdev) : null;
   } catch {
     return null;
   }
@@ -165,21 +153,13 @@ function main(argv: readonly string[]): number {
     const { rootDir } = jailPaths(opts);
     const entries = runtimeEntries(exec);
     const umask = process.umask(0o022);
-    makeJailDir(opts.chrootBaseDir, [basename(opts.execFile), opts.id, 'root']);
+    // The chroot base is the administrator's (it may be a link); below it nothing is followed.
+    mkdirSync(opts.chrootBaseDir, { recursive: true, mode: 0o755 });
+    ensureDirs(realpathSync(opts.chrootBaseDir), join(basename(opts.execFile), opts.id, 'root'));
     process.umask(umask);
 
-    check(
-      libc.setrlimit(libc.RLIMIT_NOFILE, {
-        rlim_cur: opts.resourceLimits.noFile ?? DEFAULT_NO_FILE,
-        rlim_max: opts.resourceLimits.noFile ?? DEFAULT_NO_FILE,
-      }),
-      'setrlimit(no-file)',
-    );
-    if (opts.resourceLimits.fsize !== undefined)
-      check(
-        libc.setrlimit(libc.RLIMIT_FSIZE, { rlim_cur: opts.resourceLimits.fsize, rlim_max: opts.resourceLimits.fsize }),
-        'setrlimit(fsize)',
-      );
+    limit(libc.RLIMIT_NOFILE, opts.resourceLimits.noFile ?? DEFAULT_NO_FILE, 'no-file');
+    if (opts.resourceLimits.fsize !== undefined) limit(libc.RLIMIT_FSIZE, opts.resourceLimits.fsize, 'fsize');
     joinJailCgroups(
       {
         id: opts.id,
@@ -192,7 +172,7 @@ function main(argv: readonly string[]): number {
     );
     if (opts.netns !== null) {
       const fd = openSync(opts.netns, 'r');
-      check(libc.setns(fd, libc.CLONE_NEWNET), `setns ${opts.netns}`);
+      checkCall(libc.setns(fd, libc.CLONE_NEWNET), `setns ${opts.netns}`);
       closeSync(fd);
     }
     const plan: EnterPlan = {
@@ -216,12 +196,12 @@ function main(argv: readonly string[]): number {
       userfaultfd: hostDevice('/dev/userfaultfd'),
     };
     if (opts.daemonize) {
-      check(libc.setsid(), 'setsid (a process group leader cannot daemonize)');
+      checkCall(libc.setsid(), 'setsid (a process group leader cannot daemonize)');
       const devNull = openSync('/dev/null', 'r+');
-      for (const fd of [0, 1, 2]) check(libc.dup2(devNull, fd), 'dup2 /dev/null');
+      for (const fd of [0, 1, 2]) checkCall(libc.dup2(devNull, fd), 'dup2 /dev/null');
       closeSync(devNull);
     }
-    check(libc.closeRange(3, 0xffffffff, libc.CLOSE_RANGE_CLOEXEC), 'close_range');
+    checkCall(libc.closeRange(3, 0xffffffff, libc.CLOSE_RANGE_CLOEXEC), 'close_range');
     libc.keepStdioAcrossExec();
     const unshare = findTool('unshare');
     const nsArgs = [

@@ -413,12 +413,20 @@ export function peerCredentials(fd: number): { pid: number; uid: number; gid: nu
   if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, cred, len) < 0) return null;
   return { pid: cred.readInt32LE(0), uid: cred.readUInt32LE(4), gid: cred.readUInt32LE(8) };
 }
-/** glibc's makedev(3): minor bits 0-7 and 20-31, major bits 8-19 and 32-43. */
+/** glibc's major(3) and minor(3) of a dev_t (as fs.Stats.rdev gives it): makedev's inverse. */
+export function deviceNumbers(dev: number): { major: number; minor: number } {
+  const d = BigInt(dev);
+  return {
+    major: Number(((d >> 8n) & 0xfffn) | ((d >> 32n) & 0xfffff000n)),
+    minor: Number((d & 0xffn) | ((d >> 12n) & 0xffffff00n)),
+  };
+}
+/** glibc's makedev(3): minor bits 0-7 and 20-43, major bits 8-19 and 44-63. */
 export const makedev = (major: number, minor: number): bigint =>
   BigInt(minor & 0xff) |
   (BigInt(major & 0xfff) << 8n) |
   (BigInt(minor & ~0xff) << 12n) |
-  (BigInt(Math.floor(major / 0x1000)) << 32n);
+  (BigInt(major & ~0xfff) << 32n);
 
 const F_GETFL = 3;
 const F_SETFL = 4;

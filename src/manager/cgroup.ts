@@ -41,6 +41,12 @@ export function controllerSet(text: string): Set<string> {
   return new Set(text.split(/\s+/).filter((c) => c !== ''));
 }
 
+/** Lets the children of cgroup v2 directory `dir` use `controllers` (enabling those not enabled yet). */
+export function enableControllers(dir: string, controllers: Iterable<string>): void {
+  const enabled = controllerSet(readFileSync(join(dir, 'cgroup.subtree_control'), 'utf8'));
+  for (const c of controllers) if (!enabled.has(c)) write(dir, 'cgroup.subtree_control', `+${c}`);
+}
+
 /** v1 cpu.shares from a v2-style weight (1-10000 -> 2-262144, 100 -> 1024). */
 export function weightToShares(weight: number): number {
   return Math.max(2, Math.min(262_144, Math.round((weight * 1024) / 100)));
@@ -69,10 +75,7 @@ export function prepareCgroup(name: string, limits: CgroupLimits, root = CGROUP_
       for (const c of ['cpu', 'memory'])
         if (!available.has(c)) throw new KilnError(`the cgroup v2 controller '${c}' is not available at ${root}`);
       // Let the children use the cpu and memory controllers (matched by name: "cpuset" is not "cpu").
-      for (const dir of [root, parent]) {
-        const enabled = controllerSet(readFileSync(join(dir, 'cgroup.subtree_control'), 'utf8'));
-        for (const c of ['cpu', 'memory']) if (!enabled.has(c)) write(dir, 'cgroup.subtree_control', `+${c}`);
-      }
+      for (const dir of [root, parent]) enableControllers(dir, ['cpu', 'memory']);
       const dir = dirs[0]!;
       mkdirSync(dir, { recursive: true });
       write(dir, 'cpu.weight', String(limits.cpuWeight));

@@ -22,6 +22,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { buildInitramfs, buildMinimalKernel } from '../../src/guestkit/build.js';
 import { exposure, parseBind } from '../../src/jail/plan.js';
+import * as libc from '../../src/kvm/libc.js';
 import { cgroupMounts } from '../../src/jail/cgroup.js';
 import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
 
@@ -115,6 +116,18 @@ describe('kiln-jailer arguments', () => {
       assert.equal(await exited, 0);
     },
   );
+
+  test("device numbers: makedev and its inverse agree with glibc's encoding (minors past 255, as userfaultfd's)", () => {
+    for (const [major, minor] of [
+      [10, 232],
+      [10, 257],
+      [1, 9],
+      [4097, 70000],
+    ] as const)
+      assert.deepEqual(libc.deviceNumbers(Number(libc.makedev(major, minor))), { major, minor });
+    // /dev/null is 1:3 as stat reports it.
+    assert.deepEqual(libc.deviceNumbers(statSync('/dev/null').rdev), { major: 1, minor: 3 });
+  });
 
   test('a path is exposed with every symbolic link on its way recreated, and only the end bound', () => {
     const dir = tempDir();
