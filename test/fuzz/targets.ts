@@ -21,13 +21,11 @@ import { msixCapability } from '../../src/pci/msix.js';
 import { PciRoot } from '../../src/pci/root.js';
 import { openDisk } from '../../src/platform/virtio.js';
 import type { VirtioDeviceConfig } from '../../src/virtio/catalogue.js';
-import { COMMON_CFG, commonConfig } from '../../src/virtio/common-config.js';
-import { VirtioInterrupts } from '../../src/virtio/device.js';
-import { virtioState, type VirtioPciOptions } from '../../src/virtio/pci.js';
+import { COMMON_CFG } from '../../src/virtio/common-config.js';
 import { DescriptorChain, QUEUE_RECORD, SplitQueue, VirtqueueError } from '../../src/virtio/queue.js';
 import { listenConsole } from '../../src/virtio/console.js';
 import { listenVsock, VSOCK_HDR, VSOCK_HOST_CID } from '../../src/virtio/vsock.js';
-import { FakeDevice } from '../virtio/fake-driver.js';
+import { entropyCommonConfig, FakeDevice } from '../virtio/fake-driver.js';
 
 export interface FuzzTarget<T = unknown> {
   readonly name: string;
@@ -134,23 +132,7 @@ function commonConfigTarget(): FuzzTarget<
     ),
     setup() {},
     run(ops) {
-      const options: VirtioPciOptions = {
-        device: { kind: 'rng', options: {} },
-        notifyFds: [-1],
-        intxGsi: -1,
-        controlFd: -1,
-      };
-      const s = virtioState(allocateDeviceState('virtio-pci', options), options);
-      const irq = new VirtioInterrupts(
-        s,
-        () => undefined,
-        () => undefined,
-        -1,
-      );
-      const memory = {
-        findRegion: (at: number, bytes: number) => (at + bytes <= 1 << 20 ? 0 : -1),
-      } as unknown as GuestMemory;
-      const c = commonConfig(s, irq, { memory, log: () => undefined, kick: () => undefined });
+      const { cfg: c } = entropyCommonConfig();
       for (const op of ops) {
         const data = new Uint8Array(op.width);
         let v = op.value;

@@ -3,51 +3,17 @@
 // vector checks, and what DRIVER_OK and queue_enable do.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { allocateDeviceState } from '../../src/devices/catalogue.js';
-import type { GuestMemory } from '../../src/memory/guest-memory.js';
-import { COMMON_CFG, commonConfig } from '../../src/virtio/common-config.js';
+import { COMMON_CFG } from '../../src/virtio/common-config.js';
 import {
   VIRTIO_MSI_NO_VECTOR,
   VIRTIO_STATUS_DEVICE_NEEDS_RESET,
   VIRTIO_STATUS_DRIVER_OK,
   VIRTIO_STATUS_FEATURES_OK,
-  VirtioInterrupts,
 } from '../../src/virtio/device.js';
-import { virtioState, type VirtioPciOptions } from '../../src/virtio/pci.js';
+import { entropyCommonConfig } from './fake-driver.js';
 
 /** An entropy device (one queue of up to 256) over fresh state; RAM is [0, 1 MiB). */
-function device() {
-  const options: VirtioPciOptions = {
-    device: { kind: 'rng', options: {} },
-    notifyFds: [-1],
-    intxGsi: -1,
-    controlFd: -1,
-  };
-  const s = virtioState(allocateDeviceState('virtio-pci', options), options);
-  const irq = new VirtioInterrupts(
-    s,
-    () => undefined,
-    () => undefined,
-    -1,
-  );
-  const memory = {
-    findRegion: (at: number, bytes: number) => (at + bytes <= 1 << 20 ? 0 : -1),
-  } as unknown as GuestMemory;
-  const kicked: number[] = [];
-  const logged: string[] = [];
-  const c = commonConfig(s, irq, { memory, log: (l) => logged.push(l), kick: (q) => kicked.push(q) });
-  const read = (offset: number, width: number) => {
-    const data = new Uint8Array(width);
-    c.read(offset, data);
-    return data.reduce((v, b, i) => v + b * 2 ** (8 * i), 0);
-  };
-  const write = (offset: number, value: number, width: number) => {
-    const data = new Uint8Array(width);
-    for (let i = 0; i < width; i++) data[i] = Math.floor(value / 2 ** (8 * i)) & 0xff;
-    c.write(offset, data);
-  };
-  return { s, read, write, kicked, logged };
-}
+const device = entropyCommonConfig;
 
 const VERSION_1_HI = 1; // bit 32: bit 0 of the high word
 

@@ -8,7 +8,7 @@ import { LOCK_INDEX } from '../../src/devices/device.js';
 import * as libc from '../../src/kvm/libc.js';
 import { GuestMemory } from '../../src/memory/guest-memory.js';
 import { createBackend, type VirtioDeviceConfig } from '../../src/virtio/catalogue.js';
-import { COMMON_CFG, commonConfig } from '../../src/virtio/common-config.js';
+import { COMMON_CFG, commonConfig, type CommonConfig } from '../../src/virtio/common-config.js';
 import {
   VIRTIO_STATUS_ACKNOWLEDGE,
   VIRTIO_STATUS_DRIVER,
@@ -27,6 +27,53 @@ export const QUEUE_SIZE = 256;
 export const MAX_CHAIN = 4;
 const RING_AREA = 0x10000;
 const BUFFER_AREA = 0x100000;
+
+/** Register accesses to a common configuration as numbers (little-endian, 1-8 bytes). */
+export function registerAccess(cfg: CommonConfig): {
+  read(offset: number, width: number): number;
+  write(offset: number, value: number | bigint, width: number): void;
+} {
+  return {
+    read(offset, width) {
+      const data = new Uint8Array(width);
+      cfg.read(offset, data);
+      return data.reduce((acc, b, i) => acc + b * 2 ** (8 * i), 0);
+    },
+    write(offset, value, width) {
+      const data = new Uint8Array(width);
+      let v = BigInt(value);
+      for (let i = 0; i < width; i++, v >>= 8n) data[i] = Number(v & 0xffn);
+      cfg.write(offset, data);
+    },
+  };
+}
+
+/**
+ * An entropy device's common configuration over fresh state and no VM (RAM is [0, 1 MiB),
+ * interrupts go nowhere), for driving the register file directly.
+ */
+export function entropyCommonConfig() {
+  const options: VirtioPciOptions = {
+    device: { kind: 'rng', options: {} },
+    notifyFds: [-1],
+    intxGsi: -1,
+    controlFd: -1,
+  };
+  const s = virtioState(allocateDeviceState('virtio-pci', options), options);
+  const irq = new VirtioInterrupts(
+    s,
+    () => undefined,
+    () => undefined,
+    -1,
+  );
+  const memory = {
+    findRegion: (at: number, bytes: number) => (at + bytes <= 1 << 20 ? 0 : -1),
+  } as unknown as GuestMemory;
+  const kicked: number[] = [];
+  const logged: string[] = [];
+  const cfg = commonConfig(s, irq, { memory, log: (l) => logged.push(l), kick: (q) => kicked.push(q) });
+  return { s, cfg, ...registerAccess(cfg), kicked, logged };
+}
 
 export interface Buffer_ {
   /** Bytes the device reads. */
@@ -83,17 +130,7 @@ export class FakeDevice {
       -1,
     );
     const cfg = commonConfig(state, irq, { memory: this.mem, log: (l) => this.logged.push(l), kick: () => undefined });
-    const write = (offset: number, value: number | bigint, width: number) => {
-      const data = new Uint8Array(width);
-      let v = BigInt(value);
-      for (let i = 0; i < width; i++, v >>= 8n) data[i] = Number(v & 0xffn);
-      cfg.write(offset, data);
-    };
-    const read = (offset: number, width: number) => {
-      const data = new Uint8Array(width);
-      cfg.read(offset, data);
-      return data.reduce((acc, b, i) => acc + b * 2 ** (8 * i), 0);
-    };
+    const { read, write } = registerAccess(cfg);
     write(COMMON_CFG.deviceStatus, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER, 1);
     for (const sel of [0, 1]) {
       write(COMMON_CFG.deviceFeatureSelect, sel, 4);
