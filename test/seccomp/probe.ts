@@ -9,6 +9,8 @@ import { mkdirSync, readdirSync, readFileSync, rmdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { readProgress } from '../../src/devices/progress.js';
 import { loadProgram } from '../../src/guest/kit.js';
 import { MiB } from '../../src/layout.js';
 import { addStandardDevices } from '../../src/platform/standard.js';
@@ -42,13 +44,15 @@ if (!isMainThread) {
   worker.on('message', (m) => process.stdout.write(`${String(m)}\n`));
 } else {
   const vm = Vm.create({ memoryBytes: 4 * MiB, vcpus: 2 });
-  addStandardDevices(vm, -1);
+  const { progress } = addStandardDevices(vm, -1);
   loadProgram(vm, {
     mode: 'protected32',
     cpl: 3,
     source: `mov $PORT_PROGRESS, %dx\n1: inc %eax\n out %eax, %dx\n jmp 1b`,
   });
   await vm.start({ seccomp: programs });
+  // The guest has run under the filters (its first progress writes) before it is stopped.
+  for (let i = 0; i < 500 && readProgress(progress.state).recent.length === 0; i++) await sleep(10);
   const threads = threadStates();
   await vm.stop();
   const result = await vm.wait();
