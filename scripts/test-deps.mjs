@@ -9,10 +9,28 @@ import { spawnSync } from 'node:child_process';
 // (pciutils) decodes PCI configuration space; the rest builds and packs the guest kit's
 // minimal Linux (Debian's linux-source-6.1, busybox); iproute2 makes the network
 // namespaces and passt is the rootless network backend the virtio-net tests use;
-// cpio unpacks the initramfs writer's output (an independent decoder).
+// cpio unpacks the initramfs writer's output (an independent decoder); strace watches
+// which seccomp filters `kiln run` loads.
 export const PACKAGES = [
-  'gcc', 'binutils', 'make', 'util-linux', 'acpica-tools', 'pciutils', 'linux-source-6.1', 'bc', 'bison', 'flex',
-  'libelf-dev', 'libssl-dev', 'xz-utils', 'busybox-static', 'e2fsprogs', 'iproute2', 'passt', 'cpio',
+  'gcc',
+  'binutils',
+  'make',
+  'util-linux',
+  'acpica-tools',
+  'pciutils',
+  'linux-source-6.1',
+  'bc',
+  'bison',
+  'flex',
+  'libelf-dev',
+  'libssl-dev',
+  'xz-utils',
+  'busybox-static',
+  'e2fsprogs',
+  'iproute2',
+  'passt',
+  'cpio',
+  'strace',
 ];
 
 const installed = (p) => {
@@ -23,12 +41,17 @@ const installed = (p) => {
 const missing = PACKAGES.filter((p) => !installed(p));
 if (missing.length === 0) process.exit(0);
 if (process.getuid?.() !== 0) {
-  process.stderr.write(`kiln tests: these Debian packages are missing: ${missing.join(' ')}\n  install them (apt-get install ${missing.join(' ')}) or run the tests as root, which installs them\n`);
+  process.stderr.write(
+    `kiln tests: these Debian packages are missing: ${missing.join(' ')}\n  install them (apt-get install ${missing.join(' ')}) or run the tests as root, which installs them\n`,
+  );
   process.exit(1);
 }
 process.stderr.write(`kiln tests: installing ${missing.join(' ')}\n`);
 const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
-for (const args of [['update', '-qq'], ['install', '-y', '-qq', '--no-install-recommends', ...missing]]) {
+for (const args of [
+  ['update', '-qq'],
+  ['install', '-y', '-qq', '--no-install-recommends', ...missing],
+]) {
   const r = spawnSync('apt-get', args, { stdio: 'inherit', env });
   if (r.status !== 0) {
     process.stderr.write(`kiln tests: apt-get ${args[0]} failed (status ${r.status})\n`);

@@ -21,6 +21,7 @@ import { buildCloudKernel, buildInitramfs, buildMinimalKernel, buildRootfs, cach
 import { addStandardDevices } from './platform/standard.js';
 import { KILN_VERSION } from './version.js';
 import { Vm, type VmResult } from './vm.js';
+import { compilePolicy, DEFAULT_POLICY } from './seccomp/policy.js';
 
 class UsageError extends KilnError {}
 
@@ -105,6 +106,7 @@ interface RunValues extends VmFlags {
   hostDecompress?: boolean;
   json?: boolean;
   verbose?: boolean;
+  seccomp: boolean;
 }
 
 async function run(values: RunValues): Promise<number> {
@@ -172,7 +174,8 @@ async function run(values: RunValues): Promise<number> {
       let result: VmResult;
       try {
         const started = Date.now();
-        await vm.start();
+        // The same filters as kiln-vmm's (the process-wide one goes on once, at the first start).
+        await vm.start({ seccomp: values.seccomp ? compilePolicy(DEFAULT_POLICY) : null });
         if (process.env.KILN_TIMING)
           progress(
             `timing: first KVM_RUN ${(vm.firstRunAt - performance.timeOrigin).toFixed(1)} ms after process start`,
@@ -293,6 +296,7 @@ function program(setStatus: (status: number) => void): Command {
     )
     .option('--json', 'print one JSON result (with the serial output) instead of attaching the console')
     .option('--verbose', 'log unhandled port and MMIO accesses (once each)')
+    .option('--no-seccomp', "debugging only: run without kiln-vmm's seccomp filters")
     .action((values: RunValues) => done(run(values)));
 
   kiln

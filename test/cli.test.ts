@@ -1,7 +1,9 @@
 // The `kiln` command as a user runs it.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, test } from 'node:test';
 import { kvmSkip } from './helpers.js';
@@ -32,6 +34,33 @@ describe('kiln run --demo', { skip: kvmSkip }, () => {
       /^Hello from the Kiln demo guest!\nRunning in 32-bit protected mode at ring 3 on 1 vCPU\(s\)/,
     );
     assert.match(r.stderr, /exit status 0/);
+  });
+
+  test("loads kiln-vmm's seccomp filters (one process-wide, one per vCPU thread) unless --no-seccomp", () => {
+    const dir = mkdtempSync(join(tmpdir(), 'kiln-cli-'));
+    try {
+      const filters = (extra: string[]) => {
+        const trace = join(dir, `trace-${extra.length}`);
+        const r = kiln(['run', '--demo', '--cpus', '2', ...extra], {}, [
+          'strace',
+          '-f',
+          '-e',
+          'trace=seccomp',
+          '-o',
+          trace,
+        ]);
+        assert.equal(r.status, 0, r.stderr);
+        assert.match(r.stdout, /on 2 vCPU\(s\)/);
+        const calls = readFileSync(trace, 'utf8')
+          .split('\n')
+          .filter((l) => /seccomp\(SECCOMP_SET_MODE_FILTER.*= 0$/.test(l));
+        return { all: calls.length, tsync: calls.filter((l) => l.includes('SECCOMP_FILTER_FLAG_TSYNC')).length };
+      };
+      assert.deepEqual(filters([]), { all: 3, tsync: 1 });
+      assert.deepEqual(filters(['--no-seccomp']), { all: 0, tsync: 0 });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   test('--cpus 3 brings up three vCPUs that all check in', () => {
