@@ -14,6 +14,7 @@ import { EXIT_ERROR } from '../exit-status.js';
 import { buildInitramfs, buildMinimalKernel } from '../guestkit/build.js';
 import { daemonCall, runDaemon } from './daemon.js';
 import { parseDefinition } from './definition.js';
+import { JAIL_VSOCK } from './jail.js';
 import type { InfoReply, ListReply, LogsReply, RemovedReply, StartReply, VmStatus } from './protocol.js';
 import { Store } from './store.js';
 
@@ -150,6 +151,19 @@ export function infoText(i: InfoReply): string {
       'NIC',
       `${x.id}: ${x.tap !== undefined ? `tap ${x.tap}` : `passt ${x.passt}`}${x.mac ? ` mac ${x.mac}` : ''}`,
     ]),
+    ...(d.vsock
+      ? [
+          [
+            'vsock',
+            `CID ${d.vsock.guestCid}, socket ${d.vsock.uds}${
+              i.jail?.jailed && i.jail.root
+                ? ` (in the jail; guest-initiated connections reach listeners at ${i.jail.root}${JAIL_VSOCK}_PORT)`
+                : ''
+            }`,
+          ] as [string, string],
+        ]
+      : []),
+    ...(d.consoleSocket !== undefined ? [['Console', `virtio console on ${d.consoleSocket}`] as [string, string]] : []),
     ['Cgroup', i.cgroup.dirs.length ? i.cgroup.dirs.join(', ') : 'none (no cgroup hierarchy)'],
     [
       'Limits',

@@ -87,6 +87,8 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
   for (const f of sweepTemporaryFiles(store.vmsDir))
     log(`kiln daemon: removed ${f}, left by a write that did not finish`);
   const manager = new Manager(store, log);
+  // VMs that ended while no daemon ran: give back what their jails held.
+  void manager.reclaimEndedJails();
   const router = FindMyWay({
     defaultRoute: (_req: IncomingMessage, res: ServerResponse) => reply(res, 404, { error: 'no such endpoint' }),
   });
@@ -164,7 +166,10 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
     chmodSync(store.socketPath, 0o660);
   }
   log(`kiln daemon: listening on ${store.socketPath} (state in ${store.dir})`);
-  const rotation = setInterval(() => manager.rotateConsoleLogs(), ROTATE_EVERY_MS);
+  const rotation = setInterval(() => {
+    manager.rotateConsoleLogs();
+    void manager.reclaimEndedJails();
+  }, ROTATE_EVERY_MS);
   await new Promise<void>((resolve) => {
     process.once('SIGTERM', resolve);
     process.once('SIGINT', resolve);

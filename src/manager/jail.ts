@@ -1,7 +1,8 @@
 // The manager's jail for each VM (issue: every VMM jailed by default): kiln-jailer runs the
 // VMM as a uid of its own (one per running VM, from JAIL_UID_BASE), with no new privileges,
 // in a chroot under the VM's run directory that holds only its kernel, initrd and disks
-// (read-only bind mounts, disks read-write when they are), its config and its sockets.
+// (read-only bind mounts, disks read-write when they are), passt's socket, its config and
+// its own sockets (API, serial, vsock, console), which the manager links to from outside.
 // `kiln start --no-jail` runs the VMM as root in the host's namespaces, for debugging.
 import {
   chmodSync,
@@ -9,6 +10,7 @@ import {
   existsSync,
   mkdirSync,
   readFileSync,
+  readlinkSync,
   rmSync,
   statSync,
   symlinkSync,
@@ -17,6 +19,7 @@ import {
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { KilnError } from '../errors.js';
+import { lstatOrNull } from '../jail/steps.js';
 import type { VmConfig } from '../config/vm-config.js';
 
 /** The first uid (and gid) jailed VMMs run as; VM n running at once gets BASE + n. */
@@ -33,6 +36,8 @@ export interface JailRecord {
   readonly taps: readonly string[];
   /** Files chowned to the jail user, with their owners before (given back at stop). */
   readonly lent?: ReadonlyArray<{ readonly path: string; readonly uid: number; readonly gid: number }>;
+  /** Links the manager made at the definition's socket paths, into the jail (removed at stop). */
+  readonly links?: readonly string[];
 }
 
 export const NOT_JAILED: JailRecord = { jailed: false, uid: null, root: null, taps: [] };
@@ -72,17 +77,51 @@ export function allocateJailUid(inUse: ReadonlySet<number>): number {
   for (let uid = JAIL_UID_BASE; ; uid++) if (!inUse.has(uid)) return uid;
 }
 
-/** What a jailed VMM cannot use yet: sockets it would create or reach outside its chroot. */
-export function unjailable(config: VmConfig): string | null {
-  if (config.vsock) return 'a vsock device (its host socket)';
-  if (config.consoleSocket) return 'a virtio console socket';
-  if (config.nets.some((n) => n.passt !== undefined)) return 'a passt network (its socket)';
-  return null;
+/** Where the jailed VMM's sockets are, inside its jail (its /run is the jail user's). */
+export const JAIL_VSOCK = '/run/vsock/v.sock';
+export const JAIL_CONSOLE = '/run/console.sock';
+const jailPasst = (i: number) => `/run/passt-${i}.sock`;
+
+/**
+ * Makes `path` a link to `target` (a socket inside VM `run`'s jail), replacing only a
+ * link a previous start made (one that points into `run`'s jail); anything else there
+ * is refused, never removed.
+ */
+function linkSocket(run: string, path: string, target: string): void {
+  const st = lstatOrNull(path);
+  if (st !== null) {
+    if (!st.isSymbolicLink() || !ownLink(run, path))
+      throw new KilnError(
+        `'${path}' exists: the jailed VMM's socket is linked there (remove it, or choose another path)`,
+      );
+    rmSync(path);
+  }
+  symlinkSync(target, path);
+}
+
+/** Whether `path` is a link this manager made into `run`'s jail. */
+function ownLink(run: string, path: string): boolean {
+  try {
+    return readlinkSync(path).startsWith(join(run, 'jail') + '/');
+  } catch {
+    return false;
+  }
+}
+
+/** Removes the links to a stopped jail's sockets (only links into `run`'s jail). */
+export function removeSocketLinks(run: string, record: JailRecord): void {
+  for (const link of record.links ?? []) if (ownLink(run, link)) rmSync(link, { force: true });
 }
 
 /**
  * Prepares VM `name`'s jail under `run` and returns the command that starts its VMM
  * there (kiln-jailer, which executes kiln-vmm) and the record to keep.
+ *
+ * Sockets: the VMM creates its vsock and console sockets in its jail's /run; the
+ * manager links the definition's paths to them (a client connects through the link).
+ * vsock's guest-initiated connections reach listeners beside the jail's socket
+ * (`<root>/run/vsock/v.sock_PORT`), as with Firecracker's jailer. A passt socket is
+ * bound into the jail.
  */
 export function prepareJail(
   run: string,
@@ -91,18 +130,40 @@ export function prepareJail(
   uid: number,
   lendTap: (tap: string, uid: number) => boolean,
 ): { argv: string[]; record: JailRecord } {
-  const why = unjailable(config);
-  if (why) throw new KilnError(`'${name}' uses ${why}, which a jailed VMM cannot reach yet; start it with --no-jail`);
   const base = join(run, 'jail');
   // A previous run's jail: its mounts died with its mount namespace; only mount points and sockets are left.
   rmSync(base, { recursive: true, force: true });
   const root = join(base, 'vmm-cli.js', name, 'root');
   mkdirSync(root, { recursive: true, mode: 0o755 });
   chmodSync(root, 0o755);
-  const files: Array<{ path: string; rw: boolean }> = [];
-  if (config.kernel !== undefined) files.push({ path: config.kernel, rw: false });
-  if (config.initrd !== undefined) files.push({ path: config.initrd, rw: false });
-  for (const d of config.disks) files.push({ path: d.path, rw: !d.readOnly });
+  // What the jail's VMM sees: the same paths for files, its own for sockets.
+  const jailed: VmConfig = {
+    ...config,
+    nets: config.nets.map((n, i) => (n.passt !== undefined ? { ...n, passt: jailPasst(i) } : n)),
+    ...(config.vsock ? { vsock: { ...config.vsock, uds: JAIL_VSOCK } } : {}),
+    ...(config.consoleSocket !== undefined ? { consoleSocket: JAIL_CONSOLE } : {}),
+  };
+  const files: Array<{ path: string; target: string; rw: boolean }> = [];
+  if (config.kernel !== undefined) files.push({ path: config.kernel, target: config.kernel, rw: false });
+  if (config.initrd !== undefined) files.push({ path: config.initrd, target: config.initrd, rw: false });
+  for (const d of config.disks) files.push({ path: d.path, target: d.path, rw: !d.readOnly });
+  config.nets.forEach((n, i) => {
+    if (n.passt !== undefined) {
+      if (!lstatOrNull(n.passt)?.isSocket())
+        throw new KilnError(`passt socket '${n.passt}' of '${name}' is not a socket: is passt running?`);
+      files.push({ path: n.passt, target: jailPasst(i), rw: true });
+    }
+  });
+  // Links first: a path that is not free fails the start before anything is lent.
+  const links: string[] = [];
+  if (config.vsock) {
+    linkSocket(run, config.vsock.uds, join(root, JAIL_VSOCK));
+    links.push(config.vsock.uds);
+  }
+  if (config.consoleSocket !== undefined) {
+    linkSocket(run, config.consoleSocket, join(root, JAIL_CONSOLE));
+    links.push(config.consoleSocket);
+  }
   const lent: Array<{ path: string; uid: number; gid: number }> = [];
   for (const f of files) {
     // The jail user must be able to open it (as libvirt's dynamic ownership does for its qemu user).
@@ -115,8 +176,14 @@ export function prepareJail(
   }
   // The config (kernel command line included) is the jail user's alone.
   const configFile = join(root, 'kiln-config.json');
-  writeFileSync(configFile, JSON.stringify(config), { mode: 0o600 });
+  writeFileSync(configFile, JSON.stringify(jailed), { mode: 0o600 });
   chownSync(configFile, uid, uid);
+  if (config.vsock) {
+    // Listeners for guest-initiated connections go beside the socket, as the jail user's.
+    const dir = join(root, 'run', 'vsock');
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    chownSync(dir, uid, uid);
+  }
   // The VMM's sockets live in its jail's /run; the manager reaches them through links in the run directory.
   for (const sock of ['api.sock', 'serial.sock']) {
     rmSync(join(run, sock), { force: true });
@@ -137,7 +204,7 @@ export function prepareJail(
     String(uid),
     '--chroot-base-dir',
     base,
-    ...files.flatMap((f) => ['--bind', `${f.path}:${f.path}:${f.rw ? 'rw' : 'ro'}`]),
+    ...files.flatMap((f) => ['--bind', `${f.path}:${f.target}:${f.rw ? 'rw' : 'ro'}`]),
     '--',
     '--api-sock',
     '/run/api.sock',
@@ -146,7 +213,7 @@ export function prepareJail(
     '--serial-sock',
     '/run/serial.sock',
   ];
-  return { argv, record: { jailed: true, uid, root, taps, lent } };
+  return { argv, record: { jailed: true, uid, root, taps, lent, links } };
 }
 
 /** Whether `run`'s sockets point into a jail that still exists. */

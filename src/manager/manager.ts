@@ -31,6 +31,7 @@ import {
   NOT_JAILED,
   prepareJail,
   readJailRecord,
+  removeSocketLinks,
   returnLentFiles,
   writeJailRecord,
   type JailRecord,
@@ -99,6 +100,11 @@ function tail(file: string, bytes: number): Buffer {
     closeSync(fd);
   }
   return buf;
+}
+
+/** Whether a jail record still holds something of the host's (files, TAPs, links). */
+function holdsAnything(record: JailRecord | null): boolean {
+  return record !== null && (record.lent?.length || record.taps.length || record.links?.length) ? true : false;
 }
 
 export class Manager {
@@ -254,8 +260,10 @@ export class Manager {
 
   /** Undoes what a previous start lent its jail (files' ownership, TAP persistence); the VMM is gone. */
   private async releaseJail(name: string): Promise<void> {
-    const record = readJailRecord(this.store.runDir(name));
-    if (!record || (!record.lent?.length && !record.taps.length)) return;
+    const run = this.store.runDir(name);
+    const record = readJailRecord(run);
+    if (!record || !holdsAnything(record)) return;
+    removeSocketLinks(run, record);
     for (const failure of returnLentFiles(record)) this.progress(`'${name}': cannot give back ${failure}`);
     if (record.taps.length) {
       const { releaseTap } = await import('../virtio/net.js');
@@ -267,7 +275,25 @@ export class Manager {
         }
       }
     }
-    writeJailRecord(this.store.runDir(name), { ...record, taps: [], lent: [] });
+    writeJailRecord(run, { ...record, taps: [], lent: [], links: [] });
+  }
+
+  /**
+   * Gives back what the jail of a VM whose VMM has ended still holds (lent files, TAPs,
+   * socket links): called when the daemon sees its VMM exit, at daemon start and every
+   * few seconds (a VMM the daemon did not spawn), and before a VM is removed.
+   */
+  reclaimEndedJails(names?: readonly string[]): Promise<void[]> {
+    const all = names ?? this.store.list().vms.map((v) => v.name);
+    return Promise.all(
+      all.map((name) =>
+        this.pidOf(name) !== null || !holdsAnything(readJailRecord(this.store.runDir(name)))
+          ? undefined
+          : this.serialised(name, async () => {
+              if (this.pidOf(name) === null) await this.releaseJail(name);
+            }).catch((err: unknown) => this.progress(`'${name}': ${(err as Error).message}`)),
+      ),
+    );
   }
 
   private async startNow(name: string, jail: boolean): Promise<StartReply> {
@@ -320,6 +346,8 @@ export class Manager {
     closeSync(log);
     const pid = child.pid!;
     child.unref();
+    // The guest may power off on its own: its jail's loans are given back when the VMM ends.
+    child.once('exit', () => void this.reclaimEndedJails([name]));
     try {
       writeFileSync(join(run, 'vmm.pid'), `${pid}\n`, { mode: PRIVATE_FILE });
     } catch (err) {
@@ -432,6 +460,8 @@ export class Manager {
   private async removeNow(name: string): Promise<void> {
     if (!this.store.exists(name)) throw new KilnError(`no VM named '${name}'`);
     if (this.pidOf(name) !== null) throw new KilnError(`'${name}' is running; stop it first (kiln stop ${name})`);
+    // Its run directory (and jail record) goes with it: give back what its last jail held first.
+    await this.releaseJail(name);
     this.store.remove(name);
     removeCgroup(name);
   }

@@ -9,12 +9,15 @@ import {
   appendFileSync,
   chmodSync,
   existsSync,
+  lstatSync,
   mkdirSync,
   readFileSync,
   readdirSync,
   statSync,
   writeFileSync,
 } from 'node:fs';
+import { once } from 'node:events';
+import { createConnection } from 'node:net';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -35,6 +38,16 @@ function kiln(stateDir: string, args: string[]) {
     env: { ...process.env, KILN_STATE_DIR: stateDir },
     timeout: 10 * 60_000,
   });
+}
+
+/** Whether anything (a dangling link too) is at `path`. */
+function present(path: string): boolean {
+  try {
+    lstatSync(path);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 function stopDaemon(stateDir: string): void {
@@ -394,7 +407,29 @@ describe('kiln VM-manager verbs', () => {
       mkdirSync(dir, { recursive: true });
       try {
         // The default guest (no kernel given) stays up with a shell on its serial console.
-        assert.equal(kiln(dir, ['create', 'web', '--cpus', '1', '--memory', '128M', '--cpu-weight', '200']).status, 0);
+        // With a disk only its owner may open (lent to the jail user while the VM runs), and a
+        // virtio console and a vsock device, whose sockets live in the jail.
+        const disk = join(dir, 'data.img');
+        writeFileSync(disk, Buffer.alloc(1 << 20), { mode: 0o600 });
+        const hvcPath = join(dir, 'hvc.sock');
+        const vsockPath = join(dir, 'v.sock');
+        const created = kiln(dir, [
+          'create',
+          'web',
+          '--cpus',
+          '1',
+          '--memory',
+          '128M',
+          '--cpu-weight',
+          '200',
+          '--disk',
+          disk,
+          '--console-socket',
+          hvcPath,
+          '--vsock',
+          `3,${vsockPath}`,
+        ]);
+        assert.equal(created.status, 0, created.stderr);
         // Two starts at once: one VMM. The daemon serialises state changes per VM.
         const both = await Promise.all([
           kilnAsync(dir, ['start', 'web', '--json']),
@@ -424,6 +459,20 @@ describe('kiln VM-manager verbs', () => {
         assert.ok(!existsSync(`/proc/${pid}/root/etc/passwd`), "the host's files are not in its jail");
         const info = kiln(dir, ['info', 'web']).stdout;
         assert.match(info, new RegExp(`^Jail: +uid ${uid}, chroot `, 'm'));
+        assert.equal(statSync(disk).uid, uid, 'the 0600 disk is lent to the jail user');
+        // The jail's console and vsock sockets, reached through the definition's paths.
+        assert.ok(lstatSync(hvcPath).isSymbolicLink() && lstatSync(vsockPath).isSymbolicLink());
+        assert.match(
+          info,
+          /^vsock: +CID 3, socket .*v\.sock \(in the jail; guest-initiated connections reach listeners at /m,
+        );
+        let hvc = '';
+        const hvcClient = createConnection(hvcPath);
+        await once(hvcClient, 'connect');
+        hvcClient.setEncoding('utf8').on('data', (c: string) => (hvc += c));
+        const vsockClient = createConnection(vsockPath);
+        await once(vsockClient, 'connect');
+        vsockClient.destroy();
         const cgroup = readFileSync(`/proc/${pid}/cgroup`, 'utf8');
         if (cgroupDirs('web').length > 0) assert.match(cgroup, /kiln\/web/, 'the VMM runs in its own cgroup');
         if (existsSync('/sys/fs/cgroup/cpu/kiln/web/cpu.shares'))
@@ -440,6 +489,15 @@ describe('kiln VM-manager verbs', () => {
         // `kiln console`: the scroll-back, then the live console; what we type reaches the shell.
         for (let i = 0; i < 600 && !kiln(dir, ['logs', 'web']).stdout.includes('KILN_INIT'); i++) await sleep(500);
         await sleep(3000);
+        // The init writes to hvc0 after its disk and entropy checks.
+        for (let i = 0; i < 240 && !hvc.includes('KILN_HVC'); i++) await sleep(250);
+        assert.match(
+          kiln(dir, ['logs', 'web']).stdout,
+          /KILN_BLK dev=vda sectors=2048 ro=0 /,
+          'the lent disk was read',
+        );
+        assert.match(hvc, /KILN_HVC hello/, "the guest's hvc0 output reached the client through the jail's socket");
+        hvcClient.destroy();
         // Piped: the input is typed into the guest's shell and its output printed; the console
         // ends once the input has ended and the guest has been quiet for --linger seconds.
         const piped = spawnSync(process.execPath, [CLI, 'console', 'web', '--linger', '15'], {
@@ -470,6 +528,11 @@ describe('kiln VM-manager verbs', () => {
           state = (JSON.parse(kiln(dir, ['info', 'web', '--json']).stdout) as { state: string }).state;
         }
         assert.equal(state, 'stopped');
+        // The guest powered off on its own, under a daemon that did not spawn its VMM: the
+        // daemon still gives the disk back and removes the socket links.
+        for (let i = 0; i < 150 && (statSync(disk).uid !== 0 || present(hvcPath)); i++) await sleep(200);
+        assert.equal(statSync(disk).uid, 0, "the disk is root's again");
+        assert.ok(!present(hvcPath) && !present(vsockPath), 'the socket links are gone');
         assert.match(kiln(dir, ['logs', 'web']).stdout, /KILN_INIT cpus=1 /, 'the console log keeps the guest output');
         // Queries change nothing: the VM that powered off keeps its (empty) cgroup until it is removed.
         const cgroupDir = cgroupDirs('web')[0];
@@ -478,6 +541,9 @@ describe('kiln VM-manager verbs', () => {
         if (cgroupDir) assert.ok(!existsSync(cgroupDir), 'rm removed the cgroup');
         assert.equal(JSON.parse(kiln(dir, ['ls', '--json']).stdout).vms.length, 0);
       } finally {
+        // After a failure: no VMM left running, no cgroup left behind.
+        kiln(dir, ['stop', 'web', '--force']);
+        kiln(dir, ['rm', 'web']);
         stopDaemon(dir);
       }
     },

@@ -3,7 +3,8 @@
 // readable `kiln info`, the console's escape keys, and the one exit-status table.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { chmodSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { EscapeDecoder } from '../../src/console-relay.js';
@@ -14,7 +15,14 @@ import { waitFor } from '../../src/manager/wait.js';
 import { definitionInput, infoText } from '../../src/manager/commands.js';
 import { parseDefinition } from '../../src/manager/definition.js';
 import type { InfoReply } from '../../src/manager/protocol.js';
-import { JAIL_UID_BASE, prepareJail, returnLentFiles } from '../../src/manager/jail.js';
+import {
+  JAIL_CONSOLE,
+  JAIL_UID_BASE,
+  JAIL_VSOCK,
+  prepareJail,
+  removeSocketLinks,
+  returnLentFiles,
+} from '../../src/manager/jail.js';
 import { parseVmConfig } from '../../src/config/vm-config.js';
 import { tempDir } from '../helpers.js';
 
@@ -147,6 +155,16 @@ test('kiln info reads as a summary', () => {
   // Said loudly when a VM runs unjailed.
   const loose = infoText({ ...info, jail: { jailed: false, uid: null, root: null } });
   assert.match(loose, /^Jail: +NONE: started with --no-jail, the VMM runs as root/m);
+  // Sockets, and where a jailed VMM's guest-initiated vsock connections go.
+  const sockets = infoText({
+    ...info,
+    definition: { ...definition, vsock: { guestCid: 3, uds: '/srv/v.sock' }, consoleSocket: '/srv/hvc.sock' },
+  });
+  assert.match(
+    sockets,
+    /^vsock: +CID 3, socket \/srv\/v\.sock \(in the jail; guest-initiated connections reach listeners at \/run\/kiln\/web\/jail\/vmm-cli\.js\/web\/root\/run\/vsock\/v\.sock_PORT\)$/m,
+  );
+  assert.match(sockets, /^Console: +virtio console on \/srv\/hvc\.sock$/m);
 });
 
 test('console escapes: Ctrl-A x quits, Ctrl-A p presses the power button, Ctrl-A Ctrl-A sends one', () => {
@@ -251,17 +269,85 @@ test(
     assert.equal(statSync(configFile).mode & 0o777, 0o600, "the config is the jail user's alone");
     assert.deepEqual(returnLentFiles(record), []);
     for (const f of [kernel, initrd, disk]) assert.equal(statSync(f).uid, 0, `${f} is root's again`);
-    // VMs whose sockets would be outside the jail are refused with the way out named.
-    assert.throws(
-      () =>
-        prepareJail(
-          run,
-          'vm2',
-          parseVmConfig({ kernel, vsock: { guestCid: 3, uds: join(dir, 'v.sock') } }),
-          uid,
-          () => false,
-        ),
-      /uses a vsock device .* start it with --no-jail/,
-    );
+  },
+);
+
+test(
+  "a jail's sockets: the VMM's vsock and console sockets are in its jail, linked from the definition's paths; passt's socket is bound in and lent",
+  { skip: process.getuid?.() === 0 ? false : 'chown needs root' },
+  async () => {
+    const dir = tempDir();
+    const kernel = join(dir, 'vmlinux');
+    writeFileSync(kernel, 'k', { mode: 0o644 });
+    chmodSync(kernel, 0o644);
+    const passtSock = join(dir, 'passt.sock');
+    const passt = createServer();
+    await new Promise<void>((resolve) => passt.listen(passtSock, resolve));
+    chmodSync(passtSock, 0o755);
+    try {
+      const uid = JAIL_UID_BASE + 124;
+      const run = join(dir, 'run');
+      mkdirSync(run);
+      const uds = join(dir, 'v.sock');
+      const hvc = join(dir, 'hvc.sock');
+      const config = parseVmConfig({
+        kernel,
+        vsock: { guestCid: 3, uds },
+        consoleSocket: hvc,
+        nets: [{ passt: passtSock }],
+      });
+      const { argv, record } = prepareJail(run, 'vm1', config, uid, () => false);
+      const root = record.root!;
+      // The VMM inside sees its own socket paths; the definition's paths link to them.
+      const inside = JSON.parse(readFileSync(join(root, 'kiln-config.json'), 'utf8')) as {
+        vsock: { uds: string };
+        consoleSocket: string;
+        nets: Array<{ passt: string }>;
+      };
+      assert.equal(inside.vsock.uds, JAIL_VSOCK);
+      assert.equal(inside.consoleSocket, JAIL_CONSOLE);
+      assert.equal(inside.nets[0]!.passt, '/run/passt-0.sock');
+      assert.equal(readlinkSync(uds), join(root, JAIL_VSOCK));
+      assert.equal(readlinkSync(hvc), join(root, JAIL_CONSOLE));
+      assert.deepEqual(record.links, [uds, hvc]);
+      // Listeners for guest-initiated vsock connections go in a directory of the jail user's.
+      const vsockDir = statSync(join(root, 'run', 'vsock'));
+      assert.equal(vsockDir.uid, uid);
+      assert.equal(vsockDir.mode & 0o777, 0o700);
+      // passt's socket (0755: the jail user could not connect) is lent and bound into the jail.
+      assert.ok(argv.includes(`${passtSock}:/run/passt-0.sock:rw`), argv.join(' '));
+      assert.equal(statSync(passtSock).uid, uid);
+      assert.deepEqual(returnLentFiles(record), []);
+      assert.equal(statSync(passtSock).uid, 0, "passt's socket is given back");
+      removeSocketLinks(run, record);
+      assert.ok(!existsSync(uds) && !existsSync(hvc), 'the links went at stop');
+      // A path someone else uses is refused, not replaced, and nothing is lent.
+      writeFileSync(uds, 'not ours');
+      chmodSync(passtSock, 0o755);
+      assert.throws(
+        () => prepareJail(run, 'vm1', config, uid, () => false),
+        new RegExp(`'${uds}' exists: the jailed VMM's socket is linked there`),
+      );
+      assert.equal(readFileSync(uds, 'utf8'), 'not ours');
+      assert.equal(statSync(passtSock).uid, 0, 'nothing lent by the refused start');
+      // removeSocketLinks leaves alone what it did not make.
+      removeSocketLinks(run, { ...record, links: [uds] });
+      assert.equal(readFileSync(uds, 'utf8'), 'not ours');
+      // A passt socket that is not there (passt not running) is named.
+      rmSync(uds);
+      assert.throws(
+        () =>
+          prepareJail(
+            run,
+            'vm1',
+            parseVmConfig({ kernel, nets: [{ passt: join(dir, 'none.sock') }] }),
+            uid,
+            () => false,
+          ),
+        /passt socket '.*none\.sock' of 'vm1' is not a socket: is passt running\?/,
+      );
+    } finally {
+      passt.close();
+    }
   },
 );
