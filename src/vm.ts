@@ -16,6 +16,11 @@ import * as libc from './kvm/libc.js';
 import { IoThread } from './virtio/io-thread.js';
 import { LogSink } from './log.js';
 import { installProcessFilter } from './seccomp/install.js';
+import { restoreDevice, saveDevice, type SavedDevice } from './devices/catalogue.js';
+import { PciRoot } from './pci/root.js';
+import { reattachEventfds, type VirtioPciOptions } from './virtio/pci.js';
+import type { SavedVcpu } from './snapshot/vcpu-state.js';
+import { restoreVmState, saveVmState, type SavedVmState } from './snapshot/vm-state.js';
 import type { SeccompPrograms } from './seccomp/policy.js';
 
 export interface VmConfig {
@@ -33,6 +38,18 @@ export interface VmConfig {
   readonly compat?: CompatConfig | null;
   /** Where the VM's log lines go, every thread's (default: stderr, "kiln: " first). */
   readonly log?: (line: string) => void;
+  /** Guest RAM from a snapshot's memory file (an open fd), mapped private instead of anonymous. */
+  readonly memoryFileFd?: number;
+}
+
+/** What a snapshot holds of a running machine, besides its memory (snapshot/). */
+export interface MachineState {
+  readonly vcpus: readonly SavedVcpu[];
+  /** The in-kernel irqchip, PIT and clock (null: a VM without the in-kernel irqchip). */
+  readonly vm: SavedVmState | null;
+  readonly devices: readonly SavedDevice[];
+  /** The software-KVM fix is in guest memory already (compat/pvm.ts): a restore must not install it again. */
+  readonly compatInstalled: boolean;
 }
 
 export interface VmResult {
@@ -101,14 +118,19 @@ export class Vm {
         vmFd.createIrqchip();
         vmFd.createPit2();
       }
-      memory = OwnedGuestMemory.create(vmFd, config.memoryBytes, {
-        memslots: kvm.checkExtension(KVM_CAP.NR_MEMSLOTS) || 32,
-        physAddrBits: hostPhysAddrBits(() => {
-          const leaf = findLeaf(supportedCpuid(kvm), 0x80000008);
-          return leaf ? leaf.eax & 0xff : null;
-        }),
-        hostBytes: hostMemoryBytes(),
-      });
+      memory = OwnedGuestMemory.create(
+        vmFd,
+        config.memoryBytes,
+        {
+          memslots: kvm.checkExtension(KVM_CAP.NR_MEMSLOTS) || 32,
+          physAddrBits: hostPhysAddrBits(() => {
+            const leaf = findLeaf(supportedCpuid(kvm), 0x80000008);
+            return leaf ? leaf.eax & 0xff : null;
+          }),
+          hostBytes: hostMemoryBytes(),
+        },
+        config.memoryFileFd ?? -1,
+      );
       for (let i = 0; i < config.vcpus; i++) vcpus.push(new VcpuFd(vmFd.createVcpu(i)));
       return new Vm(kvm, vmFd, memory, vcpus, config);
     } catch (err) {
@@ -162,10 +184,21 @@ export class Vm {
    * every one is running. With `seccomp`, the process-wide filter goes on every thread
    * first, then each worker loads its own before it touches guest data (seccomp/policy.ts).
    */
-  async start(opts: { seccomp?: SeccompPrograms | null } = {}): Promise<void> {
+  async start(
+    opts: {
+      seccomp?: SeccompPrograms | null;
+      /** A snapshot's state to continue from (restoreMachine first), and whether to stay paused. */
+      restore?: { vcpus: readonly SavedVcpu[]; paused: boolean };
+    } = {},
+  ): Promise<void> {
     if (this.threads.length > 0) throw new KilnError('the VM has already started');
+    const restore = opts.restore;
+    if (restore && restore.vcpus.length !== this.vcpus.length)
+      throw new KilnError(`the snapshot has ${restore.vcpus.length} vCPU(s), the VM ${this.vcpus.length}`);
     const seccomp = opts.seccomp ?? null;
     if (seccomp) installProcessFilter(seccomp.process);
+    if (restore?.paused)
+      for (let i = 0; i < this.vcpus.length; i++) Atomics.store(this.cells, ctl.requestCell(i), ctl.REQ_PAUSE);
     const virtio = this.devices.filter((d): d is DeviceSpec<'virtio-pci'> => d.kind === 'virtio-pci');
     if (virtio.length > 0) {
       this.io = new IoThread(
@@ -186,8 +219,12 @@ export class Vm {
         Atomics.compareExchange(this.cells, ctl.VM_STATUS, ctl.VM_RUNNING, ctl.VM_EXIT_REQUESTED);
         for (const t of this.threads) void t.stop();
       });
+      // After a restore every queue is looked at once, as if kicked: a notification the old
+      // VM's ioeventfd took but its I/O thread had not served is otherwise lost.
+      if (restore) for (const d of virtio) d.options.notifyFds.forEach((fd) => libc.signalEventfd(fd));
     }
     const runMmapSize = this.kvm.vcpuMmapSize();
+    const msrIndices = this.kvm.msrIndexList();
     this.threads = this.vcpus.map(
       (vcpu, id) =>
         new VcpuThread(
@@ -203,6 +240,8 @@ export class Vm {
             logUnhandled: this.config.logUnhandled ?? false,
             compat: this.config.compat ?? null,
             seccomp: seccomp?.vcpu ?? null,
+            msrIndices,
+            ...(restore ? { restore: restore.vcpus[id]! } : {}),
           },
           this.emit,
         ),
@@ -270,6 +309,61 @@ export class Vm {
 
   resume(): void {
     this.threads.forEach((t) => t.resume());
+  }
+
+  /** Whether every vCPU is parked (pause() has completed). */
+  get paused(): boolean {
+    return this.threads.length > 0 && this.threads.every((t) => t.state === ctl.STATE_PAUSED);
+  }
+
+  /**
+   * Saves the machine's state (vCPUs, irqchip/PIT/clock, every device) while it is
+   * paused, with the I/O thread parked; `alsoWhileParked` runs before the I/O thread is let
+   * go (the memory file is written there, so memory and device state agree).
+   */
+  async saveMachine(alsoWhileParked: () => Promise<void> | void = () => undefined): Promise<MachineState> {
+    if (!this.paused) throw new KilnError('the VM must be paused to save its state');
+    const io = this.io;
+    if (io) await io.parkLoop();
+    try {
+      const vcpus: SavedVcpu[] = [];
+      // One at a time: vCPU events must not be read while another vCPU's ioctls run (KVM's rule for SET).
+      for (const t of this.threads) vcpus.push(await t.saveState());
+      const vm = this.config.irqchip ? saveVmState(this.vmFd) : null;
+      const devices = this.devices.map((d) => saveDevice(d));
+      await alsoWhileParked();
+      return { vcpus, vm, devices, compatInstalled: Atomics.load(this.cells, ctl.VM_COMPAT_CLAIM) === 1 };
+    } finally {
+      io?.unparkLoop();
+    }
+  }
+
+  /**
+   * Puts a snapshot's VM-wide and device state into this new, not yet started VM (built
+   * with the same configuration); the vCPUs get theirs at start({ restore }).
+   */
+  restoreMachine(state: MachineState): void {
+    if (this.threads.length > 0) throw new KilnError('state is restored before the VM starts');
+    if (state.vm && this.config.irqchip) restoreVmState(this.vmFd, state.vm);
+    if (state.compatInstalled) Atomics.store(this.cells, ctl.VM_COMPAT_CLAIM, 1);
+    const byId = new Map(state.devices.map((d) => [d.id, d]));
+    for (const d of this.devices) {
+      const saved = byId.get(d.id);
+      if (!saved) throw new KilnError(`the snapshot has no state for device ${d.id} (${d.kind})`);
+      restoreDevice(d, saved);
+    }
+    if (byId.size !== new Set(this.devices.map((d) => d.id)).size)
+      throw new KilnError('the snapshot has devices this VM does not');
+    const root = this.devices.find((d) => d.kind === 'pci-root');
+    for (const d of this.devices)
+      if (d.kind === 'virtio-pci' && root)
+        reattachEventfds(
+          d.state,
+          d.options as VirtioPciOptions,
+          new PciRoot(root.state).configSpace(d.base),
+          this.vmFd.fd,
+          (line) => this.emit(d.id, line),
+        );
   }
 
   /** Stops every vCPU (then the I/O thread) and resolves with the VM's result. */

@@ -49,6 +49,8 @@ export function createTestVm(
     serialFd?: number;
     irqchip?: boolean;
     log?: (line: string) => void;
+    /** Guest RAM from a snapshot's memory file. */
+    memoryFileFd?: number;
   } = {},
 ): TestVm {
   const vm = Vm.create({
@@ -56,6 +58,7 @@ export function createTestVm(
     vcpus: options.vcpus ?? 1,
     irqchip: options.irqchip ?? false,
     ...(options.log ? { log: options.log } : {}),
+    ...(options.memoryFileFd !== undefined ? { memoryFileFd: options.memoryFileFd } : {}),
   });
   const progress = vm.addDevice({
     id: 'progress',

@@ -68,7 +68,33 @@ export const KVM = {
   SET_MP_STATE: _IOW(0x99, s.kvm_mp_state),
   GET_VCPU_EVENTS: _IOR(0x9f, s.kvm_vcpu_events),
   SET_VCPU_EVENTS: _IOW(0xa0, s.kvm_vcpu_events),
+  GET_CPUID2: _IOWR(0x91, s.kvm_cpuid2),
+  // Snapshot state, moved as opaque bytes (sizes in KVM_STATE_BYTES).
+  GET_XSAVE: _IOR(0xa4, 4096),
+  SET_XSAVE: _IOW(0xa5, 4096),
+  GET_XCRS: _IOR(0xa6, 392),
+  SET_XCRS: _IOW(0xa7, 392),
+  GET_DEBUGREGS: _IOR(0xa1, 128),
+  SET_DEBUGREGS: _IOW(0xa2, 128),
+  GET_TSC_KHZ: _IO(0xa3),
+  SET_TSC_KHZ: _IO(0xa2),
+  KVMCLOCK_CTRL: _IO(0xad),
+  // VM fd, snapshot state
+  GET_IRQCHIP: _IOWR(0x62, 520),
+  SET_IRQCHIP: _IOR(0x63, 520),
+  GET_PIT2: _IOR(0x9f, 112),
+  SET_PIT2: _IOW(0xa0, 112),
+  GET_CLOCK: _IOR(0x7c, 48),
+  SET_CLOCK: _IOW(0x7b, 48),
+  GET_DIRTY_LOG: _IOW(0x42, 16),
 } as const;
+
+/**
+ * Sizes of the state structs a snapshot keeps as bytes (x86-64 <asm/kvm.h>): kvm_xsave,
+ * kvm_xcrs, kvm_debugregs, kvm_irqchip (chip id + 512-byte union), kvm_pit_state2,
+ * kvm_clock_data.
+ */
+export const KVM_STATE_BYTES = { xsave: 4096, xcrs: 392, debugregs: 128, irqchip: 520, pit2: 112, clock: 48 } as const;
 
 export type KvmIoctlName = keyof typeof KVM;
 
@@ -87,6 +113,12 @@ export const KVM_CAP = {
   SIGNAL_MSI: 77,
   READONLY_MEM: 81,
   IMMEDIATE_EXIT: 136,
+  ADJUST_CLOCK: 39,
+  DEBUGREGS: 50,
+  XSAVE: 55,
+  XCRS: 56,
+  GET_TSC_KHZ: 61,
+  KVMCLOCK_CTRL: 76,
 } as const;
 
 /** KVM_EXIT_* reasons (kvm_run.exit_reason). */

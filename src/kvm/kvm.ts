@@ -2,7 +2,7 @@
 // (/dev/kvm), a VM and a vCPU. Every failing ioctl becomes a KvmIoctlError that names it.
 import { KilnError } from '../errors.js';
 import { KvmIoctlError, SyscallError } from './errors.js';
-import { KVM, KVM_API_VERSION, KVM_CAP, KVM_PIT_SPEAKER_DUMMY, type KvmIoctlName } from './ioctl.js';
+import { KVM, KVM_API_VERSION, KVM_CAP, KVM_PIT_SPEAKER_DUMMY, KVM_STATE_BYTES, type KvmIoctlName } from './ioctl.js';
 import * as libc from './libc.js';
 import { dataView, type Decoded, type StructType } from './struct.js';
 import * as s from './structs.js';
@@ -49,6 +49,20 @@ function ioctlOut(fd: number, name: KvmIoctlName, type: StructType): Decoded {
   const buf = type.alloc();
   ioctlBuf(fd, name, buf);
   return type.decode(dataView(buf));
+}
+
+/** An ioctl that fills `bytes` bytes of state Kiln keeps opaque (snapshots). */
+export function ioctlGetBytes(fd: number, name: KvmIoctlName, bytes: number, prefix?: Uint8Array): Uint8Array {
+  const buf = Buffer.alloc(bytes);
+  if (prefix) buf.set(prefix);
+  ioctlBuf(fd, name, buf);
+  return new Uint8Array(buf.buffer, buf.byteOffset, bytes);
+}
+
+/** An ioctl that reads `data` (state saved by ioctlGetBytes). */
+export function ioctlSetBytes(fd: number, name: KvmIoctlName, data: Uint8Array, bytes: number): void {
+  if (data.length !== bytes) throw new KilnError(`KVM_${name}: ${data.length} bytes of state, expected ${bytes}`);
+  ioctlBuf(fd, name, Buffer.from(data));
 }
 
 export class KvmSystem {
@@ -104,6 +118,19 @@ export class KvmSystem {
 
   vcpuMmapSize(): number {
     return ioctlInt(this.fd, 'GET_VCPU_MMAP_SIZE');
+  }
+
+  /** KVM_GET_MSR_INDEX_LIST: every MSR KVM saves and restores for a vCPU. */
+  msrIndexList(): number[] {
+    const probe = s.kvm_msr_list.alloc();
+    // E2BIG, with nmsrs set to the count, when the buffer is too small.
+    libc.ioctlPtr(this.fd, KVM.GET_MSR_INDEX_LIST, probe);
+    const count = probe.readUInt32LE(0);
+    const buf = s.kvm_msr_list.alloc(count);
+    buf.writeUInt32LE(count, 0);
+    ioctlBuf(this.fd, 'GET_MSR_INDEX_LIST', buf);
+    const n = buf.readUInt32LE(0);
+    return Array.from({ length: n }, (_, i) => buf.readUInt32LE(s.kvm_msr_list.flexOffset + 4 * i));
   }
 
   createVm(): VmFd {
@@ -171,6 +198,35 @@ export class VmFd {
     });
   }
 
+  /** KVM_GET_IRQCHIP: chip 0 the master PIC, 1 the slave, 2 the IOAPIC (kvm_irqchip bytes). */
+  getIrqchip(chip: 0 | 1 | 2): Uint8Array {
+    return ioctlGetBytes(this.fd, 'GET_IRQCHIP', KVM_STATE_BYTES.irqchip, new Uint8Array([chip]));
+  }
+
+  setIrqchip(state: Uint8Array): void {
+    ioctlSetBytes(this.fd, 'SET_IRQCHIP', state, KVM_STATE_BYTES.irqchip);
+  }
+
+  getPit2(): Uint8Array {
+    return ioctlGetBytes(this.fd, 'GET_PIT2', KVM_STATE_BYTES.pit2);
+  }
+
+  setPit2(state: Uint8Array): void {
+    ioctlSetBytes(this.fd, 'SET_PIT2', state, KVM_STATE_BYTES.pit2);
+  }
+
+  /** KVM_GET_CLOCK (kvm_clock_data: the kvmclock's ns, flags, realtime, host TSC). */
+  getClock(): Uint8Array {
+    return ioctlGetBytes(this.fd, 'GET_CLOCK', KVM_STATE_BYTES.clock);
+  }
+
+  /** KVM_SET_CLOCK with the saved clock value; flags cleared (no KVM_CLOCK_REALTIME). */
+  setClock(state: Uint8Array): void {
+    const data = Buffer.from(state);
+    data.writeUInt32LE(0, 8);
+    ioctlSetBytes(this.fd, 'SET_CLOCK', data, KVM_STATE_BYTES.clock);
+  }
+
   signalMsi(addressLo: number, addressHi: number, data: number): number {
     const buf = s.kvm_msi.alloc();
     s.kvm_msi.encode(dataView(buf), 0, { address_lo: addressLo, address_hi: addressHi, data });
@@ -217,6 +273,29 @@ export class VcpuFd {
 
   setVcpuEvents(events: Decoded): void {
     ioctlIn(this.fd, 'SET_VCPU_EVENTS', s.kvm_vcpu_events, events);
+  }
+
+  /** A state struct as bytes (snapshots): its ioctl and size. */
+  getBytes(name: KvmIoctlName, bytes: number): Uint8Array {
+    return ioctlGetBytes(this.fd, name, bytes);
+  }
+
+  setBytes(name: KvmIoctlName, data: Uint8Array, bytes: number): void {
+    ioctlSetBytes(this.fd, name, data, bytes);
+  }
+
+  /** KVM_GET_TSC_KHZ: the guest's TSC frequency. */
+  tscKhz(): number {
+    return ioctlInt(this.fd, 'GET_TSC_KHZ');
+  }
+
+  setTscKhz(khz: number): void {
+    ioctlInt(this.fd, 'SET_TSC_KHZ', khz);
+  }
+
+  /** KVM_KVMCLOCK_CTRL: tells a kvmclock guest it was stopped (no soft-lockup reports); false where it does not use kvmclock. */
+  kvmclockCtrl(): boolean {
+    return libc.ioctlInt(this.fd, KVM.KVMCLOCK_CTRL, 0) === 0;
   }
 
   getMpState(): number {

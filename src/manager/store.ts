@@ -7,23 +7,11 @@
 //   <state>/run/<name>/          console.log, api.sock, vmm.pid, config.json
 //   <state>/limits.json          overcommit ratios (optional)
 //   <state>/kiln.sock            the daemon's API
-import {
-  closeSync,
-  existsSync,
-  fsyncSync,
-  chmodSync,
-  mkdirSync,
-  openSync,
-  readdirSync,
-  readFileSync,
-  renameSync,
-  rmSync,
-  statSync,
-  writeSync,
-} from 'node:fs';
+import { existsSync, chmodSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { KilnError } from '../errors.js';
+import { TMP_MARK, writeAll, writeFileAtomically } from '../atomic-file.js';
 import { NAME_RULE, parseDefinition, type VmDefinition } from './definition.js';
 
 export interface Limits {
@@ -34,7 +22,6 @@ export interface Limits {
 }
 
 export const DEFAULT_LIMITS: Limits = { cpuOvercommit: 4, memoryOvercommit: 1 };
-const TMP_MARK = '.tmp-';
 
 /** Modes of everything in the state directory, whatever the umask. */
 export const PRIVATE_DIR = 0o700;
@@ -59,30 +46,7 @@ export function stateDir(): string {
 
 /** Writes `text` to `path` so that a crash leaves either the old file or the new one. */
 export function writeAtomically(path: string, text: string): void {
-  const dir = join(path, '..');
-  const tmp = `${path}${TMP_MARK}${process.pid}`;
-  const bytes = Buffer.from(text);
-  try {
-    const fd = openSync(tmp, 'w', PRIVATE_FILE);
-    try {
-      // writeSync may write less than asked (a full disk): loop, and let ENOSPC throw.
-      for (let done = 0; done < bytes.length;) done += writeSync(fd, bytes, done, bytes.length - done);
-      fsyncSync(fd);
-    } finally {
-      closeSync(fd);
-    }
-    renameSync(tmp, path);
-  } catch (err) {
-    // Nothing half-written is left behind, and the old file (if any) is untouched.
-    rmSync(tmp, { force: true });
-    throw err;
-  }
-  const dfd = openSync(dir, 'r');
-  try {
-    fsyncSync(dfd);
-  } finally {
-    closeSync(dfd);
-  }
+  writeFileAtomically(path, (fd) => writeAll(fd, Buffer.from(text)), PRIVATE_FILE);
 }
 
 /** Temporary files of writes a crash interrupted (the daemon sweeps them at start). */

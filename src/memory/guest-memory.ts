@@ -250,21 +250,26 @@ export class OwnedGuestMemory extends GuestMemory {
 
   /**
    * Maps `size` bytes of RAM (split around the MMIO hole) and registers each region
-   * with the VM. On any failure, everything mapped so far is unmapped again.
+   * with the VM. On any failure, everything mapped so far is unmapped again. With
+   * `backingFd`, the regions map that file back to back (a snapshot's memory file).
    */
-  static create(vm: VmFd, size: number, limits: HostMemoryLimits): OwnedGuestMemory {
+  static create(vm: VmFd, size: number, limits: HostMemoryLimits, backingFd = -1): OwnedGuestMemory {
     validateMemorySize(size, limits);
     const regions: RegionDescriptor[] = [];
+    let fileOffset = 0;
     try {
       ramRanges(size).forEach((range, slot) => {
+        // From a snapshot's memory file: a private mapping, so pages come in as the guest
+        // touches them and its writes never reach the file.
         const hostAddr = libc.mmap(
           null,
           range.size,
           libc.PROT_READ | libc.PROT_WRITE,
-          libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE,
-          -1,
-          0,
+          libc.MAP_PRIVATE | libc.MAP_NORESERVE | (backingFd < 0 ? libc.MAP_ANONYMOUS : 0),
+          backingFd,
+          backingFd < 0 ? 0 : fileOffset,
         );
+        fileOffset += range.size;
         if (hostAddr === libc.MAP_FAILED) {
           const e = libc.errno();
           if (e === libc.ENOMEM) {

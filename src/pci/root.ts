@@ -115,6 +115,12 @@ export class PciRoot {
     return this.bytes.subarray(SPACES_AT + slot * SLOT_BYTES, SPACES_AT + slot * SLOT_BYTES + CONFIG_SPACE_BYTES);
   }
 
+  /** A function's configuration space (read by the host after a restore). */
+  configSpace(slot: number): DataView {
+    const b = this.space(slot);
+    return new DataView(b.buffer, b.byteOffset, b.byteLength);
+  }
+
   private mask(slot: number): Uint8Array {
     const at = SPACES_AT + slot * SLOT_BYTES + CONFIG_SPACE_BYTES;
     return this.bytes.subarray(at, at + CONFIG_SPACE_BYTES);

@@ -19,6 +19,8 @@ export const VM_EXIT_REQUESTED = 1;
 export const REQ_RUN = 0;
 export const REQ_PAUSE = 1;
 export const REQ_STOP = 2;
+/** While paused: save the vCPU's state (snapshot/vcpu-state.ts), post it, and stay paused. */
+export const REQ_SAVE = 3;
 
 export const STATE_STARTING = 0;
 export const STATE_RUNNING = 1;

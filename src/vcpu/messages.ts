@@ -4,6 +4,7 @@ import type { DeviceSpec } from '../devices/catalogue.js';
 import type { Decoded } from '../kvm/struct.js';
 import type { LogMessage } from '../log.js';
 import type { GuestMemoryDescriptor } from '../memory/guest-memory.js';
+import type { SavedVcpu } from '../snapshot/vcpu-state.js';
 
 export interface VcpuWorkerInit {
   readonly id: number;
@@ -22,6 +23,10 @@ export interface VcpuWorkerInit {
   readonly compat: CompatConfig | null;
   /** The vCPU thread's seccomp program (seccomp/policy.ts), loaded before its first KVM_RUN; null: none. */
   readonly seccomp: Uint8Array | null;
+  /** The MSRs a snapshot saves (KVM_GET_MSR_INDEX_LIST). */
+  readonly msrIndices: readonly number[];
+  /** A snapshot's state for this vCPU, restored before its first KVM_RUN. */
+  readonly restore?: SavedVcpu;
 }
 
 /**
@@ -62,4 +67,6 @@ export type VcpuMessage =
       /** Epoch ms, just before the first KVM_RUN. */ readonly firstRunAt: number;
     }
   | { readonly type: 'paused' }
+  | { readonly type: 'state'; readonly state: SavedVcpu }
+  | { readonly type: 'state-error'; readonly error: string }
   | { readonly type: 'exit'; readonly exit: VcpuExit };

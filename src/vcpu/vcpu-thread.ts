@@ -6,6 +6,7 @@ import { KilnError } from '../errors.js';
 import * as libc from '../kvm/libc.js';
 import * as ctl from './control.js';
 import type { VcpuExit, VcpuMessage, VcpuWorkerInit } from './messages.js';
+import type { SavedVcpu } from '../snapshot/vcpu-state.js';
 
 /** SIGUSR2 kicks vCPU threads; Node reserves SIGUSR1 for its inspector. */
 export const KICK_SIGNAL = osConstants.signals.SIGUSR2;
@@ -16,6 +17,7 @@ export class VcpuThread {
   private thread: number | bigint | null = null;
   private alive = true;
   private pauseWaiters: Array<() => void> = [];
+  private stateWaiter: ((state: SavedVcpu | Error) => void) | null = null;
   /** Linux thread id of the vCPU thread, once it is running. */
   tid = 0;
   /** Epoch milliseconds at which the thread first entered KVM_RUN. */
@@ -54,6 +56,10 @@ export class VcpuThread {
           const waiters = this.pauseWaiters;
           this.pauseWaiters = [];
           waiters.forEach((w) => w());
+        } else if (message.type === 'state' || message.type === 'state-error') {
+          const waiter = this.stateWaiter;
+          this.stateWaiter = null;
+          waiter?.(message.type === 'state' ? message.state : new KilnError(`vcpu${init.id}: ${message.error}`));
         } else {
           exit = message.exit;
         }
@@ -74,6 +80,8 @@ export class VcpuThread {
         const waiters = this.pauseWaiters;
         this.pauseWaiters = [];
         waiters.forEach((w) => w());
+        this.stateWaiter?.(new KilnError(`vcpu${init.id} ended: ${exit.detail}`));
+        this.stateWaiter = null;
         resolve(exit);
       });
     });
@@ -107,6 +115,18 @@ export class VcpuThread {
     this.request(ctl.REQ_PAUSE);
     if (this.state === ctl.STATE_PAUSED) return;
     await parked;
+  }
+
+  /** The vCPU's whole state (snapshot/vcpu-state.ts), saved on its thread; it must be paused. */
+  async saveState(): Promise<SavedVcpu> {
+    if (!this.alive || this.state !== ctl.STATE_PAUSED) throw new KilnError(`vcpu${this.id} is not paused`);
+    if (this.stateWaiter) throw new KilnError(`vcpu${this.id} is already saving its state`);
+    const got = new Promise<SavedVcpu | Error>((resolve) => (this.stateWaiter = resolve));
+    Atomics.store(this.cells, ctl.requestCell(this.id), ctl.REQ_SAVE);
+    Atomics.notify(this.cells, ctl.requestCell(this.id));
+    const state = await got;
+    if (state instanceof Error) throw state;
+    return state;
   }
 
   resume(): void {

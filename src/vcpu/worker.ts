@@ -19,6 +19,7 @@ import { dataView } from '../kvm/struct.js';
 import { GuestMemory } from '../memory/guest-memory.js';
 import { kvm_run, kvm_signal_mask } from '../kvm/structs.js';
 import * as ctl from './control.js';
+import { restoreVcpu, saveVcpu } from '../snapshot/vcpu-state.js';
 import { installProgram } from '../seccomp/install.js';
 import type { VcpuExit, VcpuExitReason, VcpuMessage, VcpuWorkerInit } from './messages.js';
 
@@ -243,7 +244,18 @@ function finish(reason: VcpuExitReason, detail: string, withRegs: boolean): void
 function parkWhilePaused(): boolean {
   Atomics.store(cells, STATE, ctl.STATE_PAUSED);
   post({ type: 'paused' });
-  while (Atomics.load(cells, REQUEST) === ctl.REQ_PAUSE) Atomics.wait(cells, REQUEST, ctl.REQ_PAUSE);
+  for (;;) {
+    const request = Atomics.load(cells, REQUEST);
+    if (request === ctl.REQ_PAUSE) Atomics.wait(cells, REQUEST, ctl.REQ_PAUSE);
+    else if (request === ctl.REQ_SAVE) {
+      try {
+        post({ type: 'state', state: saveVcpu(vcpu, init.msrIndices) });
+      } catch (err) {
+        post({ type: 'state-error', error: err instanceof Error ? err.message : String(err) });
+      }
+      Atomics.compareExchange(cells, REQUEST, ctl.REQ_SAVE, ctl.REQ_PAUSE);
+    } else break;
+  }
   consumeKicks();
   if (Atomics.load(cells, REQUEST) !== ctl.REQ_RUN) return false;
   Atomics.store(cells, STATE, ctl.STATE_RUNNING);
@@ -294,6 +306,11 @@ function runLoop(): void {
 }
 
 libc.pthreadSetnameNp(libc.pthreadSelf(), `fc_vcpu ${init.id}`);
+if (init.restore) {
+  // A snapshot's state, before the first KVM_RUN; then tell a kvmclock guest it was stopped.
+  for (const warning of restoreVcpu(vcpu, init.restore)) log(warning);
+  vcpu.kvmclockCtrl();
+}
 if (init.seccomp) installProgram(init.seccomp, { allThreads: false });
 Atomics.store(cells, STATE, ctl.STATE_RUNNING);
 post({

@@ -1,5 +1,6 @@
 // The main thread's handle on the I/O thread (io-worker.ts): start it with the VM's
 // virtio devices, stop it through an eventfd it polls.
+import { setTimeout as sleep } from 'node:timers/promises';
 import { Worker } from 'node:worker_threads';
 import type { DeviceSpec } from '../devices/catalogue.js';
 import { KilnError } from '../errors.js';
@@ -12,25 +13,35 @@ export interface IoThreadInit {
   readonly vmFd: number;
   readonly devices: readonly DeviceSpec<'virtio-pci'>[];
   readonly stopFd: number;
+  /** Signalled to park the loop (snapshots): cell PARK_REQUEST says whether to, PARK_STATE whether it has. */
+  readonly parkFd: number;
+  readonly park: SharedArrayBuffer;
   /** The I/O thread's seccomp program (seccomp/policy.ts), loaded before its loop starts; null: none. */
   readonly seccomp: Uint8Array | null;
 }
 
+export const PARK_REQUEST = 0;
+export const PARK_STATE = 1;
+
 export class IoThread {
   private readonly worker: Worker;
   private readonly stopFd: number;
+  private readonly parkFd: number;
+  private readonly park = new SharedArrayBuffer(8);
+  private readonly parkCells = new Int32Array(this.park);
   readonly ready: Promise<number>;
   readonly exited: Promise<string | null>;
 
   constructor(
-    init: Omit<IoThreadInit, 'stopFd'>,
+    init: Omit<IoThreadInit, 'stopFd' | 'parkFd' | 'park'>,
     /** Where the I/O thread's log lines go (the VM's LogSink). */
     log: (source: string, line: string) => void,
   ) {
     this.stopFd = libc.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
-    if (this.stopFd < 0) throw new KilnError(`eventfd failed: ${libc.errnoName(libc.errno())}`);
+    this.parkFd = libc.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
+    if (this.stopFd < 0 || this.parkFd < 0) throw new KilnError(`eventfd failed: ${libc.errnoName(libc.errno())}`);
     this.worker = new Worker(new URL('./io-worker.js', import.meta.url), {
-      workerData: { ...init, stopFd: this.stopFd },
+      workerData: { ...init, stopFd: this.stopFd, parkFd: this.parkFd, park: this.park },
       stdout: false,
       stderr: false,
     });
@@ -57,11 +68,34 @@ export class IoThread {
     await this.exited;
   }
 
+  /**
+   * Parks the loop between events (no device touches guest memory or its state until
+   * unpark): what a snapshot needs for a consistent picture. Resolves once parked.
+   */
+  async parkLoop(): Promise<void> {
+    Atomics.store(this.parkCells, PARK_REQUEST, 1);
+    libc.signalEventfd(this.parkFd);
+    let ended = false;
+    void this.exited.then(() => (ended = true));
+    // The loop parks within one event's work: poll for it (microseconds to a few ms).
+    while (Atomics.load(this.parkCells, PARK_STATE) !== 1) {
+      if (ended) throw new KilnError('the I/O thread ended');
+      await sleep(1);
+    }
+  }
+
+  unparkLoop(): void {
+    Atomics.store(this.parkCells, PARK_REQUEST, 0);
+    Atomics.notify(this.parkCells, PARK_REQUEST);
+  }
+
   /** Stops the loop; resolves with the error that ended it early, if any. */
   async stop(): Promise<string | null> {
+    this.unparkLoop();
     libc.signalEventfd(this.stopFd);
     const failure = await this.exited;
     libc.close(this.stopFd);
+    libc.close(this.parkFd);
     return failure;
   }
 }

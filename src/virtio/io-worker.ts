@@ -11,7 +11,7 @@ import * as libc from '../kvm/libc.js';
 import { GuestMemory } from '../memory/guest-memory.js';
 import { createBackend } from './catalogue.js';
 import { VirtioInterrupts, VirtioRuntime, type VirtioBackend } from './device.js';
-import type { IoThreadInit } from './io-thread.js';
+import { PARK_REQUEST, PARK_STATE, type IoThreadInit } from './io-thread.js';
 import { virtioState } from './pci.js';
 import { installProgram } from '../seccomp/install.js';
 
@@ -92,6 +92,16 @@ for (const spec of init.devices) {
 let running = true;
 watch(init.stopFd, () => {
   running = false;
+});
+// A snapshot parks the loop: nothing here touches guest memory or device state until it is let go.
+const park = new Int32Array(init.park);
+watch(init.parkFd, () => {
+  libc.drainEventfd(init.parkFd);
+  if (Atomics.load(park, PARK_REQUEST) !== 1) return;
+  Atomics.store(park, PARK_STATE, 1);
+  Atomics.notify(park, PARK_STATE);
+  while (Atomics.load(park, PARK_REQUEST) === 1) Atomics.wait(park, PARK_REQUEST, 1);
+  Atomics.store(park, PARK_STATE, 0);
 });
 
 libc.pthreadSetnameNp(libc.pthreadSelf(), 'kiln_io');

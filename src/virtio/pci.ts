@@ -154,6 +154,24 @@ function syncEventfds(
   }
 }
 
+/**
+ * After a restore into a new VM: KVM has none of the old VM's ioeventfds, so each queue
+ * is registered afresh where the restored BAR 0 puts it.
+ */
+export function reattachEventfds(
+  state: SharedArrayBuffer,
+  options: VirtioPciOptions,
+  space: DataView,
+  vmFd: number,
+  log: (line: string) => void,
+): void {
+  const s = virtioState(state, options);
+  for (let q = 0; q < s.numQueues; q++) s.transportRecord(q).setUint32(QUEUE_TRANSPORT.eventfdAddr, 0, true);
+  const command = space.getUint16(4, true);
+  const bar0 = space.getUint32(PCI_BASE_ADDRESS_0, true);
+  syncEventfds(s, vmFd, options.notifyFds, command & 0x2 ? (bar0 & ~0xf) >>> 0 : -1, log);
+}
+
 /** Where capability `id` starts in a configuration space, or -1. */
 function capabilityAt(space: DataView, id: number): number {
   for (

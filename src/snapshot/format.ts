@@ -1,0 +1,107 @@
+// The snapshot state file: Kiln's own format, checked whole before anything is restored.
+//
+//   bytes 0-7    "KILNSNAP"
+//   bytes 8-11   format version (u32 little-endian)
+//   bytes 12-15  zero
+//   bytes 16-23  length N of the body (u64 little-endian)
+//   N bytes      the body: UTF-8 JSON (byte arrays as {"$b64": ...}, 64-bit values as {"$u64": "0x..."})
+//   32 bytes     SHA-256 of everything before it
+//
+// JSON rather than a packed binary layout: the state is small (tens of KiB; guest RAM is
+// in the memory file), a person can read it with jq, and a new field does not move every
+// other one. The version changes whenever a restore could misread an older file; Kiln
+// reads only its own version and says so.
+import { createHash } from 'node:crypto';
+import { closeSync, fstatSync, openSync, readSync, constants as fsConstants } from 'node:fs';
+import { KilnError } from '../errors.js';
+
+export const SNAPSHOT_MAGIC = 'KILNSNAP';
+export const SNAPSHOT_VERSION = 1;
+const HEADER_BYTES = 24;
+const DIGEST_BYTES = 32;
+/** Far above any real state file (tens of KiB per vCPU); a larger file is not read. */
+export const MAX_STATE_FILE_BYTES = 64 * 1024 * 1024;
+
+export class SnapshotError extends KilnError {
+  override readonly name: string = 'SnapshotError';
+}
+
+function replacer(_key: string, value: unknown): unknown {
+  if (value instanceof Uint8Array)
+    return { $b64: Buffer.from(value.buffer, value.byteOffset, value.length).toString('base64') };
+  if (typeof value === 'bigint') return { $u64: `0x${value.toString(16)}` };
+  return value;
+}
+
+function reviver(_key: string, value: unknown): unknown {
+  if (value !== null && typeof value === 'object' && !Array.isArray(value)) {
+    const o = value as Record<string, unknown>;
+    const keys = Object.keys(o);
+    if (keys.length === 1 && typeof o.$b64 === 'string') return new Uint8Array(Buffer.from(o.$b64, 'base64'));
+    if (keys.length === 1 && typeof o.$u64 === 'string') return BigInt(o.$u64);
+  }
+  return value;
+}
+
+/** The whole state file for `body`. */
+export function encodeStateFile(body: unknown): Buffer {
+  const json = Buffer.from(JSON.stringify(body, replacer), 'utf8');
+  const header = Buffer.alloc(HEADER_BYTES);
+  header.write(SNAPSHOT_MAGIC, 0, 'latin1');
+  header.writeUInt32LE(SNAPSHOT_VERSION, 8);
+  header.writeBigUInt64LE(BigInt(json.length), 16);
+  const digest = createHash('sha256').update(header).update(json).digest();
+  return Buffer.concat([header, json, digest]);
+}
+
+/** Checks magic, version, length and checksum, then parses the body; throws SnapshotError saying what is wrong. */
+export function decodeStateFile(bytes: Uint8Array, path = 'the state file'): unknown {
+  const buf = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length);
+  if (buf.length < HEADER_BYTES + DIGEST_BYTES || buf.toString('latin1', 0, 8) !== SNAPSHOT_MAGIC)
+    throw new SnapshotError(`${path} is not a Kiln snapshot (no ${SNAPSHOT_MAGIC} header)`);
+  const version = buf.readUInt32LE(8);
+  if (version !== SNAPSHOT_VERSION)
+    throw new SnapshotError(
+      `${path} is snapshot format version ${version}; this Kiln reads version ${SNAPSHOT_VERSION}`,
+    );
+  const length = buf.readBigUInt64LE(16);
+  if (length !== BigInt(buf.length - HEADER_BYTES - DIGEST_BYTES))
+    throw new SnapshotError(
+      `${path} is truncated or has extra bytes (${buf.length} bytes; its header says ${HEADER_BYTES + DIGEST_BYTES + Number(length)})`,
+    );
+  const end = buf.length - DIGEST_BYTES;
+  const digest = createHash('sha256').update(buf.subarray(0, end)).digest();
+  if (!digest.equals(buf.subarray(end))) throw new SnapshotError(`${path} is corrupted (its checksum does not match)`);
+  try {
+    return JSON.parse(buf.toString('utf8', HEADER_BYTES, end), reviver);
+  } catch (err) {
+    throw new SnapshotError(`${path}: its body is not valid JSON (${(err as Error).message})`);
+  }
+}
+
+/** Reads a state file (a regular file, at most MAX_STATE_FILE_BYTES, never blocking) and decodes it. */
+export function readStateFile(path: string): unknown {
+  let fd = -1;
+  try {
+    fd = openSync(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK | fsConstants.O_NOCTTY);
+    const st = fstatSync(fd);
+    if (!st.isFile()) throw new SnapshotError(`the snapshot file ${path} is not a regular file`);
+    if (st.size > MAX_STATE_FILE_BYTES)
+      throw new SnapshotError(`the snapshot file ${path} is ${st.size} bytes: too large to be a Kiln state file`);
+    const buf = Buffer.alloc(st.size);
+    let at = 0;
+    while (at < buf.length) {
+      const n = readSync(fd, buf, at, buf.length - at, at);
+      if (n === 0) break;
+      at += n;
+    }
+    return decodeStateFile(buf.subarray(0, at), `the snapshot file ${path}`);
+  } catch (err) {
+    if (err instanceof KilnError) throw err;
+    throw new SnapshotError(
+      `cannot read the snapshot file ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`,
+    );
+  } finally {
+    if (fd >= 0) closeSync(fd);
+  }
+}
