@@ -81,7 +81,7 @@ describe('snapshot and restore of a ring-3 guest', { skip: kvmSkip }, () => {
     });
     const read = (i: number) => t.vm.memory.readU64(layout.KIT_DATA + 8 * i);
     let written = 0;
-    let progressAtSnapshot = 0n;
+    let progressAtSnapshot: bigint;
     try {
       await t.vm.start();
       for (let i = 0; i < 200 && read(0) === 0n; i++) await sleep(5);
