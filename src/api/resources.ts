@@ -323,6 +323,84 @@ export function parseAction(body: unknown): 'InstanceStart' | 'SendCtrlAltDel' |
     .action_type as 'InstanceStart' | 'SendCtrlAltDel' | 'FlushMetrics';
 }
 
+export interface SnapshotCreate {
+  readonly snapshotPath: string;
+  readonly memFilePath: string;
+  readonly type: 'Full' | 'Diff';
+}
+
+export function parseSnapshotCreate(body: unknown): SnapshotCreate {
+  const r = check('snapshot/create', body, {
+    snapshot_path: req(str),
+    mem_file_path: req(str),
+    snapshot_type: oneOf('Full', 'Diff'),
+    version: str,
+  });
+  return {
+    snapshotPath: r.snapshot_path as string,
+    memFilePath: r.mem_file_path as string,
+    type: (r.snapshot_type as 'Full' | 'Diff' | undefined) ?? 'Full',
+  };
+}
+
+export interface SnapshotLoad {
+  readonly snapshotPath: string;
+  readonly memFilePath: string;
+  readonly backend: 'File' | 'Uffd';
+  readonly resume: boolean;
+  readonly trackDirtyPages: boolean;
+  readonly clockRealtime: boolean;
+  /** iface_id -> the TAP to use instead. */
+  readonly networkOverrides: ReadonlyMap<string, string>;
+  readonly vsockUds?: string;
+}
+
+export function parseSnapshotLoad(body: unknown): SnapshotLoad {
+  const r = check('snapshot/load', body, {
+    snapshot_path: req(str),
+    mem_file_path: str,
+    mem_backend: obj,
+    enable_diff_snapshots: bool,
+    track_dirty_pages: bool,
+    resume_vm: bool,
+    network_overrides: arr,
+    vsock_override: obj,
+    clock_realtime: bool,
+  });
+  let memFilePath = r.mem_file_path as string | undefined;
+  let backend: 'File' | 'Uffd' = 'File';
+  if (r.mem_backend !== undefined) {
+    if (memFilePath !== undefined)
+      throw new ApiError('snapshot/load: give either `mem_backend` or the older `mem_file_path`, not both');
+    const m = check('snapshot/load: mem_backend', r.mem_backend, {
+      backend_type: req(oneOf('File', 'Uffd')),
+      backend_path: req(str),
+    });
+    backend = m.backend_type as 'File' | 'Uffd';
+    memFilePath = m.backend_path as string;
+  }
+  if (memFilePath === undefined) throw new ApiError('snapshot/load: missing field `mem_backend`');
+  const overrides = new Map<string, string>();
+  for (const o of r.network_overrides as unknown[] | undefined ?? []) {
+    const n = check('snapshot/load: network_overrides', o, { iface_id: req(str), host_dev_name: req(str) });
+    overrides.set(n.iface_id as string, n.host_dev_name as string);
+  }
+  const vsock =
+    r.vsock_override !== undefined
+      ? (check('snapshot/load: vsock_override', r.vsock_override, { uds_path: req(str) }).uds_path as string)
+      : undefined;
+  return {
+    snapshotPath: r.snapshot_path as string,
+    memFilePath,
+    backend,
+    resume: (r.resume_vm as boolean | undefined) ?? false,
+    trackDirtyPages: ((r.track_dirty_pages ?? r.enable_diff_snapshots) as boolean | undefined) ?? false,
+    clockRealtime: (r.clock_realtime as boolean | undefined) ?? false,
+    networkOverrides: overrides,
+    ...(vsock !== undefined ? { vsockUds: vsock } : {}),
+  };
+}
+
 // ---- VmConfig -> Firecracker's resources (GET /vm/config, GET /machine-config, GET /balloon) ----
 export function exportMachineConfig(c: VmConfig): Record<string, unknown> {
   return {

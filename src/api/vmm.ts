@@ -11,7 +11,22 @@ import { balloonControl, blkControl, openDisk } from '../platform/virtio.js';
 import type { BalloonControl } from '../virtio/balloon.js';
 import type { VmResult } from '../vm.js';
 import type { SeccompPrograms } from '../seccomp/policy.js';
-import { ApiError, type ConfigChange, type LoggerConfig, type MetricsConfig, type VmmSettings } from './resources.js';
+import { writeAll, writeFileAtomically } from '../atomic-file.js';
+import type { CompatConfig } from '../compat/pvm.js';
+import { encodeStateFile, readStateFile } from '../snapshot/format.js';
+import { openMemoryFile, writeMemoryFile } from '../snapshot/memory-file.js';
+import { KILN_VERSION } from '../version.js';
+import type { BootSummary } from '../boot/linux.js';
+import type { MachineState } from '../vm.js';
+import {
+  ApiError,
+  type SnapshotCreate,
+  type SnapshotLoad,
+  type ConfigChange,
+  type LoggerConfig,
+  type MetricsConfig,
+  type VmmSettings,
+} from './resources.js';
 
 const isLink = (path: string): boolean => {
   try {
@@ -26,6 +41,17 @@ export type InstanceState = 'Not started' | 'Running' | 'Paused';
 /** The fault message Firecracker gives for a pre-boot-only request after the start. */
 export const AFTER_START = 'The requested operation is not supported after starting the microVM.';
 export const BEFORE_START = 'The requested operation is not supported before starting the microVM.';
+
+/** What kiln-vmm's state file holds (snapshot/format.ts frames it). */
+interface VmmSnapshot {
+  readonly kiln: string;
+  readonly createdAt: string;
+  readonly config: VmConfig;
+  readonly boot: BootSummary;
+  readonly compat: CompatConfig | null;
+  readonly memoryBytes: number;
+  readonly machine: MachineState;
+}
 
 export class Vmm {
   /** The VM as configured so far: always a checked VmConfig (a change that would break it is refused whole). */
@@ -205,9 +231,136 @@ export class Vmm {
       'Info',
       `InstanceStart: ${c.kernel} (${this.live.boot.format}), ${c.cpus} vCPU, ${c.memoryMiB} MiB, ${c.disks.length} drive(s), ${c.nets.length} network interface(s)`,
     );
-    void this.live.vm.wait().then(async (result) => {
+    this.watchEnd(this.live);
+  }
+
+  /**
+   * PUT /snapshot/create: the paused VM's state file and memory file. Full only; the VM
+   * stays paused. Both files are written whole or not at all.
+   */
+  async createSnapshot(req: SnapshotCreate): Promise<void> {
+    if (!this.live) throw new ApiError(BEFORE_START);
+    if (!this.paused)
+      throw new ApiError('Cannot create a snapshot while the microVM is running: pause it first (PATCH /vm Paused).');
+    if (req.type === 'Diff')
+      throw new ApiError('Diff snapshots are not supported yet: take a Full snapshot (snapshot_type "Full").');
+    const live = this.live;
+    const started = performance.now();
+    let mem = { bytes: 0, written: 0 };
+    try {
+      const machine = await live.vm.saveMachine(() => {
+        mem = writeMemoryFile(req.memFilePath, live.vm.memory);
+      });
+      const body: VmmSnapshot = {
+        kiln: KILN_VERSION,
+        createdAt: new Date().toISOString(),
+        config: this.config,
+        boot: live.boot,
+        compat: live.compat,
+        memoryBytes: mem.bytes,
+        machine,
+      };
+      writeFileAtomically(req.snapshotPath, (fd) => writeAll(fd, encodeStateFile(body)));
+    } catch (err) {
+      if (err instanceof KilnError || (err as NodeJS.ErrnoException).code)
+        throw new ApiError(`Cannot create the snapshot: ${(err as Error).message}`);
+      throw err;
+    }
+    this.note(
+      'Info',
+      `snapshot created: ${req.snapshotPath}, memory ${req.memFilePath} (${mem.bytes} bytes, ${mem.written} written) in ${(performance.now() - started).toFixed(1)} ms`,
+    );
+  }
+
+  /** Whether anything but the logger and metrics has been configured (a load must come first). */
+  private get configured(): boolean {
+    return JSON.stringify(this.config) !== JSON.stringify(parseVmConfig({}));
+  }
+
+  /**
+   * PUT /snapshot/load, in a fresh kiln-vmm: the VM the snapshot was taken of, rebuilt
+   * with its RAM mapped from the memory file (pages come in as the guest touches them),
+   * its state restored, paused unless `resume_vm`. A load that fails leaves the VMM as it
+   * was (nothing configured) and writes nothing.
+   */
+  async loadSnapshot(req: SnapshotLoad): Promise<void> {
+    if (this.live || this.configured)
+      throw new ApiError('Loading a microVM snapshot not allowed after configuring boot-specific resources.');
+    if (req.backend === 'Uffd')
+      throw new ApiError('The Uffd memory backend is not supported yet: use backend_type "File".');
+    const started = performance.now();
+    let snapshot: VmmSnapshot;
+    try {
+      snapshot = readStateFile(req.snapshotPath) as VmmSnapshot;
+    } catch (err) {
+      throw new ApiError(`Cannot load the snapshot: ${(err as Error).message}`);
+    }
+    let config: VmConfig;
+    try {
+      const saved = parseVmConfig(snapshot.config);
+      for (const id of req.networkOverrides.keys())
+        if (!saved.nets.some((n) => n.id === id))
+          throw new KilnError(`network_overrides: the snapshot has no network interface ${id}`);
+      if (req.vsockUds !== undefined && !saved.vsock)
+        throw new KilnError('vsock_override: the snapshot has no vsock device');
+      config = parseVmConfig({
+        ...saved,
+        nets: saved.nets.map((n) =>
+          req.networkOverrides.has(n.id) ? { ...n, tap: req.networkOverrides.get(n.id)!, passt: undefined } : n,
+        ),
+        ...(saved.vsock && req.vsockUds !== undefined ? { vsock: { ...saved.vsock, uds: req.vsockUds } } : {}),
+      });
+      if (!Array.isArray(snapshot.machine?.vcpus) || snapshot.machine.vcpus.length !== config.cpus)
+        throw new KilnError(
+          `the snapshot's state has ${snapshot.machine?.vcpus?.length ?? 0} vCPU(s), its configuration ${config.cpus}`,
+        );
+      if (snapshot.memoryBytes !== config.memoryMiB * 1024 * 1024)
+        throw new KilnError(
+          `the snapshot's memory (${snapshot.memoryBytes} bytes) does not match its configuration (${config.memoryMiB} MiB)`,
+        );
+    } catch (err) {
+      throw new ApiError(`Cannot load the snapshot: ${(err as Error).message}`);
+    }
+    let fd = -1;
+    let live: LinuxVm | null = null;
+    try {
+      fd = openMemoryFile(req.memFilePath, snapshot.memoryBytes);
+      live = createLinuxVm(
+        config,
+        { serialOutFd: this.serialOutFd, log: (line) => this.note('Warning', line) },
+        { memoryFileFd: fd, boot: snapshot.boot, compat: snapshot.compat },
+      );
+      closeSync(fd);
+      fd = -1;
+      live.vm.restoreMachine(snapshot.machine);
+    } catch (err) {
+      if (fd >= 0) closeSync(fd);
+      await live?.vm.destroy();
+      if (err instanceof KilnError) throw new ApiError(`Cannot load the snapshot: ${err.message}`);
+      throw err;
+    }
+    this.config = config;
+    this.live = live;
+    this.balloon = live.virtio.balloon ? balloonControl(live.virtio.balloon) : null;
+    this.lockedImages.push(...config.disks.map((d) => d.path));
+    this.onStart?.(live);
+    this.paused = !req.resume;
+    await live.vm.start({ seccomp: this.seccomp, restore: { vcpus: snapshot.machine.vcpus, paused: !req.resume } });
+    this.loadedAt = performance.now() - started;
+    this.note(
+      'Info',
+      `snapshot loaded: ${req.snapshotPath} (${config.cpus} vCPU, ${config.memoryMiB} MiB) in ${this.loadedAt.toFixed(1)} ms; ${req.resume ? 'running' : 'paused'}`,
+    );
+    this.watchEnd(live);
+  }
+
+  /** Milliseconds the last /snapshot/load took, from the request to the vCPUs' start. */
+  loadedAt = 0;
+
+  private watchEnd(live: LinuxVm): void {
+    void live.vm.wait().then(async (result) => {
       this.note('Info', `the VM ended: ${result.detail}`);
-      await this.live?.vm.destroy();
+      await live.vm.destroy();
       this.resolveEnded(result);
     });
   }

@@ -3,7 +3,7 @@
 // every vCPU, and load the kernel. Every check happens before the VM exists.
 import { closeSync, constants as fsConstants, fstatSync, openSync, readFileSync } from 'node:fs';
 import { buildAcpiTables, MAX_MADT_VCPUS } from '../acpi/tables.js';
-import { isSoftwareKvm, planSyscallFix } from '../compat/pvm.js';
+import { isSoftwareKvm, planSyscallFix, type CompatConfig } from '../compat/pvm.js';
 import { supportedCpuid } from '../cpu/cpuid.js';
 import { configureVcpu, setBootRegisters } from '../cpu/setup.js';
 import { applyTemplate, cpuTemplate, type CpuTemplate } from '../cpu/templates.js';
@@ -44,6 +44,8 @@ export interface LinuxVm {
   readonly cmdline: string;
   readonly template: CpuTemplate;
   readonly softwareKvm: boolean;
+  /** The software-KVM fix planned for this kernel (a snapshot keeps it). */
+  readonly compat: CompatConfig | null;
   /** The virtio functions, by what they are. */
   readonly virtio: AttachedVirtio;
   /** Presses the ACPI power button (a Generic Event Device interrupt). */
@@ -99,8 +101,21 @@ export function composeCmdline(
   return parts.join(' ');
 }
 
-export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime): LinuxVm {
-  if (vmConfig.kernel === undefined) throw new KilnError('no kernel to boot (give a kernel path)');
+/** A snapshot's machine to rebuild instead of booting (snapshot/): its RAM file and what its boot was. */
+export interface RestoreFrom {
+  /** The memory file, open: guest RAM maps it (private). */
+  readonly memoryFileFd: number;
+  readonly boot: BootSummary;
+  readonly compat: CompatConfig | null;
+}
+
+/**
+ * Builds the VM for `vmConfig`: with `from`, the same machine a snapshot was taken of,
+ * its RAM the snapshot's memory file and no kernel loaded (the caller restores the
+ * machine's state); otherwise booting the configured kernel.
+ */
+export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime, from?: RestoreFrom): LinuxVm {
+  if (vmConfig.kernel === undefined && !from) throw new KilnError('no kernel to boot (give a kernel path)');
   const config = { ...vmConfig, disks: bootOrder(vmConfig.disks) };
   const softwareKvm = isSoftwareKvm();
   const template = cpuTemplate(config.cpuTemplate ?? (softwareKvm ? 'pvm' : 'host'));
@@ -108,9 +123,6 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime): LinuxV
     throw new KilnError(`vCPU count must be at most ${MAX_MADT_VCPUS} (got ${config.cpus})`);
   const memoryBytes = config.memoryMiB * 1024 * 1024;
   validateMemorySize(memoryBytes);
-  let kernel = readGuestFile(vmConfig.kernel, 'kernel');
-  if (runtime.hostDecompress && !isElf(kernel)) kernel = decompressBzImage(kernel).elf;
-  const initrd = config.initrd !== undefined ? readGuestFile(config.initrd, 'initrd') : undefined;
   const cmdline = composeCmdline(
     config.cmdline,
     template,
@@ -119,8 +131,15 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime): LinuxV
   );
   const acpi = buildAcpiTables({ vcpus: config.cpus, pci: true });
   // The whole boot layout is computed (and checked) before the VM exists.
-  const boot = loadKernel({ kernel, initrd, cmdline, ram: ramRanges(memoryBytes), rsdp: acpi.rsdp });
+  let boot: BootImage | null = null;
+  if (!from) {
+    let kernel = readGuestFile(vmConfig.kernel!, 'kernel');
+    if (runtime.hostDecompress && !isElf(kernel)) kernel = decompressBzImage(kernel).elf;
+    const initrd = config.initrd !== undefined ? readGuestFile(config.initrd, 'initrd') : undefined;
+    boot = loadKernel({ kernel, initrd, cmdline, ram: ramRanges(memoryBytes), rsdp: acpi.rsdp });
+  }
   const { disks, nets } = openHostEnds(config);
+  const compat = from ? from.compat : softwareKvm ? { syscallFix: planSyscallFix(boot!.textEnd) } : null;
 
   let vm: Vm;
   try {
@@ -130,7 +149,8 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime): LinuxV
       irqchip: true,
       logUnhandled: runtime.logUnhandled ?? false,
       ...(runtime.log ? { log: runtime.log } : {}),
-      compat: softwareKvm ? { syscallFix: planSyscallFix(boot.textEnd) } : null,
+      compat,
+      ...(from ? { memoryFileFd: from.memoryFileFd } : {}),
     });
   } catch (err) {
     [...disks, ...nets].forEach((d) => closeSync(d.fd));
@@ -150,14 +170,16 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime): LinuxV
         `KVM refused to set boot MSR(s) ${[...refused].map((m) => `0x${m.toString(16)}`).join(', ')}; they keep KVM's reset values`,
       );
     }
-    vm.memory.write(acpi.base, acpi.bytes);
-    for (const w of boot.writes) vm.memory.write(w.gpa, w.bytes);
-    setBootRegisters(vm.vcpus[0]!, vm.memory, boot.entry);
+    if (boot) {
+      vm.memory.write(acpi.base, acpi.bytes);
+      for (const w of boot.writes) vm.memory.write(w.gpa, w.bytes);
+      setBootRegisters(vm.vcpus[0]!, vm.memory, boot.entry);
+    }
 
     const setIrq = irqLineSetter(vm.vmFd.fd);
     // Keep no reference to the image's bytes: the kernel and initrd (tens of MiB) would
     // otherwise stay in the VMM's memory for the VM's life.
-    const { writes: _written, ...summary } = boot;
+    const summary: BootSummary = boot ? (({ writes: _written, ...rest }) => rest)(boot) : from!.boot;
     return {
       vm,
       serial: new SerialHost(com1.state, com1.options, setIrq),
@@ -166,6 +188,7 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime): LinuxV
       cmdline,
       template,
       softwareKvm,
+      compat,
       virtio,
       pressPowerButton() {
         setIrq(layout.IRQ_GED, 1);
