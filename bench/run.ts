@@ -6,6 +6,7 @@ import { benchBoot } from './boot.js';
 import { benchBlk } from './blk.js';
 import { benchExits } from './exits.js';
 import { benchNet } from './net.js';
+import { benchSnapshot } from './snapshot.js';
 import type { BenchContext } from './util.js';
 
 const benchmarks: Record<string, (ctx: BenchContext) => Promise<void>> = {
@@ -13,6 +14,7 @@ const benchmarks: Record<string, (ctx: BenchContext) => Promise<void>> = {
   boot: benchBoot,
   blk: benchBlk,
   net: benchNet,
+  snapshot: benchSnapshot,
 };
 
 const names = process.argv.slice(2);

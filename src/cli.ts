@@ -385,6 +385,39 @@ function program(setStatus: (status: number) => void): Command {
     .action(async (name: string, values: { linger: string }) =>
       done((await manager()).console(name, progress, values.linger)),
     );
+  const snap = verb('snapshot', "save a running VM's whole state and writable disks (paused meanwhile)")
+    .argument('<name>')
+    .argument('[tag]', "the snapshot's name (default: snap-YYYYMMDD-HHMMSS)")
+    .option('--diff', 'only the memory written since the last snapshot (not supported yet)')
+    .action(async (name: string, tag: string | undefined, values: { json?: boolean; diff?: boolean }) =>
+      done((await manager()).snapshot(name, tag, values)),
+    );
+  snap
+    .command('rm')
+    .description('remove a snapshot')
+    .argument('<name>')
+    .argument('<tag>')
+    .option('--json', 'print one JSON document')
+    .action(async (name: string, tag: string, values: { json?: boolean }) =>
+      done((await manager()).snapshotRemove(name, tag, values)),
+    );
+  verb('snapshots', "a VM's snapshots")
+    .argument('<name>')
+    .action(async (name: string, values: { json?: boolean }) => done((await manager()).snapshots(name, values)));
+  verb('restore', 'start a stopped VM from a snapshot, its writable disks put back as they were')
+    .argument('<name>')
+    .argument('<tag>')
+    .option('--no-jail', "debugging only: run the VMM as root in the host's namespaces")
+    .action(async (name: string, tag: string, values: { json?: boolean; jail?: boolean }) =>
+      done((await manager()).restore(name, tag, values)),
+    );
+  verb('clone', 'a new VM running from a snapshot of NAME (taken now unless --from), beside it')
+    .argument('<name>')
+    .argument('<newname>')
+    .option('--from <tag>', 'an existing snapshot of NAME')
+    .action(async (name: string, newName: string, values: { json?: boolean; from?: string }) =>
+      done((await manager()).clone(name, newName, values)),
+    );
   verb('rm', 'remove a stopped VM (or a broken definition)')
     .argument('<name>')
     .action(async (name: string, values: { json?: boolean }) => done((await manager()).remove(name, values)));

@@ -15,6 +15,7 @@ import { buildInitramfs, buildMinimalKernel } from '../guestkit/build.js';
 import { daemonCall, runDaemon } from './daemon.js';
 import { parseDefinition } from './definition.js';
 import { JAIL_VSOCK } from './jail.js';
+import type { SnapshotMeta } from './snapshots.js';
 import type { InfoReply, ListReply, LogsReply, RemovedReply, StartReply, VmStatus } from './protocol.js';
 import { Store } from './store.js';
 
@@ -178,6 +179,7 @@ export function infoText(i: InfoReply): string {
           : "NONE: started with --no-jail, the VMM runs as root in the host's namespaces (debugging only)",
     ],
     ['Console log', i.consoleLog],
+    ['Snapshots', i.snapshots?.length ? i.snapshots.join(', ') : 'none'],
   ];
   return lines.map(([k, v]) => `${`${k}:`.padEnd(13)}${v}`).join('\n');
 }
@@ -300,4 +302,64 @@ function attachSerial(socketPath: string, log: (line: string) => void, lingerMs:
 export async function daemon(log: (line: string) => void): Promise<number> {
   await runDaemon(new Store(), log);
   return 0;
+}
+
+const mib = (bytes: number) => `${(bytes / (1024 * 1024)).toFixed(1)} MiB`;
+
+function snapshotLine(s: SnapshotMeta): string {
+  return `${s.tag.padEnd(24)} ${s.createdAt}  memory ${mib(s.memoryBytes)} (${mib(s.memoryOnDisk)} on disk), ${s.disks.length} disk cop${s.disks.length === 1 ? 'y' : 'ies'}`;
+}
+
+export async function snapshot(
+  name: string,
+  tag: string | undefined,
+  o: { json?: boolean; diff?: boolean },
+): Promise<number> {
+  progress(`snapshotting '${name}' (paused meanwhile)`);
+  const s = await daemonCall<SnapshotMeta>(new Store(), 'POST', `${path(name)}/snapshots`, {
+    ...(tag !== undefined ? { tag } : {}),
+    ...(o.diff ? { diff: true } : {}),
+  });
+  print(
+    o.json,
+    `${name}: snapshot '${s.tag}' taken in ${s.createMs} ms (state ${mib(s.stateBytes)}, memory ${mib(s.memoryBytes)}, ${mib(s.memoryOnDisk)} on disk)`,
+    s,
+  );
+  return 0;
+}
+
+export async function snapshots(name: string, o: { json?: boolean }): Promise<number> {
+  const r = await daemonCall<{ snapshots: SnapshotMeta[] }>(new Store(), 'GET', `${path(name)}/snapshots`);
+  print(o.json, r.snapshots.length ? r.snapshots.map(snapshotLine).join('\n') : `'${name}' has no snapshots`, r);
+  return 0;
+}
+
+export async function snapshotRemove(name: string, tag: string, o: { json?: boolean }): Promise<number> {
+  const r = await daemonCall<{ removed: string }>(
+    new Store(),
+    'DELETE',
+    `${path(name)}/snapshots/${encodeURIComponent(tag)}`,
+  );
+  print(o.json, `removed snapshot '${r.removed}' of '${name}'`, r);
+  return 0;
+}
+
+export async function restore(name: string, tag: string, o: { json?: boolean; jail?: boolean }): Promise<number> {
+  progress(`restoring '${name}' from '${tag}' (its writable disks go back to the snapshot's)`);
+  const s = await daemonCall<StartReply>(new Store(), 'POST', `${path(name)}/restore`, {
+    tag,
+    ...(o.jail === false ? { jail: false } : {}),
+  });
+  print(o.json, `${s.name}: ${s.state}`, s);
+  return s.state === 'running' ? 0 : EXIT_ERROR;
+}
+
+export async function clone(name: string, newName: string, o: { json?: boolean; from?: string }): Promise<number> {
+  progress(`cloning '${name}' as '${newName}'${o.from ? ` from '${o.from}'` : ' (a snapshot of it now)'}`);
+  const s = await daemonCall<StartReply>(new Store(), 'POST', `${path(name)}/clone`, {
+    name: newName,
+    ...(o.from !== undefined ? { from: o.from } : {}),
+  });
+  print(o.json, `${s.name}: ${s.state}`, s);
+  return s.state === 'running' ? 0 : EXIT_ERROR;
 }

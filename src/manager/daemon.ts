@@ -95,13 +95,22 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
   const route = (
     method: 'GET' | 'POST' | 'DELETE',
     path: string,
-    handler: (name: string, body: unknown, query: URLSearchParams) => Promise<unknown>,
+    handler: (
+      name: string,
+      body: unknown,
+      query: URLSearchParams,
+      params: Record<string, string | undefined>,
+    ) => Promise<unknown> | unknown,
   ) =>
     router.on(method, path, (req, res, params) => {
       void (async () => {
         try {
           const body = method === 'POST' ? await readJson(req) : undefined;
-          reply(res, 200, await handler(params.name ?? '', body, new URL(req.url ?? '/', 'http://kiln').searchParams));
+          reply(
+            res,
+            200,
+            await handler(params.name ?? '', body, new URL(req.url ?? '/', 'http://kiln').searchParams, params),
+          );
         } catch (err) {
           const body: ErrorReply = {
             error: err instanceof Error ? err.message : String(err),
@@ -132,6 +141,27 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
   route('DELETE', '/vms/:name', async (name): Promise<RemovedReply> => {
     await manager.remove(name);
     return { removed: name };
+  });
+  route('GET', '/vms/:name/snapshots', (name) => ({ snapshots: manager.snapshots(name) }));
+  route('POST', '/vms/:name/snapshots', (name, body) => {
+    const b = body as { tag?: unknown; diff?: unknown };
+    if (b.tag !== undefined && typeof b.tag !== 'string') throw new KilnError('tag must be a string');
+    return manager.snapshot(name, b.tag as string | undefined, { diff: b.diff === true });
+  });
+  route('DELETE', '/vms/:name/snapshots/:tag', async (name, _b, _q, params) => {
+    await manager.removeSnapshot(name, params.tag ?? '');
+    return { removed: params.tag };
+  });
+  route('POST', '/vms/:name/restore', (name, body) => {
+    const b = body as { tag?: unknown; jail?: unknown };
+    if (typeof b.tag !== 'string') throw new KilnError('tag is required');
+    return manager.restore(name, b.tag, { jail: b.jail !== false });
+  });
+  route('POST', '/vms/:name/clone', (name, body) => {
+    const b = body as { name?: unknown; from?: unknown };
+    if (typeof b.name !== 'string') throw new KilnError('the new name is required');
+    if (b.from !== undefined && typeof b.from !== 'string') throw new KilnError('from must be a snapshot tag');
+    return manager.clone(name, b.name, b.from !== undefined ? { from: b.from as string } : {});
   });
   route('GET', '/vms/:name/logs', async (name, _b, q): Promise<LogsReply> => {
     const bytes = Number(q.get('bytes') ?? 64 * 1024);

@@ -81,6 +81,10 @@ export function allocateJailUid(inUse: ReadonlySet<number>): number {
 export const JAIL_VSOCK = '/run/vsock/v.sock';
 export const JAIL_CONSOLE = '/run/console.sock';
 const jailPasst = (i: number) => `/run/passt-${i}.sock`;
+/** Where a snapshot being restored is bound in the jail, and where kiln snapshot has the VMM write one. */
+export const JAIL_SNAPSHOT_STATE = '/snapshot/state';
+export const JAIL_SNAPSHOT_MEMORY = '/snapshot/memory';
+export const JAIL_NEW_SNAPSHOT = { state: '/new-snapshot.state', memory: '/new-snapshot.memory' } as const;
 
 /**
  * Makes `path` a link to `target` (a socket inside VM `run`'s jail), replacing only a
@@ -129,6 +133,10 @@ export function prepareJail(
   config: VmConfig,
   uid: number,
   lendTap: (tap: string, uid: number) => boolean,
+  /** A snapshot to load (kiln restore): its files are bound in read-only and no config is given. */
+  restore?: { readonly state: string; readonly memory: string },
+  /** Disks whose image is another file (a clone's copies), bound at the path the VMM opens. */
+  diskSources: ReadonlyMap<string, string> = new Map(),
 ): { argv: string[]; record: JailRecord } {
   const base = join(run, 'jail');
   // A previous run's jail: its mounts died with its mount namespace; only mount points and sockets are left.
@@ -146,7 +154,12 @@ export function prepareJail(
   const files: Array<{ path: string; target: string; rw: boolean }> = [];
   if (config.kernel !== undefined) files.push({ path: config.kernel, target: config.kernel, rw: false });
   if (config.initrd !== undefined) files.push({ path: config.initrd, target: config.initrd, rw: false });
-  for (const d of config.disks) files.push({ path: d.path, target: d.path, rw: !d.readOnly });
+  for (const d of config.disks)
+    files.push({ path: diskSources.get(d.path) ?? d.path, target: d.path, rw: !d.readOnly });
+  if (restore) {
+    files.push({ path: restore.state, target: JAIL_SNAPSHOT_STATE, rw: false });
+    files.push({ path: restore.memory, target: JAIL_SNAPSHOT_MEMORY, rw: false });
+  }
   config.nets.forEach((n, i) => {
     if (n.passt !== undefined) {
       if (!lstatOrNull(n.passt)?.isSocket())
@@ -208,8 +221,7 @@ export function prepareJail(
     '--',
     '--api-sock',
     '/run/api.sock',
-    '--kiln-config',
-    '/kiln-config.json',
+    ...(restore ? [] : ['--kiln-config', '/kiln-config.json']),
     '--serial-sock',
     '/run/serial.sock',
   ];

@@ -4,6 +4,8 @@
 // process alive (pid file + /proc, checked to be that VM's kiln-vmm), and what does
 // its API say (Running / Paused). After a daemon crash and restart nothing is "unknown".
 import {
+  chmodSync,
+  chownSync,
   closeSync,
   copyFileSync,
   existsSync,
@@ -12,6 +14,7 @@ import {
   readFileSync,
   readdirSync,
   readSync,
+  renameSync,
   rmSync,
   statSync,
   truncateSync,
@@ -19,18 +22,38 @@ import {
 } from 'node:fs';
 import { request } from 'node:http';
 import { cpus, totalmem } from 'node:os';
-import { join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { KilnError } from '../errors.js';
 import { buildInitramfs, buildMinimalKernel } from '../guestkit/build.js';
 import { cgroupDirs, prepareCgroup, removeCgroup, spawnInCgroup } from './cgroup.js';
-import { vmConfigOf, type VmDefinition } from './definition.js';
+import { parseDefinition, vmConfigOf, type VmDefinition } from './definition.js';
+import { TMP_MARK } from '../atomic-file.js';
+import {
+  checkTag,
+  copyDisk,
+  defaultTag,
+  listSnapshots,
+  MEMORY_FILE,
+  moveFile,
+  readSnapshot,
+  removeSnapshotDir,
+  sizeOnDisk,
+  snapshotExists,
+  STATE_FILE,
+  writeMeta,
+  type SnapshotMeta,
+} from './snapshots.js';
 import { checkStartable } from './preflight.js';
 import {
   allocateJailUid,
   NOT_JAILED,
   prepareJail,
   readJailRecord,
+  JAIL_NEW_SNAPSHOT,
+  JAIL_SNAPSHOT_MEMORY,
+  JAIL_SNAPSHOT_STATE,
+  JAIL_VSOCK,
   removeSocketLinks,
   returnLentFiles,
   writeJailRecord,
@@ -100,6 +123,16 @@ function tail(file: string, bytes: number): Buffer {
     closeSync(fd);
   }
   return buf;
+}
+
+/** A snapshot a start loads instead of booting (kiln restore, kiln clone). */
+interface RestoreSource {
+  /** The configuration the VMM runs (host paths). */
+  readonly config: VmConfig;
+  readonly state: string;
+  readonly memory: string;
+  /** Disk path the VMM opens -> the file bound there (a clone's copies). */
+  readonly diskSources: ReadonlyMap<string, string>;
 }
 
 /** Whether a jail record still holds something of the host's (files, TAPs, links). */
@@ -175,6 +208,7 @@ export class Manager {
       },
       consoleLog: join(this.store.runDir(name), 'console.log'),
       jail: readJailRecord(this.store.runDir(name)),
+      snapshots: listSnapshots(this.snapshotsDir(name)).map((s) => s.tag),
     };
   }
 
@@ -243,14 +277,13 @@ export class Manager {
   }
 
   /** kiln-vmm run directly (--no-jail): root, the host's namespaces, sockets in the run directory. */
-  private directVmm(name: string, run: string): string[] {
+  private directVmm(name: string, run: string, withConfig = true): string[] {
     return [
       process.execPath,
       VMM_CLI,
       '--api-sock',
       join(run, 'api.sock'),
-      '--kiln-config',
-      join(run, 'config.json'),
+      ...(withConfig ? ['--kiln-config', join(run, 'config.json')] : []),
       '--id',
       name,
       '--serial-sock',
@@ -296,7 +329,7 @@ export class Manager {
     );
   }
 
-  private async startNow(name: string, jail: boolean): Promise<StartReply> {
+  private async startNow(name: string, jail: boolean, from?: RestoreSource): Promise<StartReply> {
     const spec = this.store.get(name);
     const current = await this.status(spec);
     if (current.state !== 'stopped') throw new KilnError(`'${name}' is already ${current.state}`);
@@ -309,7 +342,9 @@ export class Manager {
     rmSync(sock, { force: true });
     rmSync(join(run, 'serial.sock'), { force: true });
     await this.releaseJail(name);
-    const config = (await this.vmmConfig(spec)) as VmConfig;
+    const config = from ? from.config : ((await this.vmmConfig(spec)) as VmConfig);
+    if (from && !jail && from.diskSources.size > 0)
+      throw new KilnError(`a clone runs its own disk copies through its jail: start '${name}' without --no-jail`);
     writeFileSync(join(run, 'config.json'), JSON.stringify(config, null, 2), {
       mode: PRIVATE_FILE,
     });
@@ -330,14 +365,20 @@ export class Manager {
     if (jail) {
       // TAP control needs the FFI; loaded only when a VM has a TAP.
       const tapApi = config.nets.some((n) => n.tap !== undefined) ? await import('../virtio/net.js') : null;
-      const prepared = prepareJail(run, name, config, allocateJailUid(this.jailUidsInUse(name)), (tap, uid) =>
-        tapApi!.lendTap(tap, uid, uid),
+      const prepared = prepareJail(
+        run,
+        name,
+        config,
+        allocateJailUid(this.jailUidsInUse(name)),
+        (tap, uid) => tapApi!.lendTap(tap, uid, uid),
+        from ? { state: from.state, memory: from.memory } : undefined,
+        from?.diskSources,
       );
       vmm = prepared.argv;
       record = prepared.record;
     } else {
       warnings.push(`'${name}' runs WITHOUT its jail (--no-jail): its VMM is root in the host's namespaces`);
-      vmm = this.directVmm(name, run);
+      vmm = this.directVmm(name, run, !from);
     }
     writeJailRecord(run, record);
     const log = openSync(join(run, 'console.log'), 'a', PRIVATE_FILE);
@@ -359,6 +400,7 @@ export class Manager {
         `cannot record the VMM's pid for '${name}' (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}); it was stopped`,
       );
     }
+    if (from) await this.loadInto(name, pid, jail, from);
     // The shell becomes kiln-vmm (same pid): wait for its API to answer, or for it to end.
     const s = await waitFor(async () => {
       const now = await this.status(spec);
@@ -378,6 +420,243 @@ export class Manager {
     if (spec.pinCpus.length > 0) warnings.push(...(await this.pinVcpus(pid, spec.pinCpus)));
     for (const w of warnings) this.progress(w);
     return { ...s, warnings };
+  }
+
+  /** Has a freshly started VMM (no configuration yet) load a snapshot and run it. */
+  private async loadInto(name: string, pid: number, jail: boolean, from: RestoreSource): Promise<void> {
+    const api = join(this.store.runDir(name), 'api.sock');
+    const up = await waitFor(async () => {
+      try {
+        return (await unixHttp(api, 'GET', '/')).status === 200 ? true : null;
+      } catch {
+        return this.processAlive(pid) ? null : false;
+      }
+    }, START_TIMEOUT_MS);
+    if (up !== true) {
+      if (this.processAlive(pid)) process.kill(pid, 'SIGKILL');
+      removeCgroup(name);
+      throw new KilnError(
+        `'${name}' did not start: its VMM never answered. The end of its console log:\n${this.consoleTail(name)}`,
+      );
+    }
+    const r = await unixHttp(
+      api,
+      'PUT',
+      '/snapshot/load',
+      {
+        snapshot_path: jail ? JAIL_SNAPSHOT_STATE : from.state,
+        mem_backend: { backend_type: 'File', backend_path: jail ? JAIL_SNAPSHOT_MEMORY : from.memory },
+        resume_vm: true,
+        ...(from.config.vsock ? { vsock_override: { uds_path: jail ? JAIL_VSOCK : from.config.vsock.uds } } : {}),
+      },
+      5 * 60_000,
+    );
+    if (r.status !== 204) {
+      process.kill(pid, 'SIGKILL');
+      await waitFor(() => (this.processAlive(pid) ? null : true), 5_000);
+      removeCgroup(name);
+      throw new KilnError(
+        `'${name}': the snapshot did not load: ${(r.body as { fault_message?: string } | undefined)?.fault_message ?? `status ${r.status}`}`,
+      );
+    }
+  }
+
+  // ---- snapshots ----
+
+  private snapshotsDir(name: string): string {
+    return join(this.store.dir, 'snapshots', name);
+  }
+
+  /** kiln snapshots NAME: the VM's finished snapshots, oldest first. */
+  snapshots(name: string): SnapshotMeta[] {
+    this.store.get(name);
+    return listSnapshots(this.snapshotsDir(name));
+  }
+
+  /**
+   * kiln snapshot NAME [TAG]: pauses the VM (if it runs), has its VMM write its state and
+   * memory, copies its writable disks, and resumes it. Built in a temporary directory and
+   * renamed into place: an existing tag is never replaced.
+   */
+  snapshot(name: string, tag?: string, opts: { diff?: boolean } = {}): Promise<SnapshotMeta> {
+    return this.serialised(name, () => this.snapshotNow(name, tag ?? defaultTag(), opts));
+  }
+
+  private async snapshotNow(name: string, tag: string, opts: { diff?: boolean }): Promise<SnapshotMeta> {
+    checkTag(tag);
+    if (opts.diff) throw new KilnError('diff snapshots are not supported yet: take a full snapshot (without --diff)');
+    const spec = this.store.get(name);
+    const before = await this.status(spec);
+    if (before.state !== 'running' && before.state !== 'paused')
+      throw new KilnError(`'${name}' is ${before.state}: only a running or paused VM can be snapshotted`);
+    const dir = this.snapshotsDir(name);
+    mkdirSync(dir, { recursive: true, mode: PRIVATE_DIR });
+    const final = join(dir, tag);
+    if (snapshotExists(dir, tag)) throw new KilnError(`'${name}' already has a snapshot '${tag}'; choose another tag`);
+    const work = `${final}${TMP_MARK}${process.pid}`;
+    removeSnapshotDir(work);
+    mkdirSync(work, { mode: PRIVATE_DIR });
+    const run = this.store.runDir(name);
+    const record = readJailRecord(run);
+    const jailed = record?.jailed === true && record.root !== null;
+    const config = JSON.parse(readFileSync(join(run, 'config.json'), 'utf8')) as VmConfig;
+    const started = performance.now();
+    // The VMM writes where it can: inside its jail, or straight into the snapshot.
+    const inside = jailed ? JAIL_NEW_SNAPSHOT : { state: join(work, STATE_FILE), memory: join(work, MEMORY_FILE) };
+    try {
+      if (before.state === 'running') await this.apiCall(name, 'PATCH', '/vm', { state: 'Paused' });
+      await this.apiCall(
+        name,
+        'PUT',
+        '/snapshot/create',
+        { snapshot_path: inside.state, mem_file_path: inside.memory, snapshot_type: 'Full' },
+        10 * 60_000,
+      );
+      if (jailed) {
+        moveFile(join(record.root!, inside.state), join(work, STATE_FILE));
+        moveFile(join(record.root!, inside.memory), join(work, MEMORY_FILE));
+      }
+      for (const f of [STATE_FILE, MEMORY_FILE]) {
+        chownSync(join(work, f), process.getuid?.() ?? 0, process.getgid?.() ?? 0);
+        chmodSync(join(work, f), PRIVATE_FILE);
+      }
+      // The disks as they are at this instant (the VM is paused): a restore is consistent.
+      const disks: Array<{ id: string; path: string; file: string; bytes: number }> = [];
+      for (const d of config.disks.filter((x) => !x.readOnly)) {
+        const file = `disk-${d.id}`;
+        const reflink = copyDisk(d.path, join(work, file), (done, total) =>
+          this.progress(`'${name}': copying disk ${d.id}: ${Math.round((100 * done) / total)}%`),
+        );
+        disks.push({ id: d.id, path: d.path, file, bytes: statSync(d.path).size });
+        if (reflink) this.progress(`'${name}': disk ${d.id} copied as a reflink`);
+      }
+      const meta: SnapshotMeta = {
+        vm: name,
+        tag,
+        createdAt: new Date().toISOString(),
+        config,
+        jailed,
+        stateBytes: statSync(join(work, STATE_FILE)).size,
+        memoryBytes: statSync(join(work, MEMORY_FILE)).size,
+        memoryOnDisk: sizeOnDisk(join(work, MEMORY_FILE)),
+        disks,
+        createMs: Math.round(performance.now() - started),
+      };
+      writeMeta(work, meta);
+      if (snapshotExists(dir, tag))
+        throw new KilnError(`'${name}' already has a snapshot '${tag}'; choose another tag`);
+      renameSync(work, final);
+      return meta;
+    } catch (err) {
+      removeSnapshotDir(work);
+      if (jailed) for (const f of Object.values(JAIL_NEW_SNAPSHOT)) rmSync(join(record.root!, f), { force: true });
+      throw err;
+    } finally {
+      if (before.state === 'running')
+        await this.apiCall(name, 'PATCH', '/vm', { state: 'Resumed' }).catch((err: unknown) =>
+          this.progress(`'${name}': could not resume after the snapshot: ${(err as Error).message}`),
+        );
+    }
+  }
+
+  /** A call to VM `name`'s VMM that must succeed (a fault becomes the error). */
+  private async apiCall(name: string, method: string, path: string, body: unknown, timeoutMs = 30_000): Promise<void> {
+    const r = await unixHttp(join(this.store.runDir(name), 'api.sock'), method, path, body, timeoutMs);
+    if (r.status !== 204)
+      throw new KilnError(
+        `'${name}': ${method} ${path}: ${(r.body as { fault_message?: string } | undefined)?.fault_message ?? `status ${r.status}`}`,
+      );
+  }
+
+  /** kiln snapshot rm NAME TAG. */
+  removeSnapshot(name: string, tag: string): Promise<void> {
+    return this.serialised(name, async () => {
+      this.store.get(name);
+      readSnapshot(this.snapshotsDir(name), name, tag);
+      removeSnapshotDir(join(this.snapshotsDir(name), tag));
+    });
+  }
+
+  /**
+   * kiln restore NAME TAG: the stopped VM's writable disks put back as they were at the
+   * snapshot, and the VM started from its state and memory, running where it was.
+   */
+  restore(name: string, tag: string, opts: { jail?: boolean } = {}): Promise<StartReply> {
+    return this.serialised(name, async () => {
+      const spec = this.store.get(name);
+      const meta = readSnapshot(this.snapshotsDir(name), name, tag);
+      const now = await this.status(spec);
+      if (now.state !== 'stopped') throw new KilnError(`'${name}' is ${now.state}; stop it first (kiln stop ${name})`);
+      const dir = join(this.snapshotsDir(name), tag);
+      for (const d of meta.disks) {
+        rmSync(d.path, { force: true });
+        copyDisk(join(dir, d.file), d.path);
+      }
+      return this.startNow(name, opts.jail ?? true, {
+        config: meta.config,
+        state: join(dir, STATE_FILE),
+        memory: join(dir, MEMORY_FILE),
+        diskSources: new Map(),
+      });
+    });
+  }
+
+  /**
+   * kiln clone NAME NEWNAME [--from TAG]: a new VM running from a snapshot of NAME (a
+   * fresh one of the running VM without --from), beside it, with copies of its writable
+   * disks and sockets of its own.
+   */
+  async clone(name: string, newName: string, opts: { from?: string } = {}): Promise<StartReply> {
+    const spec = this.store.get(name);
+    if (this.store.exists(newName)) throw new KilnError(`a VM named '${newName}' already exists`);
+    if (spec.nets.length > 0)
+      throw new KilnError(
+        `'${name}' has network interfaces; a clone would share its TAP or passt socket (not supported yet)`,
+      );
+    const meta = opts.from
+      ? readSnapshot(this.snapshotsDir(name), name, opts.from)
+      : await this.snapshot(name, `clone-${newName}`);
+    const src = join(this.snapshotsDir(name), meta.tag);
+    // The clone's own definition: its disks are copies, its sockets beside the original's.
+    const diskDir = join(this.store.dir, 'disks', newName);
+    mkdirSync(diskDir, { recursive: true, mode: PRIVATE_DIR });
+    const renamed = (path: string) => join(dirname(path), `${newName}-${basename(path)}`);
+    const diskSources = new Map<string, string>();
+    for (const d of meta.disks) {
+      const copy = join(diskDir, basename(d.path));
+      copyDisk(join(src, d.file), copy);
+      diskSources.set(d.path, copy);
+    }
+    const definition = parseDefinition({
+      ...spec,
+      name: newName,
+      disks: spec.disks.map((d) => ({ ...d, path: diskSources.get(d.path) ?? d.path })),
+      ...(spec.vsock ? { vsock: { ...spec.vsock, uds: renamed(spec.vsock.uds) } } : {}),
+      ...(spec.consoleSocket !== undefined ? { consoleSocket: renamed(spec.consoleSocket) } : {}),
+    });
+    this.store.create(definition);
+    try {
+      const config: VmConfig = {
+        ...meta.config,
+        ...(meta.config.vsock && definition.vsock
+          ? { vsock: { ...meta.config.vsock, uds: definition.vsock.uds } }
+          : {}),
+        ...(definition.consoleSocket !== undefined ? { consoleSocket: definition.consoleSocket } : {}),
+      };
+      return await this.serialised(newName, () =>
+        this.startNow(newName, true, {
+          config,
+          state: join(src, STATE_FILE),
+          memory: join(src, MEMORY_FILE),
+          diskSources,
+        }),
+      );
+    } catch (err) {
+      // A clone that did not start leaves nothing behind.
+      this.store.remove(newName);
+      removeSnapshotDir(diskDir);
+      throw err;
+    }
   }
 
   private processAlive(pid: number): boolean {
@@ -460,6 +739,11 @@ export class Manager {
   private async removeNow(name: string): Promise<void> {
     if (!this.store.exists(name)) throw new KilnError(`no VM named '${name}'`);
     if (this.pidOf(name) !== null) throw new KilnError(`'${name}' is running; stop it first (kiln stop ${name})`);
+    const snaps = listSnapshots(this.snapshotsDir(name));
+    if (snaps.length > 0)
+      throw new KilnError(
+        `'${name}' has ${snaps.length} snapshot(s) (${snaps.map((x) => x.tag).join(', ')}); remove them first (kiln snapshot rm ${name} TAG)`,
+      );
     // Its run directory (and jail record) goes with it: give back what its last jail held first.
     await this.releaseJail(name);
     this.store.remove(name);

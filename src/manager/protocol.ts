@@ -32,6 +32,8 @@ export interface InfoReply extends VmStatus {
   readonly consoleLog: string;
   /** How the VMM was (last) started: jailed (its uid and chroot) or not; null before its first start. */
   readonly jail: { readonly jailed: boolean; readonly uid: number | null; readonly root: string | null } | null;
+  /** Its snapshots' tags, oldest first (kiln snapshots NAME has the details). */
+  readonly snapshots?: readonly string[];
 }
 
 export interface StartReply extends VmStatus {

@@ -3,64 +3,15 @@
 // (PUT /snapshot/load, resume_vm) and the shell answers a command typed on the serial
 // console, its entropy device still gives bytes, and its clock goes on from where it was.
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, statSync } from 'node:fs';
-import { createConnection, type Socket } from 'node:net';
+import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
-import { setTimeout as sleep } from 'node:timers/promises';
-import { fileURLToPath } from 'node:url';
 import { buildInitramfs, buildMinimalKernel } from '../../src/guestkit/build.js';
 import { unixHttp } from '../../src/manager/manager.js';
 import { kvmSkip, tempDir } from '../helpers.js';
+import { ask, put, startVmm } from '../vmm-driver.js';
 
-const VMM = fileURLToPath(new URL('../../src/vmm-cli.js', import.meta.url));
 const log = (line: string) => process.stderr.write(`# ${line}\n`);
-
-interface RunningVmm {
-  child: ChildProcess;
-  api: string;
-  console: Socket;
-  output: () => string;
-  exited: Promise<number | null>;
-}
-
-async function startVmm(dir: string, name: string): Promise<RunningVmm> {
-  const api = join(dir, `${name}.api`);
-  const serial = join(dir, `${name}.serial`);
-  const child = spawn(process.execPath, [VMM, '--api-sock', api, '--serial-sock', serial, '--id', name], {
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
-  let stderr = '';
-  child.stderr!.setEncoding('utf8').on('data', (c: string) => (stderr += c));
-  const exited = new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
-  for (let i = 0; i < 400 && !(existsSync(api) && existsSync(serial)); i++) await sleep(25);
-  assert.ok(existsSync(api), `kiln-vmm ${name} serves its API: ${stderr}`);
-  const console = createConnection(serial);
-  let out = '';
-  console.setEncoding('utf8').on('data', (c: string) => (out += c));
-  await new Promise<void>((resolve, reject) => console.once('connect', resolve).once('error', reject));
-  return { child, api, console, output: () => out + stderr, exited };
-}
-
-async function put(api: string, path: string, body: unknown, method = 'PUT'): Promise<void> {
-  const r = await unixHttp(api, method, path, body, 60_000);
-  assert.equal(r.status, 204, `${method} ${path}: ${JSON.stringify(r.body)}`);
-}
-
-/** Types `command` until `answer` appears in the output (the shell may still be starting). */
-async function ask(vmm: RunningVmm, command: string, answer: RegExp, seconds: number): Promise<string> {
-  const deadline = Date.now() + seconds * 1000;
-  while (Date.now() < deadline) {
-    vmm.console.write(`${command}\n`);
-    for (let i = 0; i < 20; i++) {
-      const m = answer.exec(vmm.output());
-      if (m) return m[0];
-      await sleep(250);
-    }
-  }
-  assert.fail(`no ${answer} within ${seconds} s; the console ended with:\n${vmm.output().slice(-2000)}`);
-}
 
 describe('kiln-vmm snapshots of a booted Linux', { skip: kvmSkip }, () => {
   test(

@@ -1,0 +1,88 @@
+// `npm run bench -- snapshot`: kiln-vmm's snapshots of the kit's Linux (booted to its
+// shell) at 128 MiB, 1 GiB and 4 GiB of RAM, side by side with booting the same guest:
+//
+// - restore: from PUT /snapshot/load to the first KVM_RUN of the restored guest (kiln-vmm
+//   times it and logs it), and the load request's round trip as the client sees it;
+// - answer: from PUT /snapshot/load to the restored shell's answer on the serial console,
+//   against a cold boot's time to the same answer;
+// - create: PUT /snapshot/create's round trip on the paused VM, and the files' sizes (the
+//   memory file is sparse: its size on disk is what it costs).
+import { statSync } from 'node:fs';
+import { join } from 'node:path';
+import { buildInitramfs, buildMinimalKernel } from '../src/guestkit/build.js';
+import { ask, put, startVmm } from '../test/vmm-driver.js';
+import { median, type BenchContext } from './util.js';
+
+const SIZES_MIB = [128, 1024, 4096];
+const RESTORES = 3;
+const mib = (bytes: number) => bytes / (1024 * 1024);
+
+export async function benchSnapshot(ctx: BenchContext): Promise<void> {
+  const kernel = await buildMinimalKernel(ctx.log);
+  const initrd = await buildInitramfs(ctx.log);
+  const rows: Record<string, number> = {};
+  let coldAnswerMs = 0;
+  for (const size of SIZES_MIB) {
+    const state = join(ctx.dir, `linux-${size}.snap`);
+    const mem = join(ctx.dir, `linux-${size}.mem`);
+    const a = await startVmm(ctx.dir, `boot-${size}`);
+    try {
+      await put(a.api, '/boot-source', {
+        kernel_image_path: kernel.vmlinux,
+        initrd_path: initrd.path,
+        boot_args: 'kiln.shell',
+      });
+      await put(a.api, '/machine-config', { vcpu_count: 1, mem_size_mib: size });
+      const t0 = performance.now();
+      await put(a.api, '/actions', { action_type: 'InstanceStart' });
+      await ask(a, 'echo booted-$((6*7))', /booted-42/, 900);
+      const boot = performance.now() - t0;
+      if (size === 128) coldAnswerMs = boot;
+      ctx.log(`${size} MiB: cold boot to the shell's answer ${(boot / 1000).toFixed(1)} s`);
+      await put(a.api, '/vm', { state: 'Paused' }, 'PATCH');
+      const c0 = performance.now();
+      await put(a.api, '/snapshot/create', { snapshot_path: state, mem_file_path: mem, snapshot_type: 'Full' });
+      rows[`create_${size}`] = performance.now() - c0;
+    } finally {
+      a.child.kill('SIGKILL');
+      await a.exited;
+    }
+    rows[`state_kib_${size}`] = statSync(state).size / 1024;
+    rows[`mem_disk_mib_${size}`] = mib(statSync(mem).blocks * 512);
+    const loads: number[] = [];
+    const trips: number[] = [];
+    const answers: number[] = [];
+    for (let i = 0; i < RESTORES; i++) {
+      const b = await startVmm(ctx.dir, `restore-${size}-${i}`);
+      try {
+        const t0 = performance.now();
+        await put(b.api, '/snapshot/load', {
+          snapshot_path: state,
+          mem_backend: { backend_type: 'File', backend_path: mem },
+          resume_vm: true,
+        });
+        trips.push(performance.now() - t0);
+        const own = /snapshot loaded: .* in ([\d.]+) ms/.exec(b.output());
+        if (own) loads.push(Number(own[1]));
+        await ask(b, `echo restored-${i}-$((6*7))`, new RegExp(`restored-${i}-42`), 120);
+        answers.push(performance.now() - t0);
+      } finally {
+        b.child.kill('SIGKILL');
+        await b.exited;
+      }
+    }
+    rows[`restore_${size}`] = median(loads);
+    rows[`trip_${size}`] = median(trips);
+    rows[`answer_${size}`] = median(answers);
+    ctx.log(
+      `${size} MiB: load to first KVM_RUN ${median(loads).toFixed(1)} ms (client round trip ${median(trips).toFixed(1)} ms), to the shell's answer ${median(answers).toFixed(0)} ms; create ${rows[`create_${size}`]!.toFixed(0)} ms; state ${rows[`state_kib_${size}`]!.toFixed(0)} KiB, memory ${mib(size * 1024 * 1024)} MiB (${rows[`mem_disk_mib_${size}`]!.toFixed(1)} MiB on disk)`,
+    );
+  }
+  ctx.log(
+    `cold boot of the 128 MiB guest to its shell's answer: ${(coldAnswerMs / 1000).toFixed(1)} s, against ${rows.answer_128!.toFixed(0)} ms restored`,
+  );
+  const f = (n: number) => n.toFixed(1);
+  ctx.result(
+    `snapshot restore_ms_128m=${f(rows.restore_128!)} restore_ms_1g=${f(rows.restore_1024!)} restore_ms_4g=${f(rows.restore_4096!)} create_ms_128m=${f(rows.create_128!)} mem_file_mib_128m=${f(rows.mem_disk_mib_128!)} diff_file_mib=na answer_ms_128m=${rows.answer_128!.toFixed(0)} cold_answer_ms_128m=${coldAnswerMs.toFixed(0)}`,
+  );
+}
