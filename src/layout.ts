@@ -39,6 +39,12 @@ export const CMDLINE_MAX = 0x1_0000;
 /** The ACPI tables: RSDP first, then everything it points to, up to the end of the BIOS area. */
 export const ACPI_START = 0xe_0000;
 export const ACPI_END = 0x10_0000;
+/**
+ * The VM generation ID (ACPI "VMGENCTR"): 16 bytes at the top of the reserved ACPI area,
+ * a new random value at every boot and every restore (snapshots).
+ */
+export const VMGENID_ADDR = 0xf_f000;
+export const VMGENID_SIZE = 16;
 /** Where the protected-mode kernel is loaded (bzImage) and the lowest address any kernel may use. */
 export const HIMEM_START = 0x10_0000;
 /** A bzImage's 64-bit entry point, relative to where its protected-mode code is loaded. */
@@ -104,6 +110,8 @@ export const IRQ_COM1 = 4;
 export const IRQ_RTC = 8;
 /** The Generic Event Device's interrupt: it delivers the ACPI power button. */
 export const IRQ_GED = 10;
+/** The GED interrupt that tells the guest its VM generation ID changed (a restore). */
+export const IRQ_VMGENID = 11;
 export const IOAPIC_PINS = 24;
 /** PCI INTx lines: slot S, pin P (0 = INTA) uses GSI PCI_INTX_GSI_BASE + (S + P) % PCI_INTX_GSIS (the _PRT says so). */
 export const PCI_INTX_GSI_BASE = 16;

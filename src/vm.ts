@@ -202,7 +202,13 @@ export class Vm {
     const virtio = this.devices.filter((d): d is DeviceSpec<'virtio-pci'> => d.kind === 'virtio-pci');
     if (virtio.length > 0) {
       this.io = new IoThread(
-        { memory: this.memory.descriptor, vmFd: this.vmFd.fd, devices: virtio, seccomp: seccomp?.io ?? null },
+        {
+          memory: this.memory.descriptor,
+          vmFd: this.vmFd.fd,
+          devices: virtio,
+          seccomp: seccomp?.io ?? null,
+          restored: restore !== undefined,
+        },
         this.emit,
       );
       this.ioThreadId = await this.io.ready;

@@ -7,12 +7,13 @@ import {
   SLEEP_CONTROL_S5,
   SLP_EN,
   SLP_TYP_S5,
-  ACPI_END,
   ACPI_RESET_VALUE,
   ACPI_START,
   IOAPIC_START,
   IRQ_COM1,
   IRQ_GED,
+  IRQ_VMGENID,
+  VMGENID_ADDR,
   IRQ_RTC,
   LAPIC_START,
   PORT_ACPI_RESET,
@@ -236,12 +237,23 @@ export function dsdtAml(vcpus: number, pci = false): Uint8Array {
       aml.name('_CRS', aml.resourceTemplate([aml.ioPort(PORT_RTC, PORT_RTC_SIZE), aml.irqNoFlags(IRQ_RTC)])),
     ]),
     aml.device('PWRB', [hid('PNP0C0C'), uid(0)]),
+    // The VM generation ID (Microsoft's "Virtual Machine Generation ID" spec, as Linux's
+    // vmgenid driver reads it): ADDR is the 16-byte ID's address, low and high 32 bits.
+    aml.device('VGEN', [
+      aml.name('_HID', aml.string('VMGENCTR')),
+      aml.name('_CID', aml.string('VM_Gen_Counter')),
+      aml.name('_DDN', aml.string('VM_Gen_Counter')),
+      aml.name('ADDR', aml.packageOf([aml.integer(VMGENID_ADDR), aml.integer(0)])),
+    ]),
     aml.device('GED', [
       aml.name('_HID', aml.string('ACPI0013')),
       uid(0),
-      aml.name('_CRS', aml.resourceTemplate([aml.extendedInterrupt(IRQ_GED)])),
-      // Linux calls _EVT with the GSI that fired; Kiln raises IRQ_GED only for the power button.
-      aml.method('_EVT', 1, [aml.ifThen(aml.lEqual(aml.arg0, aml.integer(IRQ_GED)), [aml.notify('\\_SB.PWRB', 0x80)])]),
+      aml.name('_CRS', aml.resourceTemplate([aml.extendedInterrupt(IRQ_GED), aml.extendedInterrupt(IRQ_VMGENID)])),
+      // Linux calls _EVT with the GSI that fired: the power button, or a new generation ID.
+      aml.method('_EVT', 1, [
+        aml.ifThen(aml.lEqual(aml.arg0, aml.integer(IRQ_GED)), [aml.notify('\\_SB.PWRB', 0x80)]),
+        aml.ifThen(aml.lEqual(aml.arg0, aml.integer(IRQ_VMGENID)), [aml.notify('\\_SB.VGEN', 0x80)]),
+      ]),
     ]),
     ...Array.from({ length: vcpus }, (_, i) =>
       aml.device(`C${i.toString(16).toUpperCase().padStart(3, '0')}`, [
@@ -284,8 +296,8 @@ export function buildAcpiTables(shape: { vcpus: number; pci?: boolean }): AcpiTa
   entries.forEach((a, i) => new DataView(xsdtBody.buffer).setBigUint64(i * 8, BigInt(a), true));
   const xsdt = table('XSDT', 1, 'KILNXSDT', xsdtBody);
   const end = xsdtAddr + xsdt.length;
-  if (end > ACPI_END)
-    throw new KilnError(`the ACPI tables need ${end - base} bytes; the ACPI area holds ${ACPI_END - base}`);
+  if (end > VMGENID_ADDR)
+    throw new KilnError(`the ACPI tables need ${end - base} bytes; the ACPI area holds ${VMGENID_ADDR - base}`);
 
   // RSDP (5.2.5), revision 2.
   const rsdp = encoded(acpi_table_rsdp, {

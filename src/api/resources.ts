@@ -381,7 +381,7 @@ export function parseSnapshotLoad(body: unknown): SnapshotLoad {
   }
   if (memFilePath === undefined) throw new ApiError('snapshot/load: missing field `mem_backend`');
   const overrides = new Map<string, string>();
-  for (const o of r.network_overrides as unknown[] | undefined ?? []) {
+  for (const o of (r.network_overrides as unknown[] | undefined) ?? []) {
     const n = check('snapshot/load: network_overrides', o, { iface_id: req(str), host_dev_name: req(str) });
     overrides.set(n.iface_id as string, n.host_dev_name as string);
   }

@@ -346,6 +346,8 @@ export class Vmm {
     this.onStart?.(live);
     this.paused = !req.resume;
     await live.vm.start({ seccomp: this.seccomp, restore: { vcpus: snapshot.machine.vcpus, paused: !req.resume } });
+    // Once the vCPUs hold their restored LAPICs: a new generation ID, announced (the guest reseeds its RNG).
+    live.newGeneration();
     this.loadedAt = performance.now() - started;
     this.note(
       'Info',

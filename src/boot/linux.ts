@@ -1,6 +1,7 @@
 // Assembling a VM that boots Linux: validate the kernel, initrd and command line,
 // then create the VM (in-kernel irqchip and PIT), its devices and ACPI tables, set up
 // every vCPU, and load the kernel. Every check happens before the VM exists.
+import { randomBytes } from 'node:crypto';
 import { closeSync, constants as fsConstants, fstatSync, openSync, readFileSync } from 'node:fs';
 import { buildAcpiTables, MAX_MADT_VCPUS } from '../acpi/tables.js';
 import { isSoftwareKvm, planSyscallFix, type CompatConfig } from '../compat/pvm.js';
@@ -50,6 +51,8 @@ export interface LinuxVm {
   readonly virtio: AttachedVirtio;
   /** Presses the ACPI power button (a Generic Event Device interrupt). */
   pressPowerButton(): void;
+  /** A new VM generation ID, announced to the guest (after a restore: Linux reseeds its RNG). */
+  newGeneration(): void;
 }
 
 /** What Kiln puts on every command line: the serial console, and reboot through the i8042. */
@@ -172,6 +175,7 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime, from?: 
     }
     if (boot) {
       vm.memory.write(acpi.base, acpi.bytes);
+      vm.memory.write(layout.VMGENID_ADDR, randomBytes(layout.VMGENID_SIZE));
       for (const w of boot.writes) vm.memory.write(w.gpa, w.bytes);
       setBootRegisters(vm.vcpus[0]!, vm.memory, boot.entry);
     }
@@ -193,6 +197,11 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime, from?: 
       pressPowerButton() {
         setIrq(layout.IRQ_GED, 1);
         setIrq(layout.IRQ_GED, 0);
+      },
+      newGeneration() {
+        vm.memory.write(layout.VMGENID_ADDR, randomBytes(layout.VMGENID_SIZE));
+        setIrq(layout.IRQ_VMGENID, 1);
+        setIrq(layout.IRQ_VMGENID, 0);
       },
     };
   } catch (err) {

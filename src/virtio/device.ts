@@ -327,6 +327,8 @@ export interface VirtioBackend {
   readonly pollFds?: ReadonlyArray<{ readonly fd: number; ready(): void }>;
   /** The driver reset the device: drop per-session state. */
   reset?(): void;
+  /** The VM was just restored from a snapshot: tell the driver what it must redo (vsock's transport reset). */
+  restored?(): void;
   /** The VM is stopping. */
   close?(): void;
 }
@@ -429,6 +431,11 @@ export class VirtioRuntime implements VirtioQueues {
     } finally {
       this.lock.unlock();
     }
+  }
+
+  /** The VM was restored from a snapshot (before any queue is looked at). */
+  restored(): void {
+    this.run(() => this.backend?.restored?.());
   }
 
   /** A queue notification (ioeventfd) arrived for `q`. */

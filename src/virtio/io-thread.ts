@@ -16,6 +16,8 @@ export interface IoThreadInit {
   /** Signalled to park the loop (snapshots): cell PARK_REQUEST says whether to, PARK_STATE whether it has. */
   readonly parkFd: number;
   readonly park: SharedArrayBuffer;
+  /** The VM was restored from a snapshot: each backend is told before the loop starts. */
+  readonly restored?: boolean;
   /** The I/O thread's seccomp program (seccomp/policy.ts), loaded before its loop starts; null: none. */
   readonly seccomp: Uint8Array | null;
 }

@@ -65,6 +65,7 @@ const setPollable = (fd: number, on: boolean) => setInterest(fd, { read: on });
 const setWritable = (fd: number, on: boolean) => setInterest(fd, { write: on });
 
 const backends: VirtioBackend[] = [];
+const runtimes: VirtioRuntime[] = [];
 for (const spec of init.devices) {
   const state = virtioState(spec.state, spec.options);
   const interrupts = new VirtioInterrupts(state, sendMsi, setIrq, spec.options.intxGsi);
@@ -79,6 +80,7 @@ for (const spec of init.devices) {
   const backend = createBackend(spec.options.device, runtime, { controlFd: spec.options.controlFd });
   runtime.backend = backend;
   backends.push(backend);
+  runtimes.push(runtime);
   spec.options.notifyFds.forEach((fd, q) =>
     watch(fd, () => {
       libc.drainEventfd(fd);
@@ -103,6 +105,8 @@ watch(init.parkFd, () => {
   while (Atomics.load(park, PARK_REQUEST) === 1) Atomics.wait(park, PARK_REQUEST, 1);
   Atomics.store(park, PARK_STATE, 0);
 });
+
+if (init.restored) for (const r of runtimes) r.restored();
 
 libc.pthreadSetnameNp(libc.pthreadSelf(), 'kiln_io');
 if (init.seccomp) installProgram(init.seccomp, { allThreads: false });

@@ -42,6 +42,9 @@ export const VIRTIO_VSOCK_SHUTDOWN_RCV = 1;
 export const VIRTIO_VSOCK_SHUTDOWN_SEND = 2;
 const RX = 0;
 const TX = 1;
+const EVENT = 2;
+/** virtio 1.2, 5.10.6.6: the only event: every connection is gone, re-read the CID. */
+export const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET = 0;
 /** What Kiln buffers per connection toward the host socket (it writes through at once). */
 const BUF_ALLOC = 256 * 1024;
 /** Host ports for host-initiated connections start here (as Firecracker's do). */
@@ -188,6 +191,20 @@ export class VsockBackend implements VirtioBackend {
     // The driver reset the device: every connection is gone (5.10.6.6 transport reset).
     for (const conn of [...this.byFd.values()]) this.drop(conn);
     this.pendingControl.length = 0;
+  }
+
+  /**
+   * After a restore the host sockets of the snapshot's connections are gone: the guest
+   * gets a transport reset on the event queue, as Firecracker sends it, and drops them.
+   */
+  restored(): void {
+    const queue = this.rt.queue(EVENT);
+    const chain = this.rt.chain;
+    if (!queue.enabled || !queue.pop(chain)) return;
+    const event = Buffer.alloc(4);
+    event.writeUInt32LE(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, 0);
+    queue.push(chain.head, chain.writeFrom(this.rt.mem, 0, event, event.length));
+    this.rt.notifyUsed(EVENT);
   }
 
   /** The VM is stopping: close every connection's host socket. */

@@ -10,6 +10,8 @@ import { buildAcpiTables } from '../../src/acpi/tables.js';
 import {
   ACPI_START,
   IRQ_GED,
+  IRQ_VMGENID,
+  VMGENID_ADDR,
   PORT_ACPI_RESET,
   PORT_ACPI_SLEEP_CONTROL,
   PORT_ACPI_SLEEP_STATUS,
@@ -119,6 +121,19 @@ describe('tables decoded by iasl', { skip: iasl ? false : 'needs iasl (apt-get i
       dsl,
       new RegExp(
         `Device \\(GED\\)[\\s\\S]*?"ACPI0013"[\\s\\S]*?Interrupt \\(ResourceConsumer, Edge, ActiveHigh, Exclusive[\\s\\S]*?0x${hex(IRQ_GED, 8)}[\\s\\S]*?Method \\(_EVT, 1[\\s\\S]*?If \\(\\(Arg0 == 0x${hex(IRQ_GED, 2)}\\)\\)[\\s\\S]*?Notify \\(\\\\_SB\\.PWRB, 0x80\\)`,
+      ),
+    );
+    // The VM generation ID: its device, its 16 bytes' address, and the GED's second interrupt notifying it.
+    assert.match(
+      dsl,
+      new RegExp(
+        `Device \\(VGEN\\)[\\s\\S]*?Name \\(_HID, "VMGENCTR"\\)[\\s\\S]*?Name \\(_CID, "VM_Gen_Counter"\\)[\\s\\S]*?Name \\(ADDR, Package \\(0x02\\)[^{]*\\{\\s*0x${hex(VMGENID_ADDR, 8)},\\s*Zero`,
+      ),
+    );
+    assert.match(
+      dsl,
+      new RegExp(
+        `Device \\(GED\\)[\\s\\S]*?0x${hex(IRQ_VMGENID, 8)}[\\s\\S]*?If \\(\\(Arg0 == 0x${hex(IRQ_VMGENID, 2)}\\)\\)[\\s\\S]*?Notify \\(\\\\_SB\\.VGEN, 0x80\\)`,
       ),
     );
     for (const c of ['C000', 'C001', 'C002'])

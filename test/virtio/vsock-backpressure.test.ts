@@ -8,6 +8,7 @@ import { after, test } from 'node:test';
 import * as libc from '../../src/kvm/libc.js';
 import {
   listenVsock,
+  VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
   MAX_PENDING_CONTROL,
   VIRTIO_VSOCK_OP,
   VSOCK_HDR,
@@ -160,5 +161,19 @@ test('a flood of requests to ports nobody listens on, with no receive buffers: t
     replies <= MAX_PENDING_CONTROL,
     `at most ${MAX_PENDING_CONTROL} replies waited (${replies} of ${requests})`,
   );
+  assert.equal(dev.needsReset, null);
+});
+
+test("after a restore, the guest gets a transport reset on the event queue (its connections' host sockets are gone)", () => {
+  const { dev } = setup();
+  // Nothing offered on the event queue yet: nothing to send, and no harm.
+  dev.runtime.restored();
+  assert.deepEqual(dev.used(2), []);
+  dev.offer(2, [{ write: 8 }]);
+  dev.runtime.restored();
+  const events = dev.used(2);
+  assert.equal(events.length, 1);
+  assert.equal(events[0]!.len, 4);
+  assert.equal(events[0]!.written.readUInt32LE(0), VIRTIO_VSOCK_EVENT_TRANSPORT_RESET);
   assert.equal(dev.needsReset, null);
 });
