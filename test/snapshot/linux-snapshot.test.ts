@@ -32,7 +32,7 @@ describe('kiln-vmm snapshots of a booted Linux', { skip: kvmSkip }, () => {
       const again = join(dir, 'again.snap');
       const againMem = join(dir, 'again.mem');
       const b = await startVmm(dir, 'restored');
-      let uptime = 0;
+      let uptime: number;
       try {
         // Bad loads first: each a 400 that leaves the process able to load.
         const corrupt = join(dir, 'corrupt.snap');
