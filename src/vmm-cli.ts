@@ -14,6 +14,7 @@ import { SerialSocket } from './api/serial-socket.js';
 import { ConfigError, parseVmConfig } from './config/vm-config.js';
 import { KilnError } from './errors.js';
 import { installProcessFilter } from './seccomp/install.js';
+import { prewarm } from './warm-workers.js';
 import {
   compilePolicy,
   DEFAULT_POLICY,
@@ -97,6 +98,10 @@ async function main(argv: string[]): Promise<number> {
       return EXIT_USAGE;
     }
   }
+  // A vCPU thread and the I/O thread start now, while the API waits for its first request:
+  // InstanceStart and /snapshot/load then find them with their modules loaded.
+  prewarm('vcpu');
+  prewarm('io');
   const serialSocket = values['serial-sock'] ? new SerialSocket(1) : null;
   const vmm = new Vmm(id, serialSocket ? serialSocket.writeFd : 1, log);
   vmm.seccomp = seccomp;

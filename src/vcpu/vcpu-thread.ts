@@ -1,7 +1,8 @@
 // The main thread's handle on one vCPU thread: start it, pause, resume and stop it
 // (kicking it out of KVM_RUN with a signal), and learn how it ended.
 import { constants as osConstants } from 'node:os';
-import { Worker } from 'node:worker_threads';
+import type { Worker } from 'node:worker_threads';
+import { startWorker } from '../warm-workers.js';
 import { KilnError } from '../errors.js';
 import * as libc from '../kvm/libc.js';
 import * as ctl from './control.js';
@@ -31,11 +32,7 @@ export class VcpuThread {
     log: (source: string, line: string) => void,
   ) {
     this.cells = new Int32Array(init.control);
-    this.worker = new Worker(new URL('./worker.js', import.meta.url), {
-      workerData: init,
-      stdout: false,
-      stderr: false,
-    });
+    this.worker = startWorker('vcpu', init);
     let resolveReady!: () => void;
     let rejectReady!: (err: Error) => void;
     this.ready = new Promise((resolve, reject) => {

@@ -23,7 +23,9 @@ import { restoreVcpu, saveVcpu } from '../snapshot/vcpu-state.js';
 import { installProgram } from '../seccomp/install.js';
 import type { VcpuExit, VcpuExitReason, VcpuMessage, VcpuWorkerInit } from './messages.js';
 
-const init = workerData as VcpuWorkerInit;
+// Started with its VM's details, or warm (warm-workers.ts): its modules loaded, waiting for them.
+const init = ((workerData as VcpuWorkerInit | null) ??
+  (await new Promise((resolve) => parentPort!.once('message', resolve)))) as VcpuWorkerInit;
 const port = parentPort!;
 const post = (message: VcpuMessage) => port.postMessage(message);
 const cells = new Int32Array(init.control);

@@ -1,7 +1,8 @@
 // The main thread's handle on the I/O thread (io-worker.ts): start it with the VM's
 // virtio devices, stop it through an eventfd it polls.
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Worker } from 'node:worker_threads';
+import type { Worker } from 'node:worker_threads';
+import { startWorker } from '../warm-workers.js';
 import type { DeviceSpec } from '../devices/catalogue.js';
 import { KilnError } from '../errors.js';
 import * as libc from '../kvm/libc.js';
@@ -42,11 +43,7 @@ export class IoThread {
     this.stopFd = libc.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
     this.parkFd = libc.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
     if (this.stopFd < 0 || this.parkFd < 0) throw new KilnError(`eventfd failed: ${libc.errnoName(libc.errno())}`);
-    this.worker = new Worker(new URL('./io-worker.js', import.meta.url), {
-      workerData: { ...init, stopFd: this.stopFd, parkFd: this.parkFd, park: this.park },
-      stdout: false,
-      stderr: false,
-    });
+    this.worker = startWorker('io', { ...init, stopFd: this.stopFd, parkFd: this.parkFd, park: this.park });
     let failure: string | null = null;
     this.ready = new Promise((resolve, reject) => {
       this.worker.on('message', (m: { type: 'ready'; tid: number } | LogMessage) => {

@@ -15,7 +15,9 @@ import { PARK_REQUEST, PARK_STATE, type IoThreadInit } from './io-thread.js';
 import { virtioState } from './pci.js';
 import { installProgram } from '../seccomp/install.js';
 
-const init = workerData as IoThreadInit;
+// Started with its VM's details, or warm (warm-workers.ts): its modules loaded, waiting for them.
+const init = ((workerData as IoThreadInit | null) ??
+  (await new Promise((resolve) => parentPort!.once('message', resolve)))) as IoThreadInit;
 const memory = GuestMemory.attach(init.memory);
 const sendMsi = msiSender(init.vmFd);
 const setIrq = irqLineSetter(init.vmFd);
