@@ -322,7 +322,7 @@ export class Vmm {
       throw new ApiError(`Cannot load the snapshot: ${(err as Error).message}`);
     }
     const read = performance.now();
-    let built = 0;
+    let built: number;
     let fd = -1;
     let live: LinuxVm | null = null;
     try {
