@@ -132,14 +132,15 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime, from?: 
     softwareKvm,
     config.disks.find((d) => d.root),
   );
-  const acpi = buildAcpiTables({ vcpus: config.cpus, pci: true });
+  // A restored guest has its ACPI tables in its memory already.
+  const acpi = from ? null : buildAcpiTables({ vcpus: config.cpus, pci: true });
   // The whole boot layout is computed (and checked) before the VM exists.
   let boot: BootImage | null = null;
   if (!from) {
     let kernel = readGuestFile(vmConfig.kernel!, 'kernel');
     if (runtime.hostDecompress && !isElf(kernel)) kernel = decompressBzImage(kernel).elf;
     const initrd = config.initrd !== undefined ? readGuestFile(config.initrd, 'initrd') : undefined;
-    boot = loadKernel({ kernel, initrd, cmdline, ram: ramRanges(memoryBytes), rsdp: acpi.rsdp });
+    boot = loadKernel({ kernel, initrd, cmdline, ram: ramRanges(memoryBytes), rsdp: acpi!.rsdp });
   }
   const { disks, nets } = openHostEnds(config);
   const compat = from ? from.compat : softwareKvm ? { syscallFix: planSyscallFix(boot!.textEnd) } : null;
@@ -173,7 +174,7 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime, from?: 
         `KVM refused to set boot MSR(s) ${[...refused].map((m) => `0x${m.toString(16)}`).join(', ')}; they keep KVM's reset values`,
       );
     }
-    if (boot) {
+    if (boot && acpi) {
       vm.memory.write(acpi.base, acpi.bytes);
       vm.memory.write(layout.VMGENID_ADDR, randomBytes(layout.VMGENID_SIZE));
       for (const w of boot.writes) vm.memory.write(w.gpa, w.bytes);
