@@ -12,7 +12,7 @@ import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { buildInitramfs, buildMinimalKernel } from '../src/guestkit/build.js';
-import { ask, put, startVmm } from '../test/vmm-driver.js';
+import { ask, bootShell, pauseAndSnapshot, put, startVmm } from '../test/vmm-driver.js';
 import { median, type BenchContext } from './util.js';
 
 const SIZES_MIB = [128, 1024, 4096];
@@ -30,22 +30,10 @@ export async function benchSnapshot(ctx: BenchContext): Promise<void> {
     const mem = join(ctx.dir, `linux-${size}.mem`);
     const a = await startVmm(ctx.dir, `boot-${size}`);
     try {
-      await put(a.api, '/boot-source', {
-        kernel_image_path: kernel.vmlinux,
-        initrd_path: initrd.path,
-        boot_args: 'kiln.shell',
-      });
-      await put(a.api, '/machine-config', { vcpu_count: 1, mem_size_mib: size });
-      const t0 = performance.now();
-      await put(a.api, '/actions', { action_type: 'InstanceStart' });
-      await ask(a, 'echo booted-$((6*7))', /booted-42/, 900);
-      const boot = performance.now() - t0;
+      const boot = await bootShell(a, { kernel: kernel.vmlinux, initrd: initrd.path, memoryMiB: size }, 900);
       if (size === 128) coldAnswerMs = boot;
       ctx.log(`${size} MiB: cold boot to the shell's answer ${(boot / 1000).toFixed(1)} s`);
-      await put(a.api, '/vm', { state: 'Paused' }, 'PATCH');
-      const c0 = performance.now();
-      await put(a.api, '/snapshot/create', { snapshot_path: state, mem_file_path: mem, snapshot_type: 'Full' });
-      rows[`create_${size}`] = performance.now() - c0;
+      rows[`create_${size}`] = await pauseAndSnapshot(a, state, mem);
     } finally {
       a.child.kill('SIGKILL');
       await a.exited;

@@ -7,7 +7,7 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, s
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { buildInitramfs, buildMinimalKernel, cacheDir } from '../src/guestkit/build.js';
-import { ask, put, startVmm } from './vmm-driver.js';
+import { bootShell, pauseAndSnapshot, startVmm } from './vmm-driver.js';
 
 export interface LinuxFixture {
   readonly state: string;
@@ -51,17 +51,8 @@ export async function linuxSnapshotFixture(log: (line: string) => void): Promise
   mkdirSync(work, { recursive: true });
   const vmm = await startVmm(work, 'fixture');
   try {
-    await put(vmm.api, '/boot-source', {
-      kernel_image_path: kernel.vmlinux,
-      initrd_path: initrd.path,
-      boot_args: 'kiln.shell',
-    });
-    await put(vmm.api, '/machine-config', { vcpu_count: 1, mem_size_mib: 128 });
-    await put(vmm.api, '/entropy', {});
-    await put(vmm.api, '/actions', { action_type: 'InstanceStart' });
-    await ask(vmm, 'echo booted-$((6*7))', /booted-42/, 600);
-    await put(vmm.api, '/vm', { state: 'Paused' }, 'PATCH');
-    await put(vmm.api, '/snapshot/create', { snapshot_path: join(work, 'state'), mem_file_path: join(work, 'memory') });
+    await bootShell(vmm, { kernel: kernel.vmlinux, initrd: initrd.path, memoryMiB: 128, entropy: true }, 600);
+    await pauseAndSnapshot(vmm, join(work, 'state'), join(work, 'memory'));
   } finally {
     vmm.child.kill('SIGKILL');
     await vmm.exited;

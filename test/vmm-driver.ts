@@ -55,3 +55,33 @@ export async function ask(vmm: RunningVmm, command: string, answer: RegExp, seco
   }
   assert.fail(`no ${answer} within ${seconds} s; the console ended with:\n${vmm.output().slice(-2000)}`);
 }
+
+/**
+ * Boots the kit's Linux with a shell (`kiln.shell`, 1 vCPU) in a fresh kiln-vmm until the
+ * shell answers on its console; resolves with the milliseconds from InstanceStart to that.
+ */
+export async function bootShell(
+  vmm: RunningVmm,
+  guest: { kernel: string; initrd: string; memoryMiB: number; entropy?: boolean },
+  seconds: number,
+): Promise<number> {
+  await put(vmm.api, '/boot-source', {
+    kernel_image_path: guest.kernel,
+    initrd_path: guest.initrd,
+    boot_args: 'kiln.shell',
+  });
+  await put(vmm.api, '/machine-config', { vcpu_count: 1, mem_size_mib: guest.memoryMiB });
+  if (guest.entropy) await put(vmm.api, '/entropy', {});
+  const t0 = performance.now();
+  await put(vmm.api, '/actions', { action_type: 'InstanceStart' });
+  await ask(vmm, 'echo booted-$((6*7))', /booted-42/, seconds);
+  return performance.now() - t0;
+}
+
+/** Pauses the VM and takes a Full snapshot; resolves with the milliseconds the create took. */
+export async function pauseAndSnapshot(vmm: RunningVmm, state: string, memory: string): Promise<number> {
+  await put(vmm.api, '/vm', { state: 'Paused' }, 'PATCH');
+  const t0 = performance.now();
+  await put(vmm.api, '/snapshot/create', { snapshot_path: state, mem_file_path: memory, snapshot_type: 'Full' });
+  return performance.now() - t0;
+}

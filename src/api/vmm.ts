@@ -217,21 +217,34 @@ export class Vmm {
     if (c.kernel === undefined) throw new ApiError('Cannot start microvm without kernel configuration.');
     if ((c.cmdline ?? '').split(/\s+/).includes('pci=off'))
       this.note('Warning', "dropped `pci=off` from boot_args: Kiln's virtio devices are on PCI");
+    let live: LinuxVm;
     try {
-      this.live = createLinuxVm(c, { serialOutFd: this.serialOutFd, log: (line) => this.note('Warning', line) });
+      live = createLinuxVm(c, this.runtime());
     } catch (err) {
       if (err instanceof KilnError) throw new ApiError(`Cannot start microvm: ${err.message}`);
       throw err;
     }
-    this.balloon = this.live.virtio.balloon ? balloonControl(this.live.virtio.balloon) : null;
-    this.lockedImages.push(...c.disks.map((d) => d.path));
-    this.onStart?.(this.live);
-    await this.live.vm.start({ seccomp: this.seccomp });
+    this.adopt(live, c);
+    await live.vm.start({ seccomp: this.seccomp });
     this.note(
       'Info',
-      `InstanceStart: ${c.kernel} (${this.live.boot.format}), ${c.cpus} vCPU, ${c.memoryMiB} MiB, ${c.disks.length} drive(s), ${c.nets.length} network interface(s)`,
+      `InstanceStart: ${c.kernel} (${live.boot.format}), ${c.cpus} vCPU, ${c.memoryMiB} MiB, ${c.disks.length} drive(s), ${c.nets.length} network interface(s)`,
     );
-    this.watchEnd(this.live);
+    this.watchEnd(live);
+  }
+
+  /** How this process runs a VM: the serial console's fd, and its log lines as warnings. */
+  private runtime(): { serialOutFd: number; log: (line: string) => void } {
+    return { serialOutFd: this.serialOutFd, log: (line) => this.note('Warning', line) };
+  }
+
+  /** Makes `live` this VMM's VM (built from `config`), before its vCPUs run. */
+  private adopt(live: LinuxVm, config: VmConfig): void {
+    this.config = config;
+    this.live = live;
+    this.balloon = live.virtio.balloon ? balloonControl(live.virtio.balloon) : null;
+    this.lockedImages.push(...config.disks.map((d) => d.path));
+    this.onStart?.(live);
   }
 
   /**
@@ -327,11 +340,11 @@ export class Vmm {
     let live: LinuxVm | null = null;
     try {
       fd = openMemoryFile(req.memFilePath, snapshot.memoryBytes);
-      live = createLinuxVm(
-        config,
-        { serialOutFd: this.serialOutFd, log: (line) => this.note('Warning', line) },
-        { memoryFileFd: fd, boot: snapshot.boot, compat: snapshot.compat },
-      );
+      live = createLinuxVm(config, this.runtime(), {
+        memoryFileFd: fd,
+        boot: snapshot.boot,
+        compat: snapshot.compat,
+      });
       closeSync(fd);
       fd = -1;
       built = performance.now();
@@ -342,26 +355,20 @@ export class Vmm {
       if (err instanceof KilnError) throw new ApiError(`Cannot load the snapshot: ${err.message}`);
       throw err;
     }
-    this.config = config;
-    this.live = live;
-    this.balloon = live.virtio.balloon ? balloonControl(live.virtio.balloon) : null;
-    this.lockedImages.push(...config.disks.map((d) => d.path));
-    this.onStart?.(live);
+    this.adopt(live, config);
     this.paused = !req.resume;
     const restored = performance.now();
     await live.vm.start({ seccomp: this.seccomp, restore: { vcpus: snapshot.machine.vcpus, paused: !req.resume } });
     // Once the vCPUs hold their restored LAPICs: a new generation ID, announced (the guest reseeds its RNG).
     live.newGeneration();
-    this.loadedAt = performance.now() - started;
+    const end = performance.now();
+    const ms = (from: number, to: number) => (to - from).toFixed(1);
     this.note(
       'Info',
-      `snapshot loaded: ${req.snapshotPath} (${config.cpus} vCPU, ${config.memoryMiB} MiB) in ${this.loadedAt.toFixed(1)} ms (state file ${(read - started).toFixed(1)}, machine built ${(built - read).toFixed(1)}, state restored ${(restored - built).toFixed(1)}, threads started ${(performance.now() - started - (restored - started)).toFixed(1)}); ${req.resume ? 'running' : 'paused'}`,
+      `snapshot loaded: ${req.snapshotPath} (${config.cpus} vCPU, ${config.memoryMiB} MiB) in ${ms(started, end)} ms (state file ${ms(started, read)}, machine built ${ms(read, built)}, state restored ${ms(built, restored)}, threads started ${ms(restored, end)}); ${req.resume ? 'running' : 'paused'}`,
     );
     this.watchEnd(live);
   }
-
-  /** Milliseconds the last /snapshot/load took, from the request to the vCPUs' start. */
-  loadedAt = 0;
 
   private watchEnd(live: LinuxVm): void {
     void live.vm.wait().then(async (result) => {

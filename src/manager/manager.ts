@@ -136,8 +136,13 @@ interface RestoreSource {
 }
 
 /** Whether a jail record still holds something of the host's (files, TAPs, links). */
-function holdsAnything(record: JailRecord | null): boolean {
-  return record !== null && (record.lent?.length || record.taps.length || record.links?.length) ? true : false;
+function holdsAnything(record: JailRecord | null): record is JailRecord {
+  return record !== null && Boolean(record.lent?.length || record.taps.length || record.links?.length);
+}
+
+/** A VMM API error's fault message (or its status). */
+function faultOf(r: { status: number; body: unknown }): string {
+  return (r.body as { fault_message?: string } | undefined)?.fault_message ?? `status ${r.status}`;
 }
 
 export class Manager {
@@ -295,7 +300,7 @@ export class Manager {
   private async releaseJail(name: string): Promise<void> {
     const run = this.store.runDir(name);
     const record = readJailRecord(run);
-    if (!record || !holdsAnything(record)) return;
+    if (!holdsAnything(record)) return;
     removeSocketLinks(run, record);
     for (const failure of returnLentFiles(record)) this.progress(`'${name}': cannot give back ${failure}`);
     if (record.taps.length) {
@@ -455,9 +460,7 @@ export class Manager {
       process.kill(pid, 'SIGKILL');
       await waitFor(() => (this.processAlive(pid) ? null : true), 5_000);
       removeCgroup(name);
-      throw new KilnError(
-        `'${name}': the snapshot did not load: ${(r.body as { fault_message?: string } | undefined)?.fault_message ?? `status ${r.status}`}`,
-      );
+      throw new KilnError(`'${name}': the snapshot did not load: ${faultOf(r)}`);
     }
   }
 
@@ -492,7 +495,11 @@ export class Manager {
     const dir = this.snapshotsDir(name);
     mkdirSync(dir, { recursive: true, mode: PRIVATE_DIR });
     const final = join(dir, tag);
-    if (snapshotExists(dir, tag)) throw new KilnError(`'${name}' already has a snapshot '${tag}'; choose another tag`);
+    const refuseTaken = () => {
+      if (snapshotExists(dir, tag))
+        throw new KilnError(`'${name}' already has a snapshot '${tag}'; choose another tag`);
+    };
+    refuseTaken();
     const work = `${final}${TMP_MARK}${process.pid}`;
     removeSnapshotDir(work);
     mkdirSync(work, { mode: PRIVATE_DIR });
@@ -543,8 +550,8 @@ export class Manager {
         createMs: Math.round(performance.now() - started),
       };
       writeMeta(work, meta);
-      if (snapshotExists(dir, tag))
-        throw new KilnError(`'${name}' already has a snapshot '${tag}'; choose another tag`);
+      // Checked again just before the rename: a tag is never replaced.
+      refuseTaken();
       renameSync(work, final);
       return meta;
     } catch (err) {
@@ -562,10 +569,7 @@ export class Manager {
   /** A call to VM `name`'s VMM that must succeed (a fault becomes the error). */
   private async apiCall(name: string, method: string, path: string, body: unknown, timeoutMs = 30_000): Promise<void> {
     const r = await unixHttp(join(this.store.runDir(name), 'api.sock'), method, path, body, timeoutMs);
-    if (r.status !== 204)
-      throw new KilnError(
-        `'${name}': ${method} ${path}: ${(r.body as { fault_message?: string } | undefined)?.fault_message ?? `status ${r.status}`}`,
-      );
+    if (r.status !== 204) throw new KilnError(`'${name}': ${method} ${path}: ${faultOf(r)}`);
   }
 
   /** kiln snapshot rm NAME TAG. */
@@ -724,10 +728,7 @@ export class Manager {
     const r = await unixHttp(join(this.store.runDir(name), 'api.sock'), 'PATCH', '/vm', {
       state: paused ? 'Paused' : 'Resumed',
     });
-    if (r.status !== 204)
-      throw new KilnError(
-        `'${name}': ${(r.body as { fault_message?: string } | undefined)?.fault_message ?? `status ${r.status}`}`,
-      );
+    if (r.status !== 204) throw new KilnError(`'${name}': ${faultOf(r)}`);
     return this.status(spec);
   }
 

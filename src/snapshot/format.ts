@@ -12,7 +12,7 @@
 // other one. The version changes whenever a restore could misread an older file; Kiln
 // reads only its own version and says so.
 import { createHash } from 'node:crypto';
-import { closeSync, fstatSync, openSync, readSync, constants as fsConstants } from 'node:fs';
+import { closeSync, fstatSync, openSync, readFileSync, constants as fsConstants } from 'node:fs';
 import { KilnError } from '../errors.js';
 
 export const SNAPSHOT_MAGIC = 'KILNSNAP';
@@ -88,14 +88,7 @@ export function readStateFile(path: string): unknown {
     if (!st.isFile()) throw new SnapshotError(`the snapshot file ${path} is not a regular file`);
     if (st.size > MAX_STATE_FILE_BYTES)
       throw new SnapshotError(`the snapshot file ${path} is ${st.size} bytes: too large to be a Kiln state file`);
-    const buf = Buffer.alloc(st.size);
-    let at = 0;
-    while (at < buf.length) {
-      const n = readSync(fd, buf, at, buf.length - at, at);
-      if (n === 0) break;
-      at += n;
-    }
-    return decodeStateFile(buf.subarray(0, at), `the snapshot file ${path}`);
+    return decodeStateFile(readFileSync(fd), `the snapshot file ${path}`);
   } catch (err) {
     if (err instanceof KilnError) throw err;
     throw new SnapshotError(

@@ -12,7 +12,7 @@ import { VMGENID_ADDR } from '../../src/layout.js';
 import { unixHttp } from '../../src/manager/manager.js';
 import { kvmSkip, tempDir } from '../helpers.js';
 import { linuxSnapshotFixture } from '../linux-fixture.js';
-import { ask, put, startVmm } from '../vmm-driver.js';
+import { ask, pauseAndSnapshot, put, startVmm } from '../vmm-driver.js';
 
 const log = (line: string) => process.stderr.write(`# ${line}\n`);
 const fault = (r: { body: unknown }) => (r.body as { fault_message?: string }).fault_message ?? '';
@@ -98,8 +98,7 @@ describe('kiln-vmm snapshots of a booted Linux', { skip: kvmSkip }, () => {
         });
         assert.equal(running.status, 400);
         assert.match(fault(running), /pause it first/);
-        await put(b.api, '/vm', { state: 'Paused' }, 'PATCH');
-        await put(b.api, '/snapshot/create', { snapshot_path: again, mem_file_path: againMem, snapshot_type: 'Full' });
+        await pauseAndSnapshot(b, again, againMem);
         const diff = await unixHttp(b.api, 'PUT', '/snapshot/create', {
           snapshot_path: join(dir, 'd.snap'),
           mem_file_path: join(dir, 'd.mem'),
