@@ -593,8 +593,22 @@ export class Manager {
       if (now.state !== 'stopped') throw new KilnError(`'${name}' is ${now.state}; stop it first (kiln stop ${name})`);
       const dir = join(this.snapshotsDir(name), tag);
       for (const d of meta.disks) {
-        rmSync(d.path, { force: true });
-        copyDisk(join(dir, d.file), d.path);
+        // Copied beside the disk and renamed over it, its owner and mode kept: a copy that
+        // fails (a full disk) leaves the disk as it was.
+        const tmp = `${d.path}${TMP_MARK}${process.pid}`;
+        rmSync(tmp, { force: true });
+        try {
+          copyDisk(join(dir, d.file), tmp);
+          const st = statSync(d.path, { throwIfNoEntry: false });
+          if (st) {
+            chownSync(tmp, st.uid, st.gid);
+            chmodSync(tmp, st.mode & 0o7777);
+          }
+          renameSync(tmp, d.path);
+        } catch (err) {
+          rmSync(tmp, { force: true });
+          throw err;
+        }
       }
       return this.startNow(name, opts.jail ?? true, {
         config: meta.config,
