@@ -388,7 +388,7 @@ function program(setStatus: (status: number) => void): Command {
   const snap = verb('snapshot', "save a running VM's whole state and writable disks (paused meanwhile)")
     .argument('<name>')
     .argument('[tag]', "the snapshot's name (default: snap-YYYYMMDD-HHMMSS)")
-    .option('--diff', 'only the memory written since the last snapshot (not supported yet)')
+    .option('--diff', 'only the memory changed since the last snapshot of this run (or the one it was restored from)')
     .action(async (name: string, tag: string | undefined, values: { json?: boolean; diff?: boolean }) =>
       done((await manager()).snapshot(name, tag, values)),
     );
@@ -398,8 +398,18 @@ function program(setStatus: (status: number) => void): Command {
     .argument('<name>')
     .argument('<tag>')
     .option('--json', 'print one JSON document')
-    .action(async (name: string, tag: string, values: { json?: boolean }) =>
-      done((await manager()).snapshotRemove(name, tag, values)),
+    // --json after the arguments is the parent's option too (commander): read both.
+    .action(async (name: string, tag: string, _values: unknown, cmd: Command) =>
+      done((await manager()).snapshotRemove(name, tag, cmd.optsWithGlobals<{ json?: boolean }>())),
+    );
+  snap
+    .command('merge')
+    .description('make a diff snapshot whole (its chain laid over the full one), so those under it can be removed')
+    .argument('<name>')
+    .argument('<tag>')
+    .option('--json', 'print one JSON document')
+    .action(async (name: string, tag: string, _values: unknown, cmd: Command) =>
+      done((await manager()).snapshotMerge(name, tag, cmd.optsWithGlobals<{ json?: boolean }>())),
     );
   verb('snapshots', "a VM's snapshots")
     .argument('<name>')
@@ -415,7 +425,12 @@ function program(setStatus: (status: number) => void): Command {
     .argument('<name>')
     .argument('<newname>')
     .option('--from <tag>', 'an existing snapshot of NAME')
-    .action(async (name: string, newName: string, values: { json?: boolean; from?: string }) =>
+    .option(
+      '--net <spec>',
+      "each network interface's own TAP or passt socket: id=ID,tap=NAME or id=ID,passt=SOCKET (repeatable)",
+      (value: string, previous: string[] = []) => [...previous, value],
+    )
+    .action(async (name: string, newName: string, values: { json?: boolean; from?: string; net?: string[] }) =>
       done((await manager()).clone(name, newName, values)),
     );
   verb('rm', 'remove a stopped VM (or a broken definition)')

@@ -7,7 +7,7 @@ import { createDeviceState, type DeviceKind, type DeviceRequest, type DeviceSpec
 import { KVM_CAP } from './kvm/ioctl.js';
 import { findLeaf, supportedCpuid } from './cpu/cpuid.js';
 import { KvmSystem, VcpuFd, type VmFd } from './kvm/kvm.js';
-import { KVM_TSS_ADDRESS } from './layout.js';
+import { KVM_TSS_ADDRESS, PAGE_SIZE } from './layout.js';
 import { hostMemoryBytes, hostPhysAddrBits, OwnedGuestMemory } from './memory/guest-memory.js';
 import * as ctl from './vcpu/control.js';
 import type { VcpuExit } from './vcpu/messages.js';
@@ -40,6 +40,8 @@ export interface VmConfig {
   readonly log?: (line: string) => void;
   /** Guest RAM from a snapshot's memory file (an open fd), mapped private instead of anonymous. */
   readonly memoryFileFd?: number;
+  /** Track which pages change (KVM's dirty log and Kiln's own writes), for diff snapshots. */
+  readonly trackDirtyPages?: boolean;
 }
 
 /** What a snapshot holds of a running machine, besides its memory (snapshot/). */
@@ -129,7 +131,7 @@ export class Vm {
           }),
           hostBytes: hostMemoryBytes(),
         },
-        config.memoryFileFd ?? -1,
+        { backingFd: config.memoryFileFd ?? -1, trackDirty: config.trackDirtyPages ?? false },
       );
       for (let i = 0; i < config.vcpus; i++) vcpus.push(new VcpuFd(vmFd.createVcpu(i)));
       return new Vm(kvm, vmFd, memory, vcpus, config);
@@ -344,13 +346,67 @@ export class Vm {
     }
   }
 
+  /** Host memory KVM_GET_DIRTY_LOG writes each slot's bitmap into (mapped on first use). */
+  private dirtyLogs: Array<{ addr: bigint; bytes: Uint8Array }> | null = null;
+
+  /** Whether this VM tracks which pages change (VmConfig.trackDirtyPages, or since startTrackingDirtyPages). */
+  get tracksDirtyPages(): boolean {
+    return this.memory.tracking;
+  }
+
+  /**
+   * Starts tracking which pages change, on a VM built without it (the pages that changed
+   * before are unknown: the next takeDirtyPages reports what changed from here on). Paused
+   * only: a slot's flags change while no vCPU is in KVM_RUN.
+   */
+  startTrackingDirtyPages(): void {
+    if (this.threads.length > 0 && !this.paused)
+      throw new KilnError('the VM must be paused to start tracking dirty pages');
+    this.memory.startTracking();
+  }
+
+  /**
+   * The pages that changed since the last call (or since the VM was built): per region, one
+   * bit per page (least significant bit first), the guest's writes (KVM's dirty log) and
+   * Kiln's own (GuestMemory.markWritten) together. Both records are cleared as they are
+   * read. Call it with the VM paused and the I/O thread parked (saveMachine's callback), so
+   * nothing is written between the read and the clear that the next call would miss.
+   */
+  takeDirtyPages(): Uint8Array[] {
+    if (!this.tracksDirtyPages) throw new KilnError('this VM does not track dirty pages (track_dirty_pages is off)');
+    const regions = this.memory.regions;
+    if (this.dirtyLogs === null) {
+      this.dirtyLogs = regions.map((r) => {
+        const size = Math.ceil(r.size / PAGE_SIZE / 64) * 8;
+        const addr = libc.mmap(
+          null,
+          size,
+          libc.PROT_READ | libc.PROT_WRITE,
+          libc.MAP_PRIVATE | libc.MAP_ANONYMOUS,
+          -1,
+          0,
+        );
+        if (addr === libc.MAP_FAILED) throw new KilnError(`cannot map ${size} bytes for the dirty log`);
+        return { addr, bytes: new Uint8Array(libc.view(addr, size)) };
+      });
+    }
+    return regions.map((r, i) => {
+      const log = this.dirtyLogs![i]!;
+      log.bytes.fill(0);
+      this.vmFd.getDirtyLog(r.slot, log.addr);
+      const pages = Uint8Array.from(log.bytes.subarray(0, Math.ceil(r.size / PAGE_SIZE / 8)));
+      this.memory.takeWritten(i, pages);
+      return pages;
+    });
+  }
+
   /**
    * Puts a snapshot's VM-wide and device state into this new, not yet started VM (built
    * with the same configuration); the vCPUs get theirs at start({ restore }).
    */
-  restoreMachine(state: MachineState): void {
+  restoreMachine(state: MachineState, opts: { clockRealtime?: boolean } = {}): void {
     if (this.threads.length > 0) throw new KilnError('state is restored before the VM starts');
-    if (state.vm && this.config.irqchip) restoreVmState(this.vmFd, state.vm);
+    if (state.vm && this.config.irqchip) restoreVmState(this.vmFd, state.vm, opts);
     if (state.compatInstalled) Atomics.store(this.cells, ctl.VM_COMPAT_CLAIM, 1);
     const byId = new Map(state.devices.map((d) => [d.id, d]));
     for (const d of this.devices) {
@@ -397,6 +453,8 @@ export class Vm {
     this.vcpus.forEach((v) => v.close());
     this.vmFd.close();
     this.memory.destroy();
+    for (const log of this.dirtyLogs ?? []) libc.munmap(log.addr, log.bytes.length);
+    this.dirtyLogs = null;
     this.kvm.close();
   }
 }

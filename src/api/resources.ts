@@ -353,6 +353,8 @@ export interface SnapshotLoad {
   /** iface_id -> the TAP to use instead. */
   readonly networkOverrides: ReadonlyMap<string, string>;
   readonly vsockUds?: string;
+  /** Kiln's own vsock_override.guest_cid: a clone's CID (the guest reads it again at the transport reset). */
+  readonly vsockCid?: number;
 }
 
 export function parseSnapshotLoad(body: unknown): SnapshotLoad {
@@ -387,7 +389,7 @@ export function parseSnapshotLoad(body: unknown): SnapshotLoad {
   }
   const vsock =
     r.vsock_override !== undefined
-      ? (check('snapshot/load: vsock_override', r.vsock_override, { uds_path: req(str) }).uds_path as string)
+      ? check('snapshot/load: vsock_override', r.vsock_override, { uds_path: req(str), guest_cid: int })
       : undefined;
   return {
     snapshotPath: r.snapshot_path as string,
@@ -397,7 +399,8 @@ export function parseSnapshotLoad(body: unknown): SnapshotLoad {
     trackDirtyPages: ((r.track_dirty_pages ?? r.enable_diff_snapshots) as boolean | undefined) ?? false,
     clockRealtime: (r.clock_realtime as boolean | undefined) ?? false,
     networkOverrides: overrides,
-    ...(vsock !== undefined ? { vsockUds: vsock } : {}),
+    ...(vsock !== undefined ? { vsockUds: vsock.uds_path as string } : {}),
+    ...(vsock?.guest_cid !== undefined ? { vsockCid: vsock.guest_cid as number } : {}),
   };
 }
 

@@ -14,7 +14,8 @@ import type { SeccompPrograms } from '../seccomp/policy.js';
 import { writeAll, writeFileAtomically } from '../atomic-file.js';
 import type { CompatConfig } from '../compat/pvm.js';
 import { encodeStateFile, readStateFile } from '../snapshot/format.js';
-import { openMemoryFile, writeMemoryFile } from '../snapshot/memory-file.js';
+import { openMemoryFile, writeDiffMemoryFile, writeMemoryFile } from '../snapshot/memory-file.js';
+import { handOverToUffd } from '../snapshot/uffd.js';
 import { KILN_VERSION } from '../version.js';
 import type { BootSummary } from '../boot/linux.js';
 import type { MachineState } from '../vm.js';
@@ -50,6 +51,8 @@ interface VmmSnapshot {
   readonly boot: BootSummary;
   readonly compat: CompatConfig | null;
   readonly memoryBytes: number;
+  /** Full, or Diff (the memory file held only what changed; it is laid over its base to load). */
+  readonly memoryType?: 'Full' | 'Diff';
   readonly machine: MachineState;
 }
 
@@ -248,21 +251,33 @@ export class Vmm {
   }
 
   /**
-   * PUT /snapshot/create: the paused VM's state file and memory file. Full only; the VM
-   * stays paused. Both files are written whole or not at all.
+   * PUT /snapshot/create: the paused VM's state file and memory file; the VM stays paused.
+   * Both files are written whole or not at all. A Diff's memory file holds only the pages
+   * that changed since the last snapshot of this VM (or since it was started or loaded
+   * with track_dirty_pages); any snapshot starts the next diff afresh, and a Full one
+   * starts tracking on a VM that was not.
    */
   async createSnapshot(req: SnapshotCreate): Promise<void> {
     if (!this.live) throw new ApiError(BEFORE_START);
     if (!this.paused)
       throw new ApiError('Cannot create a snapshot while the microVM is running: pause it first (PATCH /vm Paused).');
-    if (req.type === 'Diff')
-      throw new ApiError('Diff snapshots are not supported yet: take a Full snapshot (snapshot_type "Full").');
     const live = this.live;
+    if (req.type === 'Diff' && !live.vm.tracksDirtyPages)
+      throw new ApiError(
+        'Diff snapshots are not allowed on uVMs with dirty page tracking disabled: set track_dirty_pages (machine-config or /snapshot/load), or take a Full snapshot first (Kiln tracks from there on).',
+      );
     const started = performance.now();
     let mem = { bytes: 0, written: 0 };
     try {
       const machine = await live.vm.saveMachine(() => {
-        mem = writeMemoryFile(req.memFilePath, live.vm.memory);
+        // Taken before writing: a Full snapshot starts the next diff afresh too. A VM that
+        // was not tracking starts at its first Full, so a Diff can follow it (Kiln's own).
+        const dirty = live.vm.tracksDirtyPages ? live.vm.takeDirtyPages() : null;
+        if (!dirty) live.vm.startTrackingDirtyPages();
+        mem =
+          req.type === 'Diff'
+            ? writeDiffMemoryFile(req.memFilePath, live.vm.memory, dirty!)
+            : writeMemoryFile(req.memFilePath, live.vm.memory);
       });
       const body: VmmSnapshot = {
         kiln: KILN_VERSION,
@@ -271,6 +286,7 @@ export class Vmm {
         boot: live.boot,
         compat: live.compat,
         memoryBytes: mem.bytes,
+        memoryType: req.type,
         machine,
       };
       writeFileAtomically(req.snapshotPath, (fd) => writeAll(fd, encodeStateFile(body)));
@@ -281,7 +297,7 @@ export class Vmm {
     }
     this.note(
       'Info',
-      `snapshot created: ${req.snapshotPath}, memory ${req.memFilePath} (${mem.bytes} bytes, ${mem.written} written) in ${(performance.now() - started).toFixed(1)} ms`,
+      `${req.type} snapshot created: ${req.snapshotPath}, memory ${req.memFilePath} (${mem.bytes} bytes, ${mem.written} written) in ${(performance.now() - started).toFixed(1)} ms`,
     );
   }
 
@@ -299,8 +315,6 @@ export class Vmm {
   async loadSnapshot(req: SnapshotLoad): Promise<void> {
     if (this.live || this.configured)
       throw new ApiError('Loading a microVM snapshot not allowed after configuring boot-specific resources.');
-    if (req.backend === 'Uffd')
-      throw new ApiError('The Uffd memory backend is not supported yet: use backend_type "File".');
     const started = performance.now();
     let snapshot: VmmSnapshot;
     try {
@@ -318,10 +332,20 @@ export class Vmm {
         throw new KilnError('vsock_override: the snapshot has no vsock device');
       config = parseVmConfig({
         ...saved,
+        // The load's track_dirty_pages decides for the loaded VM (as Firecracker's).
+        trackDirtyPages: req.trackDirtyPages,
         nets: saved.nets.map((n) =>
           req.networkOverrides.has(n.id) ? { ...n, tap: req.networkOverrides.get(n.id)!, passt: undefined } : n,
         ),
-        ...(saved.vsock && req.vsockUds !== undefined ? { vsock: { ...saved.vsock, uds: req.vsockUds } } : {}),
+        ...(saved.vsock && req.vsockUds !== undefined
+          ? {
+              vsock: {
+                ...saved.vsock,
+                uds: req.vsockUds,
+                ...(req.vsockCid !== undefined ? { guestCid: req.vsockCid } : {}),
+              },
+            }
+          : {}),
       });
       if (!Array.isArray(snapshot.machine?.vcpus) || snapshot.machine.vcpus.length !== config.cpus)
         throw new KilnError(
@@ -339,16 +363,19 @@ export class Vmm {
     let fd = -1;
     let live: LinuxVm | null = null;
     try {
-      fd = openMemoryFile(req.memFilePath, snapshot.memoryBytes);
+      // File: guest RAM maps the memory file. Uffd: anonymous RAM, its pages filled by the
+      // page-fault handler on backend_path, which gets it before anything touches it.
+      if (req.backend === 'File') fd = openMemoryFile(req.memFilePath, snapshot.memoryBytes);
       live = createLinuxVm(config, this.runtime(), {
         memoryFileFd: fd,
         boot: snapshot.boot,
         compat: snapshot.compat,
       });
-      closeSync(fd);
+      if (fd >= 0) closeSync(fd);
       fd = -1;
+      if (req.backend === 'Uffd') handOverToUffd(live.vm.memory, req.memFilePath);
       built = performance.now();
-      live.vm.restoreMachine(snapshot.machine);
+      live.vm.restoreMachine(snapshot.machine, { clockRealtime: req.clockRealtime });
     } catch (err) {
       if (fd >= 0) closeSync(fd);
       await live?.vm.destroy();

@@ -106,7 +106,7 @@ export function composeCmdline(
 
 /** A snapshot's machine to rebuild instead of booting (snapshot/): its RAM file and what its boot was. */
 export interface RestoreFrom {
-  /** The memory file, open: guest RAM maps it (private). */
+  /** The memory file, open: guest RAM maps it (private); -1: anonymous RAM a Uffd handler fills. */
   readonly memoryFileFd: number;
   readonly boot: BootSummary;
   readonly compat: CompatConfig | null;
@@ -154,6 +154,7 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime, from?: 
       logUnhandled: runtime.logUnhandled ?? false,
       ...(runtime.log ? { log: runtime.log } : {}),
       compat,
+      trackDirtyPages: config.trackDirtyPages,
       ...(from ? { memoryFileFd: from.memoryFileFd } : {}),
     });
   } catch (err) {

@@ -163,6 +163,20 @@ export class VmFd {
     ioctlBuf(this.fd, 'SET_USER_MEMORY_REGION', buf, `slot ${region.slot} at 0x${region.guestPhysAddr.toString(16)}`);
   }
 
+  /**
+   * KVM_GET_DIRTY_LOG: the pages of memory slot `slot` the guest wrote since the last
+   * call (or since the slot was registered with KVM_MEM_LOG_DIRTY_PAGES), one bit per
+   * page, written at `bitmap` (host memory of at least ceil(pages / 64) * 8 bytes); KVM
+   * clears its log as it reports it.
+   */
+  getDirtyLog(slot: number, bitmap: bigint): void {
+    // struct kvm_dirty_log { __u32 slot; __u32 padding1; union { void *dirty_bitmap; __u64 padding2; }; }
+    const buf = Buffer.alloc(16);
+    buf.writeUInt32LE(slot, 0);
+    buf.writeBigUInt64LE(bitmap, 8);
+    ioctlBuf(this.fd, 'GET_DIRTY_LOG', buf, `slot ${slot}`);
+  }
+
   createVcpu(id: number): number {
     return ioctlInt(this.fd, 'CREATE_VCPU', id);
   }
@@ -220,9 +234,10 @@ export class VmFd {
     return ioctlGetBytes(this.fd, 'GET_CLOCK', KVM_STATE_BYTES.clock);
   }
 
-  /** KVM_SET_CLOCK with the saved clock value; flags cleared (no KVM_CLOCK_REALTIME). */
-  setClock(state: Uint8Array): void {
+  /** KVM_SET_CLOCK with the saved clock value moved on by `advanceNs`; flags cleared (no KVM_CLOCK_REALTIME). */
+  setClock(state: Uint8Array, advanceNs = 0n): void {
     const data = Buffer.from(state);
+    data.writeBigUInt64LE(BigInt.asUintN(64, data.readBigUInt64LE(0) + advanceNs), 0);
     data.writeUInt32LE(0, 8);
     ioctlSetBytes(this.fd, 'SET_CLOCK', data, KVM_STATE_BYTES.clock);
   }

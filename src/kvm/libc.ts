@@ -77,6 +77,11 @@ export const fallocate = libc.func('int fallocate(int fd, int mode, int64_t offs
   offset: number,
   len: number,
 ) => number;
+export const lseek = libc.func('int64_t lseek(int fd, int64_t offset, int whence)') as (
+  fd: number,
+  offset: number,
+  whence: number,
+) => number;
 export const getrandom = libc.func('intptr_t getrandom(_Out_ void *buf, size_t buflen, unsigned int flags)') as (
   buf: PointerArg,
   buflen: number,
@@ -109,6 +114,16 @@ export const socketpair = libc.func('int socketpair(int domain, int type, int pr
   type: number,
   protocol: number,
   sv: Int32Array,
+) => number;
+export const sendmsg = libc.func('intptr_t sendmsg(int fd, const void *msg, int flags)') as (
+  fd: number,
+  msg: PointerArg,
+  flags: number,
+) => number;
+export const recvmsg = libc.func('intptr_t recvmsg(int fd, void *msg, int flags)') as (
+  fd: number,
+  msg: PointerArg,
+  flags: number,
 ) => number;
 export const listen = libc.func('int listen(int fd, int backlog)') as (fd: number, backlog: number) => number;
 export const accept4 = libc.func('int accept4(int fd, void *addr, void *len, int flags)') as (
@@ -237,6 +252,9 @@ export function errnoName(code: number): string {
   return errnoNames.get(code) ?? `errno ${code}`;
 }
 
+export const SEEK_DATA = 3;
+export const SEEK_HOLE = 4;
+export const ENXIO = osConstants.errno.ENXIO;
 export const EINTR = osConstants.errno.EINTR;
 export const EAGAIN = osConstants.errno.EAGAIN;
 export const ENOENT = osConstants.errno.ENOENT;
@@ -336,6 +354,7 @@ export const RLIMIT_NOFILE = 7;
 export const CLOSE_RANGE_CLOEXEC = 1 << 2;
 const SYS_pivot_root = 155;
 const SYS_close_range = 436;
+const SYS_userfaultfd = 323;
 export const mount = libc.func(
   'int mount(const char *source, const char *target, const char *fstype, unsigned long flags, const char *data)',
 ) as (source: string | null, target: string, fstype: string | null, flags: number, data: string | null) => number;
@@ -356,6 +375,8 @@ const syscallUint3 = libc.func('long syscall(long nr, unsigned int a, unsigned i
   b: number,
   c: number,
 ) => number;
+/** userfaultfd(2) (glibc has no wrapper). */
+export const userfaultfd = (flags: number): number => syscallUint3(SYS_userfaultfd, flags, 0, 0);
 export const F_SETFD = 2;
 /**
  * Makes stdin, stdout and stderr survive an execve(2): Node marks them close-on-exec at

@@ -6,7 +6,7 @@ import { readFileSync } from 'node:fs';
 import { createConnection } from 'node:net';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
-import { countFlag, flagsToInput, type VmFlags } from '../config/flags.js';
+import { countFlag, flagsToInput, parseNetFlag, type VmFlags } from '../config/flags.js';
 import { ConfigError } from '../config/vm-config.js';
 import { relayStdin } from '../console-relay.js';
 import { KilnError } from '../errors.js';
@@ -307,7 +307,8 @@ export async function daemon(log: (line: string) => void): Promise<number> {
 const mib = (bytes: number) => `${(bytes / (1024 * 1024)).toFixed(1)} MiB`;
 
 function snapshotLine(s: SnapshotMeta): string {
-  return `${s.tag.padEnd(24)} ${s.createdAt}  memory ${mib(s.memoryBytes)} (${mib(s.memoryOnDisk)} on disk), ${s.disks.length} disk cop${s.disks.length === 1 ? 'y' : 'ies'}`;
+  const kind = s.type === 'diff' ? `diff of ${s.base}` : 'full';
+  return `${s.tag.padEnd(24)} ${s.createdAt}  ${kind}, memory ${mib(s.memoryBytes)} (${mib(s.memoryOnDisk)} on disk), ${s.disks.length} disk cop${s.disks.length === 1 ? 'y' : 'ies'}`;
 }
 
 export async function snapshot(
@@ -322,7 +323,7 @@ export async function snapshot(
   });
   print(
     o.json,
-    `${name}: snapshot '${s.tag}' taken in ${s.createMs} ms (state ${mib(s.stateBytes)}, memory ${mib(s.memoryBytes)}, ${mib(s.memoryOnDisk)} on disk)`,
+    `${name}: ${s.type === 'diff' ? `diff snapshot '${s.tag}' (of '${s.base}')` : `snapshot '${s.tag}'`} taken in ${s.createMs} ms (state ${mib(s.stateBytes)}, memory ${mib(s.memoryBytes)}, ${mib(s.memoryOnDisk)} on disk)`,
     s,
   );
   return 0;
@@ -344,6 +345,18 @@ export async function snapshotRemove(name: string, tag: string, o: { json?: bool
   return 0;
 }
 
+export async function snapshotMerge(name: string, tag: string, o: { json?: boolean }): Promise<number> {
+  progress(`merging diff snapshot '${tag}' of '${name}' with the snapshots under it`);
+  const s = await daemonCall<SnapshotMeta>(
+    new Store(),
+    'POST',
+    `${path(name)}/snapshots/${encodeURIComponent(tag)}/merge`,
+    {},
+  );
+  print(o.json, `${name}: snapshot '${s.tag}' is whole (memory ${mib(s.memoryOnDisk)} on disk)`, s);
+  return 0;
+}
+
 export async function restore(name: string, tag: string, o: { json?: boolean; jail?: boolean }): Promise<number> {
   progress(`restoring '${name}' from '${tag}' (its writable disks go back to the snapshot's)`);
   const s = await daemonCall<StartReply>(new Store(), 'POST', `${path(name)}/restore`, {
@@ -354,11 +367,17 @@ export async function restore(name: string, tag: string, o: { json?: boolean; ja
   return s.state === 'running' ? 0 : EXIT_ERROR;
 }
 
-export async function clone(name: string, newName: string, o: { json?: boolean; from?: string }): Promise<number> {
+export async function clone(
+  name: string,
+  newName: string,
+  o: { json?: boolean; from?: string; net?: string[] },
+): Promise<number> {
   progress(`cloning '${name}' as '${newName}'${o.from ? ` from '${o.from}'` : ' (a snapshot of it now)'}`);
+  const nets = (o.net ?? []).map(parseNetFlag);
   const s = await daemonCall<StartReply>(new Store(), 'POST', `${path(name)}/clone`, {
     name: newName,
     ...(o.from !== undefined ? { from: o.from } : {}),
+    ...(nets.length > 0 ? { nets } : {}),
   });
   print(o.json, `${s.name}: ${s.state}`, s);
   return s.state === 'running' ? 0 : EXIT_ERROR;

@@ -152,16 +152,33 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
     await manager.removeSnapshot(name, params.tag ?? '');
     return { removed: params.tag };
   });
+  route('POST', '/vms/:name/snapshots/:tag/merge', (name, _b, _q, params) =>
+    manager.mergeSnapshot(name, params.tag ?? ''),
+  );
   route('POST', '/vms/:name/restore', (name, body) => {
     const b = body as { tag?: unknown; jail?: unknown };
     if (typeof b.tag !== 'string') throw new KilnError('tag is required');
     return manager.restore(name, b.tag, { jail: b.jail !== false });
   });
   route('POST', '/vms/:name/clone', (name, body) => {
-    const b = body as { name?: unknown; from?: unknown };
+    const b = body as { name?: unknown; from?: unknown; nets?: unknown };
     if (typeof b.name !== 'string') throw new KilnError('the new name is required');
     if (b.from !== undefined && typeof b.from !== 'string') throw new KilnError('from must be a snapshot tag');
-    return manager.clone(name, b.name, b.from !== undefined ? { from: b.from as string } : {});
+    const nets = b.nets ?? [];
+    if (
+      !Array.isArray(nets) ||
+      !nets.every(
+        (n: unknown) =>
+          typeof n === 'object' &&
+          n !== null &&
+          Object.entries(n).every(([k, x]) => ['id', 'tap', 'passt', 'mac'].includes(k) && typeof x === 'string'),
+      )
+    )
+      throw new KilnError('nets must be a list of {id, tap | passt}');
+    return manager.clone(name, b.name, {
+      ...(b.from !== undefined ? { from: b.from as string } : {}),
+      nets: nets as Array<{ id?: string; tap?: string; passt?: string }>,
+    });
   });
   route('GET', '/vms/:name/logs', async (name, _b, q): Promise<LogsReply> => {
     const bytes = Number(q.get('bytes') ?? 64 * 1024);

@@ -30,6 +30,7 @@ import { cgroupDirs, prepareCgroup, removeCgroup, spawnInCgroup } from './cgroup
 import { parseDefinition, vmConfigOf, type VmDefinition } from './definition.js';
 import { TMP_MARK } from '../atomic-file.js';
 import {
+  buildChainMemory,
   checkTag,
   copyDisk,
   defaultTag,
@@ -39,6 +40,7 @@ import {
   readSnapshot,
   removeSnapshotDir,
   sizeOnDisk,
+  snapshotChain,
   snapshotExists,
   STATE_FILE,
   writeMeta,
@@ -133,6 +135,8 @@ interface RestoreSource {
   readonly memory: string;
   /** Disk path the VMM opens -> the file bound there (a clone's copies). */
   readonly diskSources: ReadonlyMap<string, string>;
+  /** Track dirty pages from the load on (a restore: its next diff builds on the snapshot). */
+  readonly trackDirtyPages?: boolean;
 }
 
 /** Whether a jail record still holds something of the host's (files, TAPs, links). */
@@ -346,6 +350,8 @@ export class Manager {
     // A stale socket from a VMM that died.
     rmSync(sock, { force: true });
     rmSync(join(run, 'serial.sock'), { force: true });
+    // A new run: no snapshot to diff against yet (a restore records its own after the load).
+    this.setDiffBase(name, null);
     await this.releaseJail(name);
     const config = from ? from.config : ((await this.vmmConfig(spec)) as VmConfig);
     if (from && !jail && from.diskSources.size > 0)
@@ -452,7 +458,19 @@ export class Manager {
         snapshot_path: jail ? JAIL_SNAPSHOT_STATE : from.state,
         mem_backend: { backend_type: 'File', backend_path: jail ? JAIL_SNAPSHOT_MEMORY : from.memory },
         resume_vm: true,
-        ...(from.config.vsock ? { vsock_override: { uds_path: jail ? JAIL_VSOCK : from.config.vsock.uds } } : {}),
+        ...(from.trackDirtyPages ? { track_dirty_pages: true } : {}),
+        // TAPs by name (a clone's own; a passt socket is at the same place in every jail).
+        network_overrides: from.config.nets.flatMap((n) =>
+          n.tap !== undefined ? [{ iface_id: n.id, host_dev_name: n.tap }] : [],
+        ),
+        ...(from.config.vsock
+          ? {
+              vsock_override: {
+                uds_path: jail ? JAIL_VSOCK : from.config.vsock.uds,
+                guest_cid: from.config.vsock.guestCid,
+              },
+            }
+          : {}),
       },
       5 * 60_000,
     );
@@ -487,12 +505,13 @@ export class Manager {
 
   private async snapshotNow(name: string, tag: string, opts: { diff?: boolean }): Promise<SnapshotMeta> {
     checkTag(tag);
-    if (opts.diff) throw new KilnError('diff snapshots are not supported yet: take a full snapshot (without --diff)');
     const spec = this.store.get(name);
     const before = await this.status(spec);
     if (before.state !== 'running' && before.state !== 'paused')
       throw new KilnError(`'${name}' is ${before.state}: only a running or paused VM can be snapshotted`);
     const dir = this.snapshotsDir(name);
+    // A diff holds what changed since the last snapshot of this run (taken or restored from).
+    const base = opts.diff ? this.diffBase(name) : undefined;
     mkdirSync(dir, { recursive: true, mode: PRIVATE_DIR });
     const final = join(dir, tag);
     const refuseTaken = () => {
@@ -516,7 +535,7 @@ export class Manager {
         name,
         'PUT',
         '/snapshot/create',
-        { snapshot_path: inside.state, mem_file_path: inside.memory, snapshot_type: 'Full' },
+        { snapshot_path: inside.state, mem_file_path: inside.memory, snapshot_type: base ? 'Diff' : 'Full' },
         10 * 60_000,
       );
       if (jailed) {
@@ -548,11 +567,14 @@ export class Manager {
         memoryOnDisk: sizeOnDisk(join(work, MEMORY_FILE)),
         disks,
         createMs: Math.round(performance.now() - started),
+        type: base ? 'diff' : 'full',
+        ...(base ? { base } : {}),
       };
       writeMeta(work, meta);
       // Checked again just before the rename: a tag is never replaced.
       refuseTaken();
       renameSync(work, final);
+      this.setDiffBase(name, tag);
       return meta;
     } catch (err) {
       removeSnapshotDir(work);
@@ -566,6 +588,33 @@ export class Manager {
     }
   }
 
+  /** Where a run records the snapshot its memory was last saved to or restored from (a diff's base). */
+  private diffBaseFile(name: string): string {
+    return join(this.store.runDir(name), 'snapshot-base');
+  }
+
+  private setDiffBase(name: string, tag: string | null): void {
+    if (tag === null) rmSync(this.diffBaseFile(name), { force: true });
+    else writeFileSync(this.diffBaseFile(name), `${tag}\n`, { mode: PRIVATE_FILE });
+  }
+
+  /** The snapshot a diff of VM `name` (running now) would build on; throws when there is none. */
+  private diffBase(name: string): string {
+    let tag: string;
+    try {
+      tag = readFileSync(this.diffBaseFile(name), 'utf8').trim();
+    } catch {
+      throw new KilnError(
+        `'${name}' has no snapshot of this run to diff against: take a full snapshot first (kiln snapshot ${name})`,
+      );
+    }
+    if (!snapshotExists(this.snapshotsDir(name), tag))
+      throw new KilnError(
+        `'${name}': snapshot '${tag}', which a diff would build on, was removed: take a full snapshot first (kiln snapshot ${name})`,
+      );
+    return tag;
+  }
+
   /** A call to VM `name`'s VMM that must succeed (a fault becomes the error). */
   private async apiCall(name: string, method: string, path: string, body: unknown, timeoutMs = 30_000): Promise<void> {
     const r = await unixHttp(join(this.store.runDir(name), 'api.sock'), method, path, body, timeoutMs);
@@ -577,6 +626,11 @@ export class Manager {
     return this.serialised(name, async () => {
       this.store.get(name);
       readSnapshot(this.snapshotsDir(name), name, tag);
+      const onTop = listSnapshots(this.snapshotsDir(name)).filter((s) => s.type === 'diff' && s.base === tag);
+      if (onTop.length > 0)
+        throw new KilnError(
+          `'${name}': snapshot '${tag}' is the base of diff ${onTop.map((s) => `'${s.tag}'`).join(', ')}; merge ${onTop.length === 1 ? 'it' : 'them'} first (kiln snapshot merge ${name} ${onTop[0]!.tag}) or remove ${onTop.length === 1 ? 'it' : 'them'}`,
+        );
       removeSnapshotDir(join(this.snapshotsDir(name), tag));
     });
   }
@@ -592,30 +646,76 @@ export class Manager {
       const now = await this.status(spec);
       if (now.state !== 'stopped') throw new KilnError(`'${name}' is ${now.state}; stop it first (kiln stop ${name})`);
       const dir = join(this.snapshotsDir(name), tag);
-      for (const d of meta.disks) {
-        // Copied beside the disk and renamed over it, its owner and mode kept: a copy that
-        // fails (a full disk) leaves the disk as it was.
-        const tmp = `${d.path}${TMP_MARK}${process.pid}`;
-        rmSync(tmp, { force: true });
-        try {
-          copyDisk(join(dir, d.file), tmp);
-          const st = statSync(d.path, { throwIfNoEntry: false });
-          if (st) {
-            chownSync(tmp, st.uid, st.gid);
-            chmodSync(tmp, st.mode & 0o7777);
-          }
-          renameSync(tmp, d.path);
-        } catch (err) {
-          rmSync(tmp, { force: true });
-          throw err;
-        }
+      // A diff's memory is its chain laid over the full snapshot at its root, built first:
+      // a broken chain fails before any disk is touched.
+      const chain = snapshotChain(this.snapshotsDir(name), name, tag);
+      let memory = join(dir, MEMORY_FILE);
+      if (chain.length > 1) {
+        memory = join(this.snapshotsDir(name), `${tag}.memory${TMP_MARK}${process.pid}`);
+        rmSync(memory, { force: true });
+        await buildChainMemory(this.snapshotsDir(name), chain, memory);
       }
-      return this.startNow(name, opts.jail ?? true, {
-        config: meta.config,
-        state: join(dir, STATE_FILE),
-        memory: join(dir, MEMORY_FILE),
-        diskSources: new Map(),
-      });
+      try {
+        for (const d of meta.disks) {
+          // Copied beside the disk and renamed over it, its owner and mode kept: a copy that
+          // fails (a full disk) leaves the disk as it was.
+          const tmp = `${d.path}${TMP_MARK}${process.pid}`;
+          rmSync(tmp, { force: true });
+          try {
+            copyDisk(join(dir, d.file), tmp);
+            const st = statSync(d.path, { throwIfNoEntry: false });
+            if (st) {
+              chownSync(tmp, st.uid, st.gid);
+              chmodSync(tmp, st.mode & 0o7777);
+            }
+            renameSync(tmp, d.path);
+          } catch (err) {
+            rmSync(tmp, { force: true });
+            throw err;
+          }
+        }
+        const started = await this.startNow(name, opts.jail ?? true, {
+          config: meta.config,
+          state: join(dir, STATE_FILE),
+          memory,
+          diskSources: new Map(),
+          trackDirtyPages: true,
+        });
+        // The next diff of this run builds on this snapshot.
+        this.setDiffBase(name, tag);
+        return started;
+      } finally {
+        // Once loaded, the VMM maps the built memory; the file's name is not needed.
+        if (chain.length > 1) rmSync(memory, { force: true });
+      }
+    });
+  }
+
+  /**
+   * kiln snapshot merge NAME TAG: a diff snapshot made whole (its chain laid over the full
+   * one at its root, in place of its memory), so the snapshots under it can be removed.
+   */
+  mergeSnapshot(name: string, tag: string): Promise<SnapshotMeta> {
+    return this.serialised(name, async () => {
+      this.store.get(name);
+      const dir = this.snapshotsDir(name);
+      const chain = snapshotChain(dir, name, tag);
+      const meta = chain[chain.length - 1]!;
+      if (chain.length === 1) return meta;
+      const final = join(dir, tag, MEMORY_FILE);
+      const tmp = `${final}${TMP_MARK}${process.pid}`;
+      rmSync(tmp, { force: true });
+      await buildChainMemory(dir, chain, tmp);
+      const { base: _base, ...rest } = meta;
+      const merged: SnapshotMeta = { ...rest, type: 'full', memoryOnDisk: sizeOnDisk(tmp) };
+      try {
+        renameSync(tmp, final);
+      } catch (err) {
+        rmSync(tmp, { force: true });
+        throw err;
+      }
+      writeMeta(join(dir, tag), merged);
+      return merged;
     });
   }
 
@@ -624,13 +724,37 @@ export class Manager {
    * fresh one of the running VM without --from), beside it, with copies of its writable
    * disks and sockets of its own.
    */
-  async clone(name: string, newName: string, opts: { from?: string } = {}): Promise<StartReply> {
+  async clone(
+    name: string,
+    newName: string,
+    opts: { from?: string; nets?: ReadonlyArray<{ id?: string; tap?: string; passt?: string; mac?: string }> } = {},
+  ): Promise<StartReply> {
     const spec = this.store.get(name);
     if (this.store.exists(newName)) throw new KilnError(`a VM named '${newName}' already exists`);
-    if (spec.nets.length > 0)
-      throw new KilnError(
-        `'${name}' has network interfaces; a clone would share its TAP or passt socket (not supported yet)`,
-      );
+    // Each network interface gets the clone's own TAP or passt socket (two VMs cannot
+    // share one); its guest keeps the MAC it has (a running guest reads it only at probe).
+    // Without id=, the one interface a VM with one has.
+    const soleId = spec.nets.length === 1 ? spec.nets[0]!.id : '';
+    const givenNets = new Map((opts.nets ?? []).map((n) => [n.id ?? soleId, n]));
+    for (const [id, n] of givenNets) {
+      if (id === '')
+        throw new KilnError(`'${name}' has ${spec.nets.length} network interfaces: --net id=ID,... names one`);
+      if (!spec.nets.some((x) => x.id === id))
+        throw new KilnError(`'${name}' has no network interface '${id}' (--net id=ID,... names one of its own)`);
+      if (n.mac !== undefined)
+        throw new KilnError(`--net ${id}: a clone's guest keeps the MAC it was snapshotted with; leave mac out`);
+      if ((n.tap === undefined) === (n.passt === undefined))
+        throw new KilnError(`--net ${id}: give the clone its own tap=NAME or passt=SOCKET`);
+    }
+    const nets = spec.nets.map((n) => {
+      const own = givenNets.get(n.id);
+      if (!own)
+        throw new KilnError(
+          `'${name}' has network interface '${n.id}'; a clone needs its own: --net id=${n.id},tap=NAME or --net id=${n.id},passt=SOCKET`,
+        );
+      const { tap: _tap, passt: _passt, ...rest } = n;
+      return { ...rest, ...(own.tap !== undefined ? { tap: own.tap } : { passt: own.passt! }) };
+    });
     const meta = opts.from
       ? readSnapshot(this.snapshotsDir(name), name, opts.from)
       : await this.snapshot(name, `clone-${newName}`);
@@ -649,7 +773,9 @@ export class Manager {
       ...spec,
       name: newName,
       disks: spec.disks.map((d) => ({ ...d, path: diskSources.get(d.path) ?? d.path })),
-      ...(spec.vsock ? { vsock: { ...spec.vsock, uds: renamed(spec.vsock.uds) } } : {}),
+      nets,
+      // Its own vsock CID (the guest reads it again at the transport reset after the load).
+      ...(spec.vsock ? { vsock: { ...spec.vsock, uds: renamed(spec.vsock.uds), guestCid: this.freeCid() } } : {}),
       ...(spec.consoleSocket !== undefined ? { consoleSocket: renamed(spec.consoleSocket) } : {}),
     });
     this.store.create(definition);
@@ -657,9 +783,14 @@ export class Manager {
       const config: VmConfig = {
         ...meta.config,
         ...(meta.config.vsock && definition.vsock
-          ? { vsock: { ...meta.config.vsock, uds: definition.vsock.uds } }
+          ? { vsock: { ...meta.config.vsock, uds: definition.vsock.uds, guestCid: definition.vsock.guestCid } }
           : {}),
         ...(definition.consoleSocket !== undefined ? { consoleSocket: definition.consoleSocket } : {}),
+        nets: meta.config.nets.map((n) => {
+          const own = definition.nets.find((x) => x.id === n.id)!;
+          const { tap: _tap, passt: _passt, ...rest } = n;
+          return { ...rest, ...(own.tap !== undefined ? { tap: own.tap } : { passt: own.passt! }) };
+        }),
       };
       return await this.serialised(newName, () =>
         this.startNow(newName, true, {
@@ -675,6 +806,14 @@ export class Manager {
       removeSnapshotDir(diskDir);
       throw err;
     }
+  }
+
+  /** A vsock CID no defined VM uses (one above the highest, from 3). */
+  private freeCid(): number {
+    const used = this.store.list().vms.flatMap((d) => (d.vsock ? [d.vsock.guestCid] : []));
+    const next = Math.max(2, ...used) + 1;
+    if (next <= 0xffff_ffff) return next;
+    for (let cid = 3; ; cid++) if (!used.includes(cid)) return cid;
   }
 
   private processAlive(pid: number): boolean {

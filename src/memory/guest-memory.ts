@@ -25,6 +25,14 @@ export interface RegionDescriptor {
 
 export interface GuestMemoryDescriptor {
   readonly regions: readonly RegionDescriptor[];
+  /**
+   * Dirty-page tracking (diff snapshots, migration): 32-bit words, the first saying whether
+   * Kiln is tracking, then one bit per page of RAM (the regions back to back as in the
+   * memory file), set by every thread for each page Kiln itself writes while tracking (used
+   * rings, block reads, received bytes, the software-KVM fix). KVM's dirty log sees only
+   * the guest's writes.
+   */
+  readonly written?: SharedArrayBuffer;
 }
 
 export class GuestMemoryError extends KilnError {
@@ -119,6 +127,10 @@ export class GuestMemory {
   private readonly bytes: Uint8Array[];
   private readonly views: DataView[];
   private readonly halves: Uint16Array[];
+  /** Kiln's own writes (descriptor.written), or null when not tracking. */
+  private readonly written: Int32Array | null;
+  /** Index of each region's first page among all pages (the bit of its first page). */
+  private readonly firstPage: number[];
 
   protected constructor(readonly descriptor: GuestMemoryDescriptor) {
     this.regions = descriptor.regions;
@@ -126,6 +138,62 @@ export class GuestMemory {
     this.bytes = buffers.map((b) => new Uint8Array(b));
     this.views = buffers.map((b) => new DataView(b));
     this.halves = buffers.map((b) => new Uint16Array(b));
+    this.written = descriptor.written ? new Int32Array(descriptor.written) : null;
+    let page = 0;
+    this.firstPage = this.regions.map((r) => {
+      const first = page;
+      page += r.size / PAGE_SIZE;
+      return first;
+    });
+  }
+
+  /** The size of descriptor.written for `size` bytes of RAM: the flag word, then whole 32-bit words of bits. */
+  static writtenBitmapBytes(size: number): number {
+    return 4 + Math.ceil(size / PAGE_SIZE / 32) * 4;
+  }
+
+  /** Starts (with a clean record) or stops recording Kiln's own writes, for every thread. */
+  setTrackingWrites(on: boolean): void {
+    const bits = this.written;
+    if (bits === null) throw new GuestMemoryError('this guest memory cannot track writes');
+    if (on) for (let w = 1; w < bits.length; w++) Atomics.store(bits, w, 0);
+    Atomics.store(bits, 0, on ? 1 : 0);
+  }
+
+  /**
+   * Records that Kiln wrote [offset, offset+length) of region `region` (a no-op when not
+   * tracking). The typed writers below call it; code that writes through regionBytes()
+   * or slice() calls it itself.
+   */
+  markWritten(region: number, offset: number, length: number): void {
+    const bits = this.written;
+    if (bits === null || length <= 0 || Atomics.load(bits, 0) === 0) return;
+    const base = this.firstPage[region]!;
+    const last = base + Math.floor((offset + length - 1) / PAGE_SIZE);
+    for (let p = base + Math.floor(offset / PAGE_SIZE); p <= last; p++) Atomics.or(bits, 1 + (p >>> 5), 1 << (p & 31));
+  }
+
+  /**
+   * Takes region `region`'s record of Kiln's writes and clears it: one bit per page, in
+   * `into` (bytes, least significant bit first, as KVM's dirty log), OR-ed in.
+   */
+  takeWritten(region: number, into: Uint8Array): void {
+    const bits = this.written;
+    if (bits === null) return;
+    const base = this.firstPage[region]!;
+    const pages = this.regions[region]!.size / PAGE_SIZE;
+    for (let p = 0; p < pages;) {
+      const at = base + p;
+      const word = 1 + (at >>> 5);
+      const shift = at & 31;
+      const span = Math.min(32 - shift, pages - p);
+      const mask = span === 32 ? -1 : ((1 << span) - 1) << shift;
+      const taken = Atomics.and(bits, word, ~mask) & mask;
+      if (taken !== 0)
+        for (let b = 0; b < span; b++)
+          if (taken & (1 << (shift + b))) into[(p + b) >>> 3] = into[(p + b) >>> 3]! | (1 << ((p + b) & 7));
+      p += span;
+    }
   }
 
   /** Builds views over memory mapped elsewhere in this process (another thread). */
@@ -177,10 +245,19 @@ export class GuestMemory {
 
   write(gpa: number, data: Uint8Array): void {
     this.slice(gpa, data.length).set(data);
+    this.markWrittenAt(gpa, data.length);
   }
 
   fill(gpa: number, length: number, value: number): void {
     this.slice(gpa, length).fill(value);
+    this.markWrittenAt(gpa, length);
+  }
+
+  /** markWritten for a guest-physical range already checked to lie in one region. */
+  private markWrittenAt(gpa: number, length: number): void {
+    if (this.written === null || Atomics.load(this.written, 0) === 0) return;
+    const i = this.findRegion(gpa, length);
+    this.markWritten(i, gpa - this.regions[i]!.guestPhysAddr, length);
   }
 
   /** The whole of region `i`, for zero-copy I/O at an offset found with findRegion. */
@@ -203,6 +280,7 @@ export class GuestMemory {
     const i = this.locate(gpa, 2);
     if (gpa % 2 !== 0) throw new GuestMemoryError(`unaligned ring index at ${hex(gpa)}`);
     Atomics.store(this.halves[i]!, this.offsetIn(i, gpa) >> 1, value);
+    this.markWritten(i, this.offsetIn(i, gpa), 2);
   }
 
   // The scalar accessors below allocate nothing: virtqueue processing calls them per descriptor.
@@ -229,32 +307,80 @@ export class GuestMemory {
   writeU8(gpa: number, value: number): void {
     const i = this.locate(gpa, 1);
     this.views[i]!.setUint8(this.offsetIn(i, gpa), value);
+    this.markWritten(i, this.offsetIn(i, gpa), 1);
   }
   writeU16(gpa: number, value: number): void {
     const i = this.locate(gpa, 2);
     this.views[i]!.setUint16(this.offsetIn(i, gpa), value, true);
+    this.markWritten(i, this.offsetIn(i, gpa), 2);
   }
   writeU32(gpa: number, value: number): void {
     const i = this.locate(gpa, 4);
     this.views[i]!.setUint32(this.offsetIn(i, gpa), value, true);
+    this.markWritten(i, this.offsetIn(i, gpa), 4);
   }
   writeU64(gpa: number, value: bigint): void {
     const i = this.locate(gpa, 8);
     this.views[i]!.setBigUint64(this.offsetIn(i, gpa), BigInt.asUintN(64, value), true);
+    this.markWritten(i, this.offsetIn(i, gpa), 8);
   }
 }
+
+/** kvm_userspace_memory_region.flags: log the guest's writes to this slot (KVM_GET_DIRTY_LOG). */
+export const KVM_MEM_LOG_DIRTY_PAGES = 1;
 
 /** Guest memory this thread mapped and registered; destroy() unmaps it. */
 export class OwnedGuestMemory extends GuestMemory {
   private destroyed = false;
 
+  private constructor(
+    descriptor: GuestMemoryDescriptor,
+    private readonly vm: VmFd,
+    private logging: boolean,
+  ) {
+    super(descriptor);
+  }
+
+  /** Whether KVM logs the guest's writes and Kiln records its own (create's trackDirty, or startTracking). */
+  get tracking(): boolean {
+    return this.logging;
+  }
+
+  /**
+   * Starts tracking dirty pages on a running VM (its vCPUs outside KVM_RUN): each slot
+   * registered again with KVM_MEM_LOG_DIRTY_PAGES (KVM allows a slot's flags to change),
+   * Kiln's own record started clean. From here on, takeDirtyPages-style reads see every
+   * write.
+   */
+  startTracking(): void {
+    if (this.logging) return;
+    for (const r of this.regions)
+      this.vm.setUserMemoryRegion({
+        slot: r.slot,
+        flags: KVM_MEM_LOG_DIRTY_PAGES,
+        guestPhysAddr: BigInt(r.guestPhysAddr),
+        memorySize: BigInt(r.size),
+        userspaceAddr: r.hostAddr,
+      });
+    this.setTrackingWrites(true);
+    this.logging = true;
+  }
+
   /**
    * Maps `size` bytes of RAM (split around the MMIO hole) and registers each region
    * with the VM. On any failure, everything mapped so far is unmapped again. With
-   * `backingFd`, the regions map that file back to back (a snapshot's memory file).
+   * `backingFd`, the regions map that file back to back (a snapshot's memory file). With
+   * `trackDirty`, KVM logs the guest's writes to each slot (KVM_MEM_LOG_DIRTY_PAGES) and
+   * Kiln's own writes are recorded beside (descriptor.written): diff snapshots.
    */
-  static create(vm: VmFd, size: number, limits: HostMemoryLimits, backingFd = -1): OwnedGuestMemory {
+  static create(
+    vm: VmFd,
+    size: number,
+    limits: HostMemoryLimits,
+    opts: { backingFd?: number; trackDirty?: boolean } = {},
+  ): OwnedGuestMemory {
     validateMemorySize(size, limits);
+    const backingFd = opts.backingFd ?? -1;
     const regions: RegionDescriptor[] = [];
     let fileOffset = 0;
     try {
@@ -282,7 +408,7 @@ export class OwnedGuestMemory extends GuestMemory {
         regions.push({ slot, guestPhysAddr: range.guestPhysAddr, size: range.size, hostAddr });
         vm.setUserMemoryRegion({
           slot,
-          flags: 0,
+          flags: opts.trackDirty ? KVM_MEM_LOG_DIRTY_PAGES : 0,
           guestPhysAddr: BigInt(range.guestPhysAddr),
           memorySize: BigInt(range.size),
           userspaceAddr: hostAddr,
@@ -292,7 +418,13 @@ export class OwnedGuestMemory extends GuestMemory {
       for (const r of regions) libc.munmap(r.hostAddr, r.size);
       throw err;
     }
-    return new OwnedGuestMemory({ regions });
+    const memory = new OwnedGuestMemory(
+      { regions, written: new SharedArrayBuffer(GuestMemory.writtenBitmapBytes(size)) },
+      vm,
+      opts.trackDirty ?? false,
+    );
+    if (opts.trackDirty) memory.setTrackingWrites(true);
+    return memory;
   }
 
   /** Unmaps every region. The VM must be closed (or the slots removed) first. */

@@ -8,7 +8,11 @@ export interface SavedVmState {
   readonly ioapic: Uint8Array;
   readonly pit: Uint8Array;
   readonly clock: Uint8Array;
+  /** The host's wall clock (ns since the epoch) when the clock was read: clock_realtime's reference. */
+  readonly wallNs?: bigint;
 }
+
+const wallNs = (): bigint => BigInt(Date.now()) * 1_000_000n;
 
 export function saveVmState(vm: VmFd): SavedVmState {
   return {
@@ -17,14 +21,21 @@ export function saveVmState(vm: VmFd): SavedVmState {
     ioapic: vm.getIrqchip(2),
     pit: vm.getPit2(),
     clock: vm.getClock(),
+    wallNs: wallNs(),
   };
 }
 
-/** The PIT, the irqchips, then the clock (the guest's kvmclock resumes where it stopped). */
-export function restoreVmState(vm: VmFd, saved: SavedVmState): void {
+/**
+ * The PIT, the irqchips, then the clock. By default the guest's kvmclock resumes where it
+ * stopped (its time stood still while it was saved); with `clockRealtime` (Firecracker's
+ * clock_realtime) it is moved on by the wall-clock time since the snapshot, so the guest's
+ * clock agrees with the host's again. Never moved back (a host clock set backwards).
+ */
+export function restoreVmState(vm: VmFd, saved: SavedVmState, opts: { clockRealtime?: boolean } = {}): void {
   vm.setPit2(saved.pit);
   vm.setIrqchip(saved.picMaster);
   vm.setIrqchip(saved.picSlave);
   vm.setIrqchip(saved.ioapic);
-  vm.setClock(saved.clock);
+  const elapsed = opts.clockRealtime && saved.wallNs !== undefined ? wallNs() - saved.wallNs : 0n;
+  vm.setClock(saved.clock, elapsed > 0n ? elapsed : 0n);
 }

@@ -176,6 +176,8 @@ export class BalloonBackend implements VirtioBackend {
     const end = Math.floor((offset + length) / BALLOON_PAGE_BYTES) * BALLOON_PAGE_BYTES;
     if (end <= start) return;
     const host = this.rt.mem.regions[region]!.hostAddr + BigInt(start);
+    // Dropped pages read back as zeros (or as the snapshot's memory file): they changed.
+    this.rt.mem.markWritten(region, start, end - start);
     if (libc.madvise(host, end - start, libc.MADV_DONTNEED) === 0) {
       const at = BALLOON_REPORT.offsetOf('pagesReturned');
       const report = this.shared.report;

@@ -279,6 +279,7 @@ export class BlkBackend implements VirtioBackend {
         status = VIRTIO_BLK_S_UNSUPP;
     }
     this.rt.mem.regionBytes(statusRegion)[statusOffset] = status;
+    this.rt.mem.markWritten(statusRegion, statusOffset, 1);
     return written;
   }
 
@@ -302,6 +303,8 @@ export class BlkBackend implements VirtioBackend {
         }
         len = Math.min(len, left);
         const bytesOfRegion = this.rt.mem.regionBytes(chain.region[i]!);
+        // Marked before the read: a read that fails half-way has still changed the pages.
+        if (!write) this.rt.mem.markWritten(chain.region[i]!, offset, len);
         let done = 0;
         while (done < len) {
           const n = write

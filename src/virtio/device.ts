@@ -47,6 +47,12 @@ export interface VirtioDeviceType<O> {
   configBytes(options: O): number;
   /** Fills the configuration space when the device is created (host side, once). */
   initConfig(config: DataView, options: O): void;
+  /**
+   * After a restore: writes what this VM's configuration decides over the snapshot's
+   * configuration space (a clone's own vsock CID, which the guest reads again at the
+   * transport reset sent after every restore). Absent: the snapshot's stands.
+   */
+  restoredConfig?(config: DataView, options: O): void;
   /** A guest write to device configuration; the default ignores it (read-only config). */
   configWrite?(config: DataView, offset: number, data: Uint8Array): void;
   /**
@@ -69,6 +75,7 @@ export interface VirtioDeviceInfo {
   readonly extraBytes: number;
   readonly controlChannel: boolean;
   initConfig(config: DataView): void;
+  restoredConfig(config: DataView): void;
   configWrite(config: DataView, offset: number, data: Uint8Array): void;
 }
 
@@ -84,6 +91,7 @@ export function bindType<O>(type: VirtioDeviceType<O>, options: O): VirtioDevice
     extraBytes: type.extraBytes?.(options) ?? 0,
     controlChannel: type.controlChannel === true,
     initConfig: (config) => type.initConfig(config, options),
+    restoredConfig: (config) => type.restoredConfig?.(config, options),
     configWrite: (config, offset, data) => type.configWrite?.(config, offset, data),
   };
 }

@@ -155,8 +155,10 @@ function syncEventfds(
 }
 
 /**
- * After a restore into a new VM: KVM has none of the old VM's ioeventfds, so each queue
- * is registered afresh where the restored BAR 0 puts it.
+ * After a restore into a new VM: what this VM's configuration decides written over the
+ * snapshot's configuration space (VirtioDeviceType.restoredConfig), and, since KVM has
+ * none of the old VM's ioeventfds, each queue registered afresh where the restored BAR 0
+ * puts it.
  */
 export function reattachEventfds(
   state: SharedArrayBuffer,
@@ -166,6 +168,7 @@ export function reattachEventfds(
   log: (line: string) => void,
 ): void {
   const s = virtioState(state, options);
+  s.type.restoredConfig(s.config());
   for (let q = 0; q < s.numQueues; q++) s.transportRecord(q).setUint32(QUEUE_TRANSPORT.eventfdAddr, 0, true);
   const command = space.getUint16(4, true);
   const bar0 = space.getUint32(PCI_BASE_ADDRESS_0, true);

@@ -91,8 +91,10 @@ export class DescriptorChain {
       if (to <= from) continue;
       const at = this.offset[i]! + (from - segStart);
       const guest = mem.regionBytes(this.region[i]!);
-      if (toGuest) guest.set(host.subarray(from - skip, to - skip), at);
-      else host.set(guest.subarray(at, at + (to - from)), from - skip);
+      if (toGuest) {
+        guest.set(host.subarray(from - skip, to - skip), at);
+        mem.markWritten(this.region[i]!, at, to - from);
+      } else host.set(guest.subarray(at, at + (to - from)), from - skip);
       copied += to - from;
     }
     return copied;

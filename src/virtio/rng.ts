@@ -44,6 +44,7 @@ export class RngBackend implements VirtioBackend {
       if (!chain.writable[i] || filled >= RNG_MAX_BYTES_PER_REQUEST) continue;
       const bytes = this.rt.mem.regionBytes(chain.region[i]!);
       const len = Math.min(chain.length[i]!, RNG_MAX_BYTES_PER_REQUEST - filled);
+      this.rt.mem.markWritten(chain.region[i]!, chain.offset[i]!, len);
       for (let got = 0; got < len;) {
         const n = libc.getrandom(bytes.subarray(chain.offset[i]! + got, chain.offset[i]! + len), len - got, 0);
         if (n < 0) {

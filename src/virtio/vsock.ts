@@ -76,6 +76,10 @@ export const vsockType: VirtioDeviceType<VsockOptions> = {
     config.setUint32(VSOCK_CONFIG.guestCid, cid % 2 ** 32, true);
     config.setUint32(VSOCK_CONFIG.guestCid + 4, Math.floor(cid / 2 ** 32), true);
   },
+  // A clone's CID: Linux reads guest_cid again when the transport-reset event arrives.
+  restoredConfig(config, o) {
+    vsockType.initConfig(config, o);
+  },
 };
 
 /** Checks a guest CID (3 and up; 0-2 are reserved) and listens on the Unix socket. */

@@ -1,12 +1,17 @@
 // A booted Linux through kiln-vmm's snapshot API. The fixture (test/linux-fixture.ts) is
 // the kit's Linux booted to its shell and snapshotted by kiln-vmm; here it is loaded in a
 // fresh kiln-vmm: its shell answers a command typed on the serial console, its entropy
-// device gives bytes, its clock goes on from the snapshot. That restored VM is then
-// snapshotted in turn (refused while running) and loaded in a third process, which
-// still knows what was typed into the second. Bad loads are refused and change nothing.
+// device gives bytes, its clock goes on from the snapshot. That restored VM (loaded with
+// track_dirty_pages) is then snapshotted in turn (refused while running): a Full, then,
+// after it ran on, a Diff and another Full; the Diff laid over the first Full by
+// kiln-snapshot-editor is the second Full byte for byte, and loads in a third process
+// (clock_realtime) that still knows what was typed into the second. Bad loads are
+// refused and change nothing.
 import assert from 'node:assert/strict';
-import { readFileSync, statSync, writeFileSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { copyFileSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { describe, test } from 'node:test';
 import { VMGENID_ADDR } from '../../src/layout.js';
 import { unixHttp } from '../../src/manager/manager.js';
@@ -14,6 +19,8 @@ import { kvmSkip, tempDir } from '../helpers.js';
 import { linuxSnapshotFixture } from '../linux-fixture.js';
 import { ask, pauseAndSnapshot, put, startVmm } from '../vmm-driver.js';
 
+const HANDLER = fileURLToPath(new URL('./uffd-handler.js', import.meta.url));
+const EDITOR = fileURLToPath(new URL('../../src/snapshot/editor-cli.js', import.meta.url));
 const log = (line: string) => process.stderr.write(`# ${line}\n`);
 const fault = (r: { body: unknown }) => (r.body as { fault_message?: string }).fault_message ?? '';
 
@@ -31,6 +38,10 @@ describe('kiln-vmm snapshots of a booted Linux', { skip: kvmSkip }, () => {
       });
       const again = join(dir, 'again.snap');
       const againMem = join(dir, 'again.mem');
+      const diffState = join(dir, 'diff.snap');
+      const diffMem = join(dir, 'diff.mem');
+      const fullMem = join(dir, 'full2.mem');
+      let randomSum: string;
       const b = await startVmm(dir, 'restored');
       let uptime: number;
       try {
@@ -49,13 +60,14 @@ describe('kiln-vmm snapshots of a booted Linux', { skip: kvmSkip }, () => {
         assert.match(fault(wrongSize), /is 4096 bytes; the snapshot's guest has 134217728 bytes of RAM/);
         const uffd = await unixHttp(b.api, 'PUT', '/snapshot/load', {
           snapshot_path: fixture.state,
-          mem_backend: { backend_type: 'Uffd', backend_path: join(dir, 'uffd.sock') },
+          mem_backend: { backend_type: 'Uffd', backend_path: join(dir, 'nobody.sock') },
         });
         assert.equal(uffd.status, 400);
+        assert.match(fault(uffd), /cannot connect to the page-fault handler at .*nobody\.sock: ENOENT/);
         assert.equal(((await unixHttp(b.api, 'GET', '/')).body as { state: string }).state, 'Not started');
 
         const t0 = Date.now();
-        await put(b.api, '/snapshot/load', load(fixture.state, fixture.memory));
+        await put(b.api, '/snapshot/load', { ...load(fixture.state, fixture.memory), track_dirty_pages: true });
         log(`snapshot/load answered in ${Date.now() - t0} ms`);
         const twice = await unixHttp(b.api, 'PUT', '/snapshot/load', load(fixture.state, fixture.memory));
         assert.equal(twice.status, 400, 'a second load is refused');
@@ -99,26 +111,116 @@ describe('kiln-vmm snapshots of a booted Linux', { skip: kvmSkip }, () => {
         assert.equal(running.status, 400);
         assert.match(fault(running), /pause it first/);
         await pauseAndSnapshot(b, again, againMem);
-        const diff = await unixHttp(b.api, 'PUT', '/snapshot/create', {
-          snapshot_path: join(dir, 'd.snap'),
-          mem_file_path: join(dir, 'd.mem'),
+        // Loaded with track_dirty_pages: after that Full, the guest runs on, takes bytes from
+        // the entropy device (Kiln writes them into its memory), and a Diff holds what changed.
+        await put(b.api, '/vm', { state: 'Resumed' }, 'PATCH');
+        await ask(
+          b,
+          'Y=typed-after-full; head -c 8192 /dev/hwrng > /tmp/r; md5sum /tmp/r',
+          /[0-9a-f]{32} {2}\/tmp\/r/,
+          60,
+        );
+        randomSum = /([0-9a-f]{32}) {2}\/tmp\/r/.exec(b.output())![1]!;
+        await put(b.api, '/vm', { state: 'Paused' }, 'PATCH');
+        await put(b.api, '/snapshot/create', {
+          snapshot_path: diffState,
+          mem_file_path: diffMem,
           snapshot_type: 'Diff',
         });
-        assert.equal(diff.status, 400);
+        await put(b.api, '/snapshot/create', { snapshot_path: join(dir, 'full2.snap'), mem_file_path: fullMem });
       } finally {
         b.child.kill('SIGTERM');
         await b.exited;
       }
+      const onDisk = statSync(diffMem).blocks * 512;
+      log(
+        `Diff memory file: ${(onDisk / 2 ** 20).toFixed(2)} MiB on disk, Full: ${(statSync(fullMem).blocks / 2048).toFixed(1)} MiB`,
+      );
+      assert.ok(onDisk > 0 && onDisk < statSync(againMem).blocks * 512, 'a Diff is smaller than a Full');
+      // kiln-snapshot-editor lays the Diff over the Full before it: the Full after it, byte for byte.
+      const merged = join(dir, 'merged.mem');
+      copyFileSync(againMem, merged);
+      const editor = spawnSync(
+        process.execPath,
+        [EDITOR, 'edit-memory', 'rebase', '--memory-path', merged, '--diff-path', diffMem],
+        { encoding: 'utf8' },
+      );
+      assert.equal(editor.status, 0, editor.stderr);
+      assert.ok(readFileSync(merged).equals(readFileSync(fullMem)), 'Full + Diff = the Full taken after the Diff');
       assert.equal(statSync(againMem).size, 128 * 1024 * 1024);
       const c = await startVmm(dir, 'third');
       try {
-        await put(c.api, '/snapshot/load', load(again, againMem));
-        await ask(c, 'echo third-$X', /third-typed-after-restore/, 120);
+        // The Diff's state with the rebased memory, its clock brought to the host's wall clock.
+        await put(c.api, '/snapshot/load', { ...load(diffState, merged), clock_realtime: true });
+        await ask(c, 'echo third-$X-$Y', /third-typed-after-restore-typed-after-full/, 120);
+        await ask(c, 'md5sum /tmp/r', new RegExp(`${randomSum}  /tmp/r`), 60);
+        const guestNow = Number(/now=(\d+)/.exec(await ask(c, 'echo now=$(date +%s)', /now=\d+/, 60))![1]);
+        assert.ok(
+          Math.abs(guestNow - Date.now() / 1000) < 60,
+          `clock_realtime: the guest's clock is the host's (${guestNow})`,
+        );
         const later = Number(/up=(\d+)/.exec(await ask(c, 'echo up=$(cut -d. -f1 /proc/uptime)', /up=\d+/, 60))![1]);
-        assert.ok(later >= uptime && later < uptime + 600, `the guest's clock went on (${uptime} s, then ${later} s)`);
+        assert.ok(later >= uptime, `the guest's clock went on (${uptime} s, then ${later} s)`);
+        // Loaded without track_dirty_pages: a Diff is refused, a Full is not.
+        await put(c.api, '/vm', { state: 'Paused' }, 'PATCH');
+        const diff = await unixHttp(c.api, 'PUT', '/snapshot/create', {
+          snapshot_path: join(dir, 'd3.snap'),
+          mem_file_path: join(dir, 'd3.mem'),
+          snapshot_type: 'Diff',
+        });
+        assert.equal(diff.status, 400);
+        assert.match(fault(diff), /dirty page tracking disabled/);
+        // Kiln tracks from a Full snapshot on: a Diff may follow it.
+        await put(c.api, '/snapshot/create', {
+          snapshot_path: join(dir, 'f3.snap'),
+          mem_file_path: join(dir, 'f3.mem'),
+        });
+        await put(c.api, '/snapshot/create', {
+          snapshot_path: join(dir, 'd3.snap'),
+          mem_file_path: join(dir, 'd3.mem'),
+          snapshot_type: 'Diff',
+        });
+        assert.ok(statSync(join(dir, 'd3.mem')).blocks < statSync(join(dir, 'f3.mem')).blocks);
       } finally {
         c.child.kill('SIGTERM');
         await c.exited;
+      }
+    },
+  );
+
+  test(
+    "the Uffd backend: a Firecracker-style page-fault handler gets the userfaultfd and the layout, and fills the restored Linux's memory",
+    { timeout: 10 * 60_000 },
+    async () => {
+      const fixture = await linuxSnapshotFixture(log);
+      const dir = tempDir();
+      const socket = join(dir, 'uffd.sock');
+      const count = join(dir, 'served');
+      const handler = spawn(process.execPath, [HANDLER, socket, fixture.memory, count], {
+        stdio: ['ignore', 'pipe', 'inherit'],
+      });
+      try {
+        await new Promise<void>((resolve, reject) => {
+          handler.stdout!.once('data', () => resolve());
+          handler.once('exit', (code) => reject(new Error(`the handler exited (${code})`)));
+        });
+        const vmm = await startVmm(dir, 'uffd');
+        try {
+          await put(vmm.api, '/snapshot/load', {
+            snapshot_path: fixture.state,
+            mem_backend: { backend_type: 'Uffd', backend_path: socket },
+            resume_vm: true,
+          });
+          await ask(vmm, 'echo uffd-$((6*7))', /uffd-42/, 120);
+          const served = Number(readFileSync(count, 'utf8'));
+          log(`the page-fault handler served ${served} pages`);
+          assert.ok(served > 100, `the guest's pages came from the handler (${served})`);
+        } finally {
+          vmm.child.kill('SIGTERM');
+          await vmm.exited;
+        }
+      } finally {
+        handler.kill('SIGKILL');
       }
     },
   );

@@ -5,7 +5,7 @@
 // state and memory files are refused with the reason before anything is restored.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { readFileSync, truncateSync, writeFileSync, statSync } from 'node:fs';
+import { closeSync, copyFileSync, openSync, readFileSync, truncateSync, writeFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -14,7 +14,14 @@ import { loadProgram } from '../../src/guest/kit.js';
 import * as layout from '../../src/layout.js';
 import { writeFileAtomically, writeAll } from '../../src/atomic-file.js';
 import { decodeStateFile, encodeStateFile, SNAPSHOT_VERSION } from '../../src/snapshot/format.js';
-import { openMemoryFile, writeMemoryFile } from '../../src/snapshot/memory-file.js';
+import {
+  dataRanges,
+  openMemoryFile,
+  rebaseMemoryFile,
+  writeDiffMemoryFile,
+  writeMemoryFile,
+} from '../../src/snapshot/memory-file.js';
+import { restoreVmState, saveVmState } from '../../src/snapshot/vm-state.js';
 import { createTestVm, kvmSkip, tempDir } from '../helpers.js';
 
 const CHILD = fileURLToPath(new URL('./restore-child.js', import.meta.url));
@@ -120,6 +127,114 @@ describe('snapshot and restore of a ring-3 guest', { skip: kvmSkip }, () => {
     assert.equal(paused.exitCode, 0);
     assert.equal(paused.atRestore[4], progressAtSnapshot.toString(), 'no progress while paused');
     assert.equal(BigInt(paused.after[1]!), want.h);
+  });
+
+  test("a Diff holds what changed since the last snapshot, the guest's writes and Kiln's own; laid over the Full before it, it is the Full after it", async () => {
+    const dir = tempDir();
+    const memoryBytes = 16 * layout.MiB;
+    const ARENA = 0x400000;
+    const PAGES = 64;
+    // Built without tracking: it starts at the first Full snapshot, as kiln-vmm's does.
+    const t = createTestVm({ irqchip: true, memoryBytes });
+    // The guest fills its arena a page at a time (4096 one-byte writes per page, never zero).
+    loadProgram(t.vm, {
+      mode: 'long64',
+      cpl: 3,
+      source: 'call kit_main\nud2',
+      c: [
+        `#include "kit.h"
+        void kit_main(void) {
+          volatile u8 *arena = (volatile u8 *)ARENA;
+          for (u64 i = 1;; i++) {
+            arena[((i >> 12) % PAGES) * 4096 + (i & 4095)] = (u8)(i | 1);
+            if ((i & 0xfff) == 0) RESULT(0) = i;
+          }
+        }`,
+      ],
+      defines: { ARENA, PAGES },
+    });
+    const progress = () => t.vm.memory.readU64(layout.KIT_DATA);
+    const full = (path: string) =>
+      t.vm.saveMachine(() => {
+        if (t.vm.tracksDirtyPages) t.vm.takeDirtyPages();
+        else t.vm.startTrackingDirtyPages();
+        writeMemoryFile(path, t.vm.memory);
+      });
+    const OWN = 0x800000;
+    const CLEARED = 0x900000;
+    t.vm.memory.fill(CLEARED, layout.PAGE_SIZE, 0xaa);
+    let diff = { bytes: 0, written: 0 };
+    try {
+      await t.vm.start();
+      for (let i = 0; i < 400 && progress() < 4096n * 2n; i++) await sleep(5);
+      await t.vm.pause();
+      assert.throws(() => t.vm.takeDirtyPages(), /does not track dirty pages/);
+      await full(join(dir, 'a.mem'));
+      const atA = progress();
+      // Kiln's own writes after A (as a device's would be): bytes into one page, and a
+      // page that was 0xaa made zero again (a diff must carry a page that became zero).
+      t.vm.memory.write(OWN + 100, new Uint8Array([1, 2, 3]));
+      t.vm.memory.fill(CLEARED, layout.PAGE_SIZE, 0);
+      t.vm.resume();
+      for (let i = 0; i < 400 && progress() < atA + 4096n * 4n; i++) await sleep(5);
+      await t.vm.pause();
+      assert.ok(progress() >= atA + 4096n * 4n, `the guest went on after A (${atA} -> ${progress()})`);
+      await t.vm.saveMachine(() => {
+        diff = writeDiffMemoryFile(join(dir, 'b.diff'), t.vm.memory, t.vm.takeDirtyPages());
+      });
+      await full(join(dir, 'c.mem'));
+    } finally {
+      await t.vm.destroy();
+    }
+    assert.equal(diff.bytes, memoryBytes);
+    assert.equal(statSync(join(dir, 'b.diff')).size, memoryBytes, 'a diff is as long as the RAM (holes between)');
+    assert.ok(
+      diff.written > 0 && diff.written <= (PAGES + 64) * layout.PAGE_SIZE,
+      `only what changed is in the diff (${diff.written} bytes)`,
+    );
+    const fd = openSync(join(dir, 'b.diff'), 'r');
+    let ranges: Array<{ offset: number; length: number }>;
+    try {
+      ranges = dataRanges(fd, memoryBytes);
+    } finally {
+      closeSync(fd);
+    }
+    const inDiff = (gpa: number) => ranges.some((r) => gpa >= r.offset && gpa < r.offset + r.length);
+    assert.ok(inDiff(OWN) && inDiff(CLEARED), "Kiln's own writes are in the diff");
+    assert.ok(inDiff(layout.KIT_DATA), "the guest's writes (its progress) are in the diff");
+    assert.ok(!inDiff(layout.KIT_CODE), 'pages nobody wrote are holes');
+    // The Full before, with the Diff laid over it, is byte for byte the Full after.
+    copyFileSync(join(dir, 'a.mem'), join(dir, 'merged.mem'));
+    assert.equal(rebaseMemoryFile(join(dir, 'merged.mem'), join(dir, 'b.diff')), diff.written);
+    assert.ok(
+      readFileSync(join(dir, 'merged.mem')).equals(readFileSync(join(dir, 'c.mem'))),
+      'the Full before + the Diff = the Full after',
+    );
+    assert.ok(!readFileSync(join(dir, 'a.mem')).equals(readFileSync(join(dir, 'c.mem'))), 'memory did change');
+    // A diff of another VM's size is refused before anything is written.
+    writeFileSync(join(dir, 'small.mem'), Buffer.alloc(8192, 9));
+    assert.throws(() => rebaseMemoryFile(join(dir, 'small.mem'), join(dir, 'b.diff')), /they are not of one VM/);
+    assert.ok(readFileSync(join(dir, 'small.mem')).equals(Buffer.alloc(8192, 9)));
+    assert.throws(() => rebaseMemoryFile(join(dir, 'none'), join(dir, 'b.diff')), /cannot open the base memory file/);
+  });
+
+  test('clock_realtime moves the restored kvmclock on by the wall-clock time since the snapshot; by default it stands still', async () => {
+    const a = createTestVm({ irqchip: true });
+    const b = createTestVm({ irqchip: true });
+    const c = createTestVm({ irqchip: true });
+    try {
+      const saved = saveVmState(a.vm.vmFd);
+      const hourAgo = { ...saved, wallNs: saved.wallNs! - 3600n * 1_000_000_000n };
+      const clockOf = (bytes: Uint8Array) => Buffer.from(bytes).readBigUInt64LE(0);
+      restoreVmState(b.vm.vmFd, hourAgo, { clockRealtime: true });
+      restoreVmState(c.vm.vmFd, hourAgo);
+      const moved = Number(clockOf(b.vm.vmFd.getClock()) - clockOf(saved.clock)) / 1e9;
+      const still = Number(clockOf(c.vm.vmFd.getClock()) - clockOf(saved.clock)) / 1e9;
+      assert.ok(moved >= 3600 && moved < 3600 + 30, `moved on by the hour (${moved} s)`);
+      assert.ok(still >= 0 && still < 30, `stood still (${still} s)`);
+    } finally {
+      await Promise.all([a, b, c].map((x) => x.vm.destroy()));
+    }
   });
 
   test('a bad state or memory file is refused with the reason', () => {

@@ -11,9 +11,12 @@ import {
   VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
   MAX_PENDING_CONTROL,
   VIRTIO_VSOCK_OP,
+  VSOCK_CONFIG,
   VSOCK_HDR,
   VSOCK_HOST_CID,
+  vsockType,
 } from '../../src/virtio/vsock.js';
+import { bindType } from '../../src/virtio/device.js';
 import { tempDir } from '../helpers.js';
 import { FakeDevice } from './fake-driver.js';
 
@@ -176,4 +179,13 @@ test("after a restore, the guest gets a transport reset on the event queue (its 
   assert.equal(events[0]!.len, 4);
   assert.equal(events[0]!.written.readUInt32LE(0), VIRTIO_VSOCK_EVENT_TRANSPORT_RESET);
   assert.equal(dev.needsReset, null);
+});
+
+test("a clone's CID: after a restore, the configuration space the guest reads again at the reset holds the new VM's CID", () => {
+  const config = new DataView(new ArrayBuffer(VSOCK_CONFIG.bytes));
+  const snapshot = { listenFd: -1, udsPath: '/nonexistent', guestCid: GUEST_CID };
+  bindType(vsockType, snapshot).initConfig(config);
+  // The snapshot's configuration space, restored into a VM configured with CID 0xfffffff0.
+  bindType(vsockType, { ...snapshot, guestCid: 0xffff_fff0 }).restoredConfig(config);
+  assert.equal(config.getBigUint64(VSOCK_CONFIG.guestCid, true), 0xffff_fff0n);
 });
