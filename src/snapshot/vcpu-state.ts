@@ -52,6 +52,31 @@ function readMsrs(vcpu: VcpuFd, indices: readonly number[]): Array<[number, bigi
 /** IA32_TSC_DEADLINE: restored last among MSRs (after the LAPIC), as KVM needs. */
 const MSR_IA32_TSC_DEADLINE = 0x6e0;
 
+/** The LAPIC's LVT timer register in kvm_lapic_state (the register page). */
+const APIC_LVTT = 0x320;
+const LVT_MASKED = 1 << 16;
+const LVT_TIMER_MODE_SHIFT = 17;
+const LVT_TIMER_TSC_DEADLINE = 2;
+
+/**
+ * The TSC-deadline fix-up (Firecracker's too): KVM reads IA32_TSC_DEADLINE back as 0 once
+ * the deadline has passed, also when the vCPU was stopped before the timer interrupt was
+ * delivered; restored as 0, the timer is disarmed and a guest waiting on it (Linux's
+ * tick, in TSC-deadline mode) may wait for ever. An unmasked LAPIC timer in TSC-deadline
+ * mode with a deadline of 0 gets 1: it fires at once after the restore, and a guest takes
+ * an early timer interrupt in its stride. Returns whether it changed anything.
+ */
+export function fixZeroTscDeadline(msrs: Array<[number, bigint]>, lapic: Uint8Array | undefined): boolean {
+  if (!lapic || lapic.length < APIC_LVTT + 4) return false;
+  const lvtt = Buffer.from(lapic.buffer, lapic.byteOffset, lapic.length).readUInt32LE(APIC_LVTT);
+  const deadlineMode = ((lvtt >>> LVT_TIMER_MODE_SHIFT) & 3) === LVT_TIMER_TSC_DEADLINE;
+  if (!deadlineMode || (lvtt & LVT_MASKED) !== 0) return false;
+  const at = msrs.findIndex(([index]) => index === MSR_IA32_TSC_DEADLINE);
+  if (at < 0 || msrs[at]![1] !== 0n) return false;
+  msrs[at] = [MSR_IA32_TSC_DEADLINE, 1n];
+  return true;
+}
+
 /**
  * Saves the vCPU's state in the order KVM needs: MP state first (reading it may settle
  * pending LAPIC events), vCPU events last.
@@ -67,6 +92,7 @@ export function saveVcpu(vcpu: VcpuFd, msrIndices: readonly number[]): SavedVcpu
   const lapic = optional(() => vcpu.getBytes('GET_LAPIC', s.kvm_lapic_state.size));
   const tscKhz = optional(() => vcpu.tscKhz()) ?? null;
   const msrs = readMsrs(vcpu, msrIndices);
+  fixZeroTscDeadline(msrs, lapic);
   const events = vcpu.getBytes('GET_VCPU_EVENTS', s.kvm_vcpu_events.size);
   return {
     mpState,

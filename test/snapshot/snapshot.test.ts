@@ -22,6 +22,7 @@ import {
   writeMemoryFile,
 } from '../../src/snapshot/memory-file.js';
 import { restoreVmState, saveVmState } from '../../src/snapshot/vm-state.js';
+import { fixZeroTscDeadline } from '../../src/snapshot/vcpu-state.js';
 import { createTestVm, kvmSkip, tempDir } from '../helpers.js';
 
 const CHILD = fileURLToPath(new URL('./restore-child.js', import.meta.url));
@@ -260,4 +261,34 @@ describe('snapshot and restore of a ring-3 guest', { skip: kvmSkip }, () => {
     assert.throws(() => openMemoryFile(dir, 4096), /is not a regular file/);
     assert.equal(readFileSync(mem).length, 0, 'nothing written by a refused open');
   });
+});
+
+test('the TSC-deadline fix-up: an armed TSC-deadline LAPIC timer saved with a deadline of 0 is restored to fire at once', () => {
+  const lapic = (lvtt: number) => {
+    const page = Buffer.alloc(1024);
+    page.writeUInt32LE(lvtt, 0x320);
+    return new Uint8Array(page);
+  };
+  const DEADLINE_MODE = 2 << 17;
+  const saved = (deadline: bigint): Array<[number, bigint]> => [
+    [0x10, 12345n],
+    [0x6e0, deadline],
+  ];
+  const fixed = saved(0n);
+  assert.equal(fixZeroTscDeadline(fixed, lapic(DEADLINE_MODE | 0xec)), true);
+  assert.deepEqual(fixed, [
+    [0x10, 12345n],
+    [0x6e0, 1n],
+  ]);
+  // Left alone: a deadline still ahead, a masked timer, a periodic timer, no LAPIC.
+  for (const [msrs, page] of [
+    [saved(99n), lapic(DEADLINE_MODE)],
+    [saved(0n), lapic(DEADLINE_MODE | (1 << 16))],
+    [saved(0n), lapic(1 << 17)],
+    [saved(0n), undefined],
+  ] as const) {
+    const copy = msrs.map(([i, v]): [number, bigint] => [i, v]);
+    assert.equal(fixZeroTscDeadline(copy, page), false);
+    assert.deepEqual(copy, msrs);
+  }
 });
