@@ -62,7 +62,15 @@ export async function ask(vmm: RunningVmm, command: string, answer: RegExp, seco
  */
 export async function bootShell(
   vmm: RunningVmm,
-  guest: { kernel: string; initrd: string; memoryMiB: number; entropy?: boolean },
+  guest: {
+    kernel: string;
+    initrd: string;
+    memoryMiB: number;
+    entropy?: boolean;
+    /** Read-only data disks (vda, vdb, ... in this order). */
+    disks?: ReadonlyArray<{ id: string; path: string }>;
+    nets?: ReadonlyArray<{ id: string; tap: string; mac: string }>;
+  },
   seconds: number,
 ): Promise<number> {
   await put(vmm.api, '/boot-source', {
@@ -72,6 +80,15 @@ export async function bootShell(
   });
   await put(vmm.api, '/machine-config', { vcpu_count: 1, mem_size_mib: guest.memoryMiB });
   if (guest.entropy) await put(vmm.api, '/entropy', {});
+  for (const d of guest.disks ?? [])
+    await put(vmm.api, `/drives/${d.id}`, {
+      drive_id: d.id,
+      path_on_host: d.path,
+      is_root_device: false,
+      is_read_only: true,
+    });
+  for (const n of guest.nets ?? [])
+    await put(vmm.api, `/network-interfaces/${n.id}`, { iface_id: n.id, host_dev_name: n.tap, guest_mac: n.mac });
   const t0 = performance.now();
   await put(vmm.api, '/actions', { action_type: 'InstanceStart' });
   await ask(vmm, 'echo booted-$((6*7))', /booted-42/, seconds);

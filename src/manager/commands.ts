@@ -317,10 +317,16 @@ export async function snapshot(
   o: { json?: boolean; diff?: boolean },
 ): Promise<number> {
   progress(`snapshotting '${name}' (paused meanwhile)`);
-  const s = await daemonCall<SnapshotMeta>(new Store(), 'POST', `${path(name)}/snapshots`, {
-    ...(tag !== undefined ? { tag } : {}),
-    ...(o.diff ? { diff: true } : {}),
-  });
+  const s = await daemonCall<SnapshotMeta>(
+    new Store(),
+    'POST',
+    `${path(name)}/snapshots`,
+    {
+      ...(tag !== undefined ? { tag } : {}),
+      ...(o.diff ? { diff: true } : {}),
+    },
+    progress,
+  );
   print(
     o.json,
     `${name}: ${s.type === 'diff' ? `diff snapshot '${s.tag}' (of '${s.base}')` : `snapshot '${s.tag}'`} taken in ${s.createMs} ms (state ${mib(s.stateBytes)}, memory ${mib(s.memoryBytes)}, ${mib(s.memoryOnDisk)} on disk)`,
@@ -352,6 +358,7 @@ export async function snapshotMerge(name: string, tag: string, o: { json?: boole
     'POST',
     `${path(name)}/snapshots/${encodeURIComponent(tag)}/merge`,
     {},
+    progress,
   );
   print(o.json, `${name}: snapshot '${s.tag}' is whole (memory ${mib(s.memoryOnDisk)} on disk)`, s);
   return 0;
@@ -359,10 +366,16 @@ export async function snapshotMerge(name: string, tag: string, o: { json?: boole
 
 export async function restore(name: string, tag: string, o: { json?: boolean; jail?: boolean }): Promise<number> {
   progress(`restoring '${name}' from '${tag}' (its writable disks go back to the snapshot's)`);
-  const s = await daemonCall<StartReply>(new Store(), 'POST', `${path(name)}/restore`, {
-    tag,
-    ...(o.jail === false ? { jail: false } : {}),
-  });
+  const s = await daemonCall<StartReply>(
+    new Store(),
+    'POST',
+    `${path(name)}/restore`,
+    {
+      tag,
+      ...(o.jail === false ? { jail: false } : {}),
+    },
+    progress,
+  );
   print(o.json, `${s.name}: ${s.state}`, s);
   return s.state === 'running' ? 0 : EXIT_ERROR;
 }
@@ -374,11 +387,17 @@ export async function clone(
 ): Promise<number> {
   progress(`cloning '${name}' as '${newName}'${o.from ? ` from '${o.from}'` : ' (a snapshot of it now)'}`);
   const nets = (o.net ?? []).map(parseNetFlag);
-  const s = await daemonCall<StartReply>(new Store(), 'POST', `${path(name)}/clone`, {
-    name: newName,
-    ...(o.from !== undefined ? { from: o.from } : {}),
-    ...(nets.length > 0 ? { nets } : {}),
-  });
+  const s = await daemonCall<StartReply>(
+    new Store(),
+    'POST',
+    `${path(name)}/clone`,
+    {
+      name: newName,
+      ...(o.from !== undefined ? { from: o.from } : {}),
+      ...(nets.length > 0 ? { nets } : {}),
+    },
+    progress,
+  );
   print(o.json, `${s.name}: ${s.state}`, s);
   return s.state === 'running' ? 0 : EXIT_ERROR;
 }

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import FindMyWay from 'find-my-way';
 import { KilnError } from '../errors.js';
-import { Manager, ROTATE_EVERY_MS, unixHttp } from './manager.js';
+import { Manager, PROGRESS_HEADER, PROGRESS_TYPE, ROTATE_EVERY_MS, unixHttp } from './manager.js';
 import { ConfigError } from '../config/vm-config.js';
 import { parseDefinition } from './definition.js';
 import { lockStateDir } from './lock.js';
@@ -100,23 +100,47 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
       body: unknown,
       query: URLSearchParams,
       params: Record<string, string | undefined>,
+      progress: (line: string) => void,
     ) => Promise<unknown> | unknown,
   ) =>
     router.on(method, path, (req, res, params) => {
+      // A client that asks for progress (PROGRESS_HEADER) gets lines as the verb goes,
+      // then the status and answer as the last line.
+      const streaming = req.headers[PROGRESS_HEADER] === '1';
+      let begun = false;
+      const begin = () => {
+        if (!begun) res.writeHead(200, { 'Content-Type': PROGRESS_TYPE });
+        begun = true;
+      };
+      const progress = (line: string) => {
+        if (!streaming || res.writableEnded) return;
+        begin();
+        res.write(`${JSON.stringify({ progress: line })}\n`);
+      };
+      const answer = (status: number, body: unknown) => {
+        if (!streaming) return reply(res, status, body);
+        begin();
+        res.end(`${JSON.stringify({ status, body })}\n`);
+      };
       void (async () => {
         try {
           const body = method === 'POST' ? await readJson(req) : undefined;
-          reply(
-            res,
+          answer(
             200,
-            await handler(params.name ?? '', body, new URL(req.url ?? '/', 'http://kiln').searchParams, params),
+            await handler(
+              params.name ?? '',
+              body,
+              new URL(req.url ?? '/', 'http://kiln').searchParams,
+              params,
+              progress,
+            ),
           );
         } catch (err) {
           const body: ErrorReply = {
             error: err instanceof Error ? err.message : String(err),
             ...(err instanceof ConfigError ? { field: err.field } : {}),
           };
-          reply(res, err instanceof KilnError ? 400 : 500, body);
+          answer(err instanceof KilnError ? 400 : 500, body);
         }
       })();
     });
@@ -143,24 +167,24 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
     return { removed: name };
   });
   route('GET', '/vms/:name/snapshots', (name) => ({ snapshots: manager.snapshots(name) }));
-  route('POST', '/vms/:name/snapshots', (name, body) => {
+  route('POST', '/vms/:name/snapshots', (name, body, _q, _p, progress) => {
     const b = body as { tag?: unknown; diff?: unknown };
     if (b.tag !== undefined && typeof b.tag !== 'string') throw new KilnError('tag must be a string');
-    return manager.snapshot(name, b.tag as string | undefined, { diff: b.diff === true });
+    return manager.snapshot(name, b.tag as string | undefined, { diff: b.diff === true, progress });
   });
   route('DELETE', '/vms/:name/snapshots/:tag', async (name, _b, _q, params) => {
     await manager.removeSnapshot(name, params.tag ?? '');
     return { removed: params.tag };
   });
-  route('POST', '/vms/:name/snapshots/:tag/merge', (name, _b, _q, params) =>
-    manager.mergeSnapshot(name, params.tag ?? ''),
+  route('POST', '/vms/:name/snapshots/:tag/merge', (name, _b, _q, params, progress) =>
+    manager.mergeSnapshot(name, params.tag ?? '', progress),
   );
-  route('POST', '/vms/:name/restore', (name, body) => {
+  route('POST', '/vms/:name/restore', (name, body, _q, _p, progress) => {
     const b = body as { tag?: unknown; jail?: unknown };
     if (typeof b.tag !== 'string') throw new KilnError('tag is required');
-    return manager.restore(name, b.tag, { jail: b.jail !== false });
+    return manager.restore(name, b.tag, { jail: b.jail !== false, progress });
   });
-  route('POST', '/vms/:name/clone', (name, body) => {
+  route('POST', '/vms/:name/clone', (name, body, _q, _p, progress) => {
     const b = body as { name?: unknown; from?: unknown; nets?: unknown };
     if (typeof b.name !== 'string') throw new KilnError('the new name is required');
     if (b.from !== undefined && typeof b.from !== 'string') throw new KilnError('from must be a snapshot tag');
@@ -178,6 +202,7 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
     return manager.clone(name, b.name, {
       ...(b.from !== undefined ? { from: b.from as string } : {}),
       nets: nets as Array<{ id?: string; tap?: string; passt?: string }>,
+      progress,
     });
   });
   route('GET', '/vms/:name/logs', async (name, _b, q): Promise<LogsReply> => {
@@ -230,9 +255,15 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
 /** Whether a request certainly never reached a daemon (so sending it again cannot do anything twice). */
 const neverDelivered = (err: unknown) => ['ENOENT', 'ECONNREFUSED'].includes((err as NodeJS.ErrnoException).code ?? '');
 
-export async function daemonCall<T>(store: Store, method: string, path: string, body?: unknown): Promise<T> {
+export async function daemonCall<T>(
+  store: Store,
+  method: string,
+  path: string,
+  body?: unknown,
+  onProgress?: (line: string) => void,
+): Promise<T> {
   // A stop waits for the guest (up to 30 s, then SIGTERM): allow the daemon minutes.
-  const attempt = () => unixHttp(store.socketPath, method, path, body, 10 * 60_000);
+  const attempt = () => unixHttp(store.socketPath, method, path, body, 10 * 60_000, onProgress);
   let r: { status: number; body: unknown };
   try {
     r = await attempt();

@@ -76,12 +76,22 @@ const START_TIMEOUT_MS = 60_000;
 const VMM_CLI = fileURLToPath(new URL('../vmm-cli.js', import.meta.url));
 
 /** One JSON-over-HTTP call on a Unix socket (a VMM's API, or the daemon's). */
+/** Asks the daemon to stream progress lines before its answer (PROGRESS_TYPE, one JSON object a line). */
+export const PROGRESS_HEADER = 'x-kiln-progress';
+export const PROGRESS_TYPE = 'application/x-ndjson';
+
+/**
+ * One HTTP request over a Unix socket. With `onProgress`, a daemon that streams (a long
+ * verb: snapshot, restore, clone, merge) answers with lines: `{"progress"}` as it goes,
+ * then `{"status", "body"}`, which is what this resolves with.
+ */
 export function unixHttp(
   socket: string,
   method: string,
   path: string,
   body?: unknown,
   timeoutMs = 5000,
+  onProgress?: (line: string) => void,
 ): Promise<{ status: number; body: unknown }> {
   const payload = body === undefined ? undefined : JSON.stringify(body);
   return new Promise((resolve, reject) => {
@@ -91,15 +101,41 @@ export function unixHttp(
         method,
         path,
         timeout: timeoutMs,
-        headers: payload ? { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(payload) } : {},
+        headers: {
+          ...(payload ? { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(payload) } : {}),
+          ...(onProgress ? { [PROGRESS_HEADER]: '1' } : {}),
+        },
       },
       (res) => {
         let text = '';
         res.setEncoding('utf8');
-        res.on('data', (c: string) => (text += c));
-        res.on('end', () =>
-          resolve({ status: res.statusCode ?? 0, body: text ? (JSON.parse(text) as unknown) : undefined }),
-        );
+        const streamed = onProgress !== undefined && res.headers['content-type'] === PROGRESS_TYPE;
+        let final: { status: number; body: unknown } | null = null;
+        const line = (l: string) => {
+          if (l.trim() === '') return;
+          const m = JSON.parse(l) as { progress?: string; status?: number; body?: unknown };
+          if (typeof m.progress === 'string') onProgress!(m.progress);
+          else final = { status: m.status ?? 0, body: m.body };
+        };
+        res.on('data', (c: string) => {
+          text += c;
+          if (!streamed) return;
+          for (let nl = text.indexOf('\n'); nl >= 0; nl = text.indexOf('\n')) {
+            line(text.slice(0, nl));
+            text = text.slice(nl + 1);
+          }
+        });
+        res.on('end', () => {
+          try {
+            if (!streamed)
+              return resolve({ status: res.statusCode ?? 0, body: text ? (JSON.parse(text) as unknown) : undefined });
+            line(text);
+            if (final === null) reject(new Error('the daemon ended its answer early'));
+            else resolve(final);
+          } catch (err) {
+            reject(err as Error);
+          }
+        });
       },
     );
     req.on('timeout', () => req.destroy(new Error('timed out')));
@@ -126,6 +162,9 @@ function tail(file: string, bytes: number): Buffer {
   }
   return buf;
 }
+
+/** A line of progress of a long verb. */
+type Progress = (line: string) => void;
 
 /** A snapshot a start loads instead of booting (kiln restore, kiln clone). */
 interface RestoreSource {
@@ -499,11 +538,29 @@ export class Manager {
    * memory, copies its writable disks, and resumes it. Built in a temporary directory and
    * renamed into place: an existing tag is never replaced.
    */
-  snapshot(name: string, tag?: string, opts: { diff?: boolean } = {}): Promise<SnapshotMeta> {
+  snapshot(name: string, tag?: string, opts: { diff?: boolean; progress?: Progress } = {}): Promise<SnapshotMeta> {
     return this.serialised(name, () => this.snapshotNow(name, tag ?? defaultTag(), opts));
   }
 
-  private async snapshotNow(name: string, tag: string, opts: { diff?: boolean }): Promise<SnapshotMeta> {
+  /** Progress of a long verb: to the daemon's log and to the client that asked for it. */
+  private reporter(progress?: Progress): Progress {
+    return (line) => {
+      this.progress(line);
+      progress?.(line);
+    };
+  }
+
+  /** A disk-copy progress callback saying `what` and its percentage. */
+  private copyProgress(say: Progress, what: string): (done: number, total: number) => void {
+    return (done, total) => say(`${what}: ${Math.round((100 * done) / total)}%`);
+  }
+
+  private async snapshotNow(
+    name: string,
+    tag: string,
+    opts: { diff?: boolean; progress?: Progress },
+  ): Promise<SnapshotMeta> {
+    const say = this.reporter(opts.progress);
     checkTag(tag);
     const spec = this.store.get(name);
     const before = await this.status(spec);
@@ -550,11 +607,9 @@ export class Manager {
       const disks: Array<{ id: string; path: string; file: string; bytes: number }> = [];
       for (const d of config.disks.filter((x) => !x.readOnly)) {
         const file = `disk-${d.id}`;
-        const reflink = copyDisk(d.path, join(work, file), (done, total) =>
-          this.progress(`'${name}': copying disk ${d.id}: ${Math.round((100 * done) / total)}%`),
-        );
+        const reflink = copyDisk(d.path, join(work, file), this.copyProgress(say, `'${name}': copying disk ${d.id}`));
         disks.push({ id: d.id, path: d.path, file, bytes: statSync(d.path).size });
-        if (reflink) this.progress(`'${name}': disk ${d.id} copied as a reflink`);
+        if (reflink) say(`'${name}': disk ${d.id} copied as a reflink`);
       }
       const meta: SnapshotMeta = {
         vm: name,
@@ -639,7 +694,8 @@ export class Manager {
    * kiln restore NAME TAG: the stopped VM's writable disks put back as they were at the
    * snapshot, and the VM started from its state and memory, running where it was.
    */
-  restore(name: string, tag: string, opts: { jail?: boolean } = {}): Promise<StartReply> {
+  restore(name: string, tag: string, opts: { jail?: boolean; progress?: Progress } = {}): Promise<StartReply> {
+    const say = this.reporter(opts.progress);
     return this.serialised(name, async () => {
       const spec = this.store.get(name);
       const meta = readSnapshot(this.snapshotsDir(name), name, tag);
@@ -653,6 +709,7 @@ export class Manager {
       if (chain.length > 1) {
         memory = join(this.snapshotsDir(name), `${tag}.memory${TMP_MARK}${process.pid}`);
         rmSync(memory, { force: true });
+        say(`'${name}': laying ${chain.length - 1} diff(s) over '${chain[0]!.tag}'`);
         await buildChainMemory(this.snapshotsDir(name), chain, memory);
       }
       try {
@@ -662,7 +719,7 @@ export class Manager {
           const tmp = `${d.path}${TMP_MARK}${process.pid}`;
           rmSync(tmp, { force: true });
           try {
-            copyDisk(join(dir, d.file), tmp);
+            copyDisk(join(dir, d.file), tmp, this.copyProgress(say, `'${name}': putting disk ${d.id} back`));
             const st = statSync(d.path, { throwIfNoEntry: false });
             if (st) {
               chownSync(tmp, st.uid, st.gid);
@@ -695,7 +752,8 @@ export class Manager {
    * kiln snapshot merge NAME TAG: a diff snapshot made whole (its chain laid over the full
    * one at its root, in place of its memory), so the snapshots under it can be removed.
    */
-  mergeSnapshot(name: string, tag: string): Promise<SnapshotMeta> {
+  mergeSnapshot(name: string, tag: string, progress?: Progress): Promise<SnapshotMeta> {
+    const say = this.reporter(progress);
     return this.serialised(name, async () => {
       this.store.get(name);
       const dir = this.snapshotsDir(name);
@@ -705,6 +763,7 @@ export class Manager {
       const final = join(dir, tag, MEMORY_FILE);
       const tmp = `${final}${TMP_MARK}${process.pid}`;
       rmSync(tmp, { force: true });
+      say(`'${name}': laying ${chain.length - 1} diff(s) over '${chain[0]!.tag}'`);
       await buildChainMemory(dir, chain, tmp);
       const { base: _base, ...rest } = meta;
       const merged: SnapshotMeta = { ...rest, type: 'full', memoryOnDisk: sizeOnDisk(tmp) };
@@ -727,8 +786,13 @@ export class Manager {
   async clone(
     name: string,
     newName: string,
-    opts: { from?: string; nets?: ReadonlyArray<{ id?: string; tap?: string; passt?: string; mac?: string }> } = {},
+    opts: {
+      from?: string;
+      nets?: ReadonlyArray<{ id?: string; tap?: string; passt?: string; mac?: string }>;
+      progress?: Progress;
+    } = {},
   ): Promise<StartReply> {
+    const say = this.reporter(opts.progress);
     const spec = this.store.get(name);
     if (this.store.exists(newName)) throw new KilnError(`a VM named '${newName}' already exists`);
     // Each network interface gets the clone's own TAP or passt socket (two VMs cannot
@@ -757,7 +821,7 @@ export class Manager {
     });
     const meta = opts.from
       ? readSnapshot(this.snapshotsDir(name), name, opts.from)
-      : await this.snapshot(name, `clone-${newName}`);
+      : await this.snapshot(name, `clone-${newName}`, { ...(opts.progress ? { progress: opts.progress } : {}) });
     const src = join(this.snapshotsDir(name), meta.tag);
     // The clone's own definition: its disks are copies, its sockets beside the original's.
     const diskDir = join(this.store.dir, 'disks', newName);
@@ -766,7 +830,7 @@ export class Manager {
     const diskSources = new Map<string, string>();
     for (const d of meta.disks) {
       const copy = join(diskDir, basename(d.path));
-      copyDisk(join(src, d.file), copy);
+      copyDisk(join(src, d.file), copy, this.copyProgress(say, `'${newName}': copying disk ${d.id}`));
       diskSources.set(d.path, copy);
     }
     const definition = parseDefinition({

@@ -87,6 +87,8 @@ describe('kiln snapshot, restore and clone', { skip: kvmSkip }, () => {
         assert.equal(meta.tag, 't1');
         assert.equal(meta.disks.length, 1, 'the writable disk was copied');
         assert.equal(meta.memoryBytes, 128 * 1024 * 1024);
+        // Progress of the long parts comes to the client as they go.
+        assert.match(snap.stderr, /kiln: 'orig': (copying disk \w+: 100%|disk \w+ copied as a reflink)/);
         const again = kiln(dir, ['snapshot', 'orig', 't1']);
         assert.equal(again.status, 1);
         assert.match(again.stderr, /already has a snapshot 't1'/);
@@ -166,6 +168,7 @@ describe('kiln snapshot, restore and clone', { skip: kvmSkip }, () => {
         assert.equal(kiln(dir, ['stop', 'orig', '--force']).status, 0);
         const fromDiff = kiln(dir, ['restore', 'orig', 'd1']);
         assert.equal(fromDiff.status, 0, fromDiff.stderr);
+        assert.match(fromDiff.stderr, /kiln: 'orig': laying 1 diff\(s\) over 't1'/);
         ask(dir, 'orig', 'echo diff-$X-$Y', /diff-kept-in-memory-in-the-diff/);
         // Merged, the diff stands alone: its base can go, and it still restores.
         const merged = kiln(dir, ['snapshot', 'merge', 'orig', 'd1', '--json']);

@@ -1,14 +1,15 @@
 // A booted Linux through kiln-vmm's snapshot API. The fixture (test/linux-fixture.ts) is
 // the kit's Linux booted to its shell and snapshotted by kiln-vmm; here it is loaded in a
 // fresh kiln-vmm: its shell answers a command typed on the serial console, its entropy
-// device gives bytes, its clock goes on from the snapshot. That restored VM (loaded with
+// device gives bytes, its disk reads, its NIC pings through the TAP the load gave it,
+// its clock goes on from the snapshot. That restored VM (loaded with
 // track_dirty_pages) is then snapshotted in turn (refused while running): a Full, then,
 // after it ran on, a Diff and another Full; the Diff laid over the first Full by
 // kiln-snapshot-editor is the second Full byte for byte, and loads in a third process
 // (clock_realtime) that still knows what was typed into the second. Bad loads are
 // refused and change nothing.
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { copyFileSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -16,11 +17,15 @@ import { describe, test } from 'node:test';
 import { VMGENID_ADDR } from '../../src/layout.js';
 import { unixHttp } from '../../src/manager/manager.js';
 import { kvmSkip, tempDir } from '../helpers.js';
-import { linuxSnapshotFixture } from '../linux-fixture.js';
+import { FIXTURE_DISK_MARK, linuxSnapshotFixture, type LinuxFixture } from '../linux-fixture.js';
 import { ask, pauseAndSnapshot, put, startVmm } from '../vmm-driver.js';
 
 const HANDLER = fileURLToPath(new URL('./uffd-handler.js', import.meta.url));
 const EDITOR = fileURLToPath(new URL('../../src/snapshot/editor-cli.js', import.meta.url));
+const ip = (...args: string[]) => execFileSync('ip', args, { stdio: ['ignore', 'pipe', 'pipe'], encoding: 'utf8' });
+/** The fixture's NIC (if it has one) on a TAP of this load's own. */
+const nicOverride = (fixture: LinuxFixture, tap: string) =>
+  fixture.nic ? { network_overrides: [{ iface_id: 'net0', host_dev_name: tap }] } : {};
 const log = (line: string) => process.stderr.write(`# ${line}\n`);
 const fault = (r: { body: unknown }) => (r.body as { fault_message?: string }).fault_message ?? '';
 
@@ -31,10 +36,13 @@ describe('kiln-vmm snapshots of a booted Linux', { skip: kvmSkip }, () => {
     async () => {
       const fixture = await linuxSnapshotFixture(log);
       const dir = tempDir();
-      const load = (state: string, memory: string, resume = true) => ({
+      const tapB = `ksn${process.pid % 10000}b`;
+      const tapC = `ksn${process.pid % 10000}c`;
+      const load = (state: string, memory: string, tap = tapB) => ({
         snapshot_path: state,
         mem_backend: { backend_type: 'File', backend_path: memory },
-        resume_vm: resume,
+        resume_vm: true,
+        ...nicOverride(fixture, tap),
       });
       const again = join(dir, 'again.snap');
       const againMem = join(dir, 'again.mem');
@@ -61,6 +69,7 @@ describe('kiln-vmm snapshots of a booted Linux', { skip: kvmSkip }, () => {
         const uffd = await unixHttp(b.api, 'PUT', '/snapshot/load', {
           snapshot_path: fixture.state,
           mem_backend: { backend_type: 'Uffd', backend_path: join(dir, 'nobody.sock') },
+          ...nicOverride(fixture, tapB),
         });
         assert.equal(uffd.status, 400);
         assert.match(fault(uffd), /cannot connect to the page-fault handler at .*nobody\.sock: ENOENT/);
@@ -76,6 +85,26 @@ describe('kiln-vmm snapshots of a booted Linux', { skip: kvmSkip }, () => {
         assert.equal(((await unixHttp(b.api, 'GET', '/')).body as { state: string }).state, 'Running');
         await ask(b, 'echo restored-$((6*7))', /restored-42/, 120);
         await ask(b, 'head -c 16 /dev/hwrng | wc -c', /\n\s*16\s*\r?\n/, 60);
+        // Its disk reads (the fixture's read-only data disk), and its NIC works on the TAP
+        // the load gave it, moved into a network namespace of this test.
+        await ask(b, 'head -c 17 /dev/vda; echo', new RegExp(FIXTURE_DISK_MARK.trim()), 60);
+        if (fixture.nic) {
+          const ns = `ksn${process.pid}`;
+          ip('netns', 'add', ns);
+          try {
+            ip('link', 'set', tapB, 'netns', ns);
+            ip('-n', ns, 'addr', 'add', '10.98.1.1/24', 'dev', tapB);
+            ip('-n', ns, 'link', 'set', tapB, 'up');
+            await ask(
+              b,
+              'ip addr add 10.98.1.2/24 dev eth0 2>/dev/null; ip link set eth0 up; ping -c 1 -W 5 10.98.1.1 >/dev/null && echo pinged-$((6*7))',
+              /pinged-42/,
+              90,
+            );
+          } finally {
+            ip('netns', 'del', ns);
+          }
+        }
         // A new VM generation ID: Linux's vmgenid driver has the device, the GED interrupt
         // reached it (the kernel says it reseeded its RNG for a VM fork), and the ID it
         // reads is not the one in the snapshot.
@@ -151,7 +180,7 @@ describe('kiln-vmm snapshots of a booted Linux', { skip: kvmSkip }, () => {
       const c = await startVmm(dir, 'third');
       try {
         // The Diff's state with the rebased memory, its clock brought to the host's wall clock.
-        await put(c.api, '/snapshot/load', { ...load(diffState, merged), clock_realtime: true });
+        await put(c.api, '/snapshot/load', { ...load(diffState, merged, tapC), clock_realtime: true });
         await ask(c, 'echo third-$X-$Y', /third-typed-after-restore-typed-after-full/, 120);
         await ask(c, 'md5sum /tmp/r', new RegExp(`${randomSum}  /tmp/r`), 60);
         const guestNow = Number(/now=(\d+)/.exec(await ask(c, 'echo now=$(date +%s)', /now=\d+/, 60))![1]);
@@ -210,6 +239,7 @@ describe('kiln-vmm snapshots of a booted Linux', { skip: kvmSkip }, () => {
             snapshot_path: fixture.state,
             mem_backend: { backend_type: 'Uffd', backend_path: socket },
             resume_vm: true,
+            ...nicOverride(fixture, `ksn${process.pid % 10000}u`),
           });
           await ask(vmm, 'echo uffd-$((6*7))', /uffd-42/, 120);
           const served = Number(readFileSync(count, 'utf8'));
