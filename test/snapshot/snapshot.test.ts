@@ -253,6 +253,14 @@ describe('snapshot and restore of a ring-3 guest', { skip: kvmSkip }, () => {
       new RegExp(`is snapshot format version ${SNAPSHOT_VERSION + 1}; this Kiln reads version ${SNAPSHOT_VERSION}`),
     );
     assert.throws(() => decodeStateFile(Buffer.from('not a snapshot at all, just text')), /is not a Kiln snapshot/);
+    // Large arrays (device state, mostly zeros) are deflated, and come back exact; one that
+    // would inflate past 16 MiB (a hostile file with a valid checksum) is refused.
+    const state = new Uint8Array(256 * 1024);
+    state.set([1, 2, 3], 4096);
+    const packed = encodeStateFile({ state });
+    assert.ok(packed.length < 4096, `${packed.length} bytes for 256 KiB of mostly zeros`);
+    assert.deepEqual(decodeStateFile(packed), { state });
+    assert.throws(() => decodeStateFile(encodeStateFile({ bomb: new Uint8Array(32 * 1024 * 1024) })), /cannot be read/);
     const mem = join(dir, 'mem');
     writeFileSync(mem, Buffer.alloc(8192));
     assert.throws(() => openMemoryFile(mem, 16384), /is 8192 bytes; the snapshot's guest has 16384 bytes of RAM/);
