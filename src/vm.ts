@@ -377,17 +377,7 @@ export class Vm {
     const regions = this.memory.regions;
     if (this.dirtyLogs === null) {
       this.dirtyLogs = regions.map((r) => {
-        const size = Math.ceil(r.size / PAGE_SIZE / 64) * 8;
-        const addr = libc.mmap(
-          null,
-          size,
-          libc.PROT_READ | libc.PROT_WRITE,
-          libc.MAP_PRIVATE | libc.MAP_ANONYMOUS,
-          -1,
-          0,
-        );
-        if (addr === libc.MAP_FAILED) throw new KilnError(`cannot map ${size} bytes for the dirty log`);
-        return { addr, bytes: new Uint8Array(libc.view(addr, size)) };
+        return libc.mapAnonymous(Math.ceil(r.size / PAGE_SIZE / 64) * 8);
       });
     }
     return regions.map((r, i) => {

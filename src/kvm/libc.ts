@@ -197,6 +197,17 @@ export function errno(): number {
 }
 
 /** Maps an address to an ArrayBuffer without copying (valid until munmap). */
+/**
+ * Anonymous private memory whose address is known (for structs that point at other
+ * memory, and buffers an ioctl writes through a pointer): the address and a view of it.
+ * munmap(addr, bytes.length) frees it. Throws with errno's name on failure.
+ */
+export function mapAnonymous(size: number): { addr: Pointer; bytes: Uint8Array } {
+  const addr = mmap(null, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (addr === MAP_FAILED) throw new Error(`cannot map ${size} bytes: ${errnoName(errno())}`);
+  return { addr, bytes: new Uint8Array(view(addr, size)) };
+}
+
 export function view(address: Pointer, length: number): ArrayBuffer {
   return koffi.view(address, length);
 }

@@ -96,17 +96,9 @@ export function handOverToUffd(memory: GuestMemory, socketPath: string): UffdReg
  * is known, unlike a Buffer's. Freed after `use`.
  */
 function withScratch<T>(use: (addr: bigint, bytes: Buffer) => T): T {
-  const addr = libc.mmap(
-    null,
-    PAGE_SIZE,
-    libc.PROT_READ | libc.PROT_WRITE,
-    libc.MAP_PRIVATE | libc.MAP_ANONYMOUS,
-    -1,
-    0,
-  );
-  if (addr === libc.MAP_FAILED) failed('mmap');
+  const { addr, bytes } = libc.mapAnonymous(PAGE_SIZE);
   try {
-    return use(addr, Buffer.from(libc.view(addr, PAGE_SIZE)));
+    return use(addr, Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length));
   } finally {
     libc.munmap(addr, PAGE_SIZE);
   }
