@@ -15,6 +15,7 @@ import { ConfigError, parseVmConfig } from './config/vm-config.js';
 import { KilnError } from './errors.js';
 import { installProcessFilter } from './seccomp/install.js';
 import { prewarm } from './warm-workers.js';
+import { prepareSpareVm } from './vm.js';
 import {
   compilePolicy,
   DEFAULT_POLICY,
@@ -143,6 +144,9 @@ async function main(argv: string[]): Promise<number> {
     }
     if (!values['no-api']) server = await listenApi(values['api-sock'], vmm);
     if (configFile) await vmm.start();
+    // Waiting for the API: the KVM VM every configuration needs is made now, so that
+    // InstanceStart and /snapshot/load do not pay for it.
+    else setImmediate(prepareSpareVm);
   } catch (err) {
     if (!(err instanceof KilnError)) throw err;
     log(err.message);
