@@ -500,14 +500,20 @@ describe('kiln VM-manager verbs', () => {
         hvcClient.destroy();
         // Piped: the input is typed into the guest's shell and its output printed; the console
         // ends once the input has ended and the guest has been quiet for --linger seconds.
-        const piped = spawnSync(process.execPath, [CLI, 'console', 'web', '--linger', '15'], {
-          input: 'echo piped-$((6*7))\n',
-          encoding: 'utf8',
-          env: { ...process.env, KILN_STATE_DIR: dir },
-          timeout: 180_000,
-        });
-        assert.equal(piped.status, 0, piped.stderr);
-        assert.match(piped.stdout, /piped-42/, 'the piped command ran in the guest');
+        // The shell may not be up yet (its init installs busybox's links first, which takes a
+        // while on software KVM): typed again until it answers; each run shows the scroll-back.
+        let output = '';
+        for (let attempt = 0; attempt < 8 && !/piped-42/.test(output); attempt++) {
+          const piped = spawnSync(process.execPath, [CLI, 'console', 'web', '--linger', '15'], {
+            input: 'echo piped-$((6*7))\n',
+            encoding: 'utf8',
+            env: { ...process.env, KILN_STATE_DIR: dir },
+            timeout: 180_000,
+          });
+          assert.equal(piped.status, 0, piped.stderr);
+          output = piped.stdout;
+        }
+        assert.match(output, /piped-42/, 'the piped command ran in the guest');
         const consoleProc = spawn(process.execPath, [CLI, 'console', 'web'], {
           env: { ...process.env, KILN_STATE_DIR: dir },
           stdio: ['pipe', 'pipe', 'pipe'],
