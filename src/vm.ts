@@ -87,6 +87,22 @@ interface SpareVm {
 }
 let spare: SpareVm | null = null;
 
+/** A new KVM VM with its TSS and, with `irqchip`, the in-kernel irqchip and PIT (both before any vCPU). */
+function createKvmVm(kvm: KvmSystem, irqchip: boolean): VmFd {
+  const vmFd = kvm.createVm();
+  try {
+    if (kvm.checkExtension(KVM_CAP.SET_TSS_ADDR)) vmFd.setTssAddr(KVM_TSS_ADDRESS);
+    if (irqchip) {
+      vmFd.createIrqchip();
+      vmFd.createPit2();
+    }
+    return vmFd;
+  } catch (err) {
+    vmFd.close();
+    throw err;
+  }
+}
+
 /** Makes the spare VM (see SpareVm), if there is none; a failure is left for Vm.create to report. */
 export function prepareSpareVm(): void {
   if (spare) return;
@@ -94,10 +110,7 @@ export function prepareSpareVm(): void {
   let vmFd: VmFd | null = null;
   try {
     kvm = KvmSystem.open();
-    vmFd = kvm.createVm();
-    if (kvm.checkExtension(KVM_CAP.SET_TSS_ADDR)) vmFd.setTssAddr(KVM_TSS_ADDRESS);
-    vmFd.createIrqchip();
-    vmFd.createPit2();
+    vmFd = createKvmVm(kvm, true);
     spare = { kvm, vmFd, vcpu0: vmFd.createVcpu(0) };
   } catch {
     vmFd?.close();
@@ -147,15 +160,7 @@ export class Vm {
       if (!Number.isInteger(config.vcpus) || config.vcpus < 1 || config.vcpus > max) {
         throw new KilnError(`vCPU count must be between 1 and ${max} (this host's KVM limit); got ${config.vcpus}`);
       }
-      if (!vmFd) {
-        vmFd = kvm.createVm();
-        if (kvm.checkExtension(KVM_CAP.SET_TSS_ADDR)) vmFd.setTssAddr(KVM_TSS_ADDRESS);
-        if (config.irqchip) {
-          // Both must exist before the first vCPU is created.
-          vmFd.createIrqchip();
-          vmFd.createPit2();
-        }
-      }
+      vmFd ??= createKvmVm(kvm, config.irqchip ?? false);
       memory = OwnedGuestMemory.create(
         vmFd,
         config.memoryBytes,
@@ -424,11 +429,7 @@ export class Vm {
   takeDirtyPages(): Uint8Array[] {
     if (!this.tracksDirtyPages) throw new KilnError('this VM does not track dirty pages (track_dirty_pages is off)');
     const regions = this.memory.regions;
-    if (this.dirtyLogs === null) {
-      this.dirtyLogs = regions.map((r) => {
-        return libc.mapAnonymous(Math.ceil(r.size / PAGE_SIZE / 64) * 8);
-      });
-    }
+    this.dirtyLogs ??= regions.map((r) => libc.mapAnonymous(Math.ceil(r.size / PAGE_SIZE / 64) * 8));
     return regions.map((r, i) => {
       const log = this.dirtyLogs![i]!;
       log.bytes.fill(0);

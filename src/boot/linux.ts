@@ -162,6 +162,8 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime, from?: 
     throw err;
   }
   try {
+    /** A new random VM generation ID where the guest's vmgenid driver reads it (the ACPI VGEN device). */
+    const writeGenerationId = () => vm.memory.write(layout.VMGENID_ADDR, randomBytes(layout.VMGENID_SIZE));
     const { com1, progress } = addStandardDevices(vm, runtime.serialOutFd);
     addPcDevices(vm);
     const virtio = attachVirtio(vm, attachPciHost(vm), config, disks, nets);
@@ -177,7 +179,7 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime, from?: 
     }
     if (boot && acpi) {
       vm.memory.write(acpi.base, acpi.bytes);
-      vm.memory.write(layout.VMGENID_ADDR, randomBytes(layout.VMGENID_SIZE));
+      writeGenerationId();
       for (const w of boot.writes) vm.memory.write(w.gpa, w.bytes);
       setBootRegisters(vm.vcpus[0]!, vm.memory, boot.entry);
     }
@@ -201,7 +203,7 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime, from?: 
         setIrq(layout.IRQ_GED, 0);
       },
       newGeneration() {
-        vm.memory.write(layout.VMGENID_ADDR, randomBytes(layout.VMGENID_SIZE));
+        writeGenerationId();
         setIrq(layout.IRQ_VMGENID, 1);
         setIrq(layout.IRQ_VMGENID, 0);
       },

@@ -196,7 +196,6 @@ export function errno(): number {
   return koffi.errno();
 }
 
-/** Maps an address to an ArrayBuffer without copying (valid until munmap). */
 /**
  * Anonymous private memory whose address is known (for structs that point at other
  * memory, and buffers an ioctl writes through a pointer): the address and a view of it.
@@ -208,6 +207,7 @@ export function mapAnonymous(size: number): { addr: Pointer; bytes: Uint8Array }
   return { addr, bytes: new Uint8Array(view(addr, size)) };
 }
 
+/** Maps an address to an ArrayBuffer without copying (valid until munmap). */
 export function view(address: Pointer, length: number): ArrayBuffer {
   return koffi.view(address, length);
 }

@@ -75,13 +75,12 @@ const START_TIMEOUT_MS = 60_000;
 
 const VMM_CLI = fileURLToPath(new URL('../vmm-cli.js', import.meta.url));
 
-/** One JSON-over-HTTP call on a Unix socket (a VMM's API, or the daemon's). */
 /** Asks the daemon to stream progress lines before its answer (PROGRESS_TYPE, one JSON object a line). */
 export const PROGRESS_HEADER = 'x-kiln-progress';
 export const PROGRESS_TYPE = 'application/x-ndjson';
 
 /**
- * One HTTP request over a Unix socket. With `onProgress`, a daemon that streams (a long
+ * One JSON-over-HTTP call on a Unix socket (a VMM's API, or the daemon's). With `onProgress`, a daemon that streams (a long
  * verb: snapshot, restore, clone, merge) answers with lines: `{"progress"}` as it goes,
  * then `{"status", "body"}`, which is what this resolves with.
  */
@@ -181,6 +180,12 @@ interface RestoreSource {
 /** Whether a jail record still holds something of the host's (files, TAPs, links). */
 function holdsAnything(record: JailRecord | null): record is JailRecord {
   return record !== null && Boolean(record.lent?.length || record.taps.length || record.links?.length);
+}
+
+/** NIC `n` on `own`'s host end (its TAP or its passt socket) instead of its own. */
+function withHostEnd<N extends { tap?: string; passt?: string }>(n: N, own: { tap?: string; passt?: string }): N {
+  const { tap: _tap, passt: _passt, ...rest } = n;
+  return { ...rest, ...(own.tap !== undefined ? { tap: own.tap } : { passt: own.passt! }) } as N;
 }
 
 /** A VMM API error's fault message (or its status). */
@@ -708,9 +713,7 @@ export class Manager {
       let memory = join(dir, MEMORY_FILE);
       if (chain.length > 1) {
         memory = join(this.snapshotsDir(name), `${tag}.memory${TMP_MARK}${process.pid}`);
-        rmSync(memory, { force: true });
-        say(`'${name}': laying ${chain.length - 1} diff(s) over '${chain[0]!.tag}'`);
-        await buildChainMemory(this.snapshotsDir(name), chain, memory);
+        await buildChainMemory(this.snapshotsDir(name), chain, memory, say);
       }
       try {
         for (const d of meta.disks) {
@@ -762,9 +765,7 @@ export class Manager {
       if (chain.length === 1) return meta;
       const final = join(dir, tag, MEMORY_FILE);
       const tmp = `${final}${TMP_MARK}${process.pid}`;
-      rmSync(tmp, { force: true });
-      say(`'${name}': laying ${chain.length - 1} diff(s) over '${chain[0]!.tag}'`);
-      await buildChainMemory(dir, chain, tmp);
+      await buildChainMemory(dir, chain, tmp, say);
       const { base: _base, ...rest } = meta;
       const merged: SnapshotMeta = { ...rest, type: 'full', memoryOnDisk: sizeOnDisk(tmp) };
       try {
@@ -816,8 +817,7 @@ export class Manager {
         throw new KilnError(
           `'${name}' has network interface '${n.id}'; a clone needs its own: --net id=${n.id},tap=NAME or --net id=${n.id},passt=SOCKET`,
         );
-      const { tap: _tap, passt: _passt, ...rest } = n;
-      return { ...rest, ...(own.tap !== undefined ? { tap: own.tap } : { passt: own.passt! }) };
+      return withHostEnd(n, own);
     });
     const meta = opts.from
       ? readSnapshot(this.snapshotsDir(name), name, opts.from)
@@ -850,11 +850,12 @@ export class Manager {
           ? { vsock: { ...meta.config.vsock, uds: definition.vsock.uds, guestCid: definition.vsock.guestCid } }
           : {}),
         ...(definition.consoleSocket !== undefined ? { consoleSocket: definition.consoleSocket } : {}),
-        nets: meta.config.nets.map((n) => {
-          const own = definition.nets.find((x) => x.id === n.id)!;
-          const { tap: _tap, passt: _passt, ...rest } = n;
-          return { ...rest, ...(own.tap !== undefined ? { tap: own.tap } : { passt: own.passt! }) };
-        }),
+        nets: meta.config.nets.map((n) =>
+          withHostEnd(
+            n,
+            definition.nets.find((x) => x.id === n.id)!,
+          ),
+        ),
       };
       return await this.serialised(newName, () =>
         this.startNow(newName, true, {

@@ -116,12 +116,19 @@ export function snapshotChain(dir: string, vm: string, tag: string): SnapshotMet
 
 /**
  * Writes the whole memory of the last snapshot of `chain` (snapshotChain) to `to`, a new
- * file: the full snapshot's memory copied (a reflink where possible), each diff laid over
- * it in turn.
+ * file (one a failed build left there is replaced): the full snapshot's memory copied (a
+ * reflink where possible), each diff laid over it in turn; `say` hears that it happens.
  */
-export async function buildChainMemory(dir: string, chain: readonly SnapshotMeta[], to: string): Promise<void> {
+export async function buildChainMemory(
+  dir: string,
+  chain: readonly SnapshotMeta[],
+  to: string,
+  say: (line: string) => void,
+): Promise<void> {
   // The FFI (SEEK_DATA) loads only when a diff is restored.
   const { rebaseMemoryFile } = await import('../snapshot/memory-file.js');
+  say(`'${chain[0]!.vm}': laying ${chain.length - 1} diff(s) over '${chain[0]!.tag}'`);
+  rmSync(to, { force: true });
   copyDisk(join(dir, chain[0]!.tag, MEMORY_FILE), to);
   try {
     for (const diff of chain.slice(1)) rebaseMemoryFile(to, join(dir, diff.tag, MEMORY_FILE));

@@ -152,12 +152,17 @@ export class GuestMemory {
     return 4 + Math.ceil(size / PAGE_SIZE / 32) * 4;
   }
 
-  /** Starts (with a clean record) or stops recording Kiln's own writes, for every thread. */
-  setTrackingWrites(on: boolean): void {
+  /** Whether Kiln's own writes are being recorded (by any thread: the flag is shared). */
+  get recordingWrites(): boolean {
+    return this.written !== null && Atomics.load(this.written, 0) !== 0;
+  }
+
+  /** Starts recording Kiln's own writes, for every thread, with a clean record. */
+  startRecordingWrites(): void {
     const bits = this.written;
     if (bits === null) throw new GuestMemoryError('this guest memory cannot track writes');
-    if (on) for (let w = 1; w < bits.length; w++) Atomics.store(bits, w, 0);
-    Atomics.store(bits, 0, on ? 1 : 0);
+    for (let w = 1; w < bits.length; w++) Atomics.store(bits, w, 0);
+    Atomics.store(bits, 0, 1);
   }
 
   /**
@@ -255,7 +260,7 @@ export class GuestMemory {
 
   /** markWritten for a guest-physical range already checked to lie in one region. */
   private markWrittenAt(gpa: number, length: number): void {
-    if (this.written === null || Atomics.load(this.written, 0) === 0) return;
+    if (!this.recordingWrites) return;
     const i = this.findRegion(gpa, length);
     this.markWritten(i, gpa - this.regions[i]!.guestPhysAddr, length);
   }
@@ -336,14 +341,16 @@ export class OwnedGuestMemory extends GuestMemory {
   private constructor(
     descriptor: GuestMemoryDescriptor,
     private readonly vm: VmFd,
-    private logging: boolean,
   ) {
     super(descriptor);
   }
 
-  /** Whether KVM logs the guest's writes and Kiln records its own (create's trackDirty, or startTracking). */
+  /**
+   * Whether KVM logs the guest's writes and Kiln records its own (create's trackDirty, or
+   * startTracking): the two start together, so the shared flag says it for both.
+   */
   get tracking(): boolean {
-    return this.logging;
+    return this.recordingWrites;
   }
 
   /**
@@ -353,7 +360,7 @@ export class OwnedGuestMemory extends GuestMemory {
    * write.
    */
   startTracking(): void {
-    if (this.logging) return;
+    if (this.tracking) return;
     for (const r of this.regions)
       this.vm.setUserMemoryRegion({
         slot: r.slot,
@@ -362,8 +369,7 @@ export class OwnedGuestMemory extends GuestMemory {
         memorySize: BigInt(r.size),
         userspaceAddr: r.hostAddr,
       });
-    this.setTrackingWrites(true);
-    this.logging = true;
+    this.startRecordingWrites();
   }
 
   /**
@@ -421,9 +427,8 @@ export class OwnedGuestMemory extends GuestMemory {
     const memory = new OwnedGuestMemory(
       { regions, written: new SharedArrayBuffer(GuestMemory.writtenBitmapBytes(size)) },
       vm,
-      opts.trackDirty ?? false,
     );
-    if (opts.trackDirty) memory.setTrackingWrites(true);
+    if (opts.trackDirty) memory.startRecordingWrites();
     return memory;
   }
 

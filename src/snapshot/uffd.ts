@@ -110,22 +110,30 @@ const IOV = 64;
 const CMSG = 80;
 const DATA = 128;
 
+/**
+ * Lays out, in the scratch page at `addr`, a msghdr with one iovec over `dataBytes` bytes
+ * at DATA and room for one SCM_RIGHTS descriptor at CMSG; returns the msghdr's address.
+ */
+function layoutMessage(addr: bigint, b: Buffer, dataBytes: number): bigint {
+  b.writeBigUInt64LE(addr + BigInt(DATA), IOV);
+  b.writeBigUInt64LE(BigInt(dataBytes), IOV + 8);
+  b.writeBigUInt64LE(addr + BigInt(IOV), MSGHDR + 16); // msg_iov
+  b.writeBigUInt64LE(1n, MSGHDR + 24); // msg_iovlen
+  b.writeBigUInt64LE(addr + BigInt(CMSG), MSGHDR + 32); // msg_control
+  b.writeBigUInt64LE(24n, MSGHDR + 40); // msg_controllen: CMSG_SPACE(sizeof(int))
+  return addr + BigInt(MSGHDR);
+}
+
 /** sendmsg(2) of `data` with `fd` as SCM_RIGHTS, whole (a short send is an error). */
 export function sendWithFd(sock: number, data: Buffer, fd: number): void {
   if (data.length > PAGE_SIZE - DATA) throw new SnapshotError(`the message is too long (${data.length} bytes)`);
   withScratch((addr, b) => {
     data.copy(b, DATA);
-    b.writeBigUInt64LE(addr + BigInt(DATA), IOV);
-    b.writeBigUInt64LE(BigInt(data.length), IOV + 8);
     b.writeBigUInt64LE(20n, CMSG); // CMSG_LEN(sizeof(int))
     b.writeInt32LE(SOL_SOCKET, CMSG + 8);
     b.writeInt32LE(SCM_RIGHTS, CMSG + 12);
     b.writeInt32LE(fd, CMSG + 16);
-    b.writeBigUInt64LE(addr + BigInt(IOV), MSGHDR + 16); // msg_iov
-    b.writeBigUInt64LE(1n, MSGHDR + 24); // msg_iovlen
-    b.writeBigUInt64LE(addr + BigInt(CMSG), MSGHDR + 32); // msg_control
-    b.writeBigUInt64LE(24n, MSGHDR + 40); // msg_controllen: CMSG_SPACE(sizeof(int))
-    const n = libc.sendmsg(sock, addr + BigInt(MSGHDR), 0);
+    const n = libc.sendmsg(sock, layoutMessage(addr, b, data.length), 0);
     if (n < 0) failed('cannot send the userfaultfd to the page-fault handler');
     if (n !== data.length) throw new SnapshotError(`the page-fault handler took ${n} of ${data.length} bytes`);
   });
@@ -134,14 +142,7 @@ export function sendWithFd(sock: number, data: Buffer, fd: number): void {
 /** recvmsg(2) of up to a page of data and one SCM_RIGHTS descriptor (-1 if none came). */
 export function receiveWithFd(sock: number): { data: Buffer; fd: number } {
   return withScratch((addr, b) => {
-    const room = PAGE_SIZE - DATA;
-    b.writeBigUInt64LE(addr + BigInt(DATA), IOV);
-    b.writeBigUInt64LE(BigInt(room), IOV + 8);
-    b.writeBigUInt64LE(addr + BigInt(IOV), MSGHDR + 16);
-    b.writeBigUInt64LE(1n, MSGHDR + 24);
-    b.writeBigUInt64LE(addr + BigInt(CMSG), MSGHDR + 32);
-    b.writeBigUInt64LE(24n, MSGHDR + 40);
-    const n = libc.recvmsg(sock, addr + BigInt(MSGHDR), MSG_CMSG_CLOEXEC);
+    const n = libc.recvmsg(sock, layoutMessage(addr, b, PAGE_SIZE - DATA), MSG_CMSG_CLOEXEC);
     if (n < 0) failed('recvmsg');
     const controlLen = Number(b.readBigUInt64LE(MSGHDR + 40));
     const hasFd = controlLen >= 20 && b.readInt32LE(CMSG + 8) === SOL_SOCKET && b.readInt32LE(CMSG + 12) === SCM_RIGHTS;
