@@ -436,10 +436,27 @@ function program(setStatus: (status: number) => void): Command {
   verb('rm', 'remove a stopped VM (or a broken definition)')
     .argument('<name>')
     .action(async (name: string, values: { json?: boolean }) => done((await manager()).remove(name, values)));
+  verb('migrate', 'move a running VM to the kiln daemon on another host (live: it keeps running meanwhile)')
+    .argument('<name>')
+    .requiredOption('--to <addr:port>', "the other host's daemon (kiln daemon --listen there)")
+    .requiredOption('--token-file <file>', 'the token both daemons share (its first line; mode 600)')
+    .option('--downtime-ms <ms>', 'the longest pause the guest may see at the switch-over (default 300)')
+    .action(async (name: string, _v: unknown, cmd: Command) =>
+      done(
+        (await manager()).migrate(
+          name,
+          cmd.optsWithGlobals() as { json?: boolean; to: string; tokenFile: string; downtimeMs?: string },
+        ),
+      ),
+    );
   kiln
     .command('daemon')
     .description('run the manager in the foreground (the verbs start it when needed)')
-    .action(async () => done((await manager()).daemon(progress)));
+    .option('--listen <addr:port>', 'also take migrations from other hosts on this TCP address')
+    .option('--token-file <file>', 'the token migrations must be signed with (with --listen; mode 600)')
+    .action(async (values: { listen?: string; tokenFile?: string }) =>
+      done((await manager()).daemon(progress, values)),
+    );
   return kiln;
 }
 

@@ -230,8 +230,12 @@ export class Vm {
   async start(
     opts: {
       seccomp?: SeccompPrograms | null;
-      /** A snapshot's state to continue from (restoreMachine first), and whether to stay paused. */
-      restore?: { vcpus: readonly SavedVcpu[]; paused: boolean };
+      /**
+       * A snapshot's state to continue from (restoreMachine first), and whether to stay
+       * paused. `kickLater`: the queues are not looked at until kickQueues() (a migration's
+       * destination does no device work before the source has let go).
+       */
+      restore?: { vcpus: readonly SavedVcpu[]; paused: boolean; kickLater?: boolean };
     } = {},
   ): Promise<void> {
     if (this.threads.length > 0) throw new KilnError('the VM has already started');
@@ -263,7 +267,7 @@ export class Vm {
     this.io = io;
     // After a restore every queue is looked at once, as if kicked: a notification the old
     // VM's ioeventfd took but its I/O thread had not served is otherwise lost.
-    if (io && restore) for (const d of virtio) d.options.notifyFds.forEach((fd) => libc.signalEventfd(fd));
+    if (restore && !restore.kickLater) this.kickQueues();
     const runMmapSize = this.kvm.vcpuMmapSize();
     const msrIndices = this.kvm.msrIndexList();
     this.threads = this.vcpus.map(
@@ -310,6 +314,13 @@ export class Vm {
         for (const t of this.threads) void t.stop();
       });
     }
+  }
+
+  /** Has the I/O thread look at every virtio queue once, as if the guest had kicked it. */
+  kickQueues(): void {
+    if (!this.io) return;
+    for (const d of this.devices)
+      if (d.kind === 'virtio-pci') (d.options as VirtioPciOptions).notifyFds.forEach((fd) => libc.signalEventfd(fd));
   }
 
   /** The KVM system handle (for CPUID queries and limits). */

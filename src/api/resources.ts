@@ -7,6 +7,7 @@
 // run` flags and manager definitions. ApiError's message is the response's
 // fault_message.
 import { KilnError } from '../errors.js';
+import type { ReceiveRequest, SendRequest } from '../migration/migration.js';
 import type { BalloonConfig, DiskConfig, NetConfig, VmConfig, VsockConfig } from '../config/vm-config.js';
 
 /** An error the API returns as 400 {"fault_message": message}. */
@@ -401,6 +402,64 @@ export function parseSnapshotLoad(body: unknown): SnapshotLoad {
     networkOverrides: overrides,
     ...(vsock !== undefined ? { vsockUds: vsock.uds_path as string } : {}),
     ...(vsock?.guest_cid !== undefined ? { vsockCid: vsock.guest_cid as number } : {}),
+  };
+}
+
+export function parseMigrationSend(body: unknown): SendRequest {
+  const r = check('migration/send', body, {
+    destination: req(str),
+    token: req(str),
+    downtime_ms: int,
+    max_bandwidth_mib_s: int,
+    max_iterations: int,
+    auto_converge: bool,
+    tls_ca: str,
+  });
+  const positive = (name: string, value: unknown) => {
+    if (value !== undefined && (value as number) < 1)
+      throw new ApiError(`migration/send: \`${name}\` must be at least 1, not ${String(value)}`);
+  };
+  positive('downtime_ms', r.downtime_ms);
+  positive('max_bandwidth_mib_s', r.max_bandwidth_mib_s);
+  positive('max_iterations', r.max_iterations);
+  if ((r.token as string).length === 0) throw new ApiError('migration/send: `token` must not be empty');
+  return {
+    destination: r.destination as string,
+    token: r.token as string,
+    downtimeMs: (r.downtime_ms as number | undefined) ?? 300,
+    maxIterations: (r.max_iterations as number | undefined) ?? 30,
+    autoConverge: (r.auto_converge as boolean | undefined) ?? true,
+    ...(r.max_bandwidth_mib_s !== undefined ? { maxBandwidthMiBs: r.max_bandwidth_mib_s as number } : {}),
+    ...(r.tls_ca !== undefined ? { tlsCa: r.tls_ca as string } : {}),
+  };
+}
+
+export function parseMigrationReceive(body: unknown): ReceiveRequest {
+  const r = check('migration/receive', body, {
+    listen: req(str),
+    token: req(str),
+    tls_cert: str,
+    tls_key: str,
+    network_overrides: arr,
+    vsock_override: obj,
+  });
+  if ((r.token as string).length === 0) throw new ApiError('migration/receive: `token` must not be empty');
+  const overrides = new Map<string, string>();
+  for (const o of (r.network_overrides as unknown[] | undefined) ?? []) {
+    const n = check('migration/receive: network_overrides', o, { iface_id: req(str), host_dev_name: req(str) });
+    overrides.set(n.iface_id as string, n.host_dev_name as string);
+  }
+  const vsock =
+    r.vsock_override !== undefined
+      ? check('migration/receive: vsock_override', r.vsock_override, { uds_path: req(str) })
+      : undefined;
+  return {
+    listen: r.listen as string,
+    token: r.token as string,
+    networkOverrides: overrides,
+    ...(r.tls_cert !== undefined ? { tlsCert: r.tls_cert as string } : {}),
+    ...(r.tls_key !== undefined ? { tlsKey: r.tls_key as string } : {}),
+    ...(vsock !== undefined ? { vsockUds: vsock.uds_path as string } : {}),
   };
 }
 

@@ -17,6 +17,14 @@ import { encodeStateFile, readStateFile } from '../snapshot/format.js';
 import { openMemoryFile, writeDiffMemoryFile, writeMemoryFile } from '../snapshot/memory-file.js';
 import { handOverToUffd } from '../snapshot/uffd.js';
 import { KILN_VERSION } from '../version.js';
+import {
+  IncomingMigration,
+  MigrationError,
+  OutgoingMigration,
+  type MigrationProgress,
+  type ReceiveRequest,
+  type SendRequest,
+} from '../migration/migration.js';
 import type { BootSummary } from '../boot/linux.js';
 import type { MachineState } from '../vm.js';
 import {
@@ -198,6 +206,7 @@ export class Vmm {
 
   /** The configuration `change` would make, checked; nothing is changed. */
   check(change: ConfigChange): VmConfig {
+    this.notReceiving();
     const input = structuredClone(this.config) as unknown as Record<string, unknown>;
     change(input);
     try {
@@ -216,6 +225,7 @@ export class Vmm {
   /** InstanceStart: builds the VM from the definition and starts its vCPUs. */
   async start(): Promise<void> {
     this.preBoot();
+    this.notReceiving();
     const c = this.config;
     if (c.kernel === undefined) throw new ApiError('Cannot start microvm without kernel configuration.');
     if ((c.cmdline ?? '').split(/\s+/).includes('pci=off'))
@@ -259,6 +269,7 @@ export class Vmm {
    */
   async createSnapshot(req: SnapshotCreate): Promise<void> {
     if (!this.live) throw new ApiError(BEFORE_START);
+    this.notMigrating();
     if (!this.paused)
       throw new ApiError('Cannot create a snapshot while the microVM is running: pause it first (PATCH /vm Paused).');
     const live = this.live;
@@ -313,6 +324,7 @@ export class Vmm {
    * was (nothing configured) and writes nothing.
    */
   async loadSnapshot(req: SnapshotLoad): Promise<void> {
+    this.notMigrating();
     if (this.live || this.configured)
       throw new ApiError('Loading a microVM snapshot not allowed after configuring boot-specific resources.');
     const started = performance.now();
@@ -397,6 +409,100 @@ export class Vmm {
     this.watchEnd(live);
   }
 
+  /** The migration under way or last run (GET /migration shows its progress). */
+  private migration: OutgoingMigration | IncomingMigration | null = null;
+
+  /** Whether a migration has the VM now (pause, resume, snapshots and another migration wait). */
+  private get migrating(): boolean {
+    const p = this.migration?.progress.phase;
+    return p !== undefined && p !== 'completed' && p !== 'failed';
+  }
+
+  /** Refuses configuring or starting a VMM that waits for (or takes) an incoming migration. */
+  private notReceiving(): void {
+    if (this.migration instanceof IncomingMigration && this.migration.progress.phase !== 'failed' && !this.live)
+      throw new ApiError(
+        'This microVM is waiting for an incoming migration: it takes its configuration from the source.',
+      );
+  }
+
+  private notMigrating(): void {
+    if (this.migrating) throw new ApiError('A live migration of this microVM is in progress (GET /migration).');
+  }
+
+  /**
+   * PUT /migration/send: reaches the destination, proves the token and has it accept
+   * the VM's configuration (any failure is this request's 400, the VM untouched), then
+   * answers and moves the VM in the background. Once the destination runs it, this
+   * process's VM ends (and kiln-vmm exits 0); if the migration fails the VM runs on here.
+   */
+  async sendMigration(req: SendRequest): Promise<void> {
+    if (!this.live) throw new ApiError(BEFORE_START);
+    this.notMigrating();
+    const live = this.live;
+    const out = new OutgoingMigration(
+      { live, config: this.config, userPaused: this.paused, log: (text) => this.note('Info', text) },
+      req,
+    );
+    this.migration = out;
+    try {
+      await out.connect();
+    } catch (err) {
+      if (err instanceof MigrationError) throw new ApiError(`Cannot migrate: ${err.message}`);
+      throw err;
+    }
+    this.note('Info', `migration to ${out.progress.address} started`);
+    void out.run().then(
+      async () => {
+        this.note(
+          'Info',
+          `migration to ${out.progress.address} completed in ${out.progress.total_ms} ms; this VMM ends`,
+        );
+        await live.vm.destroy();
+      },
+      (err: Error) =>
+        this.note('Error', `migration to ${out.progress.address} failed; the VM runs on here: ${err.message}`),
+    );
+  }
+
+  /**
+   * PUT /migration/receive, in a fresh kiln-vmm: listens for a source; the VM it sends
+   * becomes this VMM's once the source has let go.
+   */
+  async receiveMigration(req: ReceiveRequest): Promise<void> {
+    if (this.live || this.configured)
+      throw new ApiError('Receiving a migration is not allowed after configuring boot-specific resources.');
+    this.notMigrating();
+    let incoming: IncomingMigration;
+    try {
+      incoming = new IncomingMigration(
+        {
+          runtime: this.runtime(),
+          seccomp: this.seccomp,
+          log: (text) => this.note('Info', text),
+          adopt: (live, config, paused) => {
+            this.adopt(live, config);
+            this.paused = paused;
+            this.watchEnd(live);
+          },
+        },
+        req,
+      );
+      await incoming.listen();
+    } catch (err) {
+      if (err instanceof MigrationError) throw new ApiError(`Cannot receive a migration: ${err.message}`);
+      throw err;
+    }
+    this.migration = incoming;
+    this.note('Info', `waiting for a migration on ${incoming.progress.address}`);
+  }
+
+  /** GET /migration. */
+  migrationProgress(): MigrationProgress {
+    if (!this.migration) throw new ApiError('No migration has been started on this microVM.');
+    return this.migration.progress;
+  }
+
   private watchEnd(live: LinuxVm): void {
     void live.vm.wait().then(async (result) => {
       this.note('Info', `the VM ended: ${result.detail}`);
@@ -407,6 +513,7 @@ export class Vmm {
 
   async pause(): Promise<void> {
     if (!this.live) throw new ApiError(BEFORE_START);
+    this.notMigrating();
     await this.live.vm.pause();
     this.paused = true;
     this.note('Info', 'paused');
@@ -414,6 +521,7 @@ export class Vmm {
 
   resume(): void {
     if (!this.live) throw new ApiError(BEFORE_START);
+    this.notMigrating();
     this.live.vm.resume();
     this.paused = false;
     this.note('Info', 'resumed');
@@ -505,6 +613,7 @@ export class Vmm {
 
   /** SIGTERM or the end of the process: stop the VM if it runs. */
   async shutdown(): Promise<void> {
+    if (this.migration instanceof IncomingMigration) this.migration.close();
     if (this.live) await this.live.vm.destroy();
     if (this.metricsFd >= 0) closeSync(this.metricsFd);
     if (this.logFd >= 0) closeSync(this.logFd);

@@ -110,6 +110,8 @@ export interface RestoreFrom {
   readonly memoryFileFd: number;
   readonly boot: BootSummary;
   readonly compat: CompatConfig | null;
+  /** The disks are opened but not locked (a migration's destination takes the locks once its source let go: setDiskLocks). */
+  readonly deferDiskLocks?: boolean;
 }
 
 /**
@@ -142,7 +144,7 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime, from?: 
     const initrd = config.initrd !== undefined ? readGuestFile(config.initrd, 'initrd') : undefined;
     boot = loadKernel({ kernel, initrd, cmdline, ram: ramRanges(memoryBytes), rsdp: acpi!.rsdp });
   }
-  const { disks, nets } = openHostEnds(config);
+  const { disks, nets } = openHostEnds(config, { lockDisks: !from?.deferDiskLocks });
   const compat = from ? from.compat : softwareKvm ? { syscallFix: planSyscallFix(boot!.textEnd) } : null;
 
   let vm: Vm;

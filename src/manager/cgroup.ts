@@ -26,11 +26,21 @@ export function cgroupVersion(root = CGROUP_ROOT): 1 | 2 | null {
   return null;
 }
 
+/**
+ * The group the VMs' cgroups go under: `kiln`, or KILN_CGROUP_PARENT (one name) for a
+ * daemon that must not share it (two daemons on one host, as the migration tests run them).
+ */
+export function cgroupParent(): string {
+  const p = process.env.KILN_CGROUP_PARENT;
+  return p !== undefined && /^[A-Za-z0-9_.-]{1,64}$/.test(p) && p !== '.' && p !== '..' ? p : 'kiln';
+}
+
 /** The directories of VM `name`'s cgroup, one per v1 hierarchy or the one v2 group. */
 export function cgroupDirs(name: string, root = CGROUP_ROOT): string[] {
   const v = cgroupVersion(root);
-  if (v === 2) return [join(root, 'kiln', name)];
-  if (v === 1) return [join(root, 'cpu', 'kiln', name), join(root, 'memory', 'kiln', name)];
+  const parent = cgroupParent();
+  if (v === 2) return [join(root, parent, name)];
+  if (v === 1) return [join(root, 'cpu', parent, name), join(root, 'memory', parent, name)];
   return [];
 }
 
@@ -69,7 +79,7 @@ export function prepareCgroup(name: string, limits: CgroupLimits, root = CGROUP_
   const dirs = cgroupDirs(name, root);
   try {
     if (v === 2) {
-      const parent = join(root, 'kiln');
+      const parent = join(root, cgroupParent());
       mkdirSync(parent, { recursive: true });
       const available = controllerSet(readFileSync(join(root, 'cgroup.controllers'), 'utf8'));
       for (const c of ['cpu', 'memory'])

@@ -2,7 +2,7 @@
 // pause, resume, restart, console, ls, info, logs, rm, daemon. Each talks to the daemon
 // (started on demand); --json on every verb that prints. Their options are declared
 // per verb in src/cli.ts; this module is loaded only when one of them runs.
-import { readFileSync } from 'node:fs';
+import { readFileSync, statSync } from 'node:fs';
 import { createConnection } from 'node:net';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
@@ -18,6 +18,7 @@ import { JAIL_VSOCK } from './jail.js';
 import type { SnapshotMeta } from './snapshots.js';
 import type { InfoReply, ListReply, LogsReply, RemovedReply, StartReply, VmStatus } from './protocol.js';
 import { Store } from './store.js';
+import { parsePeer, readToken } from './peer.js';
 
 const progress = (line: string) => process.stderr.write(`kiln: ${line}\n`);
 
@@ -299,8 +300,54 @@ function attachSerial(socketPath: string, log: (line: string) => void, lingerMs:
   });
 }
 
-export async function daemon(log: (line: string) => void): Promise<number> {
-  await runDaemon(new Store(), log);
+/** Reads a token file (kiln daemon --token-file, kiln migrate --token-file): it must be its owner's alone. */
+function tokenFrom(file: string): string {
+  let text: string;
+  try {
+    const st = statSync(file);
+    if ((st.mode & 0o077) !== 0)
+      throw new KilnError(
+        `the token file ${file} is readable by others (mode ${(st.mode & 0o777).toString(8)}): chmod 600 it`,
+      );
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    if (err instanceof KilnError) throw err;
+    throw new KilnError(
+      `cannot read the token file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`,
+    );
+  }
+  return readToken(text, file);
+}
+
+export async function daemon(
+  log: (line: string) => void,
+  o: { listen?: string; tokenFile?: string } = {},
+): Promise<number> {
+  if ((o.listen === undefined) !== (o.tokenFile === undefined))
+    throw new KilnError('--listen and --token-file go together (migrations from other hosts need both)');
+  const listen =
+    o.listen !== undefined ? { address: parsePeer(o.listen, '--listen'), token: tokenFrom(o.tokenFile!) } : undefined;
+  await runDaemon(new Store(), log, listen ? { listen } : {});
+  return 0;
+}
+
+export async function migrate(
+  name: string,
+  o: { json?: boolean; to: string; tokenFile: string; downtimeMs?: string },
+): Promise<number> {
+  const downtimeMs = o.downtimeMs !== undefined ? Number(o.downtimeMs) : undefined;
+  if (downtimeMs !== undefined && (!Number.isSafeInteger(downtimeMs) || downtimeMs < 1))
+    throw new KilnError(`--downtime-ms must be a whole number of milliseconds, not '${o.downtimeMs}'`);
+  parsePeer(o.to, '--to');
+  progress(`migrating '${name}' to ${o.to} (it keeps running until the last moment)`);
+  const r = await daemonCall<{ migrated: string; to: string }>(
+    new Store(),
+    'POST',
+    `${path(name)}/migrate`,
+    { to: o.to, token: tokenFrom(o.tokenFile), ...(downtimeMs !== undefined ? { downtimeMs } : {}) },
+    progress,
+  );
+  print(o.json, `${r.migrated}: running on ${r.to}`, r);
   return 0;
 }
 

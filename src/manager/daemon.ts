@@ -4,7 +4,8 @@
 // daemon that crashes and restarts finds every VM as it really is.
 import { spawn } from 'node:child_process';
 import { chmodSync, chownSync, openSync, readFileSync, rmSync } from 'node:fs';
-import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
+import { createServer, type IncomingMessage, type Server as HttpServer, type ServerResponse } from 'node:http';
+import { createConnection, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import FindMyWay from 'find-my-way';
@@ -13,6 +14,7 @@ import { Manager, PROGRESS_HEADER, PROGRESS_TYPE, ROTATE_EVERY_MS, unixHttp } fr
 import { ConfigError } from '../config/vm-config.js';
 import { parseDefinition } from './definition.js';
 import { lockStateDir } from './lock.js';
+import { AUTH_HEADER, Verifier, splice, type Peer } from './peer.js';
 import { waitFor } from './wait.js';
 import { checkStartable } from './preflight.js';
 import type { ErrorReply, LogsReply, RemovedReply } from './protocol.js';
@@ -73,7 +75,105 @@ export function peerAllowed(peer: { pid: number; uid: number; gid: number }, gro
 }
 
 /** Runs the daemon until SIGTERM. */
-export async function runDaemon(store: Store, log: (line: string) => void): Promise<void> {
+/** Where the daemon takes migrations from other hosts (kiln daemon --listen ADDR:PORT --token-file FILE). */
+export interface PeerListen {
+  readonly address: Peer;
+  readonly token: string;
+}
+
+/**
+ * The peer channel: signed requests from other hosts' daemons (peer.ts) to prepare,
+ * follow and abort an incoming migration, and the migration stream itself (an HTTP
+ * upgrade, piped to the receiving VMM's Unix socket).
+ */
+async function listenForPeers(manager: Manager, listen: PeerListen, log: (line: string) => void): Promise<HttpServer> {
+  const verifier = new Verifier(listen.token);
+  const path = (url: string | undefined) => new URL(url ?? '/', 'http://kiln').pathname;
+  const server = createServer((req, res) => {
+    let body = '';
+    let size = 0;
+    req.setEncoding('utf8').on('data', (c: string) => {
+      size += c.length;
+      if (size > 1024 * 1024) req.destroy();
+      else body += c;
+    });
+    req.on('end', () => {
+      void (async () => {
+        const p = path(req.url);
+        if (!verifier.check(req.headers[AUTH_HEADER] as string | undefined, req.method ?? '', req.url ?? '', body)) {
+          log(
+            `kiln daemon: refused an unsigned or wrongly signed request from ${req.socket.remoteAddress} (${req.method} ${p})`,
+          );
+          return reply(res, 401, { error: "not allowed: the request is not signed with this daemon's token" });
+        }
+        try {
+          let m: RegExpExecArray | null;
+          if (req.method === 'POST' && p === '/migrations') {
+            let input: unknown;
+            try {
+              input = JSON.parse(body);
+            } catch {
+              throw new KilnError('the request body is not valid JSON');
+            }
+            return reply(res, 200, await manager.prepareIncoming(input));
+          }
+          if (req.method === 'GET' && (m = /^\/migrations\/([^/]+)$/.exec(p)))
+            return reply(res, 200, manager.incomingStatus(decodeURIComponent(m[1]!)));
+          if (req.method === 'POST' && (m = /^\/migrations\/([^/]+)\/abort$/.exec(p)))
+            return reply(res, 200, manager.abortIncoming(decodeURIComponent(m[1]!)));
+          reply(res, 404, { error: 'no such endpoint' });
+        } catch (err) {
+          reply(res, err instanceof KilnError ? 400 : 500, { error: (err as Error).message });
+        }
+      })();
+    });
+  });
+  server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => {
+    const p = path(req.url);
+    const m = /^\/migrations\/([^/]+)\/stream$/.exec(p);
+    const refuse = (status: string, why: string) => {
+      log(`kiln daemon: refused a migration stream from ${socket.remoteAddress}: ${why}`);
+      socket.end(`HTTP/1.1 ${status}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`);
+    };
+    if (!verifier.check(req.headers[AUTH_HEADER] as string | undefined, req.method ?? '', req.url ?? '', ''))
+      return refuse('401 Unauthorized', "not signed with this daemon's token");
+    if (!m) return refuse('404 Not Found', `no such endpoint ${p}`);
+    let target: string;
+    try {
+      target = manager.incomingSocket(decodeURIComponent(m[1]!));
+    } catch (err) {
+      return refuse('409 Conflict', (err as Error).message);
+    }
+    const vmm = createConnection(target);
+    vmm.once('connect', () => {
+      socket.write('HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: kiln-migration\r\n\r\n');
+      if (head.length > 0) vmm.write(head);
+      splice(socket, vmm);
+    });
+    vmm.once('error', (err: NodeJS.ErrnoException) =>
+      refuse('502 Bad Gateway', `the receiving VMM: ${err.code ?? err.message}`),
+    );
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', (err: NodeJS.ErrnoException) =>
+      reject(
+        new KilnError(`cannot listen on ${listen.address.host}:${listen.address.port}: ${err.code ?? err.message}`),
+      ),
+    );
+    server.listen(listen.address.port, listen.address.host, resolve);
+  });
+  const loopback = /^(127\.|::1$|localhost$)/.test(listen.address.host);
+  log(
+    `kiln daemon: taking migrations on ${listen.address.host}:${listen.address.port}${loopback ? '' : ' (NOT loopback: reachable from other hosts; requests must be signed with the token)'}`,
+  );
+  return server;
+}
+
+export async function runDaemon(
+  store: Store,
+  log: (line: string) => void,
+  opts: { listen?: PeerListen } = {},
+): Promise<void> {
   // One daemon per state directory: the first to lock it serves it; any other stops here,
   // before it touches the socket.
   // Everything the daemon creates — its socket first (connecting needs write permission
@@ -205,6 +305,19 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
       progress,
     });
   });
+  route('POST', '/vms/:name/migrate', (name, body, _q, _p, progress) => {
+    const b = body as { to?: unknown; token?: unknown; downtimeMs?: unknown };
+    if (typeof b.to !== 'string') throw new KilnError('to (ADDR:PORT) is required');
+    if (typeof b.token !== 'string') throw new KilnError('token is required');
+    if (b.downtimeMs !== undefined && (!Number.isSafeInteger(b.downtimeMs) || (b.downtimeMs as number) < 1))
+      throw new KilnError('downtimeMs must be a whole number of milliseconds');
+    return manager.migrate(name, {
+      to: b.to,
+      token: b.token,
+      ...(b.downtimeMs !== undefined ? { downtimeMs: b.downtimeMs as number } : {}),
+      progress,
+    });
+  });
   route('GET', '/vms/:name/logs', async (name, _b, q): Promise<LogsReply> => {
     const bytes = Number(q.get('bytes') ?? 64 * 1024);
     if (!Number.isSafeInteger(bytes) || bytes < 0)
@@ -238,6 +351,16 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
     chmodSync(store.socketPath, 0o660);
   }
   log(`kiln daemon: listening on ${store.socketPath} (state in ${store.dir})`);
+  let peers: HttpServer | null = null;
+  if (opts.listen) {
+    try {
+      peers = await listenForPeers(manager, opts.listen, log);
+    } catch (err) {
+      server.close();
+      rmSync(store.socketPath, { force: true });
+      throw err;
+    }
+  }
   const rotation = setInterval(() => {
     manager.rotateConsoleLogs();
     void manager.reclaimEndedJails();
@@ -247,6 +370,7 @@ export async function runDaemon(store: Store, log: (line: string) => void): Prom
     process.once('SIGINT', resolve);
   });
   clearInterval(rotation);
+  peers?.close();
   await new Promise((resolve) => server.close(resolve));
   rmSync(store.socketPath, { force: true });
 }

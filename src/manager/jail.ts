@@ -133,8 +133,11 @@ export function prepareJail(
   config: VmConfig,
   uid: number,
   lendTap: (tap: string, uid: number) => boolean,
-  /** A snapshot to load (kiln restore): its files are bound in read-only and no config is given. */
-  restore?: { readonly state: string; readonly memory: string },
+  /**
+   * A snapshot to load (kiln restore): its files are bound in read-only and no config is
+   * given; 'receive': no config either (an incoming migration brings it).
+   */
+  restore?: { readonly state: string; readonly memory: string } | 'receive',
   /** Disks whose image is another file (a clone's copies), bound at the path the VMM opens. */
   diskSources: ReadonlyMap<string, string> = new Map(),
 ): { argv: string[]; record: JailRecord } {
@@ -156,7 +159,7 @@ export function prepareJail(
   if (config.initrd !== undefined) files.push({ path: config.initrd, target: config.initrd, rw: false });
   for (const d of config.disks)
     files.push({ path: diskSources.get(d.path) ?? d.path, target: d.path, rw: !d.readOnly });
-  if (restore) {
+  if (restore && restore !== 'receive') {
     files.push({ path: restore.state, target: JAIL_SNAPSHOT_STATE, rw: false });
     files.push({ path: restore.memory, target: JAIL_SNAPSHOT_MEMORY, rw: false });
   }

@@ -17,6 +17,7 @@ import {
   renameSync,
   rmSync,
   statSync,
+  symlinkSync,
   truncateSync,
   writeFileSync,
 } from 'node:fs';
@@ -25,6 +26,11 @@ import { cpus, totalmem } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { KilnError } from '../errors.js';
+import { randomBytes } from 'node:crypto';
+import { createServer as createNetServer } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { parseVmConfig } from '../config/vm-config.js';
+import { parsePeer, peerCall, peerStream, splice } from './peer.js';
 import { buildInitramfs, buildMinimalKernel } from '../guestkit/build.js';
 import { cgroupDirs, prepareCgroup, removeCgroup, spawnInCgroup } from './cgroup.js';
 import { parseDefinition, vmConfigOf, type VmDefinition } from './definition.js';
@@ -176,6 +182,23 @@ interface RestoreSource {
   /** Track dirty pages from the load on (a restore: its next diff builds on the snapshot). */
   readonly trackDirtyPages?: boolean;
 }
+
+/** An incoming migration (kiln daemon --listen): the VMM waits for its source. */
+interface IncomingSource {
+  /** The configuration the source's VMM runs (host paths). */
+  readonly config: VmConfig;
+  /** The token the source's VMM proves (one per migration, made by this daemon). */
+  readonly receiveToken: string;
+}
+
+/** How long an incoming migration's VMM waits for its source. */
+const INCOMING_WAIT_MS = 120_000;
+const NO_NET_MIGRATION =
+  'VMs with network interfaces cannot be migrated by the manager yet (their TAP or passt end is host-local); detach them first';
+
+/** Where a VMM (jailed or not) listens for an incoming migration, and where the daemon reaches it. */
+const JAIL_MIGRATE_IN = '/run/migrate-in.sock';
+const JAIL_MIGRATE_OUT = '/run/migrate-out.sock';
 
 /** Whether a jail record still holds something of the host's (files, TAPs, links). */
 function holdsAnything(record: JailRecord | null): record is JailRecord {
@@ -382,7 +405,8 @@ export class Manager {
     );
   }
 
-  private async startNow(name: string, jail: boolean, from?: RestoreSource): Promise<StartReply> {
+  private async startNow(name: string, jail: boolean, from?: RestoreSource | IncomingSource): Promise<StartReply> {
+    const restore = from && 'state' in from ? from : undefined;
     const spec = this.store.get(name);
     const current = await this.status(spec);
     if (current.state !== 'stopped') throw new KilnError(`'${name}' is already ${current.state}`);
@@ -398,7 +422,7 @@ export class Manager {
     this.setDiffBase(name, null);
     await this.releaseJail(name);
     const config = from ? from.config : ((await this.vmmConfig(spec)) as VmConfig);
-    if (from && !jail && from.diskSources.size > 0)
+    if (restore && !jail && restore.diskSources.size > 0)
       throw new KilnError(`a clone runs its own disk copies through its jail: start '${name}' without --no-jail`);
     writeFileSync(join(run, 'config.json'), JSON.stringify(config, null, 2), {
       mode: PRIVATE_FILE,
@@ -426,8 +450,8 @@ export class Manager {
         config,
         allocateJailUid(this.jailUidsInUse(name)),
         (tap, uid) => tapApi!.lendTap(tap, uid, uid),
-        from ? { state: from.state, memory: from.memory } : undefined,
-        from?.diskSources,
+        restore ? { state: restore.state, memory: restore.memory } : from ? 'receive' : undefined,
+        restore?.diskSources,
       );
       vmm = prepared.argv;
       record = prepared.record;
@@ -455,7 +479,12 @@ export class Manager {
         `cannot record the VMM's pid for '${name}' (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}); it was stopped`,
       );
     }
-    if (from) await this.loadInto(name, pid, jail, from);
+    if (restore) await this.loadInto(name, pid, jail, restore);
+    else if (from && 'receiveToken' in from) {
+      // An incoming migration: the VM runs once its source has sent it (watchIncoming).
+      await this.receiveInto(name, pid, jail, from.receiveToken);
+      return { ...(await this.status(spec)), warnings };
+    }
     // The shell becomes kiln-vmm (same pid): wait for its API to answer, or for it to end.
     const s = await waitFor(async () => {
       const now = await this.status(spec);
@@ -477,8 +506,26 @@ export class Manager {
     return { ...s, warnings };
   }
 
-  /** Has a freshly started VMM (no configuration yet) load a snapshot and run it. */
-  private async loadInto(name: string, pid: number, jail: boolean, from: RestoreSource): Promise<void> {
+  /** Has a freshly started VMM (no configuration yet) listen for its migration's source. */
+  private async receiveInto(name: string, pid: number, jail: boolean, token: string): Promise<void> {
+    const run = this.store.runDir(name);
+    await this.apiUp(name, pid);
+    const inside = jail ? JAIL_MIGRATE_IN : join(run, 'migrate-in.sock');
+    if (jail) {
+      rmSync(join(run, 'migrate-in.sock'), { force: true });
+      symlinkSync(join(readJailRecord(run)!.root!, JAIL_MIGRATE_IN), join(run, 'migrate-in.sock'));
+    }
+    const r = await unixHttp(join(run, 'api.sock'), 'PUT', '/migration/receive', { listen: `unix:${inside}`, token });
+    if (r.status !== 204) {
+      process.kill(pid, 'SIGKILL');
+      await waitFor(() => (this.processAlive(pid) ? null : true), 5_000);
+      removeCgroup(name);
+      throw new KilnError(`'${name}': the VMM cannot receive the migration: ${faultOf(r)}`);
+    }
+  }
+
+  /** Waits for a freshly started VMM's API; kills it and throws if it never answers. */
+  private async apiUp(name: string, pid: number): Promise<void> {
     const api = join(this.store.runDir(name), 'api.sock');
     const up = await waitFor(async () => {
       try {
@@ -494,6 +541,12 @@ export class Manager {
         `'${name}' did not start: its VMM never answered. The end of its console log:\n${this.consoleTail(name)}`,
       );
     }
+  }
+
+  /** Has a freshly started VMM (no configuration yet) load a snapshot and run it. */
+  private async loadInto(name: string, pid: number, jail: boolean, from: RestoreSource): Promise<void> {
+    const api = join(this.store.runDir(name), 'api.sock');
+    await this.apiUp(name, pid);
     const r = await unixHttp(
       api,
       'PUT',
@@ -524,6 +577,221 @@ export class Manager {
       removeCgroup(name);
       throw new KilnError(`'${name}': the snapshot did not load: ${faultOf(r)}`);
     }
+  }
+
+  // ---- migration ----
+
+  /** Incoming migrations: 'receiving' while under way, then 'completed' or why it failed. */
+  private readonly incoming = new Map<string, { phase: 'receiving' | 'completed' | 'failed'; error?: string }>();
+
+  /**
+   * An incoming migration, asked for by the source host's daemon: checks this host can
+   * take the VM (its name free, its disks here: shared storage), records its definition
+   * and starts a jailed VMM that waits for it; resolves with the token the source's VMM
+   * must prove. The definition stays only if the VM comes to run here (watchIncoming).
+   */
+  async prepareIncoming(input: unknown): Promise<{ token: string }> {
+    const b = (typeof input === 'object' && input !== null ? input : {}) as { definition?: unknown; config?: unknown };
+    const spec = parseDefinition(b.definition);
+    let config: VmConfig;
+    try {
+      config = parseVmConfig(b.config);
+    } catch (err) {
+      throw new KilnError(`the migrating VM's configuration: ${(err as Error).message}`);
+    }
+    return this.serialised(spec.name, async () => {
+      if (this.store.exists(spec.name)) throw new KilnError(`a VM named '${spec.name}' already exists on this host`);
+      for (const d of config.disks)
+        if (!existsSync(d.path))
+          throw new KilnError(
+            `disk '${d.path}' of '${spec.name}' is not on this host: a migration needs the VM's disks on shared storage, at the same paths on both hosts`,
+          );
+      if (config.nets.length > 0) throw new KilnError(NO_NET_MIGRATION);
+      this.store.create(spec);
+      const receiveToken = randomBytes(32).toString('hex');
+      try {
+        // No kernel or initrd: the source's memory holds the guest.
+        const { kernel: _k, initrd: _i, ...rest } = config;
+        await this.startNow(spec.name, true, { config: rest as VmConfig, receiveToken });
+      } catch (err) {
+        await this.releaseJail(spec.name).catch(() => undefined);
+        this.store.remove(spec.name);
+        throw err;
+      }
+      this.incoming.set(spec.name, { phase: 'receiving' });
+      void this.watchIncoming(spec.name);
+      return { token: receiveToken };
+    });
+  }
+
+  /** GET /migrations/NAME on the peer channel. */
+  incomingStatus(name: string): { phase: string; error?: string } {
+    const m = this.incoming.get(name);
+    if (!m) throw new KilnError(`no migration of '${name}' is coming in here`);
+    return m;
+  }
+
+  /** The socket a migration's stream into VM `name` goes to (the daemon pipes it there). */
+  incomingSocket(name: string): string {
+    if (this.incoming.get(name)?.phase !== 'receiving')
+      throw new KilnError(`no migration of '${name}' is coming in here`);
+    return join(this.store.runDir(name), 'migrate-in.sock');
+  }
+
+  /** Ends an incoming migration that has not completed (its source gave up before it connected). */
+  abortIncoming(name: string): { aborted: string } {
+    if (this.incoming.get(name)?.phase !== 'receiving')
+      throw new KilnError(`no migration of '${name}' is coming in here`);
+    const pid = this.pidOf(name);
+    if (pid !== null) process.kill(pid, 'SIGKILL');
+    return { aborted: name };
+  }
+
+  /**
+   * Watches an incoming migration's VMM until the VM runs here (its definition stays) or
+   * the migration fails, its VMM ends, or no source comes: then nothing of it is left.
+   */
+  private async watchIncoming(name: string): Promise<void> {
+    const api = join(this.store.runDir(name), 'api.sock');
+    const began = Date.now();
+    let error = 'its VMM ended';
+    for (;;) {
+      await sleep(200);
+      if (this.pidOf(name) === null) break;
+      const p = (await unixHttp(api, 'GET', '/migration').catch(() => null))?.body as
+        { phase?: string; error?: string } | undefined;
+      if (p?.phase === 'completed') {
+        this.incoming.set(name, { phase: 'completed' });
+        this.progress(`'${name}' migrated in and runs here`);
+        return;
+      }
+      if (p?.phase === 'failed') {
+        error = p.error ?? 'it failed';
+        break;
+      }
+      if (p?.phase === 'listening' && Date.now() - began > INCOMING_WAIT_MS) {
+        error = `no source connected within ${INCOMING_WAIT_MS / 1000} s`;
+        break;
+      }
+    }
+    this.incoming.set(name, { phase: 'failed', error });
+    this.progress(`the migration of '${name}' into this host failed (${error}); nothing of it is left here`);
+    await this.serialised(name, async () => {
+      const pid = this.pidOf(name);
+      if (pid !== null) process.kill(pid, 'SIGKILL');
+      await waitFor(() => (this.pidOf(name) === null ? true : null), 5_000);
+      removeCgroup(name);
+      await this.releaseJail(name);
+      if (this.store.exists(name)) this.store.remove(name);
+    }).catch((err: unknown) => this.progress(`'${name}': ${(err as Error).message}`));
+  }
+
+  /**
+   * kiln migrate NAME --to ADDR:PORT: moves running VM `name` to the daemon at `to`
+   * (which must share the token and the VM's disks). Its VMM's migration stream goes
+   * through a Unix socket this daemon pipes to the peer daemon. The definition moves
+   * with it: removed here only once the destination runs the VM; on any failure the VM
+   * runs on here and the destination keeps nothing.
+   */
+  migrate(
+    name: string,
+    opts: { to: string; token: string; downtimeMs?: number; progress?: Progress },
+  ): Promise<{ migrated: string; to: string }> {
+    return this.serialised(name, async () => {
+      const say = this.reporter(opts.progress);
+      const peer = parsePeer(opts.to, '--to');
+      const spec = this.store.get(name);
+      if (this.pidOf(name) === null)
+        throw new KilnError(`'${name}' is not running: kiln migrate moves a running VM (start it first)`);
+      const run = this.store.runDir(name);
+      const config = JSON.parse(readFileSync(join(run, 'config.json'), 'utf8')) as VmConfig;
+      if (config.nets.length > 0) throw new KilnError(NO_NET_MIGRATION);
+      const snaps = listSnapshots(this.snapshotsDir(name));
+      if (snaps.length > 0)
+        throw new KilnError(
+          `'${name}' has snapshot(s) here (${snaps.map((x) => x.tag).join(', ')}); they do not move with it: remove them first (kiln snapshot rm ${name} TAG)`,
+        );
+      say(`asking ${opts.to} to take '${name}'`);
+      const { token } = await peerCall<{ token: string }>(peer, opts.token, 'POST', '/migrations', {
+        definition: spec,
+        config,
+      });
+      const record = readJailRecord(run);
+      const root = record?.jailed ? record.root : null;
+      const outside = root ? join(root, JAIL_MIGRATE_OUT) : join(run, 'migrate-out.sock');
+      rmSync(outside, { force: true });
+      const proxy = createNetServer((vmmSide) => {
+        peerStream(peer, opts.token, `/migrations/${encodeURIComponent(name)}/stream`).then(
+          (remote) => splice(vmmSide, remote),
+          (err: Error) => {
+            say(err.message);
+            vmmSide.destroy();
+          },
+        );
+      });
+      await new Promise<void>((resolve, reject) => {
+        proxy.once('error', reject);
+        proxy.listen(outside, resolve);
+      });
+      if (root && record?.uid != null) chownSync(outside, record.uid, record.uid);
+      const api = join(run, 'api.sock');
+      try {
+        const r = await unixHttp(api, 'PUT', '/migration/send', {
+          destination: `unix:${root ? JAIL_MIGRATE_OUT : outside}`,
+          token,
+          downtime_ms: opts.downtimeMs ?? 300,
+        });
+        if (r.status !== 204) {
+          await peerCall(peer, opts.token, 'POST', `/migrations/${encodeURIComponent(name)}/abort`).catch(
+            () => undefined,
+          );
+          throw new KilnError(`'${name}' cannot migrate: ${faultOf(r)}`);
+        }
+        let last = '';
+        for (;;) {
+          await sleep(200);
+          if (this.pidOf(name) === null) break;
+          const p = (await unixHttp(api, 'GET', '/migration').catch(() => null))?.body as
+            | {
+                phase: string;
+                iteration: number;
+                pages_sent: number;
+                dirty_pages_left: number;
+                throttle_percent: number;
+                error?: string;
+              }
+            | undefined;
+          if (!p?.phase) continue;
+          if (p.phase === 'failed')
+            throw new KilnError(`the migration of '${name}' failed; it runs on here: ${p.error ?? 'no reason given'}`);
+          const line = `${p.phase}: iteration ${p.iteration}, ${p.pages_sent} pages sent, ${p.dirty_pages_left} dirty${p.throttle_percent ? `, vCPUs throttled to ${p.throttle_percent}%` : ''}`;
+          if (line !== last) say(line);
+          last = line;
+        }
+        // This VMM ended once the destination had the VM: it must say it runs it.
+        const there = await waitFor(async () => {
+          const m = await peerCall<{ phase: string; error?: string }>(
+            peer,
+            opts.token,
+            'GET',
+            `/migrations/${encodeURIComponent(name)}`,
+          );
+          return m.phase === 'receiving' ? null : m;
+        }, 30_000);
+        if (there?.phase !== 'completed')
+          throw new KilnError(
+            `'${name}''s VMM here ended, but ${opts.to} says the migration ${there ? `failed: ${there.error}` : 'is still under way'}; its definition stays here`,
+          );
+        removeCgroup(name);
+        await this.releaseJail(name);
+        this.store.remove(name);
+        say(`'${name}' runs on ${opts.to}; its definition moved there`);
+        return { migrated: name, to: opts.to };
+      } finally {
+        proxy.close();
+        rmSync(outside, { force: true });
+      }
+    });
   }
 
   // ---- snapshots ----

@@ -10,7 +10,7 @@ import * as libc from '../kvm/libc.js';
 import { pciIntxGsi } from '../layout.js';
 import type { PciBarAllocator, PciRoot } from '../pci/root.js';
 import { BALLOON_PAGE_BYTES, BalloonControl } from '../virtio/balloon.js';
-import { BlkControl, blkOptions, type BlkOptions } from '../virtio/blk.js';
+import { BlkControl, blkOptions, lockDisk, type BlkOptions } from '../virtio/blk.js';
 import { describeVirtio, type VirtioDeviceConfig } from '../virtio/catalogue.js';
 import { listenConsole } from '../virtio/console.js';
 import type { VirtioState } from '../virtio/device.js';
@@ -55,6 +55,27 @@ export interface AttachedVirtio {
 /** The host's handle on a disk added by attachVirtio. */
 export function blkControl(device: VirtioPciDevice): BlkControl {
   return new BlkControl(device.state, device.spec.options.controlFd);
+}
+
+/**
+ * Takes (`lock`) or lets go of the image locks of every disk of a built VM: a migration's
+ * source lets go as it stops, its destination takes them before it runs (the same images
+ * on shared storage). Throws, having taken none, when one is held elsewhere.
+ */
+export function setDiskLocks(virtio: AttachedVirtio, lock: boolean): void {
+  const done: BlkOptions[] = [];
+  for (const device of virtio.disks.values()) {
+    const o = (device.spec.options as VirtioPciOptions).device.options as BlkOptions;
+    if (!lock) libc.ofdLockWholeFile(o.fd, libc.F_UNLCK);
+    else
+      try {
+        lockDisk(o.fd, o.path, o.readOnly);
+        done.push(o);
+      } catch (err) {
+        for (const d of done) libc.ofdLockWholeFile(d.fd, libc.F_UNLCK);
+        throw err;
+      }
+  }
 }
 
 /** The host's handle on a balloon device added by attachVirtio. */
@@ -114,14 +135,17 @@ export function openDisk(disk: DiskHostEnd, index: number, locked = false): Open
 }
 
 /** Opens every disk and NIC host end, or none (closing what was opened if one fails). */
-export function openHostEnds(config: {
-  readonly disks?: readonly DiskHostEnd[];
-  readonly nets?: readonly NetHostEnd[];
-}): { disks: OpenedDisk<BlkOptions>[]; nets: OpenedDisk<NetOptions>[] } {
+export function openHostEnds(
+  config: {
+    readonly disks?: readonly DiskHostEnd[];
+    readonly nets?: readonly NetHostEnd[];
+  },
+  opts: { lockDisks?: boolean } = {},
+): { disks: OpenedDisk<BlkOptions>[]; nets: OpenedDisk<NetOptions>[] } {
   const disks: OpenedDisk<BlkOptions>[] = [];
   const nets: OpenedDisk<NetOptions>[] = [];
   try {
-    (config.disks ?? []).forEach((d, i) => disks.push(openDisk(d, i)));
+    (config.disks ?? []).forEach((d, i) => disks.push(openDisk(d, i, opts.lockDisks === false)));
     (config.nets ?? []).forEach((n, i) => nets.push(openNet(n, i)));
     return { disks, nets };
   } catch (err) {

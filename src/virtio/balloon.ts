@@ -178,7 +178,10 @@ export class BalloonBackend implements VirtioBackend {
     const host = this.rt.mem.regions[region]!.hostAddr + BigInt(start);
     // Dropped pages read back as zeros (or as the snapshot's memory file): they changed.
     this.rt.mem.markWritten(region, start, end - start);
-    if (libc.madvise(host, end - start, libc.MADV_DONTNEED) === 0) {
+    const dropped = libc.madvise(host, end - start, libc.MADV_DONTNEED) === 0;
+    // Again once dropped: a live migration's pre-copy may have taken the first mark.
+    this.rt.mem.markWritten(region, start, end - start);
+    if (dropped) {
       const at = BALLOON_REPORT.offsetOf('pagesReturned');
       const report = this.shared.report;
       report.setBigUint64(at, report.getBigUint64(at, true) + BigInt((end - start) / BALLOON_PAGE_BYTES), true);

@@ -124,7 +124,7 @@ function diskBytes(fd: number, isBlockDevice: boolean, size: number, path: strin
  * whole file: a write lock for a read-write drive, a read lock for a read-only one. Two
  * VMs (or two drives of one) cannot both write an image, nor one read what another writes.
  */
-function lockDisk(fd: number, path: string, readOnly: boolean): void {
+export function lockDisk(fd: number, path: string, readOnly: boolean): void {
   const type = readOnly ? libc.F_RDLCK : libc.F_WRLCK;
   const e = libc.ofdLockWholeFile(fd, type);
   if (e === 0) return;
@@ -303,7 +303,9 @@ export class BlkBackend implements VirtioBackend {
         }
         len = Math.min(len, left);
         const bytesOfRegion = this.rt.mem.regionBytes(chain.region[i]!);
-        // Marked before the read: a read that fails half-way has still changed the pages.
+        // Marked before the read (one that fails half-way has still changed the pages) and
+        // again after it: a live migration's pre-copy may take the record in between, and
+        // a write it did not see must be marked after it (migration/send.ts).
         if (!write) this.rt.mem.markWritten(chain.region[i]!, offset, len);
         let done = 0;
         while (done < len) {
@@ -318,6 +320,7 @@ export class BlkBackend implements VirtioBackend {
             );
           done += n;
         }
+        if (!write) this.rt.mem.markWritten(chain.region[i]!, offset, len);
         position += len;
         left -= len;
       }

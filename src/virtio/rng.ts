@@ -53,6 +53,8 @@ export class RngBackend implements VirtioBackend {
         }
         got += n;
       }
+      // Again once written: a live migration's pre-copy may have taken the first mark.
+      this.rt.mem.markWritten(chain.region[i]!, chain.offset[i]!, len);
       filled += len;
     }
     this.rt.queue(0).push(chain.head, filled);
