@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { benchBoot } from './boot.js';
 import { benchBlk } from './blk.js';
 import { benchExits } from './exits.js';
+import { benchMigrate } from './migrate.js';
 import { benchNet } from './net.js';
 import { benchSnapshot } from './snapshot.js';
 import type { BenchContext } from './util.js';
@@ -15,6 +16,7 @@ const benchmarks: Record<string, (ctx: BenchContext) => Promise<void>> = {
   blk: benchBlk,
   net: benchNet,
   snapshot: benchSnapshot,
+  migrate: benchMigrate,
 };
 
 const names = process.argv.slice(2);

@@ -449,6 +449,9 @@ function program(setStatus: (status: number) => void): Command {
         ),
       ),
     );
+  verb('upgrade', 'move a running VM into a new VMM of the Kiln installed now, without rebooting it')
+    .argument('<name>')
+    .action(async (name: string, values: { json?: boolean }) => done((await manager()).upgrade(name, values)));
   kiln
     .command('daemon')
     .description('run the manager in the foreground (the verbs start it when needed)')

@@ -358,6 +358,16 @@ export interface SnapshotLoad {
   readonly vsockCid?: number;
 }
 
+/** `network_overrides` ([{iface_id, host_dev_name}]) as iface_id -> TAP. */
+function networkOverrides(resource: string, list: unknown): Map<string, string> {
+  const overrides = new Map<string, string>();
+  for (const o of (list as unknown[] | undefined) ?? []) {
+    const n = check(`${resource}: network_overrides`, o, { iface_id: req(str), host_dev_name: req(str) });
+    overrides.set(n.iface_id as string, n.host_dev_name as string);
+  }
+  return overrides;
+}
+
 export function parseSnapshotLoad(body: unknown): SnapshotLoad {
   const r = check('snapshot/load', body, {
     snapshot_path: req(str),
@@ -383,11 +393,7 @@ export function parseSnapshotLoad(body: unknown): SnapshotLoad {
     memFilePath = m.backend_path as string;
   }
   if (memFilePath === undefined) throw new ApiError('snapshot/load: missing field `mem_backend`');
-  const overrides = new Map<string, string>();
-  for (const o of (r.network_overrides as unknown[] | undefined) ?? []) {
-    const n = check('snapshot/load: network_overrides', o, { iface_id: req(str), host_dev_name: req(str) });
-    overrides.set(n.iface_id as string, n.host_dev_name as string);
-  }
+  const overrides = networkOverrides('snapshot/load', r.network_overrides);
   const vsock =
     r.vsock_override !== undefined
       ? check('snapshot/load: vsock_override', r.vsock_override, { uds_path: req(str), guest_cid: int })
@@ -444,11 +450,7 @@ export function parseMigrationReceive(body: unknown): ReceiveRequest {
     vsock_override: obj,
   });
   if ((r.token as string).length === 0) throw new ApiError('migration/receive: `token` must not be empty');
-  const overrides = new Map<string, string>();
-  for (const o of (r.network_overrides as unknown[] | undefined) ?? []) {
-    const n = check('migration/receive: network_overrides', o, { iface_id: req(str), host_dev_name: req(str) });
-    overrides.set(n.iface_id as string, n.host_dev_name as string);
-  }
+  const overrides = networkOverrides('migration/receive', r.network_overrides);
   const vsock =
     r.vsock_override !== undefined
       ? check('migration/receive: vsock_override', r.vsock_override, { uds_path: req(str) })

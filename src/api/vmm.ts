@@ -456,7 +456,7 @@ export class Vmm {
       async () => {
         this.note(
           'Info',
-          `migration to ${out.progress.address} completed in ${out.progress.total_ms} ms; this VMM ends`,
+          `migration to ${out.progress.address} completed in ${out.progress.total_ms} ms (at the stop: ${out.stopTimes}); this VMM ends`,
         );
         await live.vm.destroy();
       },

@@ -331,6 +331,13 @@ export async function daemon(
   return 0;
 }
 
+export async function upgrade(name: string, o: { json?: boolean }): Promise<number> {
+  progress(`upgrading '${name}' into a new VMM of this Kiln (it keeps running; it pauses only at the switch)`);
+  const s = await daemonCall<StartReply>(new Store(), 'POST', `${path(name)}/upgrade`, {}, progress);
+  print(o.json, `${s.name}: ${s.state} (pid ${s.pid})`, s);
+  return s.state === 'running' || s.state === 'paused' ? 0 : EXIT_ERROR;
+}
+
 export async function migrate(
   name: string,
   o: { json?: boolean; to: string; tokenFile: string; downtimeMs?: string },

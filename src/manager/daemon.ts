@@ -318,6 +318,7 @@ export async function runDaemon(
       progress,
     });
   });
+  route('POST', '/vms/:name/upgrade', (name, _b, _q, _p, progress) => manager.upgrade(name, progress));
   route('GET', '/vms/:name/logs', async (name, _b, q): Promise<LogsReply> => {
     const bytes = Number(q.get('bytes') ?? 64 * 1024);
     if (!Number.isSafeInteger(bytes) || bytes < 0)

@@ -27,10 +27,11 @@ import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { KilnError } from '../errors.js';
 import { randomBytes } from 'node:crypto';
-import { createServer as createNetServer } from 'node:net';
+import { createConnection, createServer as createNetServer, type Server as NetServer, type Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseVmConfig } from '../config/vm-config.js';
 import { parsePeer, peerCall, peerStream, splice } from './peer.js';
+import { KILN_VERSION } from '../version.js';
 import { buildInitramfs, buildMinimalKernel } from '../guestkit/build.js';
 import { cgroupDirs, prepareCgroup, removeCgroup, spawnInCgroup } from './cgroup.js';
 import { parseDefinition, vmConfigOf, type VmDefinition } from './definition.js';
@@ -103,6 +104,9 @@ export function unixHttp(
     const req = request(
       {
         socketPath: socket,
+        // A connection of its own each time: a kept-alive one would go on reaching the
+        // process that was at this path before (a VMM replaced by kiln upgrade).
+        agent: false,
         method,
         path,
         timeout: timeoutMs,
@@ -193,12 +197,39 @@ interface IncomingSource {
 
 /** How long an incoming migration's VMM waits for its source. */
 const INCOMING_WAIT_MS = 120_000;
-const NO_NET_MIGRATION =
-  'VMs with network interfaces cannot be migrated by the manager yet (their TAP or passt end is host-local); detach them first';
 
 /** Where a VMM (jailed or not) listens for an incoming migration, and where the daemon reaches it. */
 const JAIL_MIGRATE_IN = '/run/migrate-in.sock';
 const JAIL_MIGRATE_OUT = '/run/migrate-out.sock';
+
+/**
+ * A Unix socket at `path` (the jail user's when `uid` is given) whose every connection
+ * is piped to a new connection from `connect`: how a jailed VMM's migration stream
+ * leaves its jail.
+ */
+async function relayFrom(
+  path: string,
+  uid: number | null,
+  connect: () => Promise<Socket>,
+  say: (line: string) => void,
+): Promise<NetServer> {
+  rmSync(path, { force: true });
+  const server = createNetServer((inside) => {
+    connect().then(
+      (other) => splice(inside, other),
+      (err: Error) => {
+        say(err.message);
+        inside.destroy();
+      },
+    );
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(path, resolve);
+  });
+  if (uid !== null) chownSync(path, uid, uid);
+  return server;
+}
 
 /** Whether a jail record still holds something of the host's (files, TAPs, links). */
 function holdsAnything(record: JailRecord | null): record is JailRecord {
@@ -582,7 +613,10 @@ export class Manager {
   // ---- migration ----
 
   /** Incoming migrations: 'receiving' while under way, then 'completed' or why it failed. */
-  private readonly incoming = new Map<string, { phase: 'receiving' | 'completed' | 'failed'; error?: string }>();
+  private readonly incoming = new Map<
+    string,
+    { phase: 'receiving' | 'completed' | 'failed'; error?: string; downtime_ms?: number; pages?: number }
+  >();
 
   /**
    * An incoming migration, asked for by the source host's daemon: checks this host can
@@ -606,7 +640,13 @@ export class Manager {
           throw new KilnError(
             `disk '${d.path}' of '${spec.name}' is not on this host: a migration needs the VM's disks on shared storage, at the same paths on both hosts`,
           );
-      if (config.nets.length > 0) throw new KilnError(NO_NET_MIGRATION);
+      // A NIC's host end is this host's: its TAP (made here under the same name, in this
+      // daemon's network namespace) or a passt socket that must be at the same path.
+      for (const n of config.nets)
+        if (n.passt !== undefined && !existsSync(n.passt))
+          throw new KilnError(
+            `network interface ${n.id} of '${spec.name}' uses the passt socket '${n.passt}', which is not on this host: start passt there first`,
+          );
       this.store.create(spec);
       const receiveToken = randomBytes(32).toString('hex');
       try {
@@ -659,9 +699,9 @@ export class Manager {
       await sleep(200);
       if (this.pidOf(name) === null) break;
       const p = (await unixHttp(api, 'GET', '/migration').catch(() => null))?.body as
-        { phase?: string; error?: string } | undefined;
+        { phase?: string; error?: string; downtime_ms?: number; pages_sent?: number } | undefined;
       if (p?.phase === 'completed') {
-        this.incoming.set(name, { phase: 'completed' });
+        this.incoming.set(name, { phase: 'completed', downtime_ms: p.downtime_ms ?? 0, pages: p.pages_sent ?? 0 });
         this.progress(`'${name}' migrated in and runs here`);
         return;
       }
@@ -705,7 +745,6 @@ export class Manager {
         throw new KilnError(`'${name}' is not running: kiln migrate moves a running VM (start it first)`);
       const run = this.store.runDir(name);
       const config = JSON.parse(readFileSync(join(run, 'config.json'), 'utf8')) as VmConfig;
-      if (config.nets.length > 0) throw new KilnError(NO_NET_MIGRATION);
       const snaps = listSnapshots(this.snapshotsDir(name));
       if (snaps.length > 0)
         throw new KilnError(
@@ -719,21 +758,12 @@ export class Manager {
       const record = readJailRecord(run);
       const root = record?.jailed ? record.root : null;
       const outside = root ? join(root, JAIL_MIGRATE_OUT) : join(run, 'migrate-out.sock');
-      rmSync(outside, { force: true });
-      const proxy = createNetServer((vmmSide) => {
-        peerStream(peer, opts.token, `/migrations/${encodeURIComponent(name)}/stream`).then(
-          (remote) => splice(vmmSide, remote),
-          (err: Error) => {
-            say(err.message);
-            vmmSide.destroy();
-          },
-        );
-      });
-      await new Promise<void>((resolve, reject) => {
-        proxy.once('error', reject);
-        proxy.listen(outside, resolve);
-      });
-      if (root && record?.uid != null) chownSync(outside, record.uid, record.uid);
+      const proxy = await relayFrom(
+        outside,
+        root ? record!.uid : null,
+        () => peerStream(peer, opts.token, `/migrations/${encodeURIComponent(name)}/stream`),
+        say,
+      );
       const api = join(run, 'api.sock');
       try {
         const r = await unixHttp(api, 'PUT', '/migration/send', {
@@ -770,7 +800,7 @@ export class Manager {
         }
         // This VMM ended once the destination had the VM: it must say it runs it.
         const there = await waitFor(async () => {
-          const m = await peerCall<{ phase: string; error?: string }>(
+          const m = await peerCall<{ phase: string; error?: string; downtime_ms?: number; pages?: number }>(
             peer,
             opts.token,
             'GET',
@@ -785,11 +815,133 @@ export class Manager {
         removeCgroup(name);
         await this.releaseJail(name);
         this.store.remove(name);
-        say(`'${name}' runs on ${opts.to}; its definition moved there`);
+        say(
+          `'${name}' runs on ${opts.to} (${there.pages ?? 0} pages sent, paused for ${there.downtime_ms ?? 0} ms); its definition moved there`,
+        );
         return { migrated: name, to: opts.to };
       } finally {
         proxy.close();
         rmSync(outside, { force: true });
+      }
+    });
+  }
+
+  /**
+   * kiln upgrade NAME: moves running VM `name` into a new kiln-vmm of the Kiln installed
+   * now, on this host, by a live migration over Unix sockets (memory copied; the guest
+   * pauses only for the last dirty pages). The new VMM is jailed as the old one was (the
+   * old jail is moved aside meanwhile) and joins the same cgroup, whose memory limit is
+   * raised until the old VMM is gone. On failure the old VMM runs on, as before.
+   */
+  upgrade(name: string, progress?: Progress): Promise<StartReply> {
+    return this.serialised(name, async () => {
+      const say = this.reporter(progress);
+      const spec = this.store.get(name);
+      const oldPid = this.pidOf(name);
+      if (oldPid === null) throw new KilnError(`'${name}' is not running: there is nothing to upgrade`);
+      const run = this.store.runDir(name);
+      const config = JSON.parse(readFileSync(join(run, 'config.json'), 'utf8')) as VmConfig;
+      if (config.nets.length > 0)
+        throw new KilnError(
+          `'${name}' has network interfaces: its TAP or passt end cannot be open in two VMMs at once`,
+        );
+      const old = readJailRecord(run) ?? NOT_JAILED;
+      if (!old.jailed || old.root === null || old.uid === null)
+        throw new KilnError(`'${name}' runs without its jail (--no-jail): kiln upgrade moves jailed VMMs only`);
+      // The old jail moves aside (its VMM keeps its root: a chroot holds the directory, not its path).
+      const aside = join(run, 'jail.old');
+      rmSync(aside, { recursive: true, force: true });
+      renameSync(join(run, 'jail'), aside);
+      const oldRoot = join(aside, old.root.slice(join(run, 'jail').length));
+      const limits = (memoryBytes: number) => ({
+        cpuWeight: spec.cpuWeight,
+        cpuQuotaPercent: spec.cpuQuotaPercent,
+        memoryBytes,
+      });
+      const vmBytes = spec.memoryMiB * 1024 * 1024;
+      let newPid: number | null = null;
+      let relay: NetServer | null = null;
+      try {
+        const { kernel: _k, initrd: _i, ...rest } = config;
+        const prepared = prepareJail(run, name, rest as VmConfig, old.uid, () => false, 'receive');
+        // The same jail user: what the old jail was lent stays lent, and is given back at the end.
+        const record: JailRecord = {
+          ...prepared.record,
+          lent: [...(old.lent ?? []), ...(prepared.record.lent ?? [])],
+          links: old.links ?? [],
+        };
+        let procs: string[] = [];
+        try {
+          procs = prepareCgroup(name, limits(2 * vmBytes + VMM_OVERHEAD_BYTES));
+        } catch (err) {
+          say(`the new VMM runs without its cgroup limits: ${(err as Error).message}`);
+        }
+        const log = openSync(join(run, 'console.log'), 'a', PRIVATE_FILE);
+        const child = spawnInCgroup(procs, prepared.argv, { detached: true, stdio: ['ignore', log, log] });
+        closeSync(log);
+        newPid = child.pid!;
+        child.unref();
+        child.once('exit', () => void this.reclaimEndedJails([name]));
+        await this.apiUp(name, newPid);
+        const token = randomBytes(32).toString('hex');
+        const newRoot = prepared.record.root!;
+        const api = join(run, 'api.sock');
+        const listening = await unixHttp(api, 'PUT', '/migration/receive', {
+          listen: `unix:${JAIL_MIGRATE_IN}`,
+          token,
+        });
+        if (listening.status !== 204) throw new KilnError(`the new VMM cannot receive: ${faultOf(listening)}`);
+        relay = await relayFrom(
+          join(oldRoot, JAIL_MIGRATE_OUT),
+          old.uid,
+          () =>
+            new Promise<Socket>((resolve, reject) => {
+              const c = createConnection(join(newRoot, JAIL_MIGRATE_IN), () => resolve(c));
+              c.once('error', reject);
+            }),
+          say,
+        );
+        const oldApi = join(oldRoot, 'run', 'api.sock');
+        say(`moving '${name}' into a new VMM (pid ${newPid}) of Kiln ${KILN_VERSION}`);
+        const sent = await unixHttp(oldApi, 'PUT', '/migration/send', {
+          destination: `unix:${JAIL_MIGRATE_OUT}`,
+          token,
+          downtime_ms: 50,
+        });
+        if (sent.status !== 204) throw new KilnError(`the old VMM cannot send: ${faultOf(sent)}`);
+        const done = await waitFor(async () => {
+          const p = (await unixHttp(api, 'GET', '/migration').catch(() => null))?.body as
+            { phase?: string; error?: string; downtime_ms?: number } | undefined;
+          if (p?.phase === 'failed') throw new KilnError(`the migration failed: ${p.error ?? 'no reason given'}`);
+          return p?.phase === 'completed' && !this.processAlive(oldPid) ? p : null;
+        }, 5 * 60_000);
+        if (!done) throw new KilnError('the migration did not finish within 5 minutes');
+        writeFileSync(join(run, 'vmm.pid'), `${newPid}\n`, { mode: PRIVATE_FILE });
+        writeJailRecord(run, record);
+        rmSync(aside, { recursive: true, force: true });
+        try {
+          prepareCgroup(name, limits(vmBytes + VMM_OVERHEAD_BYTES));
+        } catch (err) {
+          say(`the cgroup's memory limit stays raised: ${(err as Error).message}`);
+        }
+        say(`'${name}' runs in its new VMM (pid ${newPid}); it was paused for ${done.downtime_ms} ms`);
+        return { ...(await this.status(spec)), warnings: [] };
+      } catch (err) {
+        // The old VMM runs on: the new one goes, the old jail comes back.
+        if (newPid !== null && this.processAlive(newPid)) process.kill(newPid, 'SIGKILL');
+        if (newPid !== null) await waitFor(() => (this.processAlive(newPid!) ? null : true), 5_000);
+        rmSync(join(run, 'jail'), { recursive: true, force: true });
+        renameSync(aside, join(run, 'jail'));
+        for (const sock of ['api.sock', 'serial.sock']) {
+          rmSync(join(run, sock), { force: true });
+          symlinkSync(join(old.root, 'run', sock), join(run, sock));
+        }
+        writeJailRecord(run, old);
+        throw new KilnError(
+          `'${name}' was not upgraded (it runs on in its VMM, pid ${oldPid}): ${(err as Error).message}`,
+        );
+      } finally {
+        relay?.close();
       }
     });
   }

@@ -98,6 +98,26 @@ interface FinalState {
   readonly paused: boolean;
   /** When the source's vCPUs stopped (epoch ms; downtime is measured from here). */
   readonly stoppedAt: number;
+  /** Pre-copy iterations the source made (the destination reports them). */
+  readonly iterations: number;
+}
+
+function startingProgress(
+  role: MigrationProgress['role'],
+  phase: MigrationProgress['phase'],
+  address: Address,
+): MigrationProgress {
+  return {
+    role,
+    phase,
+    iteration: 0,
+    dirty_pages_left: 0,
+    pages_sent: 0,
+    bytes_sent: 0,
+    estimated_downtime_ms: 0,
+    throttle_percent: 0,
+    address: formatAddress(address),
+  };
 }
 
 /** Throttling steps: the share of every period the vCPUs are held paused. */
@@ -137,17 +157,7 @@ export class OutgoingMigration {
     private readonly req: SendRequest,
   ) {
     this.address = parseAddress(req.destination, 'destination');
-    this.progress = {
-      role: 'send',
-      phase: 'connecting',
-      iteration: 0,
-      dirty_pages_left: 0,
-      pages_sent: 0,
-      bytes_sent: 0,
-      estimated_downtime_ms: 0,
-      throttle_percent: 0,
-      address: formatAddress(this.address),
-    };
+    this.progress = startingProgress('send', 'connecting', this.address);
   }
 
   async connect(): Promise<void> {
@@ -245,9 +255,13 @@ export class OutgoingMigration {
       stopped = true;
       await this.stopThrottle();
       this.progress.phase = 'stop-and-copy';
+      const pausing = performance.now();
       if (!this.vm.userPaused) await vm.pause();
       const stoppedAt = Date.now();
+      const paused = performance.now();
+      let pagesDone = 0;
       const machine = await vm.saveMachine(async () => {
+        pagesDone = performance.now();
         const last = vm.takeDirtyPages();
         if (this.orDirty) last.forEach((bits, i) => bits.forEach((b, j) => (bits[j] = b | this.orDirty![i]![j]!)));
         this.progress.dirty_pages_left = countPages(last);
@@ -255,8 +269,11 @@ export class OutgoingMigration {
       });
       setDiskLocks(this.vm.live.virtio, false);
       unlocked = true;
-      const state: FinalState = { machine, paused: this.vm.userPaused, stoppedAt };
+      const saved = performance.now();
+      const state: FinalState = { machine, paused: this.vm.userPaused, stoppedAt, iterations: this.progress.iteration };
       await send(this.socket!, frame(Frame.STATE, encodeStateFile(state)));
+      const ms = (a: number, b: number) => (b - a).toFixed(1);
+      this.stopTimes = `pausing ${ms(pausing, paused)} ms, vCPU and device state ${ms(paused, pagesDone)} ms, last pages ${ms(pagesDone, saved)} ms, state encoded and sent ${ms(saved, performance.now())} ms`;
       this.progress.phase = 'completing';
       await this.reader!.expect(Frame.READY, 'READY');
       await send(this.socket!, frame(Frame.GO));
@@ -278,6 +295,9 @@ export class OutgoingMigration {
       throw this.asError(err);
     }
   }
+
+  /** Where the source's part of the downtime went (for the log). */
+  stopTimes = '';
 
   /** Pages found dirty in the last pre-copy check, sent with the final ones. */
   private orDirty: Uint8Array[] | null = null;
@@ -435,17 +455,7 @@ export class IncomingMigration {
       host.log(
         `migration: listening on ${req.listen} without TLS (give tls_cert and tls_key to encrypt the VM's memory)`,
       );
-    this.progress = {
-      role: 'receive',
-      phase: 'listening',
-      iteration: 0,
-      dirty_pages_left: 0,
-      pages_sent: 0,
-      bytes_sent: 0,
-      estimated_downtime_ms: 0,
-      throttle_percent: 0,
-      address: formatAddress(address),
-    };
+    this.progress = startingProgress('receive', 'listening', address);
     this.done = new Promise<void>((resolve, reject) => {
       this.settle = (err) => (err ? reject(err) : resolve());
     });
@@ -534,6 +544,7 @@ export class IncomingMigration {
       this.host.log(`migration: receiving ${config.cpus} vCPU, ${config.memoryMiB} MiB from a source`);
       const memory = live.vm.memory;
       let state: FinalState;
+      let arrived = 0;
       for (;;) {
         const m = await reader.next();
         if (m.type === Frame.PAGES) {
@@ -541,6 +552,7 @@ export class IncomingMigration {
           continue;
         }
         if (m.type === Frame.STATE) {
+          arrived = Date.now();
           state = decodeStateFile(m.payload, 'the migrated state') as FinalState;
           break;
         }
@@ -552,23 +564,27 @@ export class IncomingMigration {
         throw new MigrationError(`the migrated state has the wrong number of vCPUs`);
       live.vm.restoreMachine(state.machine);
       setDiskLocks(live.virtio, true);
+      const restored = Date.now();
       await live.vm.start({
         seccomp: this.host.seccomp,
         restore: { vcpus: state.machine.vcpus, paused: true, kickLater: true },
       });
+      const threads = Date.now();
       await send(socket, frame(Frame.READY));
       await reader.expect(Frame.GO, 'GO');
+      const go = Date.now();
       this.host.adopt(live, config, state.paused);
       if (!state.paused) live.vm.resume();
       live.vm.kickQueues();
       this.progress.downtime_ms = Date.now() - state.stoppedAt;
+      this.progress.iteration = typeof state.iterations === 'number' ? state.iterations : 0;
       this.progress.total_ms = Date.now() - this.started;
       this.progress.phase = 'completed';
       live = null;
       this.closeServer();
       socket.end();
       this.host.log(
-        `migration: the VM runs here (downtime ${this.progress.downtime_ms} ms, ${this.progress.pages_sent} pages, ${this.progress.total_ms} ms in all)`,
+        `migration: the VM runs here (downtime ${this.progress.downtime_ms} ms: the source's stop, last pages and state ${arrived - state.stoppedAt} ms, state decoded and restored ${restored - arrived} ms, threads started ${threads - restored} ms, READY to GO ${go - threads} ms; ${this.progress.pages_sent} pages, ${this.progress.total_ms} ms in all)`,
       );
       this.settle();
     } catch (err) {

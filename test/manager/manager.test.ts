@@ -21,7 +21,6 @@ import { createConnection } from 'node:net';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { fileURLToPath } from 'node:url';
 import { cgroupDirs, weightToShares } from '../../src/manager/cgroup.js';
 import { JAIL_UID_BASE } from '../../src/manager/jail.js';
 import { Manager, MAX_CONSOLE_LOG_BYTES } from '../../src/manager/manager.js';
@@ -29,16 +28,7 @@ import { parseDefinition } from '../../src/manager/definition.js';
 import { checkStartable } from '../../src/manager/preflight.js';
 import { Store, sweepTemporaryFiles, writeAtomically } from '../../src/manager/store.js';
 import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
-
-const CLI = fileURLToPath(new URL('../../src/cli.js', import.meta.url));
-
-function kiln(stateDir: string, args: string[]) {
-  return spawnSync(process.execPath, [CLI, ...args], {
-    encoding: 'utf8',
-    env: { ...process.env, KILN_STATE_DIR: stateDir },
-    timeout: 10 * 60_000,
-  });
-}
+import { CLI, kiln, kilnAsync } from './kiln-cli.js';
 
 /** Whether anything (a dangling link too) is at `path`. */
 function present(path: string): boolean {
@@ -206,21 +196,6 @@ describe('the VM store', () => {
     assert.equal(weightToShares(1), 10);
   });
 });
-
-/** `kiln` run asynchronously (for concurrent calls). */
-function kilnAsync(
-  stateDir: string,
-  args: string[],
-): Promise<{ status: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, KILN_STATE_DIR: stateDir } });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (c: string) => (stdout += c));
-    child.stderr.setEncoding('utf8').on('data', (c: string) => (stderr += c));
-    child.on('exit', (status) => resolve({ status, stdout, stderr }));
-  });
-}
 
 /** The daemons serving `stateDir` (their environment names it). */
 function daemonsOf(stateDir: string): number[] {

@@ -1,43 +1,23 @@
-// kiln migrate between two hosts: two network namespaces with their own addresses (a
-// veth pair), each with its own daemon and state directory (and cgroup parent). A kit
-// Linux with a shell and a disk on shared storage (the same path for both), running a
-// loop that keeps changing its memory, is moved from A to B: on B its console answers,
-// its loop's count went on, its disk is intact and its definition is there; A no longer
-// has it. A token file that is not B's is refused, the VM running on at A.
+// kiln migrate and kiln upgrade: two hosts as two network namespaces with their own
+// addresses (a veth pair), each with its own daemon and state directory (and cgroup
+// parent). On A, `kiln upgrade` moves one running kit Linux into a new VMM process
+// without a reboot (its loop counts on). Another, with a disk on shared storage (the
+// same path for both) and a TAP NIC, running a loop that keeps changing its memory, is
+// moved from A to B: on B its console answers, its loop's count went on, its disk is
+// intact, its NIC works on B's TAP and its definition is there; A no longer has it. A
+// token file that is not B's is refused, the VM running on at A.
 import assert from 'node:assert/strict';
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { fileURLToPath } from 'node:url';
 import { cgroupVersion } from '../../src/manager/cgroup.js';
 import { kvmSkip, tempDir } from '../helpers.js';
+import { CLI, ask, kiln, kilnAsync } from './kiln-cli.js';
 import { canNetns } from '../linux-fixture.js';
 
-const CLI = fileURLToPath(new URL('../../src/cli.js', import.meta.url));
 const ip = (...args: string[]) => execFileSync('ip', args, { stdio: ['ignore', 'pipe', 'pipe'], encoding: 'utf8' });
-
-function kiln(stateDir: string, args: string[], input?: string) {
-  return spawnSync(process.execPath, [CLI, ...args], {
-    encoding: 'utf8',
-    env: { ...process.env, KILN_STATE_DIR: stateDir },
-    timeout: 10 * 60_000,
-    ...(input !== undefined ? { input } : {}),
-  });
-}
-
-/** Types `command` on VM `name`'s console until `answer` comes back. */
-function ask(dir: string, name: string, command: string, answer: RegExp, tries = 20): RegExpExecArray {
-  let seen = '';
-  for (let i = 0; i < tries; i++) {
-    const r = kiln(dir, ['console', name, '--linger', '5'], `${command}\n`);
-    seen = r.stdout;
-    const m = answer.exec(seen.split(command).at(-1) ?? '');
-    if (m) return m;
-  }
-  assert.fail(`'${name}' did not answer ${answer} to ${command}; its console ended with:\n${seen.slice(-1500)}`);
-}
 
 /** A daemon for `stateDir` inside network namespace `ns`. */
 async function daemonIn(ns: string, stateDir: string, cgroupParent: string, args: string[]): Promise<ChildProcess> {
@@ -54,12 +34,12 @@ async function daemonIn(ns: string, stateDir: string, cgroupParent: string, args
   return child;
 }
 
-const count = (dir: string, tag: string) =>
-  Number(ask(dir, 'mover', `echo ${tag}-$(cat /tmp/count)-end`, new RegExp(`${tag}-(\\d+)-end`))[1]);
+const count = (dir: string, name: string, tag: string) =>
+  Number(ask(dir, name, `echo ${tag}-$(cat /tmp/count)-end`, new RegExp(`${tag}-(\\d+)-end`))[1]);
 
 describe('kiln migrate between two hosts', { skip: kvmSkip || (!canNetns && 'needs root, TUN and iproute2') }, () => {
   test(
-    'a running Linux with a loop and a shared disk moves from host A to host B; its definition moves with it',
+    'kiln upgrade gives a running Linux a new VMM; a running Linux with a loop, a shared disk and a NIC moves from host A to host B with its definition',
     { timeout: 20 * 60_000 },
     async () => {
       const dir = tempDir();
@@ -94,19 +74,44 @@ describe('kiln migrate between two hosts', { skip: kvmSkip || (!canNetns && 'nee
 
         const disk = join(dir, 'shared.img');
         writeFileSync(disk, Buffer.alloc(1 << 20), { mode: 0o600 });
-        const created = kiln(stateA, ['create', 'mover', '--memory', '128M', '--disk', disk]);
-        assert.equal(created.status, 0, created.stderr);
-        const started = kiln(stateA, ['start', 'mover']);
-        assert.equal(started.status, 0, started.stderr);
+        const tap = `kmgt${tag}`;
+        const tapNet = `10.${97 + (process.pid % 20)}.${process.pid % 250}`;
+        for (const [name, extra] of [
+          ['mover', ['--disk', disk, '--net', `tap=${tap}`]],
+          ['upg', []],
+        ] as const) {
+          const created = kiln(stateA, ['create', name, '--memory', '128M', ...extra]);
+          assert.equal(created.status, 0, created.stderr);
+        }
+        // Both boot at once (the kit Linux takes a while here).
+        const starts = await Promise.all(['mover', 'upg'].map((n) => kilnAsync(stateA, ['start', n])));
+        for (const st of starts) assert.equal(st.status, 0, st.stderr);
+        const loop = '(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; done) &';
+        ask(stateA, 'upg', `echo up-$((6*7)); ${loop}`, /up-42/, 60);
         ask(stateA, 'mover', 'echo up-$((6*7))', /up-42/, 60);
-        ask(
-          stateA,
-          'mover',
-          '(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; done) & echo shared | dd of=/dev/vda conv=fsync 2>/dev/null; echo looping',
-          /looping/,
-        );
-        const before = count(stateA, 'before');
+        ask(stateA, 'mover', `${loop} echo shared | dd of=/dev/vda conv=fsync 2>/dev/null; echo looping`, /looping/);
 
+        // A live upgrade: a new VMM (another pid) of this Kiln runs the same guest, which
+        // never stopped counting; a VM with a NIC is refused (its TAP cannot be open twice).
+        const upgBefore = count(stateA, 'upg', 'before');
+        const pidBefore = (JSON.parse(kiln(stateA, ['info', 'upg', '--json']).stdout) as { pid: number }).pid;
+        const upgraded = kiln(stateA, ['upgrade', 'upg', '--json']);
+        assert.equal(upgraded.status, 0, upgraded.stderr);
+        const now = JSON.parse(upgraded.stdout) as { pid: number; state: string };
+        assert.equal(now.state, 'running');
+        assert.notEqual(now.pid, pidBefore, 'a new VMM process runs it');
+        assert.match(upgraded.stderr, /runs in its new VMM \(pid \d+\); it was paused for \d+ ms/);
+        const upgAfter = count(stateA, 'upg', 'after');
+        assert.ok(upgAfter > upgBefore, `the loop went on through the upgrade: ${upgBefore} then ${upgAfter}`);
+        assert.equal(kiln(stateA, ['stop', 'upg', '--force']).status, 0);
+        const nicUpgrade = kiln(stateA, ['upgrade', 'mover']);
+        assert.equal(nicUpgrade.status, 1);
+        assert.match(
+          nicUpgrade.stderr,
+          /has network interfaces: its TAP or passt end cannot be open in two VMMs at once/,
+        );
+
+        const before = count(stateA, 'mover', 'before');
         const refused = kiln(stateA, ['migrate', 'mover', '--to', to, '--token-file', wrong]);
         assert.equal(refused.status, 1);
         assert.match(refused.stderr, /not signed with this daemon's token/);
@@ -119,26 +124,42 @@ describe('kiln migrate between two hosts', { skip: kvmSkip || (!canNetns && 'nee
         const moved = kiln(stateA, ['migrate', 'mover', '--to', to, '--token-file', token]);
         assert.equal(moved.status, 0, moved.stderr);
         assert.match(moved.stdout, /^mover: running on /m);
-        assert.match(moved.stderr, /pre-copy: iteration \d+, \d+ pages sent/);
+        assert.match(
+          moved.stderr,
+          /'mover' runs on .* \(\d+ pages sent, paused for \d+ ms\); its definition moved there/,
+        );
         assert.doesNotMatch(kiln(stateA, ['ls']).stdout, /mover/, 'A no longer has it');
         assert.match(kiln(stateB, ['ls']).stdout, /mover\s+running/);
-        const after = count(stateB, 'after');
+        const after = count(stateB, 'mover', 'after');
         assert.ok(after > before, `the loop went on at B: ${before} then ${after}`);
         ask(stateB, 'mover', 'head -c 7 /dev/vda', /shared/);
         assert.equal(readFileSync(disk).subarray(0, 7).toString(), 'shared\n');
+        // Its NIC works at B, on the TAP B's daemon made for it in B's namespace.
+        ip('-n', nsB, 'addr', 'add', `${tapNet}.1/24`, 'dev', tap);
+        ip('-n', nsB, 'link', 'set', tap, 'up');
+        ask(
+          stateB,
+          'mover',
+          `ip addr add ${tapNet}.2/24 dev eth0 2>/dev/null; ip link set eth0 up; ping -c 1 -W 5 ${tapNet}.1 >/dev/null && echo pinged-$((6*7))`,
+          /pinged-42/,
+        );
         const stopped = kiln(stateB, ['stop', 'mover', '--force']);
         assert.equal(stopped.status, 0, stopped.stderr);
       } finally {
+        // VMs first, while their daemons run (a verb with no daemon would start one).
+        if (daemons.length === 2)
+          for (const state of [stateA, stateB])
+            for (const name of ['mover', 'upg']) kiln(state, ['stop', name, '--force']);
         for (const d of daemons) d.kill('SIGTERM');
         await sleep(500);
-        for (const state of [stateA, stateB]) kiln(state, ['stop', 'mover', '--force']);
         for (const d of daemons) if (d.exitCode === null) d.kill('SIGKILL');
         for (const ns of [nsA, nsB]) spawnSync('ip', ['netns', 'del', ns]);
         const v = cgroupVersion();
         for (const parent of [`kiln-migrate-a-${tag}`, cgroupB])
           for (const d of v === 2 ? [parent] : [join('cpu', parent), join('memory', parent)])
             try {
-              rmdirSync(join('/sys/fs/cgroup', d, 'mover'));
+              for (const name of ['mover', 'upg'])
+                if (existsSync(join('/sys/fs/cgroup', d, name))) rmdirSync(join('/sys/fs/cgroup', d, name));
             } catch {
               // not made, or already gone
             } finally {

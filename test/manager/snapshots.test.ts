@@ -9,33 +9,10 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
-import { fileURLToPath } from 'node:url';
 import { unixHttp } from '../../src/manager/manager.js';
 import { Store } from '../../src/manager/store.js';
 import { kvmSkip, tempDir } from '../helpers.js';
-
-const CLI = fileURLToPath(new URL('../../src/cli.js', import.meta.url));
-
-function kiln(stateDir: string, args: string[], input?: string) {
-  return spawnSync(process.execPath, [CLI, ...args], {
-    encoding: 'utf8',
-    env: { ...process.env, KILN_STATE_DIR: stateDir },
-    timeout: 10 * 60_000,
-    ...(input !== undefined ? { input } : {}),
-  });
-}
-
-/** Types `command` on VM `name`'s console until `answer` comes back. */
-function ask(dir: string, name: string, command: string, answer: RegExp, tries = 20): string {
-  let seen = '';
-  for (let i = 0; i < tries; i++) {
-    const r = kiln(dir, ['console', name, '--linger', '5'], `${command}\n`);
-    seen = r.stdout;
-    const m = answer.exec(seen.split(command).at(-1) ?? '');
-    if (m) return m[0];
-  }
-  assert.fail(`'${name}' did not answer ${answer} to ${command}; its console ended with:\n${seen.slice(-1500)}`);
-}
+import { CLI, ask, kiln } from './kiln-cli.js';
 
 describe('kiln snapshot, restore and clone', { skip: kvmSkip }, () => {
   test(

@@ -36,7 +36,7 @@ const nics = (fixture: LinuxFixture, tap: string) =>
   fixture.nic ? { network_overrides: [{ iface_id: 'net0', host_dev_name: tap }] } : {};
 
 /** A kiln-vmm running the fixture's Linux, with a loop counting into /tmp/count (the guest's RAM). */
-async function source(fixture: LinuxFixture, dir: string, name: string): Promise<RunningVmm> {
+async function source(fixture: LinuxFixture, dir: string, name: string, loop = true): Promise<RunningVmm> {
   const vmm = await startVmm(dir, name);
   await put(vmm.api, '/snapshot/load', {
     snapshot_path: fixture.state,
@@ -45,7 +45,7 @@ async function source(fixture: LinuxFixture, dir: string, name: string): Promise
     ...nics(fixture, `kmg${process.pid % 10000}${name}`),
   });
   await ask(vmm, 'echo up-$((6*7))', /up-42/, 120);
-  vmm.console.write('(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; done) &\n');
+  if (loop) vmm.console.write('(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; done) &\n');
   return vmm;
 }
 
@@ -161,45 +161,39 @@ describe('live migration between kiln-vmm processes', { skip: kvmSkip }, () => {
       const b = await startVmm(dir, 'b');
       const c = await startVmm(dir, 'c');
       try {
-        const sock = join(dir, 'to-b.sock');
-        await put(b.api, '/migration/receive', {
-          listen: `unix:${sock}`,
-          token: TOKEN,
-          ...nics(fixture, `kmg${process.pid % 10000}b`),
-        });
-        // Slow on purpose (1 MiB/s): the destination dies during the first pass.
-        await put(a.api, '/migration/send', { destination: `unix:${sock}`, token: TOKEN, max_bandwidth_mib_s: 1 });
-        await until('pages reach the destination', 30, async () =>
-          (await progress(b)).pages_sent > 0 ? true : undefined,
-        );
+        /** A slow migration (1 MiB/s) from `a` into `to`, until the first pages arrived. */
+        const slowly = async (to: RunningVmm, name: string) => {
+          const sock = join(dir, `to-${name}.sock`);
+          await put(to.api, '/migration/receive', {
+            listen: `unix:${sock}`,
+            token: TOKEN,
+            ...nics(fixture, `kmg${process.pid % 10000}${name}`),
+          });
+          await put(a.api, '/migration/send', { destination: `unix:${sock}`, token: TOKEN, max_bandwidth_mib_s: 1 });
+          await until('pages reach the destination', 30, async () =>
+            (await progress(to)).pages_sent > 0 ? true : undefined,
+          );
+        };
+        const failure = (side: RunningVmm, what: string) =>
+          until(what, 60, async () => {
+            const p = await progress(side);
+            return p.phase === 'failed' ? p : undefined;
+          });
+        // The destination dies during the first pass.
+        await slowly(b, 'b');
         b.child.kill('SIGKILL');
         await b.exited;
-        const failed = await until('the source sees the failure', 60, async () => {
-          const p = await progress(a);
-          return p.phase === 'failed' ? p : undefined;
-        });
+        const failed = await failure(a, 'the source sees the failure');
         assert.match(failed.error ?? '', /closed|failed|ECONNRESET|EPIPE/);
         assert.equal(((await unixHttp(a.api, 'GET', '/')).body as { state: string }).state, 'Running');
         const on = await count(a, 'still');
         assert.ok(on > 0);
 
         // Now the other way round: the source dies during the first pass.
-        const sockC = join(dir, 'to-c.sock');
-        await put(c.api, '/migration/receive', {
-          listen: `unix:${sockC}`,
-          token: TOKEN,
-          ...nics(fixture, `kmg${process.pid % 10000}c`),
-        });
-        await put(a.api, '/migration/send', { destination: `unix:${sockC}`, token: TOKEN, max_bandwidth_mib_s: 1 });
-        await until('pages reach the destination', 30, async () =>
-          (await progress(c)).pages_sent > 0 ? true : undefined,
-        );
+        await slowly(c, 'c');
         a.child.kill('SIGKILL');
         await a.exited;
-        const gone = await until('the destination sees the failure', 60, async () => {
-          const p = await progress(c);
-          return p.phase === 'failed' ? p : undefined;
-        });
+        const gone = await failure(c, 'the destination sees the failure');
         assert.match(gone.error ?? '', /closed/);
         assert.equal(((await unixHttp(c.api, 'GET', '/')).body as { state: string }).state, 'Not started');
         assert.match(c.output(), /failed; nothing runs here/);
@@ -215,15 +209,13 @@ describe('live migration between kiln-vmm processes', { skip: kvmSkip }, () => {
     async () => {
       const fixture = await linuxSnapshotFixture(log);
       const dir = tempDir();
-      const a = await source(fixture, dir, 'a');
+      const a = await source(fixture, dir, 'a', false);
       const b = await startVmm(dir, 'b');
       try {
-        // About 4 MiB of a user-mode heap rewritten over and over (user mode runs at native
-        // speed even on software KVM); the link carries 2 MiB/s.
-        a.console.write(
-          `awk 'BEGIN { for (;;) { for (i = 0; i < 20000; i++) a[i] = sprintf("%0200d", i + n); n++ } }' &\n`,
-        );
-        await sleep(3000);
+        // A 4 MiB buffer filled over and over (dd's reads from /dev/zero: about 1000 pages
+        // dirtied per pass); the link carries 1 MiB/s.
+        await ask(a, 'dd if=/dev/zero of=/dev/null bs=4M count=100000000 & echo churning-$((6*7))', /churning-42/, 60);
+        await ask(a, 'ps | grep -c "[d]d if"', /\n\s*1\s*\r?\n/, 60);
         const sock = join(dir, 'to-b.sock');
         await put(b.api, '/migration/receive', {
           listen: `unix:${sock}`,
@@ -233,7 +225,7 @@ describe('live migration between kiln-vmm processes', { skip: kvmSkip }, () => {
         await put(a.api, '/migration/send', {
           destination: `unix:${sock}`,
           token: TOKEN,
-          max_bandwidth_mib_s: 2,
+          max_bandwidth_mib_s: 1,
           max_iterations: 8,
           downtime_ms: 300,
         });
