@@ -441,11 +441,18 @@ function program(setStatus: (status: number) => void): Command {
     .requiredOption('--to <addr:port>', "the other host's daemon (kiln daemon --listen there)")
     .requiredOption('--token-file <file>', 'the token both daemons share (its first line; mode 600)')
     .option('--downtime-ms <ms>', 'the longest pause the guest may see at the switch-over (default 300)')
+    .option('--copy-disks', "stream the disk images too, into new files under the other host's state directory")
     .action(async (name: string, _v: unknown, cmd: Command) =>
       done(
         (await manager()).migrate(
           name,
-          cmd.optsWithGlobals() as { json?: boolean; to: string; tokenFile: string; downtimeMs?: string },
+          cmd.optsWithGlobals() as {
+            json?: boolean;
+            to: string;
+            tokenFile: string;
+            downtimeMs?: string;
+            copyDisks?: boolean;
+          },
         ),
       ),
     );

@@ -495,7 +495,15 @@ export class Vm {
   }
 
   /** Closes every file descriptor and unmaps guest memory. Stops the VM first if needed. */
-  async destroy(): Promise<void> {
+  destroy(): Promise<void> {
+    // One teardown, however many ask (the VM's end and a migration's completion may both).
+    this.destroying ??= this.destroyNow();
+    return this.destroying;
+  }
+
+  private destroying: Promise<void> | null = null;
+
+  private async destroyNow(): Promise<void> {
     if (this.destroyed) return;
     if (this.threads.length > 0) await this.stop();
     await this.stopIo();

@@ -42,6 +42,9 @@ export async function put(api: string, path: string, body: unknown, method = 'PU
   assert.equal(r.status, 204, `${method} ${path}: ${JSON.stringify(r.body)}`);
 }
 
+/** Shell that sets $c to the count a guest loop keeps writing to /tmp/count (never the empty file between its truncation and its write). */
+export const READ_COUNT = 'c=; while [ -z "$c" ]; do c=$(cat /tmp/count); done;';
+
 /** Types `command` until `answer` appears in the output (the shell may still be starting). */
 export async function ask(vmm: RunningVmm, command: string, answer: RegExp, seconds: number): Promise<string> {
   const deadline = Date.now() + seconds * 1000;

@@ -420,6 +420,7 @@ export function parseMigrationSend(body: unknown): SendRequest {
     max_iterations: int,
     auto_converge: bool,
     tls_ca: str,
+    copy_disks: bool,
   });
   const positive = (name: string, value: unknown) => {
     if (value !== undefined && (value as number) < 1)
@@ -435,6 +436,7 @@ export function parseMigrationSend(body: unknown): SendRequest {
     downtimeMs: (r.downtime_ms as number | undefined) ?? 300,
     maxIterations: (r.max_iterations as number | undefined) ?? 30,
     autoConverge: (r.auto_converge as boolean | undefined) ?? true,
+    copyDisks: (r.copy_disks as boolean | undefined) ?? false,
     ...(r.max_bandwidth_mib_s !== undefined ? { maxBandwidthMiBs: r.max_bandwidth_mib_s as number } : {}),
     ...(r.tls_ca !== undefined ? { tlsCa: r.tls_ca as string } : {}),
   };
@@ -448,8 +450,14 @@ export function parseMigrationReceive(body: unknown): ReceiveRequest {
     tls_key: str,
     network_overrides: arr,
     vsock_override: obj,
+    disk_overrides: arr,
   });
   if ((r.token as string).length === 0) throw new ApiError('migration/receive: `token` must not be empty');
+  const disks = new Map<string, string>();
+  for (const o of (r.disk_overrides as unknown[] | undefined) ?? []) {
+    const d = check('migration/receive: disk_overrides', o, { drive_id: req(str), path_on_host: req(str) });
+    disks.set(d.drive_id as string, d.path_on_host as string);
+  }
   const overrides = networkOverrides('migration/receive', r.network_overrides);
   const vsock =
     r.vsock_override !== undefined
@@ -459,6 +467,7 @@ export function parseMigrationReceive(body: unknown): ReceiveRequest {
     listen: r.listen as string,
     token: r.token as string,
     networkOverrides: overrides,
+    diskOverrides: disks,
     ...(r.tls_cert !== undefined ? { tlsCert: r.tls_cert as string } : {}),
     ...(r.tls_key !== undefined ? { tlsKey: r.tls_key as string } : {}),
     ...(vsock !== undefined ? { vsockUds: vsock.uds_path as string } : {}),

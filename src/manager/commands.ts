@@ -340,7 +340,7 @@ export async function upgrade(name: string, o: { json?: boolean }): Promise<numb
 
 export async function migrate(
   name: string,
-  o: { json?: boolean; to: string; tokenFile: string; downtimeMs?: string },
+  o: { json?: boolean; to: string; tokenFile: string; downtimeMs?: string; copyDisks?: boolean },
 ): Promise<number> {
   const downtimeMs = o.downtimeMs !== undefined ? Number(o.downtimeMs) : undefined;
   if (downtimeMs !== undefined && (!Number.isSafeInteger(downtimeMs) || downtimeMs < 1))
@@ -351,7 +351,12 @@ export async function migrate(
     new Store(),
     'POST',
     `${path(name)}/migrate`,
-    { to: o.to, token: tokenFrom(o.tokenFile), ...(downtimeMs !== undefined ? { downtimeMs } : {}) },
+    {
+      to: o.to,
+      token: tokenFrom(o.tokenFile),
+      ...(downtimeMs !== undefined ? { downtimeMs } : {}),
+      ...(o.copyDisks ? { copyDisks: true } : {}),
+    },
     progress,
   );
   print(o.json, `${r.migrated}: running on ${r.to}`, r);

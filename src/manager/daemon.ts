@@ -306,7 +306,7 @@ export async function runDaemon(
     });
   });
   route('POST', '/vms/:name/migrate', (name, body, _q, _p, progress) => {
-    const b = body as { to?: unknown; token?: unknown; downtimeMs?: unknown };
+    const b = body as { to?: unknown; token?: unknown; downtimeMs?: unknown; copyDisks?: unknown };
     if (typeof b.to !== 'string') throw new KilnError('to (ADDR:PORT) is required');
     if (typeof b.token !== 'string') throw new KilnError('token is required');
     if (b.downtimeMs !== undefined && (!Number.isSafeInteger(b.downtimeMs) || (b.downtimeMs as number) < 1))
@@ -315,6 +315,7 @@ export async function runDaemon(
       to: b.to,
       token: b.token,
       ...(b.downtimeMs !== undefined ? { downtimeMs: b.downtimeMs as number } : {}),
+      copyDisks: b.copyDisks === true,
       progress,
     });
   });

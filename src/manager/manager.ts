@@ -16,6 +16,7 @@ import {
   readSync,
   renameSync,
   rmSync,
+  rmdirSync,
   statSync,
   symlinkSync,
   truncateSync,
@@ -193,6 +194,8 @@ interface IncomingSource {
   readonly config: VmConfig;
   /** The token the source's VMM proves (one per migration, made by this daemon). */
   readonly receiveToken: string;
+  /** drive_id -> the copy made here (kiln migrate --copy-disks). */
+  readonly diskOverrides?: ReadonlyMap<string, string>;
 }
 
 /** How long an incoming migration's VMM waits for its source. */
@@ -513,7 +516,7 @@ export class Manager {
     if (restore) await this.loadInto(name, pid, jail, restore);
     else if (from && 'receiveToken' in from) {
       // An incoming migration: the VM runs once its source has sent it (watchIncoming).
-      await this.receiveInto(name, pid, jail, from.receiveToken);
+      await this.receiveInto(name, pid, jail, from.receiveToken, from.diskOverrides);
       return { ...(await this.status(spec)), warnings };
     }
     // The shell becomes kiln-vmm (same pid): wait for its API to answer, or for it to end.
@@ -538,7 +541,13 @@ export class Manager {
   }
 
   /** Has a freshly started VMM (no configuration yet) listen for its migration's source. */
-  private async receiveInto(name: string, pid: number, jail: boolean, token: string): Promise<void> {
+  private async receiveInto(
+    name: string,
+    pid: number,
+    jail: boolean,
+    token: string,
+    disks: ReadonlyMap<string, string> = new Map(),
+  ): Promise<void> {
     const run = this.store.runDir(name);
     await this.apiUp(name, pid);
     const inside = jail ? JAIL_MIGRATE_IN : join(run, 'migrate-in.sock');
@@ -546,7 +555,13 @@ export class Manager {
       rmSync(join(run, 'migrate-in.sock'), { force: true });
       symlinkSync(join(readJailRecord(run)!.root!, JAIL_MIGRATE_IN), join(run, 'migrate-in.sock'));
     }
-    const r = await unixHttp(join(run, 'api.sock'), 'PUT', '/migration/receive', { listen: `unix:${inside}`, token });
+    const r = await unixHttp(join(run, 'api.sock'), 'PUT', '/migration/receive', {
+      listen: `unix:${inside}`,
+      token,
+      ...(disks.size > 0
+        ? { disk_overrides: [...disks].map(([id, path]) => ({ drive_id: id, path_on_host: path })) }
+        : {}),
+    });
     if (r.status !== 204) {
       process.kill(pid, 'SIGKILL');
       await waitFor(() => (this.processAlive(pid) ? null : true), 5_000);
@@ -615,8 +630,26 @@ export class Manager {
   /** Incoming migrations: 'receiving' while under way, then 'completed' or why it failed. */
   private readonly incoming = new Map<
     string,
-    { phase: 'receiving' | 'completed' | 'failed'; error?: string; downtime_ms?: number; pages?: number }
+    {
+      phase: 'receiving' | 'completed' | 'failed';
+      error?: string;
+      downtime_ms?: number;
+      pages?: number;
+      /** Disk copies made for it (removed if it fails). */
+      copies?: string[];
+    }
   >();
+
+  /** Removes the disk copies an incoming migration made, and their directory if empty. */
+  private removeCopies(name: string, copies: readonly string[] | undefined): void {
+    if (!copies) return;
+    for (const path of copies) rmSync(path, { force: true });
+    try {
+      rmdirSync(join(this.store.dir, 'disks', name));
+    } catch {
+      // other files there, or none made
+    }
+  }
 
   /**
    * An incoming migration, asked for by the source host's daemon: checks this host can
@@ -625,20 +658,50 @@ export class Manager {
    * must prove. The definition stays only if the VM comes to run here (watchIncoming).
    */
   async prepareIncoming(input: unknown): Promise<{ token: string }> {
-    const b = (typeof input === 'object' && input !== null ? input : {}) as { definition?: unknown; config?: unknown };
-    const spec = parseDefinition(b.definition);
+    const b = (typeof input === 'object' && input !== null ? input : {}) as {
+      definition?: unknown;
+      config?: unknown;
+      diskBytes?: unknown;
+    };
+    const received = parseDefinition(b.definition);
     let config: VmConfig;
     try {
       config = parseVmConfig(b.config);
     } catch (err) {
       throw new KilnError(`the migrating VM's configuration: ${(err as Error).message}`);
     }
+    // --copy-disks: each writable disk's size; those images come with the VM into new
+    // files here (read-only disks must be here already, as without it).
+    const sizes = b.diskBytes as Record<string, unknown> | undefined;
+    const writable = config.disks.filter((d) => !d.readOnly);
+    if (
+      sizes !== undefined &&
+      (typeof sizes !== 'object' ||
+        sizes === null ||
+        !writable.every((d) => {
+          const n = sizes[d.id];
+          return Number.isSafeInteger(n) && (n as number) >= 0 && (n as number) % 512 === 0;
+        }))
+    )
+      throw new KilnError('diskBytes must give each writable disk its size in bytes (a multiple of 512)');
+    const copies = sizes
+      ? new Map(writable.map((d) => [d.id, join(this.store.dir, 'disks', received.name, `${d.id}.img`)]))
+      : null;
+    const spec = copies
+      ? parseDefinition({
+          ...received,
+          disks: received.disks.map((d, i) => ({ ...d, path: copies.get(config.disks[i]!.id) ?? d.path })),
+        })
+      : received;
     return this.serialised(spec.name, async () => {
       if (this.store.exists(spec.name)) throw new KilnError(`a VM named '${spec.name}' already exists on this host`);
+      // Every check before anything is made here.
+      for (const path of copies?.values() ?? [])
+        if (existsSync(path)) throw new KilnError(`'${path}' exists: a copied disk never replaces a file`);
       for (const d of config.disks)
-        if (!existsSync(d.path))
+        if (!copies?.has(d.id) && !existsSync(d.path))
           throw new KilnError(
-            `disk '${d.path}' of '${spec.name}' is not on this host: a migration needs the VM's disks on shared storage, at the same paths on both hosts`,
+            `disk '${d.path}' of '${spec.name}' is not on this host: a migration needs the VM's disks on shared storage, at the same paths on both hosts (or kiln migrate --copy-disks, for writable disks)`,
           );
       // A NIC's host end is this host's: its TAP (made here under the same name, in this
       // daemon's network namespace) or a passt socket that must be at the same path.
@@ -647,18 +710,38 @@ export class Manager {
           throw new KilnError(
             `network interface ${n.id} of '${spec.name}' uses the passt socket '${n.passt}', which is not on this host: start passt there first`,
           );
+      if (copies) {
+        mkdirSync(join(this.store.dir, 'disks', spec.name), { recursive: true, mode: PRIVATE_DIR });
+        const made: string[] = [];
+        try {
+          for (const [id, path] of copies) {
+            writeFileSync(path, '', { mode: PRIVATE_FILE, flag: 'wx' });
+            made.push(path);
+            truncateSync(path, sizes![id] as number);
+          }
+        } catch (err) {
+          this.removeCopies(spec.name, made);
+          throw new KilnError(`cannot make the disk copies: ${(err as Error).message}`);
+        }
+        config = { ...config, disks: config.disks.map((d) => ({ ...d, path: copies.get(d.id) ?? d.path })) };
+      }
       this.store.create(spec);
       const receiveToken = randomBytes(32).toString('hex');
       try {
         // No kernel or initrd: the source's memory holds the guest.
         const { kernel: _k, initrd: _i, ...rest } = config;
-        await this.startNow(spec.name, true, { config: rest as VmConfig, receiveToken });
+        await this.startNow(spec.name, true, {
+          config: rest as VmConfig,
+          receiveToken,
+          ...(copies ? { diskOverrides: copies } : {}),
+        });
       } catch (err) {
         await this.releaseJail(spec.name).catch(() => undefined);
         this.store.remove(spec.name);
+        this.removeCopies(spec.name, copies ? [...copies.values()] : undefined);
         throw err;
       }
-      this.incoming.set(spec.name, { phase: 'receiving' });
+      this.incoming.set(spec.name, { phase: 'receiving', ...(copies ? { copies: [...copies.values()] } : {}) });
       void this.watchIncoming(spec.name);
       return { token: receiveToken };
     });
@@ -714,6 +797,7 @@ export class Manager {
         break;
       }
     }
+    const copies = this.incoming.get(name)?.copies;
     this.incoming.set(name, { phase: 'failed', error });
     this.progress(`the migration of '${name}' into this host failed (${error}); nothing of it is left here`);
     await this.serialised(name, async () => {
@@ -723,6 +807,7 @@ export class Manager {
       removeCgroup(name);
       await this.releaseJail(name);
       if (this.store.exists(name)) this.store.remove(name);
+      this.removeCopies(name, copies);
     }).catch((err: unknown) => this.progress(`'${name}': ${(err as Error).message}`));
   }
 
@@ -735,7 +820,7 @@ export class Manager {
    */
   migrate(
     name: string,
-    opts: { to: string; token: string; downtimeMs?: number; progress?: Progress },
+    opts: { to: string; token: string; downtimeMs?: number; copyDisks?: boolean; progress?: Progress },
   ): Promise<{ migrated: string; to: string }> {
     return this.serialised(name, async () => {
       const say = this.reporter(opts.progress);
@@ -751,9 +836,22 @@ export class Manager {
           `'${name}' has snapshot(s) here (${snaps.map((x) => x.tag).join(', ')}); they do not move with it: remove them first (kiln snapshot rm ${name} TAG)`,
         );
       say(`asking ${opts.to} to take '${name}'`);
+      // --copy-disks: the images go with it (regular files; their sizes go ahead).
+      const diskBytes = opts.copyDisks
+        ? Object.fromEntries(
+            config.disks
+              .filter((d) => !d.readOnly)
+              .map((d) => {
+                const st = statSync(d.path);
+                if (!st.isFile()) throw new KilnError(`--copy-disks copies regular files; disk '${d.path}' is not one`);
+                return [d.id, st.size];
+              }),
+          )
+        : undefined;
       const { token } = await peerCall<{ token: string }>(peer, opts.token, 'POST', '/migrations', {
         definition: spec,
         config,
+        ...(diskBytes ? { diskBytes } : {}),
       });
       const record = readJailRecord(run);
       const root = record?.jailed ? record.root : null;
@@ -770,6 +868,7 @@ export class Manager {
           destination: `unix:${root ? JAIL_MIGRATE_OUT : outside}`,
           token,
           downtime_ms: opts.downtimeMs ?? 300,
+          ...(opts.copyDisks ? { copy_disks: true } : {}),
         });
         if (r.status !== 204) {
           await peerCall(peer, opts.token, 'POST', `/migrations/${encodeURIComponent(name)}/abort`).catch(

@@ -19,6 +19,8 @@ import { PAGE_SIZE } from '../layout.js';
 import { setDiskLocks } from '../platform/virtio.js';
 import type { SeccompPrograms } from '../seccomp/policy.js';
 import { decodeStateFile, encodeStateFile } from '../snapshot/format.js';
+import { DISK_CHUNK_BYTES, type BlkOptions } from '../virtio/blk.js';
+import { DiskSource, checkCopyTargets, diskBytes, diskOptions, syncDisks, writeChunk } from './disks.js';
 import { KILN_VERSION } from '../version.js';
 import type { MachineState } from '../vm.js';
 import {
@@ -53,6 +55,8 @@ export interface MigrationProgress {
   bytes_sent: number;
   estimated_downtime_ms: number;
   throttle_percent: number;
+  /** Bytes of disk images sent (copy_disks). */
+  disk_bytes_sent?: number;
   /** The destination's address (send) or the address it listens on (receive). */
   address: string;
   /** Source pause to destination resume, measured on the destination (the hosts' clocks). */
@@ -71,6 +75,8 @@ export interface SendRequest {
   /** Pre-copy iterations before the migration gives up (auto-converge acts well before). */
   readonly maxIterations: number;
   readonly autoConverge: boolean;
+  /** The disk images go with the VM (the destination has empty images of their sizes). */
+  readonly copyDisks: boolean;
 }
 
 export interface ReceiveRequest {
@@ -81,6 +87,8 @@ export interface ReceiveRequest {
   /** iface_id -> a TAP of this host (as snapshot/load's network_overrides). */
   readonly networkOverrides: ReadonlyMap<string, string>;
   readonly vsockUds?: string;
+  /** drive_id -> this host's image for it (where a copied disk goes). */
+  readonly diskOverrides: ReadonlyMap<string, string>;
 }
 
 /** The first message after authentication: what the destination builds. */
@@ -90,6 +98,8 @@ interface Blueprint {
   readonly boot: BootSummary;
   readonly compat: CompatConfig | null;
   readonly memoryBytes: number;
+  /** With copy_disks: the writable disks and their sizes (they come as DISK frames, indexed in this order). */
+  readonly copiedDisks?: ReadonlyArray<{ readonly id: string; readonly bytes: number }>;
 }
 
 interface FinalState {
@@ -184,6 +194,14 @@ export class OutgoingMigration {
         boot: this.vm.live.boot,
         compat: this.vm.live.compat,
         memoryBytes: this.vm.config.memoryMiB * 1024 * 1024,
+        ...(this.req.copyDisks
+          ? {
+              copiedDisks: diskOptions(this.vm.live.virtio, this.copiedIds()).map((d, i) => ({
+                id: this.copiedIds()[i]!,
+                bytes: diskBytes(d),
+              })),
+            }
+          : {}),
       };
       await send(socket, frame(Frame.CONFIG, encodeStateFile(blueprint)));
       await reader.expect(Frame.OK, 'the answer to the configuration');
@@ -217,20 +235,29 @@ export class OutgoingMigration {
         vm.startTrackingDirtyPages();
         if (!this.vm.userPaused) vm.resume();
       } else vm.takeDirtyPages();
-      // Iteration 0: every page that is not zero (the destination's RAM starts zeroed).
+      if (this.req.copyDisks) {
+        this.disks = new DiskSource(diskOptions(this.vm.live.virtio, this.copiedIds()));
+        this.disks.startTracking();
+      }
+      // Iteration 0: every page that is not zero (the destination's RAM starts zeroed),
+      // and every disk chunk that is not (its images start empty).
       let t0 = performance.now();
       let sent = await this.sendPages(null);
+      if (this.disks) sent += await this.sendDiskChunks(this.disks.allChunks(), true);
       let bandwidth = sent / Math.max(1, performance.now() - t0); // bytes per ms
       let previous = Infinity;
       let stalls = 0;
       for (;;) {
         const dirty = vm.takeDirtyPages();
-        const count = countPages(dirty);
+        const dirtyDisk = this.disks?.takeDirty() ?? [];
+        const diskChunks = dirtyDisk.reduce((n, c) => n + c.length, 0);
+        const count = countPages(dirty) + (diskChunks * DISK_CHUNK_BYTES) / PAGE_SIZE;
         this.progress.dirty_pages_left = count;
         this.progress.estimated_downtime_ms = Math.round((count * PAGE_SIZE) / bandwidth);
         if (this.progress.estimated_downtime_ms <= this.req.downtimeMs) {
-          // Not sent here: the pages found now go with the last ones, while paused.
+          // Not sent here: what was found now goes with the last of it, while paused.
           this.orDirty = dirty;
+          this.orDiskDirty = dirtyDisk;
           break;
         }
         if (this.progress.iteration >= this.req.maxIterations)
@@ -247,7 +274,7 @@ export class OutgoingMigration {
         }
         this.progress.iteration++;
         t0 = performance.now();
-        sent = await this.sendPages(dirty);
+        sent = (await this.sendPages(dirty)) + (this.disks ? await this.sendDiskChunks(dirtyDisk, false) : 0);
         bandwidth = Math.max(bandwidth * 0.5, sent / Math.max(1, performance.now() - t0));
       }
       // Stop and copy.
@@ -266,6 +293,11 @@ export class OutgoingMigration {
         if (this.orDirty) last.forEach((bits, i) => bits.forEach((b, j) => (bits[j] = b | this.orDirty![i]![j]!)));
         this.progress.dirty_pages_left = countPages(last);
         await this.sendPages(last);
+        if (this.disks) {
+          // The I/O thread is parked: no write is under way, the record is complete.
+          const lastDisk = this.disks.takeDirty().map((c, i) => [...new Set([...c, ...(this.orDiskDirty?.[i] ?? [])])]);
+          await this.sendDiskChunks(lastDisk, false);
+        }
       });
       setDiskLocks(this.vm.live.virtio, false);
       unlocked = true;
@@ -277,12 +309,14 @@ export class OutgoingMigration {
       this.progress.phase = 'completing';
       await this.reader!.expect(Frame.READY, 'READY');
       await send(this.socket!, frame(Frame.GO));
+      this.disks?.stopTracking();
       await new Promise<void>((resolve) => this.socket!.end(resolve));
       this.progress.dirty_pages_left = 0;
       this.progress.phase = 'completed';
       this.progress.total_ms = Date.now() - this.started;
     } catch (err) {
       this.holdPaused = false;
+      this.disks?.stopTracking();
       this.fail(err);
       await this.stopThrottle();
       if (unlocked)
@@ -295,6 +329,16 @@ export class OutgoingMigration {
       throw this.asError(err);
     }
   }
+
+  /** The disks copy_disks copies: the writable ones (a read-only disk must be at the destination already). */
+  private copiedIds(): string[] {
+    return this.vm.config.disks.filter((d) => !d.readOnly).map((d) => d.id);
+  }
+
+  /** The disks copied with the VM (copy_disks), or null. */
+  private disks: DiskSource | null = null;
+  /** Disk chunks found dirty in the last pre-copy check, sent with the final ones. */
+  private orDiskDirty: number[][] | null = null;
 
   /** Where the source's part of the downtime went (for the log). */
   stopTimes = '';
@@ -310,8 +354,6 @@ export class OutgoingMigration {
     const memory = this.vm.live.vm.memory;
     const zero = new Uint8Array(PAGE_SIZE);
     let bytesSent = 0;
-    const limit = this.req.maxBandwidthMiBs !== undefined ? (this.req.maxBandwidthMiBs * 1024 * 1024) / 1000 : 0;
-    const t0 = performance.now();
     for (let region = 0; region < memory.regions.length; region++) {
       const bytes = memory.regionBytes(region);
       const pages = memory.regions[region]!.size / PAGE_SIZE;
@@ -327,15 +369,9 @@ export class OutgoingMigration {
           payload.writeUInt32LE(p, 8 + k * 4);
           payload.set(bytes.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE), data + k * PAGE_SIZE);
         });
-        await send(this.socket!, frame(Frame.PAGES, payload));
-        bytesSent += payload.length;
+        bytesSent += await this.ship(Frame.PAGES, payload);
         this.progress.pages_sent += batch.length;
-        this.progress.bytes_sent += payload.length + 8;
         batch.length = 0;
-        if (limit > 0) {
-          const ahead = bytesSent / limit - (performance.now() - t0);
-          if (ahead > 1) await sleep(ahead);
-        }
       };
       for (let p = 0; p < pages; p++) {
         if (bits) {
@@ -347,6 +383,34 @@ export class OutgoingMigration {
       await flush();
     }
     return bytesSent;
+  }
+
+  /** Sends disk chunks (per disk, their indexes); the first pass skips chunks of zeros. */
+  private async sendDiskChunks(chunks: readonly (readonly number[])[], firstPass: boolean): Promise<number> {
+    let bytesSent = 0;
+    for (let disk = 0; disk < chunks.length; disk++)
+      for (const index of chunks[disk]!) {
+        const payload = this.disks!.chunk(disk, index, firstPass);
+        if (payload === null) continue;
+        bytesSent += await this.ship(Frame.DISK, payload);
+        this.progress.disk_bytes_sent = (this.progress.disk_bytes_sent ?? 0) + payload.length;
+      }
+    return bytesSent;
+  }
+
+  /** When sending began, for max_bandwidth. */
+  private readonly rateFrom = performance.now();
+
+  /** One frame sent, counted, and paced to max_bandwidth; resolves with its size. */
+  private async ship(type: Frame, payload: Buffer): Promise<number> {
+    await send(this.socket!, frame(type, payload));
+    this.progress.bytes_sent += payload.length + 8;
+    const limit = this.req.maxBandwidthMiBs !== undefined ? (this.req.maxBandwidthMiBs * 1024 * 1024) / 1000 : 0;
+    if (limit > 0) {
+      const ahead = this.progress.bytes_sent / limit - (performance.now() - this.rateFrom);
+      if (ahead > 1) await sleep(ahead);
+    }
+    return payload.length;
   }
 
   /** Holds the vCPUs paused for `percent` of every THROTTLE_PERIOD_MS (auto-converge). */
@@ -505,6 +569,7 @@ export class IncomingMigration {
       this.host.log(`migration: refused a source: ${message}`);
     };
     let live: LinuxVm | null = null;
+    let copyTargets: BlkOptions[] | null = null;
     let mine = false;
     try {
       if (this.claimed) return await refuse('a migration is already coming in here');
@@ -532,8 +597,20 @@ export class IncomingMigration {
           compat: blueprint.compat,
           deferDiskLocks: true,
         });
+        if (blueprint.copiedDisks) {
+          copyTargets = diskOptions(
+            live.virtio,
+            blueprint.copiedDisks.map((d) => d.id),
+          );
+          checkCopyTargets(
+            copyTargets,
+            blueprint.copiedDisks.map((d) => d.bytes),
+          );
+        }
       } catch (err) {
         if (!(err instanceof KilnError)) throw err;
+        await live?.vm.destroy();
+        live = null;
         // Nothing was built: this destination can still take a migration.
         this.claimed = false;
         mine = false;
@@ -551,6 +628,13 @@ export class IncomingMigration {
           this.takePages(memory.regions.length, (i) => memory.regionBytes(i), m.payload);
           continue;
         }
+        if (m.type === Frame.DISK) {
+          if (!copyTargets) throw new MigrationError('the source sent disk data it did not announce');
+          writeChunk(copyTargets, m.payload);
+          this.progress.disk_bytes_sent = (this.progress.disk_bytes_sent ?? 0) + m.payload.length;
+          this.progress.bytes_sent += m.payload.length + 8;
+          continue;
+        }
         if (m.type === Frame.STATE) {
           arrived = Date.now();
           state = decodeStateFile(m.payload, 'the migrated state') as FinalState;
@@ -562,6 +646,8 @@ export class IncomingMigration {
       this.progress.phase = 'completing';
       if (!Array.isArray(state.machine?.vcpus) || state.machine.vcpus.length !== config.cpus)
         throw new MigrationError(`the migrated state has the wrong number of vCPUs`);
+      if (copyTargets) syncDisks(copyTargets);
+      const synced = Date.now();
       live.vm.restoreMachine(state.machine);
       setDiskLocks(live.virtio, true);
       const restored = Date.now();
@@ -584,7 +670,7 @@ export class IncomingMigration {
       this.closeServer();
       socket.end();
       this.host.log(
-        `migration: the VM runs here (downtime ${this.progress.downtime_ms} ms: the source's stop, last pages and state ${arrived - state.stoppedAt} ms, state decoded and restored ${restored - arrived} ms, threads started ${threads - restored} ms, READY to GO ${go - threads} ms; ${this.progress.pages_sent} pages, ${this.progress.total_ms} ms in all)`,
+        `migration: the VM runs here (downtime ${this.progress.downtime_ms} ms: the source's stop, last pages and state ${arrived - state.stoppedAt} ms, state decoded ${synced - arrived} ms (disk copies synced too), restored ${restored - synced} ms, threads started ${threads - restored} ms, READY to GO ${go - threads} ms; ${this.progress.pages_sent} pages, ${this.progress.total_ms} ms in all)`,
       );
       this.settle();
     } catch (err) {
@@ -628,8 +714,13 @@ export class IncomingMigration {
         throw new KilnError(`network_overrides: the VM has no network interface ${id}`);
     if (this.req.vsockUds !== undefined && !saved.vsock)
       throw new KilnError('vsock_override: the VM has no vsock device');
+    for (const id of this.req.diskOverrides.keys())
+      if (!saved.disks.some((d) => d.id === id)) throw new KilnError(`disk_overrides: the VM has no disk ${id}`);
     const config = parseVmConfig({
       ...saved,
+      disks: saved.disks.map((d) =>
+        this.req.diskOverrides.has(d.id) ? { ...d, path: this.req.diskOverrides.get(d.id)! } : d,
+      ),
       nets: saved.nets.map((n) =>
         this.req.networkOverrides.has(n.id) ? { ...n, tap: this.req.networkOverrides.get(n.id)!, passt: undefined } : n,
       ),

@@ -9,7 +9,8 @@
 //   D HELLO {protocol, versions, nonce}     S AUTH {version, proof: HMAC-SHA256(token, nonce)}
 //   D OK                                    S CONFIG {config, boot, compat, memoryBytes}
 //   D OK (the VM is built, memory empty)    S PAGES ... (iteration 0: every non-zero page;
-//                                             then the pages dirtied meanwhile, again and again)
+//                                             then the pages dirtied meanwhile, again and again;
+//                                             with copy_disks, DISK frames the same way)
 //   S STATE (vCPUs paused, last pages sent) D READY (state restored, disks locked)
 //   S GO (the source ends)                  D runs the VM
 // Either side may send ERROR {message} instead and close; the token itself never crosses.
@@ -31,6 +32,7 @@ export const enum Frame {
   READY = 7,
   GO = 8,
   ERROR = 9,
+  DISK = 10,
 }
 
 const HEADER = 8;

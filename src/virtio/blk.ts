@@ -70,6 +70,22 @@ export interface BlkOptions {
   readonly readOnly: boolean;
   readonly serial: string;
   readonly sectors: number;
+  /**
+   * Where the I/O thread records which chunks of a writable disk the guest changed,
+   * while the host asks it to (a live migration copying the disk): a flag word, then one
+   * bit per DISK_CHUNK_BYTES (DiskWrites reads and clears it).
+   */
+  readonly written?: SharedArrayBuffer;
+}
+
+/** The granularity of a disk's write record (a migration copies whole chunks). */
+export const DISK_CHUNK_BYTES = 1024 * 1024;
+
+/** Marks [offset, offset+length) of a disk changed in `written`, when it is recording. */
+export function markDiskWritten(written: Int32Array | null, offset: number, length: number): void {
+  if (written === null || length <= 0 || Atomics.load(written, 0) === 0) return;
+  const last = Math.min(Math.floor((offset + length - 1) / DISK_CHUNK_BYTES), (written.length - 1) * 32 - 1);
+  for (let c = Math.floor(offset / DISK_CHUNK_BYTES); c <= last; c++) Atomics.or(written, 1 + (c >>> 5), 1 << (c & 31));
 }
 
 /**
@@ -147,7 +163,15 @@ export function blkOptions(fd: number, path: string, readOnlyDrive: boolean, ser
   if (Buffer.byteLength(serial) > VIRTIO_BLK_ID_BYTES)
     throw new KilnError(`disk serial '${serial}' is longer than ${VIRTIO_BLK_ID_BYTES} bytes`);
   if (lock) lockDisk(fd, path, readOnlyDrive);
-  return { fd, path, readOnly: readOnlyDrive, serial, sectors: bytes / SECTOR_BYTES };
+  const chunks = Math.ceil(bytes / DISK_CHUNK_BYTES);
+  return {
+    fd,
+    path,
+    readOnly: readOnlyDrive,
+    serial,
+    sectors: bytes / SECTOR_BYTES,
+    ...(readOnlyDrive ? {} : { written: new SharedArrayBuffer(4 + Math.ceil(chunks / 32) * 4) }),
+  };
 }
 
 /** Requests served per wake-up before the I/O thread turns to its other ready work. */
@@ -164,6 +188,8 @@ export class BlkBackend implements VirtioBackend {
   private readonly readOnly: boolean;
   private readonly serial: Uint8Array;
   private errorLogged = false;
+  /** The record of changed chunks a migration reads (BlkOptions.written). */
+  private readonly written: Int32Array | null;
   private readonly mediaChange: Mailbox<typeof BLK_MEDIA_CHANGE.fields>;
   readonly pollFds: Array<{ fd: number; ready(): void }>;
 
@@ -174,6 +200,7 @@ export class BlkBackend implements VirtioBackend {
   ) {
     this.fd = options.fd;
     this.sectors = options.sectors;
+    this.written = options.written ? new Int32Array(options.written) : null;
     this.readOnly = options.readOnly;
     this.serial = new Uint8Array(VIRTIO_BLK_ID_BYTES);
     this.serial.set(Buffer.from(options.serial).subarray(0, VIRTIO_BLK_ID_BYTES));
@@ -251,11 +278,13 @@ export class BlkBackend implements VirtioBackend {
         if (status === VIRTIO_BLK_S_OK) written += bytes;
         break;
       }
-      case VIRTIO_BLK_T_OUT:
-        status = this.readOnly
-          ? VIRTIO_BLK_S_IOERR
-          : this.transfer(chain, sector, chain.readableBytes - virtio_blk_outhdr.size, true);
+      case VIRTIO_BLK_T_OUT: {
+        const bytes = chain.readableBytes - virtio_blk_outhdr.size;
+        status = this.readOnly ? VIRTIO_BLK_S_IOERR : this.transfer(chain, sector, bytes, true);
+        // Once written (even in part): a migration's copy sent before must be sent again.
+        if (!this.readOnly) markDiskWritten(this.written, sector * SECTOR_BYTES, bytes);
         break;
+      }
       case VIRTIO_BLK_T_FLUSH:
         try {
           fdatasyncSync(this.fd);
@@ -347,19 +376,24 @@ export class BlkBackend implements VirtioBackend {
       if (type === VIRTIO_BLK_T_DISCARD) {
         // Best effort (5.2.6.2): a file system without hole punching keeps the data.
         libc.fallocate(this.fd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, offset, length);
+        markDiskWritten(this.written, offset, length);
         continue;
       }
       const mode =
         flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
           ? libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE
           : libc.FALLOC_FL_ZERO_RANGE | libc.FALLOC_FL_KEEP_SIZE;
-      if (libc.fallocate(this.fd, mode, offset, length) === 0) continue;
-      try {
-        for (let done = 0; done < length;)
-          done += writeSync(this.fd, this.zeroes, 0, Math.min(this.zeroes.length, length - done), offset + done);
-      } catch (err) {
-        return this.ioError(`write-zeroes at sector ${sector}`, err);
-      }
+      let failure: unknown = null;
+      if (libc.fallocate(this.fd, mode, offset, length) !== 0)
+        try {
+          for (let done = 0; done < length;)
+            done += writeSync(this.fd, this.zeroes, 0, Math.min(this.zeroes.length, length - done), offset + done);
+        } catch (err) {
+          failure = err;
+        }
+      // Once zeroed (even in part): a migration's copy sent before must be sent again.
+      markDiskWritten(this.written, offset, length);
+      if (failure !== null) return this.ioError(`write-zeroes at sector ${sector}`, failure);
     }
     return VIRTIO_BLK_S_OK;
   }

@@ -31,11 +31,21 @@ export function kilnAsync(
   });
 }
 
-/** Types `command` on VM `name`'s console until `answer` comes back; returns the match. */
-export function ask(dir: string, name: string, command: string, answer: RegExp, tries = 20): RegExpExecArray {
+/**
+ * Types `command` on VM `name`'s console until `answer` comes back after it, waiting
+ * `linger` seconds each time (a busy guest answers slowly); returns the match.
+ */
+export function ask(
+  dir: string,
+  name: string,
+  command: string,
+  answer: RegExp,
+  tries = 20,
+  linger = 5,
+): RegExpExecArray {
   let seen = '';
   for (let i = 0; i < tries; i++) {
-    const r = kiln(dir, ['console', name, '--linger', '5'], `${command}\n`);
+    const r = kiln(dir, ['console', name, '--linger', String(linger)], `${command}\n`);
     seen = r.stdout;
     const m = answer.exec(seen.split(command).at(-1) ?? '');
     if (m) return m;

@@ -9,12 +9,14 @@
 import assert from 'node:assert/strict';
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { cgroupVersion } from '../../src/manager/cgroup.js';
 import { kvmSkip, tempDir } from '../helpers.js';
 import { CLI, ask, kiln, kilnAsync } from './kiln-cli.js';
+import { READ_COUNT } from '../vmm-driver.js';
 import { canNetns } from '../linux-fixture.js';
 
 const ip = (...args: string[]) => execFileSync('ip', args, { stdio: ['ignore', 'pipe', 'pipe'], encoding: 'utf8' });
@@ -34,8 +36,15 @@ async function daemonIn(ns: string, stateDir: string, cgroupParent: string, args
   return child;
 }
 
+/** Types `command` on VM `name`'s console once (for commands that must not run twice). */
+function typeOnce(dir: string, name: string, command: string): void {
+  const r = kiln(dir, ['console', name, '--linger', '1'], `${command}\n`);
+  assert.equal(r.status, 0, r.stderr);
+}
+
+/** The loop's count as the guest reads it (read again while the loop has it truncated). */
 const count = (dir: string, name: string, tag: string) =>
-  Number(ask(dir, name, `echo ${tag}-$(cat /tmp/count)-end`, new RegExp(`${tag}-(\\d+)-end`))[1]);
+  Number(ask(dir, name, `${READ_COUNT} echo ${tag}-$c-end`, new RegExp(`${tag}-(\\d+)-end`), 20, 10)[1]);
 
 describe('kiln migrate between two hosts', { skip: kvmSkip || (!canNetns && 'needs root, TUN and iproute2') }, () => {
   test(
@@ -68,12 +77,15 @@ describe('kiln migrate between two hosts', { skip: kvmSkip || (!canNetns && 'nee
         writeFileSync(wrong, 'not-the-token-b-knows-about\n', { mode: 0o600 });
         const loose = join(dir, 'loose-token');
         writeFileSync(loose, 'the-migration-token-of-this-test\n', { mode: 0o644 });
-        daemons.push(await daemonIn(nsA, stateA, `kiln-migrate-a-${tag}`, []));
+        daemons.push(
+          await daemonIn(nsA, stateA, `kiln-migrate-a-${tag}`, ['--listen', `${net}.1:7077`, '--token-file', token]),
+        );
         daemons.push(await daemonIn(nsB, stateB, cgroupB, ['--listen', `${net}.2:7077`, '--token-file', token]));
         const to = `${net}.2:7077`;
 
+        // 64 MiB of noise: copying it (--copy-disks, below) takes a moment, while the guest writes.
         const disk = join(dir, 'shared.img');
-        writeFileSync(disk, Buffer.alloc(1 << 20), { mode: 0o600 });
+        writeFileSync(disk, randomBytes(64 << 20), { mode: 0o600 });
         const tap = `kmgt${tag}`;
         const tapNet = `10.${97 + (process.pid % 20)}.${process.pid % 250}`;
         for (const [name, extra] of [
@@ -86,10 +98,12 @@ describe('kiln migrate between two hosts', { skip: kvmSkip || (!canNetns && 'nee
         // Both boot at once (the kit Linux takes a while here).
         const starts = await Promise.all(['mover', 'upg'].map((n) => kilnAsync(stateA, ['start', n])));
         for (const st of starts) assert.equal(st.status, 0, st.stderr);
-        const loop = '(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; done) &';
-        ask(stateA, 'upg', `echo up-$((6*7)); ${loop}`, /up-42/, 60);
+        ask(stateA, 'upg', 'echo up-$((6*7))', /up-42/, 60);
         ask(stateA, 'mover', 'echo up-$((6*7))', /up-42/, 60);
-        ask(stateA, 'mover', `${loop} echo shared | dd of=/dev/vda conv=fsync 2>/dev/null; echo looping`, /looping/);
+        // Typed once each (a retried command would start a second loop).
+        const loop = '(i=0; while [ ! -e /tmp/stop ]; do i=$((i+1)); echo $i > /tmp/count; done) &';
+        // One busy guest at a time (two would starve each other's shells on 2 cores).
+        typeOnce(stateA, 'upg', loop);
 
         // A live upgrade: a new VMM (another pid) of this Kiln runs the same guest, which
         // never stopped counting; a VM with a NIC is refused (its TAP cannot be open twice).
@@ -104,6 +118,8 @@ describe('kiln migrate between two hosts', { skip: kvmSkip || (!canNetns && 'nee
         const upgAfter = count(stateA, 'upg', 'after');
         assert.ok(upgAfter > upgBefore, `the loop went on through the upgrade: ${upgBefore} then ${upgAfter}`);
         assert.equal(kiln(stateA, ['stop', 'upg', '--force']).status, 0);
+        typeOnce(stateA, 'mover', loop);
+        ask(stateA, 'mover', 'echo shared | dd of=/dev/vda conv=fsync 2>/dev/null; echo marked-$((6*7))', /marked-42/);
         const nicUpgrade = kiln(stateA, ['upgrade', 'mover']);
         assert.equal(nicUpgrade.status, 1);
         assert.match(
@@ -143,8 +159,38 @@ describe('kiln migrate between two hosts', { skip: kvmSkip || (!canNetns && 'nee
           `ip addr add ${tapNet}.2/24 dev eth0 2>/dev/null; ip link set eth0 up; ping -c 1 -W 5 ${tapNet}.1 >/dev/null && echo pinged-$((6*7))`,
           /pinged-42/,
         );
-        const stopped = kiln(stateB, ['stop', 'mover', '--force']);
-        assert.equal(stopped.status, 0, stopped.stderr);
+
+        // Back to A with --copy-disks, the guest writing a mark into each of 12 chunks of
+        // its disk meanwhile: all 12 are in the copy (those written during the copy too).
+        typeOnce(
+          stateB,
+          'mover',
+          'touch /tmp/stop; (for j in $(seq 1 12); do echo mark-$j | dd of=/dev/vda bs=512 seek=$((j*2048)) conv=fsync 2>/dev/null; done; echo done > /tmp/marks) &',
+        );
+        // Answered only once the shell has read the line before: the marking has begun.
+        ask(stateB, 'mover', 'echo marking-$((6*7))', /marking-42/, 60);
+        const back = kiln(stateB, ['migrate', 'mover', '--to', `${net}.1:7077`, '--token-file', token, '--copy-disks']);
+        assert.equal(back.status, 0, back.stderr);
+        assert.doesNotMatch(kiln(stateB, ['ls']).stdout, /mover/, 'B no longer has it');
+        const info = JSON.parse(kiln(stateA, ['info', 'mover', '--json']).stdout) as {
+          state: string;
+          definition: { disks: Array<{ path: string }> };
+        };
+        assert.equal(info.state, 'running');
+        const copied = info.definition.disks[0]!.path;
+        assert.equal(copied.startsWith(join(stateA, 'disks', 'mover')), true, `its disk is the copy: ${copied}`);
+        ask(stateA, 'mover', 'cat /tmp/marks; sync; echo synced-$((6*7))', /done\s+synced-42/, 60);
+        assert.equal(kiln(stateA, ['stop', 'mover', '--force']).status, 0);
+        const image = readFileSync(copied);
+        const original = readFileSync(disk);
+        for (let j = 1; j <= 12; j++)
+          assert.equal(
+            image.subarray(j << 20, (j << 20) + `mark-${j}\n`.length).toString(),
+            `mark-${j}\n`,
+            `mark ${j}`,
+          );
+        assert.ok(image.subarray(0, 7).equals(original.subarray(0, 7)), 'what was there before came along');
+        assert.ok(image.subarray(50 << 20).equals(original.subarray(50 << 20)), 'and the rest of it');
       } finally {
         // VMs first, while their daemons run (a verb with no daemon would start one).
         if (daemons.length === 2)
