@@ -46,11 +46,18 @@ export async function put(api: string, path: string, body: unknown, method = 'PU
 export const READ_COUNT = 'c=; while [ -z "$c" ]; do c=$(cat /tmp/count); done;';
 
 /** Types `command` until `answer` appears in the output (the shell may still be starting). */
-export async function ask(vmm: RunningVmm, command: string, answer: RegExp, seconds: number): Promise<string> {
+export async function ask(
+  vmm: RunningVmm,
+  command: string,
+  answer: RegExp,
+  seconds: number,
+  /** How long to wait for the answer before typing again (a busy guest answers slowly; each retry queues). */
+  everyMs = 5000,
+): Promise<string> {
   const deadline = Date.now() + seconds * 1000;
   while (Date.now() < deadline) {
     vmm.console.write(`${command}\n`);
-    for (let i = 0; i < 20; i++) {
+    for (let i = 0; i < everyMs / 250; i++) {
       const m = answer.exec(vmm.output());
       if (m) return m[0];
       await sleep(250);

@@ -45,14 +45,14 @@ async function source(fixture: LinuxFixture, dir: string, name: string, loop = t
     ...nics(fixture, `kmg${process.pid % 10000}${name}`),
   });
   await ask(vmm, 'echo up-$((6*7))', /up-42/, 120);
-  if (loop) vmm.console.write('(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; done) &\n');
+  if (loop) vmm.console.write('(i=0; while [ ! -e /tmp/stop ]; do i=$((i+1)); echo $i > /tmp/count; done) &\n');
   return vmm;
 }
 
 /** The loop's count as the guest reads it now. */
 async function count(vmm: RunningVmm, tag: string): Promise<number> {
   // Read again while the loop has the file truncated (between its open and its write).
-  const m = await ask(vmm, `${READ_COUNT} echo ${tag}-$c-end`, new RegExp(`${tag}-(\\d+)-end`), 60);
+  const m = await ask(vmm, `${READ_COUNT} echo ${tag}-$c-end`, new RegExp(`${tag}-(\\d+)-end`), 120, 15_000);
   return Number(/-(\d+)-end/.exec(m)![1]);
 }
 
@@ -140,12 +140,14 @@ describe('live migration between kiln-vmm processes', { skip: kvmSkip }, () => {
         assert.equal(done.phase, 'completed', JSON.stringify(done));
         log(`migrated: ${done.pages_sent} pages, downtime ${done.downtime_ms} ms`);
         assert.equal(((await unixHttp(b.api, 'GET', '/')).body as { state: string }).state, 'Running');
-        await ask(b, 'echo moved-$((6*7))', /moved-42/, 120);
+        await ask(b, 'echo moved-$((6*7))', /moved-42/, 120, 15_000);
         const after = await count(b, 'after');
         assert.ok(after > before, `the loop went on: ${before} then ${after}`);
         const later = await count(b, 'later');
         assert.ok(later > after, `and goes on at the destination: ${after} then ${later}`);
-        await ask(b, 'head -c 17 /dev/vda; echo', new RegExp(FIXTURE_DISK_MARK.trim()), 60);
+        // The loop stops (a busy guest's shell answers slowly), then its disk reads.
+        await ask(b, 'touch /tmp/stop; echo stopped-$((6*7))', /stopped-42/, 120, 15_000);
+        await ask(b, 'head -c 17 /dev/vda; echo', new RegExp(FIXTURE_DISK_MARK.trim()), 120, 15_000);
       } finally {
         await stop(a, b, intruder);
       }
