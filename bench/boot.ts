@@ -14,7 +14,7 @@ import { composeCmdline } from '../src/boot/linux.js';
 import { isSoftwareKvm } from '../src/compat/pvm.js';
 import { cpuTemplate } from '../src/cpu/templates.js';
 import { buildInitramfs, buildMinimalKernel, ensurePackages } from '../src/guestkit/build.js';
-import type { BenchContext } from './util.js';
+import { overheadMiB, type BenchContext } from './util.js';
 
 const MEMORY_MIB = 128;
 const BOOT_LIMIT_MS = 3 * 60_000;
@@ -24,27 +24,6 @@ interface BootRun {
   seconds: number | null;
   overheadMiB: number | null;
   note: string;
-}
-
-/** Resident MiB of a process, less the resident part of its guest-RAM mapping. */
-function overheadMiB(pid: number): number | null {
-  let smaps: string;
-  try {
-    smaps = readFileSync(`/proc/${pid}/smaps`, 'utf8');
-  } catch {
-    return null;
-  }
-  let total = 0;
-  let guest = 0;
-  for (const block of smaps.split(/\n(?=[0-9a-f]+-[0-9a-f]+ )/)) {
-    const [range] = block.split(' ');
-    const [lo, hi] = range!.split('-').map((h) => parseInt(h, 16));
-    const rss = Number(/^Rss:\s+(\d+) kB/m.exec(block)?.[1] ?? 0);
-    total += rss;
-    // Guest RAM: the anonymous mapping at least as large as the guest's memory.
-    if (hi! - lo! >= MEMORY_MIB * 2 ** 20 && !/\s\//.test(block.split('\n')[0]!)) guest = Math.max(guest, rss);
-  }
-  return (total - guest) / 1024;
 }
 
 /** Runs a VMM until the init marker appears on its stdout (or it fails), then stops it. */
@@ -75,7 +54,7 @@ function bootOnce(cmd: string, args: string[], marker: RegExp, log?: (line: stri
       }
       if (marker.test(out)) {
         const seconds = Number(process.hrtime.bigint() - started) / 1e9;
-        finish({ seconds, overheadMiB: overheadMiB(child.pid!), note: 'reached init' });
+        finish({ seconds, overheadMiB: overheadMiB(child.pid!, MEMORY_MIB), note: 'reached init' });
       }
     };
     child.stdout.on('data', onData);

@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { benchBoot } from './boot.js';
 import { benchBlk } from './blk.js';
 import { benchExits } from './exits.js';
+import { benchLaunch } from './launch.js';
 import { benchMigrate } from './migrate.js';
 import { benchNet } from './net.js';
 import { benchSnapshot } from './snapshot.js';
@@ -17,6 +18,7 @@ const benchmarks: Record<string, (ctx: BenchContext) => Promise<void>> = {
   net: benchNet,
   snapshot: benchSnapshot,
   migrate: benchMigrate,
+  launch: benchLaunch,
 };
 
 const names = process.argv.slice(2);

@@ -365,6 +365,9 @@ function program(setStatus: (status: number) => void): Command {
   verb('info', "a VM's state, resources, cgroup and console log")
     .argument('<name>')
     .action(async (name: string, values: { json?: boolean }) => done((await manager()).info(name, values)));
+  verb('pool', "the daemon's pool of VMMs started ahead (kiln daemon --pool N)").action(
+    async (values: { json?: boolean }) => done((await manager()).pool(values)),
+  );
   verb('logs', "a VM's console log")
     .argument('<name>')
     .option('--bytes <n>', 'the last N bytes (default 65536)')
@@ -464,7 +467,11 @@ function program(setStatus: (status: number) => void): Command {
     .description('run the manager in the foreground (the verbs start it when needed)')
     .option('--listen <addr:port>', 'also take migrations from other hosts on this TCP address')
     .option('--token-file <file>', 'the token migrations must be signed with (with --listen; mode 600)')
-    .action(async (values: { listen?: string; tokenFile?: string }) =>
+    .option(
+      '--pool <n>',
+      'keep N jailed VMMs started ahead for the next start or restore (default: daemon.json, else 0)',
+    )
+    .action(async (values: { listen?: string; tokenFile?: string; pool?: string }) =>
       done((await manager()).daemon(progress, values)),
     );
   return kiln;

@@ -11,12 +11,20 @@ const URLS = {
 } as const;
 export type WorkerKind = keyof typeof URLS;
 
+/**
+ * A vCPU or I/O thread allocates little on the JavaScript heap (its loops reuse their
+ * buffers; guest memory and I/O buffers are outside the heap), so a small young generation
+ * (V8's default is 16 MiB of semi-spaces per isolate) costs nothing in speed and a few
+ * MiB of memory less per thread (bench/RESULTS.md, launch).
+ */
+const LIMITS = { maxYoungGenerationSizeMb: 2 } as const;
+
 const warm: Record<WorkerKind, Worker[]> = { vcpu: [], io: [] };
 
 /** Starts `count` workers of `kind` now; they wait (cheaply, blocked on their message port) for take(). */
 export function prewarm(kind: WorkerKind, count = 1): void {
   for (let i = 0; i < count; i++) {
-    const w = new Worker(URLS[kind], { workerData: null, stdout: false, stderr: false });
+    const w = new Worker(URLS[kind], { workerData: null, stdout: false, stderr: false, resourceLimits: LIMITS });
     // An idle warm worker must not keep the process alive.
     w.unref();
     w.once('exit', () => {
@@ -26,6 +34,11 @@ export function prewarm(kind: WorkerKind, count = 1): void {
     });
     warm[kind].push(w);
   }
+}
+
+/** Starts workers of `kind` until `count` are warm. */
+export function prewarmUpTo(kind: WorkerKind, count: number): void {
+  prewarm(kind, count - warm[kind].length);
 }
 
 /**
@@ -39,7 +52,7 @@ export function startWorker(kind: WorkerKind, init: unknown): Worker {
     w.postMessage(init);
     return w;
   }
-  return new Worker(URLS[kind], { workerData: init, stdout: false, stderr: false });
+  return new Worker(URLS[kind], { workerData: init, stdout: false, stderr: false, resourceLimits: LIMITS });
 }
 
 /** Ends the warm workers nobody took (at exit). */

@@ -111,6 +111,8 @@ const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Han
   ],
   ['PATCH', '/network-interfaces/:iface_id', notYet('Updating network interface rate limiters')],
   ['PUT', '/vsock', preBoot((vmm, body) => vmm.setVsock(r.parseVsock(body)))],
+  // Kiln's own: the whole VM as one VmConfig (what --kiln-config reads; the daemon's pool hands it in).
+  ['PUT', '/kiln/vm-config', preBoot((vmm, body) => vmm.setVmConfig(body))],
   ['PUT', '/entropy', preBoot((vmm, body) => vmm.apply(r.parseEntropy(body)))],
   ['PUT', '/balloon', preBoot((vmm, body) => vmm.apply(r.parseBalloon(body)))],
   [

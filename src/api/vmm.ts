@@ -218,6 +218,16 @@ export class Vmm {
   }
 
   /** Throws the Firecracker fault for a pre-boot-only change after the start. */
+  /** The whole VM's configuration, replacing anything configured so far (PUT /kiln/vm-config). */
+  setVmConfig(body: unknown): void {
+    try {
+      this.config = parseVmConfig(body);
+    } catch (err) {
+      if (err instanceof ConfigError) throw new ApiError(`Invalid VM configuration: ${err.message}`);
+      throw err;
+    }
+  }
+
   preBoot(): void {
     if (this.live) throw new ApiError(AFTER_START);
   }

@@ -198,6 +198,11 @@ export type VmConfig = Readonly<Omit<Parsed, 'disks' | 'nets'>> & {
   readonly disks: readonly DiskConfig[];
   readonly nets: readonly NetConfig[];
 };
+/** Whether the VM has any virtio device (and so an I/O thread). */
+export function hasVirtio(c: VmConfig): boolean {
+  return c.disks.length + c.nets.length > 0 || c.rng || !!c.vsock || !!c.balloon || c.consoleSocket !== undefined;
+}
+
 /** What a front end hands in (defaults may be missing); anything else is refused. */
 export type VmConfigInput = v.InferInput<typeof VmConfigSchema>;
 

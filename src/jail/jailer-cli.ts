@@ -60,6 +60,11 @@ function parseOptions(argv: readonly string[]): JailOptions {
     .option('--daemonize', 'setsid and stdio to /dev/null', false)
     .option('--new-pid-ns', 'run the VMM as pid 1 of a new pid namespace', false)
     .option('--bind <src[:dst][:ro|rw]>', "Kiln's own: bind a host path into the jail (repeatable)", collect, [])
+    .option(
+      '--late-binds',
+      "Kiln's own: host mounts made later under the jail's root (a shared mount) appear inside it (the daemon's pool)",
+      false,
+    )
     .exitOverride()
     .configureOutput({ writeErr: (s) => process.stderr.write(s) });
   // Firecracker removed these in 1.0; old SDK builders still pass them. Accepted and ignored, as a drop-in must.
@@ -80,6 +85,7 @@ function parseOptions(argv: readonly string[]): JailOptions {
     daemonize: boolean;
     newPidNs: boolean;
     bind: string[];
+    lateBinds: boolean;
   }>();
   const resourceLimits: { fsize?: bigint; noFile?: bigint } = {};
   for (const r of o.resourceLimit) parseResourceLimit(r, resourceLimits);
@@ -101,6 +107,7 @@ function parseOptions(argv: readonly string[]): JailOptions {
     daemonize: o.daemonize,
     newPidNs: o.newPidNs,
     binds: o.bind.map(parseBind),
+    lateBinds: o.lateBinds,
     vmmArgs,
   };
 }
@@ -207,7 +214,9 @@ function main(argv: readonly string[]): number {
     const nsArgs = [
       '--mount',
       '--propagation',
-      'private',
+      // slave: mounts the host makes under the jail's root later (a shared mount, the
+      // daemon's pool) reach the jail; nothing the jail mounts reaches the host.
+      opts.lateBinds ? 'slave' : 'private',
       ...(opts.newPidNs ? ['--pid', '--fork', '--kill-child'] : []),
     ];
     libc.execve(unshare, ['unshare', ...nsArgs, '--', process.execPath, ENTER, JSON.stringify(plan), null], [null]);

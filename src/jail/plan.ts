@@ -25,6 +25,8 @@ export interface JailOptions {
   readonly newPidNs: boolean;
   /** Kiln's own: host paths bound into the jail (read-only unless `rw`), at `target` inside it. */
   readonly binds: ReadonlyArray<{ readonly source: string; readonly target: string; readonly rw: boolean }>;
+  /** Kiln's own: the jail's mount namespace is a slave of the host's (see --late-binds). */
+  readonly lateBinds?: boolean;
   /** The VMM's own arguments (after `--`). */
   readonly vmmArgs: readonly string[];
 }

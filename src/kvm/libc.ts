@@ -357,6 +357,7 @@ export const MS_REMOUNT = 0x20;
 export const MS_BIND = 0x1000;
 export const MS_REC = 0x4000;
 export const MS_PRIVATE = 0x40000;
+export const MS_SHARED = 0x100000;
 export const MNT_DETACH = 0x2;
 export const CLONE_NEWNET = 0x40000000;
 export const S_IFCHR = 0o020000;

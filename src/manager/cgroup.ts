@@ -138,7 +138,7 @@ const ATTACH_THEN_EXEC = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; s
 export function spawnInCgroup(
   procs: readonly string[],
   argv: readonly string[],
-  options: { detached?: boolean; stdio?: StdioOptions } = {},
+  options: { detached?: boolean; stdio?: StdioOptions; env?: NodeJS.ProcessEnv } = {},
 ): ChildProcess {
   return spawn('/bin/sh', ['-c', ATTACH_THEN_EXEC, 'kiln-attach', ...procs, '--', ...argv], options);
 }

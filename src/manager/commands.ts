@@ -16,7 +16,7 @@ import { daemonCall, runDaemon } from './daemon.js';
 import { parseDefinition } from './definition.js';
 import { JAIL_VSOCK } from './jail.js';
 import type { SnapshotMeta } from './snapshots.js';
-import type { InfoReply, ListReply, LogsReply, RemovedReply, StartReply, VmStatus } from './protocol.js';
+import type { InfoReply, ListReply, LogsReply, PoolReply, RemovedReply, StartReply, VmStatus } from './protocol.js';
 import { Store } from './store.js';
 import { parsePeer, readToken } from './peer.js';
 
@@ -191,6 +191,16 @@ export async function info(name: string, o: { json?: boolean }): Promise<number>
   return 0;
 }
 
+export async function pool(o: { json?: boolean }): Promise<number> {
+  const p = await daemonCall<PoolReply>(new Store(), 'GET', '/pool');
+  print(
+    o.json,
+    `pool: ${p.idle} ready, ${p.starting} starting, size ${p.size}${p.size === 0 ? ' (kiln daemon --pool N, or "pool" in daemon.json)' : ''}`,
+    p,
+  );
+  return 0;
+}
+
 export async function logs(name: string, o: { json?: boolean; bytes?: string }): Promise<number> {
   if (o.bytes !== undefined && !/^\d+$/.test(o.bytes))
     throw new ConfigError('--bytes', `must be a whole number of bytes (got '${o.bytes}')`);
@@ -319,15 +329,53 @@ function tokenFrom(file: string): string {
   return readToken(text, file);
 }
 
+/** The most pool processes a daemon keeps (each costs tens of MiB while idle). */
+export const MAX_POOL = 64;
+
+/** A pool size from --pool or daemon.json's "pool": a whole number 0..MAX_POOL. */
+export function parsePoolSize(value: unknown, where: string): number {
+  const n = typeof value === 'string' && /^\d+$/.test(value) ? Number(value) : value;
+  if (typeof n !== 'number' || !Number.isInteger(n) || n < 0 || n > MAX_POOL)
+    throw new KilnError(
+      `${where}: the pool size must be a whole number from 0 to ${MAX_POOL} (got ${JSON.stringify(value)})`,
+    );
+  return n;
+}
+
+/** The daemon's configuration file, <state>/daemon.json: {"pool": N}; absent means defaults. */
+export function readDaemonConfig(store: Store): { pool: number } {
+  const file = join(store.dir, 'daemon.json');
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch {
+    return { pool: 0 };
+  }
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (err) {
+    throw new KilnError(`${file} is not JSON: ${(err as Error).message}`);
+  }
+  if (typeof json !== 'object' || json === null || Array.isArray(json))
+    throw new KilnError(`${file} must be a JSON object`);
+  const unknown = Object.keys(json).filter((k) => k !== 'pool');
+  if (unknown.length) throw new KilnError(`${file}: unknown setting(s) ${unknown.join(', ')} (known: pool)`);
+  const pool = (json as { pool?: unknown }).pool;
+  return { pool: pool === undefined ? 0 : parsePoolSize(pool, file) };
+}
+
 export async function daemon(
   log: (line: string) => void,
-  o: { listen?: string; tokenFile?: string } = {},
+  o: { listen?: string; tokenFile?: string; pool?: string } = {},
 ): Promise<number> {
   if ((o.listen === undefined) !== (o.tokenFile === undefined))
     throw new KilnError('--listen and --token-file go together (migrations from other hosts need both)');
   const listen =
     o.listen !== undefined ? { address: parsePeer(o.listen, '--listen'), token: tokenFrom(o.tokenFile!) } : undefined;
-  await runDaemon(new Store(), log, listen ? { listen } : {});
+  const store = new Store();
+  const pool = o.pool !== undefined ? parsePoolSize(o.pool, '--pool') : readDaemonConfig(store).pool;
+  await runDaemon(store, log, { ...(listen ? { listen } : {}), pool });
   return 0;
 }
 

@@ -17,8 +17,10 @@ import { lockStateDir } from './lock.js';
 import { AUTH_HEADER, Verifier, splice, type Peer } from './peer.js';
 import { waitFor } from './wait.js';
 import { checkStartable } from './preflight.js';
-import type { ErrorReply, LogsReply, RemovedReply } from './protocol.js';
+import type { ErrorReply, LogsReply, PoolReply, RemovedReply } from './protocol.js';
 import { PRIVATE_FILE, sweepTemporaryFiles, type Store } from './store.js';
+import { VmmPool } from './pool.js';
+import { allocateJailUid } from './jail.js';
 
 const CLI = fileURLToPath(new URL('../cli.js', import.meta.url));
 
@@ -172,7 +174,7 @@ async function listenForPeers(manager: Manager, listen: PeerListen, log: (line: 
 export async function runDaemon(
   store: Store,
   log: (line: string) => void,
-  opts: { listen?: PeerListen } = {},
+  opts: { listen?: PeerListen; pool?: number } = {},
 ): Promise<void> {
   // One daemon per state directory: the first to lock it serves it; any other stops here,
   // before it touches the socket.
@@ -245,6 +247,7 @@ export async function runDaemon(
       })();
     });
   route('GET', '/vms', () => manager.list());
+  route('GET', '/pool', (): PoolReply => manager.pool?.counts ?? { idle: 0, starting: 0, size: 0 });
   route('POST', '/vms', async (_n, body) => {
     const spec = parseDefinition(body);
     checkStartable(spec);
@@ -353,6 +356,23 @@ export async function runDaemon(
     chmodSync(store.socketPath, 0o660);
   }
   log(`kiln daemon: listening on ${store.socketPath} (state in ${store.dir})`);
+  if (opts.pool) {
+    try {
+      manager.pool = new VmmPool({
+        dir: join(store.dir, 'pool'),
+        size: opts.pool,
+        uidsInUse: () => manager.jailUidsInUse(''),
+        allocateUid: allocateJailUid,
+        log,
+        ...(process.env.KILN_POOL_MIN_AVAILABLE_MIB
+          ? { minAvailableMiB: Number(process.env.KILN_POOL_MIN_AVAILABLE_MIB) }
+          : {}),
+      });
+      log(`kiln daemon: keeping ${opts.pool} VMM(s) started ahead (the pool)`);
+    } catch (err) {
+      log(`kiln daemon: no pool: ${(err as Error).message}`);
+    }
+  }
   let peers: HttpServer | null = null;
   if (opts.listen) {
     try {
@@ -372,6 +392,7 @@ export async function runDaemon(
     process.once('SIGINT', resolve);
   });
   clearInterval(rotation);
+  await manager.pool?.close();
   peers?.close();
   await new Promise((resolve) => server.close(resolve));
   rmSync(store.socketPath, { force: true });

@@ -16,10 +16,11 @@ import {
   symlinkSync,
   writeFileSync,
 } from 'node:fs';
-import { join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { KilnError } from '../errors.js';
-import { lstatOrNull } from '../jail/steps.js';
+import { ensureDir, ensureDirs, ensureFile, lstatOrNull } from '../jail/steps.js';
+import * as libc from '../kvm/libc.js';
 import type { VmConfig } from '../config/vm-config.js';
 
 /** The first uid (and gid) jailed VMMs run as; VM n running at once gets BASE + n. */
@@ -38,6 +39,11 @@ export interface JailRecord {
   readonly lent?: ReadonlyArray<{ readonly path: string; readonly uid: number; readonly gid: number }>;
   /** Links the manager made at the definition's socket paths, into the jail (removed at stop). */
   readonly links?: readonly string[];
+  /** A pool process's jail: the host-side bind mounts made into it, and its pool slot (both undone at stop). */
+  readonly mounts?: readonly string[];
+  readonly poolDir?: string;
+  /** The VMM's --id when it is not the VM's name (a pool process keeps the one it was started with). */
+  readonly vmmId?: string;
 }
 
 export const NOT_JAILED: JailRecord = { jailed: false, uid: null, root: null, taps: [] };
@@ -140,13 +146,20 @@ export function prepareJail(
   restore?: { readonly state: string; readonly memory: string } | 'receive',
   /** Disks whose image is another file (a clone's copies), bound at the path the VMM opens. */
   diskSources: ReadonlyMap<string, string> = new Map(),
+  /**
+   * A pool process already jailed (pool.ts): its root, whose files are bound in from the
+   * host (they propagate into its mount namespace), and its slot directory.
+   */
+  pooled?: { readonly root: string; readonly dir: string; readonly id: string },
 ): { argv: string[]; record: JailRecord } {
   const base = join(run, 'jail');
   // A previous run's jail: its mounts died with its mount namespace; only mount points and sockets are left.
   rmSync(base, { recursive: true, force: true });
-  const root = join(base, 'vmm-cli.js', name, 'root');
-  mkdirSync(root, { recursive: true, mode: 0o755 });
-  chmodSync(root, 0o755);
+  const root = pooled ? pooled.root : join(base, 'vmm-cli.js', name, 'root');
+  if (!pooled) {
+    mkdirSync(root, { recursive: true, mode: 0o755 });
+    chmodSync(root, 0o755);
+  }
   // What the jail's VMM sees: the same paths for files, its own for sockets.
   const jailed: VmConfig = {
     ...config,
@@ -207,6 +220,23 @@ export function prepareJail(
   }
   const taps: string[] = [];
   for (const n of config.nets) if (n.tap !== undefined && lendTap(n.tap, uid)) taps.push(n.tap);
+  if (pooled) {
+    const mounts: string[] = [];
+    // The directories made for mount points must be passable by the jail user (the daemon's umask is 077).
+    const umask = process.umask(0o022);
+    try {
+      for (const f of files) mounts.push(lateBind(root, f.path, f.target, f.rw));
+    } catch (err) {
+      unmountAll(mounts);
+      throw err;
+    } finally {
+      process.umask(umask);
+    }
+    return {
+      argv: [],
+      record: { jailed: true, uid, root, taps, lent, links, mounts, poolDir: pooled.dir, vmmId: pooled.id },
+    };
+  }
   const argv = [
     process.execPath,
     JAILER,
@@ -229,6 +259,37 @@ export function prepareJail(
     '/run/serial.sock',
   ];
   return { argv, record: { jailed: true, uid, root, taps, lent, links } };
+}
+
+/**
+ * Binds host file `source` at `target` inside a pool jail's `root`, from the host (the
+ * mount propagates into the jail): nosuid, nodev, read-only unless `rw`. Mount points are
+ * made without following links. The pool process has run no guest code yet, so nothing
+ * in its root is a tenant's.
+ */
+function lateBind(root: string, source: string, target: string, rw: boolean): string {
+  const at = join(ensureDirs(root, dirname(target)), basename(target));
+  if (statSync(source).isDirectory()) ensureDir(at);
+  else ensureFile(at);
+  const fail = (what: string) =>
+    new KilnError(`cannot bind ${source} into the pool jail (${what}): ${libc.errnoName(libc.errno())}`);
+  if (libc.mount(source, at, null, libc.MS_BIND, null) !== 0) throw fail('bind');
+  const flags = libc.MS_BIND | libc.MS_REMOUNT | libc.MS_NOSUID | libc.MS_NODEV | (rw ? 0 : libc.MS_RDONLY);
+  if (libc.mount(null, at, null, flags, null) !== 0) {
+    const err = fail('remount');
+    libc.umount2(at, libc.MNT_DETACH);
+    throw err;
+  }
+  return at;
+}
+
+/** Undoes lateBind's mounts (last first); returns those that could not be undone. */
+export function unmountAll(mounts: readonly string[]): string[] {
+  const failed: string[] = [];
+  for (const m of [...mounts].reverse())
+    if (libc.umount2(m, libc.MNT_DETACH) !== 0 && libc.errno() !== libc.EINVAL && libc.errno() !== libc.ENOENT)
+      failed.push(`${m}: ${libc.errnoName(libc.errno())}`);
+  return failed;
 }
 
 /** Whether `run`'s sockets point into a jail that still exists. */

@@ -22,6 +22,7 @@ import {
   truncateSync,
   writeFileSync,
 } from 'node:fs';
+import type { ChildProcess } from 'node:child_process';
 import { request } from 'node:http';
 import { cpus, totalmem } from 'node:os';
 import { basename, dirname, join } from 'node:path';
@@ -66,9 +67,11 @@ import {
   JAIL_VSOCK,
   removeSocketLinks,
   returnLentFiles,
+  unmountAll,
   writeJailRecord,
   type JailRecord,
 } from './jail.js';
+import { markInUse, type VmmPool } from './pool.js';
 import type { VmConfig } from '../config/vm-config.js';
 import type { InfoReply, ListReply, StartReply, VmState, VmStatus } from './protocol.js';
 import { PRIVATE_DIR, PRIVATE_FILE, type Store } from './store.js';
@@ -236,7 +239,10 @@ async function relayFrom(
 
 /** Whether a jail record still holds something of the host's (files, TAPs, links). */
 function holdsAnything(record: JailRecord | null): record is JailRecord {
-  return record !== null && Boolean(record.lent?.length || record.taps.length || record.links?.length);
+  return (
+    record !== null &&
+    Boolean(record.lent?.length || record.taps.length || record.links?.length || record.mounts?.length)
+  );
 }
 
 /** NIC `n` on `own`'s host end (its TAP or its passt socket) instead of its own. */
@@ -251,6 +257,9 @@ function faultOf(r: { status: number; body: unknown }): string {
 }
 
 export class Manager {
+  /** The daemon's pool of pre-started VMMs (pool.ts), when it keeps one. */
+  pool: VmmPool | null = null;
+
   constructor(
     readonly store: Store,
     private readonly progress: (line: string) => void = () => undefined,
@@ -267,12 +276,13 @@ export class Manager {
     }
     const pid = Number(text.trim());
     if (!Number.isInteger(pid) || pid <= 0) return null;
-    // Alive, and that VM's kiln-vmm (not a recycled pid).
+    // Alive, and that VM's kiln-vmm (not a recycled pid); one from the pool keeps its pool id.
+    const id = readJailRecord(this.store.runDir(name))?.vmmId ?? name;
     try {
       const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
       const i = cmdline.indexOf('--id');
       // kiln-jailer passes --id=NAME; a direct start passes --id NAME.
-      const named = cmdline[i + 1] === name || cmdline.includes(`--id=${name}`);
+      const named = cmdline[i + 1] === id || cmdline.includes(`--id=${id}`);
       return cmdline.some((a) => a.endsWith('vmm-cli.js')) && named ? pid : null;
     } catch {
       // No /proc entry: the process is gone.
@@ -376,7 +386,7 @@ export class Manager {
   }
 
   /** The jail uids of the other VMs that are running now. */
-  private jailUidsInUse(except: string): Set<number> {
+  jailUidsInUse(except: string): Set<number> {
     const used = new Set<number>();
     for (const v of this.store.list().vms) {
       if (v.name === except || this.pidOf(v.name) === null) continue;
@@ -407,6 +417,12 @@ export class Manager {
     const record = readJailRecord(run);
     if (!holdsAnything(record)) return;
     removeSocketLinks(run, record);
+    if (record.mounts?.length || record.poolDir) {
+      // A pool process's jail: its binds are the host's mounts; its slot goes once they are undone.
+      const failed = unmountAll(record.mounts ?? []);
+      for (const f of failed) this.progress(`'${name}': cannot unmount ${f}`);
+      if (failed.length === 0 && record.poolDir) rmSync(record.poolDir, { recursive: true, force: true });
+    }
     for (const failure of returnLentFiles(record)) this.progress(`'${name}': cannot give back ${failure}`);
     if (record.taps.length) {
       const { releaseTap } = await import('../virtio/net.js');
@@ -418,7 +434,7 @@ export class Manager {
         }
       }
     }
-    writeJailRecord(run, { ...record, taps: [], lent: [], links: [] });
+    writeJailRecord(run, { ...record, taps: [], lent: [], links: [], mounts: [] });
   }
 
   /**
@@ -475,18 +491,27 @@ export class Manager {
     }
     let record: JailRecord = NOT_JAILED;
     let vmm: string[];
+    // A jailed VM takes a pre-started VMM from the daemon's pool when one is ready.
+    const pooled = jail && this.pool ? await this.pool.take() : null;
     if (jail) {
       // TAP control needs the FFI; loaded only when a VM has a TAP.
       const tapApi = config.nets.some((n) => n.tap !== undefined) ? await import('../virtio/net.js') : null;
-      const prepared = prepareJail(
-        run,
-        name,
-        config,
-        allocateJailUid(this.jailUidsInUse(name)),
-        (tap, uid) => tapApi!.lendTap(tap, uid, uid),
-        restore ? { state: restore.state, memory: restore.memory } : from ? 'receive' : undefined,
-        restore?.diskSources,
-      );
+      let prepared: ReturnType<typeof prepareJail>;
+      try {
+        prepared = prepareJail(
+          run,
+          name,
+          config,
+          pooled ? pooled.uid : allocateJailUid(new Set([...this.jailUidsInUse(name), ...(this.pool?.uids ?? [])])),
+          (tap, uid) => tapApi!.lendTap(tap, uid, uid),
+          restore ? { state: restore.state, memory: restore.memory } : from ? 'receive' : undefined,
+          restore?.diskSources,
+          pooled ? { root: pooled.root, dir: pooled.dir, id: pooled.id } : undefined,
+        );
+      } catch (err) {
+        pooled?.child.kill('SIGKILL');
+        throw err;
+      }
       vmm = prepared.argv;
       record = prepared.record;
     } else {
@@ -494,10 +519,26 @@ export class Manager {
       vmm = this.directVmm(name, run, !from);
     }
     writeJailRecord(run, record);
-    const log = openSync(join(run, 'console.log'), 'a', PRIVATE_FILE);
-    // Attach before exec, as Firecracker's jailer does: no guest code runs outside the cgroup.
-    const child = spawnInCgroup(procs, vmm, { detached: true, stdio: ['ignore', log, log] });
-    closeSync(log);
+    let child: ChildProcess;
+    if (pooled) {
+      try {
+        markInUse(pooled, name);
+        // Into the VM's cgroup before it is configured: no guest code runs outside it.
+        for (const f of procs) writeFileSync(f, `${pooled.pid}\n`);
+        this.adoptPoolLog(run, pooled.log);
+      } catch (err) {
+        // Its end gives back what its jail holds (reclaimEndedJails).
+        pooled.child.once('exit', () => void this.reclaimEndedJails([name]));
+        pooled.child.kill('SIGKILL');
+        throw err;
+      }
+      child = pooled.child;
+    } else {
+      const log = openSync(join(run, 'console.log'), 'a', PRIVATE_FILE);
+      // Attach before exec, as Firecracker's jailer does: no guest code runs outside the cgroup.
+      child = spawnInCgroup(procs, vmm, { detached: true, stdio: ['ignore', log, log] });
+      closeSync(log);
+    }
     const pid = child.pid!;
     child.unref();
     // The guest may power off on its own: its jail's loans are given back when the VMM ends.
@@ -514,6 +555,7 @@ export class Manager {
       );
     }
     if (restore) await this.loadInto(name, pid, jail, restore);
+    else if (pooled && !from) await this.configureInto(name, pid, record, config);
     else if (from && 'receiveToken' in from) {
       // An incoming migration: the VM runs once its source has sent it (watchIncoming).
       await this.receiveInto(name, pid, jail, from.receiveToken, from.diskOverrides);
@@ -538,6 +580,35 @@ export class Manager {
     if (spec.pinCpus.length > 0) warnings.push(...(await this.pinVcpus(pid, spec.pinCpus)));
     for (const w of warnings) this.progress(w);
     return { ...s, warnings };
+  }
+
+  /** A pool process's console log becomes the VM's (the one before becomes console.log.1). */
+  private adoptPoolLog(run: string, log: string): void {
+    const file = join(run, 'console.log');
+    try {
+      renameSync(file, `${file}.1`);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+    }
+    renameSync(log, file);
+  }
+
+  /** Gives a pool process (already jailed, waiting) the VM's configuration and starts it. */
+  private async configureInto(name: string, pid: number, record: JailRecord, config: VmConfig): Promise<void> {
+    const api = join(this.store.runDir(name), 'api.sock');
+    const jailed = JSON.parse(readFileSync(join(record.root!, 'kiln-config.json'), 'utf8')) as unknown;
+    for (const [method, path, body] of [
+      ['PUT', '/kiln/vm-config', jailed],
+      ['PUT', '/actions', { action_type: 'InstanceStart' }],
+    ] as const) {
+      const r = await unixHttp(api, method, path, body, START_TIMEOUT_MS);
+      if (r.status !== 204) {
+        process.kill(pid, 'SIGKILL');
+        await waitFor(() => (this.processAlive(pid) ? null : true), 5_000);
+        removeCgroup(name);
+        throw new KilnError(`'${name}' did not start (${config.kernel ?? 'the kit kernel'}): ${faultOf(r)}`);
+      }
+    }
   }
 
   /** Has a freshly started VMM (no configuration yet) listen for its migration's source. */

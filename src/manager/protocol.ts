@@ -54,3 +54,10 @@ export interface ErrorReply {
   readonly error: string;
   readonly field?: string;
 }
+
+/** GET /pool: the daemon's pool of VMMs started ahead. */
+export interface PoolReply {
+  readonly idle: number;
+  readonly starting: number;
+  readonly size: number;
+}

@@ -1,0 +1,168 @@
+// kiln-vmm's main (started by vmm-cli.ts): one VM per process behind Firecracker's API, for orchestrators that drive
+// Firecracker (Kata Containers, firecracker-containerd, flintlock). Flags as
+// Firecracker's: --api-sock, --config-file (the same JSON, booted at once), --no-api,
+// --id, --version. SIGTERM stops the VM and exits 0; when the guest powers off the
+// process exits with the guest's status.
+import { readFileSync } from 'node:fs';
+import type { Server } from 'node:http';
+import { parseArgs } from 'node:util';
+import { checkInstanceId, parseConfigFile } from './api/resources.js';
+import { FIRECRACKER_API_VERSION, KILN_VERSION, listenApi } from './api/server.js';
+import { Vmm } from './api/vmm.js';
+import { SerialSocket } from './api/serial-socket.js';
+import { ConfigError, hasVirtio, parseVmConfig } from './config/vm-config.js';
+import { KilnError } from './errors.js';
+import { installProcessFilter } from './seccomp/install.js';
+import { prewarmUpTo } from './warm-workers.js';
+import { prepareSpareVm } from './vm.js';
+import {
+  compilePolicy,
+  DEFAULT_POLICY,
+  parseFilterFile,
+  policyToJson,
+  type SeccompPrograms,
+} from './seccomp/policy.js';
+import { EXIT_ERROR, EXIT_OK, EXIT_USAGE, vmExitStatus } from './exit-status.js';
+
+const DEFAULT_API_SOCK = '/run/firecracker.socket';
+
+async function main(argv: string[]): Promise<number> {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args: argv,
+      options: {
+        'api-sock': { type: 'string', default: DEFAULT_API_SOCK },
+        'config-file': { type: 'string' },
+        // Kiln's own: the VM as one VmConfig JSON (what the manager writes; passt NICs, a console socket, CPU templates).
+        'kiln-config': { type: 'string' },
+        'no-api': { type: 'boolean', default: false },
+        id: { type: 'string', default: 'anonymous-instance' },
+        // Kiln's own: the serial console as a Unix socket (for `kiln console`).
+        'serial-sock': { type: 'string' },
+        version: { type: 'boolean', default: false },
+        'no-seccomp': { type: 'boolean', default: false },
+        'seccomp-filter': { type: 'string' },
+        // Kiln's own: prints the built-in filters as a --seccomp-filter file.
+        'print-seccomp-filter': { type: 'boolean', default: false },
+        // Passed by Firecracker's jailer (and kiln-jailer): when the jailer started, for boot-time metrics.
+        'start-time-us': { type: 'string' },
+        'start-time-cpu-us': { type: 'string' },
+        'parent-cpu-time-us': { type: 'string' },
+      },
+      strict: true,
+    }));
+  } catch (err) {
+    process.stderr.write(
+      `kiln-vmm: ${(err as Error).message}\nUsage: kiln-vmm [--api-sock PATH] [--config-file FILE | --kiln-config FILE] [--no-api] [--id ID] [--serial-sock PATH] [--no-seccomp | --seccomp-filter FILE] [--version]\n`,
+    );
+    return EXIT_USAGE;
+  }
+  if (values.version) {
+    // Orchestrators parse "Firecracker vX.Y.Z" from the first line.
+    process.stdout.write(`Firecracker v${FIRECRACKER_API_VERSION} (Kiln ${KILN_VERSION})\n`);
+    return 0;
+  }
+  if (values['print-seccomp-filter']) {
+    process.stdout.write(policyToJson(DEFAULT_POLICY));
+    return 0;
+  }
+  const configFile = values['config-file'] ?? values['kiln-config'];
+  if (values['config-file'] && values['kiln-config']) {
+    process.stderr.write('kiln-vmm: give --config-file or --kiln-config, not both\n');
+    return EXIT_USAGE;
+  }
+  if (values['no-api'] && !configFile) {
+    process.stderr.write('kiln-vmm: --no-api needs --config-file (nothing could configure the VM)\n');
+    return EXIT_USAGE;
+  }
+  const log = (line: string) => process.stderr.write(`kiln-vmm: ${line}\n`);
+  let id: string;
+  try {
+    id = checkInstanceId(values.id);
+  } catch (err) {
+    log((err as Error).message);
+    return EXIT_USAGE;
+  }
+  if (values['no-seccomp'] && values['seccomp-filter']) {
+    log('give --no-seccomp or --seccomp-filter, not both');
+    return EXIT_USAGE;
+  }
+  let seccomp: SeccompPrograms | null = null;
+  if (!values['no-seccomp']) {
+    try {
+      const file = values['seccomp-filter'];
+      seccomp = compilePolicy(file ? parseFilterFile(readFileSync(file, 'utf8'), file) : DEFAULT_POLICY);
+    } catch (err) {
+      log((err as Error).message);
+      return EXIT_USAGE;
+    }
+  }
+  const serialSocket = values['serial-sock'] ? new SerialSocket(1) : null;
+  const vmm = new Vmm(id, serialSocket ? serialSocket.writeFd : 1, log);
+  vmm.seccomp = seccomp;
+  // The process-wide filter goes on before the API is served; the vCPU and I/O threads get theirs at InstanceStart.
+  if (seccomp) installProcessFilter(seccomp.process);
+  if (serialSocket) {
+    await serialSocket.listen(values['serial-sock']!);
+    vmm.onStart = (live) => serialSocket.attach(live.serial);
+  }
+  // Handled from before the API socket exists: an orchestrator may SIGTERM as soon as it sees it.
+  const stopped = new Promise<number>((resolve) => {
+    const stop = () => resolve(EXIT_OK);
+    process.once('SIGTERM', stop);
+    process.once('SIGINT', stop);
+  });
+  let server: Server | null = null;
+  const finish = async (code: number): Promise<number> => {
+    await vmm.shutdown();
+    serialSocket?.close();
+    if (server) await new Promise((resolve) => server!.close(resolve));
+    return code;
+  };
+  try {
+    if (configFile) {
+      let json: unknown;
+      try {
+        json = JSON.parse(readFileSync(configFile, 'utf8'));
+      } catch (err) {
+        throw new KilnError(`cannot read the config file ${configFile}: ${(err as Error).message}`);
+      }
+      if (values['kiln-config']) {
+        vmm.config = parseVmConfig(json);
+      } else {
+        const { changes, settings } = parseConfigFile(json);
+        changes.forEach((change) => vmm.apply(change));
+        if (settings.logger) vmm.setLogger(settings.logger);
+        if (settings.metrics) vmm.setMetrics(settings.metrics);
+      }
+      // The threads this VM needs start now, while the rest is set up (each is an isolate
+      // to start: on two cores, one not needed delays those that are).
+      prewarmUpTo('vcpu', vmm.config.cpus);
+      if (hasVirtio(vmm.config)) prewarmUpTo('io', 1);
+    } else {
+      // A vCPU thread and the I/O thread start now, while the API waits for its first
+      // request: InstanceStart and /snapshot/load then find them with their modules loaded.
+      prewarmUpTo('vcpu', 1);
+      prewarmUpTo('io', 1);
+    }
+    if (!values['no-api']) server = await listenApi(values['api-sock'], vmm);
+    if (configFile) await vmm.start();
+    // Waiting for the API: the KVM VM every configuration needs is made now, so that
+    // InstanceStart and /snapshot/load do not pay for it.
+    else setImmediate(prepareSpareVm);
+  } catch (err) {
+    if (!(err instanceof KilnError)) throw err;
+    log(err.message);
+    return finish(err instanceof ConfigError ? EXIT_USAGE : EXIT_ERROR);
+  }
+  const guestEnded = vmm.ended.then(vmExitStatus);
+  return finish(await Promise.race([stopped, guestEnded]));
+}
+
+/** Runs kiln-vmm with `argv` (vmm-cli.ts has started a vCPU thread ahead, if it is needed). */
+export async function runVmm(argv: string[]): Promise<void> {
+  process.exitCode = await main(argv);
+  // The vCPU and I/O worker threads are gone; nothing else should hold the process.
+  setTimeout(() => process.exit(), 200).unref();
+}
