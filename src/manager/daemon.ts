@@ -388,8 +388,9 @@ export async function runDaemon(
     void manager.reclaimEndedJails();
   }, ROTATE_EVERY_MS);
   await new Promise<void>((resolve) => {
-    process.once('SIGTERM', resolve);
-    process.once('SIGINT', resolve);
+    // A second signal while the daemon winds down (its pool) changes nothing: it finishes.
+    process.on('SIGTERM', () => resolve());
+    process.on('SIGINT', () => resolve());
   });
   clearInterval(rotation);
   await manager.pool?.close();
