@@ -15,6 +15,7 @@ import { KilnError } from './errors.js';
 import { installProcessFilter } from './seccomp/install.js';
 import { prewarmUpTo } from './warm-workers.js';
 import { prepareSpareVm } from './vm.js';
+import { rehearse } from './rehearsal.js';
 import {
   compilePolicy,
   DEFAULT_POLICY,
@@ -148,9 +149,10 @@ async function main(argv: string[]): Promise<number> {
     }
     if (!values['no-api']) server = await listenApi(values['api-sock'], vmm);
     if (configFile) await vmm.start();
-    // Waiting for the API: the KVM VM every configuration needs is made now, so that
-    // InstanceStart and /snapshot/load do not pay for it.
-    else setImmediate(prepareSpareVm);
+    // Waiting for the API: a rehearsal compiles the build path (rehearsal.ts), then the
+    // KVM VM every configuration needs is made, so that InstanceStart and /snapshot/load
+    // pay for neither.
+    else setImmediate(() => void rehearse().then(prepareSpareVm));
   } catch (err) {
     if (!(err instanceof KilnError)) throw err;
     log(err.message);

@@ -279,7 +279,21 @@ export interface AcpiTables {
 const align = (n: number, a: number) => Math.ceil(n / a) * a;
 
 /** The VM's shape as ACPI describes it; `pci` adds the host bridge and MCFG. */
+/** Tables already built, by shape: they depend on nothing else. */
+const built = new Map<string, AcpiTables>();
+
+/** The ACPI tables of a VM of `shape` (built once per shape a process; the result is not to be changed). */
 export function buildAcpiTables(shape: { vcpus: number; pci?: boolean }): AcpiTables {
+  const key = `${shape.vcpus}:${shape.pci ?? false}`;
+  let tables = built.get(key);
+  if (!tables) {
+    tables = makeAcpiTables(shape);
+    built.set(key, tables);
+  }
+  return tables;
+}
+
+function makeAcpiTables(shape: { vcpus: number; pci?: boolean }): AcpiTables {
   const base = ACPI_START;
   const rsdpSize = acpi_table_rsdp.size;
   const dsdtAddr = base + align(rsdpSize, 16);

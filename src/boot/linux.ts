@@ -32,6 +32,8 @@ export interface LinuxRuntime {
   readonly hostDecompress?: boolean;
   /** Where the VM's log lines go (every thread's; default: stderr). */
   readonly log?: (line: string) => void;
+  /** The kernel's bytes, instead of reading the config's kernel (rehearsal.ts). */
+  readonly kernelImage?: Uint8Array;
 }
 
 /** What the boot did, without the bytes it wrote (those live in guest memory only). */
@@ -139,7 +141,7 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime, from?: 
   // The whole boot layout is computed (and checked) before the VM exists.
   let boot: BootImage | null = null;
   if (!from) {
-    let kernel = readGuestFile(vmConfig.kernel!, 'kernel');
+    let kernel = runtime.kernelImage ?? readGuestFile(vmConfig.kernel!, 'kernel');
     if (runtime.hostDecompress && !isElf(kernel)) kernel = decompressBzImage(kernel).elf;
     const initrd = config.initrd !== undefined ? readGuestFile(config.initrd, 'initrd') : undefined;
     boot = loadKernel({ kernel, initrd, cmdline, ram: ramRanges(memoryBytes), rsdp: acpi!.rsdp });

@@ -24,7 +24,16 @@ const KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1;
 const E2BIG = 7;
 
 /** KVM_GET_SUPPORTED_CPUID, growing the buffer until KVM stops saying E2BIG. */
+/** KVM_GET_SUPPORTED_CPUID's answer: the host's KVM gives the same one all process long. */
+let supportedCache: readonly CpuidEntry[] | null = null;
+
+/** What this host's KVM can present in CPUID (a fresh copy each call; asked of KVM once). */
 export function supportedCpuid(kvm: KvmSystem): CpuidEntry[] {
+  supportedCache ??= querySupportedCpuid(kvm);
+  return supportedCache.map((e) => ({ ...e }));
+}
+
+function querySupportedCpuid(kvm: KvmSystem): CpuidEntry[] {
   for (let capacity = 128; capacity <= 4096; capacity *= 2) {
     const buf = kvm_cpuid2.alloc(capacity);
     const dv = dataView(buf);

@@ -65,6 +65,9 @@ export function ioctlSetBytes(fd: number, name: KvmIoctlName, data: Uint8Array, 
   ioctlBuf(fd, name, Buffer.from(data));
 }
 
+/** What the host's KVM answers the same way all process long, asked once (a VMM waiting for its API asks ahead). */
+const hostAnswers: { mmapSize?: number; msrs?: readonly number[] } = {};
+
 export class KvmSystem {
   private constructor(
     readonly fd: number,
@@ -117,11 +120,17 @@ export class KvmSystem {
   }
 
   vcpuMmapSize(): number {
-    return ioctlInt(this.fd, 'GET_VCPU_MMAP_SIZE');
+    hostAnswers.mmapSize ??= ioctlInt(this.fd, 'GET_VCPU_MMAP_SIZE');
+    return hostAnswers.mmapSize;
   }
 
-  /** KVM_GET_MSR_INDEX_LIST: every MSR KVM saves and restores for a vCPU. */
+  /** KVM_GET_MSR_INDEX_LIST: every MSR KVM saves and restores for a vCPU (asked once a process). */
   msrIndexList(): number[] {
+    hostAnswers.msrs ??= this.queryMsrIndexList();
+    return [...hostAnswers.msrs];
+  }
+
+  private queryMsrIndexList(): number[] {
     const probe = s.kvm_msr_list.alloc();
     // E2BIG, with nmsrs set to the count, when the buffer is too small.
     libc.ioctlPtr(this.fd, KVM.GET_MSR_INDEX_LIST, probe);

@@ -23,6 +23,22 @@ import { restoreVcpu, saveVcpu } from '../snapshot/vcpu-state.js';
 import { installProgram } from '../seccomp/install.js';
 import type { VcpuExit, VcpuExitReason, VcpuMessage, VcpuWorkerInit } from './messages.js';
 
+// kvm_run's layout: worked out while a warm thread waits for its VM.
+const OFF_EXIT_REASON = kvm_run.offsetOf('exit_reason');
+const OFF_IO_DIRECTION = kvm_run.offsetOf('io.direction');
+const OFF_IO_SIZE = kvm_run.offsetOf('io.size');
+const OFF_IO_PORT = kvm_run.offsetOf('io.port');
+const OFF_IO_COUNT = kvm_run.offsetOf('io.count');
+const OFF_IO_DATA_OFFSET = kvm_run.offsetOf('io.data_offset');
+const OFF_MMIO_PHYS_ADDR = kvm_run.offsetOf('mmio.phys_addr');
+const OFF_MMIO_DATA = kvm_run.offsetOf('mmio.data');
+const OFF_MMIO_LEN = kvm_run.offsetOf('mmio.len');
+const OFF_MMIO_IS_WRITE = kvm_run.offsetOf('mmio.is_write');
+const OFF_FAIL_ENTRY_REASON = kvm_run.offsetOf('fail_entry.hardware_entry_failure_reason');
+const OFF_INTERNAL_SUBERROR = kvm_run.offsetOf('internal.suberror');
+const OFF_INTERNAL_NDATA = kvm_run.offsetOf('internal.ndata');
+const OFF_INTERNAL_DATA = kvm_run.offsetOf('internal.data');
+
 // Started with its VM's details, or warm (warm-workers.ts): its modules loaded, waiting for them.
 const init = ((workerData as VcpuWorkerInit | null) ??
   (await new Promise((resolve) => parentPort!.once('message', resolve)))) as VcpuWorkerInit;
@@ -61,21 +77,6 @@ if (runAddr === libc.MAP_FAILED) throw new Error(`mmap of kvm_run failed: ${libc
 const runBuffer = libc.view(runAddr, init.runMmapSize);
 const run = new DataView(runBuffer);
 const runBytes = new Uint8Array(runBuffer);
-
-const OFF_EXIT_REASON = kvm_run.offsetOf('exit_reason');
-const OFF_IO_DIRECTION = kvm_run.offsetOf('io.direction');
-const OFF_IO_SIZE = kvm_run.offsetOf('io.size');
-const OFF_IO_PORT = kvm_run.offsetOf('io.port');
-const OFF_IO_COUNT = kvm_run.offsetOf('io.count');
-const OFF_IO_DATA_OFFSET = kvm_run.offsetOf('io.data_offset');
-const OFF_MMIO_PHYS_ADDR = kvm_run.offsetOf('mmio.phys_addr');
-const OFF_MMIO_DATA = kvm_run.offsetOf('mmio.data');
-const OFF_MMIO_LEN = kvm_run.offsetOf('mmio.len');
-const OFF_MMIO_IS_WRITE = kvm_run.offsetOf('mmio.is_write');
-const OFF_FAIL_ENTRY_REASON = kvm_run.offsetOf('fail_entry.hardware_entry_failure_reason');
-const OFF_INTERNAL_SUBERROR = kvm_run.offsetOf('internal.suberror');
-const OFF_INTERNAL_NDATA = kvm_run.offsetOf('internal.ndata');
-const OFF_INTERNAL_DATA = kvm_run.offsetOf('internal.data');
 
 /** MMIO access bytes for each length 1..8, at kvm_run.mmio.data. */
 const mmioData: Uint8Array[] = [];

@@ -12,7 +12,7 @@ import { parsePoolSize, readDaemonConfig } from '../../src/manager/commands.js';
 import { JAIL_UID_BASE } from '../../src/manager/jail.js';
 import { Store } from '../../src/manager/store.js';
 import { kvmSkip, tempDir } from '../helpers.js';
-import { pvhKernel, SAY_K, THEN_IDLE } from '../pvh-kernel.js';
+import { pvhKernel, SAY_K, THEN_IDLE } from '../../src/guest/pvh-kernel.js';
 import { CLI, kiln } from './kiln-cli.js';
 
 interface PoolCounts {

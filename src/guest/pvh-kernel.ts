@@ -1,6 +1,7 @@
 // The smallest Linux-shaped kernel a VMM boots: an ELF vmlinux whose PVH entry (32-bit
 // protected mode, flat) runs a few instructions. The launch benchmark and the pool tests
-// boot it to see a guest's first instruction without waiting for a real kernel.
+// boot it to reach a guest's first instruction without a real kernel; a waiting kiln-vmm
+// builds a VM around it in its rehearsal (rehearsal.ts).
 
 // mov dx,0x3f8; mov al,'K'; out dx,al: 'K' on the serial console.
 export const SAY_K = [0x66, 0xba, 0xf8, 0x03, 0xb0, 0x4b, 0xee];
