@@ -29,6 +29,19 @@ export const write = libc.func('intptr_t write(int fd, const void *buf, size_t c
   buf: PointerArg,
   count: number,
 ) => number;
+/** Vectored positioned I/O: `iov` holds `iovcnt` struct iovec {void *base; size_t len}. */
+export const preadv = libc.func('intptr_t preadv(int fd, const void *iov, int iovcnt, int64_t offset)') as (
+  fd: number,
+  iov: PointerArg,
+  iovcnt: number,
+  offset: number,
+) => number;
+export const pwritev = libc.func('intptr_t pwritev(int fd, const void *iov, int iovcnt, int64_t offset)') as (
+  fd: number,
+  iov: PointerArg,
+  iovcnt: number,
+  offset: number,
+) => number;
 export const ioctlPtr = libc.func('int ioctl(int fd, unsigned long request, _Inout_ void *arg)') as (
   fd: number,
   request: number,

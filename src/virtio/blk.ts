@@ -31,6 +31,8 @@ export const VIRTIO_BLK_S_UNSUPP = 2;
 export const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1;
 export const VIRTIO_BLK_ID_BYTES = 20;
 export const SECTOR_BYTES = 512;
+/** The most iovecs one preadv/pwritev takes (Linux's IOV_MAX). */
+const MAX_IOV = 1024;
 
 /** struct virtio_blk_config (5.2.4), the fields Kiln fills. */
 export const BLK_CONFIG = {
@@ -183,6 +185,11 @@ export class BlkBackend implements VirtioBackend {
   private readonly ranges = new Uint8Array(RANGE_BYTES * MAX_RANGE_SEGMENTS);
   private readonly rangesView = new DataView(this.ranges.buffer);
   private readonly zeroes = new Uint8Array(64 * 1024);
+  /** One request's data segments (as many as its chain can have) and their iovecs (IOV_MAX at most; more go one by one). */
+  private segRegion = new Int32Array(QUEUE_SIZE);
+  private segOffset = new Float64Array(QUEUE_SIZE);
+  private segLength = new Float64Array(QUEUE_SIZE);
+  private readonly iov = Buffer.alloc(MAX_IOV * 16);
   private fd: number;
   private sectors: number;
   private readonly readOnly: boolean;
@@ -312,49 +319,94 @@ export class BlkBackend implements VirtioBackend {
     return written;
   }
 
-  /** Reads into the writable data segments, or writes from the readable ones after the header. */
+  /**
+   * Reads into the writable data segments, or writes from the readable ones after the
+   * header: one preadv/pwritev over all of them (guest memory is the iovecs' target, no
+   * copy), then, if that moved less, the rest segment by segment.
+   */
   private transfer(chain: DescriptorChain, sector: number, bytes: number, write: boolean): number {
     if (bytes % SECTOR_BYTES !== 0) return VIRTIO_BLK_S_IOERR;
     if (sector + bytes / SECTOR_BYTES > this.sectors) return VIRTIO_BLK_S_IOERR;
-    let position = sector * SECTOR_BYTES;
+    const position = sector * SECTOR_BYTES;
+    const mem = this.rt.mem;
+    if (chain.count > this.segRegion.length) {
+      this.segRegion = new Int32Array(chain.count);
+      this.segOffset = new Float64Array(chain.count);
+      this.segLength = new Float64Array(chain.count);
+    }
+    // The segments, in order: the data descriptors, the header skipped from the first ones of a write.
     let skip = write ? 16 : 0;
     let left = bytes;
+    let count = 0;
+    for (let i = 0; i < chain.count && left > 0; i++) {
+      if ((chain.writable[i] === 1) !== !write) continue;
+      let len = chain.length[i]!;
+      let offset = chain.offset[i]!;
+      if (skip > 0) {
+        const s = Math.min(skip, len);
+        skip -= s;
+        len -= s;
+        offset += s;
+      }
+      len = Math.min(len, left);
+      if (len === 0) continue;
+      this.segRegion[count] = chain.region[i]!;
+      this.segOffset[count] = offset;
+      this.segLength[count] = len;
+      count++;
+      left -= len;
+    }
+    const total = bytes - left;
+    // Marked before the read (one that fails half-way has still changed the pages) and
+    // again after it: a live migration's pre-copy may take the record in between, and a
+    // write it did not see must be marked after it (migration/send.ts).
+    const mark = () => {
+      for (let k = 0; k < count; k++) mem.markWritten(this.segRegion[k]!, this.segOffset[k]!, this.segLength[k]!);
+    };
+    if (!write) mark();
+    let done = 0;
     try {
-      for (let i = 0; i < chain.count && left > 0; i++) {
-        if ((chain.writable[i] === 1) !== !write) continue;
-        let len = chain.length[i]!;
-        let offset = chain.offset[i]!;
-        if (skip > 0) {
-          const s = Math.min(skip, len);
-          skip -= s;
-          len -= s;
-          offset += s;
+      if (count > 0 && count <= MAX_IOV) {
+        for (let k = 0; k < count; k++) {
+          const base = mem.regions[this.segRegion[k]!]!.hostAddr + BigInt(this.segOffset[k]!);
+          this.iov.writeBigUInt64LE(base, k * 16);
+          this.iov.writeBigUInt64LE(BigInt(this.segLength[k]!), k * 16 + 8);
         }
-        len = Math.min(len, left);
-        const bytesOfRegion = this.rt.mem.regionBytes(chain.region[i]!);
-        // Marked before the read (one that fails half-way has still changed the pages) and
-        // again after it: a live migration's pre-copy may take the record in between, and
-        // a write it did not see must be marked after it (migration/send.ts).
-        if (!write) this.rt.mem.markWritten(chain.region[i]!, offset, len);
-        let done = 0;
-        while (done < len) {
+        const n = write
+          ? libc.pwritev(this.fd, this.iov, count, position)
+          : libc.preadv(this.fd, this.iov, count, position);
+        if (n < 0) throw new Error(`${libc.errnoName(libc.errno())} (${libc.strerror(libc.errno())})`);
+        done = n;
+      }
+      // What a short vectored transfer (or a chain of more than MAX_IOV segments) left.
+      let at = 0;
+      for (let k = 0; k < count && done < total; k++) {
+        const len = this.segLength[k]!;
+        if (done >= at + len) {
+          at += len;
+          continue;
+        }
+        const bytesOfRegion = mem.regionBytes(this.segRegion[k]!);
+        const offset = this.segOffset[k]!;
+        for (let from = done - at; from < len;) {
           const n = write
-            ? writeSync(this.fd, bytesOfRegion, offset + done, len - done, position + done)
-            : readSync(this.fd, bytesOfRegion, offset + done, len - done, position + done);
+            ? writeSync(this.fd, bytesOfRegion, offset + from, len - from, position + at + from)
+            : readSync(this.fd, bytesOfRegion, offset + from, len - from, position + at + from);
           // A short read at end of file: the image shrank under the VM.
           if (n <= 0)
             return this.ioError(
               `${write ? 'write' : 'read'} at sector ${sector}`,
               new Error('the image is shorter than the disk the guest was given'),
             );
+          from += n;
           done += n;
         }
-        if (!write) this.rt.mem.markWritten(chain.region[i]!, offset, len);
-        position += len;
-        left -= len;
+        at += len;
       }
     } catch (err) {
       return this.ioError(`${write ? 'write' : 'read'} at sector ${sector}`, err);
+    } finally {
+      if (!write) mark();
     }
     return VIRTIO_BLK_S_OK;
   }
