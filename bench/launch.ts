@@ -84,6 +84,23 @@ async function waitForSocket(path: string, l: Launched): Promise<void> {
   if (!existsSync(path)) throw new Error(`kiln-vmm did not serve ${path}: ${l.output()}`);
 }
 
+/**
+ * A kiln-vmm waiting for its API as the daemon's pool keeps them: started, given a second
+ * to get ready, and asked GET / (as the pool asks before it hands one out).
+ */
+async function waitingVmm(sock: string): Promise<{ sock: string; l: Launched }> {
+  const l = launch(VMM, ['--api-sock', sock], vmmEnv());
+  try {
+    await waitForSocket(sock, l);
+    await sleep(1000);
+    await unixHttp(sock, 'GET', '/');
+  } catch (err) {
+    await stop(l);
+    throw err;
+  }
+  return { sock, l };
+}
+
 async function put(api: string, path: string, body: unknown): Promise<void> {
   const r = await unixHttp(api, 'PUT', path, body, 60_000);
   if (r.status !== 204) throw new Error(`PUT ${path}: ${r.status} ${JSON.stringify(r.body)}`);
@@ -161,13 +178,8 @@ export async function benchLaunch(ctx: BenchContext): Promise<void> {
   // From a waiting kiln-vmm: configuration + InstanceStart to the first byte.
   const pool: number[] = [];
   for (let i = 0; i < RUNS; i++) {
-    const sock = api(`pool-${i}`);
-    const l = launch(VMM, ['--api-sock', sock], vmmEnv());
+    const { sock, l } = await waitingVmm(api(`pool-${i}`));
     try {
-      await waitForSocket(sock, l);
-      await sleep(1000);
-      // The daemon's pool asks each process GET / before it hands it out (as here).
-      await unixHttp(sock, 'GET', '/');
       const t0 = performance.now();
       await put(sock, '/boot-source', { kernel_image_path: exitKernel });
       await put(sock, '/machine-config', { vcpu_count: 1, mem_size_mib: MEMORY_MIB });
@@ -198,12 +210,8 @@ export async function benchLaunch(ctx: BenchContext): Promise<void> {
   const restore: number[] = [];
   const trips: number[] = [];
   for (let i = 0; i < RUNS; i++) {
-    const sock = api(`restore-${i}`);
-    const l = launch(VMM, ['--api-sock', sock], vmmEnv());
+    const { sock, l } = await waitingVmm(api(`restore-${i}`));
     try {
-      await waitForSocket(sock, l);
-      await sleep(1000);
-      await unixHttp(sock, 'GET', '/');
       const t0 = performance.now();
       await put(sock, '/snapshot/load', {
         snapshot_path: snapState,

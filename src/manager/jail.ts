@@ -237,11 +237,33 @@ export function prepareJail(
       record: { jailed: true, uid, root, taps, lent, links, mounts, poolDir: pooled.dir, vmmId: pooled.id },
     };
   }
-  const argv = [
+  const argv = jailerArgv(
+    name,
+    uid,
+    base,
+    files.flatMap((f) => ['--bind', `${f.path}:${f.target}:${f.rw ? 'rw' : 'ro'}`]),
+    restore ? [] : ['--kiln-config', '/kiln-config.json'],
+  );
+  return { argv, record: { jailed: true, uid, root, taps, lent, links } };
+}
+
+/**
+ * The command that starts a jailed kiln-vmm `id` as `uid` under `base`: kiln-jailer with
+ * `jailerFlags`, then the VMM with its API and serial sockets in the jail's /run and
+ * `vmmFlags`.
+ */
+export function jailerArgv(
+  id: string,
+  uid: number,
+  base: string,
+  jailerFlags: readonly string[],
+  vmmFlags: readonly string[],
+): string[] {
+  return [
     process.execPath,
     JAILER,
     '--id',
-    name,
+    id,
     '--exec-file',
     VMM_CLI,
     '--uid',
@@ -250,15 +272,14 @@ export function prepareJail(
     String(uid),
     '--chroot-base-dir',
     base,
-    ...files.flatMap((f) => ['--bind', `${f.path}:${f.target}:${f.rw ? 'rw' : 'ro'}`]),
+    ...jailerFlags,
     '--',
     '--api-sock',
     '/run/api.sock',
-    ...(restore ? [] : ['--kiln-config', '/kiln-config.json']),
+    ...vmmFlags,
     '--serial-sock',
     '/run/serial.sock',
   ];
-  return { argv, record: { jailed: true, uid, root, taps, lent, links } };
 }
 
 /**

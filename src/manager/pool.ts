@@ -15,14 +15,12 @@ import type { ChildProcess } from 'node:child_process';
 import { closeSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { KilnError } from '../errors.js';
 import * as libc from '../kvm/libc.js';
 import { prepareCgroup, removeCgroup, spawnInCgroup } from './cgroup.js';
+import { jailerArgv } from './jail.js';
 import { PRIVATE_DIR, PRIVATE_FILE } from './store.js';
 
-const JAILER = fileURLToPath(new URL('../jail/jailer-cli.js', import.meta.url));
-const VMM_CLI = fileURLToPath(new URL('../vmm-cli.js', import.meta.url));
 /** The cgroup idle pool processes share ('_' is not in any VM's name). */
 export const POOL_CGROUP = '_pool';
 /** What one idle pool process may use at most, for the pool cgroup's memory limit. */
@@ -153,26 +151,7 @@ export class VmmPool {
     // Beside the pool's mount, not in it: the log is renamed into the VM's run directory.
     const log = join(this.logDir, `${slot}.log`);
     const out = openSync(log, 'a', PRIVATE_FILE);
-    const argv = [
-      process.execPath,
-      JAILER,
-      '--id',
-      id,
-      '--exec-file',
-      VMM_CLI,
-      '--uid',
-      String(uid),
-      '--gid',
-      String(uid),
-      '--chroot-base-dir',
-      base,
-      '--late-binds',
-      '--',
-      '--api-sock',
-      '/run/api.sock',
-      '--serial-sock',
-      '/run/serial.sock',
-    ];
+    const argv = jailerArgv(id, uid, base, ['--late-binds'], []);
     const child = spawnInCgroup(this.cgroupProcs, argv, {
       detached: true,
       stdio: ['ignore', out, out],
