@@ -22,6 +22,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { ensurePackages } from '../src/guestkit/build.js';
+import { vmmEnvironment } from '../src/host.js';
 import { unixHttp } from '../src/manager/manager.js';
 import { pvhKernel, SAY_K, THEN_EXIT, THEN_IDLE } from '../src/guest/pvh-kernel.js';
 import { median, overheadMiB, pssMiB, type BenchContext } from './util.js';
@@ -72,13 +73,6 @@ async function stop(l: Launched): Promise<void> {
   await l.exited;
 }
 
-/** The environment a user's shell gives kiln-vmm, less what this host adds (see README, "Start-up"). */
-const vmmEnv = (): NodeJS.ProcessEnv => {
-  const env = { ...process.env };
-  delete env.NODE_EXTRA_CA_CERTS;
-  return env;
-};
-
 async function waitForSocket(path: string, l: Launched): Promise<void> {
   for (let i = 0; i < 400 && !existsSync(path); i++) await sleep(10);
   if (!existsSync(path)) throw new Error(`kiln-vmm did not serve ${path}: ${l.output()}`);
@@ -89,7 +83,7 @@ async function waitForSocket(path: string, l: Launched): Promise<void> {
  * to get ready, and asked GET / (as the pool asks before it hands one out).
  */
 async function waitingVmm(sock: string): Promise<{ sock: string; l: Launched }> {
-  const l = launch(VMM, ['--api-sock', sock], vmmEnv());
+  const l = launch(VMM, ['--api-sock', sock], vmmEnvironment());
   try {
     await waitForSocket(sock, l);
     await sleep(1000);
@@ -141,7 +135,7 @@ export async function benchLaunch(ctx: BenchContext): Promise<void> {
   const cold: number[] = [];
   for (let i = 0; i < RUNS; i++) {
     const t0 = performance.now();
-    const l = launch(VMM, ['--api-sock', api(`cold-${i}`), '--config-file', exitConfig], vmmEnv());
+    const l = launch(VMM, ['--api-sock', api(`cold-${i}`), '--config-file', exitConfig], vmmEnvironment());
     cold.push((await l.said) - t0);
     await l.exited;
   }
@@ -196,7 +190,11 @@ export async function benchLaunch(ctx: BenchContext): Promise<void> {
   const snapMem = join(ctx.dir, 'idle.mem');
   {
     const sock = api('snap');
-    const l = launch(VMM, ['--api-sock', sock, '--config-file', configFile('idle', idleKernel, true, 99)], vmmEnv());
+    const l = launch(
+      VMM,
+      ['--api-sock', sock, '--config-file', configFile('idle', idleKernel, true, 99)],
+      vmmEnvironment(),
+    );
     try {
       await l.said;
       await waitForSocket(sock, l);
@@ -242,7 +240,7 @@ export async function benchLaunch(ctx: BenchContext): Promise<void> {
       const l = launch(
         VMM,
         ['--api-sock', api(`fp-${i}`), '--config-file', configFile(`fp-${i}`, idleKernel, true, i)],
-        vmmEnv(),
+        vmmEnvironment(),
       );
       running.push(l);
       await l.said;

@@ -17,6 +17,9 @@ export async function rehearse(): Promise<void> {
       log: () => undefined,
       kernelImage: pvhKernel([...SAY_K, ...THEN_IDLE]),
     });
+    // What Vm.start asks of KVM (once a process): asked here, so a start finds it ready.
+    live.vm.kvmSystem.msrIndexList();
+    live.vm.kvmSystem.vcpuMmapSize();
     await live.vm.destroy();
   } catch {
     // A host where the rehearsal cannot build a VM cannot build the real one either: its start says why.

@@ -5,7 +5,6 @@ import type { CompatConfig } from './compat/pvm.js';
 import { KilnError } from './errors.js';
 import { createDeviceState, type DeviceKind, type DeviceRequest, type DeviceSpec } from './devices/catalogue.js';
 import { KVM_CAP } from './kvm/ioctl.js';
-import { buildAcpiTables } from './acpi/tables.js';
 import { findLeaf, supportedCpuid } from './cpu/cpuid.js';
 import { KvmSystem, VcpuFd, type VmFd } from './kvm/kvm.js';
 import { KVM_TSS_ADDRESS, PAGE_SIZE } from './layout.js';
@@ -113,12 +112,6 @@ export function prepareSpareVm(): void {
     kvm = KvmSystem.open();
     vmFd = createKvmVm(kvm, true);
     spare = { kvm, vmFd, vcpu0: vmFd.createVcpu(0) };
-    // What every start asks of the host's KVM (each asked once a process), and the ACPI
-    // tables of the commonest shape: a start then finds them ready.
-    supportedCpuid(kvm);
-    kvm.msrIndexList();
-    kvm.vcpuMmapSize();
-    buildAcpiTables({ vcpus: 1, pci: true });
   } catch {
     vmFd?.close();
     kvm?.close();

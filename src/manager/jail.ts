@@ -151,7 +151,7 @@ export function prepareJail(
    * host (they propagate into its mount namespace), and its slot directory.
    */
   pooled?: { readonly root: string; readonly dir: string; readonly id: string },
-): { argv: string[]; record: JailRecord } {
+): { argv: string[]; record: JailRecord; config: VmConfig } {
   const base = join(run, 'jail');
   // A previous run's jail: its mounts died with its mount namespace; only mount points and sockets are left.
   rmSync(base, { recursive: true, force: true });
@@ -235,6 +235,7 @@ export function prepareJail(
     return {
       argv: [],
       record: { jailed: true, uid, root, taps, lent, links, mounts, poolDir: pooled.dir, vmmId: pooled.id },
+      config: jailed,
     };
   }
   const argv = jailerArgv(
@@ -244,7 +245,7 @@ export function prepareJail(
     files.flatMap((f) => ['--bind', `${f.path}:${f.target}:${f.rw ? 'rw' : 'ro'}`]),
     restore ? [] : ['--kiln-config', '/kiln-config.json'],
   );
-  return { argv, record: { jailed: true, uid, root, taps, lent, links } };
+  return { argv, record: { jailed: true, uid, root, taps, lent, links }, config: jailed };
 }
 
 /**
@@ -311,6 +312,18 @@ export function unmountAll(mounts: readonly string[]): string[] {
     if (libc.umount2(m, libc.MNT_DETACH) !== 0 && libc.errno() !== libc.EINVAL && libc.errno() !== libc.ENOENT)
       failed.push(`${m}: ${libc.errnoName(libc.errno())}`);
   return failed;
+}
+
+/**
+ * Whether process `pid` is kiln-vmm with `--id` `id` (kiln-jailer passes `--id=ID`, a
+ * direct start `--id ID`): alive, and not a pid reused by something else. Throws when
+ * there is no such process.
+ */
+export function isKilnVmm(pid: number, id: string): boolean {
+  const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+  const i = cmdline.indexOf('--id');
+  const named = (i >= 0 && cmdline[i + 1] === id) || cmdline.includes(`--id=${id}`);
+  return named && cmdline.some((a) => a.endsWith('vmm-cli.js'));
 }
 
 /** Whether `run`'s sockets point into a jail that still exists. */

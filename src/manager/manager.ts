@@ -65,6 +65,7 @@ import {
   JAIL_SNAPSHOT_MEMORY,
   JAIL_SNAPSHOT_STATE,
   JAIL_VSOCK,
+  isKilnVmm,
   removeSocketLinks,
   returnLentFiles,
   unmountAll,
@@ -279,11 +280,7 @@ export class Manager {
     // Alive, and that VM's kiln-vmm (not a recycled pid); one from the pool keeps its pool id.
     const id = readJailRecord(this.store.runDir(name))?.vmmId ?? name;
     try {
-      const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
-      const i = cmdline.indexOf('--id');
-      // kiln-jailer passes --id=NAME; a direct start passes --id NAME.
-      const named = cmdline[i + 1] === id || cmdline.includes(`--id=${id}`);
-      return cmdline.some((a) => a.endsWith('vmm-cli.js')) && named ? pid : null;
+      return isKilnVmm(pid, id) ? pid : null;
     } catch {
       // No /proc entry: the process is gone.
       return null;
@@ -491,6 +488,8 @@ export class Manager {
     }
     let record: JailRecord = NOT_JAILED;
     let vmm: string[];
+    // The configuration as the jailed VMM sees it (its own socket paths).
+    let jailedConfig = config;
     // A jailed VM takes a pre-started VMM from the daemon's pool when one is ready.
     const pooled = jail && this.pool ? await this.pool.take() : null;
     if (jail) {
@@ -514,6 +513,7 @@ export class Manager {
       }
       vmm = prepared.argv;
       record = prepared.record;
+      jailedConfig = prepared.config;
     } else {
       warnings.push(`'${name}' runs WITHOUT its jail (--no-jail): its VMM is root in the host's namespaces`);
       vmm = this.directVmm(name, run, !from);
@@ -555,7 +555,7 @@ export class Manager {
       );
     }
     if (restore) await this.loadInto(name, pid, jail, restore);
-    else if (pooled && !from) await this.configureInto(name, pid, record, config);
+    else if (pooled && !from) await this.configureInto(name, pid, jailedConfig);
     else if (from && 'receiveToken' in from) {
       // An incoming migration: the VM runs once its source has sent it (watchIncoming).
       await this.receiveInto(name, pid, jail, from.receiveToken, from.diskOverrides);
@@ -594,11 +594,10 @@ export class Manager {
   }
 
   /** Gives a pool process (already jailed, waiting) the VM's configuration and starts it. */
-  private async configureInto(name: string, pid: number, record: JailRecord, config: VmConfig): Promise<void> {
+  private async configureInto(name: string, pid: number, config: VmConfig): Promise<void> {
     const api = join(this.store.runDir(name), 'api.sock');
-    const jailed = JSON.parse(readFileSync(join(record.root!, 'kiln-config.json'), 'utf8')) as unknown;
     for (const [method, path, body] of [
-      ['PUT', '/kiln/vm-config', jailed],
+      ['PUT', '/kiln/vm-config', config],
       ['PUT', '/actions', { action_type: 'InstanceStart' }],
     ] as const) {
       const r = await unixHttp(api, method, path, body, START_TIMEOUT_MS);

@@ -16,9 +16,10 @@ import { closeSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, writ
 import { request } from 'node:http';
 import { join } from 'node:path';
 import { KilnError } from '../errors.js';
+import { meminfoKiB, vmmEnvironment } from '../host.js';
 import * as libc from '../kvm/libc.js';
 import { prepareCgroup, removeCgroup, spawnInCgroup } from './cgroup.js';
-import { jailerArgv } from './jail.js';
+import { isKilnVmm, jailerArgv } from './jail.js';
 import { PRIVATE_DIR, PRIVATE_FILE } from './store.js';
 
 /** The cgroup idle pool processes share ('_' is not in any VM's name). */
@@ -57,20 +58,6 @@ export interface PoolOptions {
   readonly log: (line: string) => void;
   /** MemAvailable (MiB) below which the pool shrinks (default: 5 % of MemTotal, at least 256). */
   readonly minAvailableMiB?: number;
-}
-
-/** MemAvailable and MemTotal from /proc/meminfo, in MiB. */
-function memInfo(): { available: number; total: number } {
-  const text = readFileSync('/proc/meminfo', 'utf8');
-  const kib = (key: string) => Number(new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(text)?.[1] ?? 0);
-  return { available: kib('MemAvailable') / 1024, total: kib('MemTotal') / 1024 };
-}
-
-/** The VMM's environment: what the jailer passes on is cleared anyway; Node's extra CAs would cost ~0.1 s to read. */
-function poolEnv(): NodeJS.ProcessEnv {
-  const env = { ...process.env };
-  delete env.NODE_EXTRA_CA_CERTS;
-  return env;
 }
 
 export class VmmPool {
@@ -155,7 +142,7 @@ export class VmmPool {
     const child = spawnInCgroup(this.cgroupProcs, argv, {
       detached: true,
       stdio: ['ignore', out, out],
-      env: poolEnv(),
+      env: vmmEnvironment(),
     });
     closeSync(out);
     child.unref();
@@ -231,7 +218,8 @@ export class VmmPool {
   private checkPressure(): void {
     let info: { available: number; total: number };
     try {
-      info = memInfo();
+      const kib = meminfoKiB();
+      info = { available: kib('MemAvailable') / 1024, total: kib('MemTotal') / 1024 };
     } catch {
       return;
     }
@@ -313,8 +301,7 @@ function safeList(dir: string): string[] {
 function endOrphan(slot: string, id: string): void {
   try {
     const pid = Number(readFileSync(join(slot, 'pid'), 'utf8').trim());
-    const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
-    if (cmdline.some((a) => a.endsWith('vmm-cli.js')) && cmdline.includes(`--id=${id}`)) process.kill(pid, 'SIGKILL');
+    if (isKilnVmm(pid, id)) process.kill(pid, 'SIGKILL');
   } catch {
     // no pid file, or the process is gone
   }

@@ -360,10 +360,7 @@ export class BlkBackend implements VirtioBackend {
     // Marked before the read (one that fails half-way has still changed the pages) and
     // again after it: a live migration's pre-copy may take the record in between, and a
     // write it did not see must be marked after it (migration/send.ts).
-    const mark = () => {
-      for (let k = 0; k < count; k++) mem.markWritten(this.segRegion[k]!, this.segOffset[k]!, this.segLength[k]!);
-    };
-    if (!write) mark();
+    if (!write) this.markSegments(count);
     let done = 0;
     try {
       if (count > 0 && count <= MAX_IOV) {
@@ -406,9 +403,14 @@ export class BlkBackend implements VirtioBackend {
     } catch (err) {
       return this.ioError(`${write ? 'write' : 'read'} at sector ${sector}`, err);
     } finally {
-      if (!write) mark();
+      if (!write) this.markSegments(count);
     }
     return VIRTIO_BLK_S_OK;
+  }
+
+  /** Records the first `count` segments as Kiln's own writes into guest memory. */
+  private markSegments(count: number): void {
+    for (let k = 0; k < count; k++) this.rt.mem.markWritten(this.segRegion[k]!, this.segOffset[k]!, this.segLength[k]!);
   }
 
   /** Discard and write-zeroes: a list of {sector, num_sectors, flags} after the header. */
