@@ -13,7 +13,7 @@ import { SerialSocket } from './api/serial-socket.js';
 import { ConfigError, hasVirtio, parseVmConfig } from './config/vm-config.js';
 import { KilnError } from './errors.js';
 import { installProcessFilter } from './seccomp/install.js';
-import { prewarmUpTo } from './warm-workers.js';
+import { endWarmWorkers, prewarmUpTo } from './warm-workers.js';
 import { prepareSpareVm } from './vm.js';
 import { rehearse } from './rehearsal.js';
 import {
@@ -165,6 +165,7 @@ async function main(argv: string[]): Promise<number> {
 /** Runs kiln-vmm with `argv` (vmm-cli.ts has started a vCPU thread ahead, if it is needed). */
 export async function runVmm(argv: string[]): Promise<void> {
   process.exitCode = await main(argv);
+  await endWarmWorkers();
   // The vCPU and I/O worker threads are gone; nothing else should hold the process.
   setTimeout(() => process.exit(), 200).unref();
 }

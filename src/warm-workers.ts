@@ -3,7 +3,8 @@
 // in one message. kiln-vmm starts one vCPU and one I/O worker while it waits for its API,
 // so InstanceStart and /snapshot/load do not pay for an isolate's start-up (most of a
 // load's time otherwise). A worker that is not warm is started as before.
-import { Worker } from 'node:worker_threads';
+import { parentPort, Worker, workerData } from 'node:worker_threads';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 const URLS = {
   vcpu: new URL('./vcpu/worker.js', import.meta.url),
@@ -21,13 +22,22 @@ const LIMITS = { maxYoungGenerationSizeMb: 2 } as const;
 
 const warm: Record<WorkerKind, Worker[]> = { vcpu: [], io: [] };
 
+/** What a warm worker gets as its workerData: a cell it sets once its modules are loaded. */
+interface WarmData {
+  warmLoaded: SharedArrayBuffer;
+}
+const loadedCells = new Map<Worker, Int32Array>();
+
 /** Starts `count` workers of `kind` now; they wait (cheaply, blocked on their message port) for take(). */
 export function prewarm(kind: WorkerKind, count = 1): void {
   for (let i = 0; i < count; i++) {
-    const w = new Worker(URLS[kind], { workerData: null, stdout: false, stderr: false, resourceLimits: LIMITS });
+    const data: WarmData = { warmLoaded: new SharedArrayBuffer(4) };
+    const w = new Worker(URLS[kind], { workerData: data, stdout: false, stderr: false, resourceLimits: LIMITS });
+    loadedCells.set(w, new Int32Array(data.warmLoaded));
     // An idle warm worker must not keep the process alive.
     w.unref();
     w.once('exit', () => {
+      loadedCells.delete(w);
       const list = warm[kind];
       const at = list.indexOf(w);
       if (at >= 0) list.splice(at, 1);
@@ -48,6 +58,7 @@ export function prewarmUpTo(kind: WorkerKind, count: number): void {
 export function startWorker(kind: WorkerKind, init: unknown): Worker {
   const w = warm[kind].shift();
   if (w) {
+    loadedCells.delete(w);
     w.ref();
     w.postMessage(init);
     return w;
@@ -55,10 +66,38 @@ export function startWorker(kind: WorkerKind, init: unknown): Worker {
   return new Worker(URLS[kind], { workerData: init, stdout: false, stderr: false, resourceLimits: LIMITS });
 }
 
-/** Ends the warm workers nobody took (at exit). */
+/**
+ * Ends the warm workers nobody took (before the process exits). A worker still loading
+ * its modules is waited for first (up to 10 s): ending an isolate while koffi's native
+ * module initialises aborts the whole process (koffi throws into a terminating
+ * environment, which Node treats as fatal), so an early SIGTERM or a refused
+ * configuration would otherwise end kiln-vmm with SIGABRT instead of its exit status.
+ */
 export async function endWarmWorkers(): Promise<void> {
   const all = [...warm.vcpu, ...warm.io];
   warm.vcpu.length = 0;
   warm.io.length = 0;
+  const deadline = Date.now() + 10_000;
+  for (const w of all) {
+    while (loadedCells.has(w) && Atomics.load(loadedCells.get(w)!, 0) === 0 && Date.now() < deadline) await sleep(5);
+  }
   await Promise.all(all.map((w) => w.terminate()));
+}
+
+/**
+ * In a vCPU or I/O worker, once its modules are loaded: its VM's details — its
+ * workerData when it was started for a VM, or (a warm worker) the first message, after
+ * marking its modules loaded for endWarmWorkers.
+ */
+export async function workerInit<T>(): Promise<T> {
+  const data = workerData as T | WarmData;
+  if (!isWarmData(data)) return data;
+  Atomics.store(new Int32Array(data.warmLoaded), 0, 1);
+  return new Promise<T>((resolve) => parentPort!.once('message', resolve));
+}
+
+function isWarmData(data: unknown): data is WarmData {
+  return (
+    typeof data === 'object' && data !== null && (data as Partial<WarmData>).warmLoaded instanceof SharedArrayBuffer
+  );
 }

@@ -8,7 +8,8 @@
 // EINTR; one that lands between runs stays pending and makes the next KVM_RUN return
 // EINTR at once. Either way the thread then sees its request cell and consumes the
 // pending signal with sigtimedwait, so there is no window in which a kick is lost.
-import { parentPort, workerData } from 'node:worker_threads';
+import { parentPort } from 'node:worker_threads';
+import { workerInit } from '../warm-workers.js';
 import { PvmCompat } from '../compat/pvm.js';
 import { irqLineSetter, msiSender } from '../devices/irq.js';
 import { buildBuses } from '../devices/catalogue.js';
@@ -40,8 +41,7 @@ const OFF_INTERNAL_NDATA = kvm_run.offsetOf('internal.ndata');
 const OFF_INTERNAL_DATA = kvm_run.offsetOf('internal.data');
 
 // Started with its VM's details, or warm (warm-workers.ts): its modules loaded, waiting for them.
-const init = ((workerData as VcpuWorkerInit | null) ??
-  (await new Promise((resolve) => parentPort!.once('message', resolve)))) as VcpuWorkerInit;
+const init = await workerInit<VcpuWorkerInit>();
 const port = parentPort!;
 const post = (message: VcpuMessage) => port.postMessage(message);
 const cells = new Int32Array(init.control);

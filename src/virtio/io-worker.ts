@@ -3,7 +3,8 @@
 // (TAP, sockets, terminal). Device work happens here, never on a vCPU thread; a vCPU's
 // kick costs it no exit to user space. Interrupts go back with KVM_SIGNAL_MSI (or the
 // INTx line). The loop allocates nothing per event.
-import { parentPort, workerData } from 'node:worker_threads';
+import { parentPort } from 'node:worker_threads';
+import { workerInit } from '../warm-workers.js';
 import { SharedLock } from '../bus/shared-lock.js';
 import { LOCK_INDEX } from '../devices/device.js';
 import { irqLineSetter, msiSender } from '../devices/irq.js';
@@ -16,8 +17,7 @@ import { virtioState } from './pci.js';
 import { installProgram } from '../seccomp/install.js';
 
 // Started with its VM's details, or warm (warm-workers.ts): its modules loaded, waiting for them.
-const init = ((workerData as IoThreadInit | null) ??
-  (await new Promise((resolve) => parentPort!.once('message', resolve)))) as IoThreadInit;
+const init = await workerInit<IoThreadInit>();
 const memory = GuestMemory.attach(init.memory);
 const sendMsi = msiSender(init.vmFd);
 const setIrq = irqLineSetter(init.vmFd);
