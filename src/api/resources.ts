@@ -167,7 +167,6 @@ export function parseMachineConfig(body: unknown, patch = false): ConfigChange {
     body,
     patch ? MACHINE_FIELDS : { ...MACHINE_FIELDS, vcpu_count: req(int), mem_size_mib: req(int) },
   );
-  if (r.smt === true) throw new ApiError('machine-config: SMT is not supported by Kiln yet');
   if (r.huge_pages === '2M')
     throw new ApiError('machine-config: explicit 2M huge pages are not supported by Kiln yet (use Transparent)');
   if (r.cpu_template !== undefined && r.cpu_template !== 'None')
@@ -175,7 +174,8 @@ export function parseMachineConfig(body: unknown, patch = false): ConfigChange {
       `machine-config: CPU template ${String(r.cpu_template)} is not supported by Kiln (its own templates are host, pvm and baseline)`,
     );
   return (input) => {
-    if (!patch) for (const key of ['trackDirtyPages', 'hugePages']) delete input[key];
+    if (!patch) for (const key of ['trackDirtyPages', 'hugePages', 'smt']) delete input[key];
+    if (r.smt !== undefined) input.smt = r.smt;
     if (r.vcpu_count !== undefined) input.cpus = r.vcpu_count;
     if (r.mem_size_mib !== undefined) input.memoryMiB = r.mem_size_mib;
     if (r.track_dirty_pages !== undefined) input.trackDirtyPages = r.track_dirty_pages;
@@ -479,7 +479,7 @@ export function exportMachineConfig(c: VmConfig): Record<string, unknown> {
   return {
     vcpu_count: c.cpus,
     mem_size_mib: c.memoryMiB,
-    smt: false,
+    smt: c.smt,
     track_dirty_pages: c.trackDirtyPages,
     huge_pages: c.hugePages ?? 'None',
   };

@@ -80,10 +80,14 @@ const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Han
   ['GET', '/version', () => ({ firecracker_version: FIRECRACKER_API_VERSION })],
   ['GET', '/vm/config', (vmm) => r.exportDefinition(vmm.config, vmm.settings)],
   ['GET', '/machine-config', (vmm) => r.exportMachineConfig(vmm.config)],
-  ['PUT', '/boot-source', preBoot((vmm, body) => vmm.apply(r.parseBootSource(body)))],
+  ['PUT', '/boot-source', preBoot((vmm, body) => vmm.setBootSource(r.parseBootSource(body)))],
   ['PUT', '/machine-config', preBoot((vmm, body) => vmm.apply(r.parseMachineConfig(body)))],
   ['PATCH', '/machine-config', preBoot((vmm, body) => vmm.apply(r.parseMachineConfig(body, true)))],
-  ['PUT', '/drives/:drive_id', preBoot((vmm, body, p) => vmm.apply(r.parseDrive(p.drive_id ?? '', body)))],
+  [
+    'PUT',
+    '/drives/:drive_id',
+    preBoot((vmm, body, p) => vmm.setDrive(r.parseDrive(p.drive_id ?? '', body), p.drive_id ?? '')),
+  ],
   [
     'PATCH',
     '/drives/:drive_id',

@@ -1,13 +1,23 @@
 // One VM behind the Firecracker API: its definition (what the API has PUT so far), and
 // once InstanceStart has run, the live Linux VM built from it. Pre-boot-only resources
 // are refused after the start, as Firecracker refuses them.
-import { closeSync, constants as fsConstants, existsSync, lstatSync, openSync, statSync, writeSync } from 'node:fs';
+import {
+  closeSync,
+  constants as fsConstants,
+  existsSync,
+  lstatSync,
+  openSync,
+  readSync,
+  statSync,
+  writeSync,
+} from 'node:fs';
 import { dirname } from 'node:path';
 import { isNullDevice, requireKind } from '../special-files.js';
 import { createLinuxVm, type LinuxVm } from '../boot/linux.js';
 import { KilnError } from '../errors.js';
 import { ConfigError, parseVmConfig, type VmConfig } from '../config/vm-config.js';
 import { balloonControl, blkControl, openDisk } from '../platform/virtio.js';
+import { KERNEL_HEADER_BYTES, kernelFormatOf } from '../boot/loader.js';
 import type { BalloonControl } from '../virtio/balloon.js';
 import type { VmResult } from '../vm.js';
 import type { SeccompPrograms } from '../seccomp/policy.js';
@@ -62,6 +72,35 @@ interface VmmSnapshot {
   /** Full, or Diff (the memory file held only what changed; it is laid over its base to load). */
   readonly memoryType?: 'Full' | 'Diff';
   readonly machine: MachineState;
+}
+
+/**
+ * The first `bytes` of the regular file at `path` (opened non-blocking, so a FIFO given
+ * as a kernel never stalls the API), or a 400 that says why it cannot be used.
+ */
+function readHead(path: string, what: string, bytes: number): Uint8Array {
+  let fd: number;
+  try {
+    fd = openSync(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK | fsConstants.O_NOCTTY);
+  } catch (err) {
+    throw new ApiError(`Cannot open the ${what} file ${path}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
+  }
+  try {
+    requireKind(fd, path, `the ${what} file`, ['regular file']);
+    const head = Buffer.alloc(bytes);
+    let got = 0;
+    while (got < bytes) {
+      const n = readSync(fd, head, got, bytes - got, got);
+      if (n === 0) break;
+      got += n;
+    }
+    return head.subarray(0, got);
+  } catch (err) {
+    if (err instanceof KilnError) throw new ApiError(`Cannot use ${err.message}`);
+    throw new ApiError(`Cannot read the ${what} file ${path}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
+  } finally {
+    closeSync(fd);
+  }
 }
 
 export class Vmm {
@@ -200,6 +239,41 @@ export class Vmm {
         throw new ApiError(
           `Cannot use the vsock socket path ${uds}: longer than a Unix socket path may be (107 bytes)`,
         );
+    }
+    this.config = next;
+  }
+
+  /**
+   * PUT /boot-source, with Firecracker's timing: the kernel (an ELF vmlinux or a bzImage)
+   * and the initrd are opened and checked now, so a missing, unreadable or non-kernel
+   * file is a 400 here rather than at InstanceStart.
+   */
+  setBootSource(change: ConfigChange): void {
+    const next = this.check(change);
+    const kernel = readHead(next.kernel!, 'kernel', KERNEL_HEADER_BYTES);
+    if (!kernelFormatOf(kernel))
+      throw new ApiError(
+        `The kernel file ${next.kernel} is not a Linux kernel: neither an ELF vmlinux nor a bzImage (no ELF magic, no "HdrS" setup header)`,
+      );
+    if (next.initrd !== undefined) readHead(next.initrd, 'initrd', 0);
+    this.config = next;
+  }
+
+  /**
+   * PUT /drives/ID, with Firecracker's timing: the image is opened (read-write unless the
+   * drive is read-only) and its lock taken now, so a missing, unwritable, locked or
+   * non-disk file is a 400 here. The lock is let go again until InstanceStart takes it
+   * for the VM's lifetime.
+   */
+  setDrive(change: ConfigChange, id: string): void {
+    const next = this.check(change);
+    const index = next.disks.findIndex((d) => d.id === id);
+    const disk = next.disks[index]!;
+    try {
+      closeSync(openDisk(disk, index).fd);
+    } catch (err) {
+      if (err instanceof KilnError) throw new ApiError(`Unable to use the drive ${id}: ${err.message}`);
+      throw err;
     }
     this.config = next;
   }

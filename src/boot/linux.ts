@@ -174,7 +174,9 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime, from?: 
 
     const cpuid = applyTemplate(supportedCpuid(vm.kvmSystem), template);
     const refused = new Set<number>();
-    vm.vcpus.forEach((vcpu, i) => configureVcpu(vcpu, i, config.cpus, cpuid, true).forEach((msr) => refused.add(msr)));
+    vm.vcpus.forEach((vcpu, i) =>
+      configureVcpu(vcpu, i, config.cpus, cpuid, true, config.smt ? 2 : 1).forEach((msr) => refused.add(msr)),
+    );
     if (refused.size > 0) {
       vm.logSink.emit(
         'vcpu',

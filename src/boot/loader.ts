@@ -285,6 +285,19 @@ function loadBzImage(req: BootRequest, top: number): BootImage {
   };
 }
 
+/** How many bytes from a kernel image's start kernelFormatOf needs. */
+export const KERNEL_HEADER_BYTES = 0x206;
+
+/**
+ * The format a kernel image's first KERNEL_HEADER_BYTES say it is (an ELF vmlinux or a
+ * bzImage), or null: what Firecracker checks when the boot source is PUT.
+ */
+export function kernelFormatOf(head: Uint8Array): 'elf' | 'bzimage' | null {
+  if (isElf(head)) return 'elf';
+  if (head.length >= KERNEL_HEADER_BYTES && dataView(head).getUint32(0x202, true) === HDRS_MAGIC) return 'bzimage';
+  return null;
+}
+
 /** Recognises the kernel's format and lays out everything the boot needs. */
 export function loadKernel(req: BootRequest): BootImage {
   const top = lowRamTop(req.ram);

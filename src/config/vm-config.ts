@@ -174,6 +174,11 @@ export const VM_ENTRIES = {
   cpuTemplate: v.optional(oneOf(['host', 'pvm', 'baseline'] as const)),
   /** Huge pages for guest memory (Firecracker's huge_pages; Kiln supports None and Transparent). */
   hugePages: v.optional(oneOf(['None', 'Transparent'] as const)),
+  /**
+   * Firecracker's smt: the guest sees two threads per core (CPUID's topology), so the
+   * vCPU count must be 1 or even; off, each vCPU is a core of its own.
+   */
+  smt: v.optional(flag(), false),
   /** Firecracker's track_dirty_pages: kept and reported (dirty logging arrives with snapshots). */
   trackDirtyPages: v.optional(flag(), false),
   disks: list(DiskSchema),
@@ -224,8 +229,12 @@ export function finishDevices<
     nets: readonly v.InferOutput<typeof NetSchema>[];
     kernel?: string | undefined;
     initrd?: string | undefined;
+    cpus?: number | undefined;
+    smt?: boolean | undefined;
   },
 >(parsed: T): Omit<T, 'disks' | 'nets'> & { disks: DiskConfig[]; nets: NetConfig[] } {
+  if (parsed.smt && parsed.cpus !== undefined && parsed.cpus > 1 && parsed.cpus % 2 !== 0)
+    throw new ConfigError('cpus', `must be 1 or even with SMT on (two threads per core; got ${parsed.cpus})`);
   if (parsed.initrd !== undefined && parsed.kernel === undefined)
     throw new ConfigError('initrd', 'needs a kernel (the default guest brings its own initramfs)');
   const disks = parsed.disks.map((d, i) => ({ ...d, id: d.id ?? `disk${i}` }));

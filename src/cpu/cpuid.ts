@@ -70,11 +70,19 @@ const LEAF_B_LEVEL_SMT = 1;
 const LEAF_B_LEVEL_CORE = 2;
 
 /**
- * The CPUID table one vCPU sees: each vCPU is one core of one socket with one thread
- * (APIC id = vCPU index), and the hypervisor bit is set.
+ * The CPUID table one vCPU sees: one socket of `vcpuCount` logical processors, each core
+ * with `threadsPerCore` threads (2 with SMT on, else 1; APIC id = vCPU index, so vCPUs
+ * 2k and 2k+1 are one core's threads), and the hypervisor bit set.
  */
-export function vcpuCpuid(base: readonly CpuidEntry[], vcpu: number, vcpuCount: number): CpuidEntry[] {
+export function vcpuCpuid(
+  base: readonly CpuidEntry[],
+  vcpu: number,
+  vcpuCount: number,
+  threadsPerCore: 1 | 2 = 1,
+): CpuidEntry[] {
   const out = base.map((e) => ({ ...e }));
+  const threads = vcpuCount > 1 ? threadsPerCore : 1;
+  const smtBits = threads === 2 ? 1 : 0;
   const coreBits = Math.ceil(Math.log2(Math.max(1, vcpuCount)));
   for (const e of out) {
     if (e.function === 1) {
@@ -82,11 +90,11 @@ export function vcpuCpuid(base: readonly CpuidEntry[], vcpu: number, vcpuCount: 
       e.ecx = (e.ecx | CPUID1_ECX_HYPERVISOR) >>> 0;
       e.edx = (vcpuCount > 1 ? e.edx | CPUID1_EDX_HTT : e.edx & ~CPUID1_EDX_HTT) >>> 0;
     } else if (e.function === 0xb || e.function === 0x1f) {
-      // Extended topology: level 0 = SMT (1 thread per core), level 1 = cores.
+      // Extended topology: level 0 = SMT (threads per core), level 1 = cores (all logical processors).
       e.edx = vcpu;
       if (e.index === 0) {
-        e.eax = 0;
-        e.ebx = 1;
+        e.eax = smtBits;
+        e.ebx = threads;
         e.ecx = (LEAF_B_LEVEL_SMT << 8) | 0;
       } else if (e.index === 1) {
         e.eax = coreBits;
@@ -97,6 +105,13 @@ export function vcpuCpuid(base: readonly CpuidEntry[], vcpu: number, vcpuCount: 
         e.ebx = 0;
         e.ecx = e.index;
       }
+    } else if (e.function === 4 && (e.eax & 0x1f) !== 0) {
+      // Deterministic cache parameters: L1 and L2 are a core's (its threads share them),
+      // the last level the socket's; bits 31:26 are the cores per socket, less one.
+      const level = (e.eax >>> 5) & 7;
+      const sharing = level >= 3 ? vcpuCount : threads;
+      const cores = Math.max(1, Math.ceil(vcpuCount / threads));
+      e.eax = ((e.eax & 0x3fff) | (((sharing - 1) & 0xfff) << 14) | (((cores - 1) & 0x3f) << 26)) >>> 0;
     }
   }
   // Leaves 0xB needs its sub-leaves listed explicitly for KVM to report them.

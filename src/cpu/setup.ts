@@ -164,8 +164,9 @@ export function configureVcpu(
   vcpuCount: number,
   cpuid: readonly CpuidEntry[],
   irqchip: boolean,
+  threadsPerCore: 1 | 2 = 1,
 ): number[] {
-  setCpuid(vcpu, vcpuCpuid(cpuid, index, vcpuCount));
+  setCpuid(vcpu, vcpuCpuid(cpuid, index, vcpuCount, threadsPerCore));
   const refused = setBootMsrs(vcpu);
   setBootFpu(vcpu);
   if (irqchip) setLapicLints(vcpu);

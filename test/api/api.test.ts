@@ -4,7 +4,7 @@
 // Every error path is a 400 with a fault_message, and leaves the definition unchanged.
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { request, type Server } from 'node:http';
 import { createConnection } from 'node:net';
 import { join } from 'node:path';
@@ -14,6 +14,7 @@ import { Ajv } from 'ajv';
 import { parse } from 'yaml';
 import { listenApi, MAX_BODY_BYTES } from '../../src/api/server.js';
 import { Vmm } from '../../src/api/vmm.js';
+import * as libc from '../../src/kvm/libc.js';
 import { tempDir } from '../helpers.js';
 
 interface Spec {
@@ -104,6 +105,11 @@ const faultOf = (r: { body: unknown }) => (r.body as { fault_message: string }).
 
 describe('the Firecracker API', () => {
   const dir = tempDir();
+  // What PUT /boot-source opens and checks: an ELF vmlinux's header is enough for it.
+  const kernel = join(dir, 'vmlinux');
+  writeFileSync(kernel, Buffer.concat([Buffer.from([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1]), Buffer.alloc(1024)]));
+  const initrd = join(dir, 'initrd.cpio');
+  writeFileSync(initrd, Buffer.alloc(512));
   before(async () => {
     socketPath = join(dir, 'api.sock');
     vmm = new Vmm('test_vm', -1, () => undefined);
@@ -136,7 +142,7 @@ describe('the Firecracker API', () => {
     const disk = join(dir, 'disk.img');
     writeFileSync(disk, Buffer.alloc(4096));
     for (const [path, body] of [
-      ['/boot-source', { kernel_image_path: '/k/vmlinux', boot_args: 'console=ttyS0', initrd_path: '/k/initrd' }],
+      ['/boot-source', { kernel_image_path: kernel, boot_args: 'console=ttyS0', initrd_path: initrd }],
       ['/machine-config', { vcpu_count: 2, mem_size_mib: 256 }],
       ['/drives/rootfs', { drive_id: 'rootfs', path_on_host: disk, is_root_device: true, is_read_only: false }],
       [
@@ -165,9 +171,9 @@ describe('the Firecracker API', () => {
     assert.equal((await call('PATCH', '/balloon', { amount_mib: 16 })).status, 204);
     const config = (await call('GET', '/vm/config')).body as Record<string, unknown>;
     assert.deepEqual(config['boot-source'], {
-      kernel_image_path: '/k/vmlinux',
+      kernel_image_path: kernel,
       boot_args: 'console=ttyS0',
-      initrd_path: '/k/initrd',
+      initrd_path: initrd,
     });
     assert.equal((config['machine-config'] as { mem_size_mib: number }).mem_size_mib, 512);
     assert.equal((config['machine-config'] as { vcpu_count: number }).vcpu_count, 2);
@@ -183,7 +189,27 @@ describe('the Firecracker API', () => {
     assert.equal((await call('GET', '/balloon')).status, 200);
   });
 
+  test("machine-config's vCPU counts as Firecracker's: any count without SMT, 1 or even with it", async () => {
+    const machine = async () => (await call('GET', '/machine-config')).body as { vcpu_count: number; smt: boolean };
+    const was = await machine();
+    assert.equal((await call('PATCH', '/machine-config', { vcpu_count: 3 })).status, 204, 'an odd count without SMT');
+    assert.equal((await call('PATCH', '/machine-config', { smt: true })).status, 400, 'SMT on 3 vCPUs');
+    assert.equal((await call('PATCH', '/machine-config', { vcpu_count: 4, smt: true })).status, 204);
+    assert.deepEqual([(await machine()).vcpu_count, (await machine()).smt], [4, true]);
+    assert.equal((await call('PATCH', '/machine-config', { vcpu_count: 1 })).status, 204, 'one vCPU with SMT on');
+    assert.equal((await call('PATCH', '/machine-config', { vcpu_count: was.vcpu_count, smt: false })).status, 204);
+  });
+
   test('bad requests are 400 with a fault message, and change nothing', async () => {
+    const disk0 = join(dir, 'disk.img');
+    const fifo = join(dir, 'fifo');
+    execFileSync('mkfifo', [fifo]);
+    // An image another program holds (Kiln's own lock, taken through another open file).
+    const lockedImage = join(dir, 'locked.img');
+    writeFileSync(lockedImage, Buffer.alloc(4096));
+    const lockFd = openSync(lockedImage, 'r+');
+    assert.equal(libc.ofdLockWholeFile(lockFd, libc.F_WRLCK), 0);
+    after(() => closeSync(lockFd));
     const before = JSON.stringify((await call('GET', '/vm/config')).body);
     const cases: Array<[string, string, unknown, RegExp, string?]> = [
       ['PUT', '/machine-config', undefined, /not valid JSON/, '{"vcpu_count": 2,'],
@@ -287,6 +313,46 @@ describe('the Firecracker API', () => {
       ['GET', '/nothing-here', undefined, /Invalid request method and\/or path/],
       ['DELETE', '/drives/rootfs', undefined, /Invalid request method and\/or path/],
       ['PUT', '/boot-source', undefined, /body is empty/, ''],
+      // Firecracker's timing: files are opened and checked when they are PUT.
+      ['PUT', '/boot-source', { kernel_image_path: join(dir, 'none') }, /^Cannot open the kernel file .*: ENOENT$/],
+      [
+        'PUT',
+        '/boot-source',
+        { kernel_image_path: disk0 },
+        /is not a Linux kernel: neither an ELF vmlinux nor a bzImage/,
+      ],
+      ['PUT', '/boot-source', { kernel_image_path: dir }, /is a directory; it must be a regular file/],
+      ['PUT', '/boot-source', { kernel_image_path: fifo }, /is a FIFO; it must be a regular file/],
+      [
+        'PUT',
+        '/boot-source',
+        { kernel_image_path: kernel, initrd_path: join(dir, 'none') },
+        /^Cannot open the initrd file .*: ENOENT$/,
+      ],
+      [
+        'PUT',
+        '/drives/extra',
+        { drive_id: 'extra', path_on_host: join(dir, 'none'), is_root_device: false },
+        /^Unable to use the drive extra: disk '.*none' does not exist$/,
+      ],
+      [
+        'PUT',
+        '/drives/extra',
+        { drive_id: 'extra', path_on_host: fifo, is_root_device: false },
+        /^Unable to use the drive extra: disk .* is a FIFO/,
+      ],
+      [
+        'PUT',
+        '/machine-config',
+        { vcpu_count: 3, mem_size_mib: 128, smt: true },
+        /^cpus: must be 1 or even with SMT on/,
+      ],
+      [
+        'PUT',
+        '/drives/extra',
+        { drive_id: 'extra', path_on_host: lockedImage, is_root_device: false },
+        /^Unable to use the drive extra: disk .* is in use: a read-write lock on it is held/,
+      ],
     ];
     for (const [method, path, body, pattern, raw] of cases) {
       const r = await call(method, path, body, raw);
@@ -361,6 +427,12 @@ describe('the Firecracker API', () => {
   test('a FIFO as the metrics or log path never blocks the VMM: no reader, a full pipe, then a reader', async () => {
     const fifo = join(dir, 'metrics.fifo');
     execFileSync('mkfifo', [fifo]);
+    // An image another program holds (Kiln's own lock, taken through another open file).
+    const lockedImage = join(dir, 'locked.img');
+    writeFileSync(lockedImage, Buffer.alloc(4096));
+    const lockFd = openSync(lockedImage, 'r+');
+    assert.equal(libc.ofdLockWholeFile(lockFd, libc.F_WRLCK), 0);
+    after(() => closeSync(lockFd));
     assert.equal((await call('PUT', '/metrics', { metrics_path: fifo })).status, 204, 'opened at once, with no reader');
     // No reader: enough flushes to fill the pipe (64 KiB) and then drop, without stalling the API.
     for (let i = 0; i < 1500; i++)

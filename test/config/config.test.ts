@@ -79,7 +79,7 @@ describe('VmConfig', () => {
       [{ initrd: '/i' }, 'initrd: needs a kernel (the default guest brings its own initramfs)'],
       [
         { colour: 'red' },
-        'colour: is not a known field (known: kernel, initrd, cmdline, cpus, memoryMiB, cpuTemplate, hugePages, trackDirtyPages, disks, nets, rng, vsock, consoleSocket, balloon)',
+        'colour: is not a known field (known: kernel, initrd, cmdline, cpus, memoryMiB, cpuTemplate, hugePages, smt, trackDirtyPages, disks, nets, rng, vsock, consoleSocket, balloon)',
       ],
       [JSON.parse('{"__proto__": {"cpus": 4}}'), '__proto__: is not a known field'],
       [{ constructor: 1 }, 'constructor: is not a known field'],
@@ -176,6 +176,13 @@ interface BadCase {
   readonly definition: Record<string, unknown>;
 }
 
+// Disk images PUT /drives opens (Firecracker's timing) before the second one is refused.
+const IMAGES = tempDir();
+const IMAGE_A = join(IMAGES, 'a.img');
+const IMAGE_B = join(IMAGES, 'b.img');
+writeFileSync(IMAGE_A, Buffer.alloc(4096));
+writeFileSync(IMAGE_B, Buffer.alloc(4096));
+
 const BAD: readonly BadCase[] = [
   {
     answer: 'cpus: must be a whole number from 1 to 254 (got 300)',
@@ -224,15 +231,15 @@ const BAD: readonly BadCase[] = [
   },
   {
     answer: "disks[1]: a VM has at most one root disk ('disk0' is one already)",
-    flags: ['--disk', '/tmp/kiln-a.img,root', '--disk', '/tmp/kiln-b.img,root'],
+    flags: ['--disk', `${IMAGE_A},root`, '--disk', `${IMAGE_B},root`],
     api: [
-      ['PUT', '/drives/disk0', { drive_id: 'disk0', path_on_host: '/tmp/kiln-a.img', is_root_device: true }],
-      ['PUT', '/drives/disk1', { drive_id: 'disk1', path_on_host: '/tmp/kiln-b.img', is_root_device: true }],
+      ['PUT', '/drives/disk0', { drive_id: 'disk0', path_on_host: IMAGE_A, is_root_device: true }],
+      ['PUT', '/drives/disk1', { drive_id: 'disk1', path_on_host: IMAGE_B, is_root_device: true }],
     ],
     definition: {
       disks: [
-        { path: '/tmp/kiln-a.img', root: true },
-        { path: '/tmp/kiln-b.img', root: true },
+        { path: IMAGE_A, root: true },
+        { path: IMAGE_B, root: true },
       ],
     },
   },

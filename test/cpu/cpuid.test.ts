@@ -63,3 +63,30 @@ test('templates clear their CPUID bits and name the kernel flags that hide the s
   assert.equal(baseline.find((e) => e.function === 7)!.ebx & (1 << 5), 0, 'AVX2 hidden by baseline');
   assert.throws(() => cpuTemplate('T9'), /unknown CPU template 'T9' \(known: host, pvm, baseline\)/);
 });
+
+test('with SMT on, CPUID shows two threads per core: leaf 0xB level 0 has one bit and two threads, caches shared by a core', () => {
+  const withCaches: CpuidEntry[] = [
+    ...base,
+    { function: 4, index: 0, flags: 1, eax: (1 << 5) | 1, ebx: 0, ecx: 0, edx: 0 },
+    { function: 4, index: 1, flags: 1, eax: (3 << 5) | 3, ebx: 0, ecx: 0, edx: 0 },
+  ];
+  for (const [smt, threads, bits] of [
+    [2, 2, 1],
+    [1, 1, 0],
+  ] as const) {
+    const t = vcpuCpuid(withCaches, 3, 4, smt);
+    const b0 = t.find((e) => e.function === 0xb && e.index === 0)!;
+    const b1 = t.find((e) => e.function === 0xb && e.index === 1)!;
+    assert.deepEqual([b0.eax, b0.ebx, (b0.ecx >> 8) & 0xff], [bits, threads, 1], 'SMT level');
+    assert.deepEqual([b1.eax, b1.ebx, (b1.ecx >> 8) & 0xff], [2, 4, 2], 'core level: 4 logical processors');
+    const l1 = t.find((e) => e.function === 4 && e.index === 0)!;
+    const l3 = t.find((e) => e.function === 4 && e.index === 1)!;
+    assert.equal(((l1.eax >>> 14) & 0xfff) + 1, threads, 'L1 shared by a core');
+    assert.equal(((l3.eax >>> 14) & 0xfff) + 1, 4, 'L3 shared by the socket');
+    assert.equal((l1.eax >>> 26) + 1, 4 / threads, 'cores per socket');
+    assert.equal(l1.eax & 0x3ff, (1 << 5) | 1, 'the cache type and level are kept');
+  }
+  // One vCPU has no sibling, whatever SMT says.
+  const one = vcpuCpuid(base, 0, 1, 2).find((e) => e.function === 0xb && e.index === 0)!;
+  assert.deepEqual([one.eax, one.ebx], [0, 1]);
+});
