@@ -89,6 +89,9 @@ export const PORT_PROGRESS_SIZE = 4;
  * Guest-requested exit, like QEMU's isa-debug-exit: a write of N ends the VM with exit
  * status N. Used by test guests and the demo; a Linux guest powers off through ACPI instead.
  */
+/** Firecracker's boot timer (--boot-timer): the guest writes 123 here once booted. */
+export const PORT_BOOT_TIMER = 0x3f0;
+export const PORT_BOOT_TIMER_SIZE = 1;
 export const PORT_DEBUG_EXIT = 0x501;
 export const PORT_DEBUG_EXIT_SIZE = 4;
 /** ACPI (hardware-reduced) sleep control, sleep status and reset registers (FADT). */

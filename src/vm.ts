@@ -459,13 +459,17 @@ export class Vm {
     if (this.threads.length > 0) throw new KilnError('state is restored before the VM starts');
     if (state.vm && this.config.irqchip) restoreVmState(this.vmFd, state.vm, opts);
     if (state.compatInstalled) Atomics.store(this.cells, ctl.VM_COMPAT_CLAIM, 1);
-    const byId = new Map(state.devices.map((d) => [d.id, d]));
-    for (const d of this.devices) {
+    // The boot timer (kiln-vmm --boot-timer) holds no state: a snapshot with or without
+    // one restores into a VM with or without one.
+    const stateful = <T extends { kind: string }>(list: readonly T[]) => list.filter((d) => d.kind !== 'boot-timer');
+    const byId = new Map(stateful(state.devices).map((d) => [d.id, d]));
+    const devices = stateful(this.devices);
+    for (const d of devices) {
       const saved = byId.get(d.id);
       if (!saved) throw new KilnError(`the snapshot has no state for device ${d.id} (${d.kind})`);
       restoreDevice(d, saved);
     }
-    if (byId.size !== new Set(this.devices.map((d) => d.id)).size)
+    if (byId.size !== new Set(devices.map((d) => d.id)).size)
       throw new KilnError('the snapshot has devices this VM does not');
     const root = this.devices.find((d) => d.kind === 'pci-root');
     for (const d of this.devices)

@@ -6,7 +6,7 @@
 import { prewarm } from './warm-workers.js';
 
 const argv = process.argv.slice(2);
-const quick = ['--version', '--print-seccomp-filter', '--help', '-h'];
+const quick = ['--version', '--print-seccomp-filter', '--snapshot-version', '--describe-snapshot', '--help', '-h'];
 if (!argv.some((a) => quick.includes(a))) prewarm('vcpu');
 const { runVmm } = await import('./vmm-main.js');
 await runVmm(argv);

@@ -6,10 +6,11 @@
 import { readFileSync } from 'node:fs';
 import type { Server } from 'node:http';
 import { parseArgs } from 'node:util';
-import { checkInstanceId, parseConfigFile } from './api/resources.js';
+import { checkInstanceId, parseConfigFile, parseLogger, parseMetrics } from './api/resources.js';
 import { FIRECRACKER_API_VERSION, KILN_VERSION, listenApi } from './api/server.js';
 import { Vmm } from './api/vmm.js';
-import { SerialSocket } from './api/serial-socket.js';
+import { SerialInput, SerialSocket } from './api/serial-socket.js';
+import { describeStateFile, formatVersion, SNAPSHOT_VERSION } from './snapshot/format.js';
 import { ConfigError, hasVirtio, parseVmConfig } from './config/vm-config.js';
 import { KilnError } from './errors.js';
 import { installProcessFilter } from './seccomp/install.js';
@@ -46,10 +47,24 @@ async function main(argv: string[]): Promise<number> {
         'seccomp-filter': { type: 'string' },
         // Kiln's own: prints the built-in filters as a --seccomp-filter file.
         'print-seccomp-filter': { type: 'boolean', default: false },
-        // Passed by Firecracker's jailer (and kiln-jailer): when the jailer started, for boot-time metrics.
+        // Passed by Firecracker's jailer (and kiln-jailer): when the jailer started, for the boot timer.
         'start-time-us': { type: 'string' },
         'start-time-cpu-us': { type: 'string' },
         'parent-cpu-time-us': { type: 'string' },
+        'boot-timer': { type: 'boolean', default: false },
+        'describe-snapshot': { type: 'string' },
+        'snapshot-version': { type: 'boolean', default: false },
+        'http-api-max-payload-size': { type: 'string' },
+        // The logger and metrics, as PUT /logger and PUT /metrics would set them.
+        'log-path': { type: 'string' },
+        level: { type: 'string' },
+        'show-level': { type: 'boolean', default: false },
+        'show-log-origin': { type: 'boolean', default: false },
+        module: { type: 'string' },
+        'metrics-path': { type: 'string' },
+        // The microVM metadata service's contents and size limit.
+        metadata: { type: 'string' },
+        'mmds-size-limit': { type: 'string' },
       },
       strict: true,
     }));
@@ -67,6 +82,20 @@ async function main(argv: string[]): Promise<number> {
   if (values['print-seccomp-filter']) {
     process.stdout.write(policyToJson(DEFAULT_POLICY));
     return 0;
+  }
+  if (values['snapshot-version']) {
+    // The snapshot format this kiln-vmm writes (and the one it loads).
+    process.stdout.write(`${formatVersion(SNAPSHOT_VERSION)}\n`);
+    return 0;
+  }
+  if (values['describe-snapshot'] !== undefined) {
+    try {
+      process.stdout.write(`${formatVersion(describeStateFile(values['describe-snapshot']))}\n`);
+      return 0;
+    } catch (err) {
+      process.stderr.write(`kiln-vmm: ${(err as Error).message}\n`);
+      return EXIT_ERROR;
+    }
   }
   const configFile = values['config-file'] ?? values['kiln-config'];
   if (values['config-file'] && values['kiln-config']) {
@@ -99,15 +128,61 @@ async function main(argv: string[]): Promise<number> {
       return EXIT_USAGE;
     }
   }
+  let numbers;
+  try {
+    numbers = {
+      maxPayload: positiveFlag(values, 'http-api-max-payload-size'),
+      startUs: positiveFlag(values, 'start-time-us'),
+      startCpuUs: positiveFlag(values, 'start-time-cpu-us'),
+      parentCpuUs: positiveFlag(values, 'parent-cpu-time-us'),
+      mmdsLimit: positiveFlag(values, 'mmds-size-limit'),
+    };
+  } catch (err) {
+    log((err as Error).message);
+    return EXIT_USAGE;
+  }
   const serialSocket = values['serial-sock'] ? new SerialSocket(1) : null;
   const vmm = new Vmm(id, serialSocket ? serialSocket.writeFd : 1, log);
   vmm.seccomp = seccomp;
+  if (numbers.maxPayload !== undefined) vmm.maxPayloadBytes = numbers.maxPayload;
+  if (values['boot-timer'])
+    vmm.bootTimer = {
+      // Firecracker's: from the jailer's start when it says, else from this process's.
+      startUs: numbers.startUs ?? Math.round(performance.timeOrigin * 1000),
+      startCpuUs: (numbers.startCpuUs ?? 0) + (numbers.parentCpuUs ?? 0),
+    };
+  try {
+    if (values['log-path'] !== undefined || values.level !== undefined || values.module !== undefined)
+      vmm.setLogger(
+        parseLogger({
+          ...(values['log-path'] !== undefined ? { log_path: values['log-path'] } : {}),
+          ...(values.level !== undefined ? { level: values.level } : {}),
+          show_level: values['show-level'],
+          show_log_origin: values['show-log-origin'],
+          ...(values.module !== undefined ? { module: values.module } : {}),
+        }),
+      );
+    if (values['metrics-path'] !== undefined) vmm.setMetrics(parseMetrics({ metrics_path: values['metrics-path'] }));
+  } catch (err) {
+    log((err as Error).message);
+    return EXIT_ERROR;
+  }
+  if (values.metadata !== undefined || numbers.mmdsLimit !== undefined)
+    vmm.note(
+      'Warning',
+      'the microVM metadata service is not supported by Kiln yet: --metadata and --mmds-size-limit are ignored',
+    );
+  // Firecracker feeds its standard input to the guest's serial port (an interactive
+  // console for whoever launched it); a terminal is put in raw mode meanwhile.
+  const stdinInput = new SerialInput();
+  const endStdin = readStdinInto(stdinInput);
   // The process-wide filter goes on before the API is served; the vCPU and I/O threads get theirs at InstanceStart.
   if (seccomp) installProcessFilter(seccomp.process);
-  if (serialSocket) {
-    await serialSocket.listen(values['serial-sock']!);
-    vmm.onStart = (live) => serialSocket.attach(live.serial);
-  }
+  if (serialSocket) await serialSocket.listen(values['serial-sock']!);
+  vmm.onStart = (live) => {
+    serialSocket?.attach(live.serial);
+    stdinInput.attach(live.serial);
+  };
   // Handled from before the API socket exists: an orchestrator may SIGTERM as soon as it sees it.
   const stopped = new Promise<number>((resolve) => {
     const stop = () => resolve(EXIT_OK);
@@ -116,6 +191,8 @@ async function main(argv: string[]): Promise<number> {
   });
   let server: Server | null = null;
   const finish = async (code: number): Promise<number> => {
+    endStdin();
+    stdinInput.close();
     await vmm.shutdown();
     serialSocket?.close();
     if (server) await new Promise((resolve) => server!.close(resolve));
@@ -160,6 +237,40 @@ async function main(argv: string[]): Promise<number> {
   }
   const guestEnded = vmm.ended.then(vmExitStatus);
   return finish(await Promise.race([stopped, guestEnded]));
+}
+
+/** A flag's whole number (at least 0), or undefined when it is not given; throws when it is not one. */
+function positiveFlag(values: Record<string, unknown>, name: string): number | undefined {
+  const text = values[name];
+  if (text === undefined) return undefined;
+  if (typeof text !== 'string' || !/^\d+$/.test(text) || !Number.isSafeInteger(Number(text)))
+    throw new KilnError(`--${name} must be a whole number (got ${String(text)})`);
+  return Number(text);
+}
+
+/**
+ * Feeds standard input to `input` until the returned function is called: a terminal in
+ * raw mode (restored then), a pipe or a file as it comes; /dev/null or a closed stdin
+ * simply ends. A source faster than the guest reads is paused.
+ */
+function readStdinInto(input: SerialInput): () => void {
+  const stdin = process.stdin;
+  const tty = stdin.isTTY === true;
+  if (tty) stdin.setRawMode(true);
+  const onData = (data: Buffer) => {
+    if (!input.feed(data)) stdin.pause();
+  };
+  input.onRoom = () => stdin.resume();
+  stdin.on('data', onData);
+  stdin.on('error', () => undefined);
+  // The VMM must not stay alive for its stdin alone.
+  (stdin as unknown as { unref?: () => void }).unref?.();
+  return () => {
+    stdin.off('data', onData);
+    if (tty) stdin.setRawMode(false);
+    stdin.pause();
+    stdin.destroy();
+  };
 }
 
 /** Runs kiln-vmm with `argv` (vmm-cli.ts has started a vCPU thread ahead, if it is needed). */

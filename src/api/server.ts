@@ -8,9 +8,10 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import FindMyWay from 'find-my-way';
 import * as r from './resources.js';
 import { ApiError } from './resources.js';
-import type { Vmm } from './vmm.js';
+import { DEFAULT_MAX_PAYLOAD_BYTES, type Vmm } from './vmm.js';
 
-export const MAX_BODY_BYTES = 51200;
+/** Firecracker's default limit on a request body (kiln-vmm --http-api-max-payload-size changes a Vmm's). */
+export const MAX_BODY_BYTES = DEFAULT_MAX_PAYLOAD_BYTES;
 /** The Firecracker API version Kiln speaks (its spec is test/fixtures/firecracker-api.yaml). */
 export const FIRECRACKER_API_VERSION = '1.7.0';
 export { KILN_VERSION } from '../version.js';
@@ -31,10 +32,10 @@ function send(res: ServerResponse, status: number, body?: unknown): void {
 
 const fault = (res: ServerResponse, message: string) => send(res, 400, { fault_message: message });
 
-function readBody(req: IncomingMessage): Promise<string | null> {
+function readBody(req: IncomingMessage, limit: number): Promise<string | null> {
   return new Promise((resolve, reject) => {
     const declared = Number(req.headers['content-length'] ?? 0);
-    if (declared > MAX_BODY_BYTES) {
+    if (declared > limit) {
       req.resume();
       resolve(null);
       return;
@@ -43,9 +44,9 @@ function readBody(req: IncomingMessage): Promise<string | null> {
     let size = 0;
     req.on('data', (c: Buffer) => {
       size += c.length;
-      if (size <= MAX_BODY_BYTES) chunks.push(c);
+      if (size <= limit) chunks.push(c);
     });
-    req.on('end', () => resolve(size > MAX_BODY_BYTES ? null : Buffer.concat(chunks).toString('utf8')));
+    req.on('end', () => resolve(size > limit ? null : Buffer.concat(chunks).toString('utf8')));
     req.on('error', reject);
   });
 }
@@ -193,11 +194,11 @@ export function apiHandler(vmm: Vmm): (req: IncomingMessage, res: ServerResponse
     router.on(method, path, (req, res, params) => {
       void (async () => {
         try {
-          const text = await readBody(req);
+          const text = await readBody(req, vmm.maxPayloadBytes);
           if (text === null)
             return fault(
               res,
-              `Request payload with size larger than the limit of ${MAX_BODY_BYTES} bytes allowed by server.`,
+              `Request payload with size larger than the limit of ${vmm.maxPayloadBytes} bytes allowed by server.`,
             );
           let body: unknown;
           if (takesBody) {

@@ -20,6 +20,7 @@ import { balloonControl, blkControl, openDisk } from '../platform/virtio.js';
 import { KERNEL_HEADER_BYTES, kernelFormatOf } from '../boot/loader.js';
 import type { BalloonControl } from '../virtio/balloon.js';
 import type { VmResult } from '../vm.js';
+import type { BootTimerOptions } from '../devices/boot-timer.js';
 import type { SeccompPrograms } from '../seccomp/policy.js';
 import { writeAll, writeFileAtomically } from '../atomic-file.js';
 import type { CompatConfig } from '../compat/pvm.js';
@@ -54,6 +55,9 @@ const isLink = (path: string): boolean => {
     return false;
   }
 };
+
+/** Firecracker's default limit on an API request's body. */
+export const DEFAULT_MAX_PAYLOAD_BYTES = 51200;
 
 export type InstanceState = 'Not started' | 'Running' | 'Paused';
 
@@ -113,6 +117,10 @@ export class Vmm {
   private paused = false;
   private metricsFd = -1;
   readonly ended: Promise<VmResult>;
+  /** Firecracker's boot timer (--boot-timer): added to a VM InstanceStart boots (not to a restored one). */
+  bootTimer: BootTimerOptions | null = null;
+  /** The largest API request body taken (--http-api-max-payload-size; Firecracker's default 51200). */
+  maxPayloadBytes = DEFAULT_MAX_PAYLOAD_BYTES;
   /** Called with the VM once it is built, before its vCPUs run (e.g. to attach the serial console). */
   onStart: ((vm: LinuxVm) => void) | null = null;
   private resolveEnded!: (r: VmResult) => void;
@@ -316,7 +324,7 @@ export class Vmm {
       this.note('Warning', "dropped `pci=off` from boot_args: Kiln's virtio devices are on PCI");
     let live: LinuxVm;
     try {
-      live = createLinuxVm(c, this.runtime());
+      live = createLinuxVm(c, { ...this.runtime(), ...(this.bootTimer ? { bootTimer: this.bootTimer } : {}) });
     } catch (err) {
       if (err instanceof KilnError) throw new ApiError(`Cannot start microvm: ${err.message}`);
       throw err;

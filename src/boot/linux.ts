@@ -17,6 +17,7 @@ import * as layout from '../layout.js';
 import { ramRanges, validateMemorySize } from '../memory/guest-memory.js';
 import { attachPciHost } from '../platform/pci.js';
 import { addPcDevices, addStandardDevices } from '../platform/standard.js';
+import type { BootTimerOptions } from '../devices/boot-timer.js';
 import { attachVirtio, openHostEnds, type AttachedVirtio } from '../platform/virtio.js';
 import { Vm } from '../vm.js';
 import { decompressBzImage } from './decompress.js';
@@ -32,6 +33,8 @@ export interface LinuxRuntime {
   readonly hostDecompress?: boolean;
   /** Where the VM's log lines go (every thread's; default: stderr). */
   readonly log?: (line: string) => void;
+  /** Firecracker's boot timer on port 0x3f0 (`kiln-vmm --boot-timer`), logging the boot time since this start. */
+  readonly bootTimer?: BootTimerOptions;
   /** The kernel's bytes, instead of reading the config's kernel (rehearsal.ts). */
   readonly kernelImage?: Uint8Array;
 }
@@ -170,6 +173,15 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime, from?: 
     const writeGenerationId = () => vm.memory.write(layout.VMGENID_ADDR, randomBytes(layout.VMGENID_SIZE));
     const { com1, progress } = addStandardDevices(vm, runtime.serialOutFd);
     addPcDevices(vm);
+    if (runtime.bootTimer)
+      vm.addDevice({
+        id: 'boot-timer',
+        kind: 'boot-timer',
+        bus: 'pio',
+        base: layout.PORT_BOOT_TIMER,
+        size: layout.PORT_BOOT_TIMER_SIZE,
+        options: runtime.bootTimer,
+      });
     const virtio = attachVirtio(vm, attachPciHost(vm), config, disks, nets);
 
     const cpuid = applyTemplate(supportedCpuid(vm.kvmSystem), template);

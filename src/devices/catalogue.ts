@@ -10,6 +10,7 @@ import { pciRootModel, type PciRootOptions } from '../pci/root.js';
 import { virtioPciModel, type VirtioPciOptions } from '../virtio/pci.js';
 import { acpiPmModel } from './acpi-pm.js';
 import { debugExitModel } from './debug-exit.js';
+import { bootTimerModel, type BootTimerOptions } from './boot-timer.js';
 import {
   LOCK_INDEX,
   STATE_HEADER_BYTES,
@@ -30,6 +31,7 @@ export interface BusDeviceOptionsByKind {
   serial: SerialOptions;
   progress: NoOptions;
   'debug-exit': NoOptions;
+  'boot-timer': BootTimerOptions;
   'test-device': TestDeviceOptions;
   'acpi-pm': NoOptions;
   i8042: NoOptions;
@@ -53,6 +55,7 @@ export const BUS_DEVICE_MODELS: { readonly [K in BusDeviceKind]: DeviceModel<Bus
   serial: serialModel,
   progress: progressModel,
   'debug-exit': debugExitModel,
+  'boot-timer': bootTimerModel,
   'test-device': testDeviceModel,
   'acpi-pm': acpiPmModel,
   i8042: i8042Model,

@@ -172,6 +172,8 @@ export const DEFAULT_POLICY: SeccompPolicy = {
       ...WORKER_RUNTIME.map((syscall) => ({ syscall })),
       // Consuming a kick (the vCPU thread's pending SIGUSR2).
       { syscall: 'rt_sigtimedwait' },
+      // The boot timer's CPU time (--boot-timer; the guest's write arrives on a vCPU thread).
+      { syscall: 'getrusage' },
       ...ioctlIs(...VCPU_IOCTLS),
     ],
   },

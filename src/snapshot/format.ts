@@ -15,7 +15,7 @@
 // checking and parsing it takes a fraction of the time. The version changes whenever a
 // restore could misread an older file; Kiln reads only its own version and says so.
 import { createHash } from 'node:crypto';
-import { closeSync, fstatSync, openSync, readFileSync, constants as fsConstants } from 'node:fs';
+import { closeSync, fstatSync, openSync, readFileSync, readSync, constants as fsConstants } from 'node:fs';
 import { deflateRawSync, inflateRawSync } from 'node:zlib';
 import { KilnError } from '../errors.js';
 
@@ -91,6 +91,33 @@ export function decodeStateFile(bytes: Uint8Array, path = 'the state file'): unk
     return JSON.parse(buf.toString('utf8', HEADER_BYTES, end), reviver);
   } catch (err) {
     throw new SnapshotError(`${path}: its body cannot be read (${(err as Error).message})`);
+  }
+}
+
+/** A snapshot format version as Firecracker prints one (`--snapshot-version`, `--describe-snapshot`). */
+export const formatVersion = (version: number): string => `v${version}.0.0`;
+
+/**
+ * The format version a state file's header names (what `kiln-vmm --describe-snapshot`
+ * prints), read without checking the rest: a file this Kiln cannot load is described too.
+ */
+export function describeStateFile(path: string): number {
+  let fd = -1;
+  try {
+    fd = openSync(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK | fsConstants.O_NOCTTY);
+    if (!fstatSync(fd).isFile()) throw new SnapshotError(`the snapshot file ${path} is not a regular file`);
+    const header = Buffer.alloc(HEADER_BYTES);
+    const got = readSync(fd, header, 0, HEADER_BYTES, 0);
+    if (got < HEADER_BYTES || header.toString('latin1', 0, 8) !== SNAPSHOT_MAGIC)
+      throw new SnapshotError(`the snapshot file ${path} is not a Kiln snapshot (no ${SNAPSHOT_MAGIC} header)`);
+    return header.readUInt32LE(8);
+  } catch (err) {
+    if (err instanceof KilnError) throw err;
+    throw new SnapshotError(
+      `cannot read the snapshot file ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`,
+    );
+  } finally {
+    if (fd >= 0) closeSync(fd);
   }
 }
 

@@ -363,6 +363,16 @@ describe('the Firecracker API', () => {
     const tooBig = await call('PUT', '/boot-source', undefined, big);
     assert.equal(tooBig.status, 400);
     assert.match(faultOf(tooBig), /larger than the limit of 51200 bytes/);
+    // kiln-vmm --http-api-max-payload-size: the limit is the VMM's.
+    vmm.maxPayloadBytes = 64;
+    const overSmall = await call('PUT', '/machine-config', {
+      vcpu_count: 1,
+      mem_size_mib: 128,
+      smt: false,
+      x: 'y'.repeat(40),
+    });
+    assert.match(faultOf(overSmall), /larger than the limit of 64 bytes/);
+    vmm.maxPayloadBytes = MAX_BODY_BYTES;
     assert.equal(
       JSON.stringify((await call('GET', '/vm/config')).body),
       before,

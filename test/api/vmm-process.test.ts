@@ -10,6 +10,19 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { buildMinimalKernel, buildRootfs } from '../../src/guestkit/build.js';
 import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
+import { pvhKernel, SAY_K, THEN_EXIT } from '../../src/guest/pvh-kernel.js';
+
+// mov dx,0x3f0; mov al,123; out dx,al: the boot timer's "booted".
+const REPORT_BOOT = [0x66, 0xba, 0xf0, 0x03, 0xb0, 123, 0xee];
+// Polls COM1's line status for a byte, reads it, and writes it back, until it reads 'q'.
+// prettier-ignore
+const ECHO_UNTIL_Q = [
+  0x66, 0xba, 0xfd, 0x03, // wait: mov dx,0x3fd
+  0xec, 0xa8, 0x01, 0x74, 0xf7, // in al,dx; test al,1; jz wait
+  0x66, 0xba, 0xf8, 0x03, 0xec, // mov dx,0x3f8; in al,dx
+  0x3c, 0x71, 0x74, 0x03, // cmp al,'q'; je done
+  0xee, 0xeb, 0xeb, // out dx,al; jmp wait
+];
 
 const canNetns = process.getuid?.() === 0 && existsSync('/dev/net/tun') && toolAvailable('ip', '-V');
 const VMM = fileURLToPath(new URL('../../src/vmm-cli.js', import.meta.url));
@@ -72,6 +85,87 @@ describe('kiln-vmm', () => {
       assert.ok(!existsSync(sock), 'socket removed');
     }
   });
+
+  test('--snapshot-version, --describe-snapshot, and the numeric flags checked', () => {
+    const dir = tempDir();
+    const version = vmm(['--snapshot-version']);
+    assert.equal(version.status, 0);
+    assert.match(version.stdout, /^v\d+\.0\.0\n$/);
+    const notSnapshot = join(dir, 'not-a-snapshot');
+    writeFileSync(notSnapshot, 'hello');
+    const described = vmm(['--describe-snapshot', notSnapshot]);
+    assert.equal(described.status, 1);
+    assert.match(described.stderr, /is not a Kiln snapshot/);
+    for (const flag of ['--http-api-max-payload-size', '--start-time-us', '--mmds-size-limit']) {
+      const r = vmm([flag, '12x']);
+      assert.equal(r.status, 2, flag);
+      assert.match(r.stderr, new RegExp(`${flag} must be a whole number`));
+    }
+  });
+
+  test(
+    "Firecracker's process flags: --boot-timer logs the guest's boot time, stdin reaches the guest's serial port, --log-path/--level/--show-level, --metrics-path, the jailer's timing flags",
+    { skip: kvmSkip },
+    async () => {
+      const dir = tempDir();
+      // A guest that reports its boot to the boot timer, says K, then echoes what its
+      // serial port receives until it reads 'q', and resets the machine.
+      const kernel = join(dir, 'vmlinux');
+      writeFileSync(kernel, pvhKernel([...REPORT_BOOT, ...SAY_K, ...ECHO_UNTIL_Q, ...THEN_EXIT]));
+      const config = join(dir, 'vm.json');
+      writeFileSync(
+        config,
+        JSON.stringify({
+          'boot-source': { kernel_image_path: kernel },
+          'machine-config': { vcpu_count: 1, mem_size_mib: 64 },
+        }),
+      );
+      const logPath = join(dir, 'vmm.log');
+      const metricsPath = join(dir, 'metrics.json');
+      const child = spawn(
+        process.execPath,
+        [
+          VMM,
+          '--no-api',
+          '--config-file',
+          config,
+          '--boot-timer',
+          '--id',
+          'flags-test',
+          '--log-path',
+          logPath,
+          '--level',
+          'Info',
+          '--show-level',
+          '--metrics-path',
+          metricsPath,
+          '--start-time-us',
+          String(Date.now() * 1000),
+          '--start-time-cpu-us',
+          '0',
+          '--parent-cpu-time-us',
+          '0',
+          '--show-log-origin',
+        ],
+        { stdio: ['pipe', 'pipe', 'pipe'] },
+      );
+      let out = '';
+      let err = '';
+      child.stdout.setEncoding('utf8').on('data', (c: string) => {
+        out += c;
+        if (out === 'K') child.stdin.write('hello, guest q');
+      });
+      child.stderr.setEncoding('utf8').on('data', (c: string) => (err += c));
+      const code = await new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
+      assert.equal(code, 0, err);
+      assert.equal(out, 'Khello, guest ', 'what was typed on stdin came back through the serial port');
+      assert.match(err, /boot-timer: Guest-boot-time = \d+ us \d+ ms, \d+ CPU us \d+ CPU ms/);
+      const vmmLog = readFileSync(logPath, 'utf8');
+      assert.match(vmmLog, /\[Info\] \[flags-test\] InstanceStart: /);
+      assert.match(vmmLog, /\[Warning\] \[flags-test\] boot-timer: Guest-boot-time = /);
+      assert.ok(existsSync(metricsPath), 'the metrics file was opened');
+    },
+  );
 
   test(
     "Firecracker's getting-started curl sequence (plus entropy, vsock and balloon) boots Linux from a root drive under kiln-vmm's seccomp filters",
