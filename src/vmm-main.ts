@@ -15,6 +15,7 @@ import { ConfigError, hasVirtio, parseVmConfig } from './config/vm-config.js';
 import { KilnError } from './errors.js';
 import { installProcessFilter } from './seccomp/install.js';
 import { endWarmWorkers, prewarmUpTo } from './warm-workers.js';
+import { MmdsStore } from './mmds/store.js';
 import { prepareSpareVm } from './vm.js';
 import { rehearse } from './rehearsal.js';
 import {
@@ -167,11 +168,16 @@ async function main(argv: string[]): Promise<number> {
     log((err as Error).message);
     return EXIT_ERROR;
   }
-  if (values.metadata !== undefined || numbers.mmdsLimit !== undefined)
-    vmm.note(
-      'Warning',
-      'the microVM metadata service is not supported by Kiln yet: --metadata and --mmds-size-limit are ignored',
-    );
+  // MMDS's data store: its size limit defaults to the API's payload limit, as Firecracker's does.
+  vmm.mmds = new MmdsStore(numbers.mmdsLimit ?? vmm.maxPayloadBytes);
+  if (values.metadata !== undefined) {
+    try {
+      vmm.mmds.put(JSON.parse(readFileSync(values.metadata, 'utf8')));
+    } catch (err) {
+      log(`cannot use the metadata file ${values.metadata}: ${(err as Error).message}`);
+      return EXIT_ERROR;
+    }
+  }
   // Firecracker feeds its standard input to the guest's serial port (an interactive
   // console for whoever launched it); a terminal is put in raw mode meanwhile.
   const stdinInput = new SerialInput();

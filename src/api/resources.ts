@@ -262,6 +262,24 @@ export function parseEntropy(body: unknown): ConfigChange {
   };
 }
 
+/** PUT /mmds/config: MMDS's version, address, format and the NICs it answers on. */
+export function parseMmdsConfig(body: unknown): ConfigChange {
+  const r = check('mmds-config', body, {
+    version: oneOf('V1', 'V2'),
+    network_interfaces: req(arr),
+    ipv4_address: str,
+    imds_compat: bool,
+  });
+  return (input) => {
+    input.mmds = {
+      nets: r.network_interfaces,
+      ...(r.version !== undefined ? { version: r.version } : {}),
+      ...(r.ipv4_address !== undefined ? { ipv4: r.ipv4_address } : {}),
+      ...(r.imds_compat !== undefined ? { imdsCompat: r.imds_compat } : {}),
+    };
+  };
+}
+
 export function parseBalloon(body: unknown): ConfigChange {
   const r = check('balloon', body, {
     amount_mib: req(int),
@@ -538,6 +556,16 @@ export function exportDefinition(c: VmConfig, s: VmmSettings): Record<string, un
     ...(c.vsock ? { vsock: exportVsock(c.vsock) } : {}),
     ...(c.rng ? { entropy: {} } : {}),
     ...(c.balloon ? { balloon: exportBalloon(c.balloon) } : {}),
+    ...(c.mmds
+      ? {
+          'mmds-config': {
+            version: c.mmds.version,
+            network_interfaces: [...c.mmds.nets],
+            ipv4_address: c.mmds.ipv4,
+            imds_compat: c.mmds.imdsCompat,
+          },
+        }
+      : {}),
     ...(s.logger ? { logger: s.logger } : {}),
     ...(s.metrics ? { metrics: s.metrics } : {}),
   };
@@ -555,6 +583,7 @@ export function parseConfigFile(json: unknown): { changes: ConfigChange[]; setti
     balloon: obj,
     logger: obj,
     metrics: obj,
+    'mmds-config': obj,
   });
   const changes: ConfigChange[] = [];
   const settings: VmmSettings = {};
@@ -567,6 +596,7 @@ export function parseConfigFile(json: unknown): { changes: ConfigChange[]; setti
   if (r.vsock !== undefined) changes.push(parseVsock(r.vsock));
   if (r.entropy !== undefined) changes.push(parseEntropy(r.entropy));
   if (r.balloon !== undefined) changes.push(parseBalloon(r.balloon));
+  if (r['mmds-config'] !== undefined) changes.push(parseMmdsConfig(r['mmds-config']));
   if (r.logger !== undefined) settings.logger = parseLogger(r.logger);
   if (r.metrics !== undefined) settings.metrics = parseMetrics(r.metrics);
   return { changes, settings };

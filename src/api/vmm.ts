@@ -21,6 +21,7 @@ import { KERNEL_HEADER_BYTES, kernelFormatOf } from '../boot/loader.js';
 import type { BalloonControl } from '../virtio/balloon.js';
 import type { VmResult } from '../vm.js';
 import type { BootTimerOptions } from '../devices/boot-timer.js';
+import { MmdsError, MmdsStore } from '../mmds/store.js';
 import type { SeccompPrograms } from '../seccomp/policy.js';
 import { writeAll, writeFileAtomically } from '../atomic-file.js';
 import type { CompatConfig } from '../compat/pvm.js';
@@ -121,6 +122,8 @@ export class Vmm {
   bootTimer: BootTimerOptions | null = null;
   /** The largest API request body taken (--http-api-max-payload-size; Firecracker's default 51200). */
   maxPayloadBytes = DEFAULT_MAX_PAYLOAD_BYTES;
+  /** MMDS's data store (PUT/PATCH/GET /mmds; --metadata; sized by --mmds-size-limit). */
+  mmds = new MmdsStore();
   /** Called with the VM once it is built, before its vCPUs run (e.g. to attach the serial console). */
   onStart: ((vm: LinuxVm) => void) | null = null;
   private resolveEnded!: (r: VmResult) => void;
@@ -310,6 +313,16 @@ export class Vmm {
     }
   }
 
+  /** A change to MMDS's data store; one that does not fit is a 400 and changes nothing. */
+  mmdsWrite(write: () => void): void {
+    try {
+      write();
+    } catch (err) {
+      if (err instanceof MmdsError) throw new ApiError(err.message);
+      throw err;
+    }
+  }
+
   preBoot(): void {
     if (this.live) throw new ApiError(AFTER_START);
   }
@@ -339,8 +352,8 @@ export class Vmm {
   }
 
   /** How this process runs a VM: the serial console's fd, and its log lines as warnings. */
-  private runtime(): { serialOutFd: number; log: (line: string) => void } {
-    return { serialOutFd: this.serialOutFd, log: (line) => this.note('Warning', line) };
+  private runtime(): { serialOutFd: number; log: (line: string) => void; mmdsStore: SharedArrayBuffer } {
+    return { serialOutFd: this.serialOutFd, log: (line) => this.note('Warning', line), mmdsStore: this.mmds.shared };
   }
 
   /** Makes `live` this VMM's VM (built from `config`), before its vCPUs run. */

@@ -35,6 +35,8 @@ export interface LinuxRuntime {
   readonly log?: (line: string) => void;
   /** Firecracker's boot timer on port 0x3f0 (`kiln-vmm --boot-timer`), logging the boot time since this start. */
   readonly bootTimer?: BootTimerOptions;
+  /** MMDS's data store (the VMM's, mmds/store.ts), read by the NICs MMDS is enabled on. */
+  readonly mmdsStore?: SharedArrayBuffer;
   /** The kernel's bytes, instead of reading the config's kernel (rehearsal.ts). */
   readonly kernelImage?: Uint8Array;
 }
@@ -182,7 +184,7 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime, from?: 
         size: layout.PORT_BOOT_TIMER_SIZE,
         options: runtime.bootTimer,
       });
-    const virtio = attachVirtio(vm, attachPciHost(vm), config, disks, nets);
+    const virtio = attachVirtio(vm, attachPciHost(vm), config, disks, nets, runtime.mmdsStore ?? null);
 
     const cpuid = applyTemplate(supportedCpuid(vm.kvmSystem), template);
     const refused = new Set<number>();

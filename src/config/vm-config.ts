@@ -144,6 +144,28 @@ export const NetSchema = v.pipe(
   ),
 );
 
+/** A link-local IPv4 address MMDS may answer at (Firecracker's rule: 169.254.1-254.x). */
+export const MmdsAddress = v.pipe(
+  text('an IPv4 address'),
+  v.check(
+    (a) => /^169\.254\.([1-9]|[1-9]\d|1\d\d|2[0-4]\d|25[0-4])\.([0-9]|[1-9]\d|1\d\d|2[0-4]\d|25[0-5])$/.test(a),
+    (issue) => `must be a link-local IPv4 address from 169.254.1.0 to 169.254.254.255 (got '${String(issue.input)}')`,
+  ),
+);
+
+export const MmdsSchema = strict({
+  /** V1 (GETs without a session) or V2 (a session token first). */
+  version: v.optional(oneOf(['V1', 'V2'] as const), 'V1'),
+  /** The NICs (by ID) whose frames to the address are answered by MMDS. */
+  nets: v.pipe(
+    v.array(DeviceId, ({ input }) => `must be a list (got ${describe(input)})`),
+    v.minLength(1, 'must name at least one network interface'),
+  ),
+  ipv4: v.optional(MmdsAddress, '169.254.169.254'),
+  /** Always answer in IMDS's plain-text format, whatever the request's Accept says. */
+  imdsCompat: v.optional(flag(), false),
+});
+
 export const VsockSchema = strict({
   /** The guest's context ID: 0-2 are reserved (hypervisor, local, host). */
   guestCid: whole(3, 0xffff_ffff),
@@ -189,6 +211,8 @@ export const VM_ENTRIES = {
   /** A virtio console (hvc0) on a Unix socket Kiln listens on. */
   consoleSocket: v.optional(nonEmpty('the path of a Unix socket')),
   balloon: v.optional(BalloonSchema),
+  /** The microVM metadata service on some of the NICs (Firecracker's /mmds/config). */
+  mmds: v.optional(MmdsSchema),
 };
 
 export const VmConfigSchema = strict(VM_ENTRIES);
@@ -231,6 +255,7 @@ export function finishDevices<
     initrd?: string | undefined;
     cpus?: number | undefined;
     smt?: boolean | undefined;
+    mmds?: { readonly nets: readonly string[] } | undefined;
   },
 >(parsed: T): Omit<T, 'disks' | 'nets'> & { disks: DiskConfig[]; nets: NetConfig[] } {
   if (parsed.smt && parsed.cpus !== undefined && parsed.cpus > 1 && parsed.cpus % 2 !== 0)
@@ -283,6 +308,9 @@ export function finishDevices<
     nets.map((n) => n.mac?.toLowerCase()),
     'MAC address',
   );
+  for (const id of parsed.mmds?.nets ?? [])
+    if (!nets.some((n) => n.id === id))
+      throw new ConfigError('mmds.nets', `names network interface '${id}', which this VM does not have`);
   return { ...parsed, disks, nets };
 }
 

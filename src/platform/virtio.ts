@@ -4,6 +4,7 @@
 import { closeSync, constants as fsConstants, openSync } from 'node:fs';
 import { requireKind } from '../special-files.js';
 import type { VmConfig } from '../config/vm-config.js';
+import { MmdsStore } from '../mmds/store.js';
 import { KilnError } from '../errors.js';
 import type { DeviceSpec } from '../devices/catalogue.js';
 import * as libc from '../kvm/libc.js';
@@ -77,6 +78,10 @@ export function setDiskLocks(virtio: AttachedVirtio, lock: boolean): void {
       }
   }
 }
+
+/** A dotted IPv4 address as a number. */
+export const ipv4Number = (address: string): number =>
+  address.split('.').reduce((n, part) => n * 256 + Number(part), 0) >>> 0;
 
 /** The host's handle on a balloon device added by attachVirtio. */
 export function balloonControl(device: VirtioPciDevice): BalloonControl {
@@ -164,7 +169,11 @@ export function attachVirtio(
   config: VmConfig,
   disks: readonly OpenedDisk<BlkOptions>[],
   nets: readonly OpenedDisk<NetOptions>[],
+  /** MMDS's data store (the VMM's; an empty one when the VMM has none and the config enables MMDS). */
+  mmdsStore: SharedArrayBuffer | null = null,
 ): AttachedVirtio {
+  const mmds = config.mmds;
+  const store = mmds ? (mmdsStore ?? new MmdsStore().shared) : null;
   const all: VirtioPciDevice[] = [];
   const add = (id: string, device: VirtioDeviceConfig) => {
     const slot = pci.takeSlot();
@@ -180,7 +189,15 @@ export function attachVirtio(
   });
   nets.forEach((n, i) => {
     vm.adoptFd(n.fd);
-    netDevices.set(config.nets[i]!.id, add(`net${i}`, { kind: 'net', options: n.options }));
+    const id = config.nets[i]!.id;
+    const options: NetOptions =
+      mmds && store && mmds.nets.includes(id)
+        ? {
+            ...n.options,
+            mmds: { store, ipv4: ipv4Number(mmds.ipv4), version: mmds.version, imdsCompat: mmds.imdsCompat },
+          }
+        : n.options;
+    netDevices.set(id, add(`net${i}`, { kind: 'net', options }));
   });
   if (config.rng) add('rng', { kind: 'rng', options: {} });
   const balloon = config.balloon

@@ -4,9 +4,13 @@
 // - passt: rootless networking over passt's Unix socket, each frame preceded by its
 //   length (4 bytes, big-endian); no offloads (passt wants whole frames), and when passt
 //   dies the link goes down (config status, a configuration interrupt) and the VM runs on.
-// Queue 0 receives, queue 1 transmits. Each NIC has its own MAC address.
+// Queue 0 receives, queue 1 transmits. Each NIC has its own MAC address. A NIC MMDS is
+// enabled on answers the guest's ARP and TCP to the MMDS address itself (mmds/stack.ts).
 import { KilnError } from '../errors.js';
 import * as libc from '../kvm/libc.js';
+import { MmdsService, type MmdsVersion } from '../mmds/service.js';
+import { MmdsStack } from '../mmds/stack.js';
+import { MmdsReader } from '../mmds/store.js';
 import { array, struct, union } from '../kvm/struct.js';
 import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } from './device.js';
 
@@ -40,6 +44,17 @@ export interface NetOptions {
   readonly fd: number;
   readonly mac: string;
   readonly backend: 'tap' | 'passt';
+  /** MMDS on this NIC (PUT /mmds/config named it): frames to its address are answered by the VMM. */
+  readonly mmds?: NetMmdsOptions;
+}
+
+export interface NetMmdsOptions {
+  /** The data store's shared memory (mmds/store.ts). */
+  readonly store: SharedArrayBuffer;
+  /** Its IPv4 address, as a number. */
+  readonly ipv4: number;
+  readonly version: MmdsVersion;
+  readonly imdsCompat: boolean;
 }
 
 const isPasst = (o: NetOptions) => o.backend === 'passt';
@@ -203,6 +218,8 @@ export class NetBackend implements VirtioBackend {
   private offloads = -1;
   private errorLogged = false;
   readonly pollFds;
+  /** MMDS on this NIC: the guest's frames to its address stop here, and its answers wait in its queue. */
+  private readonly mmds: MmdsStack | null;
 
   constructor(
     private readonly rt: VirtioQueues,
@@ -211,6 +228,11 @@ export class NetBackend implements VirtioBackend {
     this.fd = options.fd;
     this.passt = isPasst(options);
     this.pollFds = [{ fd: this.fd, ready: () => this.ready() }];
+    const m = options.mmds;
+    if (m) {
+      const service = new MmdsService(new MmdsReader(m.store), m.version, m.imdsCompat);
+      this.mmds = new MmdsStack(m.ipv4, (req) => service.answer(req));
+    } else this.mmds = null;
   }
 
   private fail(what: string, errno: number): void {
@@ -243,7 +265,8 @@ export class NetBackend implements VirtioBackend {
   queueNotified(q: number): void {
     this.syncOffloads();
     if (q === NET_TX_QUEUE) this.transmit();
-    else if (this.linkUp) {
+    else if (this.mmds && this.mmds.out.length > 0) this.deliverMmds();
+    if (q !== NET_TX_QUEUE && this.linkUp) {
       // The driver gave us receive buffers: watch the host end again.
       this.rt.setPollable(this.fd, true);
       this.receive();
@@ -276,7 +299,9 @@ export class NetBackend implements VirtioBackend {
       // Gather header + frame; passt gets the frame alone, after its length.
       const at = 4 + chain.readInto(this.rt.mem, 0, this.txBody, this.txBody.length);
       const frameBytes = at - 4 - VIRTIO_NET_HDR_BYTES;
-      if (frameBytes > 0 && this.linkUp) {
+      if (frameBytes > 0 && this.mmds?.handleFrame(this.tx.subarray(4 + VIRTIO_NET_HDR_BYTES, at))) {
+        // MMDS's: answered below, never sent to the host.
+      } else if (frameBytes > 0 && this.linkUp) {
         if (this.passt) {
           // The header is dropped: write [length][frame] where the header's tail was.
           const start = VIRTIO_NET_HDR_BYTES;
@@ -291,6 +316,22 @@ export class NetBackend implements VirtioBackend {
       done++;
     }
     if (done > 0) this.rt.notifyUsed(NET_TX_QUEUE);
+    if (this.mmds && this.mmds.out.length > 0) this.deliverMmds();
+  }
+
+  /** MMDS's frames into the guest's receive buffers, as many as it has posted (the rest wait for more). */
+  private deliverMmds(): void {
+    const queue = this.rt.queue(NET_RX_QUEUE);
+    const out = this.mmds!.out;
+    let delivered = 0;
+    while (out.length > 0 && queue.enabled && queue.pending() > 0) {
+      const frame = out.shift()!;
+      const withHeader = Buffer.alloc(VIRTIO_NET_HDR_BYTES + frame.length);
+      frame.copy(withHeader, VIRTIO_NET_HDR_BYTES);
+      this.deliver(withHeader, withHeader.length);
+      delivered++;
+    }
+    if (delivered > 0) this.rt.notifyUsed(NET_RX_QUEUE);
   }
 
   /**

@@ -26,6 +26,8 @@ import { DescriptorChain, QUEUE_RECORD, SplitQueue, VirtqueueError } from '../..
 import { listenConsole } from '../../src/virtio/console.js';
 import { listenVsock, VSOCK_HDR, VSOCK_HOST_CID } from '../../src/virtio/vsock.js';
 import { entropyCommonConfig, FakeDevice } from '../virtio/fake-driver.js';
+import { MmdsService } from '../../src/mmds/service.js';
+import { MAX_CONNECTIONS as MMDS_MAX_CONNECTIONS, MAX_QUEUED_FRAMES, MmdsStack } from '../../src/mmds/stack.js';
 
 export interface FuzzTarget<T = unknown> {
   readonly name: string;
@@ -453,6 +455,79 @@ function apiTarget(): FuzzTarget<Uint8Array> {
   } as FuzzTarget<Uint8Array>;
 }
 
+// ---- MMDS's network stack and HTTP service, fed the guest's frames ----
+function mmdsTarget(): FuzzTarget<Uint8Array> {
+  const MMDS_IP = 0xa9fea9fe;
+  let stack: MmdsStack;
+  // Mostly well-formed IPv4 TCP to MMDS (so the TCP and HTTP code is reached), with any
+  // flags, numbers, options and payload; sometimes raw bytes.
+  const tcp = fc
+    .record({
+      port: fc.integer({ min: 1, max: 40 }),
+      dstPort: fc.oneof(fc.constant(80), fc.integer({ min: 0, max: 0xffff })),
+      seq: fc.integer({ min: 0, max: 0xffffffff }),
+      ack: fc.integer({ min: 0, max: 0xffffffff }),
+      flags: fc.integer({ min: 0, max: 0xff }),
+      offsetWords: fc.integer({ min: 0, max: 15 }),
+      window: fc.integer({ min: 0, max: 0xffff }),
+      payload: fc.oneof(
+        fc.uint8Array({ maxLength: 300 }),
+        fc
+          .constantFrom(
+            'GET / HTTP/1.1\r\n\r\n',
+            'PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 5\r\n\r\n',
+            'GET /%zz HTTP/1.0\r\n\r\n',
+          )
+          .map((t) => Buffer.from(t)),
+      ),
+      totalDelta: fc.integer({ min: -30, max: 30 }),
+    })
+    .map((r) => {
+      const data = Buffer.from(r.payload);
+      const f = Buffer.alloc(14 + 40 + data.length);
+      f.writeUInt16BE(0x0800, 12);
+      const ip = f.subarray(14);
+      ip[0] = 0x45;
+      ip.writeUInt16BE(Math.max(0, Math.min(0xffff, 40 + data.length + r.totalDelta)), 2);
+      ip[9] = 6;
+      ip.writeUInt32BE(0x0a000002, 12);
+      ip.writeUInt32BE(MMDS_IP, 16);
+      let sum = 0;
+      for (let i = 0; i < 20; i += 2) sum += ip.readUInt16BE(i);
+      while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
+      ip.writeUInt16BE(~sum & 0xffff, 10);
+      const t = ip.subarray(20);
+      t.writeUInt16BE(r.port, 0);
+      t.writeUInt16BE(r.dstPort, 2);
+      t.writeUInt32BE(r.seq, 4);
+      t.writeUInt32BE(r.ack, 8);
+      t[12] = r.offsetWords << 4;
+      t[13] = r.flags;
+      t.writeUInt16BE(r.window, 14);
+      data.copy(t, 20);
+      return new Uint8Array(f);
+    });
+  return {
+    name: 'mmds-stack',
+    weight: 4,
+    arbitrary: fc.oneof({ arbitrary: tcp, weight: 4 }, { arbitrary: fc.uint8Array({ maxLength: 200 }), weight: 1 }),
+    setup() {
+      const service = new MmdsService({ get: () => ({ latest: { a: 'b', n: 1 } }) }, 'V2', false);
+      stack = new MmdsStack(MMDS_IP, (req) => service.answer(req));
+    },
+    run(input) {
+      stack.handleFrame(Buffer.from(input));
+      if (stack.connectionCount > MMDS_MAX_CONNECTIONS) throw new Finding(`${stack.connectionCount} connections kept`);
+      if (stack.out.length > MAX_QUEUED_FRAMES) throw new Finding(`${stack.out.length} frames queued`);
+      // The guest's receive ring takes what is queued now and then.
+      if (stack.out.length > 64) stack.out.length = 0;
+    },
+    teardown() {
+      stack.out.length = 0;
+    },
+  };
+}
+
 export function allTargets(): FuzzTarget[] {
   return [
     virtqueueTarget(),
@@ -461,6 +536,7 @@ export function allTargets(): FuzzTarget[] {
     loaderTarget(),
     ...backendTargets(),
     apiTarget(),
+    mmdsTarget(),
   ] as FuzzTarget[];
 }
 
