@@ -202,7 +202,7 @@ describe('kiln-vmm', () => {
         -d "{\\"log_path\\": \\"\${LOGFILE}\\", \\"level\\": \\"Info\\", \\"show_level\\": true}"
       curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/boot-source' \\
         -H 'Accept: application/json' -H 'Content-Type: application/json' \\
-        -d "{\\"kernel_image_path\\": \\"\${KERNEL}\\", \\"boot_args\\": \\"console=ttyS0 reboot=k panic=1 pci=off\\"}"
+        -d "{\\"kernel_image_path\\": \\"\${KERNEL}\\", \\"boot_args\\": \\"console=ttyS0 reboot=k panic=1 pci=off\${EXTRA_ARGS}\\"}"
       curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/drives/rootfs' \\
         -H 'Accept: application/json' -H 'Content-Type: application/json' \\
         -d "{\\"drive_id\\": \\"rootfs\\", \\"path_on_host\\": \\"\${ROOTFS}\\", \\"is_root_device\\": true, \\"is_read_only\\": false}"
@@ -213,6 +213,11 @@ describe('kiln-vmm', () => {
       curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/network-interfaces/net1' \\
         -H 'Accept: application/json' -H 'Content-Type: application/json' \\
         -d '{"iface_id": "net1", "guest_mac": "06:00:AC:10:00:02", "host_dev_name": "tap0"}'
+      # The metadata service on that NIC, V2 (sessions), with what the guest's init asks for.
+      curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/mmds/config' \\
+        -d '{"network_interfaces": ["net1"], "version": "V2"}'
+      curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/mmds' \\
+        -d '{"latest": {"meta-data": {"ami-id": "ami-kiln-1234"}}}'
       fi
       # Beyond the guide: every other virtio device, so the boot runs them all under kiln-vmm's seccomp filters.
       curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/entropy' -d '{}'
@@ -240,12 +245,13 @@ describe('kiln-vmm', () => {
           ROOTFS: disk,
           LOGFILE: logPath,
           WITH_NET: canNetns ? '1' : '0',
+          EXTRA_ARGS: canNetns ? ' kiln.mmds=169.254.169.254' : '',
           VSOCK: join(dir, 'v.sock'),
         },
       });
       assert.equal(
         out.match(/HTTP\/1\.1 204/g)?.length,
-        canNetns ? 10 : 9,
+        canNetns ? 12 : 9,
         `every configuration call, InstanceStart and the drive PATCH answered 204:\n${out}`,
       );
       assert.match(out, /"state":"Running"/);
@@ -259,6 +265,7 @@ describe('kiln-vmm', () => {
       assert.equal(code, 0, `kiln-vmm exits 0 when the guest powers off:\n${console.slice(-3000)}`);
       assert.match(console, /EXT4-fs \(vda\): mounted filesystem/);
       assert.match(console, /KILN_INIT cpus=2 /);
+      if (canNetns) assert.match(console, /KILN_MMDS ami-kiln-1234/, 'the guest read MMDS with a V2 session token');
       assert.match(console, /dropped `pci=off`/);
       assert.ok(!existsSync(sock), 'the API socket is removed at exit');
       const vmmLog = readFileSync(logPath, 'utf8');
