@@ -7,6 +7,7 @@
 // run` flags and manager definitions. ApiError's message is the response's
 // fault_message.
 import { KilnError } from '../errors.js';
+import type { BucketConfig, RateLimiterConfig } from '../virtio/rate-limiter.js';
 import type { ReceiveRequest, SendRequest } from '../migration/migration.js';
 import type { BalloonConfig, DiskConfig, NetConfig, VmConfig, VsockConfig } from '../config/vm-config.js';
 
@@ -109,11 +110,32 @@ export function checkInstanceId(id: string): string {
   return id;
 }
 
-function noRateLimiter(resource: string, value: unknown): void {
-  if (value === undefined) return;
-  const limiter = value as Record<string, unknown>;
-  if (Object.values(limiter).some((bucket) => bucket !== null && bucket !== undefined))
-    throw new ApiError(`${resource}: rate limiters are not supported by Kiln yet`);
+/**
+ * Firecracker's RateLimiter body ({bandwidth, ops}, each {size, one_time_burst,
+ * refill_time} with refill_time in ms; null or absent buckets are off) as Kiln's
+ * rate limiter config, or undefined when none is given.
+ */
+export function parseRateLimiter(resource: string, value: unknown): Record<string, unknown> | undefined {
+  if (value === undefined || value === null) return undefined;
+  const r = check(`${resource}: rate limiter`, value, { bandwidth: obj, ops: obj });
+  const bucket = (name: string, b: unknown) => {
+    if (b === undefined || b === null) return undefined;
+    const t = check(`${resource}: rate limiter ${name}`, b, {
+      size: req(int),
+      one_time_burst: int,
+      refill_time: req(int),
+    });
+    for (const [k, n] of Object.entries(t))
+      if ((n as number) < 0) throw new ApiError(`${resource}: rate limiter ${name}: \`${k}\` must not be negative`);
+    return {
+      size: t.size,
+      refillTimeMs: t.refill_time,
+      ...(t.one_time_burst !== undefined ? { oneTimeBurst: t.one_time_burst } : {}),
+    };
+  };
+  const bandwidth = bucket('bandwidth', r.bandwidth);
+  const ops = bucket('ops', r.ops);
+  return { ...(bandwidth ? { bandwidth } : {}), ...(ops ? { ops } : {}) };
 }
 
 function matchIds(pathId: string, bodyId: unknown): void {
@@ -200,7 +222,7 @@ export function parseDrive(pathId: string, body: unknown): ConfigChange {
   if (r.socket !== undefined)
     throw new ApiError('drives: vhost-user block devices (`socket`) are not supported by Kiln yet');
   if (r.path_on_host === undefined) throw new ApiError('drives: missing field `path_on_host`');
-  noRateLimiter('drives', r.rate_limiter);
+  const limiter = parseRateLimiter('drives', r.rate_limiter);
   return (input) => {
     upsert(input, 'disks', {
       id: pathId,
@@ -211,17 +233,38 @@ export function parseDrive(pathId: string, body: unknown): ConfigChange {
       ...(r.partuuid !== undefined ? { partuuid: r.partuuid } : {}),
       ...(r.cache_type !== undefined ? { cacheType: r.cache_type } : {}),
       ...(r.io_engine !== undefined ? { ioEngine: r.io_engine } : {}),
+      ...(limiter ? { rateLimiter: limiter } : {}),
     });
   };
 }
 
-/** PATCH /drives/{id}: a new backing file (or rate limiter) for an existing drive. */
-export function parsePartialDrive(pathId: string, body: unknown): { drive_id: string; path_on_host?: string } {
+/** PATCH /drives/{id}: a new backing file and/or rate limiter for an existing drive. */
+export function parsePartialDrive(
+  pathId: string,
+  body: unknown,
+): { drive_id: string; path_on_host?: string; rateLimiter?: Record<string, unknown> } {
   checkId('drive', pathId);
   const r = check('drives', body, { drive_id: req(str), path_on_host: str, rate_limiter: obj });
   matchIds(pathId, r.drive_id);
-  noRateLimiter('drives', r.rate_limiter);
-  return { drive_id: pathId, ...(r.path_on_host !== undefined ? { path_on_host: r.path_on_host as string } : {}) };
+  const limiter = parseRateLimiter('drives', r.rate_limiter);
+  return {
+    drive_id: pathId,
+    ...(r.path_on_host !== undefined ? { path_on_host: r.path_on_host as string } : {}),
+    ...(limiter ? { rateLimiter: limiter } : {}),
+  };
+}
+
+/** PATCH /network-interfaces/{id}: new rate limiters for an existing NIC. */
+export function parsePartialNetworkInterface(
+  pathId: string,
+  body: unknown,
+): { iface_id: string; rxRateLimiter?: Record<string, unknown>; txRateLimiter?: Record<string, unknown> } {
+  checkId('network interface', pathId);
+  const r = check('network-interfaces', body, { iface_id: req(str), rx_rate_limiter: obj, tx_rate_limiter: obj });
+  matchIds(pathId, r.iface_id);
+  const rx = parseRateLimiter('network-interfaces', r.rx_rate_limiter);
+  const tx = parseRateLimiter('network-interfaces', r.tx_rate_limiter);
+  return { iface_id: pathId, ...(rx ? { rxRateLimiter: rx } : {}), ...(tx ? { txRateLimiter: tx } : {}) };
 }
 
 export function parseNetworkInterface(pathId: string, body: unknown): ConfigChange {
@@ -236,13 +279,15 @@ export function parseNetworkInterface(pathId: string, body: unknown): ConfigChan
   });
   matchIds(pathId, r.iface_id);
   if (r.mtu !== undefined) throw new ApiError('network-interfaces: `mtu` is not supported by Kiln yet');
-  noRateLimiter('network-interfaces', r.rx_rate_limiter);
-  noRateLimiter('network-interfaces', r.tx_rate_limiter);
+  const rx = parseRateLimiter('network-interfaces', r.rx_rate_limiter);
+  const tx = parseRateLimiter('network-interfaces', r.tx_rate_limiter);
   return (input) => {
     upsert(input, 'nets', {
       id: pathId,
       tap: r.host_dev_name,
       ...(r.guest_mac !== undefined ? { mac: r.guest_mac } : {}),
+      ...(rx ? { rxRateLimiter: rx } : {}),
+      ...(tx ? { txRateLimiter: tx } : {}),
     });
   };
 }
@@ -256,9 +301,11 @@ export function parseVsock(body: unknown): ConfigChange {
 
 export function parseEntropy(body: unknown): ConfigChange {
   const r = check('entropy', body, { rate_limiter: obj });
-  noRateLimiter('entropy', r.rate_limiter);
+  const limiter = parseRateLimiter('entropy', r.rate_limiter);
   return (input) => {
     input.rng = true;
+    if (limiter) input.rngRateLimiter = limiter;
+    else delete input.rngRateLimiter;
   };
 }
 
@@ -512,7 +559,18 @@ export function exportDrive(d: DiskConfig): Record<string, unknown> {
     ...(d.partuuid !== undefined ? { partuuid: d.partuuid } : {}),
     cache_type: d.cacheType ?? 'Unsafe',
     io_engine: d.ioEngine ?? 'Sync',
+    ...(d.rateLimiter ? { rate_limiter: exportRateLimiter(d.rateLimiter) } : {}),
   };
+}
+
+/** Kiln's rate limiter config in Firecracker's shape. */
+export function exportRateLimiter(l: RateLimiterConfig): Record<string, unknown> {
+  const bucket = (b: BucketConfig) => ({
+    size: b.size,
+    ...(b.oneTimeBurst !== undefined ? { one_time_burst: b.oneTimeBurst } : {}),
+    refill_time: b.refillTimeMs,
+  });
+  return { ...(l.bandwidth ? { bandwidth: bucket(l.bandwidth) } : {}), ...(l.ops ? { ops: bucket(l.ops) } : {}) };
 }
 
 export function exportBalloon(b: BalloonConfig): Record<string, unknown> {
@@ -528,6 +586,8 @@ const exportNet = (n: NetConfig) => ({
   iface_id: n.id,
   host_dev_name: n.tap,
   ...(n.mac !== undefined ? { guest_mac: n.mac } : {}),
+  ...(n.rxRateLimiter ? { rx_rate_limiter: exportRateLimiter(n.rxRateLimiter) } : {}),
+  ...(n.txRateLimiter ? { tx_rate_limiter: exportRateLimiter(n.txRateLimiter) } : {}),
 });
 const exportVsock = (v: VsockConfig) => ({
   guest_cid: v.guestCid,
@@ -554,7 +614,7 @@ export function exportDefinition(c: VmConfig, s: VmmSettings): Record<string, un
     drives: c.disks.map(exportDrive),
     'network-interfaces': c.nets.filter((n) => n.tap !== undefined).map(exportNet),
     ...(c.vsock ? { vsock: exportVsock(c.vsock) } : {}),
-    ...(c.rng ? { entropy: {} } : {}),
+    ...(c.rng ? { entropy: c.rngRateLimiter ? { rate_limiter: exportRateLimiter(c.rngRateLimiter) } : {} } : {}),
     ...(c.balloon ? { balloon: exportBalloon(c.balloon) } : {}),
     ...(c.mmds
       ? {

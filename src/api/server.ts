@@ -97,15 +97,22 @@ const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Han
       if (!vmm.config.disks.some((d) => d.id === patch.drive_id))
         throw new ApiError(`Invalid block device ID: ${patch.drive_id}`);
       const path = patch.path_on_host;
-      if (path === undefined) return;
       const change: r.ConfigChange = (input) => {
         input.disks = (input.disks as Array<Record<string, unknown>>).map((d) =>
-          d.id === patch.drive_id ? { ...d, path } : d,
+          d.id === patch.drive_id
+            ? {
+                ...d,
+                ...(path !== undefined ? { path } : {}),
+                ...(patch.rateLimiter ? { rateLimiter: patch.rateLimiter } : {}),
+              }
+            : d,
         );
       };
       // Checked before the running guest sees anything; applied after the swap succeeded.
-      vmm.check(change);
-      if (vmm.started) vmm.patchDrive(patch.drive_id, path);
+      const next = vmm.check(change);
+      if (vmm.started && path !== undefined) vmm.patchDrive(patch.drive_id, path);
+      if (vmm.started && patch.rateLimiter)
+        vmm.setLimiter(`drive:${patch.drive_id}`, next.disks.find((d) => d.id === patch.drive_id)!.rateLimiter);
       vmm.apply(change);
     },
   ],
@@ -114,7 +121,32 @@ const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Han
     '/network-interfaces/:iface_id',
     preBoot((vmm, body, p) => vmm.apply(r.parseNetworkInterface(p.iface_id ?? '', body))),
   ],
-  ['PATCH', '/network-interfaces/:iface_id', notYet('Updating network interface rate limiters')],
+  [
+    'PATCH',
+    '/network-interfaces/:iface_id',
+    (vmm, body, p) => {
+      const patch = r.parsePartialNetworkInterface(p.iface_id ?? '', body);
+      if (!vmm.config.nets.some((n) => n.id === patch.iface_id))
+        throw new ApiError(`Invalid network interface ID: ${patch.iface_id}`);
+      const change: r.ConfigChange = (input) => {
+        input.nets = (input.nets as Array<Record<string, unknown>>).map((n) =>
+          n.id === patch.iface_id
+            ? {
+                ...n,
+                ...(patch.rxRateLimiter ? { rxRateLimiter: patch.rxRateLimiter } : {}),
+                ...(patch.txRateLimiter ? { txRateLimiter: patch.txRateLimiter } : {}),
+              }
+            : n,
+        );
+      };
+      const next = vmm.check(change).nets.find((n) => n.id === patch.iface_id)!;
+      if (vmm.started) {
+        if (patch.rxRateLimiter) vmm.setLimiter(`net-rx:${patch.iface_id}`, next.rxRateLimiter);
+        if (patch.txRateLimiter) vmm.setLimiter(`net-tx:${patch.iface_id}`, next.txRateLimiter);
+      }
+      vmm.apply(change);
+    },
+  ],
   ['PUT', '/vsock', preBoot((vmm, body) => vmm.setVsock(r.parseVsock(body)))],
   // Kiln's own: the whole VM as one VmConfig (what --kiln-config reads; the daemon's pool hands it in).
   ['PUT', '/kiln/vm-config', preBoot((vmm, body) => vmm.setVmConfig(body))],

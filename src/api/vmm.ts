@@ -22,6 +22,7 @@ import type { BalloonControl } from '../virtio/balloon.js';
 import type { VmResult } from '../vm.js';
 import type { BootTimerOptions } from '../devices/boot-timer.js';
 import { MmdsError, MmdsStore } from '../mmds/store.js';
+import type { RateLimiterConfig } from '../virtio/rate-limiter.js';
 import type { SeccompPrograms } from '../seccomp/policy.js';
 import { writeAll, writeFileAtomically } from '../atomic-file.js';
 import type { CompatConfig } from '../compat/pvm.js';
@@ -640,6 +641,21 @@ export class Vmm {
   }
 
   /** PATCH /drives/{id} after the start: the drive's backing file changes under the running guest. */
+  /** A running device's rate limiter (`drive:ID`, `net-rx:ID`, `net-tx:ID`): the device uses it from its next request. */
+  setLimiter(key: string, config: RateLimiterConfig | undefined): void {
+    const cells = this.live?.virtio.limiters.get(key);
+    if (!cells) throw new ApiError(`No rate limiter ${key} on the running microVM`);
+    cells.write(config);
+    this.note('Info', `rate limiter ${key} changed`);
+  }
+
+  /** Throttled events so far, per limiter kind (the metrics' rate-limiter counters). */
+  private throttled(prefix: string): number {
+    let n = 0;
+    for (const [key, cells] of this.live?.virtio.limiters ?? []) if (key.startsWith(prefix)) n += cells.throttled;
+    return n;
+  }
+
   patchDrive(driveId: string, path: string): void {
     if (!this.live) throw new ApiError(BEFORE_START);
     const drive = this.config.disks.find((d) => d.id === driveId);
@@ -712,7 +728,17 @@ export class Vmm {
   flushMetrics(): void {
     const m = this.settings.metrics;
     if (!m) throw new ApiError('Metrics are not configured (PUT /metrics first).');
-    const line = { utc_timestamp_ms: Date.now(), vmm: { state: this.state, vcpus: this.config.cpus } };
+    const line = {
+      utc_timestamp_ms: Date.now(),
+      vmm: { state: this.state, vcpus: this.config.cpus },
+      // Firecracker's names for the rate limiters' counters.
+      block: { rate_limiter_throttled_events: this.throttled('drive:') },
+      net: {
+        rx_rate_limiter_throttled: this.throttled('net-rx:'),
+        tx_rate_limiter_throttled: this.throttled('net-tx:'),
+      },
+      entropy: { entropy_rate_limiter_throttled: this.throttled('rng') },
+    };
     this.emit(this.metricsFd, `${JSON.stringify(line)}\n`);
   }
 

@@ -104,6 +104,19 @@ const IfName = v.pipe(
   ),
 );
 
+const MAX_TOKENS = Number.MAX_SAFE_INTEGER;
+/** A token bucket (Firecracker's TokenBucket: size, one_time_burst, refill_time in ms); size or refill 0 turns it off. */
+export const BucketSchema = strict({
+  size: whole(0, MAX_TOKENS),
+  oneTimeBurst: v.optional(whole(0, MAX_TOKENS)),
+  refillTimeMs: whole(0, MAX_TOKENS),
+});
+/** A rate limiter: a bytes bucket and an operations bucket, either optional. */
+export const RateLimiterSchema = strict({
+  bandwidth: v.optional(BucketSchema),
+  ops: v.optional(BucketSchema),
+});
+
 export const DiskSchema = strict({
   /** Unique among the disks; the API's drive_id. Default: disk<N>. */
   id: v.optional(DeviceId),
@@ -126,6 +139,8 @@ export const DiskSchema = strict({
   /** Firecracker's cache_type and io_engine: kept and reported; Kiln's block device is synchronous either way. */
   cacheType: v.optional(oneOf(['Unsafe', 'Writeback'] as const)),
   ioEngine: v.optional(oneOf(['Sync', 'Async'] as const)),
+  /** Firecracker's rate_limiter: the guest's requests to this disk (bytes and requests). */
+  rateLimiter: v.optional(RateLimiterSchema),
 });
 
 export const NetSchema = v.pipe(
@@ -137,6 +152,9 @@ export const NetSchema = v.pipe(
     /** passt's Unix socket (rootless networking). */
     passt: v.optional(nonEmpty("the path of passt's socket")),
     mac: v.optional(Mac),
+    /** Firecracker's rx_rate_limiter and tx_rate_limiter: frames to and from the guest. */
+    rxRateLimiter: v.optional(RateLimiterSchema),
+    txRateLimiter: v.optional(RateLimiterSchema),
   }),
   v.check(
     (n) => (n.tap === undefined) !== (n.passt === undefined),
@@ -207,6 +225,8 @@ export const VM_ENTRIES = {
   nets: list(NetSchema),
   /** An entropy device (virtio-rng). */
   rng: v.optional(flag(), false),
+  /** The entropy device's rate limiter (bytes and requests). */
+  rngRateLimiter: v.optional(RateLimiterSchema),
   vsock: v.optional(VsockSchema),
   /** A virtio console (hvc0) on a Unix socket Kiln listens on. */
   consoleSocket: v.optional(nonEmpty('the path of a Unix socket')),

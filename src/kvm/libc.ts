@@ -170,6 +170,27 @@ export function signalEventfd(fd: number): void {
   write(fd, EVENTFD_ONE, 8);
 }
 
+// timerfd: the I/O thread's wake-ups for rate-limited devices (one per device).
+export const timerfdCreate = libc.func('int timerfd_create(int clockid, int flags)') as (
+  clockid: number,
+  flags: number,
+) => number;
+export const timerfdSettime = libc.func(
+  'int timerfd_settime(int fd, int flags, const void *new_value, void *old_value)',
+) as (fd: number, flags: number, newValue: Buffer, oldValue: null) => number;
+export const CLOCK_MONOTONIC = 1;
+export const TFD_NONBLOCK = 0o4000;
+export const TFD_CLOEXEC = 0o2000000;
+
+/** Arms a timerfd to fire once, `ms` from now (0 disarms it). */
+export function armTimerfd(fd: number, ms: number): void {
+  const spec = Buffer.alloc(32); // struct itimerspec: interval {0, 0}, value {s, ns}
+  const whole = Math.max(0, Math.ceil(ms * 1e6));
+  spec.writeBigInt64LE(BigInt(Math.floor(whole / 1e9)), 16);
+  spec.writeBigInt64LE(BigInt(whole % 1e9), 24);
+  timerfdSettime(fd, 0, spec, null);
+}
+
 /** Resets a nonblocking eventfd's counter after it polled readable. */
 export function drainEventfd(fd: number): void {
   read(fd, EVENTFD_SINK, 8);

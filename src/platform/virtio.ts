@@ -5,6 +5,7 @@ import { closeSync, constants as fsConstants, openSync } from 'node:fs';
 import { requireKind } from '../special-files.js';
 import type { VmConfig } from '../config/vm-config.js';
 import { MmdsStore } from '../mmds/store.js';
+import { RateLimiterCells, type RateLimiterConfig } from '../virtio/rate-limiter.js';
 import { KilnError } from '../errors.js';
 import type { DeviceSpec } from '../devices/catalogue.js';
 import * as libc from '../kvm/libc.js';
@@ -51,6 +52,12 @@ export interface AttachedVirtio {
   readonly disks: ReadonlyMap<string, VirtioPciDevice>;
   readonly nets: ReadonlyMap<string, VirtioPciDevice>;
   readonly balloon: VirtioPciDevice | null;
+  /**
+   * Every rate limiter's shared cells, by what it limits: `drive:ID`, `net-rx:ID`,
+   * `net-tx:ID`, `rng` (PATCH /drives and /network-interfaces change them live; the
+   * metrics read their throttled counts).
+   */
+  readonly limiters: ReadonlyMap<string, RateLimiterCells>;
 }
 
 /** The host's handle on a disk added by attachVirtio. */
@@ -181,25 +188,40 @@ export function attachVirtio(
     all.push(added);
     return added;
   };
+  const limiters = new Map<string, RateLimiterCells>();
+  const limiter = (key: string, config: RateLimiterConfig | undefined): SharedArrayBuffer => {
+    const cells = new RateLimiterCells();
+    cells.write(config);
+    limiters.set(key, cells);
+    return cells.shared;
+  };
   const diskDevices = new Map<string, VirtioPciDevice>();
   const netDevices = new Map<string, VirtioPciDevice>();
   disks.forEach((d, i) => {
     vm.adoptFd(d.fd);
-    diskDevices.set(config.disks[i]!.id, add(`disk${i}`, { kind: 'blk', options: d.options }));
+    const disk = config.disks[i]!;
+    const options: BlkOptions = { ...d.options, limiter: limiter(`drive:${disk.id}`, disk.rateLimiter) };
+    diskDevices.set(disk.id, add(`disk${i}`, { kind: 'blk', options }));
   });
   nets.forEach((n, i) => {
     vm.adoptFd(n.fd);
-    const id = config.nets[i]!.id;
+    const net = config.nets[i]!;
+    const id = net.id;
+    const limited: NetOptions = {
+      ...n.options,
+      rxLimiter: limiter(`net-rx:${id}`, net.rxRateLimiter),
+      txLimiter: limiter(`net-tx:${id}`, net.txRateLimiter),
+    };
     const options: NetOptions =
       mmds && store && mmds.nets.includes(id)
         ? {
-            ...n.options,
+            ...limited,
             mmds: { store, ipv4: ipv4Number(mmds.ipv4), version: mmds.version, imdsCompat: mmds.imdsCompat },
           }
-        : n.options;
+        : limited;
     netDevices.set(id, add(`net${i}`, { kind: 'net', options }));
   });
-  if (config.rng) add('rng', { kind: 'rng', options: {} });
+  if (config.rng) add('rng', { kind: 'rng', options: { limiter: limiter('rng', config.rngRateLimiter) } });
   const balloon = config.balloon
     ? add('balloon', {
         kind: 'balloon',
@@ -219,7 +241,7 @@ export function attachVirtio(
     vm.adoptFd(fd);
     add('console', { kind: 'console', options: { listenFd: fd } });
   }
-  return { all, disks: diskDevices, nets: netDevices, balloon };
+  return { all, disks: diskDevices, nets: netDevices, balloon, limiters };
 }
 
 /** What addVirtioPciDevice returns: the spec, where it lives, and its shared state. */

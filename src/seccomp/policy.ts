@@ -191,6 +191,8 @@ export const DEFAULT_POLICY: SeccompPolicy = {
         (syscall) => ({ syscall }),
       ),
       { syscall: 'fcntl' },
+      // Rate limiters' wake-ups (each device's timerfd, made before the filter).
+      { syscall: 'timerfd_settime' },
       ...ioctlIs(KVM.IRQ_LINE, KVM.SIGNAL_MSI, TUNSETOFFLOAD),
     ],
   },

@@ -11,6 +11,7 @@ import { KilnError } from '../errors.js';
 import * as libc from '../kvm/libc.js';
 import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } from './device.js';
 import { VirtqueueError, type DescriptorChain } from './queue.js';
+import { chainBytes, drainLimited, SharedRateLimiter } from './rate-limiter.js';
 
 export const VIRTIO_BLK_F_SEG_MAX = 2n;
 export const VIRTIO_BLK_F_RO = 5n;
@@ -78,6 +79,8 @@ export interface BlkOptions {
    * bit per DISK_CHUNK_BYTES (DiskWrites reads and clears it).
    */
   readonly written?: SharedArrayBuffer;
+  /** The drive's rate limiter (rate-limiter.ts's shared cells; PATCH /drives changes it live). */
+  readonly limiter?: SharedArrayBuffer;
 }
 
 /** The granularity of a disk's write record (a migration copies whole chunks). */
@@ -213,7 +216,10 @@ export class BlkBackend implements VirtioBackend {
     this.serial.set(Buffer.from(options.serial).subarray(0, VIRTIO_BLK_ID_BYTES));
     this.mediaChange = BLK_MEDIA_CHANGE.open(rt.state.state, rt.state.extraAt);
     this.pollFds = [{ fd: controlFd, ready: () => this.swapMedia() }];
+    this.limiter = options.limiter ? new SharedRateLimiter(options.limiter) : null;
   }
+
+  private readonly limiter: SharedRateLimiter | null;
 
   /** The host changed the backing file: requests from now on go to it; the guest sees the new capacity. */
   private swapMedia(): void {
@@ -247,8 +253,21 @@ export class BlkBackend implements VirtioBackend {
 
   queueNotified(q: number): void {
     const queue = this.rt.queue(q);
-    if (queue.drain(this.rt.chain, (chain) => queue.push(chain.head, this.handle(chain)), BLK_REQUESTS_PER_TURN) > 0)
-      this.rt.notifyUsed(q);
+    const handle = (chain: DescriptorChain) => queue.push(chain.head, this.handle(chain));
+    if (this.limiter?.active) {
+      // Each request's data (less its header and status byte) passes the drive's limiter first.
+      const served = drainLimited(
+        this.rt,
+        q,
+        this.limiter!,
+        (chain) => Math.max(0, chainBytes(chain, true) + chainBytes(chain, false) - virtio_blk_outhdr.size - 1),
+        handle,
+        BLK_REQUESTS_PER_TURN,
+      );
+      if (served > 0) this.rt.notifyUsed(q);
+      return;
+    }
+    if (queue.drain(this.rt.chain, handle, BLK_REQUESTS_PER_TURN) > 0) this.rt.notifyUsed(q);
     if (queue.leftOver) this.rt.kickLater(q);
   }
 

@@ -43,7 +43,7 @@ export const VIRTIO_DEVICES: { readonly [K in VirtioKind]: VirtioEntry<K> } = {
   blk: { type: blkType, backend: (rt, o, t) => new BlkBackend(rt, o, t.controlFd) },
   net: { type: netType, backend: (rt, o) => new NetBackend(rt, o) },
   console: { type: consoleType, backend: (rt, o) => new ConsoleBackend(rt, o) },
-  rng: { type: rngType, backend: (rt) => new RngBackend(rt) },
+  rng: { type: rngType, backend: (rt, o) => new RngBackend(rt, o) },
   balloon: { type: balloonType, backend: (rt, _o, t) => new BalloonBackend(rt, t.controlFd) },
   vsock: { type: vsockType, backend: (rt, o) => new VsockBackend(rt, o) },
 };

@@ -312,6 +312,8 @@ export interface VirtioQueues {
   configChanged(): void;
   /** Comes back to queue `q` after the other ready work (a drain that stopped at its budget). */
   kickLater(q: number): void;
+  /** Comes back to queue `q` in `ms` milliseconds (a rate limiter holding a request back). */
+  kickAfter(q: number, ms: number): void;
   /** Watches an fd the backend opened later (an accepted socket); `ready` runs under the device lock. */
   watchFd(fd: number, ready: () => void): void;
   unwatchFd(fd: number): void;
@@ -325,6 +327,8 @@ export interface FdWatcher {
   unwatch(fd: number): void;
   /** Makes queue `q`'s notification fire again (its eventfd), behind what is already ready. */
   kick(q: number): void;
+  /** kick(q), `ms` milliseconds from now (the device's timerfd; the earliest pending deadline wins). */
+  kickAfter(q: number, ms: number): void;
 }
 
 /** A device's data path, on the I/O thread. Called with the device lock held. */
@@ -382,6 +386,10 @@ export class VirtioRuntime implements VirtioQueues {
 
   kickLater(q: number): void {
     this.fds.kick(q);
+  }
+
+  kickAfter(q: number, ms: number): void {
+    this.fds.kickAfter(q, ms);
   }
 
   /** Host fds not watched because input came while the driver had the device stopped. */

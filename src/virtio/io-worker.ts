@@ -66,6 +66,37 @@ const setPollable = (fd: number, on: boolean) => setInterest(fd, { read: on });
 /** Level-triggered too: only while data waits for a peer that stopped reading. */
 const setWritable = (fd: number, on: boolean) => setInterest(fd, { write: on });
 
+/**
+ * One timerfd per device: queues to come back to later (a rate limiter's wait), woken
+ * together at the earliest deadline asked for.
+ */
+class DeviceTimer {
+  readonly fd = libc.timerfdCreate(libc.CLOCK_MONOTONIC, libc.TFD_NONBLOCK | libc.TFD_CLOEXEC);
+  private readonly queues = new Set<number>();
+  private deadline = Infinity;
+  private readonly sink = Buffer.alloc(8);
+
+  constructor(private readonly kick: (q: number) => void) {
+    if (this.fd < 0) throw new Error(`timerfd_create failed: ${libc.errnoName(libc.errno())}`);
+  }
+
+  kickAfter(q: number, ms: number): void {
+    this.queues.add(q);
+    const at = performance.now() + ms;
+    if (at >= this.deadline) return;
+    this.deadline = at;
+    libc.armTimerfd(this.fd, Math.max(ms, 0.05));
+  }
+
+  fired(): void {
+    libc.read(this.fd, this.sink, 8);
+    this.deadline = Infinity;
+    const queues = [...this.queues];
+    this.queues.clear();
+    for (const q of queues) this.kick(q);
+  }
+}
+
 const backends: VirtioBackend[] = [];
 const runtimes: VirtioRuntime[] = [];
 for (const spec of init.devices) {
@@ -77,8 +108,17 @@ for (const spec of init.devices) {
     new SharedLock(new Int32Array(spec.state, 0, 1), LOCK_INDEX),
     interrupts,
     logFor(spec.id),
-    { setPollable, setWritable, watch, unwatch, kick: (q) => libc.signalEventfd(spec.options.notifyFds[q]!) },
+    {
+      setPollable,
+      setWritable,
+      watch,
+      unwatch,
+      kick: (q) => libc.signalEventfd(spec.options.notifyFds[q]!),
+      kickAfter: (q, ms) => timer.kickAfter(q, ms),
+    },
   );
+  const timer = new DeviceTimer((q) => libc.signalEventfd(spec.options.notifyFds[q]!));
+  watch(timer.fd, () => timer.fired());
   const backend = createBackend(spec.options.device, runtime, { controlFd: spec.options.controlFd });
   runtime.backend = backend;
   backends.push(backend);

@@ -11,6 +11,7 @@ import * as libc from '../kvm/libc.js';
 import { MmdsService, type MmdsVersion } from '../mmds/service.js';
 import { MmdsStack } from '../mmds/stack.js';
 import { MmdsReader } from '../mmds/store.js';
+import { chainBytes, SharedRateLimiter } from './rate-limiter.js';
 import { array, struct, union } from '../kvm/struct.js';
 import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } from './device.js';
 
@@ -46,6 +47,9 @@ export interface NetOptions {
   readonly backend: 'tap' | 'passt';
   /** MMDS on this NIC (PUT /mmds/config named it): frames to its address are answered by the VMM. */
   readonly mmds?: NetMmdsOptions;
+  /** Rate limiters for frames to the guest (rx) and from it (tx): rate-limiter.ts's shared cells. */
+  readonly rxLimiter?: SharedArrayBuffer;
+  readonly txLimiter?: SharedArrayBuffer;
 }
 
 export interface NetMmdsOptions {
@@ -220,6 +224,10 @@ export class NetBackend implements VirtioBackend {
   readonly pollFds;
   /** MMDS on this NIC: the guest's frames to its address stop here, and its answers wait in its queue. */
   private readonly mmds: MmdsStack | null;
+  private readonly rxLimiter: SharedRateLimiter | null;
+  private readonly txLimiter: SharedRateLimiter | null;
+  /** A frame read from the host end that the rx limiter held back (its bytes in `rx`, header included); 0: none. */
+  private heldRx = 0;
 
   constructor(
     private readonly rt: VirtioQueues,
@@ -228,6 +236,8 @@ export class NetBackend implements VirtioBackend {
     this.fd = options.fd;
     this.passt = isPasst(options);
     this.pollFds = [{ fd: this.fd, ready: () => this.ready() }];
+    this.rxLimiter = options.rxLimiter ? new SharedRateLimiter(options.rxLimiter) : null;
+    this.txLimiter = options.txLimiter ? new SharedRateLimiter(options.txLimiter) : null;
     const m = options.mmds;
     if (m) {
       const service = new MmdsService(new MmdsReader(m.store), m.version, m.imdsCompat);
@@ -275,6 +285,7 @@ export class NetBackend implements VirtioBackend {
 
   reset(): void {
     this.offloads = -1;
+    this.heldRx = 0;
   }
 
   /** The host end is readable, or (passt, with a frame waiting) writable again. */
@@ -295,7 +306,17 @@ export class NetBackend implements VirtioBackend {
     const chain = this.rt.chain;
     let done = 0;
     // passt's socket is full: the guest's frames stay in its ring (TX backpressure) until it drains.
-    while (!this.pendingTx && queue.pop(chain)) {
+    const limited = this.txLimiter?.active === true;
+    while (!this.pendingTx && (limited ? queue.peek(chain) : queue.pop(chain))) {
+      if (limited && this.txLimiter) {
+        // The frame (less its virtio header) passes the tx limiter, or waits in the ring.
+        const bytes = Math.max(0, chainBytes(chain, false) - VIRTIO_NET_HDR_BYTES);
+        if (!this.txLimiter.consume(bytes)) {
+          this.rt.kickAfter(NET_TX_QUEUE, this.txLimiter.waitMs(bytes));
+          break;
+        }
+        if (!queue.pop(chain)) break;
+      }
       // Gather header + frame; passt gets the frame alone, after its length.
       const at = 4 + chain.readInto(this.rt.mem, 0, this.txBody, this.txBody.length);
       const frameBytes = at - 4 - VIRTIO_NET_HDR_BYTES;
@@ -365,6 +386,23 @@ export class NetBackend implements VirtioBackend {
     queue.push(chain.head, at === length ? length : 0);
   }
 
+  /**
+   * Whether the frame in `rx` (`length` bytes, header included) may go to the guest now;
+   * if not, it is held there, the host end is not read meanwhile, and the queue is
+   * woken when the rx limiter would let it through.
+   */
+  private rxAllowed(length: number): boolean {
+    const bytes = length - VIRTIO_NET_HDR_BYTES;
+    if (!this.rxLimiter?.active || this.rxLimiter.consume(bytes)) {
+      this.heldRx = 0;
+      return true;
+    }
+    this.heldRx = length;
+    this.rt.setPollable(this.fd, false);
+    this.rt.kickAfter(NET_RX_QUEUE, this.rxLimiter.waitMs(bytes));
+    return false;
+  }
+
   private receive(): void {
     const queue = this.rt.queue(NET_RX_QUEUE);
     let delivered = 0;
@@ -373,7 +411,10 @@ export class NetBackend implements VirtioBackend {
         this.rt.setPollable(this.fd, false);
         break;
       }
-      if (this.passt) {
+      if (this.heldRx > 0) {
+        if (!this.rxAllowed(this.heldRx)) break;
+        this.deliver(this.rx, this.heldRx);
+      } else if (this.passt) {
         if (!this.nextPasstFrame()) break;
       } else {
         const n = libc.read(this.fd, this.rx, this.rx.length);
@@ -382,6 +423,7 @@ export class NetBackend implements VirtioBackend {
           if (e !== libc.EAGAIN && e !== libc.EINTR) this.fail('read from the TAP', e);
           break;
         }
+        if (!this.rxAllowed(n)) break;
         this.deliver(this.rx, n);
       }
       delivered++;
@@ -416,6 +458,7 @@ export class NetBackend implements VirtioBackend {
     this.stream.copy(this.rx, VIRTIO_NET_HDR_BYTES, 4, 4 + length);
     this.stream.copy(this.stream, 0, 4 + length, this.streamBytes);
     this.streamBytes -= 4 + length;
+    if (!this.rxAllowed(VIRTIO_NET_HDR_BYTES + length)) return false;
     this.deliver(this.rx, VIRTIO_NET_HDR_BYTES + length);
     return true;
   }

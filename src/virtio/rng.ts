@@ -4,9 +4,12 @@ import { KilnError } from '../errors.js';
 import * as libc from '../kvm/libc.js';
 import type { VirtioBackend, VirtioDeviceType, VirtioQueues } from './device.js';
 import type { DescriptorChain } from './queue.js';
+import { chainBytes, drainLimited, SharedRateLimiter } from './rate-limiter.js';
 
-/** The entropy device takes no options. */
-export type RngOptions = Record<string, never>;
+/** The entropy device's options: its rate limiter, if any. */
+export interface RngOptions {
+  readonly limiter?: SharedArrayBuffer;
+}
 
 export const rngType: VirtioDeviceType<RngOptions> = {
   deviceId: 4,
@@ -28,9 +31,22 @@ export const RNG_MAX_BYTES_PER_REQUEST = 64 * 1024;
 const RNG_REQUESTS_PER_TURN = 64;
 
 export class RngBackend implements VirtioBackend {
-  constructor(private readonly rt: VirtioQueues) {}
+  private readonly limiter: SharedRateLimiter | null;
+
+  constructor(
+    private readonly rt: VirtioQueues,
+    options: RngOptions = {},
+  ) {
+    this.limiter = options.limiter ? new SharedRateLimiter(options.limiter) : null;
+  }
 
   queueNotified(q: number): void {
+    if (this.limiter?.active) {
+      const bytesOf = (chain: DescriptorChain) => Math.min(chainBytes(chain, true), RNG_MAX_BYTES_PER_REQUEST);
+      if (drainLimited(this.rt, q, this.limiter, bytesOf, (chain) => this.fill(chain), RNG_REQUESTS_PER_TURN) > 0)
+        this.rt.notifyUsed(q);
+      return;
+    }
     const queue = this.rt.queue(q);
     const done = queue.drain(this.rt.chain, (chain) => this.fill(chain), RNG_REQUESTS_PER_TURN);
     if (done > 0) this.rt.notifyUsed(q);

@@ -161,6 +161,8 @@ describe('the Firecracker API', () => {
       ['/entropy', {}],
       ['/balloon', { amount_mib: 0, deflate_on_oom: false, stats_polling_interval_s: 1 }],
       ['/logger', { log_path: join(dir, 'log'), level: 'debug' }],
+      ['/mmds/config', { network_interfaces: ['eth0'], version: 'V2', ipv4_address: '169.254.170.2' }],
+      ['/mmds', { latest: { 'meta-data': { 'ami-id': 'ami-1' } } }],
       ['/metrics', { metrics_path: join(dir, 'metrics') }],
     ] as const) {
       const r = await call('PUT', path, body);
@@ -169,6 +171,32 @@ describe('the Firecracker API', () => {
     assert.equal((await call('PATCH', '/machine-config', { mem_size_mib: 512 })).status, 204);
     assert.equal((await call('PATCH', '/drives/data_1', { drive_id: 'data_1', path_on_host: disk })).status, 204);
     assert.equal((await call('PATCH', '/balloon', { amount_mib: 16 })).status, 204);
+    // Rate limiters: on a drive, a NIC's two directions and the entropy device; PATCH changes them.
+    const limiter = {
+      bandwidth: { size: 10485760, one_time_burst: 1048576, refill_time: 1000 },
+      ops: { size: 100, refill_time: 1000 },
+    };
+    assert.equal((await call('PATCH', '/drives/data_1', { drive_id: 'data_1', rate_limiter: limiter })).status, 204);
+    assert.equal(
+      (
+        await call('PATCH', '/network-interfaces/eth0', {
+          iface_id: 'eth0',
+          rx_rate_limiter: limiter,
+          tx_rate_limiter: { ops: { size: 5, refill_time: 100 } },
+        })
+      ).status,
+      204,
+    );
+    assert.equal(
+      (await call('PUT', '/entropy', { rate_limiter: { bandwidth: { size: 1000, refill_time: 100 } } })).status,
+      204,
+    );
+    assert.equal((await call('PATCH', '/mmds', { latest: { 'meta-data': { 'ami-id': null, new: 'x' } } })).status, 204);
+    assert.deepEqual(
+      (await call('GET', '/mmds')).body,
+      { latest: { 'meta-data': { new: 'x' } } },
+      'PATCH merged (RFC 7396)',
+    );
     const config = (await call('GET', '/vm/config')).body as Record<string, unknown>;
     assert.deepEqual(config['boot-source'], {
       kernel_image_path: kernel,
@@ -184,6 +212,17 @@ describe('the Firecracker API', () => {
     assert.equal((config['network-interfaces'] as unknown[]).length, 1);
     assert.deepEqual(config.vsock, { guest_cid: 3, uds_path: join(dir, 'v.sock') });
     assert.equal((config.balloon as { amount_mib: number }).amount_mib, 16);
+    assert.deepEqual((config.drives as Array<{ rate_limiter?: unknown }>)[1]!.rate_limiter, limiter);
+    const nic = (config['network-interfaces'] as Array<Record<string, unknown>>)[0]!;
+    assert.deepEqual(nic.rx_rate_limiter, limiter);
+    assert.deepEqual(nic.tx_rate_limiter, { ops: { size: 5, refill_time: 100 } });
+    assert.deepEqual(config.entropy, { rate_limiter: { bandwidth: { size: 1000, refill_time: 100 } } });
+    assert.deepEqual(config['mmds-config'], {
+      version: 'V2',
+      network_interfaces: ['eth0'],
+      ipv4_address: '169.254.170.2',
+      imds_compat: false,
+    });
     assert.equal((config.logger as { level: string }).level, 'Debug', 'levels are case-insensitive');
     assert.equal((await call('GET', '/machine-config')).status, 200);
     assert.equal((await call('GET', '/balloon')).status, 200);
@@ -250,9 +289,9 @@ describe('the Firecracker API', () => {
           drive_id: 'rl',
           path_on_host: '/x',
           is_root_device: false,
-          rate_limiter: { bandwidth: { size: 1, refill_time: 1 } },
+          rate_limiter: { bandwidth: { size: -1, refill_time: 1 } },
         },
-        /rate limiters are not supported/,
+        /^drives: rate limiter bandwidth: `size` must not be negative$/,
       ],
       ['PATCH', '/drives/nope', { drive_id: 'nope', path_on_host: '/x' }, /Invalid block device ID/],
       [
@@ -308,7 +347,32 @@ describe('the Firecracker API', () => {
         { snapshot_path: '/s', mem_backend: { backend_type: 'Disk' } },
         /must be one of File, Uffd/,
       ],
-      ['PUT', '/mmds', {}, /metadata service .* not supported by Kiln yet/],
+      [
+        'PUT',
+        '/entropy',
+        { rate_limiter: { ops: { size: 1 } } },
+        /entropy: rate limiter ops: missing field `refill_time`/,
+      ],
+      [
+        'PATCH',
+        '/network-interfaces/eth0',
+        { iface_id: 'eth0', rx_rate_limiter: { bandwidth: { size: 1, refill_time: 1, burst: 2 } } },
+        /unknown field `burst`/,
+      ],
+      ['PATCH', '/network-interfaces/nope', { iface_id: 'nope' }, /Invalid network interface ID: nope/],
+      [
+        'PUT',
+        '/mmds/config',
+        { network_interfaces: ['eth9'] },
+        /names network interface 'eth9', which this VM does not have/,
+      ],
+      [
+        'PUT',
+        '/mmds/config',
+        { network_interfaces: ['eth0'], ipv4_address: '10.0.0.1' },
+        /must be a link-local IPv4 address/,
+      ],
+      ['PUT', '/mmds/config', { network_interfaces: [] }, /must name at least one network interface/],
       ['PUT', '/cpu-config', {}, /not supported by Kiln yet/],
       ['GET', '/nothing-here', undefined, /Invalid request method and\/or path/],
       ['DELETE', '/drives/rootfs', undefined, /Invalid request method and\/or path/],

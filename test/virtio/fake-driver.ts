@@ -193,6 +193,7 @@ export class FakeDevice {
           this.interest.delete(fd);
         },
         kick: (q) => this.pendingKicks.add(q),
+        kickAfter: (q, ms) => this.timedKicks.push({ q, ms }),
       },
     );
     const needsReset = irq.needsReset.bind(irq);
@@ -208,6 +209,8 @@ export class FakeDevice {
 
   /** Queues whose drain stopped at its budget and asked to be run again. */
   readonly pendingKicks = new Set<number>();
+  /** Kicks a backend asked for later (a rate limiter's wait): the test decides when they come. */
+  readonly timedKicks: Array<{ q: number; ms: number }> = [];
 
   /** Writes a descriptor chain for `buffers` and makes it available on queue `q`; returns its head. */
   offer(q: number, buffers: readonly Buffer_[]): number {
