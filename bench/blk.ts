@@ -22,12 +22,20 @@ import { median, type BenchContext } from './util.js';
 const DISK_BYTES = 256 * MiB;
 const DRIVER = readFileSync(fileURLToPath(new URL('../../guests/bench/blk.c', import.meta.url)), 'utf8');
 
-interface Run {
+export interface Run {
   readonly seconds: number;
   readonly requests: number;
 }
 
-async function guestRun(path: string, op: 0 | 1, reqBytes: number, requests: number, random: boolean): Promise<Run> {
+/** One guest run: `requests` requests of `reqBytes` (op 0 reads, 1 writes), 8 in flight; `limiter`: the drive's rate limiter cells. */
+export async function guestRun(
+  path: string,
+  op: 0 | 1,
+  reqBytes: number,
+  requests: number,
+  random: boolean,
+  limiter?: SharedArrayBuffer,
+): Promise<Run> {
   const vm = Vm.create({ memoryBytes: 64 * MiB, vcpus: 1, irqchip: true });
   const fd = openSync(path, 'r+');
   vm.adoptFd(fd);
@@ -45,7 +53,10 @@ async function guestRun(path: string, op: 0 | 1, reqBytes: number, requests: num
       id: 'disk',
       slot,
       intxGsi: pciIntxGsi(slot),
-      device: { kind: 'blk', options: blkOptions(fd, path, false, 'bench') },
+      device: {
+        kind: 'blk',
+        options: { ...blkOptions(fd, path, false, 'bench'), ...(limiter ? { limiter } : {}) },
+      },
     });
     loadProgram(vm, {
       mode: 'long64',

@@ -8,6 +8,7 @@ import { benchExits } from './exits.js';
 import { benchLaunch } from './launch.js';
 import { benchMigrate } from './migrate.js';
 import { benchNet } from './net.js';
+import { benchRatelimit } from './ratelimit.js';
 import { benchSnapshot } from './snapshot.js';
 import type { BenchContext } from './util.js';
 
@@ -19,6 +20,7 @@ const benchmarks: Record<string, (ctx: BenchContext) => Promise<void>> = {
   snapshot: benchSnapshot,
   migrate: benchMigrate,
   launch: benchLaunch,
+  ratelimit: benchRatelimit,
 };
 
 const names = process.argv.slice(2);
