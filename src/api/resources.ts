@@ -358,6 +358,26 @@ export function parseBalloonUpdate(body: unknown): ConfigChange & { readonly mib
   return Object.assign(change, { mib });
 }
 
+/** PATCH /balloon/statistics: a new statistics interval (seconds; 0: off). */
+export function parseBalloonStatsUpdate(body: unknown): ConfigChange & { readonly seconds: number } {
+  const seconds = check('balloon statistics', body, { stats_polling_interval_s: req(int) })
+    .stats_polling_interval_s as number;
+  const change: ConfigChange = (input) => {
+    const balloon = input.balloon as Input | undefined;
+    if (!balloon) throw new ApiError('The balloon device is not configured.');
+    input.balloon = { ...balloon, statsIntervalS: seconds };
+  };
+  return Object.assign(change, { seconds });
+}
+
+/** PUT /serial: where the serial console's output goes (a file or a FIFO). */
+export function parseSerial(body: unknown): { serial_out_path?: string } {
+  const r = check('serial', body, { serial_out_path: str, rate_limiter: obj });
+  if (r.rate_limiter !== undefined && r.rate_limiter !== null)
+    throw new ApiError("serial: a rate limiter on the serial console's output is not supported by Kiln yet");
+  return r.serial_out_path !== undefined ? { serial_out_path: r.serial_out_path as string } : {};
+}
+
 export function parseLogger(body: unknown): LoggerConfig {
   const r = check('logger', body, { log_path: str, level: str, show_level: bool, show_log_origin: bool, module: str });
   const level = (r.level as string | undefined) ?? 'Info';

@@ -172,7 +172,21 @@ const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Han
     },
   ],
   ['GET', '/balloon/statistics', (vmm) => vmm.balloonStats()],
-  ['PATCH', '/balloon/statistics', notYet('Changing the balloon statistics interval')],
+  [
+    'PATCH',
+    '/balloon/statistics',
+    (vmm, body) => {
+      const update = r.parseBalloonStatsUpdate(body);
+      const was = vmm.config.balloon?.statsIntervalS;
+      if (was === undefined) throw new ApiError('The balloon device is not configured.');
+      // The statistics queue is offered to the guest at the start or not at all.
+      if (vmm.started && (was === 0) !== (update.seconds === 0))
+        throw new ApiError(
+          'Cannot enable or disable balloon statistics after the microVM started: set stats_polling_interval_s before InstanceStart.',
+        );
+      vmm.apply(update);
+    },
+  ],
   ['PUT', '/logger', preBoot((vmm, body) => vmm.setLogger(r.parseLogger(body)))],
   ['PUT', '/metrics', preBoot((vmm, body) => vmm.setMetrics(r.parseMetrics(body)))],
   [
@@ -205,7 +219,7 @@ const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Han
   ['GET', '/migration', (vmm) => vmm.migrationProgress()],
   ['PUT', '/pmem/:id', notYet('Persistent memory devices (/pmem)')],
   ['PATCH', '/pmem/:id', notYet('Persistent memory devices (/pmem)')],
-  ['PUT', '/serial', notYet('Configuring the serial device (/serial)')],
+  ['PUT', '/serial', preBoot((vmm, body) => vmm.setSerial(r.parseSerial(body).serial_out_path))],
   ['PUT', '/hotplug/memory', notYet('Memory hot-plug (/hotplug/memory)')],
   ['PATCH', '/hotplug/memory', notYet('Memory hot-plug (/hotplug/memory)')],
   ['GET', '/hotplug/memory', notYet('Memory hot-plug (/hotplug/memory)')],

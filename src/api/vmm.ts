@@ -208,6 +208,20 @@ export class Vmm {
     this.settings.logger = logger;
   }
 
+  /** Where the guest's serial output goes instead of stdout (PUT /serial); -1: stdout (or the serial socket). */
+  private serialFileFd = -1;
+
+  /**
+   * PUT /serial: the guest's serial output to `path` (opened now, as the logger's: a
+   * regular file or a FIFO, appending, non-blocking; a FIFO nobody reads drops output
+   * rather than stalling a vCPU). No path: back to stdout.
+   */
+  setSerial(path: string | undefined): void {
+    const fd = path !== undefined ? this.openOutput(path, 'serial output') : -1;
+    if (this.serialFileFd >= 0) closeSync(this.serialFileFd);
+    this.serialFileFd = fd;
+  }
+
   /** PUT /metrics: the file is opened now. */
   setMetrics(metrics: MetricsConfig): void {
     const fd = this.openOutput(metrics.metrics_path, 'metrics');
@@ -354,7 +368,11 @@ export class Vmm {
 
   /** How this process runs a VM: the serial console's fd, and its log lines as warnings. */
   private runtime(): { serialOutFd: number; log: (line: string) => void; mmdsStore: SharedArrayBuffer } {
-    return { serialOutFd: this.serialOutFd, log: (line) => this.note('Warning', line), mmdsStore: this.mmds.shared };
+    return {
+      serialOutFd: this.serialFileFd >= 0 ? this.serialFileFd : this.serialOutFd,
+      log: (line) => this.note('Warning', line),
+      mmdsStore: this.mmds.shared,
+    };
   }
 
   /** Makes `live` this VMM's VM (built from `config`), before its vCPUs run. */
@@ -748,5 +766,6 @@ export class Vmm {
     if (this.live) await this.live.vm.destroy();
     if (this.metricsFd >= 0) closeSync(this.metricsFd);
     if (this.logFd >= 0) closeSync(this.logFd);
+    if (this.serialFileFd >= 0) closeSync(this.serialFileFd);
   }
 }

@@ -171,6 +171,8 @@ describe('the Firecracker API', () => {
     assert.equal((await call('PATCH', '/machine-config', { mem_size_mib: 512 })).status, 204);
     assert.equal((await call('PATCH', '/drives/data_1', { drive_id: 'data_1', path_on_host: disk })).status, 204);
     assert.equal((await call('PATCH', '/balloon', { amount_mib: 16 })).status, 204);
+    assert.equal((await call('PATCH', '/balloon/statistics', { stats_polling_interval_s: 5 })).status, 204);
+    assert.equal((await call('PUT', '/serial', { serial_out_path: join(dir, 'serial.out') })).status, 204);
     // Rate limiters: on a drive, a NIC's two directions and the entropy device; PATCH changes them.
     const limiter = {
       bandwidth: { size: 10485760, one_time_burst: 1048576, refill_time: 1000 },
@@ -374,6 +376,14 @@ describe('the Firecracker API', () => {
       ],
       ['PUT', '/mmds/config', { network_interfaces: [] }, /must name at least one network interface/],
       ['PUT', '/cpu-config', {}, /not supported by Kiln yet/],
+      ['PUT', '/serial', { serial_out_path: dir }, /^Cannot open the serial output file .*: EISDIR$/],
+      [
+        'PUT',
+        '/serial',
+        { serial_out_path: join(dir, 's.out'), rate_limiter: { size: 1, refill_time: 1 } },
+        /not supported by Kiln yet/,
+      ],
+      ['PATCH', '/balloon/statistics', { stats_polling_interval_s: 'often' }, /must be an integer/],
       ['GET', '/nothing-here', undefined, /Invalid request method and\/or path/],
       ['DELETE', '/drives/rootfs', undefined, /Invalid request method and\/or path/],
       ['PUT', '/boot-source', undefined, /body is empty/, ''],

@@ -11,6 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { buildMinimalKernel, buildRootfs } from '../../src/guestkit/build.js';
 import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
 import { pvhKernel, SAY_K, THEN_EXIT } from '../../src/guest/pvh-kernel.js';
+import { put, startVmm } from '../vmm-driver.js';
 
 // mov dx,0x3f0; mov al,123; out dx,al: the boot timer's "booted".
 const REPORT_BOOT = [0x66, 0xba, 0xf0, 0x03, 0xb0, 123, 0xee];
@@ -166,6 +167,22 @@ describe('kiln-vmm', () => {
       assert.ok(existsSync(metricsPath), 'the metrics file was opened');
     },
   );
+
+  test("PUT /serial sends the guest's serial output to a file instead of stdout", { skip: kvmSkip }, async () => {
+    const dir = tempDir();
+    const kernel = join(dir, 'vmlinux');
+    writeFileSync(kernel, pvhKernel([...SAY_K, ...THEN_EXIT]));
+    const vm = await startVmm(dir, 'serial-file');
+    const serialFile = join(dir, 'serial.out');
+    await put(vm.api, '/boot-source', { kernel_image_path: kernel });
+    await put(vm.api, '/machine-config', { vcpu_count: 1, mem_size_mib: 64 });
+    await put(vm.api, '/serial', { serial_out_path: serialFile });
+    await put(vm.api, '/actions', { action_type: 'InstanceStart' });
+    assert.equal(await vm.exited, 0);
+    vm.console.destroy();
+    assert.equal(readFileSync(serialFile, 'utf8'), 'K', 'the guest wrote K to the serial port');
+    assert.ok(!vm.output().includes('K\n') && !/^K/.test(vm.output()), 'and not to the console');
+  });
 
   test(
     "Firecracker's getting-started curl sequence (plus entropy, vsock and balloon) boots Linux from a root drive under kiln-vmm's seccomp filters",
