@@ -256,9 +256,11 @@ export function apiHandler(vmm: Vmm): (req: IncomingMessage, res: ServerResponse
             }
           }
           const result = await handler(vmm, body, params as Record<string, string | undefined>);
+          vmm.counters.request(method, req.url ?? '', true);
           if (result === undefined) send(res, 204);
           else send(res, 200, result);
         } catch (err) {
+          vmm.counters.request(method, req.url ?? '', false);
           if (err instanceof ApiError) return fault(res, err.message);
           fault(res, `Internal error: ${err instanceof Error ? err.message : String(err)}`);
         }

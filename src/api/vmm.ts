@@ -23,6 +23,7 @@ import type { VmResult } from '../vm.js';
 import type { BootTimerOptions } from '../devices/boot-timer.js';
 import { MmdsError, MmdsStore } from '../mmds/store.js';
 import type { RateLimiterConfig } from '../virtio/rate-limiter.js';
+import { Deltas, MetricCounters } from './metrics.js';
 import type { SeccompPrograms } from '../seccomp/policy.js';
 import { writeAll, writeFileAtomically } from '../atomic-file.js';
 import type { CompatConfig } from '../compat/pvm.js';
@@ -228,6 +229,7 @@ export class Vmm {
     if (this.metricsFd >= 0) closeSync(this.metricsFd);
     this.metricsFd = fd;
     this.settings.metrics = metrics;
+    this.startMetricsTimer();
   }
 
   get state(): InstanceState {
@@ -430,6 +432,7 @@ export class Vmm {
         throw new ApiError(`Cannot create the snapshot: ${(err as Error).message}`);
       throw err;
     }
+    this.measured(req.type === 'Diff' ? 'diff_create_snapshot' : 'full_create_snapshot', started);
     this.note(
       'Info',
       `${req.type} snapshot created: ${req.snapshotPath}, memory ${req.memFilePath} (${mem.bytes} bytes, ${mem.written} written) in ${(performance.now() - started).toFixed(1)} ms`,
@@ -526,6 +529,7 @@ export class Vmm {
     live.newGeneration();
     const end = performance.now();
     const ms = (from: number, to: number) => (to - from).toFixed(1);
+    this.measured('load_snapshot', started);
     this.note(
       'Info',
       `snapshot loaded: ${req.snapshotPath} (${config.cpus} vCPU, ${config.memoryMiB} MiB) in ${ms(started, end)} ms (state file ${ms(started, read)}, machine built ${ms(read, built)}, state restored ${ms(built, restored)}, threads started ${ms(restored, end)}); ${req.resume ? 'running' : 'paused'}`,
@@ -638,7 +642,9 @@ export class Vmm {
   async pause(): Promise<void> {
     if (!this.live) throw new ApiError(BEFORE_START);
     this.notMigrating();
+    const started = performance.now();
     await this.live.vm.pause();
+    this.measured('pause_vm', started);
     this.paused = true;
     this.note('Info', 'paused');
   }
@@ -646,7 +652,9 @@ export class Vmm {
   resume(): void {
     if (!this.live) throw new ApiError(BEFORE_START);
     this.notMigrating();
+    const started = performance.now();
     this.live.vm.resume();
+    this.measured('resume_vm', started);
     this.paused = false;
     this.note('Info', 'resumed');
   }
@@ -665,13 +673,6 @@ export class Vmm {
     if (!cells) throw new ApiError(`No rate limiter ${key} on the running microVM`);
     cells.write(config);
     this.note('Info', `rate limiter ${key} changed`);
-  }
-
-  /** Throttled events so far, per limiter kind (the metrics' rate-limiter counters). */
-  private throttled(prefix: string): number {
-    let n = 0;
-    for (const [key, cells] of this.live?.virtio.limiters ?? []) if (key.startsWith(prefix)) n += cells.throttled;
-    return n;
   }
 
   patchDrive(driveId: string, path: string): void {
@@ -742,28 +743,99 @@ export class Vmm {
     return stats;
   }
 
-  /** FlushMetrics: one JSON line to the metrics file. */
+  /** API requests and other events since the last flush (metrics.ts). */
+  readonly counters = new MetricCounters();
+  private readonly deltas = new Deltas();
+  /** The last duration measured of each operation, microseconds (Firecracker's latencies_us). */
+  private readonly latencies: Record<string, number> = {};
+  /** How long the process took to serve its API, from its (or its jailer's) start (api_server). */
+  startup: { us: number; cpuUs: number } | null = null;
+  private metricsTimer: NodeJS.Timeout | null = null;
+
+  /** Records how long an operation took (latencies_us). */
+  measured(name: string, startedMs: number): void {
+    this.latencies[name] = Math.round((performance.now() - startedMs) * 1000);
+  }
+
+  /**
+   * FlushMetrics (and every 60 s while a metrics path is set): one JSON line in
+   * Firecracker's shape. Counters are what happened since the previous flush; the
+   * aggregate `block` and `net` groups sum every drive and NIC, `block_ID` and `net_ID`
+   * are each one's.
+   */
   flushMetrics(): void {
     const m = this.settings.metrics;
     if (!m) throw new ApiError('Metrics are not configured (PUT /metrics first).');
-    const line = {
+    const line: Record<string, unknown> = {
       utc_timestamp_ms: Date.now(),
-      vmm: { state: this.state, vcpus: this.config.cpus },
-      // Firecracker's names for the rate limiters' counters.
-      block: { rate_limiter_throttled_events: this.throttled('drive:') },
-      net: {
-        rx_rate_limiter_throttled: this.throttled('net-rx:'),
-        tx_rate_limiter_throttled: this.throttled('net-tx:'),
+      api_server: {
+        process_startup_time_us: this.startup?.us ?? 0,
+        process_startup_time_cpu_us: this.startup?.cpuUs ?? 0,
       },
-      entropy: { entropy_rate_limiter_throttled: this.throttled('rng') },
+      ...this.counters.take(),
+      vmm: {
+        state: this.state,
+        vcpus: this.config.cpus,
+        dropped_log_lines: this.deltas.delta('vmm.dropped', this.dropped),
+      },
+      latencies_us: { ...this.latencies },
     };
+    const groups: Record<string, Record<string, number>> = {
+      block: { rate_limiter_throttled_events: 0 },
+      net: { rx_rate_limiter_throttled: 0, tx_rate_limiter_throttled: 0 },
+      entropy: { entropy_rate_limiter_throttled: 0 },
+      mmds: {},
+    };
+    const sum = (group: Record<string, number>, name: string, n: number) => (group[name] = (group[name] ?? 0) + n);
+    for (const [key, counters] of this.live?.virtio.counters ?? []) {
+      const [kind, id] = key.split(':') as [string, string];
+      const own: Record<string, number> = {};
+      for (const [name, total] of Object.entries(counters.read())) {
+        const d = this.deltas.delta(`${key}.${name}`, total);
+        if (name.startsWith('mmds_')) sum(groups.mmds!, name.slice(5), d);
+        else {
+          own[name] = d;
+          sum(kind === 'drive' ? groups.block! : groups.net!, name, d);
+        }
+      }
+      groups[`${kind === 'drive' ? 'block' : 'net'}_${id}`] = own;
+    }
+    for (const [key, cells] of this.live?.virtio.limiters ?? []) {
+      const d = this.deltas.delta(`${key}.throttled`, cells.throttled);
+      const [kind, id] = key.split(':') as [string, string | undefined];
+      const [group, name] =
+        kind === 'drive'
+          ? ['block', 'rate_limiter_throttled_events']
+          : kind === 'net-rx'
+            ? ['net', 'rx_rate_limiter_throttled']
+            : kind === 'net-tx'
+              ? ['net', 'tx_rate_limiter_throttled']
+              : ['entropy', 'entropy_rate_limiter_throttled'];
+      sum(groups[group]!, name, d);
+      if (id !== undefined) sum((groups[`${group}_${id}`] ??= {}), name, d);
+    }
+    Object.assign(line, groups);
     this.emit(this.metricsFd, `${JSON.stringify(line)}\n`);
+  }
+
+  /** Firecracker flushes the metrics every 60 s on its own; so does Kiln once a path is set. */
+  private startMetricsTimer(): void {
+    if (this.metricsTimer) return;
+    this.metricsTimer = setInterval(() => {
+      try {
+        this.flushMetrics();
+      } catch (err) {
+        this.log(`metrics: ${(err as Error).message}`);
+      }
+    }, 60_000);
+    this.metricsTimer.unref();
   }
 
   /** SIGTERM or the end of the process: stop the VM if it runs. */
   async shutdown(): Promise<void> {
     if (this.migration instanceof IncomingMigration) this.migration.close();
     if (this.live) await this.live.vm.destroy();
+    if (this.metricsTimer) clearInterval(this.metricsTimer);
     if (this.metricsFd >= 0) closeSync(this.metricsFd);
     if (this.logFd >= 0) closeSync(this.logFd);
     if (this.serialFileFd >= 0) closeSync(this.serialFileFd);

@@ -6,6 +6,7 @@ import { requireKind } from '../special-files.js';
 import type { VmConfig } from '../config/vm-config.js';
 import { MmdsStore } from '../mmds/store.js';
 import { RateLimiterCells, type RateLimiterConfig } from '../virtio/rate-limiter.js';
+import { BLK_COUNTERS, DeviceCounters, NET_COUNTERS } from '../virtio/counters.js';
 import { KilnError } from '../errors.js';
 import type { DeviceSpec } from '../devices/catalogue.js';
 import * as libc from '../kvm/libc.js';
@@ -58,6 +59,8 @@ export interface AttachedVirtio {
    * metrics read their throttled counts).
    */
   readonly limiters: ReadonlyMap<string, RateLimiterCells>;
+  /** Every disk's and NIC's metrics counters, by `drive:ID` and `net:ID`. */
+  readonly counters: ReadonlyMap<string, DeviceCounters<string>>;
 }
 
 /** The host's handle on a disk added by attachVirtio. */
@@ -195,12 +198,22 @@ export function attachVirtio(
     limiters.set(key, cells);
     return cells.shared;
   };
+  const counters = new Map<string, DeviceCounters<string>>();
+  const counted = (key: string, names: readonly string[]): SharedArrayBuffer => {
+    const c = new DeviceCounters(names);
+    counters.set(key, c);
+    return c.shared;
+  };
   const diskDevices = new Map<string, VirtioPciDevice>();
   const netDevices = new Map<string, VirtioPciDevice>();
   disks.forEach((d, i) => {
     vm.adoptFd(d.fd);
     const disk = config.disks[i]!;
-    const options: BlkOptions = { ...d.options, limiter: limiter(`drive:${disk.id}`, disk.rateLimiter) };
+    const options: BlkOptions = {
+      ...d.options,
+      limiter: limiter(`drive:${disk.id}`, disk.rateLimiter),
+      counters: counted(`drive:${disk.id}`, BLK_COUNTERS),
+    };
     diskDevices.set(disk.id, add(`disk${i}`, { kind: 'blk', options }));
   });
   nets.forEach((n, i) => {
@@ -211,6 +224,7 @@ export function attachVirtio(
       ...n.options,
       rxLimiter: limiter(`net-rx:${id}`, net.rxRateLimiter),
       txLimiter: limiter(`net-tx:${id}`, net.txRateLimiter),
+      counters: counted(`net:${id}`, NET_COUNTERS),
     };
     const options: NetOptions =
       mmds && store && mmds.nets.includes(id)
@@ -241,7 +255,7 @@ export function attachVirtio(
     vm.adoptFd(fd);
     add('console', { kind: 'console', options: { listenFd: fd } });
   }
-  return { all, disks: diskDevices, nets: netDevices, balloon, limiters };
+  return { all, disks: diskDevices, nets: netDevices, balloon, limiters, counters };
 }
 
 /** What addVirtioPciDevice returns: the spec, where it lives, and its shared state. */

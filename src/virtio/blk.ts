@@ -12,6 +12,7 @@ import * as libc from '../kvm/libc.js';
 import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } from './device.js';
 import { VirtqueueError, type DescriptorChain } from './queue.js';
 import { chainBytes, drainLimited, SharedRateLimiter } from './rate-limiter.js';
+import { BLK_COUNTERS, DeviceCounters } from './counters.js';
 
 export const VIRTIO_BLK_F_SEG_MAX = 2n;
 export const VIRTIO_BLK_F_RO = 5n;
@@ -81,6 +82,8 @@ export interface BlkOptions {
   readonly written?: SharedArrayBuffer;
   /** The drive's rate limiter (rate-limiter.ts's shared cells; PATCH /drives changes it live). */
   readonly limiter?: SharedArrayBuffer;
+  /** Where the I/O thread counts requests and bytes for the metrics (counters.ts). */
+  readonly counters?: SharedArrayBuffer;
 }
 
 /** The granularity of a disk's write record (a migration copies whole chunks). */
@@ -217,7 +220,10 @@ export class BlkBackend implements VirtioBackend {
     this.mediaChange = BLK_MEDIA_CHANGE.open(rt.state.state, rt.state.extraAt);
     this.pollFds = [{ fd: controlFd, ready: () => this.swapMedia() }];
     this.limiter = options.limiter ? new SharedRateLimiter(options.limiter) : null;
+    this.counters = options.counters ? new DeviceCounters(BLK_COUNTERS, options.counters) : null;
   }
+
+  private readonly counters: DeviceCounters<(typeof BLK_COUNTERS)[number]> | null;
 
   private readonly limiter: SharedRateLimiter | null;
 
@@ -301,7 +307,11 @@ export class BlkBackend implements VirtioBackend {
       case VIRTIO_BLK_T_IN: {
         const bytes = chain.writableBytes - 1;
         status = this.transfer(chain, sector, bytes, false);
-        if (status === VIRTIO_BLK_S_OK) written += bytes;
+        if (status === VIRTIO_BLK_S_OK) {
+          written += bytes;
+          this.counters?.add('read_count');
+          this.counters?.add('read_bytes', bytes);
+        }
         break;
       }
       case VIRTIO_BLK_T_OUT: {
@@ -309,12 +319,17 @@ export class BlkBackend implements VirtioBackend {
         status = this.readOnly ? VIRTIO_BLK_S_IOERR : this.transfer(chain, sector, bytes, true);
         // Once written (even in part): a migration's copy sent before must be sent again.
         if (!this.readOnly) markDiskWritten(this.written, sector * SECTOR_BYTES, bytes);
+        if (status === VIRTIO_BLK_S_OK) {
+          this.counters?.add('write_count');
+          this.counters?.add('write_bytes', bytes);
+        }
         break;
       }
       case VIRTIO_BLK_T_FLUSH:
         try {
           fdatasyncSync(this.fd);
           status = VIRTIO_BLK_S_OK;
+          this.counters?.add('flush_count');
         } catch (err) {
           status = this.ioError('flush', err);
         }

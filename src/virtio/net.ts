@@ -12,6 +12,7 @@ import { MmdsService, type MmdsVersion } from '../mmds/service.js';
 import { MmdsStack } from '../mmds/stack.js';
 import { MmdsReader } from '../mmds/store.js';
 import { chainBytes, SharedRateLimiter } from './rate-limiter.js';
+import { DeviceCounters, NET_COUNTERS } from './counters.js';
 import { array, struct, union } from '../kvm/struct.js';
 import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } from './device.js';
 
@@ -50,6 +51,8 @@ export interface NetOptions {
   /** Rate limiters for frames to the guest (rx) and from it (tx): rate-limiter.ts's shared cells. */
   readonly rxLimiter?: SharedArrayBuffer;
   readonly txLimiter?: SharedArrayBuffer;
+  /** Where the I/O thread counts frames and bytes for the metrics (counters.ts). */
+  readonly counters?: SharedArrayBuffer;
 }
 
 export interface NetMmdsOptions {
@@ -226,6 +229,7 @@ export class NetBackend implements VirtioBackend {
   private readonly mmds: MmdsStack | null;
   private readonly rxLimiter: SharedRateLimiter | null;
   private readonly txLimiter: SharedRateLimiter | null;
+  private readonly counters: DeviceCounters<(typeof NET_COUNTERS)[number]> | null;
   /** A frame read from the host end that the rx limiter held back (its bytes in `rx`, header included); 0: none. */
   private heldRx = 0;
 
@@ -238,6 +242,7 @@ export class NetBackend implements VirtioBackend {
     this.pollFds = [{ fd: this.fd, ready: () => this.ready() }];
     this.rxLimiter = options.rxLimiter ? new SharedRateLimiter(options.rxLimiter) : null;
     this.txLimiter = options.txLimiter ? new SharedRateLimiter(options.txLimiter) : null;
+    this.counters = options.counters ? new DeviceCounters(NET_COUNTERS, options.counters) : null;
     const m = options.mmds;
     if (m) {
       const service = new MmdsService(new MmdsReader(m.store), m.version, m.imdsCompat);
@@ -322,7 +327,10 @@ export class NetBackend implements VirtioBackend {
       const frameBytes = at - 4 - VIRTIO_NET_HDR_BYTES;
       if (frameBytes > 0 && this.mmds?.handleFrame(this.tx.subarray(4 + VIRTIO_NET_HDR_BYTES, at))) {
         // MMDS's: answered below, never sent to the host.
+        this.counters?.add('mmds_rx_accepted');
       } else if (frameBytes > 0 && this.linkUp) {
+        this.counters?.add('tx_packets_count');
+        this.counters?.add('tx_bytes_count', frameBytes);
         if (this.passt) {
           // The header is dropped: write [length][frame] where the header's tail was.
           const start = VIRTIO_NET_HDR_BYTES;
@@ -350,6 +358,7 @@ export class NetBackend implements VirtioBackend {
       const withHeader = Buffer.alloc(VIRTIO_NET_HDR_BYTES + frame.length);
       frame.copy(withHeader, VIRTIO_NET_HDR_BYTES);
       this.deliver(withHeader, withHeader.length);
+      this.counters?.add('mmds_tx_frames');
       delivered++;
     }
     if (delivered > 0) this.rt.notifyUsed(NET_RX_QUEUE);
@@ -386,6 +395,11 @@ export class NetBackend implements VirtioBackend {
     queue.push(chain.head, at === length ? length : 0);
   }
 
+  private countRx(length: number): void {
+    this.counters?.add('rx_packets_count');
+    this.counters?.add('rx_bytes_count', length - VIRTIO_NET_HDR_BYTES);
+  }
+
   /**
    * Whether the frame in `rx` (`length` bytes, header included) may go to the guest now;
    * if not, it is held there, the host end is not read meanwhile, and the queue is
@@ -413,6 +427,7 @@ export class NetBackend implements VirtioBackend {
       }
       if (this.heldRx > 0) {
         if (!this.rxAllowed(this.heldRx)) break;
+        this.countRx(this.heldRx);
         this.deliver(this.rx, this.heldRx);
       } else if (this.passt) {
         if (!this.nextPasstFrame()) break;
@@ -424,6 +439,7 @@ export class NetBackend implements VirtioBackend {
           break;
         }
         if (!this.rxAllowed(n)) break;
+        this.countRx(n);
         this.deliver(this.rx, n);
       }
       delivered++;
@@ -459,6 +475,7 @@ export class NetBackend implements VirtioBackend {
     this.stream.copy(this.stream, 0, 4 + length, this.streamBytes);
     this.streamBytes -= 4 + length;
     if (!this.rxAllowed(VIRTIO_NET_HDR_BYTES + length)) return false;
+    this.countRx(VIRTIO_NET_HDR_BYTES + length);
     this.deliver(this.rx, VIRTIO_NET_HDR_BYTES + length);
     return true;
   }

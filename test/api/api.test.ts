@@ -487,12 +487,33 @@ describe('the Firecracker API', () => {
     assert.equal(((await call('GET', '/')).body as { state: string }).state, 'Not started');
   });
 
-  test('FlushMetrics writes a JSON line to the metrics file', async () => {
+  test("FlushMetrics writes a JSON line in Firecracker's shape; counters are what happened since the last flush", async () => {
     assert.equal((await call('PUT', '/actions', { action_type: 'FlushMetrics' })).status, 204);
-    const line = JSON.parse(readFileSync(join(dir, 'metrics'), 'utf8').trim().split('\n').at(-1)!) as {
+    type Line = {
       vmm: { state: string };
+      put_api_requests?: Record<string, number>;
+      get_api_requests?: Record<string, number>;
+      patch_api_requests?: Record<string, number>;
+      api_server: Record<string, number>;
+      block: Record<string, number>;
+      net: Record<string, number>;
+      latencies_us: Record<string, number>;
     };
-    assert.equal(line.vmm.state, 'Not started');
+    const last = () => JSON.parse(readFileSync(join(dir, 'metrics'), 'utf8').trim().split('\n').at(-1)!) as Line;
+    const first = last();
+    assert.equal(first.vmm.state, 'Not started');
+    assert.ok(first.put_api_requests!.drive_count! >= 2, 'the drives PUT so far');
+    assert.ok(first.put_api_requests!.drive_fails! >= 1, 'and the refused ones');
+    assert.ok(first.patch_api_requests!.drive_count! >= 1);
+    assert.ok(first.get_api_requests!.instance_info_count! >= 1);
+    assert.equal(typeof first.api_server.process_startup_time_us, 'number');
+    assert.equal(first.block.rate_limiter_throttled_events, 0);
+    assert.equal(first.net.tx_rate_limiter_throttled, 0);
+    assert.equal((await call('GET', '/machine-config')).status, 200);
+    assert.equal((await call('PUT', '/actions', { action_type: 'FlushMetrics' })).status, 204);
+    const second = last();
+    assert.deepEqual(second.put_api_requests, { actions_count: 1 }, 'only the first flush since then');
+    assert.deepEqual(second.get_api_requests, { machine_cfg_count: 1 });
   });
 
   test('a log or metrics path that is a device, a directory or a /proc file is refused; /dev/null is taken', async () => {

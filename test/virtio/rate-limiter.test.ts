@@ -12,6 +12,7 @@ import * as libc from '../../src/kvm/libc.js';
 import { blkOptions, VIRTIO_BLK_T_IN } from '../../src/virtio/blk.js';
 import { VIRTIO_NET_HDR_BYTES } from '../../src/virtio/net.js';
 import { RateLimiter, RateLimiterCells } from '../../src/virtio/rate-limiter.js';
+import { BLK_COUNTERS, DeviceCounters } from '../../src/virtio/counters.js';
 import { tempDir } from '../helpers.js';
 import { FakeDevice } from './fake-driver.js';
 
@@ -93,9 +94,10 @@ describe('rate-limited devices', () => {
     const fd = openSync(path, 'r+');
     const cells = new RateLimiterCells();
     cells.write({ bandwidth: { size: 8192, refillTimeMs: 3_600_000 }, ops: { size: 100, refillTimeMs: 3_600_000 } });
+    const counters = new DeviceCounters(BLK_COUNTERS);
     const dev = new FakeDevice({
       kind: 'blk',
-      options: { ...blkOptions(fd, path, false, 'rl'), limiter: cells.shared },
+      options: { ...blkOptions(fd, path, false, 'rl'), limiter: cells.shared, counters: counters.shared },
     });
     after(() => {
       dev.close();
@@ -113,6 +115,11 @@ describe('rate-limited devices', () => {
     assert.equal(used.length, 2, '8192 bytes: two 4 KiB reads');
     assert.equal(dev.timedKicks.length, 1);
     assert.equal(cells.throttled, 1);
+    assert.deepEqual(
+      counters.read(),
+      { read_count: 2, write_count: 0, read_bytes: 8192, write_bytes: 0, flush_count: 0 },
+      "the metrics' block counters",
+    );
   });
 
   test('virtio-net: tx frames past the ops bucket wait in the ring; rx frames past it are held and the host end is not read', () => {
