@@ -10,7 +10,7 @@ import { KvmSystem, VcpuFd, type VmFd } from './kvm/kvm.js';
 import { KVM_TSS_ADDRESS, PAGE_SIZE } from './layout.js';
 import { hostMemoryBytes, hostPhysAddrBits, OwnedGuestMemory } from './memory/guest-memory.js';
 import * as ctl from './vcpu/control.js';
-import type { VcpuExit } from './vcpu/messages.js';
+import { VCPU_EXIT_COUNTERS, type VcpuExit } from './vcpu/messages.js';
 import { KICK_SIGNAL, VcpuThread } from './vcpu/vcpu-thread.js';
 import * as libc from './kvm/libc.js';
 import { IoThread } from './virtio/io-thread.js';
@@ -123,6 +123,8 @@ export class Vm {
   readonly vcpus: readonly VcpuFd[];
   readonly devices: DeviceSpec[] = [];
   private readonly control: SharedArrayBuffer;
+  /** Each vCPU's exit counters (VCPU_EXIT_COUNTERS), written by its thread, read for the metrics. */
+  private readonly exitCounters: SharedArrayBuffer[];
   private readonly cells: Int32Array;
   private threads: VcpuThread[] = [];
   private io: IoThread | null = null;
@@ -142,6 +144,7 @@ export class Vm {
     this.memory = memory;
     this.vcpus = vcpus;
     this.control = ctl.allocateControl(vcpus.length);
+    this.exitCounters = vcpus.map(() => new SharedArrayBuffer(8 * VCPU_EXIT_COUNTERS.length));
     this.logSink = new LogSink(config.log ?? ((line) => process.stderr.write(`kiln: ${line}\n`)));
     this.cells = new Int32Array(this.control);
   }
@@ -286,6 +289,7 @@ export class Vm {
             compat: this.config.compat ?? null,
             seccomp: seccomp?.vcpu ?? null,
             msrIndices,
+            exitCounters: this.exitCounters[id]!,
             ...(restore ? { restore: restore.vcpus[id]! } : {}),
           },
           this.emit,
@@ -455,6 +459,19 @@ export class Vm {
    * Puts a snapshot's VM-wide and device state into this new, not yet started VM (built
    * with the same configuration); the vCPUs get theirs at start({ restore }).
    */
+  /** Every vCPU's exits so far, summed, by the metrics' names (they only grow). */
+  exitCounts(): Record<(typeof VCPU_EXIT_COUNTERS)[number], number> {
+    const sum = Object.fromEntries(VCPU_EXIT_COUNTERS.map((n) => [n, 0])) as Record<
+      (typeof VCPU_EXIT_COUNTERS)[number],
+      number
+    >;
+    for (const shared of this.exitCounters) {
+      const v = new Float64Array(shared);
+      VCPU_EXIT_COUNTERS.forEach((n, i) => (sum[n] += v[i]!));
+    }
+    return sum;
+  }
+
   restoreMachine(state: MachineState, opts: { clockRealtime?: boolean } = {}): void {
     if (this.threads.length > 0) throw new KilnError('state is restored before the VM starts');
     if (state.vm && this.config.irqchip) restoreVmState(this.vmFd, state.vm, opts);

@@ -814,6 +814,13 @@ export class Vmm {
       sum(groups[group]!, name, d);
       if (id !== undefined) sum((groups[`${group}_${id}`] ??= {}), name, d);
     }
+    if (this.live)
+      groups.vcpu = Object.fromEntries(
+        Object.entries(this.live.vm.exitCounts()).map(([name, total]) => [
+          name,
+          this.deltas.delta(`vcpu.${name}`, total),
+        ]),
+      );
     Object.assign(line, groups);
     this.emit(this.metricsFd, `${JSON.stringify(line)}\n`);
   }

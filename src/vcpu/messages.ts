@@ -27,7 +27,12 @@ export interface VcpuWorkerInit {
   readonly msrIndices: readonly number[];
   /** A snapshot's state for this vCPU, restored before its first KVM_RUN. */
   readonly restore?: SavedVcpu;
+  /** Where the thread counts its exits for the metrics (Float64 each: VCPU_EXIT_COUNTERS' order). */
+  readonly exitCounters?: SharedArrayBuffer;
 }
+
+/** A vCPU's exit counters (Firecracker's vcpu metrics' names), in their shared order. */
+export const VCPU_EXIT_COUNTERS = ['exit_io_in', 'exit_io_out', 'exit_mmio_read', 'exit_mmio_write'] as const;
 
 /**
  * Why a vCPU thread stopped running its guest:

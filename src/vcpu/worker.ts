@@ -146,12 +146,16 @@ const compat = init.compat
 let exits = 0;
 let startedAt = 0;
 
+// The metrics' exit counters (exit_io_in, exit_io_out, exit_mmio_read, exit_mmio_write).
+const exitCounts = init.exitCounters ? new Float64Array(init.exitCounters) : new Float64Array(4);
+
 function handleIo(): void {
   const size = run.getUint8(OFF_IO_SIZE);
   const portNumber = run.getUint16(OFF_IO_PORT, true);
   const count = run.getUint32(OFF_IO_COUNT, true);
   const base = readU64(OFF_IO_DATA_OFFSET);
   const out = run.getUint8(OFF_IO_DIRECTION) === KVM_EXIT_IO_OUT;
+  exitCounts[out ? 1 : 0]! += 1;
   // String I/O (rep outs/ins) arrives as one exit with `count` elements.
   for (let i = 0; i < count; i++) {
     const data = ioSlice(base + i * size, size);
@@ -168,7 +172,9 @@ function handleMmio(): void {
   const addr = readU64(OFF_MMIO_PHYS_ADDR);
   const len = run.getUint32(OFF_MMIO_LEN, true);
   const data = mmioData[len > 8 ? 8 : len]!;
-  if (run.getUint8(OFF_MMIO_IS_WRITE) !== 0) {
+  const write = run.getUint8(OFF_MMIO_IS_WRITE) !== 0;
+  exitCounts[write ? 3 : 2]! += 1;
+  if (write) {
     if (!buses.mmio.write(addr, data)) unhandled(`MMIO write at 0x${addr.toString(16)}`);
   } else if (!buses.mmio.read(addr, data)) {
     data.fill(0xff);

@@ -10,7 +10,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { buildMinimalKernel, buildRootfs } from '../../src/guestkit/build.js';
 import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
-import { pvhKernel, SAY_K, THEN_EXIT } from '../../src/guest/pvh-kernel.js';
+import { pvhKernel, SAY_K, THEN_EXIT, THEN_IDLE } from '../../src/guest/pvh-kernel.js';
 import { put, startVmm } from '../vmm-driver.js';
 
 // mov dx,0x3f0; mov al,123; out dx,al: the boot timer's "booted".
@@ -168,21 +168,37 @@ describe('kiln-vmm', () => {
     },
   );
 
-  test("PUT /serial sends the guest's serial output to a file instead of stdout", { skip: kvmSkip }, async () => {
-    const dir = tempDir();
-    const kernel = join(dir, 'vmlinux');
-    writeFileSync(kernel, pvhKernel([...SAY_K, ...THEN_EXIT]));
-    const vm = await startVmm(dir, 'serial-file');
-    const serialFile = join(dir, 'serial.out');
-    await put(vm.api, '/boot-source', { kernel_image_path: kernel });
-    await put(vm.api, '/machine-config', { vcpu_count: 1, mem_size_mib: 64 });
-    await put(vm.api, '/serial', { serial_out_path: serialFile });
-    await put(vm.api, '/actions', { action_type: 'InstanceStart' });
-    assert.equal(await vm.exited, 0);
-    vm.console.destroy();
-    assert.equal(readFileSync(serialFile, 'utf8'), 'K', 'the guest wrote K to the serial port');
-    assert.ok(!vm.output().includes('K\n') && !/^K/.test(vm.output()), 'and not to the console');
-  });
+  test(
+    "PUT /serial sends the guest's serial output to a file; the metrics count the vCPU's exits",
+    { skip: kvmSkip },
+    async () => {
+      const dir = tempDir();
+      const kernel = join(dir, 'vmlinux');
+      writeFileSync(kernel, pvhKernel([...SAY_K, ...THEN_IDLE]));
+      const vm = await startVmm(dir, 'serial-file');
+      const serialFile = join(dir, 'serial.out');
+      const metrics = join(dir, 'metrics.json');
+      await put(vm.api, '/boot-source', { kernel_image_path: kernel });
+      await put(vm.api, '/machine-config', { vcpu_count: 1, mem_size_mib: 64 });
+      await put(vm.api, '/serial', { serial_out_path: serialFile });
+      await put(vm.api, '/metrics', { metrics_path: metrics });
+      await put(vm.api, '/actions', { action_type: 'InstanceStart' });
+      for (let i = 0; i < 400 && !(existsSync(serialFile) && readFileSync(serialFile, 'utf8') === 'K'); i++)
+        await sleep(25);
+      assert.equal(readFileSync(serialFile, 'utf8'), 'K', 'the guest wrote K to the serial port');
+      await put(vm.api, '/actions', { action_type: 'FlushMetrics' });
+      const line = JSON.parse(readFileSync(metrics, 'utf8').trim().split('\n').at(-1)!) as {
+        vcpu: Record<string, number>;
+        put_api_requests: Record<string, number>;
+      };
+      assert.ok(line.vcpu.exit_io_out! >= 1, `the port write was counted: ${JSON.stringify(line.vcpu)}`);
+      assert.equal(line.put_api_requests.serial_count, 1);
+      vm.child.kill('SIGTERM');
+      assert.equal(await vm.exited, 0);
+      vm.console.destroy();
+      assert.ok(!vm.output().includes('K'), 'nothing on the console');
+    },
+  );
 
   test(
     "Firecracker's getting-started curl sequence (plus entropy, vsock and balloon) boots Linux from a root drive under kiln-vmm's seccomp filters",
