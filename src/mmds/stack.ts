@@ -18,6 +18,13 @@ export const MMDS_PORT = 80;
 export const MAX_CONNECTIONS = 30;
 /** Frames waiting for the guest's receive buffers; past it the oldest connection's output is dropped. */
 export const MAX_QUEUED_FRAMES = 512;
+/**
+ * Answer bytes a connection may have waiting for the guest's window; past it, the guest's
+ * further data is not taken (not acknowledged, so its TCP sends it again later). Without
+ * it a guest pipelining small requests behind a closed window would make the VMM hold
+ * every large answer.
+ */
+export const MAX_PENDING_ANSWER_BYTES = 256 * 1024;
 const OUR_MSS = 1460;
 const DEFAULT_PEER_MSS = 536;
 const OUR_WINDOW = 0xffff;
@@ -196,7 +203,7 @@ export class MmdsStack {
     }
     // The guest's data, in order only (anything else is answered with what we expect).
     if (payload.length > 0 || flags & FIN) {
-      if (seq !== c.rcvNext) {
+      if (seq !== c.rcvNext || c.out.length > MAX_PENDING_ANSWER_BYTES) {
         this.send(c, ACK, Buffer.alloc(0), c.sndNext, false);
         return;
       }

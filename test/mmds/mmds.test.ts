@@ -309,6 +309,33 @@ describe('MMDS network stack', () => {
     assert.equal(parseSegment(s.out.shift()!).flags, RST, 'an unknown connection is reset');
   });
 
+  test('a guest pipelining requests behind a closed window: the answers waiting are bounded, the rest of its data is not taken', () => {
+    const big = { blob: 'z'.repeat(40_000) };
+    const s = new MmdsStack(MMDS_IP, (r) => new MmdsService({ get: () => big }, 'V1', false).answer(r));
+    s.handleFrame(tcpFrame({ srcPort: 7, seq: 0, flags: SYN }));
+    const synAck = parseSegment(s.out.shift()!);
+    const ack = (synAck.seq + 1) >>> 0;
+    const request = Buffer.from('GET /blob HTTP/1.1\r\n\r\n');
+    let seq = 1;
+    let taken = 0;
+    for (let i = 0; i < 200; i++) {
+      // Window 0: nothing of the answers may be sent.
+      const f = tcpFrame({ srcPort: 7, seq, ack, flags: ACK | PSH, data: request });
+      f.writeUInt16BE(0, 14 + 20 + 14);
+      s.handleFrame(f);
+      const acks = s.out.splice(0).map(parseSegment);
+      assert.ok(
+        acks.every((a) => a.data.length === 0),
+        'nothing sent into a closed window',
+      );
+      if (acks.at(-1)!.ack === seq + request.length) {
+        seq += request.length;
+        taken++;
+      }
+    }
+    assert.ok(taken < 20, `only the first requests were taken (${taken}); the rest wait in the guest`);
+  });
+
   test(`a guest opening connections without end keeps at most ${MAX_CONNECTIONS}; a malformed request is answered 400 and closed`, () => {
     const s = stack();
     for (let port = 1; port <= 100; port++) s.handleFrame(tcpFrame({ srcPort: port, seq: 5, flags: SYN }));
