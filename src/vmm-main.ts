@@ -3,7 +3,7 @@
 // Firecracker's: --api-sock, --config-file (the same JSON, booted at once), --no-api,
 // --id, --version. SIGTERM stops the VM and exits 0; when the guest powers off the
 // process exits with the guest's status.
-import { readFileSync } from 'node:fs';
+import { readFileSync, statSync } from 'node:fs';
 import type { Server } from 'node:http';
 import { parseArgs } from 'node:util';
 import { checkInstanceId, parseConfigFile, parseLogger, parseMetrics } from './api/resources.js';
@@ -172,6 +172,11 @@ async function main(argv: string[]): Promise<number> {
   vmm.mmds = new MmdsStore(numbers.mmdsLimit ?? vmm.maxPayloadBytes);
   if (values.metadata !== undefined) {
     try {
+      // A regular file no larger than the store may hold (never /dev/zero or a FIFO).
+      const st = statSync(values.metadata);
+      if (!st.isFile()) throw new KilnError('not a regular file');
+      if (st.size > vmm.mmds.limitBytes * 4)
+        throw new KilnError(`${st.size} bytes: larger than the data store's limit of ${vmm.mmds.limitBytes} bytes`);
       vmm.mmds.put(JSON.parse(readFileSync(values.metadata, 'utf8')));
     } catch (err) {
       log(`cannot use the metadata file ${values.metadata}: ${(err as Error).message}`);

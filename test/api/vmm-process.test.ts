@@ -97,6 +97,14 @@ describe('kiln-vmm', () => {
     const described = vmm(['--describe-snapshot', notSnapshot]);
     assert.equal(described.status, 1);
     assert.match(described.stderr, /is not a Kiln snapshot/);
+    const metadata = join(dir, 'metadata.json');
+    writeFileSync(metadata, '{"latest": ');
+    const badMetadata = vmm(['--metadata', metadata]);
+    assert.equal(badMetadata.status, 1);
+    assert.match(badMetadata.stderr, /cannot use the metadata file .*metadata\.json/);
+    const notFile = vmm(['--metadata', '/dev/zero']);
+    assert.equal(notFile.status, 1);
+    assert.match(notFile.stderr, /not a regular file/);
     for (const flag of ['--http-api-max-payload-size', '--start-time-us', '--mmds-size-limit']) {
       const r = vmm([flag, '12x']);
       assert.equal(r.status, 2, flag);
