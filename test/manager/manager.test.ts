@@ -180,6 +180,7 @@ describe('the VM store', () => {
       name: 'ok',
       cpus: 1,
       memoryMiB: 128,
+      smt: false,
       trackDirtyPages: false,
       disks: [],
       nets: [],
