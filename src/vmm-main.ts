@@ -4,6 +4,8 @@
 // --id, --version. SIGTERM stops the VM and exits 0; when the guest powers off the
 // process exits with the guest's status.
 import { readFileSync, statSync } from 'node:fs';
+import { isatty } from 'node:tty';
+import * as libc from './kvm/libc.js';
 import type { Server } from 'node:http';
 import { parseArgs } from 'node:util';
 import { checkInstanceId, parseConfigFile, parseLogger, parseMetrics } from './api/resources.js';
@@ -273,6 +275,9 @@ function positiveFlag(values: Record<string, unknown>, name: string): number | u
  * simply ends. A source faster than the guest reads is paused.
  */
 function readStdinInto(input: SerialInput): () => void {
+  // A terminal is taken only by a foreground job: a background one (`kiln-vmm ... &`)
+  // that read it or changed its mode would be stopped by the terminal (SIGTTIN/SIGTTOU).
+  if (isatty(0) && libc.tcgetpgrp(0) !== libc.getpgrp()) return () => undefined;
   const stdin = process.stdin;
   const tty = stdin.isTTY === true;
   if (tty) stdin.setRawMode(true);

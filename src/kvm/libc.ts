@@ -220,6 +220,10 @@ export const sigtimedwait = libc.func('int sigtimedwait(const void *set, _Out_ v
   timeout: PointerArg,
 ) => number;
 export const gettid = libc.func('int gettid(void)') as () => number;
+// The terminal's foreground process group, and this process's group (kiln-vmm takes its
+// terminal's input only in the foreground: a background job reading it would be stopped).
+export const tcgetpgrp = libc.func('int tcgetpgrp(int fd)') as (fd: number) => number;
+export const getpgrp = libc.func('int getpgrp(void)') as () => number;
 export const pthreadSetnameNp = libc.func('int pthread_setname_np(unsigned long thread, const char *name)') as (
   thread: number | bigint,
   name: string,
