@@ -13,7 +13,7 @@ import {
 } from 'node:fs';
 import { dirname } from 'node:path';
 import { isNullDevice, requireKind } from '../special-files.js';
-import { createLinuxVm, type LinuxVm } from '../boot/linux.js';
+import { createLinuxVm, DROPPED_BOOT_ARGS, type LinuxVm } from '../boot/linux.js';
 import { KilnError } from '../errors.js';
 import { ConfigError, parseVmConfig, type VmConfig } from '../config/vm-config.js';
 import { balloonControl, blkControl, openDisk } from '../platform/virtio.js';
@@ -350,8 +350,9 @@ export class Vmm {
     this.notReceiving();
     const c = this.config;
     if (c.kernel === undefined) throw new ApiError('Cannot start microvm without kernel configuration.');
-    if ((c.cmdline ?? '').split(/\s+/).includes('pci=off'))
-      this.note('Warning', "dropped `pci=off` from boot_args: Kiln's virtio devices are on PCI");
+    const args = (c.cmdline ?? '').split(/\s+/);
+    for (const [arg, why] of DROPPED_BOOT_ARGS)
+      if (args.includes(arg)) this.note('Warning', `dropped \`${arg}\` from boot_args: ${why}`);
     let live: LinuxVm;
     try {
       live = createLinuxVm(c, { ...this.runtime(), ...(this.bootTimer ? { bootTimer: this.bootTimer } : {}) });

@@ -90,8 +90,22 @@ function readGuestFile(path: string, what: string): Uint8Array {
   }
 }
 
-/** Boot arguments Kiln drops: its devices are on PCI, which `pci=off` would hide. */
-export const DROPPED_BOOT_ARGS: ReadonlySet<string> = new Set(['pci=off']);
+/**
+ * Boot arguments Kiln drops, each with the reason it is logged with:
+ * - `pci=off`: Kiln's devices are on PCI, which it would hide;
+ * - `noapic`: Kiln's platform is ACPI hardware-reduced, where Linux never programs the
+ *   8259 PIC; with the IOAPIC off, the legacy interrupts (the serial port's, first) would
+ *   reach the CPU through the unprogrammed PIC at vectors 0-15 — exceptions — and the
+ *   guest dies (firecracker-go-sdk's default kernel arguments carry `noapic`). Without it
+ *   they arrive through the IOAPIC.
+ */
+export const DROPPED_BOOT_ARGS: ReadonlyMap<string, string> = new Map([
+  ['pci=off', "Kiln's virtio devices are on PCI"],
+  [
+    'noapic',
+    "Kiln's ACPI platform is hardware-reduced (no 8259 PIC for Linux to program), so legacy interrupts go through the IOAPIC",
+  ],
+]);
 
 /**
  * The whole command line: Kiln's console, the template's flags on software KVM, the

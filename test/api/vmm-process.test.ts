@@ -235,7 +235,8 @@ describe('kiln-vmm', () => {
       child.stderr.setEncoding('utf8').on('data', (c: string) => (console += c));
       const exited = new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
       for (let i = 0; i < 200 && !existsSync(sock); i++) await sleep(25);
-      // The guide's calls, with its variables; its boot_args include pci=off, which Kiln drops.
+      // The guide's calls, with its variables; its boot_args (firecracker-go-sdk's defaults)
+      // include pci=off and noapic, which Kiln drops.
       const script = `
       set -e
       curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/logger' \\
@@ -243,7 +244,7 @@ describe('kiln-vmm', () => {
         -d "{\\"log_path\\": \\"\${LOGFILE}\\", \\"level\\": \\"Info\\", \\"show_level\\": true}"
       curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/boot-source' \\
         -H 'Accept: application/json' -H 'Content-Type: application/json' \\
-        -d "{\\"kernel_image_path\\": \\"\${KERNEL}\\", \\"boot_args\\": \\"console=ttyS0 reboot=k panic=1 pci=off\${EXTRA_ARGS}\\"}"
+        -d "{\\"kernel_image_path\\": \\"\${KERNEL}\\", \\"boot_args\\": \\"console=ttyS0 noapic reboot=k panic=1 pci=off nomodules\${EXTRA_ARGS}\\"}"
       curl -s -i --unix-socket "\${API_SOCKET}" -X PUT 'http://localhost/drives/rootfs' \\
         -H 'Accept: application/json' -H 'Content-Type: application/json' \\
         -d "{\\"drive_id\\": \\"rootfs\\", \\"path_on_host\\": \\"\${ROOTFS}\\", \\"is_root_device\\": true, \\"is_read_only\\": false}"
@@ -308,6 +309,7 @@ describe('kiln-vmm', () => {
       assert.match(console, /KILN_INIT cpus=2 /);
       if (canNetns) assert.match(console, /KILN_MMDS ami-kiln-1234/, 'the guest read MMDS with a V2 session token');
       assert.match(console, /dropped `pci=off`/);
+      assert.match(console, /dropped `noapic`/);
       assert.ok(!existsSync(sock), 'the API socket is removed at exit');
       const vmmLog = readFileSync(logPath, 'utf8');
       assert.match(
