@@ -102,35 +102,35 @@ export const formatVersion = (version: number): string => `v${version}.0.0`;
  * prints), read without checking the rest: a file this Kiln cannot load is described too.
  */
 export function describeStateFile(path: string): number {
-  let fd = -1;
-  try {
-    fd = openSync(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK | fsConstants.O_NOCTTY);
-    if (!fstatSync(fd).isFile()) throw new SnapshotError(`the snapshot file ${path} is not a regular file`);
+  return withStateFile(path, (fd) => {
     const header = Buffer.alloc(HEADER_BYTES);
     const got = readSync(fd, header, 0, HEADER_BYTES, 0);
     if (got < HEADER_BYTES || header.toString('latin1', 0, 8) !== SNAPSHOT_MAGIC)
       throw new SnapshotError(`the snapshot file ${path} is not a Kiln snapshot (no ${SNAPSHOT_MAGIC} header)`);
     return header.readUInt32LE(8);
-  } catch (err) {
-    if (err instanceof KilnError) throw err;
-    throw new SnapshotError(
-      `cannot read the snapshot file ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`,
-    );
-  } finally {
-    if (fd >= 0) closeSync(fd);
-  }
+  });
 }
 
 /** Reads a state file (a regular file, at most MAX_STATE_FILE_BYTES, never blocking) and decodes it. */
 export function readStateFile(path: string): unknown {
+  return withStateFile(path, (fd, size) => {
+    if (size > MAX_STATE_FILE_BYTES)
+      throw new SnapshotError(`the snapshot file ${path} is ${size} bytes: too large to be a Kiln state file`);
+    return decodeStateFile(readFileSync(fd), `the snapshot file ${path}`);
+  });
+}
+
+/**
+ * `use` on the state file at `path`, opened without blocking and checked to be a
+ * regular file; any failure is a SnapshotError naming the file.
+ */
+function withStateFile<T>(path: string, use: (fd: number, size: number) => T): T {
   let fd = -1;
   try {
     fd = openSync(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK | fsConstants.O_NOCTTY);
     const st = fstatSync(fd);
     if (!st.isFile()) throw new SnapshotError(`the snapshot file ${path} is not a regular file`);
-    if (st.size > MAX_STATE_FILE_BYTES)
-      throw new SnapshotError(`the snapshot file ${path} is ${st.size} bytes: too large to be a Kiln state file`);
-    return decodeStateFile(readFileSync(fd), `the snapshot file ${path}`);
+    return use(fd, st.size);
   } catch (err) {
     if (err instanceof KilnError) throw err;
     throw new SnapshotError(
