@@ -8,6 +8,21 @@ export function meminfoKiB(): (key: string) => number {
   return (key) => Number(new RegExp(`^${key}:\\s*(\\d+) kB`, 'm').exec(info)?.[1] ?? 0);
 }
 
+/**
+ * Free pages in the host's default hugetlb pool and their size in bytes, or null where
+ * /proc/meminfo cannot be read (a jailed VMM: the mapping itself then says).
+ */
+export function hugePagesFree(): { pages: number; bytes: number } | null {
+  try {
+    const info = readFileSync('/proc/meminfo', 'utf8');
+    const free = /^HugePages_Free:\s*(\d+)/m.exec(info);
+    const size = /^Hugepagesize:\s*(\d+) kB/m.exec(info);
+    return free && size ? { pages: Number(free[1]), bytes: Number(size[1]) * 1024 } : null;
+  } catch {
+    return null;
+  }
+}
+
 /** RAM plus swap, in bytes (RAM alone from sysinfo(2) where there is no /proc, as in a jailed VMM). */
 export function hostMemoryBytes(): number {
   let kib: (key: string) => number;

@@ -8,7 +8,7 @@ import { KVM_CAP } from './kvm/ioctl.js';
 import { findLeaf, supportedCpuid } from './cpu/cpuid.js';
 import { KvmSystem, VcpuFd, type VmFd } from './kvm/kvm.js';
 import { KVM_TSS_ADDRESS, PAGE_SIZE } from './layout.js';
-import { hostMemoryBytes, hostPhysAddrBits, OwnedGuestMemory } from './memory/guest-memory.js';
+import { hostMemoryBytes, hostPhysAddrBits, OwnedGuestMemory, type HugePages } from './memory/guest-memory.js';
 import * as ctl from './vcpu/control.js';
 import { VCPU_EXIT_COUNTERS, type VcpuExit } from './vcpu/messages.js';
 import { KICK_SIGNAL, VcpuThread } from './vcpu/vcpu-thread.js';
@@ -42,6 +42,8 @@ export interface VmConfig {
   readonly memoryFileFd?: number;
   /** Track which pages change (KVM's dirty log and Kiln's own writes), for diff snapshots. */
   readonly trackDirtyPages?: boolean;
+  /** Huge pages for anonymous guest RAM: transparent ones asked for, or the hugetlb pool's 2 MiB pages. */
+  readonly hugePages?: HugePages;
 }
 
 /** What a snapshot holds of a running machine, besides its memory (snapshot/). */
@@ -175,7 +177,11 @@ export class Vm {
           }),
           hostBytes: hostMemoryBytes(),
         },
-        { backingFd: config.memoryFileFd ?? -1, trackDirty: config.trackDirtyPages ?? false },
+        {
+          backingFd: config.memoryFileFd ?? -1,
+          trackDirty: config.trackDirtyPages ?? false,
+          hugePages: config.hugePages ?? 'None',
+        },
       );
       for (let i = vcpus.length; i < config.vcpus; i++) vcpus.push(new VcpuFd(vmFd.createVcpu(i)));
       return new Vm(kvm, vmFd, memory, vcpus, config);

@@ -189,8 +189,6 @@ export function parseMachineConfig(body: unknown, patch = false): ConfigChange {
     body,
     patch ? MACHINE_FIELDS : { ...MACHINE_FIELDS, vcpu_count: req(int), mem_size_mib: req(int) },
   );
-  if (r.huge_pages === '2M')
-    throw new ApiError('machine-config: explicit 2M huge pages are not supported by Kiln yet (use Transparent)');
   if (r.cpu_template !== undefined && r.cpu_template !== 'None')
     throw new ApiError(
       `machine-config: CPU template ${String(r.cpu_template)} is not supported by Kiln (its own templates are host, pvm and baseline)`,

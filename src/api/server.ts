@@ -82,8 +82,8 @@ const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Han
   ['GET', '/vm/config', (vmm) => r.exportDefinition(vmm.config, vmm.settings)],
   ['GET', '/machine-config', (vmm) => r.exportMachineConfig(vmm.config)],
   ['PUT', '/boot-source', preBoot((vmm, body) => vmm.setBootSource(r.parseBootSource(body)))],
-  ['PUT', '/machine-config', preBoot((vmm, body) => vmm.apply(r.parseMachineConfig(body)))],
-  ['PATCH', '/machine-config', preBoot((vmm, body) => vmm.apply(r.parseMachineConfig(body, true)))],
+  ['PUT', '/machine-config', preBoot((vmm, body) => vmm.setMachineConfig(r.parseMachineConfig(body)))],
+  ['PATCH', '/machine-config', preBoot((vmm, body) => vmm.setMachineConfig(r.parseMachineConfig(body, true)))],
   [
     'PUT',
     '/drives/:drive_id',

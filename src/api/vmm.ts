@@ -13,6 +13,7 @@ import {
 } from 'node:fs';
 import { dirname } from 'node:path';
 import { isNullDevice, requireKind } from '../special-files.js';
+import { hugePagesFree } from '../host.js';
 import { createLinuxVm, DROPPED_BOOT_ARGS, type LinuxVm } from '../boot/linux.js';
 import { KilnError } from '../errors.js';
 import { ConfigError, parseVmConfig, type VmConfig } from '../config/vm-config.js';
@@ -266,6 +267,26 @@ export class Vmm {
       if (Buffer.byteLength(uds) > 107)
         throw new ApiError(
           `Cannot use the vsock socket path ${uds}: longer than a Unix socket path may be (107 bytes)`,
+        );
+    }
+    this.config = next;
+  }
+
+  /**
+   * PUT or PATCH /machine-config. With `huge_pages: 2M` the host's hugetlb pool must have
+   * the VM's memory free in 2 MiB pages now (an honest 400 where it has none); the pages
+   * are taken at InstanceStart.
+   */
+  setMachineConfig(change: ConfigChange): void {
+    const next = this.check(change);
+    if (next.hugePages === '2M') {
+      const pool = hugePagesFree();
+      const need = Math.ceil((next.memoryMiB * 1024 * 1024) / (pool?.bytes ?? 2 * 1024 * 1024));
+      if (pool && (pool.bytes !== 2 * 1024 * 1024 || pool.pages < need))
+        throw new ApiError(
+          pool.bytes !== 2 * 1024 * 1024
+            ? `machine-config: huge_pages 2M needs 2 MiB huge pages; this host's are ${pool.bytes / 1024} KiB`
+            : `machine-config: huge_pages 2M needs ${need} free 2 MiB huge pages for ${next.memoryMiB} MiB; this host has ${pool.pages} (raise vm.nr_hugepages)`,
         );
     }
     this.config = next;

@@ -178,6 +178,7 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime, from?: 
       ...(runtime.log ? { log: runtime.log } : {}),
       compat,
       trackDirtyPages: config.trackDirtyPages,
+      hugePages: config.hugePages ?? 'None',
       ...(from ? { memoryFileFd: from.memoryFileFd } : {}),
     });
   } catch (err) {

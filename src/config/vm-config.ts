@@ -212,8 +212,8 @@ export const VM_ENTRIES = {
   memoryMiB: v.optional(whole(MIN_MEMORY_MIB, MAX_MEMORY_MIB), DEFAULTS.memoryMiB),
   /** host, pvm or baseline (src/cpu/templates.ts); default: pvm on software KVM, host elsewhere. */
   cpuTemplate: v.optional(oneOf(['host', 'pvm', 'baseline'] as const)),
-  /** Huge pages for guest memory (Firecracker's huge_pages; Kiln supports None and Transparent). */
-  hugePages: v.optional(oneOf(['None', 'Transparent'] as const)),
+  /** Huge pages for guest memory (Firecracker's huge_pages): None, Transparent (madvise), or 2M from the host's hugetlb pool. */
+  hugePages: v.optional(oneOf(['None', 'Transparent', '2M'] as const)),
   /**
    * Firecracker's smt: the guest sees two threads per core (CPUID's topology), so the
    * vCPU count must be 1 or even; off, each vCPU is a core of its own.
@@ -275,9 +275,13 @@ export function finishDevices<
     initrd?: string | undefined;
     cpus?: number | undefined;
     smt?: boolean | undefined;
+    hugePages?: string | undefined;
+    memoryMiB?: number | undefined;
     mmds?: { readonly nets: readonly string[] } | undefined;
   },
 >(parsed: T): Omit<T, 'disks' | 'nets'> & { disks: DiskConfig[]; nets: NetConfig[] } {
+  if (parsed.hugePages === '2M' && parsed.memoryMiB !== undefined && parsed.memoryMiB % 2 !== 0)
+    throw new ConfigError('memoryMiB', `must be a whole number of 2 MiB huge pages (got ${parsed.memoryMiB})`);
   if (parsed.smt && parsed.cpus !== undefined && parsed.cpus > 1 && parsed.cpus % 2 !== 0)
     throw new ConfigError('cpus', `must be 1 or even with SMT on (two threads per core; got ${parsed.cpus})`);
   if (parsed.initrd !== undefined && parsed.kernel === undefined)

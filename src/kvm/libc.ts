@@ -260,6 +260,10 @@ export const MAP_SHARED = 0x01;
 export const MAP_PRIVATE = 0x02;
 export const MAP_ANONYMOUS = 0x20;
 export const MAP_NORESERVE = 0x4000;
+export const MAP_HUGETLB = 0x40000;
+/** MAP_HUGETLB's page size: log2(2 MiB) << MAP_HUGE_SHIFT (26). */
+export const MAP_HUGE_2MB = 21 << 26;
+export const MADV_HUGEPAGE = 14;
 /** mmap(2) returns this on failure; koffi hands it back as an address. */
 export const MAP_FAILED = 0xffff_ffff_ffff_ffffn;
 export const MADV_DONTNEED = 4;

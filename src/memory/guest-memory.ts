@@ -335,6 +335,9 @@ export class GuestMemory {
 export const KVM_MEM_LOG_DIRTY_PAGES = 1;
 
 /** Guest memory this thread mapped and registered; destroy() unmaps it. */
+/** Huge pages for guest RAM (Firecracker's huge_pages). */
+export type HugePages = 'None' | 'Transparent' | '2M';
+
 export class OwnedGuestMemory extends GuestMemory {
   private destroyed = false;
 
@@ -383,7 +386,7 @@ export class OwnedGuestMemory extends GuestMemory {
     vm: VmFd,
     size: number,
     limits: HostMemoryLimits,
-    opts: { backingFd?: number; trackDirty?: boolean } = {},
+    opts: { backingFd?: number; trackDirty?: boolean; hugePages?: HugePages } = {},
   ): OwnedGuestMemory {
     validateMemorySize(size, limits);
     const backingFd = opts.backingFd ?? -1;
@@ -393,11 +396,17 @@ export class OwnedGuestMemory extends GuestMemory {
       ramRanges(size).forEach((range, slot) => {
         // From a snapshot's memory file: a private mapping, so pages come in as the guest
         // touches them and its writes never reach the file.
+        // Explicit 2 MiB pages come from the host's hugetlb pool (anonymous memory only: a
+        // snapshot's memory file is an ordinary file).
+        const hugetlb = opts.hugePages === '2M' && backingFd < 0;
         const hostAddr = libc.mmap(
           null,
           range.size,
           libc.PROT_READ | libc.PROT_WRITE,
-          libc.MAP_PRIVATE | libc.MAP_NORESERVE | (backingFd < 0 ? libc.MAP_ANONYMOUS : 0),
+          libc.MAP_PRIVATE |
+            libc.MAP_NORESERVE |
+            (backingFd < 0 ? libc.MAP_ANONYMOUS : 0) |
+            (hugetlb ? libc.MAP_HUGETLB | libc.MAP_HUGE_2MB : 0),
           backingFd,
           backingFd < 0 ? 0 : fileOffset,
         );
@@ -406,11 +415,16 @@ export class OwnedGuestMemory extends GuestMemory {
           const e = libc.errno();
           if (e === libc.ENOMEM) {
             throw new GuestMemoryError(
-              `cannot map ${size} bytes of guest memory: the host has no room for it (ENOMEM)`,
+              hugetlb
+                ? `cannot map ${size} bytes of guest memory in 2 MiB huge pages: the host's pool has too few free (ENOMEM; see vm.nr_hugepages)`
+                : `cannot map ${size} bytes of guest memory: the host has no room for it (ENOMEM)`,
             );
           }
           throw new SyscallError('mmap', e, `${range.size} bytes of guest memory`);
         }
+        // Transparent huge pages: the host may back the guest's RAM with 2 MiB pages where
+        // it can (THP in "madvise" mode needs asking; in "always" it does so anyway).
+        if (opts.hugePages === 'Transparent' && backingFd < 0) libc.madvise(hostAddr, range.size, libc.MADV_HUGEPAGE);
         regions.push({ slot, guestPhysAddr: range.guestPhysAddr, size: range.size, hostAddr });
         vm.setUserMemoryRegion({
           slot,
