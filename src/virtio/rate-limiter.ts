@@ -178,17 +178,21 @@ export class SharedRateLimiter {
     this.cells = new RateLimiterCells(shared);
   }
 
-  /** Whether the limiter limits anything now (after taking any new configuration): devices skip it when not. */
-  get active(): boolean {
+  /** Takes a configuration the API thread wrote since the last look. */
+  private refresh(): void {
     const config = this.cells.changed();
     if (config) this.limiter.configure(config);
+  }
+
+  /** Whether the limiter limits anything now (after taking any new configuration): devices skip it when not. */
+  get active(): boolean {
+    this.refresh();
     return this.limiter.limited;
   }
 
   /** consume(), after taking any new configuration; a refusal is counted. */
   consume(bytes: number): boolean {
-    const config = this.cells.changed();
-    if (config) this.limiter.configure(config);
+    this.refresh();
     if (this.limiter.consume(bytes)) return true;
     this.cells.countThrottled();
     return false;
