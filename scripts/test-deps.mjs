@@ -10,7 +10,8 @@ import { spawnSync } from 'node:child_process';
 // minimal Linux (Debian's linux-source-6.1, busybox); iproute2 makes the network
 // namespaces and passt is the rootless network backend the virtio-net tests use;
 // cpio unpacks the initramfs writer's output (an independent decoder); strace watches
-// which seccomp filters `kiln run` loads.
+// which seccomp filters `kiln run` loads; chromium is the real browser the dashboard's
+// tests drive (through playwright-core, which never downloads one).
 export const PACKAGES = [
   'gcc',
   'binutils',
@@ -31,6 +32,7 @@ export const PACKAGES = [
   'passt',
   'cpio',
   'strace',
+  'chromium',
 ];
 
 const installed = (p) => {

@@ -368,6 +368,12 @@ function program(setStatus: (status: number) => void): Command {
   verb('pool', "the daemon's pool of VMMs started ahead (kiln daemon --pool N)").action(
     async (values: { json?: boolean }) => done((await manager()).pool(values)),
   );
+  verb(
+    'dashboard',
+    'serve the web dashboard from the daemon (loopback unless --listen says otherwise) and print a one-time address that opens it',
+  )
+    .option('--listen <addr:port>', 'where it serves (default 127.0.0.1:7070; port 0: any free port)')
+    .action(async (values: { json?: boolean; listen?: string }) => done((await manager()).dashboard(values)));
   verb('logs', "a VM's console log")
     .argument('<name>')
     .option('--bytes <n>', 'the last N bytes (default 65536)')

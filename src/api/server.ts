@@ -217,6 +217,7 @@ const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Han
   ['PUT', '/migration/send', (vmm, body) => vmm.sendMigration(r.parseMigrationSend(body))],
   ['PUT', '/migration/receive', (vmm, body) => vmm.receiveMigration(r.parseMigrationReceive(body))],
   ['GET', '/migration', (vmm) => vmm.migrationProgress()],
+  ['GET', '/kiln/counters', (vmm) => vmm.counterTotals()],
   ['PUT', '/pmem/:id', notYet('Persistent memory devices (/pmem)')],
   ['PATCH', '/pmem/:id', notYet('Persistent memory devices (/pmem)')],
   ['PUT', '/serial', preBoot((vmm, body) => vmm.setSerial(r.parseSerial(body).serial_out_path))],

@@ -847,6 +847,25 @@ export class Vmm {
     this.emit(this.metricsFd, `${JSON.stringify(line)}\n`);
   }
 
+  /**
+   * GET /kiln/counters (Kiln's own, for the manager's dashboard): the devices' totals since
+   * the VM started, summed over the drives and the NICs; rates are the reader's to take.
+   */
+  counterTotals(): { block: { readBytes: number; writeBytes: number }; net: { rxBytes: number; txBytes: number } } {
+    const out = { block: { readBytes: 0, writeBytes: 0 }, net: { rxBytes: 0, txBytes: 0 } };
+    for (const [key, counters] of this.live?.virtio.counters ?? []) {
+      const c = counters.read() as Record<string, number>;
+      if (key.startsWith('drive:')) {
+        out.block.readBytes += c.read_bytes ?? 0;
+        out.block.writeBytes += c.write_bytes ?? 0;
+      } else {
+        out.net.rxBytes += c.rx_bytes_count ?? 0;
+        out.net.txBytes += c.tx_bytes_count ?? 0;
+      }
+    }
+    return out;
+  }
+
   /** Firecracker flushes the metrics every 60 s on its own; so does Kiln once a path is set. */
   private startMetricsTimer(): void {
     if (this.metricsTimer) return;

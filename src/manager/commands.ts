@@ -4,9 +4,8 @@
 // per verb in src/cli.ts; this module is loaded only when one of them runs.
 import { readFileSync, statSync } from 'node:fs';
 import { createConnection } from 'node:net';
-import { dirname, isAbsolute, join, resolve } from 'node:path';
-import { parse as parseYaml } from 'yaml';
-import { countFlag, flagsToInput, parseNetFlag, type VmFlags } from '../config/flags.js';
+import { join } from 'node:path';
+import { parseNetFlag } from '../config/flags.js';
 import { ConfigError } from '../config/vm-config.js';
 import { relayStdin } from '../console-relay.js';
 import { KilnError } from '../errors.js';
@@ -16,8 +15,18 @@ import { daemonCall, runDaemon } from './daemon.js';
 import { parseDefinition } from './definition.js';
 import { JAIL_VSOCK } from './jail.js';
 import type { SnapshotMeta } from './snapshots.js';
-import type { InfoReply, ListReply, LogsReply, PoolReply, RemovedReply, StartReply, VmStatus } from './protocol.js';
+import type {
+  DashboardReply,
+  InfoReply,
+  ListReply,
+  LogsReply,
+  PoolReply,
+  RemovedReply,
+  StartReply,
+  VmStatus,
+} from './protocol.js';
 import { Store } from './store.js';
+import { definitionInput, type CreateOptions } from './create-input.js';
 import { parsePeer, readToken } from './peer.js';
 
 const progress = (line: string) => process.stderr.write(`kiln: ${line}\n`);
@@ -46,60 +55,6 @@ function table(rows: readonly VmStatus[]): string {
         .trimEnd(),
     )
     .join('\n');
-}
-
-/** Makes a definition file's relative paths relative to the file (as compose files do). */
-function absolutePaths(raw: Record<string, unknown>, base: string): Record<string, unknown> {
-  const abs = (v: unknown) => (typeof v === 'string' && v !== '' && !isAbsolute(v) ? resolve(base, v) : v);
-  const out: Record<string, unknown> = { ...raw };
-  for (const key of ['kernel', 'initrd', 'consoleSocket']) if (Object.hasOwn(out, key)) out[key] = abs(out[key]);
-  const each = (key: string, field: string) => {
-    if (Array.isArray(out[key]))
-      out[key] = (out[key] as unknown[]).map((x) =>
-        x && typeof x === 'object' && Object.hasOwn(x, field)
-          ? { ...x, [field]: abs((x as Record<string, unknown>)[field]) }
-          : x,
-      );
-  };
-  each('disks', 'path');
-  each('nets', 'passt');
-  if (out.vsock && typeof out.vsock === 'object' && Object.hasOwn(out.vsock, 'uds'))
-    out.vsock = { ...(out.vsock as object), uds: abs((out.vsock as Record<string, unknown>).uds) };
-  return out;
-}
-
-export interface CreateOptions {
-  readonly json?: boolean;
-  readonly file?: string;
-  readonly cpuWeight?: string;
-  readonly cpuQuota?: string;
-  readonly pin?: string;
-  readonly vm: VmFlags;
-}
-
-/** The definition `kiln create` sends: from -f FILE, or from the flags. */
-export function definitionInput(name: string | undefined, o: CreateOptions): Record<string, unknown> {
-  if (o.file) {
-    let raw: unknown;
-    try {
-      const text = readFileSync(o.file, 'utf8');
-      raw = o.file.endsWith('.json') ? JSON.parse(text) : parseYaml(text);
-    } catch (err) {
-      throw new KilnError(`cannot read ${o.file}: ${(err as Error).message}`);
-    }
-    if (typeof raw !== 'object' || raw === null || Array.isArray(raw))
-      throw new ConfigError('', `${o.file} must hold one VM definition (an object)`);
-    const input = absolutePaths(raw as Record<string, unknown>, dirname(resolve(o.file)));
-    return name ? { ...input, name } : input;
-  }
-  if (!name) throw new KilnError('kiln create needs a VM name (or -f FILE)');
-  return {
-    name,
-    ...flagsToInput(o.vm),
-    ...(o.cpuWeight !== undefined ? { cpuWeight: countFlag(o.cpuWeight) } : {}),
-    ...(o.cpuQuota !== undefined ? { cpuQuotaPercent: countFlag(o.cpuQuota) } : {}),
-    ...(o.pin !== undefined ? { pinCpus: o.pin.split(',').map(countFlag) } : {}),
-  };
 }
 
 export async function create(name: string | undefined, o: CreateOptions): Promise<number> {
@@ -308,6 +263,26 @@ function attachSerial(socketPath: string, log: (line: string) => void, lingerMs:
       done(1);
     });
   });
+}
+
+/** `kiln dashboard`: the daemon serves the web UI; a one-time address opens a session in a browser. */
+export async function dashboard(o: { json?: boolean; listen?: string }): Promise<number> {
+  if (o.listen !== undefined) parsePeer(o.listen, '--listen', true);
+  const r = await daemonCall<DashboardReply>(new Store(), 'POST', '/dashboard', {
+    ...(o.listen !== undefined ? { listen: o.listen } : {}),
+  });
+  if (o.json) print(true, '', { url: r.url, listen: r.listen, loopback: r.loopback });
+  else {
+    process.stdout.write(`${r.url}\n`);
+    progress(
+      `the dashboard serves on ${r.listen}; that address opens one session within 10 minutes (run kiln dashboard again for another)`,
+    );
+    if (!r.loopback)
+      progress(
+        `${r.listen} is NOT loopback: other machines can reach it (plain HTTP). Prefer loopback and an SSH tunnel: ssh -L 7070:127.0.0.1:7070 HOST`,
+      );
+  }
+  return 0;
 }
 
 /** Reads a token file (kiln daemon --token-file, kiln migrate --token-file): it must be its owner's alone. */

@@ -12,17 +12,18 @@ import FindMyWay from 'find-my-way';
 import { KilnError } from '../errors.js';
 import { Manager, PROGRESS_HEADER, PROGRESS_TYPE, ROTATE_EVERY_MS, unixHttp } from './manager.js';
 import { ConfigError } from '../config/vm-config.js';
-import { parseDefinition } from './definition.js';
 import { lockStateDir } from './lock.js';
-import { AUTH_HEADER, Verifier, splice, type Peer } from './peer.js';
+import { AUTH_HEADER, Verifier, parsePeer, splice, type Peer } from './peer.js';
+import type { Dashboard } from '../dashboard/server.js';
 import { waitFor } from './wait.js';
-import { checkStartable } from './preflight.js';
-import type { ErrorReply, LogsReply, PoolReply, RemovedReply } from './protocol.js';
+import type { DashboardReply, ErrorReply, LogsReply, PoolReply, RemovedReply } from './protocol.js';
 import { PRIVATE_FILE, sweepTemporaryFiles, type Store } from './store.js';
 import { VmmPool } from './pool.js';
 import { allocateJailUid } from './jail.js';
 
 const CLI = fileURLToPath(new URL('../cli.js', import.meta.url));
+/** Where `kiln dashboard` serves the web UI unless told otherwise. */
+export const DASHBOARD_DEFAULT: Peer = { host: '127.0.0.1', port: 7070 };
 
 function reply(res: ServerResponse, status: number, body: unknown): void {
   const text = JSON.stringify(body);
@@ -248,12 +249,7 @@ export async function runDaemon(
     });
   route('GET', '/vms', () => manager.list());
   route('GET', '/pool', (): PoolReply => manager.pool?.counts ?? { idle: 0, starting: 0, size: 0 });
-  route('POST', '/vms', async (_n, body) => {
-    const spec = parseDefinition(body);
-    checkStartable(spec);
-    store.create(spec);
-    return manager.status(spec);
-  });
+  route('POST', '/vms', (_n, body) => manager.create(body));
   route('GET', '/vms/:name', (name) => manager.info(name));
   route('POST', '/vms/:name/start', (name, body) =>
     manager.start(name, { jail: (body as { jail?: boolean }).jail !== false }),
@@ -321,6 +317,45 @@ export async function runDaemon(
       copyDisks: b.copyDisks === true,
       progress,
     });
+  });
+  // The web dashboard (kiln dashboard): started on the first request, on loopback unless
+  // told otherwise; each request mints a new one-time address.
+  const web: { dashboard: Promise<Dashboard> | null } = { dashboard: null };
+  route('POST', '/dashboard', async (_n, body): Promise<DashboardReply> => {
+    const b = body as { listen?: unknown };
+    if (b.listen !== undefined && typeof b.listen !== 'string')
+      throw new KilnError('listen must be ADDR:PORT (e.g. 127.0.0.1:7070)');
+    const want = b.listen !== undefined ? parsePeer(b.listen, '--listen', true) : null;
+    let current = web.dashboard ? await web.dashboard.catch(() => null) : null;
+    const moved =
+      current?.address &&
+      want &&
+      (want.host !== current.address.host || (want.port !== 0 && want.port !== current.address.port));
+    if (current && moved) {
+      await current.close();
+      log(`kiln daemon: the dashboard left ${current.address!.host}:${current.address!.port}`);
+      current = null;
+    }
+    if (!current) {
+      web.dashboard = (async () => {
+        const { Dashboard } = await import('../dashboard/server.js');
+        const d = new Dashboard({ manager, store, api: (req, res) => router.lookup(req, res), log });
+        await d.listen(want ?? DASHBOARD_DEFAULT);
+        log(
+          `kiln daemon: serving the dashboard on http://${d.address!.host}:${d.address!.port}/${d.loopback ? '' : ' (NOT loopback: reachable from other machines; every request needs a session from kiln dashboard)'}`,
+        );
+        return d;
+      })();
+      current = await web.dashboard.catch((err: unknown) => {
+        web.dashboard = null;
+        throw err;
+      });
+    }
+    return {
+      url: current.mintUrl(),
+      listen: `${current.address!.host}:${current.address!.port}`,
+      loopback: current.loopback,
+    };
   });
   route('POST', '/vms/:name/upgrade', (name, _b, _q, _p, progress) => manager.upgrade(name, progress));
   route('GET', '/vms/:name/logs', async (name, _b, q): Promise<LogsReply> => {
@@ -393,6 +428,7 @@ export async function runDaemon(
     process.on('SIGINT', () => resolve());
   });
   clearInterval(rotation);
+  await (await web.dashboard?.catch(() => null))?.close();
   await manager.pool?.close();
   peers?.close();
   await new Promise((resolve) => server.close(resolve));

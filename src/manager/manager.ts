@@ -287,6 +287,20 @@ export class Manager {
     }
   }
 
+  /** Checks a definition as create does, storing nothing (the dashboard's form, as it is filled in). */
+  check(input: unknown): VmDefinition {
+    const spec = parseDefinition(input);
+    checkStartable(spec);
+    return spec;
+  }
+
+  /** Defines a VM (kiln create, the dashboard's form): checked, startable on this host, stored. */
+  async create(input: unknown): Promise<VmStatus> {
+    const spec = this.check(input);
+    this.store.create(spec);
+    return this.status(spec);
+  }
+
   /** What is true of VM `spec` now. Reads only: a query never changes anything. */
   async status(spec: VmDefinition): Promise<VmStatus> {
     const pid = this.pidOf(spec.name);

@@ -18,10 +18,10 @@ export interface Peer {
   readonly port: number;
 }
 
-/** ADDR:PORT (an IPv6 address in brackets). */
-export function parsePeer(text: string, what = 'the address'): Peer {
+/** ADDR:PORT (an IPv6 address in brackets); port 0 (any free port) only with `anyPort`. */
+export function parsePeer(text: string, what = 'the address', anyPort = false): Peer {
   const m = /^(\[[0-9a-fA-F:.]+\]|[^:[\]\s]+):(\d{1,5})$/.exec(text);
-  if (!m || Number(m[2]) > 65535 || Number(m[2]) === 0)
+  if (!m || Number(m[2]) > 65535 || (Number(m[2]) === 0 && !anyPort))
     throw new KilnError(`${what} must be ADDR:PORT (e.g. 192.0.2.7:7077), not '${text}'`);
   return { host: m[1]!.replace(/^\[|\]$/g, ''), port: Number(m[2]) };
 }

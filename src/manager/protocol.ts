@@ -61,3 +61,10 @@ export interface PoolReply {
   readonly starting: number;
   readonly size: number;
 }
+
+/** POST /dashboard: where the web UI serves, and a one-time address that opens a session. */
+export interface DashboardReply {
+  readonly url: string;
+  readonly listen: string;
+  readonly loopback: boolean;
+}

@@ -2,6 +2,7 @@
 // run of the CLI against a state directory, and a question typed on a VM's console.
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 
 export const CLI = fileURLToPath(new URL('../../src/cli.js', import.meta.url));
@@ -51,4 +52,19 @@ export function ask(
     if (m) return m;
   }
   assert.fail(`'${name}' did not answer ${answer} to ${command}; its console ended with:\n${seen.slice(-1500)}`);
+}
+
+/** The kiln daemons serving `stateDir` (their environment names it). */
+export function daemonsOf(stateDir: string): number[] {
+  return spawnSync('pgrep', ['-f', `${CLI} daemon`], { encoding: 'utf8' })
+    .stdout.split('\n')
+    .filter(Boolean)
+    .map(Number)
+    .filter((pid) => {
+      try {
+        return readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0').includes(`KILN_STATE_DIR=${stateDir}`);
+      } catch {
+        return false;
+      }
+    });
 }

@@ -28,7 +28,7 @@ import { parseDefinition } from '../../src/manager/definition.js';
 import { checkStartable } from '../../src/manager/preflight.js';
 import { Store, sweepTemporaryFiles, writeAtomically } from '../../src/manager/store.js';
 import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
-import { CLI, kiln, kilnAsync } from './kiln-cli.js';
+import { CLI, daemonsOf, kiln, kilnAsync } from './kiln-cli.js';
 
 /** Whether anything (a dangling link too) is at `path`. */
 function present(path: string): boolean {
@@ -197,21 +197,6 @@ describe('the VM store', () => {
     assert.equal(weightToShares(1), 10);
   });
 });
-
-/** The daemons serving `stateDir` (their environment names it). */
-function daemonsOf(stateDir: string): number[] {
-  const pids = spawnSync('pgrep', ['-f', `${CLI} daemon`], { encoding: 'utf8' })
-    .stdout.split('\n')
-    .filter(Boolean)
-    .map(Number);
-  return pids.filter((pid) => {
-    try {
-      return readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0').includes(`KILN_STATE_DIR=${stateDir}`);
-    } catch {
-      return false;
-    }
-  });
-}
 
 describe('kiln VM-manager verbs', () => {
   test("the state directory is its owner's alone, whatever the umask; another user cannot reach the daemon", () => {

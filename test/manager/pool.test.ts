@@ -3,7 +3,7 @@
 // bound into its jail from outside; the pool refills, replaces a process that died, gives
 // its slot back when the VM stops, and shrinks under memory pressure.
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { closeSync, existsSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
@@ -13,7 +13,7 @@ import { JAIL_UID_BASE } from '../../src/manager/jail.js';
 import { Store } from '../../src/manager/store.js';
 import { kvmSkip, tempDir } from '../helpers.js';
 import { pvhKernel, SAY_K, THEN_IDLE } from '../../src/guest/pvh-kernel.js';
-import { CLI, kiln } from './kiln-cli.js';
+import { CLI, daemonsOf, kiln } from './kiln-cli.js';
 
 interface PoolCounts {
   idle: number;
@@ -44,22 +44,6 @@ async function until<T>(what: string, probe: () => T | null | undefined | false,
     await sleep(100);
   }
   assert.fail(`timed out waiting for ${what}`);
-}
-
-/** The kiln daemons serving `dir` (their environment names it). */
-function daemonsOf(dir: string): number[] {
-  const out = spawnSync('pgrep', ['-f', `${CLI} daemon`], { encoding: 'utf8' }).stdout;
-  return out
-    .split('\n')
-    .filter(Boolean)
-    .map(Number)
-    .filter((pid) => {
-      try {
-        return readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0').includes(`KILN_STATE_DIR=${dir}`);
-      } catch {
-        return false;
-      }
-    });
 }
 
 const alive = (pid: number) => existsSync(`/proc/${pid}`) && !/^State:\s+Z/m.test(readSafe(`/proc/${pid}/status`));

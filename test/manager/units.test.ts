@@ -12,7 +12,8 @@ import { EXIT_OK, EXIT_VM_FAILED, vmExitStatus } from '../../src/exit-status.js'
 import { affinityOf, pinThread } from '../../src/manager/affinity.js';
 import { cgroupVersion, controllerSet, cpuMax, prepareCgroup, spawnInCgroup } from '../../src/manager/cgroup.js';
 import { waitFor } from '../../src/manager/wait.js';
-import { definitionInput, infoText } from '../../src/manager/commands.js';
+import { infoText } from '../../src/manager/commands.js';
+import { definitionInput } from '../../src/manager/create-input.js';
 import { parseDefinition } from '../../src/manager/definition.js';
 import type { InfoReply } from '../../src/manager/protocol.js';
 import {

@@ -1,0 +1,2 @@
+// Style sheets the bundler (esbuild) collects into app.css.
+declare module '*.css';
