@@ -160,6 +160,9 @@ export interface CreateForm {
   readonly net?: readonly string[];
   readonly rng?: boolean;
   readonly balloon?: string;
+  readonly cpuTemplate?: string;
+  readonly vsock?: string;
+  readonly consoleSocket?: string;
   readonly cpuWeight?: string;
   readonly cpuQuota?: string;
   readonly pin?: string;
@@ -185,6 +188,9 @@ export function formDefinition(form: unknown): Record<string, unknown> {
     'net',
     'rng',
     'balloon',
+    'cpuTemplate',
+    'vsock',
+    'consoleSocket',
     'cpuWeight',
     'cpuQuota',
     'pin',
@@ -218,6 +224,8 @@ export function formDefinition(form: unknown): Record<string, unknown> {
     const passt = /(?:^|,)passt=([^,]*)/.exec(n)?.[1];
     if (passt) path('--net', passt);
   });
+  const vsock = text('vsock');
+  if (vsock !== undefined) path('--vsock', vsock.slice(vsock.indexOf(',') + 1));
   if (f.rng !== undefined && typeof f.rng !== 'boolean') throw new ConfigError('--rng', 'must be true or false');
   return definitionInput(text('name'), {
     ...(text('cpuWeight') !== undefined ? { cpuWeight: text('cpuWeight') } : {}),
@@ -233,6 +241,9 @@ export function formDefinition(form: unknown): Record<string, unknown> {
       net: nets,
       rng: f.rng === true,
       balloon: text('balloon'),
+      cpuTemplate: text('cpuTemplate'),
+      vsock,
+      consoleSocket: path('--console-socket', text('consoleSocket')),
     },
   });
 }

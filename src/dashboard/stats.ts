@@ -5,10 +5,10 @@
 // throughput from the VMM's device counters (GET /kiln/counters). Rates are the change
 // between two samples of the same VMM process.
 import { readFileSync } from 'node:fs';
-import { cpus, freemem, totalmem } from 'node:os';
+import { freemem } from 'node:os';
 import { join } from 'node:path';
 import { cgroupDirs, cgroupVersion } from '../manager/cgroup.js';
-import { unixHttp, type Manager } from '../manager/manager.js';
+import { hostCapacity, unixHttp, type Manager } from '../manager/manager.js';
 import type { VmStatus } from '../manager/protocol.js';
 import type { Store } from '../manager/store.js';
 import type { HostSample, Sample, VmSample } from './wire.js';
@@ -140,20 +140,6 @@ export class Sampler {
 
   /** The host's capacity and what the running VMs leave of it under the overcommit limits (as `kiln start` counts). */
   host(vms: readonly VmStatus[]): HostSample {
-    const limits = this.store.limits();
-    const hostCpus = cpus().length;
-    const memoryMiB = Math.floor(totalmem() / MiB);
-    const running = vms.filter((v) => v.state !== 'stopped');
-    return {
-      cpus: hostCpus,
-      memoryMiB,
-      freeMemoryMiB: Math.floor(freemem() / MiB),
-      cpuOvercommit: limits.cpuOvercommit,
-      memoryOvercommit: limits.memoryOvercommit,
-      vcpuLimit: Math.floor(hostCpus * limits.cpuOvercommit),
-      memoryLimitMiB: Math.floor(memoryMiB * limits.memoryOvercommit),
-      vcpusUsed: running.reduce((s, v) => s + v.cpus, 0),
-      memoryUsedMiB: running.reduce((s, v) => s + v.memoryMiB, 0),
-    };
+    return { ...hostCapacity(this.store.limits(), vms), freeMemoryMiB: Math.floor(freemem() / MiB) };
   }
 }

@@ -26,6 +26,7 @@ import type {
   VmStatus,
 } from './protocol.js';
 import { Store } from './store.js';
+import { uptimeText } from '../duration.js';
 import { definitionInput, type CreateOptions } from './create-input.js';
 import { parsePeer, readToken } from './peer.js';
 
@@ -73,22 +74,6 @@ export async function list(o: { json?: boolean }): Promise<number> {
   return 0;
 }
 
-function uptime(startedAt: string | null): string {
-  if (!startedAt) return '-';
-  let s = Math.max(0, Math.floor((Date.now() - Date.parse(startedAt)) / 1000));
-  const parts: string[] = [];
-  for (const [unit, size] of [
-    ['d', 86400],
-    ['h', 3600],
-    ['m', 60],
-  ] as const) {
-    if (s >= size) parts.push(`${Math.floor(s / size)}${unit}`);
-    s %= size;
-  }
-  parts.push(`${s}s`);
-  return parts.join(' ');
-}
-
 /** `kiln info`'s readable summary. */
 export function infoText(i: InfoReply): string {
   const d = i.definition;
@@ -96,7 +81,7 @@ export function infoText(i: InfoReply): string {
     ['Name', i.name],
     ['State', i.state],
     ['PID', i.pid === null ? '-' : String(i.pid)],
-    ['Uptime', uptime(i.startedAt)],
+    ['Uptime', uptimeText(i.startedAt)],
     ['vCPUs', `${d.cpus}${d.pinCpus.length ? ` (pinned to host CPUs ${d.pinCpus.join(',')})` : ''}`],
     ['Memory', `${d.memoryMiB} MiB`],
     ['Kernel', d.kernel ?? "the guest kit's minimal Linux (with a shell on the serial console)"],
@@ -179,6 +164,8 @@ export async function lifecycle(
     // The default guest is built here, with its progress on this terminal (the daemon then finds it cached).
     const i = await daemonCall<InfoReply>(store, 'GET', path(name));
     if (i.definition.kernel === undefined) {
+      // A start the daemon would refuse (limits, missing files) is refused before the build.
+      if (verb === 'start') await daemonCall(store, 'GET', `${path(name)}/preflight`);
       await buildMinimalKernel(progress);
       await buildInitramfs(progress);
     }

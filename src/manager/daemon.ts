@@ -251,6 +251,7 @@ export async function runDaemon(
   route('GET', '/pool', (): PoolReply => manager.pool?.counts ?? { idle: 0, starting: 0, size: 0 });
   route('POST', '/vms', (_n, body) => manager.create(body));
   route('GET', '/vms/:name', (name) => manager.info(name));
+  route('GET', '/vms/:name/preflight', (name) => manager.preflight(name));
   route('POST', '/vms/:name/start', (name, body) =>
     manager.start(name, { jail: (body as { jail?: boolean }).jail !== false }),
   );

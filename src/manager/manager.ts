@@ -75,7 +75,7 @@ import {
 import { markInUse, type VmmPool } from './pool.js';
 import type { VmConfig } from '../config/vm-config.js';
 import type { InfoReply, ListReply, StartReply, VmState, VmStatus } from './protocol.js';
-import { PRIVATE_DIR, PRIVATE_FILE, type Store } from './store.js';
+import { PRIVATE_DIR, PRIVATE_FILE, type Limits, type Store } from './store.js';
 import { waitFor } from './wait.js';
 
 export type { VmState, VmStatus } from './protocol.js';
@@ -257,6 +257,23 @@ function faultOf(r: { status: number; body: unknown }): string {
   return (r.body as { fault_message?: string } | undefined)?.fault_message ?? `status ${r.status}`;
 }
 
+/** The host's capacity under the overcommit limits, and what the VMs that are not stopped take of it. */
+export function hostCapacity(limits: Limits, vms: readonly VmStatus[]) {
+  const running = vms.filter((v) => v.state !== 'stopped');
+  const hostCpus = cpus().length;
+  const memoryMiB = Math.floor(totalmem() / (1024 * 1024));
+  return {
+    cpus: hostCpus,
+    memoryMiB,
+    cpuOvercommit: limits.cpuOvercommit,
+    memoryOvercommit: limits.memoryOvercommit,
+    vcpuLimit: Math.floor(hostCpus * limits.cpuOvercommit),
+    memoryLimitMiB: Math.floor(memoryMiB * limits.memoryOvercommit),
+    vcpusUsed: running.reduce((n, v) => n + v.cpus, 0),
+    memoryUsedMiB: running.reduce((n, v) => n + v.memoryMiB, 0),
+  };
+}
+
 export class Manager {
   /** The daemon's pool of pre-started VMMs (pool.ts), when it keeps one. */
   pool: VmmPool | null = null;
@@ -343,15 +360,33 @@ export class Manager {
     };
   }
 
+  /**
+   * What a start checks before it builds or spawns anything (the definition's files, the
+   * host's limits): `kiln start` asks first, so a refused start does not wait for the
+   * default guest's build.
+   */
+  async preflight(name: string): Promise<{ ok: true }> {
+    const spec = this.store.get(name);
+    if (this.pidOf(name) === null) {
+      checkStartable(spec);
+      await this.checkLimits(spec);
+    }
+    return { ok: true };
+  }
+
   /** Refuses a start that would overcommit the host beyond the configured ratios. */
   private async checkLimits(spec: VmDefinition): Promise<void> {
     const limits = this.store.limits();
     const { vms } = await this.list();
-    const running = vms.filter((v) => v.state !== 'stopped' && v.name !== spec.name);
-    const cpuCap = Math.floor(cpus().length * limits.cpuOvercommit);
-    const memCapMiB = Math.floor((totalmem() / (1024 * 1024)) * limits.memoryOvercommit);
-    const usedCpus = running.reduce((s, v) => s + v.cpus, 0);
-    const usedMiB = running.reduce((s, v) => s + v.memoryMiB, 0);
+    const {
+      vcpuLimit: cpuCap,
+      memoryLimitMiB: memCapMiB,
+      vcpusUsed: usedCpus,
+      memoryUsedMiB: usedMiB,
+    } = hostCapacity(
+      limits,
+      vms.filter((v) => v.name !== spec.name),
+    );
     if (usedCpus + spec.cpus > cpuCap)
       throw new KilnError(
         `starting '${spec.name}' (${spec.cpus} vCPUs) would exceed the vCPU limit of ${cpuCap} (${cpus().length} host CPUs x ${limits.cpuOvercommit}); ${Math.max(0, cpuCap - usedCpus)} vCPUs are left`,

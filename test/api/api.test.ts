@@ -33,6 +33,8 @@ function specPath(path: string): string | undefined {
 }
 
 function validateResponse(method: string, path: string, status: number, body: unknown): void {
+  // Kiln's own endpoints (/kiln/...) are not Firecracker's: their tests say what they answer.
+  if (path.startsWith('/kiln/')) return;
   const template = specPath(path);
   if (!template) {
     assert.equal(status, 400, `${method} ${path}: not in the spec, so a 400`);
@@ -126,6 +128,9 @@ describe('the Firecracker API', () => {
       state: 'Not started',
       vmm_version: (info.body as { vmm_version: string }).vmm_version,
     });
+    // Kiln's own counters (the dashboard's throughput): all zero before the VM runs.
+    const counters = await call('GET', '/kiln/counters');
+    assert.deepEqual(counters.body, { block: { readBytes: 0, writeBytes: 0 }, net: { rxBytes: 0, txBytes: 0 } });
     const version = await call('GET', '/version');
     assert.match((version.body as { firecracker_version: string }).firecracker_version, /^\d+\.\d+\.\d+$/);
     const config = await call('GET', '/vm/config');

@@ -5,6 +5,7 @@
 // a command typed into the browser console and answered by the guest, stopped; the same
 // validation message as the CLI; no serious accessibility violations (axe-core).
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
 import { createRequire } from 'node:module';
@@ -17,8 +18,10 @@ import { chromium, type Browser, type Page } from 'playwright-core';
 import WebSocket from 'ws';
 import { kvmSkip, tempDir } from '../helpers.js';
 import { daemonsOf, kiln } from '../manager/kiln-cli.js';
+import { processCpuTicks } from '../../src/dashboard/stats.js';
 
 const CHROMIUM = '/usr/bin/chromium';
+const FAKE_VMM = fileURLToPath(new URL('./fake-vmm-cli.js', import.meta.url));
 const DOCS = fileURLToPath(new URL('../../../docs/', import.meta.url));
 const AXE = readFileSync(createRequire(import.meta.url).resolve('axe-core/axe.min.js'), 'utf8');
 
@@ -78,6 +81,18 @@ function openSocket(
 function stopDaemons(dir: string): void {
   for (const pid of daemonsOf(dir)) process.kill(pid, 'SIGTERM');
 }
+
+test("the sampler reads a process's CPU time from /proc/PID/stat, whatever its name holds", () => {
+  const proc = tempDir();
+  mkdirSync(join(proc, '4242'));
+  // Fields 14 and 15 (utime, stime) after a command name with spaces and a ')'.
+  const after = ['S', ...Array.from({ length: 10 }, (_, i) => String(i + 3)), '1500', '250', '0', '0'];
+  writeFileSync(join(proc, '4242', 'stat'), `4242 (kiln ) vmm) ${after.join(' ')}\n`);
+  assert.equal(processCpuTicks(4242, proc), 1750);
+  assert.equal(processCpuTicks(4243, proc), null, 'a process that is gone');
+  assert.equal(processCpuTicks(process.pid) !== null, true, 'this very process');
+  rmSync(proc, { recursive: true, force: true });
+});
 
 describe('kiln dashboard: sessions, tokens, CSRF, Origin, hostile input', () => {
   const dir = join(tempDir(), 'state');
@@ -284,21 +299,28 @@ function launch(): Promise<Browser> {
   });
 }
 
-describe('kiln dashboard in a real browser (chromium, playwright-core)', () => {
+/** A state directory and a browser for one suite; afterwards `cleanup`, then the daemon ended and the directory removed. */
+function browserSuite(cleanup?: (dir: string) => void): { dir: string; browser: () => Browser } {
   const dir = join(tempDir(), 'state');
   mkdirSync(dir, { recursive: true });
-  let browser: Browser;
+  let browser: Browser | undefined;
   before(async () => {
     browser = await launch();
   });
   after(async () => {
     await browser?.close();
+    cleanup?.(dir);
     stopDaemons(dir);
     rmSync(dir, { recursive: true, force: true });
   });
+  return { dir, browser: () => browser! };
+}
+
+describe('kiln dashboard in a real browser (chromium, playwright-core)', () => {
+  const { dir, browser } = browserSuite();
 
   test("sign in, the list, the create form (the CLI's messages), a VM's page and console scroll-back, deleted while open; a11y; a phone-width page", async (t) => {
-    const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+    const context = await browser().newContext({ viewport: { width: 1280, height: 800 } });
     const page = await context.newPage();
     const errors: string[] = [];
     page.on('pageerror', (e) => errors.push(e.message));
@@ -331,7 +353,7 @@ describe('kiln dashboard in a real browser (chromium, playwright-core)', () => {
     assert.deepEqual(await accessibility(page), [], 'the list page');
 
     // Another browser, without the session: the page and the API are refused.
-    const stranger = await browser.newContext();
+    const stranger = await browser().newContext();
     const other = await stranger.newPage();
     const refused = await other.goto(`${base}/`);
     assert.equal(refused?.status(), 401);
@@ -386,6 +408,62 @@ describe('kiln dashboard in a real browser (chromium, playwright-core)', () => {
     }
     await phone.close();
 
+    // Running, with a stand-in VMM (fake-vmm-cli.ts: this test must run without /dev/kvm too;
+    // the suite below does it with a real guest): the page sees it come up and attaches
+    // the console; what is typed reaches the "guest", whose answer every viewer sees.
+    const fake = spawn(process.execPath, [FAKE_VMM, '--id', 'web', '--run', join(dir, 'run', 'web')], {
+      stdio: 'ignore',
+    });
+    try {
+      await page.locator('h1 .state', { hasText: 'running' }).waitFor({ timeout: 20_000 });
+      await page.locator('.console-status', { hasText: 'attached' }).waitFor();
+      await until('the banner', async () => /fake-guest: up/.test(await terminalText(page)), 20);
+      const second = await context.newPage();
+      await second.goto(`${base}/#/vm/web`);
+      await second.locator('.console-status', { hasText: 'attached' }).waitFor();
+      // A viewer that never reads: the WebSocket handshake, then nothing.
+      const stalled = connect(Number(url.port), '127.0.0.1');
+      stalled.on('error', () => undefined);
+      const cookie = (await context.cookies()).find((c) => c.name === 'kiln_session')!;
+      stalled.write(
+        `GET /ws/console/web HTTP/1.1\r\nHost: ${url.host}\r\nOrigin: ${base}\r\nCookie: kiln_session=${cookie.value}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ${Buffer.alloc(16, 7).toString('base64')}\r\n\r\n`,
+      );
+      stalled.pause();
+      await page.click('.terminal');
+      // 4 MiB of output at once: the stalled viewer's bridge stops reading for it alone.
+      await page.keyboard.type('flood 4194304\n');
+      await page.keyboard.type('echo after-flood\n');
+      await until(
+        'the answer after the flood',
+        async () => /fake-guest: echo after-flood/.test(await terminalText(page)),
+        60,
+      );
+      await until(
+        'the second viewer to see it',
+        async () => /fake-guest: echo after-flood/.test(await terminalText(second)),
+        30,
+      );
+      // Ctrl-A Ctrl-A sends one Ctrl-A (0x01) to the guest, which echoes it.
+      await page.getByRole('button', { name: 'Send Ctrl-A' }).click();
+      await page.click('.terminal');
+      await page.keyboard.type('ctl\n');
+      await until('the Ctrl-A to arrive', async () => /fake-guest: .?ctl/.test(await terminalText(page)), 20);
+      assert.equal(kiln(dir, ['ls']).status, 0, 'the daemon answers');
+      stalled.destroy();
+      // Pause and resume from the page.
+      await page.getByRole('button', { name: 'Pause', exact: true }).click();
+      await page.locator('h1 .state', { hasText: 'paused' }).waitFor();
+      await page.getByRole('button', { name: 'Resume', exact: true }).click();
+      await page.locator('h1 .state', { hasText: 'running' }).waitFor();
+      // Stop: the power button; the console says the VM stopped.
+      await page.getByRole('button', { name: 'Stop', exact: true }).click();
+      await page.locator('h1 .state', { hasText: 'stopped' }).waitFor({ timeout: 60_000 });
+      await until('the console to say so', async () => /'web' stopped/.test(await terminalText(second)), 20);
+      await second.close();
+    } finally {
+      fake.kill('SIGKILL');
+    }
+
     // Deleted while its page is open: the page says so; the daemon goes on.
     assert.equal(kiln(dir, ['rm', 'web']).status, 0);
     await page.locator('.notice', { hasText: "'web' no longer exists" }).waitFor();
@@ -399,24 +477,13 @@ describe('kiln dashboard in a real browser (chromium, playwright-core)', () => {
 });
 
 describe('kiln dashboard in a real browser with a running guest', { skip: kvmSkip }, () => {
-  const dir = join(tempDir(), 'state');
-  mkdirSync(dir, { recursive: true });
-  let browser: Browser;
-  before(async () => {
-    browser = await launch();
-  });
-  after(async () => {
-    await browser?.close();
-    kiln(dir, ['stop', 'web', '--force']);
-    stopDaemons(dir);
-    rmSync(dir, { recursive: true, force: true });
-  });
+  const { dir, browser } = browserSuite((d) => kiln(d, ['stop', 'web', '--force']));
 
   test(
     'create through the form, start, see it running, type into its console (two viewers), stop it',
     { timeout: 15 * 60_000 },
     async () => {
-      const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+      const context = await browser().newContext({ viewport: { width: 1280, height: 800 } });
       const page = await context.newPage();
       const errors: string[] = [];
       page.on('pageerror', (e) => errors.push(e.message));

@@ -9,6 +9,7 @@ import { Terminal } from '@xterm/xterm';
 import { AttachAddon } from '@xterm/addon-attach';
 import { FitAddon } from '@xterm/addon-fit';
 import type { HostSample, Sample, VmSample } from '../wire.js';
+import { uptimeText } from '../../duration.js';
 
 const HISTORY = 60;
 const CSRF = document.querySelector<HTMLMetaElement>('meta[name="kiln-csrf"]')?.content ?? '';
@@ -73,21 +74,7 @@ function bytes(n: number | null): string {
 const rate = (n: number | null) => (n === null ? '–' : `${bytes(n)}/s`);
 const sum = (a: number | null, b: number | null) => (a === null && b === null ? null : (a ?? 0) + (b ?? 0));
 
-function uptime(startedAt: string | null, now: number): string {
-  if (!startedAt) return '–';
-  let s = Math.max(0, Math.floor((now - Date.parse(startedAt)) / 1000));
-  const parts: string[] = [];
-  for (const [unit, size] of [
-    ['d', 86400],
-    ['h', 3600],
-    ['m', 60],
-  ] as const) {
-    if (s >= size) parts.push(`${Math.floor(s / size)}${unit}`);
-    s %= size;
-  }
-  parts.push(`${s}s`);
-  return parts.slice(0, 2).join(' ');
-}
+const uptime = (startedAt: string | null, now: number) => uptimeText(startedAt, now, 2);
 
 // ---- the server's API ----
 
@@ -632,6 +619,9 @@ const FIELDS: ReadonlyArray<{ id: string; label: string; hint: string; kind?: 'l
   { id: 'net', label: 'Network interfaces', hint: 'one per line: tap=NAME or passt=SOCKET[,mac=MAC]', kind: 'list' },
   { id: 'rng', label: 'Entropy device (virtio-rng)', hint: '', kind: 'check' },
   { id: 'balloon', label: 'Balloon', hint: 'initial target, e.g. 64M (optional)' },
+  { id: 'cpuTemplate', label: 'CPU template', hint: 'e.g. T2 (optional)' },
+  { id: 'vsock', label: 'vsock', hint: 'CID,SOCKET, e.g. 3,/run/web.vsock (optional)' },
+  { id: 'consoleSocket', label: 'Console socket', hint: 'a virtio console (hvc0) on this Unix socket (optional)' },
   { id: 'cpuWeight', label: 'CPU weight', hint: '1–10000, default 100' },
   { id: 'cpuQuota', label: 'CPU quota (%)', hint: 'of one host CPU; empty: none' },
   { id: 'pin', label: 'Pin to host CPUs', hint: 'e.g. 0,1' },
@@ -649,6 +639,8 @@ function fieldOf(field: string | undefined): string | null {
     pinCpus: 'pin',
     'cpu-weight': 'cpuWeight',
     'cpu-quota': 'cpuQuota',
+    'console-socket': 'consoleSocket',
+    'cpu-template': 'cpuTemplate',
   };
   const id = alias[base] ?? base;
   return FIELDS.some((f) => f.id === id) ? id : null;
