@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { benchBoot } from './boot.js';
 import { benchBlk } from './blk.js';
+import { benchDashboard } from './dashboard.js';
 import { benchExits } from './exits.js';
 import { benchLaunch } from './launch.js';
 import { benchMigrate } from './migrate.js';
@@ -21,6 +22,7 @@ const benchmarks: Record<string, (ctx: BenchContext) => Promise<void>> = {
   migrate: benchMigrate,
   launch: benchLaunch,
   ratelimit: benchRatelimit,
+  dashboard: benchDashboard,
 };
 
 const names = process.argv.slice(2);
