@@ -279,8 +279,23 @@ export class Dashboard {
 
   /** Serves on `at` (port 0: any free port); `address` then says where. */
   async listen(at: Peer): Promise<void> {
-    const server = createServer((req, res) => this.request(req, res));
-    server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => this.upgrade(req, socket, head));
+    // Nothing a client sends may end the daemon: a request that trips anything here is a 400.
+    const server = createServer((req, res) => {
+      try {
+        this.request(req, res);
+      } catch (err) {
+        if (!res.headersSent) sendJson(res, 400, { error: `a malformed request: ${(err as Error).message}` });
+        else res.destroy();
+      }
+    });
+    server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => {
+      try {
+        this.upgrade(req, socket, head);
+      } catch (err) {
+        this.o.log(`kiln daemon: the dashboard refused a malformed WebSocket request: ${(err as Error).message}`);
+        socket.destroy();
+      }
+    });
     server.on('clientError', (_err, socket: Socket) => socket.destroy());
     await new Promise<void>((resolve, reject) => {
       server.once('error', (err: NodeJS.ErrnoException) =>
@@ -436,8 +451,14 @@ export class Dashboard {
     const path = new URL(req.url ?? '/', 'http://kiln').pathname;
     const consoleOf = /^\/ws\/console\/([^/]+)$/.exec(path)?.[1];
     if (path !== '/ws/events' && consoleOf === undefined) return refuse('404 Not Found', `no such socket ${path}`);
+    let name = '';
+    try {
+      name = consoleOf === undefined ? '' : decodeURIComponent(consoleOf);
+    } catch {
+      return refuse('400 Bad Request', `a malformed VM name in ${path}`);
+    }
     this.wss.handleUpgrade(req, socket, head, (ws) => {
-      if (consoleOf !== undefined) this.console(ws, decodeURIComponent(consoleOf));
+      if (consoleOf !== undefined) this.console(ws, name);
       else this.watch(ws);
     });
   }

@@ -236,6 +236,24 @@ describe('kiln dashboard: sessions, tokens, CSRF, Origin, hostile input', () => 
       s.on('error', () => resolve());
       s.resume();
     });
+    // A request target no URL parser takes, and a console name that is not UTF-8: refused.
+    const raw = (text: string) =>
+      new Promise<string>((resolve) => {
+        let answer = '';
+        const s = connect(Number(new URL(base).port), '127.0.0.1', () => s.write(text));
+        s.setEncoding('utf8').on('data', (c: string) => (answer += c));
+        s.on('close', () => resolve(answer));
+        s.on('error', () => resolve(answer));
+        setTimeout(() => s.destroy(), 2000);
+      });
+    const host = new URL(base).host;
+    assert.match(await raw(`GET http://[ HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`), /^HTTP\/1\.1 400/);
+    assert.match(
+      await raw(
+        `GET /ws/console/%E0%A4%A HTTP/1.1\r\nHost: ${host}\r\nOrigin: ${origin}\r\nCookie: ${cookie}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ${Buffer.alloc(16, 1).toString('base64')}\r\n\r\n`,
+      ),
+      /^HTTP\/1\.1 400/,
+    );
     const big = await openSocket(`${ws}/ws/events`, { Cookie: cookie, Origin: origin });
     const bigClosed = new Promise<number>((resolve) => big.ws!.once('close', (code) => resolve(code)));
     big.ws!.send(Buffer.alloc(1024 * 1024));
