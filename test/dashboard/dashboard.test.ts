@@ -439,7 +439,26 @@ describe('kiln dashboard in a real browser (chromium, playwright-core)', () => {
       const second = await context.newPage();
       await second.goto(`${base}/#/vm/web`);
       await second.locator('.console-status', { hasText: 'attached' }).waitFor();
-      // A viewer that never reads: the WebSocket handshake, then nothing.
+      // What is typed in one viewer reaches the guest; its answer reaches both.
+      await page.click('.terminal');
+      await page.keyboard.type('echo two-viewers\n');
+      for (const p of [page, second])
+        await until(
+          'both viewers to see the answer',
+          async () => /fake-guest: echo two-viewers/.test(await terminalText(p)),
+          30,
+        );
+      // Ctrl-A Ctrl-A sends one Ctrl-A (0x01) to the guest, which echoes it.
+      await page.getByRole('button', { name: 'Send Ctrl-A' }).click();
+      await page.click('.terminal');
+      await page.keyboard.type('ctl\n');
+      await until('the Ctrl-A to arrive', async () => /fake-guest: .?ctl/.test(await terminalText(page)), 20);
+
+      // A viewer that never reads (the WebSocket handshake, then nothing), alone on the
+      // console while the guest writes 64 MiB: the bridge stops reading for it, so the
+      // daemon does not hold the output; the guest goes on.
+      await page.getByRole('button', { name: 'Detach (Ctrl-A x)' }).click();
+      await second.getByRole('button', { name: 'Detach (Ctrl-A x)' }).click();
       const stalled = connect(Number(url.port), '127.0.0.1');
       stalled.on('error', () => undefined);
       const cookie = (await context.cookies()).find((c) => c.name === 'kiln_session')!;
@@ -447,27 +466,34 @@ describe('kiln dashboard in a real browser (chromium, playwright-core)', () => {
         `GET /ws/console/web HTTP/1.1\r\nHost: ${url.host}\r\nOrigin: ${base}\r\nCookie: kiln_session=${cookie.value}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ${Buffer.alloc(16, 7).toString('base64')}\r\n\r\n`,
       );
       stalled.pause();
+      await sleep(500);
+      const [daemon] = daemonsOf(dir);
+      const rss = () => Number(/^VmRSS:\s+(\d+) kB/m.exec(readFileSync(`/proc/${daemon}/status`, 'utf8'))![1]) / 1024;
+      const before = rss();
+      // Typed straight into the guest's serial socket, which also carries the 64 MiB back here.
+      let received = 0;
+      const typist = connect(join(dir, 'run', 'web', 'serial.sock'));
+      typist.on('data', (d: Buffer) => (received += d.length));
+      typist.write('flood 67108864\r');
+      await until('the flood to go out', async () => received > 64 * 1024 * 1024, 60);
+      await sleep(1000);
+      const grown = rss() - before;
+      t.diagnostic(`the daemon's RSS grew by ${grown.toFixed(1)} MiB while a stalled viewer was sent 64 MiB`);
+      assert.ok(grown < 24, `the daemon held a stalled viewer's output (${grown.toFixed(1)} MiB more)`);
+      typist.destroy();
+      await page.getByRole('button', { name: 'Attach', exact: true }).click();
+      await page.locator('.console-status', { hasText: 'attached' }).waitFor();
       await page.click('.terminal');
-      // 4 MiB of output at once: the stalled viewer's bridge stops reading for it alone.
-      await page.keyboard.type('flood 4194304\n');
       await page.keyboard.type('echo after-flood\n');
       await until(
         'the answer after the flood',
         async () => /fake-guest: echo after-flood/.test(await terminalText(page)),
-        60,
-      );
-      await until(
-        'the second viewer to see it',
-        async () => /fake-guest: echo after-flood/.test(await terminalText(second)),
         30,
       );
-      // Ctrl-A Ctrl-A sends one Ctrl-A (0x01) to the guest, which echoes it.
-      await page.getByRole('button', { name: 'Send Ctrl-A' }).click();
-      await page.click('.terminal');
-      await page.keyboard.type('ctl\n');
-      await until('the Ctrl-A to arrive', async () => /fake-guest: .?ctl/.test(await terminalText(page)), 20);
       assert.equal(kiln(dir, ['ls']).status, 0, 'the daemon answers');
       stalled.destroy();
+      await second.getByRole('button', { name: 'Attach', exact: true }).click();
+      await second.locator('.console-status', { hasText: 'attached' }).waitFor();
       // Pause and resume from the page.
       await page.getByRole('button', { name: 'Pause', exact: true }).click();
       await page.locator('h1 .state', { hasText: 'paused' }).waitFor();
