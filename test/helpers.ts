@@ -2,7 +2,7 @@
 // standard test devices.
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { closeSync, existsSync, mkdtempSync, openSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after } from 'node:test';
@@ -12,6 +12,7 @@ import type { GuestMemory } from '../src/memory/guest-memory.js';
 import { loadProgram, type KitProgram } from '../src/guest/kit.js';
 import * as layout from '../src/layout.js';
 import { Vm, type VmResult } from '../src/vm.js';
+import * as libc from '../src/kvm/libc.js';
 
 /** Tests that run guests need /dev/kvm; where it is absent they skip and say why. */
 export const kvmSkip: string | false = existsSync('/dev/kvm') ? false : 'needs /dev/kvm (this host has no KVM)';
@@ -146,4 +147,31 @@ export function deviceContext(
     pciFunctions: new Map(),
     ...parts,
   } as DeviceContext;
+}
+
+/**
+ * For tests that open TAPs on this process's main thread (kiln-vmm's API in-process: PUT
+ * /network-interfaces opens the TAP): as root, moves the main thread into a network
+ * namespace of its own until the file's tests end, so no TAP appears on the host. Without
+ * root (no TAP can be opened at all) it returns the reason to skip.
+ */
+export function privateNetns(): string | false {
+  if (process.getuid?.() !== 0 || !existsSync('/dev/net/tun')) return 'needs root and /dev/net/tun (opening a TAP)';
+  const name = `kiln-test-${process.pid}`;
+  execFileSync('ip', ['netns', 'add', name]);
+  const host = openSync('/proc/thread-self/ns/net', 'r');
+  const ns = openSync(`/run/netns/${name}`, 'r');
+  const entered = libc.setns(ns, libc.CLONE_NEWNET);
+  closeSync(ns);
+  if (entered !== 0) {
+    closeSync(host);
+    execFileSync('ip', ['netns', 'del', name]);
+    throw new Error(`setns into ${name}: ${libc.errnoName(libc.errno())}`);
+  }
+  after(() => {
+    libc.setns(host, libc.CLONE_NEWNET);
+    closeSync(host);
+    execFileSync('ip', ['netns', 'del', name]);
+  });
+  return false;
 }

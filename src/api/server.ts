@@ -119,7 +119,9 @@ const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Han
   [
     'PUT',
     '/network-interfaces/:iface_id',
-    preBoot((vmm, body, p) => vmm.apply(r.parseNetworkInterface(p.iface_id ?? '', body))),
+    preBoot((vmm, body, p) =>
+      vmm.setNetworkInterface(r.parseNetworkInterface(p.iface_id ?? '', body), p.iface_id ?? ''),
+    ),
   ],
   [
     'PATCH',

@@ -18,6 +18,7 @@ import { createLinuxVm, DROPPED_BOOT_ARGS, type LinuxVm } from '../boot/linux.js
 import { KilnError } from '../errors.js';
 import { ConfigError, parseVmConfig, type VmConfig } from '../config/vm-config.js';
 import { balloonControl, blkControl, openDisk } from '../platform/virtio.js';
+import { openTap } from '../virtio/net.js';
 import { KERNEL_HEADER_BYTES, kernelFormatOf } from '../boot/loader.js';
 import type { BalloonControl } from '../virtio/balloon.js';
 import type { VmResult } from '../vm.js';
@@ -245,6 +246,28 @@ export class Vmm {
   /** Applies a change to the configuration, or throws its fault and changes nothing. */
   apply(change: ConfigChange): void {
     this.config = this.check(change);
+  }
+
+  /**
+   * PUT /network-interfaces: the TAP is opened now, as Firecracker opens it at the PUT, so
+   * a name the host refuses (busy, no permission, not a TAP) is a 400 here; it is closed
+   * again (a TAP nobody made persistent goes with it) and opened for good at the start.
+   */
+  setNetworkInterface(change: ConfigChange, id: string): void {
+    const next = this.check(change);
+    const tap = next.nets.find((n) => n.id === id)?.tap;
+    if (tap !== undefined) {
+      let fd: number;
+      try {
+        fd = openTap(tap);
+      } catch (err) {
+        if (err instanceof KilnError)
+          throw new ApiError(`Could not create the network device: Open tap device failed: ${err.message}`);
+        throw err;
+      }
+      closeSync(fd);
+    }
+    this.config = next;
   }
 
   /**

@@ -3,7 +3,7 @@
 // the status code must be one the operation declares, and the body must match its schema.
 // Every error path is a 400 with a fault_message, and leaves the definition unchanged.
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { request, type Server } from 'node:http';
 import { createConnection } from 'node:net';
@@ -15,7 +15,8 @@ import { parse } from 'yaml';
 import { listenApi, MAX_BODY_BYTES } from '../../src/api/server.js';
 import { Vmm } from '../../src/api/vmm.js';
 import * as libc from '../../src/kvm/libc.js';
-import { tempDir } from '../helpers.js';
+import { privateNetns, tempDir } from '../helpers.js';
+import { openTap } from '../../src/virtio/net.js';
 
 interface Spec {
   paths: Record<string, Record<string, { responses: Record<string, { schema?: unknown }> }>>;
@@ -107,6 +108,8 @@ const faultOf = (r: { body: unknown }) => (r.body as { fault_message: string }).
 
 describe('the Firecracker API', () => {
   const dir = tempDir();
+  // PUT /network-interfaces opens its TAP: in a namespace of this test's own.
+  const tapSkip = privateNetns();
   // What PUT /boot-source opens and checks: an ELF vmlinux's header is enough for it.
   const kernel = join(dir, 'vmlinux');
   writeFileSync(kernel, Buffer.concat([Buffer.from([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1]), Buffer.alloc(1024)]));
@@ -143,7 +146,7 @@ describe('the Firecracker API', () => {
     });
   });
 
-  test('every pre-boot resource is accepted with 204 and shows in GET /vm/config', async () => {
+  test('every pre-boot resource is accepted with 204 and shows in GET /vm/config', { skip: tapSkip }, async () => {
     const disk = join(dir, 'disk.img');
     writeFileSync(disk, Buffer.alloc(4096));
     for (const [path, body] of [
@@ -246,7 +249,7 @@ describe('the Firecracker API', () => {
     assert.equal((await call('PATCH', '/machine-config', { vcpu_count: was.vcpu_count, smt: false })).status, 204);
   });
 
-  test('bad requests are 400 with a fault message, and change nothing', async () => {
+  test('bad requests are 400 with a fault message, and change nothing', { skip: tapSkip }, async () => {
     const disk0 = join(dir, 'disk.img');
     const fifo = join(dir, 'fifo');
     execFileSync('mkfifo', [fifo]);
@@ -458,6 +461,35 @@ describe('the Firecracker API', () => {
       'no failed request changed the definition',
     );
   });
+
+  test(
+    'PUT /network-interfaces opens the TAP then, as Firecracker does: one the host refuses is a 400 and changes nothing',
+    { skip: tapSkip },
+    async () => {
+      const before = JSON.stringify(vmm.config);
+      // A TAP another process holds (single-queue: one opener at a time).
+      const held = openTap('kiln-busy0');
+      try {
+        const busy = await call('PUT', '/network-interfaces/eth7', { iface_id: 'eth7', host_dev_name: 'kiln-busy0' });
+        assert.equal(busy.status, 400);
+        assert.match(
+          faultOf(busy),
+          /^Could not create the network device: Open tap device failed: cannot attach to TAP 'kiln-busy0': EBUSY/,
+        );
+      } finally {
+        closeSync(held);
+      }
+      // An interface that is not a TAP.
+      const notTap = await call('PUT', '/network-interfaces/eth7', { iface_id: 'eth7', host_dev_name: 'lo' });
+      assert.equal(notTap.status, 400);
+      assert.match(faultOf(notTap), /Open tap device failed: cannot attach to TAP 'lo'/);
+      assert.equal(JSON.stringify(vmm.config), before, 'nothing changed');
+      // A free name: accepted; the TAP made to check it does not outlive the check.
+      const ok = await call('PUT', '/network-interfaces/eth7', { iface_id: 'eth7', host_dev_name: 'kiln-free0' });
+      assert.equal(ok.status, 204);
+      assert.equal(spawnSync('ip', ['link', 'show', 'kiln-free0']).status !== 0, true, 'no TAP left behind');
+    },
+  );
 
   test('HTTP-level errors (unknown method, malformed request line, oversized headers) are 400 with a fault message too', async () => {
     const raw = (text: string) =>

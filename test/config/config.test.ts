@@ -17,7 +17,7 @@ import { configFromFlags, parseDiskFlag, parseMiBFlag, parseNetFlag, parseVsockF
 import { bootOrder, ConfigError, MAX_VCPUS, parseVmConfig } from '../../src/config/vm-config.js';
 import { parseDefinition } from '../../src/manager/definition.js';
 import { Store } from '../../src/manager/store.js';
-import { tempDir } from '../helpers.js';
+import { privateNetns, tempDir } from '../helpers.js';
 
 const CLI = fileURLToPath(new URL('../../src/cli.js', import.meta.url));
 
@@ -288,6 +288,8 @@ describe('every front end gives the same answer for the same bad configuration',
   let server: Server;
   let vmm: Vmm;
   const socketPath = join(dir, 'api.sock');
+  // PUT /network-interfaces opens its TAP: in a namespace of this test's own.
+  const tapSkip = privateNetns();
   before(async () => {
     vmm = new Vmm('bad_config', -1, () => undefined);
     server = await listenApi(socketPath, vmm);
@@ -295,7 +297,7 @@ describe('every front end gives the same answer for the same bad configuration',
   after(() => new Promise<void>((r) => server.close(() => r())));
 
   for (const c of BAD) {
-    test(c.answer, async () => {
+    test(c.answer, async (t) => {
       // kiln run: a usage error (2) before any VM exists.
       const run = spawnSync(process.execPath, [CLI, 'run', ...c.flags], {
         encoding: 'utf8',
@@ -331,7 +333,9 @@ describe('every front end gives the same answer for the same bad configuration',
       );
       assert.deepEqual(store.list().vms, []);
       // The Firecracker API: 400 with the same fault message, and nothing changed.
-      if (c.api) {
+      const opensTap = c.api?.slice(0, -1).some(([, path]) => path.startsWith('/network-interfaces/'));
+      if (c.api && opensTap && tapSkip) t.diagnostic(`the API's part skipped: ${tapSkip}`);
+      else if (c.api) {
         vmm.config = parseVmConfig({});
         const requests = [...c.api];
         const last = requests.pop()!;
