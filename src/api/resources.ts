@@ -39,7 +39,9 @@ type Kind =
   | { type: 'integer'; min?: number }
   | { type: 'enum'; values: readonly string[] }
   | { type: 'object' }
-  | { type: 'array' };
+  | { type: 'array' }
+  /** Checked by the caller (a number or its text, say). */
+  | { type: 'any' };
 type Fields = Readonly<Record<string, Kind & { required?: boolean }>>;
 
 const str = { type: 'string' } as const;
@@ -48,6 +50,7 @@ const int = { type: 'integer' } as const;
 const oneOf = (...values: string[]) => ({ type: 'enum' as const, values });
 const obj = { type: 'object' } as const;
 const arr = { type: 'array' } as const;
+const any = { type: 'any' } as const;
 const req = <K extends Kind>(k: K) => ({ ...k, required: true });
 
 function describe(value: unknown): string {
@@ -90,6 +93,8 @@ function check(resource: string, body: unknown, fields: Fields): Record<string, 
         break;
       case 'array':
         if (!Array.isArray(value)) throw bad('an array');
+        break;
+      case 'any':
         break;
     }
   }
@@ -294,6 +299,74 @@ export function parseVsock(body: unknown): ConfigChange {
   const r = check('vsock', body, { guest_cid: req(int), uds_path: req(str), vsock_id: str });
   return (input) => {
     input.vsock = { guestCid: r.guest_cid, uds: r.uds_path, ...(r.vsock_id !== undefined ? { id: r.vsock_id } : {}) };
+  };
+}
+
+/** A leaf, subleaf or flags number of a custom CPU template: a number, or text in decimal or 0x hex. */
+function templateNumber(where: string, value: unknown, max: number): number {
+  const n =
+    typeof value === 'number'
+      ? value
+      : typeof value === 'string' && /^(0x[0-9a-f]+|\d+)$/i.test(value)
+        ? Number(value)
+        : NaN;
+  if (!Number.isSafeInteger(n) || n < 0 || n > max)
+    throw new ApiError(
+      `cpu-config: ${where} must be a number from 0 to ${max} (decimal or 0x hex), not ${describe(value)}`,
+    );
+  return n;
+}
+
+/**
+ * PUT /cpu-config: Firecracker's custom CPU template. Its `cpuid_modifiers` (leaf,
+ * subleaf, flags, and per register a 32-bit `bitmap` "0b" + 0/1/x, most significant bit
+ * first, x keeping what the template left) become forced CPUID bits; MSR modifiers and
+ * KVM capability changes are refused as not supported.
+ */
+export function parseCpuConfig(body: unknown): ConfigChange {
+  const r = check('cpu-config', body, {
+    kvm_capabilities: arr,
+    cpuid_modifiers: arr,
+    msr_modifiers: arr,
+    vcpu_features: arr,
+    reg_modifiers: arr,
+  });
+  for (const k of ['kvm_capabilities', 'msr_modifiers', 'vcpu_features', 'reg_modifiers'] as const)
+    if (Array.isArray(r[k]) && (r[k] as unknown[]).length > 0)
+      throw new ApiError(`cpu-config: ${k} are not supported by Kiln (cpuid_modifiers are)`);
+  const modifiers: Array<Record<string, unknown>> = [];
+  ((r.cpuid_modifiers as unknown[] | undefined) ?? []).forEach((entry, i) => {
+    const e = check(`cpu-config: cpuid_modifiers[${i}]`, entry, {
+      leaf: req(any),
+      subleaf: any,
+      flags: int,
+      modifiers: req(arr),
+    });
+    const leaf = templateNumber(`cpuid_modifiers[${i}].leaf`, e.leaf, 0xffff_ffff);
+    const subleaf =
+      e.subleaf === undefined ? 0 : templateNumber(`cpuid_modifiers[${i}].subleaf`, e.subleaf, 0xffff_ffff);
+    const flags = templateNumber(`cpuid_modifiers[${i}].flags`, e.flags ?? 0, 7);
+    (e.modifiers as unknown[]).forEach((mod, j) => {
+      const where = `cpuid_modifiers[${i}].modifiers[${j}]`;
+      const m = check(`cpu-config: ${where}`, mod, {
+        register: req(oneOf('eax', 'ebx', 'ecx', 'edx')),
+        bitmap: req(str),
+      });
+      const bits = /^0b([01x_]+)$/.exec(m.bitmap as string)?.[1]?.replace(/_/g, '');
+      if (bits === undefined || bits.length !== 32)
+        throw new ApiError(`cpu-config: ${where}.bitmap must be '0b' and 32 of 0, 1 or x, not '${String(m.bitmap)}'`);
+      let mask = 0;
+      let value = 0;
+      for (const [k, c] of [...bits].entries()) {
+        const bit = 31 - k;
+        if (c !== 'x') mask |= 1 << bit;
+        if (c === '1') value |= 1 << bit;
+      }
+      modifiers.push({ leaf, subleaf, flags, register: m.register, mask: mask >>> 0, value: value >>> 0 });
+    });
+  });
+  return (input) => {
+    input.cpuidModifiers = modifiers;
   };
 }
 

@@ -209,7 +209,7 @@ const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Han
       else vmm.resume();
     },
   ],
-  ['PUT', '/cpu-config', notYet('Custom CPU templates (/cpu-config)')],
+  ['PUT', '/cpu-config', preBoot((vmm, body) => vmm.apply(r.parseCpuConfig(body)))],
   ['PUT', '/mmds', (vmm, body) => vmm.mmdsWrite(() => vmm.mmds.put(body))],
   ['PATCH', '/mmds', (vmm, body) => vmm.mmdsWrite(() => vmm.mmds.patch(body))],
   ['GET', '/mmds', (vmm) => vmm.mmds.get()],

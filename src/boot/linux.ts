@@ -7,7 +7,7 @@ import { buildAcpiTables, MAX_MADT_VCPUS } from '../acpi/tables.js';
 import { isSoftwareKvm, planSyscallFix, type CompatConfig } from '../compat/pvm.js';
 import { supportedCpuid } from '../cpu/cpuid.js';
 import { configureVcpu, setBootRegisters } from '../cpu/setup.js';
-import { applyTemplate, cpuTemplate, type CpuTemplate } from '../cpu/templates.js';
+import { applyCpuidModifiers, applyTemplate, cpuTemplate, type CpuTemplate } from '../cpu/templates.js';
 import type { DeviceSpec } from '../devices/catalogue.js';
 import { irqLineSetter } from '../devices/irq.js';
 import { SerialHost } from '../devices/serial.js';
@@ -201,7 +201,10 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime, from?: 
       });
     const virtio = attachVirtio(vm, attachPciHost(vm), config, disks, nets, runtime.mmdsStore ?? null);
 
-    const cpuid = applyTemplate(supportedCpuid(vm.kvmSystem), template);
+    const cpuid = applyCpuidModifiers(
+      applyTemplate(supportedCpuid(vm.kvmSystem), template),
+      config.cpuidModifiers ?? [],
+    );
     const refused = new Set<number>();
     vm.vcpus.forEach((vcpu, i) =>
       configureVcpu(vcpu, i, config.cpus, cpuid, true, config.smt ? 2 : 1).forEach((msr) => refused.add(msr)),

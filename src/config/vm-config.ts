@@ -201,6 +201,20 @@ export const BalloonSchema = strict({
   freePageReporting: v.optional(flag(), false),
 });
 
+/**
+ * One CPUID register's forced bits (Firecracker's custom CPU templates, PUT /cpu-config):
+ * where `mask` has a 1 the guest sees `value`'s bit, elsewhere what the template left.
+ */
+const CpuidModifierSchema = strict({
+  leaf: whole(0, 0xffff_ffff),
+  subleaf: v.optional(whole(0, 0xffff_ffff), 0),
+  /** KVM_CPUID_FLAG_SIGNIFCANT_INDEX (1): the subleaf must match too. */
+  flags: v.optional(whole(0, 7), 0),
+  register: oneOf(['eax', 'ebx', 'ecx', 'edx'] as const),
+  mask: whole(0, 0xffff_ffff),
+  value: whole(0, 0xffff_ffff),
+});
+
 /** The fields of a VM, shared by VmConfig and the manager's definitions. */
 export const VM_ENTRIES = {
   /** A Linux kernel (ELF vmlinux or bzImage); none means the guest kit's minimal Linux. */
@@ -212,6 +226,8 @@ export const VM_ENTRIES = {
   memoryMiB: v.optional(whole(MIN_MEMORY_MIB, MAX_MEMORY_MIB), DEFAULTS.memoryMiB),
   /** host, pvm or baseline (src/cpu/templates.ts); default: pvm on software KVM, host elsewhere. */
   cpuTemplate: v.optional(oneOf(['host', 'pvm', 'baseline'] as const)),
+  /** CPUID bits forced on top of the template (Firecracker's custom CPU template's cpuid_modifiers). */
+  cpuidModifiers: v.optional(v.array(CpuidModifierSchema, ({ input }) => `must be a list (got ${describe(input)})`)),
   /** Huge pages for guest memory (Firecracker's huge_pages): None, Transparent (madvise), or 2M from the host's hugetlb pool. */
   hugePages: v.optional(oneOf(['None', 'Transparent', '2M'] as const)),
   /**

@@ -115,3 +115,34 @@ export function applyTemplate(entries: readonly CpuidEntry[], t: CpuTemplate): C
   }
   return out;
 }
+
+/** One register's forced bits (VmConfig's cpuidModifiers, from PUT /cpu-config). */
+export interface CpuidModifier {
+  readonly leaf: number;
+  readonly subleaf: number;
+  /** 1: the subleaf must match (KVM_CPUID_FLAG_SIGNIFCANT_INDEX); 0: every entry of the leaf. */
+  readonly flags: number;
+  readonly register: CpuidRegister;
+  readonly mask: number;
+  readonly value: number;
+}
+
+const hex = (n: number) => `0x${n.toString(16)}`;
+
+/**
+ * Forces the modifiers' bits in a CPUID table (a copy), as Firecracker's custom templates
+ * do; a leaf (or leaf and subleaf) the table lacks is an error: the bits would not reach
+ * the guest.
+ */
+export function applyCpuidModifiers(entries: readonly CpuidEntry[], modifiers: readonly CpuidModifier[]): CpuidEntry[] {
+  const out = entries.map((e) => ({ ...e }));
+  for (const m of modifiers) {
+    const matches = out.filter((e) => e.function === m.leaf && (!(m.flags & 1) || e.index === m.subleaf));
+    if (matches.length === 0)
+      throw new KilnError(
+        `the CPU template changes CPUID leaf ${hex(m.leaf)}${m.flags & 1 ? ` subleaf ${hex(m.subleaf)}` : ''}, which this host's KVM does not offer`,
+      );
+    for (const e of matches) e[m.register] = ((e[m.register] & ~m.mask) | (m.value & m.mask)) >>> 0;
+  }
+  return out;
+}

@@ -383,7 +383,7 @@ describe('the Firecracker API', () => {
         /must be a link-local IPv4 address/,
       ],
       ['PUT', '/mmds/config', { network_interfaces: [] }, /must name at least one network interface/],
-      ['PUT', '/cpu-config', {}, /not supported by Kiln yet/],
+      ['PUT', '/cpu-config', { msr_modifiers: [{}] }, /msr_modifiers are not supported by Kiln/],
       ['PUT', '/serial', { serial_out_path: dir }, /^Cannot open the serial output file .*: EISDIR$/],
       [
         'PUT',
@@ -490,6 +490,48 @@ describe('the Firecracker API', () => {
       assert.equal(spawnSync('ip', ['link', 'show', 'kiln-free0']).status !== 0, true, 'no TAP left behind');
     },
   );
+
+  test("PUT /cpu-config takes a custom CPU template's cpuid_modifiers; bad bitmaps and MSR modifiers are 400", async () => {
+    const before = structuredClone(vmm.config.cpuidModifiers);
+    const bad = async (body: unknown, fault: RegExp) => {
+      const r = await call('PUT', '/cpu-config', body);
+      assert.equal(r.status, 400);
+      assert.match(faultOf(r), fault);
+      assert.deepEqual(vmm.config.cpuidModifiers, before, 'nothing changed');
+    };
+    await bad(
+      { cpuid_modifiers: [{ leaf: '0x1', modifiers: [{ register: 'ecx', bitmap: '0b101' }] }] },
+      /bitmap must be '0b' and 32 of 0, 1 or x/,
+    );
+    await bad({ cpuid_modifiers: [{ leaf: 'one', modifiers: [] }] }, /leaf must be a number/);
+    await bad(
+      { cpuid_modifiers: [{ leaf: 1, modifiers: [{ register: 'esp', bitmap: `0b${'x'.repeat(32)}` }] }] },
+      /register/,
+    );
+    await bad(
+      { msr_modifiers: [{ addr: '0x10a', bitmap: `0b${'0'.repeat(64)}` }] },
+      /msr_modifiers are not supported by Kiln/,
+    );
+    await bad({ cpuid_templates: [] }, /unknown field `cpuid_templates`/);
+    const ok = await call('PUT', '/cpu-config', {
+      kvm_capabilities: [],
+      cpuid_modifiers: [
+        {
+          leaf: '0x1',
+          subleaf: '0x0',
+          flags: 0,
+          // ECX bit 31 on, bit 23 off; the rest kept (x), written with Firecracker's underscores.
+          modifiers: [{ register: 'ecx', bitmap: '0b1xxx_xxxx_0xxx_xxxx_xxxx_xxxx_xxxx_xxxx' }],
+        },
+        { leaf: 7, subleaf: 1, flags: 1, modifiers: [{ register: 'eax', bitmap: `0b${'0'.repeat(32)}` }] },
+      ],
+    });
+    assert.equal(ok.status, 204, JSON.stringify(ok.body));
+    assert.deepEqual(vmm.config.cpuidModifiers, [
+      { leaf: 1, subleaf: 0, flags: 0, register: 'ecx', mask: 0x8080_0000, value: 0x8000_0000 },
+      { leaf: 7, subleaf: 1, flags: 1, register: 'eax', mask: 0xffff_ffff, value: 0 },
+    ]);
+  });
 
   test('HTTP-level errors (unknown method, malformed request line, oversized headers) are 400 with a fault message too', async () => {
     const raw = (text: string) =>

@@ -1,7 +1,14 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { CPUID1_ECX_HYPERVISOR, vcpuCpuid, type CpuidEntry } from '../../src/cpu/cpuid.js';
-import { applyTemplate, cpuTemplate, CPU_TEMPLATES, FEATURES, KVM_CPUID_FEATURES } from '../../src/cpu/templates.js';
+import {
+  applyCpuidModifiers,
+  applyTemplate,
+  cpuTemplate,
+  CPU_TEMPLATES,
+  FEATURES,
+  KVM_CPUID_FEATURES,
+} from '../../src/cpu/templates.js';
 
 const base: CpuidEntry[] = [
   { function: 0, index: 0, flags: 0, eax: 0xd, ebx: 0x68747541, ecx: 0x444d4163, edx: 0x69746e65 },
@@ -89,4 +96,27 @@ test('with SMT on, CPUID shows two threads per core: leaf 0xB level 0 has one bi
   // One vCPU has no sibling, whatever SMT says.
   const one = vcpuCpuid(base, 0, 1, 2).find((e) => e.function === 0xb && e.index === 0)!;
   assert.deepEqual([one.eax, one.ebx], [0, 1]);
+});
+
+test("a custom CPU template's modifiers force their bits and leave the rest; a leaf KVM lacks is refused", () => {
+  const table: CpuidEntry[] = [
+    { function: 1, index: 0, flags: 0, eax: 0x000806f8, ebx: 0, ecx: 0xfffa3203, edx: 0x0f8bfbff },
+    { function: 7, index: 0, flags: 1, eax: 0, ebx: 0xf1bf07ab, ecx: 0, edx: 0 },
+    { function: 7, index: 1, flags: 1, eax: 0x1c30, ebx: 0, ecx: 0, edx: 0 },
+  ];
+  const out = applyCpuidModifiers(table, [
+    // Leaf 1 ECX: bit 31 (hypervisor) forced on, bit 23 (POPCNT) off, the rest as they were.
+    { leaf: 1, subleaf: 0, flags: 0, register: 'ecx', mask: 0x8080_0000, value: 0x8000_0000 },
+    // Leaf 7 subleaf 1 only (significant index): EAX cleared.
+    { leaf: 7, subleaf: 1, flags: 1, register: 'eax', mask: 0xffff_ffff, value: 0 },
+  ]);
+  assert.equal(out[0]!.ecx, ((0xfffa3203 | 0x8000_0000) & ~0x0080_0000) >>> 0);
+  assert.equal(out[0]!.edx, 0x0f8bfbff, 'another register untouched');
+  assert.equal(out[1]!.ebx, 0xf1bf07ab, 'subleaf 0 untouched');
+  assert.equal(out[2]!.eax, 0);
+  assert.equal(table[2]!.eax, 0x1c30, 'the input table is not changed');
+  assert.throws(
+    () => applyCpuidModifiers(table, [{ leaf: 0x8000_0008, subleaf: 0, flags: 0, register: 'eax', mask: 1, value: 1 }]),
+    /CPUID leaf 0x80000008, which this host's KVM does not offer/,
+  );
 });
