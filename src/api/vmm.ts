@@ -834,6 +834,12 @@ export class Vmm {
     const sum = (group: Record<string, number>, name: string, n: number) => (group[name] = (group[name] ?? 0) + n);
     for (const [key, counters] of this.live?.virtio.counters ?? []) {
       const [kind, id] = key.split(':') as [string, string];
+      if (kind === 'vsock') {
+        groups.vsock = Object.fromEntries(
+          Object.entries(counters.read()).map(([name, total]) => [name, this.deltas.delta(`vsock.${name}`, total)]),
+        );
+        continue;
+      }
       const own: Record<string, number> = {};
       for (const [name, total] of Object.entries(counters.read())) {
         const d = this.deltas.delta(`${key}.${name}`, total);
@@ -881,7 +887,7 @@ export class Vmm {
       if (key.startsWith('drive:')) {
         out.block.readBytes += c.read_bytes ?? 0;
         out.block.writeBytes += c.write_bytes ?? 0;
-      } else {
+      } else if (key.startsWith('net:')) {
         out.net.rxBytes += c.rx_bytes_count ?? 0;
         out.net.txBytes += c.tx_bytes_count ?? 0;
       }

@@ -6,7 +6,7 @@ import { requireKind } from '../special-files.js';
 import type { VmConfig } from '../config/vm-config.js';
 import { MmdsStore } from '../mmds/store.js';
 import { RateLimiterCells, type RateLimiterConfig } from '../virtio/rate-limiter.js';
-import { BLK_COUNTERS, DeviceCounters, NET_COUNTERS } from '../virtio/counters.js';
+import { BLK_COUNTERS, DeviceCounters, NET_COUNTERS, VSOCK_COUNTERS } from '../virtio/counters.js';
 import { KilnError } from '../errors.js';
 import type { DeviceSpec } from '../devices/catalogue.js';
 import * as libc from '../kvm/libc.js';
@@ -59,7 +59,7 @@ export interface AttachedVirtio {
    * metrics read their throttled counts).
    */
   readonly limiters: ReadonlyMap<string, RateLimiterCells>;
-  /** Every disk's and NIC's metrics counters, by `drive:ID` and `net:ID`. */
+  /** Every disk's and NIC's metrics counters, by `drive:ID` and `net:ID`, and the vsock device's (`vsock`). */
   readonly counters: ReadonlyMap<string, DeviceCounters<string>>;
 }
 
@@ -248,7 +248,7 @@ export function attachVirtio(
   if (config.vsock) {
     const { fd, options } = listenVsock(config.vsock.uds, config.vsock.guestCid);
     vm.adoptFd(fd);
-    add('vsock', { kind: 'vsock', options });
+    add('vsock', { kind: 'vsock', options: { ...options, counters: counted('vsock', VSOCK_COUNTERS) } });
   }
   if (config.consoleSocket) {
     const fd = listenConsole(config.consoleSocket);

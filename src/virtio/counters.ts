@@ -14,6 +14,17 @@ export const NET_COUNTERS = [
   'mmds_tx_frames',
 ] as const;
 
+/** virtio-vsock's counters (Firecracker's vsock metrics' names; rx is toward the guest). */
+export const VSOCK_COUNTERS = [
+  'rx_packets_count',
+  'rx_bytes_count',
+  'tx_packets_count',
+  'tx_bytes_count',
+  'conns_added',
+  'conns_removed',
+  'conns_killed',
+] as const;
+
 export class DeviceCounters<N extends string> {
   readonly shared: SharedArrayBuffer;
   private readonly values: Float64Array;

@@ -11,6 +11,7 @@
 import { KilnError } from '../errors.js';
 import * as libc from '../kvm/libc.js';
 import type { VirtioBackend, VirtioDeviceType, VirtioQueues } from './device.js';
+import { DeviceCounters, VSOCK_COUNTERS } from './counters.js';
 
 export const VSOCK_HOST_CID = 2;
 export const VSOCK_CONFIG = { guestCid: 0, bytes: 8 } as const;
@@ -62,6 +63,8 @@ export interface VsockOptions {
   readonly listenFd: number;
   readonly udsPath: string;
   readonly guestCid: number;
+  /** Where the I/O thread counts packets, bytes and connections for the metrics (counters.ts). */
+  readonly counters?: SharedArrayBuffer;
 }
 
 export const vsockType: VirtioDeviceType<VsockOptions> = {
@@ -131,11 +134,13 @@ export class VsockBackend implements VirtioBackend {
   private readonly hdr = Buffer.alloc(VSOCK_HDR.bytes);
   private readonly data = Buffer.alloc(64 * 1024);
   readonly pollFds;
+  private readonly counters: DeviceCounters<(typeof VSOCK_COUNTERS)[number]> | null;
 
   constructor(
     private readonly rt: VirtioQueues,
     options: VsockOptions,
   ) {
+    this.counters = options.counters ? new DeviceCounters(VSOCK_COUNTERS, options.counters) : null;
     this.listenFd = options.listenFd;
     this.udsPath = options.udsPath;
     this.guestCid = options.guestCid;
@@ -147,13 +152,14 @@ export class VsockBackend implements VirtioBackend {
   }
 
   private track(conn: Connection): void {
+    this.counters?.add('conns_added');
     this.conns.set(this.key(conn.localPort, conn.peerPort), conn);
     this.byFd.set(conn.fd, conn);
     this.rt.watchFd(conn.fd, () => this.hostReadable(conn));
   }
 
   private drop(conn: Connection): void {
-    this.conns.delete(this.key(conn.localPort, conn.peerPort));
+    if (this.conns.delete(this.key(conn.localPort, conn.peerPort))) this.counters?.add('conns_removed');
     this.byFd.delete(conn.fd);
     this.rt.unwatchFd(conn.fd);
     libc.close(conn.fd);
@@ -250,6 +256,8 @@ export class VsockBackend implements VirtioBackend {
     const dstPort = h.readUInt32LE(VSOCK_HDR.dstPort);
     const op = h.readUInt16LE(VSOCK_HDR.op);
     if (h.readUInt16LE(VSOCK_HDR.type) !== VIRTIO_VSOCK_TYPE_STREAM || dstCid !== VSOCK_HOST_CID) return;
+    this.counters?.add('tx_packets_count');
+    if (op === VIRTIO_VSOCK_OP.RW) this.counters?.add('tx_bytes_count', payloadBytes);
     let conn = this.conns.get(this.key(dstPort, srcPort));
     if (conn) {
       conn.peerBufAlloc = h.readUInt32LE(VSOCK_HDR.bufAlloc);
@@ -361,6 +369,7 @@ export class VsockBackend implements VirtioBackend {
   }
 
   private fail(conn: Connection): void {
+    this.counters?.add('conns_killed');
     this.queueControl(conn, VIRTIO_VSOCK_OP.RST);
     if (this.byFd.has(conn.fd)) this.drop(conn);
   }
@@ -439,6 +448,8 @@ export class VsockBackend implements VirtioBackend {
       chain.writeFrom(this.rt.mem, 0, this.hdr, VSOCK_HDR.bytes) +
       chain.writeFrom(this.rt.mem, VSOCK_HDR.bytes, this.data, payload);
     queue.push(chain.head, at);
+    this.counters?.add('rx_packets_count');
+    this.counters?.add('rx_bytes_count', payload);
     return true;
   }
 

@@ -19,6 +19,7 @@ import {
 import { bindType } from '../../src/virtio/device.js';
 import { tempDir } from '../helpers.js';
 import { FakeDevice } from './fake-driver.js';
+import { DeviceCounters, VSOCK_COUNTERS } from '../../src/virtio/counters.js';
 
 const RX = 0;
 const TX = 1;
@@ -54,7 +55,8 @@ function setup() {
   const uds = join(dir, 'v.sock');
   const peerListen = hostListener(`${uds}_${HOST_PORT}`);
   const { options } = listenVsock(uds, GUEST_CID);
-  const dev = new FakeDevice({ kind: 'vsock', options });
+  const counters = new DeviceCounters(VSOCK_COUNTERS);
+  const dev = new FakeDevice({ kind: 'vsock', options: { ...options, counters: counters.shared } });
   after(() => {
     dev.close();
     libc.close(peerListen);
@@ -73,14 +75,16 @@ function setup() {
     dev.offer(TX, [{ read: header(op, payload.length) }, ...(payload.length ? [{ read: payload }] : [])]);
     dev.notify(TX);
   };
-  return { dev, peerListen, rxOps, giveRx, send };
+  return { dev, peerListen, rxOps, giveRx, send, counters };
 }
 
 test('a peer that stops reading: the data waits, the socket is watched for room, credit stops the guest, and all of it arrives in order later', () => {
-  const { dev, peerListen, rxOps, giveRx, send } = setup();
+  const { dev, peerListen, rxOps, giveRx, send, counters } = setup();
+  let toGuest = 0;
+  const count = <T>(ops: T[]) => ((toGuest += ops.length), ops);
   giveRx(32);
   send(VIRTIO_VSOCK_OP.REQUEST);
-  const response = rxOps();
+  const response = count(rxOps());
   assert.deepEqual(
     response.map((r) => r.op),
     [VIRTIO_VSOCK_OP.RESPONSE],
@@ -94,7 +98,7 @@ test('a peer that stops reading: the data waits, the socket is watched for room,
     const payload = Buffer.alloc(chunk, (off / chunk) & 0xff);
     sent.push(payload);
     send(VIRTIO_VSOCK_OP.RW, payload);
-    for (const r of rxOps()) fwdCnt = Math.max(fwdCnt, r.fwdCnt);
+    for (const r of count(rxOps())) fwdCnt = Math.max(fwdCnt, r.fwdCnt);
   }
   const connFd = dev.watchedFds().find((fd) => dev.interestIn(fd)?.write);
   assert.ok(connFd !== undefined, 'the host socket is watched for room to write');
@@ -115,17 +119,24 @@ test('a peer that stops reading: the data waits, the socket is watched for room,
       got.push(Buffer.from(buf.subarray(0, n)));
     }
     dev.poll(10);
-    updates.push(...rxOps().map((r) => r.fwdCnt));
+    updates.push(...count(rxOps()).map((r) => r.fwdCnt));
   }
   assert.ok(Buffer.concat(got).equals(Buffer.concat(sent)), 'every byte arrived, in order');
   assert.equal(dev.interestIn(connFd)?.write, false, 'no longer watched for room');
   giveRx(4);
-  updates.push(...rxOps().map((r) => r.fwdCnt));
+  updates.push(...count(rxOps()).map((r) => r.fwdCnt));
   assert.equal(Math.max(...updates), total, 'the guest gets all its credit back');
+  // The metrics' counters: what went each way, one connection added and none killed.
+  const c = counters.read();
+  assert.equal(c.tx_bytes_count, total);
+  assert.equal(c.tx_packets_count, sent.length + 1, 'the request and every RW packet');
+  assert.equal(c.rx_packets_count, toGuest, 'every packet the guest received');
+  assert.equal(c.rx_bytes_count, 0, 'the host sent no data');
+  assert.deepEqual([c.conns_added, c.conns_killed, c.conns_removed], [1, 0, 0]);
 });
 
 test('a guest that sends past its credit to a peer that does not read gets a reset; the VMM keeps at most one buffer of it', () => {
-  const { dev, rxOps, giveRx, send } = setup();
+  const { dev, rxOps, giveRx, send, counters } = setup();
   giveRx(64);
   send(VIRTIO_VSOCK_OP.REQUEST);
   assert.equal(rxOps()[0]?.op, VIRTIO_VSOCK_OP.RESPONSE);
@@ -137,6 +148,7 @@ test('a guest that sends past its credit to a peer that does not read gets a res
     ops.push(...rxOps().map((r) => r.op));
   }
   assert.ok(ops.includes(VIRTIO_VSOCK_OP.RST), 'the connection was reset');
+  assert.deepEqual([counters.read().conns_killed, counters.read().conns_removed], [1, 1], 'counted as killed');
   assert.deepEqual(dev.watchedFds().length, 1, "only the device's listening socket is still watched");
   assert.ok(process.memoryUsage().arrayBuffers - heapBefore < 8 << 20, 'no unbounded buffering');
 });
