@@ -834,9 +834,9 @@ export class Vmm {
     const sum = (group: Record<string, number>, name: string, n: number) => (group[name] = (group[name] ?? 0) + n);
     for (const [key, counters] of this.live?.virtio.counters ?? []) {
       const [kind, id] = key.split(':') as [string, string];
-      if (kind === 'vsock') {
-        groups.vsock = Object.fromEntries(
-          Object.entries(counters.read()).map(([name, total]) => [name, this.deltas.delta(`vsock.${name}`, total)]),
+      if (kind === 'vsock' || kind === 'balloon') {
+        groups[kind] = Object.fromEntries(
+          Object.entries(counters.read()).map(([name, total]) => [name, this.deltas.delta(`${kind}.${name}`, total)]),
         );
         continue;
       }

@@ -6,7 +6,7 @@ import { requireKind } from '../special-files.js';
 import type { VmConfig } from '../config/vm-config.js';
 import { MmdsStore } from '../mmds/store.js';
 import { RateLimiterCells, type RateLimiterConfig } from '../virtio/rate-limiter.js';
-import { BLK_COUNTERS, DeviceCounters, NET_COUNTERS, VSOCK_COUNTERS } from '../virtio/counters.js';
+import { BALLOON_COUNTERS, BLK_COUNTERS, DeviceCounters, NET_COUNTERS, VSOCK_COUNTERS } from '../virtio/counters.js';
 import { KilnError } from '../errors.js';
 import type { DeviceSpec } from '../devices/catalogue.js';
 import * as libc from '../kvm/libc.js';
@@ -59,7 +59,7 @@ export interface AttachedVirtio {
    * metrics read their throttled counts).
    */
   readonly limiters: ReadonlyMap<string, RateLimiterCells>;
-  /** Every disk's and NIC's metrics counters, by `drive:ID` and `net:ID`, and the vsock device's (`vsock`). */
+  /** Every disk's and NIC's metrics counters, by `drive:ID` and `net:ID`, and the vsock device's and the balloon's (`vsock`, `balloon`). */
   readonly counters: ReadonlyMap<string, DeviceCounters<string>>;
 }
 
@@ -242,6 +242,7 @@ export function attachVirtio(
         options: {
           targetPages: Math.floor((config.balloon.targetMiB * 1024 * 1024) / BALLOON_PAGE_BYTES),
           deflateOnOom: config.balloon.deflateOnOom,
+          counters: counted('balloon', BALLOON_COUNTERS),
         },
       })
     : null;

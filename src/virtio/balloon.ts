@@ -10,6 +10,7 @@ import { array, struct } from '../kvm/struct.js';
 import { MailboxLayout, type Mailbox } from './mailbox.js';
 import * as libc from '../kvm/libc.js';
 import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } from './device.js';
+import { BALLOON_COUNTERS, DeviceCounters } from './counters.js';
 
 export const VIRTIO_BALLOON_F_STATS_VQ = 1n;
 export const VIRTIO_BALLOON_F_DEFLATE_ON_OOM = 2n;
@@ -62,6 +63,8 @@ class BalloonShared {
 export interface BalloonOptions {
   readonly targetPages: number;
   readonly deflateOnOom: boolean;
+  /** Where the I/O thread counts the driver's buffers for the metrics (counters.ts). */
+  readonly counters?: SharedArrayBuffer;
 }
 
 export const balloonType: VirtioDeviceType<BalloonOptions> = {
@@ -90,10 +93,14 @@ export class BalloonBackend implements VirtioBackend {
   private heldStats = -1;
   readonly pollFds;
 
+  private readonly counters: DeviceCounters<(typeof BALLOON_COUNTERS)[number]> | null;
+
   constructor(
     private readonly rt: VirtioQueues,
     private readonly controlFd: number,
+    options: BalloonOptions,
   ) {
+    this.counters = options.counters ? new DeviceCounters(BALLOON_COUNTERS, options.counters) : null;
     this.shared = new BalloonShared(rt.state);
     this.pollFds = [{ fd: controlFd, ready: () => this.control() }];
   }
@@ -116,6 +123,9 @@ export class BalloonBackend implements VirtioBackend {
     const done = queue.drain(
       this.rt.chain,
       (chain) => {
+        this.counters?.add(
+          role === 'inflate' ? 'inflate_count' : role === 'deflate' ? 'deflate_count' : 'free_page_report_count',
+        );
         if (role === 'inflate') this.inflate();
         else if (role === 'reporting')
           for (let i = 0; i < chain.count; i++) this.drop(chain.region[i]!, chain.offset[i]!, chain.length[i]!);
@@ -207,6 +217,7 @@ export class BalloonBackend implements VirtioBackend {
       }
       // Published: the host reads the statistics once it sees the new count.
       Atomics.add(this.shared.updates, 0, 1);
+      this.counters?.add('stats_updates_count');
     }
     if (this.shared.statsRequest.pending) this.releaseStats(q);
   }

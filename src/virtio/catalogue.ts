@@ -44,7 +44,7 @@ export const VIRTIO_DEVICES: { readonly [K in VirtioKind]: VirtioEntry<K> } = {
   net: { type: netType, backend: (rt, o) => new NetBackend(rt, o) },
   console: { type: consoleType, backend: (rt, o) => new ConsoleBackend(rt, o) },
   rng: { type: rngType, backend: (rt, o) => new RngBackend(rt, o) },
-  balloon: { type: balloonType, backend: (rt, _o, t) => new BalloonBackend(rt, t.controlFd) },
+  balloon: { type: balloonType, backend: (rt, o, t) => new BalloonBackend(rt, t.controlFd, o) },
   vsock: { type: vsockType, backend: (rt, o) => new VsockBackend(rt, o) },
 };
 

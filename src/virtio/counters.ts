@@ -25,6 +25,14 @@ export const VSOCK_COUNTERS = [
   'conns_killed',
 ] as const;
 
+/** virtio-balloon's counters (Firecracker's balloon metrics' names): buffers the driver sent on each queue. */
+export const BALLOON_COUNTERS = [
+  'inflate_count',
+  'deflate_count',
+  'stats_updates_count',
+  'free_page_report_count',
+] as const;
+
 export class DeviceCounters<N extends string> {
   readonly shared: SharedArrayBuffer;
   private readonly values: Float64Array;
