@@ -44,3 +44,8 @@ export function vmmEnvironment(): NodeJS.ProcessEnv {
   delete env.NODE_EXTRA_CA_CERTS;
   return env;
 }
+
+/** Whether `host` (a name or an address, IPv6 with or without brackets) is this machine's loopback. */
+export function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || host === '[::1]' || host.startsWith('127.');
+}

@@ -26,13 +26,15 @@ import { definitionInput } from '../manager/create-input.js';
 import type { Manager } from '../manager/manager.js';
 import type { Peer } from '../manager/peer.js';
 import { checkName, type Store } from '../manager/store.js';
+import { readJson } from '../manager/json-body.js';
+import { isLoopback } from '../host.js';
 import { Sampler } from './stats.js';
 
 const COOKIE = 'kiln_session';
 const TOKEN_TTL_MS = 10 * 60_000;
 const SESSION_TTL_MS = 12 * 60 * 60_000;
 /** Live samples go out this often while somebody watches. */
-export const SAMPLE_EVERY_MS = 1000;
+const SAMPLE_EVERY_MS = 1000;
 /** The console's scroll-back sent before the live bytes. */
 const SCROLLBACK_BYTES = 64 * 1024;
 /** A console viewer this far behind stops the reading of its serial connection (the VMM then drops for it alone). */
@@ -41,7 +43,6 @@ const CONSOLE_HIGH_WATER = 1024 * 1024;
 const EVENTS_HIGH_WATER = 4 * 1024 * 1024;
 /** The largest message a page may send (a paste into the console). */
 const MAX_MESSAGE_BYTES = 64 * 1024;
-const MAX_BODY_BYTES = 1024 * 1024;
 
 const ASSET_DIR = fileURLToPath(new URL('../../dashboard/', import.meta.url));
 const ASSETS: Record<string, string> = {
@@ -73,9 +74,6 @@ export interface DashboardOptions {
   readonly log: (line: string) => void;
 }
 
-const LOOPBACK_NAMES = new Set(['localhost', '127.0.0.1', '::1', '[::1]']);
-
-export const isLoopback = (host: string) => LOOPBACK_NAMES.has(host) || /^127\./.test(host);
 const isWildcard = (host: string) => host === '0.0.0.0' || host === '::';
 
 /** Equal strings, compared in constant time. */
@@ -124,49 +122,6 @@ const SPENT_TOKEN = explain(
   'This link has expired or was used',
   'Each address <code>kiln dashboard</code> prints opens one session within 10 minutes. Run it again for a new one.',
 );
-
-function readBody(req: IncomingMessage): Promise<unknown> {
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = [];
-    let size = 0;
-    req.on('data', (c: Buffer) => {
-      size += c.length;
-      if (size > MAX_BODY_BYTES) {
-        reject(new KilnError('the request body is too large'));
-        req.destroy();
-      } else chunks.push(c);
-    });
-    req.on('end', () => {
-      try {
-        const text = Buffer.concat(chunks).toString('utf8');
-        resolve(text ? (JSON.parse(text) as unknown) : {});
-      } catch {
-        reject(new KilnError('the request body is not JSON'));
-      }
-    });
-    req.on('error', reject);
-  });
-}
-
-/** The create form's fields: `kiln create`'s flags, by the same names. */
-export interface CreateForm {
-  readonly name?: string;
-  readonly kernel?: string;
-  readonly initrd?: string;
-  readonly cmdline?: string;
-  readonly cpus?: string;
-  readonly memory?: string;
-  readonly disk?: readonly string[];
-  readonly net?: readonly string[];
-  readonly rng?: boolean;
-  readonly balloon?: string;
-  readonly cpuTemplate?: string;
-  readonly vsock?: string;
-  readonly consoleSocket?: string;
-  readonly cpuWeight?: string;
-  readonly cpuQuota?: string;
-  readonly pin?: string;
-}
 
 /**
  * The definition a create form describes, through the very code `kiln create` runs on its
@@ -424,7 +379,7 @@ export class Dashboard {
   /** POST /api/create (?check=1: only check): the form, as `kiln create` takes its flags. */
   private async create(req: IncomingMessage, res: ServerResponse, checkOnly: boolean): Promise<void> {
     try {
-      const input = formDefinition(await readBody(req));
+      const input = formDefinition(await readJson(req));
       if (checkOnly) {
         this.o.manager.check(input);
         return sendJson(res, 200, { ok: true });

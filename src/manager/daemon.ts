@@ -13,6 +13,8 @@ import { KilnError } from '../errors.js';
 import { Manager, PROGRESS_HEADER, PROGRESS_TYPE, ROTATE_EVERY_MS, unixHttp } from './manager.js';
 import { ConfigError } from '../config/vm-config.js';
 import { lockStateDir } from './lock.js';
+import { readJson } from './json-body.js';
+import { isLoopback } from '../host.js';
 import { AUTH_HEADER, Verifier, parsePeer, splice, type Peer } from './peer.js';
 import type { Dashboard } from '../dashboard/server.js';
 import { waitFor } from './wait.js';
@@ -29,25 +31,6 @@ function reply(res: ServerResponse, status: number, body: unknown): void {
   const text = JSON.stringify(body);
   res.writeHead(status, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(text) });
   res.end(text);
-}
-
-function readJson(req: IncomingMessage): Promise<unknown> {
-  return new Promise((resolve, reject) => {
-    let text = '';
-    req.setEncoding('utf8');
-    req.on('data', (c: string) => {
-      text += c;
-      if (text.length > 1 << 20) req.destroy(new Error('request body too large'));
-    });
-    req.on('end', () => {
-      try {
-        resolve(text ? (JSON.parse(text) as unknown) : {});
-      } catch (err) {
-        reject(new KilnError(`the request body is not JSON: ${(err as Error).message}`));
-      }
-    });
-    req.on('error', reject);
-  });
 }
 
 /** A group's id from /etc/group. */
@@ -165,7 +148,7 @@ async function listenForPeers(manager: Manager, listen: PeerListen, log: (line: 
     );
     server.listen(listen.address.port, listen.address.host, resolve);
   });
-  const loopback = /^(127\.|::1$|localhost$)/.test(listen.address.host);
+  const loopback = isLoopback(listen.address.host);
   log(
     `kiln daemon: taking migrations on ${listen.address.host}:${listen.address.port}${loopback ? '' : ' (NOT loopback: reachable from other hosts; requests must be signed with the token)'}`,
   );

@@ -22,6 +22,7 @@ import { decodeStateFile, encodeStateFile } from '../snapshot/format.js';
 import { DISK_CHUNK_BYTES, type BlkOptions } from '../virtio/blk.js';
 import { DiskSource, checkCopyTargets, diskBytes, diskOptions, syncDisks, writeChunk } from './disks.js';
 import { KILN_VERSION } from '../version.js';
+import { isLoopback } from '../host.js';
 import type { MachineState } from '../vm.js';
 import {
   FrameReader,
@@ -735,8 +736,4 @@ export class IncomingMigration {
   close(): void {
     this.closeServer();
   }
-}
-
-function isLoopback(host: string): boolean {
-  return host === 'localhost' || host === '::1' || host.startsWith('127.');
 }

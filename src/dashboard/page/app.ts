@@ -442,6 +442,17 @@ function vmView(name: string): HTMLElement {
   disposeView = consoleBox.dispose;
   const path = `/vms/${encodeURIComponent(name)}`;
 
+  /** Runs one request, saying so in the notice line: `label…`, then `done`'s text or the error; resolves to whether it worked. */
+  const run = async <T>(label: string, method: string, route: string, body: unknown, done: (r: T) => string) => {
+    notice(message, `${label}…`);
+    try {
+      notice(message, done(await api<T>(method, route, body)));
+      return true;
+    } catch (e) {
+      notice(message, `${label}: ${(e as Error).message}`, 'error');
+      return false;
+    }
+  };
   const buttons: Record<string, HTMLButtonElement> = {};
   const act = (
     label: string,
@@ -455,14 +466,11 @@ function vmView(name: string): HTMLElement {
     b.addEventListener('click', () => {
       if (confirmText && !confirm(confirmText)) return;
       b.disabled = true;
-      notice(message, `${label}…`);
-      api<unknown>(method, route, body)
-        .then(() => {
-          notice(message, `${label}: done`);
-          if (verb === 'delete') location.hash = '#/';
-          if (verb === 'snapshot' || verb === 'restore') void refresh();
+      void run(label, method, route, body, () => `${label}: done`)
+        .then((ok) => {
+          if (ok && verb === 'delete') location.hash = '#/';
+          if (ok && verb === 'snapshot') void refresh();
         })
-        .catch((e: Error) => notice(message, `${label}: ${e.message}`, 'error'))
         .finally(() => (b.disabled = false));
     });
     buttons[verb] = b;
@@ -474,24 +482,26 @@ function vmView(name: string): HTMLElement {
   const migrateToken = h('input', { id: 'migrate-token', name: 'token', type: 'password', autocomplete: 'off' });
   const restore = h('button', { type: 'button' }, 'Restore');
   restore.addEventListener('click', () => {
-    notice(message, 'restoring…');
-    api('POST', `${path}/restore`, { tag: tagInput.value })
-      .then(() => notice(message, `restored from '${tagInput.value}'`))
-      .catch((e: Error) => notice(message, `Restore: ${e.message}`, 'error'));
+    const tag = tagInput.value;
+    void run('Restore', 'POST', `${path}/restore`, { tag }, () => `restored from '${tag}'`).then((ok) => {
+      if (ok) void refresh();
+    });
   });
   const clone = h('button', { type: 'button' }, 'Clone');
   clone.addEventListener('click', () => {
-    notice(message, 'cloning…');
-    api<{ name: string }>('POST', `${path}/clone`, { name: cloneInput.value })
-      .then((r) => notice(message, `cloned into '${r.name ?? cloneInput.value}'`))
-      .catch((e: Error) => notice(message, `Clone: ${e.message}`, 'error'));
+    const newName = cloneInput.value;
+    void run<{ name?: string }>(
+      'Clone',
+      'POST',
+      `${path}/clone`,
+      { name: newName },
+      (r) => `cloned into '${r.name ?? newName}'`,
+    );
   });
   const migrate = h('button', { type: 'button' }, 'Migrate');
   migrate.addEventListener('click', () => {
-    notice(message, 'migrating…');
-    api('POST', `${path}/migrate`, { to: migrateTo.value, token: migrateToken.value })
-      .then(() => notice(message, `moved to ${migrateTo.value}`))
-      .catch((e: Error) => notice(message, `Migrate: ${e.message}`, 'error'));
+    const to = migrateTo.value;
+    void run('Migrate', 'POST', `${path}/migrate`, { to, token: migrateToken.value }, () => `moved to ${to}`);
   });
 
   const refresh = async () => {
