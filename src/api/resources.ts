@@ -6,6 +6,7 @@
 // one schema every front end shares, so values are judged by the same rules as `kiln
 // run` flags and manager definitions. ApiError's message is the response's
 // fault_message.
+import { readFileSync, statSync } from 'node:fs';
 import { KilnError } from '../errors.js';
 import type { BucketConfig, RateLimiterConfig } from '../virtio/rate-limiter.js';
 import type { ReceiveRequest, SendRequest } from '../migration/migration.js';
@@ -194,12 +195,17 @@ export function parseMachineConfig(body: unknown, patch = false): ConfigChange {
     body,
     patch ? MACHINE_FIELDS : { ...MACHINE_FIELDS, vcpu_count: req(int), mem_size_mib: req(int) },
   );
-  if (r.cpu_template !== undefined && r.cpu_template !== 'None')
+  if (r.cpu_template === 'V1N1')
     throw new ApiError(
-      `machine-config: CPU template ${String(r.cpu_template)} is not supported by Kiln (its own templates are host, pvm and baseline)`,
+      'machine-config: CPU template V1N1 is for aarch64 hosts (this is x86_64: C3, T2, T2S, T2CL, T2A)',
     );
   return (input) => {
     if (!patch) for (const key of ['trackDirtyPages', 'hugePages', 'smt']) delete input[key];
+    // As Firecracker: no cpu_template keeps the template (static or custom), None clears
+    // both, a static one replaces a custom one.
+    if (r.cpu_template !== undefined)
+      for (const key of ['staticCpuTemplate', 'cpuidModifiers', 'msrModifiers']) delete input[key];
+    if (r.cpu_template !== undefined && r.cpu_template !== 'None') input.staticCpuTemplate = r.cpu_template;
     if (r.smt !== undefined) input.smt = r.smt;
     if (r.vcpu_count !== undefined) input.cpus = r.vcpu_count;
     if (r.mem_size_mib !== undefined) input.memoryMiB = r.mem_size_mib;
@@ -320,8 +326,9 @@ function templateNumber(where: string, value: unknown, max: number): number {
 /**
  * PUT /cpu-config: Firecracker's custom CPU template. Its `cpuid_modifiers` (leaf,
  * subleaf, flags, and per register a 32-bit `bitmap` "0b" + 0/1/x, most significant bit
- * first, x keeping what the template left) become forced CPUID bits; MSR modifiers and
- * KVM capability changes are refused as not supported.
+ * first, x keeping what the template left) become forced CPUID bits, its `msr_modifiers`
+ * (`addr`, a 64-bit bitmap) forced MSR bits; KVM capability changes are refused as not
+ * supported. It replaces a static template (machine-config cpu_template), as in Firecracker.
  */
 export function parseCpuConfig(body: unknown): ConfigChange {
   const r = check('cpu-config', body, {
@@ -331,9 +338,24 @@ export function parseCpuConfig(body: unknown): ConfigChange {
     vcpu_features: arr,
     reg_modifiers: arr,
   });
-  for (const k of ['kvm_capabilities', 'msr_modifiers', 'vcpu_features', 'reg_modifiers'] as const)
+  for (const k of ['vcpu_features', 'reg_modifiers'] as const)
     if (Array.isArray(r[k]) && (r[k] as unknown[]).length > 0)
-      throw new ApiError(`cpu-config: ${k} are not supported by Kiln (cpuid_modifiers are)`);
+      throw new ApiError(`cpu-config: ${k} are for aarch64 hosts (this is x86_64)`);
+  if (Array.isArray(r.kvm_capabilities) && r.kvm_capabilities.length > 0)
+    throw new ApiError(
+      'cpu-config: kvm_capabilities are not supported by Kiln (it checks the capabilities it needs itself; cpuid_modifiers and msr_modifiers are supported)',
+    );
+  const msrModifiers = ((r.msr_modifiers as unknown[] | undefined) ?? []).map((entry, i) => {
+    const where = `msr_modifiers[${i}]`;
+    const m = check(`cpu-config: ${where}`, entry, { addr: req(any), bitmap: req(str) });
+    const index = templateNumber(`${where}.addr`, m.addr, 0xffff_ffff);
+    const bits = /^0b([01x_]+)$/.exec(m.bitmap as string)?.[1]?.replace(/_/g, '');
+    if (bits === undefined || bits.length !== 64)
+      throw new ApiError(`cpu-config: ${where}.bitmap must be '0b' and 64 of 0, 1 or x, not '${String(m.bitmap)}'`);
+    const mask = BigInt(`0b${bits.replace(/[01]/g, '1').replace(/x/g, '0')}`);
+    const value = BigInt(`0b${bits.replace(/x/g, '0')}`);
+    return { index, mask: `0x${mask.toString(16)}`, value: `0x${value.toString(16)}` };
+  });
   const modifiers: Array<Record<string, unknown>> = [];
   ((r.cpuid_modifiers as unknown[] | undefined) ?? []).forEach((entry, i) => {
     const e = check(`cpu-config: cpuid_modifiers[${i}]`, entry, {
@@ -366,7 +388,10 @@ export function parseCpuConfig(body: unknown): ConfigChange {
     });
   });
   return (input) => {
+    delete input.staticCpuTemplate;
     input.cpuidModifiers = modifiers;
+    if (msrModifiers.length > 0) input.msrModifiers = msrModifiers;
+    else delete input.msrModifiers;
   };
 }
 
@@ -638,6 +663,7 @@ export function exportMachineConfig(c: VmConfig): Record<string, unknown> {
     smt: c.smt,
     track_dirty_pages: c.trackDirtyPages,
     huge_pages: c.hugePages ?? 'None',
+    ...(c.staticCpuTemplate !== undefined ? { cpu_template: c.staticCpuTemplate } : {}),
   };
 }
 
@@ -722,6 +748,27 @@ export function exportDefinition(c: VmConfig, s: VmmSettings): Record<string, un
   };
 }
 
+const MAX_CPU_TEMPLATE_BYTES = 1024 * 1024;
+
+/** A config file's `cpu-config`: a custom CPU template inline, or the path of its JSON file (as Firecracker takes either). */
+function cpuConfigOf(value: unknown): unknown {
+  if (typeof value !== 'string') return value;
+  let text: string;
+  try {
+    const st = statSync(value);
+    if (!st.isFile()) throw new Error('not a regular file');
+    if (st.size > MAX_CPU_TEMPLATE_BYTES) throw new Error(`larger than ${MAX_CPU_TEMPLATE_BYTES} bytes`);
+    text = readFileSync(value, 'utf8');
+  } catch (err) {
+    throw new ApiError(`cpu-config: cannot read the CPU template '${value}': ${(err as Error).message}`);
+  }
+  try {
+    return JSON.parse(text) as unknown;
+  } catch (err) {
+    throw new ApiError(`cpu-config: the CPU template '${value}' is not JSON: ${(err as Error).message}`);
+  }
+}
+
 /** Reads a --config-file's JSON (the same resources, keyed as GET /vm/config returns them). */
 export function parseConfigFile(json: unknown): { changes: ConfigChange[]; settings: VmmSettings } {
   const r = check('config file', json, {
@@ -735,11 +782,13 @@ export function parseConfigFile(json: unknown): { changes: ConfigChange[]; setti
     logger: obj,
     metrics: obj,
     'mmds-config': obj,
+    'cpu-config': any,
   });
   const changes: ConfigChange[] = [];
   const settings: VmmSettings = {};
   if (r['boot-source'] !== undefined) changes.push(parseBootSource(r['boot-source']));
   if (r['machine-config'] !== undefined) changes.push(parseMachineConfig(r['machine-config']));
+  if (r['cpu-config'] !== undefined) changes.push(parseCpuConfig(cpuConfigOf(r['cpu-config'])));
   for (const item of (r.drives as unknown[] | undefined) ?? [])
     changes.push(parseDrive(String((item as Input | null)?.drive_id ?? ''), item));
   for (const item of (r['network-interfaces'] as unknown[] | undefined) ?? [])

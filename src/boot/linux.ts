@@ -8,6 +8,7 @@ import { isSoftwareKvm, planSyscallFix, type CompatConfig } from '../compat/pvm.
 import { supportedCpuid } from '../cpu/cpuid.js';
 import { configureVcpu, setBootRegisters } from '../cpu/setup.js';
 import { applyCpuidModifiers, applyTemplate, cpuTemplate, type CpuTemplate } from '../cpu/templates.js';
+import { applyMsrModifiers, staticTemplate, type MsrModifier } from '../cpu/static-templates.js';
 import type { DeviceSpec } from '../devices/catalogue.js';
 import { irqLineSetter } from '../devices/irq.js';
 import { SerialHost } from '../devices/serial.js';
@@ -136,6 +137,26 @@ export interface RestoreFrom {
 }
 
 /**
+ * Forces CPU templates' MSR bits on every vCPU: the values are vCPU 0's after its CPUID and
+ * boot MSRs are set, with the modifiers' bits forced, as Firecracker does.
+ */
+function setTemplateMsrs(vm: Vm, modifiers: readonly MsrModifier[]): void {
+  if (modifiers.length === 0) return;
+  const values = applyMsrModifiers(vm.vcpus[0]!.getMsrs([...new Set(modifiers.map((m) => m.index))]), modifiers);
+  for (const vcpu of vm.vcpus) {
+    for (const [index, value] of values) {
+      try {
+        vcpu.setMsrs(new Map([[index, value]]));
+      } catch (err) {
+        throw new KilnError(
+          `the CPU template sets MSR 0x${index.toString(16)} to 0x${value.toString(16)}, which this host's KVM refused: ${(err as Error).message}`,
+        );
+      }
+    }
+  }
+}
+
+/**
  * Builds the VM for `vmConfig`: with `from`, the same machine a snapshot was taken of,
  * its RAM the snapshot's memory file and no kernel loaded (the caller restores the
  * machine's state); otherwise booting the configured kernel.
@@ -201,14 +222,20 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime, from?: 
       });
     const virtio = attachVirtio(vm, attachPciHost(vm), config, disks, nets, runtime.mmdsStore ?? null);
 
+    const hostCpuid = supportedCpuid(vm.kvmSystem);
+    const fixed = config.staticCpuTemplate ? staticTemplate(config.staticCpuTemplate, hostCpuid) : null;
     const cpuid = applyCpuidModifiers(
-      applyTemplate(supportedCpuid(vm.kvmSystem), template),
+      applyCpuidModifiers(applyTemplate(hostCpuid, template), fixed?.cpuid ?? []),
       config.cpuidModifiers ?? [],
     );
     const refused = new Set<number>();
     vm.vcpus.forEach((vcpu, i) =>
       configureVcpu(vcpu, i, config.cpus, cpuid, true, config.smt ? 2 : 1).forEach((msr) => refused.add(msr)),
     );
+    setTemplateMsrs(vm, [
+      ...(fixed?.msrs ?? []),
+      ...(config.msrModifiers ?? []).map((m) => ({ index: m.index, mask: BigInt(m.mask), value: BigInt(m.value) })),
+    ]);
     if (refused.size > 0) {
       vm.logSink.emit(
         'vcpu',

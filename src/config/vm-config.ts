@@ -215,6 +215,20 @@ const CpuidModifierSchema = strict({
   value: whole(0, 0xffff_ffff),
 });
 
+/** A 64-bit number as JSON can hold it exactly: '0x' and 1 to 16 hex digits. */
+const hex64 = () =>
+  v.pipe(
+    text("'0x' and up to 16 hex digits"),
+    v.regex(/^0x[0-9a-f]{1,16}$/i, ({ input }) => `must be '0x' and up to 16 hex digits (got ${got(input)})`),
+  );
+
+/** One MSR's forced bits (a custom CPU template's msr_modifiers): where `mask` has a 1 the guest reads `value`'s bit. */
+const MsrModifierSchema = strict({
+  index: whole(0, 0xffff_ffff),
+  mask: hex64(),
+  value: hex64(),
+});
+
 /** The fields of a VM, shared by VmConfig and the manager's definitions. */
 export const VM_ENTRIES = {
   /** A Linux kernel (ELF vmlinux or bzImage); none means the guest kit's minimal Linux. */
@@ -228,6 +242,13 @@ export const VM_ENTRIES = {
   cpuTemplate: v.optional(oneOf(['host', 'pvm', 'baseline'] as const)),
   /** CPUID bits forced on top of the template (Firecracker's custom CPU template's cpuid_modifiers). */
   cpuidModifiers: v.optional(v.array(CpuidModifierSchema, ({ input }) => `must be a list (got ${describe(input)})`)),
+  /** MSR bits forced at boot (a custom CPU template's msr_modifiers). */
+  msrModifiers: v.optional(v.array(MsrModifierSchema, ({ input }) => `must be a list (got ${describe(input)})`)),
+  /**
+   * Firecracker's static CPU template (machine-config cpu_template): an EC2 instance type's
+   * CPUID and MSR bits, applied on top of cpuTemplate, only on the processors it was made for.
+   */
+  staticCpuTemplate: v.optional(oneOf(['C3', 'T2', 'T2S', 'T2CL', 'T2A'] as const)),
   /** Huge pages for guest memory (Firecracker's huge_pages): None, Transparent (madvise), or 2M from the host's hugetlb pool. */
   hugePages: v.optional(oneOf(['None', 'Transparent', '2M'] as const)),
   /**

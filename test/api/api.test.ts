@@ -12,6 +12,7 @@ import { after, before, describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { Ajv } from 'ajv';
 import { parse } from 'yaml';
+import { parseConfigFile } from '../../src/api/resources.js';
 import { listenApi, MAX_BODY_BYTES } from '../../src/api/server.js';
 import { Vmm } from '../../src/api/vmm.js';
 import * as libc from '../../src/kvm/libc.js';
@@ -383,7 +384,7 @@ describe('the Firecracker API', () => {
         /must be a link-local IPv4 address/,
       ],
       ['PUT', '/mmds/config', { network_interfaces: [] }, /must name at least one network interface/],
-      ['PUT', '/cpu-config', { msr_modifiers: [{}] }, /msr_modifiers are not supported by Kiln/],
+      ['PUT', '/cpu-config', { msr_modifiers: [{}] }, /msr_modifiers\[0\]: missing field `addr`/],
       ['PUT', '/serial', { serial_out_path: dir }, /^Cannot open the serial output file .*: EISDIR$/],
       [
         'PUT',
@@ -491,13 +492,13 @@ describe('the Firecracker API', () => {
     },
   );
 
-  test("PUT /cpu-config takes a custom CPU template's cpuid_modifiers; bad bitmaps and MSR modifiers are 400", async () => {
-    const before = structuredClone(vmm.config.cpuidModifiers);
+  test("PUT /cpu-config takes a custom CPU template's cpuid_modifiers and msr_modifiers; bad bitmaps are 400", async () => {
+    const before = JSON.stringify(vmm.config);
     const bad = async (body: unknown, fault: RegExp) => {
       const r = await call('PUT', '/cpu-config', body);
       assert.equal(r.status, 400);
       assert.match(faultOf(r), fault);
-      assert.deepEqual(vmm.config.cpuidModifiers, before, 'nothing changed');
+      assert.equal(JSON.stringify(vmm.config), before, 'nothing changed');
     };
     await bad(
       { cpuid_modifiers: [{ leaf: '0x1', modifiers: [{ register: 'ecx', bitmap: '0b101' }] }] },
@@ -509,9 +510,12 @@ describe('the Firecracker API', () => {
       /register/,
     );
     await bad(
-      { msr_modifiers: [{ addr: '0x10a', bitmap: `0b${'0'.repeat(64)}` }] },
-      /msr_modifiers are not supported by Kiln/,
+      { msr_modifiers: [{ addr: '0x10a', bitmap: `0b${'0'.repeat(32)}` }] },
+      /bitmap must be '0b' and 64 of 0, 1 or x/,
     );
+    await bad({ msr_modifiers: [{ addr: 'msr', bitmap: `0b${'0'.repeat(64)}` }] }, /addr must be a number/);
+    await bad({ kvm_capabilities: ['!121'] }, /kvm_capabilities are not supported by Kiln/);
+    await bad({ reg_modifiers: [{ addr: '0x1', bitmap: '0b1' }] }, /reg_modifiers are for aarch64 hosts/);
     await bad({ cpuid_templates: [] }, /unknown field `cpuid_templates`/);
     const ok = await call('PUT', '/cpu-config', {
       kvm_capabilities: [],
@@ -525,12 +529,66 @@ describe('the Firecracker API', () => {
         },
         { leaf: 7, subleaf: 1, flags: 1, modifiers: [{ register: 'eax', bitmap: `0b${'0'.repeat(32)}` }] },
       ],
+      // IA32_ARCH_CAPABILITIES: bits 63..62 set, bit 0 clear, the rest as KVM has them.
+      msr_modifiers: [{ addr: '0x10a', bitmap: `0b11${'x'.repeat(61)}0` }],
     });
     assert.equal(ok.status, 204, JSON.stringify(ok.body));
     assert.deepEqual(vmm.config.cpuidModifiers, [
       { leaf: 1, subleaf: 0, flags: 0, register: 'ecx', mask: 0x8080_0000, value: 0x8000_0000 },
       { leaf: 7, subleaf: 1, flags: 1, register: 'eax', mask: 0xffff_ffff, value: 0 },
     ]);
+    assert.deepEqual(vmm.config.msrModifiers, [
+      { index: 0x10a, mask: '0xc000000000000001', value: '0xc000000000000000' },
+    ]);
+  });
+
+  test("machine-config's cpu_template takes Firecracker's static templates, in one slot with PUT /cpu-config's", async () => {
+    const now = (await call('GET', '/machine-config')).body as Record<string, unknown>;
+    const shown = async () => ((await call('GET', '/machine-config')).body as Record<string, unknown>).cpu_template;
+    const machine = (cpuTemplate?: string) =>
+      call('PUT', '/machine-config', {
+        ...now,
+        ...(cpuTemplate !== undefined ? { cpu_template: cpuTemplate } : {}),
+      });
+    assert.equal((await machine('T2S')).status, 204);
+    assert.equal(vmm.config.staticCpuTemplate, 'T2S');
+    assert.equal(vmm.config.cpuidModifiers, undefined, 'a static template replaces a custom one');
+    assert.equal(await shown(), 'T2S');
+    // No cpu_template keeps it; an aarch64 template is refused and changes nothing.
+    assert.equal((await machine()).status, 204);
+    assert.equal(vmm.config.staticCpuTemplate, 'T2S');
+    const arm = await machine('V1N1');
+    assert.equal(arm.status, 400);
+    assert.match(faultOf(arm), /V1N1 is for aarch64 hosts/);
+    assert.equal(vmm.config.staticCpuTemplate, 'T2S');
+    // A custom template replaces the static one.
+    const custom = await call('PUT', '/cpu-config', {
+      cpuid_modifiers: [{ leaf: 1, modifiers: [{ register: 'ecx', bitmap: `0b0${'x'.repeat(31)}` }] }],
+    });
+    assert.equal(custom.status, 204);
+    assert.equal(vmm.config.staticCpuTemplate, undefined);
+    assert.equal(await shown(), undefined);
+    assert.equal(vmm.config.cpuidModifiers!.length, 1);
+    // None clears both.
+    assert.equal((await machine('None')).status, 204);
+    assert.equal(vmm.config.cpuidModifiers, undefined);
+    assert.equal(vmm.config.staticCpuTemplate, undefined);
+  });
+
+  test("a config file's cpu-config is a custom template inline or the path of its JSON", () => {
+    const dir = tempDir();
+    const file = join(dir, 'template.json');
+    const template = { msr_modifiers: [{ addr: '0x10a', bitmap: `0b${'x'.repeat(63)}1` }] };
+    writeFileSync(file, JSON.stringify(template));
+    for (const cpuConfig of [template, file]) {
+      const input: Record<string, unknown> = {};
+      for (const change of parseConfigFile({ 'cpu-config': cpuConfig }).changes) change(input);
+      assert.deepEqual(input.msrModifiers, [{ index: 0x10a, mask: '0x1', value: '0x1' }]);
+    }
+    assert.throws(() => parseConfigFile({ 'cpu-config': join(dir, 'missing.json') }), /cannot read the CPU template/);
+    assert.throws(() => parseConfigFile({ 'cpu-config': dir }), /cannot read the CPU template .*not a regular file/);
+    writeFileSync(file, '{');
+    assert.throws(() => parseConfigFile({ 'cpu-config': file }), /is not JSON/);
   });
 
   test('HTTP-level errors (unknown method, malformed request line, oversized headers) are 400 with a fault message too', async () => {
