@@ -431,14 +431,13 @@ export function parseBalloon(body: unknown): ConfigChange {
     free_page_hinting: bool,
     free_page_reporting: bool,
   });
-  if (r.free_page_hinting === true)
-    throw new ApiError('balloon: free page hinting is not supported by Kiln yet (free page reporting is)');
   return (input) => {
     input.balloon = {
       targetMiB: r.amount_mib,
       deflateOnOom: r.deflate_on_oom,
       statsIntervalS: r.stats_polling_interval_s ?? 0,
       freePageReporting: r.free_page_reporting ?? false,
+      freePageHinting: r.free_page_hinting ?? false,
     };
   };
 }
@@ -696,7 +695,15 @@ export function exportBalloon(b: BalloonConfig): Record<string, unknown> {
     deflate_on_oom: b.deflateOnOom,
     stats_polling_interval_s: b.statsIntervalS,
     free_page_reporting: b.freePageReporting,
+    free_page_hinting: b.freePageHinting,
   };
+}
+
+/** PATCH /balloon/hinting/start: an optional body, `acknowledge_on_stop` (default true, as Firecracker's). */
+export function parseHintingStart(body: unknown): boolean {
+  if (body === undefined) return true;
+  const r = check('balloon hinting', body, { acknowledge_on_stop: bool });
+  return (r.acknowledge_on_stop as boolean | undefined) ?? true;
 }
 
 const exportNet = (n: NetConfig) => ({

@@ -226,9 +226,9 @@ const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Han
   ['PUT', '/hotplug/memory', notYet('Memory hot-plug (/hotplug/memory)')],
   ['PATCH', '/hotplug/memory', notYet('Memory hot-plug (/hotplug/memory)')],
   ['GET', '/hotplug/memory', notYet('Memory hot-plug (/hotplug/memory)')],
-  ['PATCH', '/balloon/hinting/start', notYet('Free page hinting')],
-  ['GET', '/balloon/hinting/status', notYet('Free page hinting')],
-  ['PATCH', '/balloon/hinting/stop', notYet('Free page hinting')],
+  ['PATCH', '/balloon/hinting/start', (vmm, body) => vmm.startHinting(r.parseHintingStart(body))],
+  ['GET', '/balloon/hinting/status', (vmm) => vmm.hintingStatus()],
+  ['PATCH', '/balloon/hinting/stop', (vmm) => vmm.stopHinting()],
 ];
 
 /** The request handler for `vmm` (usable with any node:http server). */
@@ -240,6 +240,8 @@ export function apiHandler(vmm: Vmm): (req: IncomingMessage, res: ServerResponse
   });
   for (const [method, path, handler] of ROUTES) {
     const takesBody = method !== 'GET';
+    // Firecracker takes these with no body at all.
+    const bodyOptional = path.startsWith('/balloon/hinting/');
     router.on(method, path, (req, res, params) => {
       void (async () => {
         try {
@@ -250,7 +252,7 @@ export function apiHandler(vmm: Vmm): (req: IncomingMessage, res: ServerResponse
               `Request payload with size larger than the limit of ${vmm.maxPayloadBytes} bytes allowed by server.`,
             );
           let body: unknown;
-          if (takesBody) {
+          if (takesBody && !(bodyOptional && text.trim() === '')) {
             if (text.trim() === '') return fault(res, 'The request body is empty; this request needs a JSON body.');
             try {
               body = JSON.parse(text);

@@ -756,6 +756,33 @@ export class Vmm {
     this.balloon.setTargetPages(Math.floor((mib * 1024 * 1024) / 4096));
   }
 
+  /** The running balloon, with free page hinting configured: Firecracker's errors otherwise. */
+  private hinting(): BalloonControl {
+    if (!this.config.balloon) throw new ApiError('The balloon device is not configured.');
+    if (!this.config.balloon.freePageHinting)
+      throw new ApiError(
+        'Attempting to use hinting when not enabled: the balloon was configured without free_page_hinting.',
+      );
+    if (!this.balloon) throw new ApiError(BEFORE_START);
+    return this.balloon;
+  }
+
+  /** PATCH /balloon/hinting/start: a new run; with `ackOnStop` the device ends it when the guest has sent all it found. */
+  startHinting(ackOnStop: boolean): void {
+    const cmd = this.hinting().startHinting(ackOnStop);
+    this.note('Info', `balloon: free page hinting run ${cmd} started`);
+  }
+
+  /** PATCH /balloon/hinting/stop: the guest may use the pages it hinted again. */
+  stopHinting(): void {
+    this.hinting().stopHinting();
+  }
+
+  hintingStatus(): Record<string, number> {
+    const s = this.hinting().hintingStatus();
+    return { host_cmd: s.hostCmd, ...(s.guestCmd !== null ? { guest_cmd: s.guestCmd } : {}) };
+  }
+
   balloonStats(): Record<string, number> {
     if (!this.balloon || !this.config.balloon) throw new ApiError('The balloon device is not configured.');
     if (this.config.balloon.statsIntervalS === 0)

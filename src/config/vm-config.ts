@@ -199,6 +199,8 @@ export const BalloonSchema = strict({
   /** Seconds between statistics updates; 0: statistics off. */
   statsIntervalS: v.optional(whole(0, 24 * 3600), 0),
   freePageReporting: v.optional(flag(), false),
+  /** Free page hinting: host-started runs (PATCH /balloon/hinting/start) in which the guest's free pages are freed. */
+  freePageHinting: v.optional(flag(), false),
 });
 
 /**

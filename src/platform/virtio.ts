@@ -242,6 +242,7 @@ export function attachVirtio(
         options: {
           targetPages: Math.floor((config.balloon.targetMiB * 1024 * 1024) / BALLOON_PAGE_BYTES),
           deflateOnOom: config.balloon.deflateOnOom,
+          freePageHinting: config.balloon.freePageHinting,
           counters: counted('balloon', BALLOON_COUNTERS),
         },
       })

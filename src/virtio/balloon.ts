@@ -4,8 +4,14 @@
 // with madvise(MADV_DONTNEED), so their host memory is freed at once (RSS falls) and
 // they read as zeroes when the guest touches them again: overcommit is real.
 //
+// Free page hinting (FREE_PAGE_HINT, offered when configured): the host writes a new
+// command ID into the configuration; the driver answers with that ID on the hinting queue,
+// then sends free pages it has taken from its allocator and holds (Kiln drops them as it
+// drops inflated pages), then the STOP ID; the host's DONE ID lets it put them back.
+//
 // Queues, in Linux's numbering (absent ones take no index): inflate 0, deflate 1, then
-// stats (if STATS_VQ was negotiated), then reporting (if PAGE_REPORTING was).
+// stats (if STATS_VQ was negotiated), then hinting (if FREE_PAGE_HINT was), then reporting
+// (if PAGE_REPORTING was).
 import { array, struct } from '../kvm/struct.js';
 import { MailboxLayout, type Mailbox } from './mailbox.js';
 import * as libc from '../kvm/libc.js';
@@ -14,9 +20,13 @@ import { BALLOON_COUNTERS, DeviceCounters } from './counters.js';
 
 export const VIRTIO_BALLOON_F_STATS_VQ = 1n;
 export const VIRTIO_BALLOON_F_DEFLATE_ON_OOM = 2n;
+export const VIRTIO_BALLOON_F_FREE_PAGE_HINT = 3n;
 export const VIRTIO_BALLOON_F_PAGE_REPORTING = 5n;
 export const BALLOON_CONFIG = { numPages: 0, actual: 4, freePageHintCmdId: 8, poisonVal: 12, bytes: 16 } as const;
 export const BALLOON_PAGE_BYTES = 4096;
+/** Free page hinting's reserved command IDs (virtio 1.2, 5.5.6.7): a run's ID is 2 or more. */
+export const HINT_CMD_STOP = 0;
+export const HINT_CMD_DONE = 1;
 /** Page frame numbers one inflate buffer may carry (Linux sends at most 256). */
 export const MAX_INFLATE_PFNS = 4096;
 /** Inflate, deflate or report buffers handled per I/O-thread turn before other work. */
@@ -35,13 +45,26 @@ export const BALLOON_REPORT = struct('balloon_report', [
   ['_pad', 'u32'],
   ['pagesReturned', 'u64'],
   ['stats', array('u64', BALLOON_STAT_TAGS)],
+  // Free page hinting: the host's last command ID, the guest's (valid when guestCmdSeen is
+  // 1), and the last run's ID (the next run takes the one after it).
+  ['hostCmd', 'u32'],
+  ['guestCmd', 'u32'],
+  ['guestCmdSeen', 'u32'],
+  ['lastRun', 'u32'],
 ]);
 export const BALLOON_TARGET = new MailboxLayout('balloon_target', { pages: 'u32' });
 export const BALLOON_STATS_REQUEST = new MailboxLayout('balloon_stats_request', {});
+/** A hinting command for the driver: a run's ID (ackOnStop 1: answer its STOP with DONE), or DONE. */
+export const BALLOON_HINT = new MailboxLayout('balloon_hint', { cmd: 'u32', ackOnStop: 'u32' });
 const align8 = (n: number) => Math.ceil(n / 8) * 8;
 const TARGET_AT = align8(BALLOON_REPORT.size);
 const STATS_REQUEST_AT = TARGET_AT + align8(BALLOON_TARGET.bytes);
-const SHARED_BYTES = STATS_REQUEST_AT + align8(BALLOON_STATS_REQUEST.bytes);
+const HINT_AT = STATS_REQUEST_AT + align8(BALLOON_STATS_REQUEST.bytes);
+const SHARED_BYTES = HINT_AT + align8(BALLOON_HINT.bytes);
+const HOST_CMD_AT = BALLOON_REPORT.offsetOf('hostCmd');
+const GUEST_CMD_AT = BALLOON_REPORT.offsetOf('guestCmd');
+const GUEST_CMD_SEEN_AT = BALLOON_REPORT.offsetOf('guestCmdSeen');
+const LAST_RUN_AT = BALLOON_REPORT.offsetOf('lastRun');
 const STATS_AT = BALLOON_REPORT.offsetOf('stats');
 
 /** The balloon's shared regions, from any thread. */
@@ -50,12 +73,14 @@ class BalloonShared {
   readonly updates: Int32Array;
   readonly target: Mailbox<typeof BALLOON_TARGET.fields>;
   readonly statsRequest: Mailbox<typeof BALLOON_STATS_REQUEST.fields>;
+  readonly hint: Mailbox<typeof BALLOON_HINT.fields>;
 
   constructor(state: { readonly state: SharedArrayBuffer; readonly extraAt: number }) {
     this.report = new DataView(state.state, state.extraAt, BALLOON_REPORT.size);
     this.updates = new Int32Array(state.state, state.extraAt + BALLOON_REPORT.offsetOf('statsUpdates'), 1);
     this.target = BALLOON_TARGET.open(state.state, state.extraAt + TARGET_AT);
     this.statsRequest = BALLOON_STATS_REQUEST.open(state.state, state.extraAt + STATS_REQUEST_AT);
+    this.hint = BALLOON_HINT.open(state.state, state.extraAt + HINT_AT);
   }
 }
 
@@ -63,6 +88,8 @@ class BalloonShared {
 export interface BalloonOptions {
   readonly targetPages: number;
   readonly deflateOnOom: boolean;
+  /** Offer free page hinting (Firecracker's free_page_hinting): host-started runs that free the guest's free pages. */
+  readonly freePageHinting?: boolean;
   /** Where the I/O thread counts the driver's buffers for the metrics (counters.ts). */
   readonly counters?: SharedArrayBuffer;
 }
@@ -71,11 +98,12 @@ export const balloonType: VirtioDeviceType<BalloonOptions> = {
   deviceId: 5,
   name: 'balloon',
   maxQueueSize: 256,
-  queues: () => 4,
+  queues: (o) => (o.freePageHinting ? 5 : 4),
   features: (o) =>
     bit(VIRTIO_BALLOON_F_STATS_VQ) |
     bit(VIRTIO_BALLOON_F_PAGE_REPORTING) |
-    (o.deflateOnOom ? bit(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) : 0n),
+    (o.deflateOnOom ? bit(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) : 0n) |
+    (o.freePageHinting ? bit(VIRTIO_BALLOON_F_FREE_PAGE_HINT) : 0n),
   configBytes: () => BALLOON_CONFIG.bytes,
   initConfig: (config, o) => config.setUint32(BALLOON_CONFIG.numPages, o.targetPages, true),
   // The driver writes only `actual` (how many pages the balloon holds).
@@ -105,18 +133,26 @@ export class BalloonBackend implements VirtioBackend {
     this.pollFds = [{ fd: controlFd, ready: () => this.control() }];
   }
 
-  private role(q: number): 'inflate' | 'deflate' | 'stats' | 'reporting' | null {
+  private role(q: number): 'inflate' | 'deflate' | 'stats' | 'hinting' | 'reporting' | null {
     if (q === 0) return 'inflate';
     if (q === 1) return 'deflate';
-    const stats = this.rt.state.negotiated(VIRTIO_BALLOON_F_STATS_VQ);
-    if (q === 2 && stats) return 'stats';
-    if (q === (stats ? 3 : 2) && this.rt.state.negotiated(VIRTIO_BALLOON_F_PAGE_REPORTING)) return 'reporting';
+    let next = 2;
+    for (const [feature, role] of [
+      [VIRTIO_BALLOON_F_STATS_VQ, 'stats'],
+      [VIRTIO_BALLOON_F_FREE_PAGE_HINT, 'hinting'],
+      [VIRTIO_BALLOON_F_PAGE_REPORTING, 'reporting'],
+    ] as const) {
+      if (!this.rt.state.negotiated(feature)) continue;
+      if (q === next) return role;
+      next++;
+    }
     return null;
   }
 
   queueNotified(q: number): void {
     const role = this.role(q);
     if (role === 'stats') return this.takeStats(q);
+    if (role === 'hinting') return this.takeHints(q);
     if (role === null) return;
     const queue = this.rt.queue(q);
     // A budget per turn: a driver that keeps refilling the queue shares the I/O thread.
@@ -198,6 +234,59 @@ export class BalloonBackend implements VirtioBackend {
     }
   }
 
+  private get report(): DataView {
+    return this.shared.report;
+  }
+
+  /**
+   * The hinting queue: a device-readable 4-byte buffer is the driver's command ID (its
+   * answer to a run's ID, or STOP when it has sent all it found); device-writable buffers
+   * are free pages the driver holds, dropped while they belong to the host's current run
+   * (hints of an older run, or after DONE, are left alone: the guest may be using them).
+   */
+  private takeHints(q: number): void {
+    const queue = this.rt.queue(q);
+    const chain = this.rt.chain;
+    let stopped = false;
+    const done = queue.drain(
+      chain,
+      () => {
+        for (let i = 0; i < chain.count; i++) {
+          if (!chain.writable[i]) {
+            if (chain.length[i] !== 4) continue;
+            const bytes = this.rt.mem.regionBytes(chain.region[i]!);
+            const cmd = new DataView(bytes.buffer, bytes.byteOffset + chain.offset[i]!, 4).getUint32(0, true);
+            this.report.setUint32(GUEST_CMD_AT, cmd, true);
+            this.report.setUint32(GUEST_CMD_SEEN_AT, 1, true);
+            stopped = cmd === HINT_CMD_STOP || cmd === HINT_CMD_DONE;
+            continue;
+          }
+          const host = this.report.getUint32(HOST_CMD_AT, true);
+          const seen = this.report.getUint32(GUEST_CMD_SEEN_AT, true) === 1;
+          if (host <= HINT_CMD_DONE || !seen || this.report.getUint32(GUEST_CMD_AT, true) !== host) continue;
+          this.counters?.add('free_page_hint_count');
+          this.counters?.add('free_page_hint_freed', chain.length[i]!);
+          this.drop(chain.region[i]!, chain.offset[i]!, chain.length[i]!);
+        }
+        queue.push(chain.head, 0);
+      },
+      BALLOON_BUFFERS_PER_TURN,
+    );
+    if (done > 0) this.rt.notifyUsed(q);
+    if (queue.leftOver) this.rt.kickLater(q);
+    // The driver has sent all it found: with acknowledge_on_stop, let it have its pages back.
+    if (stopped && this.ackOnStop && this.report.getUint32(HOST_CMD_AT, true) > HINT_CMD_DONE)
+      this.sendHintCmd(HINT_CMD_DONE);
+  }
+
+  private ackOnStop = false;
+
+  private sendHintCmd(cmd: number): void {
+    this.report.setUint32(HOST_CMD_AT, cmd, true);
+    this.rt.state.config().setUint32(BALLOON_CONFIG.freePageHintCmdId, cmd, true);
+    this.rt.configChanged();
+  }
+
   /** The stats buffer: record it, keep it until the host wants fresh numbers (5.5.6.3). */
   private takeStats(q: number): void {
     const queue = this.rt.queue(q);
@@ -239,10 +328,16 @@ export class BalloonBackend implements VirtioBackend {
       this.rt.configChanged();
     }
     if (this.shared.statsRequest.pending && this.rt.state.negotiated(VIRTIO_BALLOON_F_STATS_VQ)) this.releaseStats(2);
+    const hint = this.shared.hint.take();
+    if (hint) {
+      this.ackOnStop = hint.ackOnStop === 1;
+      this.sendHintCmd(hint.cmd);
+    }
   }
 
   reset(): void {
     this.heldStats = -1;
+    this.ackOnStop = false;
   }
 }
 
@@ -267,6 +362,40 @@ export class BalloonControl {
   requestStats(): void {
     this.shared.statsRequest.post({});
     libc.signalEventfd(this.controlFd);
+  }
+
+  /**
+   * Starts a free page hinting run: a new command ID (2 or more) for the driver; with
+   * `ackOnStop` the device answers the driver's STOP with DONE itself. Returns the ID.
+   */
+  startHinting(ackOnStop: boolean): number {
+    const report = this.shared.report;
+    let cmd = (report.getUint32(LAST_RUN_AT, true) + 1) >>> 0;
+    if (cmd <= HINT_CMD_DONE) cmd = HINT_CMD_DONE + 1;
+    report.setUint32(LAST_RUN_AT, cmd, true);
+    this.sendHint(cmd, ackOnStop);
+    return cmd;
+  }
+
+  /** Ends a run: DONE lets the driver put the pages it holds back into use. */
+  stopHinting(): void {
+    this.sendHint(HINT_CMD_DONE, false);
+  }
+
+  private sendHint(cmd: number, ackOnStop: boolean): void {
+    // Shown at once by hintingStatus; the I/O thread writes it too (and DONE on an acknowledged stop).
+    this.shared.report.setUint32(HOST_CMD_AT, cmd, true);
+    this.shared.hint.post({ cmd, ackOnStop: ackOnStop ? 1 : 0 });
+    libc.signalEventfd(this.controlFd);
+  }
+
+  /** Firecracker's hinting status: the host's last command ID, and the guest's if it sent one. */
+  hintingStatus(): { hostCmd: number; guestCmd: number | null } {
+    const report = this.shared.report;
+    return {
+      hostCmd: report.getUint32(HOST_CMD_AT, true),
+      guestCmd: report.getUint32(GUEST_CMD_SEEN_AT, true) === 1 ? report.getUint32(GUEST_CMD_AT, true) : null,
+    };
   }
 
   get actualPages(): number {

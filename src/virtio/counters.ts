@@ -31,6 +31,8 @@ export const BALLOON_COUNTERS = [
   'deflate_count',
   'stats_updates_count',
   'free_page_report_count',
+  'free_page_hint_count',
+  'free_page_hint_freed',
 ] as const;
 
 export class DeviceCounters<N extends string> {

@@ -333,7 +333,9 @@ describe('the Firecracker API', () => {
         { drive_id: 'data_1', path_on_host: '/x', is_root_device: false, toString: 1 },
         /unknown field `toString`/,
       ],
-      ['PUT', '/balloon', { amount_mib: 1, deflate_on_oom: true, free_page_hinting: true }, /hinting is not supported/],
+      ['PATCH', '/balloon/hinting/start', {}, /Attempting to use hinting when not enabled/],
+      ['PATCH', '/balloon/hinting/stop', {}, /Attempting to use hinting when not enabled/],
+      ['PATCH', '/balloon/hinting/start', { acknowledge_on_stop: 'yes' }, /acknowledge_on_stop/],
       ['PUT', '/logger', { level: 'loud' }, /`level` must be one of/],
       ['PUT', '/actions', { action_type: 'Reboot' }, /must be one of FlushMetrics, InstanceStart, SendCtrlAltDel/],
       ['PATCH', '/vm', { state: 'Paused' }, /not supported before starting/],
@@ -573,6 +575,24 @@ describe('the Firecracker API', () => {
     assert.equal((await machine('None')).status, 204);
     assert.equal(vmm.config.cpuidModifiers, undefined);
     assert.equal(vmm.config.staticCpuTemplate, undefined);
+  });
+
+  test('free_page_hinting is configured on the balloon; its run endpoints need a started VM, and take no body', async () => {
+    const was = (await call('GET', '/balloon')).body as Record<string, unknown>;
+    const put = await call('PUT', '/balloon', { amount_mib: 1, deflate_on_oom: true, free_page_hinting: true });
+    assert.equal(put.status, 204);
+    assert.equal(((await call('GET', '/balloon')).body as Record<string, unknown>).free_page_hinting, true);
+    assert.equal(vmm.config.balloon?.freePageHinting, true);
+    for (const [method, path] of [
+      ['PATCH', '/balloon/hinting/start'],
+      ['GET', '/balloon/hinting/status'],
+      ['PATCH', '/balloon/hinting/stop'],
+    ] as const) {
+      const r = await call(method, path);
+      assert.equal(r.status, 400, `${method} ${path}`);
+      assert.match(faultOf(r), /not supported before starting the microVM/, `${method} ${path}`);
+    }
+    assert.equal((await call('PUT', '/balloon', was)).status, 204);
   });
 
   test("a config file's cpu-config is a custom template inline or the path of its JSON", () => {

@@ -163,7 +163,13 @@ describe('the flag grammar', () => {
       ],
     );
     assert.deepEqual(c.vsock, { guestCid: 4, uds: '/v.sock' });
-    assert.deepEqual(c.balloon, { targetMiB: 64, deflateOnOom: false, statsIntervalS: 0, freePageReporting: false });
+    assert.deepEqual(c.balloon, {
+      targetMiB: 64,
+      deflateOnOom: false,
+      statsIntervalS: 0,
+      freePageReporting: false,
+      freePageHinting: false,
+    });
   });
 });
 

@@ -44,5 +44,7 @@ test("the balloon counts the driver's inflate, deflate, statistics and free-page
     deflate_count: 1,
     stats_updates_count: 1,
     free_page_report_count: 2,
+    free_page_hint_count: 0,
+    free_page_hint_freed: 0,
   });
 });

@@ -106,8 +106,13 @@ export class FakeDevice {
   private readonly usedSeen: number[];
   private readonly writable = new Map<string, Array<{ addr: number; len: number }>>();
   readonly queues: number;
+  /** The device's shared state (for a host-side control object over it). */
+  readonly state: ReturnType<typeof virtioState>;
+  /** The device's control eventfd (with `{ control: true }`): the host's commands wake the backend through it. */
+  readonly controlFd: number;
 
-  constructor(device: VirtioDeviceConfig) {
+  constructor(device: VirtioDeviceConfig, opts: { readonly control?: boolean } = {}) {
+    this.controlFd = opts.control ? libc.eventfd(0, libc.EFD_NONBLOCK | libc.EFD_CLOEXEC) : -1;
     this.address = libc.mmap(
       null,
       RAM_BYTES,
@@ -122,6 +127,7 @@ export class FakeDevice {
     const options: VirtioPciOptions = { device, notifyFds: [], intxGsi: -1, controlFd: -1 };
     const shared = allocateDeviceState('virtio-pci', options);
     const state = virtioState(shared, options);
+    this.state = state;
     this.queues = state.numQueues;
     const irq = new VirtioInterrupts(
       state,
@@ -201,7 +207,7 @@ export class FakeDevice {
       this.needsReset = why;
       needsReset(why, log);
     };
-    this.backend = createBackend(device, this.runtime, { controlFd: -1 });
+    this.backend = createBackend(device, this.runtime, { controlFd: this.controlFd });
     this.runtime.backend = this.backend;
     // A transport control fd of -1 (no VM here to send commands) is not watched.
     for (const p of this.backend.pollFds ?? []) if (p.fd >= 0) this.runtime.watchFd(p.fd, () => p.ready());
@@ -241,6 +247,11 @@ export class FakeDevice {
     this.mem.writeU16(avail + 2, this.availIdx[q]!);
     this.writable.set(`${q}:${first}`, slots);
     return first;
+  }
+
+  /** Where the device-writable buffers of the chain at `head` on queue `q` are (guest addresses). */
+  writableOf(q: number, head: number): ReadonlyArray<{ addr: number; len: number }> {
+    return this.writable.get(`${q}:${head}`) ?? [];
   }
 
   /** The driver kicks queue `q`: the backend runs under the device lock, as on the I/O thread. */
@@ -295,6 +306,7 @@ export class FakeDevice {
   close(): void {
     this.backend.close?.();
     libc.close(this.epfd);
+    if (this.controlFd >= 0) libc.close(this.controlFd);
     libc.munmap(this.address, RAM_BYTES);
   }
 }
