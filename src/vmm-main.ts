@@ -1,7 +1,8 @@
 // kiln-vmm's main (started by vmm-cli.ts): one VM per process behind Firecracker's API, for orchestrators that drive
 // Firecracker (Kata Containers, firecracker-containerd, flintlock). Flags as
 // Firecracker's: --api-sock, --config-file (the same JSON, booted at once), --no-api,
-// --id, --version. SIGTERM stops the VM and exits 0; when the guest powers off the
+// --id, --version. SIGTERM stops the VM and exits 0 (SIGHUP, SIGXFSZ, SIGXCPU with
+// Firecracker's statuses); when the guest powers off the
 // process exits with the guest's status.
 import { readFileSync, statSync } from 'node:fs';
 import { isatty } from 'node:tty';
@@ -201,6 +202,17 @@ async function main(argv: string[]): Promise<number> {
     const stop = () => resolve(EXIT_OK);
     process.once('SIGTERM', stop);
     process.once('SIGINT', stop);
+    // Firecracker's fatal signals and their exit statuses: logged, counted in one last metrics line.
+    for (const [signal, name, signo, status] of FATAL_SIGNALS)
+      process.once(signal, () => {
+        vmm.interceptedSignal(name, signo);
+        resolve(status);
+      });
+  });
+  // Node ignores SIGPIPE (a write then fails with EPIPE); Firecracker counts it and goes on.
+  process.on('SIGPIPE', () => {
+    vmm.countSignal('sigpipe');
+    vmm.note('Error', 'Received signal 13, code 0.');
   });
   let server: Server | null = null;
   const finish = async (code: number): Promise<number> => {
@@ -259,6 +271,13 @@ async function main(argv: string[]): Promise<number> {
   const guestEnded = vmm.ended.then(vmExitStatus);
   return finish(await Promise.race([stopped, guestEnded]));
 }
+
+/** Signals that end kiln-vmm as they end Firecracker, with its exit statuses. */
+const FATAL_SIGNALS = [
+  ['SIGHUP', 'sighup', 1, 156],
+  ['SIGXFSZ', 'sigxfsz', 25, 151],
+  ['SIGXCPU', 'sigxcpu', 24, 154],
+] as const;
 
 /** A flag's whole number (at least 0), or undefined when it is not given; throws when it is not one. */
 function positiveFlag(values: Record<string, unknown>, name: string): number | undefined {

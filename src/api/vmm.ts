@@ -851,6 +851,15 @@ export class Vmm {
         dropped_log_lines: this.deltas.delta('vmm.dropped', this.dropped),
       },
       latencies_us: { ...this.latencies },
+      // A call the filters forbid kills the process in the kernel (SIGSYS, which its parent
+      // sees): no handler runs, so no live process has a fault to count.
+      seccomp: { num_faults: 0 },
+      signals: Object.fromEntries(
+        Object.entries(this.signals).map(([name, n]) => [
+          name,
+          name === 'sigpipe' ? this.deltas.delta('signals.sigpipe', n) : n,
+        ]),
+      ),
     };
     const groups: Record<string, Record<string, number>> = {
       block: { rate_limiter_throttled_events: 0 },
@@ -933,6 +942,31 @@ export class Vmm {
       }
     }, 60_000);
     this.metricsTimer.unref();
+  }
+
+  /**
+   * Signals as Firecracker's metrics count them: SIGPIPE is counted and survived; a fatal
+   * one (SIGHUP, SIGXFSZ, SIGXCPU) is logged, counted and flushed in a last metrics line
+   * before the process ends (vmm-main.ts). SIGBUS, SIGSEGV and SIGILL keep their default
+   * action: a handler would return to the faulting instruction (a JS listener runs later,
+   * on the event loop), which faults again forever.
+   */
+  readonly signals = { sigbus: 0, sigsegv: 0, sigxfsz: 0, sigxcpu: 0, sigpipe: 0, sighup: 0, sigill: 0 };
+
+  countSignal(name: keyof Vmm['signals']): void {
+    this.signals[name]++;
+  }
+
+  /** A fatal signal arrived: logged as Firecracker logs it and written in one last metrics line. */
+  interceptedSignal(name: 'sighup' | 'sigxfsz' | 'sigxcpu', signo: number): void {
+    this.signals[name] = 1;
+    this.note('Error', `Shutting down VM after intercepting signal ${signo}, code 0.`);
+    if (!this.settings.metrics) return;
+    try {
+      this.flushMetrics();
+    } catch (err) {
+      this.log(`metrics: ${(err as Error).message}`);
+    }
   }
 
   /** SIGTERM or the end of the process: stop the VM if it runs. */

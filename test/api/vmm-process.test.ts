@@ -87,6 +87,53 @@ describe('kiln-vmm', () => {
     }
   });
 
+  test("signals as Firecracker's: SIGPIPE counted and survived; SIGHUP, SIGXFSZ, SIGXCPU end it with their statuses after one last metrics line", async () => {
+    const launch = async () => {
+      const dir = tempDir();
+      const sock = join(dir, 'api.sock');
+      const metrics = join(dir, 'metrics.json');
+      const child = spawn(process.execPath, [VMM, '--api-sock', sock, '--metrics-path', metrics], {
+        stdio: ['ignore', 'ignore', 'pipe'],
+      });
+      let stderr = '';
+      child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+      const ended = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+      after(() => child.exitCode === null && child.kill('SIGKILL'));
+      for (let i = 0; i < 2000 && !existsSync(sock); i++) await sleep(5);
+      assert.ok(existsSync(sock), 'the API socket appeared');
+      const lastMetrics = () => {
+        const lines = readFileSync(metrics, 'utf8').trim().split('\n');
+        return JSON.parse(lines[lines.length - 1]!) as {
+          signals: Record<string, number>;
+          seccomp: { num_faults: number };
+        };
+      };
+      return { child, sock, ended, lastMetrics, stderr: () => stderr };
+    };
+    const piped = await launch();
+    piped.child.kill('SIGPIPE');
+    for (let i = 0; i < 200 && !piped.stderr().includes('Received signal 13'); i++) await sleep(10);
+    await put(piped.sock, '/actions', { action_type: 'FlushMetrics' });
+    assert.equal(piped.lastMetrics().signals.sigpipe, 1);
+    assert.equal(piped.lastMetrics().seccomp.num_faults, 0);
+    await put(piped.sock, '/actions', { action_type: 'FlushMetrics' });
+    assert.equal(piped.lastMetrics().signals.sigpipe, 0, 'counted since the previous flush');
+    piped.child.kill('SIGTERM');
+    assert.equal(await piped.ended, 0, 'SIGPIPE did not end it');
+    for (const [signal, name, signo, status] of [
+      ['SIGHUP', 'sighup', 1, 156],
+      ['SIGXFSZ', 'sigxfsz', 25, 151],
+      ['SIGXCPU', 'sigxcpu', 24, 154],
+    ] as const) {
+      const v = await launch();
+      v.child.kill(signal);
+      assert.equal(await v.ended, status, `${signal}: ${v.stderr().slice(0, 400)}`);
+      assert.match(v.stderr(), new RegExp(`Shutting down VM after intercepting signal ${signo}, code 0`));
+      assert.equal(v.lastMetrics().signals[name], 1, signal);
+      assert.ok(!existsSync(v.sock), 'socket removed');
+    }
+  });
+
   test('--snapshot-version, --describe-snapshot, and the numeric flags checked', () => {
     const dir = tempDir();
     const version = vmm(['--snapshot-version']);
