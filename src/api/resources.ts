@@ -11,6 +11,7 @@ import { KilnError } from '../errors.js';
 import type { BucketConfig, RateLimiterConfig } from '../virtio/rate-limiter.js';
 import type { ReceiveRequest, SendRequest } from '../migration/migration.js';
 import type { BalloonConfig, DiskConfig, NetConfig, VmConfig, VsockConfig } from '../config/vm-config.js';
+import { MAX_MTU, MIN_MTU } from '../config/vm-config.js';
 
 /** An error the API returns as 400 {"fault_message": message}. */
 export class ApiError extends KilnError {}
@@ -287,7 +288,8 @@ export function parseNetworkInterface(pathId: string, body: unknown): ConfigChan
     tx_rate_limiter: obj,
   });
   matchIds(pathId, r.iface_id);
-  if (r.mtu !== undefined) throw new ApiError('network-interfaces: `mtu` is not supported by Kiln yet');
+  if (r.mtu !== undefined && ((r.mtu as number) < MIN_MTU || (r.mtu as number) > MAX_MTU))
+    throw new ApiError(`network-interfaces: \`mtu\` must be from ${MIN_MTU} to ${MAX_MTU} (got ${String(r.mtu)})`);
   const rx = parseRateLimiter('network-interfaces', r.rx_rate_limiter);
   const tx = parseRateLimiter('network-interfaces', r.tx_rate_limiter);
   return (input) => {
@@ -295,6 +297,7 @@ export function parseNetworkInterface(pathId: string, body: unknown): ConfigChan
       id: pathId,
       tap: r.host_dev_name,
       ...(r.guest_mac !== undefined ? { mac: r.guest_mac } : {}),
+      ...(r.mtu !== undefined ? { mtu: r.mtu } : {}),
       ...(rx ? { rxRateLimiter: rx } : {}),
       ...(tx ? { txRateLimiter: tx } : {}),
     });
@@ -710,6 +713,7 @@ const exportNet = (n: NetConfig) => ({
   iface_id: n.id,
   host_dev_name: n.tap,
   ...(n.mac !== undefined ? { guest_mac: n.mac } : {}),
+  ...(n.mtu !== undefined ? { mtu: n.mtu } : {}),
   ...(n.rxRateLimiter ? { rx_rate_limiter: exportRateLimiter(n.rxRateLimiter) } : {}),
   ...(n.txRateLimiter ? { tx_rate_limiter: exportRateLimiter(n.txRateLimiter) } : {}),
 });

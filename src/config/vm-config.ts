@@ -17,6 +17,9 @@ export const MIN_MEMORY_MIB = 1;
 export const MAX_MEMORY_MIB = 4 * 1024 * 1024;
 /** virtio-blk's GET_ID answer is at most 20 bytes (virtio 1.2, 5.2.6). */
 export const MAX_SERIAL_BYTES = 20;
+/** The MTU a NIC may tell its guest: IPv4's minimum to the largest 16-bit value (Firecracker's bounds). */
+export const MIN_MTU = 68;
+export const MAX_MTU = 65535;
 /** Linux's IFNAMSIZ, less the terminating NUL. */
 const MAX_IFNAME_BYTES = 15;
 
@@ -152,6 +155,8 @@ export const NetSchema = v.pipe(
     /** passt's Unix socket (rootless networking). */
     passt: v.optional(nonEmpty("the path of passt's socket")),
     mac: v.optional(Mac),
+    /** The MTU told to the guest (VIRTIO_NET_F_MTU; Firecracker's mtu); none: the guest's default. */
+    mtu: v.optional(whole(MIN_MTU, MAX_MTU)),
     /** Firecracker's rx_rate_limiter and tx_rate_limiter: frames to and from the guest. */
     rxRateLimiter: v.optional(RateLimiterSchema),
     txRateLimiter: v.optional(RateLimiterSchema),

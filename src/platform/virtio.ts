@@ -222,6 +222,7 @@ export function attachVirtio(
     const id = net.id;
     const limited: NetOptions = {
       ...n.options,
+      ...(net.mtu !== undefined ? { mtu: net.mtu } : {}),
       rxLimiter: limiter(`net-rx:${id}`, net.rxRateLimiter),
       txLimiter: limiter(`net-tx:${id}`, net.txRateLimiter),
       counters: counted(`net:${id}`, NET_COUNTERS),

@@ -18,6 +18,7 @@ import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } fro
 
 export const VIRTIO_NET_F_CSUM = 0n;
 export const VIRTIO_NET_F_GUEST_CSUM = 1n;
+export const VIRTIO_NET_F_MTU = 3n;
 export const VIRTIO_NET_F_MAC = 5n;
 export const VIRTIO_NET_F_HOST_TSO4 = 11n;
 export const VIRTIO_NET_F_HOST_TSO6 = 12n;
@@ -46,6 +47,8 @@ export interface NetOptions {
   readonly fd: number;
   readonly mac: string;
   readonly backend: 'tap' | 'passt';
+  /** The MTU to tell the guest (VIRTIO_NET_F_MTU); none: not offered, the guest picks its own. */
+  readonly mtu?: number;
   /** MMDS on this NIC (PUT /mmds/config named it): frames to its address are answered by the VMM. */
   readonly mmds?: NetMmdsOptions;
   /** Rate limiters for frames to the guest (rx) and from it (tx): rate-limiter.ts's shared cells. */
@@ -74,6 +77,7 @@ export const netType: VirtioDeviceType<NetOptions> = {
   features: (o) =>
     bit(VIRTIO_NET_F_MAC) |
     bit(VIRTIO_NET_F_STATUS) |
+    (o.mtu !== undefined ? bit(VIRTIO_NET_F_MTU) : 0n) |
     (isPasst(o)
       ? 0n
       : bit(VIRTIO_NET_F_CSUM) |
@@ -85,7 +89,7 @@ export const netType: VirtioDeviceType<NetOptions> = {
     parseMac(o.mac).forEach((b, i) => config.setUint8(NET_CONFIG.mac + i, b));
     config.setUint16(NET_CONFIG.status, VIRTIO_NET_S_LINK_UP, true);
     config.setUint16(NET_CONFIG.maxVirtqueuePairs, 1, true);
-    config.setUint16(NET_CONFIG.mtu, 1500, true);
+    config.setUint16(NET_CONFIG.mtu, o.mtu ?? 1500, true);
   },
 };
 

@@ -165,7 +165,10 @@ describe('the Firecracker API', () => {
           io_engine: 'Sync',
         },
       ],
-      ['/network-interfaces/eth0', { iface_id: 'eth0', host_dev_name: 'tap0', guest_mac: '06:00:AC:10:00:02' }],
+      [
+        '/network-interfaces/eth0',
+        { iface_id: 'eth0', host_dev_name: 'tap0', guest_mac: '06:00:AC:10:00:02', mtu: 9000 },
+      ],
       ['/vsock', { guest_cid: 3, uds_path: join(dir, 'v.sock') }],
       ['/entropy', {}],
       ['/balloon', { amount_mib: 0, deflate_on_oom: false, stats_polling_interval_s: 1 }],
@@ -221,6 +224,7 @@ describe('the Firecracker API', () => {
       ['rootfs', 'data_1'],
     );
     assert.equal((config['network-interfaces'] as unknown[]).length, 1);
+    assert.equal((config['network-interfaces'] as Array<{ mtu?: number }>)[0]!.mtu, 9000);
     assert.deepEqual(config.vsock, { guest_cid: 3, uds_path: join(dir, 'v.sock') });
     assert.equal((config.balloon as { amount_mib: number }).amount_mib, 16);
     assert.deepEqual((config.drives as Array<{ rate_limiter?: unknown }>)[1]!.rate_limiter, limiter);
@@ -332,6 +336,12 @@ describe('the Firecracker API', () => {
         '/drives/data_1',
         { drive_id: 'data_1', path_on_host: '/x', is_root_device: false, toString: 1 },
         /unknown field `toString`/,
+      ],
+      [
+        'PUT',
+        '/network-interfaces/eth0',
+        { iface_id: 'eth0', host_dev_name: 'tap0', mtu: 67 },
+        /`mtu` must be from 68 to 65535 \(got 67\)/,
       ],
       ['PATCH', '/balloon/hinting/start', {}, /Attempting to use hinting when not enabled/],
       ['PATCH', '/balloon/hinting/stop', {}, /Attempting to use hinting when not enabled/],
