@@ -682,6 +682,42 @@ export function exportDrive(d: DiskConfig): Record<string, unknown> {
   };
 }
 
+/** A forced-bits mask and value as Firecracker's bitmap: '0b', most significant bit first, x where not forced. */
+function bitmap(width: number, mask: bigint, value: bigint): string {
+  let out = '0b';
+  for (let bit = width - 1; bit >= 0; bit--) {
+    const b = 1n << BigInt(bit);
+    out += mask & b ? (value & b ? '1' : '0') : 'x';
+  }
+  return out;
+}
+
+/** A custom CPU template in PUT /cpu-config's shape (GET /vm/config's `cpu-config`). */
+export function exportCpuConfig(c: VmConfig): Record<string, unknown> {
+  const leaves = new Map<string, { leaf: string; subleaf: string; flags: number; modifiers: unknown[] }>();
+  for (const m of c.cpuidModifiers ?? []) {
+    const key = `${m.leaf}:${m.subleaf}:${m.flags}`;
+    let entry = leaves.get(key);
+    if (!entry) {
+      entry = {
+        leaf: `0x${m.leaf.toString(16)}`,
+        subleaf: `0x${m.subleaf.toString(16)}`,
+        flags: m.flags,
+        modifiers: [],
+      };
+      leaves.set(key, entry);
+    }
+    entry.modifiers.push({ register: m.register, bitmap: bitmap(32, BigInt(m.mask), BigInt(m.value)) });
+  }
+  return {
+    cpuid_modifiers: [...leaves.values()],
+    msr_modifiers: (c.msrModifiers ?? []).map((m) => ({
+      addr: `0x${m.index.toString(16)}`,
+      bitmap: bitmap(64, BigInt(m.mask), BigInt(m.value)),
+    })),
+  };
+}
+
 /** Kiln's rate limiter config in Firecracker's shape. */
 export function exportRateLimiter(l: RateLimiterConfig): Record<string, unknown> {
   const bucket = (b: BucketConfig) => ({
@@ -725,7 +761,7 @@ const exportVsock = (v: VsockConfig) => ({
 
 /**
  * GET /vm/config and --config-file share this shape (FullVmConfiguration). What
- * Firecracker cannot express (passt NICs, a console socket, a CPU template) is left out.
+ * Firecracker cannot express (passt NICs, a console socket, Kiln's own CPU templates) is left out.
  */
 export function exportDefinition(c: VmConfig, s: VmmSettings): Record<string, unknown> {
   return {
@@ -739,6 +775,7 @@ export function exportDefinition(c: VmConfig, s: VmmSettings): Record<string, un
         }
       : {}),
     'machine-config': exportMachineConfig(c),
+    ...(c.cpuidModifiers?.length || c.msrModifiers?.length ? { 'cpu-config': exportCpuConfig(c) } : {}),
     drives: c.disks.map(exportDrive),
     'network-interfaces': c.nets.filter((n) => n.tap !== undefined).map(exportNet),
     ...(c.vsock ? { vsock: exportVsock(c.vsock) } : {}),

@@ -552,6 +552,14 @@ describe('the Firecracker API', () => {
     assert.deepEqual(vmm.config.msrModifiers, [
       { index: 0x10a, mask: '0xc000000000000001', value: '0xc000000000000000' },
     ]);
+    // GET /vm/config gives the template back in the same shape, which PUT takes again unchanged.
+    const shown = ((await call('GET', '/vm/config')).body as Record<string, unknown>)['cpu-config'];
+    assert.deepEqual((shown as { msr_modifiers: unknown }).msr_modifiers, [
+      { addr: '0x10a', bitmap: `0b11${'x'.repeat(61)}0` },
+    ]);
+    const set = JSON.stringify(vmm.config);
+    assert.equal((await call('PUT', '/cpu-config', shown)).status, 204);
+    assert.equal(JSON.stringify(vmm.config), set, 'the round trip changes nothing');
   });
 
   test("machine-config's cpu_template takes Firecracker's static templates, in one slot with PUT /cpu-config's", async () => {
