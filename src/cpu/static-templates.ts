@@ -73,11 +73,17 @@ type Row = readonly [
 const rows = (list: readonly Row[]): CpuidModifier[] =>
   list.map(([leaf, subleaf, flags, register, mask, value]) => ({ leaf, subleaf, flags, register, mask, value }));
 
+// XSAVE with x87, SSE and AVX state only (no MPX, AVX-512 or PKRU components) and none of
+// XSAVEOPT's successors (XSAVEC, XGETBV1, XSAVES): every template has it.
+const XSAVE_UP_TO_AVX: readonly Row[] = [
+  [0xd, 0, 1, 'eax', 0x0000_02f8, 0],
+  [0xd, 1, 1, 'eax', 0x0000_000e, 0],
+];
+
 // What the T2 family shares: leaf 1 reads as a Haswell Xeon (family 6, model 0x3f,
 // stepping 2) and loses the monitoring, virtualization and power-management bits (DTES64,
-// MONITOR, DS-CPL, VMX, SMX, EST, TM2, CNXT-ID, SDBG, xTPR, PDCM, DCA); leaves 7 and 0xd lose
-// what came after Haswell (AVX-512, SGX, MPX, PKU and their XSAVE state components) while
-// ERMS is forced on.
+// MONITOR, DS-CPL, VMX, SMX, EST, TM2, CNXT-ID, SDBG, xTPR, PDCM, DCA); leaf 7 loses what came
+// after Haswell (AVX-512, SGX, MPX, PKU) while ERMS is forced on.
 const T2_COMMON: readonly Row[] = [
   [0x1, 0, 0, 'eax', 0x0fff_3fff, 0x0003_06f2],
   [0x1, 0, 0, 'ecx', 0x0004_cdfc, 0],
@@ -85,8 +91,7 @@ const T2_COMMON: readonly Row[] = [
   [0x7, 0, 1, 'ebx', 0xffef_da14, 0x0000_0200],
   [0x7, 0, 1, 'ecx', 0x4041_5f5e, 0],
   [0x7, 0, 1, 'edx', 0x0000_011c, 0],
-  [0xd, 0, 1, 'eax', 0x0000_02f8, 0],
-  [0xd, 1, 1, 'eax', 0x0000_000e, 0],
+  ...XSAVE_UP_TO_AVX,
 ];
 
 // T2's extended leaves: no PREFETCHW and MONITORX (0x80000001 ECX bits 8, 29), no 1 GiB
@@ -111,8 +116,7 @@ const TEMPLATES: Readonly<Record<StaticTemplateName, StaticTemplate>> = {
       [0x7, 0, 1, 'ebx', 0xffaf_dd3c, 0],
       [0x7, 0, 1, 'ecx', 0x4041_481e, 0],
       [0x7, 0, 1, 'edx', 0x0000_000c, 0],
-      [0xd, 0, 1, 'eax', 0x0000_02f8, 0],
-      [0xd, 1, 1, 'eax', 0x0000_000e, 0],
+      ...XSAVE_UP_TO_AVX,
       [0x8000_0001, 0, 0, 'ecx', 0x0000_0120, 0],
       [0x8000_0001, 0, 0, 'edx', 0x0400_0000, 0],
     ]),
