@@ -46,16 +46,22 @@ export const BALLOON_REPORT = struct('balloon_report', [
   ['pagesReturned', 'u64'],
   ['stats', array('u64', BALLOON_STAT_TAGS)],
   // Free page hinting: the host's last command ID, the guest's (valid when guestCmdSeen is
-  // 1), and the last run's ID (the next run takes the one after it).
+  // 1), the last run's ID (the next run takes the one after it), the serial of the last
+  // hint command posted (host) and applied (I/O thread: a snapshot restores both, so a
+  // restored process never applies an old command twice), and whether the run applied
+  // answers the driver's STOP with DONE.
   ['hostCmd', 'u32'],
   ['guestCmd', 'u32'],
   ['guestCmdSeen', 'u32'],
   ['lastRun', 'u32'],
+  ['hintPosted', 'u32'],
+  ['hintApplied', 'u32'],
+  ['ackOnStop', 'u32'],
 ]);
 export const BALLOON_TARGET = new MailboxLayout('balloon_target', { pages: 'u32' });
 export const BALLOON_STATS_REQUEST = new MailboxLayout('balloon_stats_request', {});
 /** A hinting command for the driver: a run's ID (ackOnStop 1: answer its STOP with DONE), or DONE. */
-export const BALLOON_HINT = new MailboxLayout('balloon_hint', { cmd: 'u32', ackOnStop: 'u32' });
+export const BALLOON_HINT = new MailboxLayout('balloon_hint', { cmd: 'u32', ackOnStop: 'u32', serial: 'u32' });
 const align8 = (n: number) => Math.ceil(n / 8) * 8;
 const TARGET_AT = align8(BALLOON_REPORT.size);
 const STATS_REQUEST_AT = TARGET_AT + align8(BALLOON_TARGET.bytes);
@@ -65,6 +71,9 @@ const HOST_CMD_AT = BALLOON_REPORT.offsetOf('hostCmd');
 const GUEST_CMD_AT = BALLOON_REPORT.offsetOf('guestCmd');
 const GUEST_CMD_SEEN_AT = BALLOON_REPORT.offsetOf('guestCmdSeen');
 const LAST_RUN_AT = BALLOON_REPORT.offsetOf('lastRun');
+const HINT_POSTED_AT = BALLOON_REPORT.offsetOf('hintPosted');
+const HINT_APPLIED_AT = BALLOON_REPORT.offsetOf('hintApplied');
+const ACK_ON_STOP_AT = BALLOON_REPORT.offsetOf('ackOnStop');
 const STATS_AT = BALLOON_REPORT.offsetOf('stats');
 
 /** The balloon's shared regions, from any thread. */
@@ -275,11 +284,13 @@ export class BalloonBackend implements VirtioBackend {
     if (done > 0) this.rt.notifyUsed(q);
     if (queue.leftOver) this.rt.kickLater(q);
     // The driver has sent all it found: with acknowledge_on_stop, let it have its pages back.
-    if (stopped && this.ackOnStop && this.report.getUint32(HOST_CMD_AT, true) > HINT_CMD_DONE)
+    if (
+      stopped &&
+      this.report.getUint32(ACK_ON_STOP_AT, true) === 1 &&
+      this.report.getUint32(HOST_CMD_AT, true) > HINT_CMD_DONE
+    )
       this.sendHintCmd(HINT_CMD_DONE);
   }
-
-  private ackOnStop = false;
 
   private sendHintCmd(cmd: number): void {
     this.report.setUint32(HOST_CMD_AT, cmd, true);
@@ -329,15 +340,15 @@ export class BalloonBackend implements VirtioBackend {
     }
     if (this.shared.statsRequest.pending && this.rt.state.negotiated(VIRTIO_BALLOON_F_STATS_VQ)) this.releaseStats(2);
     const hint = this.shared.hint.take();
-    if (hint) {
-      this.ackOnStop = hint.ackOnStop === 1;
+    if (hint && hint.serial !== this.report.getUint32(HINT_APPLIED_AT, true)) {
+      this.report.setUint32(HINT_APPLIED_AT, hint.serial, true);
+      this.report.setUint32(ACK_ON_STOP_AT, hint.ackOnStop, true);
       this.sendHintCmd(hint.cmd);
     }
   }
 
   reset(): void {
     this.heldStats = -1;
-    this.ackOnStop = false;
   }
 }
 
@@ -384,8 +395,11 @@ export class BalloonControl {
 
   private sendHint(cmd: number, ackOnStop: boolean): void {
     // Shown at once by hintingStatus; the I/O thread writes it too (and DONE on an acknowledged stop).
-    this.shared.report.setUint32(HOST_CMD_AT, cmd, true);
-    this.shared.hint.post({ cmd, ackOnStop: ackOnStop ? 1 : 0 });
+    const report = this.shared.report;
+    report.setUint32(HOST_CMD_AT, cmd, true);
+    const serial = (report.getUint32(HINT_POSTED_AT, true) + 1) >>> 0;
+    report.setUint32(HINT_POSTED_AT, serial, true);
+    this.shared.hint.post({ cmd, ackOnStop: ackOnStop ? 1 : 0, serial });
     libc.signalEventfd(this.controlFd);
   }
 

@@ -4,7 +4,13 @@
 // are left alone; the driver's STOP is answered with DONE when the run asked for it.
 import assert from 'node:assert/strict';
 import { after, test } from 'node:test';
-import { BALLOON_CONFIG, BalloonControl, HINT_CMD_DONE, HINT_CMD_STOP } from '../../src/virtio/balloon.js';
+import {
+  BALLOON_CONFIG,
+  BalloonBackend,
+  BalloonControl,
+  HINT_CMD_DONE,
+  HINT_CMD_STOP,
+} from '../../src/virtio/balloon.js';
 import { BALLOON_COUNTERS, DeviceCounters } from '../../src/virtio/counters.js';
 import { FakeDevice, RAM_BYTES } from './fake-driver.js';
 
@@ -78,6 +84,14 @@ test('a hinting run frees the pages the driver hints while it holds them, and on
   const late = hint();
   dev.notify(HINTING);
   assert.ok(kept(late), 'after DONE the guest may use its pages again: nothing freed');
+
+  // A restored process: a new backend over the same (restored) state, woken by another
+  // request (a new target), does not apply the run's old command again.
+  const restored = new BalloonBackend(dev.runtime, dev.controlFd, { targetPages: 0, deflateOnOom: false });
+  control.setTargetPages(16);
+  dev.runtime.run(() => restored.pollFds[0]!.ready());
+  assert.equal(dev.state.config().getUint32(BALLOON_CONFIG.numPages, true), 16, 'the new target applied');
+  assert.equal(cmdId(), HINT_CMD_DONE, 'the old run is not started again');
 
   // A run without acknowledge_on_stop: hints from an older run are left alone, STOP is not
   // answered, and the host ends the run itself.
