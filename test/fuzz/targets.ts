@@ -20,6 +20,7 @@ import { GuestMemory, ramRanges } from '../../src/memory/guest-memory.js';
 import { msixCapability } from '../../src/pci/msix.js';
 import { PciRoot } from '../../src/pci/root.js';
 import { openDisk } from '../../src/platform/virtio.js';
+import { BalloonControl } from '../../src/virtio/balloon.js';
 import type { VirtioDeviceConfig } from '../../src/virtio/catalogue.js';
 import { COMMON_CFG } from '../../src/virtio/common-config.js';
 import { DescriptorChain, QUEUE_RECORD, SplitQueue, VirtqueueError } from '../../src/virtio/queue.js';
@@ -219,6 +220,9 @@ type Chains = Array<{ queue: number; buffers: Array<{ read?: Uint8Array; write?:
 interface Made {
   readonly device: VirtioDeviceConfig;
   readonly fds?: readonly number[];
+  /** The device takes host commands (a control eventfd); `opened` then gives it some. */
+  readonly control?: boolean;
+  readonly opened?: (dev: FakeDevice) => void;
 }
 
 function backendTarget(
@@ -232,7 +236,8 @@ function backendTarget(
   let made: Made | null = null;
   const open = () => {
     made = make();
-    dev = new FakeDevice(made.device);
+    dev = new FakeDevice(made.device, { control: made.control ?? false });
+    made.opened?.(dev);
   };
   const close = () => {
     dev?.close();
@@ -395,6 +400,28 @@ function backendTargets(): FuzzTarget<Chains>[] {
       () => ({ device: { kind: 'balloon', options: { targetPages: 64, deflateOnOom: false } } }),
       chainOf(4, pfnArray(), 256),
     ),
+    backendTarget(
+      'virtio-balloon-hinting',
+      3,
+      () => ({
+        device: { kind: 'balloon', options: { targetPages: 0, deflateOnOom: false, freePageHinting: true } },
+        control: true,
+        // A run the driver's hints belong to (ID 2), so hinted buffers are freed.
+        opened: (dev) => {
+          new BalloonControl(dev.state, dev.controlFd).startHinting(true);
+          dev.poll(0);
+        },
+      }),
+      // Queue 3 is hinting's: command IDs (STOP, DONE, the run's, others) and buffers to free.
+      chainOf(
+        5,
+        fc.oneof(
+          fc.constantFrom(0, 1, 2, 3, 0xffffffff).map((id) => new Uint8Array(Uint32Array.of(id).buffer)),
+          bytes(8),
+        ),
+        3 * 4096,
+      ).map((chains) => chains.map((c) => ({ ...c, queue: c.queue % 2 === 0 ? 3 : c.queue }))),
+    ),
   ].map((t, i, all) => (i === all.length - 1 ? { ...t, teardown: () => (t.teardown(), cleanup()) } : t));
 }
 
@@ -406,7 +433,17 @@ function apiTarget(): FuzzTarget<Uint8Array> {
   const request = fc
     .record({
       method: fc.constantFrom('GET', 'PUT', 'PATCH', 'DELETE', 'BREW', 'G\u0000T', ''),
-      path: fc.constantFrom('/', '/machine-config', '/drives/x', '/actions', '/vm', '/%%', '/' + 'a'.repeat(300)),
+      path: fc.constantFrom(
+        '/',
+        '/machine-config',
+        '/drives/x',
+        '/actions',
+        '/vm',
+        '/cpu-config',
+        '/balloon/hinting/start',
+        '/%%',
+        '/' + 'a'.repeat(300),
+      ),
       headers: fc.array(fc.string({ maxLength: 40 }), { maxLength: 4 }),
       body: fc.oneof(fc.string({ maxLength: 200 }), fc.json({ maxDepth: 3 })),
     })
