@@ -953,8 +953,13 @@ export class Vmm {
    */
   readonly signals = { sigbus: 0, sigsegv: 0, sigxfsz: 0, sigxcpu: 0, sigpipe: 0, sighup: 0, sigill: 0 };
 
-  countSignal(name: keyof Vmm['signals']): void {
-    this.signals[name]++;
+  /**
+   * Counts a signal the process survives (SIGPIPE). Only the first is logged: the log's own
+   * stderr may be the broken pipe, and a line per signal would raise the next one.
+   */
+  countSignal(name: 'sigpipe'): void {
+    if (this.signals[name]++ === 0)
+      this.note('Error', 'Received signal 13, code 0. (Later ones are counted in the metrics only.)');
   }
 
   /** A fatal signal arrived: logged as Firecracker logs it and written in one last metrics line. */
