@@ -6,6 +6,7 @@
 // process exits with the guest's status.
 import { readFileSync, statSync } from 'node:fs';
 import { isatty } from 'node:tty';
+import { constants as osConstants } from 'node:os';
 import * as libc from './kvm/libc.js';
 import type { Server } from 'node:http';
 import { parseArgs } from 'node:util';
@@ -203,9 +204,9 @@ async function main(argv: string[]): Promise<number> {
     process.once('SIGTERM', stop);
     process.once('SIGINT', stop);
     // Firecracker's fatal signals and their exit statuses: logged, counted in one last metrics line.
-    for (const [signal, name, signo, status] of FATAL_SIGNALS)
+    for (const [signal, name, status] of FATAL_SIGNALS)
       process.once(signal, () => {
-        vmm.interceptedSignal(name, signo);
+        vmm.interceptedSignal(name, osConstants.signals[signal]);
         resolve(status);
       });
   });
@@ -271,9 +272,9 @@ async function main(argv: string[]): Promise<number> {
 
 /** Signals that end kiln-vmm as they end Firecracker, with its exit statuses. */
 const FATAL_SIGNALS = [
-  ['SIGHUP', 'sighup', 1, 156],
-  ['SIGXFSZ', 'sigxfsz', 25, 151],
-  ['SIGXCPU', 'sigxcpu', 24, 154],
+  ['SIGHUP', 'sighup', 156],
+  ['SIGXFSZ', 'sigxfsz', 151],
+  ['SIGXCPU', 'sigxcpu', 154],
 ] as const;
 
 /** A flag's whole number (at least 0), or undefined when it is not given; throws when it is not one. */

@@ -326,6 +326,17 @@ function templateNumber(where: string, value: unknown, max: number): number {
   return n;
 }
 
+/** A template's `bitmap`: '0b' and `width` of 0, 1 or x (underscores allowed), most significant bit first; x keeps a bit. */
+function parseBitmap(where: string, text: unknown, width: number): { mask: bigint; value: bigint } {
+  const bits = typeof text === 'string' ? /^0b([01x_]+)$/.exec(text)?.[1]?.replace(/_/g, '') : undefined;
+  if (bits === undefined || bits.length !== width)
+    throw new ApiError(`cpu-config: ${where}.bitmap must be '0b' and ${width} of 0, 1 or x, not '${String(text)}'`);
+  return {
+    mask: BigInt(`0b${bits.replace(/[01]/g, '1').replace(/x/g, '0')}`),
+    value: BigInt(`0b${bits.replace(/x/g, '0')}`),
+  };
+}
+
 /**
  * PUT /cpu-config: Firecracker's custom CPU template. Its `cpuid_modifiers` (leaf,
  * subleaf, flags, and per register a 32-bit `bitmap` "0b" + 0/1/x, most significant bit
@@ -352,11 +363,7 @@ export function parseCpuConfig(body: unknown): ConfigChange {
     const where = `msr_modifiers[${i}]`;
     const m = check(`cpu-config: ${where}`, entry, { addr: req(any), bitmap: req(str) });
     const index = templateNumber(`${where}.addr`, m.addr, 0xffff_ffff);
-    const bits = /^0b([01x_]+)$/.exec(m.bitmap as string)?.[1]?.replace(/_/g, '');
-    if (bits === undefined || bits.length !== 64)
-      throw new ApiError(`cpu-config: ${where}.bitmap must be '0b' and 64 of 0, 1 or x, not '${String(m.bitmap)}'`);
-    const mask = BigInt(`0b${bits.replace(/[01]/g, '1').replace(/x/g, '0')}`);
-    const value = BigInt(`0b${bits.replace(/x/g, '0')}`);
+    const { mask, value } = parseBitmap(where, m.bitmap, 64);
     return { index, mask: `0x${mask.toString(16)}`, value: `0x${value.toString(16)}` };
   });
   const modifiers: Array<Record<string, unknown>> = [];
@@ -377,17 +384,8 @@ export function parseCpuConfig(body: unknown): ConfigChange {
         register: req(oneOf('eax', 'ebx', 'ecx', 'edx')),
         bitmap: req(str),
       });
-      const bits = /^0b([01x_]+)$/.exec(m.bitmap as string)?.[1]?.replace(/_/g, '');
-      if (bits === undefined || bits.length !== 32)
-        throw new ApiError(`cpu-config: ${where}.bitmap must be '0b' and 32 of 0, 1 or x, not '${String(m.bitmap)}'`);
-      let mask = 0;
-      let value = 0;
-      for (const [k, c] of [...bits].entries()) {
-        const bit = 31 - k;
-        if (c !== 'x') mask |= 1 << bit;
-        if (c === '1') value |= 1 << bit;
-      }
-      modifiers.push({ leaf, subleaf, flags, register: m.register, mask: mask >>> 0, value: value >>> 0 });
+      const { mask, value } = parseBitmap(where, m.bitmap, 32);
+      modifiers.push({ leaf, subleaf, flags, register: m.register, mask: Number(mask), value: Number(value) });
     });
   });
   return (input) => {

@@ -188,12 +188,12 @@ export class VirtioState {
   get status(): number {
     return this.view.getUint8(F.status);
   }
+  set status(v: number) {
+    this.view.setUint8(F.status, v);
+  }
   /** Bumped at every change of the device configuration the driver is told of. */
   get configGeneration(): number {
     return this.view.getUint8(F.configGeneration);
-  }
-  set status(v: number) {
-    this.view.setUint8(F.status, v);
   }
   get driverFeatures(): bigint {
     return (

@@ -629,7 +629,7 @@ const FIELDS: ReadonlyArray<{ id: string; label: string; hint: string; kind?: 'l
   { id: 'net', label: 'Network interfaces', hint: 'one per line: tap=NAME or passt=SOCKET[,mac=MAC]', kind: 'list' },
   { id: 'rng', label: 'Entropy device (virtio-rng)', hint: '', kind: 'check' },
   { id: 'balloon', label: 'Balloon', hint: 'initial target, e.g. 64M (optional)' },
-  { id: 'cpuTemplate', label: 'CPU template', hint: 'e.g. T2 (optional)' },
+  { id: 'cpuTemplate', label: 'CPU template', hint: 'host, pvm or baseline (optional)' },
   { id: 'vsock', label: 'vsock', hint: 'CID,SOCKET, e.g. 3,/run/web.vsock (optional)' },
   { id: 'consoleSocket', label: 'Console socket', hint: 'a virtio console (hvc0) on this Unix socket (optional)' },
   { id: 'cpuWeight', label: 'CPU weight', hint: '1–10000, default 100' },
