@@ -270,7 +270,7 @@ export class FakeDevice {
       const len = this.mem.readU32(at + 4);
       const parts: Buffer[] = [];
       let left = len;
-      for (const s of this.writable.get(`${q}:${id}`) ?? []) {
+      for (const s of this.writableOf(q, id)) {
         const n = Math.min(left, s.len);
         parts.push(Buffer.from(this.mem.read(s.addr, n)));
         left -= n;
