@@ -44,6 +44,10 @@ export interface VmConfig {
   readonly trackDirtyPages?: boolean;
   /** Huge pages for anonymous guest RAM: transparent ones asked for, or the hugetlb pool's 2 MiB pages. */
   readonly hugePages?: HugePages;
+  /** Guest RAM is a shared guest memory file (memory/shared-memory.ts), not private memory. */
+  readonly sharedMemory?: boolean;
+  /** That file, another VMM's, handed over (kiln upgrade): the VM maps it and owns the fd. */
+  readonly sharedMemoryFd?: number;
 }
 
 /** What a snapshot holds of a running machine, besides its memory (snapshot/). */
@@ -181,6 +185,8 @@ export class Vm {
           backingFd: config.memoryFileFd ?? -1,
           trackDirty: config.trackDirtyPages ?? false,
           hugePages: config.hugePages ?? 'None',
+          shared: config.sharedMemory ?? false,
+          ...(config.sharedMemoryFd !== undefined ? { sharedFd: config.sharedMemoryFd } : {}),
         },
       );
       for (let i = vcpus.length; i < config.vcpus; i++) vcpus.push(new VcpuFd(vmFd.createVcpu(i)));
@@ -268,7 +274,7 @@ export class Vm {
               vmFd: this.vmFd.fd,
               devices: virtio,
               seccomp: seccomp?.io ?? null,
-              restored: restore !== undefined,
+              ...(restore ? { restored: restore.kickLater ? ('on-kick' as const) : ('now' as const) } : {}),
             },
             this.emit,
           )

@@ -602,6 +602,7 @@ export function parseMigrationSend(body: unknown): SendRequest {
     auto_converge: bool,
     tls_ca: str,
     copy_disks: bool,
+    local: bool,
   });
   const positive = (name: string, value: unknown) => {
     if (value !== undefined && (value as number) < 1)
@@ -618,6 +619,7 @@ export function parseMigrationSend(body: unknown): SendRequest {
     maxIterations: (r.max_iterations as number | undefined) ?? 30,
     autoConverge: (r.auto_converge as boolean | undefined) ?? true,
     copyDisks: (r.copy_disks as boolean | undefined) ?? false,
+    local: (r.local as boolean | undefined) ?? false,
     ...(r.max_bandwidth_mib_s !== undefined ? { maxBandwidthMiBs: r.max_bandwidth_mib_s as number } : {}),
     ...(r.tls_ca !== undefined ? { tlsCa: r.tls_ca as string } : {}),
   };
@@ -632,8 +634,12 @@ export function parseMigrationReceive(body: unknown): ReceiveRequest {
     network_overrides: arr,
     vsock_override: obj,
     disk_overrides: arr,
+    memory_fd: int,
   });
   if ((r.token as string).length === 0) throw new ApiError('migration/receive: `token` must not be empty');
+  const memoryFd = r.memory_fd as number | undefined;
+  if (memoryFd !== undefined && memoryFd < 3)
+    throw new ApiError(`migration/receive: \`memory_fd\` must be an inherited fd (3 or more), not ${memoryFd}`);
   const disks = new Map<string, string>();
   for (const o of (r.disk_overrides as unknown[] | undefined) ?? []) {
     const d = check('migration/receive: disk_overrides', o, { drive_id: req(str), path_on_host: req(str) });
@@ -652,6 +658,7 @@ export function parseMigrationReceive(body: unknown): ReceiveRequest {
     ...(r.tls_cert !== undefined ? { tlsCert: r.tls_cert as string } : {}),
     ...(r.tls_key !== undefined ? { tlsKey: r.tls_key as string } : {}),
     ...(vsock !== undefined ? { vsockUds: vsock.uds_path as string } : {}),
+    ...(memoryFd !== undefined ? { memoryFd } : {}),
   };
 }
 

@@ -16,6 +16,7 @@ import { isNullDevice, requireKind } from '../special-files.js';
 import { hugePagesFree } from '../host.js';
 import { createLinuxVm, DROPPED_BOOT_ARGS, type LinuxVm } from '../boot/linux.js';
 import { KilnError } from '../errors.js';
+import { checkGuestMemoryFile, SharedMemoryError } from '../memory/shared-memory.js';
 import { ConfigError, parseVmConfig, type VmConfig } from '../config/vm-config.js';
 import { balloonControl, blkControl, openDisk } from '../platform/virtio.js';
 import { openTap } from '../virtio/net.js';
@@ -646,6 +647,13 @@ export class Vmm {
     if (this.live || this.configured)
       throw new ApiError('Receiving a migration is not allowed after configuring boot-specific resources.');
     this.notMigrating();
+    if (req.memoryFd !== undefined)
+      try {
+        checkGuestMemoryFile(req.memoryFd, `migration/receive: \`memory_fd\` ${req.memoryFd}`);
+      } catch (err) {
+        if (err instanceof SharedMemoryError) throw new ApiError(err.message);
+        throw err;
+      }
     let incoming: IncomingMigration;
     try {
       incoming = new IncomingMigration(

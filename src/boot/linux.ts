@@ -132,6 +132,17 @@ export interface RestoreFrom {
   readonly memoryFileFd: number;
   readonly boot: BootSummary;
   readonly compat: CompatConfig | null;
+  /**
+   * RAM is a shared guest memory file (a migration's destination whose VM has
+   * sharedMemory); otherwise a restored VM's RAM is private, whatever its configuration
+   * says (a snapshot's memory file, or anonymous memory a Uffd handler fills).
+   */
+  readonly sharedMemory?: boolean;
+  /**
+   * The source VMM's shared guest memory file, handed over (kiln upgrade): RAM maps it
+   * (memoryFileFd is then -1) and the VM owns the fd.
+   */
+  readonly sharedMemoryFd?: number;
   /** The disks are opened but not locked (a migration's destination takes the locks once its source let go: setDiskLocks). */
   readonly deferDiskLocks?: boolean;
 }
@@ -200,7 +211,9 @@ export function createLinuxVm(vmConfig: VmConfig, runtime: LinuxRuntime, from?: 
       compat,
       trackDirtyPages: config.trackDirtyPages,
       hugePages: config.hugePages ?? 'None',
+      sharedMemory: from ? from.sharedMemory === true : (config.sharedMemory ?? false),
       ...(from ? { memoryFileFd: from.memoryFileFd } : {}),
+      ...(from?.sharedMemoryFd !== undefined ? { sharedMemoryFd: from.sharedMemoryFd } : {}),
     });
   } catch (err) {
     [...disks, ...nets].forEach((d) => closeSync(d.fd));

@@ -265,6 +265,13 @@ export const VM_ENTRIES = {
   smt: v.optional(flag(), false),
   /** Firecracker's track_dirty_pages: kept and reported (dirty logging arrives with snapshots). */
   trackDirtyPages: v.optional(flag(), false),
+  /**
+   * Guest RAM is one shared memory file (a memfd) instead of private memory, so that
+   * `kiln upgrade` hands it to a new VMM without copying it. Unset: off for kiln-vmm and
+   * `kiln run`, on for the manager's VMs (a VM restored from a snapshot maps the
+   * snapshot's memory file privately whatever this says).
+   */
+  sharedMemory: v.optional(flag()),
   disks: list(DiskSchema),
   nets: list(NetSchema),
   /** An entropy device (virtio-rng). */

@@ -16,7 +16,7 @@ import {
 import { dirname, join } from 'node:path';
 import * as libc from '../kvm/libc.js';
 import { JailError, type RuntimeEntry } from './plan.js';
-import { checkCall, ensureDir, ensureDirs, ensureFile, lstatOrNull } from './steps.js';
+import { checkCall, closeOnExecFrom3, ensureDir, ensureDirs, ensureFile, lstatOrNull } from './steps.js';
 
 export interface EnterPlan {
   readonly rootDir: string;
@@ -32,6 +32,8 @@ export interface EnterPlan {
   readonly env: readonly string[];
   /** /dev/userfaultfd's device number on the host, where it has one (its minor is dynamic). */
   readonly userfaultfd: { readonly major: number; readonly minor: number } | null;
+  /** Inherited fds the VMM keeps (--pass-fd). */
+  readonly passFds: readonly number[];
 }
 
 /** The jail-side path of a host path (`rootDir` + path); every component is checked or made by us. */
@@ -118,8 +120,8 @@ function dropAndExec(plan: EnterPlan): never {
   checkCall(libc.setresgid(plan.gid, plan.gid, plan.gid), `setresgid ${plan.gid}`);
   checkCall(libc.setresuid(plan.uid, plan.uid, plan.uid), `setresuid ${plan.uid}`);
   checkCall(libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 'prctl(PR_SET_NO_NEW_PRIVS)');
-  // Nothing but stdio crosses into the VMM.
-  checkCall(libc.closeRange(3, 0xffffffff, libc.CLOSE_RANGE_CLOEXEC), 'close_range');
+  // Nothing but stdio (and --pass-fd's fds) crosses into the VMM.
+  closeOnExecFrom3(plan.passFds);
   libc.keepStdioAcrossExec();
   libc.execve(plan.node, [plan.node, ...plan.args, null], [...plan.env, null]);
   throw new JailError(`cannot execute ${plan.node} in the jail: ${libc.errnoName(libc.errno())}`);

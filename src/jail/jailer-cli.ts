@@ -12,7 +12,7 @@
 // VMM. Node is multi-threaded before its first line runs, so namespaces that need a single
 // thread (and the new pid namespace, which needs a fork) come from `unshare`.
 import { Command, Option } from 'commander';
-import { existsSync, mkdirSync, openSync, closeSync, realpathSync, statSync } from 'node:fs';
+import { existsSync, fstatSync, mkdirSync, openSync, closeSync, realpathSync, statSync } from 'node:fs';
 import { basename, isAbsolute, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as libc from '../kvm/libc.js';
@@ -20,7 +20,7 @@ import { isSoftwareKvm } from '../compat/pvm.js';
 import { KILN_VERSION } from '../version.js';
 import { joinJailCgroups } from './cgroup.js';
 import type { EnterPlan } from './enter.js';
-import { checkCall, ensureDirs } from './steps.js';
+import { checkCall, closeOnExecFrom3, ensureDirs } from './steps.js';
 import {
   checkId,
   checkParentCgroup,
@@ -65,6 +65,12 @@ function parseOptions(argv: readonly string[]): JailOptions {
       "Kiln's own: host mounts made later under the jail's root (a shared mount) appear inside it (the daemon's pool)",
       false,
     )
+    .option(
+      '--pass-fd <fd>',
+      "Kiln's own: an inherited fd (3 or more) left open for the VMM, e.g. a guest memory file (repeatable)",
+      collect,
+      [],
+    )
     .exitOverride()
     .configureOutput({ writeErr: (s) => process.stderr.write(s) });
   // Firecracker removed these in 1.0; old SDK builders still pass them. Accepted and ignored, as a drop-in must.
@@ -86,6 +92,7 @@ function parseOptions(argv: readonly string[]): JailOptions {
     newPidNs: boolean;
     bind: string[];
     lateBinds: boolean;
+    passFd: string[];
   }>();
   const resourceLimits: { fsize?: bigint; noFile?: bigint } = {};
   for (const r of o.resourceLimit) parseResourceLimit(r, resourceLimits);
@@ -108,8 +115,21 @@ function parseOptions(argv: readonly string[]): JailOptions {
     newPidNs: o.newPidNs,
     binds: o.bind.map(parseBind),
     lateBinds: o.lateBinds,
+    passFds: o.passFd.map(parsePassFd),
     vmmArgs,
   };
+}
+
+/** --pass-fd's value: a decimal fd of 3 or more that this process has open. */
+function parsePassFd(text: string): number {
+  const fd = /^\d{1,9}$/.test(text) ? Number(text) : NaN;
+  if (!(fd >= 3)) throw new JailError(`invalid --pass-fd '${text}': an inherited fd, 3 or more`);
+  try {
+    fstatSync(fd);
+  } catch {
+    throw new JailError(`invalid --pass-fd ${fd}: it is not open`);
+  }
+  return fd;
 }
 
 /** Sets a resource limit (soft and hard) for this process and what it executes. */
@@ -201,6 +221,7 @@ function main(argv: readonly string[]): number {
       // /sys inside the jail, so it is told here whether /dev/kvm is software KVM.
       env: isSoftwareKvm() ? ['KILN_HOST_KVM=pvm'] : [],
       userfaultfd: hostDevice('/dev/userfaultfd'),
+      passFds: opts.passFds ?? [],
     };
     if (opts.daemonize) {
       checkCall(libc.setsid(), 'setsid (a process group leader cannot daemonize)');
@@ -208,7 +229,7 @@ function main(argv: readonly string[]): number {
       for (const fd of [0, 1, 2]) checkCall(libc.dup2(devNull, fd), 'dup2 /dev/null');
       closeSync(devNull);
     }
-    checkCall(libc.closeRange(3, 0xffffffff, libc.CLOSE_RANGE_CLOEXEC), 'close_range');
+    closeOnExecFrom3(opts.passFds ?? []);
     libc.keepStdioAcrossExec();
     const unshare = findTool('unshare');
     const nsArgs = [

@@ -27,6 +27,8 @@ export interface JailOptions {
   readonly binds: ReadonlyArray<{ readonly source: string; readonly target: string; readonly rw: boolean }>;
   /** Kiln's own: the jail's mount namespace is a slave of the host's (see --late-binds). */
   readonly lateBinds?: boolean;
+  /** Kiln's own: inherited fds left open for the VMM (a guest memory file, kiln upgrade). */
+  readonly passFds?: readonly number[];
   /** The VMM's own arguments (after `--`). */
   readonly vmmArgs: readonly string[];
 }

@@ -11,6 +11,21 @@ export function checkCall(rc: number, what: string): void {
   if (rc < 0) throw new JailError(`${what}: ${libc.errnoName(libc.errno())} (${libc.strerror(libc.errno())})`);
 }
 
+/**
+ * Marks every fd from 3 up close-on-exec, but those in `keep` (inherited fds the jailer
+ * passes on to the VMM: --pass-fd). Nothing else crosses an exec.
+ */
+export function closeOnExecFrom3(keep: readonly number[]): void {
+  let first = 3;
+  for (const fd of [...new Set(keep)].sort((a, b) => a - b)) {
+    if (fd < first) continue;
+    if (fd > first) checkCall(libc.closeRange(first, fd - 1, libc.CLOSE_RANGE_CLOEXEC), 'close_range');
+    checkCall(libc.fcntlInt(fd, libc.F_SETFD, 0), `keeping fd ${fd} open across exec`);
+    first = fd + 1;
+  }
+  checkCall(libc.closeRange(first, 0xffffffff, libc.CLOSE_RANGE_CLOEXEC), 'close_range');
+}
+
 export function lstatOrNull(path: string): Stats | null {
   try {
     return lstatSync(path);

@@ -121,6 +121,10 @@ export const fcntlInt = libc.func('int fcntl(int fd, int cmd, int arg)') as (
   cmd: number,
   arg: number,
 ) => number;
+export const memfdCreate = libc.func('int memfd_create(const char *name, unsigned int flags)') as (
+  name: string,
+  flags: number,
+) => number;
 export const pipe2 = libc.func('int pipe2(_Out_ int *fds, int flags)') as (fds: Int32Array, flags: number) => number;
 export const socketpair = libc.func('int socketpair(int domain, int type, int protocol, _Out_ int *sv)') as (
   domain: number,
@@ -294,6 +298,16 @@ export const FALLOC_FL_KEEP_SIZE = 0x1;
 export const FALLOC_FL_PUNCH_HOLE = 0x2;
 export const FALLOC_FL_ZERO_RANGE = 0x10;
 export const MADV_REMOVE = 9;
+export const MFD_CLOEXEC = 0x1;
+export const MFD_ALLOW_SEALING = 0x2;
+export const MFD_HUGETLB = 0x4;
+/** MFD_HUGE_2MB: log2(2 MiB) in the flags' top 6 bits, as for mmap's MAP_HUGE_2MB. */
+export const MFD_HUGE_2MB = 21 << 26;
+export const F_ADD_SEALS = 1033;
+export const F_GET_SEALS = 1034;
+export const F_SEAL_SEAL = 0x1;
+export const F_SEAL_SHRINK = 0x2;
+export const F_SEAL_GROW = 0x4;
 /** glibc's sigset_t is 1024 bits; the kernel's (what KVM_SET_SIGNAL_MASK takes) is 64. */
 export const GLIBC_SIGSET_BYTES = 128;
 export const KERNEL_SIGSET_BYTES = 8;

@@ -75,8 +75,12 @@ export function parseDefinition(input: unknown): VmDefinition {
   return d;
 }
 
-/** The VM configuration inside a definition (what kiln-vmm runs). */
+/**
+ * The VM configuration inside a definition (what kiln-vmm runs). Guest RAM is a shared
+ * memory file unless the definition says `sharedMemory: false`: kiln upgrade then hands it
+ * to the new VMM instead of copying it.
+ */
 export function vmConfigOf(d: VmDefinition): VmConfig {
   const { name: _name, cpuWeight: _w, cpuQuotaPercent: _q, pinCpus: _p, ...config } = d;
-  return config;
+  return { ...config, sharedMemory: config.sharedMemory ?? true };
 }

@@ -28,6 +28,7 @@ import { cpus, totalmem } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { KilnError } from '../errors.js';
+import { openGuestMemoryOf } from '../memory/shared-memory.js';
 import { randomBytes } from 'node:crypto';
 import { createConnection, createServer as createNetServer, type Server as NetServer, type Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -74,7 +75,7 @@ import {
 } from './jail.js';
 import { markInUse, type VmmPool } from './pool.js';
 import type { VmConfig } from '../config/vm-config.js';
-import type { InfoReply, ListReply, StartReply, VmState, VmStatus } from './protocol.js';
+import type { InfoReply, ListReply, StartReply, UpgradeReply, VmState, VmStatus } from './protocol.js';
 import { PRIVATE_DIR, PRIVATE_FILE, type Limits, type Store } from './store.js';
 import { waitFor } from './wait.js';
 
@@ -1046,12 +1047,15 @@ export class Manager {
 
   /**
    * kiln upgrade NAME: moves running VM `name` into a new kiln-vmm of the Kiln installed
-   * now, on this host, by a live migration over Unix sockets (memory copied; the guest
-   * pauses only for the last dirty pages). The new VMM is jailed as the old one was (the
-   * old jail is moved aside meanwhile) and joins the same cgroup, whose memory limit is
-   * raised until the old VMM is gone. On failure the old VMM runs on, as before.
+   * now, on this host, by a local migration over Unix sockets. Where the VM's RAM is a
+   * shared guest memory file (sharedMemory, the manager's default), the daemon opens the
+   * old VMM's file again and the new VMM inherits it (kiln-jailer --pass-fd): no memory is
+   * copied, the guest pauses only while its vCPU and device state moves. Otherwise (a VM
+   * restored from a snapshot's memory file, or sharedMemory off) memory is copied by a live
+   * migration's pre-copy. The new VMM is jailed as the old one was (the old jail is moved
+   * aside meanwhile) and joins the same cgroup. On failure the old VMM runs on, as before.
    */
-  upgrade(name: string, progress?: Progress): Promise<StartReply> {
+  upgrade(name: string, progress?: Progress): Promise<UpgradeReply> {
     return this.serialised(name, async () => {
       const say = this.reporter(progress);
       const spec = this.store.get(name);
@@ -1079,6 +1083,16 @@ export class Manager {
       const vmBytes = spec.memoryMiB * 1024 * 1024;
       let newPid: number | null = null;
       let relay: NetServer | null = null;
+      // The old VMM's guest memory file, when its RAM is one: the new VMM inherits it as fd 3.
+      let memoryFd: number | null = null;
+      try {
+        memoryFd = openGuestMemoryOf(oldPid, vmBytes);
+        if (memoryFd === null)
+          say(`'${name}''s memory is private (restored from a snapshot, or sharedMemory off): it is copied`);
+      } catch (err) {
+        say(`'${name}''s memory is copied: ${(err as Error).message}`);
+      }
+      const handed = memoryFd !== null;
       try {
         const { kernel: _k, initrd: _i, ...rest } = config;
         const prepared = prepareJail(run, name, rest as VmConfig, old.uid, () => false, 'receive');
@@ -1090,13 +1104,24 @@ export class Manager {
         };
         let procs: string[] = [];
         try {
-          procs = prepareCgroup(name, limits(2 * vmBytes + VMM_OVERHEAD_BYTES));
+          // Copied memory is in both VMMs for a while; a handed-over file is charged once.
+          procs = prepareCgroup(
+            name,
+            limits(handed ? vmBytes + 2 * VMM_OVERHEAD_BYTES : 2 * vmBytes + VMM_OVERHEAD_BYTES),
+          );
         } catch (err) {
           say(`the new VMM runs without its cgroup limits: ${(err as Error).message}`);
         }
+        const argv = [...prepared.argv];
+        if (handed) argv.splice(argv.indexOf('--'), 0, '--pass-fd', '3');
         const log = openSync(join(run, 'console.log'), 'a', PRIVATE_FILE);
-        const child = spawnInCgroup(procs, prepared.argv, { detached: true, stdio: ['ignore', log, log] });
+        const child = spawnInCgroup(procs, argv, {
+          detached: true,
+          stdio: ['ignore', log, log, ...(handed ? [memoryFd!] : [])],
+        });
         closeSync(log);
+        if (memoryFd !== null) closeSync(memoryFd);
+        memoryFd = null;
         newPid = child.pid!;
         child.unref();
         child.once('exit', () => void this.reclaimEndedJails([name]));
@@ -1107,6 +1132,7 @@ export class Manager {
         const listening = await unixHttp(api, 'PUT', '/migration/receive', {
           listen: `unix:${JAIL_MIGRATE_IN}`,
           token,
+          ...(handed ? { memory_fd: 3 } : {}),
         });
         if (listening.status !== 204) throw new KilnError(`the new VMM cannot receive: ${faultOf(listening)}`);
         relay = await relayFrom(
@@ -1120,11 +1146,14 @@ export class Manager {
           say,
         );
         const oldApi = join(oldRoot, 'run', 'api.sock');
-        say(`moving '${name}' into a new VMM (pid ${newPid}) of Kiln ${KILN_VERSION}`);
+        say(
+          `moving '${name}' into a new VMM (pid ${newPid}) of Kiln ${KILN_VERSION}${handed ? ', handing its guest memory over' : ''}`,
+        );
         const sent = await unixHttp(oldApi, 'PUT', '/migration/send', {
           destination: `unix:${JAIL_MIGRATE_OUT}`,
           token,
           downtime_ms: 50,
+          ...(handed ? { local: true } : {}),
         });
         if (sent.status !== 204) throw new KilnError(`the old VMM cannot send: ${faultOf(sent)}`);
         const done = await waitFor(async () => {
@@ -1142,8 +1171,14 @@ export class Manager {
         } catch (err) {
           say(`the cgroup's memory limit stays raised: ${(err as Error).message}`);
         }
-        say(`'${name}' runs in its new VMM (pid ${newPid}); it was paused for ${done.downtime_ms} ms`);
-        return { ...(await this.status(spec)), warnings: [] };
+        const downtimeMs = done.downtime_ms ?? 0;
+        say(`'${name}' runs in its new VMM (pid ${newPid}); it was paused for ${downtimeMs} ms`);
+        return {
+          ...(await this.status(spec)),
+          warnings: [],
+          memory: handed ? ('handed over' as const) : ('copied' as const),
+          downtimeMs,
+        };
       } catch (err) {
         // The old VMM runs on: the new one goes, the old jail comes back.
         if (newPid !== null && this.processAlive(newPid)) process.kill(newPid, 'SIGKILL');
@@ -1160,6 +1195,7 @@ export class Manager {
         );
       } finally {
         relay?.close();
+        if (memoryFd !== null) closeSync(memoryFd);
       }
     });
   }

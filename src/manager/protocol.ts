@@ -41,6 +41,14 @@ export interface StartReply extends VmStatus {
   readonly warnings: readonly string[];
 }
 
+/** kiln upgrade's answer: the VM's status in its new VMM, and how it got there. */
+export interface UpgradeReply extends StartReply {
+  /** 'handed over': the new VMM maps the old one's guest memory file; 'copied': a live migration copied it. */
+  readonly memory: 'handed over' | 'copied';
+  /** How long the guest was paused. */
+  readonly downtimeMs: number;
+}
+
 export interface LogsReply {
   readonly log: string;
 }

@@ -1,12 +1,15 @@
 // Guest RAM: anonymous host mappings (MAP_NORESERVE, so untouched guest pages cost
-// nothing), each registered with KVM as one memory slot, and reachable from any thread
+// nothing), or one shared guest memory file that a new VMM can take over
+// (shared-memory.ts), or a snapshot's memory file mapped private; each region registered
+// with KVM as one memory slot, and reachable from any thread
 // as typed views over the same memory. A GuestMemoryDescriptor is plain data; a worker
 // rebuilds the same views from it with GuestMemory.attach().
-import { readFileSync } from 'node:fs';
+import { closeSync, readFileSync } from 'node:fs';
 import { KilnError } from '../errors.js';
 import { SyscallError } from '../kvm/errors.js';
 import type { VmFd } from '../kvm/kvm.js';
 import * as libc from '../kvm/libc.js';
+import { createGuestMemoryFile } from './shared-memory.js';
 import { GiB, HIGH_RAM_START, MMIO_HOLE_START, PAGE_SIZE, RAM_START } from '../layout.js';
 
 /**
@@ -33,6 +36,11 @@ export interface GuestMemoryDescriptor {
    * the guest's writes.
    */
   readonly written?: SharedArrayBuffer;
+  /**
+   * The regions map one shared guest memory file (memory/shared-memory.ts) instead of
+   * private memory: freeing a page (the balloon) must punch it out of that file.
+   */
+  readonly shared?: boolean;
 }
 
 export class GuestMemoryError extends KilnError {
@@ -150,6 +158,11 @@ export class GuestMemory {
   /** The size of descriptor.written for `size` bytes of RAM: the flag word, then whole 32-bit words of bits. */
   static writtenBitmapBytes(size: number): number {
     return 4 + Math.ceil(size / PAGE_SIZE / 32) * 4;
+  }
+
+  /** Whether RAM is a shared guest memory file (descriptor.shared). */
+  get shared(): boolean {
+    return this.descriptor.shared === true;
   }
 
   /** Whether Kiln's own writes are being recorded (by any thread: the flag is shared). */
@@ -344,6 +357,8 @@ export class OwnedGuestMemory extends GuestMemory {
   private constructor(
     descriptor: GuestMemoryDescriptor,
     private readonly vm: VmFd,
+    /** The shared guest memory file the regions map (open while they are), or null. */
+    readonly memoryFd: number | null,
   ) {
     super(descriptor);
   }
@@ -380,16 +395,27 @@ export class OwnedGuestMemory extends GuestMemory {
    * with the VM. On any failure, everything mapped so far is unmapped again. With
    * `backingFd`, the regions map that file back to back (a snapshot's memory file). With
    * `trackDirty`, KVM logs the guest's writes to each slot (KVM_MEM_LOG_DIRTY_PAGES) and
-   * Kiln's own writes are recorded beside (descriptor.written): diff snapshots.
+   * Kiln's own writes are recorded beside (descriptor.written): diff snapshots. With
+   * `shared`, RAM is a shared guest memory file instead of private memory: `sharedFd`'s
+   * (another VMM's, handed over by kiln upgrade; this memory keeps it open), or a new one.
    */
   static create(
     vm: VmFd,
     size: number,
     limits: HostMemoryLimits,
-    opts: { backingFd?: number; trackDirty?: boolean; hugePages?: HugePages } = {},
+    opts: {
+      backingFd?: number;
+      trackDirty?: boolean;
+      hugePages?: HugePages;
+      shared?: boolean;
+      sharedFd?: number;
+    } = {},
   ): OwnedGuestMemory {
     validateMemorySize(size, limits);
-    const backingFd = opts.backingFd ?? -1;
+    const shared = (opts.shared === true || opts.sharedFd !== undefined) && (opts.backingFd ?? -1) < 0;
+    let memoryFd: number | null = null;
+    if (shared) memoryFd = opts.sharedFd ?? createGuestMemoryFile(size, opts.hugePages === '2M');
+    const backingFd = memoryFd ?? opts.backingFd ?? -1;
     const regions: RegionDescriptor[] = [];
     let fileOffset = 0;
     try {
@@ -398,12 +424,13 @@ export class OwnedGuestMemory extends GuestMemory {
         // touches them and its writes never reach the file.
         // Explicit 2 MiB pages come from the host's hugetlb pool (anonymous memory only: a
         // snapshot's memory file is an ordinary file).
+        // A shared guest memory file is a memfd: MAP_SHARED, its own hugetlb flag at creation.
         const hugetlb = opts.hugePages === '2M' && backingFd < 0;
         const hostAddr = libc.mmap(
           null,
           range.size,
           libc.PROT_READ | libc.PROT_WRITE,
-          libc.MAP_PRIVATE |
+          (shared ? libc.MAP_SHARED : libc.MAP_PRIVATE) |
             libc.MAP_NORESERVE |
             (backingFd < 0 ? libc.MAP_ANONYMOUS : 0) |
             (hugetlb ? libc.MAP_HUGETLB | libc.MAP_HUGE_2MB : 0),
@@ -424,7 +451,9 @@ export class OwnedGuestMemory extends GuestMemory {
         }
         // Transparent huge pages: the host may back the guest's RAM with 2 MiB pages where
         // it can (THP in "madvise" mode needs asking; in "always" it does so anyway).
-        if (opts.hugePages === 'Transparent' && backingFd < 0) libc.madvise(hostAddr, range.size, libc.MADV_HUGEPAGE);
+        // (For a shared file, when the host's shmem_enabled allows it.)
+        if (opts.hugePages === 'Transparent' && (backingFd < 0 || shared))
+          libc.madvise(hostAddr, range.size, libc.MADV_HUGEPAGE);
         regions.push({ slot, guestPhysAddr: range.guestPhysAddr, size: range.size, hostAddr });
         vm.setUserMemoryRegion({
           slot,
@@ -436,11 +465,13 @@ export class OwnedGuestMemory extends GuestMemory {
       });
     } catch (err) {
       for (const r of regions) libc.munmap(r.hostAddr, r.size);
+      if (memoryFd !== null) closeSync(memoryFd);
       throw err;
     }
     const memory = new OwnedGuestMemory(
-      { regions, written: new SharedArrayBuffer(GuestMemory.writtenBitmapBytes(size)) },
+      { regions, written: new SharedArrayBuffer(GuestMemory.writtenBitmapBytes(size)), shared },
       vm,
+      memoryFd,
     );
     if (opts.trackDirty) memory.startRecordingWrites();
     return memory;
@@ -451,5 +482,6 @@ export class OwnedGuestMemory extends GuestMemory {
     if (this.destroyed) return;
     this.destroyed = true;
     for (const r of this.regions) libc.munmap(r.hostAddr, r.size);
+    if (this.memoryFd !== null) closeSync(this.memoryFd);
   }
 }

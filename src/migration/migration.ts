@@ -19,6 +19,7 @@ import { PAGE_SIZE } from '../layout.js';
 import { setDiskLocks } from '../platform/virtio.js';
 import type { SeccompPrograms } from '../seccomp/policy.js';
 import { decodeStateFile, encodeStateFile } from '../snapshot/format.js';
+import { checkSameMemoryFile, memoryFileIdentity, type MemoryFileIdentity } from '../memory/shared-memory.js';
 import { DISK_CHUNK_BYTES, type BlkOptions } from '../virtio/blk.js';
 import { DiskSource, checkCopyTargets, diskBytes, diskOptions, syncDisks, writeChunk } from './disks.js';
 import { KILN_VERSION } from '../version.js';
@@ -78,6 +79,11 @@ export interface SendRequest {
   readonly autoConverge: boolean;
   /** The disk images go with the VM (the destination has empty images of their sizes). */
   readonly copyDisks: boolean;
+  /**
+   * The destination is a VMM on this host that was handed this VM's shared guest memory
+   * file (kiln upgrade): no memory is copied, only the machine's state at the stop.
+   */
+  readonly local: boolean;
 }
 
 export interface ReceiveRequest {
@@ -90,6 +96,11 @@ export interface ReceiveRequest {
   readonly vsockUds?: string;
   /** drive_id -> this host's image for it (where a copied disk goes). */
   readonly diskOverrides: ReadonlyMap<string, string>;
+  /**
+   * An inherited fd of the source's shared guest memory file (kiln upgrade): the VM maps
+   * it instead of receiving a copy, and only a source whose memory it is is taken.
+   */
+  readonly memoryFd?: number;
 }
 
 /** The first message after authentication: what the destination builds. */
@@ -101,6 +112,8 @@ interface Blueprint {
   readonly memoryBytes: number;
   /** With copy_disks: the writable disks and their sizes (they come as DISK frames, indexed in this order). */
   readonly copiedDisks?: ReadonlyArray<{ readonly id: string; readonly bytes: number }>;
+  /** A local migration: the source's shared guest memory file, which the destination must have been handed. */
+  readonly sharedMemory?: MemoryFileIdentity;
 }
 
 interface FinalState {
@@ -173,6 +186,13 @@ export class OutgoingMigration {
 
   async connect(): Promise<void> {
     try {
+      const memoryFd = this.vm.live.vm.memory.memoryFd;
+      if (this.req.local && memoryFd === null)
+        throw new MigrationError(
+          "a local migration hands guest memory over, and this VM's memory is private (sharedMemory off, or restored from a snapshot's memory file)",
+        );
+      if (this.req.local && this.req.copyDisks)
+        throw new MigrationError('a local migration leaves the disks where they are: give local or copy_disks, not both');
       const socket = await dial(this.address, this.req.tlsCa);
       this.socket = socket;
       const reader = new FrameReader(socket, 'the destination');
@@ -203,6 +223,7 @@ export class OutgoingMigration {
               })),
             }
           : {}),
+        ...(this.req.local && memoryFd !== null ? { sharedMemory: memoryFileIdentity(memoryFd) } : {}),
       };
       await send(socket, frame(Frame.CONFIG, encodeStateFile(blueprint)));
       await reader.expect(Frame.OK, 'the answer to the configuration');
@@ -230,54 +251,8 @@ export class OutgoingMigration {
     let unlocked = false;
     try {
       this.progress.phase = 'pre-copy';
-      if (!vm.tracksDirtyPages) {
-        // The log starts with the VM paused for an instant (a slot's flags change between runs).
-        if (!this.vm.userPaused) await vm.pause();
-        vm.startTrackingDirtyPages();
-        if (!this.vm.userPaused) vm.resume();
-      } else vm.takeDirtyPages();
-      if (this.req.copyDisks) {
-        this.disks = new DiskSource(diskOptions(this.vm.live.virtio, this.copiedIds()));
-        this.disks.startTracking();
-      }
-      // Iteration 0: every page that is not zero (the destination's RAM starts zeroed),
-      // and every disk chunk that is not (its images start empty).
-      let t0 = performance.now();
-      let sent = await this.sendPages(null);
-      if (this.disks) sent += await this.sendDiskChunks(this.disks.allChunks(), true);
-      let bandwidth = sent / Math.max(1, performance.now() - t0); // bytes per ms
-      let previous = Infinity;
-      let stalls = 0;
-      for (;;) {
-        const dirty = vm.takeDirtyPages();
-        const dirtyDisk = this.disks?.takeDirty() ?? [];
-        const diskChunks = dirtyDisk.reduce((n, c) => n + c.length, 0);
-        const count = countPages(dirty) + (diskChunks * DISK_CHUNK_BYTES) / PAGE_SIZE;
-        this.progress.dirty_pages_left = count;
-        this.progress.estimated_downtime_ms = Math.round((count * PAGE_SIZE) / bandwidth);
-        if (this.progress.estimated_downtime_ms <= this.req.downtimeMs) {
-          // Not sent here: what was found now goes with the last of it, while paused.
-          this.orDirty = dirty;
-          this.orDiskDirty = dirtyDisk;
-          break;
-        }
-        if (this.progress.iteration >= this.req.maxIterations)
-          throw new MigrationError(
-            `memory changes faster than the link carries it: ${count} pages still dirty after ${this.progress.iteration} iterations` +
-              (this.req.autoConverge ? ` with the vCPUs throttled to ${this.throttle}%` : ' (auto-converge is off)') +
-              `; the VM keeps running here`,
-          );
-        if (count > previous * 0.8) stalls++;
-        previous = count;
-        if (this.req.autoConverge && stalls >= 2 && this.throttle < THROTTLE_MAX) {
-          this.setThrottle(this.throttle === 0 ? THROTTLE_START : this.throttle + THROTTLE_STEP);
-          stalls = 0;
-        }
-        this.progress.iteration++;
-        t0 = performance.now();
-        sent = (await this.sendPages(dirty)) + (this.disks ? await this.sendDiskChunks(dirtyDisk, false) : 0);
-        bandwidth = Math.max(bandwidth * 0.5, sent / Math.max(1, performance.now() - t0));
-      }
+      // A local migration copies no memory: the destination maps this VM's memory file.
+      if (!this.req.local) await this.preCopy();
       // Stop and copy.
       this.holdPaused = true;
       stopped = true;
@@ -290,6 +265,7 @@ export class OutgoingMigration {
       let pagesDone = 0;
       const machine = await vm.saveMachine(async () => {
         pagesDone = performance.now();
+        if (this.req.local) return;
         const last = vm.takeDirtyPages();
         if (this.orDirty) last.forEach((bits, i) => bits.forEach((b, j) => (bits[j] = b | this.orDirty![i]![j]!)));
         this.progress.dirty_pages_left = countPages(last);
@@ -328,6 +304,62 @@ export class OutgoingMigration {
         }
       if (stopped && !this.vm.userPaused) vm.resume();
       throw this.asError(err);
+    }
+  }
+
+  /**
+   * Pre-copy: every page and (copy_disks) disk chunk once, then what was dirtied meanwhile,
+   * until what is left fits the downtime budget (it goes at the stop: orDirty, orDiskDirty).
+   */
+  private async preCopy(): Promise<void> {
+    const vm = this.vm.live.vm;
+    if (!vm.tracksDirtyPages) {
+      // The log starts with the VM paused for an instant (a slot's flags change between runs).
+      if (!this.vm.userPaused) await vm.pause();
+      vm.startTrackingDirtyPages();
+      if (!this.vm.userPaused) vm.resume();
+    } else vm.takeDirtyPages();
+    if (this.req.copyDisks) {
+      this.disks = new DiskSource(diskOptions(this.vm.live.virtio, this.copiedIds()));
+      this.disks.startTracking();
+    }
+    // Iteration 0: every page that is not zero (the destination's RAM starts zeroed),
+    // and every disk chunk that is not (its images start empty).
+    let t0 = performance.now();
+    let sent = await this.sendPages(null);
+    if (this.disks) sent += await this.sendDiskChunks(this.disks.allChunks(), true);
+    let bandwidth = sent / Math.max(1, performance.now() - t0); // bytes per ms
+    let previous = Infinity;
+    let stalls = 0;
+    for (;;) {
+      const dirty = vm.takeDirtyPages();
+      const dirtyDisk = this.disks?.takeDirty() ?? [];
+      const diskChunks = dirtyDisk.reduce((n, c) => n + c.length, 0);
+      const count = countPages(dirty) + (diskChunks * DISK_CHUNK_BYTES) / PAGE_SIZE;
+      this.progress.dirty_pages_left = count;
+      this.progress.estimated_downtime_ms = Math.round((count * PAGE_SIZE) / bandwidth);
+      if (this.progress.estimated_downtime_ms <= this.req.downtimeMs) {
+        // Not sent here: what was found now goes with the last of it, while paused.
+        this.orDirty = dirty;
+        this.orDiskDirty = dirtyDisk;
+        break;
+      }
+      if (this.progress.iteration >= this.req.maxIterations)
+        throw new MigrationError(
+          `memory changes faster than the link carries it: ${count} pages still dirty after ${this.progress.iteration} iterations` +
+            (this.req.autoConverge ? ` with the vCPUs throttled to ${this.throttle}%` : ' (auto-converge is off)') +
+            `; the VM keeps running here`,
+        );
+      if (count > previous * 0.8) stalls++;
+      previous = count;
+      if (this.req.autoConverge && stalls >= 2 && this.throttle < THROTTLE_MAX) {
+        this.setThrottle(this.throttle === 0 ? THROTTLE_START : this.throttle + THROTTLE_STEP);
+        stalls = 0;
+      }
+      this.progress.iteration++;
+      t0 = performance.now();
+      sent = (await this.sendPages(dirty)) + (this.disks ? await this.sendDiskChunks(dirtyDisk, false) : 0);
+      bandwidth = Math.max(bandwidth * 0.5, sent / Math.max(1, performance.now() - t0));
     }
   }
 
@@ -521,6 +553,7 @@ export class IncomingMigration {
         `migration: listening on ${req.listen} without TLS (give tls_cert and tls_key to encrypt the VM's memory)`,
       );
     this.progress = startingProgress('receive', 'listening', address);
+    this.memoryFd = req.memoryFd ?? null;
     this.done = new Promise<void>((resolve, reject) => {
       this.settle = (err) => (err ? reject(err) : resolve());
     });
@@ -592,11 +625,14 @@ export class IncomingMigration {
       let config: VmConfig;
       try {
         config = this.configFor(blueprint);
+        const handed = this.handedMemory(blueprint);
         live = createLinuxVm(config, this.host.runtime, {
           memoryFileFd: -1,
           boot: blueprint.boot,
           compat: blueprint.compat,
           deferDiskLocks: true,
+          sharedMemory: handed || (config.sharedMemory ?? false),
+          ...(handed ? { sharedMemoryFd: this.takeMemoryFd() } : {}),
         });
         if (blueprint.copiedDisks) {
           copyTargets = diskOptions(
@@ -626,6 +662,7 @@ export class IncomingMigration {
       for (;;) {
         const m = await reader.next();
         if (m.type === Frame.PAGES) {
+          if (blueprint.sharedMemory) throw new MigrationError('the source sent pages of the memory it handed over');
           this.takePages(memory.regions.length, (i) => memory.regionBytes(i), m.payload);
           continue;
         }
@@ -686,6 +723,38 @@ export class IncomingMigration {
       this.settle(new MigrationError(message));
     }
   }
+
+  /**
+   * Whether the source hands its guest memory over (a local migration): then this VMM
+   * must have been given that very file (memory_fd); a VMM given one takes no other source.
+   */
+  private handedMemory(blueprint: Blueprint): boolean {
+    const fd = this.req.memoryFd;
+    if (blueprint.sharedMemory === undefined) {
+      if (fd !== undefined)
+        throw new KilnError(
+          "this VMM was handed a guest memory file (memory_fd) and the source copies its memory: send with 'local'",
+        );
+      return false;
+    }
+    if (fd === undefined)
+      throw new KilnError('the source hands its guest memory over (a local migration); this VMM was given none (memory_fd)');
+    checkSameMemoryFile(fd, `memory_fd ${fd}`, blueprint.sharedMemory);
+    if (blueprint.sharedMemory.bytes !== blueprint.memoryBytes)
+      throw new KilnError(`the source's memory file does not hold its ${blueprint.memoryBytes} bytes of RAM`);
+    return true;
+  }
+
+  /** The handed memory file's fd, once: the VM built on it owns it from here. */
+  private takeMemoryFd(): number {
+    const fd = this.memoryFd;
+    if (fd === null) throw new KilnError('the guest memory file (memory_fd) was used by an earlier attempt');
+    this.memoryFd = null;
+    return fd;
+  }
+
+  /** memory_fd until a VM maps it. */
+  private memoryFd: number | null = null;
 
   /** Checks a PAGES frame against this VM's memory and copies its pages in. */
   private takePages(regions: number, regionBytes: (i: number) => Uint8Array, payload: Buffer): void {

@@ -225,7 +225,7 @@ export class BalloonBackend implements VirtioBackend {
     if (region >= 0) this.drop(region, gpa - this.rt.mem.regions[region]!.guestPhysAddr, length);
   }
 
-  /** madvise(DONTNEED) on whole pages of one region's host mapping. */
+  /** madvise(DONTNEED), or REMOVE for shared guest memory, on whole pages of one region's host mapping. */
   private drop(region: number, offset: number, length: number): void {
     const start = Math.ceil(offset / BALLOON_PAGE_BYTES) * BALLOON_PAGE_BYTES;
     const end = Math.floor((offset + length) / BALLOON_PAGE_BYTES) * BALLOON_PAGE_BYTES;
@@ -233,7 +233,9 @@ export class BalloonBackend implements VirtioBackend {
     const host = this.rt.mem.regions[region]!.hostAddr + BigInt(start);
     // Dropped pages read back as zeros (or as the snapshot's memory file): they changed.
     this.rt.mem.markWritten(region, start, end - start);
-    const dropped = libc.madvise(host, end - start, libc.MADV_DONTNEED) === 0;
+    // Shared guest memory (a memfd) keeps its pages through DONTNEED: they are punched out of the file.
+    const advice = this.rt.mem.shared ? libc.MADV_REMOVE : libc.MADV_DONTNEED;
+    const dropped = libc.madvise(host, end - start, advice) === 0;
     // Again once dropped: a live migration's pre-copy may have taken the first mark.
     this.rt.mem.markWritten(region, start, end - start);
     if (dropped) {

@@ -17,20 +17,27 @@ export interface IoThreadInit {
   /** Signalled to park the loop (snapshots): cell PARK_REQUEST says whether to, PARK_STATE whether it has. */
   readonly parkFd: number;
   readonly park: SharedArrayBuffer;
-  /** The VM was restored from a snapshot: each backend is told before the loop starts. */
-  readonly restored?: boolean;
+  /**
+   * The VM was restored from a snapshot: each backend is told ('now': before the loop
+   * starts; 'on-kick': at the first queue notification, which a migration's destination
+   * sends once its source has let go, so that nothing is written into guest memory before
+   * then: with shared memory (kiln upgrade), it is still the source's).
+   */
+  readonly restored?: 'now' | 'on-kick';
   /** The I/O thread's seccomp program (seccomp/policy.ts), loaded before its loop starts; null: none. */
   readonly seccomp: Uint8Array | null;
 }
 
 export const PARK_REQUEST = 0;
 export const PARK_STATE = 1;
+/** Cell of the park buffer: 1 while the backends are still to be told of the restore ('on-kick'). */
+export const RESTORE_PENDING = 2;
 
 export class IoThread {
   private readonly worker: Worker;
   private readonly stopFd: number;
   private readonly parkFd: number;
-  private readonly park = new SharedArrayBuffer(8);
+  private readonly park = new SharedArrayBuffer(12);
   private readonly parkCells = new Int32Array(this.park);
   readonly ready: Promise<number>;
   readonly exited: Promise<string | null>;
@@ -43,6 +50,7 @@ export class IoThread {
     this.stopFd = libc.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
     this.parkFd = libc.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
     if (this.stopFd < 0 || this.parkFd < 0) throw new KilnError(`eventfd failed: ${libc.errnoName(libc.errno())}`);
+    if (init.restored === 'on-kick') Atomics.store(this.parkCells, RESTORE_PENDING, 1);
     this.worker = startWorker('io', { ...init, stopFd: this.stopFd, parkFd: this.parkFd, park: this.park });
     let failure: string | null = null;
     this.ready = new Promise((resolve, reject) => {

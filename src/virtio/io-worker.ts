@@ -12,7 +12,7 @@ import * as libc from '../kvm/libc.js';
 import { GuestMemory } from '../memory/guest-memory.js';
 import { createBackend } from './catalogue.js';
 import { VirtioInterrupts, VirtioRuntime, type VirtioBackend } from './device.js';
-import { PARK_REQUEST, PARK_STATE, type IoThreadInit } from './io-thread.js';
+import { PARK_REQUEST, PARK_STATE, RESTORE_PENDING, type IoThreadInit } from './io-thread.js';
 import { virtioState } from './pci.js';
 import { installProgram } from '../seccomp/install.js';
 
@@ -98,6 +98,12 @@ class DeviceTimer {
 }
 
 const backends: VirtioBackend[] = [];
+const parkCells = new Int32Array(init.park);
+/** A restore told 'on-kick': every backend learns of it at the first queue notification. */
+const tellRestored = () => {
+  if (Atomics.load(parkCells, RESTORE_PENDING) === 1 && Atomics.exchange(parkCells, RESTORE_PENDING, 0) === 1)
+    for (const r of runtimes) r.restored();
+};
 const runtimes: VirtioRuntime[] = [];
 for (const spec of init.devices) {
   const state = virtioState(spec.state, spec.options);
@@ -126,6 +132,7 @@ for (const spec of init.devices) {
   spec.options.notifyFds.forEach((fd, q) =>
     watch(fd, () => {
       libc.drainEventfd(fd);
+      tellRestored();
       runtime.notified(q);
     }),
   );
@@ -148,7 +155,7 @@ watch(init.parkFd, () => {
   Atomics.store(park, PARK_STATE, 0);
 });
 
-if (init.restored) for (const r of runtimes) r.restored();
+if (init.restored === 'now') for (const r of runtimes) r.restored();
 
 libc.pthreadSetnameNp(libc.pthreadSelf(), 'kiln_io');
 if (init.seccomp) installProgram(init.seccomp, { allThreads: false });

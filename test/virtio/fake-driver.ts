@@ -111,18 +111,24 @@ export class FakeDevice {
   /** The device's control eventfd (with `{ control: true }`): the host's commands wake the backend through it. */
   readonly controlFd: number;
 
-  constructor(device: VirtioDeviceConfig, opts: { readonly control?: boolean } = {}) {
+  constructor(
+    device: VirtioDeviceConfig,
+    /** `sharedMemoryFd`: guest RAM is that shared guest memory file (RAM_BYTES long), mapped shared. */
+    opts: { readonly control?: boolean; readonly sharedMemoryFd?: number } = {},
+  ) {
     this.controlFd = opts.control ? libc.eventfd(0, libc.EFD_NONBLOCK | libc.EFD_CLOEXEC) : -1;
+    const sharedRam = opts.sharedMemoryFd !== undefined;
     this.address = libc.mmap(
       null,
       RAM_BYTES,
       libc.PROT_READ | libc.PROT_WRITE,
-      libc.MAP_PRIVATE | libc.MAP_ANONYMOUS,
-      -1,
+      sharedRam ? libc.MAP_SHARED : libc.MAP_PRIVATE | libc.MAP_ANONYMOUS,
+      opts.sharedMemoryFd ?? -1,
       0,
     );
     this.mem = GuestMemory.attach({
       regions: [{ slot: 0, guestPhysAddr: 0, size: RAM_BYTES, hostAddr: this.address }],
+      shared: sharedRam,
     });
     const options: VirtioPciOptions = { device, notifyFds: [], intxGsi: -1, controlFd: -1 };
     const shared = allocateDeviceState('virtio-pci', options);
