@@ -5,6 +5,7 @@
 import assert from 'node:assert/strict';
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import {
+  closeSync,
   copyFileSync,
   existsSync,
   mkdirSync,
@@ -24,6 +25,8 @@ import { buildInitramfs, buildMinimalKernel } from '../../src/guestkit/build.js'
 import { exposure, parseBind } from '../../src/jail/plan.js';
 import * as libc from '../../src/kvm/libc.js';
 import { cgroupMounts } from '../../src/jail/cgroup.js';
+import { unixHttp } from '../../src/manager/manager.js';
+import { createGuestMemoryFile } from '../../src/memory/shared-memory.js';
 import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
 
 const JAILER = fileURLToPath(new URL('../../src/jail/jailer-cli.js', import.meta.url));
@@ -58,6 +61,8 @@ describe('kiln-jailer arguments', () => {
       [['--id', 'ok', ...base, '--parent-cgroup', '../escape'], /invalid --parent-cgroup '\.\.\/escape'/],
       [['--id', 'ok', ...base, '--bind', 'relative:/x'], /invalid --bind 'relative:\/x'/],
       [['--id', 'ok', ...base, '--chroot-base-dir', 'srv'], /--chroot-base-dir must be absolute/],
+      [['--id', 'ok', ...base, '--pass-fd', '2'], /invalid --pass-fd '2': an inherited fd, 3 or more/],
+      [['--id', 'ok', ...base, '--pass-fd', '999'], /invalid --pass-fd 999: it is not open/],
     ];
     for (const [args, message] of cases) {
       const r = jailer(args);
@@ -112,6 +117,41 @@ describe('kiln-jailer arguments', () => {
       const stat = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
       assert.equal(Number(stat[3]), pid, 'a session of its own (setsid)');
       for (const fd of [0, 1, 2]) assert.equal(readlinkSync(`/proc/${pid}/fd/${fd}`), '/dev/null', `fd ${fd}`);
+      process.kill(pid, 'SIGTERM');
+      assert.equal(await exited, 0);
+    },
+  );
+
+  test(
+    '--pass-fd: an inherited guest memory file reaches the jailed VMM, which takes it as memory_fd; no other fd crosses',
+    { skip: rootSkip },
+    async () => {
+      const base = tempDir();
+      const id = `passfd-${process.pid}`;
+      const memory = createGuestMemoryFile(4 * 1024 * 1024, false);
+      const stray = libc.memfdCreate('kiln-stray', 0);
+      const child = spawn(process.execPath, [JAILER, '--id', id, ...base_(base), '--daemonize', '--pass-fd', '3'], {
+        stdio: ['ignore', 'ignore', 'ignore', memory, stray],
+      });
+      closeSync(memory);
+      closeSync(stray);
+      const exited = new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
+      const sock = join(base, 'vmm-cli.js', id, 'root', 'run', 'firecracker.socket');
+      for (let i = 0; i < 400 && !existsSync(sock); i++) await sleep(25);
+      assert.ok(existsSync(sock), 'the jailed VMM serves its API');
+      const pid = child.pid!;
+      const fds = readdirSync(`/proc/${pid}/fd`).map((fd) => [fd, readlinkSync(`/proc/${pid}/fd/${fd}`)]);
+      assert.deepEqual(
+        fds.filter(([, target]) => target!.startsWith('/memfd:')),
+        [['3', '/memfd:kiln-guest-ram (deleted)']],
+        'fd 3 is the guest memory file; the fd not named (4) was closed at exec',
+      );
+      const r = await unixHttp(sock, 'PUT', '/migration/receive', {
+        listen: 'unix:/run/in.sock',
+        token: 't',
+        memory_fd: 3,
+      });
+      assert.equal(r.status, 204, JSON.stringify(r.body));
       process.kill(pid, 'SIGTERM');
       assert.equal(await exited, 0);
     },

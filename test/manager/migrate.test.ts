@@ -1,14 +1,14 @@
 // kiln migrate and kiln upgrade: two hosts as two network namespaces with their own
 // addresses (a veth pair), each with its own daemon and state directory (and cgroup
 // parent). On A, `kiln upgrade` moves one running kit Linux into a new VMM process
-// without a reboot (its loop counts on). Another, with a disk on shared storage (the
+// without a reboot (its loop counts on; its guest memory handed over, not copied). Another, with a disk on shared storage (the
 // same path for both) and a TAP NIC, running a loop that keeps changing its memory, is
 // moved from A to B: on B its console answers, its loop's count went on, its disk is
 // intact, its NIC works on B's TAP and its definition is there; A no longer has it. A
 // token file that is not B's is refused, the VM running on at A.
 import assert from 'node:assert/strict';
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, readlinkSync, rmdirSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
@@ -111,9 +111,17 @@ describe('kiln migrate between two hosts', { skip: kvmSkip || (!canNetns && 'nee
         const pidBefore = (JSON.parse(kiln(stateA, ['info', 'upg', '--json']).stdout) as { pid: number }).pid;
         const upgraded = kiln(stateA, ['upgrade', 'upg', '--json']);
         assert.equal(upgraded.status, 0, upgraded.stderr);
-        const now = JSON.parse(upgraded.stdout) as { pid: number; state: string };
+        const now = JSON.parse(upgraded.stdout) as { pid: number; state: string; memory: string };
         assert.equal(now.state, 'running');
         assert.notEqual(now.pid, pidBefore, 'a new VMM process runs it');
+        // Its guest memory was handed over, not copied: the new VMM maps the old one's memfd.
+        assert.equal(now.memory, 'handed over');
+        assert.ok(
+          readdirSync(`/proc/${now.pid}/fd`).some(
+            (fd) => readlinkSync(`/proc/${now.pid}/fd/${fd}`) === '/memfd:kiln-guest-ram (deleted)',
+          ),
+          "the new VMM holds the guest memory file",
+        );
         assert.match(upgraded.stderr, /runs in its new VMM \(pid \d+\); it was paused for \d+ ms/);
         const upgAfter = count(stateA, 'upg', 'after');
         assert.ok(upgAfter > upgBefore, `the loop went on through the upgrade: ${upgBefore} then ${upgAfter}`);

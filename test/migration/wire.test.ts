@@ -6,7 +6,7 @@
 // the destination daemon refusing a VM whose disks it does not have, or whose name it has.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { closeSync, writeFileSync } from 'node:fs';
 import { createConnection } from 'node:net';
 import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
@@ -17,6 +17,8 @@ import { Manager, unixHttp } from '../../src/manager/manager.js';
 import { parseDefinition } from '../../src/manager/definition.js';
 import { Verifier, parsePeer, readToken, sign } from '../../src/manager/peer.js';
 import { Store } from '../../src/manager/store.js';
+import { createGuestMemoryFile, memoryFileIdentity } from '../../src/memory/shared-memory.js';
+import { encodeStateFile } from '../../src/snapshot/format.js';
 import {
   Frame,
   FrameReader,
@@ -144,6 +146,71 @@ describe('refusals before anything moves', () => {
       assert.equal(send.status, 400, 'nothing to send before a VM runs');
     } finally {
       child.kill('SIGKILL');
+    }
+  });
+
+  test('a receiving kiln-vmm handed a guest memory file (memory_fd) takes only the source whose memory it is', async () => {
+    const dir = tempDir();
+    const api = join(dir, 'vmm.sock');
+    const bytes = 4 * 1024 * 1024;
+    const handed = createGuestMemoryFile(bytes, false);
+    const identity = memoryFileIdentity(handed);
+    const other = createGuestMemoryFile(bytes, false);
+    // The daemon's way: the file is the new VMM's fd 3.
+    const child = spawn(process.execPath, [VMM, '--api-sock', api, '--id', 'rx'], {
+      stdio: ['ignore', 'ignore', 'ignore', handed],
+    });
+    closeSync(handed);
+    try {
+      for (let i = 0; i < 200 && (await unixHttp(api, 'GET', '/').catch(() => null)) === null; i++) await sleep(25);
+      const sock = join(dir, 'in.sock');
+      const receive = (memoryFd: number) =>
+        unixHttp(api, 'PUT', '/migration/receive', { listen: `unix:${sock}`, token: 't', memory_fd: memoryFd });
+      const stdio = await receive(2);
+      assert.equal(stdio.status, 400);
+      assert.match(JSON.stringify(stdio.body), /`memory_fd` must be an inherited fd \(3 or more\), not 2/);
+      const closed = await receive(999);
+      assert.equal(closed.status, 400);
+      assert.match(JSON.stringify(closed.body), /`memory_fd` 999 is not an open file/);
+      const r = await receive(3);
+      assert.equal(r.status, 204, JSON.stringify(r.body));
+      /** A source that proves the token and sends its configuration; resolves with the destination's answer. */
+      const source = async (sharedMemory?: object) => {
+        const s = createConnection(sock);
+        const reader = new FrameReader(s, 'the destination');
+        const hello = JSON.parse((await reader.expect(Frame.HELLO, 'HELLO')).toString()) as { nonce: string };
+        s.write(jsonFrame(Frame.AUTH, { version: 1, proof: proof('t', Buffer.from(hello.nonce, 'hex')).toString('hex') }));
+        await reader.expect(Frame.OK, 'OK');
+        const blueprint = {
+          kiln: 'test',
+          config: { cpus: 1, memoryMiB: 4 },
+          boot: {},
+          compat: null,
+          memoryBytes: bytes,
+          ...(sharedMemory ? { sharedMemory } : {}),
+        };
+        s.write(frame(Frame.CONFIG, encodeStateFile(blueprint)));
+        const answer = await reader.expect(Frame.OK, 'OK').then(
+          () => 'accepted',
+          (err: Error) => err.message,
+        );
+        s.destroy();
+        return answer;
+      };
+      assert.match(await source(), /handed a guest memory file \(memory_fd\) and the source copies its memory/);
+      assert.match(
+        await source(memoryFileIdentity(other)),
+        /memory_fd 3 is another file than the source's guest memory/,
+      );
+      assert.match(
+        await source({ ...identity, bytes: 2 * bytes }),
+        /memory_fd 3 holds 4194304 bytes of memory; the VM has 8388608/,
+      );
+      const p = (await unixHttp(api, 'GET', '/migration')).body as { phase: string };
+      assert.equal(p.phase, 'listening', 'the destination waits on for the source whose memory it holds');
+    } finally {
+      child.kill('SIGKILL');
+      closeSync(other);
     }
   });
 
