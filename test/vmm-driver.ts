@@ -19,11 +19,16 @@ export interface RunningVmm {
   exited: Promise<number | null>;
 }
 
-export async function startVmm(dir: string, name: string): Promise<RunningVmm> {
+export async function startVmm(
+  dir: string,
+  name: string,
+  /** `memoryFd`: a guest memory file the VMM inherits as fd 3 (a live upgrade's destination). */
+  opts: { memoryFd?: number } = {},
+): Promise<RunningVmm> {
   const api = join(dir, `${name}.api`);
   const serial = join(dir, `${name}.serial`);
   const child = spawn(process.execPath, [VMM, '--api-sock', api, '--serial-sock', serial, '--id', name], {
-    stdio: ['ignore', 'ignore', 'pipe'],
+    stdio: ['ignore', 'ignore', 'pipe', ...(opts.memoryFd !== undefined ? [opts.memoryFd] : [])],
   });
   let stderr = '';
   child.stderr!.setEncoding('utf8').on('data', (c: string) => (stderr += c));
@@ -80,6 +85,8 @@ export async function bootShell(
     /** Read-only data disks (vda, vdb, ... in this order). */
     disks?: ReadonlyArray<{ id: string; path: string }>;
     nets?: ReadonlyArray<{ id: string; tap: string; mac: string }>;
+    /** Guest RAM in a shared memory file (machine-config shared_memory), which a live upgrade hands over. */
+    sharedMemory?: boolean;
   },
   seconds: number,
 ): Promise<number> {
@@ -88,7 +95,11 @@ export async function bootShell(
     initrd_path: guest.initrd,
     boot_args: 'kiln.shell',
   });
-  await put(vmm.api, '/machine-config', { vcpu_count: 1, mem_size_mib: guest.memoryMiB });
+  await put(vmm.api, '/machine-config', {
+    vcpu_count: 1,
+    mem_size_mib: guest.memoryMiB,
+    ...(guest.sharedMemory ? { shared_memory: true } : {}),
+  });
   if (guest.entropy) await put(vmm.api, '/entropy', {});
   for (const d of guest.disks ?? [])
     await put(vmm.api, `/drives/${d.id}`, {

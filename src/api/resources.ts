@@ -187,6 +187,8 @@ const MACHINE_FIELDS: Fields = {
   track_dirty_pages: bool,
   huge_pages: oneOf('None', 'Transparent', '2M'),
   cpu_template: oneOf('C3', 'T2', 'T2S', 'T2CL', 'T2A', 'V1N1', 'None'),
+  /** Kiln's own: guest RAM in a shared memory file, which a live upgrade hands over (VmConfig.sharedMemory). */
+  shared_memory: bool,
 };
 
 /** PUT (every field but the optional ones reset) or PATCH (only the fields given) /machine-config. */
@@ -201,7 +203,7 @@ export function parseMachineConfig(body: unknown, patch = false): ConfigChange {
       'machine-config: CPU template V1N1 is for aarch64 hosts (this is x86_64: C3, T2, T2S, T2CL, T2A)',
     );
   return (input) => {
-    if (!patch) for (const key of ['trackDirtyPages', 'hugePages', 'smt']) delete input[key];
+    if (!patch) for (const key of ['trackDirtyPages', 'hugePages', 'smt', 'sharedMemory']) delete input[key];
     // As Firecracker: no cpu_template keeps the template (static or custom), None clears
     // both, a static one replaces a custom one.
     if (r.cpu_template !== undefined)
@@ -212,6 +214,7 @@ export function parseMachineConfig(body: unknown, patch = false): ConfigChange {
     if (r.mem_size_mib !== undefined) input.memoryMiB = r.mem_size_mib;
     if (r.track_dirty_pages !== undefined) input.trackDirtyPages = r.track_dirty_pages;
     if (r.huge_pages !== undefined) input.hugePages = r.huge_pages;
+    if (r.shared_memory !== undefined) input.sharedMemory = r.shared_memory;
   };
 }
 
@@ -671,6 +674,7 @@ export function exportMachineConfig(c: VmConfig): Record<string, unknown> {
     track_dirty_pages: c.trackDirtyPages,
     huge_pages: c.hugePages ?? 'None',
     ...(c.staticCpuTemplate !== undefined ? { cpu_template: c.staticCpuTemplate } : {}),
+    ...(c.sharedMemory === true ? { shared_memory: true } : {}),
   };
 }
 

@@ -345,11 +345,7 @@ export async function daemon(
 export async function upgrade(name: string, o: { json?: boolean }): Promise<number> {
   progress(`upgrading '${name}' into a new VMM of this Kiln (it keeps running; it pauses only at the switch)`);
   const s = await daemonCall<UpgradeReply>(new Store(), 'POST', `${path(name)}/upgrade`, {}, progress);
-  print(
-    o.json,
-    `${s.name}: ${s.state} (pid ${s.pid}); guest memory ${s.memory}, paused ${s.downtimeMs} ms`,
-    s,
-  );
+  print(o.json, `${s.name}: ${s.state} (pid ${s.pid}); guest memory ${s.memory}, paused ${s.downtimeMs} ms`, s);
   return s.state === 'running' || s.state === 'paused' ? 0 : EXIT_ERROR;
 }
 

@@ -30,8 +30,7 @@ export class SharedMemoryError extends KilnError {
  * `hugetlb`), sealed against shrinking and growing. Returns its fd (close-on-exec).
  */
 export function createGuestMemoryFile(size: number, hugetlb: boolean): number {
-  const flags =
-    libc.MFD_CLOEXEC | libc.MFD_ALLOW_SEALING | (hugetlb ? libc.MFD_HUGETLB | libc.MFD_HUGE_2MB : 0);
+  const flags = libc.MFD_CLOEXEC | libc.MFD_ALLOW_SEALING | (hugetlb ? libc.MFD_HUGETLB | libc.MFD_HUGE_2MB : 0);
   const fd = libc.memfdCreate(GUEST_MEMORY_FILE_NAME, flags);
   if (fd < 0)
     throw new SharedMemoryError(

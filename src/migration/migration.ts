@@ -57,6 +57,8 @@ export interface MigrationProgress {
   bytes_sent: number;
   estimated_downtime_ms: number;
   throttle_percent: number;
+  /** How guest memory moves: copied (pre-copy and the last dirty pages), or handed over (a local migration). */
+  memory?: 'copied' | 'handed over';
   /** Bytes of disk images sent (copy_disks). */
   disk_bytes_sent?: number;
   /** The destination's address (send) or the address it listens on (receive). */
@@ -192,7 +194,10 @@ export class OutgoingMigration {
           "a local migration hands guest memory over, and this VM's memory is private (sharedMemory off, or restored from a snapshot's memory file)",
         );
       if (this.req.local && this.req.copyDisks)
-        throw new MigrationError('a local migration leaves the disks where they are: give local or copy_disks, not both');
+        throw new MigrationError(
+          'a local migration leaves the disks where they are: give local or copy_disks, not both',
+        );
+      this.progress.memory = this.req.local ? 'handed over' : 'copied';
       const socket = await dial(this.address, this.req.tlsCa);
       this.socket = socket;
       const reader = new FrameReader(socket, 'the destination');
@@ -626,6 +631,7 @@ export class IncomingMigration {
       try {
         config = this.configFor(blueprint);
         const handed = this.handedMemory(blueprint);
+        this.progress.memory = handed ? 'handed over' : 'copied';
         live = createLinuxVm(config, this.host.runtime, {
           memoryFileFd: -1,
           boot: blueprint.boot,
@@ -738,7 +744,9 @@ export class IncomingMigration {
       return false;
     }
     if (fd === undefined)
-      throw new KilnError('the source hands its guest memory over (a local migration); this VMM was given none (memory_fd)');
+      throw new KilnError(
+        'the source hands its guest memory over (a local migration); this VMM was given none (memory_fd)',
+      );
     checkSameMemoryFile(fd, `memory_fd ${fd}`, blueprint.sharedMemory);
     if (blueprint.sharedMemory.bytes !== blueprint.memoryBytes)
       throw new KilnError(`the source's memory file does not hold its ${blueprint.memoryBytes} bytes of RAM`);

@@ -254,6 +254,23 @@ describe('the Firecracker API', () => {
     assert.equal((await call('PATCH', '/machine-config', { vcpu_count: was.vcpu_count, smt: false })).status, 204);
   });
 
+  test("machine-config's shared_memory (Kiln's own, for live upgrades): shown only when on, and reset by a PUT", async () => {
+    const machine = async () => (await call('GET', '/machine-config')).body as Record<string, unknown>;
+    const was = await machine();
+    assert.equal((await call('PATCH', '/machine-config', { shared_memory: true })).status, 204);
+    assert.equal((await machine()).shared_memory, true);
+    const bad = await call('PATCH', '/machine-config', { shared_memory: 'yes' });
+    assert.equal(bad.status, 400);
+    assert.equal((await machine()).shared_memory, true, 'a bad value changes nothing');
+    const { vcpu_count, mem_size_mib } = was as { vcpu_count: number; mem_size_mib: number };
+    assert.equal((await call('PUT', '/machine-config', { vcpu_count, mem_size_mib })).status, 204);
+    assert.equal(
+      'shared_memory' in (await machine()),
+      false,
+      "a PUT without it turns it off, as Firecracker's PUT resets what it omits",
+    );
+  });
+
   test('bad requests are 400 with a fault message, and change nothing', { skip: tapSkip }, async () => {
     const disk0 = join(dir, 'disk.img');
     const fifo = join(dir, 'fifo');

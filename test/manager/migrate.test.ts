@@ -120,7 +120,7 @@ describe('kiln migrate between two hosts', { skip: kvmSkip || (!canNetns && 'nee
           readdirSync(`/proc/${now.pid}/fd`).some(
             (fd) => readlinkSync(`/proc/${now.pid}/fd/${fd}`) === '/memfd:kiln-guest-ram (deleted)',
           ),
-          "the new VMM holds the guest memory file",
+          'the new VMM holds the guest memory file',
         );
         assert.match(upgraded.stderr, /runs in its new VMM \(pid \d+\); it was paused for \d+ ms/);
         const upgAfter = count(stateA, 'upg', 'after');

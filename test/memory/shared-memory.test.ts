@@ -89,10 +89,16 @@ test('what is not the guest memory file it should be is refused with the reason'
   const mine = createGuestMemoryFile(SIZE, false);
   const another = createGuestMemoryFile(SIZE, false);
   try {
-    assert.throws(() => checkGuestMemoryFile(ordinary, 'fd A'), /fd A is not a guest memory file \(it is not an unlinked memfd\)/);
+    assert.throws(
+      () => checkGuestMemoryFile(ordinary, 'fd A'),
+      /fd A is not a guest memory file \(it is not an unlinked memfd\)/,
+    );
     assert.throws(() => checkGuestMemoryFile(unsealed, 'fd B'), /fd B is not a guest memory file \(it is not sealed/);
     assert.throws(() => checkGuestMemoryFile(9999, 'fd C'), /fd C is not an open file \(EBADF\)/);
-    assert.throws(() => checkGuestMemoryFile(mine, 'fd D', 2 * SIZE), /fd D holds 4194304 bytes of memory; the VM has 8388608/);
+    assert.throws(
+      () => checkGuestMemoryFile(mine, 'fd D', 2 * SIZE),
+      /fd D holds 4194304 bytes of memory; the VM has 8388608/,
+    );
     assert.deepEqual(checkGuestMemoryFile(mine, 'fd D', SIZE), memoryFileIdentity(mine));
     assert.throws(
       () => checkSameMemoryFile(another, 'fd E', memoryFileIdentity(mine)),

@@ -122,6 +122,15 @@ describe('live migration between kiln-vmm processes', { skip: kvmSkip }, () => {
         });
         assert.equal(wrong.status, 400);
         assert.match(fault(wrong), /wrong migration token/);
+        // A local migration (kiln upgrade's) hands memory over: a VM restored from a
+        // snapshot's memory file has private memory, so it is refused before connecting.
+        const local = await unixHttp(intruder.api, 'PUT', '/migration/send', {
+          destination: address,
+          token: TOKEN,
+          local: true,
+        });
+        assert.equal(local.status, 400);
+        assert.match(fault(local), /a local migration hands guest memory over, and this VM's memory is private/);
         assert.equal((await progress(b)).phase, 'listening');
         assert.equal(((await unixHttp(intruder.api, 'GET', '/')).body as { state: string }).state, 'Running');
 

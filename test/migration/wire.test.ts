@@ -179,7 +179,9 @@ describe('refusals before anything moves', () => {
         const s = createConnection(sock);
         const reader = new FrameReader(s, 'the destination');
         const hello = JSON.parse((await reader.expect(Frame.HELLO, 'HELLO')).toString()) as { nonce: string };
-        s.write(jsonFrame(Frame.AUTH, { version: 1, proof: proof('t', Buffer.from(hello.nonce, 'hex')).toString('hex') }));
+        s.write(
+          jsonFrame(Frame.AUTH, { version: 1, proof: proof('t', Buffer.from(hello.nonce, 'hex')).toString('hex') }),
+        );
         await reader.expect(Frame.OK, 'OK');
         const blueprint = {
           kiln: 'test',

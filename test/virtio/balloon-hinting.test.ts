@@ -152,5 +152,8 @@ test('with shared guest memory (a memfd, kiln upgrade) hinted pages are punched 
     before - left >= 56 * PAGE,
     `the memory file gave back ${(before - left) / PAGE} pages of the 63 whole ones hinted (the used ring may take one)`,
   );
-  assert.ok(dev.mem.read(RAM_BYTES - PAGE, PAGE).every((b) => b === 0xa5), "pages not hinted keep their data");
+  assert.ok(
+    dev.mem.read(RAM_BYTES - PAGE, PAGE).every((b) => b === 0xa5),
+    'pages not hinted keep their data',
+  );
 });
