@@ -79,7 +79,7 @@ describe('VmConfig', () => {
       [{ initrd: '/i' }, 'initrd: needs a kernel (the default guest brings its own initramfs)'],
       [
         { colour: 'red' },
-        'colour: is not a known field (known: kernel, initrd, cmdline, cpus, memoryMiB, cpuTemplate, cpuidModifiers, msrModifiers, staticCpuTemplate, hugePages, smt, trackDirtyPages, disks, nets, rng, rngRateLimiter, vsock, consoleSocket, balloon, mmds)',
+        'colour: is not a known field (known: kernel, initrd, cmdline, cpus, memoryMiB, cpuTemplate, cpuidModifiers, msrModifiers, staticCpuTemplate, hugePages, smt, trackDirtyPages, sharedMemory, disks, nets, rng, rngRateLimiter, vsock, consoleSocket, balloon, mmds)',
       ],
       [JSON.parse('{"__proto__": {"cpus": 4}}'), '__proto__: is not a known field'],
       [{ constructor: 1 }, 'constructor: is not a known field'],
