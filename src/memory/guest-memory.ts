@@ -9,7 +9,7 @@ import { KilnError } from '../errors.js';
 import { SyscallError } from '../kvm/errors.js';
 import type { VmFd } from '../kvm/kvm.js';
 import * as libc from '../kvm/libc.js';
-import { createGuestMemoryFile } from './shared-memory.js';
+import { createGuestMemoryFile, fileDataRanges } from './shared-memory.js';
 import { GiB, HIGH_RAM_START, MMIO_HOLE_START, PAGE_SIZE, RAM_START } from '../layout.js';
 
 /**
@@ -140,7 +140,11 @@ export class GuestMemory {
   /** Index of each region's first page among all pages (the bit of its first page). */
   private readonly firstPage: number[];
 
-  protected constructor(readonly descriptor: GuestMemoryDescriptor) {
+  protected constructor(
+    readonly descriptor: GuestMemoryDescriptor,
+    /** The shared guest memory file the regions map, where this thread has it open; else null. */
+    readonly memoryFd: number | null = null,
+  ) {
     this.regions = descriptor.regions;
     const buffers = this.regions.map((r) => libc.view(r.hostAddr, r.size));
     this.bytes = buffers.map((b) => new Uint8Array(b));
@@ -214,9 +218,32 @@ export class GuestMemory {
     }
   }
 
-  /** Builds views over memory mapped elsewhere in this process (another thread). */
-  static attach(descriptor: GuestMemoryDescriptor): GuestMemory {
-    return new GuestMemory(descriptor);
+  /**
+   * The parts of region `i` that hold pages (offsets in the region), or null when every
+   * page must be looked at. Only a shared memory file knows (its holes): reading a hole of
+   * one allocates a page, where reading untouched private memory maps the zero page, so
+   * whole-memory scans (a Full snapshot, a migration's first pass) skip what this leaves out.
+   */
+  allocatedRanges(i: number): Array<{ offset: number; length: number }> | null {
+    if (this.memoryFd === null || this.closed) return null;
+    const start = this.firstPage[i]! * PAGE_SIZE;
+    return fileDataRanges(this.memoryFd, start, start + this.regions[i]!.size).map((r) => ({
+      offset: r.offset - start,
+      length: r.length,
+    }));
+  }
+
+  /** Whether the memory is gone (OwnedGuestMemory.destroy). */
+  protected get closed(): boolean {
+    return false;
+  }
+
+  /**
+   * Builds views over memory mapped elsewhere in this process (another thread), with the
+   * shared guest memory file's fd where the caller has it (for allocatedRanges).
+   */
+  static attach(descriptor: GuestMemoryDescriptor, memoryFd: number | null = null): GuestMemory {
+    return new GuestMemory(descriptor, memoryFd);
   }
 
   get totalSize(): number {
@@ -357,10 +384,14 @@ export class OwnedGuestMemory extends GuestMemory {
   private constructor(
     descriptor: GuestMemoryDescriptor,
     private readonly vm: VmFd,
-    /** The shared guest memory file the regions map (open while they are), or null. */
-    readonly memoryFd: number | null,
+    /** The shared guest memory file the regions map (open while they are, closed by destroy), or null. */
+    memoryFd: number | null,
   ) {
-    super(descriptor);
+    super(descriptor, memoryFd);
+  }
+
+  protected override get closed(): boolean {
+    return this.destroyed;
   }
 
   /**

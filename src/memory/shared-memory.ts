@@ -120,3 +120,25 @@ export function openGuestMemoryOf(pid: number, bytes: number): number | null {
   }
   return null;
 }
+
+/**
+ * The data ranges (not holes) of open file `fd` within [from, to), by SEEK_DATA and
+ * SEEK_HOLE (a memfd has them too: its holes are pages never touched, or punched out).
+ * Offsets are the file's.
+ */
+export function fileDataRanges(fd: number, from: number, to: number): Array<{ offset: number; length: number }> {
+  const out: Array<{ offset: number; length: number }> = [];
+  for (let at = from; at < to;) {
+    const data = libc.lseek(fd, at, libc.SEEK_DATA);
+    if (data < 0) {
+      if (libc.errno() === libc.ENXIO) break;
+      throw new SharedMemoryError(`lseek(SEEK_DATA): ${libc.errnoName(libc.errno())}`);
+    }
+    if (data >= to) break;
+    let hole = libc.lseek(fd, data, libc.SEEK_HOLE);
+    if (hole < 0) hole = to;
+    out.push({ offset: data, length: Math.min(hole, to) - data });
+    at = hole;
+  }
+  return out;
+}

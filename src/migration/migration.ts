@@ -411,12 +411,17 @@ export class OutgoingMigration {
         this.progress.pages_sent += batch.length;
         batch.length = 0;
       };
-      for (let p = 0; p < pages; p++) {
-        if (bits) {
-          if ((bits[p >>> 3]! & (1 << (p & 7))) === 0) continue;
-        } else if (Buffer.compare(bytes.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE), zero) === 0) continue;
-        batch.push(p);
-        if (batch.length === PAGES_PER_FRAME) await flush();
+      // The first pass skips a shared memory file's holes unread (reading one allocates it).
+      const spans = (bits ? null : memory.allocatedRanges(region)) ?? [{ offset: 0, length: pages * PAGE_SIZE }];
+      for (const span of spans) {
+        const last = Math.ceil((span.offset + span.length) / PAGE_SIZE);
+        for (let p = Math.floor(span.offset / PAGE_SIZE); p < last; p++) {
+          if (bits) {
+            if ((bits[p >>> 3]! & (1 << (p & 7))) === 0) continue;
+          } else if (Buffer.compare(bytes.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE), zero) === 0) continue;
+          batch.push(p);
+          if (batch.length === PAGES_PER_FRAME) await flush();
+        }
       }
       await flush();
     }

@@ -3,9 +3,9 @@
 // of its RAM gives a small file. A restore maps it MAP_PRIVATE (guest-memory.ts): pages
 // come in as the guest touches them and its writes never reach the file.
 import { closeSync, fstatSync, fsyncSync, ftruncateSync, openSync, readSync, constants as fsConstants } from 'node:fs';
-import * as libc from '../kvm/libc.js';
 import { writeAll, writeFileAtomically } from '../atomic-file.js';
 import type { GuestMemory } from '../memory/guest-memory.js';
+import { fileDataRanges } from '../memory/shared-memory.js';
 import { PAGE_SIZE } from '../layout.js';
 import { SnapshotError } from './format.js';
 
@@ -23,20 +23,22 @@ export function writeMemoryFile(path: string, memory: GuestMemory): { bytes: num
   writeFileAtomically(path, (fd) => {
     memory.descriptor.regions.forEach((region, i) => {
       const bytes = memory.regionBytes(i);
-      for (let chunk = 0; chunk < region.size; chunk += CHUNK) {
-        const end = Math.min(region.size, chunk + CHUNK);
-        // Runs of non-zero pages, each written at its place in the file.
-        let run = -1;
-        for (let page = chunk; page <= end; page += PAGE_SIZE) {
-          const zero = page === end || Buffer.compare(bytes.subarray(page, page + PAGE_SIZE), ZERO_PAGE) === 0;
-          if (!zero && run < 0) run = page;
-          else if (zero && run >= 0) {
-            writeAll(fd, bytes.subarray(run, page), offset + run);
-            written += page - run;
-            run = -1;
+      // A shared memory file's holes are skipped unread: reading one would allocate it.
+      for (const span of memory.allocatedRanges(i) ?? [{ offset: 0, length: region.size }])
+        for (let chunk = span.offset; chunk < span.offset + span.length; chunk += CHUNK) {
+          const end = Math.min(span.offset + span.length, chunk + CHUNK);
+          // Runs of non-zero pages, each written at its place in the file.
+          let run = -1;
+          for (let page = chunk; page <= end; page += PAGE_SIZE) {
+            const zero = page === end || Buffer.compare(bytes.subarray(page, page + PAGE_SIZE), ZERO_PAGE) === 0;
+            if (!zero && run < 0) run = page;
+            else if (zero && run >= 0) {
+              writeAll(fd, bytes.subarray(run, page), offset + run);
+              written += page - run;
+              run = -1;
+            }
           }
         }
-      }
       offset += region.size;
     });
     ftruncateSync(fd, offset);
@@ -97,19 +99,11 @@ export function writeDiffMemoryFile(
 
 /** The data ranges (not holes) of the open file `fd` of `size` bytes, by SEEK_DATA/SEEK_HOLE. */
 export function dataRanges(fd: number, size: number): Array<{ offset: number; length: number }> {
-  const out: Array<{ offset: number; length: number }> = [];
-  for (let at = 0; at < size;) {
-    const data = libc.lseek(fd, at, libc.SEEK_DATA);
-    if (data < 0) {
-      if (libc.errno() === libc.ENXIO) break;
-      throw new SnapshotError(`cannot find the data in a memory file: ${libc.errnoName(libc.errno())}`);
-    }
-    let hole = libc.lseek(fd, data, libc.SEEK_HOLE);
-    if (hole < 0) hole = size;
-    out.push({ offset: data, length: Math.min(hole, size) - data });
-    at = hole;
+  try {
+    return fileDataRanges(fd, 0, size);
+  } catch (err) {
+    throw new SnapshotError(`cannot find the data in a memory file: ${(err as Error).message}`);
   }
-  return out;
 }
 
 /**

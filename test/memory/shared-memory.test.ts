@@ -1,19 +1,23 @@
 // Shared guest memory files (kiln upgrade's hand-over), with no VM: a file another process
 // made is found among its open files, opened again and mapped, and both processes see
-// each other's writes (no copy); the file cannot be resized under a mapping; anything that
-// is not a guest memory file (an ordinary file, an unsealed memfd, a closed fd, another
-// VMM's file, one of the wrong size) is refused with the reason.
+// each other's writes (no copy); the file cannot be resized under a mapping; a snapshot
+// reads only the pages the file holds; anything that is not a guest memory file (an
+// ordinary file, an unsealed memfd, a closed fd, another VMM's file, one of the wrong
+// size) is refused with the reason.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { closeSync, ftruncateSync, openSync, writeFileSync } from 'node:fs';
+import { closeSync, fstatSync, ftruncateSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { test } from 'node:test';
 import * as libc from '../../src/kvm/libc.js';
+import { GuestMemory } from '../../src/memory/guest-memory.js';
+import { writeMemoryFile } from '../../src/snapshot/memory-file.js';
 import {
   checkGuestMemoryFile,
   checkSameMemoryFile,
   createGuestMemoryFile,
+  fileDataRanges,
   memoryFileIdentity,
   openGuestMemoryOf,
   type MemoryFileIdentity,
@@ -106,5 +110,47 @@ test('what is not the guest memory file it should be is refused with the reason'
     );
   } finally {
     for (const fd of [ordinary, unsealed, mine, another]) closeSync(fd);
+  }
+});
+
+test('a shared memory file is written to a memory file without reading its holes, which would allocate them', () => {
+  const fd = createGuestMemoryFile(SIZE, false);
+  const { bytes, unmap } = mapShared(fd, SIZE);
+  try {
+    const allocated = () => Number(fstatSync(fd).blocks) * 512;
+    bytes.fill(0x11, MiB, MiB + 8192);
+    bytes.fill(0x22, 3 * MiB, 3 * MiB + 4096);
+    assert.deepEqual(fileDataRanges(fd, 0, SIZE), [
+      { offset: MiB, length: 8192 },
+      { offset: 3 * MiB, length: 4096 },
+    ]);
+    // Two regions back to back, as guest RAM is laid out in the file.
+    const addr = libc.mmap(null, SIZE, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED, fd, 0);
+    const memory = GuestMemory.attach(
+      {
+        regions: [
+          { slot: 0, guestPhysAddr: 0, size: 2 * MiB, hostAddr: addr },
+          { slot: 1, guestPhysAddr: 8 * MiB, size: 2 * MiB, hostAddr: addr + BigInt(2 * MiB) },
+        ],
+        shared: true,
+      },
+      fd,
+    );
+    assert.deepEqual(memory.allocatedRanges(1), [{ offset: MiB, length: 4096 }], "a region's ranges are its own");
+    const before = allocated();
+    const out = join(tempDir(), 'memory');
+    const { written } = writeMemoryFile(out, memory);
+    assert.equal(allocated(), before, 'the holes were not read (a read of one allocates a page)');
+    assert.equal(written, 8192 + 4096);
+    const file = readFileSync(out);
+    assert.ok(file.subarray(MiB, MiB + 8192).every((b) => b === 0x11));
+    assert.ok(file.subarray(3 * MiB, 3 * MiB + 4096).every((b) => b === 0x22));
+    // Why it matters: reading through the mapping allocates.
+    void bytes[2 * MiB + 100];
+    assert.ok(allocated() > before, 'a read of a hole allocated a page');
+    libc.munmap(addr, SIZE);
+  } finally {
+    unmap();
+    closeSync(fd);
   }
 });
