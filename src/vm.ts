@@ -410,10 +410,19 @@ export class Vm {
    * paused, with the I/O thread parked; `alsoWhileParked` runs before the I/O thread is let
    * go (the memory file is written there, so memory and device state agree).
    */
-  async saveMachine(alsoWhileParked: () => Promise<void> | void = () => undefined): Promise<MachineState> {
+  async saveMachine(
+    alsoWhileParked: () => Promise<void> | void = () => undefined,
+    /**
+     * `keepParked`: the I/O thread stays parked once the state is saved (a migration's
+     * source: no device may touch guest memory or its state again, the destination has
+     * them); unparkIo() lets it go on, destroy() ends it where it is.
+     */
+    opts: { keepParked?: boolean } = {},
+  ): Promise<MachineState> {
     if (!this.paused) throw new KilnError('the VM must be paused to save its state');
     const io = this.io;
     if (io) await io.parkLoop();
+    let saved = false;
     try {
       const vcpus: SavedVcpu[] = [];
       // One at a time: vCPU events must not be read while another vCPU's ioctls run (KVM's rule for SET).
@@ -421,10 +430,16 @@ export class Vm {
       const vm = this.config.irqchip ? saveVmState(this.vmFd) : null;
       const devices = this.devices.map((d) => saveDevice(d));
       await alsoWhileParked();
+      saved = true;
       return { vcpus, vm, devices, compatInstalled: Atomics.load(this.cells, ctl.VM_COMPAT_CLAIM) === 1 };
     } finally {
-      io?.unparkLoop();
+      if (!saved || !opts.keepParked) io?.unparkLoop();
     }
+  }
+
+  /** Lets the I/O thread go on after saveMachine's keepParked (a migration that failed). */
+  unparkIo(): void {
+    this.io?.unparkLoop();
   }
 
   /** Host memory KVM_GET_DIRTY_LOG writes each slot's bitmap into (mapped on first use). */

@@ -254,6 +254,7 @@ export class OutgoingMigration {
     const vm = this.vm.live.vm;
     let stopped = false;
     let unlocked = false;
+    let parked = false;
     try {
       this.progress.phase = 'pre-copy';
       // A local migration copies no memory: the destination maps this VM's memory file.
@@ -268,19 +269,27 @@ export class OutgoingMigration {
       const stoppedAt = Date.now();
       const paused = performance.now();
       let pagesDone = 0;
-      const machine = await vm.saveMachine(async () => {
-        pagesDone = performance.now();
-        if (this.req.local) return;
-        const last = vm.takeDirtyPages();
-        if (this.orDirty) last.forEach((bits, i) => bits.forEach((b, j) => (bits[j] = b | this.orDirty![i]![j]!)));
-        this.progress.dirty_pages_left = countPages(last);
-        await this.sendPages(last);
-        if (this.disks) {
-          // The I/O thread is parked: no write is under way, the record is complete.
-          const lastDisk = this.disks.takeDirty().map((c, i) => [...new Set([...c, ...(this.orDiskDirty?.[i] ?? [])])]);
-          await this.sendDiskChunks(lastDisk, false);
-        }
-      });
+      // The I/O thread stays parked from here: a device's work after the state is saved
+      // would be lost at the destination, and with handed-over memory would corrupt it.
+      const machine = await vm.saveMachine(
+        async () => {
+          pagesDone = performance.now();
+          if (this.req.local) return;
+          const last = vm.takeDirtyPages();
+          if (this.orDirty) last.forEach((bits, i) => bits.forEach((b, j) => (bits[j] = b | this.orDirty![i]![j]!)));
+          this.progress.dirty_pages_left = countPages(last);
+          await this.sendPages(last);
+          if (this.disks) {
+            // The I/O thread is parked: no write is under way, the record is complete.
+            const lastDisk = this.disks
+              .takeDirty()
+              .map((c, i) => [...new Set([...c, ...(this.orDiskDirty?.[i] ?? [])])]);
+            await this.sendDiskChunks(lastDisk, false);
+          }
+        },
+        { keepParked: true },
+      );
+      parked = true;
       setDiskLocks(this.vm.live.virtio, false);
       unlocked = true;
       const saved = performance.now();
@@ -307,6 +316,7 @@ export class OutgoingMigration {
         } catch (lockErr) {
           this.vm.log(`after the failed migration: ${(lockErr as Error).message}`);
         }
+      if (parked) vm.unparkIo();
       if (stopped && !this.vm.userPaused) vm.resume();
       throw this.asError(err);
     }

@@ -30,6 +30,8 @@ export interface IoThreadInit {
 
 export const PARK_REQUEST = 0;
 export const PARK_STATE = 1;
+/** PARK_REQUEST's value for "stop": a parked loop ends without handling another event. */
+export const PARK_STOP = 2;
 /** Cell of the park buffer: 1 while the backends are still to be told of the restore ('on-kick'). */
 export const RESTORE_PENDING = 2;
 
@@ -96,9 +98,14 @@ export class IoThread {
     Atomics.notify(this.parkCells, PARK_REQUEST);
   }
 
-  /** Stops the loop; resolves with the error that ended it early, if any. */
+  /**
+   * Stops the loop; resolves with the error that ended it early, if any. A parked loop
+   * ends where it is, without handling another event (a migrated VM's source: its guest
+   * memory may be the destination's now).
+   */
   async stop(): Promise<string | null> {
-    this.unparkLoop();
+    Atomics.store(this.parkCells, PARK_REQUEST, PARK_STOP);
+    Atomics.notify(this.parkCells, PARK_REQUEST);
     libc.signalEventfd(this.stopFd);
     const failure = await this.exited;
     libc.close(this.stopFd);

@@ -12,7 +12,7 @@ import * as libc from '../kvm/libc.js';
 import { GuestMemory } from '../memory/guest-memory.js';
 import { createBackend } from './catalogue.js';
 import { VirtioInterrupts, VirtioRuntime, type VirtioBackend } from './device.js';
-import { PARK_REQUEST, PARK_STATE, RESTORE_PENDING, type IoThreadInit } from './io-thread.js';
+import { PARK_REQUEST, PARK_STATE, PARK_STOP, RESTORE_PENDING, type IoThreadInit } from './io-thread.js';
 import { virtioState } from './pci.js';
 import { installProgram } from '../seccomp/install.js';
 
@@ -148,11 +148,14 @@ watch(init.stopFd, () => {
 const park = new Int32Array(init.park);
 watch(init.parkFd, () => {
   libc.drainEventfd(init.parkFd);
-  if (Atomics.load(park, PARK_REQUEST) !== 1) return;
-  Atomics.store(park, PARK_STATE, 1);
-  Atomics.notify(park, PARK_STATE);
-  while (Atomics.load(park, PARK_REQUEST) === 1) Atomics.wait(park, PARK_REQUEST, 1);
-  Atomics.store(park, PARK_STATE, 0);
+  if (Atomics.load(park, PARK_REQUEST) === 1) {
+    Atomics.store(park, PARK_STATE, 1);
+    Atomics.notify(park, PARK_STATE);
+    while (Atomics.load(park, PARK_REQUEST) === 1) Atomics.wait(park, PARK_REQUEST, 1);
+    Atomics.store(park, PARK_STATE, 0);
+  }
+  // Stopped while parked: no other event of this turn is handled.
+  if (Atomics.load(park, PARK_REQUEST) === PARK_STOP) running = false;
 });
 
 if (init.restored === 'now') for (const r of runtimes) r.restored();
@@ -170,7 +173,8 @@ while (running) {
     throw new Error(`epoll_wait failed: ${libc.errnoName(libc.errno())}`);
   }
   // A handler may unwatch an fd whose event is later in this batch: skip emptied slots.
-  for (let i = 0; i < n; i++) handlers[events.readUInt32LE(i * libc.EPOLL_EVENT_BYTES + libc.EPOLL_EVENT_DATA)]?.();
+  for (let i = 0; i < n && running; i++)
+    handlers[events.readUInt32LE(i * libc.EPOLL_EVENT_BYTES + libc.EPOLL_EVENT_DATA)]?.();
 }
 for (const b of backends) b.close?.();
 libc.close(epfd);
