@@ -106,6 +106,9 @@ export class FakeDevice {
   private readonly usedSeen: number[];
   private readonly writable = new Map<string, Array<{ addr: number; len: number }>>();
   readonly queues: number;
+  /** The device's state buffer and options (for an I/O thread of its own over the same device). */
+  readonly shared: SharedArrayBuffer;
+  readonly options: VirtioPciOptions;
   /** The device's shared state (for a host-side control object over it). */
   readonly state: ReturnType<typeof virtioState>;
   /** The device's control eventfd (with `{ control: true }`): the host's commands wake the backend through it. */
@@ -132,6 +135,8 @@ export class FakeDevice {
     });
     const options: VirtioPciOptions = { device, notifyFds: [], intxGsi: -1, controlFd: -1 };
     const shared = allocateDeviceState('virtio-pci', options);
+    this.shared = shared;
+    this.options = options;
     const state = virtioState(shared, options);
     this.state = state;
     this.queues = state.numQueues;
