@@ -1,7 +1,7 @@
 // The `kiln` command as a user runs it.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -158,4 +158,19 @@ test('kiln --version prints the version', () => {
   const r = kiln(['--version']);
   assert.equal(r.status, 0);
   assert.match(r.stdout, /^kiln \d+\.\d+\.\d+\n$/);
+});
+
+test("every command the package installs (package.json's bin) is one executable script that answers --version", () => {
+  const root = fileURLToPath(new URL('../../', import.meta.url));
+  const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { bin: Record<string, string> };
+  assert.deepEqual(Object.keys(pkg.bin).sort(), ['kiln', 'kiln-jailer', 'kiln-snapshot-editor', 'kiln-vmm']);
+  for (const [name, path] of Object.entries(pkg.bin)) {
+    const file = join(root, path);
+    assert.ok(existsSync(file), `${name}: ${path} exists`);
+    assert.ok((statSync(file).mode & 0o111) !== 0, `${name}: ${path} is executable`);
+    assert.match(readFileSync(file, 'utf8').split('\n')[0]!, /^#!.*node/, `${name}: a node script`);
+    const r = spawnSync(file, ['--version'], { encoding: 'utf8', timeout: 30_000 });
+    assert.equal(r.status, 0, `${name} --version: ${r.stderr}`);
+    assert.match(r.stdout, /\d+\.\d+\.\d+/, `${name} --version prints a version`);
+  }
 });
