@@ -11,6 +11,7 @@ import { benchMigrate } from './migrate.js';
 import { benchNet } from './net.js';
 import { benchRatelimit } from './ratelimit.js';
 import { benchSnapshot } from './snapshot.js';
+import { benchStartup } from './startup.js';
 import type { BenchContext } from './util.js';
 
 const benchmarks: Record<string, (ctx: BenchContext) => Promise<void>> = {
@@ -21,6 +22,7 @@ const benchmarks: Record<string, (ctx: BenchContext) => Promise<void>> = {
   snapshot: benchSnapshot,
   migrate: benchMigrate,
   launch: benchLaunch,
+  startup: benchStartup,
   ratelimit: benchRatelimit,
   dashboard: benchDashboard,
 };

@@ -1,39 +1,124 @@
-// Bundles kiln-vmm and its worker threads (esbuild): dist/src/vmm-cli.js,
-// dist/src/vcpu/worker.js and dist/src/virtio/io-worker.js are replaced by one file each
-// holding everything they import but koffi (a native addon, loaded as it is). A VMM
-// process, and each of its threads, then reads and compiles one file instead of
-// resolving ~150 modules: most of its start-up before this (docs/ARCHITECTURE.md,
-// "Start-up"). The paths stay the same, so the manager, the jailer and the tests run
-// what a user runs.
+// Bundles kiln-vmm and its worker threads (esbuild): each of dist/src/vmm-cli.js,
+// dist/src/vcpu/worker.js and dist/src/virtio/io-worker.js gets one file beside it,
+// `<name>.bundle.js`, holding everything it imports but koffi (a native addon) and Node's
+// own modules, and is itself replaced by a two-line stub that runs the bundle through
+// src/bundle-loader.ts with V8's code cache made here (`<name>.bundle.js.cache`). A VMM
+// process, and each of its threads, then neither resolves ~150 modules nor compiles its
+// code at start-up (docs/ARCHITECTURE.md, "Start-up"). The paths stay the same, so the
+// manager, the jailer and the tests run what a user runs.
 import { build } from 'esbuild';
+import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { readFileSync, statSync, writeFileSync } from 'node:fs';
+import { builtinModules } from 'node:module';
+import { basename } from 'node:path';
+import { Script } from 'node:vm';
+import { BUILD_LINE, wrapBundle } from '../dist/src/bundle-loader.js';
+
+const STUB_MARK = '// kiln: a stub that runs';
+// Node's own modules and koffi are required at run time (the loader hands the bundle its
+// `require`), so the bundle holds no import statement and can be compiled as a function.
+// Each importing file gets a small ES module exporting just the names it imports, read
+// from its import statement: esbuild's generic CommonJS interop would instead copy every
+// export of every built-in into a new object per importing file (~16 ms of kiln-vmm's
+// start, measured). A namespace import (`import * as tls`) keeps the generic interop.
+const builtins = new Set(builtinModules.flatMap((m) => [m, `node:${m}`]));
+const escape = (text) => text.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&');
+function importedNames(importer, spec) {
+  const source = readFileSync(importer, 'utf8');
+  const statement = new RegExp(
+    `import\\s+(?:([\\w$]+)\\s*,?\\s*)?(?:\\{([^}]*)\\})?\\s*from\\s*['"]${escape(spec)}['"]`,
+    'g',
+  );
+  const names = new Set();
+  let found = false;
+  for (const m of source.matchAll(statement)) {
+    found = true;
+    if (m[1]) names.add('default');
+    for (const part of (m[2] ?? '').split(',')) {
+      const name = part
+        .trim()
+        .replace(/^type\s+/, '')
+        .split(/\s+as\s+/)[0];
+      if (name) names.add(name);
+    }
+  }
+  const namespace = new RegExp(`import\\s*\\*\\s*as\\s+[\\w$]+\\s*from\\s*['"]${escape(spec)}['"]`).test(source);
+  return found && !namespace ? [...names] : null;
+}
+const requireAtRunTime = {
+  name: 'require-at-run-time',
+  setup(b) {
+    b.onResolve({ filter: /.*/ }, (a) => {
+      if (!builtins.has(a.path) && a.path !== 'koffi') return undefined;
+      if (a.namespace === 'run-time' || a.kind === 'require-call') return { path: a.path, external: true };
+      const names = a.kind === 'import-statement' ? importedNames(a.importer, a.path) : null;
+      return { path: `${a.path}|${names ? names.join(',') : '*'}`, namespace: 'run-time' };
+    });
+    b.onLoad({ filter: /.*/, namespace: 'run-time' }, (a) => {
+      const [spec, list] = a.path.split('|');
+      const req = `require(${JSON.stringify(spec)})`;
+      if (list === '*') return { contents: `module.exports = ${req};`, loader: 'js' };
+      const names = list ? list.split(',') : [];
+      const named = names.filter((n) => n !== 'default');
+      return {
+        contents:
+          `const m = ${req};\n` +
+          (names.includes('default') ? 'export default m;\n' : '') +
+          (named.length ? `export const { ${named.join(', ')} } = m;\n` : ''),
+        loader: 'js',
+      };
+    });
+  },
+};
 
 const entries = ['vmm-cli', 'vcpu/worker', 'virtio/io-worker'];
 const results = await Promise.all(
-  entries.map((entry) =>
-    build({
-      entryPoints: [`dist/src/${entry}.js`],
-      outfile: `dist/src/${entry}.js`,
-      allowOverwrite: true,
+  entries.map((entry) => {
+    const from = `dist/src/${entry}.js`;
+    if (readFileSync(from, 'utf8').includes(STUB_MARK))
+      throw new Error(`${from} is already a stub: run tsc before bundling (npm run build does)`);
+    return build({
+      entryPoints: [from],
+      outfile: `dist/src/${entry}.bundle.js`,
       bundle: true,
       platform: 'node',
       format: 'esm',
       target: 'node20',
-      external: ['koffi'],
+      plugins: [requireAtRunTime],
+      define: { 'import.meta.url': '__kilnUrl' },
       // Less to parse at each start; identifiers are kept so errors still name functions.
       minifyWhitespace: true,
       minifySyntax: true,
-      // CommonJS dependencies (find-my-way) call require() for Node's own modules.
-      banner: {
-        js: "import { createRequire as kilnCreateRequire } from 'node:module'; const require = kilnCreateRequire(import.meta.url);",
-      },
       logLevel: 'warning',
       metafile: true,
-    }),
-  ),
+    });
+  }),
 );
 for (const [i, r] of results.entries()) {
-  const bytes = Object.values(r.metafile.outputs).reduce((n, o) => n + o.bytes, 0);
-  process.stdout.write(`bundled dist/src/${entries[i]}.js (${(bytes / 1024).toFixed(0)} KiB)\n`);
+  const entry = entries[i];
+  const bundle = `dist/src/${entry}.bundle.js`;
+  // Its last line names its build, which its code cache must name too (src/bundle-loader.ts).
+  const built = readFileSync(bundle, 'utf8');
+  writeFileSync(bundle, `${built}${BUILD_LINE}${createHash('sha256').update(built).digest('hex')}\n`);
+  const bytes = readFileSync(bundle);
+  // A bundle left with an import statement or import.meta is a syntax error here, at build time.
+  new Script(wrapBundle(bytes.toString('utf8')), { filename: bundle });
+  // Its code cache, from a run of it (scripts/train-code-cache.mjs).
+  execFileSync(process.execPath, ['scripts/train-code-cache.mjs', entry === 'vmm-cli' ? 'main' : 'worker', bundle], {
+    stdio: ['ignore', 'ignore', 'inherit'],
+  });
+  const cacheBytes = statSync(`${bundle}.cache`).size;
+  const depth = entry.split('/').length - 1;
+  const loader = depth === 0 ? './bundle-loader.js' : `${'../'.repeat(depth)}bundle-loader.js`;
+  writeFileSync(
+    `dist/src/${entry}.js`,
+    `#!/usr/bin/env node\n${STUB_MARK} ${basename(bundle)} (scripts/bundle.mjs)\n` +
+      `import { runBundle } from '${loader}';\nawait runBundle(new URL('./${basename(bundle)}', import.meta.url)).done;\n`,
+  );
+  process.stdout.write(
+    `bundled ${bundle} (${(bytes.length / 1024).toFixed(0)} KiB, code cache ${(cacheBytes / 1024).toFixed(0)} KiB)\n`,
+  );
 }
 
 // The dashboard's page (src/dashboard/page): one script and one style sheet (xterm.js's

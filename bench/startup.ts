@@ -1,0 +1,115 @@
+// `npm run bench -- startup`: kiln-vmm's own start-up, without a guest (so it runs on a
+// host without KVM too), with its code cache and without it (KILN_NO_CODE_CACHE=1), in
+// the same run, against Node's floor (`node -e 0`):
+//
+// - version: spawning `kiln-vmm --version` (every module evaluated) until it exits;
+// - api: spawning `kiln-vmm --api-sock` until its API socket exists;
+// - vcpu_worker, io_worker: starting a warm vCPU or I/O thread (a Worker of its bundle)
+//   until it has loaded its modules and waits for its VM;
+// - idle_rss: resident memory of a kiln-vmm waiting for its API (its warm threads
+//   started), after 2 s.
+//
+// Runs alternate between the variants, so a slow moment of the machine costs each alike.
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, readFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+import { Worker } from 'node:worker_threads';
+import { vmmEnvironment } from '../src/host.js';
+import { median, type BenchContext } from './util.js';
+
+const RUNS = 21;
+const VMM = fileURLToPath(new URL('../src/vmm-cli.js', import.meta.url));
+const WORKERS = {
+  vcpu: new URL('../src/vcpu/worker.js', import.meta.url),
+  io: new URL('../src/virtio/io-worker.js', import.meta.url),
+};
+const VARIANTS = { cache: {}, nocache: { KILN_NO_CODE_CACHE: '1' } } as const;
+type Variant = keyof typeof VARIANTS;
+
+const envOf = (v: Variant): NodeJS.ProcessEnv => ({ ...vmmEnvironment(), ...VARIANTS[v] });
+
+function timeExit(args: string[], env: NodeJS.ProcessEnv): number {
+  const start = performance.now();
+  const r = spawnSync(process.execPath, args, { env, stdio: 'ignore' });
+  if (r.status !== 0) throw new Error(`${args.join(' ')} exited with ${r.status}`);
+  return performance.now() - start;
+}
+
+/** Spawns a waiting kiln-vmm; resolves with the time to its API socket, and its RSS after `holdMs` if asked. */
+async function timeApi(sock: string, env: NodeJS.ProcessEnv, holdMs = 0): Promise<{ ms: number; rssMiB: number }> {
+  rmSync(sock, { force: true });
+  const start = performance.now();
+  const child = spawn(process.execPath, [VMM, '--api-sock', sock], { env, stdio: 'ignore' });
+  let exited = false;
+  const gone = new Promise<void>((resolve) => child.once('exit', () => ((exited = true), resolve())));
+  while (!existsSync(sock) && !exited) await sleep(1);
+  const ms = performance.now() - start;
+  let rssMiB = 0;
+  if (holdMs > 0 && !exited) {
+    await sleep(holdMs);
+    rssMiB = Number(/^Rss:\s+(\d+) kB/m.exec(readFileSync(`/proc/${child.pid}/smaps_rollup`, 'utf8'))![1]) / 1024;
+  }
+  if (!exited) child.kill('SIGTERM');
+  await gone;
+  rmSync(sock, { force: true });
+  if (exited && ms < 1) throw new Error('kiln-vmm exited before serving its API');
+  return { ms, rssMiB };
+}
+
+/** Starts a warm worker of `kind`; resolves with the time until it marks its modules loaded. */
+async function timeWorker(kind: keyof typeof WORKERS, env: NodeJS.ProcessEnv): Promise<number> {
+  const cell = new Int32Array(new SharedArrayBuffer(4));
+  const start = performance.now();
+  const w = new Worker(WORKERS[kind], {
+    workerData: { warmLoaded: cell.buffer },
+    env,
+    stdout: true,
+    stderr: true,
+    resourceLimits: { maxYoungGenerationSizeMb: 2 },
+  });
+  let failed: Error | null = null;
+  w.once('error', (err) => (failed = err));
+  while (Atomics.load(cell, 0) === 0 && failed === null) await sleep(0);
+  const ms = performance.now() - start;
+  await w.terminate();
+  if (failed) throw failed;
+  return ms;
+}
+
+export async function benchStartup(ctx: BenchContext): Promise<void> {
+  const floor: number[] = [];
+  const t = {
+    version: { cache: [] as number[], nocache: [] as number[] },
+    api: { cache: [] as number[], nocache: [] as number[] },
+    vcpu: { cache: [] as number[], nocache: [] as number[] },
+    io: { cache: [] as number[], nocache: [] as number[] },
+    rss: { cache: [] as number[], nocache: [] as number[] },
+  };
+  const sock = join(ctx.dir, 'api.sock');
+  for (let i = 0; i < RUNS; i++) {
+    floor.push(timeExit(['-e', '0'], vmmEnvironment()));
+    for (const v of Object.keys(VARIANTS) as Variant[]) {
+      t.version[v].push(timeExit([VMM, '--version'], envOf(v)));
+      const api = await timeApi(sock, envOf(v), i < 3 ? 2000 : 0);
+      t.api[v].push(api.ms);
+      if (api.rssMiB > 0) t.rss[v].push(api.rssMiB);
+      t.vcpu[v].push(await timeWorker('vcpu', envOf(v)));
+      t.io[v].push(await timeWorker('io', envOf(v)));
+    }
+  }
+  const f = (n: number) => n.toFixed(1);
+  ctx.log(`node -e 0: ${f(median(floor))} ms (median of ${RUNS})`);
+  for (const [name, by] of Object.entries(t))
+    ctx.log(
+      `${name.padEnd(8)} with the code cache ${f(median(by.cache)).padStart(6)}, without ${f(median(by.nocache)).padStart(6)}${name === 'rss' ? ' MiB' : ' ms'}`,
+    );
+  ctx.result(
+    `startup version_ms=${f(median(t.version.cache))} version_nocache_ms=${f(median(t.version.nocache))} ` +
+      `api_ms=${f(median(t.api.cache))} api_nocache_ms=${f(median(t.api.nocache))} ` +
+      `vcpu_worker_ms=${f(median(t.vcpu.cache))} vcpu_worker_nocache_ms=${f(median(t.vcpu.nocache))} ` +
+      `io_worker_ms=${f(median(t.io.cache))} io_worker_nocache_ms=${f(median(t.io.nocache))} ` +
+      `idle_rss_mib=${f(median(t.rss.cache))} idle_rss_nocache_mib=${f(median(t.rss.nocache))} node_ms=${f(median(floor))}`,
+  );
+}
