@@ -11,7 +11,8 @@ import { spawnSync } from 'node:child_process';
 // namespaces and passt is the rootless network backend the virtio-net tests use;
 // cpio unpacks the initramfs writer's output (an independent decoder); strace watches
 // which seccomp filters `kiln run` loads; chromium is the real browser the dashboard's
-// tests drive (through playwright-core, which never downloads one).
+// tests drive (through playwright-core, which never downloads one); openssl makes the
+// certificates the daemons' TLS tests use.
 export const PACKAGES = [
   'gcc',
   'binutils',
@@ -33,6 +34,7 @@ export const PACKAGES = [
   'cpio',
   'strace',
   'chromium',
+  'openssl',
 ];
 
 const installed = (p) => {

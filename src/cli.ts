@@ -451,6 +451,10 @@ function program(setStatus: (status: number) => void): Command {
     .requiredOption('--token-file <file>', 'the token both daemons share (its first line; mode 600)')
     .option('--downtime-ms <ms>', 'the longest pause the guest may see at the switch-over (default 300)')
     .option('--copy-disks', "stream the disk images too, into new files under the other host's state directory")
+    .option(
+      '--tls-ca <file>',
+      "encrypt the migration: the other daemon's certificate (kiln daemon --tls-cert) must chain to this PEM CA",
+    )
     .action(async (name: string, _v: unknown, cmd: Command) =>
       done(
         (await manager()).migrate(
@@ -461,6 +465,7 @@ function program(setStatus: (status: number) => void): Command {
             tokenFile: string;
             downtimeMs?: string;
             copyDisks?: boolean;
+            tlsCa?: string;
           },
         ),
       ),
@@ -473,11 +478,13 @@ function program(setStatus: (status: number) => void): Command {
     .description('run the manager in the foreground (the verbs start it when needed)')
     .option('--listen <addr:port>', 'also take migrations from other hosts on this TCP address')
     .option('--token-file <file>', 'the token migrations must be signed with (with --listen; mode 600)')
+    .option('--tls-cert <file>', 'take migrations over TLS with this PEM certificate (chain) (with --listen)')
+    .option('--tls-key <file>', "the certificate's PEM private key (with --tls-cert; mode 600)")
     .option(
       '--pool <n>',
       'keep N jailed VMMs started ahead for the next start or restore (default: daemon.json, else 0)',
     )
-    .action(async (values: { listen?: string; tokenFile?: string; pool?: string }) =>
+    .action(async (values: { listen?: string; tokenFile?: string; tlsCert?: string; tlsKey?: string; pool?: string }) =>
       done((await manager()).daemon(progress, values)),
     );
   return kiln;

@@ -30,6 +30,7 @@ import { Store } from './store.js';
 import { uptimeText } from '../duration.js';
 import { definitionInput, type CreateOptions } from './create-input.js';
 import { parsePeer, readToken } from './peer.js';
+import { createSecureContext } from 'node:tls';
 
 const progress = (line: string) => process.stderr.write(`kiln: ${line}\n`);
 
@@ -292,6 +293,52 @@ function tokenFrom(file: string): string {
   return readToken(text, file);
 }
 
+/** Reads a PEM file for the migration channel's TLS; a private key must be its owner's alone. */
+function pemFrom(file: string, flag: string, secret: boolean): string {
+  let text: string;
+  try {
+    const st = statSync(file);
+    if (secret && (st.mode & 0o077) !== 0)
+      throw new KilnError(
+        `${flag} ${file} is readable by others (mode ${(st.mode & 0o777).toString(8)}): chmod 600 it`,
+      );
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    if (err instanceof KilnError) throw err;
+    throw new KilnError(
+      `cannot read ${flag} ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`,
+    );
+  }
+  if (!/-----BEGIN [A-Z0-9 ]+-----/.test(text)) throw new KilnError(`${flag} ${file} is not a PEM file`);
+  return text;
+}
+
+/** --tls-cert and --tls-key, checked to be a certificate and its key. */
+function tlsServerFrom(certFile: string, keyFile: string): { cert: string; key: string } {
+  const cert = pemFrom(certFile, '--tls-cert', false);
+  const key = pemFrom(keyFile, '--tls-key', true);
+  try {
+    createSecureContext({ cert, key });
+  } catch (err) {
+    throw new KilnError(
+      `--tls-cert ${certFile} and --tls-key ${keyFile} are not a certificate and its key: ${(err as Error).message}`,
+    );
+  }
+  return { cert, key };
+}
+
+/** --tls-ca: PEM certificates to check the other daemon's against. */
+function tlsCaFrom(file: string): string {
+  const ca = pemFrom(file, '--tls-ca', false);
+  if (!/-----BEGIN CERTIFICATE-----/.test(ca)) throw new KilnError(`--tls-ca ${file} holds no certificate`);
+  try {
+    createSecureContext({ ca });
+  } catch (err) {
+    throw new KilnError(`--tls-ca ${file}: ${(err as Error).message}`);
+  }
+  return ca;
+}
+
 /** The most pool processes a daemon keeps (each costs tens of MiB while idle). */
 export const MAX_POOL = 64;
 
@@ -330,12 +377,22 @@ export function readDaemonConfig(store: Store): { pool: number } {
 
 export async function daemon(
   log: (line: string) => void,
-  o: { listen?: string; tokenFile?: string; pool?: string } = {},
+  o: { listen?: string; tokenFile?: string; tlsCert?: string; tlsKey?: string; pool?: string } = {},
 ): Promise<number> {
   if ((o.listen === undefined) !== (o.tokenFile === undefined))
     throw new KilnError('--listen and --token-file go together (migrations from other hosts need both)');
+  if ((o.tlsCert === undefined) !== (o.tlsKey === undefined))
+    throw new KilnError('--tls-cert and --tls-key go together');
+  if (o.tlsCert !== undefined && o.listen === undefined)
+    throw new KilnError('--tls-cert and --tls-key secure --listen: give it too');
   const listen =
-    o.listen !== undefined ? { address: parsePeer(o.listen, '--listen'), token: tokenFrom(o.tokenFile!) } : undefined;
+    o.listen !== undefined
+      ? {
+          address: parsePeer(o.listen, '--listen'),
+          token: tokenFrom(o.tokenFile!),
+          ...(o.tlsCert !== undefined ? { tls: tlsServerFrom(o.tlsCert, o.tlsKey!) } : {}),
+        }
+      : undefined;
   const store = new Store();
   const pool = o.pool !== undefined ? parsePoolSize(o.pool, '--pool') : readDaemonConfig(store).pool;
   await runDaemon(store, log, { ...(listen ? { listen } : {}), pool });
@@ -351,13 +408,14 @@ export async function upgrade(name: string, o: { json?: boolean }): Promise<numb
 
 export async function migrate(
   name: string,
-  o: { json?: boolean; to: string; tokenFile: string; downtimeMs?: string; copyDisks?: boolean },
+  o: { json?: boolean; to: string; tokenFile: string; downtimeMs?: string; copyDisks?: boolean; tlsCa?: string },
 ): Promise<number> {
   const downtimeMs = o.downtimeMs !== undefined ? Number(o.downtimeMs) : undefined;
   if (downtimeMs !== undefined && (!Number.isSafeInteger(downtimeMs) || downtimeMs < 1))
     throw new KilnError(`--downtime-ms must be a whole number of milliseconds, not '${o.downtimeMs}'`);
   parsePeer(o.to, '--to');
-  progress(`migrating '${name}' to ${o.to} (it keeps running until the last moment)`);
+  const tlsCa = o.tlsCa !== undefined ? tlsCaFrom(o.tlsCa) : undefined;
+  progress(`migrating '${name}' to ${o.to}${tlsCa ? ' over TLS' : ''} (it keeps running until the last moment)`);
   const r = await daemonCall<{ migrated: string; to: string }>(
     new Store(),
     'POST',
@@ -367,6 +425,7 @@ export async function migrate(
       token: tokenFrom(o.tokenFile),
       ...(downtimeMs !== undefined ? { downtimeMs } : {}),
       ...(o.copyDisks ? { copyDisks: true } : {}),
+      ...(tlsCa !== undefined ? { tlsCa } : {}),
     },
     progress,
   );

@@ -4,7 +4,14 @@
 // daemon that crashes and restarts finds every VM as it really is.
 import { spawn } from 'node:child_process';
 import { chmodSync, chownSync, openSync, readFileSync, rmSync } from 'node:fs';
-import { createServer, type IncomingMessage, type Server as HttpServer, type ServerResponse } from 'node:http';
+import {
+  createServer,
+  type IncomingMessage,
+  type RequestListener,
+  type Server as HttpServer,
+  type ServerResponse,
+} from 'node:http';
+import { createServer as createTlsServer } from 'node:https';
 import { createConnection, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -65,6 +72,8 @@ export function peerAllowed(peer: { pid: number; uid: number; gid: number }, gro
 export interface PeerListen {
   readonly address: Peer;
   readonly token: string;
+  /** PEM certificate (chain) and private key: the channel is HTTPS (kiln daemon --tls-cert/--tls-key). */
+  readonly tls?: { readonly cert: string; readonly key: string };
 }
 
 /**
@@ -75,7 +84,7 @@ export interface PeerListen {
 async function listenForPeers(manager: Manager, listen: PeerListen, log: (line: string) => void): Promise<HttpServer> {
   const verifier = new Verifier(listen.token);
   const path = (url: string | undefined) => new URL(url ?? '/', 'http://kiln').pathname;
-  const server = createServer((req, res) => {
+  const handle: RequestListener = (req, res) => {
     let body = '';
     let size = 0;
     req.setEncoding('utf8').on('data', (c: string) => {
@@ -113,7 +122,12 @@ async function listenForPeers(manager: Manager, listen: PeerListen, log: (line: 
         }
       })();
     });
-  });
+  };
+  const server: HttpServer = listen.tls ? createTlsServer({ ...listen.tls }, handle) : createServer(handle);
+  // A client that fails the TLS handshake (or speaks plain HTTP to it) is logged, nothing more.
+  server.on('tlsClientError', (err: NodeJS.ErrnoException, socket: Socket) =>
+    log(`kiln daemon: a TLS handshake from ${socket.remoteAddress} failed: ${err.code ?? err.message}`),
+  );
   server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => {
     const p = path(req.url);
     const m = /^\/migrations\/([^/]+)\/stream$/.exec(p);
@@ -149,9 +163,13 @@ async function listenForPeers(manager: Manager, listen: PeerListen, log: (line: 
     server.listen(listen.address.port, listen.address.host, resolve);
   });
   const loopback = isLoopback(listen.address.host);
-  log(
-    `kiln daemon: taking migrations on ${listen.address.host}:${listen.address.port}${loopback ? '' : ' (NOT loopback: reachable from other hosts; requests must be signed with the token)'}`,
-  );
+  const how = listen.tls ? ' over TLS' : '';
+  const exposure = loopback
+    ? ''
+    : listen.tls
+      ? ' (NOT loopback: reachable from other hosts; requests must be signed with the token)'
+      : " (NOT loopback: reachable from other hosts; requests must be signed with the token, but a migrating VM's memory crosses in the clear: give --tls-cert and --tls-key)";
+  log(`kiln daemon: taking migrations on ${listen.address.host}:${listen.address.port}${how}${exposure}`);
   return server;
 }
 
@@ -289,7 +307,8 @@ export async function runDaemon(
     });
   });
   route('POST', '/vms/:name/migrate', (name, body, _q, _p, progress) => {
-    const b = body as { to?: unknown; token?: unknown; downtimeMs?: unknown; copyDisks?: unknown };
+    const b = body as { to?: unknown; token?: unknown; downtimeMs?: unknown; copyDisks?: unknown; tlsCa?: unknown };
+    if (b.tlsCa !== undefined && typeof b.tlsCa !== 'string') throw new KilnError('tlsCa must be PEM text');
     if (typeof b.to !== 'string') throw new KilnError('to (ADDR:PORT) is required');
     if (typeof b.token !== 'string') throw new KilnError('token is required');
     if (b.downtimeMs !== undefined && (!Number.isSafeInteger(b.downtimeMs) || (b.downtimeMs as number) < 1))
@@ -299,6 +318,7 @@ export async function runDaemon(
       token: b.token,
       ...(b.downtimeMs !== undefined ? { downtimeMs: b.downtimeMs as number } : {}),
       copyDisks: b.copyDisks === true,
+      ...(b.tlsCa !== undefined ? { tlsCa: b.tlsCa as string } : {}),
       progress,
     });
   });

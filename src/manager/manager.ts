@@ -940,11 +940,19 @@ export class Manager {
    */
   migrate(
     name: string,
-    opts: { to: string; token: string; downtimeMs?: number; copyDisks?: boolean; progress?: Progress },
+    opts: {
+      to: string;
+      token: string;
+      downtimeMs?: number;
+      copyDisks?: boolean;
+      /** PEM CA: the peer channel, and the stream, are TLS, the destination's certificate checked against it. */
+      tlsCa?: string;
+      progress?: Progress;
+    },
   ): Promise<{ migrated: string; to: string }> {
     return this.serialised(name, async () => {
       const say = this.reporter(opts.progress);
-      const peer = parsePeer(opts.to, '--to');
+      const peer = { ...parsePeer(opts.to, '--to'), ...(opts.tlsCa !== undefined ? { ca: opts.tlsCa } : {}) };
       const spec = this.store.get(name);
       if (this.pidOf(name) === null)
         throw new KilnError(`'${name}' is not running: kiln migrate moves a running VM (start it first)`);

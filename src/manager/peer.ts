@@ -5,8 +5,16 @@
 // never crosses the network. The migration stream itself is an HTTP upgrade of one such
 // request, piped by each daemon to its VMM's Unix socket: VMMs, jailed, never open
 // network sockets of their own.
+//
+// With `kiln daemon --tls-cert/--tls-key` the channel is HTTPS, and `kiln migrate
+// --tls-ca` checks the destination's certificate against that CA (its name or address
+// must be the one in `--to`): the migration stream, the guest's memory among it, is then
+// encrypted, and the source knows whom it sends to. Without them it crosses in the clear
+// (signed requests, but readable): the daemon says so when it listens beyond loopback.
 import { createHash, createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
-import { request, type IncomingMessage } from 'node:http';
+import { request as httpRequest, type ClientRequest, type IncomingMessage, type RequestOptions } from 'node:http';
+import { request as httpsRequest } from 'node:https';
+import { isIP } from 'node:net';
 import type { Socket } from 'node:net';
 import { KilnError } from '../errors.js';
 
@@ -16,6 +24,33 @@ const WINDOW_MS = 120_000;
 export interface Peer {
   readonly host: string;
   readonly port: number;
+  /** PEM CA certificate(s): the channel is TLS and the peer's certificate must chain to one of them. */
+  readonly ca?: string;
+}
+
+/** A request to `peer`: HTTPS, checking its certificate, when it has a CA. */
+function peerRequest(peer: Peer, options: RequestOptions, onResponse?: (res: IncomingMessage) => void): ClientRequest {
+  const base = { host: peer.host, port: peer.port, ...options };
+  if (peer.ca === undefined) return httpRequest(base, onResponse);
+  // The certificate must name the host as given: an address (its IP SAN) or a DNS name.
+  return httpsRequest({ ...base, ca: peer.ca, ...(isIP(peer.host) ? {} : { servername: peer.host }) }, onResponse);
+}
+
+const TLS_CODE = /^(ERR_SSL_|ERR_TLS_|CERT_|DEPTH_ZERO_SELF_SIGNED_CERT|SELF_SIGNED_CERT|UNABLE_TO_|EPROTO$)/;
+
+/** Why `peer` could not be reached, with what to check when TLS is involved (or missing). */
+function unreachable(peer: Peer, err: NodeJS.ErrnoException): KilnError {
+  const code = err.code ?? err.message;
+  const where = `the kiln daemon at ${peer.host}:${peer.port}`;
+  if (peer.ca !== undefined && TLS_CODE.test(code))
+    return new KilnError(
+      `cannot reach ${where} over TLS: ${code} (${err.message}); its certificate must chain to --tls-ca and name ${peer.host}, and it must listen with --tls-cert`,
+    );
+  if (peer.ca === undefined && (code === 'ECONNRESET' || code === 'HPE_INVALID_CONSTANT'))
+    return new KilnError(
+      `cannot reach ${where}: ${code} (if it listens with --tls-cert, give --tls-ca with the CA that signed its certificate)`,
+    );
+  return new KilnError(`cannot reach ${where}: ${code}`);
 }
 
 /** ADDR:PORT (an IPv6 address in brackets); port 0 (any free port) only with `anyPort`. */
@@ -71,10 +106,9 @@ export class Verifier {
 export function peerCall<T>(peer: Peer, token: string, method: string, path: string, body?: unknown): Promise<T> {
   const text = body === undefined ? '' : JSON.stringify(body);
   return new Promise((resolve, reject) => {
-    const req = request(
+    const req = peerRequest(
+      peer,
       {
-        host: peer.host,
-        port: peer.port,
         method,
         path,
         headers: {
@@ -105,9 +139,7 @@ export function peerCall<T>(peer: Peer, token: string, method: string, path: str
       },
     );
     req.on('timeout', () => req.destroy(new Error('ETIMEDOUT')));
-    req.on('error', (err: NodeJS.ErrnoException) =>
-      reject(new KilnError(`cannot reach the kiln daemon at ${peer.host}:${peer.port}: ${err.code ?? err.message}`)),
-    );
+    req.on('error', (err: NodeJS.ErrnoException) => reject(unreachable(peer, err)));
     req.end(text);
   });
 }
@@ -115,9 +147,7 @@ export function peerCall<T>(peer: Peer, token: string, method: string, path: str
 /** Opens the migration stream of `path` on the peer daemon (an HTTP upgrade); resolves with the raw socket. */
 export function peerStream(peer: Peer, token: string, path: string): Promise<Socket> {
   return new Promise((resolve, reject) => {
-    const req = request({
-      host: peer.host,
-      port: peer.port,
+    const req = peerRequest(peer, {
       method: 'POST',
       path,
       headers: { [AUTH_HEADER]: sign(token, 'POST', path, ''), connection: 'Upgrade', upgrade: 'kiln-migration' },
@@ -132,9 +162,7 @@ export function peerStream(peer: Peer, token: string, path: string): Promise<Soc
         new KilnError(`the kiln daemon at ${peer.host}:${peer.port} refused the migration stream (${res.statusCode})`),
       );
     });
-    req.on('error', (err: NodeJS.ErrnoException) =>
-      reject(new KilnError(`cannot reach the kiln daemon at ${peer.host}:${peer.port}: ${err.code ?? err.message}`)),
-    );
+    req.on('error', (err: NodeJS.ErrnoException) => reject(unreachable(peer, err)));
     req.end();
   });
 }
