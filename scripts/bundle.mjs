@@ -72,6 +72,13 @@ const requireAtRunTime = {
   },
 };
 
+// The default seccomp policy, compiled here once instead of at every start (src/seccomp/policy.ts).
+const { compilePolicy, DEFAULT_POLICY } = await import('../dist/src/seccomp/policy.js');
+const programs = compilePolicy(DEFAULT_POLICY);
+const defaultSeccomp = JSON.stringify(
+  Object.fromEntries(Object.entries(programs).map(([k, v]) => [k, Buffer.from(v).toString('base64')])),
+);
+
 const entries = ['vmm-cli', 'vcpu/worker', 'virtio/io-worker'];
 const results = await Promise.all(
   entries.map((entry) => {
@@ -86,7 +93,7 @@ const results = await Promise.all(
       format: 'esm',
       target: 'node20',
       plugins: [requireAtRunTime],
-      define: { 'import.meta.url': '__kilnUrl' },
+      define: { 'import.meta.url': '__kilnUrl', __KILN_DEFAULT_SECCOMP__: defaultSeccomp },
       // Less to parse at each start; identifiers are kept so errors still name functions.
       minifyWhitespace: true,
       minifySyntax: true,

@@ -25,6 +25,7 @@ import { rehearse } from './rehearsal.js';
 import {
   compilePolicy,
   DEFAULT_POLICY,
+  defaultPrograms,
   parseFilterFile,
   policyToJson,
   type SeccompPrograms,
@@ -127,7 +128,7 @@ async function main(argv: string[]): Promise<number> {
   if (!values['no-seccomp']) {
     try {
       const file = values['seccomp-filter'];
-      seccomp = compilePolicy(file ? parseFilterFile(readFileSync(file, 'utf8'), file) : DEFAULT_POLICY);
+      seccomp = file ? compilePolicy(parseFilterFile(readFileSync(file, 'utf8'), file)) : defaultPrograms();
     } catch (err) {
       log((err as Error).message);
       return EXIT_USAGE;

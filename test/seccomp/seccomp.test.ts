@@ -3,7 +3,7 @@
 // the --seccomp-filter file format.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import fc from 'fast-check';
@@ -17,7 +17,13 @@ import {
   type ArgOp,
   type FilterSpec,
 } from '../../src/seccomp/bpf.js';
-import { DEFAULT_POLICY, parseFilterFile, policyToJson } from '../../src/seccomp/policy.js';
+import {
+  compilePolicy,
+  DEFAULT_POLICY,
+  defaultPrograms,
+  parseFilterFile,
+  policyToJson,
+} from '../../src/seccomp/policy.js';
 import { kvmSkip, tempDir } from '../helpers.js';
 
 const PROBE = new URL('./probe.js', import.meta.url).pathname;
@@ -171,6 +177,21 @@ describe('the seccomp filters on real threads', () => {
       assert.equal(report.execError, 'EPERM');
     },
   );
+});
+
+describe("kiln-vmm's built-in filters", () => {
+  test('the bundle carries the default policy compiled by the build, byte for byte', () => {
+    // kiln-vmm does not compile its default filters at start: the build puts them in its bundle.
+    const bundle = readFileSync(VMM.replace(/\.js$/, '.bundle.js'), 'utf8');
+    const programs = compilePolicy(DEFAULT_POLICY);
+    for (const category of ['process', 'vcpu', 'io'] as const) {
+      const b64 = Buffer.from(programs[category]).toString('base64');
+      assert.ok(b64.length > 100, category);
+      assert.ok(bundle.includes(`${category}:"${b64}"`), `the bundle holds the ${category} program as compiled now`);
+    }
+    // Outside the bundle, the same function compiles them.
+    assert.deepEqual(defaultPrograms(), programs);
+  });
 });
 
 describe('--seccomp-filter files', () => {
