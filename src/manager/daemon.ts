@@ -124,10 +124,22 @@ async function listenForPeers(manager: Manager, listen: PeerListen, log: (line: 
     });
   };
   const server: HttpServer = listen.tls ? createTlsServer({ ...listen.tls }, handle) : createServer(handle);
-  // A client that fails the TLS handshake (or speaks plain HTTP to it) is logged, nothing more.
-  server.on('tlsClientError', (err: NodeJS.ErrnoException, socket: Socket) =>
-    log(`kiln daemon: a TLS handshake from ${socket.remoteAddress} failed: ${err.code ?? err.message}`),
-  );
+  // A client that fails the TLS handshake (or speaks plain HTTP to it) is logged, nothing
+  // more, and at most one line every 10 s: anyone who reaches the port can fail handshakes
+  // as fast as they like, and must not fill the daemon's log.
+  let lastHandshakeLine = 0;
+  let unlogged = 0;
+  server.on('tlsClientError', (err: NodeJS.ErrnoException, socket: Socket) => {
+    const now = Date.now();
+    if (now - lastHandshakeLine < 10_000) {
+      unlogged++;
+      return;
+    }
+    lastHandshakeLine = now;
+    const more = unlogged > 0 ? ` (and ${unlogged} more since the last such line)` : '';
+    unlogged = 0;
+    log(`kiln daemon: a TLS handshake from ${socket.remoteAddress} failed: ${err.code ?? err.message}${more}`);
+  });
   server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => {
     const p = path(req.url);
     const m = /^\/migrations\/([^/]+)\/stream$/.exec(p);

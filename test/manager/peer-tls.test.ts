@@ -164,6 +164,18 @@ describe('the migration channel over TLS', { skip: !hasOpenssl && 'needs openssl
     for (let i = 0; i < 40 && !/TLS handshake .* failed/.test(tlsDaemon!.output().slice(before)); i++) await sleep(25);
     assert.match(tlsDaemon!.output().slice(before), /TLS handshake from \S+ failed/);
     assert.doesNotMatch(tlsDaemon!.output().slice(before), /refused an unsigned/);
+    // Failing handshakes as fast as one likes do not fill the log: one line per 10 s.
+    const ca = readFileSync(other.cert, 'utf8');
+    for (let i = 0; i < 20; i++)
+      await assert.rejects(peerCall(peer(tlsDaemon!, ca), token, 'GET', '/migrations/nosuch'), /over TLS/);
+    await sleep(200);
+    const lines =
+      tlsDaemon!
+        .output()
+        .slice(before)
+        .match(/TLS handshake from/g) ?? [];
+    assert.equal(lines.length, 1, tlsDaemon!.output().slice(before));
+    assert.equal(tlsDaemon!.child.exitCode, null);
   });
 
   test('a certificate naming another host is refused', async () => {
