@@ -24,10 +24,7 @@ for (const file of files) {
     const spec = m[1] ?? m[2];
     deps.add(resolve(dirname(file), spec).replace(/\.js$/, '.ts'));
   }
-  graph.set(
-    file,
-    [...deps].filter((d) => graph.has(d) || files.includes(d)),
-  );
+  graph.set(file, [...deps].filter((d) => graph.has(d) || files.includes(d)));
 }
 
 // Tarjan's strongly connected components: every component with more than one module is a cycle.
@@ -59,13 +56,7 @@ const connect = (v) => {
 for (const file of files) if (!info.has(file)) connect(file);
 
 if (cycles.length > 0) {
-  for (const c of cycles)
-    process.stderr.write(
-      `import cycle: ${c
-        .map((f) => relative(process.cwd(), f))
-        .sort()
-        .join(' <-> ')}\n`,
-    );
+  for (const c of cycles) process.stderr.write(`import cycle: ${c.map((f) => relative(process.cwd(), f)).sort().join(' <-> ')}\n`);
   process.exit(1);
 }
 process.stdout.write(`no import cycles among ${files.length} modules\n`);
