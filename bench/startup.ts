@@ -11,13 +11,13 @@
 //
 // Runs alternate between the variants, so a slow moment of the machine costs each alike.
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { vmmEnvironment } from '../src/host.js';
-import { median, type BenchContext } from './util.js';
+import { median, rssMiB, type BenchContext } from './util.js';
 
 const RUNS = 21;
 const VMM = fileURLToPath(new URL('../src/vmm-cli.js', import.meta.url));
@@ -46,16 +46,19 @@ async function timeApi(sock: string, env: NodeJS.ProcessEnv, holdMs = 0): Promis
   const gone = new Promise<void>((resolve) => child.once('exit', () => ((exited = true), resolve())));
   while (!existsSync(sock) && !exited) await sleep(1);
   const ms = performance.now() - start;
-  let rssMiB = 0;
-  if (holdMs > 0 && !exited) {
+  const served = existsSync(sock);
+  let rss = 0;
+  if (served && holdMs > 0 && !exited) {
     await sleep(holdMs);
-    rssMiB = Number(/^Rss:\s+(\d+) kB/m.exec(readFileSync(`/proc/${child.pid}/smaps_rollup`, 'utf8'))![1]) / 1024;
+    const now = rssMiB(child.pid!);
+    if (now === null) throw new Error('kiln-vmm ended while it waited for its API');
+    rss = now;
   }
   if (!exited) child.kill('SIGTERM');
   await gone;
   rmSync(sock, { force: true });
-  if (exited && ms < 1) throw new Error('kiln-vmm exited before serving its API');
-  return { ms, rssMiB };
+  if (!served) throw new Error('kiln-vmm exited before serving its API');
+  return { ms, rssMiB: rss };
 }
 
 /** Starts a warm worker of `kind`; resolves with the time until it marks its modules loaded. */

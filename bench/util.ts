@@ -34,11 +34,18 @@ export function overheadMiB(pid: number, guestMiB: number): number | null {
   return (total - guest) / 1024;
 }
 
-/** A process's proportional set size in MiB (shared pages divided among their users), or null once it is gone. */
-export function pssMiB(pid: number): number | null {
+/** A field of a process's /proc/PID/smaps_rollup in MiB (shared pages divided among their users for Pss), or null once it is gone. */
+function rollupMiB(pid: number, field: 'Rss' | 'Pss'): number | null {
   try {
-    return Number(/^Pss:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'))![1]) / 1024;
+    const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'));
+    return Number(m![1]) / 1024;
   } catch {
     return null;
   }
 }
+
+/** A process's proportional set size in MiB (shared pages divided among their users), or null once it is gone. */
+export const pssMiB = (pid: number): number | null => rollupMiB(pid, 'Pss');
+
+/** A process's resident set size in MiB, or null once it is gone. */
+export const rssMiB = (pid: number): number | null => rollupMiB(pid, 'Rss');

@@ -24,8 +24,10 @@ const STUB_MARK = '// kiln: a stub that runs';
 // start, measured). A namespace import (`import * as tls`) keeps the generic interop.
 const builtins = new Set(builtinModules.flatMap((m) => [m, `node:${m}`]));
 const escape = (text) => text.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&');
+const sources = new Map();
 function importedNames(importer, spec) {
-  const source = readFileSync(importer, 'utf8');
+  if (!sources.has(importer)) sources.set(importer, readFileSync(importer, 'utf8'));
+  const source = sources.get(importer);
   const statement = new RegExp(
     `import\\s+(?:([\\w$]+)\\s*,?\\s*)?(?:\\{([^}]*)\\})?\\s*from\\s*['"]${escape(spec)}['"]`,
     'g',
@@ -107,10 +109,10 @@ for (const [i, r] of results.entries()) {
   const bundle = `dist/src/${entry}.bundle.js`;
   // Its last line names its build, which its code cache must name too (src/bundle-loader.ts).
   const built = readFileSync(bundle, 'utf8');
-  writeFileSync(bundle, `${built}${BUILD_LINE}${createHash('sha256').update(built).digest('hex')}\n`);
-  const bytes = readFileSync(bundle);
+  const code = `${built}${BUILD_LINE}${createHash('sha256').update(built).digest('hex')}\n`;
+  writeFileSync(bundle, code);
   // A bundle left with an import statement or import.meta is a syntax error here, at build time.
-  new Script(wrapBundle(bytes.toString('utf8')), { filename: bundle });
+  new Script(wrapBundle(code), { filename: bundle });
   // Its code cache, from a run of it (scripts/train-code-cache.mjs).
   execFileSync(process.execPath, ['scripts/train-code-cache.mjs', entry === 'vmm-cli' ? 'main' : 'worker', bundle], {
     stdio: ['ignore', 'ignore', 'inherit'],
@@ -124,7 +126,7 @@ for (const [i, r] of results.entries()) {
       `import { runBundle } from '${loader}';\nawait runBundle(new URL('./${basename(bundle)}', import.meta.url)).done;\n`,
   );
   process.stdout.write(
-    `bundled ${bundle} (${(bytes.length / 1024).toFixed(0)} KiB, code cache ${(cacheBytes / 1024).toFixed(0)} KiB)\n`,
+    `bundled ${bundle} (${(Buffer.byteLength(code) / 1024).toFixed(0)} KiB, code cache ${(cacheBytes / 1024).toFixed(0)} KiB)\n`,
   );
 }
 

@@ -1,7 +1,7 @@
 // Makes a bundle's V8 code cache (src/bundle-loader.ts) from a run of it, so the cache
 // holds every function that run compiled, not only what V8 compiles eagerly (the bodies
 // of the bundle's modules are compiled when they are first evaluated): about 8 ms more off
-// kiln-vmm's start than a cache of the eager compile alone (bench/RESULTS.md, launch).
+// kiln-vmm's start than a cache of the eager compile alone (bench/RESULTS.md, startup).
 //
 //   node scripts/train-code-cache.mjs main BUNDLE     kiln-vmm --version: every module evaluated
 //   node scripts/train-code-cache.mjs worker BUNDLE   a warm worker, up to where it waits for its VM

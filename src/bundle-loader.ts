@@ -19,8 +19,8 @@ import { Script } from 'node:vm';
 import { fileURLToPath } from 'node:url';
 
 /** What a bundle's source is wrapped in: its `require` and its own URL (its `import.meta.url`) come as arguments. */
-export const BUNDLE_PREFIX = '(async function (require, __kilnUrl) {';
-export const BUNDLE_SUFFIX = '\n})';
+const BUNDLE_PREFIX = '(async function (require, __kilnUrl) {';
+const BUNDLE_SUFFIX = '\n})';
 /** A bundle's last line: this, then its build's name (64 hex digits). */
 export const BUILD_LINE = '\n//# kiln-build=';
 const ID_BYTES = 64;

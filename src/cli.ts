@@ -21,7 +21,7 @@ import { buildCloudKernel, buildInitramfs, buildMinimalKernel, buildRootfs, cach
 import { addStandardDevices } from './platform/standard.js';
 import { KILN_VERSION } from './version.js';
 import { Vm, type VmResult } from './vm.js';
-import { compilePolicy, DEFAULT_POLICY } from './seccomp/policy.js';
+import { defaultPrograms } from './seccomp/policy.js';
 
 class UsageError extends KilnError {}
 
@@ -175,7 +175,7 @@ async function run(values: RunValues): Promise<number> {
       try {
         const started = Date.now();
         // The same filters as kiln-vmm's (the process-wide one goes on once, at the first start).
-        await vm.start({ seccomp: values.seccomp ? compilePolicy(DEFAULT_POLICY) : null });
+        await vm.start({ seccomp: values.seccomp ? defaultPrograms() : null });
         if (process.env.KILN_TIMING)
           progress(
             `timing: first KVM_RUN ${(vm.firstRunAt - performance.timeOrigin).toFixed(1)} ms after process start`,

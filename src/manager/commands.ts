@@ -274,41 +274,30 @@ export async function dashboard(o: { json?: boolean; listen?: string }): Promise
   return 0;
 }
 
-/** Reads a token file (kiln daemon --token-file, kiln migrate --token-file): it must be its owner's alone. */
-function tokenFrom(file: string): string {
-  let text: string;
+/**
+ * Reads a file given on the command line (`what` names it in errors: "the token file F",
+ * "--tls-key F"); a secret must be its owner's alone.
+ */
+function readGivenFile(file: string, what: string, secret: boolean): string {
   try {
     const st = statSync(file);
-    if ((st.mode & 0o077) !== 0)
-      throw new KilnError(
-        `the token file ${file} is readable by others (mode ${(st.mode & 0o777).toString(8)}): chmod 600 it`,
-      );
-    text = readFileSync(file, 'utf8');
+    if (secret && (st.mode & 0o077) !== 0)
+      throw new KilnError(`${what} is readable by others (mode ${(st.mode & 0o777).toString(8)}): chmod 600 it`);
+    return readFileSync(file, 'utf8');
   } catch (err) {
     if (err instanceof KilnError) throw err;
-    throw new KilnError(
-      `cannot read the token file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`,
-    );
+    throw new KilnError(`cannot read ${what}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
   }
-  return readToken(text, file);
+}
+
+/** Reads a token file (kiln daemon --token-file, kiln migrate --token-file): it must be its owner's alone. */
+function tokenFrom(file: string): string {
+  return readToken(readGivenFile(file, `the token file ${file}`, true), file);
 }
 
 /** Reads a PEM file for the migration channel's TLS; a private key must be its owner's alone. */
 function pemFrom(file: string, flag: string, secret: boolean): string {
-  let text: string;
-  try {
-    const st = statSync(file);
-    if (secret && (st.mode & 0o077) !== 0)
-      throw new KilnError(
-        `${flag} ${file} is readable by others (mode ${(st.mode & 0o777).toString(8)}): chmod 600 it`,
-      );
-    text = readFileSync(file, 'utf8');
-  } catch (err) {
-    if (err instanceof KilnError) throw err;
-    throw new KilnError(
-      `cannot read ${flag} ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`,
-    );
-  }
+  const text = readGivenFile(file, `${flag} ${file}`, secret);
   if (!/-----BEGIN [A-Z0-9 ]+-----/.test(text)) throw new KilnError(`${flag} ${file} is not a PEM file`);
   return text;
 }
