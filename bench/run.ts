@@ -9,6 +9,7 @@ import { benchExits } from './exits.js';
 import { benchLaunch } from './launch.js';
 import { benchMigrate } from './migrate.js';
 import { benchNet } from './net.js';
+import { benchNetdev } from './netdev.js';
 import { benchRatelimit } from './ratelimit.js';
 import { benchSnapshot } from './snapshot.js';
 import { benchStartup } from './startup.js';
@@ -19,6 +20,7 @@ const benchmarks: Record<string, (ctx: BenchContext) => Promise<void>> = {
   boot: benchBoot,
   blk: benchBlk,
   net: benchNet,
+  netdev: benchNetdev,
   snapshot: benchSnapshot,
   migrate: benchMigrate,
   launch: benchLaunch,

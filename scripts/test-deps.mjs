@@ -12,7 +12,8 @@ import { spawnSync } from 'node:child_process';
 // cpio unpacks the initramfs writer's output (an independent decoder); strace watches
 // which seccomp filters `kiln run` loads; chromium is the real browser the dashboard's
 // tests drive (through playwright-core, which never downloads one); openssl makes the
-// certificates the daemons' TLS tests use.
+// certificates the daemons' TLS tests use; python3 plays the far end of a TAP (an
+// AF_PACKET socket) in the virtio-net tests that run without a guest.
 export const PACKAGES = [
   'gcc',
   'binutils',
@@ -35,6 +36,7 @@ export const PACKAGES = [
   'strace',
   'chromium',
   'openssl',
+  'python3',
 ];
 
 const installed = (p) => {

@@ -3,6 +3,7 @@
  *   send IF N   send N frames into interface IF with an AF_PACKET socket (they come
  *               out of the TAP's fd: the receive direction)
  *   read MS     read frames from fd 3 until none came for MS milliseconds
+ *   drain       read the frames fd 3 (nonblocking) holds now, until it holds none
  * Prints "frames=<n> bytes=<b> ns=<elapsed>". */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -78,6 +79,20 @@ int main(int argc, char **argv) {
     printf("frames=%ld bytes=%ld ns=%lld\n", frames, bytes, last - first);
     return 0;
   }
-  fprintf(stderr, "usage: net-host tx N | send IF N | read IDLE_MS\n");
+  if (argc >= 2 && !strcmp(argv[1], "drain")) {
+    /* fd 3 is nonblocking: read what the TAP holds, until it holds nothing. */
+    long frames = 0, bytes = 0;
+    long long t0 = now_ns();
+    for (;;) {
+      ssize_t r = read(3, buf, sizeof buf);
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) break;
+      frames++;
+      bytes += r - HDR;
+    }
+    printf("frames=%ld bytes=%ld ns=%lld\n", frames, bytes, now_ns() - t0);
+    return 0;
+  }
+  fprintf(stderr, "usage: net-host tx N | send IF N | read IDLE_MS | drain\n");
   return 2;
 }

@@ -29,7 +29,18 @@ export const write = libc.func('intptr_t write(int fd, const void *buf, size_t c
   buf: PointerArg,
   count: number,
 ) => number;
-/** Vectored positioned I/O: `iov` holds `iovcnt` struct iovec {void *base; size_t len}. */
+/** Vectored I/O: `iov` holds `iovcnt` struct iovec {void *base; size_t len}. */
+export const readv = libc.func('intptr_t readv(int fd, const void *iov, int iovcnt)') as (
+  fd: number,
+  iov: PointerArg,
+  iovcnt: number,
+) => number;
+export const writev = libc.func('intptr_t writev(int fd, const void *iov, int iovcnt)') as (
+  fd: number,
+  iov: PointerArg,
+  iovcnt: number,
+) => number;
+/** Vectored positioned I/O, the same iovecs. */
 export const preadv = libc.func('intptr_t preadv(int fd, const void *iov, int iovcnt, int64_t offset)') as (
   fd: number,
   iov: PointerArg,

@@ -4,7 +4,8 @@
 // - passt: rootless networking over passt's Unix socket, each frame preceded by its
 //   length (4 bytes, big-endian); no offloads (passt wants whole frames), and when passt
 //   dies the link goes down (config status, a configuration interrupt) and the VM runs on.
-// Queue 0 receives, queue 1 transmits. Each NIC has its own MAC address. A NIC MMDS is
+// On TAP, frames move between the TAP's fd and guest memory with one readv/writev each,
+// pointing into the guest's buffers (no copy). Queue 0 receives, queue 1 transmits. Each NIC has its own MAC address. A NIC MMDS is
 // enabled on answers the guest's ARP and TCP to the MMDS address itself (mmds/stack.ts).
 import { KilnError } from '../errors.js';
 import * as libc from '../kvm/libc.js';
@@ -15,10 +16,13 @@ import { chainBytes, SharedRateLimiter } from './rate-limiter.js';
 import { DeviceCounters, NET_COUNTERS } from './counters.js';
 import { array, struct, union } from '../kvm/struct.js';
 import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } from './device.js';
+import { IOVEC_BYTES, type DescriptorChain, type SplitQueue } from './queue.js';
 
 export const VIRTIO_NET_F_CSUM = 0n;
 export const VIRTIO_NET_F_GUEST_CSUM = 1n;
 export const VIRTIO_NET_F_MTU = 3n;
+export const VIRTIO_NET_F_GUEST_TSO4 = 7n;
+export const VIRTIO_NET_F_GUEST_TSO6 = 8n;
 export const VIRTIO_NET_F_MAC = 5n;
 export const VIRTIO_NET_F_HOST_TSO4 = 11n;
 export const VIRTIO_NET_F_HOST_TSO6 = 12n;
@@ -31,6 +35,9 @@ export const NET_RX_QUEUE = 0;
 export const NET_TX_QUEUE = 1;
 /** The largest frame: a 64 KiB TSO segment plus headers. */
 const MAX_FRAME = 65_550;
+/** The most iovecs one readv/writev takes (Linux's IOV_MAX); a longer chain is copied. */
+const MAX_IOV = 1024;
+const OVERFLOW_BYTES = 4096;
 const TUN_F_CSUM = 0x01;
 const TUN_F_TSO4 = 0x02;
 const TUN_F_TSO6 = 0x04;
@@ -82,6 +89,8 @@ export const netType: VirtioDeviceType<NetOptions> = {
       ? 0n
       : bit(VIRTIO_NET_F_CSUM) |
         bit(VIRTIO_NET_F_GUEST_CSUM) |
+        bit(VIRTIO_NET_F_GUEST_TSO4) |
+        bit(VIRTIO_NET_F_GUEST_TSO6) |
         bit(VIRTIO_NET_F_HOST_TSO4) |
         bit(VIRTIO_NET_F_HOST_TSO6)),
   configBytes: () => NET_CONFIG.bytes,
@@ -220,6 +229,16 @@ export class NetBackend implements VirtioBackend {
   /** Where a frame is gathered: after room for passt's length prefix. */
   private readonly txBody = this.tx.subarray(4);
   private readonly rx = Buffer.alloc(VIRTIO_NET_HDR_BYTES + MAX_FRAME);
+  /** struct iovec[] over a chain's buffers in guest memory (TAP's readv/writev). */
+  private readonly iov = Buffer.alloc(MAX_IOV * IOVEC_BYTES);
+  /** The same, less the last entry, which a readv points at `overflow`. */
+  private readonly rxIov = this.iov.subarray(0, (MAX_IOV - 1) * IOVEC_BYTES);
+  /**
+   * A page outside guest memory that a readv fills after the guest's buffers: TAP returns
+   * only what it copied, so a frame that did not fit shows as bytes landing here. Mapped
+   * at the first direct read (0: not yet).
+   */
+  private overflow = 0n;
   /** passt: bytes of the stream read but not yet delivered. */
   private readonly stream = Buffer.alloc(2 * (4 + MAX_FRAME));
   private streamBytes = 0;
@@ -271,11 +290,20 @@ export class NetBackend implements VirtioBackend {
     this.rt.configChanged();
   }
 
-  /** TAP offloads follow what the driver accepted (GUEST_CSUM: it can take partial checksums). */
+  /**
+   * TAP offloads follow what the driver accepted: partial checksums with GUEST_CSUM, and
+   * TCP segments larger than the MTU only with GUEST_TSO4/6 (a driver without them posts
+   * MTU-sized buffers, so the host kernel must cut the segments itself).
+   */
   private syncOffloads(): void {
     if (this.passt) return;
     const s = this.rt.state;
-    const want = s.negotiated(VIRTIO_NET_F_GUEST_CSUM) ? TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 : 0;
+    const csum = s.negotiated(VIRTIO_NET_F_GUEST_CSUM);
+    const want = csum
+      ? TUN_F_CSUM |
+        (s.negotiated(VIRTIO_NET_F_GUEST_TSO4) ? TUN_F_TSO4 : 0) |
+        (s.negotiated(VIRTIO_NET_F_GUEST_TSO6) ? TUN_F_TSO6 : 0)
+      : 0;
     if (want === this.offloads) return;
     this.offloads = want;
     if (libc.ioctlInt(this.fd, TUNSETOFFLOAD, want) < 0) this.fail('TUNSETOFFLOAD', libc.errno());
@@ -326,6 +354,11 @@ export class NetBackend implements VirtioBackend {
         }
         if (!queue.pop(chain)) break;
       }
+      if (!this.passt && !this.mmds && this.linkUp && this.writeDirect(chain)) {
+        queue.push(chain.head, 0);
+        done++;
+        continue;
+      }
       // Gather header + frame; passt gets the frame alone, after its length.
       const at = 4 + chain.readInto(this.rt.mem, 0, this.txBody, this.txBody.length);
       const frameBytes = at - 4 - VIRTIO_NET_HDR_BYTES;
@@ -350,6 +383,25 @@ export class NetBackend implements VirtioBackend {
     }
     if (done > 0) this.rt.notifyUsed(NET_TX_QUEUE);
     if (this.mmds && this.mmds.out.length > 0) this.deliverMmds();
+  }
+
+  /**
+   * TAP: writes the chain's header and frame straight from guest memory with one writev;
+   * false when the chain has more segments than one writev takes (the caller copies).
+   */
+  private writeDirect(chain: DescriptorChain): boolean {
+    const frameBytes = chain.readableBytes - VIRTIO_NET_HDR_BYTES;
+    // No frame, or more than the largest one: dropped, as the copying path drops it.
+    if (frameBytes <= 0 || frameBytes > MAX_FRAME) return true;
+    const count = chain.iovecs(this.rt.mem, false, this.iov);
+    if (count < 0) return false;
+    this.counters?.add('tx_packets_count');
+    this.counters?.add('tx_bytes_count', frameBytes);
+    if (libc.writev(this.fd, this.iov, count) < 0) {
+      const e = libc.errno();
+      if (e !== libc.EAGAIN) this.fail('write to the TAP', e);
+    }
+    return true;
   }
 
   /** MMDS's frames into the guest's receive buffers, as many as it has posted (the rest wait for more). */
@@ -435,6 +487,8 @@ export class NetBackend implements VirtioBackend {
         this.deliver(this.rx, this.heldRx);
       } else if (this.passt) {
         if (!this.nextPasstFrame()) break;
+      } else if (!this.rxLimiter?.active) {
+        if (!this.readDirect(queue)) break;
       } else {
         const n = libc.read(this.fd, this.rx, this.rx.length);
         if (n < 0) {
@@ -449,6 +503,65 @@ export class NetBackend implements VirtioBackend {
       delivered++;
     }
     if (delivered > 0) this.rt.notifyUsed(NET_RX_QUEUE);
+  }
+
+  /**
+   * TAP: reads the next frame straight into the next receive buffer with one readv and
+   * returns it to the driver (nothing read: the buffer stays in the ring); false when no
+   * frame was waiting. A buffer of more segments than one readv takes gets a copy.
+   */
+  private readDirect(queue: SplitQueue): boolean {
+    const chain = this.rt.chain;
+    if (!queue.peek(chain)) return false;
+    const count = chain.iovecs(this.rt.mem, true, this.rxIov);
+    if (count >= 0 && this.overflow === 0n) this.overflow = this.mapOverflow();
+    if (count < 0 || this.overflow === 0n) {
+      const n = libc.read(this.fd, this.rx, this.rx.length);
+      if (n < 0) return this.readFailed();
+      this.countRx(n);
+      this.deliver(this.rx, n);
+      return true;
+    }
+    const at = count * IOVEC_BYTES;
+    this.iov.writeUInt32LE(Number(this.overflow % 2n ** 32n), at);
+    this.iov.writeUInt32LE(Number(this.overflow >> 32n), at + 4);
+    this.iov.writeUInt32LE(OVERFLOW_BYTES, at + 8);
+    this.iov.writeUInt32LE(0, at + 12);
+    const n = libc.readv(this.fd, this.iov, count + 1);
+    if (n < 0) return this.readFailed();
+    queue.take();
+    chain.markWritable(this.rt.mem, n);
+    this.countRx(n);
+    // A buffer too small for its frame gets nothing (the frame is dropped).
+    queue.push(chain.head, n <= chain.writableBytes ? n : 0);
+    return true;
+  }
+
+  private mapOverflow(): bigint {
+    const p = libc.mmap(
+      null,
+      OVERFLOW_BYTES,
+      libc.PROT_READ | libc.PROT_WRITE,
+      libc.MAP_PRIVATE | libc.MAP_ANONYMOUS,
+      -1,
+      0,
+    );
+    if (p === libc.MAP_FAILED) {
+      this.fail('mmap of a page for frames too long for their buffer', libc.errno());
+      return 0n;
+    }
+    return p;
+  }
+
+  close(): void {
+    if (this.overflow !== 0n) libc.munmap(this.overflow, OVERFLOW_BYTES);
+    this.overflow = 0n;
+  }
+
+  private readFailed(): false {
+    const e = libc.errno();
+    if (e !== libc.EAGAIN && e !== libc.EINTR) this.fail('read from the TAP', e);
+    return false;
   }
 
   /** passt: reads what the socket has, delivers one whole frame if one is there. */

@@ -23,6 +23,8 @@ export const VIRTQ_USED_ELEM_BYTES = 8;
 export const VIRTQ_MAX_SIZE = 1024;
 /** Longest chain accepted, indirect tables included (bounds work per request). */
 export const VIRTQ_MAX_CHAIN = 1024;
+/** sizeof(struct iovec) on 64-bit Linux. */
+export const IOVEC_BYTES = 16;
 
 /**
  * The shared per-queue record of the ring itself: offsets of each field (all
@@ -77,6 +79,40 @@ export class DescriptorChain {
   /** Copies up to `len` bytes of `from` into the device-writable part, from byte `skip` of it on; returns how many. */
   writeFrom(mem: GuestMemory, skip: number, from: Uint8Array, len: number): number {
     return this.copy(mem, true, skip, from, len);
+  }
+
+  /**
+   * Describes the device-readable (`writable` false) or the device-writable part as
+   * struct iovec entries {void *base; size_t len} in `iov`, pointing into guest memory,
+   * so one readv/writev moves the bytes with no copy; returns how many, or -1 when they
+   * would not fit in `iov`.
+   */
+  iovecs(mem: GuestMemory, writable: boolean, iov: Buffer): number {
+    const max = Math.floor(iov.length / IOVEC_BYTES);
+    let n = 0;
+    for (let i = 0; i < this.count; i++) {
+      if ((this.writable[i] === 1) !== writable) continue;
+      if (n >= max) return -1;
+      // Host addresses are below 2^47: exact as numbers (no BigInt on the I/O path).
+      const addr = Number(mem.regions[this.region[i]!]!.hostAddr) + this.offset[i]!;
+      const at = n * IOVEC_BYTES;
+      iov.writeUInt32LE(addr % 2 ** 32, at);
+      iov.writeUInt32LE(Math.floor(addr / 2 ** 32), at + 4);
+      iov.writeUInt32LE(this.length[i]!, at + 8);
+      iov.writeUInt32LE(0, at + 12);
+      n++;
+    }
+    return n;
+  }
+
+  /** Records the first `bytes` of the device-writable part as Kiln's own writes (after a readv into it). */
+  markWritable(mem: GuestMemory, bytes: number): void {
+    for (let i = 0; i < this.count && bytes > 0; i++) {
+      if (this.writable[i] !== 1) continue;
+      const n = Math.min(bytes, this.length[i]!);
+      mem.markWritten(this.region[i]!, this.offset[i]!, n);
+      bytes -= n;
+    }
   }
 
   private copy(mem: GuestMemory, toGuest: boolean, skip: number, host: Uint8Array, len: number): number {
@@ -179,11 +215,16 @@ export class SplitQueue {
    */
   pop(chain: DescriptorChain): boolean {
     if (!this.peek(chain)) return false;
+    this.take();
+    return true;
+  }
+
+  /** Takes the request peek() just read (the next one in the ring) off it. */
+  take(): void {
     const next = (this.lastAvail + 1) & 0xffff;
     this.rec.setUint16(QUEUE_RECORD.lastAvail, next, true);
     if (this.eventIdx() && !this.suppressed)
       this.mem.storeU16Ordered(this.device + 4 + VIRTQ_USED_ELEM_BYTES * this.size, next);
-    return true;
   }
 
   private suppressed = false;

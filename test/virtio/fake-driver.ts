@@ -117,7 +117,16 @@ export class FakeDevice {
   constructor(
     device: VirtioDeviceConfig,
     /** `sharedMemoryFd`: guest RAM is that shared guest memory file (RAM_BYTES long), mapped shared. */
-    opts: { readonly control?: boolean; readonly sharedMemoryFd?: number } = {},
+    /**
+     * `refuse`: feature bits the driver does not accept (it accepts every other one offered).
+     * `hugePages`: guest RAM asks for transparent huge pages, as `huge_pages: Transparent` does.
+     */
+    opts: {
+      readonly control?: boolean;
+      readonly sharedMemoryFd?: number;
+      readonly refuse?: bigint;
+      readonly hugePages?: boolean;
+    } = {},
   ) {
     this.controlFd = opts.control ? libc.eventfd(0, libc.EFD_NONBLOCK | libc.EFD_CLOEXEC) : -1;
     const sharedRam = opts.sharedMemoryFd !== undefined;
@@ -129,6 +138,7 @@ export class FakeDevice {
       opts.sharedMemoryFd ?? -1,
       0,
     );
+    if (opts.hugePages) libc.madvise(this.address, RAM_BYTES, libc.MADV_HUGEPAGE);
     this.mem = GuestMemory.attach({
       regions: [{ slot: 0, guestPhysAddr: 0, size: RAM_BYTES, hostAddr: this.address }],
       shared: sharedRam,
@@ -152,8 +162,9 @@ export class FakeDevice {
     for (const sel of [0, 1]) {
       write(COMMON_CFG.deviceFeatureSelect, sel, 4);
       const offered = read(COMMON_CFG.deviceFeature, 4);
+      const refused = Number(((opts.refuse ?? 0n) >> BigInt(32 * sel)) & 0xffffffffn);
       write(COMMON_CFG.driverFeatureSelect, sel, 4);
-      write(COMMON_CFG.driverFeature, offered, 4);
+      write(COMMON_CFG.driverFeature, (offered & ~refused) >>> 0, 4);
     }
     write(COMMON_CFG.deviceStatus, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK, 1);
     for (let q = 0; q < this.queues; q++) {
