@@ -335,6 +335,7 @@ export const SEEK_HOLE = 4;
 export const ENXIO = osConstants.errno.ENXIO;
 export const EINTR = osConstants.errno.EINTR;
 export const EAGAIN = osConstants.errno.EAGAIN;
+export const EBUSY = osConstants.errno.EBUSY;
 export const ENOENT = osConstants.errno.ENOENT;
 export const EACCES = osConstants.errno.EACCES;
 export const EPERM = osConstants.errno.EPERM;
@@ -454,6 +455,27 @@ const syscallUint3 = libc.func('long syscall(long nr, unsigned int a, unsigned i
   b: number,
   c: number,
 ) => number;
+const syscallUintPtr = libc.func('long syscall(long nr, unsigned int a, _Inout_ void *p)') as (
+  nr: number,
+  a: number,
+  p: Buffer,
+) => number;
+const syscallEnter = libc.func(
+  'long syscall(long nr, int fd, unsigned int submit, unsigned int complete, unsigned int flags, void *sig, size_t size)',
+) as (nr: number, fd: number, submit: number, complete: number, flags: number, sig: null, size: number) => number;
+const syscallRegister = libc.func('long syscall(long nr, int fd, unsigned int op, void *arg, unsigned int count)') as (
+  nr: number,
+  fd: number,
+  op: number,
+  arg: Buffer | null,
+  count: number,
+) => number;
+/** io_uring_setup(2), io_uring_enter(2) without a signal mask, io_uring_register(2) (glibc has no wrappers). */
+export const ioUringSetup = (entries: number, params: Buffer): number => syscallUintPtr(425, entries, params);
+export const ioUringEnter = (fd: number, submit: number, complete: number, flags: number): number =>
+  syscallEnter(426, fd, submit, complete, flags, null, 0);
+export const ioUringRegister = (fd: number, op: number, arg: Buffer | null, count: number): number =>
+  syscallRegister(427, fd, op, arg, count);
 /** userfaultfd(2) (glibc has no wrapper). */
 export const userfaultfd = (flags: number): number => syscallUint3(SYS_userfaultfd, flags, 0, 0);
 export const F_SETFD = 2;

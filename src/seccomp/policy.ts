@@ -191,6 +191,9 @@ export const DEFAULT_POLICY: SeccompPolicy = {
         (syscall) => ({ syscall }),
       ),
       { syscall: 'fcntl' },
+      // TAP's batches (virtio/uring.ts): entering a ring made, restricted and enabled before
+      // this filter; io_uring_setup and io_uring_register stay off the list.
+      { syscall: 'io_uring_enter' },
       // Rate limiters' wake-ups (each device's timerfd, made before the filter).
       { syscall: 'timerfd_settime' },
       ...ioctlIs(KVM.IRQ_LINE, KVM.SIGNAL_MSI, TUNSETOFFLOAD),

@@ -17,6 +17,8 @@ import { DeviceCounters, NET_COUNTERS } from './counters.js';
 import { array, struct, union } from '../kvm/struct.js';
 import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } from './device.js';
 import { IOVEC_BYTES, type DescriptorChain, type SplitQueue } from './queue.js';
+import { IORING_OP_READV, IORING_OP_WRITEV, IoRing } from './uring.js';
+import type { GuestMemory } from '../memory/guest-memory.js';
 
 export const VIRTIO_NET_F_CSUM = 0n;
 export const VIRTIO_NET_F_GUEST_CSUM = 1n;
@@ -38,6 +40,9 @@ const MAX_FRAME = 65_550;
 /** The most iovecs one readv/writev takes (Linux's IOV_MAX); a longer chain is copied. */
 const MAX_IOV = 1024;
 const OVERFLOW_BYTES = 4096;
+/** Frames one io_uring submit moves (TAP), and the iovecs each may use (a longer chain goes alone). */
+const BATCH_SLOTS = 16;
+const BATCH_IOV = 24;
 const TUN_F_CSUM = 0x01;
 const TUN_F_TSO4 = 0x02;
 const TUN_F_TSO6 = 0x04;
@@ -239,6 +244,10 @@ export class NetBackend implements VirtioBackend {
    * at the first direct read (0: not yet).
    */
   private overflow = 0n;
+  /** TAP: batches of readv/writev in one system call (null: none, one call per frame). */
+  private readonly ring: IoRing | null;
+  /** The batch's requests: head, device-writable bytes, and (rx) where their writable segments lie. */
+  private readonly batch = new SavedChains(BATCH_SLOTS, BATCH_IOV);
   /** passt: bytes of the stream read but not yet delivered. */
   private readonly stream = Buffer.alloc(2 * (4 + MAX_FRAME));
   private streamBytes = 0;
@@ -266,6 +275,8 @@ export class NetBackend implements VirtioBackend {
     this.rxLimiter = options.rxLimiter ? new SharedRateLimiter(options.rxLimiter) : null;
     this.txLimiter = options.txLimiter ? new SharedRateLimiter(options.txLimiter) : null;
     this.counters = options.counters ? new DeviceCounters(NET_COUNTERS, options.counters) : null;
+    // Made here, before the I/O thread's seccomp filter (which lets it enter a ring, not make one).
+    this.ring = this.passt ? null : IoRing.open(BATCH_SLOTS, BATCH_IOV);
     const m = options.mmds;
     if (m) {
       const service = new MmdsService(new MmdsReader(m.store), m.version, m.imdsCompat);
@@ -344,6 +355,7 @@ export class NetBackend implements VirtioBackend {
     let done = 0;
     // passt's socket is full: the guest's frames stay in its ring (TX backpressure) until it drains.
     const limited = this.txLimiter?.active === true;
+    if (this.ring && !limited && !this.mmds && this.linkUp) done = this.transmitBatches(queue, this.ring);
     while (!this.pendingTx && (limited ? queue.peek(chain) : queue.pop(chain))) {
       if (limited && this.txLimiter) {
         // The frame (less its virtio header) passes the tx limiter, or waits in the ring.
@@ -354,35 +366,85 @@ export class NetBackend implements VirtioBackend {
         }
         if (!queue.pop(chain)) break;
       }
-      if (!this.passt && !this.mmds && this.linkUp && this.writeDirect(chain)) {
-        queue.push(chain.head, 0);
-        done++;
-        continue;
-      }
-      // Gather header + frame; passt gets the frame alone, after its length.
-      const at = 4 + chain.readInto(this.rt.mem, 0, this.txBody, this.txBody.length);
-      const frameBytes = at - 4 - VIRTIO_NET_HDR_BYTES;
-      if (frameBytes > 0 && this.mmds?.handleFrame(this.tx.subarray(4 + VIRTIO_NET_HDR_BYTES, at))) {
-        // MMDS's: answered below, never sent to the host.
-        this.counters?.add('mmds_rx_accepted');
-      } else if (frameBytes > 0 && this.linkUp) {
-        this.counters?.add('tx_packets_count');
-        this.counters?.add('tx_bytes_count', frameBytes);
-        if (this.passt) {
-          // The header is dropped: write [length][frame] where the header's tail was.
-          const start = VIRTIO_NET_HDR_BYTES;
-          this.tx.writeUInt32BE(frameBytes, start);
-          this.writeAll(this.tx.subarray(start, start + 4 + frameBytes));
-        } else if (libc.write(this.fd, this.tx.subarray(4, at), at - 4) < 0) {
-          const e = libc.errno();
-          if (e !== libc.EAGAIN) this.fail('write to the TAP', e);
-        }
-      }
+      if (this.passt || this.mmds || !this.linkUp || !this.writeDirect(chain)) this.sendCopy(chain);
       queue.push(chain.head, 0);
       done++;
     }
     if (done > 0) this.rt.notifyUsed(NET_TX_QUEUE);
     if (this.mmds && this.mmds.out.length > 0) this.deliverMmds();
+  }
+
+  /**
+   * TAP: the guest's frames, up to BATCH_SLOTS a system call (one io_uring submit of a
+   * writev each, straight from guest memory, in ring order); returns how many it took.
+   */
+  private transmitBatches(queue: SplitQueue, ring: IoRing): number {
+    const chain = this.rt.chain;
+    const b = this.batch;
+    let done = 0;
+    for (;;) {
+      let n = 0;
+      let alone = false;
+      while (n < ring.slots && queue.pop(chain)) {
+        done++;
+        const frameBytes = chain.readableBytes - VIRTIO_NET_HDR_BYTES;
+        // No frame, or more than the largest one: dropped, as the copying path drops it.
+        if (frameBytes <= 0 || frameBytes > MAX_FRAME) {
+          queue.push(chain.head, 0);
+          continue;
+        }
+        const count = chain.iovecs(this.rt.mem, false, ring.iovs(n));
+        if (count < 0) {
+          alone = true;
+          break;
+        }
+        ring.prepare(n, IORING_OP_WRITEV, this.fd, count);
+        b.heads[n] = chain.head;
+        b.iovCount[n] = count;
+        this.counters?.add('tx_packets_count');
+        this.counters?.add('tx_bytes_count', frameBytes);
+        n++;
+      }
+      if (n > 0) {
+        if (!ring.submit(n))
+          // The kernel took none of them: one writev each.
+          for (let i = 0; i < n; i++)
+            ring.results[i] = libc.writev(this.fd, ring.iovs(i), b.iovCount[i]!) < 0 ? -libc.errno() : 0;
+        for (let i = 0; i < n; i++) {
+          const r = ring.results[i]!;
+          if (r < 0 && r !== -libc.EAGAIN) this.fail('write to the TAP', -r);
+          queue.push(b.heads[i]!, 0);
+        }
+      }
+      if (alone) {
+        // A chain of more segments than a slot holds goes after the batch, alone (frames stay in order).
+        if (!this.writeDirect(chain)) this.sendCopy(chain);
+        queue.push(chain.head, 0);
+      } else if (n < ring.slots) return done;
+    }
+  }
+
+  /** Sends the chain's frame through a copy: passt (after its length), MMDS, or a chain too long for a writev. */
+  private sendCopy(chain: DescriptorChain): void {
+    // Gather header + frame; passt gets the frame alone, after its length.
+    const at = 4 + chain.readInto(this.rt.mem, 0, this.txBody, this.txBody.length);
+    const frameBytes = at - 4 - VIRTIO_NET_HDR_BYTES;
+    if (frameBytes > 0 && this.mmds?.handleFrame(this.tx.subarray(4 + VIRTIO_NET_HDR_BYTES, at))) {
+      // MMDS's: answered below, never sent to the host.
+      this.counters?.add('mmds_rx_accepted');
+    } else if (frameBytes > 0 && this.linkUp) {
+      this.counters?.add('tx_packets_count');
+      this.counters?.add('tx_bytes_count', frameBytes);
+      if (this.passt) {
+        // The header is dropped: write [length][frame] where the header's tail was.
+        const start = VIRTIO_NET_HDR_BYTES;
+        this.tx.writeUInt32BE(frameBytes, start);
+        this.writeAll(this.tx.subarray(start, start + 4 + frameBytes));
+      } else if (libc.write(this.fd, this.tx.subarray(4, at), at - 4) < 0) {
+        const e = libc.errno();
+        if (e !== libc.EAGAIN) this.fail('write to the TAP', e);
+      }
+    }
   }
 
   /**
@@ -488,7 +550,7 @@ export class NetBackend implements VirtioBackend {
       } else if (this.passt) {
         if (!this.nextPasstFrame()) break;
       } else if (!this.rxLimiter?.active) {
-        if (!this.readDirect(queue)) break;
+        if (!(this.ring ? this.receiveBatch(queue, this.ring) : this.readDirect(queue))) break;
       } else {
         const n = libc.read(this.fd, this.rx, this.rx.length);
         if (n < 0) {
@@ -522,11 +584,7 @@ export class NetBackend implements VirtioBackend {
       this.deliver(this.rx, n);
       return true;
     }
-    const at = count * IOVEC_BYTES;
-    this.iov.writeUInt32LE(Number(this.overflow % 2n ** 32n), at);
-    this.iov.writeUInt32LE(Number(this.overflow >> 32n), at + 4);
-    this.iov.writeUInt32LE(OVERFLOW_BYTES, at + 8);
-    this.iov.writeUInt32LE(0, at + 12);
+    this.overflowIovec(this.iov, count);
     const n = libc.readv(this.fd, this.iov, count + 1);
     if (n < 0) return this.readFailed();
     queue.take();
@@ -535,6 +593,56 @@ export class NetBackend implements VirtioBackend {
     // A buffer too small for its frame gets nothing (the frame is dropped).
     queue.push(chain.head, n <= chain.writableBytes ? n : 0);
     return true;
+  }
+
+  /**
+   * TAP: reads up to BATCH_SLOTS frames straight into the next receive buffers with one
+   * io_uring submit (a readv each, in ring order; once the TAP is empty the rest end
+   * -EAGAIN and their buffers stay in the ring); false when no frame was waiting.
+   */
+  private receiveBatch(queue: SplitQueue, ring: IoRing): boolean {
+    if (this.overflow === 0n) this.overflow = this.mapOverflow();
+    const chain = this.rt.chain;
+    const b = this.batch;
+    const want = this.overflow === 0n ? 0 : Math.min(queue.pending(), ring.slots);
+    let n = 0;
+    for (; n < want && queue.peek(chain, n); n++) {
+      const iov = ring.iovs(n);
+      const count = chain.iovecs(this.rt.mem, true, iov.subarray(0, iov.length - IOVEC_BYTES));
+      if (count < 0) break;
+      this.overflowIovec(iov, count);
+      ring.prepare(n, IORING_OP_READV, this.fd, count + 1);
+      b.save(n, chain);
+    }
+    // The next buffer has more segments than a slot holds: it is read alone.
+    if (n === 0 || !ring.submit(n)) return this.readDirect(queue);
+    let last = -1;
+    for (let i = 0; i < n; i++) {
+      const r = ring.results[i]!;
+      if (r >= 0) last = i;
+      else if (r !== -libc.EAGAIN && r !== -libc.EINTR) this.fail('read from the TAP', -r);
+    }
+    // Buffers up to the last one read are returned in order; one whose read found the TAP
+    // empty just before a frame came gets nothing (the driver posts it again).
+    for (let i = 0; i <= last; i++) {
+      const got = Math.max(0, ring.results[i]!);
+      const room = b.bytes[i]!;
+      queue.take();
+      b.markWritten(i, this.rt.mem, Math.min(got, room));
+      if (got > 0) this.countRx(got);
+      // A buffer too small for its frame gets nothing (the frame is dropped).
+      queue.push(b.heads[i]!, got <= room ? got : 0);
+    }
+    return last >= 0;
+  }
+
+  /** Points iovec `index` of `iov` at the overflow page. */
+  private overflowIovec(iov: Buffer, index: number): void {
+    const at = index * IOVEC_BYTES;
+    iov.writeUInt32LE(Number(this.overflow % 2n ** 32n), at);
+    iov.writeUInt32LE(Number(this.overflow >> 32n), at + 4);
+    iov.writeUInt32LE(OVERFLOW_BYTES, at + 8);
+    iov.writeUInt32LE(0, at + 12);
   }
 
   private mapOverflow(): bigint {
@@ -554,6 +662,7 @@ export class NetBackend implements VirtioBackend {
   }
 
   close(): void {
+    this.ring?.close();
     if (this.overflow !== 0n) libc.munmap(this.overflow, OVERFLOW_BYTES);
     this.overflow = 0n;
   }
@@ -595,5 +704,57 @@ export class NetBackend implements VirtioBackend {
     this.countRx(VIRTIO_NET_HDR_BYTES + length);
     this.deliver(this.rx, VIRTIO_NET_HDR_BYTES + length);
     return true;
+  }
+}
+
+/** One batch's requests, kept past the chain object each was read into. */
+class SavedChains {
+  readonly heads: Uint16Array;
+  /** Device-writable bytes (rx). */
+  readonly bytes: Uint32Array;
+  /** iovecs in the slot (tx). */
+  readonly iovCount: Uint16Array;
+  private readonly segments: Uint16Array;
+  private readonly region: Int32Array;
+  private readonly offset: Float64Array;
+  private readonly length: Uint32Array;
+
+  constructor(
+    slots: number,
+    private readonly perSlot: number,
+  ) {
+    this.heads = new Uint16Array(slots);
+    this.bytes = new Uint32Array(slots);
+    this.iovCount = new Uint16Array(slots);
+    this.segments = new Uint16Array(slots);
+    this.region = new Int32Array(slots * perSlot);
+    this.offset = new Float64Array(slots * perSlot);
+    this.length = new Uint32Array(slots * perSlot);
+  }
+
+  /** Keeps `chain`'s head and device-writable segments (at most perSlot of them) in slot `i`. */
+  save(i: number, chain: DescriptorChain): void {
+    this.heads[i] = chain.head;
+    this.bytes[i] = chain.writableBytes;
+    const base = i * this.perSlot;
+    let k = 0;
+    for (let s = 0; s < chain.count && k < this.perSlot; s++) {
+      if (chain.writable[s] !== 1) continue;
+      this.region[base + k] = chain.region[s]!;
+      this.offset[base + k] = chain.offset[s]!;
+      this.length[base + k] = chain.length[s]!;
+      k++;
+    }
+    this.segments[i] = k;
+  }
+
+  /** Records the first `bytes` of slot `i`'s writable segments as Kiln's own writes (after a read into them). */
+  markWritten(i: number, mem: GuestMemory, bytes: number): void {
+    const base = i * this.perSlot;
+    for (let k = 0; k < this.segments[i]! && bytes > 0; k++) {
+      const n = Math.min(bytes, this.length[base + k]!);
+      mem.markWritten(this.region[base + k]!, this.offset[base + k]!, n);
+      bytes -= n;
+    }
   }
 }

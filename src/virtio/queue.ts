@@ -272,11 +272,14 @@ export class SplitQueue {
     return done;
   }
 
-  /** Reads the next request into `chain` without taking it; false when the ring is empty. */
-  peek(chain: DescriptorChain): boolean {
+  /**
+   * Reads the next request (or the `ahead`-th after it) into `chain` without taking it;
+   * false when the ring holds no such request.
+   */
+  peek(chain: DescriptorChain, ahead = 0): boolean {
     try {
-      if (this.pending() === 0) return false;
-      const slot = this.lastAvail % this.size;
+      if (this.pending() <= ahead) return false;
+      const slot = ((this.lastAvail + ahead) & 0xffff) % this.size;
       const head = this.mem.readU16(this.driver + 4 + 2 * slot);
       if (head >= this.size)
         throw new VirtqueueError(`avail ring slot ${slot} names descriptor ${head}, past the queue size ${this.size}`);

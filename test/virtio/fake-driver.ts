@@ -18,12 +18,12 @@ import {
   VirtioRuntime,
   type VirtioBackend,
 } from '../../src/virtio/device.js';
-import { VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from '../../src/virtio/queue.js';
+import { VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from '../../src/virtio/queue.js';
 import { virtioState, type VirtioPciOptions } from '../../src/virtio/pci.js';
 
 export const RAM_BYTES = 8 << 20;
 export const QUEUE_SIZE = 256;
-/** Descriptors per chain at most: so at most QUEUE_SIZE / 4 chains may be outstanding. */
+/** Descriptors a chain takes in the ring (longer ones are indirect): at most QUEUE_SIZE / 4 chains may be outstanding. */
 export const MAX_CHAIN = 4;
 const RING_AREA = 0x10000;
 const BUFFER_AREA = 0x100000;
@@ -243,9 +243,24 @@ export class FakeDevice {
   /** Writes a descriptor chain for `buffers` and makes it available on queue `q`; returns its head. */
   offer(q: number, buffers: readonly Buffer_[]): number {
     const base = RING_AREA * (q + 1);
-    if (buffers.length > MAX_CHAIN) throw new Error(`at most ${MAX_CHAIN} buffers per chain`);
-    // Each chain takes the next block of MAX_CHAIN descriptors.
+    // Each chain takes the next block of MAX_CHAIN descriptors; a longer one is an
+    // indirect table in the buffer area, named by the block's first descriptor.
     const first = (this.availIdx[q]! % (QUEUE_SIZE / MAX_CHAIN)) * MAX_CHAIN;
+    const indirect = buffers.length > MAX_CHAIN;
+    let table = base;
+    let start = first;
+    if (indirect) {
+      if (this.nextBuffer + 16 * buffers.length > RAM_BYTES) this.nextBuffer = BUFFER_AREA;
+      table = this.nextBuffer;
+      start = 0;
+      this.nextBuffer += 16 * buffers.length;
+      const d = base + 16 * first;
+      this.mem.writeU32(d, table);
+      this.mem.writeU32(d + 4, 0);
+      this.mem.writeU32(d + 8, 16 * buffers.length);
+      this.mem.writeU16(d + 12, VIRTQ_DESC_F_INDIRECT);
+      this.mem.writeU16(d + 14, 0);
+    }
     const slots: Array<{ addr: number; len: number }> = [];
     buffers.forEach((b, i) => {
       const len = b.read ? b.read.length : (b.write ?? 0);
@@ -254,13 +269,13 @@ export class FakeDevice {
       this.nextBuffer += Math.max(len, 1);
       if (b.read) this.mem.write(addr, b.read);
       else slots.push({ addr, len });
-      const d = base + 16 * (first + i);
+      const d = table + 16 * (start + i);
       this.mem.writeU32(d, addr);
       this.mem.writeU32(d + 4, 0);
       this.mem.writeU32(d + 8, len);
       const more = i < buffers.length - 1;
       this.mem.writeU16(d + 12, (more ? VIRTQ_DESC_F_NEXT : 0) | (b.read ? 0 : VIRTQ_DESC_F_WRITE));
-      this.mem.writeU16(d + 14, more ? first + i + 1 : 0);
+      this.mem.writeU16(d + 14, more ? start + i + 1 : 0);
     });
     const avail = base + 0x1000;
     const idx = this.availIdx[q]!;

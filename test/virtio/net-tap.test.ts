@@ -189,6 +189,50 @@ describe('virtio-net on a TAP, without a guest', { skip }, () => {
     }
   });
 
+  test('many frames at once, more than one system call moves, with a buffer of many pieces among them, stay whole and in order', async () => {
+    const { fd, name } = tapInNamespace(5);
+    const dev = new FakeDevice({ kind: 'net', options: { fd, mac: '06:00:00:00:00:01', backend: 'tap' } });
+    const COUNT = 40;
+    const PIECES = 30; // more than one batched request holds: it goes alone, after the ones before it
+    try {
+      const frames = Array.from({ length: COUNT }, (_, i) => frame(i, 60 + 37 * i));
+      const capture = farEnd('capture', name, String(COUNT));
+      const captured = finished(capture);
+      await new Promise<void>((resolve) => capture.stdout!.once('data', () => resolve()));
+      const hdr = Buffer.alloc(VIRTIO_NET_HDR_BYTES);
+      frames.forEach((f, i) => {
+        if (i !== 20) return dev.offer(NET_TX_QUEUE, [{ read: hdr }, { read: f }]);
+        const cut = Math.ceil(f.length / PIECES);
+        const pieces = Array.from({ length: PIECES }, (_, k) => ({ read: f.subarray(k * cut, (k + 1) * cut) }));
+        dev.offer(NET_TX_QUEUE, [{ read: hdr }, ...pieces.filter((p) => p.read.length > 0)]);
+      });
+      dev.notify(NET_TX_QUEUE);
+      assert.equal(dev.used(NET_TX_QUEUE).length, COUNT, 'every chain was returned');
+      const out = (await captured).trim().split('\n').slice(1);
+      assert.deepEqual(
+        out.map((h) => Buffer.from(h, 'hex')),
+        frames,
+        'the frames, byte for byte and in order',
+      );
+
+      for (let i = 0; i < COUNT; i++)
+        if (i === 20) dev.offer(NET_RX_QUEUE, [{ write: VIRTIO_NET_HDR_BYTES }, ...Array(PIECES).fill({ write: 64 })]);
+        else dev.offer(NET_RX_QUEUE, [{ write: VIRTIO_NET_HDR_BYTES }, { write: 2048 - VIRTIO_NET_HDR_BYTES }]);
+      dev.notify(NET_RX_QUEUE);
+      await finished(farEnd('send', name, String(COUNT)));
+      const got = await receive(dev, COUNT);
+      assert.equal(got.length, COUNT);
+      got.forEach((g, i) => {
+        const f = g.subarray(VIRTIO_NET_HDR_BYTES);
+        assert.equal(f.length, 14 + 100 + 10 * i, `frame ${i}'s length`);
+        for (let k = 0; k < f.length - 14; k++) assert.equal(f[14 + k], (i + k) & 0xff, `frame ${i}, byte ${k}`);
+      });
+      assert.deepEqual(dev.logged, []);
+    } finally {
+      dev.close();
+    }
+  });
+
   test('TSO: whole segments only to a driver that accepted GUEST_TSO4; cut to size for one that did not', async () => {
     for (const tso of [true, false]) {
       const { fd, name } = tapInNamespace(tso ? 3 : 4);
