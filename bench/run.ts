@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { benchBoot } from './boot.js';
 import { benchBlk } from './blk.js';
+import { benchBlkdev } from './blkdev.js';
 import { benchDashboard } from './dashboard.js';
 import { benchExits } from './exits.js';
 import { benchLaunch } from './launch.js';
@@ -19,6 +20,7 @@ const benchmarks: Record<string, (ctx: BenchContext) => Promise<void>> = {
   exits: benchExits,
   boot: benchBoot,
   blk: benchBlk,
+  blkdev: benchBlkdev,
   net: benchNet,
   netdev: benchNetdev,
   snapshot: benchSnapshot,

@@ -10,7 +10,8 @@ import { MailboxLayout, type Mailbox } from './mailbox.js';
 import { KilnError } from '../errors.js';
 import * as libc from '../kvm/libc.js';
 import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } from './device.js';
-import { VirtqueueError, type DescriptorChain } from './queue.js';
+import { IOVEC_BYTES, VirtqueueError, type DescriptorChain, type SplitQueue } from './queue.js';
+import { IORING_OP_READV, IoRing } from './uring.js';
 import { chainBytes, drainLimited, SharedRateLimiter } from './rate-limiter.js';
 import { BLK_COUNTERS, DeviceCounters } from './counters.js';
 
@@ -184,6 +185,9 @@ export function blkOptions(fd: number, path: string, readOnlyDrive: boolean, ser
 
 /** Requests served per wake-up before the I/O thread turns to its other ready work. */
 export const BLK_REQUESTS_PER_TURN = 64;
+/** Reads one io_uring submit carries, and the data segments each may have (a longer one goes alone). */
+const BATCH_SLOTS = 16;
+const BATCH_IOV = 32;
 
 export class BlkBackend implements VirtioBackend {
   private readonly header = new Uint8Array(virtio_blk_outhdr.size);
@@ -196,6 +200,11 @@ export class BlkBackend implements VirtioBackend {
   private segOffset = new Float64Array(QUEUE_SIZE);
   private segLength = new Float64Array(QUEUE_SIZE);
   private readonly iov = Buffer.alloc(MAX_IOV * 16);
+  /** Reads of one drain, submitted together (null: no io_uring here, one call each). */
+  private readonly ring: IoRing | null;
+  private readonly batch = new PendingRequests(BATCH_SLOTS, BATCH_IOV);
+  /** The queue whose drain is batching now (null: requests are done one at a time). */
+  private batchQueue: SplitQueue | null = null;
   private fd: number;
   private sectors: number;
   private readonly readOnly: boolean;
@@ -221,6 +230,8 @@ export class BlkBackend implements VirtioBackend {
     this.pollFds = [{ fd: controlFd, ready: () => this.swapMedia() }];
     this.limiter = options.limiter ? new SharedRateLimiter(options.limiter) : null;
     this.counters = options.counters ? new DeviceCounters(BLK_COUNTERS, options.counters) : null;
+    // Made here, before the I/O thread's seccomp filter (which lets it enter a ring, not make one).
+    this.ring = IoRing.open(BATCH_SLOTS, BATCH_IOV);
   }
 
   private readonly counters: DeviceCounters<(typeof BLK_COUNTERS)[number]> | null;
@@ -255,6 +266,7 @@ export class BlkBackend implements VirtioBackend {
   /** An orderly end of the VM: what the guest wrote is on the disk before Kiln exits. */
   close(): void {
     this.sync('at shutdown');
+    this.ring?.close();
   }
 
   queueNotified(q: number): void {
@@ -273,7 +285,22 @@ export class BlkBackend implements VirtioBackend {
       if (served > 0) this.rt.notifyUsed(q);
       return;
     }
-    if (queue.drain(this.rt.chain, handle, BLK_REQUESTS_PER_TURN) > 0) this.rt.notifyUsed(q);
+    const handleBatched = (chain: DescriptorChain) => {
+      const written = this.handle(chain);
+      // Negative: waiting in the batch; finishBatch returns it.
+      if (written >= 0) queue.push(chain.head, written);
+    };
+    let served: number;
+    if (this.ring) {
+      this.batchQueue = queue;
+      this.batch.count = 0;
+      try {
+        served = queue.drain(this.rt.chain, handleBatched, BLK_REQUESTS_PER_TURN, () => this.finishBatch());
+      } finally {
+        this.batchQueue = null;
+      }
+    } else served = queue.drain(this.rt.chain, handle, BLK_REQUESTS_PER_TURN);
+    if (served > 0) this.rt.notifyUsed(q);
     if (queue.leftOver) this.rt.kickLater(q);
   }
 
@@ -287,7 +314,10 @@ export class BlkBackend implements VirtioBackend {
     return VIRTIO_BLK_S_IOERR;
   }
 
-  /** Handles one request; returns the bytes written into the driver's buffers. */
+  /**
+   * Handles one request; returns the bytes written into the driver's buffers, or -1 for a
+   * read left in the batch (finishBatch returns it to the driver).
+   */
   private handle(chain: DescriptorChain): number {
     if (chain.readableBytes < virtio_blk_outhdr.size || chain.writableBytes < 1)
       throw new VirtqueueError(`virtio-blk request at head ${chain.head} has no header or no status byte`);
@@ -303,6 +333,13 @@ export class BlkBackend implements VirtioBackend {
     const statusOffset = chain.offset[last]! + chain.length[last]! - 1;
     let status: number;
     let written = 1;
+    // Reads wait in the batch; writes are done at once (a buffered write through io_uring
+    // goes to a kernel worker when it cannot finish inline, which costs more than the
+    // call it saves: 32.6 against 46 µs per 128 KiB write measured here).
+    if (this.batchQueue && type === VIRTIO_BLK_T_IN && this.enqueue(chain, sector, statusRegion, statusOffset))
+      return -1;
+    // Anything done now comes after what the batch holds (a write after the reads before it).
+    if (this.batch.count > 0) this.finishBatch();
     switch (type) {
       case VIRTIO_BLK_T_IN: {
         const bytes = chain.writableBytes - 1;
@@ -361,8 +398,16 @@ export class BlkBackend implements VirtioBackend {
   private transfer(chain: DescriptorChain, sector: number, bytes: number, write: boolean): number {
     if (bytes % SECTOR_BYTES !== 0) return VIRTIO_BLK_S_IOERR;
     if (sector + bytes / SECTOR_BYTES > this.sectors) return VIRTIO_BLK_S_IOERR;
-    const position = sector * SECTOR_BYTES;
-    const mem = this.rt.mem;
+    const { count, left } = this.segments(chain, bytes, write);
+    return this.move(count, bytes - left, sector * SECTOR_BYTES, write, sector);
+  }
+
+  /**
+   * The request's data segments into this.seg*, in order: the data descriptors, the
+   * header skipped from the first ones of a write, `bytes` at most; how many, and the
+   * bytes the chain lacked.
+   */
+  private segments(chain: DescriptorChain, bytes: number, write: boolean): { count: number; left: number } {
     if (chain.count > this.segRegion.length) {
       this.segRegion = new Int32Array(chain.count);
       this.segOffset = new Float64Array(chain.count);
@@ -390,19 +435,24 @@ export class BlkBackend implements VirtioBackend {
       count++;
       left -= len;
     }
-    const total = bytes - left;
+    return { count, left };
+  }
+
+  /**
+   * Moves the first `count` segments (this.seg*, `total` bytes) from or to the file at
+   * `position`: one preadv/pwritev, the rest (if it moved less) segment by segment.
+   * `already`: bytes a batched call moved (no vectored call then; -1: none was made).
+   */
+  private move(count: number, total: number, position: number, write: boolean, sector: number, already = -1): number {
+    const mem = this.rt.mem;
     // Marked before the read (one that fails half-way has still changed the pages) and
     // again after it: a live migration's pre-copy may take the record in between, and a
     // write it did not see must be marked after it (migration/send.ts).
     if (!write) this.markSegments(count);
-    let done = 0;
+    let done = Math.max(0, already);
     try {
-      if (count > 0 && count <= MAX_IOV) {
-        for (let k = 0; k < count; k++) {
-          const base = mem.regions[this.segRegion[k]!]!.hostAddr + BigInt(this.segOffset[k]!);
-          this.iov.writeBigUInt64LE(base, k * 16);
-          this.iov.writeBigUInt64LE(BigInt(this.segLength[k]!), k * 16 + 8);
-        }
+      if (already < 0 && count > 0 && count <= MAX_IOV) {
+        this.segmentIovecs(this.iov, count);
         const n = write
           ? libc.pwritev(this.fd, this.iov, count, position)
           : libc.preadv(this.fd, this.iov, count, position);
@@ -440,6 +490,80 @@ export class BlkBackend implements VirtioBackend {
       if (!write) this.markSegments(count);
     }
     return VIRTIO_BLK_S_OK;
+  }
+
+  /** The first `count` segments (this.seg*) as struct iovec entries in `iov`. */
+  private segmentIovecs(iov: Buffer, count: number): void {
+    const regions = this.rt.mem.regions;
+    for (let k = 0; k < count; k++) {
+      // Host addresses are below 2^47: exact as numbers.
+      const base = Number(regions[this.segRegion[k]!]!.hostAddr) + this.segOffset[k]!;
+      const at = k * IOVEC_BYTES;
+      iov.writeUInt32LE(base % 2 ** 32, at);
+      iov.writeUInt32LE(Math.floor(base / 2 ** 32), at + 4);
+      iov.writeUInt32LE(this.segLength[k]!, at + 8);
+      iov.writeUInt32LE(0, at + 12);
+    }
+  }
+
+  /**
+   * Puts a read in the batch (its bytes move at finishBatch); false when it does not go
+   * there (a bad range, too many segments): the caller does it now.
+   */
+  private enqueue(chain: DescriptorChain, sector: number, statusRegion: number, statusOffset: number): boolean {
+    const ring = this.ring!;
+    const bytes = chain.writableBytes - 1;
+    if (bytes % SECTOR_BYTES !== 0 || sector + bytes / SECTOR_BYTES > this.sectors) return false;
+    const { count, left } = this.segments(chain, bytes, false);
+    if (count === 0 || count > ring.iovPerSlot) return false;
+    if (this.batch.count === ring.slots) this.finishBatch();
+    const slot = this.batch.count++;
+    this.segmentIovecs(ring.iovs(slot), count);
+    // Marked before the read and again after it (see move).
+    this.markSegments(count);
+    const b = this.batch;
+    b.heads[slot] = chain.head;
+    b.sector[slot] = sector;
+    b.bytes[slot] = bytes - left;
+    b.statusRegion[slot] = statusRegion;
+    b.statusOffset[slot] = statusOffset;
+    b.saveSegments(slot, count, this.segRegion, this.segOffset, this.segLength);
+    // No RWF_NOWAIT: a read the page cache cannot answer goes to the kernel's workers
+    // (several at once), and the submit waits for it.
+    ring.prepare(slot, IORING_OP_READV, this.fd, count, sector * SECTOR_BYTES, 0);
+    return true;
+  }
+
+  /** Submits the batch's reads, waits for them, and returns each to the driver with its status. */
+  private finishBatch(): void {
+    const n = this.batch.count;
+    const queue = this.batchQueue;
+    if (n === 0 || !queue) return;
+    this.batch.count = 0;
+    const ring = this.ring!;
+    const b = this.batch;
+    const submitted = ring.submit(n);
+    for (let i = 0; i < n; i++) {
+      const total = b.bytes[i]!;
+      const count = b.restoreSegments(i, this.segRegion, this.segOffset, this.segLength);
+      const sector = b.sector[i]!;
+      let status: number;
+      const r = submitted ? ring.results[i]! : -1;
+      if (submitted && r < 0) {
+        status = this.ioError(`read at sector ${sector}`, new Error(`${libc.errnoName(-r)} (${libc.strerror(-r)})`));
+        this.markSegments(count);
+      } else {
+        // A short read is finished here; one the kernel never took is done here whole.
+        status = this.move(count, total, sector * SECTOR_BYTES, false, sector, submitted ? r : -1);
+      }
+      if (status === VIRTIO_BLK_S_OK) {
+        this.counters?.add('read_count');
+        this.counters?.add('read_bytes', total);
+      }
+      this.rt.mem.regionBytes(b.statusRegion[i]!)[b.statusOffset[i]!] = status;
+      this.rt.mem.markWritten(b.statusRegion[i]!, b.statusOffset[i]!, 1);
+      queue.push(b.heads[i]!, 1 + (status === VIRTIO_BLK_S_OK ? total : 0));
+    }
   }
 
   /** Records the first `count` segments as Kiln's own writes into guest memory. */
@@ -502,5 +626,53 @@ export class BlkControl {
   swap(fd: number, sectors: number): void {
     this.mediaChange.post({ fd, sectors: BigInt(sectors) });
     libc.signalEventfd(this.controlFd);
+  }
+}
+
+/** The reads of one batch, kept past the chain each was read from. */
+class PendingRequests {
+  count = 0;
+  readonly heads: Uint16Array;
+  readonly sector: Float64Array;
+  readonly bytes: Float64Array;
+  readonly statusRegion: Int32Array;
+  readonly statusOffset: Float64Array;
+  private readonly segments: Uint16Array;
+  private readonly region: Int32Array;
+  private readonly offset: Float64Array;
+  private readonly length: Float64Array;
+
+  constructor(
+    slots: number,
+    private readonly perSlot: number,
+  ) {
+    this.heads = new Uint16Array(slots);
+    this.sector = new Float64Array(slots);
+    this.bytes = new Float64Array(slots);
+    this.statusRegion = new Int32Array(slots);
+    this.statusOffset = new Float64Array(slots);
+    this.segments = new Uint16Array(slots);
+    this.region = new Int32Array(slots * perSlot);
+    this.offset = new Float64Array(slots * perSlot);
+    this.length = new Float64Array(slots * perSlot);
+  }
+
+  /** Keeps `count` (at most perSlot) data segments for slot `i`. */
+  saveSegments(i: number, count: number, region: Int32Array, offset: Float64Array, length: Float64Array): void {
+    const base = i * this.perSlot;
+    this.region.set(region.subarray(0, count), base);
+    this.offset.set(offset.subarray(0, count), base);
+    this.length.set(length.subarray(0, count), base);
+    this.segments[i] = count;
+  }
+
+  /** Puts slot `i`'s segments back into the arrays given (as long as perSlot at least); returns how many. */
+  restoreSegments(i: number, region: Int32Array, offset: Float64Array, length: Float64Array): number {
+    const base = i * this.perSlot;
+    const count = this.segments[i]!;
+    region.set(this.region.subarray(base, base + count));
+    offset.set(this.offset.subarray(base, base + count));
+    length.set(this.length.subarray(base, base + count));
+    return count;
   }
 }

@@ -253,9 +253,16 @@ export class SplitQueue {
   /**
    * Pops and hands waiting requests to `handle` with kicks suppressed meanwhile: all of
    * them, or `budget` at most, so a guest that keeps refilling one queue cannot keep
-   * the I/O thread from its other devices.
+   * the I/O thread from its other devices. `finish`, if given, runs after each run of
+   * requests, before the queue is looked at again (a backend that batched their I/O
+   * completes it there).
    */
-  drain(chain: DescriptorChain, handle: (chain: DescriptorChain) => void, budget = Number.POSITIVE_INFINITY): number {
+  drain(
+    chain: DescriptorChain,
+    handle: (chain: DescriptorChain) => void,
+    budget = Number.POSITIVE_INFINITY,
+    finish?: () => void,
+  ): number {
     let done = 0;
     this.leftOver = false;
     do {
@@ -264,6 +271,7 @@ export class SplitQueue {
         handle(chain);
         done++;
       }
+      finish?.();
       if (done >= budget && this.pending() > 0) {
         this.leftOver = true;
         return done;

@@ -20,7 +20,7 @@ export const IORING_OP_WRITEV = 2;
  * A read with nothing to read, or a write with no room, ends -EAGAIN at once instead of
  * waiting in the kernel (the I/O thread polls the fd itself; a frame with no room is dropped).
  */
-const RWF_NOWAIT = 8;
+export const RWF_NOWAIT = 8;
 const IORING_SETUP_R_DISABLED = 1 << 6;
 const IORING_FEAT_SINGLE_MMAP = 1;
 const IORING_OFF_SQ_RING = 0;
@@ -159,20 +159,35 @@ export class IoRing {
     return this.iovBase + (slot * this.iovPerSlot + index) * IOVEC_BYTES;
   }
 
-  /** Slot `slot` (0 to slots-1) of the next submit: `op` on `fd` over `count` of the slot's iovecs. */
-  prepare(slot: number, op: typeof IORING_OP_READV | typeof IORING_OP_WRITEV, fd: number, count: number): void {
+  /**
+   * Slot `slot` (0 to slots-1) of the next submit: `op` on `fd` over `count` of the
+   * slot's iovecs, at file offset `position` (-1: the file's own position; a TAP has
+   * none), with `flags` (RWF_*; RWF_NOWAIT unless told otherwise).
+   */
+  prepare(
+    slot: number,
+    op: typeof IORING_OP_READV | typeof IORING_OP_WRITEV,
+    fd: number,
+    count: number,
+    position = -1,
+    flags = RWF_NOWAIT,
+  ): void {
     const at = ((this.tail + slot) & this.sqMask) * SQE_BYTES;
     const s = this.sqes;
     s.setUint32(at, op, true); // opcode, flags 0, ioprio 0
     s.setInt32(at + 4, fd, true);
-    // off: -1, the file's own position (TAP is a stream: it has none).
-    s.setUint32(at + 8, 0xffffffff, true);
-    s.setUint32(at + 12, 0xffffffff, true);
+    if (position < 0) {
+      s.setUint32(at + 8, 0xffffffff, true);
+      s.setUint32(at + 12, 0xffffffff, true);
+    } else {
+      s.setUint32(at + 8, position % 2 ** 32, true);
+      s.setUint32(at + 12, Math.floor(position / 2 ** 32), true);
+    }
     const addr = this.iovAddress(slot);
     s.setUint32(at + 16, addr % 2 ** 32, true);
     s.setUint32(at + 20, Math.floor(addr / 2 ** 32), true);
     s.setUint32(at + 24, count, true);
-    s.setUint32(at + 28, RWF_NOWAIT, true); // rw_flags
+    s.setUint32(at + 28, flags, true); // rw_flags
     s.setUint32(at + 32, slot, true); // user_data
     s.setUint32(at + 36, 0, true);
     for (let k = 40; k < SQE_BYTES; k += 4) s.setUint32(at + k, 0, true);
