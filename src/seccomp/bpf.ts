@@ -263,6 +263,20 @@ export function encodeProgram(program: readonly Insn[]): Buffer {
   return out;
 }
 
+/** The inverse of encodeProgram: a loaded program's instructions. */
+export function decodeProgram(bytes: Uint8Array): Insn[] {
+  const b = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const out: Insn[] = [];
+  for (let at = 0; at + 8 <= b.length; at += 8)
+    out.push({ code: b.readUInt16LE(at), jt: b.readUInt8(at + 2), jf: b.readUInt8(at + 3), k: b.readUInt32LE(at + 4) });
+  return out;
+}
+
+/** Whether `program` (encoded) lets system call `name` through (called with all arguments zero). */
+export function programAllows(program: Uint8Array, name: string): boolean {
+  return runProgram(decodeProgram(program), { nr: syscallNumber(name) }) === SECCOMP_RET.ALLOW;
+}
+
 /** struct seccomp_data for a syscall, as the kernel hands it to the filter. */
 export interface SeccompData {
   readonly nr: number;

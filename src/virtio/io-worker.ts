@@ -15,6 +15,8 @@ import { VirtioInterrupts, VirtioRuntime, type VirtioBackend } from './device.js
 import { PARK_REQUEST, PARK_STATE, PARK_STOP, RESTORE_PENDING, type IoThreadInit } from './io-thread.js';
 import { virtioState } from './pci.js';
 import { installProgram } from '../seccomp/install.js';
+import { programAllows } from '../seccomp/bpf.js';
+import { allowRings } from './uring.js';
 
 // Started with its VM's details, or warm (warm-workers.ts): its modules loaded, waiting for them.
 const init = await workerInit<IoThreadInit>();
@@ -105,6 +107,8 @@ const tellRestored = () => {
     for (const r of runtimes) r.restored();
 };
 const runtimes: VirtioRuntime[] = [];
+// Devices batch through io_uring only where the filter this thread will load lets it enter a ring.
+if (init.seccomp) allowRings(programAllows(init.seccomp, 'io_uring_enter'));
 for (const spec of init.devices) {
   const state = virtioState(spec.state, spec.options);
   const interrupts = new VirtioInterrupts(state, sendMsi, setIrq, spec.options.intxGsi);

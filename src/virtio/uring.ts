@@ -45,6 +45,17 @@ const P = {
   cq: { head: 80, tail: 84, mask: 88, cqes: 100 },
 } as const;
 
+let ringsAllowed = true;
+
+/**
+ * Whether devices may make rings: the I/O thread turns them off when its seccomp filter
+ * does not allow io_uring_enter (a --seccomp-filter file written before Kiln used it),
+ * so the devices make one system call per request instead of being killed at the first.
+ */
+export function allowRings(on: boolean): void {
+  ringsAllowed = on;
+}
+
 export class IoRing {
   /** Requests one submit takes. */
   readonly slots: number;
@@ -98,6 +109,7 @@ export class IoRing {
    * slot, restricted to readv and writev; null where the host has none to give.
    */
   static open(slots: number, iovPerSlot: number): IoRing | null {
+    if (!ringsAllowed) return null;
     const params = Buffer.alloc(PARAMS_BYTES);
     params.writeUInt32LE(IORING_SETUP_R_DISABLED, P.flags);
     const fd = libc.ioUringSetup(slots, params);

@@ -6,7 +6,9 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import * as libc from '../../src/kvm/libc.js';
-import { IORING_OP_READV, IORING_OP_WRITEV, IoRing } from '../../src/virtio/uring.js';
+import { programAllows } from '../../src/seccomp/bpf.js';
+import { compilePolicy, DEFAULT_POLICY } from '../../src/seccomp/policy.js';
+import { allowRings, IORING_OP_READV, IORING_OP_WRITEV, IoRing } from '../../src/virtio/uring.js';
 
 const SOCK_SEQPACKET = 5;
 const SOCK_NONBLOCK = 0o4000;
@@ -65,5 +67,23 @@ describe('io_uring batches for the I/O thread', { skip }, () => {
       assert.equal(r.results[0], -libc.EACCES, `operation ${op}`);
     }
     ring!.close();
+  });
+
+  test("the I/O thread's filter lets it enter a ring, not make or change one; a filter without io_uring_enter means no rings", () => {
+    const io = compilePolicy(DEFAULT_POLICY).io;
+    assert.equal(programAllows(io, 'io_uring_enter'), true);
+    assert.equal(programAllows(io, 'io_uring_setup'), false);
+    assert.equal(programAllows(io, 'io_uring_register'), false);
+    const older = compilePolicy({
+      ...DEFAULT_POLICY,
+      io: { ...DEFAULT_POLICY.io, rules: DEFAULT_POLICY.io.rules.filter((r) => r.syscall !== 'io_uring_enter') },
+    }).io;
+    assert.equal(programAllows(older, 'io_uring_enter'), false);
+    allowRings(false);
+    try {
+      assert.equal(IoRing.open(4, 1), null, 'devices fall back to a call per request');
+    } finally {
+      allowRings(true);
+    }
   });
 });
