@@ -40,6 +40,11 @@ const MAX_FRAME = 65_550;
 /** The most iovecs one readv/writev takes (Linux's IOV_MAX); a longer chain is copied. */
 const MAX_IOV = 1024;
 const OVERFLOW_BYTES = 4096;
+/**
+ * Frames moved each way per wake-up before the I/O thread turns to its other ready work
+ * (a guest or a host flooding one queue cannot keep its other devices waiting).
+ */
+export const NET_FRAMES_PER_TURN = 128;
 /** Frames one io_uring submit moves (TAP), and the iovecs each may use (a longer chain goes alone). */
 const BATCH_SLOTS = 16;
 const BATCH_IOV = 24;
@@ -356,7 +361,7 @@ export class NetBackend implements VirtioBackend {
     // passt's socket is full: the guest's frames stay in its ring (TX backpressure) until it drains.
     const limited = this.txLimiter?.active === true;
     if (this.ring && !limited && !this.mmds && this.linkUp) done = this.transmitBatches(queue, this.ring);
-    while (!this.pendingTx && (limited ? queue.peek(chain) : queue.pop(chain))) {
+    while (!this.pendingTx && done < NET_FRAMES_PER_TURN && (limited ? queue.peek(chain) : queue.pop(chain))) {
       if (limited && this.txLimiter) {
         // The frame (less its virtio header) passes the tx limiter, or waits in the ring.
         const bytes = Math.max(0, chainBytes(chain, false) - VIRTIO_NET_HDR_BYTES);
@@ -371,6 +376,8 @@ export class NetBackend implements VirtioBackend {
       done++;
     }
     if (done > 0) this.rt.notifyUsed(NET_TX_QUEUE);
+    // At the budget with frames still waiting: back after the other ready work.
+    if (done >= NET_FRAMES_PER_TURN && !this.pendingTx && queue.pending() > 0) this.rt.kickLater(NET_TX_QUEUE);
     if (this.mmds && this.mmds.out.length > 0) this.deliverMmds();
   }
 
@@ -385,7 +392,7 @@ export class NetBackend implements VirtioBackend {
     for (;;) {
       let n = 0;
       let alone = false;
-      while (n < ring.slots && queue.pop(chain)) {
+      while (n < ring.slots && done < NET_FRAMES_PER_TURN && queue.pop(chain)) {
         done++;
         const frameBytes = chain.readableBytes - VIRTIO_NET_HDR_BYTES;
         // No frame, or more than the largest one: dropped, as the copying path drops it.
@@ -420,7 +427,7 @@ export class NetBackend implements VirtioBackend {
         // A chain of more segments than a slot holds goes after the batch, alone (frames stay in order).
         if (!this.writeDirect(chain)) this.sendCopy(chain);
         queue.push(chain.head, 0);
-      } else if (n < ring.slots) return done;
+      } else if (n < ring.slots || done >= NET_FRAMES_PER_TURN) return done;
     }
   }
 
@@ -539,6 +546,11 @@ export class NetBackend implements VirtioBackend {
     const queue = this.rt.queue(NET_RX_QUEUE);
     let delivered = 0;
     while (this.linkUp) {
+      if (delivered >= NET_FRAMES_PER_TURN) {
+        // Back after the other ready work (frames may wait in passt's stream buffer, which epoll does not see).
+        this.rt.kickLater(NET_RX_QUEUE);
+        break;
+      }
       if (!queue.enabled || queue.pending() === 0) {
         this.rt.setPollable(this.fd, false);
         break;
@@ -550,7 +562,9 @@ export class NetBackend implements VirtioBackend {
       } else if (this.passt) {
         if (!this.nextPasstFrame()) break;
       } else if (!this.rxLimiter?.active) {
-        if (!(this.ring ? this.receiveBatch(queue, this.ring) : this.readDirect(queue))) break;
+        const got = this.ring ? this.receiveBatch(queue, this.ring) : Number(this.readDirect(queue));
+        if (got === 0) break;
+        delivered += got - 1;
       } else {
         const n = libc.read(this.fd, this.rx, this.rx.length);
         if (n < 0) {
@@ -598,9 +612,10 @@ export class NetBackend implements VirtioBackend {
   /**
    * TAP: reads up to BATCH_SLOTS frames straight into the next receive buffers with one
    * io_uring submit (a readv each, in ring order; once the TAP is empty the rest end
-   * -EAGAIN and their buffers stay in the ring); false when no frame was waiting.
+   * -EAGAIN and their buffers stay in the ring); how many buffers it returned (0: no
+   * frame was waiting).
    */
-  private receiveBatch(queue: SplitQueue, ring: IoRing): boolean {
+  private receiveBatch(queue: SplitQueue, ring: IoRing): number {
     if (this.overflow === 0n) this.overflow = this.mapOverflow();
     const chain = this.rt.chain;
     const b = this.batch;
@@ -615,7 +630,7 @@ export class NetBackend implements VirtioBackend {
       b.save(n, chain);
     }
     // The next buffer has more segments than a slot holds: it is read alone.
-    if (n === 0 || !ring.submit(n)) return this.readDirect(queue);
+    if (n === 0 || !ring.submit(n)) return Number(this.readDirect(queue));
     let last = -1;
     for (let i = 0; i < n; i++) {
       const r = ring.results[i]!;
@@ -633,7 +648,7 @@ export class NetBackend implements VirtioBackend {
       // A buffer too small for its frame gets nothing (the frame is dropped).
       queue.push(b.heads[i]!, got <= room ? got : 0);
     }
-    return last >= 0;
+    return last + 1;
   }
 
   /** Points iovec `index` of `iov` at the overflow page. */

@@ -23,7 +23,10 @@ import { virtioState, type VirtioPciOptions } from '../../src/virtio/pci.js';
 
 export const RAM_BYTES = 8 << 20;
 export const QUEUE_SIZE = 256;
-/** Descriptors a chain takes in the ring (longer ones are indirect): at most QUEUE_SIZE / 4 chains may be outstanding. */
+/**
+ * Buffers a chain has in the descriptor table at most (a longer one is an indirect
+ * table); the table's QUEUE_SIZE descriptors bound what may be outstanding at once.
+ */
 export const MAX_CHAIN = 4;
 const RING_AREA = 0x10000;
 const BUFFER_AREA = 0x100000;
@@ -103,6 +106,8 @@ export class FakeDevice {
   private readonly epfd: number;
   private nextBuffer = BUFFER_AREA;
   private readonly availIdx: number[];
+  /** Each queue's next free descriptor (the driver's allocation cursor). */
+  private readonly nextDesc: number[];
   private readonly usedSeen: number[];
   private readonly writable = new Map<string, Array<{ addr: number; len: number }>>();
   readonly queues: number;
@@ -182,6 +187,7 @@ export class FakeDevice {
       1,
     );
     this.availIdx = Array.from({ length: this.queues }, () => 0);
+    this.nextDesc = Array.from({ length: this.queues }, () => 0);
     this.usedSeen = Array.from({ length: this.queues }, () => 0);
     this.epfd = libc.epollCreate1(libc.EPOLL_CLOEXEC);
     const events = Buffer.alloc(libc.EPOLL_EVENT_BYTES);
@@ -243,10 +249,14 @@ export class FakeDevice {
   /** Writes a descriptor chain for `buffers` and makes it available on queue `q`; returns its head. */
   offer(q: number, buffers: readonly Buffer_[]): number {
     const base = RING_AREA * (q + 1);
-    // Each chain takes the next block of MAX_CHAIN descriptors; a longer one is an
-    // indirect table in the buffer area, named by the block's first descriptor.
-    const first = (this.availIdx[q]! % (QUEUE_SIZE / MAX_CHAIN)) * MAX_CHAIN;
+    // Each chain takes the next free descriptors in the table, as many as its buffers (a
+    // chain does not wrap around the table's end); one of more than MAX_CHAIN buffers is
+    // an indirect table in the buffer area, named by one descriptor.
     const indirect = buffers.length > MAX_CHAIN;
+    const taken = indirect ? 1 : buffers.length;
+    let first = this.nextDesc[q]!;
+    if (first + taken > QUEUE_SIZE) first = 0;
+    this.nextDesc[q] = (first + taken) % QUEUE_SIZE;
     let table = base;
     let start = first;
     if (indirect) {

@@ -10,6 +10,7 @@ import { existsSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, describe, test } from 'node:test';
 import {
+  NET_FRAMES_PER_TURN,
   NET_RX_QUEUE,
   NET_TX_QUEUE,
   openTap,
@@ -31,7 +32,8 @@ const ETHERTYPE = 0x88b5; // IEEE's local experimental type: nothing else on the
 /**
  * The far end, on the TAP's interface inside the namespace:
  *   capture IF N     print the first N frames of our type that leave the TAP's fd (hex)
- *   send IF N        send N frames of our type into the interface (they come out of the fd)
+ *   send IF N [STEP] send N frames of our type into the interface (they come out of the fd),
+ *                    frame i with 100 + STEP*i bytes of payload (STEP 10 unless given)
  *   tso IF PAYLOAD SEG   send one TCP/IPv4 segment of PAYLOAD bytes marked for TSO at SEG
  */
 const FAR_END = String.raw`
@@ -51,8 +53,9 @@ if mode == 'capture':
             print(f.hex(), flush=True)
             left -= 1
 elif mode == 'send':
+    step = int(sys.argv[4]) if len(sys.argv) > 4 else 10
     for i in range(int(sys.argv[3])):
-        s.send(dst + src + b'\x88\xb5' + bytes((i + k) & 0xff for k in range(100 + 10 * i)))
+        s.send(dst + src + b'\x88\xb5' + bytes((i + k) & 0xff for k in range(100 + step * i)))
 else:
     payload, seg = int(sys.argv[3]), int(sys.argv[4])
     ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 40 + payload, 1, 0x4000, 64, 6, 0,
@@ -226,6 +229,46 @@ describe('virtio-net on a TAP, without a guest', { skip }, () => {
         const f = g.subarray(VIRTIO_NET_HDR_BYTES);
         assert.equal(f.length, 14 + 100 + 10 * i, `frame ${i}'s length`);
         for (let k = 0; k < f.length - 14; k++) assert.equal(f[14 + k], (i + k) & 0xff, `frame ${i}, byte ${k}`);
+      });
+      assert.deepEqual(dev.logged, []);
+    } finally {
+      dev.close();
+    }
+  });
+
+  test('a flood each way is served NET_FRAMES_PER_TURN frames at a time, then the rest after the other ready work', async () => {
+    const { fd, name } = tapInNamespace(6);
+    const dev = new FakeDevice({ kind: 'net', options: { fd, mac: '06:00:00:00:00:01', backend: 'tap' } });
+    const COUNT = 200;
+    try {
+      const frames = Array.from({ length: COUNT }, (_, i) => frame(i, 60 + (i % 50)));
+      const capture = farEnd('capture', name, String(COUNT));
+      const captured = finished(capture);
+      await new Promise<void>((resolve) => capture.stdout!.once('data', () => resolve()));
+      const hdr = Buffer.alloc(VIRTIO_NET_HDR_BYTES);
+      for (const f of frames) dev.offer(NET_TX_QUEUE, [{ read: Buffer.concat([hdr, f]) }]);
+      dev.notify(NET_TX_QUEUE);
+      assert.equal(dev.used(NET_TX_QUEUE).length, NET_FRAMES_PER_TURN, 'one turn: the budget');
+      assert.ok(dev.pendingKicks.has(NET_TX_QUEUE), 'the queue is come back to');
+      dev.poll(0);
+      assert.equal(dev.used(NET_TX_QUEUE).length, COUNT - NET_FRAMES_PER_TURN, 'the rest, next turn');
+      const out = (await captured).trim().split('\n').slice(1);
+      assert.deepEqual(
+        out.map((h) => Buffer.from(h, 'hex')),
+        frames,
+        'every frame, in order',
+      );
+
+      for (let i = 0; i < COUNT; i++) dev.offer(NET_RX_QUEUE, [{ write: 2200 }]);
+      await finished(farEnd('send', name, String(COUNT), '5'));
+      dev.notify(NET_RX_QUEUE);
+      assert.equal(dev.used(NET_RX_QUEUE).length, NET_FRAMES_PER_TURN, 'one turn: the budget');
+      assert.ok(dev.pendingKicks.has(NET_RX_QUEUE), 'the queue is come back to');
+      const rest = await receive(dev, COUNT - NET_FRAMES_PER_TURN);
+      assert.equal(rest.length, COUNT - NET_FRAMES_PER_TURN);
+      rest.forEach((g, k) => {
+        const i = NET_FRAMES_PER_TURN + k;
+        assert.equal(g.length - VIRTIO_NET_HDR_BYTES, 14 + 100 + 5 * i, `frame ${i}'s length`);
       });
       assert.deepEqual(dev.logged, []);
     } finally {
