@@ -4,6 +4,8 @@
  *               out of the TAP's fd: the receive direction)
  *   read MS     read frames from fd 3 until none came for MS milliseconds
  *   drain       read the frames fd 3 (nonblocking) holds now, until it holds none
+ *   drain-spread  the same, each frame into the next slot of an 8 MiB region (touched
+ *               first), as a device fills a guest's receive buffers, not one hot buffer
  * Prints "frames=<n> bytes=<b> ns=<elapsed>". */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -79,12 +81,22 @@ int main(int argc, char **argv) {
     printf("frames=%ld bytes=%ld ns=%lld\n", frames, bytes, last - first);
     return 0;
   }
-  if (argc >= 2 && !strcmp(argv[1], "drain")) {
+  if (argc >= 2 && (!strcmp(argv[1], "drain") || !strcmp(argv[1], "drain-spread"))) {
     /* fd 3 is nonblocking: read what the TAP holds, until it holds nothing. */
-    long frames = 0, bytes = 0;
+    int spread = !strcmp(argv[1], "drain-spread");
+    enum { REGION = 8 << 20, SLOT = HDR + FRAME + 64 };
+    unsigned char *region = spread ? malloc(REGION) : NULL;
+    if (spread) memset(region, 0, REGION);
+    long frames = 0, bytes = 0, at = 0;
     long long t0 = now_ns();
     for (;;) {
-      ssize_t r = read(3, buf, sizeof buf);
+      unsigned char *into = buf;
+      if (spread) {
+        if (at + SLOT > REGION) at = 0;
+        into = region + at;
+        at += SLOT;
+      }
+      ssize_t r = read(3, into, spread ? SLOT : sizeof buf);
       if (r < 0 && errno == EINTR) continue;
       if (r <= 0) break;
       frames++;
@@ -93,6 +105,6 @@ int main(int argc, char **argv) {
     printf("frames=%ld bytes=%ld ns=%lld\n", frames, bytes, now_ns() - t0);
     return 0;
   }
-  fprintf(stderr, "usage: net-host tx N | send IF N | read IDLE_MS | drain\n");
+  fprintf(stderr, "usage: net-host tx N | send IF N | read IDLE_MS | drain | drain-spread\n");
   return 2;
 }
