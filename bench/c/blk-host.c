@@ -1,6 +1,8 @@
 /* The host's own side of `npm run bench -- blk`: pread or pwrite a file in REQ-byte
  * requests, TOTAL bytes in all (wrapping around the file), one buffer, timed inside the
- * process so start-up does not count. Usage: blk-host read|write|randread FILE REQ TOTAL
+ * process so start-up does not count. Usage: blk-host read|write|randread FILE REQ TOTAL [spread]
+ * With `spread`, each request uses the next slot of an 8 MiB region (touched first), as a
+ * device uses a guest's buffers, instead of one hot buffer.
  * Prints "bytes=<b> ns=<elapsed> requests=<n>". */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -19,8 +21,10 @@ int main(int argc, char **argv) {
   struct stat st;
   fstat(fd, &st);
   long req = atol(argv[3]), total = atol(argv[4]), blocks = st.st_size / req;
-  char *buf = aligned_alloc(4096, req);
-  memset(buf, 0xa5, req);
+  int spread = argc > 5 && !strcmp(argv[5], "spread");
+  long region = spread && req < (8L << 20) ? 8L << 20 : req, at = 0;
+  char *buf = aligned_alloc(4096, region);
+  memset(buf, 0xa5, region);
   unsigned long long x = 0x9e3779b97f4a7c15ULL;
   struct timespec a, b;
   clock_gettime(CLOCK_MONOTONIC, &a);
@@ -28,7 +32,10 @@ int main(int argc, char **argv) {
   for (long done = 0; done < total; done += req, n++) {
     long block = n % blocks;
     if (random_mode) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; block = x % blocks; }
-    ssize_t r = write_mode ? pwrite(fd, buf, req, block * req) : pread(fd, buf, req, block * req);
+    if (at + req > region) at = 0;
+    char *into = buf + at;
+    if (spread) at += req;
+    ssize_t r = write_mode ? pwrite(fd, into, req, block * req) : pread(fd, into, req, block * req);
     if (r != req) { perror("io"); return 1; }
   }
   clock_gettime(CLOCK_MONOTONIC, &b);

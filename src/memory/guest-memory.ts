@@ -139,6 +139,8 @@ export class GuestMemory {
   private readonly written: Int32Array | null;
   /** Index of each region's first page among all pages (the bit of its first page). */
   private readonly firstPage: number[];
+  /** Each region's host address as a number (exact: user addresses are below 2^47), for iovecs. */
+  readonly hostBase: Float64Array;
 
   protected constructor(
     readonly descriptor: GuestMemoryDescriptor,
@@ -151,6 +153,7 @@ export class GuestMemory {
     this.views = buffers.map((b) => new DataView(b));
     this.halves = buffers.map((b) => new Uint16Array(b));
     this.written = descriptor.written ? new Int32Array(descriptor.written) : null;
+    this.hostBase = Float64Array.from(this.regions, (r) => Number(r.hostAddr));
     let page = 0;
     this.firstPage = this.regions.map((r) => {
       const first = page;

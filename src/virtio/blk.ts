@@ -494,10 +494,9 @@ export class BlkBackend implements VirtioBackend {
 
   /** The first `count` segments (this.seg*) as struct iovec entries in `iov`. */
   private segmentIovecs(iov: Buffer, count: number): void {
-    const regions = this.rt.mem.regions;
+    const hostBase = this.rt.mem.hostBase;
     for (let k = 0; k < count; k++) {
-      // Host addresses are below 2^47: exact as numbers.
-      const base = Number(regions[this.segRegion[k]!]!.hostAddr) + this.segOffset[k]!;
+      const base = hostBase[this.segRegion[k]!]! + this.segOffset[k]!;
       const at = k * IOVEC_BYTES;
       iov.writeUInt32LE(base % 2 ** 32, at);
       iov.writeUInt32LE(Math.floor(base / 2 ** 32), at + 4);

@@ -94,7 +94,7 @@ export class DescriptorChain {
       if ((this.writable[i] === 1) !== writable) continue;
       if (n >= max) return -1;
       // Host addresses are below 2^47: exact as numbers (no BigInt on the I/O path).
-      const addr = Number(mem.regions[this.region[i]!]!.hostAddr) + this.offset[i]!;
+      const addr = mem.hostBase[this.region[i]!]! + this.offset[i]!;
       const at = n * IOVEC_BYTES;
       iov.writeUInt32LE(addr % 2 ** 32, at);
       iov.writeUInt32LE(Math.floor(addr / 2 ** 32), at + 4);
