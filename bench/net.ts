@@ -8,7 +8,7 @@
 //   socket as fast as it can; the receiver is the guest (through Kiln) or a C reader on
 //   the TAP's fd. Throughput is bytes received over the sender's time, so a receiver that
 //   falls behind loses frames (the TAP queue overflows) and scores lower.
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -19,6 +19,7 @@ import { attachPciHost } from '../src/platform/pci.js';
 import { openNet } from '../src/platform/virtio.js';
 import { addVirtioPciDevice } from '../src/platform/virtio.js';
 import { Vm } from '../src/vm.js';
+import { runInNetns, runNetHost, type NetCount } from './net-host.js';
 import { median, type BenchContext } from './util.js';
 
 const TAP = 'kbench0';
@@ -26,41 +27,16 @@ const FRAMES = 200_000;
 const ROUNDS = 3;
 const DRIVER = readFileSync(fileURLToPath(new URL('../../guests/bench/net.c', import.meta.url)), 'utf8');
 
-interface Count {
-  readonly frames: number;
-  readonly bytes: number;
-  readonly ns: number;
-}
-
-function parse(out: string): Count {
-  const m = /frames=(\d+) bytes=(\d+) ns=(\d+)/.exec(out);
-  if (!m) throw new Error(`net-host printed: ${out}`);
-  return { frames: Number(m[1]), bytes: Number(m[2]), ns: Number(m[3]) };
-}
-
 function openUpTap(): number {
   const { fd } = openNet({ tap: TAP, mac: '06:00:00:00:00:01' }, 0);
   execFileSync('ip', ['link', 'set', TAP, 'up']);
   return fd;
 }
 
-/** Runs net-host with the TAP as its fd 3. */
-function host(exe: string, args: string[], tapFd: number | null): Promise<Count> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(exe, args, { stdio: ['ignore', 'pipe', 'inherit', ...(tapFd === null ? [] : [tapFd])] });
-    let out = '';
-    child.stdout!.on('data', (c: Buffer) => (out += c.toString()));
-    child.on('error', reject);
-    child.on('exit', (code) =>
-      code === 0 ? resolve(parse(out)) : reject(new Error(`net-host ${args.join(' ')} exited ${code}: ${out}`)),
-    );
-  });
-}
-
 async function guest(
   mode: 0 | 1,
-  during: (vm: Vm) => Promise<Count | null>,
-): Promise<{ frames: number; bytes: number; runMs: number; sender: Count | null }> {
+  during: (vm: Vm) => Promise<NetCount | null>,
+): Promise<{ frames: number; bytes: number; runMs: number; sender: NetCount | null }> {
   const vm = Vm.create({ memoryBytes: 64 * MiB, vcpus: 1, irqchip: true });
   try {
     const fd = openUpTap();
@@ -114,21 +90,21 @@ async function child(dir: string): Promise<void> {
   const rxHost: number[] = [];
   for (let r = 0; r < ROUNDS; r++) {
     const fd = openUpTap();
-    const h = await host(exe, ['tx', String(FRAMES)], fd);
+    const h = await runNetHost(exe, ['tx', String(FRAMES)], fd);
     execFileSync('ip', ['link', 'del', TAP]);
     txHost.push(gbps(h.bytes, h.ns));
     const g = await guest(0, async () => null);
     txGuest.push(gbps(g.bytes, g.runMs * 1e6));
 
     const rfd = openUpTap();
-    const reader = host(exe, ['read', '300'], rfd);
-    const sent = await host(exe, ['send', TAP, String(FRAMES)], null);
+    const reader = runNetHost(exe, ['read', '300'], rfd);
+    const sent = await runNetHost(exe, ['send', TAP, String(FRAMES)], null);
     const got = await reader;
     execFileSync('ip', ['link', 'del', TAP]);
     rxHost.push(gbps(got.bytes, sent.ns));
     const gr = await guest(1, async (vm) => {
       while (vm.memory.readU64(KIT_DATA + 72) !== 1n) await new Promise((res) => setTimeout(res, 5));
-      return host(exe, ['send', TAP, String(FRAMES)], null);
+      return runNetHost(exe, ['send', TAP, String(FRAMES)], null);
     });
     rxGuest.push(gbps(gr.bytes, gr.sender!.ns));
     process.stdout.write(
@@ -141,28 +117,10 @@ async function child(dir: string): Promise<void> {
 }
 
 export async function benchNet(ctx: BenchContext): Promise<void> {
-  const ns = `kiln-bench-${process.pid}`;
-  execFileSync('ip', ['netns', 'add', ns]);
-  try {
-    const out = await new Promise<string>((resolve, reject) => {
-      const p = spawn('ip', ['netns', 'exec', ns, process.execPath, fileURLToPath(import.meta.url), 'child', ctx.dir], {
-        stdio: ['ignore', 'pipe', 'inherit'],
-      });
-      let text = '';
-      p.stdout.on('data', (c: Buffer) => {
-        text += c.toString();
-      });
-      p.on('exit', (code) =>
-        code === 0 ? resolve(text) : reject(new Error(`the namespace run failed (${code}): ${text}`)),
-      );
-    });
-    const lines = out.trim().split('\n');
-    lines.slice(0, -1).forEach((l) => ctx.log(l));
-    ctx.log("qemu: not run (QEMU 7.2 aborts on this host's KVM, see the boot benchmark)");
-    ctx.result(lines.at(-1)!);
-  } finally {
-    execFileSync('ip', ['netns', 'del', ns]);
-  }
+  const lines = await runInNetns(`kiln-bench-${process.pid}`, fileURLToPath(import.meta.url), ctx.dir);
+  lines.slice(0, -1).forEach((l) => ctx.log(l));
+  ctx.log("qemu: not run (QEMU 7.2 aborts on this host's KVM, see the boot benchmark)");
+  ctx.result(lines.at(-1)!);
 }
 
 if (process.argv[2] === 'child') await child(process.argv[3]!);

@@ -13,12 +13,13 @@
 //   machine whose kernel is itself a PVM guest, the first kernel write to each user page
 //   is expensive: host_rx_spread_ns shows how much of Kiln's rx figure that is).
 // Like the net benchmark, it re-runs itself inside a network namespace it creates.
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as libc from '../src/kvm/libc.js';
 import { openTap, NET_RX_QUEUE, NET_TX_QUEUE, VIRTIO_NET_HDR_BYTES } from '../src/virtio/net.js';
 import { FakeDevice } from '../test/virtio/fake-driver.js';
+import { runInNetns, runNetHost, type NetCount } from './net-host.js';
 import { median, type BenchContext } from './util.js';
 
 const TAP = 'kbench0';
@@ -28,30 +29,6 @@ const TX_FRAMES = 200_000;
 const RX_FRAMES = 4000;
 const BATCH = 64;
 const ROUNDS = 5;
-
-interface Count {
-  readonly frames: number;
-  readonly bytes: number;
-  readonly ns: number;
-}
-
-function parse(out: string): Count {
-  const m = /frames=(\d+) bytes=(\d+) ns=(\d+)/.exec(out);
-  if (!m) throw new Error(`net-host printed: ${out}`);
-  return { frames: Number(m[1]), bytes: Number(m[2]), ns: Number(m[3]) };
-}
-
-function host(exe: string, args: string[], tapFd: number | null): Promise<Count> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(exe, args, { stdio: ['ignore', 'pipe', 'inherit', ...(tapFd === null ? [] : [tapFd])] });
-    let out = '';
-    child.stdout!.on('data', (c: Buffer) => (out += c.toString()));
-    child.on('error', reject);
-    child.on('exit', (code) =>
-      code === 0 ? resolve(parse(out)) : reject(new Error(`net-host ${args.join(' ')} exited ${code}: ${out}`)),
-    );
-  });
-}
 
 /** A fresh TAP, up, with a queue long enough for RX_FRAMES; its fd (nonblocking). */
 function freshTap(): number {
@@ -74,7 +51,7 @@ function frame(): Buffer {
 }
 
 /** Kiln's device writing TX_FRAMES frames to the TAP: the ns spent in its notification handler. */
-function kilnTx(hugePages: boolean): Count {
+function kilnTx(hugePages: boolean): NetCount {
   const fd = freshTap();
   const dev = new FakeDevice({ kind: 'net', options: { fd, mac: '06:00:00:00:00:01', backend: 'tap' } }, { hugePages });
   // A running guest's RAM is resident: its first-touch faults are not the device's cost.
@@ -99,13 +76,13 @@ function kilnTx(hugePages: boolean): Count {
 }
 
 /** Kiln's device draining a full TAP queue into receive buffers. */
-async function kilnRx(exe: string, hugePages: boolean): Promise<{ got: Count; queued: number }> {
+async function kilnRx(exe: string, hugePages: boolean): Promise<{ got: NetCount; queued: number }> {
   const fd = freshTap();
   const dev = new FakeDevice({ kind: 'net', options: { fd, mac: '06:00:00:00:00:01', backend: 'tap' } }, { hugePages });
   // A running guest's RAM is resident: its first-touch faults are not the device's cost.
   dev.mem.regionBytes(0).fill(0);
   try {
-    const sent = await host(exe, ['send', TAP, String(RX_FRAMES)], null);
+    const sent = await runNetHost(exe, ['send', TAP, String(RX_FRAMES)], null);
     let ns = 0n;
     let frames = 0;
     let bytes = 0;
@@ -130,8 +107,8 @@ async function child(dir: string): Promise<void> {
   const exe = join(dir, 'net-host');
   execFileSync('gcc', ['-O2', '-o', exe, fileURLToPath(new URL('../../bench/c/net-host.c', import.meta.url))]);
   execFileSync('ip', ['link', 'set', 'lo', 'up']);
-  const gbps = (c: Count) => (c.bytes * 8) / c.ns;
-  const perFrame = (c: Count) => c.ns / c.frames;
+  const gbps = (c: NetCount) => (c.bytes * 8) / c.ns;
+  const perFrame = (c: NetCount) => c.ns / c.frames;
   const series = () => ({ kiln: [] as number[], thp: [] as number[], host: [] as number[] });
   const spreadNs: number[] = [];
   const tx = series();
@@ -142,7 +119,7 @@ async function child(dir: string): Promise<void> {
     const k = kilnTx(false);
     const kh = kilnTx(true);
     let fd = freshTap();
-    const h = await host(exe, ['tx', String(TX_FRAMES)], fd);
+    const h = await runNetHost(exe, ['tx', String(TX_FRAMES)], fd);
     dropTap(fd, null);
     for (const [key, c] of [
       ['kiln', k],
@@ -156,12 +133,12 @@ async function child(dir: string): Promise<void> {
     const { got: kr, queued } = await kilnRx(exe, false);
     const { got: krh } = await kilnRx(exe, true);
     fd = freshTap();
-    await host(exe, ['send', TAP, String(RX_FRAMES)], null);
-    const hr = await host(exe, ['drain'], fd);
+    await runNetHost(exe, ['send', TAP, String(RX_FRAMES)], null);
+    const hr = await runNetHost(exe, ['drain'], fd);
     dropTap(fd, null);
     fd = freshTap();
-    await host(exe, ['send', TAP, String(RX_FRAMES)], null);
-    const hs = await host(exe, ['drain-spread'], fd);
+    await runNetHost(exe, ['send', TAP, String(RX_FRAMES)], null);
+    const hs = await runNetHost(exe, ['drain-spread'], fd);
     dropTap(fd, null);
     spreadNs.push(perFrame(hs));
     for (const [key, c] of [
@@ -172,7 +149,7 @@ async function child(dir: string): Promise<void> {
       rx[key].push(gbps(c));
       rxNs[key].push(perFrame(c));
     }
-    const ns = (c: Count) => perFrame(c).toFixed(0);
+    const ns = (c: NetCount) => perFrame(c).toFixed(0);
     process.stdout.write(
       `round ${r + 1}: tx ns/frame: kiln ${ns(k)}, with THP ${ns(kh)}, host ${ns(h)}; ` +
         `rx ns/frame: kiln ${ns(kr)}, with THP ${ns(krh)} (${kr.frames} of ${queued} queued), host ${ns(hr)} (${hr.frames}), host spread ${ns(hs)}\n`,
@@ -188,25 +165,9 @@ async function child(dir: string): Promise<void> {
 }
 
 export async function benchNetdev(ctx: BenchContext): Promise<void> {
-  const ns = `kiln-bench-netdev-${process.pid}`;
-  execFileSync('ip', ['netns', 'add', ns]);
-  try {
-    const out = await new Promise<string>((resolve, reject) => {
-      const p = spawn('ip', ['netns', 'exec', ns, process.execPath, fileURLToPath(import.meta.url), 'child', ctx.dir], {
-        stdio: ['ignore', 'pipe', 'inherit'],
-      });
-      let text = '';
-      p.stdout.on('data', (c: Buffer) => (text += c.toString()));
-      p.on('exit', (code) =>
-        code === 0 ? resolve(text) : reject(new Error(`the namespace run failed (${code}): ${text}`)),
-      );
-    });
-    const lines = out.trim().split('\n');
-    lines.slice(0, -1).forEach((l) => ctx.log(l));
-    ctx.result(lines.at(-1)!);
-  } finally {
-    execFileSync('ip', ['netns', 'del', ns]);
-  }
+  const lines = await runInNetns(`kiln-bench-netdev-${process.pid}`, fileURLToPath(import.meta.url), ctx.dir);
+  lines.slice(0, -1).forEach((l) => ctx.log(l));
+  ctx.result(lines.at(-1)!);
 }
 
 if (process.argv[2] === 'child') await child(process.argv[3]!);

@@ -10,7 +10,7 @@ import { MailboxLayout, type Mailbox } from './mailbox.js';
 import { KilnError } from '../errors.js';
 import * as libc from '../kvm/libc.js';
 import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } from './device.js';
-import { IOVEC_BYTES, VirtqueueError, type DescriptorChain, type SplitQueue } from './queue.js';
+import { IOVEC_BYTES, SlotSegments, VirtqueueError, type DescriptorChain, type SplitQueue } from './queue.js';
 import { IORING_OP_READV, IoRing } from './uring.js';
 import { chainBytes, drainLimited, SharedRateLimiter } from './rate-limiter.js';
 import { BLK_COUNTERS, DeviceCounters } from './counters.js';
@@ -526,7 +526,7 @@ export class BlkBackend implements VirtioBackend {
     b.bytes[slot] = bytes - left;
     b.statusRegion[slot] = statusRegion;
     b.statusOffset[slot] = statusOffset;
-    b.saveSegments(slot, count, this.segRegion, this.segOffset, this.segLength);
+    b.segments.keep(slot, count, this.segRegion, this.segOffset, this.segLength);
     // No RWF_NOWAIT: a read the page cache cannot answer goes to the kernel's workers
     // (several at once), and the submit waits for it.
     ring.prepare(slot, IORING_OP_READV, this.fd, count, sector * SECTOR_BYTES, 0);
@@ -544,7 +544,7 @@ export class BlkBackend implements VirtioBackend {
     const submitted = ring.submit(n);
     for (let i = 0; i < n; i++) {
       const total = b.bytes[i]!;
-      const count = b.restoreSegments(i, this.segRegion, this.segOffset, this.segLength);
+      const count = b.segments.copyOut(i, this.segRegion, this.segOffset, this.segLength);
       const sector = b.sector[i]!;
       let status: number;
       const r = submitted ? ring.results[i]! : -1;
@@ -636,42 +636,14 @@ class PendingRequests {
   readonly bytes: Float64Array;
   readonly statusRegion: Int32Array;
   readonly statusOffset: Float64Array;
-  private readonly segments: Uint16Array;
-  private readonly region: Int32Array;
-  private readonly offset: Float64Array;
-  private readonly length: Float64Array;
+  readonly segments: SlotSegments;
 
-  constructor(
-    slots: number,
-    private readonly perSlot: number,
-  ) {
+  constructor(slots: number, perSlot: number) {
     this.heads = new Uint16Array(slots);
     this.sector = new Float64Array(slots);
     this.bytes = new Float64Array(slots);
     this.statusRegion = new Int32Array(slots);
     this.statusOffset = new Float64Array(slots);
-    this.segments = new Uint16Array(slots);
-    this.region = new Int32Array(slots * perSlot);
-    this.offset = new Float64Array(slots * perSlot);
-    this.length = new Float64Array(slots * perSlot);
-  }
-
-  /** Keeps `count` (at most perSlot) data segments for slot `i`. */
-  saveSegments(i: number, count: number, region: Int32Array, offset: Float64Array, length: Float64Array): void {
-    const base = i * this.perSlot;
-    this.region.set(region.subarray(0, count), base);
-    this.offset.set(offset.subarray(0, count), base);
-    this.length.set(length.subarray(0, count), base);
-    this.segments[i] = count;
-  }
-
-  /** Puts slot `i`'s segments back into the arrays given (as long as perSlot at least); returns how many. */
-  restoreSegments(i: number, region: Int32Array, offset: Float64Array, length: Float64Array): number {
-    const base = i * this.perSlot;
-    const count = this.segments[i]!;
-    region.set(this.region.subarray(base, base + count));
-    offset.set(this.offset.subarray(base, base + count));
-    length.set(this.length.subarray(base, base + count));
-    return count;
+    this.segments = new SlotSegments(slots, perSlot);
   }
 }

@@ -16,9 +16,8 @@ import { chainBytes, SharedRateLimiter } from './rate-limiter.js';
 import { DeviceCounters, NET_COUNTERS } from './counters.js';
 import { array, struct, union } from '../kvm/struct.js';
 import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } from './device.js';
-import { IOVEC_BYTES, type DescriptorChain, type SplitQueue } from './queue.js';
+import { IOVEC_BYTES, SlotSegments, type DescriptorChain, type SplitQueue } from './queue.js';
 import { IORING_OP_READV, IORING_OP_WRITEV, IoRing } from './uring.js';
-import type { GuestMemory } from '../memory/guest-memory.js';
 
 export const VIRTIO_NET_F_CSUM = 0n;
 export const VIRTIO_NET_F_GUEST_CSUM = 1n;
@@ -643,7 +642,7 @@ export class NetBackend implements VirtioBackend {
       const got = Math.max(0, ring.results[i]!);
       const room = b.bytes[i]!;
       queue.take();
-      b.markWritten(i, this.rt.mem, Math.min(got, room));
+      b.segments.markWritten(i, this.rt.mem, Math.min(got, room));
       if (got > 0) this.countRx(got);
       // A buffer too small for its frame gets nothing (the frame is dropped).
       queue.push(b.heads[i]!, got <= room ? got : 0);
@@ -661,19 +660,12 @@ export class NetBackend implements VirtioBackend {
   }
 
   private mapOverflow(): bigint {
-    const p = libc.mmap(
-      null,
-      OVERFLOW_BYTES,
-      libc.PROT_READ | libc.PROT_WRITE,
-      libc.MAP_PRIVATE | libc.MAP_ANONYMOUS,
-      -1,
-      0,
-    );
-    if (p === libc.MAP_FAILED) {
+    try {
+      return libc.mapAnonymous(OVERFLOW_BYTES).addr;
+    } catch {
       this.fail('mmap of a page for frames too long for their buffer', libc.errno());
       return 0n;
     }
-    return p;
   }
 
   close(): void {
@@ -729,47 +721,20 @@ class SavedChains {
   readonly bytes: Uint32Array;
   /** iovecs in the slot (tx). */
   readonly iovCount: Uint16Array;
-  private readonly segments: Uint16Array;
-  private readonly region: Int32Array;
-  private readonly offset: Float64Array;
-  private readonly length: Uint32Array;
+  /** Where each rx request's buffers are, to mark what a read filled. */
+  readonly segments: SlotSegments;
 
-  constructor(
-    slots: number,
-    private readonly perSlot: number,
-  ) {
+  constructor(slots: number, perSlot: number) {
     this.heads = new Uint16Array(slots);
     this.bytes = new Uint32Array(slots);
     this.iovCount = new Uint16Array(slots);
-    this.segments = new Uint16Array(slots);
-    this.region = new Int32Array(slots * perSlot);
-    this.offset = new Float64Array(slots * perSlot);
-    this.length = new Uint32Array(slots * perSlot);
+    this.segments = new SlotSegments(slots, perSlot);
   }
 
   /** Keeps `chain`'s head and device-writable segments (at most perSlot of them) in slot `i`. */
   save(i: number, chain: DescriptorChain): void {
     this.heads[i] = chain.head;
     this.bytes[i] = chain.writableBytes;
-    const base = i * this.perSlot;
-    let k = 0;
-    for (let s = 0; s < chain.count && k < this.perSlot; s++) {
-      if (chain.writable[s] !== 1) continue;
-      this.region[base + k] = chain.region[s]!;
-      this.offset[base + k] = chain.offset[s]!;
-      this.length[base + k] = chain.length[s]!;
-      k++;
-    }
-    this.segments[i] = k;
-  }
-
-  /** Records the first `bytes` of slot `i`'s writable segments as Kiln's own writes (after a read into them). */
-  markWritten(i: number, mem: GuestMemory, bytes: number): void {
-    const base = i * this.perSlot;
-    for (let k = 0; k < this.segments[i]! && bytes > 0; k++) {
-      const n = Math.min(bytes, this.length[base + k]!);
-      mem.markWritten(this.region[base + k]!, this.offset[base + k]!, n);
-      bytes -= n;
-    }
+    this.segments.keepWritable(i, chain);
   }
 }

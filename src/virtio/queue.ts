@@ -404,3 +404,67 @@ export function resetQueueRecord(rec: DataView, maxSize: number): void {
   for (let i = 0; i < QUEUE_RECORD.bytes; i++) rec.setUint8(i, 0);
   rec.setUint16(QUEUE_RECORD.size, maxSize, true);
 }
+
+/**
+ * Guest-memory segments (region, offset, length) kept per slot of a device's batch, past
+ * the DescriptorChain they were read from (one chain object is reused for every request).
+ */
+export class SlotSegments {
+  private readonly count: Uint16Array;
+  private readonly region: Int32Array;
+  private readonly offset: Float64Array;
+  private readonly length: Float64Array;
+
+  constructor(
+    slots: number,
+    private readonly perSlot: number,
+  ) {
+    this.count = new Uint16Array(slots);
+    this.region = new Int32Array(slots * perSlot);
+    this.offset = new Float64Array(slots * perSlot);
+    this.length = new Float64Array(slots * perSlot);
+  }
+
+  /** Slot `i` keeps `chain`'s device-writable segments (perSlot at most). */
+  keepWritable(i: number, chain: DescriptorChain): void {
+    const base = i * this.perSlot;
+    let k = 0;
+    for (let s = 0; s < chain.count && k < this.perSlot; s++) {
+      if (chain.writable[s] !== 1) continue;
+      this.region[base + k] = chain.region[s]!;
+      this.offset[base + k] = chain.offset[s]!;
+      this.length[base + k] = chain.length[s]!;
+      k++;
+    }
+    this.count[i] = k;
+  }
+
+  /** Slot `i` keeps the first `n` (perSlot at most) of the segments given. */
+  keep(i: number, n: number, region: Int32Array, offset: Float64Array, length: Float64Array): void {
+    const base = i * this.perSlot;
+    this.region.set(region.subarray(0, n), base);
+    this.offset.set(offset.subarray(0, n), base);
+    this.length.set(length.subarray(0, n), base);
+    this.count[i] = n;
+  }
+
+  /** Copies slot `i`'s segments into the arrays given (perSlot long at least); returns how many. */
+  copyOut(i: number, region: Int32Array, offset: Float64Array, length: Float64Array): number {
+    const base = i * this.perSlot;
+    const n = this.count[i]!;
+    region.set(this.region.subarray(base, base + n));
+    offset.set(this.offset.subarray(base, base + n));
+    length.set(this.length.subarray(base, base + n));
+    return n;
+  }
+
+  /** Records the first `bytes` of slot `i`'s segments as Kiln's own writes (after a read into them). */
+  markWritten(i: number, mem: GuestMemory, bytes: number): void {
+    const base = i * this.perSlot;
+    for (let k = 0; k < this.count[i]! && bytes > 0; k++) {
+      const n = Math.min(bytes, this.length[base + k]!);
+      mem.markWritten(this.region[base + k]!, this.offset[base + k]!, n);
+      bytes -= n;
+    }
+  }
+}

@@ -143,15 +143,12 @@ export class IoRing {
     if (libc.ioUringRegister(fd, IORING_REGISTER_RESTRICTIONS, rules, 2) < 0) return fail();
     if (libc.ioUringRegister(fd, IORING_REGISTER_ENABLE_RINGS, null, 0) < 0) return fail();
     const iovBytes = entries * iovPerSlot * IOVEC_BYTES;
-    const arena = libc.mmap(
-      null,
-      iovBytes,
-      libc.PROT_READ | libc.PROT_WRITE,
-      libc.MAP_PRIVATE | libc.MAP_ANONYMOUS,
-      -1,
-      0,
-    );
-    if (arena === libc.MAP_FAILED) return fail();
+    let arena: bigint;
+    try {
+      arena = libc.mapAnonymous(iovBytes).addr;
+    } catch {
+      return fail();
+    }
     maps.push([arena, iovBytes]);
     return new IoRing(fd, params, maps, sqRing, cqRing, sqes, {
       address: arena,
