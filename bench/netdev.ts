@@ -14,6 +14,7 @@
 //   is expensive: host_rx_spread_ns shows how much of Kiln's rx figure that is).
 // Like the net benchmark, it re-runs itself inside a network namespace it creates.
 import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as libc from '../src/kvm/libc.js';
@@ -29,6 +30,9 @@ const TX_FRAMES = 200_000;
 const RX_FRAMES = 4000;
 const BATCH = 64;
 const ROUNDS = 5;
+const WAKES = 4000;
+const AF_PACKET = 17;
+const SOCK_RAW = 3;
 
 /** A fresh TAP, up, with a queue long enough for RX_FRAMES; its fd (nonblocking). */
 function freshTap(): number {
@@ -103,6 +107,41 @@ async function kilnRx(exe: string, hugePages: boolean): Promise<{ got: NetCount;
   }
 }
 
+/**
+ * Light traffic: `perWake` frames reach the TAP (from an AF_PACKET socket on it), then the
+ * device is woken; ns per wake-up, over WAKES wake-ups (what a request-response guest sees).
+ */
+function kilnWake(perWake: number): number {
+  const fd = freshTap();
+  const dev = new FakeDevice({ kind: 'net', options: { fd, mac: '06:00:00:00:00:01', backend: 'tap' } });
+  const sock = libc.socket(AF_PACKET, libc.SOCK_CLOEXEC | SOCK_RAW, 0);
+  try {
+    const addr = Buffer.alloc(20); // struct sockaddr_ll
+    addr.writeUInt16LE(AF_PACKET, 0);
+    addr.writeInt32LE(Number(readFileSync(`/sys/class/net/${TAP}/ifindex`, 'utf8')), 4);
+    if (sock < 0 || libc.bind(sock, addr, addr.length) < 0)
+      throw new Error(`AF_PACKET socket: ${libc.errnoName(libc.errno())}`);
+    const f = frame();
+    for (let i = 0; i < 64; i++) dev.offer(NET_RX_QUEUE, [{ write: VIRTIO_NET_HDR_BYTES }, { write: FRAME + 64 }]);
+    let ns = 0n;
+    let frames = 0;
+    for (let w = 0; w < WAKES; w++) {
+      for (let k = 0; k < perWake; k++) libc.write(sock, f, f.length);
+      const t0 = process.hrtime.bigint();
+      dev.notify(NET_RX_QUEUE);
+      ns += process.hrtime.bigint() - t0;
+      const used = dev.used(NET_RX_QUEUE).length;
+      frames += used;
+      for (let i = 0; i < used; i++) dev.offer(NET_RX_QUEUE, [{ write: VIRTIO_NET_HDR_BYTES }, { write: FRAME + 64 }]);
+    }
+    if (frames < WAKES * perWake * 0.9) throw new Error(`${WAKES * perWake} frames sent, ${frames} received`);
+    return Number(ns) / WAKES;
+  } finally {
+    if (sock >= 0) libc.close(sock);
+    dropTap(fd, dev);
+  }
+}
+
 async function child(dir: string): Promise<void> {
   const exe = join(dir, 'net-host');
   execFileSync('gcc', ['-O2', '-o', exe, fileURLToPath(new URL('../../bench/c/net-host.c', import.meta.url))]);
@@ -111,6 +150,8 @@ async function child(dir: string): Promise<void> {
   const perFrame = (c: NetCount) => c.ns / c.frames;
   const series = () => ({ kiln: [] as number[], thp: [] as number[], host: [] as number[] });
   const spreadNs: number[] = [];
+  const wake1: number[] = [];
+  const wake4: number[] = [];
   const tx = series();
   const rx = series();
   const txNs = series();
@@ -141,6 +182,8 @@ async function child(dir: string): Promise<void> {
     const hs = await runNetHost(exe, ['drain-spread'], fd);
     dropTap(fd, null);
     spreadNs.push(perFrame(hs));
+    wake1.push(kilnWake(1));
+    wake4.push(kilnWake(4));
     for (const [key, c] of [
       ['kiln', kr],
       ['thp', krh],
@@ -152,7 +195,8 @@ async function child(dir: string): Promise<void> {
     const ns = (c: NetCount) => perFrame(c).toFixed(0);
     process.stdout.write(
       `round ${r + 1}: tx ns/frame: kiln ${ns(k)}, with THP ${ns(kh)}, host ${ns(h)}; ` +
-        `rx ns/frame: kiln ${ns(kr)}, with THP ${ns(krh)} (${kr.frames} of ${queued} queued), host ${ns(hr)} (${hr.frames}), host spread ${ns(hs)}\n`,
+        `rx ns/frame: kiln ${ns(kr)}, with THP ${ns(krh)} (${kr.frames} of ${queued} queued), host ${ns(hr)} (${hr.frames}), host spread ${ns(hs)}; ` +
+        `ns a wake-up with 1 frame ${wake1.at(-1)!.toFixed(0)}, with 4 ${wake4.at(-1)!.toFixed(0)}\n`,
     );
   }
   const ratio = (x: { kiln: number[]; thp: number[]; host: number[] }, key: 'kiln' | 'thp') =>
@@ -160,7 +204,7 @@ async function child(dir: string): Promise<void> {
   const f = (x: number[]) => median(x).toFixed(0);
   process.stdout.write(
     `netdev tx_ratio=${ratio(tx, 'kiln')} rx_ratio=${ratio(rx, 'kiln')} rx_ratio_spread=${(median(spreadNs) / median(rxNs.kiln)).toFixed(3)} tx_ratio_thp=${ratio(tx, 'thp')} rx_ratio_thp=${ratio(rx, 'thp')} ` +
-      `tx_ns=${f(txNs.kiln)} rx_ns=${f(rxNs.kiln)} tx_ns_thp=${f(txNs.thp)} rx_ns_thp=${f(rxNs.thp)} host_tx_ns=${f(txNs.host)} host_rx_ns=${f(rxNs.host)} host_rx_spread_ns=${f(spreadNs)}\n`,
+      `tx_ns=${f(txNs.kiln)} rx_ns=${f(rxNs.kiln)} tx_ns_thp=${f(txNs.thp)} rx_ns_thp=${f(rxNs.thp)} host_tx_ns=${f(txNs.host)} host_rx_ns=${f(rxNs.host)} host_rx_spread_ns=${f(spreadNs)} wake1_ns=${f(wake1)} wake4_ns=${f(wake4)}\n`,
   );
 }
 

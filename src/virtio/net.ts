@@ -252,6 +252,10 @@ export class NetBackend implements VirtioBackend {
   private readonly ring: IoRing | null;
   /** The batch's requests: head, device-writable bytes, and (rx) where their writable segments lie. */
   private readonly batch = new SavedChains(BATCH_SLOTS, BATCH_IOV);
+  /** Reads the next receive batch tries (1 to BATCH_SLOTS), following how many frames the last found. */
+  private rxGuess = 1;
+  /** The last receive batch found the TAP empty. */
+  private rxDrained = false;
   /** passt: bytes of the stream read but not yet delivered. */
   private readonly stream = Buffer.alloc(2 * (4 + MAX_FRAME));
   private streamBytes = 0;
@@ -544,9 +548,58 @@ export class NetBackend implements VirtioBackend {
   private receive(): void {
     const queue = this.rt.queue(NET_RX_QUEUE);
     let delivered = 0;
+    if (this.ring && !this.passt && this.heldRx === 0 && !this.rxLimiter?.active)
+      delivered = this.receiveBatches(queue, this.ring);
+    else
+      while (this.linkUp) {
+        if (delivered >= NET_FRAMES_PER_TURN) {
+          // Back after the other ready work (frames may wait in passt's stream buffer, which epoll does not see).
+          this.rt.kickLater(NET_RX_QUEUE);
+          break;
+        }
+        if (!queue.enabled || queue.pending() === 0) {
+          this.rt.setPollable(this.fd, false);
+          break;
+        }
+        if (this.heldRx > 0) {
+          if (!this.rxAllowed(this.heldRx)) break;
+          this.countRx(this.heldRx);
+          this.deliver(this.rx, this.heldRx);
+        } else if (this.passt) {
+          if (!this.nextPasstFrame()) break;
+        } else if (!this.rxLimiter?.active) {
+          if (!this.readDirect(queue)) break;
+        } else {
+          const n = libc.read(this.fd, this.rx, this.rx.length);
+          if (n < 0) {
+            const e = libc.errno();
+            if (e !== libc.EAGAIN && e !== libc.EINTR) this.fail('read from the TAP', e);
+            break;
+          }
+          if (!this.rxAllowed(n)) break;
+          this.countRx(n);
+          this.deliver(this.rx, n);
+        }
+        delivered++;
+      }
+    if (delivered > 0) this.rt.notifyUsed(NET_RX_QUEUE);
+  }
+
+  /**
+   * TAP with io_uring: frames into the receive buffers in batches, until the TAP is empty,
+   * the buffers run out or the turn's budget is spent; returns how many buffers it filled.
+   * A read that finds the TAP empty costs the kernel about as much as one that does not,
+   * so batches follow the traffic: the first is as large as the last wake-up's haul
+   * (`rxGuess`); after a batch whose every read found a frame, a single read probes for
+   * more, and only if that finds one does a batch twice as large follow. A frame a wake-up
+   * costs two reads; a flood moves in whole batches of BATCH_SLOTS.
+   */
+  private receiveBatches(queue: SplitQueue, ring: IoRing): number {
+    let delivered = 0;
+    let size = this.rxGuess;
+    let probe = false;
     while (this.linkUp) {
       if (delivered >= NET_FRAMES_PER_TURN) {
-        // Back after the other ready work (frames may wait in passt's stream buffer, which epoll does not see).
         this.rt.kickLater(NET_RX_QUEUE);
         break;
       }
@@ -554,30 +607,20 @@ export class NetBackend implements VirtioBackend {
         this.rt.setPollable(this.fd, false);
         break;
       }
-      if (this.heldRx > 0) {
-        if (!this.rxAllowed(this.heldRx)) break;
-        this.countRx(this.heldRx);
-        this.deliver(this.rx, this.heldRx);
-      } else if (this.passt) {
-        if (!this.nextPasstFrame()) break;
-      } else if (!this.rxLimiter?.active) {
-        const got = this.ring ? this.receiveBatch(queue, this.ring) : Number(this.readDirect(queue));
-        if (got === 0) break;
-        delivered += got - 1;
-      } else {
-        const n = libc.read(this.fd, this.rx, this.rx.length);
-        if (n < 0) {
-          const e = libc.errno();
-          if (e !== libc.EAGAIN && e !== libc.EINTR) this.fail('read from the TAP', e);
-          break;
-        }
-        if (!this.rxAllowed(n)) break;
-        this.countRx(n);
-        this.deliver(this.rx, n);
+      const got = this.receiveBatch(queue, ring, probe ? 1 : Math.min(size, NET_FRAMES_PER_TURN - delivered));
+      delivered += got;
+      // The TAP is empty: no read again until epoll says it is not.
+      if (got === 0 || this.rxDrained) break;
+      // A full batch smaller than a whole one: probe with one read, then double. A full
+      // whole batch: a flood; whole batches follow with no probe between them.
+      if (probe) probe = false;
+      else if (size < ring.slots) {
+        probe = true;
+        size = Math.min(ring.slots, 2 * size);
       }
-      delivered++;
     }
-    if (delivered > 0) this.rt.notifyUsed(NET_RX_QUEUE);
+    this.rxGuess = Math.max(1, Math.min(ring.slots, delivered));
+    return delivered;
   }
 
   /**
@@ -609,16 +652,17 @@ export class NetBackend implements VirtioBackend {
   }
 
   /**
-   * TAP: reads up to BATCH_SLOTS frames straight into the next receive buffers with one
+   * TAP: reads up to `size` frames straight into the next receive buffers with one
    * io_uring submit (a readv each, in ring order; once the TAP is empty the rest end
-   * -EAGAIN and their buffers stay in the ring); how many buffers it returned (0: no
-   * frame was waiting).
+   * -EAGAIN and their buffers stay in the ring; `rxDrained` then says so); how many
+   * buffers it returned (0: no frame was waiting).
    */
-  private receiveBatch(queue: SplitQueue, ring: IoRing): number {
+  private receiveBatch(queue: SplitQueue, ring: IoRing, size: number): number {
+    this.rxDrained = false;
     if (this.overflow === 0n) this.overflow = this.mapOverflow();
     const chain = this.rt.chain;
     const b = this.batch;
-    const want = this.overflow === 0n ? 0 : Math.min(queue.pending(), ring.slots);
+    const want = this.overflow === 0n ? 0 : Math.min(queue.pending(), size);
     let n = 0;
     for (; n < want && queue.peek(chain, n); n++) {
       const iov = ring.iovs(n);
@@ -636,6 +680,7 @@ export class NetBackend implements VirtioBackend {
       if (r >= 0) last = i;
       else if (r !== -libc.EAGAIN && r !== -libc.EINTR) this.fail('read from the TAP', -r);
     }
+    this.rxDrained = ring.results[n - 1]! < 0;
     // Buffers up to the last one read are returned in order; one whose read found the TAP
     // empty just before a frame came gets nothing (the driver posts it again).
     for (let i = 0; i <= last; i++) {
