@@ -10,7 +10,7 @@ import { MailboxLayout, type Mailbox } from './mailbox.js';
 import { KilnError } from '../errors.js';
 import * as libc from '../kvm/libc.js';
 import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } from './device.js';
-import { IOVEC_BYTES, SlotSegments, VirtqueueError, type DescriptorChain, type SplitQueue } from './queue.js';
+import { SlotSegments, VirtqueueError, writeIovec, type DescriptorChain, type SplitQueue } from './queue.js';
 import { IORING_OP_READV, IoRing } from './uring.js';
 import { chainBytes, drainLimited, SharedRateLimiter } from './rate-limiter.js';
 import { BLK_COUNTERS, DeviceCounters } from './counters.js';
@@ -271,7 +271,11 @@ export class BlkBackend implements VirtioBackend {
 
   queueNotified(q: number): void {
     const queue = this.rt.queue(q);
-    const handle = (chain: DescriptorChain) => queue.push(chain.head, this.handle(chain));
+    const handle = (chain: DescriptorChain) => {
+      const written = this.handle(chain);
+      // Negative: a read waiting in the batch; finishBatch returns it.
+      if (written >= 0) queue.push(chain.head, written);
+    };
     if (this.limiter?.active) {
       // Each request's data (less its header and status byte) passes the drive's limiter first.
       const served = drainLimited(
@@ -285,17 +289,12 @@ export class BlkBackend implements VirtioBackend {
       if (served > 0) this.rt.notifyUsed(q);
       return;
     }
-    const handleBatched = (chain: DescriptorChain) => {
-      const written = this.handle(chain);
-      // Negative: waiting in the batch; finishBatch returns it.
-      if (written >= 0) queue.push(chain.head, written);
-    };
     let served: number;
     if (this.ring) {
       this.batchQueue = queue;
       this.batch.count = 0;
       try {
-        served = queue.drain(this.rt.chain, handleBatched, BLK_REQUESTS_PER_TURN, () => this.finishBatch());
+        served = queue.drain(this.rt.chain, handle, BLK_REQUESTS_PER_TURN, () => this.finishBatch());
       } finally {
         this.batchQueue = null;
       }
@@ -495,14 +494,8 @@ export class BlkBackend implements VirtioBackend {
   /** The first `count` segments (this.seg*) as struct iovec entries in `iov`. */
   private segmentIovecs(iov: Buffer, count: number): void {
     const hostBase = this.rt.mem.hostBase;
-    for (let k = 0; k < count; k++) {
-      const base = hostBase[this.segRegion[k]!]! + this.segOffset[k]!;
-      const at = k * IOVEC_BYTES;
-      iov.writeUInt32LE(base % 2 ** 32, at);
-      iov.writeUInt32LE(Math.floor(base / 2 ** 32), at + 4);
-      iov.writeUInt32LE(this.segLength[k]!, at + 8);
-      iov.writeUInt32LE(0, at + 12);
-    }
+    for (let k = 0; k < count; k++)
+      writeIovec(iov, k, hostBase[this.segRegion[k]!]! + this.segOffset[k]!, this.segLength[k]!);
   }
 
   /**

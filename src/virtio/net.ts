@@ -16,7 +16,7 @@ import { chainBytes, SharedRateLimiter } from './rate-limiter.js';
 import { DeviceCounters, NET_COUNTERS } from './counters.js';
 import { array, struct, union } from '../kvm/struct.js';
 import { bit, type VirtioBackend, type VirtioDeviceType, type VirtioQueues } from './device.js';
-import { IOVEC_BYTES, SlotSegments, type DescriptorChain, type SplitQueue } from './queue.js';
+import { IOVEC_BYTES, SlotSegments, writeIovec, type DescriptorChain, type SplitQueue } from './queue.js';
 import { IORING_OP_READV, IORING_OP_WRITEV, IoRing } from './uring.js';
 
 export const VIRTIO_NET_F_CSUM = 0n;
@@ -548,19 +548,10 @@ export class NetBackend implements VirtioBackend {
   private receive(): void {
     const queue = this.rt.queue(NET_RX_QUEUE);
     let delivered = 0;
-    if (this.ring && !this.passt && this.heldRx === 0 && !this.rxLimiter?.active)
-      delivered = this.receiveBatches(queue, this.ring);
+    // TAP with io_uring (passt has no ring), no frame held back and no rx limiter: batches.
+    if (this.ring && this.heldRx === 0 && !this.rxLimiter?.active) delivered = this.receiveBatches(queue, this.ring);
     else
-      while (this.linkUp) {
-        if (delivered >= NET_FRAMES_PER_TURN) {
-          // Back after the other ready work (frames may wait in passt's stream buffer, which epoll does not see).
-          this.rt.kickLater(NET_RX_QUEUE);
-          break;
-        }
-        if (!queue.enabled || queue.pending() === 0) {
-          this.rt.setPollable(this.fd, false);
-          break;
-        }
+      while (this.linkUp && this.rxMayGoOn(queue, delivered)) {
         if (this.heldRx > 0) {
           if (!this.rxAllowed(this.heldRx)) break;
           this.countRx(this.heldRx);
@@ -586,6 +577,24 @@ export class NetBackend implements VirtioBackend {
   }
 
   /**
+   * Whether receiving goes on after `delivered` frames this turn: not at the turn's budget
+   * (then the queue is come back to after the other ready work: frames may wait in passt's
+   * stream buffer, which epoll does not see), and with a receive buffer posted (without
+   * one the host end is not watched until the driver posts more).
+   */
+  private rxMayGoOn(queue: SplitQueue, delivered: number): boolean {
+    if (delivered >= NET_FRAMES_PER_TURN) {
+      this.rt.kickLater(NET_RX_QUEUE);
+      return false;
+    }
+    if (!queue.enabled || queue.pending() === 0) {
+      this.rt.setPollable(this.fd, false);
+      return false;
+    }
+    return true;
+  }
+
+  /**
    * TAP with io_uring: frames into the receive buffers in batches, until the TAP is empty,
    * the buffers run out or the turn's budget is spent; returns how many buffers it filled.
    * A read that finds the TAP empty costs the kernel about as much as one that does not,
@@ -598,15 +607,7 @@ export class NetBackend implements VirtioBackend {
     let delivered = 0;
     let size = this.rxGuess;
     let probe = false;
-    while (this.linkUp) {
-      if (delivered >= NET_FRAMES_PER_TURN) {
-        this.rt.kickLater(NET_RX_QUEUE);
-        break;
-      }
-      if (!queue.enabled || queue.pending() === 0) {
-        this.rt.setPollable(this.fd, false);
-        break;
-      }
+    while (this.linkUp && this.rxMayGoOn(queue, delivered)) {
       const got = this.receiveBatch(queue, ring, probe ? 1 : Math.min(size, NET_FRAMES_PER_TURN - delivered));
       delivered += got;
       // The TAP is empty: no read again until epoll says it is not.
@@ -697,11 +698,7 @@ export class NetBackend implements VirtioBackend {
 
   /** Points iovec `index` of `iov` at the overflow page. */
   private overflowIovec(iov: Buffer, index: number): void {
-    const at = index * IOVEC_BYTES;
-    iov.writeUInt32LE(Number(this.overflow % 2n ** 32n), at);
-    iov.writeUInt32LE(Number(this.overflow >> 32n), at + 4);
-    iov.writeUInt32LE(OVERFLOW_BYTES, at + 8);
-    iov.writeUInt32LE(0, at + 12);
+    writeIovec(iov, index, Number(this.overflow), OVERFLOW_BYTES);
   }
 
   private mapOverflow(): bigint {

@@ -27,6 +27,18 @@ export const VIRTQ_MAX_CHAIN = 1024;
 export const IOVEC_BYTES = 16;
 
 /**
+ * Writes struct iovec `index` of `iov`: {address, length}. Host addresses are below 2^47,
+ * so numbers hold them exactly (no BigInt on the I/O path).
+ */
+export function writeIovec(iov: Buffer, index: number, address: number, length: number): void {
+  const at = index * IOVEC_BYTES;
+  iov.writeUInt32LE(address % 2 ** 32, at);
+  iov.writeUInt32LE(Math.floor(address / 2 ** 32), at + 4);
+  iov.writeUInt32LE(length, at + 8);
+  iov.writeUInt32LE(0, at + 12);
+}
+
+/**
  * The shared per-queue record of the ring itself: offsets of each field (all
  * little-endian). Transport fields (the queue's MSI-X vector, where its ioeventfd is)
  * are not here: they are the transport's (QUEUE_TRANSPORT in device.ts).
@@ -93,13 +105,7 @@ export class DescriptorChain {
     for (let i = 0; i < this.count; i++) {
       if ((this.writable[i] === 1) !== writable) continue;
       if (n >= max) return -1;
-      // Host addresses are below 2^47: exact as numbers (no BigInt on the I/O path).
-      const addr = mem.hostBase[this.region[i]!]! + this.offset[i]!;
-      const at = n * IOVEC_BYTES;
-      iov.writeUInt32LE(addr % 2 ** 32, at);
-      iov.writeUInt32LE(Math.floor(addr / 2 ** 32), at + 4);
-      iov.writeUInt32LE(this.length[i]!, at + 8);
-      iov.writeUInt32LE(0, at + 12);
+      writeIovec(iov, n, mem.hostBase[this.region[i]!]! + this.offset[i]!, this.length[i]!);
       n++;
     }
     return n;
