@@ -29,7 +29,7 @@ import { median, overheadMiB, pssMiB, type BenchContext } from './util.js';
 
 const RUNS = 10;
 const MEMORY_MIB = 128;
-const VMM = fileURLToPath(new URL('../src/vmm-cli.js', import.meta.url));
+const VMM = fileURLToPath(new URL('../src/vmm-cli.cjs', import.meta.url));
 const QEMU = '/usr/bin/qemu-system-x86_64';
 
 // Real mode at the reset vector: mov dx,0x3f8; mov al,'K'; out dx,al; then isa-debug-exit or cli; hlt.

@@ -1,6 +1,8 @@
 // `npm run bench -- startup`: kiln-vmm's own start-up, without a guest (so it runs on a
-// host without KVM too), with its code cache and without it (KILN_NO_CODE_CACHE=1), in
-// the same run, against Node's floor (`node -e 0`):
+// host without KVM too), as shipped (the CommonJS stubs, with the code cache), without its
+// code cache (KILN_NO_CODE_CACHE=1) and through the ES module stubs (`vmm-cli.js`,
+// `worker.js`: Node's ES module loader set up first), in the same run, against Node's
+// floor (`node -e 0`):
 //
 // - version: spawning `kiln-vmm --version` (every module evaluated) until it exits;
 // - api: spawning `kiln-vmm --api-sock` until its API socket exists;
@@ -20,15 +22,18 @@ import { vmmEnvironment } from '../src/host.js';
 import { median, rssMiB, type BenchContext } from './util.js';
 
 const RUNS = 21;
-const VMM = fileURLToPath(new URL('../src/vmm-cli.js', import.meta.url));
-const WORKERS = {
-  vcpu: new URL('../src/vcpu/worker.js', import.meta.url),
-  io: new URL('../src/virtio/io-worker.js', import.meta.url),
-};
-const VARIANTS = { cache: {}, nocache: { KILN_NO_CODE_CACHE: '1' } } as const;
+const VARIANTS = {
+  cache: { env: {}, ext: 'cjs' },
+  nocache: { env: { KILN_NO_CODE_CACHE: '1' }, ext: 'cjs' },
+  esm: { env: {}, ext: 'js' },
+} as const;
 type Variant = keyof typeof VARIANTS;
+const vmmOf = (v: Variant) => fileURLToPath(new URL(`../src/vmm-cli.${VARIANTS[v].ext}`, import.meta.url));
+const WORKERS = { vcpu: 'vcpu/worker', io: 'virtio/io-worker' } as const;
+const workerOf = (kind: keyof typeof WORKERS, v: Variant) =>
+  new URL(`../src/${WORKERS[kind]}.${VARIANTS[v].ext}`, import.meta.url);
 
-const envOf = (v: Variant): NodeJS.ProcessEnv => ({ ...vmmEnvironment(), ...VARIANTS[v] });
+const envOf = (v: Variant): NodeJS.ProcessEnv => ({ ...vmmEnvironment(), ...VARIANTS[v].env });
 
 function timeExit(args: string[], env: NodeJS.ProcessEnv): number {
   const start = performance.now();
@@ -38,10 +43,15 @@ function timeExit(args: string[], env: NodeJS.ProcessEnv): number {
 }
 
 /** Spawns a waiting kiln-vmm; resolves with the time to its API socket, and its RSS after `holdMs` if asked. */
-async function timeApi(sock: string, env: NodeJS.ProcessEnv, holdMs = 0): Promise<{ ms: number; rssMiB: number }> {
+async function timeApi(
+  vmm: string,
+  sock: string,
+  env: NodeJS.ProcessEnv,
+  holdMs = 0,
+): Promise<{ ms: number; rssMiB: number }> {
   rmSync(sock, { force: true });
   const start = performance.now();
-  const child = spawn(process.execPath, [VMM, '--api-sock', sock], { env, stdio: 'ignore' });
+  const child = spawn(process.execPath, [vmm, '--api-sock', sock], { env, stdio: 'ignore' });
   let exited = false;
   const gone = new Promise<void>((resolve) => child.once('exit', () => ((exited = true), resolve())));
   while (!existsSync(sock) && !exited) await sleep(1);
@@ -62,10 +72,10 @@ async function timeApi(sock: string, env: NodeJS.ProcessEnv, holdMs = 0): Promis
 }
 
 /** Starts a warm worker of `kind`; resolves with the time until it marks its modules loaded. */
-async function timeWorker(kind: keyof typeof WORKERS, env: NodeJS.ProcessEnv): Promise<number> {
+async function timeWorker(url: URL, env: NodeJS.ProcessEnv): Promise<number> {
   const cell = new Int32Array(new SharedArrayBuffer(4));
   const start = performance.now();
-  const w = new Worker(WORKERS[kind], {
+  const w = new Worker(url, {
     workerData: { warmLoaded: cell.buffer },
     env,
     stdout: true,
@@ -83,36 +93,33 @@ async function timeWorker(kind: keyof typeof WORKERS, env: NodeJS.ProcessEnv): P
 
 export async function benchStartup(ctx: BenchContext): Promise<void> {
   const floor: number[] = [];
-  const t = {
-    version: { cache: [] as number[], nocache: [] as number[] },
-    api: { cache: [] as number[], nocache: [] as number[] },
-    vcpu: { cache: [] as number[], nocache: [] as number[] },
-    io: { cache: [] as number[], nocache: [] as number[] },
-    rss: { cache: [] as number[], nocache: [] as number[] },
-  };
+  const each = (): Record<Variant, number[]> => ({ cache: [], nocache: [], esm: [] });
+  const t = { version: each(), api: each(), vcpu: each(), io: each(), rss: each() };
   const sock = join(ctx.dir, 'api.sock');
   for (let i = 0; i < RUNS; i++) {
     floor.push(timeExit(['-e', '0'], vmmEnvironment()));
     for (const v of Object.keys(VARIANTS) as Variant[]) {
-      t.version[v].push(timeExit([VMM, '--version'], envOf(v)));
-      const api = await timeApi(sock, envOf(v), i < 3 ? 2000 : 0);
+      t.version[v].push(timeExit([vmmOf(v), '--version'], envOf(v)));
+      const api = await timeApi(vmmOf(v), sock, envOf(v), i < 3 ? 2000 : 0);
       t.api[v].push(api.ms);
       if (api.rssMiB > 0) t.rss[v].push(api.rssMiB);
-      t.vcpu[v].push(await timeWorker('vcpu', envOf(v)));
-      t.io[v].push(await timeWorker('io', envOf(v)));
+      t.vcpu[v].push(await timeWorker(workerOf('vcpu', v), envOf(v)));
+      t.io[v].push(await timeWorker(workerOf('io', v), envOf(v)));
     }
   }
   const f = (n: number) => n.toFixed(1);
   ctx.log(`node -e 0: ${f(median(floor))} ms (median of ${RUNS})`);
   for (const [name, by] of Object.entries(t))
     ctx.log(
-      `${name.padEnd(8)} with the code cache ${f(median(by.cache)).padStart(6)}, without ${f(median(by.nocache)).padStart(6)}${name === 'rss' ? ' MiB' : ' ms'}`,
+      `${name.padEnd(8)} as shipped ${f(median(by.cache)).padStart(6)}, without the code cache ${f(median(by.nocache)).padStart(6)}, through the ES module stubs ${f(median(by.esm)).padStart(6)}${name === 'rss' ? ' MiB' : ' ms'}`,
     );
   ctx.result(
     `startup version_ms=${f(median(t.version.cache))} version_nocache_ms=${f(median(t.version.nocache))} ` +
       `api_ms=${f(median(t.api.cache))} api_nocache_ms=${f(median(t.api.nocache))} ` +
       `vcpu_worker_ms=${f(median(t.vcpu.cache))} vcpu_worker_nocache_ms=${f(median(t.vcpu.nocache))} ` +
       `io_worker_ms=${f(median(t.io.cache))} io_worker_nocache_ms=${f(median(t.io.nocache))} ` +
-      `idle_rss_mib=${f(median(t.rss.cache))} idle_rss_nocache_mib=${f(median(t.rss.nocache))} node_ms=${f(median(floor))}`,
+      `idle_rss_mib=${f(median(t.rss.cache))} idle_rss_nocache_mib=${f(median(t.rss.nocache))} ` +
+      `version_esm_ms=${f(median(t.version.esm))} api_esm_ms=${f(median(t.api.esm))} ` +
+      `vcpu_worker_esm_ms=${f(median(t.vcpu.esm))} io_worker_esm_ms=${f(median(t.io.esm))} node_ms=${f(median(floor))}`,
   );
 }

@@ -1,6 +1,17 @@
 // Facts about the host that need no FFI (so the manager can ask them without koffi).
 import { readFileSync } from 'node:fs';
 import { totalmem } from 'node:os';
+import { fileURLToPath } from 'node:url';
+
+/**
+ * kiln-vmm's entry as the manager, the pool and the jailer start it: the CommonJS stub the
+ * build writes beside `vmm-cli.js` (scripts/bundle.mjs). Node sets up its ES module loader
+ * for an ES module entry, ~10 ms of every start here (docs/ARCHITECTURE.md, "Start-up").
+ */
+export const KILN_VMM = fileURLToPath(new URL('./vmm-cli.cjs', import.meta.url));
+
+/** Whether a process's argument names a kiln-vmm entry: this build's, or the ES module one (an earlier Kiln's VMMs). */
+export const isKilnVmmEntry = (arg: string): boolean => /vmm-cli\.c?js$/.test(arg);
 
 /** /proc/meminfo's fields, each in KiB (0 when absent). Throws where there is no /proc. */
 export function meminfoKiB(): (key: string) => number {

@@ -6,9 +6,14 @@
 import { parentPort, Worker, workerData } from 'node:worker_threads';
 import { setTimeout as sleep } from 'node:timers/promises';
 
+/**
+ * The CommonJS stubs the build writes beside each worker's entry (scripts/bundle.mjs): a
+ * worker whose entry is an ES module first sets up Node's ES module loader in its isolate,
+ * 15-20 ms of its start here (bench/RESULTS.md, startup).
+ */
 const URLS = {
-  vcpu: new URL('./vcpu/worker.js', import.meta.url),
-  io: new URL('./virtio/io-worker.js', import.meta.url),
+  vcpu: new URL('./vcpu/worker.cjs', import.meta.url),
+  io: new URL('./virtio/io-worker.cjs', import.meta.url),
 } as const;
 export type WorkerKind = keyof typeof URLS;
 

@@ -7,6 +7,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL, fileURLToPath } from 'node:url';
 import { Script } from 'node:vm';
+import { spawnSync } from 'node:child_process';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Worker } from 'node:worker_threads';
 import { afterEach, beforeEach, describe, test } from 'node:test';
 import { BUILD_LINE, bundleBuild, cacheFile, runBundle, wrapBundle } from '../src/bundle-loader.js';
 
@@ -34,6 +37,31 @@ describe('the built bundles', () => {
       const stub = readFileSync(bundle.replace(/\.bundle\.js$/, '.js'), 'utf8');
       assert.match(stub, /^#!\/usr\/bin\/env node\n/);
       assert.ok(stub.includes(`runBundle(new URL('./${bundle.replace(/.*\//, '')}'`), stub);
+      const cjs = readFileSync(bundle.replace(/\.bundle\.js$/, '.cjs'), 'utf8');
+      assert.match(cjs, /^#!\/usr\/bin\/env node\n/);
+      assert.ok(cjs.includes(`\${__dirname}/${bundle.replace(/.*\//, '')}\``), cjs);
+    }
+  });
+
+  // What kiln-vmm's bin, the manager and the warm workers run (scripts/bundle.mjs).
+  test('the CommonJS stubs run kiln-vmm and its workers from their bundles', async () => {
+    const vmm = fileURLToPath(new URL('../src/vmm-cli.cjs', import.meta.url));
+    const r = spawnSync(process.execPath, [vmm, '--version'], { encoding: 'utf8' });
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stdout, /^Firecracker v[\d.]+ \(Kiln /);
+    const bad = spawnSync(process.execPath, [vmm, '--no-such-flag'], { encoding: 'utf8' });
+    assert.notEqual(bad.status, 0, 'a refused start still exits with an error status');
+    for (const entry of ['vcpu/worker', 'virtio/io-worker']) {
+      const cell = new Int32Array(new SharedArrayBuffer(4));
+      const w = new Worker(new URL(`../src/${entry}.cjs`, import.meta.url), {
+        workerData: { warmLoaded: cell.buffer },
+      });
+      const failed = new Promise<never>((_, reject) => w.once('error', reject));
+      const warm = (async () => {
+        while (Atomics.load(cell, 0) === 0) await sleep(5);
+      })();
+      await Promise.race([warm, failed]);
+      await w.terminate();
     }
   });
 });

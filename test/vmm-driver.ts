@@ -9,7 +9,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { unixHttp } from '../src/manager/manager.js';
 
-const VMM = fileURLToPath(new URL('../src/vmm-cli.js', import.meta.url));
+const VMM = fileURLToPath(new URL('../src/vmm-cli.cjs', import.meta.url));
 
 export interface RunningVmm {
   child: ChildProcess;

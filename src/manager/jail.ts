@@ -19,6 +19,7 @@ import {
 import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { KilnError } from '../errors.js';
+import { isKilnVmmEntry, KILN_VMM } from '../host.js';
 import { ensureDir, ensureDirs, ensureFile, lstatOrNull } from '../jail/steps.js';
 import * as libc from '../kvm/libc.js';
 import type { VmConfig } from '../config/vm-config.js';
@@ -26,7 +27,6 @@ import type { VmConfig } from '../config/vm-config.js';
 /** The first uid (and gid) jailed VMMs run as; VM n running at once gets BASE + n. */
 export const JAIL_UID_BASE = 2_000_000_000;
 const JAILER = fileURLToPath(new URL('../jail/jailer-cli.js', import.meta.url));
-const VMM_CLI = fileURLToPath(new URL('../vmm-cli.js', import.meta.url));
 
 /** What `kiln info` shows, kept in the VM's run directory while it runs. */
 export interface JailRecord {
@@ -155,7 +155,7 @@ export function prepareJail(
   const base = join(run, 'jail');
   // A previous run's jail: its mounts died with its mount namespace; only mount points and sockets are left.
   rmSync(base, { recursive: true, force: true });
-  const root = pooled ? pooled.root : join(base, 'vmm-cli.js', name, 'root');
+  const root = pooled ? pooled.root : join(base, basename(KILN_VMM), name, 'root');
   if (!pooled) {
     mkdirSync(root, { recursive: true, mode: 0o755 });
     chmodSync(root, 0o755);
@@ -266,7 +266,7 @@ export function jailerArgv(
     '--id',
     id,
     '--exec-file',
-    VMM_CLI,
+    KILN_VMM,
     '--uid',
     String(uid),
     '--gid',
@@ -323,7 +323,7 @@ export function isKilnVmm(pid: number, id: string): boolean {
   const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
   const i = cmdline.indexOf('--id');
   const named = (i >= 0 && cmdline[i + 1] === id) || cmdline.includes(`--id=${id}`);
-  return named && cmdline.some((a) => a.endsWith('vmm-cli.js'));
+  return named && cmdline.some(isKilnVmmEntry);
 }
 
 /** Whether `run`'s sockets point into a jail that still exists. */

@@ -26,8 +26,8 @@ import type { ChildProcess } from 'node:child_process';
 import { request } from 'node:http';
 import { cpus, totalmem } from 'node:os';
 import { basename, dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { KilnError } from '../errors.js';
+import { KILN_VMM } from '../host.js';
 import { openGuestMemoryOf } from '../memory/shared-memory.js';
 import { randomBytes } from 'node:crypto';
 import { createConnection, createServer as createNetServer, type Server as NetServer, type Socket } from 'node:net';
@@ -85,8 +85,6 @@ export type { VmState, VmStatus } from './protocol.js';
 const VMM_OVERHEAD_BYTES = 512 * 1024 * 1024;
 /** How long a start may take to reach 'running' (the VM is built before the API says so). */
 const START_TIMEOUT_MS = 60_000;
-
-const VMM_CLI = fileURLToPath(new URL('../vmm-cli.js', import.meta.url));
 
 /** Asks the daemon to stream progress lines before its answer (PROGRESS_TYPE, one JSON object a line). */
 export const PROGRESS_HEADER = 'x-kiln-progress';
@@ -447,7 +445,7 @@ export class Manager {
   private directVmm(name: string, run: string, withConfig = true): string[] {
     return [
       process.execPath,
-      VMM_CLI,
+      KILN_VMM,
       '--api-sock',
       join(run, 'api.sock'),
       ...(withConfig ? ['--kiln-config', join(run, 'config.json')] : []),

@@ -14,9 +14,9 @@
 import type { ChildProcess } from 'node:child_process';
 import { closeSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { KilnError } from '../errors.js';
-import { meminfoKiB, vmmEnvironment } from '../host.js';
+import { KILN_VMM, meminfoKiB, vmmEnvironment } from '../host.js';
 import * as libc from '../kvm/libc.js';
 import { prepareCgroup, removeCgroup, spawnInCgroup } from './cgroup.js';
 import { isKilnVmm, jailerArgv } from './jail.js';
@@ -134,7 +134,7 @@ export class VmmPool {
     this.pendingUids.push(uid);
     const base = join(dir, 'jail');
     const id = `pool-${slot}`;
-    const root = join(base, 'vmm-cli.js', id, 'root');
+    const root = join(base, basename(KILN_VMM), id, 'root');
     // Beside the pool's mount, not in it: the log is renamed into the VM's run directory.
     const log = join(this.logDir, `${slot}.log`);
     const out = openSync(log, 'a', PRIVATE_FILE);

@@ -26,7 +26,7 @@ const ECHO_UNTIL_Q = [
 ];
 
 const canNetns = process.getuid?.() === 0 && existsSync('/dev/net/tun') && toolAvailable('ip', '-V');
-const VMM = fileURLToPath(new URL('../../src/vmm-cli.js', import.meta.url));
+const VMM = fileURLToPath(new URL('../../src/vmm-cli.cjs', import.meta.url));
 const vmm = (args: string[]) => spawnSync(process.execPath, [VMM, ...args], { encoding: 'utf8', timeout: 30_000 });
 const log = (line: string) => process.stderr.write(`# guest kit: ${line}\n`);
 

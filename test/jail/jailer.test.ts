@@ -30,7 +30,7 @@ import { createGuestMemoryFile } from '../../src/memory/shared-memory.js';
 import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
 
 const JAILER = fileURLToPath(new URL('../../src/jail/jailer-cli.js', import.meta.url));
-const VMM = fileURLToPath(new URL('../../src/vmm-cli.js', import.meta.url));
+const VMM = fileURLToPath(new URL('../../src/vmm-cli.cjs', import.meta.url));
 const isRoot = process.getuid?.() === 0;
 const rootSkip = isRoot ? false : 'kiln-jailer needs root';
 if (!isRoot) process.stdout.write('# SKIPPING jailed-VMM tests: they need root\n');
@@ -110,7 +110,7 @@ describe('kiln-jailer arguments', () => {
       const id = `daemon-${process.pid}`;
       const child = spawn(process.execPath, [JAILER, '--id', id, ...base_(base), '--daemonize'], { stdio: 'ignore' });
       const exited = new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
-      const sock = join(base, 'vmm-cli.js', id, 'root', 'run', 'firecracker.socket');
+      const sock = join(base, 'vmm-cli.cjs', id, 'root', 'run', 'firecracker.socket');
       for (let i = 0; i < 400 && !existsSync(sock); i++) await sleep(25);
       assert.ok(existsSync(sock), 'the API socket appeared where orchestrators look for it');
       const pid = child.pid!;
@@ -136,7 +136,7 @@ describe('kiln-jailer arguments', () => {
       closeSync(memory);
       closeSync(stray);
       const exited = new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
-      const sock = join(base, 'vmm-cli.js', id, 'root', 'run', 'firecracker.socket');
+      const sock = join(base, 'vmm-cli.cjs', id, 'root', 'run', 'firecracker.socket');
       for (let i = 0; i < 400 && !existsSync(sock); i++) await sleep(25);
       assert.ok(existsSync(sock), 'the jailed VMM serves its API');
       const pid = child.pid!;
@@ -204,7 +204,7 @@ describe('a jailed kiln-vmm', { skip: kvmSkip || rootSkip, timeout: 20 * 60_000 
     const base = tempDir();
     const id = `jail-test-${process.pid}`;
     const uid = 40000 + (process.pid % 20000);
-    const rootDir = join(base, 'vmm-cli.js', id, 'root');
+    const rootDir = join(base, 'vmm-cli.cjs', id, 'root');
     mkdirSync(rootDir, { recursive: true });
     // What an orchestrator puts in the jail before it starts the VMM.
     copyFileSync(kernel.vmlinux, join(rootDir, 'vmlinux'));
@@ -262,7 +262,7 @@ describe('a jailed kiln-vmm', { skip: kvmSkip || rootSkip, timeout: 20 * 60_000 
       }
     });
 
-    const pidFile = join(rootDir, 'vmm-cli.js.pid');
+    const pidFile = join(rootDir, 'vmm-cli.cjs.pid');
     for (let i = 0; i < 400 && !existsSync(join(rootDir, 'run/firecracker.socket')); i++) await sleep(25);
     assert.ok(existsSync(pidFile), `the pid file (--new-pid-ns):\n${output}`);
     const pid = Number(readFileSync(pidFile, 'utf8'));

@@ -353,7 +353,7 @@ describe('kiln VM-manager verbs', () => {
       const lost = kiln(dir, ['start', 'pidless']);
       assert.equal(lost.status, 1, lost.stderr);
       assert.match(lost.stderr, /cannot record the VMM's pid for 'pidless' \(EISDIR\); it was stopped/);
-      const strays = spawnSync('pgrep', ['-f', '--', 'vmm-cli.js .*--id pidless'], { encoding: 'utf8' });
+      const strays = spawnSync('pgrep', ['-f', '--', 'vmm-cli[.]c?js .*--id pidless'], { encoding: 'utf8' });
       assert.equal(strays.status, 1, `no VMM left running (pgrep: ${strays.stdout}${strays.stderr})`);
     } finally {
       stopDaemon(dir);

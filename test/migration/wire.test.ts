@@ -32,7 +32,7 @@ import {
 } from '../../src/migration/wire.js';
 import { tempDir } from '../helpers.js';
 
-const VMM = fileURLToPath(new URL('../../src/vmm-cli.js', import.meta.url));
+const VMM = fileURLToPath(new URL('../../src/vmm-cli.cjs', import.meta.url));
 
 describe('the migration wire format', () => {
   test('frames come back whole and in order however the stream cuts them', async () => {

@@ -27,7 +27,7 @@ import {
 import { kvmSkip, tempDir } from '../helpers.js';
 
 const PROBE = new URL('./probe.js', import.meta.url).pathname;
-const VMM = new URL('../../src/vmm-cli.js', import.meta.url).pathname;
+const VMM = new URL('../../src/vmm-cli.cjs', import.meta.url).pathname;
 const EPERM = SECCOMP_RET.ERRNO | 1;
 
 describe('the seccomp BPF compiler', () => {
@@ -182,7 +182,7 @@ describe('the seccomp filters on real threads', () => {
 describe("kiln-vmm's built-in filters", () => {
   test('the bundle carries the default policy compiled by the build, byte for byte', () => {
     // kiln-vmm does not compile its default filters at start: the build puts them in its bundle.
-    const bundle = readFileSync(VMM.replace(/\.js$/, '.bundle.js'), 'utf8');
+    const bundle = readFileSync(VMM.replace(/\.cjs$/, '.bundle.js'), 'utf8');
     const programs = compilePolicy(DEFAULT_POLICY);
     for (const category of ['process', 'vcpu', 'io'] as const) {
       const b64 = Buffer.from(programs[category]).toString('base64');
