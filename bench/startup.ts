@@ -9,12 +9,15 @@
 // - vcpu_worker, io_worker: starting a warm vCPU or I/O thread (a Worker of its bundle)
 //   until it has loaded its modules and waits for its VM;
 // - idle_rss: resident memory of a kiln-vmm waiting for its API (its warm threads
-//   started), after 2 s.
+//   started), after 2 s;
+// - jailed_api (as root): spawning kiln-jailer until the jailed kiln-vmm's API socket
+//   exists: three Node starts (the jailer, its second stage in the jail's mount
+//   namespace, kiln-vmm), as a jailed start without the daemon's pool pays them.
 //
 // Runs alternate between the variants, so a slow moment of the machine costs each alike.
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, rmSync } from 'node:fs';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
@@ -29,6 +32,8 @@ const VARIANTS = {
 } as const;
 type Variant = keyof typeof VARIANTS;
 const vmmOf = (v: Variant) => fileURLToPath(new URL(`../src/vmm-cli.${VARIANTS[v].ext}`, import.meta.url));
+const jailerOf = (v: Variant) => fileURLToPath(new URL(`../src/jail/jailer-cli.${VARIANTS[v].ext}`, import.meta.url));
+const JAIL_UID = 4000;
 const WORKERS = { vcpu: 'vcpu/worker', io: 'virtio/io-worker' } as const;
 const workerOf = (kind: keyof typeof WORKERS, v: Variant) =>
   new URL(`../src/${WORKERS[kind]}.${VARIANTS[v].ext}`, import.meta.url);
@@ -71,6 +76,28 @@ async function timeApi(
   return { ms, rssMiB: rss };
 }
 
+/** Spawns kiln-jailer with kiln-vmm; resolves with the time until the jailed VMM's API socket exists. */
+async function timeJailed(v: Variant, base: string, id: string): Promise<number> {
+  const sock = join(base, basename(vmmOf(v)), id, 'root', 'run', 'firecracker.socket');
+  const args = ['--id', id, '--exec-file', vmmOf(v), '--uid', String(JAIL_UID), '--gid', String(JAIL_UID)];
+  const start = performance.now();
+  const child = spawn(process.execPath, [jailerOf(v), ...args, '--chroot-base-dir', base], {
+    env: envOf(v),
+    stdio: 'ignore',
+  });
+  let exited = false;
+  const gone = new Promise<void>((resolve) => child.once('exit', () => ((exited = true), resolve())));
+  while (!existsSync(sock) && !exited) await sleep(1);
+  const ms = performance.now() - start;
+  const served = existsSync(sock);
+  // The jailer executes its second stage and it kiln-vmm: one pid throughout.
+  if (!exited) child.kill('SIGTERM');
+  await gone;
+  rmSync(join(base, basename(vmmOf(v)), id), { recursive: true, force: true });
+  if (!served) throw new Error('the jailed kiln-vmm exited before serving its API');
+  return ms;
+}
+
 /** Starts a warm worker of `kind`; resolves with the time until it marks its modules loaded. */
 async function timeWorker(url: URL, env: NodeJS.ProcessEnv): Promise<number> {
   const cell = new Int32Array(new SharedArrayBuffer(4));
@@ -94,7 +121,9 @@ async function timeWorker(url: URL, env: NodeJS.ProcessEnv): Promise<number> {
 export async function benchStartup(ctx: BenchContext): Promise<void> {
   const floor: number[] = [];
   const each = (): Record<Variant, number[]> => ({ cache: [], nocache: [], esm: [] });
-  const t = { version: each(), api: each(), vcpu: each(), io: each(), rss: each() };
+  const t = { version: each(), api: each(), vcpu: each(), io: each(), rss: each(), jailed: each() };
+  const root = process.getuid?.() === 0;
+  if (!root) ctx.log('not root: no jailed starts measured');
   const sock = join(ctx.dir, 'api.sock');
   for (let i = 0; i < RUNS; i++) {
     floor.push(timeExit(['-e', '0'], vmmEnvironment()));
@@ -105,14 +134,16 @@ export async function benchStartup(ctx: BenchContext): Promise<void> {
       if (api.rssMiB > 0) t.rss[v].push(api.rssMiB);
       t.vcpu[v].push(await timeWorker(workerOf('vcpu', v), envOf(v)));
       t.io[v].push(await timeWorker(workerOf('io', v), envOf(v)));
+      if (root) t.jailed[v].push(await timeJailed(v, ctx.dir, `startup-${v}-${i}`));
     }
   }
-  const f = (n: number) => n.toFixed(1);
+  const f = (n: number) => (Number.isFinite(n) ? n.toFixed(1) : 'na');
   ctx.log(`node -e 0: ${f(median(floor))} ms (median of ${RUNS})`);
   for (const [name, by] of Object.entries(t))
-    ctx.log(
-      `${name.padEnd(8)} as shipped ${f(median(by.cache)).padStart(6)}, without the code cache ${f(median(by.nocache)).padStart(6)}, through the ES module stubs ${f(median(by.esm)).padStart(6)}${name === 'rss' ? ' MiB' : ' ms'}`,
-    );
+    if (by.cache.length > 0)
+      ctx.log(
+        `${name.padEnd(8)} as shipped ${f(median(by.cache)).padStart(6)}, without the code cache ${f(median(by.nocache)).padStart(6)}, through the ES module stubs ${f(median(by.esm)).padStart(6)}${name === 'rss' ? ' MiB' : ' ms'}`,
+      );
   ctx.result(
     `startup version_ms=${f(median(t.version.cache))} version_nocache_ms=${f(median(t.version.nocache))} ` +
       `api_ms=${f(median(t.api.cache))} api_nocache_ms=${f(median(t.api.nocache))} ` +
@@ -120,6 +151,7 @@ export async function benchStartup(ctx: BenchContext): Promise<void> {
       `io_worker_ms=${f(median(t.io.cache))} io_worker_nocache_ms=${f(median(t.io.nocache))} ` +
       `idle_rss_mib=${f(median(t.rss.cache))} idle_rss_nocache_mib=${f(median(t.rss.nocache))} ` +
       `version_esm_ms=${f(median(t.version.esm))} api_esm_ms=${f(median(t.api.esm))} ` +
-      `vcpu_worker_esm_ms=${f(median(t.vcpu.esm))} io_worker_esm_ms=${f(median(t.io.esm))} node_ms=${f(median(floor))}`,
+      `vcpu_worker_esm_ms=${f(median(t.vcpu.esm))} io_worker_esm_ms=${f(median(t.io.esm))} ` +
+      `jailed_api_ms=${f(median(t.jailed.cache))} jailed_api_esm_ms=${f(median(t.jailed.esm))} node_ms=${f(median(floor))}`,
   );
 }

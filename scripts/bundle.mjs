@@ -1,5 +1,6 @@
-// Bundles kiln-vmm and its worker threads (esbuild): each of dist/src/vmm-cli.js,
-// dist/src/vcpu/worker.js and dist/src/virtio/io-worker.js gets one file beside it,
+// Bundles kiln-vmm, its worker threads and kiln-jailer's two stages (esbuild): each of
+// dist/src/vmm-cli.js, dist/src/vcpu/worker.js, dist/src/virtio/io-worker.js,
+// dist/src/jail/jailer-cli.js and dist/src/jail/enter.js gets one file beside it,
 // `<name>.bundle.js`, holding everything it imports but koffi (a native addon) and Node's
 // own modules, and is itself replaced by a two-line stub that runs the bundle through
 // src/bundle-loader.ts with V8's code cache made here (`<name>.bundle.js.cache`). A VMM
@@ -14,7 +15,7 @@ import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { builtinModules } from 'node:module';
-import { basename } from 'node:path';
+import { basename, dirname, relative, resolve, sep } from 'node:path';
 import { Script } from 'node:vm';
 import { BUILD_LINE, wrapBundle } from '../dist/src/bundle-loader.js';
 
@@ -77,6 +78,22 @@ const requireAtRunTime = {
   },
 };
 
+// `import.meta.url` in a bundled module names that module, not the bundle: each becomes the
+// module's own URL, from the bundle's (`__kilnUrl`), so a path relative to it (version.ts's
+// package.json, the jailer's second stage) is the same in every bundle, at any depth.
+const ownUrl = (bundleDir) => ({
+  name: 'own-import-meta-url',
+  setup(b) {
+    b.onLoad({ filter: /\.js$/, namespace: 'file' }, (a) => {
+      const contents = readFileSync(a.path, 'utf8');
+      if (!contents.includes('import.meta.url')) return undefined;
+      const rel = relative(bundleDir, a.path).split(sep).join('/');
+      const url = `(new URL(${JSON.stringify(rel.startsWith('.') ? rel : `./${rel}`)}, __kilnUrl).href)`;
+      return { contents: contents.replaceAll('import.meta.url', url), loader: 'js' };
+    });
+  },
+});
+
 // The default seccomp policy, compiled here once instead of at every start (src/seccomp/policy.ts).
 const { compilePolicy, DEFAULT_POLICY } = await import('../dist/src/seccomp/policy.js');
 const programs = compilePolicy(DEFAULT_POLICY);
@@ -95,7 +112,18 @@ await build({
   logLevel: 'warning',
 });
 
-const entries = ['vmm-cli', 'vcpu/worker', 'virtio/io-worker'];
+// Each entry, and the run its code cache is trained on (scripts/train-code-cache.mjs): the
+// jailer's two stages are bundled too, since every jailed start runs both before kiln-vmm
+// (two more Node processes; their ES modules unbundled were ~60 ms of it here). The
+// jailer's second stage trains on an argument it refuses before it touches anything.
+const training = {
+  'vmm-cli': ['main'],
+  'vcpu/worker': ['worker'],
+  'virtio/io-worker': ['worker'],
+  'jail/jailer-cli': ['main', '--version'],
+  'jail/enter': ['main', 'not-a-plan'],
+};
+const entries = Object.keys(training);
 const results = await Promise.all(
   entries.map((entry) => {
     const from = `dist/src/${entry}.js`;
@@ -108,7 +136,7 @@ const results = await Promise.all(
       platform: 'node',
       format: 'esm',
       target: 'node20',
-      plugins: [requireAtRunTime],
+      plugins: [requireAtRunTime, ownUrl(resolve(dirname(from)))],
       define: { 'import.meta.url': '__kilnUrl', __KILN_DEFAULT_SECCOMP__: defaultSeccomp },
       // Less to parse at each start; identifiers are kept so errors still name functions.
       minifyWhitespace: true,
@@ -128,9 +156,14 @@ for (const [i, r] of results.entries()) {
   // A bundle left with an import statement or import.meta is a syntax error here, at build time.
   new Script(wrapBundle(code), { filename: bundle });
   // Its code cache, from a run of it (scripts/train-code-cache.mjs).
-  execFileSync(process.execPath, ['scripts/train-code-cache.mjs', entry === 'vmm-cli' ? 'main' : 'worker', bundle], {
-    stdio: ['ignore', 'ignore', 'inherit'],
-  });
+  const [kind, ...args] = training[entry];
+  try {
+    execFileSync(process.execPath, ['scripts/train-code-cache.mjs', kind, bundle, ...args], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
+  } catch (err) {
+    throw new Error(`training ${bundle}'s code cache failed: ${err.stderr ?? err.message}`);
+  }
   const cacheBytes = statSync(`${bundle}.cache`).size;
   const depth = entry.split('/').length - 1;
   const loader = depth === 0 ? './bundle-loader' : `${'../'.repeat(depth)}bundle-loader`;

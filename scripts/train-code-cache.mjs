@@ -3,8 +3,9 @@
 // of the bundle's modules are compiled when they are first evaluated): about 8 ms more off
 // kiln-vmm's start than a cache of the eager compile alone (bench/RESULTS.md, startup).
 //
-//   node scripts/train-code-cache.mjs main BUNDLE     kiln-vmm --version: every module evaluated
-//   node scripts/train-code-cache.mjs worker BUNDLE   a warm worker, up to where it waits for its VM
+//   node scripts/train-code-cache.mjs main BUNDLE [ARG...]   a run with ARGs (default --version):
+//                                                            kiln-vmm --version evaluates every module
+//   node scripts/train-code-cache.mjs worker BUNDLE          a warm worker, up to where it waits for its VM
 //
 // Only the build runs this; it writes BUNDLE.cache and nothing else.
 import { readFileSync, writeFileSync } from 'node:fs';
@@ -26,15 +27,24 @@ function compile(bundle) {
 }
 
 if (isMainThread) {
-  const [kind, file] = process.argv.slice(2);
+  const [kind, file, ...args] = process.argv.slice(2);
   if ((kind !== 'main' && kind !== 'worker') || !file)
-    throw new Error('usage: train-code-cache.mjs main|worker BUNDLE');
+    throw new Error('usage: train-code-cache.mjs main|worker BUNDLE [ARG...]');
   const bundle = resolve(file);
   if (kind === 'main') {
     const { run, save } = compile(bundle);
-    process.argv = [process.argv[0], bundle, '--version'];
+    process.argv = [process.argv[0], bundle, ...(args.length > 0 ? args : ['--version'])];
+    // A run that ends with process.exit (commander's --version does) is saved first. What
+    // the run's own exit status says does not matter here (a refused argument is a fine
+    // run to train on); a bundle that throws does.
+    const exit = process.exit.bind(process);
+    process.exit = () => {
+      save();
+      exit(0);
+    };
     await run();
     save();
+    process.exitCode = 0;
   } else {
     const worker = new Worker(new URL(import.meta.url), {
       workerData: { warmLoaded: new SharedArrayBuffer(4), bundle },

@@ -36,7 +36,8 @@ import {
   type JailOptions,
 } from './plan.js';
 
-const ENTER = fileURLToPath(new URL('./enter.js', import.meta.url));
+/** The jailer's second stage: its CommonJS stub (scripts/bundle.mjs), the quickest to start. */
+const ENTER = fileURLToPath(new URL('./enter.cjs', import.meta.url));
 const EXIT_USAGE = 2;
 
 function parseOptions(argv: readonly string[]): JailOptions {

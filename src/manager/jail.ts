@@ -26,7 +26,7 @@ import type { VmConfig } from '../config/vm-config.js';
 
 /** The first uid (and gid) jailed VMMs run as; VM n running at once gets BASE + n. */
 export const JAIL_UID_BASE = 2_000_000_000;
-const JAILER = fileURLToPath(new URL('../jail/jailer-cli.js', import.meta.url));
+const JAILER = fileURLToPath(new URL('../jail/jailer-cli.cjs', import.meta.url));
 
 /** What `kiln info` shows, kept in the VM's run directory while it runs. */
 export interface JailRecord {

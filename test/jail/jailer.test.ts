@@ -22,14 +22,21 @@ import { after, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { buildInitramfs, buildMinimalKernel } from '../../src/guestkit/build.js';
-import { exposure, parseBind } from '../../src/jail/plan.js';
+import {
+  elfInterpreter,
+  exposure,
+  loadedAddons,
+  packageRoot,
+  parseBind,
+  sharedLibraries,
+} from '../../src/jail/plan.js';
 import * as libc from '../../src/kvm/libc.js';
 import { cgroupMounts } from '../../src/jail/cgroup.js';
 import { unixHttp } from '../../src/manager/manager.js';
 import { createGuestMemoryFile } from '../../src/memory/shared-memory.js';
 import { kvmSkip, tempDir, toolAvailable } from '../helpers.js';
 
-const JAILER = fileURLToPath(new URL('../../src/jail/jailer-cli.js', import.meta.url));
+const JAILER = fileURLToPath(new URL('../../src/jail/jailer-cli.cjs', import.meta.url));
 const VMM = fileURLToPath(new URL('../../src/vmm-cli.cjs', import.meta.url));
 const isRoot = process.getuid?.() === 0;
 const rootSkip = isRoot ? false : 'kiln-jailer needs root';
@@ -167,6 +174,27 @@ describe('kiln-jailer arguments', () => {
       assert.deepEqual(libc.deviceNumbers(Number(libc.makedev(major, minor))), { major, minor });
     // /dev/null is 1:3 as stat reports it.
     assert.deepEqual(libc.deviceNumbers(statSync('/dev/null').rdev), { major: 1, minor: 3 });
+  });
+
+  test("the jail's libraries are the dynamic loader's own answer, as ldd gives it, for node and the addon build it loaded", () => {
+    const fromLdd = (file: string) =>
+      execFileSync('ldd', [file], { encoding: 'utf8' })
+        .split('\n')
+        .map((l) => (/=>\s+(\/\S+)/.exec(l) ?? /^\s*(\/\S+)\s+\(/.exec(l))?.[1])
+        .filter((l): l is string => l !== undefined);
+    const node = process.execPath;
+    const loader = elfInterpreter(node);
+    assert.ok(loader !== null && existsSync(loader), `node names its loader: ${loader}`);
+    assert.deepEqual(sharedLibraries(node), fromLdd(node));
+    assert.ok(sharedLibraries(node).some((l) => l.endsWith('/libc.so.6')));
+    // This process has loaded koffi (libc.js): exactly that build is listed, not the others koffi ships.
+    const root = packageRoot(VMM);
+    const addons = loadedAddons(root);
+    assert.equal(addons.length, 1, addons.join(', '));
+    assert.match(addons[0]!, /koffi.*\.node$/);
+    assert.equal(elfInterpreter(addons[0]!), null, "a shared object names no loader: node's lists it");
+    assert.deepEqual(sharedLibraries(addons[0]!), fromLdd(addons[0]!));
+    assert.equal(elfInterpreter(VMM), null, 'not an ELF file');
   });
 
   test('a path is exposed with every symbolic link on its way recreated, and only the end bound', () => {
