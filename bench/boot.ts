@@ -18,7 +18,7 @@ import { overheadMiB, type BenchContext } from './util.js';
 
 const MEMORY_MIB = 128;
 const BOOT_LIMIT_MS = 3 * 60_000;
-const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
+const cli = fileURLToPath(new URL('../src/cli.cjs', import.meta.url));
 
 interface BootRun {
   seconds: number | null;

@@ -5,6 +5,8 @@
 // floor (`node -e 0`):
 //
 // - version: spawning `kiln-vmm --version` (every module evaluated) until it exits;
+// - cli: spawning `kiln --version` (what every `kiln` verb pays before it does anything)
+//   until it exits;
 // - api: spawning `kiln-vmm --api-sock` until its API socket exists;
 // - vcpu_worker, io_worker: starting a warm vCPU or I/O thread (a Worker of its bundle)
 //   until it has loaded its modules and waits for its VM;
@@ -32,6 +34,7 @@ const VARIANTS = {
 } as const;
 type Variant = keyof typeof VARIANTS;
 const vmmOf = (v: Variant) => fileURLToPath(new URL(`../src/vmm-cli.${VARIANTS[v].ext}`, import.meta.url));
+const cliOf = (v: Variant) => fileURLToPath(new URL(`../src/cli.${VARIANTS[v].ext}`, import.meta.url));
 const jailerOf = (v: Variant) => fileURLToPath(new URL(`../src/jail/jailer-cli.${VARIANTS[v].ext}`, import.meta.url));
 const JAIL_UID = 4000;
 const WORKERS = { vcpu: 'vcpu/worker', io: 'virtio/io-worker' } as const;
@@ -121,7 +124,7 @@ async function timeWorker(url: URL, env: NodeJS.ProcessEnv): Promise<number> {
 export async function benchStartup(ctx: BenchContext): Promise<void> {
   const floor: number[] = [];
   const each = (): Record<Variant, number[]> => ({ cache: [], nocache: [], esm: [] });
-  const t = { version: each(), api: each(), vcpu: each(), io: each(), rss: each(), jailed: each() };
+  const t = { version: each(), cli: each(), api: each(), vcpu: each(), io: each(), rss: each(), jailed: each() };
   const root = process.getuid?.() === 0;
   if (!root) ctx.log('not root: no jailed starts measured');
   const sock = join(ctx.dir, 'api.sock');
@@ -129,6 +132,7 @@ export async function benchStartup(ctx: BenchContext): Promise<void> {
     floor.push(timeExit(['-e', '0'], vmmEnvironment()));
     for (const v of Object.keys(VARIANTS) as Variant[]) {
       t.version[v].push(timeExit([vmmOf(v), '--version'], envOf(v)));
+      t.cli[v].push(timeExit([cliOf(v), '--version'], envOf(v)));
       const api = await timeApi(vmmOf(v), sock, envOf(v), i < 3 ? 2000 : 0);
       t.api[v].push(api.ms);
       if (api.rssMiB > 0) t.rss[v].push(api.rssMiB);
@@ -152,6 +156,7 @@ export async function benchStartup(ctx: BenchContext): Promise<void> {
       `idle_rss_mib=${f(median(t.rss.cache))} idle_rss_nocache_mib=${f(median(t.rss.nocache))} ` +
       `version_esm_ms=${f(median(t.version.esm))} api_esm_ms=${f(median(t.api.esm))} ` +
       `vcpu_worker_esm_ms=${f(median(t.vcpu.esm))} io_worker_esm_ms=${f(median(t.io.esm))} ` +
-      `jailed_api_ms=${f(median(t.jailed.cache))} jailed_api_esm_ms=${f(median(t.jailed.esm))} node_ms=${f(median(floor))}`,
+      `jailed_api_ms=${f(median(t.jailed.cache))} jailed_api_esm_ms=${f(median(t.jailed.esm))} ` +
+      `cli_ms=${f(median(t.cli.cache))} cli_nocache_ms=${f(median(t.cli.nocache))} cli_esm_ms=${f(median(t.cli.esm))} node_ms=${f(median(floor))}`,
   );
 }

@@ -1,6 +1,7 @@
-// Bundles kiln-vmm, its worker threads and kiln-jailer's two stages (esbuild): each of
-// dist/src/vmm-cli.js, dist/src/vcpu/worker.js, dist/src/virtio/io-worker.js,
-// dist/src/jail/jailer-cli.js and dist/src/jail/enter.js gets one file beside it,
+// Bundles kiln-vmm, its worker threads, kiln-jailer's two stages and the `kiln` CLI
+// (esbuild): each of dist/src/vmm-cli.js, dist/src/vcpu/worker.js,
+// dist/src/virtio/io-worker.js, dist/src/jail/jailer-cli.js, dist/src/jail/enter.js and
+// dist/src/cli.js gets one file beside it,
 // `<name>.bundle.js`, holding everything it imports but koffi (a native addon) and Node's
 // own modules, and is itself replaced by a two-line stub that runs the bundle through
 // src/bundle-loader.ts with V8's code cache made here (`<name>.bundle.js.cache`). A VMM
@@ -122,6 +123,8 @@ const training = {
   'virtio/io-worker': ['worker'],
   'jail/jailer-cli': ['main', '--version'],
   'jail/enter': ['main', 'not-a-plan'],
+  // The manager's CLI (and its daemon, `kiln daemon`): every `kiln` verb is a Node start.
+  cli: ['main', '--version'],
 };
 const entries = Object.keys(training);
 const results = await Promise.all(

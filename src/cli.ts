@@ -6,22 +6,34 @@ import { closeSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Command, CommanderError, Option } from 'commander';
-import { createLinuxVm } from './boot/linux.js';
 import { configFromFlags, type VmFlags } from './config/flags.js';
 import { ConfigError } from './config/vm-config.js';
-import { relayStdin } from './console-relay.js';
 import { CPU_TEMPLATES } from './cpu/templates.js';
-import { loadDemo } from './demo.js';
 import type { DeviceSpec } from './devices/catalogue.js';
-import { readProgress } from './devices/progress.js';
 import type { SerialHost } from './devices/serial.js';
 import { KilnError } from './errors.js';
 import { EXIT_ERROR, EXIT_USAGE, vmExitStatus } from './exit-status.js';
-import { buildCloudKernel, buildInitramfs, buildMinimalKernel, buildRootfs, cacheDir } from './guestkit/build.js';
-import { addStandardDevices } from './platform/standard.js';
 import { KILN_VERSION } from './version.js';
-import { Vm, type VmResult } from './vm.js';
-import { defaultPrograms } from './seccomp/policy.js';
+import type { Vm, VmResult } from './vm.js';
+
+/**
+ * What `kiln run` (a VM in this process) and `kiln guest build` need, loaded only for them:
+ * the manager's verbs and `--version` start without koffi, the device models or the guest
+ * kit (the manager's code is loaded only for its verbs, below).
+ */
+const runtime = async () => {
+  const [linux, relay, demo, progressState, standard, vm, policy, kit] = await Promise.all([
+    import('./boot/linux.js'),
+    import('./console-relay.js'),
+    import('./demo.js'),
+    import('./devices/progress.js'),
+    import('./platform/standard.js'),
+    import('./vm.js'),
+    import('./seccomp/policy.js'),
+    import('./guestkit/build.js'),
+  ]);
+  return { ...linux, ...relay, ...demo, ...progressState, ...standard, ...vm, ...policy, ...kit };
+};
 
 class UsageError extends KilnError {}
 
@@ -59,7 +71,7 @@ interface Prepared {
 const collect = (value: string, previous: string[]) => [...previous, value];
 
 /** The VM options `kiln run` and `kiln create` share (one grammar: src/config/flags.ts). */
-export function addVmOptions(cmd: Command): Command {
+function addVmOptions(cmd: Command): Command {
   return cmd
     .option('--kernel <path>', 'a Linux kernel: ELF vmlinux (PVH or 64-bit entry) or bzImage')
     .option('--initrd <path>', 'an initramfs or initrd')
@@ -110,6 +122,9 @@ interface RunValues extends VmFlags {
 }
 
 async function run(values: RunValues): Promise<number> {
+  const rt = await runtime();
+  const { addStandardDevices, buildInitramfs, buildMinimalKernel, createLinuxVm, defaultPrograms } = rt;
+  const { loadDemo, readProgress, relayStdin, Vm } = rt;
   if (values.demo && (values.kernel || values.initrd))
     throw new UsageError('--demo and --kernel/--initrd are different guests: choose one');
   if (values.onReboot !== 'exit' && values.onReboot !== 'restart')
@@ -239,6 +254,7 @@ async function run(values: RunValues): Promise<number> {
 }
 
 async function guest(artifacts: string[], values: { json?: boolean }): Promise<number> {
+  const { buildCloudKernel, buildInitramfs, buildMinimalKernel, buildRootfs, cacheDir } = await runtime();
   const wanted = artifacts.length ? artifacts : ['minimal-kernel', 'initramfs'];
   const builders: Record<string, () => Promise<Record<string, string | boolean>>> = {
     'minimal-kernel': async () => ({ ...(await buildMinimalKernel(progress)) }),

@@ -13,7 +13,7 @@ import { Worker } from 'node:worker_threads';
 import { afterEach, beforeEach, describe, test } from 'node:test';
 import { BUILD_LINE, bundleBuild, cacheFile, runBundle, wrapBundle } from '../src/bundle-loader.js';
 
-const BUNDLES = ['vmm-cli', 'vcpu/worker', 'virtio/io-worker', 'jail/jailer-cli', 'jail/enter'].map((b) =>
+const BUNDLES = ['vmm-cli', 'vcpu/worker', 'virtio/io-worker', 'jail/jailer-cli', 'jail/enter', 'cli'].map((b) =>
   fileURLToPath(new URL(`../src/${b}.bundle.js`, import.meta.url)),
 );
 

@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url';
 import { describe, test } from 'node:test';
 import { kvmSkip } from './helpers.js';
 
-const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
+const cli = fileURLToPath(new URL('../src/cli.cjs', import.meta.url));
 
 function kiln(args: string[], env: Record<string, string> = {}, prefix: string[] = []) {
   const [cmd, ...rest] = [...prefix, process.execPath, cli, ...args];

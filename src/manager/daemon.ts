@@ -30,7 +30,8 @@ import { PRIVATE_FILE, sweepTemporaryFiles, type Store } from './store.js';
 import { VmmPool } from './pool.js';
 import { allocateJailUid } from './jail.js';
 
-const CLI = fileURLToPath(new URL('../cli.js', import.meta.url));
+/** The `kiln` CLI the daemon starts itself from: its CommonJS stub (scripts/bundle.mjs). */
+const CLI = fileURLToPath(new URL('../cli.cjs', import.meta.url));
 /** Where `kiln dashboard` serves the web UI unless told otherwise. */
 export const DASHBOARD_DEFAULT: Peer = { host: '127.0.0.1', port: 7070 };
 

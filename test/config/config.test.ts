@@ -19,7 +19,7 @@ import { parseDefinition } from '../../src/manager/definition.js';
 import { Store } from '../../src/manager/store.js';
 import { privateNetns, tempDir } from '../helpers.js';
 
-const CLI = fileURLToPath(new URL('../../src/cli.js', import.meta.url));
+const CLI = fileURLToPath(new URL('../../src/cli.cjs', import.meta.url));
 
 describe('VmConfig', () => {
   test('defaults are filled in once, device IDs given, the result parses to itself', () => {

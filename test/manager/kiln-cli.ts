@@ -5,7 +5,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 
-export const CLI = fileURLToPath(new URL('../../src/cli.js', import.meta.url));
+export const CLI = fileURLToPath(new URL('../../src/cli.cjs', import.meta.url));
 
 /** One `kiln ARGS` against state directory `stateDir` (with `input` on its stdin). */
 export function kiln(stateDir: string, args: string[], input?: string) {
