@@ -8,7 +8,7 @@
 // and past the last step the migration gives up and the VM runs on at the source.
 import { readFileSync } from 'node:fs';
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
-import * as tls from 'node:tls';
+import { connect as tlsConnect, createServer as createTlsServer, type TLSSocket } from 'node:tls';
 import type { Duplex } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { createLinuxVm, type BootSummary, type LinuxRuntime, type LinuxVm } from '../boot/linux.js';
@@ -518,7 +518,7 @@ function dial(address: Address, tlsCa: string | undefined): Promise<Duplex> {
     const onError = (err: NodeJS.ErrnoException) =>
       reject(new MigrationError(`cannot reach the destination ${formatAddress(address)}: ${err.code ?? err.message}`));
     const target = address.kind === 'unix' ? { path: address.path } : { host: address.host, port: address.port };
-    let socket: Socket | tls.TLSSocket;
+    let socket: Socket | TLSSocket;
     if (tlsCa !== undefined) {
       let ca: Buffer;
       try {
@@ -526,7 +526,7 @@ function dial(address: Address, tlsCa: string | undefined): Promise<Duplex> {
       } catch (err) {
         return reject(new MigrationError(`cannot read tls_ca ${tlsCa}: ${(err as NodeJS.ErrnoException).code}`));
       }
-      socket = tls.connect({ ...target, ca, servername: address.kind === 'tcp' ? address.host : 'localhost' }, () =>
+      socket = tlsConnect({ ...target, ca, servername: address.kind === 'tcp' ? address.host : 'localhost' }, () =>
         resolve(socket),
       );
     } else socket = createConnection(target, () => resolve(socket));
@@ -594,7 +594,7 @@ export class IncomingMigration {
       } catch (err) {
         throw new MigrationError(`cannot read the TLS certificate or key: ${(err as NodeJS.ErrnoException).code}`);
       }
-      server = tls.createServer({ cert, key }, onConnection);
+      server = createTlsServer({ cert, key }, onConnection);
     } else server = createServer(onConnection);
     await new Promise<void>((resolve, reject) => {
       server.once('error', (err: NodeJS.ErrnoException) =>
