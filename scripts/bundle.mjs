@@ -54,11 +54,12 @@ function importedNames(importer, spec) {
   return found && !namespace ? [...names] : null;
 }
 // Built-ins that only some paths use (snapshots, migration, the guest kit, the daemon's
-// helpers) and that cost a start several milliseconds to load (~7 ms for these three in
-// kiln-vmm's main thread, ~5 ms for crypto in each worker thread, here): an importing file
-// that takes only plain functions from one gets functions that load it on their first
-// call. A class (capitalised) or anything not a function keeps the module loaded at start.
-const lazyBuiltins = new Set(['crypto', 'tls', 'zlib', 'child_process']);
+// helpers and its TLS peer channel) and that cost a start several milliseconds to load
+// (~7 ms for tls, zlib and child_process in kiln-vmm's main thread, ~5 ms for crypto in
+// each worker thread, here): an importing file that takes only plain functions from one
+// gets functions that load it on their first call. A class (capitalised) or anything not
+// a function keeps the module loaded at start.
+const lazyBuiltins = new Set(['crypto', 'tls', 'zlib', 'child_process', 'https']);
 const isPlainFunction = (spec) => (name) => {
   const value = createRequire(import.meta.url)(spec)[name];
   return typeof value === 'function' && /^[a-z]/.test(name);
@@ -68,7 +69,13 @@ const requireAtRunTime = {
   setup(b) {
     b.onResolve({ filter: /.*/ }, (a) => {
       if (!builtins.has(a.path) && a.path !== 'koffi') return undefined;
-      if (a.namespace === 'run-time' || a.kind === 'require-call') return { path: a.path, external: true };
+      if (a.namespace === 'run-time') return { path: a.path, external: true };
+      if (a.kind === 'require-call') {
+        // A dependency's `require` of one of these (commander's of child_process, for the
+        // executable sub-commands Kiln has none of) gets the module on first use too.
+        const lazy = lazyBuiltins.has(a.path.replace(/^node:/, '')) && /[\\/]node_modules[\\/]/.test(a.importer);
+        return lazy ? { path: `${a.path}|proxy`, namespace: 'run-time' } : { path: a.path, external: true };
+      }
       const names = a.kind === 'import-statement' ? importedNames(a.importer, a.path) : null;
       return { path: `${a.path}|${names ? names.join(',') : '*'}`, namespace: 'run-time' };
     });
@@ -76,6 +83,13 @@ const requireAtRunTime = {
       const [spec, list] = a.path.split('|');
       const req = `require(${JSON.stringify(spec)})`;
       if (list === '*') return { contents: `module.exports = ${req};`, loader: 'js' };
+      if (list === 'proxy')
+        return {
+          contents:
+            `let m;\nconst get = () => (m ??= ${req});\n` +
+            'module.exports = new Proxy({}, { get: (_, k) => get()[k], has: (_, k) => k in get() });\n',
+          loader: 'js',
+        };
       const names = list ? list.split(',') : [];
       const named = names.filter((n) => n !== 'default');
       if (lazyBuiltins.has(spec.replace(/^node:/, '')) && named.length === names.length && named.every(isPlainFunction(spec)))
@@ -141,7 +155,9 @@ const training = {
   'jail/jailer-cli': ['main', '--version'],
   'jail/enter': ['main', 'not-a-plan'],
   // The manager's CLI (and its daemon, `kiln daemon`): every `kiln` verb is a Node start.
-  cli: ['main', '--version'],
+  // Trained on a daemon start it refuses after loading the manager's modules (a --tls-cert
+  // without its key), so their code is in the cache too.
+  cli: ['main', 'daemon', '--tls-cert', 'refused-without-a-key'],
 };
 const entries = Object.keys(training);
 const results = await Promise.all(

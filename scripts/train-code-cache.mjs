@@ -34,17 +34,20 @@ if (isMainThread) {
   if (kind === 'main') {
     const { run, save } = compile(bundle);
     process.argv = [process.argv[0], bundle, ...(args.length > 0 ? args : ['--version'])];
-    // A run that ends with process.exit (commander's --version does) is saved first. What
-    // the run's own exit status says does not matter here (a refused argument is a fine
-    // run to train on); a bundle that throws does.
-    const exit = process.exit.bind(process);
-    process.exit = () => {
+    // Saved as the process exits, however it ends (commander's --version calls
+    // process.exit; the CLI's main settles after the bundle's top level has run), so the
+    // cache holds everything the run compiled. What the run's own exit status says does not
+    // matter here (a refused argument is a fine run to train on); a bundle that throws does.
+    let threw = false;
+    process.once('exit', () => {
+      if (threw) return;
       save();
-      exit(0);
-    };
-    await run();
-    save();
-    process.exitCode = 0;
+      process.exitCode = 0;
+    });
+    await run().catch((err) => {
+      threw = true;
+      throw err;
+    });
   } else {
     const worker = new Worker(new URL(import.meta.url), {
       workerData: { warmLoaded: new SharedArrayBuffer(4), bundle },

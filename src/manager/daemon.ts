@@ -481,14 +481,20 @@ export async function daemonCall<T>(
       stdio: ['ignore', log, log],
       env: { ...process.env, KILN_STATE_DIR: store.dir },
     }).unref();
-    const sent = await waitFor(async () => {
-      try {
-        return await attempt();
-      } catch (e) {
-        if (!neverDelivered(e)) throw new KilnError(`the kiln daemon did not answer: ${(e as Error).message}`);
-        return null;
-      }
-    }, 10_000);
+    const sent = await waitFor(
+      async () => {
+        try {
+          return await attempt();
+        } catch (e) {
+          if (!neverDelivered(e)) throw new KilnError(`the kiln daemon did not answer: ${(e as Error).message}`);
+          return null;
+        }
+        // A daemon starts in ~200 ms here: each try is one connect to a Unix socket.
+      },
+      10_000,
+      undefined,
+      20,
+    );
     if (sent === null) throw new KilnError(`the kiln daemon did not start (see ${join(store.dir, 'daemon.log')})`);
     r = sent;
   }

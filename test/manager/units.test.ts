@@ -242,6 +242,10 @@ test('waiting backs off (10 ms doubling to 250 ms) instead of sleeping fixed ste
   now = 0;
   assert.equal(await waitFor(() => null, 1_000, clock), null);
   assert.deepEqual(slept, [10, 20, 40, 80, 160, 250, 250, 190], 'the last wait is cut to the deadline');
+  slept.length = 0;
+  now = 0;
+  assert.equal(await waitFor(() => null, 100, clock, 20), null);
+  assert.deepEqual(slept, [10, 20, 20, 20, 20, 10], 'a capped back-off');
 });
 
 test(
