@@ -122,10 +122,16 @@ export function packageRoot(file: string): string {
 
 /**
  * The program interpreter an ELF executable names (PT_INTERP: the dynamic loader), or null
- * for a file that names none (a shared object) or that is not a 64-bit little-endian ELF.
+ * for a file that names none (a shared object), that is not a 64-bit little-endian ELF or
+ * that cannot be read.
  */
 export function elfInterpreter(elf: string): string | null {
-  const fd = openSync(elf, 'r');
+  let fd: number;
+  try {
+    fd = openSync(elf, 'r');
+  } catch {
+    return null;
+  }
   try {
     const head = Buffer.alloc(64);
     if (readSync(fd, head, 0, 64, 0) < 64 || head.readUInt32BE(0) !== 0x7f454c46 || head[4] !== 2 || head[5] !== 1)

@@ -195,6 +195,8 @@ describe('kiln-jailer arguments', () => {
     assert.equal(elfInterpreter(addons[0]!), null, "a shared object names no loader: node's lists it");
     assert.deepEqual(sharedLibraries(addons[0]!), fromLdd(addons[0]!));
     assert.equal(elfInterpreter(VMM), null, 'not an ELF file');
+    assert.equal(elfInterpreter(join(tempDir(), 'absent')), null, 'no file');
+    assert.throws(() => sharedLibraries(join(tempDir(), 'absent')), /cannot list the libraries of .*absent/);
   });
 
   test('a path is exposed with every symbolic link on its way recreated, and only the end bound', () => {
