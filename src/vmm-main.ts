@@ -248,7 +248,8 @@ async function main(argv: string[]): Promise<number> {
       prewarmUpTo('vcpu', 1);
       prewarmUpTo('io', 1);
     }
-    if (!values['no-api']) server = await listenApi(values['api-sock'], vmm);
+    if (!values['no-api'])
+      server = await listenApi(values['api-sock'], vmm, { prepare: configFile ? 'at-first-request' : 'soon' });
     // Firecracker's api_server metrics: from the process's (or its jailer's) start to a served API.
     const cpu = process.cpuUsage();
     vmm.startup = {

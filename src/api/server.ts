@@ -231,8 +231,28 @@ const ROUTES: Array<[method: 'GET' | 'PUT' | 'PATCH', path: string, handler: Han
   ['PATCH', '/balloon/hinting/stop', (vmm) => vmm.stopHinting()],
 ];
 
-/** The request handler for `vmm` (usable with any node:http server). */
-export function apiHandler(vmm: Vmm): (req: IncomingMessage, res: ServerResponse) => void {
+/** A request handler; `prepare` builds its router now instead of at the first request. */
+export interface ApiHandler {
+  (req: IncomingMessage, res: ServerResponse): void;
+  prepare(): void;
+}
+
+/**
+ * The request handler for `vmm` (usable with any node:http server). Its router is built at
+ * the first request or `prepare()`, not before the API listens: find-my-way compiles a
+ * function for each static part of a path (`new Function`, which no code cache holds),
+ * ~10 ms of every start here, which a VMM started with `--config-file` would otherwise
+ * pay before its guest runs.
+ */
+export function apiHandler(vmm: Vmm): ApiHandler {
+  let router: ReturnType<typeof buildRouter> | null = null;
+  const handler = ((req: IncomingMessage, res: ServerResponse) =>
+    (router ??= buildRouter(vmm)).lookup(req, res)) as ApiHandler;
+  handler.prepare = () => void (router ??= buildRouter(vmm));
+  return handler;
+}
+
+function buildRouter(vmm: Vmm) {
   const router = FindMyWay({
     ignoreTrailingSlash: true,
     defaultRoute: (req: IncomingMessage, res: ServerResponse) =>
@@ -272,7 +292,7 @@ export function apiHandler(vmm: Vmm): (req: IncomingMessage, res: ServerResponse
       })();
     });
   }
-  return (req, res) => router.lookup(req, res);
+  return router;
 }
 
 const MAX_HEADER_BYTES = 8 * 1024;
@@ -295,9 +315,20 @@ function clientErrorReason(err: NodeJS.ErrnoException): string {
 }
 
 /** Listens on the Unix socket `path` (refusing one that exists, as Firecracker does). */
-export async function listenApi(path: string, vmm: Vmm): Promise<Server> {
+/**
+ * Serves `vmm`'s API on the Unix socket `path`. Its router is built just after the socket
+ * listens (`prepare: 'soon'`, for a VMM that waits for its API: the first request finds it
+ * ready), or at the first request (`'at-first-request'`, for a VMM started with its
+ * configuration, whose start must not wait for it).
+ */
+export async function listenApi(
+  path: string,
+  vmm: Vmm,
+  opts: { prepare?: 'soon' | 'at-first-request' } = {},
+): Promise<Server> {
   if (existsSync(path))
     throw new ApiError(`the API socket ${path} already exists (another VMM, or a stale one: remove it first)`);
+  const handler = apiHandler(vmm);
   const server = createServer(
     {
       // Small and quick: an API client sends short requests at once; one that dawdles or
@@ -307,7 +338,7 @@ export async function listenApi(path: string, vmm: Vmm): Promise<Server> {
       requestTimeout: REQUEST_TIMEOUT_MS,
       keepAliveTimeout: 5_000,
     },
-    apiHandler(vmm),
+    handler,
   );
   server.maxConnections = MAX_CONNECTIONS;
   // A request Node's parser refuses (an unknown method, a malformed request line, headers
@@ -323,6 +354,7 @@ export async function listenApi(path: string, vmm: Vmm): Promise<Server> {
     server.once('error', reject);
     server.listen(path, () => resolve());
   });
+  if ((opts.prepare ?? 'soon') === 'soon') setImmediate(() => handler.prepare());
   server.on('close', () => {
     if (existsSync(path)) unlinkSync(path);
   });
