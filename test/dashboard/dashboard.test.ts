@@ -22,7 +22,19 @@ import { processCpuTicks } from '../../src/dashboard/stats.js';
 
 const CHROMIUM = '/usr/bin/chromium';
 const FAKE_VMM = fileURLToPath(new URL('./fake-vmm-cli.js', import.meta.url));
-const DOCS = fileURLToPath(new URL('../../../docs/', import.meta.url));
+/**
+ * Where the screenshots go: the README's pictures in docs/ only when asked
+ * (`KILN_UPDATE_SCREENSHOTS=1 npm test`); otherwise the suite's own temporary directory, so
+ * a test run leaves the repository as it found it.
+ */
+const shotsDir = (): string =>
+  process.env.KILN_UPDATE_SCREENSHOTS === '1' ? fileURLToPath(new URL('../../../docs/', import.meta.url)) : tempDir();
+/** Takes a screenshot of `page` as `name` (shotsDir) and checks it is a PNG image. */
+async function screenshot(page: Page, dir: string, name: string): Promise<void> {
+  const path = join(dir, name);
+  await page.screenshot({ path });
+  assert.equal(readFileSync(path).subarray(1, 4).toString('latin1'), 'PNG', `${name} is a PNG image`);
+}
 const AXE = readFileSync(createRequire(import.meta.url).resolve('axe-core/axe.min.js'), 'utf8');
 
 interface Reply {
@@ -338,6 +350,7 @@ function browserSuite(cleanup?: (dir: string) => void): { dir: string; browser: 
 
 describe('kiln dashboard in a real browser (chromium, playwright-core)', () => {
   const { dir, browser } = browserSuite();
+  const shots = shotsDir();
 
   test("sign in, the list, the create form (the CLI's messages), a VM's page and console scroll-back, deleted while open; a11y; a phone-width page", async (t) => {
     const context = await browser().newContext({ viewport: { width: 1280, height: 800 } });
@@ -416,7 +429,7 @@ describe('kiln dashboard in a real browser (chromium, playwright-core)', () => {
       async () => /scroll-back: the end of an earlier run[\s\S]*'web' is not running/.test(await terminalText(page)),
       20,
     );
-    await page.screenshot({ path: join(DOCS, 'dashboard-vm.png') });
+    await screenshot(page, shots, 'dashboard-vm.png');
     assert.deepEqual(await accessibility(page), [], "a VM's page");
     const phone = await context.newPage();
     await phone.setViewportSize({ width: 390, height: 844 });
@@ -516,7 +529,7 @@ describe('kiln dashboard in a real browser (chromium, playwright-core)', () => {
     await page.goto(`${base}/#/`);
     await page.locator('tr[data-vm="cache"]').waitFor();
     assert.equal(await page.locator('tr[data-vm="web"]').count(), 0);
-    await page.screenshot({ path: join(DOCS, 'dashboard-list.png') });
+    await screenshot(page, shots, 'dashboard-list.png');
     assert.deepEqual(errors, [], 'no script errors in the page');
     await context.close();
   });
@@ -524,6 +537,7 @@ describe('kiln dashboard in a real browser (chromium, playwright-core)', () => {
 
 describe('kiln dashboard in a real browser with a running guest', { skip: kvmSkip }, () => {
   const { dir, browser } = browserSuite((d) => kiln(d, ['stop', 'web', '--force']));
+  const shots = shotsDir();
 
   test(
     'create through the form, start, see it running, type into its console (two viewers), stop it',
@@ -572,7 +586,7 @@ describe('kiln dashboard in a real browser with a running guest', { skip: kvmSki
         `the guest answered in the browser; its terminal showed:\n${(await terminalText(page)).slice(-1500)}`,
       );
       await until('the second viewer to see it too', async () => /browser-42/.test(await terminalText(second)), 20);
-      await page.screenshot({ path: join(DOCS, 'dashboard-console-live.png') });
+      await screenshot(page, shots, 'dashboard-console-live.png');
       assert.deepEqual(await accessibility(page), [], "a running VM's page with its console");
 
       // Stop it (the ACPI power button; the daemon sends SIGTERM after 30 s).
