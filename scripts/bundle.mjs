@@ -7,10 +7,10 @@
 // src/bundle-loader.ts with V8's code cache made here (`<name>.bundle.js.cache`). A VMM
 // process, and each of its threads, then neither resolves ~150 modules nor compiles its
 // code at start-up (docs/ARCHITECTURE.md, "Start-up"). Each entry also gets a CommonJS
-// stub, `<name>.cjs`, through `bundle-loader.cjs`: what kiln-vmm's bin, the manager and
-// the warm workers run, since an ES module entry first sets up Node's ES module loader
-// (~10 ms of a process's start, 15-20 ms of a worker's, here). The `.js` stubs stay for
-// whoever runs those paths.
+// stub, `<name>.cjs`, through `bundle-loader.cjs`: what the bins, the manager, the pool,
+// the jailer and the warm workers run, since an ES module entry first sets up Node's ES
+// module loader (~10 ms of a process's start, 15-20 ms of a worker's, here). The `.js`
+// stubs stay for whoever runs those paths.
 import { build } from 'esbuild';
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -83,10 +83,12 @@ const requireAtRunTime = {
       const [spec, list] = a.path.split('|');
       const req = `require(${JSON.stringify(spec)})`;
       if (list === '*') return { contents: `module.exports = ${req};`, loader: 'js' };
+      // The module, loaded at the first call of `get`.
+      const lazy = `let m;\nconst get = () => (m ??= ${req});\n`;
       if (list === 'proxy')
         return {
           contents:
-            `let m;\nconst get = () => (m ??= ${req});\n` +
+            lazy +
             'module.exports = new Proxy({}, { get: (_, k) => get()[k], has: (_, k) => k in get() });\n',
           loader: 'js',
         };
@@ -95,7 +97,7 @@ const requireAtRunTime = {
       if (lazyBuiltins.has(spec.replace(/^node:/, '')) && named.length === names.length && named.every(isPlainFunction(spec)))
         return {
           contents:
-            `let m;\nconst get = () => (m ??= ${req});\n` +
+            lazy +
             named.map((n) => `export function ${n}(...args) {\n  return get().${n}(...args);\n}\n`).join(''),
           loader: 'js',
         };

@@ -314,9 +314,9 @@ function clientErrorReason(err: NodeJS.ErrnoException): string {
   }
 }
 
-/** Listens on the Unix socket `path` (refusing one that exists, as Firecracker does). */
 /**
- * Serves `vmm`'s API on the Unix socket `path`. Its router is built just after the socket
+ * Serves `vmm`'s API on the Unix socket `path` (refusing one that exists, as Firecracker
+ * does). Its router is built just after the socket
  * listens (`prepare: 'soon'`, for a VMM that waits for its API: the first request finds it
  * ready), or at the first request (`'at-first-request'`, for a VMM started with its
  * configuration, whose start must not wait for it).

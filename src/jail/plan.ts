@@ -206,8 +206,10 @@ export function loadedAddons(root: string): string[] {
   }
   const found = new Set<string>();
   for (const line of maps.split('\n')) {
-    const path = line.slice(line.indexOf('/'));
-    if (line.includes('/') && path.endsWith('.node') && path.startsWith(`${root}/`)) found.add(path);
+    const at = line.indexOf('/');
+    if (at < 0) continue;
+    const path = line.slice(at);
+    if (path.endsWith('.node') && path.startsWith(`${root}/`)) found.add(path);
   }
   return [...found];
 }

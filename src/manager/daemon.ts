@@ -481,6 +481,8 @@ export async function daemonCall<T>(
       stdio: ['ignore', log, log],
       env: { ...process.env, KILN_STATE_DIR: store.dir },
     }).unref();
+    // Polled at least every 20 ms (each try is one connect to a Unix socket): a daemon
+    // starts in a few hundred milliseconds, which a doubling delay could overshoot by as much.
     const sent = await waitFor(
       async () => {
         try {
@@ -489,7 +491,6 @@ export async function daemonCall<T>(
           if (!neverDelivered(e)) throw new KilnError(`the kiln daemon did not answer: ${(e as Error).message}`);
           return null;
         }
-        // A daemon starts in ~200 ms here: each try is one connect to a Unix socket.
       },
       10_000,
       undefined,
