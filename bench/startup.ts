@@ -50,16 +50,20 @@ function timeExit(args: string[], env: NodeJS.ProcessEnv): number {
   return performance.now() - start;
 }
 
-/** Spawns a waiting kiln-vmm; resolves with the time to its API socket, and its RSS after `holdMs` if asked. */
-async function timeApi(
-  vmm: string,
+/**
+ * Spawns `node ARGV`; resolves with the time until `sock` exists, and the process's RSS
+ * after `holdMs` if asked; then ends it (the jailer executes its second stage and that
+ * kiln-vmm: one pid throughout).
+ */
+async function timeToSocket(
+  argv: string[],
   sock: string,
   env: NodeJS.ProcessEnv,
   holdMs = 0,
 ): Promise<{ ms: number; rssMiB: number }> {
   rmSync(sock, { force: true });
   const start = performance.now();
-  const child = spawn(process.execPath, [vmm, '--api-sock', sock], { env, stdio: 'ignore' });
+  const child = spawn(process.execPath, argv, { env, stdio: 'ignore' });
   let exited = false;
   const gone = new Promise<void>((resolve) => child.once('exit', () => ((exited = true), resolve())));
   while (!existsSync(sock) && !exited) await sleep(1);
@@ -81,24 +85,14 @@ async function timeApi(
 
 /** Spawns kiln-jailer with kiln-vmm; resolves with the time until the jailed VMM's API socket exists. */
 async function timeJailed(v: Variant, base: string, id: string): Promise<number> {
-  const sock = join(base, basename(vmmOf(v)), id, 'root', 'run', 'firecracker.socket');
+  const jail = join(base, basename(vmmOf(v)), id);
   const args = ['--id', id, '--exec-file', vmmOf(v), '--uid', String(JAIL_UID), '--gid', String(JAIL_UID)];
-  const start = performance.now();
-  const child = spawn(process.execPath, [jailerOf(v), ...args, '--chroot-base-dir', base], {
-    env: envOf(v),
-    stdio: 'ignore',
-  });
-  let exited = false;
-  const gone = new Promise<void>((resolve) => child.once('exit', () => ((exited = true), resolve())));
-  while (!existsSync(sock) && !exited) await sleep(1);
-  const ms = performance.now() - start;
-  const served = existsSync(sock);
-  // The jailer executes its second stage and it kiln-vmm: one pid throughout.
-  if (!exited) child.kill('SIGTERM');
-  await gone;
-  rmSync(join(base, basename(vmmOf(v)), id), { recursive: true, force: true });
-  if (!served) throw new Error('the jailed kiln-vmm exited before serving its API');
-  return ms;
+  try {
+    const argv = [jailerOf(v), ...args, '--chroot-base-dir', base];
+    return (await timeToSocket(argv, join(jail, 'root', 'run', 'firecracker.socket'), envOf(v))).ms;
+  } finally {
+    rmSync(jail, { recursive: true, force: true });
+  }
 }
 
 /** Starts a warm worker of `kind`; resolves with the time until it marks its modules loaded. */
@@ -133,7 +127,7 @@ export async function benchStartup(ctx: BenchContext): Promise<void> {
     for (const v of Object.keys(VARIANTS) as Variant[]) {
       t.version[v].push(timeExit([vmmOf(v), '--version'], envOf(v)));
       t.cli[v].push(timeExit([cliOf(v), '--version'], envOf(v)));
-      const api = await timeApi(vmmOf(v), sock, envOf(v), i < 3 ? 2000 : 0);
+      const api = await timeToSocket([vmmOf(v), '--api-sock', sock], sock, envOf(v), i < 3 ? 2000 : 0);
       t.api[v].push(api.ms);
       if (api.rssMiB > 0) t.rss[v].push(api.rssMiB);
       t.vcpu[v].push(await timeWorker(workerOf('vcpu', v), envOf(v)));

@@ -56,12 +56,11 @@ describe('the built bundles', () => {
       const w = new Worker(new URL(`../src/${entry}.cjs`, import.meta.url), {
         workerData: { warmLoaded: cell.buffer },
       });
-      const failed = new Promise<never>((_, reject) => w.once('error', reject));
-      const warm = (async () => {
-        while (Atomics.load(cell, 0) === 0) await sleep(5);
-      })();
-      await Promise.race([warm, failed]);
+      let failed: Error | null = null;
+      w.once('error', (err) => (failed = err));
+      while (Atomics.load(cell, 0) === 0 && failed === null) await sleep(5);
       await w.terminate();
+      if (failed) throw failed;
     }
   });
 });
